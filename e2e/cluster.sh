@@ -320,9 +320,12 @@ cmd_status() {
   api_ready && echo "API server ready: KUBECONFIG=$KUBECONFIG_FILE" || echo "API server not ready"
 }
 
+# One `up` or `down` at a time: test processes start in parallel.
+lock() { mkdir -p "$RUN"; exec 9>"$RUN/.lock"; flock 9; }
+
 case "${1:-}" in
-  up) cmd_up ;;
-  down) cmd_down ;;
+  up) lock; cmd_up ;;
+  down) lock; cmd_down ;;
   env) echo "export KUBECONFIG=$KUBECONFIG_FILE"; echo "export PATH=$TOOLS_BIN:\$PATH" ;;
   status) cmd_status ;;
   tools) cmd_tools ;;

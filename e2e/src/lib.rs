@@ -1,1 +1,197 @@
+//! Support for tests against a real Kubernetes API server.
+//!
+//! [`cluster`] gives a client for the cluster the tests run against: the one
+//! `KUBECONFIG` points at when it is reachable (kind, k3s, a real cluster),
+//! otherwise the local control plane of `e2e/cluster.sh`, started on first
+//! use and reused by every later test process.
+#![forbid(unsafe_code)]
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+
+/// Root of the workspace.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// The kubeconfig the tests use, bringing up the local control plane if
+/// no reachable cluster is configured.
+pub fn kubeconfig() -> Result<PathBuf> {
+    static PATH: std::sync::OnceLock<std::result::Result<PathBuf, String>> =
+        std::sync::OnceLock::new();
+    PATH.get_or_init(|| find_or_start().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn find_or_start() -> Result<PathBuf> {
+    if let Ok(kc) = std::env::var("KUBECONFIG")
+        && !kc.is_empty()
+        && Command::new("kubectl")
+            .args(["get", "--raw", "/readyz", "--request-timeout=5s"])
+            .env("KUBECONFIG", &kc)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    {
+        return Ok(PathBuf::from(kc));
+    }
+    let script = workspace_root().join("e2e/cluster.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("up")
+        .env_remove("KUBECONFIG")
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "e2e/cluster.sh up failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let env = Command::new("bash").arg(&script).arg("env").output()?;
+    let text = String::from_utf8_lossy(&env.stdout);
+    let path = text
+        .lines()
+        .find_map(|l| l.strip_prefix("export KUBECONFIG="))
+        .context("e2e/cluster.sh env printed no KUBECONFIG")?;
+    Ok(PathBuf::from(path.trim()))
+}
+
+/// A client for the test cluster.
+pub async fn client() -> Result<Client> {
+    let path = kubeconfig()?;
+    let kc = Kubeconfig::read_from(&path).with_context(|| format!("reading {}", path.display()))?;
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+/// Run kubectl against the test cluster.
+pub fn kubectl(args: &[&str]) -> Result<Output> {
+    let path = kubeconfig()?;
+    let mut cmd = Command::new("kubectl");
+    cmd.args(args)
+        .env("KUBECONFIG", path)
+        .current_dir(workspace_root());
+    // helm and friends from the cache, when `up` fetched them.
+    if let Some(home) = std::env::var_os("HOME") {
+        let tools = PathBuf::from(home).join(".cache/copyhold/bin");
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut paths = vec![tools];
+        paths.extend(std::env::split_paths(&path));
+        if let Ok(joined) = std::env::join_paths(paths) {
+            cmd.env("PATH", joined);
+        }
+    }
+    cmd.output().context("running kubectl")
+}
+
+/// Run kubectl and return stdout, failing with stderr when it fails.
+pub fn kubectl_ok(args: &[&str]) -> Result<String> {
+    let out = kubectl(args)?;
+    if !out.status.success() {
+        bail!(
+            "kubectl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Retry `f` until it succeeds or `timeout` passes; the last error is returned.
+pub async fn eventually<T, F, Fut>(timeout: Duration, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e.context("timed out")),
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+/// Install (or update) copyhold's CRDs from `crds/` and wait until they
+/// are Established and served.
+pub async fn install_crds() -> Result<()> {
+    kubectl_ok(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "--field-manager=copyhold-e2e",
+        "-f",
+        "crds/",
+    ])?;
+    kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "-f",
+        "crds/",
+    ])?;
+    // Discovery lags establishment by a moment.
+    eventually(Duration::from_secs(30), || async {
+        let out = kubectl_ok(&["api-resources", "--api-group=copyhold.dev", "-o", "name"])?;
+        if out.lines().count() >= 3 {
+            Ok(())
+        } else {
+            bail!("copyhold.dev not yet in discovery: {out}")
+        }
+    })
+    .await
+}
+
+/// A namespace of its own for one test, deleted when dropped.
+pub struct TestNamespace {
+    pub name: String,
+}
+
+impl TestNamespace {
+    pub fn create(prefix: &str) -> Result<Self> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .subsec_nanos();
+        let name = format!("{prefix}-{}-{nanos:x}", std::process::id());
+        kubectl_ok(&["create", "namespace", &name])?;
+        // The namespace's default ServiceAccount comes from the controller-manager.
+        Ok(Self { name })
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let _ = kubectl(&["delete", "namespace", &self.name, "--wait=false"]);
+    }
+}
+
+/// Manifests of a directory (not recursing), sorted by name.
+pub fn manifests(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// The `# expect: …` line of an invalid manifest.
+pub fn expected_message(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path)?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("# expect: "))
+        .map(str::to_owned)
+        .with_context(|| format!("{} has no `# expect:` line", path.display()))
+}

@@ -1,9 +1,14 @@
 //! The three custom resources of `copyhold.dev/v1alpha1`. These types are the
 //! truth: `crds/` is generated from them (`copyhold crdgen`).
 
+// clippy reads the repeated `type_ = …` keys of kube's `printcolumn(…)`
+// lists as duplicated attributes.
 pub mod common;
+#[allow(clippy::duplicated_attributes)]
 pub mod energy_budget;
+#[allow(clippy::duplicated_attributes)]
 pub mod model_deployment;
+#[allow(clippy::duplicated_attributes)]
 pub mod stint_quota;
 
 pub use common::*;
