@@ -1,0 +1,48 @@
+# copyhold: the two commands a newcomer needs are `make demo` and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+CARGO ?= cargo
+export COPYHOLD_CACHE ?= $(HOME)/.cache/copyhold
+
+.PHONY: all build test lint unit-and-integration demo demo-down crds cluster-up cluster-down
+
+all: build
+
+build:
+	$(CARGO) build --workspace --release
+
+## Regenerate crds/ from the Rust types.
+crds:
+	$(CARGO) run -q -p copyhold -- crdgen --out crds
+
+## Everything: formatting, lints, unit tests, tests against a real API server.
+## Starts the local control plane if no cluster is reachable through
+## KUBECONFIG, and stops it again afterwards if it started it.
+test: lint
+	@started=0; \
+	if [ -z "$${KUBECONFIG:-}" ] && ! e2e/cluster.sh status 2>/dev/null | grep -q 'API server ready'; then started=1; fi; \
+	e2e/cluster.sh up; \
+	trap 'if [ $$started = 1 ]; then e2e/cluster.sh down; fi' EXIT; \
+	if $(CARGO) nextest --version >/dev/null 2>&1; then \
+	  $(CARGO) nextest run --workspace --no-fail-fast; \
+	else \
+	  $(CARGO) test --workspace --no-fail-fast; \
+	fi
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## The main job: a local control plane with the simulated GPU fleet, the
+## CRDs and the examples applied. Leaves it running; `make demo-down` stops it.
+demo:
+	@e2e/demo.sh
+
+demo-down:
+	e2e/cluster.sh down
+
+cluster-up:
+	e2e/cluster.sh up
+
+cluster-down:
+	e2e/cluster.sh down
