@@ -172,7 +172,55 @@ impl TestNamespace {
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
-        let _ = kubectl(&["delete", "namespace", &self.name, "--wait=false"]);
+        // Without a kubelet, a bound Pod never finishes terminating and keeps
+        // its GPUs in the scheduler's books: remove Pods at once.
+        let ns = self.name.as_str();
+        let _ = kubectl(&[
+            "delete",
+            "modeldeployments.copyhold.dev,deployments,replicasets",
+            "--all",
+            "-n",
+            ns,
+            "--wait=false",
+        ]);
+        for _ in 0..40 {
+            let _ = kubectl(&[
+                "delete",
+                "pods",
+                "--all",
+                "-n",
+                ns,
+                "--grace-period=0",
+                "--force",
+            ]);
+            let left = kubectl(&["get", "pods,replicasets", "-n", ns, "-o", "name"]);
+            if left.map(|o| o.stdout.is_empty()).unwrap_or(true) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+        let _ = kubectl(&["delete", "namespace", ns, "--wait=false"]);
+    }
+}
+
+/// Exclusive use of the simulated fleet's GPUs, across threads and test
+/// processes: tests that allocate GPUs hold it so their expectations about
+/// free cards hold.
+pub struct FleetLock {
+    _file: std::fs::File,
+}
+
+impl FleetLock {
+    pub fn acquire() -> Result<Self> {
+        let dir = std::env::temp_dir().join("copyhold-e2e");
+        std::fs::create_dir_all(&dir)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("fleet.lock"))?;
+        file.lock()?;
+        Ok(Self { _file: file })
     }
 }
 

@@ -100,6 +100,7 @@ async fn bound_node(pods: &Api<Pod>, name: &str) -> Result<String> {
 
 #[tokio::test]
 async fn the_real_scheduler_binds_gpu_pods_to_simulated_nodes() -> Result<()> {
+    let _fleet = copyhold_e2e::FleetLock::acquire()?;
     let client = copyhold_e2e::client().await?;
     let ns = TestNamespace::create("fleet")?;
     let pods: Api<Pod> = Api::namespaced(client, &ns.name);
