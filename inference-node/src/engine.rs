@@ -1,0 +1,518 @@
+//! The engine loop: admits requests into the running batch between steps,
+//! runs one forward pass over every scheduled token of every sequence,
+//! samples, detokenizes, finishes, and charges each step's energy to the
+//! sequences in it by their share of its tokens.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::detok::{Detokenizer, StopChecker};
+use crate::kv_cache::{BlockManager, SeqBlocks};
+use crate::layers::{Batch, BatchToken};
+use crate::metrics::Metrics;
+use crate::models::Backend;
+use crate::power::{PowerSensor, pacing_delay};
+use crate::sampling::{Rng, SamplingParams, TokenLogprobs, sample};
+use crate::scheduler::{Pending, plan};
+use crate::tokenizer::TextModel;
+
+/// Engine sizing.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub num_blocks: usize,
+    pub block_size: usize,
+    /// Tokens per forward pass (decodes + prefill chunks).
+    pub max_batch_tokens: usize,
+    /// Sequences in the running batch.
+    pub max_running: usize,
+    /// Longest prompt + generation.
+    pub max_context: usize,
+}
+
+/// Why a generation ended (OpenAI's `finish_reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// Token accounting of one finished sequence.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub cached_tokens: usize,
+    pub energy_joules: f64,
+}
+
+/// What a request's receiver sees, in order.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Token {
+        id: u32,
+        /// Text released by this token (may be empty: held back).
+        text: String,
+        logprobs: Option<TokenLogprobs>,
+        /// Full logits at this position, when the request asked for them.
+        logits: Option<Vec<f32>>,
+    },
+    Done {
+        /// Text released at the end (held-back tail).
+        text: String,
+        finish_reason: FinishReason,
+        usage: Usage,
+    },
+    Error(String),
+}
+
+/// A generation request.
+pub struct GenRequest {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    pub stop: Vec<String>,
+    /// Send the logits with every token (golden checks).
+    pub capture_logits: bool,
+    pub events: UnboundedSender<Event>,
+}
+
+struct Seq {
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    computed: usize,
+    blocks: SeqBlocks,
+    params: SamplingParams,
+    rng: Rng,
+    detok: Detokenizer,
+    stop: StopChecker,
+    capture_logits: bool,
+    events: UnboundedSender<Event>,
+    usage: Usage,
+    admitted: bool,
+}
+
+/// Power limit shared with the admin API (f64 bits; 0 = none).
+#[derive(Debug, Default)]
+pub struct PowerLimit(AtomicU64);
+
+impl PowerLimit {
+    pub fn get(&self) -> Option<f64> {
+        let w = f64::from_bits(self.0.load(Ordering::Relaxed));
+        (w > 0.0).then_some(w)
+    }
+    pub fn set(&self, w: Option<f64>) {
+        self.0.store(w.unwrap_or(0.0).to_bits(), Ordering::Relaxed);
+    }
+}
+
+/// The engine state. Drive it with [`Engine::add`] and [`Engine::step`]
+/// (directly, as `check-golden` does, or on a thread via [`spawn`]).
+pub struct Engine {
+    backend: Box<dyn Backend>,
+    text: Arc<TextModel>,
+    blocks: BlockManager,
+    cfg: EngineConfig,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    metrics: Arc<Metrics>,
+    sensor: Box<dyn PowerSensor>,
+    limit: Arc<PowerLimit>,
+    /// Requests submitted and not yet admitted (the bounded queue).
+    queued: Arc<AtomicUsize>,
+    seed_counter: u64,
+}
+
+impl Engine {
+    pub fn new(
+        backend: Box<dyn Backend>,
+        text: Arc<TextModel>,
+        cfg: EngineConfig,
+        metrics: Arc<Metrics>,
+        sensor: Box<dyn PowerSensor>,
+    ) -> Engine {
+        metrics.kv_blocks_total.set(cfg.num_blocks as i64);
+        Engine {
+            backend,
+            text,
+            blocks: BlockManager::new(cfg.num_blocks, cfg.block_size),
+            cfg,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            metrics,
+            sensor,
+            limit: Arc::new(PowerLimit::default()),
+            queued: Arc::new(AtomicUsize::new(0)),
+            seed_counter: 0,
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    pub fn power_limit(&self) -> Arc<PowerLimit> {
+        self.limit.clone()
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    pub fn blocks_in_use(&self) -> usize {
+        self.blocks.blocks_in_use()
+    }
+
+    /// Queues a request; an impossible one is answered with an error event.
+    pub fn add(&mut self, req: GenRequest) {
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        self.enqueue(req);
+    }
+
+    /// Queues a request already counted in `queued` (by the handle).
+    fn enqueue(&mut self, req: GenRequest) {
+        let bs = self.cfg.block_size;
+        let reject = if req.prompt.is_empty() {
+            Some("prompt is empty".to_string())
+        } else if req.prompt.len() >= self.cfg.max_context {
+            Some(format!(
+                "prompt has {} tokens; the context is {}",
+                req.prompt.len(),
+                self.cfg.max_context
+            ))
+        } else if req.prompt.len().div_ceil(bs) + 1 > self.cfg.num_blocks {
+            Some("prompt does not fit in the KV cache".to_string())
+        } else {
+            None
+        };
+        if let Some(msg) = reject {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.count("error");
+            let _ = req.events.send(Event::Error(msg));
+            return;
+        }
+        let seed = req.params.seed.unwrap_or_else(|| {
+            self.seed_counter += 1;
+            // Unseeded requests still differ from each other.
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            t ^ self.seed_counter.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        });
+        let prompt_len = req.prompt.len();
+        self.waiting.push_back(Seq {
+            tokens: req.prompt,
+            prompt_len,
+            computed: 0,
+            blocks: SeqBlocks::default(),
+            rng: Rng::new(seed),
+            params: req.params,
+            detok: Detokenizer::default(),
+            stop: StopChecker::new(req.stop),
+            capture_logits: req.capture_logits,
+            events: req.events,
+            usage: Usage {
+                prompt_tokens: prompt_len,
+                ..Default::default()
+            },
+            admitted: false,
+        });
+        self.metrics.queue_depth.set(self.waiting.len() as i64);
+    }
+
+    fn reap_cancelled(&mut self) {
+        let mut kept = VecDeque::with_capacity(self.waiting.len());
+        for mut s in self.waiting.drain(..) {
+            if s.events.is_closed() {
+                if !s.admitted {
+                    self.queued.fetch_sub(1, Ordering::Relaxed);
+                }
+                self.blocks.free(&mut s.blocks);
+                self.metrics.count("cancelled");
+            } else {
+                kept.push_back(s);
+            }
+        }
+        self.waiting = kept;
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].events.is_closed() {
+                let mut s = self.running.remove(i);
+                self.blocks.free(&mut s.blocks);
+                self.metrics.count("cancelled");
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn admit(&mut self) {
+        while self.running.len() < self.cfg.max_running {
+            let Some(front) = self.waiting.front() else {
+                break;
+            };
+            let Some((blocks, cached)) = self.blocks.allocate_prompt(&front.tokens) else {
+                break;
+            };
+            let Some(mut s) = self.waiting.pop_front() else {
+                break;
+            };
+            if !s.admitted {
+                // First admission (not a re-admission after preemption).
+                s.admitted = true;
+                self.queued.fetch_sub(1, Ordering::Relaxed);
+                s.usage.cached_tokens = cached;
+            }
+            s.blocks = blocks;
+            s.computed = cached;
+            self.running.push(s);
+        }
+    }
+
+    /// Runs one step; false when there was nothing to do.
+    pub fn step(&mut self) -> bool {
+        self.reap_cancelled();
+        self.admit();
+        self.metrics.queue_depth.set(self.waiting.len() as i64);
+        if self.running.is_empty() {
+            self.update_gauges();
+            return false;
+        }
+        let pend: Vec<Pending> = self
+            .running
+            .iter()
+            .map(|s| Pending {
+                computed: s.computed,
+                total: s.tokens.len(),
+            })
+            .collect();
+        let mut n = plan(&pend, self.cfg.max_batch_tokens);
+        for (s, n) in self.running.iter_mut().zip(n.iter_mut()) {
+            if *n > 0 && !self.blocks.grow(&mut s.blocks, s.computed + *n) {
+                *n = 0;
+            }
+        }
+        if n.iter().all(|&x| x == 0) {
+            // Out of KV blocks: preempt the newest sequence; it is
+            // recomputed (prompt + what it generated) when room returns.
+            if let Some(mut s) = self.running.pop() {
+                self.blocks.free(&mut s.blocks);
+                s.computed = 0;
+                self.waiting.push_front(s);
+            }
+            return true;
+        }
+        let mut batch = Batch::default();
+        let mut sampled = Vec::new(); // (running index, logits row)
+        for (i, (s, &k)) in self.running.iter().zip(&n).enumerate() {
+            if k == 0 {
+                continue;
+            }
+            let seq_ix = batch.block_tables.len();
+            batch.block_tables.push(s.blocks.table.clone());
+            for p in s.computed..s.computed + k {
+                batch.tokens.push(BatchToken {
+                    token: s.tokens[p],
+                    pos: p,
+                    seq: seq_ix,
+                });
+            }
+            if s.computed + k == s.tokens.len() {
+                batch.logits_for.push(batch.tokens.len() - 1);
+                sampled.push(i);
+            }
+        }
+        let t0 = Instant::now();
+        let logits = self.backend.forward(&batch);
+        let dt = t0.elapsed();
+        self.metrics.step_seconds.observe(dt.as_secs_f64());
+        let joules = self.sensor.joules(true, dt);
+        self.metrics.energy_joules.inc_by(joules);
+        if dt > Duration::ZERO {
+            self.metrics.power_watts.set(joules / dt.as_secs_f64());
+        }
+        let total = batch.tokens.len() as f64;
+        for (s, &k) in self.running.iter_mut().zip(&n) {
+            if k > 0 {
+                s.computed += k;
+                s.usage.energy_joules += joules * k as f64 / total;
+                self.blocks.commit(&mut s.blocks, &s.tokens, s.computed);
+            }
+        }
+        let mut finished = Vec::new();
+        for (row, &i) in logits.into_iter().zip(&sampled) {
+            if self.emit_token(i, row) {
+                finished.push(i);
+            }
+        }
+        for &i in finished.iter().rev() {
+            let mut s = self.running.remove(i);
+            self.blocks.free(&mut s.blocks);
+        }
+        self.update_gauges();
+        if let (Some(limit), Some(model)) = (self.limit.get(), self.sensor.model()) {
+            // Hold modeled power under the limit by idling after the step;
+            // a limit at or below idle power is held as closely as possible.
+            let d = pacing_delay(model, limit, dt).unwrap_or(dt * 10);
+            if d > Duration::ZERO {
+                std::thread::sleep(d);
+            }
+        }
+        true
+    }
+
+    fn update_gauges(&self) {
+        self.metrics.running.set(self.running.len() as i64);
+        self.metrics
+            .kv_blocks_in_use
+            .set(self.blocks.blocks_in_use() as i64);
+    }
+
+    /// Samples and reports the next token of running sequence `i`; true if
+    /// the sequence is finished.
+    fn emit_token(&mut self, i: usize, logits: Vec<f32>) -> bool {
+        let text = self.text.clone();
+        let max_context = self.cfg.max_context;
+        let s = &mut self.running[i];
+        let (prompt, output) = s.tokens.split_at(s.prompt_len);
+        let (tok, lp) = sample(&logits, &s.params, prompt, output, &mut s.rng);
+        s.tokens.push(tok);
+        s.usage.completion_tokens += 1;
+        let is_eos = !s.params.ignore_eos && text.eos_ids.contains(&tok);
+        let (mut delta, mut hit) = (String::new(), false);
+        if !is_eos {
+            let d = s.detok.push(&text, tok);
+            (delta, hit) = s.stop.push(&d);
+        }
+        let sent = s.events.send(Event::Token {
+            id: tok,
+            text: delta,
+            logprobs: lp,
+            logits: s.capture_logits.then_some(logits),
+        });
+        let reason = if hit || is_eos {
+            Some(FinishReason::Stop)
+        } else if s.usage.completion_tokens >= s.params.max_tokens || s.tokens.len() >= max_context
+        {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        if sent.is_err() {
+            self.metrics.count("cancelled");
+            return true;
+        }
+        let Some(mut reason) = reason else {
+            return false;
+        };
+        let mut tail = String::new();
+        if !hit {
+            let d = s.detok.flush(&text);
+            let (t, h) = s.stop.push(&d);
+            tail = t;
+            if h {
+                reason = FinishReason::Stop;
+            } else {
+                tail.push_str(&s.stop.finish());
+            }
+        }
+        self.metrics.count("ok");
+        self.metrics
+            .prompt_tokens
+            .inc_by(s.usage.prompt_tokens as u64);
+        self.metrics
+            .generation_tokens
+            .inc_by(s.usage.completion_tokens as u64);
+        let _ = s.events.send(Event::Done {
+            text: tail,
+            finish_reason: reason,
+            usage: s.usage.clone(),
+        });
+        true
+    }
+
+    /// Runs steps until every request has finished (offline use).
+    pub fn run_to_completion(&mut self) {
+        while !self.is_idle() {
+            self.step();
+        }
+    }
+}
+
+/// A running engine thread's front door.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: std::sync::mpsc::Sender<GenRequest>,
+    queued: Arc<AtomicUsize>,
+    capacity: usize,
+    pub metrics: Arc<Metrics>,
+    pub limit: Arc<PowerLimit>,
+}
+
+/// The bounded queue is full.
+#[derive(Debug)]
+pub struct Overloaded;
+
+impl EngineHandle {
+    /// Queues a request unless `capacity` requests already wait.
+    pub fn submit(&self, req: GenRequest) -> Result<(), Overloaded> {
+        let q = self.queued.fetch_add(1, Ordering::Relaxed);
+        if q >= self.capacity {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.count("rejected");
+            return Err(Overloaded);
+        }
+        self.metrics.queue_depth.set(q as i64 + 1);
+        if self.tx.send(req).is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(Overloaded);
+        }
+        Ok(())
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+}
+
+/// Starts the engine on its own thread; `capacity` bounds waiting requests.
+pub fn spawn(mut engine: Engine, capacity: usize) -> EngineHandle {
+    let (tx, rx) = std::sync::mpsc::channel::<GenRequest>();
+    let handle = EngineHandle {
+        tx,
+        queued: engine.queued.clone(),
+        capacity,
+        metrics: engine.metrics.clone(),
+        limit: engine.limit.clone(),
+    };
+    std::thread::Builder::new()
+        .name("engine".into())
+        .spawn(move || {
+            loop {
+                if engine.is_idle() {
+                    match rx.recv() {
+                        Ok(r) => engine.enqueue(r),
+                        Err(_) => return,
+                    }
+                }
+                while let Ok(r) = rx.try_recv() {
+                    engine.enqueue(r);
+                }
+                engine.step();
+            }
+        })
+        .map(|_| handle)
+        .unwrap_or_else(|e| panic!("cannot start the engine thread: {e}"))
+}

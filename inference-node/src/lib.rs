@@ -1,0 +1,27 @@
+//! copyhold inference node: loads Llama-family checkpoints, runs them on a
+//! paged-KV, continuously batched engine, serves an OpenAI-compatible API
+//! and reports the energy of every request.
+//!
+//! `unsafe` is denied crate-wide and allowed in exactly two places, each
+//! with its reason: memory-mapping weight files (`weights`) and the call
+//! into the `gemm` crate (`matmul`).
+#![deny(unsafe_code)]
+
+pub mod chat;
+pub mod config;
+pub mod detok;
+pub mod engine;
+pub mod error;
+pub mod golden;
+pub mod kv_cache;
+pub mod layers;
+pub mod matmul;
+pub mod metrics;
+pub mod models;
+pub mod power;
+pub mod sampling;
+pub mod scheduler;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{Error, Result};

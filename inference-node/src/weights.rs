@@ -1,0 +1,225 @@
+//! Memory-mapped safetensors, single file or sharded
+//! (`model.safetensors.index.json`). Tensors stay in the page cache in their
+//! stored dtype (f32, f16 or bf16) and are widened to f32 as the math reads
+//! them, so an f16 model costs its file size in memory, not twice that.
+//!
+//! This is the one module allowed `unsafe`: mapping a file is unsafe because
+//! another process could truncate it underneath us. Model directories are
+//! read-only inputs owned by the operator, which is the usual contract for
+//! mmap-loaded weights (candle, llama.cpp, vLLM all do the same).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::{Dtype as StDtype, SafeTensors};
+use serde::Deserialize;
+
+use crate::error::{Error, Result, read_json};
+
+/// Stored element type of a weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+}
+
+/// A read-only tensor view into a mapped file.
+#[derive(Clone)]
+pub struct Tensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    map: Arc<Mmap>,
+    start: usize,
+    len: usize,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor({} {:?} {:?})", self.name, self.dtype, self.shape)
+    }
+}
+
+impl Tensor {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.map[self.start..self.start + self.len]
+    }
+
+    /// Widens elements `[from, from + out.len())` (flat index) into `out`.
+    pub fn read_f32(&self, from: usize, out: &mut [f32]) {
+        let sz = self.dtype.size();
+        let b = &self.bytes()[from * sz..(from + out.len()) * sz];
+        match self.dtype {
+            DType::F32 => {
+                for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            DType::F16 => {
+                for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
+                    *o = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                }
+            }
+            DType::BF16 => {
+                for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
+                    *o = bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                }
+            }
+        }
+    }
+
+    /// The whole tensor widened to f32 (for small tensors: norms, biases).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut v = vec![0.0; self.numel()];
+        self.read_f32(0, &mut v);
+        v
+    }
+}
+
+#[derive(Deserialize)]
+struct Index {
+    weight_map: HashMap<String, String>,
+}
+
+/// All tensors of a model directory, by name.
+pub struct WeightStore {
+    tensors: HashMap<String, (Tensor, PathBuf)>,
+    /// Where an absent tensor would have been looked for (for errors).
+    primary: PathBuf,
+}
+
+impl WeightStore {
+    /// Opens `model.safetensors`, or every shard listed in
+    /// `model.safetensors.index.json`.
+    pub fn open(dir: &Path) -> Result<WeightStore> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index_path.exists() {
+            let index: Index = read_json(&index_path)?;
+            let mut names: Vec<&String> = index.weight_map.values().collect();
+            names.sort();
+            names.dedup();
+            if names.is_empty() {
+                return Err(Error::Safetensors {
+                    path: index_path,
+                    message: "weight_map is empty".into(),
+                });
+            }
+            names.into_iter().map(|n| dir.join(n)).collect()
+        } else {
+            vec![dir.join("model.safetensors")]
+        };
+        let mut tensors = HashMap::new();
+        for file in &files {
+            for t in map_file(file)? {
+                tensors.insert(t.name.clone(), (t, file.clone()));
+            }
+        }
+        Ok(WeightStore {
+            tensors,
+            primary: if files.len() == 1 {
+                files[0].clone()
+            } else {
+                index_path
+            },
+        })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// The tensor `name`, checked to have exactly `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let (t, path) = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.primary.clone(),
+            tensor: name.to_string(),
+        })?;
+        if t.shape != shape {
+            return Err(Error::TensorShape {
+                path: path.clone(),
+                tensor: name.to_string(),
+                expected: shape.to_vec(),
+                found: t.shape.clone(),
+            });
+        }
+        Ok(t.clone())
+    }
+
+    /// The stored dtype most weights use (reported by /v1/models and bench).
+    pub fn dominant_dtype(&self) -> Option<DType> {
+        let mut counts: HashMap<&'static str, (usize, DType)> = HashMap::new();
+        for (t, _) in self.tensors.values() {
+            let key = match t.dtype {
+                DType::F32 => "f32",
+                DType::F16 => "f16",
+                DType::BF16 => "bf16",
+            };
+            counts.entry(key).or_insert((0, t.dtype)).0 += t.numel();
+        }
+        counts.values().max_by_key(|(n, _)| *n).map(|(_, d)| *d)
+    }
+}
+
+#[allow(unsafe_code)]
+fn mmap(path: &Path) -> Result<Mmap> {
+    let file = std::fs::File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // SAFETY: see the module comment; the file is a read-only model input.
+    unsafe { Mmap::map(&file) }.map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn map_file(path: &Path) -> Result<Vec<Tensor>> {
+    let map = Arc::new(mmap(path)?);
+    let (header, meta) = SafeTensors::read_metadata(&map).map_err(|e| Error::Safetensors {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let data_start = 8 + header;
+    let mut out = Vec::new();
+    for (name, info) in meta.tensors() {
+        let dtype = match info.dtype {
+            StDtype::F32 => DType::F32,
+            StDtype::F16 => DType::F16,
+            StDtype::BF16 => DType::BF16,
+            other => {
+                return Err(Error::TensorDtype {
+                    path: path.to_path_buf(),
+                    tensor: name,
+                    found: format!("{other:?}"),
+                });
+            }
+        };
+        let (a, b) = info.data_offsets;
+        out.push(Tensor {
+            name,
+            dtype,
+            shape: info.shape.clone(),
+            map: map.clone(),
+            start: data_start + a,
+            len: b - a,
+        });
+    }
+    Ok(out)
+}
