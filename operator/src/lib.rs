@@ -4,8 +4,12 @@
 pub mod conditions;
 pub mod crdgen;
 pub mod error;
+pub mod gpu_catalog;
 pub mod leader;
 pub mod metrics;
+pub mod model_source;
+pub mod placement;
 pub mod resources;
+pub mod sizing;
 pub mod validation;
 pub mod workload;
