@@ -16,10 +16,12 @@
 //!    `free / N` replicas.
 //! 3. `N` is the smallest count for which eligible nodes have room for all
 //!    replicas: a model is split only when no single card that fits is free.
-//! 4. Classes (products) eligible for that `N` with room are ranked by
-//!    estimated tokens per joule (bandwidth ÷ TDP from [`crate::gpu_catalog`],
-//!    unknown products last), then by least stranded memory
-//!    (`N × memory − need`), then by name.
+//! 4. Classes (products) eligible for that `N` are ranked by estimated
+//!    tokens per joule (bandwidth ÷ TDP from [`crate::gpu_catalog`], unknown
+//!    products last), then by least stranded memory (`N × memory − need`),
+//!    then by name. Whether a class has free GPUs right now does not change
+//!    the list, so the Deployment's affinity does not churn as other
+//!    workloads come and go.
 //! 5. Replicas are assigned one by one to the node with room that holds the
 //!    fewest replicas of this model so far (spread), then of the best class,
 //!    then by node name.
@@ -112,7 +114,8 @@ pub struct ReplicaPlacement {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placement {
     pub gpus_per_replica: u32,
-    /// Products eligible for `gpus_per_replica` that had room, best first.
+    /// Products eligible for `gpus_per_replica` (free or not), best first:
+    /// the required node affinity.
     pub classes: Vec<String>,
     pub replicas: Vec<ReplicaPlacement>,
     /// `ModelNeeds::bytes_per_replica()`.
@@ -352,14 +355,8 @@ fn assign(req: &PlacementRequest<'_>, k: u32, need: u64, nodes: &[&NodeGpus]) ->
         .copied()
         .filter(|n| n.free_gpus() >= k)
         .collect();
-    // With zero replicas every eligible class counts; else only those with room.
-    let ranked_from = if with_room.is_empty() {
-        nodes
-    } else {
-        &with_room[..]
-    };
     let mut classes: BTreeMap<&str, u64> = BTreeMap::new();
-    for n in ranked_from {
+    for n in nodes {
         let stranded = u64::from(k)
             .saturating_mul(n.memory_bytes_per_gpu)
             .saturating_sub(need);
@@ -420,6 +417,16 @@ fn assign(req: &PlacementRequest<'_>, k: u32, need: u64, nodes: &[&NodeGpus]) ->
 }
 
 impl Placement {
+    /// The class to report in `status.gpuClass`: the product of the first
+    /// replica (the class placement expects to be used), else the best
+    /// eligible class.
+    pub fn gpu_class(&self) -> Option<&str> {
+        self.replicas
+            .first()
+            .map(|r| r.product.as_str())
+            .or(self.classes.first().map(String::as_str))
+    }
+
     /// The `nvidia.com/gpu` limit of each replica's container.
     pub fn gpu_limit(&self) -> Quantity {
         Quantity(self.gpus_per_replica.to_string())
@@ -546,7 +553,17 @@ fn terminated(pod: &Pod) -> bool {
     )
 }
 
-/// The fleet as placement sees it: schedulable nodes with GPUs, and the GPUs
+/// False only when the node reports `Ready` other than `True`: the scheduler
+/// keeps pods off such nodes (not-ready taint).
+fn ready(n: &Node) -> bool {
+    n.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .is_none_or(|c| c.status == "True")
+}
+
+/// The fleet as placement sees it: schedulable, ready nodes with GPUs, and the GPUs
 /// non-terminated pods bound to them hold. Pods for which `exclude` is true
 /// (the replicas of the deployment being re-placed) count as free, so a
 /// deployment can keep its own GPUs.
@@ -567,7 +584,7 @@ pub fn fleet_from(nodes: &[Node], pods: &[Pod], exclude: impl Fn(&Pod) -> bool) 
         let Some(name) = n.metadata.name.as_deref() else {
             continue;
         };
-        if n.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
+        if n.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) || !ready(n) {
             continue;
         }
         let allocatable = gpu_count(
@@ -957,12 +974,7 @@ mod tests {
                     assert_eq!(p.gpus_per_replica, *k, "{}: {p:?}", c.name);
                     let on: Vec<&str> = p.replicas.iter().map(|r| r.node.as_str()).collect();
                     assert_eq!(&on[..], *nodes, "{}: {p:?}", c.name);
-                    assert_eq!(
-                        p.classes.first().map(String::as_str),
-                        Some(*best),
-                        "{}",
-                        c.name
-                    );
+                    assert_eq!(p.gpu_class(), Some(*best), "{}", c.name);
                     assert!(
                         !p.classes.iter().any(|x| x == "Tesla-T4") || c.need < 15 * GIB,
                         "{}: the T4 never hosts a model it cannot hold: {p:?}",
@@ -1016,6 +1028,32 @@ mod tests {
                 _ => panic!("{}: expected {:?}, got {got:?}", c.name, c.expect),
             }
         }
+    }
+
+    #[test]
+    fn classes_do_not_depend_on_what_is_free_so_the_affinity_is_stable() {
+        let n = needs(20 * GIB, (6, 0), 32);
+        let spec = PlacementSpec::default();
+        let req = PlacementRequest {
+            needs: &n,
+            replicas: 1,
+            spec: &spec,
+            gpu_memory_utilization: 0.9,
+        };
+        let free = place(&req, &e2e([0, 0, 0, 0])).unwrap();
+        let busy = place(&req, &e2e([0, 1, 3, 0])).unwrap();
+        assert_eq!(free.classes, busy.classes);
+        assert_eq!(
+            free.node_affinity(&BTreeMap::new()),
+            busy.node_affinity(&BTreeMap::new())
+        );
+        // Split over P100s: the V100 (better per watt) stays allowed for two GPUs.
+        let split = place(&req, &e2e([0, 1, 4, 0])).unwrap();
+        assert_eq!(
+            split.classes,
+            vec!["Tesla-V100-SXM2-32GB", "Tesla-P100-PCIE-16GB"]
+        );
+        assert_eq!(split.gpu_class(), Some("Tesla-P100-PCIE-16GB"));
     }
 
     #[test]
@@ -1234,7 +1272,7 @@ mod tests {
     }
 
     #[test]
-    fn cordoned_nodes_and_nodes_without_labels_are_handled() {
+    fn cordoned_and_not_ready_nodes_are_left_out_and_missing_labels_come_from_the_catalog() {
         let mut nodes = e2e_nodes();
         nodes[0].spec = Some(k8s_openapi::api::core::v1::NodeSpec {
             unschedulable: Some(true),
@@ -1245,8 +1283,13 @@ mod tests {
             l.remove(MEMORY_LABEL);
             l.remove(CC_MAJOR_LABEL);
         }
+        // The P40 node stops reporting Ready.
+        if let Some(c) = nodes[1].status.as_mut().and_then(|s| s.conditions.as_mut()) {
+            c[0].status = "False".into();
+        }
         let fleet = fleet_from(&nodes, &[], |_| false);
         assert!(fleet.iter().all(|n| n.name != "gpu-p100"));
+        assert!(fleet.iter().all(|n| n.name != "gpu-p40"));
         let t4 = fleet.iter().find(|n| n.name == "gpu-t4").unwrap();
         assert_eq!(t4.memory_bytes_per_gpu, 16 << 30);
         assert_eq!(t4.compute_capability, (7, 5));
