@@ -238,13 +238,11 @@ impl ModelConfig {
 
         // transformers v5 moved rope_theta and the scaling into rope_parameters.
         let rope_params = raw.rope_parameters.as_ref().filter(|v| v.is_object());
-        let rope_theta = raw
-            .rope_theta
-            .or_else(|| {
-                rope_params
-                    .and_then(|p| p.get("rope_theta"))
-                    .and_then(Value::as_f64)
-            })
+        // When both are written, rope_parameters is the newer, canonical one.
+        let rope_theta = rope_params
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(Value::as_f64)
+            .or(raw.rope_theta)
             .unwrap_or(10_000.0);
         let scaling_src = raw
             .rope_scaling

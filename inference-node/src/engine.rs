@@ -516,3 +516,54 @@ pub fn spawn(mut engine: Engine, capacity: usize) -> EngineHandle {
         .map(|_| handle)
         .unwrap_or_else(|e| panic!("cannot start the engine thread: {e}"))
 }
+
+/// Options for building an engine from a model directory.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// KV cache budget in bytes.
+    pub kv_bytes: usize,
+    pub block_size: usize,
+    pub max_batch_tokens: usize,
+    pub max_running: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            kv_bytes: 256 << 20,
+            block_size: 16,
+            max_batch_tokens: 512,
+            max_running: 64,
+        }
+    }
+}
+
+/// Loads a model directory into a CPU engine; every loading error (config,
+/// weights, tokenizer, template) surfaces here, before anything serves.
+pub fn load_cpu_engine(
+    dir: &std::path::Path,
+    opts: &EngineOptions,
+    metrics: Arc<Metrics>,
+    sensor: Box<dyn PowerSensor>,
+) -> crate::Result<(Engine, Arc<TextModel>)> {
+    let model = crate::models::load(dir)?;
+    let text = Arc::new(TextModel::load(dir, &model.cfg.eos_token_ids)?);
+    let per_block = crate::layers::KvStore::bytes_per_block(&model.cfg, opts.block_size);
+    let num_blocks = (opts.kv_bytes / per_block.max(1)).max(2);
+    let max_context = model.cfg.max_position_embeddings;
+    let backend = crate::models::CpuBackend::new(model, num_blocks, opts.block_size);
+    let engine = Engine::new(
+        Box::new(backend),
+        text.clone(),
+        EngineConfig {
+            num_blocks,
+            block_size: opts.block_size,
+            max_batch_tokens: opts.max_batch_tokens.max(1),
+            max_running: opts.max_running.max(1),
+            max_context,
+        },
+        metrics,
+        sensor,
+    );
+    Ok((engine, text))
+}

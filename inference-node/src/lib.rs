@@ -21,6 +21,7 @@ pub mod models;
 pub mod power;
 pub mod sampling;
 pub mod scheduler;
+pub mod synth;
 pub mod tokenizer;
 pub mod weights;
 

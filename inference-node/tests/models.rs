@@ -1,0 +1,426 @@
+//! Config variants on synthesized models: the engine (paged KV, chunked
+//! prefill, batching) against a plain dense f64 reference written here from
+//! the HF modeling code, plus every kind of bad input.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use copyhold_node::config::{Arch, ModelConfig};
+use copyhold_node::engine::{EngineOptions, Event, GenRequest, load_cpu_engine};
+use copyhold_node::metrics::Metrics;
+use copyhold_node::power::{ModeledSensor, PowerModel};
+use copyhold_node::sampling::SamplingParams;
+use copyhold_node::synth::{SynthSpec, synth};
+use copyhold_node::weights::{DType, WeightStore};
+use serde_json::json;
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("copyhold-models-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(&p, v.to_string()).unwrap();
+}
+
+/// Dense f64 reference forward; returns logits of every position.
+fn reference(dir: &Path, tokens: &[u32]) -> Vec<Vec<f64>> {
+    let cfg = ModelConfig::load(dir).unwrap();
+    let w = WeightStore::open(dir).unwrap();
+    let get = |n: &str| -> Vec<f64> {
+        let t = w.get(n, &w_shape(&w, n)).unwrap();
+        t.to_f32().into_iter().map(f64::from).collect()
+    };
+    let (h, hd, nh, nkv) = (
+        cfg.hidden_size,
+        cfg.head_dim,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+    );
+    let n = tokens.len();
+    let emb = get("model.embed_tokens.weight");
+    let mut x: Vec<Vec<f64>> = tokens
+        .iter()
+        .map(|&t| emb[t as usize * h..(t as usize + 1) * h].to_vec())
+        .collect();
+    let inv = cfg.inv_freq();
+    let norm = |v: &[f64], wt: &[f64]| -> Vec<f64> {
+        let ms = v.iter().map(|a| a * a).sum::<f64>() / v.len() as f64;
+        let r = 1.0 / (ms + cfg.rms_norm_eps).sqrt();
+        v.iter().zip(wt).map(|(a, b)| a * r * b).collect()
+    };
+    let lin = |v: &[f64], wt: &[f64], b: Option<&[f64]>| -> Vec<f64> {
+        let inp = v.len();
+        (0..wt.len() / inp)
+            .map(|o| {
+                let s: f64 = (0..inp).map(|i| v[i] * wt[o * inp + i]).sum();
+                s + b.map_or(0.0, |b| b[o])
+            })
+            .collect()
+    };
+    let rope = |v: &mut [f64], heads: usize, pos: usize| {
+        for hh in 0..heads {
+            for i in 0..hd / 2 {
+                let a = pos as f64 * inv[i];
+                let (c, s) = (a.cos(), a.sin());
+                let (p, q) = (v[hh * hd + i], v[hh * hd + i + hd / 2]);
+                v[hh * hd + i] = p * c - q * s;
+                v[hh * hd + i + hd / 2] = q * c + p * s;
+            }
+        }
+    };
+    for l in 0..cfg.num_layers {
+        let p = format!("model.layers.{l}");
+        let bias = |n: &str| {
+            cfg.qkv_bias
+                .then(|| get(&format!("{p}.self_attn.{n}_proj.bias")))
+        };
+        let (wq, wk, wv, wo) = (
+            get(&format!("{p}.self_attn.q_proj.weight")),
+            get(&format!("{p}.self_attn.k_proj.weight")),
+            get(&format!("{p}.self_attn.v_proj.weight")),
+            get(&format!("{p}.self_attn.o_proj.weight")),
+        );
+        let (bq, bk, bv) = (bias("q"), bias("k"), bias("v"));
+        let ln1 = get(&format!("{p}.input_layernorm.weight"));
+        let ln2 = get(&format!("{p}.post_attention_layernorm.weight"));
+        let mut qs = Vec::new();
+        let mut ks = Vec::new();
+        let mut vs = Vec::new();
+        for (pos, xi) in x.iter().enumerate() {
+            let hn = norm(xi, &ln1);
+            let mut q = lin(&hn, &wq, bq.as_deref());
+            let mut k = lin(&hn, &wk, bk.as_deref());
+            rope(&mut q, nh, pos);
+            rope(&mut k, nkv, pos);
+            qs.push(q);
+            ks.push(k);
+            vs.push(lin(&hn, &wv, bv.as_deref()));
+        }
+        let window = cfg.sliding_window[l];
+        for i in 0..n {
+            let mut att = vec![0.0; nh * hd];
+            for hh in 0..nh {
+                let kh = hh / (nh / nkv);
+                let lo = window.map_or(0, |w| (i + 1).saturating_sub(w));
+                let sc: Vec<f64> = (lo..=i)
+                    .map(|j| {
+                        (0..hd)
+                            .map(|d| qs[i][hh * hd + d] * ks[j][kh * hd + d])
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let m = sc.iter().cloned().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = sc.iter().map(|s| (s - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for (jj, j) in (lo..=i).enumerate() {
+                    for d in 0..hd {
+                        att[hh * hd + d] += e[jj] / z * vs[j][kh * hd + d];
+                    }
+                }
+            }
+            let o = lin(&att, &wo, None);
+            for (a, b) in x[i].iter_mut().zip(&o) {
+                *a += b;
+            }
+            let hn = norm(&x[i], &ln2);
+            let g = lin(&hn, &get(&format!("{p}.mlp.gate_proj.weight")), None);
+            let u = lin(&hn, &get(&format!("{p}.mlp.up_proj.weight")), None);
+            let act: Vec<f64> = g
+                .iter()
+                .zip(&u)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
+            let d = lin(&act, &get(&format!("{p}.mlp.down_proj.weight")), None);
+            for (a, b) in x[i].iter_mut().zip(&d) {
+                *a += b;
+            }
+        }
+    }
+    let fnorm = get("model.norm.weight");
+    let head = if cfg.tie_word_embeddings {
+        emb.clone()
+    } else {
+        get("lm_head.weight")
+    };
+    x.iter()
+        .map(|xi| lin(&norm(xi, &fnorm), &head, None))
+        .collect()
+}
+
+fn w_shape(w: &WeightStore, n: &str) -> Vec<usize> {
+    // Reference reads whatever shape is stored; the engine is what checks.
+    match w.get(n, &[]) {
+        Err(copyhold_node::Error::TensorShape { found, .. }) => found,
+        Ok(_) => vec![],
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Engine logits for the positions that predict `gen` tokens after `prompt`
+/// (greedy), with tiny blocks and chunks so paging and chunking are exercised.
+fn engine_logits(dir: &Path, prompt: &[u32], n_gen: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let opts = EngineOptions {
+        kv_bytes: 4 << 20,
+        block_size: 4,
+        max_batch_tokens: 7,
+        max_running: 8,
+    };
+    let sensor = Box::new(ModeledSensor(PowerModel {
+        idle_w: 1.0,
+        busy_w: 2.0,
+    }));
+    let (mut engine, _) = load_cpu_engine(dir, &opts, Arc::new(Metrics::new()), sensor).unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut params = SamplingParams::greedy(n_gen);
+    params.ignore_eos = true;
+    engine.add(GenRequest {
+        prompt: prompt.to_vec(),
+        params,
+        stop: vec![],
+        capture_logits: true,
+        events: tx,
+    });
+    engine.run_to_completion();
+    assert_eq!(engine.blocks_in_use(), 0);
+    let (mut ids, mut logits) = (Vec::new(), Vec::new());
+    while let Ok(ev) = rx.try_recv() {
+        if let Event::Token {
+            id,
+            logits: Some(l),
+            ..
+        } = ev
+        {
+            ids.push(id);
+            logits.push(l);
+        }
+    }
+    (ids, logits)
+}
+
+fn assert_matches_reference(dir: &Path) {
+    let prompt: Vec<u32> = (0..23u32).map(|i| (i * 37 + 11) % 290 + 5).collect();
+    let (ids, got) = engine_logits(dir, &prompt, 4);
+    let mut full = prompt.clone();
+    full.extend(&ids[..3]);
+    let want = reference(dir, &full);
+    let mut max = 0.0f64;
+    for (k, g) in got.iter().enumerate() {
+        let w = &want[prompt.len() - 1 + k];
+        assert_eq!(g.len(), w.len());
+        for (a, b) in g.iter().zip(w) {
+            max = max.max((*a as f64 - b).abs());
+        }
+    }
+    assert!(max < 2e-4, "max logit diff {max} in {}", dir.display());
+}
+
+fn synth_dir(name: &str, spec: SynthSpec) -> PathBuf {
+    let d = scratch(name);
+    synth(&spec, &d).unwrap();
+    d
+}
+
+#[test]
+fn llama_with_gqa_matches_the_reference() {
+    let d = synth_dir("llama", SynthSpec::tiny(Arch::Llama));
+    assert_matches_reference(&d);
+}
+
+#[test]
+fn qwen2_with_qkv_bias_and_tied_embeddings_matches_the_reference() {
+    let mut s = SynthSpec::tiny(Arch::Qwen2);
+    s.tie_word_embeddings = true;
+    let d = synth_dir("qwen2", s);
+    assert!(!d.join("lm_head.weight").exists());
+    assert_matches_reference(&d);
+}
+
+#[test]
+fn mistral_with_a_sliding_window_shorter_than_the_prompt_matches_the_reference() {
+    let mut s = SynthSpec::tiny(Arch::Mistral);
+    s.sliding_window = Some(6);
+    let d = synth_dir("mistral", s);
+    assert_eq!(
+        ModelConfig::load(&d).unwrap().sliding_window,
+        vec![Some(6), Some(6)]
+    );
+    assert_matches_reference(&d);
+}
+
+#[test]
+fn a_given_head_dim_different_from_hidden_over_heads_matches_the_reference() {
+    let mut s = SynthSpec::tiny(Arch::Llama);
+    s.head_dim = Some(24);
+    let d = synth_dir("headdim", s);
+    assert_matches_reference(&d);
+}
+
+#[test]
+fn linear_and_llama3_rope_scaling_match_the_reference() {
+    let d = synth_dir("rope", SynthSpec::tiny(Arch::Llama));
+    edit_config(&d, |v| {
+        v["rope_scaling"] = json!({"rope_type": "linear", "factor": 2.0})
+    });
+    assert_matches_reference(&d);
+    edit_config(&d, |v| {
+        v["rope_scaling"] = serde_json::Value::Null;
+        v["rope_parameters"] = json!({"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64});
+    });
+    let cfg = ModelConfig::load(&d).unwrap();
+    assert_eq!(cfg.rope_theta, 500000.0);
+    assert_matches_reference(&d);
+}
+
+#[test]
+fn f16_and_bf16_weights_match_the_reference_on_their_stored_values() {
+    for (name, dt) in [("f16", DType::F16), ("bf16", DType::BF16)] {
+        let mut s = SynthSpec::tiny(Arch::Llama);
+        s.dtype = dt;
+        let d = synth_dir(name, s);
+        assert_eq!(WeightStore::open(&d).unwrap().dominant_dtype(), Some(dt));
+        assert_matches_reference(&d);
+    }
+}
+
+#[test]
+fn a_sharded_checkpoint_gives_the_same_logits_as_a_single_file() {
+    let one = synth_dir("one", SynthSpec::tiny(Arch::Qwen2));
+    let mut s = SynthSpec::tiny(Arch::Qwen2);
+    s.shards = 3;
+    let three = synth_dir("three", s);
+    assert!(three.join("model.safetensors.index.json").exists());
+    assert!(three.join("model-00003-of-00003.safetensors").exists());
+    let prompt = [5, 9, 200, 17, 3, 44];
+    assert_eq!(
+        engine_logits(&one, &prompt, 3),
+        engine_logits(&three, &prompt, 3)
+    );
+}
+
+fn load_err(dir: &Path) -> String {
+    let sensor = Box::new(ModeledSensor(PowerModel {
+        idle_w: 1.0,
+        busy_w: 2.0,
+    }));
+    match load_cpu_engine(
+        dir,
+        &EngineOptions::default(),
+        Arc::new(Metrics::new()),
+        sensor,
+    ) {
+        Ok(_) => panic!("{} loaded", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn a_missing_safetensors_file_is_named() {
+    let d = synth_dir("missing", SynthSpec::tiny(Arch::Llama));
+    std::fs::remove_file(d.join("model.safetensors")).unwrap();
+    let e = load_err(&d);
+    assert!(
+        e.contains("model.safetensors") && e.contains("cannot read"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_truncated_safetensors_file_is_named() {
+    let d = synth_dir("trunc", SynthSpec::tiny(Arch::Llama));
+    let p = d.join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
+    let e = load_err(&d);
+    assert!(
+        e.contains("model.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_tensor_of_the_wrong_shape_is_named_with_both_shapes() {
+    let d = synth_dir("shape", SynthSpec::tiny(Arch::Llama));
+    edit_config(&d, |v| v["intermediate_size"] = json!(100));
+    let e = load_err(&d);
+    assert!(
+        e.contains("model.layers.0.mlp.gate_proj.weight")
+            && e.contains("[100, 64]")
+            && e.contains("[128, 64]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_tensor_of_an_unsupported_dtype_is_named() {
+    let d = scratch("dtype");
+    synth(&SynthSpec::tiny(Arch::Llama), &d).unwrap();
+    let data = vec![0u8; 4 * 64];
+    let v = safetensors::tensor::TensorView::new(safetensors::Dtype::I32, vec![64], &data).unwrap();
+    safetensors::serialize_to_file(
+        vec![("model.norm.weight", v)],
+        None,
+        &d.join("model.safetensors"),
+    )
+    .unwrap();
+    let e = load_err(&d);
+    assert!(e.contains("model.norm.weight") && e.contains("I32"), "{e}");
+}
+
+#[test]
+fn a_missing_tensor_is_named() {
+    let d = synth_dir(
+        "lmhead",
+        SynthSpec {
+            tie_word_embeddings: true,
+            ..SynthSpec::tiny(Arch::Llama)
+        },
+    );
+    edit_config(&d, |v| v["tie_word_embeddings"] = json!(false));
+    let e = load_err(&d);
+    assert!(e.contains("lm_head.weight") && e.contains("missing"), "{e}");
+}
+
+#[test]
+fn an_unsupported_architecture_is_named() {
+    let d = synth_dir("arch", SynthSpec::tiny(Arch::Llama));
+    edit_config(&d, |v| v["architectures"] = json!(["FalconForCausalLM"]));
+    let e = load_err(&d);
+    assert!(
+        e.contains("FalconForCausalLM") && e.contains("config.json"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_malformed_tokenizer_is_named() {
+    let d = synth_dir("tok", SynthSpec::tiny(Arch::Llama));
+    std::fs::write(d.join("tokenizer.json"), "{\"model\": 3}").unwrap();
+    let e = load_err(&d);
+    assert!(
+        e.contains("tokenizer.json") && e.contains("invalid tokenizer"),
+        "{e}"
+    );
+}
+
+#[test]
+fn check_golden_on_a_broken_model_exits_non_zero_with_the_file_named() {
+    let d = synth_dir("cli", SynthSpec::tiny(Arch::Llama));
+    std::fs::write(d.join("golden.json"), "{\"cases\": []}").unwrap();
+    std::fs::write(d.join("model.safetensors"), b"short").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_copyhold-node"))
+        .arg("check-golden")
+        .arg(&d)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("model.safetensors"), "{err}");
+}
