@@ -1,7 +1,9 @@
 //! copyhold: a Kubernetes operator for sovereign community GPU clusters.
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod conditions;
+pub mod controller;
 pub mod crdgen;
 pub mod error;
 pub mod gpu_catalog;

@@ -24,6 +24,12 @@ enum Command {
         #[arg(long, env = "COPYHOLD_CRD_DIR")]
         out: Option<PathBuf>,
     },
+    /// Run the controller: ModelDeployments become Deployments and Services
+    /// placed on the GPUs that fit.
+    Controller(ControllerArgs),
+    /// Benchmarks that print comparable figures.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Check manifests of copyhold resources for what the API server's schema
     /// cannot express (the controller reports the same as conditions).
     Validate {
@@ -33,9 +39,181 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Time until N ModelDeployments are Placed, the controller's peak RSS
+    /// and API requests per object, against the cluster KUBECONFIG names.
+    Controller {
+        /// ModelDeployments to create.
+        #[arg(long, default_value_t = 500)]
+        objects: usize,
+        /// GPUs on each simulated bench node.
+        #[arg(long, default_value_t = 8)]
+        gpus_per_node: u32,
+        /// Creates in flight at once.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn run_bench(cmd: BenchCommand) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        match cmd {
+            BenchCommand::Controller {
+                objects,
+                gpus_per_node,
+                concurrency,
+                json,
+            } => {
+                let client = kube::Client::try_default().await?;
+                let bench = copyhold::bench::ControllerBench {
+                    objects,
+                    gpus_per_node,
+                    concurrency,
+                    json,
+                };
+                let f = copyhold::bench::controller(client, bench).await?;
+                if json {
+                    println!("{}", serde_json::to_string(&f)?);
+                } else {
+                    println!("copyhold bench controller");
+                    println!("  objects                     {}", f.objects);
+                    println!("  simulated nodes             {}", f.nodes);
+                    println!(
+                        "  time until all Placed       {:.2} s   (goal <= 10 s)",
+                        f.seconds_until_all_placed
+                    );
+                    println!(
+                        "  controller peak RSS         {:.1} MB  (goal <= 100 MB)",
+                        f.controller_peak_rss_mb
+                    );
+                    println!("  API requests                {}", f.api_requests);
+                    println!(
+                        "  API requests per object     {:.2}",
+                        f.api_requests_per_object
+                    );
+                }
+                Ok(())
+            }
+        }
+    })
+}
+
+#[derive(clap::Args)]
+struct ControllerArgs {
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "COPYHOLD_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: std::net::SocketAddr,
+    /// Take part in leader election (one controller acts, others stand by).
+    #[arg(long, env = "COPYHOLD_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Namespace of the leader Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(
+        long,
+        env = "COPYHOLD_LEASE_NAME",
+        default_value = "copyhold-controller"
+    )]
+    lease_name: String,
+    /// This candidate's identity (the Pod name in a cluster).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Seconds a leader lease lasts without renewal.
+    #[arg(long, env = "COPYHOLD_LEASE_SECONDS", default_value_t = 15)]
+    lease_seconds: u64,
+    /// Image of the copyhold inference node.
+    #[arg(long, env = "COPYHOLD_NODE_IMAGE")]
+    node_image: Option<String>,
+    /// Image of vLLM's OpenAI server.
+    #[arg(long, env = "COPYHOLD_VLLM_IMAGE")]
+    vllm_image: Option<String>,
+    /// `--device` passed to copyhold-node (cuda on GPU nodes; cpu for tests).
+    #[arg(long, env = "COPYHOLD_NODE_DEVICE", default_value = "cuda")]
+    node_device: String,
+    /// Reconcile only this namespace (all when absent).
+    #[arg(long, env = "COPYHOLD_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// Seconds between resyncs of a healthy object.
+    #[arg(long, env = "COPYHOLD_RESYNC_SECONDS", default_value_t = 300)]
+    resync_seconds: u64,
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
+    let json = std::env::var("COPYHOLD_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init()
+    } else {
+        builder.init()
+    }
+}
+
+fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
+    init_tracing();
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let config = kube::Config::infer().await?;
+        let mut defaults = copyhold::workload::EngineDefaults {
+            node_device: args.node_device,
+            ..Default::default()
+        };
+        if let Some(i) = args.node_image {
+            defaults.copyhold_image = i;
+        }
+        if let Some(i) = args.vllm_image {
+            defaults.vllm_image = i;
+        }
+        let identity = args.identity.unwrap_or_else(|| {
+            let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "copyhold".into());
+            format!("{host}-{}", std::process::id())
+        });
+        let settings = copyhold::controller::Settings {
+            metrics_addr: args.metrics_addr,
+            leader_election: args.leader_election,
+            lease_namespace: args.lease_namespace,
+            lease_name: args.lease_name,
+            identity,
+            timing: copyhold::leader::Timing {
+                lease_duration: std::time::Duration::from_secs(args.lease_seconds.max(2)),
+                renew_every: std::time::Duration::from_secs((args.lease_seconds / 5).max(1)),
+                retry_every: std::time::Duration::from_secs((args.lease_seconds / 5).max(1)),
+            },
+            defaults,
+            watch_namespace: args.watch_namespace,
+            resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
+        };
+        copyhold::controller::run(config, settings).await
+    })
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Bench(cmd) => match run_bench(cmd) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("copyhold bench: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        },
+        Command::Controller(args) => match run_controller(args) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("copyhold controller: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        },
         Command::Crdgen { out } => match copyhold::crdgen::run(out.as_deref()) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {

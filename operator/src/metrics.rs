@@ -28,6 +28,11 @@ pub struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerbLabels {
+    pub verb: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: String,
 }
@@ -41,6 +46,7 @@ pub struct ControllerMetrics {
     pub placement_failures: Family<ReasonLabels, Counter>,
     pub leader: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub api_writes: Family<KindLabels, Counter<u64, AtomicU64>>,
+    pub api_requests: Family<VerbLabels, Counter<u64, AtomicU64>>,
 }
 
 /// Metric names (without the `copyhold_controller_` prefix), for the docs
@@ -53,6 +59,7 @@ pub const NAMES: &[&str] = &[
     "placement_failures_total",
     "leader",
     "api_writes_total",
+    "api_requests_total",
 ];
 
 impl ControllerMetrics {
@@ -69,6 +76,7 @@ impl ControllerMetrics {
             placement_failures: Family::default(),
             leader: Gauge::default(),
             api_writes: Family::default(),
+            api_requests: Family::default(),
         };
         sub.register(
             "reconciliations",

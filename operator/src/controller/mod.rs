@@ -1,0 +1,368 @@
+//! `copyhold controller`: one leader reconciles ModelDeployments into
+//! Deployments and Services placed on the GPUs that fit.
+
+pub mod model_deployment;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use prometheus_client::registry::Registry;
+
+use crate::error::Error;
+use crate::leader::{Elector, Timing};
+use crate::metrics::{ControllerMetrics, ErrorLabels};
+use crate::resources::ModelDeployment;
+use crate::workload::EngineDefaults;
+
+/// Field manager of every server-side apply the controller sends.
+pub const FIELD_MANAGER: &str = "copyhold";
+
+/// Settings of a controller process.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub metrics_addr: SocketAddr,
+    pub leader_election: bool,
+    pub lease_namespace: String,
+    pub lease_name: String,
+    pub identity: String,
+    pub timing: Timing,
+    pub defaults: EngineDefaults,
+    /// Only reconcile objects of this namespace (a namespaced install);
+    /// all namespaces when `None`. Placement always sees the whole fleet.
+    pub watch_namespace: Option<String>,
+    /// Requeue period of a healthy object (drift is also caught by watches).
+    pub resync: Duration,
+}
+
+/// What every reconciliation gets.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<ControllerMetrics>,
+    pub defaults: EngineDefaults,
+    pub nodes: Store<Node>,
+    pub pods: Store<Pod>,
+    pub resync: Duration,
+    /// For reading model configs and safetensors headers from http sources.
+    pub http: reqwest::Client,
+    /// Consecutive failures per object, for exponential backoff.
+    failures: std::sync::Mutex<HashMap<ObjectRef<ModelDeployment>, u32>>,
+}
+
+impl Context {
+    /// Forget an object's failures after a successful reconcile.
+    pub fn succeeded(&self, md: &ModelDeployment) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&ObjectRef::from_obj(md));
+    }
+
+    pub fn new(
+        client: Client,
+        metrics: Arc<ControllerMetrics>,
+        defaults: EngineDefaults,
+        nodes: Store<Node>,
+        pods: Store<Pod>,
+        resync: Duration,
+    ) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "copyhold".into(),
+                instance: None,
+            },
+        );
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(20))
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        Self {
+            client,
+            recorder,
+            metrics,
+            defaults,
+            nodes,
+            pods,
+            resync,
+            http,
+            failures: Default::default(),
+        }
+    }
+}
+
+fn error_policy(md: Arc<ModelDeployment>, error: &Error, ctx: Arc<Context>) -> Action {
+    let key = ObjectRef::from_obj(md.as_ref());
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&ErrorLabels {
+            kind: "ModelDeployment".into(),
+            error: error.metric_label().into(),
+        })
+        .inc();
+    // Exponential backoff per object, 1 s doubling to 5 min: never a hot loop.
+    let n = {
+        let mut f = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = f.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = Duration::from_secs(1u64 << n.min(9)).min(Duration::from_secs(300));
+    tracing::warn!(name = %md.metadata.name.as_deref().unwrap_or(""), error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// Serve /metrics, /healthz and /readyz until the process ends.
+async fn serve_health(
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+) {
+    async fn metrics(
+        State((registry, _)): State<(Arc<Registry>, Arc<std::sync::atomic::AtomicBool>)>,
+    ) -> (StatusCode, [(&'static str, &'static str); 1], String) {
+        let mut text = String::new();
+        match prometheus_client::encoding::text::encode(&mut text, &registry) {
+            Ok(()) => (
+                StatusCode::OK,
+                [(
+                    "content-type",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )],
+                text,
+            ),
+            Err(e) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                [("content-type", "text/plain")],
+                e.to_string(),
+            ),
+        }
+    }
+    async fn readyz(
+        State((_, ready)): State<(Arc<Registry>, Arc<std::sync::atomic::AtomicBool>)>,
+    ) -> StatusCode {
+        if ready.load(std::sync::atomic::Ordering::Relaxed) {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+    }
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state((registry, ready));
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => {
+            tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "health server failed");
+            }
+        }
+        Err(e) => tracing::error!(%addr, error = %e, "cannot bind the metrics address"),
+    }
+}
+
+/// A client that counts every request it sends, by HTTP method
+/// (`copyhold_controller_api_requests_total`).
+pub fn counted_client(
+    config: kube::Config,
+    metrics: &ControllerMetrics,
+) -> Result<Client, kube::Error> {
+    let counter = metrics.api_requests.clone();
+    let layer = tower::util::MapRequestLayer::new(move |req: http::Request<kube::client::Body>| {
+        counter
+            .get_or_create(&crate::metrics::VerbLabels {
+                verb: req.method().as_str().to_owned(),
+            })
+            .inc();
+        req
+    });
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&layer)
+        .build())
+}
+
+/// Run the controller until SIGTERM/SIGINT, or until leadership is lost
+/// (then the process exits non-zero and Kubernetes restarts it as a standby).
+pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()> {
+    let mut registry = Registry::default();
+    let metrics = Arc::new(ControllerMetrics::register(&mut registry));
+    let registry = Arc::new(registry);
+    let client = counted_client(config, &metrics)?;
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn(serve_health(
+        settings.metrics_addr,
+        registry.clone(),
+        ready.clone(),
+    ));
+
+    let elector = if settings.leader_election {
+        let api: Api<Lease> = Api::namespaced(client.clone(), &settings.lease_namespace);
+        let e = Elector::new(
+            api,
+            &settings.lease_name,
+            &settings.identity,
+            settings.timing.clone(),
+        );
+        tracing::info!(identity = %settings.identity, lease = %settings.lease_name, "waiting to become leader");
+        tokio::select! {
+            r = e.acquire() => r?,
+            _ = shutdown_signal() => return Ok(()),
+        }
+        tracing::info!(identity = %settings.identity, "became leader");
+        Some(e)
+    } else {
+        None
+    };
+    metrics.leader.set(1);
+
+    // Watch-fed indexes of the fleet: what placement reads on every reconcile.
+    let (nodes, node_writer) = reflector::store::<Node>();
+    let node_stream = reflector::reflector(
+        node_writer,
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+    )
+    .default_backoff()
+    .touched_objects()
+    .for_each(|_| futures::future::ready(()));
+    let (pods, pod_writer) = reflector::store::<Pod>();
+    let pod_stream = reflector::reflector(
+        pod_writer,
+        watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()),
+    )
+    .default_backoff()
+    .touched_objects()
+    .for_each(|_| futures::future::ready(()));
+    tokio::spawn(node_stream);
+    tokio::spawn(pod_stream);
+    nodes
+        .wait_until_ready()
+        .await
+        .map_err(|e| anyhow::anyhow!("node index: {e}"))?;
+    pods.wait_until_ready()
+        .await
+        .map_err(|e| anyhow::anyhow!("pod index: {e}"))?;
+
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        metrics.clone(),
+        settings.defaults.clone(),
+        nodes,
+        pods,
+        settings.resync,
+    ));
+    fn scoped<K>(client: &Client, ns: &Option<String>) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let ns = &settings.watch_namespace;
+    let controller = Controller::new(
+        scoped::<ModelDeployment>(&client, ns),
+        watcher::Config::default(),
+    );
+    tokio::spawn(count_states(controller.store(), metrics.clone()));
+    let controller = controller
+        .owns(
+            scoped::<Deployment>(&client, ns),
+            watcher::Config::default(),
+        )
+        .owns(scoped::<Service>(&client, ns), watcher::Config::default())
+        .graceful_shutdown_on(shutdown_signal())
+        .run(model_deployment::reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "controller event");
+            }
+        });
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+
+    match &elector {
+        Some(e) => {
+            tokio::select! {
+                _ = controller => { e.release().await; Ok(()) }
+                lost = e.hold() => {
+                    metrics.leader.set(0);
+                    Err(lost.into())
+                }
+            }
+        }
+        None => {
+            controller.await;
+            Ok(())
+        }
+    }
+}
+
+/// Keep `copyhold_controller_objects{kind,state}` current from the index.
+async fn count_states(store: Store<ModelDeployment>, metrics: Arc<ControllerMetrics>) {
+    const STATES: [&str; 4] = ["Pending", "Ready", "Unplaceable", "Invalid"];
+    loop {
+        let mut counts: HashMap<&str, i64> = STATES.iter().map(|s| (*s, 0)).collect();
+        for md in store.state() {
+            let state = md
+                .status
+                .as_ref()
+                .and_then(|s| s.state.as_deref())
+                .unwrap_or("Pending");
+            if let Some(n) = STATES
+                .iter()
+                .find(|s| **s == state)
+                .and_then(|s| counts.get_mut(s))
+            {
+                *n += 1;
+            }
+        }
+        for (state, n) in counts {
+            metrics
+                .objects
+                .get_or_create(&crate::metrics::StateLabels {
+                    kind: "ModelDeployment".into(),
+                    state: state.into(),
+                })
+                .set(n);
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

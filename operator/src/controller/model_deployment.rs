@@ -1,0 +1,428 @@
+//! Reconcile one ModelDeployment: check it, size the model, place it on the
+//! fleet, apply its Deployment and Service, and report in its status.
+//!
+//! Idempotent: the objects are built deterministically and sent with
+//! server-side apply, which the API server does not write when nothing
+//! changed; the status is written only when it differs. A spec that cannot
+//! be served leaves the previous Deployment untouched.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
+use tracing::Instrument;
+
+use super::{Context, FIELD_MANAGER};
+use crate::conditions;
+use crate::error::{Error, Result};
+use crate::metrics::{ControllerMetrics, ReasonLabels};
+use crate::resources::{ModelDeployment, ModelDeploymentStatus};
+use crate::workload::{self, PlacementForWorkload};
+use crate::{model_source, placement, validation};
+
+/// Why a ModelDeployment is not (re)placed: a condition reason and a message
+/// a person can act on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// What placement decided, for the status and the Deployment.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub workload: PlacementForWorkload,
+    pub classes: Vec<String>,
+    pub required_memory_bytes: u64,
+    pub summary: String,
+}
+
+/// Check, size and place `md` on the fleet the indexes hold now.
+pub async fn decide(
+    md: &ModelDeployment,
+    nodes: &[Arc<Node>],
+    pods: &[Arc<Pod>],
+    http: &reqwest::Client,
+) -> Result<Decision, Refusal> {
+    let errors = validation::model_deployment(&md.spec);
+    if !errors.is_empty() {
+        return Err(Refusal {
+            reason: "InvalidSpec",
+            message: errors.join("; "),
+        });
+    }
+    let needs = model_source::model_needs(http, &md.spec)
+        .await
+        .map_err(|e| Refusal {
+            reason: e.reason(),
+            message: e.to_string(),
+        })?;
+    let name = md.name_any();
+    let namespace = md.namespace().unwrap_or_default();
+    let own = workload::selector_labels(&name);
+    let nodes: Vec<Node> = nodes.iter().map(|n| n.as_ref().clone()).collect();
+    let pods: Vec<Pod> = pods.iter().map(|p| p.as_ref().clone()).collect();
+    // Our own pods' GPUs count as free: re-placing must not be blocked by itself.
+    let fleet = placement::fleet_from(&nodes, &pods, |p: &Pod| {
+        p.metadata.namespace.as_deref() == Some(namespace.as_str())
+            && own
+                .iter()
+                .all(|(k, v)| p.metadata.labels.as_ref().and_then(|l| l.get(k)) == Some(v))
+    });
+    let request = placement::PlacementRequest {
+        needs: &needs,
+        replicas: u32::try_from(md.spec.replicas).unwrap_or(0),
+        spec: &md.spec.placement,
+        gpu_memory_utilization: md.spec.serving.gpu_memory_utilization,
+    };
+    let placed = placement::place(&request, &fleet).map_err(|e| Refusal {
+        reason: e.reason(),
+        message: e.to_string(),
+    })?;
+    let affinity = placed.node_affinity(&own);
+    let summary = format!(
+        "{} replica(s) of {} GPU(s) each on {}; needs {:.1} GiB per replica",
+        md.spec.replicas,
+        placed.gpus_per_replica,
+        placed.classes.join(" or "),
+        placed.required_memory_bytes as f64 / (1u64 << 30) as f64
+    );
+    Ok(Decision {
+        workload: PlacementForWorkload {
+            replicas: md.spec.replicas,
+            gpus_per_replica: placed.gpus_per_replica,
+            affinity,
+        },
+        classes: placed.classes.clone(),
+        required_memory_bytes: placed.required_memory_bytes,
+        summary,
+    })
+}
+
+fn state_of(status: &ModelDeploymentStatus) -> &'static str {
+    match conditions::get(&status.conditions, "Placed") {
+        Some(c) if c.status == "False" && c.reason == "InvalidSpec" => "Invalid",
+        Some(c) if c.status == "False" => "Unplaceable",
+        _ if conditions::is_true(&status.conditions, "Ready") => "Ready",
+        _ => "Pending",
+    }
+}
+
+/// The reconciler.
+pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let kind = ControllerMetrics::kind("ModelDeployment");
+    ctx.metrics.reconciliations.get_or_create(&kind).inc();
+    let span = tracing::info_span!(
+        "reconcile",
+        kind = "ModelDeployment",
+        namespace = %md.namespace().unwrap_or_default(),
+        name = %md.name_any()
+    );
+    let result = reconcile_inner(&md, &ctx).instrument(span).await;
+    ctx.metrics
+        .reconcile_duration
+        .get_or_create(&kind)
+        .observe(started.elapsed().as_secs_f64());
+    if result.is_ok() {
+        ctx.succeeded(&md);
+    }
+    result
+}
+
+async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> {
+    let ns = md
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let name = md.name_any();
+    let generation = md.metadata.generation;
+    let now = conditions::now();
+
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
+
+    let old = md.status.clone().unwrap_or_default();
+    let mut status = ModelDeploymentStatus {
+        conditions: old.conditions.clone(),
+        energy_wh: old.energy_wh,
+        shed_by: old.shed_by.clone(),
+        ..Default::default()
+    };
+    status.observed_generation = generation;
+    status.served_model_name = Some(workload::served_model_name(md));
+    status.selector = Some(workload::selector_string(&name));
+    status.endpoint = Some(workload::endpoint(md));
+
+    let nodes = ctx.nodes.state();
+    let pods = ctx.pods.state();
+    let decision = decide(md, &nodes, &pods, &ctx.http).await;
+    let mut events: Vec<Event> = Vec::new();
+    let deployment = match &decision {
+        Ok(d) => {
+            let built = workload::deployment(md, &d.workload, &ctx.defaults)
+                .and_then(|dep| workload::service(md).map(|svc| (dep, svc)));
+            match built {
+                Ok((dep, svc)) => {
+                    let applied = apply_if_changed(&deployments, &name, &dep, ctx).await?;
+                    apply_if_changed(&services, &name, &svc, ctx).await?;
+                    let changed_placement = old.gpus_per_replica
+                        != Some(d.workload.gpus_per_replica as i32)
+                        || old.required_memory_bytes != Some(d.required_memory_bytes as i64);
+                    let flipped = conditions::set(
+                        &mut status.conditions,
+                        "Placed",
+                        true,
+                        "Placed",
+                        &d.summary,
+                        generation,
+                        now.clone(),
+                    );
+                    if flipped || changed_placement {
+                        events.push(Event {
+                            type_: EventType::Normal,
+                            reason: "Placed".into(),
+                            note: Some(d.summary.clone()),
+                            action: "Place".into(),
+                            secondary: None,
+                        });
+                    }
+                    status.gpus_per_replica = Some(d.workload.gpus_per_replica as i32);
+                    status.required_memory_bytes = Some(d.required_memory_bytes as i64);
+                    status.gpu_class = d.classes.first().cloned();
+                    Some(applied)
+                }
+                Err(e) => {
+                    let refusal = Refusal {
+                        reason: "UnsupportedSource",
+                        message: e.to_string(),
+                    };
+                    let existing = deployments.get_opt(&name).await?;
+                    refuse(
+                        &mut status,
+                        &refusal,
+                        existing.is_some(),
+                        generation,
+                        now.clone(),
+                        &mut events,
+                        ctx,
+                    );
+                    existing
+                }
+            }
+        }
+        Err(refusal) => {
+            let existing = deployments.get_opt(&name).await?;
+            refuse(
+                &mut status,
+                refusal,
+                existing.is_some(),
+                generation,
+                now.clone(),
+                &mut events,
+                ctx,
+            );
+            status.gpus_per_replica = old.gpus_per_replica;
+            status.required_memory_bytes = old.required_memory_bytes;
+            existing
+        }
+    };
+
+    // Readiness and where the replicas actually run.
+    let (desired, ready) = deployment
+        .as_ref()
+        .map(|d| {
+            let desired = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+            let ready = d
+                .status
+                .as_ref()
+                .and_then(|s| s.ready_replicas)
+                .unwrap_or(0);
+            (desired, ready)
+        })
+        .unwrap_or((0, 0));
+    status.replicas = desired;
+    status.ready_replicas = ready;
+    let selector = workload::selector_labels(&name);
+    let mut placed_nodes = BTreeSet::new();
+    for p in pods.iter() {
+        let mine = p.metadata.namespace.as_deref() == Some(ns.as_str())
+            && selector.iter().all(|(k, v)| p.labels().get(k) == Some(v))
+            && p.metadata.deletion_timestamp.is_none();
+        if let (true, Some(node)) = (mine, p.spec.as_ref().and_then(|s| s.node_name.clone())) {
+            placed_nodes.insert(node);
+        }
+    }
+    let products: BTreeSet<String> = placed_nodes
+        .iter()
+        .filter_map(|n| nodes.iter().find(|x| x.name_any() == *n))
+        .filter_map(|n| n.labels().get("nvidia.com/gpu.product").cloned())
+        .collect();
+    if !products.is_empty() {
+        status.gpu_class = Some(products.into_iter().collect::<Vec<_>>().join(","));
+    } else if status.gpu_class.is_none() {
+        status.gpu_class = old.gpu_class.clone();
+    }
+    status.nodes = placed_nodes.into_iter().collect();
+    let (is_ready, reason, message) = if deployment.is_none() {
+        (false, "NoDeployment", "nothing is deployed".to_string())
+    } else if desired == 0 {
+        (false, "ScaledToZero", "replicas is 0".to_string())
+    } else if ready >= desired {
+        (
+            true,
+            "ReplicasReady",
+            format!("{ready}/{desired} replicas ready"),
+        )
+    } else {
+        (
+            false,
+            "ReplicasNotReady",
+            format!("{ready}/{desired} replicas ready"),
+        )
+    };
+    if conditions::set(
+        &mut status.conditions,
+        "Ready",
+        is_ready,
+        reason,
+        message.clone(),
+        generation,
+        now,
+    ) {
+        events.push(Event {
+            type_: if is_ready {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            },
+            reason: reason.into(),
+            note: Some(message),
+            action: "Serve".into(),
+            secondary: None,
+        });
+    }
+    status.state = Some(state_of(&status).to_string());
+
+    if Some(&status) != md.status.as_ref() {
+        let api: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), &ns);
+        let patch = serde_json::json!({
+            "apiVersion": "copyhold.dev/v1alpha1",
+            "kind": "ModelDeployment",
+            "status": status,
+        });
+        api.patch_status(&name, &apply, &Patch::Apply(&patch))
+            .await?;
+        ctx.metrics
+            .api_writes
+            .get_or_create(&ControllerMetrics::kind("ModelDeploymentStatus"))
+            .inc();
+    }
+    let reference = md.object_ref(&());
+    for ev in events {
+        if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
+            tracing::warn!(error = %e, reason = %ev.reason, "publishing an event failed");
+        }
+    }
+    let placed = conditions::is_true(&status.conditions, "Placed");
+    // Unplaceable objects look again soon: GPUs are freed without touching them.
+    Ok(Action::requeue(if placed {
+        ctx.resync
+    } else {
+        std::time::Duration::from_secs(30)
+    }))
+}
+
+/// Server-side apply `desired` unless the live object already is what the
+/// apply would make it. Kubernetes before 1.23 records a new managedFields
+/// time (and so a new resourceVersion) on every apply, even an unchanged
+/// one; a dry run tells whether anything would change without writing.
+async fn apply_if_changed<K>(api: &Api<K>, name: &str, desired: &K, ctx: &Context) -> Result<K>
+where
+    K: Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Resource<DynamicType = ()>,
+{
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
+    if let Some(live) = api.get_opt(name).await? {
+        let would_be = api
+            .patch(name, &apply.clone().dry_run(), &Patch::Apply(desired))
+            .await?;
+        if same_content(&live, &would_be)? {
+            return Ok(live);
+        }
+    }
+    let applied = api.patch(name, &apply, &Patch::Apply(desired)).await?;
+    ctx.metrics
+        .api_writes
+        .get_or_create(&ControllerMetrics::kind(&K::kind(&())))
+        .inc();
+    Ok(applied)
+}
+
+/// Equal but for bookkeeping the API server changes on every write.
+fn same_content<K: serde::Serialize>(a: &K, b: &K) -> Result<bool> {
+    fn strip(mut v: serde_json::Value) -> serde_json::Value {
+        if let Some(meta) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+            for k in ["managedFields", "resourceVersion", "generation"] {
+                meta.remove(k);
+            }
+        }
+        if let Some(o) = v.as_object_mut() {
+            o.remove("status");
+        }
+        v
+    }
+    Ok(strip(serde_json::to_value(a)?) == strip(serde_json::to_value(b)?))
+}
+
+fn refuse(
+    status: &mut ModelDeploymentStatus,
+    refusal: &Refusal,
+    deployment_exists: bool,
+    generation: Option<i64>,
+    now: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+    events: &mut Vec<Event>,
+    ctx: &Context,
+) {
+    let previous = conditions::get(&status.conditions, "Placed")
+        .map(|c| (c.reason.clone(), c.message.clone()));
+    let kept = if deployment_exists {
+        " (the previous Deployment is kept running)"
+    } else {
+        ""
+    };
+    let message = format!("{}{kept}", refusal.message);
+    conditions::set(
+        &mut status.conditions,
+        "Placed",
+        false,
+        refusal.reason,
+        &message,
+        generation,
+        now,
+    );
+    if previous != Some((refusal.reason.to_string(), message.clone())) {
+        ctx.metrics
+            .placement_failures
+            .get_or_create(&ReasonLabels {
+                reason: refusal.reason.into(),
+            })
+            .inc();
+        events.push(Event {
+            type_: EventType::Warning,
+            reason: refusal.reason.into(),
+            note: Some(message.chars().take(1000).collect()),
+            action: "Place".into(),
+            secondary: None,
+        });
+    }
+}

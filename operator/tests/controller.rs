@@ -1,0 +1,551 @@
+//! `copyhold controller` as a real process against the real control plane:
+//! the real scheduler binds the Pods of the Deployments it makes to the
+//! simulated fleet (2× P100 16 GB, P40 24 GB, 4× V100 32 GB, T4 16 GB).
+
+#[path = "../../e2e/src/lib.rs"]
+#[allow(dead_code)]
+mod support;
+
+use std::collections::BTreeSet;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use copyhold::resources::ModelDeployment;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use support::{FleetLock, TestNamespace, eventually, install_crds, kubectl_ok};
+
+/// A controller process, killed when dropped.
+struct ControllerProcess {
+    child: Child,
+}
+
+impl ControllerProcess {
+    fn start(extra: &[&str]) -> Result<Self> {
+        let kubeconfig = support::kubeconfig()?;
+        let child = Command::new(env!("CARGO_BIN_EXE_copyhold"))
+            .arg("controller")
+            .args([
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--node-device",
+                "cpu",
+                "--resync-seconds",
+                "2",
+            ])
+            .args(extra)
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting copyhold controller")?;
+        Ok(Self { child })
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn one_controller_for(ns: &str) -> Result<ControllerProcess> {
+    ControllerProcess::start(&["--leader-election=false", "--watch-namespace", ns])
+}
+
+/// A model of about `weights_gib` GiB of f16 weights, sized inline.
+fn model(name: &str, weights_gib: u32, replicas: i32, extra_spec: &str) -> String {
+    format!(
+        r#"apiVersion: copyhold.dev/v1alpha1
+kind: ModelDeployment
+metadata: {{name: {name}}}
+spec:
+  model:
+    source: {{hostPath: {{path: /srv/models/{name}}}}}
+    sizing: {{weightBytes: {weights_gib}Gi, kvBytesPerToken: 131072, dtype: f16, numLayers: 32}}
+  serving: {{contextLength: 2048, maxConcurrentSequences: 1}}
+  replicas: {replicas}
+{extra_spec}"#
+    )
+}
+
+fn apply(ns: &str, manifest: &str) -> Result<()> {
+    let path = std::env::temp_dir().join(format!(
+        "copyhold-test-{}-{}.yaml",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::write(&path, manifest)?;
+    let r = kubectl_ok(&["apply", "-n", ns, "-f", &path.to_string_lossy()]);
+    let _ = std::fs::remove_file(&path);
+    r.map(|_| ())
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+async fn condition(
+    api: &Api<ModelDeployment>,
+    name: &str,
+    type_: &str,
+) -> Result<(String, String, String)> {
+    let md = api.get(name).await?;
+    let c = md
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+        .with_context(|| format!("{name} has no {type_} condition yet"))?;
+    Ok((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+async fn wait_condition(
+    api: &Api<ModelDeployment>,
+    name: &str,
+    type_: &str,
+    status: &str,
+) -> Result<(String, String)> {
+    eventually(Duration::from_secs(60), || async {
+        let (s, reason, message) = condition(api, name, type_).await?;
+        if s == status {
+            Ok((reason, message))
+        } else {
+            bail!("{name} {type_}={s} ({reason}: {message})")
+        }
+    })
+    .await
+}
+
+/// Nodes the Pods of `name` were bound to by the scheduler.
+async fn bound_nodes(client: &Client, ns: &str, name: &str, count: usize) -> Result<Vec<String>> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    eventually(Duration::from_secs(60), || async {
+        let list = pods
+            .list(&ListParams::default().labels(&format!("copyhold.dev/model-deployment={name}")))
+            .await?;
+        let nodes: Vec<String> = list
+            .items
+            .iter()
+            .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+            .collect();
+        if nodes.len() >= count {
+            Ok(nodes)
+        } else {
+            bail!("{}/{count} pods of {name} bound", nodes.len())
+        }
+    })
+    .await
+}
+
+fn gpu_limit(d: &Deployment) -> Option<String> {
+    d.spec.as_ref()?.template.spec.as_ref()?.containers[0]
+        .resources
+        .as_ref()?
+        .limits
+        .as_ref()?
+        .get("nvidia.com/gpu")
+        .map(|q| q.0.clone())
+}
+
+#[tokio::test]
+async fn a_20_gib_model_lands_on_a_v100_or_the_p40_never_the_t4() -> Result<()> {
+    let _fleet = FleetLock::acquire()?;
+    install_crds().await?;
+    let client = support::client().await?;
+    let ns = TestNamespace::create("place20")?;
+    let _controller = one_controller_for(&ns.name)?;
+    apply(&ns.name, &model("big", 18, 1, ""))?;
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let (reason, message) = wait_condition(&mds, "big", "Placed", "True").await?;
+    assert_eq!(reason, "Placed");
+    assert!(!message.contains("Tesla-T4"), "{message}");
+    let d: Deployment = Api::namespaced(client.clone(), &ns.name).get("big").await?;
+    assert_eq!(gpu_limit(&d).as_deref(), Some("1"));
+    let nodes = bound_nodes(&client, &ns.name, "big", 1).await?;
+    assert!(
+        nodes[0] == "gpu-v100" || nodes[0] == "gpu-p40",
+        "bound to {nodes:?}"
+    );
+    // The owned Service exists and the status names the endpoint and class.
+    let _svc: Service = Api::namespaced(client.clone(), &ns.name).get("big").await?;
+    let md = eventually(Duration::from_secs(30), || async {
+        let md = mds.get("big").await?;
+        let st = md.status.clone().context("no status")?;
+        if st.nodes.is_empty() {
+            bail!("nodes not yet in status")
+        } else {
+            Ok(md)
+        }
+    })
+    .await?;
+    let st = md.status.context("status")?;
+    assert_eq!(st.observed_generation, md.metadata.generation);
+    assert_eq!(
+        st.endpoint.as_deref(),
+        Some(format!("http://big.{}.svc:80/v1", ns.name).as_str())
+    );
+    assert!(
+        matches!(
+            st.gpu_class.as_deref(),
+            Some("Tesla-V100-SXM2-32GB") | Some("Tesla-P40")
+        ),
+        "{:?}",
+        st.gpu_class
+    );
+    // The decision went out as an Event too.
+    let events = kubectl_ok(&[
+        "get",
+        "events",
+        "-n",
+        &ns.name,
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ])?;
+    assert!(events.contains("Placed"), "events: {events}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_two_p100s_are_split_across_only_when_no_single_card_that_fits_is_free() -> Result<()> {
+    let _fleet = FleetLock::acquire()?;
+    install_crds().await?;
+    let client = support::client().await?;
+    let ns = TestNamespace::create("split")?;
+    // Occupy every card that could hold 20 GiB alone: the V100s and the P40.
+    let blockers = r#"apiVersion: v1
+kind: Pod
+metadata: {name: hold-v100}
+spec:
+  nodeSelector: {nvidia.com/gpu.product: Tesla-V100-SXM2-32GB}
+  containers: [{name: c, image: copyhold/none:0, resources: {limits: {nvidia.com/gpu: "4"}}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: hold-p40}
+spec:
+  nodeSelector: {nvidia.com/gpu.product: Tesla-P40}
+  containers: [{name: c, image: copyhold/none:0, resources: {limits: {nvidia.com/gpu: "1"}}}]
+"#;
+    eventually(Duration::from_secs(30), || async {
+        kubectl_ok(&["get", "sa", "default", "-n", &ns.name]).map(|_| ())
+    })
+    .await?;
+    apply(&ns.name, blockers)?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    for p in ["hold-v100", "hold-p40"] {
+        eventually(Duration::from_secs(60), || async {
+            let pod = pods.get(p).await?;
+            if pod.spec.and_then(|s| s.node_name).is_some() {
+                Ok(())
+            } else {
+                bail!("{p} not bound")
+            }
+        })
+        .await?;
+    }
+    let _controller = one_controller_for(&ns.name)?;
+    apply(&ns.name, &model("split", 18, 1, ""))?;
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let (_, message) = wait_condition(&mds, "split", "Placed", "True").await?;
+    let d: Deployment = Api::namespaced(client.clone(), &ns.name)
+        .get("split")
+        .await?;
+    assert_eq!(gpu_limit(&d).as_deref(), Some("2"), "{message}");
+    assert_eq!(
+        bound_nodes(&client, &ns.name, "split", 1).await?,
+        vec!["gpu-p100".to_string()]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn bf16_compute_is_refused_on_this_fleet_with_no_compatible_gpu() -> Result<()> {
+    let _fleet = FleetLock::acquire()?;
+    install_crds().await?;
+    let client = support::client().await?;
+    let ns = TestNamespace::create("bf16")?;
+    let _controller = one_controller_for(&ns.name)?;
+    let m = model("bf16", 4, 1, "  engine: {kind: vllm}\n").replace("dtype: f16", "dtype: bf16");
+    apply(&ns.name, &m)?;
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let (reason, message) = wait_condition(&mds, "bf16", "Placed", "False").await?;
+    assert_eq!(reason, "NoCompatibleGPU", "{message}");
+    assert!(
+        message.contains("8.0"),
+        "the message names the capability needed: {message}"
+    );
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    assert!(
+        deployments.get_opt("bf16").await?.is_none(),
+        "nothing is deployed"
+    );
+    let state = mds.get("bf16").await?.status.and_then(|s| s.state);
+    assert_eq!(state.as_deref(), Some("Unplaceable"));
+    let events = kubectl_ok(&[
+        "get",
+        "events",
+        "-n",
+        &ns.name,
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ])?;
+    assert!(events.contains("NoCompatibleGPU"), "events: {events}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_model_too_large_for_any_card_names_the_largest_and_the_bytes_missing() -> Result<()> {
+    let _fleet = FleetLock::acquire()?;
+    install_crds().await?;
+    let client = support::client().await?;
+    let ns = TestNamespace::create("huge")?;
+    let _controller = one_controller_for(&ns.name)?;
+    apply(&ns.name, &model("huge", 400, 1, ""))?;
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let (reason, message) = wait_condition(&mds, "huge", "Placed", "False").await?;
+    assert_eq!(reason, "InsufficientVRAM", "{message}");
+    assert!(
+        message.contains("V100"),
+        "names the largest card: {message}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_replicas_spread_over_two_nodes() -> Result<()> {
+    let _fleet = FleetLock::acquire()?;
+    install_crds().await?;
+    let client = support::client().await?;
+    let ns = TestNamespace::create("spread")?;
+    let _controller = one_controller_for(&ns.name)?;
+    apply(&ns.name, &model("pair", 18, 2, ""))?;
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    wait_condition(&mds, "pair", "Placed", "True").await?;
+    let nodes: BTreeSet<String> = bound_nodes(&client, &ns.name, "pair", 2)
+        .await?
+        .into_iter()
+        .collect();
+    assert_eq!(nodes.len(), 2, "replicas share a node: {nodes:?}");
+    assert!(
+        nodes.iter().all(|n| n == "gpu-v100" || n == "gpu-p40"),
+        "{nodes:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn drift_is_repaired_and_an_unchanged_object_is_not_rewritten() -> Result<()> {
+    let _fleet = FleetLock::acquire()?;
+    install_crds().await?;
+    let client = support::client().await?;
+    let ns = TestNamespace::create("drift")?;
+    let _controller = one_controller_for(&ns.name)?;
+    apply(&ns.name, &model("steady", 4, 1, ""))?;
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    wait_condition(&mds, "steady", "Placed", "True").await?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns.name);
+
+    // Idempotency: let it settle, then several resyncs (every 2 s) and a
+    // touch of the object write nothing.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let d0 = deployments.get("steady").await?.resource_version();
+    let s0 = services.get("steady").await?.resource_version();
+    let m0 = mds.get("steady").await?.resource_version();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        deployments.get("steady").await?.resource_version(),
+        d0,
+        "Deployment rewritten"
+    );
+    assert_eq!(
+        services.get("steady").await?.resource_version(),
+        s0,
+        "Service rewritten"
+    );
+    assert_eq!(
+        mds.get("steady").await?.resource_version(),
+        m0,
+        "status rewritten"
+    );
+
+    // Drift of a field we own is restored.
+    deployments
+        .patch(
+            "steady",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"replicas": 5}})),
+        )
+        .await?;
+    eventually(Duration::from_secs(30), || async {
+        let r = deployments
+            .get("steady")
+            .await?
+            .spec
+            .and_then(|s| s.replicas);
+        if r == Some(1) {
+            Ok(())
+        } else {
+            bail!("replicas still {r:?}")
+        }
+    })
+    .await?;
+    // A deleted Deployment comes back.
+    deployments.delete("steady", &Default::default()).await?;
+    eventually(Duration::from_secs(30), || async {
+        let d = deployments.get("steady").await?;
+        if d.metadata.deletion_timestamp.is_none() {
+            Ok(())
+        } else {
+            bail!("still the deleted one")
+        }
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_invalid_update_keeps_the_previous_deployment() -> Result<()> {
+    let _fleet = FleetLock::acquire()?;
+    install_crds().await?;
+    let client = support::client().await?;
+    let ns = TestNamespace::create("keep")?;
+    let _controller = one_controller_for(&ns.name)?;
+    apply(&ns.name, &model("keep", 4, 1, ""))?;
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    wait_condition(&mds, "keep", "Placed", "True").await?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = deployments.get("keep").await?;
+    // Now ask for something no card can hold, and an inconsistent scale.
+    apply(
+        &ns.name,
+        &model(
+            "keep",
+            400,
+            1,
+            "  autoscaling: {minReplicas: 3, maxReplicas: 2}\n",
+        ),
+    )?;
+    let (reason, message) = wait_condition(&mds, "keep", "Placed", "False").await?;
+    assert_eq!(reason, "InvalidSpec", "{message}");
+    assert!(message.contains("minReplicas"), "{message}");
+    assert!(message.contains("previous Deployment is kept"), "{message}");
+    let after = deployments.get("keep").await?;
+    assert_eq!(
+        after.resource_version(),
+        before.resource_version(),
+        "the Deployment was touched"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn kubectl_scale_reaches_the_deployment() -> Result<()> {
+    let _fleet = FleetLock::acquire()?;
+    install_crds().await?;
+    let client = support::client().await?;
+    let ns = TestNamespace::create("kscale")?;
+    let _controller = one_controller_for(&ns.name)?;
+    apply(&ns.name, &model("small", 2, 1, ""))?;
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    wait_condition(&mds, "small", "Placed", "True").await?;
+    kubectl_ok(&["scale", "-n", &ns.name, "md/small", "--replicas=2"])?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    eventually(Duration::from_secs(30), || async {
+        let r = deployments
+            .get("small")
+            .await?
+            .spec
+            .and_then(|s| s.replicas);
+        if r == Some(2) {
+            Ok(())
+        } else {
+            bail!("replicas {r:?}")
+        }
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_standby_controller_takes_over_when_the_leader_is_killed() -> Result<()> {
+    let _fleet = FleetLock::acquire()?;
+    install_crds().await?;
+    let client = support::client().await?;
+    let ns = TestNamespace::create("leader")?;
+    let lease_name = format!("copyhold-test-{}", ns.name);
+    let args = |id: &'static str| -> Vec<String> {
+        [
+            "--leader-election=true",
+            "--lease-namespace",
+            &ns.name,
+            "--lease-name",
+            &lease_name,
+            "--lease-seconds",
+            "4",
+            "--identity",
+            id,
+            "--watch-namespace",
+            &ns.name,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let a_args = args("controller-a");
+    let b_args = args("controller-b");
+    let mut a = ControllerProcess::start(&a_args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
+    let holder = |l: Lease| l.spec.and_then(|s| s.holder_identity).unwrap_or_default();
+    eventually(Duration::from_secs(30), || async {
+        let h = holder(leases.get(&lease_name).await?);
+        if h == "controller-a" {
+            Ok(())
+        } else {
+            bail!("holder {h}")
+        }
+    })
+    .await?;
+    let _b = ControllerProcess::start(&b_args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    apply(&ns.name, &model("first", 2, 1, ""))?;
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    wait_condition(&mds, "first", "Placed", "True").await?;
+    // Only one acts: the standby still waits.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(holder(leases.get(&lease_name).await?), "controller-a");
+
+    // SIGKILL: no chance to hand the lease back.
+    a.kill();
+    let killed_at = std::time::Instant::now();
+    eventually(Duration::from_secs(30), || async {
+        let h = holder(leases.get(&lease_name).await?);
+        if h == "controller-b" {
+            Ok(())
+        } else {
+            bail!("holder {h}")
+        }
+    })
+    .await?;
+    let took = killed_at.elapsed();
+    assert!(
+        took < Duration::from_secs(4 + 4 + 2),
+        "takeover took {took:?} for a 4 s lease"
+    );
+    apply(&ns.name, &model("second", 2, 1, ""))?;
+    wait_condition(&mds, "second", "Placed", "True").await?;
+    Ok(())
+}
