@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export COPYHOLD_CACHE ?= $(HOME)/.cache/copyhold
 
-.PHONY: all build test lint unit-and-integration demo demo-down crds cluster-up cluster-down
+.PHONY: all build test lint demo demo-down crds cluster-up cluster-down
 
 all: build
 
@@ -14,6 +14,7 @@ build:
 ## Regenerate crds/ from the Rust types.
 crds:
 	$(CARGO) run -q -p copyhold -- crdgen --out crds
+	cp crds/*.yaml charts/copyhold/crds/
 
 ## Everything: formatting, lints, unit tests, tests against a real API server.
 ## Starts the local control plane if no cluster is reachable through
