@@ -132,6 +132,8 @@ pub struct Engine {
     /// Requests submitted and not yet admitted (the bounded queue).
     queued: Arc<AtomicUsize>,
     seed_counter: u64,
+    /// Declared power used to pace steps under a limit (any sensor).
+    pacing: Option<crate::power::PowerModel>,
 }
 
 impl Engine {
@@ -155,11 +157,17 @@ impl Engine {
             limit: Arc::new(PowerLimit::default()),
             queued: Arc::new(AtomicUsize::new(0)),
             seed_counter: 0,
+            pacing: None,
         }
     }
 
     pub fn config(&self) -> &EngineConfig {
         &self.cfg
+    }
+
+    /// Sets the declared power that pacing under a limit assumes.
+    pub fn set_pacing_model(&mut self, m: crate::power::PowerModel) {
+        self.pacing = Some(m);
     }
 
     pub fn power_limit(&self) -> Arc<PowerLimit> {
@@ -362,7 +370,8 @@ impl Engine {
             self.blocks.free(&mut s.blocks);
         }
         self.update_gauges();
-        if let (Some(limit), Some(model)) = (self.limit.get(), self.sensor.model()) {
+        if let (Some(limit), Some(model)) = (self.limit.get(), self.pacing.or(self.sensor.model()))
+        {
             // Hold modeled power under the limit by idling after the step;
             // a limit at or below idle power is held as closely as possible.
             let d = pacing_delay(model, limit, dt).unwrap_or(dt * 10);

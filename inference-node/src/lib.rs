@@ -7,6 +7,7 @@
 //! into the `gemm` crate (`matmul`).
 #![deny(unsafe_code)]
 
+pub mod api;
 pub mod chat;
 pub mod config;
 pub mod detok;
@@ -21,6 +22,7 @@ pub mod models;
 pub mod power;
 pub mod sampling;
 pub mod scheduler;
+pub mod server;
 pub mod synth;
 pub mod tokenizer;
 pub mod weights;

@@ -1,9 +1,19 @@
 //! `copyhold-node`: parses arguments and runs a subcommand.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use copyhold_node::api::Limits;
+use copyhold_node::config::Arch;
+use copyhold_node::engine::{EngineOptions, load_cpu_engine, spawn};
+use copyhold_node::metrics::Metrics;
+use copyhold_node::power::{ModeledSensor, PowerModel, PowerSensor, RaplSensor};
+use copyhold_node::server::{AppState, Ready};
+use copyhold_node::synth::{SynthSpec, synth};
+use copyhold_node::weights::DType;
 
 #[derive(Parser)]
 #[command(name = "copyhold-node", version, about = "copyhold inference node")]
@@ -12,16 +22,125 @@ struct Cli {
     cmd: Cmd,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum Device {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ArchArg {
+    Llama,
+    Qwen2,
+    Mistral,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Hugging Face model directory.
+    #[arg(long, env = "COPYHOLD_MODEL")]
+    model: PathBuf,
+    #[arg(long, env = "COPYHOLD_PORT", default_value_t = 8000)]
+    port: u16,
+    #[arg(long, env = "COPYHOLD_HOST", default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, env = "COPYHOLD_DEVICE", value_enum, default_value = "cpu")]
+    device: Device,
+    /// Name clients use in `model` (default: the directory name).
+    #[arg(long, env = "COPYHOLD_SERVED_MODEL_NAME")]
+    served_model_name: Option<String>,
+    /// Memory for the paged KV cache, in MiB.
+    #[arg(long, env = "COPYHOLD_KV_CACHE_MIB", default_value_t = 512)]
+    kv_cache_mib: usize,
+    /// Tokens per KV block.
+    #[arg(long, env = "COPYHOLD_BLOCK_SIZE", default_value_t = 16)]
+    block_size: usize,
+    /// Tokens per engine step (decodes plus prefill chunks).
+    #[arg(long, env = "COPYHOLD_MAX_BATCH_TOKENS", default_value_t = 512)]
+    max_batch_tokens: usize,
+    /// Sequences in the running batch.
+    #[arg(long, env = "COPYHOLD_MAX_RUNNING", default_value_t = 64)]
+    max_running: usize,
+    /// Requests allowed to wait; beyond this the server answers 503.
+    #[arg(long, env = "COPYHOLD_QUEUE_CAPACITY", default_value_t = 256)]
+    queue_capacity: usize,
+    /// Largest `n` accepted.
+    #[arg(long, env = "COPYHOLD_MAX_N", default_value_t = 8)]
+    max_n: usize,
+    /// Declared power draw, used when no sensor exists and for pacing.
+    #[arg(long, env = "COPYHOLD_POWER_MODEL", default_value = "idle=10,busy=60")]
+    power_model: PowerModel,
+    /// File holding the bearer token of the admin API (disabled without).
+    #[arg(long, env = "COPYHOLD_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// Compute threads (default: all cores).
+    #[arg(long, env = "COPYHOLD_THREADS")]
+    threads: Option<usize>,
+}
+
+#[derive(clap::Args)]
+struct SynthArgs {
+    #[arg(long, env = "COPYHOLD_SYNTH_ARCH", value_enum)]
+    arch: ArchArg,
+    #[arg(long, env = "COPYHOLD_SYNTH_HIDDEN")]
+    hidden: usize,
+    #[arg(long, env = "COPYHOLD_SYNTH_LAYERS")]
+    layers: usize,
+    #[arg(long, env = "COPYHOLD_SYNTH_HEADS")]
+    heads: usize,
+    #[arg(long, env = "COPYHOLD_SYNTH_KV_HEADS")]
+    kv_heads: usize,
+    #[arg(long, env = "COPYHOLD_SYNTH_INTERMEDIATE")]
+    intermediate: usize,
+    #[arg(long, env = "COPYHOLD_SYNTH_VOCAB")]
+    vocab: usize,
+    #[arg(long, env = "COPYHOLD_SYNTH_DTYPE", value_enum, default_value = "f16")]
+    dtype: DtypeArg,
+    #[arg(long, env = "COPYHOLD_SYNTH_HEAD_DIM")]
+    head_dim: Option<usize>,
+    #[arg(long, env = "COPYHOLD_SYNTH_TIE_WORD_EMBEDDINGS")]
+    tie_word_embeddings: bool,
+    /// Number of safetensors shards (0: one per ~2 GB).
+    #[arg(long, env = "COPYHOLD_SYNTH_SHARDS", default_value_t = 0)]
+    shards: usize,
+    #[arg(long, env = "COPYHOLD_SYNTH_MAX_POSITION", default_value_t = 4096)]
+    max_position_embeddings: usize,
+    #[arg(long, env = "COPYHOLD_SYNTH_SLIDING_WINDOW")]
+    sliding_window: Option<usize>,
+    #[arg(long, env = "COPYHOLD_SYNTH_SEED", default_value_t = 0)]
+    seed: u64,
+    #[arg(long, env = "COPYHOLD_SYNTH_OUT")]
+    out: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// Serve the OpenAI-compatible API.
+    Serve(Box<ServeArgs>),
     /// Compare the engine with DIR/golden.json; one JSON line, non-zero exit on mismatch.
     CheckGolden {
         #[arg(env = "COPYHOLD_GOLDEN_DIR")]
         dir: PathBuf,
     },
+    /// Write a random-weight model directory.
+    Synth(Box<SynthArgs>),
 }
 
 fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::CheckGolden { dir } => match copyhold_node::golden::check(&dir) {
@@ -38,5 +157,131 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Cmd::Synth(a) => {
+            let spec = SynthSpec {
+                arch: match a.arch {
+                    ArchArg::Llama => Arch::Llama,
+                    ArchArg::Qwen2 => Arch::Qwen2,
+                    ArchArg::Mistral => Arch::Mistral,
+                },
+                hidden: a.hidden,
+                layers: a.layers,
+                heads: a.heads,
+                kv_heads: a.kv_heads,
+                intermediate: a.intermediate,
+                vocab: a.vocab,
+                dtype: match a.dtype {
+                    DtypeArg::F32 => DType::F32,
+                    DtypeArg::F16 => DType::F16,
+                    DtypeArg::Bf16 => DType::BF16,
+                },
+                head_dim: a.head_dim,
+                tie_word_embeddings: a.tie_word_embeddings,
+                shards: a.shards,
+                max_position_embeddings: a.max_position_embeddings,
+                sliding_window: a.sliding_window,
+                seed: a.seed,
+            };
+            match synth(&spec, &a.out) {
+                Ok(files) => {
+                    for f in files {
+                        println!("{}", f.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Cmd::Serve(a) => match serve(*a) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
     }
+}
+
+fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    if let Device::Cuda = a.device {
+        anyhow::bail!(
+            "--device cuda: the CUDA backend is not part of this build yet; use --device cpu"
+        );
+    }
+    if let Some(t) = a.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global()?;
+    }
+    let admin_token = match &a.admin_token_file {
+        None => None,
+        Some(p) => {
+            let t = std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("{}: cannot read admin token: {e}", p.display()))?;
+            let t = t.trim().to_string();
+            anyhow::ensure!(
+                !t.is_empty(),
+                "{}: the admin token file is empty",
+                p.display()
+            );
+            Some(t)
+        }
+    };
+    let name = a.served_model_name.clone().unwrap_or_else(|| {
+        a.model
+            .canonicalize()
+            .unwrap_or_else(|_| a.model.clone())
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "model".into())
+    });
+    let metrics = Arc::new(Metrics::new());
+    let state = Arc::new(AppState::new(name, admin_token, metrics.clone()));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let addr: SocketAddr = format!("{}:{}", a.host, a.port).parse()?;
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        // One machine-readable line so scripts and tests can find the port.
+        println!("{}", serde_json::json!({"listening": local.to_string()}));
+        tracing::info!(%local, model = %a.model.display(), "listening; loading model");
+        let server = tokio::spawn(copyhold_node::server::serve(listener, state.clone()));
+        let sensor: Box<dyn PowerSensor> =
+            match RaplSensor::open(std::path::Path::new("/sys/class/powercap")) {
+                Some(r) => Box::new(r),
+                None => Box::new(ModeledSensor(a.power_model)),
+            };
+        tracing::info!(sensor = sensor.name(), "power sensor");
+        let opts = EngineOptions {
+            kv_bytes: a.kv_cache_mib << 20,
+            block_size: a.block_size.max(1),
+            max_batch_tokens: a.max_batch_tokens,
+            max_running: a.max_running,
+        };
+        let dir = a.model.clone();
+        let m2 = metrics.clone();
+        let (mut engine, text) =
+            tokio::task::spawn_blocking(move || load_cpu_engine(&dir, &opts, m2, sensor)).await??;
+        engine.set_pacing_model(a.power_model);
+        let limits = Limits {
+            max_context: engine.config().max_context,
+            max_n: a.max_n.max(1),
+            ..Default::default()
+        };
+        let handle = spawn(engine, a.queue_capacity);
+        let _ = state.ready.set(Ready {
+            handle,
+            text,
+            limits,
+        });
+        tracing::info!("model loaded; ready");
+        server.await??;
+        Ok(())
+    })
 }

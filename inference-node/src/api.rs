@@ -1,0 +1,513 @@
+//! OpenAI request and response types, and their validation. Messages name
+//! the field and the limit, so a client can fix its request from the error.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::chat::Message;
+use crate::sampling::SamplingParams;
+use crate::tokenizer::GenerationDefaults;
+
+/// An OpenAI-shaped error: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn bad(param: impl Into<String>, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: 400,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: Some(param.into()),
+            code: None,
+        }
+    }
+
+    pub fn body(&self) -> Value {
+        serde_json::json!({"error": {
+            "message": self.message, "type": self.kind, "param": self.param, "code": self.code,
+        }})
+    }
+}
+
+/// `stop` may be one string or a list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Chat content may be a string or a list of text parts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatMessageIn {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Fields shared by both endpoints.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Common {
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    #[serde(default)]
+    pub top_k: Option<i64>,
+    #[serde(default)]
+    pub min_p: Option<f32>,
+    #[serde(default)]
+    pub n: Option<i64>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub stop: Option<StopField>,
+    #[serde(default)]
+    pub max_tokens: Option<i64>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<i64>,
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    #[serde(default)]
+    pub repetition_penalty: Option<f32>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub ignore_eos: Option<bool>,
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatRequest {
+    pub messages: Vec<ChatMessageIn>,
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    #[serde(default)]
+    pub top_logprobs: Option<i64>,
+    /// Parsed separately from the same object: `serde(flatten)` would
+    /// lose the path of a wrongly typed field.
+    #[serde(skip)]
+    pub common: Common,
+}
+
+/// A completions prompt: text, a one-element list of text, or token ids.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PromptField {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u32>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    pub prompt: PromptField,
+    #[serde(default)]
+    pub logprobs: Option<i64>,
+    #[serde(default)]
+    pub echo: Option<bool>,
+    /// Parsed separately from the same object: `serde(flatten)` would
+    /// lose the path of a wrongly typed field.
+    #[serde(skip)]
+    pub common: Common,
+}
+
+/// Parses a JSON body into `T`, reporting the offending field as `param`.
+pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    from_value(body_value(body)?)
+}
+
+/// Parses a request that carries the shared fields too.
+pub fn parse_with_common<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+) -> Result<(T, Common), ApiError> {
+    let v = body_value(body)?;
+    Ok((from_value(v.clone())?, from_value(v)?))
+}
+
+/// The body as a JSON object.
+pub fn body_value(body: &[u8]) -> Result<Value, ApiError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|e| ApiError::bad("body", format!("request body is not valid UTF-8: {e}")))?;
+    let value: Value = serde_json::from_str(text).map_err(|e| ApiError {
+        param: None,
+        code: Some("invalid_json"),
+        ..ApiError::bad("", format!("request body is not valid JSON: {e}"))
+    })?;
+    if !value.is_object() {
+        return Err(ApiError::bad("body", "request body must be a JSON object"));
+    }
+    Ok(value)
+}
+
+fn from_value<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let param = if path == "." {
+            "body".to_string()
+        } else {
+            path
+        };
+        ApiError::bad(param.clone(), format!("`{param}`: {}", e.inner()))
+    })
+}
+
+/// Limits the server enforces.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_context: usize,
+    pub max_n: usize,
+    pub max_top_logprobs: usize,
+    pub max_stop: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_context: 4096,
+            max_n: 8,
+            max_top_logprobs: 20,
+            max_stop: 4,
+        }
+    }
+}
+
+/// A validated request, ready for the engine.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub params: SamplingParams,
+    pub stop: Vec<String>,
+    pub n: usize,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+fn range(param: &str, v: Option<f32>, lo: f32, hi: f32) -> Result<(), ApiError> {
+    match v {
+        Some(x) if !(lo..=hi).contains(&x) || x.is_nan() => Err(ApiError::bad(
+            param,
+            format!("`{param}` must be between {lo} and {hi}. Given: {x}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Checks the shared fields and builds sampling settings. `prompt_len` is
+/// the tokenized prompt, `prompt_param` the field it came from, and
+/// `logprobs` the number of alternatives asked for (if any).
+pub fn validate(
+    c: &Common,
+    prompt_len: usize,
+    prompt_param: &str,
+    logprobs: Option<i64>,
+    defaults: &GenerationDefaults,
+    limits: &Limits,
+) -> Result<Validated, ApiError> {
+    range("temperature", c.temperature, 0.0, 2.0)?;
+    range("top_p", c.top_p, 0.0, 1.0)?;
+    if c.top_p == Some(0.0) {
+        return Err(ApiError::bad("top_p", "`top_p` must be > 0. Given: 0"));
+    }
+    range("min_p", c.min_p, 0.0, 1.0)?;
+    range("presence_penalty", c.presence_penalty, -2.0, 2.0)?;
+    range("frequency_penalty", c.frequency_penalty, -2.0, 2.0)?;
+    if let Some(r) = c.repetition_penalty
+        && !(r > 0.0 && r <= 10.0)
+    {
+        return Err(ApiError::bad(
+            "repetition_penalty",
+            format!("`repetition_penalty` must be in (0, 10]. Given: {r}"),
+        ));
+    }
+    let top_k = match c.top_k {
+        None | Some(-1) | Some(0) => 0,
+        Some(k) if k > 0 => k as usize,
+        Some(k) => {
+            return Err(ApiError::bad(
+                "top_k",
+                format!("`top_k` must be -1 (off) or >= 1. Given: {k}"),
+            ));
+        }
+    };
+    let n = match c.n {
+        None => 1,
+        Some(n) if n >= 1 && n as usize <= limits.max_n => n as usize,
+        Some(n) => {
+            return Err(ApiError::bad(
+                "n",
+                format!("`n` must be between 1 and {}. Given: {n}", limits.max_n),
+            ));
+        }
+    };
+    if prompt_len >= limits.max_context {
+        return Err(ApiError {
+            code: Some("context_length_exceeded"),
+            ..ApiError::bad(
+                prompt_param,
+                format!(
+                    "the prompt has {prompt_len} tokens; this model's context is {} tokens",
+                    limits.max_context
+                ),
+            )
+        });
+    }
+    let room = limits.max_context - prompt_len;
+    let (mt_param, mt) = match (c.max_completion_tokens, c.max_tokens) {
+        (Some(v), _) => ("max_completion_tokens", Some(v)),
+        (None, v) => ("max_tokens", v),
+    };
+    let max_tokens = match mt {
+        None => defaults.max_new_tokens.unwrap_or(room).min(room),
+        Some(v) if v < 1 => {
+            return Err(ApiError::bad(
+                mt_param,
+                format!("`{mt_param}` must be at least 1. Given: {v}"),
+            ));
+        }
+        Some(v) if v as usize > room => {
+            return Err(ApiError {
+                code: Some("context_length_exceeded"),
+                ..ApiError::bad(
+                    mt_param,
+                    format!(
+                        "`{mt_param}` must be <= {room} (context {} - prompt {prompt_len}). Given: {v}",
+                        limits.max_context
+                    ),
+                )
+            });
+        }
+        Some(v) => v as usize,
+    };
+    let stop = match &c.stop {
+        None => Vec::new(),
+        Some(StopField::One(s)) => vec![s.clone()],
+        Some(StopField::Many(v)) => v.clone(),
+    };
+    if stop.len() > limits.max_stop {
+        return Err(ApiError::bad(
+            "stop",
+            format!(
+                "`stop` may hold at most {} strings. Given: {}",
+                limits.max_stop,
+                stop.len()
+            ),
+        ));
+    }
+    let logprobs = match logprobs {
+        None => None,
+        Some(k) if k >= 0 && k as usize <= limits.max_top_logprobs => Some(k as usize),
+        Some(k) => {
+            return Err(ApiError::bad(
+                "top_logprobs",
+                format!(
+                    "`top_logprobs` must be between 0 and {}. Given: {k}",
+                    limits.max_top_logprobs
+                ),
+            ));
+        }
+    };
+    let stream = c.stream.unwrap_or(false);
+    if c.stream_options.is_some() && !stream {
+        return Err(ApiError::bad(
+            "stream_options",
+            "`stream_options` is only allowed when `stream` is true",
+        ));
+    }
+    Ok(Validated {
+        params: SamplingParams {
+            temperature: c.temperature.or(defaults.temperature).unwrap_or(1.0),
+            top_p: c.top_p.or(defaults.top_p).unwrap_or(1.0),
+            top_k: if c.top_k.is_some() {
+                top_k
+            } else {
+                defaults.top_k.unwrap_or(0)
+            },
+            min_p: c.min_p.unwrap_or(0.0),
+            seed: c.seed,
+            presence_penalty: c.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: c.frequency_penalty.unwrap_or(0.0),
+            repetition_penalty: c
+                .repetition_penalty
+                .or(defaults.repetition_penalty)
+                .unwrap_or(1.0),
+            max_tokens,
+            logprobs,
+            ignore_eos: c.ignore_eos.unwrap_or(false),
+        },
+        stop,
+        n,
+        stream,
+        include_usage: c.stream_options.as_ref().is_some_and(|o| o.include_usage),
+    })
+}
+
+/// Chat messages as the template sees them (text parts joined).
+pub fn messages(req: &ChatRequest) -> Result<Vec<Message>, ApiError> {
+    if req.messages.is_empty() {
+        return Err(ApiError::bad("messages", "`messages` must not be empty"));
+    }
+    req.messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let content = match &m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t.clone(),
+                Some(Content::Parts(parts)) => {
+                    let mut s = String::new();
+                    for (j, p) in parts.iter().enumerate() {
+                        if p.kind != "text" {
+                            return Err(ApiError::bad(
+                                format!("messages[{i}].content[{j}].type"),
+                                format!(
+                                    "content part type {:?} is not supported (text only)",
+                                    p.kind
+                                ),
+                            ));
+                        }
+                        s.push_str(p.text.as_deref().unwrap_or(""));
+                    }
+                    s
+                }
+            };
+            Ok(Message {
+                role: m.role.clone(),
+                content,
+            })
+        })
+        .collect()
+}
+
+/// OpenAI `usage`, with the energy extension.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct UsageOut {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+    pub energy_joules: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(body: &str, prompt_len: usize) -> Result<Validated, ApiError> {
+        let c: Common = serde_json::from_str(body).unwrap();
+        let limits = Limits {
+            max_context: 100,
+            ..Default::default()
+        };
+        validate(
+            &c,
+            prompt_len,
+            "prompt",
+            None,
+            &GenerationDefaults::default(),
+            &limits,
+        )
+    }
+
+    #[test]
+    fn a_wrongly_typed_field_is_reported_as_param() {
+        let e = parse_with_common::<ChatRequest>(br#"{"messages": [], "temperature": "hot"}"#)
+            .unwrap_err();
+        assert_eq!((e.status, e.param.as_deref()), (400, Some("temperature")));
+        let e = parse::<ChatRequest>(br#"{"messages": [{"role": 3}]}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].role"));
+    }
+
+    #[test]
+    fn malformed_json_and_invalid_utf8_are_400() {
+        let e = parse::<ChatRequest>(b"{\"messages\": [").unwrap_err();
+        assert_eq!((e.status, e.code), (400, Some("invalid_json")));
+        let e = parse::<ChatRequest>(b"{\"messages\": \"\xff\"}").unwrap_err();
+        assert_eq!(e.status, 400);
+    }
+
+    #[test]
+    fn max_tokens_zero_is_rejected_with_its_name() {
+        let e = v(r#"{"max_tokens": 0}"#, 5).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("max_tokens"));
+        assert!(e.message.contains("at least 1"));
+    }
+
+    #[test]
+    fn a_prompt_as_long_as_the_context_is_rejected_on_the_prompt() {
+        let e = v("{}", 100).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("prompt"));
+        let e = v(r#"{"max_tokens": 50}"#, 60).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("max_tokens"));
+        assert_eq!(v("{}", 60).unwrap().params.max_tokens, 40);
+    }
+
+    #[test]
+    fn n_too_large_and_bad_ranges_name_their_field() {
+        assert_eq!(v(r#"{"n": 9}"#, 1).unwrap_err().param.as_deref(), Some("n"));
+        assert_eq!(
+            v(r#"{"temperature": 3}"#, 1).unwrap_err().param.as_deref(),
+            Some("temperature")
+        );
+        assert_eq!(
+            v(r#"{"top_p": 0}"#, 1).unwrap_err().param.as_deref(),
+            Some("top_p")
+        );
+        assert_eq!(
+            v(r#"{"stop": ["a","b","c","d","e"]}"#, 1)
+                .unwrap_err()
+                .param
+                .as_deref(),
+            Some("stop")
+        );
+    }
+
+    #[test]
+    fn defaults_fill_what_the_request_leaves_out() {
+        let c: Common = serde_json::from_str(r#"{"top_p": 0.5}"#).unwrap();
+        let d = GenerationDefaults {
+            temperature: Some(0.6),
+            top_p: Some(0.9),
+            top_k: Some(20),
+            ..Default::default()
+        };
+        let out = validate(&c, 3, "prompt", None, &d, &Limits::default()).unwrap();
+        assert_eq!(
+            (out.params.temperature, out.params.top_p, out.params.top_k),
+            (0.6, 0.5, 20)
+        );
+    }
+}

@@ -1,0 +1,620 @@
+//! The OpenAI-compatible HTTP front (axum): chat and text completions with
+//! SSE streaming, models, health, metrics and the power-limit admin API.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::StreamExt;
+use futures::stream::{self, BoxStream};
+use serde_json::{Value, json};
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+use crate::api::{
+    self, ApiError, ChatRequest, CompletionRequest, Limits, PromptField, UsageOut, Validated,
+};
+use crate::engine::{EngineHandle, Event, GenRequest};
+use crate::metrics::Metrics;
+use crate::sampling::TokenLogprobs;
+use crate::tokenizer::TextModel;
+
+/// What exists once the model is loaded.
+pub struct Ready {
+    pub handle: EngineHandle,
+    pub text: Arc<TextModel>,
+    pub limits: Limits,
+}
+
+/// Shared server state; `ready` is empty while the model loads.
+pub struct AppState {
+    pub name: String,
+    pub ready: OnceLock<Ready>,
+    pub admin_token: Option<String>,
+    pub metrics: Arc<Metrics>,
+    pub created: u64,
+    ids: AtomicU64,
+}
+
+impl AppState {
+    pub fn new(name: String, admin_token: Option<String>, metrics: Arc<Metrics>) -> AppState {
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        AppState {
+            name,
+            ready: OnceLock::new(),
+            admin_token,
+            metrics,
+            created,
+            ids: AtomicU64::new(0),
+        }
+    }
+
+    fn id(&self, prefix: &str) -> String {
+        format!(
+            "{prefix}-{}-{}",
+            self.created,
+            self.ids.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut resp = (status, axum::Json(self.body())).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+fn unavailable(message: &str, code: &'static str) -> ApiError {
+    ApiError {
+        status: 503,
+        message: message.to_string(),
+        kind: "service_unavailable",
+        param: None,
+        code: Some(code),
+    }
+}
+
+fn server_error(message: String) -> ApiError {
+    ApiError {
+        status: 500,
+        message,
+        kind: "server_error",
+        param: None,
+        code: None,
+    }
+}
+
+/// All routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route(
+            "/admin/power-limit",
+            get(get_power_limit).post(set_power_limit),
+        )
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).await
+}
+
+async fn health(State(s): State<Arc<AppState>>) -> Response {
+    if s.ready.get().is_some() {
+        (StatusCode::OK, "ok").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "loading").into_response()
+    }
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn models(State(s): State<Arc<AppState>>) -> Response {
+    let max = s.ready.get().map(|r| r.limits.max_context);
+    axum::Json(json!({"object": "list", "data": [{
+        "id": s.name, "object": "model", "created": s.created, "owned_by": "copyhold",
+        "max_model_len": max,
+    }]}))
+    .into_response()
+}
+
+fn ready(s: &AppState) -> Result<&Ready, ApiError> {
+    s.ready
+        .get()
+        .ok_or_else(|| unavailable("the model is still loading", "model_loading"))
+}
+
+fn check_model(s: &AppState, model: &Option<String>) -> Result<(), ApiError> {
+    match model {
+        Some(m) if m != &s.name => Err(ApiError {
+            status: 404,
+            message: format!(
+                "The model `{m}` does not exist; this node serves `{}`",
+                s.name
+            ),
+            kind: "invalid_request_error",
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+        }),
+        _ => Ok(()),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    match chat_inner(&s, &body) {
+        Ok((prompt, v, id)) => run(s, prompt, v, Kind::Chat, id).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn chat_inner(s: &AppState, body: &[u8]) -> Result<(Vec<u32>, Validated, String), ApiError> {
+    let r = ready(s)?;
+    let (mut req, common): (ChatRequest, _) = api::parse_with_common(body)?;
+    req.common = common;
+    check_model(s, &req.common.model)?;
+    let msgs = api::messages(&req)?;
+    let template = r.text.chat_template.as_deref().ok_or_else(|| {
+        ApiError::bad(
+            "messages",
+            "this model has no chat template; use /v1/completions",
+        )
+    })?;
+    let rendered = crate::chat::render(
+        template,
+        &msgs,
+        r.text.bos_token.as_deref(),
+        r.text.eos_token.as_deref(),
+        true,
+    )
+    .map_err(|e| ApiError::bad("messages", e.to_string()))?;
+    let prompt = r
+        .text
+        .encode(&rendered)
+        .map_err(|e| ApiError::bad("messages", e.to_string()))?;
+    let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
+        (true, k) => Some(k.unwrap_or(0)),
+        (false, Some(_)) => {
+            return Err(ApiError::bad(
+                "top_logprobs",
+                "`top_logprobs` requires `logprobs: true`",
+            ));
+        }
+        (false, None) => None,
+    };
+    let v = api::validate(
+        &req.common,
+        prompt.len(),
+        "messages",
+        logprobs,
+        &r.text.defaults,
+        &r.limits,
+    )?;
+    Ok((prompt, v, s.id("chatcmpl")))
+}
+
+async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    match completion_inner(&s, &body) {
+        Ok((prompt, v, id)) => run(s, prompt, v, Kind::Completion, id).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn completion_inner(s: &AppState, body: &[u8]) -> Result<(Vec<u32>, Validated, String), ApiError> {
+    let r = ready(s)?;
+    let (mut req, common): (CompletionRequest, _) = api::parse_with_common(body)?;
+    req.common = common;
+    check_model(s, &req.common.model)?;
+    if req.echo == Some(true) {
+        return Err(ApiError::bad("echo", "`echo` is not supported"));
+    }
+    let prompt = match &req.prompt {
+        PromptField::Text(t) => r.text.encode(t),
+        PromptField::Texts(v) if v.len() == 1 => r.text.encode(&v[0]),
+        PromptField::Texts(_) => {
+            return Err(ApiError::bad(
+                "prompt",
+                "`prompt` must be one string (batches are not supported)",
+            ));
+        }
+        PromptField::Ids(ids) => Ok(ids.clone()),
+    }
+    .map_err(|e| ApiError::bad("prompt", e.to_string()))?;
+    if prompt.is_empty() {
+        return Err(ApiError::bad("prompt", "`prompt` must not be empty"));
+    }
+    let vocab = r.text.vocab_size().max(1) as u32;
+    if let Some(bad) = prompt.iter().find(|&&t| t >= vocab) {
+        return Err(ApiError::bad(
+            "prompt",
+            format!("token id {bad} is outside the vocabulary (size {vocab})"),
+        ));
+    }
+    let v = api::validate(
+        &req.common,
+        prompt.len(),
+        "prompt",
+        req.logprobs,
+        &r.text.defaults,
+        &r.limits,
+    )?;
+    Ok((prompt, v, s.id("cmpl")))
+}
+
+/// One choice's accumulated result.
+#[derive(Default)]
+struct Choice {
+    text: String,
+    tokens: Vec<(u32, Option<TokenLogprobs>)>,
+    finish: Option<&'static str>,
+    usage: crate::engine::Usage,
+}
+
+fn submit_all(
+    r: &Ready,
+    prompt: &[u32],
+    v: &Validated,
+) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
+    let mut rxs = Vec::with_capacity(v.n);
+    for i in 0..v.n {
+        let (tx, rx) = unbounded_channel();
+        let mut params = v.params.clone();
+        // Choices differ from each other but stay reproducible under a seed.
+        params.seed = params.seed.map(|s| s.wrapping_add(i as u64));
+        let req = GenRequest {
+            prompt: prompt.to_vec(),
+            params,
+            stop: v.stop.clone(),
+            capture_logits: false,
+            events: tx,
+        };
+        if r.handle.submit(req).is_err() {
+            // Dropping the receivers cancels the choices already queued.
+            return Err(unavailable(
+                "the request queue is full; retry later",
+                "queue_full",
+            ));
+        }
+        rxs.push(rx);
+    }
+    Ok(rxs)
+}
+
+async fn run(s: Arc<AppState>, prompt: Vec<u32>, v: Validated, kind: Kind, id: String) -> Response {
+    let Some(r) = s.ready.get() else {
+        return unavailable("the model is still loading", "model_loading").into_response();
+    };
+    let rxs = match submit_all(r, &prompt, &v) {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
+    };
+    if v.stream {
+        return stream_response(s.clone(), rxs, v, kind, id, prompt.len());
+    }
+    let mut choices = Vec::new();
+    for mut rx in rxs {
+        let mut c = Choice::default();
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Token {
+                    id, text, logprobs, ..
+                } => {
+                    c.text.push_str(&text);
+                    c.tokens.push((id, logprobs));
+                }
+                Event::Done {
+                    text,
+                    finish_reason,
+                    usage,
+                } => {
+                    c.text.push_str(&text);
+                    c.finish = Some(finish_reason.as_str());
+                    c.usage = usage;
+                }
+                Event::Error(e) => return server_error(e).into_response(),
+            }
+        }
+        if c.finish.is_none() {
+            return server_error("the engine stopped before the request finished".into())
+                .into_response();
+        }
+        choices.push(c);
+    }
+    let usage = usage_of(prompt.len(), choices.iter().map(|c| &c.usage));
+    let text = &r.text;
+    let out: Vec<Value> = choices
+        .iter()
+        .enumerate()
+        .map(|(i, c)| match kind {
+            Kind::Chat => json!({
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": v.params.logprobs.map(|_| json!({"content": c.tokens.iter().filter_map(|(t, lp)| lp.as_ref().map(|lp| chat_logprob(text, *t, lp))).collect::<Vec<_>>()})),
+                "finish_reason": c.finish,
+            }),
+            Kind::Completion => json!({
+                "index": i,
+                "text": c.text,
+                "logprobs": v.params.logprobs.map(|_| completion_logprobs(text, &c.tokens)),
+                "finish_reason": c.finish,
+            }),
+        })
+        .collect();
+    let object = if kind == Kind::Chat {
+        "chat.completion"
+    } else {
+        "text_completion"
+    };
+    axum::Json(json!({
+        "id": id, "object": object, "created": s.created, "model": s.name,
+        "choices": out, "usage": usage,
+    }))
+    .into_response()
+}
+
+fn usage_of<'a>(
+    prompt_tokens: usize,
+    us: impl Iterator<Item = &'a crate::engine::Usage>,
+) -> UsageOut {
+    let mut u = UsageOut {
+        prompt_tokens,
+        ..Default::default()
+    };
+    for x in us {
+        u.completion_tokens += x.completion_tokens;
+        u.energy_joules += x.energy_joules;
+    }
+    u.total_tokens = u.prompt_tokens + u.completion_tokens;
+    u
+}
+
+fn chat_logprob(text: &TextModel, id: u32, lp: &TokenLogprobs) -> Value {
+    let entry = |t: u32, l: f32| {
+        let s = text.token_text(t);
+        json!({"token": s, "logprob": l, "bytes": s.as_bytes()})
+    };
+    let mut e = entry(id, lp.logprob);
+    e["top_logprobs"] = Value::Array(lp.top.iter().map(|&(t, l)| entry(t, l)).collect());
+    e
+}
+
+fn completion_logprobs(text: &TextModel, tokens: &[(u32, Option<TokenLogprobs>)]) -> Value {
+    let mut toks = Vec::new();
+    let mut lps = Vec::new();
+    let mut tops = Vec::new();
+    for (t, lp) in tokens {
+        let Some(lp) = lp else { continue };
+        toks.push(text.token_text(*t));
+        lps.push(lp.logprob);
+        let m: serde_json::Map<String, Value> = lp
+            .top
+            .iter()
+            .map(|&(t, l)| (text.token_text(t), json!(l)))
+            .collect();
+        tops.push(Value::Object(m));
+    }
+    json!({"tokens": toks, "token_logprobs": lps, "top_logprobs": tops})
+}
+
+fn stream_response(
+    s: Arc<AppState>,
+    rxs: Vec<UnboundedReceiver<Event>>,
+    v: Validated,
+    kind: Kind,
+    id: String,
+    prompt_len: usize,
+) -> Response {
+    let n = rxs.len();
+    let merged = stream::select_all(rxs.into_iter().enumerate().map(|(i, rx)| {
+        stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) })
+            .map(move |e| (i, e))
+            .boxed()
+    }));
+    let s2 = s.clone();
+    let usage_id = id.clone();
+    let chunk = move |i: usize,
+                      text: &str,
+                      lp: Option<Value>,
+                      finish: Option<&str>,
+                      first: bool|
+          -> SseEvent {
+        let choice = match kind {
+            Kind::Chat => {
+                let mut delta = json!({});
+                if first {
+                    delta["role"] = json!("assistant");
+                }
+                if !text.is_empty() || (first && finish.is_none()) {
+                    delta["content"] = json!(text);
+                }
+                json!({"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish})
+            }
+            Kind::Completion => {
+                json!({"index": i, "text": text, "logprobs": lp, "finish_reason": finish})
+            }
+        };
+        let object = if kind == Kind::Chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        let mut body = json!({"id": id, "object": object, "created": s2.created, "model": s2.name, "choices": [choice]});
+        if v.include_usage {
+            body["usage"] = Value::Null;
+        }
+        SseEvent::default().data(body.to_string())
+    };
+    let include_usage = v.include_usage;
+    let want_lp = v.params.logprobs.is_some();
+    let body = async_stream::stream! {
+        let mut merged = merged;
+        let mut usages = vec![crate::engine::Usage::default(); n];
+        let mut done = 0;
+        let text = s.ready.get().map(|r| r.text.clone());
+        if kind == Kind::Chat {
+            for i in 0..n {
+                yield Ok(chunk(i, "", None, None, true));
+            }
+        }
+        while let Some((i, ev)) = merged.next().await {
+            match ev {
+                Event::Token { id: tok, text: t, logprobs, .. } => {
+                    let lp = match (&text, logprobs, want_lp) {
+                        (Some(tm), Some(lp), true) => Some(match kind {
+                            Kind::Chat => json!({"content": [chat_logprob(tm, tok, &lp)]}),
+                            Kind::Completion => completion_logprobs(tm, &[(tok, Some(lp))]),
+                        }),
+                        _ => None,
+                    };
+                    if !t.is_empty() || lp.is_some() {
+                        yield Ok(chunk(i, &t, lp, None, false));
+                    }
+                }
+                Event::Done { text: t, finish_reason, usage } => {
+                    if !t.is_empty() {
+                        yield Ok(chunk(i, &t, None, None, false));
+                    }
+                    yield Ok(chunk(i, "", None, Some(finish_reason.as_str()), false));
+                    usages[i] = usage;
+                    done += 1;
+                }
+                Event::Error(e) => {
+                    let err = server_error(e).body();
+                    yield Ok(SseEvent::default().data(err.to_string()));
+                    return;
+                }
+            }
+        }
+        if done == n && include_usage {
+            let u = usage_of(prompt_len, usages.iter());
+            let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+            let body = json!({"id": usage_id, "object": object, "created": s.created, "model": s.name, "choices": [], "usage": u});
+            yield Ok(SseEvent::default().data(body.to_string()));
+        }
+        yield Ok(SseEvent::default().data("[DONE]"));
+    };
+    let body: BoxStream<'static, Result<SseEvent, Infallible>> = body.boxed();
+    Sse::new(body)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+fn authorized(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = &s.admin_token else {
+        return Err(ApiError {
+            status: 403,
+            message: "the admin API is disabled (start with --admin-token-file)".into(),
+            kind: "permission_error",
+            param: None,
+            code: None,
+        });
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Constant-time comparison: the token is a secret.
+    let same = given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(ApiError {
+            status: 401,
+            message: "missing or wrong bearer token".into(),
+            kind: "authentication_error",
+            param: None,
+            code: None,
+        })
+    }
+}
+
+fn limit_body(r: Option<&Ready>) -> Value {
+    let w = r.and_then(|r| r.handle.limit.get());
+    json!({"watts": w, "enforcement": if w.is_some() { "pacing" } else { "none" }})
+}
+
+async fn get_power_limit(State(s): State<Arc<AppState>>) -> Response {
+    axum::Json(limit_body(s.ready.get())).into_response()
+}
+
+async fn set_power_limit(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(e) = authorized(&s, &headers) {
+        return e.into_response();
+    }
+    let r = match ready(&s) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    #[derive(serde::Deserialize)]
+    struct Body {
+        watts: Option<f64>,
+    }
+    let b: Body = match api::parse(&body) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    match b.watts {
+        Some(w) if !(w.is_finite() && w > 0.0) => {
+            return ApiError::bad(
+                "watts",
+                format!("`watts` must be a positive number. Given: {w}"),
+            )
+            .into_response();
+        }
+        w => {
+            r.handle.limit.set(w);
+            s.metrics.power_limit_watts.set(w.unwrap_or(0.0));
+        }
+    }
+    axum::Json(limit_body(Some(r))).into_response()
+}
+
+/// Address helper for logs.
+pub fn describe(addr: SocketAddr) -> String {
+    format!("http://{addr}")
+}
