@@ -15,8 +15,10 @@
 //! Headers over 100 MB are refused: real ones are well under 1 MB, and the
 //! length prefix comes from outside.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_RANGE, RANGE};
@@ -398,6 +400,74 @@ pub async fn model_needs(
     client: &reqwest::Client,
     spec: &ModelDeploymentSpec,
 ) -> Result<ModelNeeds, SourceError> {
+    needs(client, spec, None).await
+}
+
+/// What was read from sources, so that reconciles (every spec change, every
+/// resync, hundreds of objects) do not refetch the same headers: a model
+/// directory does not change under a URL in practice, and entries expire
+/// after `ttl` for when it does. Failures are not remembered, so a source
+/// that comes back is read at the next reconcile.
+#[derive(Debug)]
+pub struct SourceCache {
+    ttl: Duration,
+    entries: Mutex<HashMap<String, (Instant, ModelFiles)>>,
+}
+
+impl SourceCache {
+    /// An empty cache whose entries live `ttl`.
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// [`model_needs`], reading each source at most once per `ttl`.
+    pub async fn model_needs(
+        &self,
+        client: &reqwest::Client,
+        spec: &ModelDeploymentSpec,
+    ) -> Result<ModelNeeds, SourceError> {
+        needs(client, spec, Some(self)).await
+    }
+
+    fn get(&self, key: &str) -> Option<ModelFiles> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .get(key)
+            .filter(|(at, _)| at.elapsed() < self.ttl)
+            .map(|(_, f)| f.clone())
+    }
+
+    fn put(&self, key: String, files: ModelFiles) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let ttl = self.ttl;
+        entries.retain(|_, (at, _)| at.elapsed() < ttl);
+        entries.insert(key, (Instant::now(), files));
+    }
+}
+
+/// The cache key of a source: its URL or path, with the format.
+fn cache_key(source: &ModelSource, format: ModelFormat) -> Option<String> {
+    let place = source
+        .http
+        .as_ref()
+        .map(|h| format!("http:{}", h.url.trim_end_matches('/')))
+        .or_else(|| {
+            source
+                .host_path
+                .as_ref()
+                .map(|h| format!("hostPath:{}", h.path))
+        })?;
+    Some(format!("{format:?}:{place}"))
+}
+
+async fn needs(
+    client: &reqwest::Client,
+    spec: &ModelDeploymentSpec,
+    cache: Option<&SourceCache>,
+) -> Result<ModelNeeds, SourceError> {
     let placement_min_cc = spec
         .placement
         .min_compute_capability
@@ -413,7 +483,18 @@ pub async fn model_needs(
     if let Some(inline) = &spec.model.sizing {
         return ModelNeeds::from_inline(inline, &input).map_err(SourceError::InvalidSizing);
     }
-    let files = read_source(client, &spec.model.source, spec.model.format).await?;
+    let key = cache_key(&spec.model.source, spec.model.format);
+    let cached = cache.zip(key.as_deref()).and_then(|(c, k)| c.get(k));
+    let files = match cached {
+        Some(f) => f,
+        None => {
+            let f = read_source(client, &spec.model.source, spec.model.format).await?;
+            if let (Some(c), Some(k)) = (cache, key) {
+                c.put(k, f.clone());
+            }
+            f
+        }
+    };
     ModelNeeds::from_model(&files.config, &files.headers, &input)
         .map_err(SourceError::InvalidSizing)
 }
@@ -731,6 +812,34 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(n.weight_bytes, 1 << 30);
+    }
+
+    #[tokio::test]
+    async fn the_cache_reads_a_source_once_until_its_entries_expire() {
+        let (url, log) = serve(fixture_files("tiny-llama"), true).await;
+        let s = spec(
+            ModelSource {
+                http: Some(HttpSource { url }),
+                ..ModelSource::default()
+            },
+            None,
+        );
+        let cache = SourceCache::new(Duration::from_secs(600));
+        let first = cache.model_needs(&client(), &s).await.unwrap();
+        let requests = log.lock().unwrap().len();
+        assert_eq!(requests, 4);
+        let second = cache.model_needs(&client(), &s).await.unwrap();
+        assert_eq!(first, second);
+        assert_eq!(log.lock().unwrap().len(), requests, "served from the cache");
+
+        let expired = SourceCache::new(Duration::ZERO);
+        expired.model_needs(&client(), &s).await.unwrap();
+        expired.model_needs(&client(), &s).await.unwrap();
+        assert_eq!(
+            log.lock().unwrap().len(),
+            requests + 8,
+            "read again each time"
+        );
     }
 
     #[tokio::test]
