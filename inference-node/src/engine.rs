@@ -316,6 +316,7 @@ impl Engine {
             // Out of KV blocks: preempt the newest sequence; it is
             // recomputed (prompt + what it generated) when room returns.
             if let Some(mut s) = self.running.pop() {
+                self.metrics.preemptions.inc();
                 self.blocks.free(&mut s.blocks);
                 s.computed = 0;
                 self.waiting.push_front(s);

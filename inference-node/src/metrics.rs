@@ -12,6 +12,7 @@
 //! | `copyhold_node_energy_joules_total` | counter | joules of all engine steps (the sum of requests' `energy_joules`) |
 //! | `copyhold_node_power_limit_watts` | gauge | limit in force, 0 when none |
 //! | `copyhold_node_step_duration_seconds` | histogram | engine step time |
+//! | `copyhold_node_preemptions_total` | counter | sequences preempted for lack of KV blocks (recomputed later) |
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -41,6 +42,7 @@ pub struct Metrics {
     pub energy_joules: Counter<f64, AtomicU64>,
     pub power_limit_watts: Gauge<f64, AtomicU64>,
     pub step_seconds: Histogram,
+    pub preemptions: Counter,
 }
 
 impl Default for Metrics {
@@ -66,6 +68,7 @@ impl Metrics {
             energy_joules: Counter::default(),
             power_limit_watts: Gauge::default(),
             step_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            preemptions: Counter::default(),
         };
         r.register(
             "requests",
