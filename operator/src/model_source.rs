@@ -29,6 +29,9 @@ use crate::sizing::{
     HfConfig, ModelNeeds, SafetensorsHeader, SizingError, SizingInput, parse_compute_capability,
 };
 
+/// Longest one request to a model server may take: a server that stalls
+/// must not hold a reconcile forever.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest safetensors header read.
 pub const MAX_HEADER_BYTES: u64 = 100_000_000;
 /// Largest `config.json` or `model.safetensors.index.json` read.
@@ -87,6 +90,7 @@ enum Location<'a> {
     Http {
         client: &'a reqwest::Client,
         base: String,
+        timeout: Duration,
     },
     Dir(PathBuf),
 }
@@ -103,9 +107,12 @@ impl Location<'_> {
     async fn small_file(&self, file: &str) -> Result<Option<Vec<u8>>, SourceError> {
         let url = self.name(file);
         match self {
-            Location::Http { client, .. } => {
+            Location::Http {
+                client, timeout, ..
+            } => {
                 let mut resp = client
                     .get(&url)
+                    .timeout(*timeout)
                     .send()
                     .await
                     .map_err(|e| transport(&url, e))?;
@@ -160,11 +167,14 @@ impl Location<'_> {
             message: format!("file ends after {got} of {len} bytes read from offset {start}"),
         };
         match self {
-            Location::Http { client, .. } => {
+            Location::Http {
+                client, timeout, ..
+            } => {
                 let end = start + len - 1;
                 let mut resp = client
                     .get(&url)
                     .header(RANGE, format!("bytes={start}-{end}"))
+                    .timeout(*timeout)
                     .send()
                     .await
                     .map_err(|e| transport(&url, e))?;
@@ -346,9 +356,18 @@ pub async fn read_http(
     client: &reqwest::Client,
     base_url: &str,
 ) -> Result<ModelFiles, SourceError> {
+    read_http_within(client, base_url, REQUEST_TIMEOUT).await
+}
+
+async fn read_http_within(
+    client: &reqwest::Client,
+    base_url: &str,
+    timeout: Duration,
+) -> Result<ModelFiles, SourceError> {
     read_files(&Location::Http {
         client,
         base: base_url.trim_end_matches('/').to_string(),
+        timeout,
     })
     .await
 }
@@ -747,6 +766,24 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, SourceError::Transport { .. }), "{e}");
         assert!(e.to_string().contains(&addr.to_string()));
+    }
+
+    #[tokio::test]
+    async fn a_server_that_never_answers_times_out_with_the_url() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((sock, _)) = listener.accept().await {
+                held.push(sock);
+            }
+        });
+        let url = format!("http://{addr}/m");
+        let e = read_http_within(&client(), &url, Duration::from_millis(200))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, SourceError::Transport { .. }), "{e}");
+        assert!(e.to_string().contains("/m/config.json"), "{e}");
     }
 
     fn spec(source: ModelSource, sizing: Option<InlineSizing>) -> ModelDeploymentSpec {
