@@ -8,6 +8,7 @@
 #![deny(unsafe_code)]
 
 pub mod api;
+pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod detok;

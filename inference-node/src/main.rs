@@ -131,6 +131,27 @@ enum Cmd {
     },
     /// Write a random-weight model directory.
     Synth(Box<SynthArgs>),
+    /// Measure prefill/decode throughput, time to first token and peak memory.
+    Bench {
+        #[arg(long, env = "COPYHOLD_MODEL")]
+        model: PathBuf,
+        /// Batch sizes, comma-separated.
+        #[arg(
+            long,
+            env = "COPYHOLD_BENCH_BATCH",
+            value_delimiter = ',',
+            default_value = "1"
+        )]
+        batch: Vec<usize>,
+        #[arg(long, env = "COPYHOLD_BENCH_PROMPT", default_value_t = 512)]
+        prompt: usize,
+        #[arg(long = "gen", env = "COPYHOLD_BENCH_GEN", default_value_t = 128)]
+        generate: usize,
+        #[arg(long, env = "COPYHOLD_KV_CACHE_MIB", default_value_t = 2048)]
+        kv_cache_mib: usize,
+        #[arg(long, env = "COPYHOLD_THREADS")]
+        threads: Option<usize>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -194,6 +215,33 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+        Cmd::Bench {
+            model,
+            batch,
+            prompt,
+            generate,
+            kv_cache_mib,
+            threads,
+        } => {
+            if let Some(t) = threads
+                && let Err(e) = rayon::ThreadPoolBuilder::new()
+                    .num_threads(t)
+                    .build_global()
+            {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+            for b in batch {
+                match copyhold_node::bench::run(&model, b, prompt, generate, kv_cache_mib) {
+                    Ok(r) => println!("{}", serde_json::to_string(&r).unwrap_or_default()),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            ExitCode::SUCCESS
         }
         Cmd::Serve(a) => match serve(*a) {
             Ok(()) => ExitCode::SUCCESS,

@@ -19,6 +19,10 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result, read_json};
 
+// Tensors are reinterpreted in place from little-endian files.
+#[cfg(target_endian = "big")]
+compile_error!("copyhold-node reads safetensors in place and needs a little-endian target");
+
 /// Stored element type of a weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DType {
@@ -63,25 +67,39 @@ impl Tensor {
     }
 
     /// Widens elements `[from, from + out.len())` (flat index) into `out`.
+    /// Aligned data (the usual case: safetensors pads its header) goes
+    /// through `half`'s SIMD conversions; unaligned data byte by byte.
+    /// (Reinterpreting the little-endian file bytes in place assumes a
+    /// little-endian host, which every supported target is.)
     pub fn read_f32(&self, from: usize, out: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
         let sz = self.dtype.size();
         let b = &self.bytes()[from * sz..(from + out.len()) * sz];
         match self.dtype {
-            DType::F32 => {
-                for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
-                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            DType::F32 => match bytemuck::try_cast_slice::<u8, f32>(b) {
+                Ok(src) => out.copy_from_slice(src),
+                Err(_) => {
+                    for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
+                        *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    }
                 }
-            }
-            DType::F16 => {
-                for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
-                    *o = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            },
+            DType::F16 => match bytemuck::try_cast_slice::<u8, f16>(b) {
+                Ok(src) => src.convert_to_f32_slice(out),
+                Err(_) => {
+                    for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
+                        *o = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                    }
                 }
-            }
-            DType::BF16 => {
-                for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
-                    *o = bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            },
+            DType::BF16 => match bytemuck::try_cast_slice::<u8, bf16>(b) {
+                Ok(src) => src.convert_to_f32_slice(out),
+                Err(_) => {
+                    for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
+                        *o = bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                    }
                 }
-            }
+            },
         }
     }
 
