@@ -109,6 +109,11 @@ impl ControllerMetrics {
             "Writes (apply, patch, create) sent to the API server, by kind",
             m.api_writes.clone(),
         );
+        sub.register(
+            "api_requests",
+            "Requests sent to the API server, by HTTP method",
+            m.api_requests.clone(),
+        );
         m
     }
 
@@ -153,6 +158,9 @@ mod tests {
             .inc();
         m.api_writes
             .get_or_create(&ControllerMetrics::kind("x"))
+            .inc();
+        m.api_requests
+            .get_or_create(&VerbLabels { verb: "GET".into() })
             .inc();
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");

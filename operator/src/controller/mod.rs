@@ -57,9 +57,14 @@ pub struct Context {
     pub defaults: EngineDefaults,
     pub nodes: Store<Node>,
     pub pods: Store<Pod>,
+    /// The Deployments and Services we own, as last seen by their watches.
+    pub deployments: Store<Deployment>,
+    pub services: Store<Service>,
     pub resync: Duration,
     /// For reading model configs and safetensors headers from http sources.
     pub http: reqwest::Client,
+    /// Model sizes read from sources, kept a while so resyncs do not refetch.
+    pub sources: crate::model_source::SourceCache,
     /// Consecutive failures per object, for exponential backoff.
     failures: std::sync::Mutex<HashMap<ObjectRef<ModelDeployment>, u32>>,
 }
@@ -79,6 +84,8 @@ impl Context {
         defaults: EngineDefaults,
         nodes: Store<Node>,
         pods: Store<Pod>,
+        deployments: Store<Deployment>,
+        services: Store<Service>,
         resync: Duration,
     ) -> Self {
         let recorder = Recorder::new(
@@ -99,8 +106,11 @@ impl Context {
             defaults,
             nodes,
             pods,
+            deployments,
+            services,
             resync,
             http,
+            sources: crate::model_source::SourceCache::new(Duration::from_secs(600)),
             failures: Default::default(),
         }
     }
@@ -259,14 +269,6 @@ pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()>
         .await
         .map_err(|e| anyhow::anyhow!("pod index: {e}"))?;
 
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        metrics.clone(),
-        settings.defaults.clone(),
-        nodes,
-        pods,
-        settings.resync,
-    ));
     fn scoped<K>(client: &Client, ns: &Option<String>) -> Api<K>
     where
         K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
@@ -277,17 +279,40 @@ pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()>
         }
     }
     let ns = &settings.watch_namespace;
+    // What we own, by the label every owned object carries.
+    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=copyhold");
+    let (deployments, dep_writer) = reflector::store::<Deployment>();
+    // The same streams fill the indexes and trigger reconciles, so a
+    // reconcile never reads an owned object older than what triggered it.
+    let dep_stream = reflector::reflector(
+        dep_writer,
+        watcher(scoped::<Deployment>(&client, ns), owned.clone()),
+    )
+    .default_backoff()
+    .touched_objects();
+    let (services, svc_writer) = reflector::store::<Service>();
+    let svc_stream =
+        reflector::reflector(svc_writer, watcher(scoped::<Service>(&client, ns), owned))
+            .default_backoff()
+            .touched_objects();
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        metrics.clone(),
+        settings.defaults.clone(),
+        nodes,
+        pods,
+        deployments,
+        services,
+        settings.resync,
+    ));
     let controller = Controller::new(
         scoped::<ModelDeployment>(&client, ns),
         watcher::Config::default(),
     );
     tokio::spawn(count_states(controller.store(), metrics.clone()));
     let controller = controller
-        .owns(
-            scoped::<Deployment>(&client, ns),
-            watcher::Config::default(),
-        )
-        .owns(scoped::<Service>(&client, ns), watcher::Config::default())
+        .owns_stream(dep_stream)
+        .owns_stream(svc_stream)
         .graceful_shutdown_on(shutdown_signal())
         .run(model_deployment::reconcile, error_policy, ctx)
         .for_each(|res| async move {

@@ -15,6 +15,7 @@ use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use tracing::Instrument;
 
@@ -39,6 +40,8 @@ pub struct Refusal {
 pub struct Decision {
     pub workload: PlacementForWorkload,
     pub classes: Vec<String>,
+    /// The class of the first replica's planned node.
+    pub gpu_class: Option<String>,
     pub required_memory_bytes: u64,
     pub summary: String,
 }
@@ -49,6 +52,7 @@ pub async fn decide(
     nodes: &[Arc<Node>],
     pods: &[Arc<Pod>],
     http: &reqwest::Client,
+    sources: &model_source::SourceCache,
 ) -> Result<Decision, Refusal> {
     let errors = validation::model_deployment(&md.spec);
     if !errors.is_empty() {
@@ -57,7 +61,8 @@ pub async fn decide(
             message: errors.join("; "),
         });
     }
-    let needs = model_source::model_needs(http, &md.spec)
+    let needs = sources
+        .model_needs(http, &md.spec)
         .await
         .map_err(|e| Refusal {
             reason: e.reason(),
@@ -100,6 +105,7 @@ pub async fn decide(
             affinity,
         },
         classes: placed.classes.clone(),
+        gpu_class: placed.gpu_class().map(str::to_owned),
         required_memory_bytes: placed.required_memory_bytes,
         summary,
     })
@@ -162,7 +168,7 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
 
     let nodes = ctx.nodes.state();
     let pods = ctx.pods.state();
-    let decision = decide(md, &nodes, &pods, &ctx.http).await;
+    let decision = decide(md, &nodes, &pods, &ctx.http, &ctx.sources).await;
     let mut events: Vec<Event> = Vec::new();
     let deployment = match &decision {
         Ok(d) => {
@@ -170,8 +176,10 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
                 .and_then(|dep| workload::service(md).map(|svc| (dep, svc)));
             match built {
                 Ok((dep, svc)) => {
-                    let applied = apply_if_changed(&deployments, &name, &dep, ctx).await?;
-                    apply_if_changed(&services, &name, &svc, ctx).await?;
+                    let live_dep = ctx.deployments.get(&ObjectRef::new(&name).within(&ns));
+                    let live_svc = ctx.services.get(&ObjectRef::new(&name).within(&ns));
+                    let applied = apply_if_changed(&deployments, &name, dep, live_dep, ctx).await?;
+                    apply_if_changed(&services, &name, svc, live_svc, ctx).await?;
                     let changed_placement = old.gpus_per_replica
                         != Some(d.workload.gpus_per_replica as i32)
                         || old.required_memory_bytes != Some(d.required_memory_bytes as i64);
@@ -195,7 +203,7 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
                     }
                     status.gpus_per_replica = Some(d.workload.gpus_per_replica as i32);
                     status.required_memory_bytes = Some(d.required_memory_bytes as i64);
-                    status.gpu_class = d.classes.first().cloned();
+                    status.gpu_class = d.gpu_class.clone();
                     Some(applied)
                 }
                 Err(e) => {
@@ -203,7 +211,10 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
                         reason: "UnsupportedSource",
                         message: e.to_string(),
                     };
-                    let existing = deployments.get_opt(&name).await?;
+                    let existing = ctx
+                        .deployments
+                        .get(&ObjectRef::new(&name).within(&ns))
+                        .map(|d| d.as_ref().clone());
                     refuse(
                         &mut status,
                         &refusal,
@@ -218,7 +229,10 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
             }
         }
         Err(refusal) => {
-            let existing = deployments.get_opt(&name).await?;
+            let existing = ctx
+                .deployments
+                .get(&ObjectRef::new(&name).within(&ns))
+                .map(|d| d.as_ref().clone());
             refuse(
                 &mut status,
                 refusal,
@@ -339,11 +353,22 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
     }))
 }
 
-/// Server-side apply `desired` unless the live object already is what the
-/// apply would make it. Kubernetes before 1.23 records a new managedFields
-/// time (and so a new resourceVersion) on every apply, even an unchanged
-/// one; a dry run tells whether anything would change without writing.
-async fn apply_if_changed<K>(api: &Api<K>, name: &str, desired: &K, ctx: &Context) -> Result<K>
+/// Annotation holding a hash of what the controller last applied.
+pub const APPLIED_HASH: &str = "copyhold.dev/applied-hash";
+
+/// Server-side apply `desired` unless the live object (from the watch-fed
+/// index) already carries it: same hash of the desired object, and every
+/// field we set still holds our value. Kubernetes before 1.23 writes a new
+/// managedFields time, and so a new resourceVersion, on every apply, even an
+/// unchanged one; this keeps a steady object free of writes and requests,
+/// while edits of fields we own (drift) are still seen and undone.
+async fn apply_if_changed<K>(
+    api: &Api<K>,
+    name: &str,
+    mut desired: K,
+    live: Option<Arc<K>>,
+    ctx: &Context,
+) -> Result<K>
 where
     K: Clone
         + serde::Serialize
@@ -351,16 +376,27 @@ where
         + std::fmt::Debug
         + Resource<DynamicType = ()>,
 {
-    let apply = PatchParams::apply(FIELD_MANAGER).force();
-    if let Some(live) = api.get_opt(name).await? {
-        let would_be = api
-            .patch(name, &apply.clone().dry_run(), &Patch::Apply(desired))
-            .await?;
-        if same_content(&live, &would_be)? {
-            return Ok(live);
-        }
+    let hash = content_hash(&desired)?;
+    desired
+        .annotations_mut()
+        .insert(APPLIED_HASH.into(), hash.clone());
+    if let Some(live) = live
+        && live.annotations().get(APPLIED_HASH) == Some(&hash)
+        && live.meta().deletion_timestamp.is_none()
+        && is_subset(
+            &serde_json::to_value(&desired)?,
+            &serde_json::to_value(live.as_ref())?,
+        )
+    {
+        return Ok(live.as_ref().clone());
     }
-    let applied = api.patch(name, &apply, &Patch::Apply(desired)).await?;
+    let applied = api
+        .patch(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&desired),
+        )
+        .await?;
     ctx.metrics
         .api_writes
         .get_or_create(&ControllerMetrics::kind(&K::kind(&())))
@@ -368,20 +404,43 @@ where
     Ok(applied)
 }
 
-/// Equal but for bookkeeping the API server changes on every write.
-fn same_content<K: serde::Serialize>(a: &K, b: &K) -> Result<bool> {
-    fn strip(mut v: serde_json::Value) -> serde_json::Value {
-        if let Some(meta) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
-            for k in ["managedFields", "resourceVersion", "generation"] {
-                meta.remove(k);
-            }
-        }
-        if let Some(o) = v.as_object_mut() {
-            o.remove("status");
-        }
-        v
+fn is_empty(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Null => true,
+        serde_json::Value::Array(a) => a.is_empty(),
+        serde_json::Value::Object(o) => o.values().all(is_empty),
+        _ => false,
     }
-    Ok(strip(serde_json::to_value(a)?) == strip(serde_json::to_value(b)?))
+}
+
+/// FNV-1a over the object's JSON: stable across processes and releases.
+fn content_hash<K: serde::Serialize>(obj: &K) -> Result<String> {
+    let bytes = serde_json::to_vec(obj)?;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    Ok(format!("{h:016x}"))
+}
+
+/// Whether every field of `want` holds the same value in `have` (objects
+/// may carry more fields in `have`: server defaults; lists must match
+/// element by element).
+pub fn is_subset(want: &serde_json::Value, have: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (want, have) {
+        (Value::Object(w), Value::Object(h)) => w.iter().all(|(k, wv)| match h.get(k) {
+            Some(hv) => is_subset(wv, hv),
+            // The server drops nulls and empty lists and maps.
+            None => is_empty(wv),
+        }),
+        (Value::Array(w), Value::Array(h)) => {
+            w.len() == h.len() && w.iter().zip(h).all(|(a, b)| is_subset(a, b))
+        }
+        (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
+        (a, b) => a == b,
+    }
 }
 
 fn refuse(
@@ -424,5 +483,31 @@ fn refuse(
             action: "Place".into(),
             secondary: None,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_subset;
+    use serde_json::json;
+
+    #[test]
+    fn server_defaults_do_not_count_as_drift() {
+        let want = json!({"spec": {"replicas": 1, "ports": [{"port": 80}]}});
+        let have = json!({"spec": {"replicas": 1, "ports": [{"port": 80, "protocol": "TCP"}], "revisionHistoryLimit": 10}});
+        assert!(is_subset(&want, &have));
+    }
+
+    #[test]
+    fn empty_lists_the_server_dropped_are_not_drift() {
+        let want = json!({"spec": {"env": [], "args": ["a"], "x": null}});
+        assert!(is_subset(&want, &json!({"spec": {"args": ["a"]}})));
+    }
+
+    #[test]
+    fn an_edited_field_we_own_is_drift() {
+        let want = json!({"spec": {"replicas": 1}});
+        assert!(!is_subset(&want, &json!({"spec": {"replicas": 5}})));
+        assert!(!is_subset(&json!({"a": [1, 2]}), &json!({"a": [1]})));
     }
 }
