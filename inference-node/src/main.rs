@@ -10,7 +10,7 @@ use copyhold_node::api::Limits;
 use copyhold_node::config::Arch;
 use copyhold_node::engine::{EngineOptions, load_cpu_engine, spawn};
 use copyhold_node::metrics::Metrics;
-use copyhold_node::power::{ModeledSensor, PowerModel, PowerSensor, RaplSensor};
+use copyhold_node::power::{PowerModel, SensorChoice, open_sensor};
 use copyhold_node::server::{AppState, Ready};
 use copyhold_node::synth::{SynthSpec, synth};
 use copyhold_node::weights::DType;
@@ -26,6 +26,14 @@ struct Cli {
 enum Device {
     Cpu,
     Cuda,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SensorArg {
+    Auto,
+    Nvml,
+    Rapl,
+    Model,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -77,6 +85,14 @@ struct ServeArgs {
     /// Declared power draw, used when no sensor exists and for pacing.
     #[arg(long, env = "COPYHOLD_POWER_MODEL", default_value = "idle=10,busy=60")]
     power_model: PowerModel,
+    /// Power sensor: auto (RAPL if readable, else the model), nvml, rapl or model.
+    #[arg(
+        long,
+        env = "COPYHOLD_POWER_SENSOR",
+        value_enum,
+        default_value = "auto"
+    )]
+    power_sensor: SensorArg,
     /// File holding the bearer token of the admin API (disabled without).
     #[arg(long, env = "COPYHOLD_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
@@ -287,7 +303,18 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| "model".into())
     });
     let metrics = Arc::new(Metrics::new());
-    let state = Arc::new(AppState::new(name, admin_token, metrics.clone()));
+    let choice = match a.power_sensor {
+        SensorArg::Auto => SensorChoice::Auto,
+        SensorArg::Nvml => SensorChoice::Nvml,
+        SensorArg::Rapl => SensorChoice::Rapl,
+        SensorArg::Model => SensorChoice::Model,
+    };
+    let (sensor, gpu) = open_sensor(
+        choice,
+        a.power_model,
+        std::path::Path::new("/sys/class/powercap"),
+    );
+    let state = Arc::new(AppState::new(name, admin_token, metrics.clone()).with_gpu(gpu));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -300,11 +327,6 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::json!({"listening": local.to_string()}));
         tracing::info!(%local, model = %a.model.display(), "listening; loading model");
         let server = tokio::spawn(copyhold_node::server::serve(listener, state.clone()));
-        let sensor: Box<dyn PowerSensor> =
-            match RaplSensor::open(std::path::Path::new("/sys/class/powercap")) {
-                Some(r) => Box::new(r),
-                None => Box::new(ModeledSensor(a.power_model)),
-            };
         tracing::info!(sensor = sensor.name(), "power sensor");
         let opts = EngineOptions {
             kv_bytes: a.kv_cache_mib << 20,

@@ -41,6 +41,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub created: u64,
     ids: AtomicU64,
+    /// GPU power-limit control when the sensor is NVML.
+    pub gpu: Option<crate::power::NvmlControl>,
+    /// Limit set through NVML (pacing limits live in the engine handle).
+    gpu_limit: std::sync::Mutex<Option<f64>>,
 }
 
 impl AppState {
@@ -56,7 +60,15 @@ impl AppState {
             metrics,
             created,
             ids: AtomicU64::new(0),
+            gpu: None,
+            gpu_limit: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Adds NVML power-limit control.
+    pub fn with_gpu(mut self, gpu: Option<crate::power::NvmlControl>) -> AppState {
+        self.gpu = gpu;
+        self
     }
 
     fn id(&self, prefix: &str) -> String {
@@ -569,13 +581,17 @@ fn authorized(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-fn limit_body(r: Option<&Ready>) -> Value {
-    let w = r.and_then(|r| r.handle.limit.get());
+fn limit_body(s: &AppState) -> Value {
+    let gpu = s.gpu_limit.lock().map(|g| *g).unwrap_or(None);
+    if let Some(w) = gpu {
+        return json!({"watts": w, "enforcement": "nvml"});
+    }
+    let w = s.ready.get().and_then(|r| r.handle.limit.get());
     json!({"watts": w, "enforcement": if w.is_some() { "pacing" } else { "none" }})
 }
 
 async fn get_power_limit(State(s): State<Arc<AppState>>) -> Response {
-    axum::Json(limit_body(s.ready.get())).into_response()
+    axum::Json(limit_body(&s)).into_response()
 }
 
 async fn set_power_limit(
@@ -607,11 +623,26 @@ async fn set_power_limit(
             .into_response();
         }
         w => {
-            r.handle.limit.set(w);
+            // NVML where permitted; otherwise (no GPU, no permission, or
+            // clearing the limit) the engine paces its steps.
+            let via_gpu = match (w, &s.gpu) {
+                (Some(w), Some(gpu)) => match gpu.set_limit(w) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "NVML refused the power limit; pacing instead");
+                        false
+                    }
+                },
+                _ => false,
+            };
+            if let Ok(mut g) = s.gpu_limit.lock() {
+                *g = if via_gpu { w } else { None };
+            }
+            r.handle.limit.set(if via_gpu { None } else { w });
             s.metrics.power_limit_watts.set(w.unwrap_or(0.0));
         }
     }
-    axum::Json(limit_body(Some(r))).into_response()
+    axum::Json(limit_body(&s)).into_response()
 }
 
 /// Address helper for logs.

@@ -441,13 +441,18 @@ async fn a_client_that_disconnects_mid_stream_frees_its_blocks() {
 async fn models_health_and_the_power_limit_api_work() {
     let token = std::env::temp_dir().join(format!("copyhold-token-{}", std::process::id()));
     std::fs::write(&token, "s3cret\n").unwrap();
+    // Asking for NVML where there is none falls back to the model (and to
+    // pacing for limits) instead of failing.
     let s = start(&[
         "--admin-token-file",
         token.to_str().unwrap(),
         "--served-model-name",
         "tiny",
+        "--power-sensor",
+        "nvml",
     ])
     .await;
+    let has_nvml = copyhold_node::power::NvmlSensor::open().is_some();
     let m: Value = reqwest::get(format!("{}/v1/models", s.base))
         .await
         .unwrap()
@@ -483,6 +488,9 @@ async fn models_health_and_the_power_limit_api_work() {
     assert_eq!(r.status(), 200);
     let g: Value = c.get(&url).send().await.unwrap().json().await.unwrap();
     assert_eq!(g["watts"], 50.0);
+    if !has_nvml {
+        assert_eq!(g["enforcement"], "pacing");
+    }
     assert_eq!(
         metric(&s.base, "copyhold_node_power_limit_watts").await,
         50.0
