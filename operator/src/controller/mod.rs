@@ -49,17 +49,24 @@ pub struct Settings {
     pub resync: Duration,
 }
 
+/// Watch-fed indexes the reconciler reads instead of asking the API server.
+pub struct Indexes {
+    /// The fleet, for placement.
+    pub nodes: Store<Node>,
+    /// Every Pod, for the GPUs already allocated on each node.
+    pub pods: Store<Pod>,
+    /// The Deployments and Services we own, as last seen by their watches.
+    pub deployments: Store<Deployment>,
+    pub services: Store<Service>,
+}
+
 /// What every reconciliation gets.
 pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub metrics: Arc<ControllerMetrics>,
     pub defaults: EngineDefaults,
-    pub nodes: Store<Node>,
-    pub pods: Store<Pod>,
-    /// The Deployments and Services we own, as last seen by their watches.
-    pub deployments: Store<Deployment>,
-    pub services: Store<Service>,
+    pub indexes: Indexes,
     pub resync: Duration,
     /// For reading model configs and safetensors headers from http sources.
     pub http: reqwest::Client,
@@ -82,10 +89,7 @@ impl Context {
         client: Client,
         metrics: Arc<ControllerMetrics>,
         defaults: EngineDefaults,
-        nodes: Store<Node>,
-        pods: Store<Pod>,
-        deployments: Store<Deployment>,
-        services: Store<Service>,
+        indexes: Indexes,
         resync: Duration,
     ) -> Self {
         let recorder = Recorder::new(
@@ -104,10 +108,7 @@ impl Context {
             recorder,
             metrics,
             defaults,
-            nodes,
-            pods,
-            deployments,
-            services,
+            indexes,
             resync,
             http,
             sources: crate::model_source::SourceCache::new(Duration::from_secs(600)),
@@ -299,10 +300,12 @@ pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()>
         client.clone(),
         metrics.clone(),
         settings.defaults.clone(),
-        nodes,
-        pods,
-        deployments,
-        services,
+        Indexes {
+            nodes,
+            pods,
+            deployments,
+            services,
+        },
         settings.resync,
     ));
     let controller = Controller::new(

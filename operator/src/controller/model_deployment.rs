@@ -166,8 +166,8 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
     status.selector = Some(workload::selector_string(&name));
     status.endpoint = Some(workload::endpoint(md));
 
-    let nodes = ctx.nodes.state();
-    let pods = ctx.pods.state();
+    let nodes = ctx.indexes.nodes.state();
+    let pods = ctx.indexes.pods.state();
     let decision = decide(md, &nodes, &pods, &ctx.http, &ctx.sources).await;
     let mut events: Vec<Event> = Vec::new();
     let deployment = match &decision {
@@ -176,8 +176,11 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
                 .and_then(|dep| workload::service(md).map(|svc| (dep, svc)));
             match built {
                 Ok((dep, svc)) => {
-                    let live_dep = ctx.deployments.get(&ObjectRef::new(&name).within(&ns));
-                    let live_svc = ctx.services.get(&ObjectRef::new(&name).within(&ns));
+                    let live_dep = ctx
+                        .indexes
+                        .deployments
+                        .get(&ObjectRef::new(&name).within(&ns));
+                    let live_svc = ctx.indexes.services.get(&ObjectRef::new(&name).within(&ns));
                     let applied = apply_if_changed(&deployments, &name, dep, live_dep, ctx).await?;
                     apply_if_changed(&services, &name, svc, live_svc, ctx).await?;
                     let changed_placement = old.gpus_per_replica
@@ -212,6 +215,7 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
                         message: e.to_string(),
                     };
                     let existing = ctx
+                        .indexes
                         .deployments
                         .get(&ObjectRef::new(&name).within(&ns))
                         .map(|d| d.as_ref().clone());
@@ -230,6 +234,7 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
         }
         Err(refusal) => {
             let existing = ctx
+                .indexes
                 .deployments
                 .get(&ObjectRef::new(&name).within(&ns))
                 .map(|d| d.as_ref().clone());
