@@ -567,7 +567,11 @@ fn ready(n: &Node) -> bool {
 /// non-terminated pods bound to them hold. Pods for which `exclude` is true
 /// (the replicas of the deployment being re-placed) count as free, so a
 /// deployment can keep its own GPUs.
-pub fn fleet_from(nodes: &[Node], pods: &[Pod], exclude: impl Fn(&Pod) -> bool) -> Vec<NodeGpus> {
+pub fn fleet_from<'a>(
+    nodes: impl IntoIterator<Item = &'a Node>,
+    pods: impl IntoIterator<Item = &'a Pod>,
+    exclude: impl Fn(&Pod) -> bool,
+) -> Vec<NodeGpus> {
     let mut allocated: BTreeMap<&str, u32> = BTreeMap::new();
     for p in pods {
         let Some(node) = p.spec.as_ref().and_then(|s| s.node_name.as_deref()) else {

@@ -247,7 +247,7 @@ pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()>
     let (nodes, node_writer) = reflector::store::<Node>();
     let node_stream = reflector::reflector(
         node_writer,
-        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).modify(slim_node),
     )
     .default_backoff()
     .touched_objects()
@@ -255,7 +255,7 @@ pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()>
     let (pods, pod_writer) = reflector::store::<Pod>();
     let pod_stream = reflector::reflector(
         pod_writer,
-        watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()),
+        watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()).modify(slim_pod),
     )
     .default_backoff()
     .touched_objects()
@@ -287,7 +287,8 @@ pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()>
     // reconcile never reads an owned object older than what triggered it.
     let dep_stream = reflector::reflector(
         dep_writer,
-        watcher(scoped::<Deployment>(&client, ns), owned.clone()),
+        watcher(scoped::<Deployment>(&client, ns), owned.clone())
+            .modify(|d: &mut Deployment| d.metadata.managed_fields = None),
     )
     .default_backoff()
     .touched_objects();
@@ -339,6 +340,46 @@ pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()>
             controller.await;
             Ok(())
         }
+    }
+}
+
+/// Keep in the index only what placement reads of a Node: a real node's
+/// status lists every image it holds, which would dwarf the rest.
+fn slim_node(n: &mut Node) {
+    n.metadata.managed_fields = None;
+    n.metadata.annotations = None;
+    if let Some(s) = n.status.as_mut() {
+        s.images = None;
+        s.volumes_attached = None;
+        s.volumes_in_use = None;
+        s.node_info = None;
+    }
+}
+
+/// Keep in the index only what placement and status read of a Pod.
+fn slim_pod(p: &mut Pod) {
+    p.metadata.managed_fields = None;
+    p.metadata.annotations = None;
+    if let Some(spec) = p.spec.as_mut() {
+        spec.volumes = None;
+        for c in spec
+            .containers
+            .iter_mut()
+            .chain(spec.init_containers.iter_mut().flatten())
+        {
+            c.env = None;
+            c.args = None;
+            c.command = None;
+            c.volume_mounts = None;
+            c.liveness_probe = None;
+            c.readiness_probe = None;
+            c.startup_probe = None;
+        }
+    }
+    if let Some(s) = p.status.as_mut() {
+        s.container_statuses = None;
+        s.init_container_statuses = None;
+        s.conditions = None;
     }
 }
 

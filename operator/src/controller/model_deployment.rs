@@ -71,15 +71,17 @@ pub async fn decide(
     let name = md.name_any();
     let namespace = md.namespace().unwrap_or_default();
     let own = workload::selector_labels(&name);
-    let nodes: Vec<Node> = nodes.iter().map(|n| n.as_ref().clone()).collect();
-    let pods: Vec<Pod> = pods.iter().map(|p| p.as_ref().clone()).collect();
     // Our own pods' GPUs count as free: re-placing must not be blocked by itself.
-    let fleet = placement::fleet_from(&nodes, &pods, |p: &Pod| {
-        p.metadata.namespace.as_deref() == Some(namespace.as_str())
-            && own
-                .iter()
-                .all(|(k, v)| p.metadata.labels.as_ref().and_then(|l| l.get(k)) == Some(v))
-    });
+    let fleet = placement::fleet_from(
+        nodes.iter().map(|n| n.as_ref()),
+        pods.iter().map(|p| p.as_ref()),
+        |p: &Pod| {
+            p.metadata.namespace.as_deref() == Some(namespace.as_str())
+                && own
+                    .iter()
+                    .all(|(k, v)| p.metadata.labels.as_ref().and_then(|l| l.get(k)) == Some(v))
+        },
+    );
     let request = placement::PlacementRequest {
         needs: &needs,
         replicas: u32::try_from(md.spec.replicas).unwrap_or(0),
