@@ -313,6 +313,15 @@ impl Engine {
             }
         }
         if n.iter().all(|&x| x == 0) {
+            if self.running.len() == 1 {
+                // A lone sequence that cannot grow has used the whole KV
+                // budget: it ends as if it had reached its length limit.
+                self.finish(0, FinishReason::Length);
+                let mut s = self.running.remove(0);
+                self.blocks.free(&mut s.blocks);
+                self.update_gauges();
+                return true;
+            }
             // Out of KV blocks: preempt the newest sequence; it is
             // recomputed (prompt + what it generated) when room returns.
             if let Some(mut s) = self.running.pop() {
@@ -424,20 +433,34 @@ impl Engine {
             self.metrics.count("cancelled");
             return true;
         }
-        let Some(mut reason) = reason else {
+        let Some(reason) = reason else {
             return false;
         };
-        let mut tail = String::new();
-        if !hit {
-            let d = s.detok.flush(&text);
-            let (t, h) = s.stop.push(&d);
-            tail = t;
-            if h {
-                reason = FinishReason::Stop;
-            } else {
-                tail.push_str(&s.stop.finish());
-            }
+        if hit {
+            self.send_done(i, String::new(), reason);
+        } else {
+            self.finish(i, reason);
         }
+        true
+    }
+
+    /// Releases held-back text (which may still hit a stop string) and
+    /// reports the end of running sequence `i`.
+    fn finish(&mut self, i: usize, mut reason: FinishReason) {
+        let text = self.text.clone();
+        let s = &mut self.running[i];
+        let d = s.detok.flush(&text);
+        let (mut tail, h) = s.stop.push(&d);
+        if h {
+            reason = FinishReason::Stop;
+        } else {
+            tail.push_str(&s.stop.finish());
+        }
+        self.send_done(i, tail, reason);
+    }
+
+    fn send_done(&mut self, i: usize, tail: String, reason: FinishReason) {
+        let s = &self.running[i];
         self.metrics.count("ok");
         self.metrics
             .prompt_tokens
@@ -450,7 +473,6 @@ impl Engine {
             finish_reason: reason,
             usage: s.usage.clone(),
         });
-        true
     }
 
     /// Runs steps until every request has finished (offline use).

@@ -6,7 +6,13 @@
 //! `gemm::gemm` call, whose pointer arguments are derived from slices whose
 //! lengths are asserted just before.
 
+use std::cell::RefCell;
+
 use rayon::prelude::*;
+
+thread_local! {
+    static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
 
 use crate::weights::Tensor;
 
@@ -22,10 +28,18 @@ pub fn matmul_wt(x: &[f32], m: usize, w: &Tensor) -> Vec<f32> {
         .map(|t| {
             let r0 = t * tile;
             let rows = tile.min(n - r0);
-            let mut wbuf = vec![0.0f32; rows * k];
-            w.read_f32(r0 * k, &mut wbuf);
             let mut out = vec![0.0f32; m * rows];
-            gemm_abt(x, &wbuf, &mut out, m, rows, k);
+            // One widened tile buffer per thread, reused across calls: the
+            // widening overwrites it fully, so it is never re-zeroed.
+            WIDE.with(|buf| {
+                let mut wbuf = buf.borrow_mut();
+                if wbuf.len() < rows * k {
+                    wbuf.resize(rows * k, 0.0);
+                }
+                let wbuf = &mut wbuf[..rows * k];
+                w.read_f32(r0 * k, wbuf);
+                gemm_abt(x, wbuf, &mut out, m, rows, k);
+            });
             (r0, out)
         })
         .collect();

@@ -118,7 +118,8 @@ fn sequences_preempted_for_lack_of_blocks_finish_with_the_same_tokens() {
             preempted,
         )
     };
-    // 2 layers × 2 × 4 slots × 2 heads × 32 dims × 4 bytes = 4 KiB per block.
+    // 12 × 4 KiB is a handful of 4-token blocks for six sequences of up
+    // to 45 tokens: they must take turns.
     let (ample, none) = run(8 << 20);
     let (tight, some) = run(12 * 4096);
     assert_eq!(none, 0);
@@ -159,4 +160,50 @@ fn a_power_limit_paces_steps_so_modeled_power_stays_under_it() {
         avg > 5.0,
         "pacing should not idle far more than needed: {avg} W"
     );
+}
+
+#[test]
+fn a_lone_sequence_that_outgrows_the_kv_budget_ends_with_length_instead_of_looping() {
+    let dir = model();
+    let metrics = Arc::new(Metrics::new());
+    let mut e = engine(&dir, 3 * 4096, metrics.clone());
+    let capacity = e.config().num_blocks * e.config().block_size;
+    assert!(
+        capacity < 6 + 50,
+        "the budget must be smaller than the request"
+    );
+    let (tx, mut rx) = unbounded_channel();
+    let mut params = SamplingParams::greedy(50);
+    params.ignore_eos = true;
+    e.add(GenRequest {
+        prompt: prompt(6, 4),
+        params,
+        stop: vec![],
+        capture_logits: false,
+        events: tx,
+    });
+    for _ in 0..200 {
+        if e.is_idle() {
+            break;
+        }
+        e.step();
+    }
+    assert!(e.is_idle(), "the engine kept stepping");
+    assert_eq!(e.blocks_in_use(), 0);
+    let mut done = None;
+    while let Ok(ev) = rx.try_recv() {
+        if let Event::Done {
+            finish_reason,
+            usage,
+            ..
+        } = ev
+        {
+            done = Some((finish_reason, usage.completion_tokens));
+        }
+    }
+    let (reason, tokens) = done.expect("finished");
+    assert_eq!(reason, copyhold_node::engine::FinishReason::Length);
+    // Every slot holds a token; the last one is sampled from the full cache
+    // without being stored.
+    assert_eq!(tokens, capacity - 6 + 1);
 }
