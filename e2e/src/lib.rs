@@ -243,3 +243,42 @@ pub fn expected_message(path: &Path) -> Result<String> {
         .map(str::to_owned)
         .with_context(|| format!("{} has no `# expect:` line", path.display()))
 }
+
+/// Path of a binary of this workspace, built by the test run (cargo builds a
+/// package's binaries for its integration tests). Built here if missing.
+pub fn workspace_bin(package: &str, name: &str) -> Result<PathBuf> {
+    // Test executables live in <target>/<profile>/deps/.
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test executable has no profile directory")?
+        .to_path_buf();
+    let bin = profile_dir.join(name);
+    if !bin.exists() {
+        let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "-p", package, "--bin", name])
+            .current_dir(workspace_root())
+            .status()?;
+        anyhow::ensure!(st.success(), "cargo build -p {package} --bin {name} failed");
+    }
+    anyhow::ensure!(bin.exists(), "{} not found", bin.display());
+    Ok(bin)
+}
+
+/// A child process killed when dropped.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The shared fixtures (tiny models with reference outputs).
+pub fn fixtures() -> PathBuf {
+    std::env::var_os("COPYHOLD_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("../shared/fixtures"))
+}

@@ -15,20 +15,31 @@ fn helm() -> Result<PathBuf> {
     let helm = cache.join("bin/helm");
     if !helm.exists() {
         // `e2e/cluster.sh tools` fetches helm with the rest.
-        let st = Command::new("bash").arg(workspace_root().join("e2e/cluster.sh")).arg("tools").status()?;
+        let st = Command::new("bash")
+            .arg(workspace_root().join("e2e/cluster.sh"))
+            .arg("tools")
+            .status()?;
         anyhow::ensure!(st.success(), "e2e/cluster.sh tools failed");
     }
     Ok(helm)
 }
 
 fn run_helm(args: &[&str]) -> Result<Output> {
-    Ok(Command::new(helm()?).args(args).current_dir(workspace_root()).output()?)
+    Ok(Command::new(helm()?)
+        .args(args)
+        .current_dir(workspace_root())
+        .output()?)
 }
 
 #[test]
 fn the_chart_lints_clean() -> Result<()> {
     let out = run_helm(&["lint", "charts/copyhold", "--strict"])?;
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 
@@ -36,18 +47,46 @@ fn the_chart_lints_clean() -> Result<()> {
 fn the_chart_renders_for_several_value_sets() -> Result<()> {
     let sets: [&[&str]; 3] = [
         &[],
-        &["--set", "controller.replicas=1", "--set", "controller.leaderElection=false"],
-        &["--set", "controller.watchNamespace=town", "--set", "serviceMonitor.enabled=true"],
+        &[
+            "--set",
+            "controller.replicas=1",
+            "--set",
+            "controller.leaderElection=false",
+        ],
+        &[
+            "--set",
+            "controller.watchNamespace=town",
+            "--set",
+            "serviceMonitor.enabled=true",
+        ],
     ];
     for set in sets {
-        let mut args = vec!["template", "copyhold", "charts/copyhold", "-n", "copyhold-system"];
+        let mut args = vec![
+            "template",
+            "copyhold",
+            "charts/copyhold",
+            "-n",
+            "copyhold-system",
+        ];
         args.extend_from_slice(set);
         let out = run_helm(&args)?;
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{set:?}: {}", String::from_utf8_lossy(&out.stderr));
-        assert!(text.contains("kind: Deployment") && text.contains("kind: ClusterRole"), "{set:?}");
-        assert!(text.contains("runAsNonRoot: true") && text.contains("readOnlyRootFilesystem: true"));
-        assert!(text.contains("type: RuntimeDefault") && text.contains("allowPrivilegeEscalation: false"));
+        assert!(
+            out.status.success(),
+            "{set:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("kind: Deployment") && text.contains("kind: ClusterRole"),
+            "{set:?}"
+        );
+        assert!(
+            text.contains("runAsNonRoot: true") && text.contains("readOnlyRootFilesystem: true")
+        );
+        assert!(
+            text.contains("type: RuntimeDefault")
+                && text.contains("allowPrivilegeEscalation: false")
+        );
         assert!(!text.contains("\"*\""), "no wildcard verbs or resources");
         if set.contains(&"controller.watchNamespace=town") {
             assert!(text.contains("--watch-namespace=town"), "{text}");
@@ -61,11 +100,26 @@ fn the_chart_renders_for_several_value_sets() -> Result<()> {
 
 #[test]
 fn bad_values_fail_with_the_schema_message() -> Result<()> {
-    let out = run_helm(&["template", "copyhold", "charts/copyhold", "--set", "controller.replicas=0"])?;
+    let out = run_helm(&[
+        "template",
+        "copyhold",
+        "charts/copyhold",
+        "--set",
+        "controller.replicas=0",
+    ])?;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("/controller/replicas") && err.contains("minimum"), "{err}");
-    let out = run_helm(&["template", "copyhold", "charts/copyhold", "--set", "controller.bogus=1"])?;
+    assert!(
+        err.contains("/controller/replicas") && err.contains("minimum"),
+        "{err}"
+    );
+    let out = run_helm(&[
+        "template",
+        "copyhold",
+        "charts/copyhold",
+        "--set",
+        "controller.bogus=1",
+    ])?;
     assert!(!out.status.success(), "unknown keys are refused");
     Ok(())
 }

@@ -1,0 +1,425 @@
+//! A stand-in for the kubelet, for tests and the demo only.
+//!
+//! Watches Pods bound to the simulated nodes, runs each Pod's first container
+//! as a local process (images mapped to freshly built binaries), gives every
+//! Pod its own loopback address as its Pod IP, reports readiness from the
+//! container's readiness probe, restarts crashed processes, and stops them
+//! (and removes the Pod, as a kubelet confirms deletion) when Pods go away.
+#![forbid(unsafe_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use clap::Parser;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Container, Pod};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::watcher::{self, Event};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use tokio::process::{Child, Command};
+use tokio::sync::Mutex;
+
+#[derive(Parser, Debug)]
+#[command(about = "Runs Pods bound to simulated nodes as local processes (tests only)")]
+struct Args {
+    /// Nodes this stand-in plays the kubelet for (comma-separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "gpu-p100,gpu-p40,gpu-v100,gpu-t4,cpu-only"
+    )]
+    nodes: Vec<String>,
+    /// `IMAGE_PREFIX=BINARY`: a container whose image starts with the prefix
+    /// runs BINARY in place of its command's first word. Repeatable.
+    #[arg(long = "image", value_parser = parse_mapping)]
+    images: Vec<(String, PathBuf)>,
+    /// First octet pair of Pod IPs: Pods get 127.<a>.<b>.<n>.
+    #[arg(long, default_value = "127.0.100")]
+    ip_prefix: String,
+    /// Only Pods of this namespace (all namespaces when absent).
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Directory for each Pod's log file.
+    #[arg(long, default_value = "/tmp/copyhold-kubelet")]
+    log_dir: PathBuf,
+}
+
+fn parse_mapping(s: &str) -> Result<(String, PathBuf), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not IMAGE_PREFIX=BINARY"))?;
+    Ok((k.to_owned(), PathBuf::from(v)))
+}
+
+struct Running {
+    child: Child,
+    ip: Ipv4Addr,
+    restarts: i32,
+}
+
+struct Kubelet {
+    args: Args,
+    client: Client,
+    running: Mutex<HashMap<String, Running>>,
+    next_ip: Mutex<u8>,
+}
+
+fn key(p: &Pod) -> String {
+    format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any())
+}
+
+impl Kubelet {
+    async fn ip(&self) -> Result<Ipv4Addr> {
+        let mut n = self.next_ip.lock().await;
+        *n = n.checked_add(1).filter(|n| *n < 255).unwrap_or(2);
+        format!("{}.{}", self.args.ip_prefix, *n)
+            .parse()
+            .context("bad --ip-prefix")
+    }
+
+    /// The command line a container would run, with our binaries in place of
+    /// images, the Pod's IP in place of 0.0.0.0, and volume paths resolved.
+    fn command_line(&self, pod: &Pod, c: &Container, ip: Ipv4Addr) -> Result<Vec<String>> {
+        let image = c.image.clone().unwrap_or_default();
+        let binary = self
+            .args
+            .images
+            .iter()
+            .find(|(prefix, _)| image.starts_with(prefix.as_str()))
+            .map(|(_, b)| b.clone())
+            .with_context(|| format!("no --image mapping for `{image}`"))?;
+        let mut argv: Vec<String> = c.command.clone().unwrap_or_default();
+        argv.extend(c.args.clone().unwrap_or_default());
+        if argv.is_empty() {
+            argv.push(binary.display().to_string());
+        } else {
+            argv[0] = binary.display().to_string();
+        }
+        // Mount paths of hostPath volumes become the host paths themselves.
+        let mut mounts: BTreeMap<String, String> = BTreeMap::new();
+        let volumes = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.volumes.clone())
+            .unwrap_or_default();
+        for m in c.volume_mounts.clone().unwrap_or_default() {
+            if let Some(hp) = volumes
+                .iter()
+                .find(|v| v.name == m.name)
+                .and_then(|v| v.host_path.as_ref())
+            {
+                let path = match &m.sub_path {
+                    Some(sp) => format!("{}/{sp}", hp.path),
+                    None => hp.path.clone(),
+                };
+                mounts.insert(m.mount_path.clone(), path);
+            }
+        }
+        Ok(argv
+            .into_iter()
+            .map(|a| {
+                if a == "0.0.0.0" {
+                    return ip.to_string();
+                }
+                for (mount, host) in &mounts {
+                    if a == *mount {
+                        return host.clone();
+                    }
+                    if let Some(rest) = a.strip_prefix(&format!("{mount}/")) {
+                        return format!("{host}/{rest}");
+                    }
+                }
+                a
+            })
+            .collect())
+    }
+
+    async fn start(&self, pod: &Pod, restarts: i32, ip: Option<Ipv4Addr>) -> Result<()> {
+        let Some(c) = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.first())
+            .cloned()
+        else {
+            return Ok(());
+        };
+        let ip = match ip {
+            Some(ip) => ip,
+            None => self.ip().await?,
+        };
+        let argv = self.command_line(pod, &c, ip)?;
+        std::fs::create_dir_all(&self.args.log_dir)?;
+        let log_path = self.args.log_dir.join(format!(
+            "{}_{}.log",
+            pod.namespace().unwrap_or_default(),
+            pod.name_any()
+        ));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true);
+        for e in c.env.clone().unwrap_or_default() {
+            if let Some(v) = e.value {
+                cmd.env(e.name, v);
+            }
+        }
+        cmd.env("POD_NAME", pod.name_any())
+            .env("POD_NAMESPACE", pod.namespace().unwrap_or_default());
+        let child = cmd.spawn().with_context(|| format!("starting {argv:?}"))?;
+        eprintln!(
+            "kubelet: started {} as pid {:?} on {ip}: {}",
+            key(pod),
+            child.id(),
+            argv.join(" ")
+        );
+        self.running.lock().await.insert(
+            key(pod),
+            Running {
+                child,
+                ip,
+                restarts,
+            },
+        );
+        self.report(pod, ip, false, restarts).await
+    }
+
+    async fn report(&self, pod: &Pod, ip: Ipv4Addr, ready: bool, restarts: i32) -> Result<()> {
+        let api: Api<Pod> =
+            Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
+        let r = if ready { "True" } else { "False" };
+        let name = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.first())
+            .map(|c| c.name.clone())
+            .unwrap_or_default();
+        let image = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.first())
+            .and_then(|c| c.image.clone())
+            .unwrap_or_default();
+        let now = jiff::Timestamp::now().to_string();
+        let status = json!({"status": {
+            "phase": "Running",
+            "hostIP": ip.to_string(),
+            "podIP": ip.to_string(),
+            "podIPs": [{"ip": ip.to_string()}],
+            "startTime": now,
+            "conditions": [
+                {"type": "Initialized", "status": "True"},
+                {"type": "PodScheduled", "status": "True"},
+                {"type": "ContainersReady", "status": r},
+                {"type": "Ready", "status": r},
+            ],
+            "containerStatuses": [{
+                "name": name, "image": image, "imageID": "", "ready": ready,
+                "restartCount": restarts, "started": true,
+                "state": {"running": {"startedAt": now}},
+            }],
+        }});
+        api.patch_status(
+            &pod.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&status),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn stop(&self, k: &str) {
+        if let Some(mut r) = self.running.lock().await.remove(k) {
+            if let Some(pid) = r.child.id() {
+                let _ = std::process::Command::new("kill")
+                    .arg("-TERM")
+                    .arg(pid.to_string())
+                    .status();
+            }
+            if tokio::time::timeout(Duration::from_secs(5), r.child.wait())
+                .await
+                .is_err()
+            {
+                let _ = r.child.kill().await;
+            }
+            eprintln!("kubelet: stopped {k}");
+        }
+    }
+
+    async fn on_pod(self: &Arc<Self>, pod: Pod) -> Result<()> {
+        let node = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default();
+        if !self.args.nodes.contains(&node) {
+            return Ok(());
+        }
+        let k = key(&pod);
+        if pod.metadata.deletion_timestamp.is_some() {
+            self.stop(&k).await;
+            let api: Api<Pod> =
+                Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
+            let _ = api
+                .delete(
+                    &pod.name_any(),
+                    &DeleteParams {
+                        grace_period_seconds: Some(0),
+                        ..Default::default()
+                    },
+                )
+                .await;
+            return Ok(());
+        }
+        if self.running.lock().await.contains_key(&k) {
+            return Ok(());
+        }
+        if let Err(e) = self.start(&pod, 0, None).await {
+            eprintln!("kubelet: cannot run {k}: {e:#}");
+        }
+        Ok(())
+    }
+
+    /// Probe readiness and restart exited processes, once a second.
+    async fn supervise(self: Arc<Self>) {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .unwrap_or_default();
+        let mut last_ready: HashMap<String, bool> = HashMap::new();
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let keys: Vec<String> = self.running.lock().await.keys().cloned().collect();
+            for k in keys {
+                let Some((ns, name)) = k.split_once('/') else {
+                    continue;
+                };
+                let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+                let Ok(Some(pod)) = api.get_opt(name).await else {
+                    self.stop(&k).await;
+                    continue;
+                };
+                let (exited, ip, restarts) = {
+                    let mut running = self.running.lock().await;
+                    let Some(r) = running.get_mut(&k) else {
+                        continue;
+                    };
+                    (
+                        r.child.try_wait().ok().flatten().is_some(),
+                        r.ip,
+                        r.restarts,
+                    )
+                };
+                if exited {
+                    eprintln!("kubelet: {k} exited; restarting");
+                    self.running.lock().await.remove(&k);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    if let Err(e) = self.start(&pod, restarts + 1, Some(ip)).await {
+                        eprintln!("kubelet: cannot restart {k}: {e:#}");
+                    }
+                    continue;
+                }
+                let probe = pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.containers.first())
+                    .and_then(|c| c.readiness_probe.as_ref())
+                    .and_then(|p| p.http_get.clone());
+                let ready = match probe {
+                    None => true,
+                    Some(g) => {
+                        let c = pod.spec.as_ref().and_then(|s| s.containers.first());
+                        let port = match &g.port {
+                            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(p) => {
+                                Some(*p)
+                            }
+                            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(
+                                n,
+                            ) => c
+                                .and_then(|c| c.ports.as_ref())
+                                .and_then(|ps| {
+                                    ps.iter().find(|p| p.name.as_deref() == Some(n.as_str()))
+                                })
+                                .map(|p| p.container_port),
+                        };
+                        match port {
+                            Some(port) => {
+                                let url = format!(
+                                    "http://{ip}:{port}{}",
+                                    g.path.unwrap_or_else(|| "/".into())
+                                );
+                                http.get(url)
+                                    .send()
+                                    .await
+                                    .map(|r| r.status().is_success())
+                                    .unwrap_or(false)
+                            }
+                            None => false,
+                        }
+                    }
+                };
+                if last_ready.get(&k) != Some(&ready) {
+                    if let Err(e) = self.report(&pod, ip, ready, restarts).await {
+                        eprintln!("kubelet: status of {k}: {e:#}");
+                        continue;
+                    }
+                    eprintln!("kubelet: {k} ready={ready}");
+                    last_ready.insert(k, ready);
+                }
+            }
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let client = Client::try_default().await?;
+    let kubelet = Arc::new(Kubelet {
+        args,
+        client: client.clone(),
+        running: Mutex::default(),
+        next_ip: Mutex::new(1),
+    });
+    tokio::spawn(kubelet.clone().supervise());
+    let pods: Api<Pod> = match &kubelet.args.namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    };
+    let mut stream = watcher::watcher(pods, watcher::Config::default()).boxed();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut shutdown = Box::pin(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+    });
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            ev = stream.next() => match ev {
+                Some(Ok(Event::Apply(p) | Event::InitApply(p))) => { kubelet.on_pod(p).await?; }
+                Some(Ok(Event::Delete(p))) => kubelet.stop(&key(&p)).await,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => eprintln!("kubelet: watch: {e}"),
+                None => break,
+            }
+        }
+    }
+    let keys: Vec<String> = kubelet.running.lock().await.keys().cloned().collect();
+    for k in keys {
+        kubelet.stop(&k).await;
+    }
+    Ok(())
+}
