@@ -548,3 +548,84 @@ async fn health_is_503_and_requests_are_503_until_the_model_is_loaded() {
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["retry-after"], "1");
 }
+
+#[tokio::test]
+async fn a_broken_model_ends_serve_with_a_non_zero_exit_naming_the_file() {
+    let d = std::env::temp_dir().join(format!("copyhold-server-broken-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    synth(&SynthSpec::tiny(Arch::Llama), &d).unwrap();
+    let p = d.join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_copyhold-node"))
+        .args(["serve", "--port", "0", "--model"])
+        .arg(&d)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("model.safetensors") && err.contains("truncated"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn the_golden_chat_comes_back_over_http_with_the_reference_tokens() {
+    let fixtures = match std::env::var_os("COPYHOLD_FIXTURES") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"),
+    };
+    let dir = fixtures.join("tiny-llama");
+    let golden: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let chat = &golden["chat"];
+    let ids: Vec<u32> = chat["greedy_continuation_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let text = copyhold_node::tokenizer::TextModel::load(&dir, &[1]).unwrap();
+    let want = text.decode(&ids);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_copyhold-node"))
+        .args(["serve", "--port", "0", "--model"])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let v: Value = serde_json::from_str(&line).unwrap();
+    let s = Server {
+        child,
+        base: format!("http://{}", v["listening"].as_str().unwrap()),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reqwest::get(format!("{}/health", s.base))
+        .await
+        .map(|r| r.status() != 200)
+        .unwrap_or(true)
+    {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let body = json!({"messages": chat["messages"], "max_tokens": ids.len(), "temperature": 0, "ignore_eos": true});
+    let (st, r) = post(&s.base, "/v1/chat/completions", body).await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        r["choices"][0]["message"]["content"].as_str().unwrap(),
+        want
+    );
+    assert_eq!(
+        r["usage"]["prompt_tokens"].as_u64().unwrap() as usize,
+        chat["token_ids"].as_array().unwrap().len()
+    );
+    assert_eq!(
+        r["usage"]["completion_tokens"].as_u64().unwrap() as usize,
+        ids.len()
+    );
+}
