@@ -2,7 +2,6 @@
 //! SSE streaming, models, health, metrics and the power-limit admin API.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -643,9 +642,4 @@ async fn set_power_limit(
         }
     }
     axum::Json(limit_body(&s)).into_response()
-}
-
-/// Address helper for logs.
-pub fn describe(addr: SocketAddr) -> String {
-    format!("http://{addr}")
 }
