@@ -21,8 +21,13 @@ pub fn matmul_wt(x: &[f32], m: usize, w: &Tensor) -> Vec<f32> {
     let (n, k) = (w.shape[0], w.shape[1]);
     assert_eq!(x.len(), m * k, "activation shape does not match {}", w.name);
     let threads = rayon::current_num_threads().max(1);
-    // Enough tiles for load balance, each big enough to amortize the widening.
-    let tile = (n / (threads * 4)).clamp(8, 256);
+    // Enough tiles for load balance, each big enough to amortize the
+    // widening, and small enough (≤ 256 KiB of f32) that the widened tile
+    // stays in L2 while it is multiplied. Depends on the weight shape only,
+    // never on `m`, so a row's result does not depend on the batch.
+    let tile = (n / (threads * 4))
+        .min((64 * 1024) / k.max(1))
+        .clamp(8, 256);
     let tiles: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(tile))
         .into_par_iter()
         .map(|t| {
