@@ -307,6 +307,18 @@ cmd_up() {
 }
 
 cmd_down() {
+  # What the demo started on top of the control plane goes first.
+  local f pid
+  for f in "$RUN"/demo-*.pid; do
+    [ -f "$f" ] || continue
+    pid=$(cat "$f")
+    if kill -0 "$pid" 2>/dev/null; then
+      kill "$pid" 2>/dev/null || true
+      for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+      kill -9 "$pid" 2>/dev/null || true
+    fi
+    rm -f "$f"
+  done
   stop_all
   rm -rf "$RUN/etcd-data" "$KUBECONFIG_FILE"
   log "stopped"

@@ -447,11 +447,35 @@ impl Placement {
     /// preferred nodeAffinity by class rank (best gets 50), and a preferred
     /// podAntiAffinity (weight 100) on the hostname for pods carrying
     /// `pod_labels`, so replicas spread.
+    /// The classes the planned replicas use, best first; all fitting
+    /// classes when no replica is planned (scaled to zero).
+    pub fn planned_classes(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for c in &self.classes {
+            if self.replicas.iter().any(|r| r.product == *c) {
+                out.push(c.clone());
+            }
+        }
+        for r in &self.replicas {
+            if !out.contains(&r.product) {
+                out.push(r.product.clone());
+            }
+        }
+        if out.is_empty() {
+            self.classes.clone()
+        } else {
+            out
+        }
+    }
+
     pub fn node_affinity(&self, pod_labels: &BTreeMap<String, String>) -> Affinity {
+        // Required, not merely preferred: the scheduler's own scores (free
+        // CPU, balance) would otherwise outweigh the tokens-per-joule order.
+        let planned = self.planned_classes();
         let mut required = vec![NodeSelectorRequirement {
             key: PRODUCT_LABEL.into(),
             operator: "In".into(),
-            values: Some(self.classes.clone()),
+            values: Some(planned.clone()),
         }];
         required.extend(
             self.node_selector
@@ -462,9 +486,8 @@ impl Placement {
                     values: Some(vec![v.clone()]),
                 }),
         );
-        let count = i32::try_from(self.classes.len()).unwrap_or(i32::MAX).max(1);
-        let preferred = self
-            .classes
+        let count = i32::try_from(planned.len()).unwrap_or(i32::MAX).max(1);
+        let preferred = planned
             .iter()
             .enumerate()
             .map(|(i, c)| {

@@ -97,7 +97,7 @@ pub async fn decide(
         "{} replica(s) of {} GPU(s) each on {}; needs {:.1} GiB per replica",
         md.spec.replicas,
         placed.gpus_per_replica,
-        placed.classes.join(" or "),
+        placed.planned_classes().join(" and "),
         placed.required_memory_bytes as f64 / (1u64 << 30) as f64
     );
     Ok(Decision {
