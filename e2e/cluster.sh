@@ -204,18 +204,23 @@ current-context: copyhold-test
 EOF
 }
 
+# Stop the process a PID file names (TERM, then KILL after 10 s) and remove the file.
+stop_pid_file() {
+  local f=$1 pid
+  [ -f "$f" ] || return 0
+  pid=$(cat "$f")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+  rm -f "$f"
+}
+
 stop_all() {
-  local name pid
+  local name
   for name in kube-scheduler kube-controller-manager kube-apiserver etcd; do
-    if [ -f "$RUN/$name.pid" ]; then
-      pid=$(cat "$RUN/$name.pid")
-      if kill -0 "$pid" 2>/dev/null; then
-        kill "$pid" 2>/dev/null || true
-        for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
-        kill -9 "$pid" 2>/dev/null || true
-      fi
-      rm -f "$RUN/$name.pid"
-    fi
+    stop_pid_file "$RUN/$name.pid"
   done
 }
 
@@ -308,17 +313,8 @@ cmd_up() {
 
 cmd_down() {
   # What the demo started on top of the control plane goes first.
-  local f pid
-  for f in "$RUN"/demo-*.pid; do
-    [ -f "$f" ] || continue
-    pid=$(cat "$f")
-    if kill -0 "$pid" 2>/dev/null; then
-      kill "$pid" 2>/dev/null || true
-      for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
-      kill -9 "$pid" 2>/dev/null || true
-    fi
-    rm -f "$f"
-  done
+  local f
+  for f in "$RUN"/demo-*.pid; do stop_pid_file "$f"; done
   stop_all
   rm -rf "$RUN/etcd-data" "$KUBECONFIG_FILE"
   log "stopped"

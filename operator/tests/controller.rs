@@ -59,6 +59,35 @@ impl Drop for ControllerProcess {
     }
 }
 
+/// One test's world: the fleet to itself, its own namespace, a client, and
+/// (usually) a controller watching that namespace. Fields drop in order: the
+/// controller stops before the namespace is cleaned, the fleet lock goes last.
+struct Scene {
+    _controller: Option<ControllerProcess>,
+    client: Client,
+    ns: TestNamespace,
+    _fleet: FleetLock,
+}
+
+impl Scene {
+    async fn without_controller(prefix: &str) -> Result<Self> {
+        let fleet = FleetLock::acquire()?;
+        install_crds().await?;
+        Ok(Self {
+            _controller: None,
+            client: support::client().await?,
+            ns: TestNamespace::create(prefix)?,
+            _fleet: fleet,
+        })
+    }
+
+    async fn with_controller(prefix: &str) -> Result<Self> {
+        let mut scene = Self::without_controller(prefix).await?;
+        scene._controller = Some(one_controller_for(&scene.ns.name)?);
+        Ok(scene)
+    }
+}
+
 fn one_controller_for(ns: &str) -> Result<ControllerProcess> {
     ControllerProcess::start(&["--leader-election=false", "--watch-namespace", ns])
 }
@@ -162,11 +191,8 @@ fn gpu_limit(d: &Deployment) -> Option<String> {
 
 #[tokio::test]
 async fn a_20_gib_model_lands_on_a_v100_or_the_p40_never_the_t4() -> Result<()> {
-    let _fleet = FleetLock::acquire()?;
-    install_crds().await?;
-    let client = support::client().await?;
-    let ns = TestNamespace::create("place20")?;
-    let _controller = one_controller_for(&ns.name)?;
+    let scene = Scene::with_controller("place20").await?;
+    let (client, ns) = (&scene.client, &scene.ns);
     apply(&ns.name, &model("big", 18, 1, ""))?;
     let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
     let (reason, message) = wait_condition(&mds, "big", "Placed", "True").await?;
@@ -174,7 +200,7 @@ async fn a_20_gib_model_lands_on_a_v100_or_the_p40_never_the_t4() -> Result<()> 
     assert!(!message.contains("Tesla-T4"), "{message}");
     let d: Deployment = Api::namespaced(client.clone(), &ns.name).get("big").await?;
     assert_eq!(gpu_limit(&d).as_deref(), Some("1"));
-    let nodes = bound_nodes(&client, &ns.name, "big", 1).await?;
+    let nodes = bound_nodes(client, &ns.name, "big", 1).await?;
     assert!(
         nodes[0] == "gpu-v100" || nodes[0] == "gpu-p40",
         "bound to {nodes:?}"
@@ -220,10 +246,8 @@ async fn a_20_gib_model_lands_on_a_v100_or_the_p40_never_the_t4() -> Result<()> 
 
 #[tokio::test]
 async fn the_two_p100s_are_split_across_only_when_no_single_card_that_fits_is_free() -> Result<()> {
-    let _fleet = FleetLock::acquire()?;
-    install_crds().await?;
-    let client = support::client().await?;
-    let ns = TestNamespace::create("split")?;
+    let scene = Scene::without_controller("split").await?;
+    let (client, ns) = (&scene.client, &scene.ns);
     // Occupy every card that could hold 20 GiB alone: the V100s and the P40.
     let blockers = r#"apiVersion: v1
 kind: Pod
@@ -265,7 +289,7 @@ spec:
         .await?;
     assert_eq!(gpu_limit(&d).as_deref(), Some("2"), "{message}");
     assert_eq!(
-        bound_nodes(&client, &ns.name, "split", 1).await?,
+        bound_nodes(client, &ns.name, "split", 1).await?,
         vec!["gpu-p100".to_string()]
     );
     Ok(())
@@ -273,11 +297,8 @@ spec:
 
 #[tokio::test]
 async fn bf16_compute_is_refused_on_this_fleet_with_no_compatible_gpu() -> Result<()> {
-    let _fleet = FleetLock::acquire()?;
-    install_crds().await?;
-    let client = support::client().await?;
-    let ns = TestNamespace::create("bf16")?;
-    let _controller = one_controller_for(&ns.name)?;
+    let scene = Scene::with_controller("bf16").await?;
+    let (client, ns) = (&scene.client, &scene.ns);
     let m = model("bf16", 4, 1, "  engine: {kind: vllm}\n").replace("dtype: f16", "dtype: bf16");
     apply(&ns.name, &m)?;
     let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
@@ -308,11 +329,8 @@ async fn bf16_compute_is_refused_on_this_fleet_with_no_compatible_gpu() -> Resul
 
 #[tokio::test]
 async fn a_model_too_large_for_any_card_names_the_largest_and_the_bytes_missing() -> Result<()> {
-    let _fleet = FleetLock::acquire()?;
-    install_crds().await?;
-    let client = support::client().await?;
-    let ns = TestNamespace::create("huge")?;
-    let _controller = one_controller_for(&ns.name)?;
+    let scene = Scene::with_controller("huge").await?;
+    let (client, ns) = (&scene.client, &scene.ns);
     apply(&ns.name, &model("huge", 400, 1, ""))?;
     let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
     let (reason, message) = wait_condition(&mds, "huge", "Placed", "False").await?;
@@ -326,15 +344,12 @@ async fn a_model_too_large_for_any_card_names_the_largest_and_the_bytes_missing(
 
 #[tokio::test]
 async fn two_replicas_spread_over_two_nodes() -> Result<()> {
-    let _fleet = FleetLock::acquire()?;
-    install_crds().await?;
-    let client = support::client().await?;
-    let ns = TestNamespace::create("spread")?;
-    let _controller = one_controller_for(&ns.name)?;
+    let scene = Scene::with_controller("spread").await?;
+    let (client, ns) = (&scene.client, &scene.ns);
     apply(&ns.name, &model("pair", 18, 2, ""))?;
     let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
     wait_condition(&mds, "pair", "Placed", "True").await?;
-    let nodes: BTreeSet<String> = bound_nodes(&client, &ns.name, "pair", 2)
+    let nodes: BTreeSet<String> = bound_nodes(client, &ns.name, "pair", 2)
         .await?
         .into_iter()
         .collect();
@@ -348,11 +363,8 @@ async fn two_replicas_spread_over_two_nodes() -> Result<()> {
 
 #[tokio::test]
 async fn drift_is_repaired_and_an_unchanged_object_is_not_rewritten() -> Result<()> {
-    let _fleet = FleetLock::acquire()?;
-    install_crds().await?;
-    let client = support::client().await?;
-    let ns = TestNamespace::create("drift")?;
-    let _controller = one_controller_for(&ns.name)?;
+    let scene = Scene::with_controller("drift").await?;
+    let (client, ns) = (&scene.client, &scene.ns);
     apply(&ns.name, &model("steady", 4, 1, ""))?;
     let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
     wait_condition(&mds, "steady", "Placed", "True").await?;
@@ -419,11 +431,8 @@ async fn drift_is_repaired_and_an_unchanged_object_is_not_rewritten() -> Result<
 
 #[tokio::test]
 async fn an_invalid_update_keeps_the_previous_deployment() -> Result<()> {
-    let _fleet = FleetLock::acquire()?;
-    install_crds().await?;
-    let client = support::client().await?;
-    let ns = TestNamespace::create("keep")?;
-    let _controller = one_controller_for(&ns.name)?;
+    let scene = Scene::with_controller("keep").await?;
+    let (client, ns) = (&scene.client, &scene.ns);
     apply(&ns.name, &model("keep", 4, 1, ""))?;
     let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
     wait_condition(&mds, "keep", "Placed", "True").await?;
@@ -455,11 +464,8 @@ async fn an_invalid_update_keeps_the_previous_deployment() -> Result<()> {
 
 #[tokio::test]
 async fn kubectl_scale_reaches_the_deployment() -> Result<()> {
-    let _fleet = FleetLock::acquire()?;
-    install_crds().await?;
-    let client = support::client().await?;
-    let ns = TestNamespace::create("kscale")?;
-    let _controller = one_controller_for(&ns.name)?;
+    let scene = Scene::with_controller("kscale").await?;
+    let (client, ns) = (&scene.client, &scene.ns);
     apply(&ns.name, &model("small", 2, 1, ""))?;
     let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
     wait_condition(&mds, "small", "Placed", "True").await?;
@@ -483,10 +489,8 @@ async fn kubectl_scale_reaches_the_deployment() -> Result<()> {
 
 #[tokio::test]
 async fn a_standby_controller_takes_over_when_the_leader_is_killed() -> Result<()> {
-    let _fleet = FleetLock::acquire()?;
-    install_crds().await?;
-    let client = support::client().await?;
-    let ns = TestNamespace::create("leader")?;
+    let scene = Scene::without_controller("leader").await?;
+    let (client, ns) = (&scene.client, &scene.ns);
     let lease_name = format!("copyhold-test-{}", ns.name);
     let args = |id: &'static str| -> Vec<String> {
         [

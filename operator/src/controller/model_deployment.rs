@@ -170,69 +170,54 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
 
     let nodes = ctx.indexes.nodes.state();
     let pods = ctx.indexes.pods.state();
-    let decision = decide(md, &nodes, &pods, &ctx.http, &ctx.sources).await;
-    let mut events: Vec<Event> = Vec::new();
-    let deployment = match &decision {
-        Ok(d) => {
-            let built = workload::deployment(md, &d.workload, &ctx.defaults)
-                .and_then(|dep| workload::service(md).map(|svc| (dep, svc)));
-            match built {
-                Ok((dep, svc)) => {
-                    let live_dep = ctx
-                        .indexes
-                        .deployments
-                        .get(&ObjectRef::new(&name).within(&ns));
-                    let live_svc = ctx.indexes.services.get(&ObjectRef::new(&name).within(&ns));
-                    let applied = apply_if_changed(&deployments, &name, dep, live_dep, ctx).await?;
-                    apply_if_changed(&services, &name, svc, live_svc, ctx).await?;
-                    let changed_placement = old.gpus_per_replica
-                        != Some(d.workload.gpus_per_replica as i32)
-                        || old.required_memory_bytes != Some(d.required_memory_bytes as i64);
-                    let flipped = conditions::set(
-                        &mut status.conditions,
-                        "Placed",
-                        true,
-                        "Placed",
-                        &d.summary,
-                        generation,
-                        now.clone(),
-                    );
-                    if flipped || changed_placement {
-                        events.push(Event {
-                            type_: EventType::Normal,
-                            reason: "Placed".into(),
-                            note: Some(d.summary.clone()),
-                            action: "Place".into(),
-                            secondary: None,
-                        });
-                    }
-                    status.gpus_per_replica = Some(d.workload.gpus_per_replica as i32);
-                    status.required_memory_bytes = Some(d.required_memory_bytes as i64);
-                    status.gpu_class = d.gpu_class.clone();
-                    Some(applied)
-                }
-                Err(e) => {
-                    let refusal = Refusal {
-                        reason: "UnsupportedSource",
-                        message: e.to_string(),
-                    };
-                    let existing = ctx
-                        .indexes
-                        .deployments
-                        .get(&ObjectRef::new(&name).within(&ns))
-                        .map(|d| d.as_ref().clone());
-                    refuse(
-                        &mut status,
-                        &refusal,
-                        existing.is_some(),
-                        generation,
-                        now.clone(),
-                        &mut events,
-                        ctx,
-                    );
-                    existing
-                }
+    let decision = decide(md, &nodes, &pods, &ctx.http, &ctx.sources)
+        .await
+        .and_then(|d| {
+            let dep = workload::deployment(md, &d.workload, &ctx.defaults);
+            let svc = workload::service(md);
+            match (dep, svc) {
+                (Ok(dep), Ok(svc)) => Ok((d, dep, svc)),
+                (Err(e), _) | (_, Err(e)) => Err(Refusal {
+                    reason: "UnsupportedSource",
+                    message: e.to_string(),
+                }),
             }
+        });
+    let mut events: Vec<Event> = Vec::new();
+    let deployment = match decision {
+        Ok((d, dep, svc)) => {
+            let live_dep = ctx
+                .indexes
+                .deployments
+                .get(&ObjectRef::new(&name).within(&ns));
+            let live_svc = ctx.indexes.services.get(&ObjectRef::new(&name).within(&ns));
+            let applied = apply_if_changed(&deployments, &name, dep, live_dep, ctx).await?;
+            apply_if_changed(&services, &name, svc, live_svc, ctx).await?;
+            let changed_placement = old.gpus_per_replica
+                != Some(d.workload.gpus_per_replica as i32)
+                || old.required_memory_bytes != Some(d.required_memory_bytes as i64);
+            let flipped = conditions::set(
+                &mut status.conditions,
+                "Placed",
+                true,
+                "Placed",
+                &d.summary,
+                generation,
+                now.clone(),
+            );
+            if flipped || changed_placement {
+                events.push(Event {
+                    type_: EventType::Normal,
+                    reason: "Placed".into(),
+                    note: Some(d.summary.clone()),
+                    action: "Place".into(),
+                    secondary: None,
+                });
+            }
+            status.gpus_per_replica = Some(d.workload.gpus_per_replica as i32);
+            status.required_memory_bytes = Some(d.required_memory_bytes as i64);
+            status.gpu_class = d.gpu_class.clone();
+            Some(applied)
         }
         Err(refusal) => {
             let existing = ctx
@@ -242,7 +227,7 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
                 .map(|d| d.as_ref().clone());
             refuse(
                 &mut status,
-                refusal,
+                &refusal,
                 existing.is_some(),
                 generation,
                 now.clone(),
