@@ -226,6 +226,17 @@ stop_all() {
 
 create_fleet() {
   local kc=$1
+  # No kubelet confirms deletions here: Pods left terminating on the
+  # simulated nodes (an interrupted test, say) would hold their GPUs forever.
+  KUBECONFIG=$kc kubectl get pods -A -o json 2>/dev/null | python3 -c '
+import json, sys
+for p in json.load(sys.stdin).get("items", []):
+    m = p["metadata"]
+    if m.get("deletionTimestamp"):
+        print(m["namespace"] + " " + m["name"])
+' | while read -r ns name; do
+    KUBECONFIG=$kc kubectl delete pod -n "$ns" "$name" --grace-period=0 --force >/dev/null 2>&1 || true
+  done
   KUBECONFIG=$kc kubectl apply -f "$HERE/nodes.yaml" >/dev/null
   # No kubelet: set each Node's status (capacity, Ready) and lift the
   # not-ready taint admission put on it, so the real scheduler binds Pods.
