@@ -66,6 +66,8 @@ spec:
     source: {hostPath: {path: $MODEL}}
     servedName: demo-llama
   serving: {contextLength: 1024, maxConcurrentSequences: 4}
+  # The co-op's old P4 serves the demo, leaving the rest of the fleet to the tests.
+  placement: {gpuProducts: [Tesla-P4]}
   replicas: 1
   priority: deferrable
   stintQuota: coop-members

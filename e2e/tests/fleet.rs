@@ -18,6 +18,7 @@ async fn the_fleet_has_gfd_labels_gpu_capacity_and_no_taints() -> Result<()> {
         ("gpu-p40", "Tesla-P40", "1", "6", "1"),
         ("gpu-v100", "Tesla-V100-SXM2-32GB", "4", "7", "0"),
         ("gpu-t4", "Tesla-T4", "1", "7", "5"),
+        ("gpu-p4", "Tesla-P4", "1", "6", "1"),
     ];
     for (name, product, count, major, minor) in expected {
         let n = nodes.get(name).await?;

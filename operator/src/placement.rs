@@ -1245,7 +1245,10 @@ mod tests {
     fn the_e2e_fleet_is_read_from_gfd_labels_and_the_cpu_node_is_left_out() {
         let fleet = fleet_from(&e2e_nodes(), &[], |_| false);
         let names: Vec<&str> = fleet.iter().map(|n| n.name.as_str()).collect();
-        assert_eq!(names, vec!["gpu-p100", "gpu-p40", "gpu-v100", "gpu-t4"]);
+        assert_eq!(
+            names,
+            vec!["gpu-p100", "gpu-p40", "gpu-v100", "gpu-t4", "gpu-p4"]
+        );
         assert_eq!(fleet[0].memory_bytes_per_gpu, 16280 * MIB);
         assert_eq!(fleet[0].allocatable_gpus, 2);
         assert_eq!(fleet[1].compute_capability, (6, 1));

@@ -32,7 +32,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "gpu-p100,gpu-p40,gpu-v100,gpu-t4,cpu-only"
+        default_value = "gpu-p100,gpu-p40,gpu-v100,gpu-t4,gpu-p4,cpu-only"
     )]
     nodes: Vec<String>,
     /// `IMAGE_PREFIX=BINARY`: a container whose image starts with the prefix
