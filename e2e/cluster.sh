@@ -152,7 +152,9 @@ api_ready() {
 # start NAME CMD... : start a process in its own session, recording its PID.
 start() {
   local name=$1; shift
-  setsid "$@" >"$LOGS/$name.log" 2>&1 < /dev/null &
+  # 9>&-: the process must not inherit the lock on fd 9, or it would hold
+  # it for as long as it runs and every later `up` would wait forever.
+  setsid "$@" >"$LOGS/$name.log" 2>&1 </dev/null 9>&- &
   echo $! >"$RUN/$name.pid"
 }
 
