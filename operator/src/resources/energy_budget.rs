@@ -377,6 +377,10 @@ pub struct EnergyBudgetStatus {
     /// ModelDeployments (`namespace/name`) with replicas shed by this budget.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shed: Vec<String>,
+    /// ModelDeployments (`namespace/name`) with replicas on the covered
+    /// nodes: the gateway defers their deferrable members while `Deferring`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub covered: Vec<String>,
     /// While deferring: seconds until supply is expected to cover demand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_seconds: Option<i64>,

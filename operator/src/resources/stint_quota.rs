@@ -300,6 +300,12 @@ pub struct LedgerSpec {
     #[serde(default = "default_reserve")]
     #[schemars(range(min = 1, max = 10000000))]
     pub default_max_tokens: i64,
+    /// Seconds after its last heartbeat that a gateway replica counts as
+    /// dead; its slices are then charged to their members (an over-count,
+    /// never an under-count).
+    #[serde(default = "default_replica_ttl")]
+    #[schemars(range(min = 2, max = 3600))]
+    pub replica_ttl_seconds: i64,
 }
 
 impl Default for LedgerSpec {
@@ -308,6 +314,7 @@ impl Default for LedgerSpec {
             slice_tokens: default_slice(),
             slice_energy_wh: default_slice_wh(),
             default_max_tokens: default_reserve(),
+            replica_ttl_seconds: default_replica_ttl(),
         }
     }
 }
@@ -320,6 +327,9 @@ fn default_slice_wh() -> f64 {
 }
 fn default_reserve() -> i64 {
     1024
+}
+fn default_replica_ttl() -> i64 {
+    30
 }
 
 /// The register, written by the gateway (settlements) and the controller
@@ -354,6 +364,19 @@ pub struct StintQuotaStatus {
     /// Remaining stint leased by gateway replicas, not yet settled.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub slices: Vec<Slice>,
+    /// Gateway replicas holding slices, with their last heartbeat.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<GatewayReplica>,
+}
+
+/// A gateway replica's heartbeat in the register.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayReplica {
+    /// The replica's identity (Pod name and a per-process suffix).
+    pub name: String,
+    /// Last time the replica wrote to the register.
+    pub renewed_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
 }
 
 /// One line of the register.
@@ -377,6 +400,17 @@ pub struct MemberUsage {
     /// Requests settled.
     #[serde(default)]
     pub requests: i64,
+    /// Weighted tokens charged from slices of replicas that died (included
+    /// in `tokens`): the ledger's over-count, made visible.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reclaimed_tokens: i64,
+    /// Weighted tokens of the previous period (rolling periods count a
+    /// sliding part of it).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub previous_tokens: i64,
+    /// Watt-hours of the previous period.
+    #[serde(default, skip_serializing_if = "is_zero_f")]
+    pub previous_energy_wh: f64,
     /// The member's token stint this period (after sharing the pool).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stint_tokens: Option<i64>,
@@ -386,6 +420,13 @@ pub struct MemberUsage {
     /// `ok`, `warned`, `throttled` or `suspended`.
     #[serde(default)]
     pub state: MemberState,
+}
+
+fn is_zero(v: &i64) -> bool {
+    *v == 0
+}
+fn is_zero_f(v: &f64) -> bool {
+    *v == 0.0
 }
 
 /// A member's standing.

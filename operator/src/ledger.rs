@@ -1,0 +1,683 @@
+//! The exact ledger, pure. Gateway replicas share a StintQuota's register
+//! through the API server: each leases slices of a member's remaining stint
+//! into the status (optimistic concurrency on resourceVersion), reserves
+//! requests against its slice locally, and writes settled usage back,
+//! shrinking the slice by as much. Hence:
+//!
+//! - the register's usage is the sum of settled usage, exactly;
+//! - a request is admitted while the replica holds a positive remainder,
+//!   so a stint is overshot by less than one reservation per replica;
+//! - a dead replica's slices are charged to their members in full, which
+//!   covers everything it settled but never wrote: an over-count bounded by
+//!   the slice, never an under-count.
+//!
+//! This module holds the two halves of that arithmetic: the register
+//! operations on [`StintQuotaStatus`] and the replica's local [`Book`]. The
+//! I/O lives in `gateway::ledger_sync`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::resources::stint_quota::{
+    GatewayReplica, MemberState, MemberUsage, Slice, StintQuotaSpec, StintQuotaStatus,
+};
+use crate::stint::{self, MemberStint, PeriodWindow};
+
+/// Settled usage of one or more requests.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Usage {
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    /// Weighted tokens (what stints count).
+    pub tokens: i64,
+    pub energy_wh: f64,
+    pub requests: i64,
+}
+
+impl Usage {
+    pub fn is_empty(&self) -> bool {
+        self.requests == 0 && self.tokens == 0 && self.energy_wh == 0.0
+    }
+
+    fn add(&mut self, o: &Usage) {
+        self.prompt_tokens += o.prompt_tokens;
+        self.completion_tokens += o.completion_tokens;
+        self.tokens += o.tokens;
+        self.energy_wh += o.energy_wh;
+        self.requests += o.requests;
+    }
+
+    fn sub(&mut self, o: &Usage) {
+        self.prompt_tokens -= o.prompt_tokens;
+        self.completion_tokens -= o.completion_tokens;
+        self.tokens -= o.tokens;
+        self.energy_wh -= o.energy_wh;
+        self.requests -= o.requests;
+    }
+}
+
+/// A dead replica's slice, charged to its member.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reclaimed {
+    pub replica: String,
+    pub member: String,
+    pub tokens: i64,
+    pub energy_wh: f64,
+}
+
+/// What [`refresh`] changed that deserves an Event or a log line.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Refreshed {
+    pub period_rolled: bool,
+    pub reclaimed: Vec<Reclaimed>,
+}
+
+/// k8s-openapi's `Time` is a jiff timestamp; the stint arithmetic uses
+/// chrono (for chrono-tz). Millisecond precision is what the API keeps.
+pub fn time(t: DateTime<Utc>) -> Time {
+    Time(jiff::Timestamp::from_millisecond(t.timestamp_millis()).unwrap_or(jiff::Timestamp::UNIX_EPOCH))
+}
+
+/// The inverse of [`time`].
+pub fn chrono_of(t: &Time) -> DateTime<Utc> {
+    DateTime::<Utc>::from_timestamp_millis(t.0.as_millisecond()).unwrap_or_default()
+}
+
+/// Bring the register in line with the spec and the clock: one line per
+/// member (in spec order), stints, period rollover, dead replicas' slices
+/// charged, standings. Idempotent for the same inputs.
+pub fn refresh(
+    spec: &StintQuotaSpec,
+    status: &mut StintQuotaStatus,
+    period: PeriodWindow,
+    now: DateTime<Utc>,
+    ttl_seconds: i64,
+) -> Refreshed {
+    let mut out = Refreshed::default();
+
+    // Members: keep usage of those still listed, add new ones, drop the rest.
+    let mut old: HashMap<String, MemberUsage> = status
+        .members
+        .drain(..)
+        .map(|m| (m.name.clone(), m))
+        .collect();
+    let stints = stint::member_stints(spec);
+    status.members = spec
+        .members
+        .iter()
+        .zip(&stints)
+        .map(|(m, s)| {
+            let mut u = old.remove(&m.name).unwrap_or_else(|| MemberUsage {
+                name: m.name.clone(),
+                ..Default::default()
+            });
+            u.stint_tokens = s.tokens;
+            u.stint_energy_wh = s.energy_wh;
+            u
+        })
+        .collect();
+    let listed: std::collections::HashSet<&str> =
+        spec.members.iter().map(|m| m.name.as_str()).collect();
+    status.slices.retain(|s| listed.contains(s.member.as_str()));
+
+    // Period rollover.
+    let prev_start = status.period_start.as_ref().map(chrono_of);
+    if prev_start != Some(period.start) {
+        if prev_start.is_some() {
+            out.period_rolled = true;
+            let consecutive = prev_start.is_some_and(|s| s < period.start)
+                && status.resets_at.as_ref().map(chrono_of) == Some(period.start);
+            for u in &mut status.members {
+                if consecutive {
+                    u.previous_tokens = u.tokens;
+                    u.previous_energy_wh = u.energy_wh;
+                } else {
+                    u.previous_tokens = 0;
+                    u.previous_energy_wh = 0.0;
+                }
+                u.tokens = 0;
+                u.prompt_tokens = 0;
+                u.completion_tokens = 0;
+                u.energy_wh = 0.0;
+                u.requests = 0;
+                u.reclaimed_tokens = 0;
+            }
+        }
+        status.period_start = Some(time(period.start));
+    }
+    status.resets_at = Some(time(period.end));
+
+    // Dead replicas: charge their slices.
+    let ttl = chrono::Duration::seconds(ttl_seconds.max(1));
+    let live: std::collections::HashSet<String> = status
+        .gateways
+        .iter()
+        .filter(|g| chrono_of(&g.renewed_at) + ttl >= now)
+        .map(|g| g.name.clone())
+        .collect();
+    status.gateways.retain(|g| live.contains(&g.name));
+    let mut kept = Vec::with_capacity(status.slices.len());
+    for s in status.slices.drain(..) {
+        if live.contains(&s.replica) {
+            kept.push(s);
+            continue;
+        }
+        if let Some(u) = status.members.iter_mut().find(|u| u.name == s.member) {
+            u.tokens += s.tokens;
+            u.reclaimed_tokens += s.tokens;
+            u.energy_wh += s.energy_wh;
+        }
+        out.reclaimed.push(Reclaimed {
+            replica: s.replica,
+            member: s.member,
+            tokens: s.tokens,
+            energy_wh: s.energy_wh,
+        });
+    }
+    status.slices = kept;
+
+    restate(spec, status, period, now);
+    out
+}
+
+/// Standings, the quota's one-word state and the counters `kubectl get`
+/// shows.
+fn restate(spec: &StintQuotaSpec, status: &mut StintQuotaStatus, period: PeriodWindow, now: DateTime<Utc>) {
+    let pw = period.previous_weight(now);
+    let mut worst = MemberState::Ok;
+    for u in &mut status.members {
+        let s = MemberStint {
+            tokens: u.stint_tokens,
+            energy_wh: u.stint_energy_wh,
+        };
+        let f = stint::used_fraction(
+            s,
+            stint::effective_tokens(u, pw),
+            stint::effective_energy_wh(u, pw),
+        );
+        u.state = stint::standing(spec, f);
+        worst = worst.max_state(u.state);
+    }
+    status.member_count = status.members.len() as i32;
+    status.period_description = Some(stint::describe_period(spec));
+    status.state = Some(
+        match worst {
+            MemberState::Ok => "Ok",
+            _ => "Warned",
+        }
+        .into(),
+    );
+}
+
+impl MemberState {
+    fn rank(self) -> u8 {
+        match self {
+            MemberState::Ok => 0,
+            MemberState::Warned => 1,
+            MemberState::Throttled => 2,
+            MemberState::Suspended => 3,
+        }
+    }
+    /// The worse of two standings.
+    pub fn max_state(self, o: MemberState) -> MemberState {
+        if o.rank() > self.rank() { o } else { self }
+    }
+}
+
+/// Record that `replica` is alive.
+pub fn renew(status: &mut StintQuotaStatus, replica: &str, now: DateTime<Utc>) {
+    match status.gateways.iter_mut().find(|g| g.name == replica) {
+        Some(g) => g.renewed_at = time(now),
+        None => status.gateways.push(GatewayReplica {
+            name: replica.into(),
+            renewed_at: time(now),
+        }),
+    }
+}
+
+/// Remove `replica` from the register after returning its slices (clean
+/// shutdown).
+pub fn leave(status: &mut StintQuotaStatus, replica: &str) {
+    status.gateways.retain(|g| g.name != replica);
+    status.slices.retain(|s| s.replica != replica);
+}
+
+fn slice_mut<'a>(status: &'a mut StintQuotaStatus, replica: &str, member: &str) -> &'a mut Slice {
+    let i = match status
+        .slices
+        .iter()
+        .position(|s| s.replica == replica && s.member == member)
+    {
+        Some(i) => i,
+        None => {
+            status.slices.push(Slice {
+                replica: replica.into(),
+                member: member.into(),
+                tokens: 0,
+                energy_wh: 0.0,
+            });
+            status.slices.len() - 1
+        }
+    };
+    &mut status.slices[i]
+}
+
+/// The slice `replica` holds for `member`: (tokens, Wh).
+pub fn slice_of(status: &StintQuotaStatus, replica: &str, member: &str) -> (i64, f64) {
+    status
+        .slices
+        .iter()
+        .find(|s| s.replica == replica && s.member == member)
+        .map(|s| (s.tokens, s.energy_wh))
+        .unwrap_or((0, 0.0))
+}
+
+/// Write settled usage: the member's line grows by it and the replica's
+/// slice shrinks by as much (never below zero: an overshoot is charged in
+/// full). Usage of a member no longer listed is dropped with the member.
+pub fn settle(status: &mut StintQuotaStatus, replica: &str, member: &str, usage: &Usage) {
+    let Some(u) = status.members.iter_mut().find(|u| u.name == member) else {
+        return;
+    };
+    u.prompt_tokens += usage.prompt_tokens;
+    u.completion_tokens += usage.completion_tokens;
+    u.tokens += usage.tokens;
+    u.energy_wh += usage.energy_wh;
+    u.requests += usage.requests;
+    if let Some(s) = status
+        .slices
+        .iter_mut()
+        .find(|s| s.replica == replica && s.member == member)
+    {
+        s.tokens = (s.tokens - usage.tokens).max(0);
+        s.energy_wh = (s.energy_wh - usage.energy_wh).max(0.0);
+    }
+}
+
+/// Lease up to `want` more of a member's remaining stint (up to its
+/// ceiling, counting every replica's slices as spent) into `replica`'s
+/// slice. Unlimited dimensions are granted in full: slices of unlimited
+/// members still matter, because they are what a dead replica is charged.
+/// Returns what was granted.
+pub fn grant(
+    spec: &StintQuotaSpec,
+    status: &mut StintQuotaStatus,
+    period: PeriodWindow,
+    now: DateTime<Utc>,
+    replica: &str,
+    member: &str,
+    want_tokens: i64,
+    want_wh: f64,
+) -> (i64, f64) {
+    let Some(u) = status.members.iter().find(|u| u.name == member) else {
+        return (0, 0.0);
+    };
+    let pw = period.previous_weight(now);
+    let s = MemberStint {
+        tokens: u.stint_tokens,
+        energy_wh: u.stint_energy_wh,
+    };
+    let (held_t, held_wh) = status
+        .slices
+        .iter()
+        .filter(|x| x.member == member)
+        .fold((0i64, 0f64), |(t, w), x| (t + x.tokens, w + x.energy_wh));
+    let g_t = match stint::ceiling_tokens(spec, s) {
+        None => want_tokens.max(0),
+        Some(c) => (c - stint::effective_tokens(u, pw) - held_t).clamp(0, want_tokens.max(0)),
+    };
+    let g_wh = match stint::ceiling_energy_wh(spec, s) {
+        None => want_wh.max(0.0),
+        Some(c) => (c - stint::effective_energy_wh(u, pw) - held_wh).clamp(0.0, want_wh.max(0.0)),
+    };
+    let sl = slice_mut(status, replica, member);
+    sl.tokens += g_t;
+    sl.energy_wh += g_wh;
+    (g_t, g_wh)
+}
+
+/// Give back part of a slice.
+pub fn release(status: &mut StintQuotaStatus, replica: &str, member: &str, tokens: i64, wh: f64) {
+    if let Some(i) = status
+        .slices
+        .iter()
+        .position(|s| s.replica == replica && s.member == member)
+    {
+        let s = &mut status.slices[i];
+        s.tokens = (s.tokens - tokens.max(0)).max(0);
+        s.energy_wh = (s.energy_wh - wh.max(0.0)).max(0.0);
+    }
+}
+
+/// Drop empty slices so the register stays small.
+pub fn prune(status: &mut StintQuotaStatus) {
+    status
+        .slices
+        .retain(|s| s.tokens > 0 || s.energy_wh > 1e-12);
+}
+
+/// What a request holds against its member until it settles.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Reservation {
+    pub tokens: i64,
+    pub energy_wh: f64,
+}
+
+/// A replica's local view of one member: its slice as last written, and
+/// what is reserved and settled against it since.
+#[derive(Clone, Debug, Default)]
+pub struct Local {
+    pub leased_tokens: i64,
+    pub leased_wh: f64,
+    pub reserved_tokens: i64,
+    pub reserved_wh: f64,
+    pub in_flight: u32,
+    /// Settled, not yet written to the register.
+    pub pending: Usage,
+    /// Last reservation or settlement, for returning idle slices.
+    pub last_active: Option<DateTime<Utc>>,
+}
+
+impl Local {
+    pub fn available_tokens(&self) -> i64 {
+        self.leased_tokens - self.reserved_tokens - self.pending.tokens
+    }
+    pub fn available_wh(&self) -> f64 {
+        self.leased_wh - self.reserved_wh - self.pending.energy_wh
+    }
+}
+
+/// Whether a reservation fits the local slice, needs a lease first, or may
+/// be admitted as the replica's one overshoot.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Fit {
+    Fits,
+    /// Lease this much more, then ask again.
+    NeedLease { tokens: i64, wh: f64 },
+}
+
+/// One replica's local ledger.
+#[derive(Debug, Default)]
+pub struct Book {
+    pub members: BTreeMap<String, Local>,
+}
+
+impl Book {
+    /// Whether `r` fits what this replica holds for `member`.
+    pub fn fit(&self, member: &str, r: Reservation, slice_tokens: i64, slice_wh: f64) -> Fit {
+        let l = self.members.get(member).cloned().unwrap_or_default();
+        let (at, aw) = (l.available_tokens(), l.available_wh());
+        if at >= r.tokens && aw >= r.energy_wh {
+            return Fit::Fits;
+        }
+        Fit::NeedLease {
+            tokens: if at >= r.tokens { 0 } else { slice_tokens.max(r.tokens - at) },
+            wh: if aw >= r.energy_wh { 0.0 } else { slice_wh.max(r.energy_wh - aw) },
+        }
+    }
+
+    /// After leasing: admit while a positive remainder is held in every
+    /// dimension the request needs (the bounded overshoot).
+    pub fn admissible(&self, member: &str, r: Reservation) -> bool {
+        let l = self.members.get(member).cloned().unwrap_or_default();
+        (r.tokens <= 0 || l.available_tokens() > 0) && (r.energy_wh <= 0.0 || l.available_wh() > 0.0)
+    }
+
+    pub fn reserve(&mut self, member: &str, r: Reservation, now: DateTime<Utc>) {
+        let l = self.members.entry(member.into()).or_default();
+        l.reserved_tokens += r.tokens;
+        l.reserved_wh += r.energy_wh;
+        l.in_flight += 1;
+        l.last_active = Some(now);
+    }
+
+    /// A request ended: its reservation is replaced by its actual usage.
+    pub fn settle(&mut self, member: &str, r: Reservation, usage: &Usage, now: DateTime<Utc>) {
+        let l = self.members.entry(member.into()).or_default();
+        l.reserved_tokens -= r.tokens;
+        l.reserved_wh -= r.energy_wh;
+        l.in_flight = l.in_flight.saturating_sub(1);
+        l.pending.add(usage);
+        l.last_active = Some(now);
+    }
+
+    /// Snapshot of pending usage to write.
+    pub fn pending(&self) -> Vec<(String, Usage)> {
+        self.members
+            .iter()
+            .filter(|(_, l)| !l.pending.is_empty())
+            .map(|(m, l)| (m.clone(), l.pending.clone()))
+            .collect()
+    }
+
+    /// After a successful write of `written`: those usages are in the
+    /// register, and the slices are what the written status says.
+    pub fn written(&mut self, written: &[(String, Usage)], status: &StintQuotaStatus, replica: &str) {
+        for (m, u) in written {
+            if let Some(l) = self.members.get_mut(m) {
+                l.pending.sub(u);
+            }
+        }
+        for s in status.slices.iter().filter(|s| s.replica == replica) {
+            self.members.entry(s.member.clone()).or_default();
+        }
+        for (m, l) in self.members.iter_mut() {
+            let (t, w) = slice_of(status, replica, m);
+            l.leased_tokens = t;
+            l.leased_wh = w;
+        }
+    }
+
+    /// Parts of slices to give back: everything above one slice, or all
+    /// that is unused once a member has been idle for `idle`.
+    pub fn surplus(
+        &self,
+        slice_tokens: i64,
+        slice_wh: f64,
+        now: DateTime<Utc>,
+        idle: chrono::Duration,
+    ) -> Vec<(String, i64, f64)> {
+        self.members
+            .iter()
+            .filter_map(|(m, l)| {
+                let idle_now = l.in_flight == 0 && l.last_active.is_none_or(|t| t + idle <= now);
+                let keep_t = if idle_now { 0 } else { slice_tokens };
+                let keep_w = if idle_now { 0.0 } else { slice_wh };
+                let t = (l.available_tokens() - keep_t).max(0);
+                let w = (l.available_wh() - keep_w).max(0.0);
+                let worth = t > keep_t.max(1) || (idle_now && t > 0) || (w > keep_w.max(1e-9) && w > 0.0);
+                worth.then(|| (m.clone(), t, w))
+            })
+            .collect()
+    }
+
+    /// Reservations and settlements not yet in the register.
+    pub fn quiet(&self) -> bool {
+        self.members
+            .values()
+            .all(|l| l.in_flight == 0 && l.pending.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> StintQuotaSpec {
+        serde_yaml::from_str(
+            r#"
+members:
+  - {name: a, apiKeySecret: {name: a}, stint: {tokens: 1000}}
+  - {name: b, apiKeySecret: {name: b}}
+period: {type: calendar, unit: day, timeZone: UTC}
+sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
+"#,
+        )
+        .expect("spec")
+    }
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).expect("time").with_timezone(&Utc)
+    }
+
+    fn fresh(now: DateTime<Utc>) -> (StintQuotaSpec, StintQuotaStatus, PeriodWindow) {
+        let sp = spec();
+        let p = stint::current_period(&sp, now).expect("period");
+        let mut st = StintQuotaStatus::default();
+        refresh(&sp, &mut st, p, now, 30);
+        (sp, st, p)
+    }
+
+    fn usage(tokens: i64) -> Usage {
+        Usage {
+            prompt_tokens: tokens / 2,
+            completion_tokens: tokens - tokens / 2,
+            tokens,
+            energy_wh: 0.0,
+            requests: 1,
+        }
+    }
+
+    #[test]
+    fn grants_stop_at_the_ceiling_counting_every_replicas_slice() {
+        let now = t("2026-11-23T12:00:00Z");
+        let (sp, mut st, p) = fresh(now);
+        assert_eq!(grant(&sp, &mut st, p, now, "r1", "a", 600, 0.0).0, 600);
+        assert_eq!(grant(&sp, &mut st, p, now, "r2", "a", 600, 0.0).0, 400);
+        assert_eq!(grant(&sp, &mut st, p, now, "r3", "a", 600, 0.0).0, 0);
+        // Unlimited members are granted what they ask.
+        assert_eq!(grant(&sp, &mut st, p, now, "r1", "b", 1 << 40, 0.0).0, 1 << 40);
+    }
+
+    #[test]
+    fn settling_moves_usage_from_the_slice_to_the_register() {
+        let now = t("2026-11-23T12:00:00Z");
+        let (sp, mut st, p) = fresh(now);
+        renew(&mut st, "r1", now);
+        grant(&sp, &mut st, p, now, "r1", "a", 500, 0.0);
+        settle(&mut st, "r1", "a", &usage(120));
+        assert_eq!(st.members[0].tokens, 120);
+        assert_eq!(slice_of(&st, "r1", "a"), (380, 0.0));
+        // Overshoot: usage beyond the slice is charged in full.
+        settle(&mut st, "r1", "a", &usage(900));
+        assert_eq!(st.members[0].tokens, 1020);
+        assert_eq!(slice_of(&st, "r1", "a"), (0, 0.0));
+        refresh(&sp, &mut st, p, now, 30);
+        assert_eq!(st.members[0].state, MemberState::Suspended);
+    }
+
+    #[test]
+    fn a_dead_replicas_slice_is_charged_in_full() {
+        let now = t("2026-11-23T12:00:00Z");
+        let (sp, mut st, p) = fresh(now);
+        renew(&mut st, "dead", now);
+        renew(&mut st, "live", now);
+        grant(&sp, &mut st, p, now, "dead", "a", 300, 0.0);
+        let later = now + chrono::Duration::seconds(31);
+        renew(&mut st, "live", later);
+        let r = refresh(&sp, &mut st, p, later, 30);
+        assert_eq!(r.reclaimed.len(), 1);
+        assert_eq!(st.members[0].tokens, 300);
+        assert_eq!(st.members[0].reclaimed_tokens, 300);
+        assert!(st.slices.is_empty());
+        assert_eq!(st.gateways.len(), 1);
+    }
+
+    #[test]
+    fn a_new_period_resets_usage_and_keeps_slices() {
+        let now = t("2026-11-23T23:59:00Z");
+        let (sp, mut st, p) = fresh(now);
+        renew(&mut st, "r1", now);
+        grant(&sp, &mut st, p, now, "r1", "a", 200, 0.0);
+        settle(&mut st, "r1", "a", &usage(50));
+        let next = t("2026-11-24T00:00:10Z");
+        renew(&mut st, "r1", next);
+        let p2 = stint::current_period(&sp, next).unwrap();
+        let r = refresh(&sp, &mut st, p2, next, 30);
+        assert!(r.period_rolled);
+        assert_eq!(st.members[0].tokens, 0);
+        assert_eq!(st.members[0].previous_tokens, 50);
+        assert_eq!(slice_of(&st, "r1", "a"), (150, 0.0));
+        assert_eq!(st.resets_at, Some(time(t("2026-11-25T00:00:00Z"))));
+    }
+
+    #[test]
+    fn removed_members_leave_the_register_with_their_slices() {
+        let now = t("2026-11-23T12:00:00Z");
+        let (mut sp, mut st, p) = fresh(now);
+        grant(&sp, &mut st, p, now, "r1", "b", 10, 0.0);
+        sp.members.truncate(1);
+        refresh(&sp, &mut st, p, now, 30);
+        assert_eq!(st.members.len(), 1);
+        assert!(st.slices.is_empty());
+        assert_eq!(st.member_count, 1);
+    }
+
+    #[test]
+    fn the_book_admits_one_overshoot_per_replica_and_no_more() {
+        let now = t("2026-11-23T12:00:00Z");
+        let (sp, mut st, p) = fresh(now);
+        let mut book = Book::default();
+        let r = Reservation {
+            tokens: 400,
+            energy_wh: 0.0,
+        };
+        // Ask for a slice of 300: less than one request needs.
+        let Fit::NeedLease { tokens, .. } = book.fit("a", r, 300, 0.0) else {
+            panic!("needs a lease")
+        };
+        assert_eq!(tokens, 400);
+        grant(&sp, &mut st, p, now, "r1", "a", 950, 0.0);
+        book.written(&[], &st, "r1");
+        assert_eq!(book.fit("a", r, 300, 0.0), Fit::Fits);
+        book.reserve("a", r, now);
+        book.reserve("a", r, now);
+        // 150 left of 950: not enough, the ceiling has 50 more.
+        assert!(matches!(book.fit("a", r, 300, 0.0), Fit::NeedLease { .. }));
+        let g = grant(&sp, &mut st, p, now, "r1", "a", 300, 0.0);
+        assert_eq!(g.0, 50);
+        book.written(&[], &st, "r1");
+        assert!(book.admissible("a", r), "200 held: the one overshoot");
+        book.reserve("a", r, now);
+        assert!(!book.admissible("a", r), "nothing held: refused");
+        // Settle all three with what they used; write; the register is exact.
+        for used in [390, 380, 300] {
+            book.settle("a", r, &usage(used), now);
+        }
+        let pend = book.pending();
+        for (m, u) in &pend {
+            settle(&mut st, "r1", m, u);
+        }
+        book.written(&pend, &st, "r1");
+        assert_eq!(st.members[0].tokens, 1070);
+        assert!(book.quiet());
+        assert_eq!(slice_of(&st, "r1", "a"), (0, 0.0));
+    }
+
+    #[test]
+    fn idle_members_give_their_slices_back() {
+        let now = t("2026-11-23T12:00:00Z");
+        let (sp, mut st, p) = fresh(now);
+        let mut book = Book::default();
+        grant(&sp, &mut st, p, now, "r1", "a", 900, 0.0);
+        book.written(&[], &st, "r1");
+        let r = Reservation {
+            tokens: 10,
+            energy_wh: 0.0,
+        };
+        book.reserve("a", r, now);
+        // Busy: keep one slice (100), return the rest.
+        assert_eq!(
+            book.surplus(100, 0.0, now, chrono::Duration::seconds(10)),
+            vec![("a".to_string(), 790, 0.0)]
+        );
+        book.settle("a", r, &usage(10), now);
+        let later = now + chrono::Duration::seconds(11);
+        assert_eq!(
+            book.surplus(100, 0.0, later, chrono::Duration::seconds(10)),
+            vec![("a".to_string(), 890, 0.0)]
+        );
+    }
+}
