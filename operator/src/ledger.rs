@@ -77,7 +77,10 @@ pub struct Refreshed {
 /// k8s-openapi's `Time` is a jiff timestamp; the stint arithmetic uses
 /// chrono (for chrono-tz). Millisecond precision is what the API keeps.
 pub fn time(t: DateTime<Utc>) -> Time {
-    Time(jiff::Timestamp::from_millisecond(t.timestamp_millis()).unwrap_or(jiff::Timestamp::UNIX_EPOCH))
+    Time(
+        jiff::Timestamp::from_millisecond(t.timestamp_millis())
+            .unwrap_or(jiff::Timestamp::UNIX_EPOCH),
+    )
 }
 
 /// The inverse of [`time`].
@@ -150,7 +153,8 @@ pub fn refresh(
     status.resets_at = Some(time(period.end));
 
     // Dead replicas: charge their slices.
-    let ttl = chrono::Duration::seconds(ttl_seconds.max(1));
+    // The API server may keep heartbeats to the second: allow one more.
+    let ttl = chrono::Duration::seconds(ttl_seconds.max(1) + 1);
     let live: std::collections::HashSet<String> = status
         .gateways
         .iter()
@@ -184,7 +188,12 @@ pub fn refresh(
 
 /// Standings, the quota's one-word state and the counters `kubectl get`
 /// shows.
-fn restate(spec: &StintQuotaSpec, status: &mut StintQuotaStatus, period: PeriodWindow, now: DateTime<Utc>) {
+fn restate(
+    spec: &StintQuotaSpec,
+    status: &mut StintQuotaStatus,
+    period: PeriodWindow,
+    now: DateTime<Utc>,
+) {
     let pw = period.previous_weight(now);
     let mut worst = MemberState::Ok;
     for u in &mut status.members {
@@ -296,9 +305,21 @@ pub fn settle(status: &mut StintQuotaStatus, replica: &str, member: &str, usage:
     }
 }
 
-/// Lease up to `want` more of a member's remaining stint (up to its
-/// ceiling, counting every replica's slices as spent) into `replica`'s
-/// slice. Unlimited dimensions are granted in full: slices of unlimited
+/// How much a replica asks to lease: `want` (a full slice) and `need`
+/// (what the waiting request lacks).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Ask {
+    pub want_tokens: i64,
+    pub need_tokens: i64,
+    pub want_wh: f64,
+    pub need_wh: f64,
+}
+
+/// Lease more of a member's remaining stint (up to its ceiling, counting
+/// every replica's slices as spent) into `replica`'s slice. Near the
+/// ceiling a replica gets what its request needs but no more than half its
+/// share of the rest, so one replica does not hoard what the others' members
+/// need. Unlimited dimensions are granted in full: slices of unlimited
 /// members still matter, because they are what a dead replica is charged.
 /// Returns what was granted.
 pub fn grant(
@@ -308,9 +329,15 @@ pub fn grant(
     now: DateTime<Utc>,
     replica: &str,
     member: &str,
-    want_tokens: i64,
-    want_wh: f64,
+    ask: Ask,
 ) -> (i64, f64) {
+    let Ask {
+        want_tokens,
+        need_tokens,
+        want_wh,
+        need_wh,
+    } = ask;
+    let live = status.gateways.len().max(1);
     let Some(u) = status.members.iter().find(|u| u.name == member) else {
         return (0, 0.0);
     };
@@ -326,11 +353,19 @@ pub fn grant(
         .fold((0i64, 0f64), |(t, w), x| (t + x.tokens, w + x.energy_wh));
     let g_t = match stint::ceiling_tokens(spec, s) {
         None => want_tokens.max(0),
-        Some(c) => (c - stint::effective_tokens(u, pw) - held_t).clamp(0, want_tokens.max(0)),
+        Some(c) => {
+            let left = (c - stint::effective_tokens(u, pw) - held_t).max(0);
+            let cap = need_tokens.max(left / (2 * live as i64));
+            want_tokens.min(cap).clamp(0, left)
+        }
     };
     let g_wh = match stint::ceiling_energy_wh(spec, s) {
         None => want_wh.max(0.0),
-        Some(c) => (c - stint::effective_energy_wh(u, pw) - held_wh).clamp(0.0, want_wh.max(0.0)),
+        Some(c) => {
+            let left = (c - stint::effective_energy_wh(u, pw) - held_wh).max(0.0);
+            let cap = need_wh.max(left / (2.0 * live as f64));
+            want_wh.min(cap).clamp(0.0, left)
+        }
     };
     let sl = slice_mut(status, replica, member);
     sl.tokens += g_t;
@@ -394,8 +429,8 @@ impl Local {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Fit {
     Fits,
-    /// Lease this much more, then ask again.
-    NeedLease { tokens: i64, wh: f64 },
+    /// Lease more, then ask again.
+    NeedLease(Ask),
 }
 
 /// One replica's local ledger.
@@ -412,17 +447,30 @@ impl Book {
         if at >= r.tokens && aw >= r.energy_wh {
             return Fit::Fits;
         }
-        Fit::NeedLease {
-            tokens: if at >= r.tokens { 0 } else { slice_tokens.max(r.tokens - at) },
-            wh: if aw >= r.energy_wh { 0.0 } else { slice_wh.max(r.energy_wh - aw) },
-        }
+        let need_tokens = (r.tokens - at).max(0);
+        let need_wh = (r.energy_wh - aw).max(0.0);
+        Fit::NeedLease(Ask {
+            want_tokens: if need_tokens == 0 {
+                0
+            } else {
+                slice_tokens.max(need_tokens)
+            },
+            need_tokens,
+            want_wh: if need_wh <= 0.0 {
+                0.0
+            } else {
+                slice_wh.max(need_wh)
+            },
+            need_wh,
+        })
     }
 
     /// After leasing: admit while a positive remainder is held in every
     /// dimension the request needs (the bounded overshoot).
     pub fn admissible(&self, member: &str, r: Reservation) -> bool {
         let l = self.members.get(member).cloned().unwrap_or_default();
-        (r.tokens <= 0 || l.available_tokens() > 0) && (r.energy_wh <= 0.0 || l.available_wh() > 0.0)
+        (r.tokens <= 0 || l.available_tokens() > 0)
+            && (r.energy_wh <= 0.0 || l.available_wh() > 0.0)
     }
 
     pub fn reserve(&mut self, member: &str, r: Reservation, now: DateTime<Utc>) {
@@ -454,7 +502,12 @@ impl Book {
 
     /// After a successful write of `written`: those usages are in the
     /// register, and the slices are what the written status says.
-    pub fn written(&mut self, written: &[(String, Usage)], status: &StintQuotaStatus, replica: &str) {
+    pub fn written(
+        &mut self,
+        written: &[(String, Usage)],
+        status: &StintQuotaStatus,
+        replica: &str,
+    ) {
         for (m, u) in written {
             if let Some(l) = self.members.get_mut(m) {
                 l.pending.sub(u);
@@ -487,7 +540,8 @@ impl Book {
                 let keep_w = if idle_now { 0.0 } else { slice_wh };
                 let t = (l.available_tokens() - keep_t).max(0);
                 let w = (l.available_wh() - keep_w).max(0.0);
-                let worth = t > keep_t.max(1) || (idle_now && t > 0) || (w > keep_w.max(1e-9) && w > 0.0);
+                let worth =
+                    t > keep_t.max(1) || (idle_now && t > 0) || (w > keep_w.max(1e-9) && w > 0.0);
                 worth.then(|| (m.clone(), t, w))
             })
             .collect()
@@ -519,7 +573,9 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
     }
 
     fn t(s: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(s).expect("time").with_timezone(&Utc)
+        DateTime::parse_from_rfc3339(s)
+            .expect("time")
+            .with_timezone(&Utc)
     }
 
     fn fresh(now: DateTime<Utc>) -> (StintQuotaSpec, StintQuotaStatus, PeriodWindow) {
@@ -528,6 +584,38 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         let mut st = StintQuotaStatus::default();
         refresh(&sp, &mut st, p, now, 30);
         (sp, st, p)
+    }
+
+    fn ask_t(want: i64, need: i64) -> Ask {
+        Ask {
+            want_tokens: want,
+            need_tokens: need,
+            want_wh: 0.0,
+            need_wh: 0.0,
+        }
+    }
+
+    #[test]
+    fn near_the_ceiling_a_replica_gets_its_need_but_does_not_hoard() {
+        let now = t("2026-11-23T12:00:00Z");
+        let (sp, mut st, p) = fresh(now);
+        for r in ["r1", "r2"] {
+            renew(&mut st, r, now);
+        }
+        // 1000 left, two replicas: a full slice is capped at 1000 / 4.
+        assert_eq!(
+            grant(&sp, &mut st, p, now, "r1", "a", ask_t(900, 100)).0,
+            250
+        );
+        // A request needing more than that still gets what it needs.
+        assert_eq!(
+            grant(&sp, &mut st, p, now, "r2", "a", ask_t(900, 600)).0,
+            600
+        );
+        assert_eq!(
+            grant(&sp, &mut st, p, now, "r2", "a", ask_t(900, 600)).0,
+            150
+        );
     }
 
     fn usage(tokens: i64) -> Usage {
@@ -544,11 +632,20 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
     fn grants_stop_at_the_ceiling_counting_every_replicas_slice() {
         let now = t("2026-11-23T12:00:00Z");
         let (sp, mut st, p) = fresh(now);
-        assert_eq!(grant(&sp, &mut st, p, now, "r1", "a", 600, 0.0).0, 600);
-        assert_eq!(grant(&sp, &mut st, p, now, "r2", "a", 600, 0.0).0, 400);
-        assert_eq!(grant(&sp, &mut st, p, now, "r3", "a", 600, 0.0).0, 0);
+        assert_eq!(
+            grant(&sp, &mut st, p, now, "r1", "a", ask_t(600, 600)).0,
+            600
+        );
+        assert_eq!(
+            grant(&sp, &mut st, p, now, "r2", "a", ask_t(600, 600)).0,
+            400
+        );
+        assert_eq!(grant(&sp, &mut st, p, now, "r3", "a", ask_t(600, 600)).0, 0);
         // Unlimited members are granted what they ask.
-        assert_eq!(grant(&sp, &mut st, p, now, "r1", "b", 1 << 40, 0.0).0, 1 << 40);
+        assert_eq!(
+            grant(&sp, &mut st, p, now, "r1", "b", ask_t(1 << 40, 1 << 40)).0,
+            1 << 40
+        );
     }
 
     #[test]
@@ -556,7 +653,7 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         let now = t("2026-11-23T12:00:00Z");
         let (sp, mut st, p) = fresh(now);
         renew(&mut st, "r1", now);
-        grant(&sp, &mut st, p, now, "r1", "a", 500, 0.0);
+        grant(&sp, &mut st, p, now, "r1", "a", ask_t(500, 500));
         settle(&mut st, "r1", "a", &usage(120));
         assert_eq!(st.members[0].tokens, 120);
         assert_eq!(slice_of(&st, "r1", "a"), (380, 0.0));
@@ -574,8 +671,8 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         let (sp, mut st, p) = fresh(now);
         renew(&mut st, "dead", now);
         renew(&mut st, "live", now);
-        grant(&sp, &mut st, p, now, "dead", "a", 300, 0.0);
-        let later = now + chrono::Duration::seconds(31);
+        grant(&sp, &mut st, p, now, "dead", "a", ask_t(300, 300));
+        let later = now + chrono::Duration::seconds(32);
         renew(&mut st, "live", later);
         let r = refresh(&sp, &mut st, p, later, 30);
         assert_eq!(r.reclaimed.len(), 1);
@@ -590,7 +687,7 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         let now = t("2026-11-23T23:59:00Z");
         let (sp, mut st, p) = fresh(now);
         renew(&mut st, "r1", now);
-        grant(&sp, &mut st, p, now, "r1", "a", 200, 0.0);
+        grant(&sp, &mut st, p, now, "r1", "a", ask_t(200, 200));
         settle(&mut st, "r1", "a", &usage(50));
         let next = t("2026-11-24T00:00:10Z");
         renew(&mut st, "r1", next);
@@ -607,7 +704,7 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
     fn removed_members_leave_the_register_with_their_slices() {
         let now = t("2026-11-23T12:00:00Z");
         let (mut sp, mut st, p) = fresh(now);
-        grant(&sp, &mut st, p, now, "r1", "b", 10, 0.0);
+        grant(&sp, &mut st, p, now, "r1", "b", ask_t(10, 10));
         sp.members.truncate(1);
         refresh(&sp, &mut st, p, now, 30);
         assert_eq!(st.members.len(), 1);
@@ -625,18 +722,18 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
             energy_wh: 0.0,
         };
         // Ask for a slice of 300: less than one request needs.
-        let Fit::NeedLease { tokens, .. } = book.fit("a", r, 300, 0.0) else {
+        let Fit::NeedLease(ask) = book.fit("a", r, 300, 0.0) else {
             panic!("needs a lease")
         };
-        assert_eq!(tokens, 400);
-        grant(&sp, &mut st, p, now, "r1", "a", 950, 0.0);
+        assert_eq!((ask.want_tokens, ask.need_tokens), (400, 400));
+        grant(&sp, &mut st, p, now, "r1", "a", ask_t(950, 950));
         book.written(&[], &st, "r1");
         assert_eq!(book.fit("a", r, 300, 0.0), Fit::Fits);
         book.reserve("a", r, now);
         book.reserve("a", r, now);
         // 150 left of 950: not enough, the ceiling has 50 more.
-        assert!(matches!(book.fit("a", r, 300, 0.0), Fit::NeedLease { .. }));
-        let g = grant(&sp, &mut st, p, now, "r1", "a", 300, 0.0);
+        assert!(matches!(book.fit("a", r, 300, 0.0), Fit::NeedLease(_)));
+        let g = grant(&sp, &mut st, p, now, "r1", "a", ask_t(300, 250));
         assert_eq!(g.0, 50);
         book.written(&[], &st, "r1");
         assert!(book.admissible("a", r), "200 held: the one overshoot");
@@ -661,7 +758,7 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         let now = t("2026-11-23T12:00:00Z");
         let (sp, mut st, p) = fresh(now);
         let mut book = Book::default();
-        grant(&sp, &mut st, p, now, "r1", "a", 900, 0.0);
+        grant(&sp, &mut st, p, now, "r1", "a", ask_t(900, 900));
         book.written(&[], &st, "r1");
         let r = Reservation {
             tokens: 10,

@@ -6,6 +6,7 @@ pub mod conditions;
 pub mod controller;
 pub mod crdgen;
 pub mod error;
+pub mod gateway;
 pub mod gpu_catalog;
 pub mod leader;
 pub mod ledger;

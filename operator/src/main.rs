@@ -27,6 +27,9 @@ enum Command {
     /// Run the controller: ModelDeployments become Deployments and Services
     /// placed on the GPUs that fit.
     Controller(ControllerArgs),
+    /// Run the OpenAI-compatible gateway: members' keys, exact stints, routing
+    /// to ready replicas.
+    Gateway(GatewayArgs),
     /// Benchmarks that print comparable figures.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -37,6 +40,31 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+}
+
+#[derive(clap::Args)]
+struct GatewayArgs {
+    /// Address to serve the API (and /metrics, /healthz, /readyz) on.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "COPYHOLD_GATEWAY_LISTEN")]
+    listen: std::net::SocketAddr,
+    /// Watch only this namespace's quotas, keys and models.
+    #[arg(long, env = "COPYHOLD_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// Name of this replica in the register; a per-process suffix is added.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    body_limit: usize,
+    /// Seconds to wait for an engine's response headers.
+    #[arg(long, default_value_t = 300)]
+    first_byte_timeout: u64,
+    /// Seconds of silence tolerated inside an engine's response.
+    #[arg(long, default_value_t = 120)]
+    idle_timeout: u64,
+    /// Seconds a replica that refused a connection is left alone.
+    #[arg(long, default_value_t = 10)]
+    eject_seconds: u64,
 }
 
 #[derive(Subcommand)]
@@ -197,6 +225,30 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     })
 }
 
+fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    init_tracing();
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let client = kube::Client::try_default().await?;
+        let base = args
+            .identity
+            .unwrap_or_else(|| std::env::var("HOSTNAME").unwrap_or_else(|_| "gateway".into()));
+        // A restarted process must not adopt its predecessor's slices.
+        let suffix: u32 = rand::random();
+        let settings = copyhold::gateway::Settings {
+            listen: args.listen,
+            watch_namespace: args.watch_namespace,
+            identity: format!("{base}-{suffix:08x}"),
+            body_limit: args.body_limit,
+            first_byte_timeout: std::time::Duration::from_secs(args.first_byte_timeout.max(1)),
+            idle_timeout: std::time::Duration::from_secs(args.idle_timeout.max(1)),
+            eject_for: std::time::Duration::from_secs(args.eject_seconds),
+            ..Default::default()
+        };
+        copyhold::gateway::run(client, settings).await
+    })
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -204,6 +256,13 @@ fn main() -> std::process::ExitCode {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("copyhold bench: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        },
+        Command::Gateway(args) => match run_gateway(args) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("copyhold gateway: {e:#}");
                 std::process::ExitCode::FAILURE
             }
         },

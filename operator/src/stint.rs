@@ -53,7 +53,10 @@ impl PeriodWindow {
 
 /// The period containing `now`. Rolling windows are aligned to the Unix
 /// epoch, so every gateway replica computes the same boundaries.
-pub fn current_period(spec: &StintQuotaSpec, now: DateTime<Utc>) -> Result<PeriodWindow, StintError> {
+pub fn current_period(
+    spec: &StintQuotaSpec,
+    now: DateTime<Utc>,
+) -> Result<PeriodWindow, StintError> {
     let p = &spec.period;
     match p.type_ {
         PeriodType::Rolling => {
@@ -79,11 +82,13 @@ pub fn current_period(spec: &StintQuotaSpec, now: DateTime<Utc>) -> Result<Perio
             let (first, next) = match unit {
                 CalendarUnit::Day => (local, local.succ_opt().unwrap_or(local)),
                 CalendarUnit::Week => {
-                    let monday = local - Duration::days(local.weekday().num_days_from_monday() as i64);
+                    let monday =
+                        local - Duration::days(local.weekday().num_days_from_monday() as i64);
                     (monday, monday + Duration::days(7))
                 }
                 CalendarUnit::Month => {
-                    let first = NaiveDate::from_ymd_opt(local.year(), local.month(), 1).unwrap_or(local);
+                    let first =
+                        NaiveDate::from_ymd_opt(local.year(), local.month(), 1).unwrap_or(local);
                     let next = if local.month() == 12 {
                         NaiveDate::from_ymd_opt(local.year() + 1, 1, 1)
                     } else {
@@ -226,7 +231,9 @@ pub fn ceiling_tokens(spec: &StintQuotaSpec, stint: MemberStint) -> Option<i64> 
 
 /// Energy counterpart of [`ceiling_tokens`].
 pub fn ceiling_energy_wh(spec: &StintQuotaSpec, stint: MemberStint) -> Option<f64> {
-    stint.energy_wh.map(|e| e * spec.sanctions.suspend_at / 100.0)
+    stint
+        .energy_wh
+        .map(|e| e * spec.sanctions.suspend_at / 100.0)
 }
 
 /// Weighted tokens for a request's usage, rounded up so weights never let
@@ -265,7 +272,9 @@ pool: {tokens: 4000, energyWh: 8}
     }
 
     fn t(s: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(s).expect("time").with_timezone(&Utc)
+        DateTime::parse_from_rfc3339(s)
+            .expect("time")
+            .with_timezone(&Utc)
     }
 
     #[test]
@@ -331,7 +340,10 @@ pool: {tokens: 4000, energyWh: 8}
             Err(StintError::TimeZone("Mars/Olympus".into()))
         );
         s.period.type_ = PeriodType::Rolling;
-        assert_eq!(current_period(&s, Utc::now()), Err(StintError::MissingWindow));
+        assert_eq!(
+            current_period(&s, Utc::now()),
+            Err(StintError::MissingWindow)
+        );
     }
 
     #[test]

@@ -1,0 +1,943 @@
+//! `copyhold gateway` as real processes against the real API server, with
+//! real upstreams on loopback: `copyhold-node` serving a fixture model, and
+//! the stand-in upstream for timing and failure cases. Serving Pods are
+//! written by the test (Ready, with a loopback Pod IP), so no scheduler or
+//! kubelet is involved; the gateway finds them by watching, as in a cluster.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail, ensure};
+use copyhold::resources::stint_quota::{StintQuota, StintQuotaStatus};
+use copyhold_e2e::{
+    ChildGuard, TestNamespace, client, eventually, fixtures, install_crds, kubectl_ok,
+    workspace_bin,
+};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+
+/// A process that prints `... listening on ADDR ...` once it serves.
+struct Listening {
+    guard: ChildGuard,
+    addr: String,
+    line: String,
+}
+
+fn spawn_listening(mut cmd: Command) -> Result<Listening> {
+    let mut child: Child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut reader = BufReader::new(stdout);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let guard = ChildGuard(child);
+    let addr = line
+        .split_whitespace()
+        .skip_while(|w| *w != "on")
+        .nth(1)
+        .with_context(|| format!("no address in {line:?}"))?
+        .to_string();
+    // Keep draining so the child never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+            sink.clear();
+        }
+    });
+    Ok(Listening { guard, addr, line })
+}
+
+fn standin(args: &[&str]) -> Result<Listening> {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_copyhold-upstream-standin"));
+    c.args(args);
+    spawn_listening(c)
+}
+
+/// A namespace with keyed members, a StintQuota `commons` and a
+/// ModelDeployment `m` (served as `tiny`) open to it.
+struct Scene {
+    ns: TestNamespace,
+    client: kube::Client,
+    keys: BTreeMap<String, String>,
+    gateways: Vec<Listening>,
+}
+
+impl Scene {
+    async fn new(prefix: &str, quota_spec: Value, priorities: &[(&str, &str)]) -> Result<Scene> {
+        install_crds().await?;
+        let ns = TestNamespace::create(prefix)?;
+        let client = client().await?;
+        let mut keys = BTreeMap::new();
+        let members = quota_spec["members"].as_array().context("members")?.clone();
+        for m in &members {
+            let name = m["name"].as_str().context("member name")?;
+            let key = format!("sk-{name}-{}", ns.name);
+            kubectl_ok(&[
+                "-n",
+                &ns.name,
+                "create",
+                "secret",
+                "generic",
+                &format!("key-{name}"),
+                &format!("--from-literal=api-key={key}"),
+            ])?;
+            keys.insert(name.to_string(), key);
+        }
+        let mut spec = quota_spec.clone();
+        for m in spec["members"].as_array_mut().context("members")? {
+            let name = m["name"].as_str().unwrap_or_default().to_string();
+            m["apiKeySecret"] = json!({"name": format!("key-{name}")});
+            if let Some((_, p)) = priorities.iter().find(|(n, _)| *n == name) {
+                m["priority"] = json!(p);
+            }
+        }
+        let sq: StintQuota = serde_json::from_value(json!({
+            "apiVersion": "copyhold.dev/v1alpha1", "kind": "StintQuota",
+            "metadata": {"name": "commons", "namespace": ns.name},
+            "spec": spec,
+        }))?;
+        Api::<StintQuota>::namespaced(client.clone(), &ns.name)
+            .create(&PostParams::default(), &sq)
+            .await?;
+        let md = json!({
+            "apiVersion": "copyhold.dev/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": "m", "namespace": ns.name},
+            "spec": {
+                "model": {"source": {"hostPath": {"path": "/models/tiny"}}, "format": "safetensors",
+                          "servedName": "tiny",
+                          "sizing": {"weightBytes": "1Mi", "kvBytesPerToken": 1024}},
+                "engine": {"kind": "copyhold"},
+                "replicas": 1,
+                "placement": {"nodeSelector": {"copyhold.dev/test": "no-such-node"}},
+                "serving": {"contextLength": 2048},
+                "stintQuota": "commons",
+            }
+        });
+        let path = std::env::temp_dir().join(format!("{}-md.json", ns.name));
+        std::fs::write(&path, serde_json::to_vec(&md)?)?;
+        kubectl_ok(&["apply", "-f", &path.to_string_lossy()])?;
+        let _ = std::fs::remove_file(&path);
+        Ok(Scene {
+            ns,
+            client,
+            keys,
+            gateways: Vec::new(),
+        })
+    }
+
+    /// A Ready serving Pod of `m` whose endpoint is `addr` (`127.0.0.1:port`).
+    async fn serving_pod(&self, name: &str, addr: &str) -> Result<()> {
+        let (ip, port) = addr.rsplit_once(':').context("addr")?;
+        let port: i32 = port.parse()?;
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns.name);
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "labels": {"copyhold.dev/model-deployment": "m"}},
+            "spec": {
+                // No scheduler picks this name: the test plays the kubelet.
+                "schedulerName": "copyhold-test-none",
+                "containers": [{"name": "engine", "image": "stand-in",
+                                "ports": [{"name": "http", "containerPort": port}]}]
+            }
+        }))?;
+        pods.create(&PostParams::default(), &pod).await?;
+        let now = jiff::Timestamp::now().to_string();
+        pods.patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {
+                "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}]
+            }})),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn gateway(&mut self) -> Result<usize> {
+        let bin = workspace_bin("copyhold", "copyhold")?;
+        let mut c = Command::new(bin);
+        c.args([
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--watch-namespace",
+            &self.ns.name,
+            "--eject-seconds",
+            "30",
+        ])
+        .args(["--identity", &format!("gw{}", self.gateways.len())])
+        .env("KUBECONFIG", copyhold_e2e::kubeconfig()?)
+        .env(
+            "RUST_LOG",
+            std::env::var("COPYHOLD_TEST_GATEWAY_LOG")
+                .unwrap_or_else(|_| "warn,copyhold=info".into()),
+        );
+        self.gateways.push(spawn_listening(c)?);
+        Ok(self.gateways.len() - 1)
+    }
+
+    fn url(&self, g: usize) -> String {
+        format!("http://{}", self.gateways[g].addr)
+    }
+
+    async fn register(&self) -> Result<StintQuotaStatus> {
+        let sq = Api::<StintQuota>::namespaced(self.client.clone(), &self.ns.name)
+            .get("commons")
+            .await?;
+        Ok(sq.status.unwrap_or_default())
+    }
+}
+
+/// What a client saw of one streamed request.
+#[derive(Default, Debug, Clone)]
+struct Seen {
+    status: u16,
+    prompt: i64,
+    completion: i64,
+    joules: f64,
+    text: String,
+}
+
+async fn stream_chat(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    content: &str,
+    max_tokens: i64,
+) -> Result<Seen> {
+    let r = http
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&json!({"model": "tiny", "messages": [{"role": "user", "content": content}],
+                      "max_tokens": max_tokens, "stream": true, "stream_options": {"include_usage": true}}))
+        .send()
+        .await?;
+    let mut seen = Seen {
+        status: r.status().as_u16(),
+        ..Default::default()
+    };
+    if seen.status != 200 {
+        return Ok(seen);
+    }
+    let mut buf = Vec::new();
+    let mut body = r.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        buf.extend_from_slice(&chunk?);
+    }
+    for line in String::from_utf8(buf)?.lines() {
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            continue;
+        }
+        let v: Value = serde_json::from_str(data)?;
+        if let Some(t) = v
+            .pointer("/choices/0/delta/content")
+            .and_then(Value::as_str)
+        {
+            seen.text.push_str(t);
+        }
+        if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+            seen.prompt = u["prompt_tokens"].as_i64().unwrap_or(-1);
+            seen.completion = u["completion_tokens"].as_i64().unwrap_or(-1);
+            seen.joules = u["energy_joules"].as_f64().unwrap_or(0.0);
+        }
+    }
+    if seen.prompt == 0 && seen.completion == 0 {
+        bail!("a streamed answer without usage: {seen:?}");
+    }
+    Ok(seen)
+}
+
+fn openai_python() -> Result<std::path::PathBuf> {
+    let cache = std::env::var("COPYHOLD_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                .join(".cache/copyhold")
+        });
+    let venv = cache.join("venv");
+    let py = venv.join("bin/python");
+    let ok = Command::new(&py)
+        .args(["-c", "import openai"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        ensure!(
+            Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&venv)
+                .status()?
+                .success(),
+            "venv"
+        );
+        ensure!(
+            Command::new(venv.join("bin/pip"))
+                .args(["install", "-q", "openai"])
+                .status()?
+                .success(),
+            "pip install openai"
+        );
+    }
+    Ok(py)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_openai_client_is_served_and_metered_through_the_gateway() -> Result<()> {
+    let mut s = Scene::new(
+        "gw-openai",
+        json!({"members": [{"name": "ana"}, {"name": "bo"}], "period": {"type": "calendar", "unit": "month", "timeZone": "Europe/Berlin"}}),
+        &[],
+    )
+    .await?;
+    // copyhold-node serving the fixture model.
+    let node_bin = workspace_bin("copyhold-node", "copyhold-node")?;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    let model = std::fs::canonicalize(fixtures().join("tiny-llama"))?;
+    let _node = ChildGuard(
+        Command::new(node_bin)
+            .args([
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--served-model-name",
+                "tiny",
+                "--model",
+            ])
+            .arg(&model)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let http = reqwest::Client::new();
+    eventually(Duration::from_secs(60), || async {
+        http.get(format!("http://127.0.0.1:{port}/health"))
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(())
+    })
+    .await?;
+    s.serving_pod("node-0", &format!("127.0.0.1:{port}"))
+        .await?;
+    let g = s.gateway().await?;
+    let base = s.url(g);
+    // The Pod is seen by watch a moment after the gateway starts.
+    eventually(Duration::from_secs(20), || async {
+        let r = http
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&s.keys["bo"])
+            .json(&json!({"model": "tiny", "messages": [{"role": "user", "content": "warm"}], "max_tokens": 1}))
+            .send()
+            .await?;
+        ensure!(r.status() == 200, "status {}", r.status());
+        Ok(())
+    })
+    .await?;
+
+    let out = Command::new(openai_python()?)
+        .arg(copyhold_e2e::workspace_root().join("e2e/tests/python/gateway_client.py"))
+        .args([&base, &s.keys["ana"]])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "openai client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v["models"], json!(["tiny"]));
+    let calls = v["calls"].as_array().context("calls")?;
+    for c in calls {
+        assert!(!c["text"].as_str().unwrap_or_default().is_empty(), "{c}");
+    }
+    // Streamed and not, the same greedy text.
+    assert_eq!(calls[0]["text"], calls[1]["text"]);
+    assert_eq!(calls[1]["text"], calls[2]["text"]);
+    assert_eq!(calls[0]["usage"], calls[1]["usage"]);
+    assert_eq!(
+        calls[2]["saw_usage"],
+        json!(false),
+        "usage is shown only when asked for"
+    );
+    // The register: exactly the usage the upstream reported, including the
+    // stream whose client did not ask to see it (greedy: the same as call 1).
+    let mut want = (0i64, 0i64);
+    for u in [
+        &calls[0]["usage"],
+        &calls[1]["usage"],
+        &calls[1]["usage"],
+        &calls[3]["usage"],
+    ] {
+        want.0 += u[0].as_i64().context("usage")?;
+        want.1 += u[1].as_i64().context("usage")?;
+    }
+    let reg = eventually(Duration::from_secs(10), || async {
+        let st = s.register().await?;
+        let ana = st
+            .members
+            .iter()
+            .find(|m| m.name == "ana")
+            .context("ana")?
+            .clone();
+        ensure!(ana.requests == 4, "requests {}", ana.requests);
+        Ok(ana)
+    })
+    .await?;
+    assert_eq!((reg.prompt_tokens, reg.completion_tokens), want);
+    assert_eq!(reg.tokens, want.0 + want.1);
+    assert!(
+        reg.energy_wh > 0.0,
+        "the node's energy_joules reach the register"
+    );
+    let table = kubectl_ok(&["-n", &s.ns.name, "get", "sq", "commons"])?;
+    assert!(table.contains("calendar month (Europe/Berlin)"), "{table}");
+    Ok(())
+}
+
+async fn call(
+    http: &reqwest::Client,
+    base: &str,
+    key: Option<&str>,
+    body: Value,
+) -> Result<(u16, reqwest::header::HeaderMap, Value)> {
+    let mut r = http.post(format!("{base}/v1/chat/completions"));
+    if let Some(k) = key {
+        r = r.bearer_auth(k);
+    }
+    let r = r
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await?;
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let text = r.text().await?;
+    let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Ok((status, headers, v))
+}
+
+fn chat(content: &str, max_tokens: i64) -> Value {
+    json!({"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_requests_get_openai_errors_and_never_reach_an_upstream() -> Result<()> {
+    let mut s = Scene::new(
+        "gw-errors",
+        json!({"members": [{"name": "ana", "stint": {"tokens": 400}}, {"name": "bo"}, {"name": "cy"}],
+               "period": {"type": "calendar", "unit": "day"},
+               "sanctions": {"warnAt": 50, "throttleAt": 100, "suspendAt": 100}}),
+        &[],
+    )
+    .await?;
+    let up = standin(&["--tokens", "10"])?;
+    s.serving_pod("up-0", &up.addr).await?;
+    let g = s.gateway().await?;
+    let base = s.url(g);
+    let http = reqwest::Client::new();
+    let bo = s.keys["bo"].clone();
+    eventually(Duration::from_secs(20), || async {
+        let (st, _, v) = call(&http, &base, Some(&bo), chat("hi", 5)).await?;
+        ensure!(st == 200, "{st} {v}");
+        Ok(())
+    })
+    .await?;
+
+    let code = |v: &Value| v["error"]["code"].as_str().unwrap_or_default().to_string();
+    // Keys.
+    let (st, _, v) = call(&http, &base, None, chat("hi", 5)).await?;
+    assert_eq!((st, code(&v).as_str()), (401, "invalid_api_key"));
+    let (st, _, v) = call(&http, &base, Some("sk-wrong"), chat("hi", 5)).await?;
+    assert_eq!((st, code(&v).as_str()), (401, "invalid_api_key"));
+    // Models.
+    let (st, _, v) = call(
+        &http,
+        &base,
+        Some(&bo),
+        json!({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}),
+    )
+    .await?;
+    assert_eq!((st, code(&v).as_str()), (404, "model_not_found"));
+    // What cannot be metered.
+    for body in [
+        json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}),
+        json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": "ten"}),
+        json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4096}),
+        json!({"model": "tiny"}),
+    ] {
+        let (st, _, v) = call(&http, &base, Some(&bo), body.clone()).await?;
+        assert_eq!(st, 400, "{body} -> {v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+    }
+    let r = http
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&bo)
+        .body("{\"model\": \"tiny\", \"messages\": [")
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 400);
+    let big = "x".repeat(5 << 20);
+    let (st, _, v) = call(&http, &base, Some(&bo), chat(&big, 5)).await?;
+    assert_eq!(st, 400, "{v}");
+    // None of those reached the register.
+    let st = s.register().await?;
+    let bo_line = st.members.iter().find(|m| m.name == "bo").context("bo")?;
+    assert!(
+        bo_line.requests <= 1,
+        "refused requests are not charged: {bo_line:?}"
+    );
+
+    // A stint runs out: warned, then 429 with Retry-After until the reset.
+    let ana = s.keys["ana"].clone();
+    let mut warned = false;
+    let mut refused = None;
+    for _ in 0..40 {
+        let (st, h, v) = call(&http, &base, Some(&ana), chat("one two three", 10)).await?;
+        if st == 200 {
+            warned |= h.contains_key("x-copyhold-stint-remaining");
+            continue;
+        }
+        refused = Some((st, h, v));
+        break;
+    }
+    let (st, h, v) = refused.context("the stint never ran out")?;
+    assert_eq!((st, code(&v).as_str()), (429, "stint_exhausted"), "{v}");
+    let retry: i64 = h["retry-after"].to_str()?.parse()?;
+    assert!(retry > 0 && retry <= 86_400);
+    assert!(warned, "x-copyhold-stint-remaining was sent past warnAt");
+    let reg = eventually(Duration::from_secs(10), || async {
+        let st = s.register().await?;
+        let a = st
+            .members
+            .iter()
+            .find(|m| m.name == "ana")
+            .context("ana")?
+            .clone();
+        ensure!(
+            st.slices
+                .iter()
+                .all(|x| x.member != "ana" || x.tokens < 400),
+            "slices settle"
+        );
+        Ok(a)
+    })
+    .await?;
+    assert!(reg.tokens >= 400 - 100, "used most of the stint: {reg:?}");
+    // Overshoot is under one reservation (prompt bound + max_tokens).
+    assert!(reg.tokens < 400 + 100, "overshoot bounded: {reg:?}");
+
+    // One member's errors do not degrade the others.
+    let (st, _, _) = call(&http, &base, Some(&bo), chat("still fine", 5)).await?;
+    assert_eq!(st, 200);
+
+    // Failing upstreams: a dead replica is skipped (retried before the
+    // first byte), a 500 becomes a 502, usage-less answers are charged the
+    // full reservation.
+    let dead_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    s.serving_pod("up-dead", &format!("127.0.0.1:{dead_port}"))
+        .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..12 {
+        let (st, _, v) = call(&http, &base, Some(&bo), chat(&format!("retry me {i}"), 5)).await?;
+        assert_eq!(st, 200, "{v}");
+    }
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics.contains("copyhold_gateway_upstream_errors_total{model=\"tiny\",kind=\"connect\"}"),
+        "{metrics}"
+    );
+
+    let mut s2 = Scene::new(
+        "gw-errors2",
+        json!({"members": [{"name": "cy"}], "period": {"type": "calendar", "unit": "day"},
+               "ledger": {"defaultMaxTokens": 50}}),
+        &[],
+    )
+    .await?;
+    let failing = standin(&["--fail-status", "500"])?;
+    s2.serving_pod("up-500", &failing.addr).await?;
+    let g2 = s2.gateway().await?;
+    let base2 = s2.url(g2);
+    let cy = s2.keys["cy"].clone();
+    let (st, _, v) = eventually(Duration::from_secs(20), || async {
+        let r = call(&http, &base2, Some(&cy), chat("x", 5)).await?;
+        ensure!(r.0 != 503, "not ready yet");
+        Ok(r)
+    })
+    .await?;
+    assert_eq!(
+        (st, v["error"]["type"].as_str()),
+        (502, Some("upstream_error")),
+        "{v}"
+    );
+    // No replica at all: 503.
+    Api::<Pod>::namespaced(s2.client.clone(), &s2.ns.name)
+        .delete("up-500", &Default::default())
+        .await?;
+    let (st, h, _) = eventually(Duration::from_secs(20), || async {
+        let r = call(&http, &base2, Some(&cy), chat("x", 5)).await?;
+        ensure!(r.0 == 503, "still {}", r.0);
+        Ok(r)
+    })
+    .await?;
+    assert_eq!(st, 503);
+    assert!(h.contains_key("retry-after"));
+    // Usage-less upstream: charged the full reservation (prompt bound + defaultMaxTokens).
+    let quiet = standin(&["--omit-usage", "--tokens", "3"])?;
+    s2.serving_pod("up-quiet", &quiet.addr).await?;
+    eventually(Duration::from_secs(20), || async {
+        let (st, _, v) = call(
+            &http,
+            &base2,
+            Some(&cy),
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "abc"}]}),
+        )
+        .await?;
+        ensure!(st == 200, "{st} {v}");
+        Ok(())
+    })
+    .await?;
+    let line = eventually(Duration::from_secs(10), || async {
+        let st = s2.register().await?;
+        let l = st
+            .members
+            .iter()
+            .find(|m| m.name == "cy")
+            .context("cy")?
+            .clone();
+        ensure!(l.requests == 1, "{l:?}");
+        Ok(l)
+    })
+    .await?;
+    // "user" + "abc" = 7 bytes, + 64 + 8 template tokens, + 50 completion.
+    assert_eq!(line.tokens, 7 + 64 + 8 + 50, "{line:?}");
+    drop(up);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rotated_keys_and_deferring_budgets_take_effect_within_seconds() -> Result<()> {
+    let mut s = Scene::new(
+        "gw-keys",
+        json!({"members": [{"name": "ana"}, {"name": "bo"}], "period": {"type": "calendar", "unit": "day"}}),
+        &[("bo", "deferrable")],
+    )
+    .await?;
+    let up = standin(&["--tokens", "4"])?;
+    s.serving_pod("up-0", &up.addr).await?;
+    let g = s.gateway().await?;
+    let base = s.url(g);
+    let http = reqwest::Client::new();
+    let old = s.keys["ana"].clone();
+    eventually(Duration::from_secs(20), || async {
+        let (st, _, v) = call(&http, &base, Some(&old), chat("hi", 2)).await?;
+        ensure!(st == 200, "{st} {v}");
+        Ok(())
+    })
+    .await?;
+    // Rotate ana's key.
+    kubectl_ok(&[
+        "-n",
+        &s.ns.name,
+        "create",
+        "secret",
+        "generic",
+        "key-ana",
+        "--from-literal=api-key=sk-rotated",
+        "--dry-run=client",
+        "-o",
+        "yaml",
+    ])
+    .and_then(|y| {
+        let p = std::env::temp_dir().join(format!("{}-rot.yaml", s.ns.name));
+        std::fs::write(&p, y)?;
+        kubectl_ok(&["apply", "-f", &p.to_string_lossy()])
+    })?;
+    eventually(Duration::from_secs(10), || async {
+        let (a, _, _) = call(&http, &base, Some("sk-rotated"), chat("hi", 2)).await?;
+        let (b, _, _) = call(&http, &base, Some(&old), chat("hi", 2)).await?;
+        ensure!(a == 200 && b == 401, "new {a}, old {b}");
+        Ok(())
+    })
+    .await?;
+
+    // An EnergyBudget covering the model defers: deferrable bo waits,
+    // standard ana does not.
+    let eb_name = format!("{}-eb", s.ns.name);
+    let eb = json!({
+        "apiVersion": "copyhold.dev/v1alpha1", "kind": "EnergyBudget",
+        "metadata": {"name": eb_name},
+        "spec": {"nodeSelector": {"copyhold.dev/test": eb_name}, "ceilingWatts": 1000, "marginPercent": 10,
+                 "supply": {"static": {"watts": 1000}}}
+    });
+    let p = std::env::temp_dir().join(format!("{eb_name}.json"));
+    std::fs::write(&p, eb.to_string())?;
+    kubectl_ok(&["apply", "-f", &p.to_string_lossy()])?;
+    let ebs: Api<copyhold::resources::EnergyBudget> = Api::all(s.client.clone());
+    let key = format!("{}/m", s.ns.name);
+    let bo = s.keys["bo"].clone();
+    let result = eventually(Duration::from_secs(15), || async {
+        let now = jiff::Timestamp::now().to_string();
+        ebs.patch_status(
+            &eb_name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"covered": [key], "retryAfterSeconds": 1234, "step": 3,
+                "conditions": [{"type": "Deferring", "status": "True", "reason": "SupplyLow", "message": "test", "lastTransitionTime": now}]}})),
+        )
+        .await?;
+        let (st, h, v) = call(&http, &base, Some(&bo), chat("hi", 2)).await?;
+        ensure!(st == 503, "bo got {st}");
+        ensure!(v["error"]["code"] == "deferred_by_energy_budget", "{v}");
+        ensure!(h.get("retry-after").and_then(|x| x.to_str().ok()) == Some("1234"), "{h:?}");
+        let (a, _, _) = call(&http, &base, Some("sk-rotated"), chat("hi", 2)).await?;
+        ensure!(a == 200, "ana got {a}");
+        Ok(())
+    })
+    .await;
+    let _ = kubectl_ok(&["delete", "energybudget", &eb_name, "--wait=false"]);
+    result?;
+    Ok(())
+}
+
+/// Sum of what clients saw, per member: (prompt, completion, joules, requests).
+type Totals = BTreeMap<String, (i64, i64, f64, i64)>;
+
+async fn load(
+    http: reqwest::Client,
+    bases: Arc<Vec<String>>,
+    keys: Arc<Vec<(String, String)>>,
+    clients: usize,
+    rounds: usize,
+) -> Totals {
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let http = http.clone();
+        let bases = bases.clone();
+        let keys = keys.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seen: Vec<(String, Seen)> = Vec::new();
+            for r in 0..rounds {
+                let (member, key) = &keys[(c + r) % keys.len()];
+                let base = &bases[(c + r) % bases.len()];
+                let content = format!("client {c} round {r} asks something shared");
+                if let Ok(x) = stream_chat(&http, base, key, &content, 12).await
+                    && x.status == 200
+                {
+                    seen.push((member.clone(), x));
+                }
+            }
+            seen
+        }));
+    }
+    let mut totals = Totals::new();
+    for t in tasks {
+        for (m, x) in t.await.unwrap_or_default() {
+            let e = totals.entry(m).or_default();
+            e.0 += x.prompt;
+            e.1 += x.completion;
+            e.2 += x.joules;
+            e.3 += 1;
+        }
+    }
+    totals
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stint_ledger_exact_under_concurrency() -> Result<()> {
+    let mut s = Scene::new(
+        "gw-ledger",
+        json!({"members": [{"name": "m1"}, {"name": "m2"}, {"name": "m3"}, {"name": "m4"},
+                           {"name": "m5", "stint": {"tokens": 500}}],
+               "period": {"type": "calendar", "unit": "day"},
+               "sanctions": {"throttleAt": 100, "suspendAt": 100},
+               "ledger": {"sliceTokens": 300}}),
+        &[],
+    )
+    .await?;
+    let up = standin(&["--tokens", "12", "--token-delay-ms", "3"])?;
+    s.serving_pod("up-0", &up.addr).await?;
+    let up2 = standin(&["--tokens", "12", "--token-delay-ms", "3"])?;
+    s.serving_pod("up-1", &up2.addr).await?;
+    for _ in 0..3 {
+        s.gateway().await?;
+    }
+    let http = reqwest::Client::new();
+    let bases: Vec<String> = (0..3).map(|g| s.url(g)).collect();
+    for b in &bases {
+        let k = s.keys["m1"].clone();
+        eventually(Duration::from_secs(20), || async {
+            let x = stream_chat(&http, b, &k, "warm up", 1).await?;
+            ensure!(x.status == 200, "{}", x.status);
+            Ok(())
+        })
+        .await?;
+    }
+    let keys: Vec<(String, String)> = s.keys.iter().map(|(m, k)| (m.clone(), k.clone())).collect();
+    let mut totals = load(http.clone(), Arc::new(bases.clone()), Arc::new(keys), 64, 4).await;
+    // The three warm-up requests ("warm up": 3 prompt tokens, 1 completion).
+    totals.entry("m1".into()).or_default().3 += 3;
+
+    // Let every replica write what it settled.
+    let reg = eventually(Duration::from_secs(20), || async {
+        let st = s.register().await?;
+        let requests: i64 = st.members.iter().map(|m| m.requests).sum();
+        let want: i64 = totals.values().map(|t| t.3).sum();
+        ensure!(
+            requests == want,
+            "register has {requests} requests, clients saw {want}"
+        );
+        Ok(st)
+    })
+    .await?;
+    let mut checked = 0;
+    for line in &reg.members {
+        let Some(t) = totals.get(&line.name) else {
+            continue;
+        };
+        let warm = if line.name == "m1" { (9, 3) } else { (0, 0) };
+        assert_eq!(
+            line.prompt_tokens,
+            t.0 + warm.0,
+            "{}: prompt tokens",
+            line.name
+        );
+        assert_eq!(
+            line.completion_tokens,
+            t.1 + warm.1,
+            "{}: completion tokens",
+            line.name
+        );
+        assert_eq!(line.tokens, line.prompt_tokens + line.completion_tokens);
+        assert_eq!(line.reclaimed_tokens, 0);
+        checked += 1;
+    }
+    assert_eq!(checked, 5);
+    // m5's stint ran out; the overshoot is under one reservation (prompt
+    // bound + max_tokens) per replica.
+    let m5 = reg.members.iter().find(|m| m.name == "m5").context("m5")?;
+    let bound_one =
+        ("user".len() + "client 63 round 3 asks something shared".len()) as i64 + 64 + 8 + 12;
+    assert!(m5.tokens > 500, "m5's stint did not run out: {m5:?}");
+    assert!(
+        m5.tokens <= 500 + 3 * bound_one,
+        "overshoot {} > 3 × {bound_one}",
+        m5.tokens - 500
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stint_ledger_survives_gateway_kill() -> Result<()> {
+    let mut s = Scene::new(
+        "gw-kill",
+        json!({"members": [{"name": "m1"}, {"name": "m2"}, {"name": "m3"}],
+               "period": {"type": "calendar", "unit": "day"},
+               "ledger": {"sliceTokens": 500, "replicaTtlSeconds": 6}}),
+        &[],
+    )
+    .await?;
+    let up = standin(&["--tokens", "30", "--token-delay-ms", "40"])?;
+    s.serving_pod("up-0", &up.addr).await?;
+    for _ in 0..3 {
+        s.gateway().await?;
+    }
+    let http = reqwest::Client::new();
+    let bases: Vec<String> = (0..3).map(|g| s.url(g)).collect();
+    for b in &bases {
+        let k = s.keys["m1"].clone();
+        eventually(Duration::from_secs(20), || async {
+            let x = stream_chat(&http, b, &k, "warm up", 1).await?;
+            ensure!(x.status == 200, "{}", x.status);
+            Ok(())
+        })
+        .await?;
+    }
+    let victim = s.gateways[0]
+        .line
+        .split_whitespace()
+        .last()
+        .context("identity")?
+        .to_string();
+    let keys: Vec<(String, String)> = s.keys.iter().map(|(m, k)| (m.clone(), k.clone())).collect();
+    let run = tokio::spawn(load(
+        http.clone(),
+        Arc::new(bases.clone()),
+        Arc::new(keys),
+        24,
+        3,
+    ));
+    // Mid-stream: every client is inside a 1.2 s stream.
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    s.gateways[0].guard.0.kill()?;
+    let _ = s.gateways[0].guard.0.wait();
+    // Its slices as it left them (the register cannot change them now).
+    let at_kill = s.register().await?;
+    let mut slice: BTreeMap<String, i64> = BTreeMap::new();
+    for x in at_kill.slices.iter().filter(|x| x.replica == victim) {
+        *slice.entry(x.member.clone()).or_default() += x.tokens;
+    }
+    let mut totals = run.await?;
+    totals.entry("m1".into()).or_default().3 += 3;
+    let reg = eventually(Duration::from_secs(30), || async {
+        let st = s.register().await?;
+        ensure!(
+            !st.gateways.iter().any(|g| g.name == victim),
+            "the dead replica is still listed"
+        );
+        ensure!(
+            !st.slices.iter().any(|x| x.replica == victim),
+            "its slices are not yet charged"
+        );
+        Ok(st)
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let reg = {
+        let _ = reg;
+        s.register().await?
+    };
+    let warm_tokens = 3 * (3 + 1); // three "warm up" requests: 3 prompt tokens and 1 completion each
+    for line in &reg.members {
+        let t = totals.get(&line.name).cloned().unwrap_or_default();
+        let returned = t.0 + t.1 + if line.name == "m1" { warm_tokens } else { 0 };
+        let held = slice.get(&line.name).copied().unwrap_or(0);
+        assert!(
+            line.tokens >= returned,
+            "{}: register {} below returned {returned}",
+            line.name,
+            line.tokens
+        );
+        assert!(
+            line.tokens <= returned + held,
+            "{}: register {} over returned {returned} by more than the dead slice {held}",
+            line.name,
+            line.tokens
+        );
+        assert!(line.reclaimed_tokens <= held, "{line:?}");
+    }
+    Ok(())
+}

@@ -1,0 +1,262 @@
+//! What the gateway watches: StintQuotas and their Secrets (the key table),
+//! ModelDeployments and their Pods (where to send a model's requests), and
+//! EnergyBudgets (whether a model's deferrable members must wait).
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::Notify;
+
+use super::keys::{KeyTable, Owner};
+use super::router::Replica;
+use crate::conditions;
+use crate::resources::energy_budget::EnergyBudget;
+use crate::resources::model_deployment::ModelDeployment;
+use crate::resources::stint_quota::StintQuota;
+use crate::workload::{ENGINE_PORT, MD_LABEL};
+
+/// Where a request goes.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// `namespace/name` of the ModelDeployment.
+    pub key: String,
+    /// The name clients use.
+    pub served_name: String,
+    pub context_length: i64,
+    pub replicas: Vec<Replica>,
+    /// `Retry-After` seconds while an EnergyBudget covering the model defers.
+    pub deferred: Option<i64>,
+}
+
+/// The watched state.
+pub struct Catalog {
+    quotas: Store<StintQuota>,
+    secrets: Store<Secret>,
+    models: Store<ModelDeployment>,
+    pods: Store<Pod>,
+    budgets: Store<EnergyBudget>,
+    keys: RwLock<Arc<KeyTable>>,
+    changed: Arc<Notify>,
+}
+
+fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Run a reflector for `api`, waking `changed` on every event.
+fn reflect<K>(api: Api<K>, cfg: watcher::Config, changed: Option<Arc<Notify>>) -> Store<K>
+where
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, cfg)).default_backoff();
+    tokio::spawn(async move {
+        futures::pin_mut!(stream);
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(_) => {
+                    if let Some(c) = &changed {
+                        c.notify_one();
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "watch failed; retrying"),
+            }
+        }
+    });
+    reader
+}
+
+impl Catalog {
+    /// Start the watches (in `namespace`, or everywhere).
+    pub fn start(client: &Client, namespace: Option<&str>) -> Arc<Catalog> {
+        let changed = Arc::new(Notify::new());
+        let cat = Arc::new(Catalog {
+            quotas: reflect(
+                api(client, namespace),
+                watcher::Config::default(),
+                Some(changed.clone()),
+            ),
+            secrets: reflect(
+                api(client, namespace),
+                watcher::Config::default(),
+                Some(changed.clone()),
+            ),
+            models: reflect(api(client, namespace), watcher::Config::default(), None),
+            pods: reflect(
+                api(client, namespace),
+                watcher::Config::default().labels(MD_LABEL),
+                None,
+            ),
+            budgets: reflect(Api::all(client.clone()), watcher::Config::default(), None),
+            keys: RwLock::new(Arc::new(KeyTable::default())),
+            changed,
+        });
+        let c = cat.clone();
+        tokio::spawn(async move {
+            loop {
+                c.changed.notified().await;
+                // Let a burst of events land before rebuilding.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                c.rebuild_keys();
+            }
+        });
+        cat
+    }
+
+    /// Wait until the first lists are in.
+    pub async fn ready(&self, timeout: Duration) -> bool {
+        let all = async {
+            let _ = self.quotas.wait_until_ready().await;
+            let _ = self.secrets.wait_until_ready().await;
+            let _ = self.models.wait_until_ready().await;
+            let _ = self.pods.wait_until_ready().await;
+        };
+        let ok = tokio::time::timeout(timeout, all).await.is_ok();
+        if ok {
+            self.rebuild_keys();
+        }
+        ok
+    }
+
+    fn rebuild_keys(&self) {
+        let quotas = self.quotas.state();
+        let t = KeyTable::build(quotas.iter().map(|q| q.as_ref()), |ns, name| {
+            self.secrets
+                .get(&reflector::ObjectRef::new(name).within(ns))
+                .and_then(|s| s.data.clone())
+                .map(|d| d.into_iter().map(|(k, v)| (k, v.0)).collect())
+        });
+        if !t.missing.is_empty() {
+            tracing::info!(members = ?t.missing, "members without a readable API key Secret");
+        }
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(t);
+    }
+
+    pub fn keys(&self) -> Arc<KeyTable> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The owner's quota object, if it still exists.
+    pub fn quota(&self, owner: &Owner) -> Option<Arc<StintQuota>> {
+        self.quotas
+            .get(&reflector::ObjectRef::new(&owner.quota).within(&owner.namespace))
+    }
+
+    fn served_name(md: &ModelDeployment) -> String {
+        md.spec
+            .model
+            .served_name
+            .clone()
+            .unwrap_or_else(|| md.name_any())
+    }
+
+    /// ModelDeployments the owner's quota opens.
+    pub fn models_for(&self, owner: &Owner) -> Vec<Arc<ModelDeployment>> {
+        let mut v: Vec<_> = self
+            .models
+            .state()
+            .into_iter()
+            .filter(|md| {
+                md.namespace().as_deref() == Some(owner.namespace.as_str())
+                    && md.spec.stint_quota.as_deref() == Some(owner.quota.as_str())
+                    && md.metadata.deletion_timestamp.is_none()
+            })
+            .collect();
+        v.sort_by_key(|m| Self::served_name(m));
+        v
+    }
+
+    /// The target of `model` for `owner`, if the owner may use it.
+    pub fn resolve(&self, owner: &Owner, model: &str) -> Option<Target> {
+        let md = self
+            .models_for(owner)
+            .into_iter()
+            .find(|md| Self::served_name(md) == model || md.name_any() == model)?;
+        let ns = md.namespace().unwrap_or_default();
+        let name = md.name_any();
+        let replicas = self.replicas(&ns, &name);
+        let key = format!("{ns}/{name}");
+        let deferred = self
+            .budgets
+            .state()
+            .iter()
+            .filter_map(|b| b.status.as_ref())
+            .filter(|s| s.covered.iter().any(|c| c == &key))
+            .filter(|s| conditions::is_true(&s.conditions, "Deferring"))
+            .map(|s| s.retry_after_seconds.unwrap_or(300).max(1))
+            .max();
+        Some(Target {
+            key,
+            served_name: Self::served_name(&md),
+            context_length: i64::from(md.spec.serving.context_length),
+            replicas,
+            deferred,
+        })
+    }
+
+    /// Ready serving Pods of a ModelDeployment.
+    pub fn replicas(&self, ns: &str, md: &str) -> Vec<Replica> {
+        let mut v: Vec<Replica> = self
+            .pods
+            .state()
+            .iter()
+            .filter(|p| p.namespace().as_deref() == Some(ns))
+            .filter(|p| p.labels().get(MD_LABEL).map(String::as_str) == Some(md))
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter_map(|p| {
+                let st = p.status.as_ref()?;
+                let ready = st
+                    .conditions
+                    .as_ref()?
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True");
+                let ip = st.pod_ip.as_ref()?;
+                if !ready || ip.is_empty() {
+                    return None;
+                }
+                let port = p
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.containers.first())
+                    .and_then(|c| c.ports.as_ref())
+                    .and_then(|ps| {
+                        ps.iter()
+                            .find(|x| x.name.as_deref() == Some("http"))
+                            .or(ps.first())
+                    })
+                    .map(|x| x.container_port)
+                    .unwrap_or(ENGINE_PORT);
+                let host = if ip.contains(':') {
+                    format!("[{ip}]")
+                } else {
+                    ip.clone()
+                };
+                Some(Replica {
+                    name: p.name_any(),
+                    base_url: format!("http://{host}:{port}"),
+                })
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+}

@@ -1,0 +1,448 @@
+//! The ledger's I/O: one writer per StintQuota in each replica, writing
+//! the register with optimistic concurrency (a replace of the status that
+//! carries the resourceVersion it read; a 409 means read again and redo).
+//! Reservations that fit the local slice need no write; settlements are
+//! batched into the next write, which also renews this replica's heartbeat,
+//! charges dead replicas' slices and returns unused slices.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use kube::Api;
+use kube::api::PostParams;
+use tokio::sync::Notify;
+
+use crate::conditions;
+use crate::ledger::{self, Ask, Book, Fit, Reservation, Usage};
+use crate::resources::stint_quota::{
+    MemberState, MemberUsage, StintQuota, StintQuotaSpec, StintQuotaStatus,
+};
+use crate::stint::{self, MemberStint, PeriodWindow};
+
+use super::metrics::GatewayMetrics;
+
+/// Why the ledger could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("StintQuota {0} is invalid: {1}")]
+    Invalid(String, String),
+    #[error("serializing the register: {0}")]
+    Serialize(#[from] serde_json::Error),
+    #[error("the register stayed contended after {0} attempts")]
+    Contended(u32),
+}
+
+/// A refusal by the ledger.
+#[derive(Debug)]
+pub enum Admission {
+    Admitted,
+    /// The member's stint is spent until the period resets.
+    Exhausted {
+        retry_after: i64,
+    },
+}
+
+/// What the last write saw, for standings and headers.
+#[derive(Clone, Debug, Default)]
+struct View {
+    spec: Option<StintQuotaSpec>,
+    status: StintQuotaStatus,
+    period: Option<PeriodWindow>,
+    written_at: Option<std::time::Instant>,
+}
+
+/// A member's standing as this replica sees it.
+#[derive(Clone, Debug)]
+pub struct Standing {
+    pub state: MemberState,
+    /// Tokens left to the stint (not the ceiling), when the stint is finite.
+    pub remaining_tokens: Option<i64>,
+    pub seconds_to_reset: i64,
+    /// Live gateway replicas listed in the register (this one included).
+    pub replicas: usize,
+}
+
+/// One StintQuota's ledger in this replica.
+pub struct QuotaLedger {
+    api: Api<StintQuota>,
+    pub namespace: String,
+    pub name: String,
+    replica: String,
+    book: Mutex<Book>,
+    write: tokio::sync::Mutex<()>,
+    view: Mutex<View>,
+    wake: Notify,
+    metrics: Arc<GatewayMetrics>,
+}
+
+const MAX_ATTEMPTS: u32 = 50;
+/// How long a member may be idle before this replica returns its slice.
+const IDLE: chrono::Duration = chrono::Duration::seconds(10);
+/// Settlements wait at most this long before being written.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
+
+impl QuotaLedger {
+    fn lock_book(&self) -> std::sync::MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_view(&self) -> std::sync::MutexGuard<'_, View> {
+        self.view.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn slice_config(&self) -> (i64, f64) {
+        let v = self.lock_view();
+        v.spec
+            .as_ref()
+            .map(|s| (s.ledger.slice_tokens, s.ledger.slice_energy_wh))
+            .unwrap_or((4096, 0.5))
+    }
+
+    /// Reserve `r` for `member`: locally when the slice covers it, else
+    /// after leasing more; refused only when the member's stint is spent.
+    pub async fn reserve(&self, member: &str, r: Reservation) -> Result<Admission, LedgerError> {
+        for _ in 0..4 {
+            let (st, sw) = self.slice_config();
+            let need = {
+                let mut b = self.lock_book();
+                match b.fit(member, r, st, sw) {
+                    Fit::Fits => {
+                        b.reserve(member, r, Utc::now());
+                        return Ok(Admission::Admitted);
+                    }
+                    Fit::NeedLease(ask) => ask,
+                }
+            };
+            let granted = self.sync(Some((member, need))).await?;
+            {
+                let mut b = self.lock_book();
+                if b.fit(member, r, st, sw) == Fit::Fits || b.admissible(member, r) {
+                    b.reserve(member, r, Utc::now());
+                    return Ok(Admission::Admitted);
+                }
+            }
+            if granted.0 == 0 && granted.1 <= 0.0 {
+                break;
+            }
+        }
+        let retry_after = self.standing(member).seconds_to_reset;
+        Ok(Admission::Exhausted { retry_after })
+    }
+
+    /// A request ended with `usage`: settle locally, write soon.
+    pub fn settle(&self, member: &str, r: Reservation, usage: &Usage) {
+        self.lock_book().settle(member, r, usage, Utc::now());
+        self.wake.notify_one();
+    }
+
+    /// Standing of `member` from the last write plus what is pending here.
+    pub fn standing(&self, member: &str) -> Standing {
+        let v = self.lock_view();
+        let now = Utc::now();
+        let period = v.period;
+        let seconds_to_reset = period.map(|p| p.seconds_to_reset(now)).unwrap_or(60);
+        let replicas = v.status.gateways.len().max(1);
+        let (Some(spec), Some(p)) = (&v.spec, period) else {
+            return Standing {
+                state: MemberState::Ok,
+                remaining_tokens: None,
+                seconds_to_reset,
+                replicas,
+            };
+        };
+        let line = v
+            .status
+            .members
+            .iter()
+            .find(|u| u.name == member)
+            .cloned()
+            .unwrap_or_else(|| MemberUsage {
+                name: member.into(),
+                ..Default::default()
+            });
+        let pending = self
+            .lock_book()
+            .members
+            .get(member)
+            .map(|l| l.pending.clone())
+            .unwrap_or_default();
+        let pw = p.previous_weight(now);
+        let tokens = stint::effective_tokens(&line, pw) + pending.tokens;
+        let wh = stint::effective_energy_wh(&line, pw) + pending.energy_wh;
+        let s = MemberStint {
+            tokens: line.stint_tokens,
+            energy_wh: line.stint_energy_wh,
+        };
+        let state = stint::standing(spec, stint::used_fraction(s, tokens, wh));
+        Standing {
+            state,
+            remaining_tokens: stint::remaining_tokens(s, tokens),
+            seconds_to_reset,
+            replicas,
+        }
+    }
+
+    /// The spec as last read.
+    pub fn spec(&self) -> Option<StintQuotaSpec> {
+        self.lock_view().spec.clone()
+    }
+
+    fn due(&self) -> bool {
+        let (st, sw) = self.slice_config();
+        let ttl = {
+            let v = self.lock_view();
+            let ttl = v
+                .spec
+                .as_ref()
+                .map(|s| s.ledger.replica_ttl_seconds)
+                .unwrap_or(30)
+                .max(2) as u64;
+            let heartbeat = Duration::from_millis(ttl * 1000 / 4);
+            v.written_at.is_none_or(|t| t.elapsed() >= heartbeat)
+        };
+        let b = self.lock_book();
+        ttl || !b.pending().is_empty() || !b.surplus(st, sw, Utc::now(), IDLE).is_empty()
+    }
+
+    /// One write of the register: refresh, heartbeat, settlements, returns
+    /// and an optional lease. Returns what was granted.
+    pub async fn sync(&self, lease: Option<(&str, Ask)>) -> Result<(i64, f64), LedgerError> {
+        let _w = self.write.lock().await;
+        for attempt in 1..=MAX_ATTEMPTS {
+            let mut obj = self.api.get_status(&self.name).await?;
+            self.metrics.ledger_op("read");
+            let spec = obj.spec.clone();
+            let now = Utc::now();
+            let period = match stint::current_period(&spec, now) {
+                Ok(p) => p,
+                Err(e) => {
+                    return Err(LedgerError::Invalid(
+                        format!("{}/{}", self.namespace, self.name),
+                        e.to_string(),
+                    ));
+                }
+            };
+            let mut st = obj.status.take().unwrap_or_default();
+            let refreshed =
+                ledger::refresh(&spec, &mut st, period, now, spec.ledger.replica_ttl_seconds);
+            ledger::renew(&mut st, &self.replica, now);
+
+            // Settlements and returns, taken from the book pessimistically:
+            // returned amounts leave the local slice before the write.
+            let (pending, returns) = {
+                let mut b = self.lock_book();
+                let pending = b.pending();
+                let returns = b.surplus(
+                    spec.ledger.slice_tokens,
+                    spec.ledger.slice_energy_wh,
+                    now,
+                    IDLE,
+                );
+                for (m, t, w) in &returns {
+                    if let Some(l) = b.members.get_mut(m) {
+                        l.leased_tokens -= t;
+                        l.leased_wh -= w;
+                    }
+                }
+                (pending, returns)
+            };
+            for (m, u) in &pending {
+                ledger::settle(&mut st, &self.replica, m, u);
+            }
+            for (m, t, w) in &returns {
+                ledger::release(&mut st, &self.replica, m, *t, *w);
+            }
+            let granted = match lease {
+                Some((m, ask)) => ledger::grant(&spec, &mut st, period, now, &self.replica, m, ask),
+                None => (0, 0.0),
+            };
+            ledger::prune(&mut st);
+            st.observed_generation = obj.metadata.generation;
+            conditions::set(
+                &mut st.conditions,
+                "Ready",
+                true,
+                "Metering",
+                "gateway replicas are metering this quota",
+                obj.metadata.generation,
+                conditions::now(),
+            );
+            obj.status = Some(st);
+            match self
+                .api
+                .replace_status(&self.name, &PostParams::default(), &obj)
+                .await
+            {
+                Ok(new) => {
+                    self.metrics.ledger_op("write");
+                    if !returns.is_empty() {
+                        self.metrics.ledger_op("return");
+                    }
+                    if granted.0 > 0 || granted.1 > 0.0 {
+                        self.metrics.ledger_op("lease");
+                    }
+                    let status = new.status.clone().unwrap_or_default();
+                    tracing::debug!(
+                        quota = %self.name, attempt, settled = pending.len(), returned = returns.len(),
+                        granted = ?granted, gateways = status.gateways.len(),
+                        "register written"
+                    );
+                    for r in &refreshed.reclaimed {
+                        self.metrics.ledger_op("reclaim");
+                        tracing::warn!(
+                            quota = %self.name, replica = %r.replica, member = %r.member,
+                            tokens = r.tokens, energy_wh = r.energy_wh,
+                            "gateway replica stopped heartbeating; its slice is charged to the member"
+                        );
+                    }
+                    self.lock_book().written(&pending, &status, &self.replica);
+                    self.metrics
+                        .observe_register(&self.namespace, &self.name, &status);
+                    let mut v = self.lock_view();
+                    v.spec = Some(new.spec.clone());
+                    v.status = status;
+                    v.period = Some(period);
+                    v.written_at = Some(std::time::Instant::now());
+                    return Ok(granted);
+                }
+                Err(kube::Error::Api(ae)) if ae.code == 409 => {
+                    self.metrics.ledger_conflicts.inc();
+                    // Returns go back into the book: the next try recomputes them.
+                    {
+                        let mut b = self.lock_book();
+                        for (m, t, w) in &returns {
+                            if let Some(l) = b.members.get_mut(m) {
+                                l.leased_tokens += t;
+                                l.leased_wh += w;
+                            }
+                        }
+                    }
+                    if attempt > 3 {
+                        tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt.min(20))))
+                            .await;
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(LedgerError::Contended(MAX_ATTEMPTS))
+    }
+
+    /// Clean shutdown: write what is pending and give every slice back.
+    pub async fn leave(&self) -> Result<(), LedgerError> {
+        let _w = self.write.lock().await;
+        for _ in 0..MAX_ATTEMPTS {
+            let mut obj = self.api.get_status(&self.name).await?;
+            let mut st = obj.status.take().unwrap_or_default();
+            let pending = self.lock_book().pending();
+            for (m, u) in &pending {
+                ledger::settle(&mut st, &self.replica, m, u);
+            }
+            ledger::leave(&mut st, &self.replica);
+            obj.status = Some(st);
+            match self
+                .api
+                .replace_status(&self.name, &PostParams::default(), &obj)
+                .await
+            {
+                Ok(new) => {
+                    self.lock_book().written(
+                        &pending,
+                        &new.status.unwrap_or_default(),
+                        &self.replica,
+                    );
+                    return Ok(());
+                }
+                Err(kube::Error::Api(ae)) if ae.code == 409 => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(LedgerError::Contended(MAX_ATTEMPTS))
+    }
+
+    /// Write settlements, heartbeats and returns in the background.
+    async fn run(self: Arc<Self>) {
+        let mut backoff = FLUSH_EVERY;
+        loop {
+            tokio::select! {
+                _ = self.wake.notified() => tokio::time::sleep(FLUSH_EVERY).await,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            if !self.due() {
+                continue;
+            }
+            match self.sync(None).await {
+                Ok(_) => backoff = FLUSH_EVERY,
+                Err(e) => {
+                    tracing::warn!(quota = %self.name, error = %e, "writing the register failed; retrying");
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// Every quota's ledger in this replica.
+pub struct Ledgers {
+    client: kube::Client,
+    replica: String,
+    metrics: Arc<GatewayMetrics>,
+    quotas: Mutex<HashMap<(String, String), Arc<QuotaLedger>>>,
+}
+
+impl Ledgers {
+    pub fn new(client: kube::Client, replica: String, metrics: Arc<GatewayMetrics>) -> Self {
+        Self {
+            client,
+            replica,
+            metrics,
+            quotas: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// The ledger of one quota, started on first use.
+    pub fn get(&self, namespace: &str, name: &str) -> Arc<QuotaLedger> {
+        let mut m = self.quotas.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry((namespace.to_string(), name.to_string()))
+            .or_insert_with(|| {
+                let q = Arc::new(QuotaLedger {
+                    api: Api::namespaced(self.client.clone(), namespace),
+                    namespace: namespace.into(),
+                    name: name.into(),
+                    replica: self.replica.clone(),
+                    book: Mutex::new(Book::default()),
+                    write: tokio::sync::Mutex::new(()),
+                    view: Mutex::new(View::default()),
+                    wake: Notify::new(),
+                    metrics: self.metrics.clone(),
+                });
+                tokio::spawn(q.clone().run());
+                q
+            })
+            .clone()
+    }
+
+    /// Give every slice back (on SIGTERM, after requests drained).
+    pub async fn leave_all(&self) {
+        let all: Vec<Arc<QuotaLedger>> = self
+            .quotas
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for q in all {
+            if let Err(e) = q.leave().await {
+                tracing::warn!(quota = %q.name, error = %e, "could not return slices on shutdown");
+            }
+        }
+    }
+}

@@ -1,0 +1,894 @@
+//! `copyhold gateway`: the OpenAI-compatible front door. Stateless replicas
+//! that authenticate members by key, meter them exactly against their
+//! StintQuota (see `ledger`), and pass requests to a ready replica of the
+//! ModelDeployment the request names.
+
+pub mod catalog;
+pub mod keys;
+pub mod ledger_sync;
+pub mod limits;
+pub mod metrics;
+pub mod openai;
+pub mod router;
+pub mod sse;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::StreamExt;
+use prometheus_client::registry::Registry;
+use serde_json::{Value, json};
+
+use crate::ledger::{Reservation, Usage};
+use crate::resources::common::Priority;
+use crate::resources::stint_quota::{MemberState, StintQuotaSpec};
+use crate::stint;
+use catalog::{Catalog, Target};
+use keys::Owner;
+use ledger_sync::{Admission, Ledgers, QuotaLedger};
+use limits::{Limited, Limiter, Permit};
+use metrics::{
+    GatewayMetrics, MemberLabels, ModelLabels, RequestLabels, TokenLabels, UpstreamErrorLabels,
+};
+use openai::{ApiError, Checked, Endpoint};
+use router::Loads;
+use sse::{SseFilter, UpstreamUsage};
+
+/// How the gateway runs.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    /// Watch only this namespace (quotas, keys, models); all when absent.
+    pub watch_namespace: Option<String>,
+    /// This replica's name in the register: unique per process.
+    pub identity: String,
+    /// Largest request body accepted.
+    pub body_limit: usize,
+    pub connect_timeout: Duration,
+    /// Longest wait for an upstream's response headers.
+    pub first_byte_timeout: Duration,
+    /// Longest silence inside an upstream's response body.
+    pub idle_timeout: Duration,
+    /// How long a replica that refused a connection is left alone.
+    pub eject_for: Duration,
+    /// Other replicas tried after a connection failure.
+    pub retries: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            watch_namespace: None,
+            identity: "gateway".into(),
+            body_limit: 4 << 20,
+            connect_timeout: Duration::from_secs(2),
+            first_byte_timeout: Duration::from_secs(300),
+            idle_timeout: Duration::from_secs(120),
+            eject_for: Duration::from_secs(10),
+            retries: 2,
+        }
+    }
+}
+
+/// Joules per token assumed before a model has reported any, for the
+/// energy part of a reservation.
+const DEFAULT_JOULES_PER_TOKEN: f64 = 2.0;
+
+struct AppState {
+    catalog: Arc<Catalog>,
+    ledgers: Ledgers,
+    limiter: Limiter,
+    loads: Loads,
+    metrics: Arc<GatewayMetrics>,
+    registry: Registry,
+    http: reqwest::Client,
+    settings: Settings,
+    joules_per_token: Mutex<HashMap<String, f64>>,
+    ready: std::sync::atomic::AtomicBool,
+}
+
+/// Run until SIGTERM or Ctrl-C; then drain requests and give the slices back.
+pub async fn run(client: kube::Client, settings: Settings) -> anyhow::Result<()> {
+    let mut registry = Registry::default();
+    let metrics = Arc::new(GatewayMetrics::register(&mut registry));
+    let catalog = Catalog::start(&client, settings.watch_namespace.as_deref());
+    let http = reqwest::Client::builder()
+        .connect_timeout(settings.connect_timeout)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .tcp_nodelay(true)
+        .build()?;
+    let state = Arc::new(AppState {
+        catalog: catalog.clone(),
+        ledgers: Ledgers::new(client, settings.identity.clone(), metrics.clone()),
+        limiter: Limiter::default(),
+        loads: Loads::default(),
+        metrics,
+        registry,
+        http,
+        settings: settings.clone(),
+        joules_per_token: Mutex::new(HashMap::new()),
+        ready: std::sync::atomic::AtomicBool::new(false),
+    });
+    let listener = tokio::net::TcpListener::bind(settings.listen).await?;
+    let addr = listener.local_addr()?;
+    if !catalog.ready(Duration::from_secs(60)).await {
+        anyhow::bail!("the API server's lists did not arrive within 60 s");
+    }
+    state.metrics.keys.set(catalog.keys().len() as i64);
+    state.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    let app = router(state.clone());
+    // Tests and scripts wait for this line.
+    println!(
+        "copyhold gateway listening on {addr} as {}",
+        settings.identity
+    );
+    tracing::info!(%addr, identity = %settings.identity, "gateway listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    tracing::info!("draining done; returning slices");
+    state.ledgers.leave_all().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "not_found",
+                "no such endpoint",
+            )
+        })
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<Arc<AppState>>) -> Response {
+    if s.ready.load(std::sync::atomic::Ordering::SeqCst) {
+        "ready".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting").into_response()
+    }
+}
+
+async fn metrics_text(State(s): State<Arc<AppState>>) -> Response {
+    s.metrics.keys.set(s.catalog.keys().len() as i64);
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, &s.registry).is_err() {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
+}
+
+fn authenticate(s: &AppState, headers: &HeaderMap) -> Result<Owner, ApiError> {
+    let key = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .ok_or_else(ApiError::unauthorized)?;
+    s.catalog
+        .keys()
+        .lookup(key)
+        .ok_or_else(ApiError::unauthorized)
+}
+
+async fn models(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let owner = match authenticate(&s, &headers) {
+        Ok(o) => o,
+        Err(e) => return e.into_response(),
+    };
+    let data: Vec<Value> = s
+        .catalog
+        .models_for(&owner)
+        .iter()
+        .map(|md| {
+            json!({
+                "id": md.spec.model.served_name.clone().unwrap_or_else(|| kube::ResourceExt::name_any(md.as_ref())),
+                "object": "model",
+                "created": md.metadata.creation_timestamp.as_ref().map(|t| t.0.as_second()).unwrap_or(0),
+                "owned_by": owner.namespace,
+            })
+        })
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    handle(s, Endpoint::Chat, headers, body).await
+}
+
+async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    handle(s, Endpoint::Completions, headers, body).await
+}
+
+/// An error with the labels it is counted under.
+struct Fail {
+    err: ApiError,
+    model: String,
+    member: String,
+}
+
+fn fail(err: ApiError, model: &str, member: &str) -> Fail {
+    Fail {
+        err,
+        model: model.into(),
+        member: member.into(),
+    }
+}
+
+async fn handle(s: Arc<AppState>, ep: Endpoint, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    match serve(&s, ep, &headers, body, started).await {
+        Ok(r) => r,
+        Err(f) => {
+            s.metrics
+                .requests
+                .get_or_create(&RequestLabels {
+                    model: f.model,
+                    member: f.member,
+                    code: f.err.status.as_u16().to_string(),
+                })
+                .inc();
+            f.err.into_response()
+        }
+    }
+}
+
+/// Which limits apply to a member in its standing.
+fn member_limits(
+    spec: &StintQuotaSpec,
+    member: &str,
+    state: MemberState,
+    replicas: usize,
+) -> (Option<u32>, Option<u32>, bool) {
+    let m = spec.members.iter().find(|m| m.name == member);
+    let l = m.and_then(|m| m.limits.as_ref()).unwrap_or(&spec.limits);
+    let throttled = state == MemberState::Throttled;
+    let rpm = if throttled {
+        Some(spec.sanctions.throttle.requests_per_minute)
+    } else {
+        l.requests_per_minute
+    };
+    (
+        limits::share(rpm, replicas),
+        limits::share(l.concurrent_requests, replicas),
+        throttled && spec.sanctions.throttle.only_when_idle,
+    )
+}
+
+async fn serve(
+    s: &Arc<AppState>,
+    ep: Endpoint,
+    headers: &HeaderMap,
+    body: Body,
+    started: Instant,
+) -> Result<Response, Fail> {
+    let limit = s.settings.body_limit;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        fail(
+            ApiError::invalid(
+                None,
+                format!("the request body is larger than {limit} bytes"),
+            ),
+            "unknown",
+            "unknown",
+        )
+    })?;
+    let owner = authenticate(s, headers).map_err(|e| fail(e, "unknown", "unknown"))?;
+    let member = owner.member.clone();
+    let mut v: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        fail(
+            ApiError::invalid(None, format!("the request body is not valid JSON: {e}")),
+            "unknown",
+            &member,
+        )
+    })?;
+    let model = match v.get("model").and_then(Value::as_str) {
+        Some(m) => m.to_string(),
+        None => {
+            let e = openai::check(ep, &v, None)
+                .err()
+                .unwrap_or_else(|| ApiError::invalid(Some("model"), "missing model"));
+            return Err(fail(e, "unknown", &member));
+        }
+    };
+    let target = s
+        .catalog
+        .resolve(&owner, &model)
+        .ok_or_else(|| fail(ApiError::model_not_found(&model), "unknown", &member))?;
+    let model = target.served_name.clone();
+    let checked =
+        openai::check(ep, &v, Some(target.context_length)).map_err(|e| fail(e, &model, &member))?;
+
+    if let Some(retry) = target.deferred
+        && owner.priority == Priority::Deferrable
+    {
+        return Err(fail(
+            ApiError::unavailable(
+                "deferred_by_energy_budget",
+                "the cluster is running on a reduced energy budget; deferrable requests wait for more supply",
+                Some(retry),
+            ),
+            &model,
+            &member,
+        ));
+    }
+
+    let spec = s
+        .catalog
+        .quota(&owner)
+        .map(|q| q.spec.clone())
+        .ok_or_else(|| fail(ApiError::unauthorized(), &model, &member))?;
+    let ledger = s.ledgers.get(&owner.namespace, &owner.quota);
+    let standing = ledger.standing(&member);
+    if standing.state == MemberState::Suspended {
+        return Err(fail(
+            ApiError::stint_exhausted(
+                format!("member {member} has used their stint for this period"),
+                standing.seconds_to_reset,
+            ),
+            &model,
+            &member,
+        ));
+    }
+    let (rpm, concurrent, only_idle) =
+        member_limits(&spec, &member, standing.state, standing.replicas);
+    if only_idle && !s.loads.any_idle(&target.replicas) {
+        return Err(fail(
+            ApiError::rate_limited("throttled: served only while the model is idle", 1),
+            &model,
+            &member,
+        ));
+    }
+    let limiter_key = format!("{}/{}/{}", owner.namespace, owner.quota, member);
+    let permit = match s
+        .limiter
+        .acquire(&limiter_key, rpm, concurrent, Instant::now())
+    {
+        Ok(p) => p,
+        Err(Limited::Rate { retry_after }) => {
+            return Err(fail(
+                ApiError::rate_limited(
+                    format!("member {member} is over their requests per minute"),
+                    retry_after,
+                ),
+                &model,
+                &member,
+            ));
+        }
+        Err(Limited::Concurrency) => {
+            return Err(fail(
+                ApiError::rate_limited(
+                    format!("member {member} has too many requests in flight"),
+                    1,
+                ),
+                &model,
+                &member,
+            ));
+        }
+    };
+    if target.replicas.is_empty() {
+        return Err(fail(
+            ApiError::unavailable(
+                "model_not_ready",
+                format!("no replica of {model} is ready"),
+                Some(5),
+            ),
+            &model,
+            &member,
+        ));
+    }
+
+    // Reserve the request's bound.
+    let max_tokens = checked
+        .max_tokens
+        .unwrap_or_else(|| spec.ledger.default_max_tokens.min(target.context_length));
+    let completion_bound = max_tokens * checked.n;
+    let jpt = s
+        .joules_per_token
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&target.key)
+        .copied()
+        .unwrap_or(DEFAULT_JOULES_PER_TOKEN);
+    let reservation = Reservation {
+        tokens: stint::weighted_tokens(&spec, checked.prompt_bound, completion_bound),
+        energy_wh: (checked.prompt_bound + completion_bound) as f64 * jpt / 3600.0,
+    };
+    match ledger.reserve(&member, reservation).await {
+        Ok(Admission::Admitted) => {}
+        Ok(Admission::Exhausted { retry_after }) => {
+            return Err(fail(
+                ApiError::stint_exhausted(
+                    format!("member {member} has used their stint for this period"),
+                    retry_after,
+                ),
+                &model,
+                &member,
+            ));
+        }
+        Err(e) => {
+            tracing::error!(error = %e, quota = %owner.quota, "ledger unavailable; refusing rather than serving unmetered");
+            return Err(fail(
+                ApiError::unavailable(
+                    "ledger_unavailable",
+                    "the usage register cannot be written right now",
+                    Some(2),
+                ),
+                &model,
+                &member,
+            ));
+        }
+    }
+    let mut meter = Meter {
+        state: s.clone(),
+        ledger,
+        spec,
+        member: member.clone(),
+        model: model.clone(),
+        target_key: target.key.clone(),
+        reservation,
+        full: Usage {
+            prompt_tokens: checked.prompt_bound,
+            completion_tokens: completion_bound,
+            tokens: reservation.tokens,
+            energy_wh: reservation.energy_wh,
+            requests: 1,
+        },
+        started,
+        code: 200,
+        settled: false,
+        charge_on_drop: false,
+        replica: None,
+        _permit: permit,
+    };
+    s.metrics
+        .in_flight
+        .get_or_create(&ModelLabels {
+            model: model.clone(),
+        })
+        .inc();
+
+    // The upstream request: our bound made explicit, usage always asked for.
+    if let Some(o) = v.as_object_mut() {
+        if checked.max_tokens.is_none() {
+            o.insert("max_tokens".into(), json!(max_tokens));
+        }
+        if checked.stream {
+            o.insert("stream_options".into(), json!({"include_usage": true}));
+        }
+    }
+    let upstream_body = match serde_json::to_vec(&v) {
+        Ok(b) => Bytes::from(b),
+        Err(e) => {
+            meter.nothing(500);
+            return Err(fail(ApiError::internal(e.to_string()), &model, &member));
+        }
+    };
+    let resp = match forward(s, &target, ep, &checked, upstream_body, &mut meter).await {
+        Ok(r) => r,
+        Err(e) => {
+            meter.nothing(e.status.as_u16());
+            return Err(fail(e, &model, &member));
+        }
+    };
+
+    let mut extra = HeaderMap::new();
+    if standing.state != MemberState::Ok
+        && let Some(rem) = standing.remaining_tokens
+        && let Ok(h) = HeaderValue::from_str(&rem.to_string())
+    {
+        extra.insert("x-copyhold-stint-remaining", h);
+    }
+    if standing.state != MemberState::Ok {
+        let st = serde_json::to_value(standing.state)
+            .ok()
+            .and_then(|x| x.as_str().map(String::from))
+            .unwrap_or_default();
+        if let Ok(h) = HeaderValue::from_str(&st) {
+            extra.insert("x-copyhold-stint-state", h);
+        }
+    }
+
+    let status = resp.status();
+    if !status.is_success() {
+        let text = read_limited(resp, s.settings.idle_timeout)
+            .await
+            .unwrap_or_default();
+        meter.nothing(status.as_u16());
+        if status.is_server_error() {
+            count_upstream_error(s, &model, "status");
+            let msg = serde_json::from_slice::<Value>(&text)
+                .ok()
+                .and_then(|v| v["error"]["message"].as_str().map(String::from))
+                .unwrap_or_else(|| String::from_utf8_lossy(&text).chars().take(200).collect());
+            return Err(fail(
+                ApiError::bad_gateway(format!("the model server answered {status}: {msg}")),
+                &model,
+                &member,
+            ));
+        }
+        // A 4xx from the engine is the client's: pass it on as it is.
+        let mut r = Response::new(Body::from(text));
+        *r.status_mut() = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        s.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                model,
+                member,
+                code: status.as_u16().to_string(),
+            })
+            .inc();
+        return Ok(r);
+    }
+    meter.charge_on_drop = true;
+
+    if !checked.stream {
+        let body = match read_limited(resp, s.settings.idle_timeout).await {
+            Ok(b) => b,
+            Err(kind) => {
+                count_upstream_error(s, &model, kind);
+                // The engine did work we cannot measure: the bound is charged.
+                meter.code = 502;
+                drop(meter);
+                return Err(fail(
+                    ApiError::bad_gateway("the model server's response broke off"),
+                    &model,
+                    &member,
+                ));
+            }
+        };
+        let usage = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| sse::usage_of(&v));
+        meter.settle(usage);
+        let mut r = Response::new(Body::from(body));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        r.headers_mut().extend(extra);
+        return Ok(r);
+    }
+
+    // Streaming: pass events on as they come, settle when the stream ends
+    // (or when the client goes away and the stream is dropped).
+    let idle = s.settings.idle_timeout;
+    let upstream = resp.bytes_stream();
+    let filter = SseFilter::new(checked.include_usage);
+    let first = true;
+    let stream = futures::stream::unfold(
+        Some((Box::pin(upstream), filter, meter, first)),
+        move |st| async move {
+            let (mut up, mut filter, mut meter, first) = st?;
+            loop {
+                match tokio::time::timeout(idle, up.next()).await {
+                    Ok(Some(Ok(chunk))) => {
+                        if first {
+                            meter.first_byte();
+                        }
+                        let out = filter.push(&chunk);
+                        if out.is_empty() {
+                            continue;
+                        }
+                        return Some((
+                            Ok::<Bytes, std::io::Error>(Bytes::from(out)),
+                            Some((up, filter, meter, false)),
+                        ));
+                    }
+                    Ok(None) => {
+                        let rest = filter.finish();
+                        let complete = filter.saw_done || filter.usage.is_some();
+                        if !complete {
+                            count_upstream_error(&meter.state, &meter.model, "body");
+                        }
+                        meter.settle(filter.usage);
+                        if rest.is_empty() {
+                            return None;
+                        }
+                        return Some((Ok(Bytes::from(rest)), None));
+                    }
+                    Ok(Some(Err(e))) => {
+                        count_upstream_error(&meter.state, &meter.model, "body");
+                        tracing::warn!(error = %e, model = %meter.model, "upstream stream broke off");
+                        meter.code = 502;
+                        // Dropping the meter charges the reservation.
+                        return None;
+                    }
+                    Err(_) => {
+                        count_upstream_error(&meter.state, &meter.model, "timeout");
+                        meter.code = 504;
+                        return None;
+                    }
+                }
+            }
+        },
+    );
+    let mut r = Response::new(Body::from_stream(stream));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.extend(extra);
+    Ok(r)
+}
+
+fn count_upstream_error(s: &AppState, model: &str, kind: &str) {
+    s.metrics
+        .upstream_errors
+        .get_or_create(&UpstreamErrorLabels {
+            model: model.into(),
+            kind: kind.into(),
+        })
+        .inc();
+}
+
+/// Read a whole (non-streamed) upstream body, with a silence limit.
+async fn read_limited(resp: reqwest::Response, idle: Duration) -> Result<Vec<u8>, &'static str> {
+    let mut out = Vec::new();
+    let mut st = resp.bytes_stream();
+    loop {
+        match tokio::time::timeout(idle, st.next()).await {
+            Ok(Some(Ok(b))) => {
+                out.extend_from_slice(&b);
+                if out.len() > 256 << 20 {
+                    return Err("body");
+                }
+            }
+            Ok(Some(Err(_))) => return Err("body"),
+            Ok(None) => return Ok(out),
+            Err(_) => return Err("timeout"),
+        }
+    }
+}
+
+/// Send to a replica; on a refused connection, eject it and try another
+/// (no byte has reached an engine, so a retry cannot double-serve).
+async fn forward(
+    s: &Arc<AppState>,
+    target: &Target,
+    ep: Endpoint,
+    checked: &Checked,
+    body: Bytes,
+    meter: &mut Meter,
+) -> Result<reqwest::Response, ApiError> {
+    let mut tried: Vec<String> = Vec::new();
+    for _ in 0..=s.settings.retries {
+        let Some(replica) = s
+            .loads
+            .acquire(&target.replicas, &checked.affinity_key, &tried)
+        else {
+            break;
+        };
+        let url = format!("{}{}", replica.base_url, ep.path());
+        let send = s
+            .http
+            .post(&url)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body.clone())
+            .send();
+        match tokio::time::timeout(s.settings.first_byte_timeout, send).await {
+            Ok(Ok(r)) => {
+                meter.replica = Some(replica.name);
+                return Ok(r);
+            }
+            Ok(Err(e)) if e.is_connect() => {
+                s.loads.release(&replica.name);
+                s.loads.eject(&replica.name, s.settings.eject_for);
+                count_upstream_error(s, &meter.model, "connect");
+                tracing::warn!(replica = %replica.name, error = %e, "replica refused the connection; ejected");
+                tried.push(replica.name);
+            }
+            Ok(Err(e)) => {
+                s.loads.release(&replica.name);
+                count_upstream_error(
+                    s,
+                    &meter.model,
+                    if e.is_timeout() { "timeout" } else { "request" },
+                );
+                return Err(if e.is_timeout() {
+                    ApiError::gateway_timeout(format!("the model server did not answer: {e}"))
+                } else {
+                    ApiError::bad_gateway(format!("the model server failed: {e}"))
+                });
+            }
+            Err(_) => {
+                s.loads.release(&replica.name);
+                count_upstream_error(s, &meter.model, "timeout");
+                return Err(ApiError::gateway_timeout(format!(
+                    "the model server did not answer within {} s",
+                    s.settings.first_byte_timeout.as_secs()
+                )));
+            }
+        }
+    }
+    Err(ApiError::bad_gateway(format!(
+        "no replica of {} accepted the connection",
+        target.served_name
+    )))
+}
+
+/// One request's account: settled exactly once, with the usage the
+/// upstream reported, with nothing when no engine saw the request, and with
+/// the full reservation when an engine saw it but no usage came back.
+struct Meter {
+    state: Arc<AppState>,
+    ledger: Arc<QuotaLedger>,
+    spec: StintQuotaSpec,
+    member: String,
+    model: String,
+    target_key: String,
+    reservation: Reservation,
+    full: Usage,
+    started: Instant,
+    code: u16,
+    settled: bool,
+    /// Set once an engine has accepted the request.
+    charge_on_drop: bool,
+    replica: Option<String>,
+    _permit: Permit,
+}
+
+impl Meter {
+    fn first_byte(&self) {
+        self.state
+            .metrics
+            .time_to_first_token
+            .get_or_create(&ModelLabels {
+                model: self.model.clone(),
+            })
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+
+    /// The request never reached an engine (or the engine refused it).
+    fn nothing(&mut self, code: u16) {
+        self.code = code;
+        self.finish(Usage::default(), false);
+    }
+
+    fn settle(&mut self, usage: Option<UpstreamUsage>) {
+        let u = match usage {
+            Some(u) => Usage {
+                prompt_tokens: u.prompt_tokens,
+                completion_tokens: u.completion_tokens,
+                tokens: stint::weighted_tokens(&self.spec, u.prompt_tokens, u.completion_tokens),
+                energy_wh: u.energy_joules / 3600.0,
+                requests: 1,
+            },
+            None => {
+                tracing::warn!(
+                    member = %self.member, model = %self.model,
+                    tokens = self.full.tokens,
+                    "the model server returned no usage; charging the full reservation"
+                );
+                self.full.clone()
+            }
+        };
+        if let Some(u) = usage
+            && u.energy_joules > 0.0
+            && u.prompt_tokens + u.completion_tokens > 0
+        {
+            let per = u.energy_joules / (u.prompt_tokens + u.completion_tokens) as f64;
+            let mut m = self
+                .state
+                .joules_per_token
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let e = m.entry(self.target_key.clone()).or_insert(per);
+            *e = 0.8 * *e + 0.2 * per;
+        }
+        self.finish(u, true);
+    }
+
+    fn finish(&mut self, u: Usage, served: bool) {
+        if self.settled {
+            return;
+        }
+        self.settled = true;
+        self.ledger.settle(&self.member, self.reservation, &u);
+        let m = &self.state.metrics;
+        if let Some(r) = &self.replica {
+            self.state.loads.release(r);
+        }
+        m.in_flight
+            .get_or_create(&ModelLabels {
+                model: self.model.clone(),
+            })
+            .dec();
+        if served {
+            for (kind, n) in [
+                ("prompt", u.prompt_tokens),
+                ("completion", u.completion_tokens),
+            ] {
+                m.tokens
+                    .get_or_create(&TokenLabels {
+                        member: self.member.clone(),
+                        kind: kind.into(),
+                    })
+                    .inc_by(n.max(0) as u64);
+            }
+            m.energy_joules
+                .get_or_create(&MemberLabels {
+                    member: self.member.clone(),
+                })
+                .inc_by(u.energy_wh * 3600.0);
+        }
+        m.requests
+            .get_or_create(&RequestLabels {
+                model: self.model.clone(),
+                member: self.member.clone(),
+                code: self.code.to_string(),
+            })
+            .inc();
+        m.request_duration
+            .get_or_create(&ModelLabels {
+                model: self.model.clone(),
+            })
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        if self.charge_on_drop {
+            // Client gone or stream broken after an engine took the request.
+            if self.code == 200 {
+                self.code = 499;
+            }
+            let full = self.full.clone();
+            tracing::info!(member = %self.member, model = %self.model, "response ended early; charging the full reservation");
+            self.finish(full, true);
+        } else {
+            self.finish(Usage::default(), false);
+        }
+    }
+}

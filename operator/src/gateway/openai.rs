@@ -1,0 +1,557 @@
+//! The OpenAI wire shapes the gateway needs: its errors, and the checks of
+//! what it meters itself. A request is validated before anything is
+//! reserved or forwarded, so malformed input never reaches an upstream.
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+/// An OpenAI-shaped error: `{"error":{"message","type","param","code"}}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub type_: &'static str,
+    pub code: &'static str,
+    pub param: Option<&'static str>,
+    pub message: String,
+    /// Seconds for `Retry-After`.
+    pub retry_after: Option<i64>,
+}
+
+impl ApiError {
+    pub fn new(
+        status: StatusCode,
+        type_: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            status,
+            type_,
+            code,
+            param: None,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn invalid(param: Option<&'static str>, message: impl Into<String>) -> Self {
+        Self {
+            param,
+            ..Self::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_request_error",
+                message,
+            )
+        }
+    }
+
+    pub fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "invalid_api_key",
+            "Incorrect API key provided. Send a member's key as `Authorization: Bearer <key>`.",
+        )
+    }
+
+    pub fn model_not_found(model: &str) -> Self {
+        Self {
+            param: Some("model"),
+            ..Self::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+                format!("The model `{model}` does not exist or you do not have access to it."),
+            )
+        }
+    }
+
+    pub fn rate_limited(message: impl Into<String>, retry_after: i64) -> Self {
+        Self {
+            retry_after: Some(retry_after.max(1)),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "rate_limit_exceeded",
+                message,
+            )
+        }
+    }
+
+    pub fn stint_exhausted(message: impl Into<String>, retry_after: i64) -> Self {
+        Self {
+            retry_after: Some(retry_after.max(1)),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "insufficient_quota",
+                "stint_exhausted",
+                message,
+            )
+        }
+    }
+
+    pub fn unavailable(
+        code: &'static str,
+        message: impl Into<String>,
+        retry_after: Option<i64>,
+    ) -> Self {
+        Self {
+            retry_after,
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                code,
+                message,
+            )
+        }
+    }
+
+    pub fn bad_gateway(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            "upstream_error",
+            message,
+        )
+    }
+
+    pub fn gateway_timeout(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_error",
+            "upstream_timeout",
+            message,
+        )
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "internal_error",
+            message,
+        )
+    }
+
+    pub fn body(&self) -> Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.type_,
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, axum::Json(self.body())).into_response();
+        if let Some(s) = self.retry_after
+            && let Ok(v) = HeaderValue::from_str(&s.to_string())
+        {
+            r.headers_mut().insert("retry-after", v);
+        }
+        r
+    }
+}
+
+/// Which endpoint a request came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completions,
+}
+
+impl Endpoint {
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "/v1/chat/completions",
+            Endpoint::Completions => "/v1/completions",
+        }
+    }
+}
+
+/// What the gateway needs to know of a request, checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checked {
+    pub model: String,
+    pub stream: bool,
+    /// The client asked for the usage chunk of a stream.
+    pub include_usage: bool,
+    /// `max_tokens` as given.
+    pub max_tokens: Option<i64>,
+    /// Completions per prompt (`n`).
+    pub n: i64,
+    /// An upper bound on the prompt's tokens.
+    pub prompt_bound: i64,
+    /// Leading prompt text, for prefix affinity.
+    pub affinity_key: String,
+}
+
+/// Tokens a chat template may add around each message and in all (a default
+/// system prompt included): part of the reservation's prompt bound.
+pub const TEMPLATE_TOKENS_PER_MESSAGE: i64 = 8;
+pub const TEMPLATE_TOKENS: i64 = 64;
+/// Bytes of the prompt that choose a replica for prefix affinity.
+pub const AFFINITY_BYTES: usize = 256;
+/// Most completions one request may ask for.
+pub const MAX_N: i64 = 16;
+
+fn int_field(v: &Value, name: &'static str, min: i64, max: i64) -> Result<Option<i64>, ApiError> {
+    match v.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(i) if (min..=max).contains(&i) => Ok(Some(i)),
+            _ => Err(ApiError::invalid(
+                Some(name),
+                format!("`{name}` must be an integer from {min} to {max}, got {n}"),
+            )),
+        },
+        Some(other) => Err(ApiError::invalid(
+            Some(name),
+            format!("`{name}` must be an integer, got {}", kind(other)),
+        )),
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Text of a message's `content`: a string, or an array of parts whose
+/// `text` parts count.
+fn content_text(c: &Value, out: &mut String) -> Result<(), ApiError> {
+    match c {
+        Value::Null => Ok(()),
+        Value::String(s) => {
+            out.push_str(s);
+            Ok(())
+        }
+        Value::Array(parts) => {
+            for p in parts {
+                match p.get("text") {
+                    Some(Value::String(s)) => out.push_str(s),
+                    Some(_) => {
+                        return Err(ApiError::invalid(
+                            Some("messages"),
+                            "a content part's `text` must be a string",
+                        ));
+                    }
+                    None => {
+                        return Err(ApiError::invalid(
+                            Some("messages"),
+                            "only text content parts are supported",
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        }
+        other => Err(ApiError::invalid(
+            Some("messages"),
+            format!(
+                "a message's `content` must be a string or an array of parts, got {}",
+                kind(other)
+            ),
+        )),
+    }
+}
+
+/// Check a parsed request body for `endpoint`. `context_length` is the
+/// model's longest sequence; a `max_tokens` beyond it is refused here.
+pub fn check(
+    endpoint: Endpoint,
+    body: &Value,
+    context_length: Option<i64>,
+) -> Result<Checked, ApiError> {
+    let obj = body
+        .as_object()
+        .ok_or_else(|| ApiError::invalid(None, "the request body must be a JSON object"))?;
+    let model = match obj.get("model") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(Value::String(_)) | None | Some(Value::Null) => {
+            return Err(ApiError::invalid(
+                Some("model"),
+                "you must provide a model parameter",
+            ));
+        }
+        Some(other) => {
+            return Err(ApiError::invalid(
+                Some("model"),
+                format!("`model` must be a string, got {}", kind(other)),
+            ));
+        }
+    };
+    let stream = match obj.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                Some("stream"),
+                format!("`stream` must be a boolean, got {}", kind(other)),
+            ));
+        }
+    };
+    let include_usage = match obj.get("stream_options") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(o)) => match o.get("include_usage") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    Some("stream_options"),
+                    "`stream_options.include_usage` must be a boolean",
+                ));
+            }
+        },
+        Some(_) => {
+            return Err(ApiError::invalid(
+                Some("stream_options"),
+                "`stream_options` must be an object",
+            ));
+        }
+    };
+    let ctx = context_length.unwrap_or(i64::from(i32::MAX));
+    let max_tokens = match int_field(body, "max_completion_tokens", 1, i64::MAX)? {
+        Some(m) => Some(m),
+        None => int_field(body, "max_tokens", 1, i64::MAX)?,
+    };
+    if let Some(m) = max_tokens
+        && m > ctx
+    {
+        return Err(ApiError::invalid(
+            Some("max_tokens"),
+            format!("`max_tokens` is {m}, but this model's context length is {ctx} tokens"),
+        ));
+    }
+    let n = int_field(body, "n", 1, MAX_N)?.unwrap_or(1);
+
+    let mut text = String::new();
+    let messages = match endpoint {
+        Endpoint::Chat => {
+            let msgs = match obj.get("messages") {
+                Some(Value::Array(a)) if !a.is_empty() => a,
+                Some(Value::Array(_)) => {
+                    return Err(ApiError::invalid(
+                        Some("messages"),
+                        "`messages` must not be empty",
+                    ));
+                }
+                None | Some(Value::Null) => {
+                    return Err(ApiError::invalid(
+                        Some("messages"),
+                        "missing required parameter: `messages`",
+                    ));
+                }
+                Some(other) => {
+                    return Err(ApiError::invalid(
+                        Some("messages"),
+                        format!("`messages` must be an array, got {}", kind(other)),
+                    ));
+                }
+            };
+            for m in msgs {
+                let Some(mo) = m.as_object() else {
+                    return Err(ApiError::invalid(
+                        Some("messages"),
+                        "each message must be an object",
+                    ));
+                };
+                match mo.get("role") {
+                    Some(Value::String(r)) => text.push_str(r),
+                    _ => {
+                        return Err(ApiError::invalid(
+                            Some("messages"),
+                            "each message needs a string `role`",
+                        ));
+                    }
+                }
+                if let Some(c) = mo.get("content") {
+                    content_text(c, &mut text)?;
+                }
+            }
+            msgs.len() as i64
+        }
+        Endpoint::Completions => {
+            match obj.get("prompt") {
+                Some(Value::String(s)) => text.push_str(s),
+                Some(Value::Array(a)) if !a.is_empty() => {
+                    for p in a {
+                        match p {
+                            Value::String(s) => text.push_str(s),
+                            // Token ids: each is one token; count a byte each.
+                            Value::Number(_) => text.push(' '),
+                            Value::Array(ids) => text.extend(ids.iter().map(|_| ' ')),
+                            _ => {
+                                return Err(ApiError::invalid(
+                                    Some("prompt"),
+                                    "`prompt` must be a string, an array of strings or of token ids",
+                                ));
+                            }
+                        }
+                    }
+                }
+                None | Some(Value::Null) => {
+                    return Err(ApiError::invalid(
+                        Some("prompt"),
+                        "missing required parameter: `prompt`",
+                    ));
+                }
+                Some(_) => {
+                    return Err(ApiError::invalid(
+                        Some("prompt"),
+                        "`prompt` must be a string, an array of strings or of token ids",
+                    ));
+                }
+            }
+            1
+        }
+    };
+    // A byte-level BPE token covers at least one byte, so bytes bound the
+    // tokens of the text; templates add a bounded number around it.
+    let prompt_bound = text.len() as i64 + TEMPLATE_TOKENS + TEMPLATE_TOKENS_PER_MESSAGE * messages;
+    let mut cut = AFFINITY_BYTES.min(text.len());
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    Ok(Checked {
+        model,
+        stream,
+        include_usage,
+        max_tokens,
+        n,
+        prompt_bound: prompt_bound.min(ctx),
+        affinity_key: text[..cut].to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(v: Value) -> Result<Checked, ApiError> {
+        check(Endpoint::Chat, &v, Some(2048))
+    }
+
+    #[test]
+    fn a_good_chat_request_is_measured() {
+        let c = chat(
+            json!({"model": "m", "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 10, "stream": true, "stream_options": {"include_usage": true}}),
+        )
+        .unwrap();
+        assert_eq!(c.model, "m");
+        assert!(c.stream && c.include_usage);
+        assert_eq!(c.max_tokens, Some(10));
+        assert_eq!(
+            c.prompt_bound,
+            4 + 5 + TEMPLATE_TOKENS + TEMPLATE_TOKENS_PER_MESSAGE
+        );
+        assert_eq!(c.affinity_key, "userhello");
+    }
+
+    #[test]
+    fn what_cannot_be_metered_is_refused() {
+        for (body, param) in [
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}),
+                "max_tokens",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": "ten"}),
+                "max_tokens",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1.5}),
+                "max_tokens",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4096}),
+                "max_tokens",
+            ),
+            (json!({"model": "m", "messages": []}), "messages"),
+            (json!({"model": "m"}), "messages"),
+            (
+                json!({"messages": [{"role": "user", "content": "x"}]}),
+                "model",
+            ),
+            (
+                json!({"model": 3, "messages": [{"role": "user", "content": "x"}]}),
+                "model",
+            ),
+            (
+                json!({"model": "m", "messages": [{"content": "x"}]}),
+                "messages",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": 5}]}),
+                "messages",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}),
+                "stream",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 100}),
+                "n",
+            ),
+        ] {
+            let e = chat(body.clone()).expect_err(&body.to_string());
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(e.param, Some(param), "{body}");
+        }
+        assert!(chat(json!([1, 2])).is_err());
+    }
+
+    #[test]
+    fn completions_take_strings_or_token_ids() {
+        let c = check(
+            Endpoint::Completions,
+            &json!({"model": "m", "prompt": [[1, 2, 3]]}),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            c.prompt_bound,
+            3 + TEMPLATE_TOKENS + TEMPLATE_TOKENS_PER_MESSAGE
+        );
+        assert!(
+            check(
+                Endpoint::Completions,
+                &json!({"model": "m", "prompt": {}}),
+                None
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn the_affinity_key_is_cut_on_a_character_boundary() {
+        let long = "é".repeat(300);
+        let c =
+            chat(json!({"model": "m", "messages": [{"role": "system", "content": long}]})).unwrap();
+        assert!(c.affinity_key.len() <= AFFINITY_BYTES);
+        assert!(c.affinity_key.starts_with("systemé"));
+    }
+
+    #[test]
+    fn errors_are_openai_shaped() {
+        let e = ApiError::stint_exhausted("spent", 30);
+        let b = e.body();
+        assert_eq!(b["error"]["code"], "stint_exhausted");
+        assert_eq!(b["error"]["type"], "insufficient_quota");
+        assert!(b["error"]["param"].is_null());
+        let r = e.into_response();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()["retry-after"], "30");
+    }
+}
