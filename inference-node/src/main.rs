@@ -147,6 +147,22 @@ enum Cmd {
     },
     /// Write a random-weight model directory.
     Synth(Box<SynthArgs>),
+    /// Compile every CUDA kernel for every target architecture with NVRTC
+    /// (no GPU needed) and print a kernel × architecture table; exit 1 if
+    /// any cell fails, 2 if NVRTC or the CUDA headers are missing.
+    CudaCheck {
+        /// Architectures (compute capability without the dot).
+        #[arg(
+            long,
+            env = "COPYHOLD_CUDA_CHECK_ARCH",
+            value_delimiter = ',',
+            default_values_t = copyhold_node::cuda::check::ARCHS.to_vec()
+        )]
+        arch: Vec<u32>,
+        /// Folder holding cuda_fp16.h / cuda_bf16.h (repeatable).
+        #[arg(long = "cuda-include", env = "COPYHOLD_CUDA_INCLUDE_DIR")]
+        cuda_include: Vec<PathBuf>,
+    },
     /// Measure prefill/decode throughput, time to first token and peak memory.
     Bench {
         #[arg(long, env = "COPYHOLD_MODEL")]
@@ -258,6 +274,24 @@ fn main() -> ExitCode {
                 }
             }
             ExitCode::SUCCESS
+        }
+        Cmd::CudaCheck { arch, cuda_include } => {
+            match copyhold_node::cuda::check::run(&arch, &cuda_include) {
+                Ok(report) => {
+                    println!("NVRTC {}", report.nvrtc);
+                    print!("{}", report.table());
+                    if report.ok() {
+                        ExitCode::SUCCESS
+                    } else {
+                        eprint!("{}", report.failures());
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
         }
         Cmd::Serve(a) => match serve(*a) {
             Ok(()) => ExitCode::SUCCESS,
