@@ -363,7 +363,11 @@ impl Engine {
             if s.computed + k == s.tokens.len() {
                 batch.logits_for.push(batch.tokens.len() - 1);
                 sampled.push(i);
-                wants.push(if on_device { device_want(s) } else { RowWant::Logits });
+                wants.push(if on_device {
+                    device_want(s)
+                } else {
+                    RowWant::Logits
+                });
             }
         }
         let t0 = Instant::now();
@@ -671,6 +675,56 @@ impl Default for EngineOptions {
             max_running: 64,
         }
     }
+}
+
+/// Which backend [`load_engine`] builds.
+#[derive(Debug, Clone)]
+pub enum Device {
+    Cpu,
+    /// NVIDIA GPUs; `block_size`, `max_batch_tokens` and `max_running`
+    /// are taken from the engine options.
+    Cuda(crate::cuda::backend::CudaOptions),
+}
+
+/// Loads a model directory into an engine on `device`. For CUDA the KV
+/// pool is sized from free GPU memory (`opts.kv_bytes` is not used).
+pub fn load_engine(
+    dir: &std::path::Path,
+    opts: &EngineOptions,
+    device: &Device,
+    metrics: Arc<Metrics>,
+    sensor: Box<dyn PowerSensor>,
+) -> crate::Result<(Engine, Arc<TextModel>)> {
+    let Device::Cuda(cuda) = device else {
+        return load_cpu_engine(dir, opts, metrics, sensor);
+    };
+    // No driver: say so before spending time on the model.
+    crate::cuda::backend::probe()?;
+    let model = crate::models::load(dir)?;
+    let text = Arc::new(TextModel::load(dir, &model.cfg.eos_token_ids)?);
+    let max_context = model.cfg.max_position_embeddings;
+    let mut c = cuda.clone();
+    c.block_size = opts.block_size;
+    c.max_batch_tokens = opts.max_batch_tokens.max(1);
+    c.max_running = opts.max_running.max(1);
+    let backend = crate::cuda::backend::CudaBackend::new(&model, c)?;
+    // The weights now live on the GPUs; the mapped files can go.
+    drop(model);
+    let num_blocks = backend.num_blocks();
+    let engine = Engine::new(
+        Box::new(backend),
+        text.clone(),
+        EngineConfig {
+            num_blocks,
+            block_size: opts.block_size,
+            max_batch_tokens: opts.max_batch_tokens.max(1),
+            max_running: opts.max_running.max(1),
+            max_context,
+        },
+        metrics,
+        sensor,
+    );
+    Ok((engine, text))
 }
 
 /// Loads a model directory into a CPU engine; every loading error (config,

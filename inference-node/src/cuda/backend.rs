@@ -31,9 +31,7 @@ use half::{bf16, f16};
 use super::CudaError;
 use super::kernels::Kernels;
 use super::nvrtc::{self, Nvrtc, Source};
-use super::plan::{
-    self, ArchPath, GEMV_MAX_ROWS, GemmMode, KvDtype, Placement, Sizes, StepLayout,
-};
+use super::plan::{self, ArchPath, GEMV_MAX_ROWS, GemmMode, KvDtype, Placement, Sizes, StepLayout};
 use crate::config::ModelConfig;
 use crate::layers::{Batch, Linear};
 use crate::models::{Backend, BackendError, Decoder, RowOut, RowWant};
@@ -58,6 +56,11 @@ pub struct CudaOptions {
     pub num_blocks: Option<usize>,
     /// Use at most this many GPUs (default: all the driver shows).
     pub max_devices: Option<usize>,
+    /// The GPU ordinals to use, in order (default: 0..max_devices). An
+    /// ordinal may repeat: with `max_layers_per_gpu`, tests split a model
+    /// across "GPUs" that are one card.
+    pub devices: Option<Vec<usize>>,
+    pub max_layers_per_gpu: Option<usize>,
 }
 
 impl Default for CudaOptions {
@@ -73,6 +76,8 @@ impl Default for CudaOptions {
             gemm: GemmMode::Fast,
             num_blocks: None,
             max_devices: None,
+            devices: None,
+            max_layers_per_gpu: None,
         }
     }
 }
@@ -91,8 +96,7 @@ pub const MIN_DRIVER: i32 = 12000;
 /// Finds the driver and a device, or says clearly why not. Nothing here
 /// panics when the library is absent (cudarc would).
 pub fn probe() -> Result<DriverInfo, CudaError> {
-    let present =
-        std::panic::catch_unwind(|| unsafe { dsys::is_culib_present() }).unwrap_or(false);
+    let present = std::panic::catch_unwind(|| unsafe { dsys::is_culib_present() }).unwrap_or(false);
     if !present {
         return Err(CudaError::LibraryMissing {
             lib: "libcuda (the NVIDIA driver)",
@@ -250,7 +254,11 @@ fn upload_w(stream: &Arc<CudaStream>, t: &Tensor, path: ArchPath) -> Result<DevW
     })
 }
 
-fn upload_f32(stream: &Arc<CudaStream>, v: &[f32], what: &str) -> Result<CudaSlice<f32>, CudaError> {
+fn upload_f32(
+    stream: &Arc<CudaStream>,
+    v: &[f32],
+    what: &str,
+) -> Result<CudaSlice<f32>, CudaError> {
     stream.clone_htod(v).map_err(drv(what))
 }
 
@@ -309,8 +317,15 @@ impl CudaBackend {
             .max_devices
             .map_or(info.devices, |m| m.clamp(1, info.devices));
         // Contexts, architectures and budgets of every GPU.
+        let ordinals = opts.devices.clone().unwrap_or_else(|| (0..ndev).collect());
+        if let Some(&bad) = ordinals.iter().find(|&&o| o >= info.devices) {
+            return Err(CudaError::Unsupported(format!(
+                "GPU {bad} does not exist ({} visible)",
+                info.devices
+            )));
+        }
         let mut devs = Vec::new();
-        for d in 0..ndev {
+        for &d in &ordinals {
             let ctx = CudaContext::new(d).map_err(drv("creating a context"))?;
             let (major, minor) = ctx
                 .compute_capability()
@@ -345,7 +360,10 @@ impl CudaBackend {
                     + 8 * cfg.hidden_size as u64
             })
             .collect();
-        let embed_bytes = bytes_of(&model.embed, plan::device_dtype(model.embed.dtype, path, 0.0));
+        let embed_bytes = bytes_of(
+            &model.embed,
+            plan::device_dtype(model.embed.dtype, path, 0.0),
+        );
         let head_bytes = 4 * cfg.hidden_size as u64
             + match &model.lm_head {
                 Some(h) => linear_bytes(h, path),
@@ -361,20 +379,22 @@ impl CudaBackend {
                 .unwrap_or(opts.max_batch_tokens.div_ceil(opts.block_size) + 2)
                 as u64,
             scratch: scratch_bytes(&cfg, &opts, part_size),
+            max_layers_per_gpu: opts.max_layers_per_gpu,
         };
         let budgets: Vec<u64> = devs.iter().map(|d| d.3).collect();
         let mut placements = plan::place(&sizes, &budgets)?;
         // A tied head on another GPU than the embedding needs its own copy.
-        if model.lm_head.is_none() && placements.len() > 1 {
-            if let Some(last) = placements.last_mut() {
-                last.bytes += embed_bytes;
-                if last.bytes > budgets[last.device] {
-                    return Err(CudaError::OutOfMemory {
-                        what: "placing the tied LM head".into(),
-                        needed: last.bytes,
-                        free: budgets[last.device],
-                    });
-                }
+        if model.lm_head.is_none()
+            && placements.len() > 1
+            && let Some(last) = placements.last_mut()
+        {
+            last.bytes += embed_bytes;
+            if last.bytes > budgets[last.device] {
+                return Err(CudaError::OutOfMemory {
+                    what: "placing the tied LM head".into(),
+                    needed: last.bytes,
+                    free: budgets[last.device],
+                });
             }
         }
         let fit = plan::kv_blocks(&placements, &budgets, kv_per_block_layer)?;
@@ -400,8 +420,18 @@ impl CudaBackend {
         for p in placements.drain(..) {
             let (ctx, sm, _, _) = &devs[p.device];
             shards.push(Self::load_shard(
-                model, &cfg, &opts, &p, ctx, *sm, path, num_blocks, &nvrtc, &includes,
-                cache.as_deref(), &inv_freq,
+                model,
+                &cfg,
+                &opts,
+                &p,
+                ctx,
+                *sm,
+                path,
+                num_blocks,
+                &nvrtc,
+                &includes,
+                cache.as_deref(),
+                &inv_freq,
             )?);
         }
         Ok(CudaBackend {
@@ -432,23 +462,29 @@ impl CudaBackend {
         let t0 = std::time::Instant::now();
         let cubins = nvrtc::build_all(nvrtc, sm, includes, cache)?;
         let cached = cubins.iter().filter(|c| c.1 == Source::Cache).count();
-        tracing::info!(gpu = p.device, sm, cached, compiled = cubins.len() - cached, secs = t0.elapsed().as_secs_f64(), "kernels ready");
+        tracing::info!(
+            gpu = p.device,
+            sm,
+            cached,
+            compiled = cubins.len() - cached,
+            secs = t0.elapsed().as_secs_f64(),
+            "kernels ready"
+        );
         let kernels = Kernels::load(ctx, cubins.into_iter().map(|c| c.0).collect())?;
         let stream = ctx.default_stream();
-        let blas = if std::panic::catch_unwind(|| unsafe { bsys::is_culib_present() })
-            .unwrap_or(false)
-        {
-            match CudaBlas::new(stream.clone()) {
-                Ok(b) => Some(b),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cuBLAS unusable; GEMMs use the GEMV kernel");
-                    None
+        let blas =
+            if std::panic::catch_unwind(|| unsafe { bsys::is_culib_present() }).unwrap_or(false) {
+                match CudaBlas::new(stream.clone()) {
+                    Ok(b) => Some(b),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cuBLAS unusable; GEMMs use the GEMV kernel");
+                        None
+                    }
                 }
-            }
-        } else {
-            tracing::warn!("libcublas not found; GEMMs use the GEMV kernel (slower prefill)");
-            None
-        };
+            } else {
+                tracing::warn!("libcublas not found; GEMMs use the GEMV kernel (slower prefill)");
+                None
+            };
         let mut dev_layers = Vec::new();
         for l in p.layers.clone() {
             let src = &model.layers[l];
@@ -473,14 +509,21 @@ impl CudaBackend {
                 k: cfg.hidden_size,
             })
         };
-        let embed = if p.embed { Some(embed_lin(&stream)?) } else { None };
+        let embed = if p.embed {
+            Some(embed_lin(&stream)?)
+        } else {
+            None
+        };
         let (norm, head) = if p.head {
             let head = match &model.lm_head {
                 Some(h) => Head::Own(upload_linear(&stream, h, path)?),
                 None if p.embed => Head::Embedding,
                 None => Head::Own(embed_lin(&stream)?),
             };
-            (Some(upload_f32(&stream, &model.norm.w, "final norm")?), Some(head))
+            (
+                Some(upload_f32(&stream, &model.norm.w, "final norm")?),
+                Some(head),
+            )
         } else {
             (None, None)
         };
@@ -510,7 +553,7 @@ impl CudaBackend {
         let inv_freq = stream.clone_htod(inv_freq).map_err(drv("uploading RoPE"))?;
         stream.synchronize().map_err(drv("uploading weights"))?;
         Ok(Shard {
-            ordinal: p.device,
+            ordinal: ctx.ordinal(),
             stream,
             ctx: ctx.clone(),
             kernels,
@@ -556,7 +599,9 @@ impl CudaBackend {
         let nshards = self.shards.len();
         for si in 0..nshards {
             let sh = &self.shards[si];
-            sh.ctx.bind_to_thread().map_err(drv("binding the context"))?;
+            sh.ctx
+                .bind_to_thread()
+                .map_err(drv("binding the context"))?;
             let st = &sh.stream;
             let dev = DevStep::upload(st, &layout)?;
             let mut x: CudaSlice<f32> = match (&sh.embed, x_host.take()) {
@@ -598,7 +643,9 @@ impl DevStep {
             if v.is_empty() {
                 Ok(None)
             } else {
-                st.clone_htod(v).map(Some).map_err(drv("uploading the step"))
+                st.clone_htod(v)
+                    .map(Some)
+                    .map_err(drv("uploading the step"))
             }
         };
         let e = drv("uploading the step");
@@ -663,7 +710,12 @@ fn embedding(
     Ok(x)
 }
 
-fn launch_add(sh: &Shard, x: &mut CudaSlice<f32>, d: &CudaSlice<f32>, n: usize) -> Result<(), CudaError> {
+fn launch_add(
+    sh: &Shard,
+    x: &mut CudaSlice<f32>,
+    d: &CudaSlice<f32>,
+    n: usize,
+) -> Result<(), CudaError> {
     let f = sh.kernels.get("add_inplace")?;
     let nn = n as u64;
     // add_inplace(float* x, const float* d, size_t n)
@@ -679,6 +731,7 @@ fn launch_add(sh: &Shard, x: &mut CudaSlice<f32>, d: &CudaSlice<f32>, n: usize) 
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn add_rmsnorm(
     sh: &Shard,
     x: &mut CudaSlice<f32>,
@@ -894,7 +947,12 @@ fn forward_layers(
     let cfg = &be.cfg;
     let st = &sh.stream;
     let m = layout.ids.len();
-    let (h, hd, nh, nkv) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
+    let (h, hd, nh, nkv) = (
+        cfg.hidden_size,
+        cfg.head_dim,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+    );
     let inter = cfg.intermediate_size;
     let eps = cfg.rms_norm_eps as f32;
     let half = hd / 2;
@@ -927,7 +985,16 @@ fn forward_layers(
     let mut u = alloc(st, m * inter, "MLP")?;
     let mut pending: Option<CudaSlice<f32>> = None;
     for (li, layer) in sh.dev_layers.iter().enumerate() {
-        add_rmsnorm(sh, x, pending.as_ref(), &layer.input_norm, &mut hn, m, h, eps)?;
+        add_rmsnorm(
+            sh,
+            x,
+            pending.as_ref(),
+            &layer.input_norm,
+            &mut hn,
+            m,
+            h,
+            eps,
+        )?;
         linear(be, sh, &layer.q, &hn, &mut q, m)?;
         linear(be, sh, &layer.k, &hn, &mut k, m)?;
         linear(be, sh, &layer.v, &hn, &mut v, m)?;
@@ -997,9 +1064,11 @@ fn attention(
     let sfx16 = matches!(sh.k_cache[li], KvBuf::F16(_));
     let (mi, rowi) = (m as i32, row as i32);
     {
-        let f = sh
-            .kernels
-            .get(if sfx16 { "kv_write_f16" } else { "kv_write_f32" })?;
+        let f = sh.kernels.get(if sfx16 {
+            "kv_write_f16"
+        } else {
+            "kv_write_f32"
+        })?;
         let mut b = st.launch_builder(f);
         b.arg(k).arg(v);
         // kv_write_*(const float* k, const float* v, KV* kc, KV* vc, const int* slots, int m, int row)
@@ -1207,7 +1276,12 @@ fn finish(
         }
     }
     if any(|w| matches!(w, RowWant::Sample { .. })) {
-        let (mut t, mut p, mut mp, mut u) = (vec![1.0f32; n], vec![1.0f32; n], vec![0.0f32; n], vec![0.0f64; n]);
+        let (mut t, mut p, mut mp, mut u) = (
+            vec![1.0f32; n],
+            vec![1.0f32; n],
+            vec![0.0f32; n],
+            vec![0.0f64; n],
+        );
         for (i, w) in wants.iter().enumerate() {
             if let RowWant::Sample {
                 temperature,

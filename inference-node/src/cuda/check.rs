@@ -93,10 +93,12 @@ pub fn run(archs: &[u32], explicit_includes: &[PathBuf]) -> Result<Report, CudaE
             .iter()
             .map(|&arch| {
                 let result = match nvrtc.compile(p.name, &src, arch, &includes) {
-                    Ok((cubin, _log)) => match p.entries.iter().find(|e| !cubin_has_entry(&cubin, e)) {
-                        None => Ok(cubin.len()),
-                        Some(e) => Err(format!("the CUBIN does not export {e}")),
-                    },
+                    Ok((cubin, _log)) => {
+                        match p.entries.iter().find(|e| !cubin_has_entry(&cubin, e)) {
+                            None => Ok(cubin.len()),
+                            Some(e) => Err(format!("the CUBIN does not export {e}")),
+                        }
+                    }
                     Err(CudaError::CompileFailed { log, .. }) => Err(log),
                     Err(e) => Err(e.to_string()),
                 };

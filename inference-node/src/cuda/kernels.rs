@@ -77,10 +77,7 @@ pub const PROGRAMS: &[Program] = &[
 
 /// The full text NVRTC compiles for `p`.
 pub fn program_source(p: &Program) -> String {
-    format!(
-        "{COMMON}\n#line 1 \"{}.cu\"\n{}",
-        p.name, p.source
-    )
+    format!("{COMMON}\n#line 1 \"{}.cu\"\n{}", p.name, p.source)
 }
 
 /// True if a CUBIN exports `entry` (its symbol table holds the name).
@@ -147,7 +144,10 @@ mod tests {
         for intrinsic in ["__bfloat1622float2(", "__float2bfloat16_rn("] {
             let at = c.find(intrinsic).unwrap();
             let guard = c[..at].rfind("#if __CUDA_ARCH__ >= 800").unwrap();
-            assert!(c[guard..at].find("#endif").is_none(), "{intrinsic} unguarded");
+            assert!(
+                c[guard..at].find("#endif").is_none(),
+                "{intrinsic} unguarded"
+            );
         }
     }
 

@@ -27,7 +27,9 @@ pub enum CudaError {
         "--device cuda: the NVIDIA driver supports CUDA {found}; copyhold's kernels need CUDA {need} or newer (update the driver)"
     )]
     DriverTooOld { found: String, need: String },
-    #[error("--device cuda: the driver sees no CUDA device (check CUDA_VISIBLE_DEVICES and the device plugin)")]
+    #[error(
+        "--device cuda: the driver sees no CUDA device (check CUDA_VISIBLE_DEVICES and the device plugin)"
+    )]
     NoDevice,
     #[error("CUDA driver: {what}: {message}")]
     Driver { what: String, message: String },
@@ -48,7 +50,11 @@ pub enum CudaError {
         needed_mib = needed >> 20,
         free_mib = free >> 20
     )]
-    OutOfMemory { what: String, needed: u64, free: u64 },
+    OutOfMemory {
+        what: String,
+        needed: u64,
+        free: u64,
+    },
     #[error("cuBLAS: {what}: {message}")]
     Cublas { what: String, message: String },
     #[error("--device cuda: {0}")]

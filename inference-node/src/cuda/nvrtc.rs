@@ -91,10 +91,8 @@ impl Nvrtc {
                     Err(e) => Err(fail(format!("nvrtcGetCUBINSize: {e}"))),
                     Ok(()) => {
                         let mut buf = vec![0u8; size];
-                        match unsafe {
-                            nvsys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut c_char)
-                        }
-                        .result()
+                        match unsafe { nvsys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut c_char) }
+                            .result()
                         {
                             Ok(()) => Ok((buf, log)),
                             Err(e) => Err(fail(format!("nvrtcGetCUBIN: {e}"))),

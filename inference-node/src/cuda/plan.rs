@@ -123,6 +123,9 @@ pub struct Sizes {
     pub min_blocks: u64,
     /// Activations and workspaces per GPU.
     pub scratch: u64,
+    /// At most this many layers per GPU (tests split a model over one
+    /// GPU's contexts with it).
+    pub max_layers_per_gpu: Option<usize>,
 }
 
 /// Places the model on as few GPUs as possible, in order: everything on
@@ -153,7 +156,8 @@ pub fn place(sizes: &Sizes, budgets: &[u64]) -> Result<Vec<Placement>, CudaError
             return Err(oom());
         }
         let start = next_layer;
-        while next_layer < n && used + sizes.layers[next_layer] + kv_min <= b {
+        let cap = start + sizes.max_layers_per_gpu.unwrap_or(n).max(1);
+        while next_layer < n && next_layer < cap && used + sizes.layers[next_layer] + kv_min <= b {
             used += sizes.layers[next_layer] + kv_min;
             next_layer += 1;
         }
@@ -359,7 +363,10 @@ mod tests {
 
     #[test]
     fn bf16_weights_become_f16_before_sm80_and_f32_when_out_of_range() {
-        assert_eq!(device_dtype(DType::BF16, ArchPath::Ampere, 1.0), DType::BF16);
+        assert_eq!(
+            device_dtype(DType::BF16, ArchPath::Ampere, 1.0),
+            DType::BF16
+        );
         assert_eq!(device_dtype(DType::BF16, ArchPath::Pascal, 1.0), DType::F16);
         assert_eq!(
             device_dtype(DType::BF16, ArchPath::VoltaTuring, 1e6),
@@ -387,6 +394,7 @@ mod tests {
             kv_per_block_layer: 10,
             min_blocks: 4,
             scratch: 50,
+            max_layers_per_gpu: None,
         }
     }
 
@@ -408,6 +416,15 @@ mod tests {
         let ranges: Vec<_> = p.iter().map(|p| p.layers.clone()).collect();
         assert_eq!(ranges, vec![0..3, 3..6]);
         assert!(p[0].embed && !p[0].head && p[1].head && !p[1].embed);
+    }
+
+    #[test]
+    fn a_layer_cap_splits_even_a_small_model() {
+        let mut s = sizes(5);
+        s.max_layers_per_gpu = Some(2);
+        let p = place(&s, &[100_000; 3]).unwrap();
+        let ranges: Vec<_> = p.iter().map(|p| p.layers.clone()).collect();
+        assert_eq!(ranges, vec![0..2, 2..4, 4..5]);
     }
 
     #[test]
@@ -433,7 +450,7 @@ mod tests {
     fn attention_launch_shapes_fit_shared_memory() {
         for (g, hd) in [(1, 64), (2, 16), (4, 128), (8, 128), (16, 256), (64, 128)] {
             let part = decode_part_size(g, hd).unwrap();
-            assert!(part >= 32 && part <= 512 && part % 32 == 0);
+            assert!((32..=512).contains(&part) && part.is_multiple_of(32));
             assert!(decode_smem(g, hd, part) <= 48 * 1024);
         }
         assert!(decode_part_size(8, 512).is_err());
@@ -446,8 +463,10 @@ mod tests {
 
     #[test]
     fn a_step_is_split_into_decode_tokens_and_prefill_tiles() {
-        let mut b = Batch::default();
-        b.block_tables = vec![vec![7], vec![2, 3]];
+        let mut b = Batch {
+            block_tables: vec![vec![7], vec![2, 3]],
+            ..Default::default()
+        };
         b.tokens.push(BatchToken {
             token: 5,
             pos: 3,
@@ -475,8 +494,10 @@ mod tests {
 
     #[test]
     fn a_position_without_a_block_is_refused_before_reaching_the_gpu() {
-        let mut b = Batch::default();
-        b.block_tables = vec![vec![0]];
+        let mut b = Batch {
+            block_tables: vec![vec![0]],
+            ..Default::default()
+        };
         b.tokens.push(BatchToken {
             token: 1,
             pos: 16,
