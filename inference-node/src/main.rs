@@ -240,6 +240,9 @@ enum Cmd {
         /// Folder holding cuda_fp16.h / cuda_bf16.h (repeatable).
         #[arg(long = "cuda-include", env = "COPYHOLD_CUDA_INCLUDE_DIR")]
         cuda_include: Vec<PathBuf>,
+        /// Also print every entry's registers and shared memory (ptxas -v).
+        #[arg(long)]
+        resources: bool,
     },
     /// Measure prefill/decode throughput, time to first token and peak memory.
     Bench {
@@ -363,24 +366,29 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Cmd::CudaCheck { arch, cuda_include } => {
-            match copyhold_node::cuda::check::run(&arch, &cuda_include) {
-                Ok(report) => {
-                    println!("NVRTC {}", report.nvrtc);
-                    print!("{}", report.table());
-                    if report.ok() {
-                        ExitCode::SUCCESS
-                    } else {
-                        eprint!("{}", report.failures());
-                        ExitCode::FAILURE
-                    }
+        Cmd::CudaCheck {
+            arch,
+            cuda_include,
+            resources,
+        } => match copyhold_node::cuda::check::run(&arch, &cuda_include) {
+            Ok(report) => {
+                println!("NVRTC {}", report.nvrtc);
+                print!("{}", report.table());
+                if resources {
+                    print!("{}", report.resources());
                 }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(2)
+                if report.ok() {
+                    ExitCode::SUCCESS
+                } else {
+                    eprint!("{}", report.failures());
+                    ExitCode::FAILURE
                 }
             }
-        }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Cmd::Serve(a) => match serve(*a) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

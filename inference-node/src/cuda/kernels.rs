@@ -75,6 +75,16 @@ pub const PROGRAMS: &[Program] = &[
     },
 ];
 
+/// Threads per block the backend launches `entry` with (the register
+/// check in `cuda-check` needs it).
+pub fn launch_block(entry: &str) -> u32 {
+    match entry {
+        "argmax_rows" | "sample_rows" => 1024,
+        e if e.starts_with("attention_") => 128,
+        _ => 256,
+    }
+}
+
 /// The full text NVRTC compiles for `p`.
 pub fn program_source(p: &Program) -> String {
     format!("{COMMON}\n#line 1 \"{}.cu\"\n{}", p.name, p.source)

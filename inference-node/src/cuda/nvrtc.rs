@@ -67,6 +67,18 @@ impl Nvrtc {
         arch: u32,
         include_dirs: &[PathBuf],
     ) -> Result<(Vec<u8>, String), CudaError> {
+        self.compile_with(name, source, arch, include_dirs, &[])
+    }
+
+    /// [`Nvrtc::compile`] with extra NVRTC options (e.g. `--ptxas-options=-v`).
+    pub fn compile_with(
+        &self,
+        name: &str,
+        source: &str,
+        arch: u32,
+        include_dirs: &[PathBuf],
+        extra: &[String],
+    ) -> Result<(Vec<u8>, String), CudaError> {
         let fail = |log: String| CudaError::CompileFailed {
             program: name.to_string(),
             arch,
@@ -77,7 +89,8 @@ impl Nvrtc {
             CString::new(format!("{name}.cu")).map_err(|_| fail("bad program name".into()))?;
         let prog = nv::create_program(&src, Some(&cname))
             .map_err(|e| CudaError::Nvrtc(format!("nvrtcCreateProgram: {e}")))?;
-        let opts = compile_options(arch, include_dirs);
+        let mut opts = compile_options(arch, include_dirs);
+        opts.extend_from_slice(extra);
         let compiled = unsafe { nv::compile_program(prog, &opts) };
         let log = unsafe { nv::get_program_log(prog) }
             .map(|v| c_chars_to_string(&v))
