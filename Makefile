@@ -19,7 +19,7 @@ crds:
 ## Everything: formatting, lints, unit tests, tests against a real API server.
 ## Starts the local control plane if no cluster is reachable through
 ## KUBECONFIG, and stops it again afterwards if it started it.
-test: lint
+test: lint cuda-check
 	@started=0; \
 	if [ -z "$${KUBECONFIG:-}" ] && ! e2e/cluster.sh status 2>/dev/null | grep -q 'API server ready'; then started=1; fi; \
 	e2e/cluster.sh up; \
@@ -30,6 +30,11 @@ test: lint
 	else \
 	  $(CARGO) test --workspace --no-fail-fast; \
 	fi
+
+## Every CUDA kernel compiled for sm_60…sm_90 with NVRTC 12.x (no GPU needed).
+.PHONY: cuda-check
+cuda-check:
+	inference-node/cuda-check.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

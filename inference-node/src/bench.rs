@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::mpsc::unbounded_channel;
 
-use crate::engine::{EngineOptions, Event, GenRequest, load_cpu_engine};
+use crate::engine::{Device, EngineOptions, Event, GenRequest, load_engine};
 use crate::error::Result;
 use crate::metrics::Metrics;
 use crate::power::{ModeledSensor, PowerModel};
@@ -17,6 +17,7 @@ use crate::sampling::SamplingParams;
 /// One line of results.
 #[derive(Debug, Serialize)]
 pub struct BenchResult {
+    pub device: &'static str,
     pub batch: usize,
     pub prompt: usize,
     pub generate: usize,
@@ -52,6 +53,7 @@ pub fn run(
     prompt: usize,
     generate: usize,
     kv_mib: usize,
+    device: &Device,
 ) -> Result<BenchResult> {
     let t0 = Instant::now();
     let opts = EngineOptions {
@@ -64,7 +66,7 @@ pub fn run(
         idle_w: 0.0,
         busy_w: 0.0,
     }));
-    let (mut engine, text) = load_cpu_engine(dir, &opts, Arc::new(Metrics::new()), sensor)?;
+    let (mut engine, text) = load_engine(dir, &opts, device, Arc::new(Metrics::new()), sensor)?;
     let load_s = t0.elapsed().as_secs_f64();
     let vocab = text.vocab_size().max(2) as u64;
     let mut rxs = Vec::new();
@@ -108,6 +110,10 @@ pub fn run(
     let prefill_end = ttfts.iter().cloned().fold(0.0, f64::max);
     let decode_tokens = tokens.saturating_sub(batch);
     Ok(BenchResult {
+        device: match device {
+            Device::Cpu => "cpu",
+            Device::Cuda(_) => "cuda",
+        },
         batch,
         prompt,
         generate,

@@ -14,7 +14,7 @@ use crate::detok::{Detokenizer, StopChecker};
 use crate::kv_cache::{BlockManager, SeqBlocks};
 use crate::layers::{Batch, BatchToken};
 use crate::metrics::Metrics;
-use crate::models::Backend;
+use crate::models::{Backend, RowOut, RowWant};
 use crate::power::{PowerSensor, pacing_delay};
 use crate::sampling::{Rng, SamplingParams, TokenLogprobs, sample};
 use crate::scheduler::{Pending, plan};
@@ -134,6 +134,9 @@ pub struct Engine {
     seed_counter: u64,
     /// Declared power used to pace steps under a limit (any sensor).
     pacing: Option<crate::power::PowerModel>,
+    /// Set when the backend failed beyond recovery (a poisoned GPU
+    /// context): every request is refused and the serving loop exits.
+    failed: Option<String>,
 }
 
 impl Engine {
@@ -158,6 +161,7 @@ impl Engine {
             queued: Arc::new(AtomicUsize::new(0)),
             seed_counter: 0,
             pacing: None,
+            failed: None,
         }
     }
 
@@ -188,10 +192,17 @@ impl Engine {
         self.enqueue(req);
     }
 
+    /// Why the backend stopped working, if it did.
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
     /// Queues a request already counted in `queued` (by the handle).
     fn enqueue(&mut self, req: GenRequest) {
         let bs = self.cfg.block_size;
-        let reject = if req.prompt.is_empty() {
+        let reject = if let Some(f) = &self.failed {
+            Some(format!("the inference device failed: {f}"))
+        } else if req.prompt.is_empty() {
             Some("prompt is empty".to_string())
         } else if req.prompt.len() >= self.cfg.max_context {
             Some(format!(
@@ -334,7 +345,9 @@ impl Engine {
         }
         let mut batch = Batch::default();
         let mut sampled = Vec::new(); // (running index, logits row)
-        for (i, (s, &k)) in self.running.iter().zip(&n).enumerate() {
+        let mut wants = Vec::new();
+        let on_device = self.backend.samples_on_device();
+        for (i, (s, &k)) in self.running.iter_mut().zip(&n).enumerate() {
             if k == 0 {
                 continue;
             }
@@ -350,10 +363,28 @@ impl Engine {
             if s.computed + k == s.tokens.len() {
                 batch.logits_for.push(batch.tokens.len() - 1);
                 sampled.push(i);
+                wants.push(if on_device {
+                    device_want(s)
+                } else {
+                    RowWant::Logits
+                });
             }
         }
         let t0 = Instant::now();
-        let logits = self.backend.forward(&batch);
+        let rows = if on_device {
+            self.backend.forward_rows(&batch, &wants)
+        } else {
+            self.backend
+                .forward(&batch)
+                .map(|l| l.into_iter().map(RowOut::Logits).collect())
+        };
+        let rows = match rows {
+            Ok(r) => r,
+            Err(e) => {
+                self.fail_step(&n, &e);
+                return true;
+            }
+        };
         let dt = t0.elapsed();
         self.metrics.step_seconds.observe(dt.as_secs_f64());
         let joules = self.sensor.joules(true, dt);
@@ -370,7 +401,7 @@ impl Engine {
             }
         }
         let mut finished = Vec::new();
-        for (row, &i) in logits.into_iter().zip(&sampled) {
+        for (row, &i) in rows.into_iter().zip(&sampled) {
             if self.emit_token(i, row) {
                 finished.push(i);
             }
@@ -392,6 +423,42 @@ impl Engine {
         true
     }
 
+    /// A step failed on the device: its sequences end with an error (the
+    /// server answers 5xx), their blocks are freed, and the others go on.
+    /// A fatal error also fails everything queued and marks the engine
+    /// failed.
+    fn fail_step(&mut self, n: &[usize], e: &crate::models::BackendError) {
+        tracing::error!(error = %e.message, fatal = e.fatal, "engine step failed");
+        let mut i = self.running.len();
+        while i > 0 {
+            i -= 1;
+            if n[i] > 0 || e.fatal {
+                let mut s = self.running.remove(i);
+                self.blocks.free(&mut s.blocks);
+                self.metrics.count("error");
+                let _ = s.events.send(Event::Error(format!(
+                    "the inference step failed: {}",
+                    e.message
+                )));
+            }
+        }
+        if e.fatal {
+            for mut s in self.waiting.drain(..) {
+                if !s.admitted {
+                    self.queued.fetch_sub(1, Ordering::Relaxed);
+                }
+                self.blocks.free(&mut s.blocks);
+                self.metrics.count("error");
+                let _ = s.events.send(Event::Error(format!(
+                    "the inference device failed: {}",
+                    e.message
+                )));
+            }
+            self.failed = Some(e.message.clone());
+        }
+        self.update_gauges();
+    }
+
     fn update_gauges(&self) {
         self.metrics.running.set(self.running.len() as i64);
         self.metrics
@@ -401,12 +468,18 @@ impl Engine {
 
     /// Samples and reports the next token of running sequence `i`; true if
     /// the sequence is finished.
-    fn emit_token(&mut self, i: usize, logits: Vec<f32>) -> bool {
+    fn emit_token(&mut self, i: usize, row: RowOut) -> bool {
         let text = self.text.clone();
         let max_context = self.cfg.max_context;
         let s = &mut self.running[i];
-        let (prompt, output) = s.tokens.split_at(s.prompt_len);
-        let (tok, lp) = sample(&logits, &s.params, prompt, output, &mut s.rng);
+        let (tok, lp, logits) = match row {
+            RowOut::Token(t) => (t, None, None),
+            RowOut::Logits(logits) => {
+                let (prompt, output) = s.tokens.split_at(s.prompt_len);
+                let (t, lp) = sample(&logits, &s.params, prompt, output, &mut s.rng);
+                (t, lp, Some(logits))
+            }
+        };
         s.tokens.push(tok);
         s.usage.completion_tokens += 1;
         let is_eos = !s.params.ignore_eos && text.eos_ids.contains(&tok);
@@ -419,7 +492,7 @@ impl Engine {
             id: tok,
             text: delta,
             logprobs: lp,
-            logits: s.capture_logits.then_some(logits),
+            logits: if s.capture_logits { logits } else { None },
         });
         let reason = if hit || is_eos {
             Some(FinishReason::Stop)
@@ -479,6 +552,32 @@ impl Engine {
     pub fn run_to_completion(&mut self) {
         while !self.is_idle() {
             self.step();
+        }
+    }
+}
+
+/// What a device-sampling backend is asked for a sequence's next token:
+/// the token itself when nothing needs the logits on the host (no
+/// logprobs, penalties, top-k or captured logits), drawing the sequence's
+/// random number exactly when `sampling::sample` would.
+fn device_want(s: &mut Seq) -> RowWant {
+    let p = &s.params;
+    let host_only = s.capture_logits
+        || p.logprobs.is_some()
+        || p.top_k > 0
+        || p.repetition_penalty != 1.0
+        || p.presence_penalty != 0.0
+        || p.frequency_penalty != 0.0;
+    if host_only {
+        RowWant::Logits
+    } else if p.temperature <= 1e-5 {
+        RowWant::Greedy
+    } else {
+        RowWant::Sample {
+            temperature: p.temperature,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            uniform: s.rng.next_f64(),
         }
     }
 }
@@ -543,6 +642,14 @@ pub fn spawn(mut engine: Engine, capacity: usize) -> EngineHandle {
                     engine.enqueue(r);
                 }
                 engine.step();
+                if let Some(why) = engine.failed() {
+                    // A poisoned GPU context does not recover: give the
+                    // failed requests' 5xx answers a moment to reach their
+                    // clients, then exit for Kubernetes to restart the pod.
+                    tracing::error!(error = why, "the inference device failed; exiting");
+                    std::thread::sleep(Duration::from_millis(500));
+                    std::process::exit(3);
+                }
             }
         })
         .map(|_| handle)
@@ -568,6 +675,56 @@ impl Default for EngineOptions {
             max_running: 64,
         }
     }
+}
+
+/// Which backend [`load_engine`] builds.
+#[derive(Debug, Clone)]
+pub enum Device {
+    Cpu,
+    /// NVIDIA GPUs; `block_size`, `max_batch_tokens` and `max_running`
+    /// are taken from the engine options.
+    Cuda(crate::cuda::backend::CudaOptions),
+}
+
+/// Loads a model directory into an engine on `device`. For CUDA the KV
+/// pool is sized from free GPU memory (`opts.kv_bytes` is not used).
+pub fn load_engine(
+    dir: &std::path::Path,
+    opts: &EngineOptions,
+    device: &Device,
+    metrics: Arc<Metrics>,
+    sensor: Box<dyn PowerSensor>,
+) -> crate::Result<(Engine, Arc<TextModel>)> {
+    let Device::Cuda(cuda) = device else {
+        return load_cpu_engine(dir, opts, metrics, sensor);
+    };
+    // No driver: say so before spending time on the model.
+    crate::cuda::backend::probe()?;
+    let model = crate::models::load(dir)?;
+    let text = Arc::new(TextModel::load(dir, &model.cfg.eos_token_ids)?);
+    let max_context = model.cfg.max_position_embeddings;
+    let mut c = cuda.clone();
+    c.block_size = opts.block_size;
+    c.max_batch_tokens = opts.max_batch_tokens.max(1);
+    c.max_running = opts.max_running.max(1);
+    let backend = crate::cuda::backend::CudaBackend::new(&model, c)?;
+    // The weights now live on the GPUs; the mapped files can go.
+    drop(model);
+    let num_blocks = backend.num_blocks();
+    let engine = Engine::new(
+        Box::new(backend),
+        text.clone(),
+        EngineConfig {
+            num_blocks,
+            block_size: opts.block_size,
+            max_batch_tokens: opts.max_batch_tokens.max(1),
+            max_running: opts.max_running.max(1),
+            max_context,
+        },
+        metrics,
+        sensor,
+    );
+    Ok((engine, text))
 }
 
 /// Loads a model directory into a CPU engine; every loading error (config,

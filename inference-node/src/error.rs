@@ -49,6 +49,8 @@ pub enum Error {
     Unsupported(String),
     #[error("golden check: {0}")]
     Golden(String),
+    #[error(transparent)]
+    Cuda(#[from] crate::cuda::CudaError),
 }
 
 /// Crate-wide result.
@@ -70,6 +72,7 @@ impl Error {
             Error::Template(_) => "template",
             Error::Unsupported(_) => "unsupported",
             Error::Golden(_) => "golden",
+            Error::Cuda(e) => e.metric_label(),
         }
     }
 }

@@ -2,15 +2,17 @@
 //! paged-KV, continuously batched engine, serves an OpenAI-compatible API
 //! and reports the energy of every request.
 //!
-//! `unsafe` is denied crate-wide and allowed in exactly two places, each
-//! with its reason: memory-mapping weight files (`weights`) and the call
-//! into the `gemm` crate (`matmul`).
+//! `unsafe` is denied crate-wide and allowed in a few places, each with its
+//! reason: memory-mapping weight files (`weights`), the call into the `gemm`
+//! crate (`matmul`), and the CUDA driver/NVRTC/cuBLAS calls (`cuda::nvrtc`,
+//! `cuda::backend`).
 #![deny(unsafe_code)]
 
 pub mod api;
 pub mod bench;
 pub mod chat;
 pub mod config;
+pub mod cuda;
 pub mod detok;
 pub mod engine;
 pub mod error;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand, ValueEnum};
 use copyhold_node::api::Limits;
 use copyhold_node::config::Arch;
-use copyhold_node::engine::{EngineOptions, load_cpu_engine, spawn};
+use copyhold_node::engine::{Device as EngineDevice, EngineOptions, load_engine, spawn};
 use copyhold_node::metrics::Metrics;
 use copyhold_node::power::{PowerModel, SensorChoice, open_sensor};
 use copyhold_node::server::{AppState, Ready};
@@ -26,6 +26,78 @@ struct Cli {
 enum Device {
     Cpu,
     Cuda,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KvDtypeArg {
+    F32,
+    F16,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GemmArg {
+    /// cuBLAS with activations cast to the weight dtype (tensor cores).
+    Fast,
+    /// f32 activations throughout (matches the CPU engine; slower prefill).
+    Exact,
+}
+
+/// Settings of `--device cuda` (see docs/cuda.md).
+#[derive(clap::Args, Clone)]
+struct CudaArgs {
+    /// Share of each GPU's memory to use (weights, KV cache, activations).
+    #[arg(long, env = "COPYHOLD_GPU_MEMORY_UTILIZATION", default_value_t = 0.9)]
+    gpu_memory_utilization: f64,
+    /// Folder for compiled kernels (default: $XDG_CACHE_HOME/copyhold/cubin).
+    #[arg(long, env = "COPYHOLD_KERNEL_CACHE")]
+    kernel_cache: Option<PathBuf>,
+    /// Folder holding cuda_fp16.h / cuda_bf16.h for NVRTC (repeatable).
+    #[arg(long = "cuda-include", env = "COPYHOLD_CUDA_INCLUDE_DIR")]
+    cuda_include: Vec<PathBuf>,
+    /// KV cache element type (default: f16 for serve and bench, f32 for check-golden).
+    #[arg(long, env = "COPYHOLD_KV_CACHE_DTYPE", value_enum)]
+    kv_cache_dtype: Option<KvDtypeArg>,
+    /// GEMMs of more than 8 rows (default: fast for serve and bench, exact for check-golden).
+    #[arg(long, env = "COPYHOLD_CUDA_GEMM", value_enum)]
+    cuda_gemm: Option<GemmArg>,
+    /// Use at most this many GPUs (default: all visible).
+    #[arg(long, env = "COPYHOLD_MAX_GPUS")]
+    max_gpus: Option<usize>,
+}
+
+impl CudaArgs {
+    /// `exact`: check-golden's defaults (f32 KV, exact GEMMs).
+    fn options(&self, exact: bool) -> copyhold_node::cuda::backend::CudaOptions {
+        use copyhold_node::cuda::plan::{GemmMode, KvDtype};
+        let kv = match self.kv_cache_dtype {
+            Some(KvDtypeArg::F32) => KvDtype::F32,
+            Some(KvDtypeArg::F16) => KvDtype::F16,
+            None if exact => KvDtype::F32,
+            None => KvDtype::F16,
+        };
+        let gemm = match self.cuda_gemm {
+            Some(GemmArg::Fast) => GemmMode::Fast,
+            Some(GemmArg::Exact) => GemmMode::Exact,
+            None if exact => GemmMode::Exact,
+            None => GemmMode::Fast,
+        };
+        copyhold_node::cuda::backend::CudaOptions {
+            gpu_memory_utilization: self.gpu_memory_utilization,
+            kernel_cache: self.kernel_cache.clone(),
+            include_dirs: self.cuda_include.clone(),
+            kv_dtype: kv,
+            gemm,
+            max_devices: self.max_gpus,
+            ..Default::default()
+        }
+    }
+
+    fn device(&self, d: Device, exact: bool) -> EngineDevice {
+        match d {
+            Device::Cpu => EngineDevice::Cpu,
+            Device::Cuda => EngineDevice::Cuda(self.options(exact)),
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -99,6 +171,8 @@ struct ServeArgs {
     /// Compute threads (default: all cores).
     #[arg(long, env = "COPYHOLD_THREADS")]
     threads: Option<usize>,
+    #[command(flatten)]
+    cuda: CudaArgs,
 }
 
 #[derive(clap::Args)]
@@ -144,9 +218,32 @@ enum Cmd {
     CheckGolden {
         #[arg(env = "COPYHOLD_GOLDEN_DIR")]
         dir: PathBuf,
+        #[arg(long, env = "COPYHOLD_DEVICE", value_enum, default_value = "cpu")]
+        device: Device,
+        #[command(flatten)]
+        cuda: CudaArgs,
     },
     /// Write a random-weight model directory.
     Synth(Box<SynthArgs>),
+    /// Compile every CUDA kernel for every target architecture with NVRTC
+    /// (no GPU needed) and print a kernel × architecture table; exit 1 if
+    /// any cell fails, 2 if NVRTC or the CUDA headers are missing.
+    CudaCheck {
+        /// Architectures (compute capability without the dot).
+        #[arg(
+            long,
+            env = "COPYHOLD_CUDA_CHECK_ARCH",
+            value_delimiter = ',',
+            default_values_t = copyhold_node::cuda::check::ARCHS.to_vec()
+        )]
+        arch: Vec<u32>,
+        /// Folder holding cuda_fp16.h / cuda_bf16.h (repeatable).
+        #[arg(long = "cuda-include", env = "COPYHOLD_CUDA_INCLUDE_DIR")]
+        cuda_include: Vec<PathBuf>,
+        /// Also print every entry's registers and shared memory (ptxas -v).
+        #[arg(long)]
+        resources: bool,
+    },
     /// Measure prefill/decode throughput, time to first token and peak memory.
     Bench {
         #[arg(long, env = "COPYHOLD_MODEL")]
@@ -167,6 +264,10 @@ enum Cmd {
         kv_cache_mib: usize,
         #[arg(long, env = "COPYHOLD_THREADS")]
         threads: Option<usize>,
+        #[arg(long, env = "COPYHOLD_DEVICE", value_enum, default_value = "cpu")]
+        device: Device,
+        #[command(flatten)]
+        cuda: CudaArgs,
     },
 }
 
@@ -180,20 +281,22 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::CheckGolden { dir } => match copyhold_node::golden::check(&dir) {
-            Ok(report) => {
-                println!("{}", serde_json::to_string(&report).unwrap_or_default());
-                if report.ok {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
+        Cmd::CheckGolden { dir, device, cuda } => {
+            match copyhold_node::golden::check_on(&dir, &cuda.device(device, true)) {
+                Ok(report) => {
+                    println!("{}", serde_json::to_string(&report).unwrap_or_default());
+                    if report.ok {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
                 }
             }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-        },
+        }
         Cmd::Synth(a) => {
             let spec = SynthSpec {
                 arch: match a.arch {
@@ -239,7 +342,10 @@ fn main() -> ExitCode {
             generate,
             kv_cache_mib,
             threads,
+            device,
+            cuda,
         } => {
+            let device = cuda.device(device, false);
             if let Some(t) = threads
                 && let Err(e) = rayon::ThreadPoolBuilder::new()
                     .num_threads(t)
@@ -249,7 +355,8 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             for b in batch {
-                match copyhold_node::bench::run(&model, b, prompt, generate, kv_cache_mib) {
+                match copyhold_node::bench::run(&model, b, prompt, generate, kv_cache_mib, &device)
+                {
                     Ok(r) => println!("{}", serde_json::to_string(&r).unwrap_or_default()),
                     Err(e) => {
                         eprintln!("error: {e}");
@@ -259,6 +366,29 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Cmd::CudaCheck {
+            arch,
+            cuda_include,
+            resources,
+        } => match copyhold_node::cuda::check::run(&arch, &cuda_include) {
+            Ok(report) => {
+                println!("NVRTC {}", report.nvrtc);
+                print!("{}", report.table());
+                if resources {
+                    print!("{}", report.resources());
+                }
+                if report.ok() {
+                    ExitCode::SUCCESS
+                } else {
+                    eprint!("{}", report.failures());
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Cmd::Serve(a) => match serve(*a) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -270,9 +400,14 @@ fn main() -> ExitCode {
 }
 
 fn serve(a: ServeArgs) -> anyhow::Result<()> {
-    if let Device::Cuda = a.device {
-        anyhow::bail!(
-            "--device cuda: the CUDA backend is not part of this build yet; use --device cpu"
+    let device = a.cuda.device(a.device, false);
+    if let EngineDevice::Cuda(_) = device {
+        // Fail at start, before binding the port, when there is no driver.
+        let info = copyhold_node::cuda::backend::probe()?;
+        tracing::info!(
+            driver_cuda = format!("{}.{}", info.version / 1000, info.version % 1000 / 10),
+            gpus = info.devices,
+            "CUDA driver"
         );
     }
     if let Some(t) = a.threads {
@@ -304,6 +439,8 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     });
     let metrics = Arc::new(Metrics::new());
     let choice = match a.power_sensor {
+        // On GPUs the energy is the GPUs' (NVML; the model if it is absent).
+        SensorArg::Auto if matches!(a.device, Device::Cuda) => SensorChoice::Nvml,
         SensorArg::Auto => SensorChoice::Auto,
         SensorArg::Nvml => SensorChoice::Nvml,
         SensorArg::Rapl => SensorChoice::Rapl,
@@ -337,7 +474,8 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         let dir = a.model.clone();
         let m2 = metrics.clone();
         let (mut engine, text) =
-            tokio::task::spawn_blocking(move || load_cpu_engine(&dir, &opts, m2, sensor)).await??;
+            tokio::task::spawn_blocking(move || load_engine(&dir, &opts, &device, m2, sensor))
+                .await??;
         engine.set_pacing_model(a.power_model);
         let limits = Limits {
             max_context: engine.config().max_context,

@@ -207,3 +207,191 @@ fn a_lone_sequence_that_outgrows_the_kv_budget_ends_with_length_instead_of_loopi
     // without being stored.
     assert_eq!(tokens, capacity - 6 + 1);
 }
+
+/// The CPU backend behind a switch: fails chosen steps, and (like the CUDA
+/// backend) may answer greedy rows with tokens, recording what it was asked.
+struct Flaky {
+    inner: copyhold_node::models::CpuBackend,
+    step: usize,
+    fail_at: Option<(usize, bool)>,
+    device_sampling: bool,
+    wants: Arc<std::sync::Mutex<Vec<copyhold_node::models::RowWant>>>,
+}
+
+impl copyhold_node::models::Backend for Flaky {
+    fn name(&self) -> &'static str {
+        "flaky"
+    }
+    fn config(&self) -> &copyhold_node::config::ModelConfig {
+        self.inner.config()
+    }
+    fn forward(
+        &mut self,
+        batch: &copyhold_node::layers::Batch,
+    ) -> Result<Vec<Vec<f32>>, copyhold_node::models::BackendError> {
+        self.step += 1;
+        if let Some((at, fatal)) = self.fail_at
+            && self.step == at
+        {
+            return Err(copyhold_node::models::BackendError {
+                message: "CUDA_ERROR_OUT_OF_MEMORY (simulated)".into(),
+                fatal,
+            });
+        }
+        self.inner.forward(batch)
+    }
+    fn samples_on_device(&self) -> bool {
+        self.device_sampling
+    }
+    fn forward_rows(
+        &mut self,
+        batch: &copyhold_node::layers::Batch,
+        wants: &[copyhold_node::models::RowWant],
+    ) -> Result<Vec<copyhold_node::models::RowOut>, copyhold_node::models::BackendError> {
+        use copyhold_node::models::{RowOut, RowWant};
+        self.wants.lock().unwrap().extend_from_slice(wants);
+        let rows = self.forward(batch)?;
+        Ok(rows
+            .into_iter()
+            .zip(wants)
+            .map(|(l, w)| match w {
+                RowWant::Greedy => RowOut::Token(copyhold_node::sampling::argmax(&l)),
+                _ => RowOut::Logits(l),
+            })
+            .collect())
+    }
+}
+
+fn flaky_engine(
+    dir: &Path,
+    fail_at: Option<(usize, bool)>,
+    device_sampling: bool,
+) -> (Engine, Wants) {
+    let model = copyhold_node::models::load(dir).unwrap();
+    let text =
+        Arc::new(copyhold_node::tokenizer::TextModel::load(dir, &model.cfg.eos_token_ids).unwrap());
+    let max_context = model.cfg.max_position_embeddings;
+    let wants = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let backend = Flaky {
+        inner: copyhold_node::models::CpuBackend::new(model, 64, 4),
+        step: 0,
+        fail_at,
+        device_sampling,
+        wants: wants.clone(),
+    };
+    let e = Engine::new(
+        Box::new(backend),
+        text,
+        copyhold_node::engine::EngineConfig {
+            num_blocks: 64,
+            block_size: 4,
+            max_batch_tokens: 16,
+            max_running: 16,
+            max_context,
+        },
+        Arc::new(Metrics::new()),
+        Box::new(ModeledSensor(PowerModel {
+            idle_w: 0.0,
+            busy_w: 1.0,
+        })),
+    );
+    (e, wants)
+}
+
+type Wants = Arc<std::sync::Mutex<Vec<copyhold_node::models::RowWant>>>;
+
+fn outcome(mut rx: UnboundedReceiver<Event>) -> Result<Vec<u32>, String> {
+    let mut ids = Vec::new();
+    while let Ok(ev) = rx.try_recv() {
+        match ev {
+            Event::Token { id, .. } => ids.push(id),
+            Event::Done { .. } => return Ok(ids),
+            Event::Error(e) => return Err(e),
+        }
+    }
+    Err("not finished".into())
+}
+
+#[test]
+fn a_failed_step_ends_only_its_requests_with_an_error_and_frees_their_blocks() {
+    let dir = model();
+    let (mut e, _) = flaky_engine(&dir, Some((2, false)), false);
+    let a = submit(&mut e, prompt(6, 1), 4);
+    e.run_to_completion();
+    let err = outcome(a).unwrap_err();
+    assert!(err.contains("OUT_OF_MEMORY"), "{err}");
+    assert_eq!(e.blocks_in_use(), 0);
+    assert!(e.failed().is_none());
+    // The engine goes on serving, with the same output as a clean engine.
+    let b = submit(&mut e, prompt(6, 1), 4);
+    e.run_to_completion();
+    let (mut clean, _) = flaky_engine(&dir, None, false);
+    let c = submit(&mut clean, prompt(6, 1), 4);
+    clean.run_to_completion();
+    assert_eq!(outcome(b).unwrap(), outcome(c).unwrap());
+}
+
+#[test]
+fn a_fatal_device_error_fails_everything_queued_and_refuses_new_requests() {
+    let dir = model();
+    let (mut e, _) = flaky_engine(&dir, Some((1, true)), false);
+    let rxs: Vec<_> = (0..20).map(|i| submit(&mut e, prompt(6, i), 4)).collect();
+    e.run_to_completion();
+    for rx in rxs {
+        assert!(outcome(rx).is_err());
+    }
+    assert!(e.failed().is_some() && e.is_idle() && e.blocks_in_use() == 0);
+    let late = submit(&mut e, prompt(6, 1), 4);
+    assert!(outcome(late).unwrap_err().contains("device failed"));
+}
+
+#[test]
+fn a_device_sampling_backend_is_asked_for_tokens_only_where_the_host_needs_nothing_else() {
+    use copyhold_node::models::RowWant;
+    let dir = model();
+    let (mut e, wants) = flaky_engine(&dir, None, true);
+    let greedy = submit(&mut e, prompt(6, 1), 4);
+    let (tx, with_logprobs) = unbounded_channel();
+    let mut p = SamplingParams::greedy(2);
+    p.logprobs = Some(2);
+    p.ignore_eos = true;
+    e.add(GenRequest {
+        prompt: prompt(5, 2),
+        params: p,
+        stop: vec![],
+        capture_logits: false,
+        events: tx,
+    });
+    let (tx, sampled) = unbounded_channel();
+    let p = SamplingParams {
+        temperature: 0.8,
+        top_p: 0.9,
+        seed: Some(7),
+        max_tokens: 2,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    e.add(GenRequest {
+        prompt: prompt(5, 3),
+        params: p,
+        stop: vec![],
+        capture_logits: false,
+        events: tx,
+    });
+    e.run_to_completion();
+    let w = wants.lock().unwrap().clone();
+    assert!(w.iter().any(|w| matches!(w, RowWant::Greedy)));
+    assert!(w.iter().any(|w| matches!(w, RowWant::Logits)));
+    assert!(w.iter().any(|w| matches!(
+        w,
+        RowWant::Sample { temperature, top_p, uniform, .. }
+            if *temperature == 0.8 && *top_p == 0.9 && (0.0..1.0).contains(uniform)
+    )));
+    // Greedy tokens chosen "on the device" equal the host's choice.
+    let (mut cpu, _) = flaky_engine(&dir, None, false);
+    let want = submit(&mut cpu, prompt(6, 1), 4);
+    cpu.run_to_completion();
+    assert_eq!(outcome(greedy).unwrap(), outcome(want).unwrap());
+    assert_eq!(outcome(with_logprobs).unwrap().len(), 2);
+    assert_eq!(outcome(sampled).unwrap().len(), 2);
+}

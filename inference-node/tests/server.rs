@@ -512,14 +512,36 @@ async fn models_health_and_the_power_limit_api_work() {
 }
 
 #[tokio::test]
-async fn device_cuda_fails_with_a_clear_message() {
+async fn device_cuda_without_a_driver_fails_at_start_with_a_clear_message() {
     let out = Command::new(env!("CARGO_BIN_EXE_copyhold-node"))
         .args(["serve", "--port", "0", "--device", "cuda", "--model"])
         .arg(model_dir())
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("CUDA backend"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    match copyhold_node::cuda::backend::probe() {
+        // This machine has no NVIDIA driver (CI): refused before listening.
+        Err(copyhold_node::cuda::CudaError::LibraryMissing { .. }) => {
+            assert_eq!(out.status.code(), Some(2), "{err}");
+            assert!(
+                err.contains("NVIDIA driver") && err.contains("--device cpu"),
+                "{err}"
+            );
+            assert!(out.stdout.is_empty(), "it must not start listening");
+        }
+        // A GPU machine: the driver check passes and a missing model is
+        // what ends it (the GPU tests in tests/cuda.rs cover serving).
+        _ => {
+            let out = Command::new(env!("CARGO_BIN_EXE_copyhold-node"))
+                .args(["serve", "--port", "0", "--device", "cuda", "--model"])
+                .arg(model_dir().join("absent"))
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{err}");
+            assert!(err.contains("config.json"), "{err}");
+        }
+    }
 }
 
 #[tokio::test]

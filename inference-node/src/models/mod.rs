@@ -104,14 +104,67 @@ pub fn load(dir: &Path) -> Result<Decoder> {
     }
 }
 
-/// Where the math runs. The CPU backend is the oracle; a CUDA backend
+/// What the engine wants from one logits row.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RowWant {
+    /// The full row (host-side sampling, logprobs, penalties, golden checks).
+    Logits,
+    /// The argmax token.
+    Greedy,
+    /// A token drawn as `sampling::sample` would draw it with these
+    /// settings (no top-k, no penalties) and `uniform` from the sequence's
+    /// generator.
+    Sample {
+        temperature: f32,
+        top_p: f32,
+        min_p: f32,
+        uniform: f64,
+    },
+}
+
+/// One row's result.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowOut {
+    Logits(Vec<f32>),
+    Token(u32),
+}
+
+/// A step that failed on the device. `fatal`: the device is unusable (the
+/// process should exit for Kubernetes to restart it); otherwise (out of
+/// memory) only this step's requests fail.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct BackendError {
+    pub message: String,
+    pub fatal: bool,
+}
+
+/// Where the math runs. The CPU backend is the oracle; the CUDA backend
 /// implements the same trait (and owns its KV storage on the device).
 pub trait Backend: Send {
     fn name(&self) -> &'static str;
     fn config(&self) -> &ModelConfig;
     /// Runs one step; K/V for every token is written to the blocks named by
-    /// the batch's block tables.
-    fn forward(&mut self, batch: &Batch) -> Vec<Vec<f32>>;
+    /// the batch's block tables. Returns the logits of `batch.logits_for`.
+    fn forward(&mut self, batch: &Batch) -> Result<Vec<Vec<f32>>, BackendError>;
+    /// Whether [`Backend::forward_rows`] can choose tokens itself.
+    fn samples_on_device(&self) -> bool {
+        false
+    }
+    /// Like `forward`, but a row may come back as a token chosen on the
+    /// device (`wants[i]` for `batch.logits_for[i]`). By default: logits.
+    fn forward_rows(
+        &mut self,
+        batch: &Batch,
+        wants: &[RowWant],
+    ) -> Result<Vec<RowOut>, BackendError> {
+        let _ = wants;
+        Ok(self
+            .forward(batch)?
+            .into_iter()
+            .map(RowOut::Logits)
+            .collect())
+    }
 }
 
 /// The CPU backend: the decoder plus paged K/V in host memory.
@@ -134,7 +187,7 @@ impl Backend for CpuBackend {
     fn config(&self) -> &ModelConfig {
         &self.model.cfg
     }
-    fn forward(&mut self, batch: &Batch) -> Vec<Vec<f32>> {
-        self.model.forward(batch, &mut self.kv)
+    fn forward(&mut self, batch: &Batch) -> Result<Vec<Vec<f32>>, BackendError> {
+        Ok(self.model.forward(batch, &mut self.kv))
     }
 }

@@ -1,0 +1,78 @@
+// GEMV for decode: y[r][j] = sum_k x[r][k] * W[j][k] (+ bias[j]) for up to
+// GEMV_MAX_ROWS activation rows at once (each weight row is read once for
+// all of them). W is row-major [n][k] in its stored dtype; the arithmetic is
+// f32 on every architecture (on sm_60/61 this is the fast path: P40's fp16
+// rate is 1/64). One warp per output row; with k % 8 == 0 every lane reads
+// 16 bytes of weights per step (8 halves / two float4), then a warp shuffle
+// reduction.
+#define GEMV_MAX_ROWS 8
+
+template <typename W>
+__device__ void gemv(const float* __restrict__ x, const W* __restrict__ w,
+                     const float* __restrict__ bias, float* __restrict__ y, int m, int n, int k) {
+  int row = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
+  int lane = threadIdx.x & 31;
+  if (row >= n) return;
+  const W* wr = w + (size_t)row * k;
+  float acc[GEMV_MAX_ROWS];
+#pragma unroll
+  for (int r = 0; r < GEMV_MAX_ROWS; ++r) acc[r] = 0.0f;
+  if ((k & 7) == 0) {
+    for (int kk = lane * 8; kk < k; kk += 256) {
+      float wv[8];
+      ld8(wr + kk, wv);
+#pragma unroll
+      for (int r = 0; r < GEMV_MAX_ROWS; ++r) {
+        if (r < m) {
+          float xv[8];
+          ld8(x + (size_t)r * k + kk, xv);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[r] = fmaf(xv[j], wv[j], acc[r]);
+        }
+      }
+    }
+  } else {
+    for (int kk = lane; kk < k; kk += 32) {
+      float wv = ld1(wr, kk);
+#pragma unroll
+      for (int r = 0; r < GEMV_MAX_ROWS; ++r)
+        if (r < m) acc[r] = fmaf(x[(size_t)r * k + kk], wv, acc[r]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < GEMV_MAX_ROWS; ++r) acc[r] = warp_sum(acc[r]);
+  if (lane == 0) {
+    float b = bias ? bias[row] : 0.0f;
+#pragma unroll
+    for (int r = 0; r < GEMV_MAX_ROWS; ++r)
+      if (r < m) y[(size_t)r * n + row] = acc[r] + b;
+  }
+}
+
+extern "C" __global__ void gemv_f32(const float* x, const float* w, const float* bias, float* y, int m, int n, int k) {
+  gemv(x, w, bias, y, m, n, k);
+}
+extern "C" __global__ void gemv_f16(const float* x, const h16* w, const float* bias, float* y, int m, int n, int k) {
+  gemv(x, w, bias, y, m, n, k);
+}
+extern "C" __global__ void gemv_bf16(const float* x, const b16* w, const float* bias, float* y, int m, int n, int k) {
+  gemv(x, w, bias, y, m, n, k);
+}
+
+// Int8 weights (one f32 scale per output row) times an int8-quantized
+// activation row (one scale): y[j] = xscale * wscale[j] * sum xq*wq. Uses
+// __dp4a on sm_61+ (4 multiply-adds per instruction); on sm_60 the same sum
+// unpacked. For quantized checkpoints (not loaded yet); k % 4 == 0.
+extern "C" __global__ void gemv_q8(const int* __restrict__ xq, float xscale, const int* __restrict__ wq,
+                                   const float* __restrict__ wscale, float* __restrict__ y, int n, int k) {
+  int row = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
+  int lane = threadIdx.x & 31;
+  if (row >= n) return;
+  int words = k / 4;
+  const int* wr = wq + (size_t)row * words;
+  int acc = 0;
+  for (int i = lane; i < words; i += 32) acc = dot4_i8(xq[i], wr[i], acc);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  if (lane == 0) y[row] = (float)acc * xscale * wscale[row];
+}

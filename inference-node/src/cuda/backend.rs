@@ -1,0 +1,1369 @@
+//! The forward pass on NVIDIA GPUs, step for step the CPU engine's
+//! (`models::Decoder::forward`, `layers::DecoderLayer::forward`), over the
+//! same block tables.
+//!
+//! Per step: embedding gather → per layer [RMSNorm (fused with the
+//! previous residual add) → q/k/v → RoPE → KV write → paged attention
+//! (decode: split-K; prefill: tiled online softmax) → o → residual add +
+//! RMSNorm → gate/up → SwiGLU → down] → final norm → LM head → logits or
+//! tokens chosen on the device. Activations are f32; projections with up to
+//! 8 rows use our GEMV kernel, bigger ones cuBLAS (see [`GemmMode`]).
+//!
+//! Layers are split across the GPUs of the node when one is too small
+//! ([`plan::place`]); the hidden state moves between them through the host.
+//!
+//! `unsafe` here: kernel launches (argument types must match the `.cu`
+//! signatures, written next to each launch) and raw cuBLAS calls.
+#![allow(unsafe_code)]
+
+use std::ffi::c_void;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cudarc::cublas::{CudaBlas, result as bres, sys as bsys};
+use cudarc::driver::{
+    CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+    result as dres, sys as dsys,
+};
+use half::{bf16, f16};
+
+use super::CudaError;
+use super::kernels::Kernels;
+use super::nvrtc::{self, Nvrtc, Source};
+use super::plan::{self, ArchPath, GEMV_MAX_ROWS, GemmMode, KvDtype, Placement, Sizes, StepLayout};
+use crate::config::ModelConfig;
+use crate::layers::{Batch, Linear};
+use crate::models::{Backend, BackendError, Decoder, RowOut, RowWant};
+use crate::weights::{DType, Tensor};
+
+/// Options of `--device cuda`.
+#[derive(Debug, Clone)]
+pub struct CudaOptions {
+    /// Share of each GPU's memory this process may use.
+    pub gpu_memory_utilization: f64,
+    /// CUBIN cache folder (`None`: the default; see `nvrtc::default_cache_dir`).
+    pub kernel_cache: Option<PathBuf>,
+    /// Folders holding `cuda_fp16.h` (see `nvrtc::include_dirs`).
+    pub include_dirs: Vec<PathBuf>,
+    pub block_size: usize,
+    /// Tokens per step and sequences per step the scratch is sized for.
+    pub max_batch_tokens: usize,
+    pub max_running: usize,
+    pub kv_dtype: KvDtype,
+    pub gemm: GemmMode,
+    /// Exactly this many KV blocks instead of all the memory allows.
+    pub num_blocks: Option<usize>,
+    /// Use at most this many GPUs (default: all the driver shows).
+    pub max_devices: Option<usize>,
+    /// The GPU ordinals to use, in order (default: 0..max_devices). An
+    /// ordinal may repeat: with `max_layers_per_gpu`, tests split a model
+    /// across "GPUs" that are one card.
+    pub devices: Option<Vec<usize>>,
+    pub max_layers_per_gpu: Option<usize>,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions {
+            gpu_memory_utilization: 0.9,
+            kernel_cache: None,
+            include_dirs: Vec::new(),
+            block_size: 16,
+            max_batch_tokens: 512,
+            max_running: 64,
+            kv_dtype: KvDtype::F16,
+            gemm: GemmMode::Fast,
+            num_blocks: None,
+            max_devices: None,
+            devices: None,
+            max_layers_per_gpu: None,
+        }
+    }
+}
+
+/// What the driver reported.
+#[derive(Debug, Clone)]
+pub struct DriverInfo {
+    /// CUDA version the driver supports, e.g. 12080 for 12.8.
+    pub version: i32,
+    pub devices: usize,
+}
+
+/// Oldest driver the CUBINs of NVRTC 12 load on.
+pub const MIN_DRIVER: i32 = 12000;
+
+/// Finds the driver and a device, or says clearly why not. Nothing here
+/// panics when the library is absent (cudarc would).
+pub fn probe() -> Result<DriverInfo, CudaError> {
+    let present = std::panic::catch_unwind(|| unsafe { dsys::is_culib_present() }).unwrap_or(false);
+    if !present {
+        return Err(CudaError::LibraryMissing {
+            lib: "libcuda (the NVIDIA driver)",
+            hint: "no NVIDIA driver on this machine; run on a GPU node or use --device cpu".into(),
+        });
+    }
+    let r = std::panic::catch_unwind(|| {
+        dres::init()?;
+        let mut v = 0i32;
+        unsafe { dsys::cuDriverGetVersion(&mut v) }.result()?;
+        let n = CudaContext::device_count()?;
+        Ok::<_, cudarc::driver::DriverError>((v, n))
+    });
+    let (version, n) = match r {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            if format!("{e:?}").contains("NO_DEVICE") {
+                return Err(CudaError::NoDevice);
+            }
+            return Err(CudaError::driver("initializing the driver", e));
+        }
+        Err(_) => {
+            return Err(CudaError::DriverTooOld {
+                found: "unknown (the driver library lacks basic entry points)".into(),
+                need: "12.0".into(),
+            });
+        }
+    };
+    if version < MIN_DRIVER {
+        return Err(CudaError::DriverTooOld {
+            found: format!("{}.{}", version / 1000, version % 1000 / 10),
+            need: "12.0".into(),
+        });
+    }
+    if n <= 0 {
+        return Err(CudaError::NoDevice);
+    }
+    Ok(DriverInfo {
+        version,
+        devices: n as usize,
+    })
+}
+
+/// A weight matrix on the device in its device dtype.
+enum DevW {
+    F32(CudaSlice<f32>),
+    /// f16 bits.
+    F16(CudaSlice<u16>),
+    /// bf16 bits (sm_80+ only).
+    BF16(CudaSlice<u16>),
+}
+
+struct DevLinear {
+    w: DevW,
+    bias: Option<CudaSlice<f32>>,
+    n: usize,
+    k: usize,
+}
+
+struct DevLayer {
+    input_norm: CudaSlice<f32>,
+    post_norm: CudaSlice<f32>,
+    q: DevLinear,
+    k: DevLinear,
+    v: DevLinear,
+    o: DevLinear,
+    gate: DevLinear,
+    up: DevLinear,
+    down: DevLinear,
+    window: usize,
+}
+
+enum KvBuf {
+    F32(CudaSlice<f32>),
+    F16(CudaSlice<u16>),
+}
+
+enum Head {
+    Own(DevLinear),
+    /// Tied to the embedding, which lives on this GPU.
+    Embedding,
+}
+
+/// One GPU's share of the model.
+struct Shard {
+    ordinal: usize,
+    stream: Arc<CudaStream>,
+    ctx: Arc<CudaContext>,
+    kernels: Kernels,
+    blas: Option<CudaBlas>,
+    layers: Range<usize>,
+    dev_layers: Vec<DevLayer>,
+    embed: Option<DevLinear>,
+    norm: Option<CudaSlice<f32>>,
+    head: Option<Head>,
+    k_cache: Vec<KvBuf>,
+    v_cache: Vec<KvBuf>,
+    inv_freq: CudaSlice<f64>,
+}
+
+/// The CUDA backend.
+pub struct CudaBackend {
+    cfg: ModelConfig,
+    opts: CudaOptions,
+    shards: Vec<Shard>,
+    num_blocks: usize,
+    part_size: usize,
+    tile: (usize, usize),
+}
+
+fn drv(what: &str) -> impl Fn(cudarc::driver::DriverError) -> CudaError + '_ {
+    move |e| CudaError::driver(what, e)
+}
+
+fn bytes_of(t: &Tensor, d: DType) -> u64 {
+    (t.numel() * d.size()) as u64
+}
+
+fn linear_bytes(l: &Linear, path: ArchPath) -> u64 {
+    bytes_of(&l.w, plan::device_dtype(l.w.dtype, path, 0.0))
+        + l.bias.as_ref().map_or(0, |b| 4 * b.len() as u64)
+}
+
+/// Upload-time conversion of a stored tensor to the device dtype.
+fn upload_w(stream: &Arc<CudaStream>, t: &Tensor, path: ArchPath) -> Result<DevW, CudaError> {
+    let what = format!("uploading {}", t.name);
+    let oom = |e: cudarc::driver::DriverError| {
+        if format!("{e:?}").contains("OUT_OF_MEMORY") {
+            let free = stream.context().mem_get_info().map_or(0, |(f, _)| f as u64);
+            CudaError::OutOfMemory {
+                what: what.clone(),
+                needed: (t.numel() * t.dtype.size()) as u64,
+                free,
+            }
+        } else {
+            CudaError::driver(what.clone(), e)
+        }
+    };
+    let wide = t.to_f32();
+    let max_abs = if t.dtype == DType::BF16 && !path.bf16_native() {
+        wide.iter().fold(0.0f32, |m, x| m.max(x.abs()))
+    } else {
+        0.0
+    };
+    Ok(match plan::device_dtype(t.dtype, path, max_abs) {
+        DType::F32 => DevW::F32(stream.clone_htod(&wide).map_err(oom)?),
+        DType::F16 => {
+            let bits: Vec<u16> = wide.iter().map(|&x| f16::from_f32(x).to_bits()).collect();
+            DevW::F16(stream.clone_htod(&bits).map_err(oom)?)
+        }
+        DType::BF16 => {
+            let bits: Vec<u16> = wide.iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
+            DevW::BF16(stream.clone_htod(&bits).map_err(oom)?)
+        }
+    })
+}
+
+fn upload_f32(
+    stream: &Arc<CudaStream>,
+    v: &[f32],
+    what: &str,
+) -> Result<CudaSlice<f32>, CudaError> {
+    stream.clone_htod(v).map_err(drv(what))
+}
+
+fn upload_linear(
+    stream: &Arc<CudaStream>,
+    l: &Linear,
+    path: ArchPath,
+) -> Result<DevLinear, CudaError> {
+    Ok(DevLinear {
+        w: upload_w(stream, &l.w, path)?,
+        bias: match &l.bias {
+            Some(b) => Some(upload_f32(stream, b, &l.w.name)?),
+            None => None,
+        },
+        n: l.w.shape[0],
+        k: l.w.shape[1],
+    })
+}
+
+fn cfg1d(n: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(threads).max(1), 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Bytes of per-step buffers at the largest step.
+fn scratch_bytes(cfg: &ModelConfig, opts: &CudaOptions, part_size: usize) -> u64 {
+    let m = opts.max_batch_tokens.max(1) as u64;
+    let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
+    let qd = (cfg.num_heads * cfg.head_dim) as u64;
+    let kvd = (cfg.num_kv_heads * cfg.head_dim) as u64;
+    let rows = opts.max_running.max(1) as u64;
+    let parts = (cfg.max_position_embeddings / part_size.max(1) + 1) as u64;
+    let acts = m * (3 * h + 2 * qd + 2 * kvd + h + 3 * i + cfg.head_dim as u64);
+    let half_cast = m * h.max(i).max(qd) / 2;
+    let logits = rows * (h + 2 * cfg.vocab_size as u64);
+    let partials = rows * cfg.num_heads as u64 * parts * (cfg.head_dim as u64 + 2);
+    4 * (acts + half_cast + logits + partials) + (96 << 20)
+}
+
+impl CudaBackend {
+    /// Uploads `model` to the GPUs: compiles (or loads cached) kernels for
+    /// each GPU's exact architecture, places layers, sizes the KV pool.
+    pub fn new(model: &Decoder, opts: CudaOptions) -> Result<CudaBackend, CudaError> {
+        let info = probe()?;
+        let cfg = model.cfg.clone();
+        let group = cfg.num_heads / cfg.num_kv_heads.max(1);
+        let part_size = plan::decode_part_size(group, cfg.head_dim)?;
+        let tile = plan::prefill_tile(cfg.head_dim);
+        let nvrtc = Nvrtc::open()?;
+        let includes = nvrtc::include_dirs(&opts.include_dirs)?;
+        let cache = opts.kernel_cache.clone().or_else(nvrtc::default_cache_dir);
+        let ndev = opts
+            .max_devices
+            .map_or(info.devices, |m| m.clamp(1, info.devices));
+        // Contexts, architectures and budgets of every GPU.
+        let ordinals = opts.devices.clone().unwrap_or_else(|| (0..ndev).collect());
+        if let Some(&bad) = ordinals.iter().find(|&&o| o >= info.devices) {
+            return Err(CudaError::Unsupported(format!(
+                "GPU {bad} does not exist ({} visible)",
+                info.devices
+            )));
+        }
+        let mut devs = Vec::new();
+        for &d in &ordinals {
+            let ctx = CudaContext::new(d).map_err(drv("creating a context"))?;
+            let (major, minor) = ctx
+                .compute_capability()
+                .map_err(drv("reading the compute capability"))?;
+            let path = ArchPath::of(major, minor)?;
+            let (free, total) = ctx.mem_get_info().map_err(drv("reading free memory"))?;
+            let name = ctx.name().unwrap_or_default();
+            tracing::info!(gpu = d, %name, sm = format!("{major}{minor}"), ?path, free_mib = free >> 20, total_mib = total >> 20, "CUDA device");
+            devs.push((
+                ctx,
+                (major * 10 + minor) as u32,
+                path,
+                plan::budget(free as u64, total as u64, opts.gpu_memory_utilization),
+            ));
+        }
+        // One path for the whole model (the oldest GPU decides dtypes).
+        let path = devs
+            .iter()
+            .map(|d| d.2)
+            .min_by_key(|p| *p as u8)
+            .unwrap_or(ArchPath::Pascal);
+        let kv_per_block_layer =
+            (2 * opts.block_size * cfg.num_kv_heads * cfg.head_dim * opts.kv_dtype.size()) as u64;
+        let layer_sizes: Vec<u64> = model
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+                    .iter()
+                    .map(|x| linear_bytes(x, path))
+                    .sum::<u64>()
+                    + 8 * cfg.hidden_size as u64
+            })
+            .collect();
+        let embed_bytes = bytes_of(
+            &model.embed,
+            plan::device_dtype(model.embed.dtype, path, 0.0),
+        );
+        let head_bytes = 4 * cfg.hidden_size as u64
+            + match &model.lm_head {
+                Some(h) => linear_bytes(h, path),
+                None => 0,
+            };
+        let sizes = Sizes {
+            embed: embed_bytes,
+            head: head_bytes,
+            layers: layer_sizes,
+            kv_per_block_layer,
+            min_blocks: opts
+                .num_blocks
+                .unwrap_or(opts.max_batch_tokens.div_ceil(opts.block_size) + 2)
+                as u64,
+            scratch: scratch_bytes(&cfg, &opts, part_size),
+            max_layers_per_gpu: opts.max_layers_per_gpu,
+        };
+        let budgets: Vec<u64> = devs.iter().map(|d| d.3).collect();
+        let mut placements = plan::place(&sizes, &budgets)?;
+        // A tied head on another GPU than the embedding needs its own copy.
+        if model.lm_head.is_none()
+            && placements.len() > 1
+            && let Some(last) = placements.last_mut()
+        {
+            last.bytes += embed_bytes;
+            if last.bytes > budgets[last.device] {
+                return Err(CudaError::OutOfMemory {
+                    what: "placing the tied LM head".into(),
+                    needed: last.bytes,
+                    free: budgets[last.device],
+                });
+            }
+        }
+        let fit = plan::kv_blocks(&placements, &budgets, kv_per_block_layer)?;
+        let num_blocks = match opts.num_blocks {
+            Some(n) if n > fit => {
+                return Err(CudaError::OutOfMemory {
+                    what: format!("allocating {n} KV blocks"),
+                    needed: n as u64 * kv_per_block_layer * cfg.num_layers as u64,
+                    free: fit as u64 * kv_per_block_layer * cfg.num_layers as u64,
+                });
+            }
+            Some(n) => n,
+            None => fit,
+        };
+        tracing::info!(
+            gpus = placements.len(),
+            num_blocks,
+            kv_mib = (num_blocks as u64 * kv_per_block_layer * cfg.num_layers as u64) >> 20,
+            "CUDA placement"
+        );
+        let inv_freq: Vec<f64> = cfg.inv_freq();
+        let mut shards = Vec::new();
+        for p in placements.drain(..) {
+            let (ctx, sm, _, _) = &devs[p.device];
+            shards.push(Self::load_shard(
+                model,
+                &cfg,
+                &opts,
+                &p,
+                ctx,
+                *sm,
+                path,
+                num_blocks,
+                &nvrtc,
+                &includes,
+                cache.as_deref(),
+                &inv_freq,
+            )?);
+        }
+        Ok(CudaBackend {
+            cfg,
+            opts,
+            shards,
+            num_blocks,
+            part_size,
+            tile,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn load_shard(
+        model: &Decoder,
+        cfg: &ModelConfig,
+        opts: &CudaOptions,
+        p: &Placement,
+        ctx: &Arc<CudaContext>,
+        sm: u32,
+        path: ArchPath,
+        num_blocks: usize,
+        nvrtc: &Nvrtc,
+        includes: &[PathBuf],
+        cache: Option<&std::path::Path>,
+        inv_freq: &[f64],
+    ) -> Result<Shard, CudaError> {
+        let t0 = std::time::Instant::now();
+        let cubins = nvrtc::build_all(nvrtc, sm, includes, cache)?;
+        let cached = cubins.iter().filter(|c| c.1 == Source::Cache).count();
+        tracing::info!(
+            gpu = p.device,
+            sm,
+            cached,
+            compiled = cubins.len() - cached,
+            secs = t0.elapsed().as_secs_f64(),
+            "kernels ready"
+        );
+        let kernels = Kernels::load(ctx, cubins.into_iter().map(|c| c.0).collect())?;
+        let stream = ctx.default_stream();
+        let blas =
+            if std::panic::catch_unwind(|| unsafe { bsys::is_culib_present() }).unwrap_or(false) {
+                match CudaBlas::new(stream.clone()) {
+                    Ok(b) => Some(b),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cuBLAS unusable; GEMMs use the GEMV kernel");
+                        None
+                    }
+                }
+            } else {
+                tracing::warn!("libcublas not found; GEMMs use the GEMV kernel (slower prefill)");
+                None
+            };
+        let mut dev_layers = Vec::new();
+        for l in p.layers.clone() {
+            let src = &model.layers[l];
+            dev_layers.push(DevLayer {
+                input_norm: upload_f32(&stream, &src.input_norm.w, "input norm")?,
+                post_norm: upload_f32(&stream, &src.post_norm.w, "post norm")?,
+                q: upload_linear(&stream, &src.q, path)?,
+                k: upload_linear(&stream, &src.k, path)?,
+                v: upload_linear(&stream, &src.v, path)?,
+                o: upload_linear(&stream, &src.o, path)?,
+                gate: upload_linear(&stream, &src.gate, path)?,
+                up: upload_linear(&stream, &src.up, path)?,
+                down: upload_linear(&stream, &src.down, path)?,
+                window: src.window.unwrap_or(0),
+            });
+        }
+        let embed_lin = |stream: &Arc<CudaStream>| -> Result<DevLinear, CudaError> {
+            Ok(DevLinear {
+                w: upload_w(stream, &model.embed, path)?,
+                bias: None,
+                n: cfg.vocab_size,
+                k: cfg.hidden_size,
+            })
+        };
+        let embed = if p.embed {
+            Some(embed_lin(&stream)?)
+        } else {
+            None
+        };
+        let (norm, head) = if p.head {
+            let head = match &model.lm_head {
+                Some(h) => Head::Own(upload_linear(&stream, h, path)?),
+                None if p.embed => Head::Embedding,
+                None => Head::Own(embed_lin(&stream)?),
+            };
+            (
+                Some(upload_f32(&stream, &model.norm.w, "final norm")?),
+                Some(head),
+            )
+        } else {
+            (None, None)
+        };
+        let per_layer = num_blocks * opts.block_size * cfg.num_kv_heads * cfg.head_dim;
+        let kv_oom = |e: cudarc::driver::DriverError| {
+            let free = ctx.mem_get_info().map_or(0, |(f, _)| f as u64);
+            if format!("{e:?}").contains("OUT_OF_MEMORY") {
+                CudaError::OutOfMemory {
+                    what: format!("allocating the KV cache on GPU {}", p.device),
+                    needed: (per_layer * opts.kv_dtype.size()) as u64,
+                    free,
+                }
+            } else {
+                CudaError::driver("allocating the KV cache", e)
+            }
+        };
+        let mut k_cache = Vec::new();
+        let mut v_cache = Vec::new();
+        for _ in p.layers.clone() {
+            for cache in [&mut k_cache, &mut v_cache] {
+                cache.push(match opts.kv_dtype {
+                    KvDtype::F32 => KvBuf::F32(stream.alloc_zeros(per_layer).map_err(kv_oom)?),
+                    KvDtype::F16 => KvBuf::F16(stream.alloc_zeros(per_layer).map_err(kv_oom)?),
+                });
+            }
+        }
+        let inv_freq = stream.clone_htod(inv_freq).map_err(drv("uploading RoPE"))?;
+        stream.synchronize().map_err(drv("uploading weights"))?;
+        Ok(Shard {
+            ordinal: ctx.ordinal(),
+            stream,
+            ctx: ctx.clone(),
+            kernels,
+            blas,
+            layers: p.layers.clone(),
+            dev_layers,
+            embed,
+            norm,
+            head,
+            k_cache,
+            v_cache,
+            inv_freq,
+        })
+    }
+
+    /// KV blocks of the pool (the engine's `num_blocks`).
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    /// (GPU ordinal, layers) per shard, for logs and tests.
+    pub fn placement(&self) -> Vec<(usize, Range<usize>)> {
+        self.shards
+            .iter()
+            .map(|s| (s.ordinal, s.layers.clone()))
+            .collect()
+    }
+
+    fn run(&mut self, batch: &Batch, wants: &[RowWant]) -> Result<Vec<RowOut>, CudaError> {
+        let layout = StepLayout::new(batch, self.opts.block_size, self.tile.0)?;
+        let m = layout.ids.len();
+        if m == 0 {
+            return Ok(Vec::new());
+        }
+        if m > self.opts.max_batch_tokens.max(1) {
+            return Err(CudaError::Unsupported(format!(
+                "a step of {m} tokens exceeds --max-batch-tokens {}",
+                self.opts.max_batch_tokens
+            )));
+        }
+        let h = self.cfg.hidden_size;
+        let mut x_host: Option<Vec<f32>> = None;
+        let nshards = self.shards.len();
+        for si in 0..nshards {
+            let sh = &self.shards[si];
+            sh.ctx
+                .bind_to_thread()
+                .map_err(drv("binding the context"))?;
+            let st = &sh.stream;
+            let dev = DevStep::upload(st, &layout)?;
+            let mut x: CudaSlice<f32> = match (&sh.embed, x_host.take()) {
+                (Some(e), _) => embedding(sh, e, &dev, m, h)?,
+                (None, Some(host)) => st.clone_htod(&host).map_err(drv("moving activations"))?,
+                (None, None) => {
+                    return Err(CudaError::Unsupported("a shard without input".into()));
+                }
+            };
+            let mut pending = forward_layers(self, si, &mut x, &dev, &layout)?;
+            if si + 1 < nshards {
+                if let Some(d) = pending.take() {
+                    launch_add(sh, &mut x, &d, m * h)?;
+                }
+                x_host = Some(st.clone_dtoh(&x).map_err(drv("moving activations"))?);
+                continue;
+            }
+            return finish(self, si, &mut x, pending.as_ref(), &dev, &layout, wants);
+        }
+        Err(CudaError::Unsupported("no GPU holds the LM head".into()))
+    }
+}
+
+/// One step's metadata on one GPU.
+struct DevStep {
+    ids: CudaSlice<u32>,
+    pos: CudaSlice<i32>,
+    slots: CudaSlice<i32>,
+    tok_table: CudaSlice<i32>,
+    tables: CudaSlice<i32>,
+    decode: Option<CudaSlice<i32>>,
+    tiles: Option<CudaSlice<i32>>,
+    logits_rows: Option<CudaSlice<i32>>,
+}
+
+impl DevStep {
+    fn upload(st: &Arc<CudaStream>, l: &StepLayout) -> Result<DevStep, CudaError> {
+        let up = |v: &[i32]| -> Result<Option<CudaSlice<i32>>, CudaError> {
+            if v.is_empty() {
+                Ok(None)
+            } else {
+                st.clone_htod(v)
+                    .map(Some)
+                    .map_err(drv("uploading the step"))
+            }
+        };
+        let e = drv("uploading the step");
+        Ok(DevStep {
+            ids: st.clone_htod(&l.ids).map_err(&e)?,
+            pos: st.clone_htod(&l.pos).map_err(&e)?,
+            slots: st.clone_htod(&l.slots).map_err(&e)?,
+            tok_table: st.clone_htod(&l.tok_table).map_err(&e)?,
+            tables: st.clone_htod(&l.tables).map_err(&e)?,
+            decode: up(&l.decode)?,
+            tiles: up(&l.tiles)?,
+            logits_rows: up(&l.logits_rows)?,
+        })
+    }
+}
+
+fn alloc(st: &Arc<CudaStream>, n: usize, what: &str) -> Result<CudaSlice<f32>, CudaError> {
+    // Every element is written by a kernel before it is read.
+    unsafe { st.alloc::<f32>(n.max(1)) }.map_err(|e| {
+        if format!("{e:?}").contains("OUT_OF_MEMORY") {
+            let free = st.context().mem_get_info().map_or(0, |(f, _)| f as u64);
+            CudaError::OutOfMemory {
+                what: format!("allocating {what} for a step"),
+                needed: 4 * n as u64,
+                free,
+            }
+        } else {
+            CudaError::driver(format!("allocating {what}"), e)
+        }
+    })
+}
+
+const NULL: u64 = 0;
+
+fn launch_err(kernel: &'static str) -> impl Fn(cudarc::driver::DriverError) -> CudaError {
+    move |e| CudaError::driver(format!("launching {kernel}"), e)
+}
+
+fn embedding(
+    sh: &Shard,
+    e: &DevLinear,
+    dev: &DevStep,
+    m: usize,
+    h: usize,
+) -> Result<CudaSlice<f32>, CudaError> {
+    let mut x = alloc(&sh.stream, m * h, "activations")?;
+    let (name, vocab) = match &e.w {
+        DevW::F32(_) => ("embedding_f32", e.n),
+        DevW::F16(_) => ("embedding_f16", e.n),
+        DevW::BF16(_) => ("embedding_bf16", e.n),
+    };
+    let f = sh.kernels.get(name)?;
+    let (mi, hi, vi) = (m as i32, h as i32, vocab as i32);
+    let mut b = sh.stream.launch_builder(f);
+    match &e.w {
+        DevW::F32(w) => b.arg(w),
+        DevW::F16(w) | DevW::BF16(w) => b.arg(w),
+    };
+    // embedding_*(const W* table, const unsigned* ids, float* out, int m, int hidden, int vocab)
+    b.arg(&dev.ids).arg(&mut x).arg(&mi).arg(&hi).arg(&vi);
+    unsafe { b.launch(cfg1d(m * h, 256)) }.map_err(launch_err("embedding"))?;
+    Ok(x)
+}
+
+fn launch_add(
+    sh: &Shard,
+    x: &mut CudaSlice<f32>,
+    d: &CudaSlice<f32>,
+    n: usize,
+) -> Result<(), CudaError> {
+    let f = sh.kernels.get("add_inplace")?;
+    let nn = n as u64;
+    // add_inplace(float* x, const float* d, size_t n)
+    unsafe {
+        sh.stream
+            .launch_builder(f)
+            .arg(x)
+            .arg(d)
+            .arg(&nn)
+            .launch(cfg1d(n, 256))
+    }
+    .map_err(launch_err("add_inplace"))?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn add_rmsnorm(
+    sh: &Shard,
+    x: &mut CudaSlice<f32>,
+    delta: Option<&CudaSlice<f32>>,
+    w: &CudaSlice<f32>,
+    out: &mut CudaSlice<f32>,
+    m: usize,
+    d: usize,
+    eps: f32,
+) -> Result<(), CudaError> {
+    let f = sh.kernels.get("add_rmsnorm")?;
+    let di = d as i32;
+    let mut b = sh.stream.launch_builder(f);
+    b.arg(x);
+    match delta {
+        Some(dl) => b.arg(dl),
+        None => b.arg(&NULL),
+    };
+    // add_rmsnorm(float* x, const float* delta, const float* w, float* out, int d, float eps)
+    b.arg(w).arg(out).arg(&di).arg(&eps);
+    let cfg = LaunchConfig {
+        grid_dim: (m as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { b.launch(cfg) }.map_err(launch_err("add_rmsnorm"))?;
+    Ok(())
+}
+
+/// `y (m × n) = x (m × k) · Wᵀ + b`.
+fn linear(
+    be: &CudaBackend,
+    sh: &Shard,
+    lin: &DevLinear,
+    x: &CudaSlice<f32>,
+    y: &mut CudaSlice<f32>,
+    m: usize,
+) -> Result<(), CudaError> {
+    let (n, k) = (lin.n, lin.k);
+    let use_blas = m > GEMV_MAX_ROWS
+        && sh.blas.is_some()
+        && match lin.w {
+            DevW::F32(_) => true,
+            _ => be.opts.gemm == GemmMode::Fast,
+        };
+    if !use_blas {
+        return gemv(sh, lin, x, y, m);
+    }
+    let Some(blas) = &sh.blas else {
+        return gemv(sh, lin, x, y, m);
+    };
+    let st = &sh.stream;
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    let op_t = bsys::cublasOperation_t::CUBLAS_OP_T;
+    let op_n = bsys::cublasOperation_t::CUBLAS_OP_N;
+    let r32 = bsys::cudaDataType::CUDA_R_32F;
+    let compute = bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
+    let algo = bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT;
+    let cublas_err = |e: bres::CublasError| CudaError::Cublas {
+        what: format!("GEMM {m}x{n}x{k}"),
+        message: format!("{e:?}"),
+    };
+    // Row-major y = x·Wᵀ is column-major yᵀ (n × m) = W (col-major k × n)ᵀ · xᵀ (k × m).
+    let (yp, _gy) = y.device_ptr_mut(st);
+    match &lin.w {
+        DevW::F32(w) => {
+            let (wp, _gw) = w.device_ptr(st);
+            let (xp, _gx) = x.device_ptr(st);
+            unsafe {
+                bres::gemm_ex(
+                    *blas.handle(),
+                    op_t,
+                    op_n,
+                    n as i32,
+                    m as i32,
+                    k as i32,
+                    &alpha as *const f32 as *const c_void,
+                    wp as *const c_void,
+                    r32,
+                    k as i32,
+                    xp as *const c_void,
+                    r32,
+                    k as i32,
+                    &beta as *const f32 as *const c_void,
+                    yp as *mut c_void,
+                    r32,
+                    n as i32,
+                    compute,
+                    algo,
+                )
+            }
+            .map_err(cublas_err)?;
+        }
+        DevW::F16(w) | DevW::BF16(w) => {
+            let (cast, ty) = if matches!(lin.w, DevW::F16(_)) {
+                ("cast_f32_f16", bsys::cudaDataType::CUDA_R_16F)
+            } else {
+                ("cast_f32_bf16", bsys::cudaDataType::CUDA_R_16BF)
+            };
+            let mut xh: CudaSlice<u16> = unsafe { st.alloc(m * k) }.map_err(drv("allocating"))?;
+            let f = sh.kernels.get(cast)?;
+            let nn = (m * k) as u64;
+            // cast_f32_*(const float* x, h16/b16* y, size_t n)
+            unsafe {
+                st.launch_builder(f)
+                    .arg(x)
+                    .arg(&mut xh)
+                    .arg(&nn)
+                    .launch(cfg1d(m * k, 256))
+            }
+            .map_err(launch_err("cast"))?;
+            let (wp, _gw) = w.device_ptr(st);
+            let (xp, _gx) = xh.device_ptr(st);
+            unsafe {
+                bres::gemm_ex(
+                    *blas.handle(),
+                    op_t,
+                    op_n,
+                    n as i32,
+                    m as i32,
+                    k as i32,
+                    &alpha as *const f32 as *const c_void,
+                    wp as *const c_void,
+                    ty,
+                    k as i32,
+                    xp as *const c_void,
+                    ty,
+                    k as i32,
+                    &beta as *const f32 as *const c_void,
+                    yp as *mut c_void,
+                    r32,
+                    n as i32,
+                    compute,
+                    algo,
+                )
+            }
+            .map_err(cublas_err)?;
+        }
+    }
+    drop(_gy);
+    if let Some(bias) = &lin.bias {
+        let f = sh.kernels.get("add_bias")?;
+        let (mi, ni) = (m as i32, n as i32);
+        // add_bias(float* y, const float* bias, int m, int n)
+        unsafe {
+            st.launch_builder(f)
+                .arg(y)
+                .arg(bias)
+                .arg(&mi)
+                .arg(&ni)
+                .launch(cfg1d(m * n, 256))
+        }
+        .map_err(launch_err("add_bias"))?;
+    }
+    Ok(())
+}
+
+/// The GEMV kernel over chunks of up to 8 rows.
+fn gemv(
+    sh: &Shard,
+    lin: &DevLinear,
+    x: &CudaSlice<f32>,
+    y: &mut CudaSlice<f32>,
+    m: usize,
+) -> Result<(), CudaError> {
+    let (n, k) = (lin.n, lin.k);
+    let name = match lin.w {
+        DevW::F32(_) => "gemv_f32",
+        DevW::F16(_) => "gemv_f16",
+        DevW::BF16(_) => "gemv_bf16",
+    };
+    let f = sh.kernels.get(name)?;
+    let cfg = LaunchConfig {
+        // One warp per output row, 8 warps per block.
+        grid_dim: ((n as u32).div_ceil(8), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut r0 = 0;
+    while r0 < m {
+        let rows = (m - r0).min(GEMV_MAX_ROWS);
+        let xv = x.slice(r0 * k..(r0 + rows) * k);
+        let mut yv = y.slice_mut(r0 * n..(r0 + rows) * n);
+        let (ri, ni, ki) = (rows as i32, n as i32, k as i32);
+        let mut b = sh.stream.launch_builder(f);
+        b.arg(&xv);
+        match &lin.w {
+            DevW::F32(w) => b.arg(w),
+            DevW::F16(w) | DevW::BF16(w) => b.arg(w),
+        };
+        match &lin.bias {
+            Some(bias) => b.arg(bias),
+            None => b.arg(&NULL),
+        };
+        // gemv_*(const float* x, const W* w, const float* bias, float* y, int m, int n, int k)
+        b.arg(&mut yv).arg(&ri).arg(&ni).arg(&ki);
+        unsafe { b.launch(cfg) }.map_err(launch_err("gemv"))?;
+        r0 += rows;
+    }
+    Ok(())
+}
+
+/// Runs this shard's layers over `x`; returns the last MLP output, whose
+/// residual add is fused into the next RMSNorm.
+fn forward_layers(
+    be: &CudaBackend,
+    si: usize,
+    x: &mut CudaSlice<f32>,
+    dev: &DevStep,
+    layout: &StepLayout,
+) -> Result<Option<CudaSlice<f32>>, CudaError> {
+    let sh = &be.shards[si];
+    let cfg = &be.cfg;
+    let st = &sh.stream;
+    let m = layout.ids.len();
+    let (h, hd, nh, nkv) = (
+        cfg.hidden_size,
+        cfg.head_dim,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+    );
+    let inter = cfg.intermediate_size;
+    let eps = cfg.rms_norm_eps as f32;
+    let half = hd / 2;
+    // RoPE table for this step's positions.
+    let mut cos = alloc(st, m * half, "RoPE")?;
+    let mut sin = alloc(st, m * half, "RoPE")?;
+    {
+        let f = sh.kernels.get("rope_table")?;
+        let (mi, hi) = (m as i32, half as i32);
+        // rope_table(const int* pos, const double* inv_freq, float* cos, float* sin, int m, int half)
+        unsafe {
+            st.launch_builder(f)
+                .arg(&dev.pos)
+                .arg(&sh.inv_freq)
+                .arg(&mut cos)
+                .arg(&mut sin)
+                .arg(&mi)
+                .arg(&hi)
+                .launch(cfg1d(m * half, 256))
+        }
+        .map_err(launch_err("rope_table"))?;
+    }
+    let mut hn = alloc(st, m * h, "activations")?;
+    let mut q = alloc(st, m * nh * hd, "queries")?;
+    let mut k = alloc(st, m * nkv * hd, "keys")?;
+    let mut v = alloc(st, m * nkv * hd, "values")?;
+    let mut attn = alloc(st, m * nh * hd, "attention output")?;
+    let mut o = alloc(st, m * h, "activations")?;
+    let mut g = alloc(st, m * inter, "MLP")?;
+    let mut u = alloc(st, m * inter, "MLP")?;
+    let mut pending: Option<CudaSlice<f32>> = None;
+    for (li, layer) in sh.dev_layers.iter().enumerate() {
+        add_rmsnorm(
+            sh,
+            x,
+            pending.as_ref(),
+            &layer.input_norm,
+            &mut hn,
+            m,
+            h,
+            eps,
+        )?;
+        linear(be, sh, &layer.q, &hn, &mut q, m)?;
+        linear(be, sh, &layer.k, &hn, &mut k, m)?;
+        linear(be, sh, &layer.v, &hn, &mut v, m)?;
+        for (buf, heads) in [(&mut q, nh), (&mut k, nkv)] {
+            let f = sh.kernels.get("rope_apply")?;
+            let (mi, hh, hdi, inter_flag) = (m as i32, heads as i32, hd as i32, 0i32);
+            // rope_apply(float* x, const float* cos, const float* sin, int m, int heads, int head_dim, int interleaved)
+            unsafe {
+                st.launch_builder(f)
+                    .arg(buf)
+                    .arg(&cos)
+                    .arg(&sin)
+                    .arg(&mi)
+                    .arg(&hh)
+                    .arg(&hdi)
+                    .arg(&inter_flag)
+                    .launch(cfg1d(m * heads * half, 256))
+            }
+            .map_err(launch_err("rope_apply"))?;
+        }
+        attention(be, sh, li, &q, &k, &v, &mut attn, dev, layout, layer.window)?;
+        linear(be, sh, &layer.o, &attn, &mut o, m)?;
+        add_rmsnorm(sh, x, Some(&o), &layer.post_norm, &mut hn, m, h, eps)?;
+        linear(be, sh, &layer.gate, &hn, &mut g, m)?;
+        linear(be, sh, &layer.up, &hn, &mut u, m)?;
+        {
+            let f = sh.kernels.get("silu_mul")?;
+            let nn = (m * inter) as u64;
+            // silu_mul(float* g, const float* u, size_t n)
+            unsafe {
+                st.launch_builder(f)
+                    .arg(&mut g)
+                    .arg(&u)
+                    .arg(&nn)
+                    .launch(cfg1d(m * inter, 256))
+            }
+            .map_err(launch_err("silu_mul"))?;
+        }
+        let mut d = match pending.take() {
+            Some(d) => d,
+            None => alloc(st, m * h, "activations")?,
+        };
+        linear(be, sh, &layer.down, &g, &mut d, m)?;
+        pending = Some(d);
+    }
+    Ok(pending)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    be: &CudaBackend,
+    sh: &Shard,
+    li: usize,
+    q: &CudaSlice<f32>,
+    k: &CudaSlice<f32>,
+    v: &CudaSlice<f32>,
+    out: &mut CudaSlice<f32>,
+    dev: &DevStep,
+    layout: &StepLayout,
+    window: usize,
+) -> Result<(), CudaError> {
+    let cfg = &be.cfg;
+    let st = &sh.stream;
+    let m = layout.ids.len();
+    let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
+    let row = nkv * hd;
+    let sfx16 = matches!(sh.k_cache[li], KvBuf::F16(_));
+    let (mi, rowi) = (m as i32, row as i32);
+    {
+        let f = sh.kernels.get(if sfx16 {
+            "kv_write_f16"
+        } else {
+            "kv_write_f32"
+        })?;
+        let mut b = st.launch_builder(f);
+        b.arg(k).arg(v);
+        // kv_write_*(const float* k, const float* v, KV* kc, KV* vc, const int* slots, int m, int row)
+        match (&sh.k_cache[li], &sh.v_cache[li]) {
+            (KvBuf::F32(kc), KvBuf::F32(vc)) => b.arg(kc).arg(vc),
+            (KvBuf::F16(kc), KvBuf::F16(vc)) => b.arg(kc).arg(vc),
+            _ => return Err(CudaError::Unsupported("mixed KV dtypes".into())),
+        };
+        b.arg(&dev.slots).arg(&mi).arg(&rowi);
+        unsafe { b.launch(cfg1d(m * row, 256)) }.map_err(launch_err("kv_write"))?;
+    }
+    let scale = 1.0f32 / (hd as f32).sqrt();
+    let (nhi, nkvi, hdi, bsi, wi) = (
+        nh as i32,
+        nkv as i32,
+        hd as i32,
+        be.opts.block_size as i32,
+        window as i32,
+    );
+    let group = nh / nkv;
+    if let Some(decode) = &dev.decode {
+        let nd = layout.decode.len();
+        let part = be.part_size;
+        let nparts = layout.decode_parts(window, part);
+        let parts = if nparts > 1 {
+            let po = alloc(st, nd * nh * nparts * hd, "attention partials")?;
+            let pm = alloc(st, nd * nh * nparts, "attention partials")?;
+            let ps = alloc(st, nd * nh * nparts, "attention partials")?;
+            Some((po, pm, ps))
+        } else {
+            None
+        };
+        let f = sh.kernels.get(if sfx16 {
+            "attention_decode_f16"
+        } else {
+            "attention_decode_f32"
+        })?;
+        let parti = part as i32;
+        let mut b = st.launch_builder(f);
+        b.arg(q);
+        match (&sh.k_cache[li], &sh.v_cache[li]) {
+            (KvBuf::F32(kc), KvBuf::F32(vc)) => b.arg(kc).arg(vc),
+            (KvBuf::F16(kc), KvBuf::F16(vc)) => b.arg(kc).arg(vc),
+            _ => return Err(CudaError::Unsupported("mixed KV dtypes".into())),
+        };
+        // attention_decode_*(q, kc, vc, out, tokens, tok_pos, tok_table, tables, heads, kv_heads,
+        //   head_dim, block_size, window, part_size, scale, part_out, part_max, part_sum)
+        b.arg(&mut *out)
+            .arg(decode)
+            .arg(&dev.pos)
+            .arg(&dev.tok_table)
+            .arg(&dev.tables)
+            .arg(&nhi)
+            .arg(&nkvi)
+            .arg(&hdi)
+            .arg(&bsi)
+            .arg(&wi)
+            .arg(&parti)
+            .arg(&scale);
+        match &parts {
+            Some((po, pm, ps)) => b.arg(po).arg(pm).arg(ps),
+            None => b.arg(&NULL).arg(&NULL).arg(&NULL),
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (nd as u32, nkv as u32, nparts as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: plan::decode_smem(group, hd, part) as u32,
+        };
+        unsafe { b.launch(cfg) }.map_err(launch_err("attention_decode"))?;
+        if let Some((po, pm, ps)) = &parts {
+            let f = sh.kernels.get("attention_reduce")?;
+            let npi = nparts as i32;
+            // attention_reduce(part_out, part_max, part_sum, out, tokens, heads, head_dim, nparts)
+            let cfg = LaunchConfig {
+                grid_dim: (nd as u32, nh as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe {
+                st.launch_builder(f)
+                    .arg(po)
+                    .arg(pm)
+                    .arg(ps)
+                    .arg(&mut *out)
+                    .arg(decode)
+                    .arg(&nhi)
+                    .arg(&hdi)
+                    .arg(&npi)
+                    .launch(cfg)
+            }
+            .map_err(launch_err("attention_reduce"))?;
+        }
+    }
+    if let Some(tiles) = &dev.tiles {
+        let nt = layout.tiles.len() / 2;
+        let (tq, tk) = be.tile;
+        let f = sh.kernels.get(if sfx16 {
+            "attention_prefill_f16"
+        } else {
+            "attention_prefill_f32"
+        })?;
+        let (tqi, tki) = (tq as i32, tk as i32);
+        let mut b = st.launch_builder(f);
+        b.arg(q);
+        match (&sh.k_cache[li], &sh.v_cache[li]) {
+            (KvBuf::F32(kc), KvBuf::F32(vc)) => b.arg(kc).arg(vc),
+            (KvBuf::F16(kc), KvBuf::F16(vc)) => b.arg(kc).arg(vc),
+            _ => return Err(CudaError::Unsupported("mixed KV dtypes".into())),
+        };
+        // attention_prefill_*(q, kc, vc, out, tiles, tok_pos, tok_table, tables, heads, kv_heads,
+        //   head_dim, block_size, window, tq, tk, scale)
+        b.arg(&mut *out)
+            .arg(tiles)
+            .arg(&dev.pos)
+            .arg(&dev.tok_table)
+            .arg(&dev.tables)
+            .arg(&nhi)
+            .arg(&nkvi)
+            .arg(&hdi)
+            .arg(&bsi)
+            .arg(&wi)
+            .arg(&tqi)
+            .arg(&tki)
+            .arg(&scale);
+        let cfg = LaunchConfig {
+            grid_dim: (nt as u32, nh as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: plan::prefill_smem(hd, tq, tk) as u32,
+        };
+        unsafe { b.launch(cfg) }.map_err(launch_err("attention_prefill"))?;
+    }
+    Ok(())
+}
+
+/// Final norm, LM head and the rows' results, on the last shard.
+fn finish(
+    be: &CudaBackend,
+    si: usize,
+    x: &mut CudaSlice<f32>,
+    pending: Option<&CudaSlice<f32>>,
+    dev: &DevStep,
+    layout: &StepLayout,
+    wants: &[RowWant],
+) -> Result<Vec<RowOut>, CudaError> {
+    let sh = &be.shards[si];
+    let st = &sh.stream;
+    let cfg = &be.cfg;
+    let (m, h, vocab) = (layout.ids.len(), cfg.hidden_size, cfg.vocab_size);
+    let n = layout.logits_rows.len();
+    let (Some(norm), Some(head), Some(rows)) = (&sh.norm, &sh.head, &dev.logits_rows) else {
+        return Ok(Vec::new());
+    };
+    let mut hn = alloc(st, m * h, "activations")?;
+    add_rmsnorm(sh, x, pending, norm, &mut hn, m, h, cfg.rms_norm_eps as f32)?;
+    let mut sel = alloc(st, n * h, "logits rows")?;
+    {
+        let f = sh.kernels.get("gather_rows")?;
+        let (ni, hi) = (n as i32, h as i32);
+        // gather_rows(const float* src, const int* rows, float* dst, int nrows, int d)
+        unsafe {
+            st.launch_builder(f)
+                .arg(&hn)
+                .arg(rows)
+                .arg(&mut sel)
+                .arg(&ni)
+                .arg(&hi)
+                .launch(cfg1d(n * h, 256))
+        }
+        .map_err(launch_err("gather_rows"))?;
+    }
+    let mut logits = alloc(st, n * vocab, "logits")?;
+    let head_lin = match head {
+        Head::Own(l) => l,
+        Head::Embedding => sh
+            .embed
+            .as_ref()
+            .ok_or_else(|| CudaError::Unsupported("tied head without embedding".into()))?,
+    };
+    linear(be, sh, head_lin, &sel, &mut logits, n)?;
+    let mut out: Vec<Option<RowOut>> = vec![None; n];
+    let any = |f: fn(&RowWant) -> bool| wants.iter().any(f);
+    let vi = vocab as i32;
+    let row_cfg = LaunchConfig {
+        grid_dim: (n as u32, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    if any(|w| matches!(w, RowWant::Greedy)) {
+        let mut ids: CudaSlice<i32> = unsafe { st.alloc(n) }.map_err(drv("allocating"))?;
+        let f = sh.kernels.get("argmax_rows")?;
+        // argmax_rows(const float* logits, int vocab, int* out)
+        unsafe {
+            st.launch_builder(f)
+                .arg(&logits)
+                .arg(&vi)
+                .arg(&mut ids)
+                .launch(row_cfg)
+        }
+        .map_err(launch_err("argmax_rows"))?;
+        let ids = st.clone_dtoh(&ids).map_err(drv("reading tokens"))?;
+        for (i, w) in wants.iter().enumerate() {
+            if matches!(w, RowWant::Greedy) {
+                out[i] = Some(RowOut::Token(ids[i].max(0) as u32));
+            }
+        }
+    }
+    if any(|w| matches!(w, RowWant::Sample { .. })) {
+        let (mut t, mut p, mut mp, mut u) = (
+            vec![1.0f32; n],
+            vec![1.0f32; n],
+            vec![0.0f32; n],
+            vec![0.0f64; n],
+        );
+        for (i, w) in wants.iter().enumerate() {
+            if let RowWant::Sample {
+                temperature,
+                top_p,
+                min_p,
+                uniform,
+            } = *w
+            {
+                (t[i], p[i], mp[i], u[i]) = (temperature, top_p, min_p, uniform);
+            }
+        }
+        let e = drv("uploading sampling settings");
+        let (t, p, mp, u) = (
+            st.clone_htod(&t).map_err(&e)?,
+            st.clone_htod(&p).map_err(&e)?,
+            st.clone_htod(&mp).map_err(&e)?,
+            st.clone_htod(&u).map_err(&e)?,
+        );
+        let mut ids: CudaSlice<i32> = unsafe { st.alloc(n) }.map_err(drv("allocating"))?;
+        let f = sh.kernels.get("sample_rows")?;
+        // sample_rows(logits, vocab, temperature, top_p, min_p, uniform, out)
+        unsafe {
+            st.launch_builder(f)
+                .arg(&logits)
+                .arg(&vi)
+                .arg(&t)
+                .arg(&p)
+                .arg(&mp)
+                .arg(&u)
+                .arg(&mut ids)
+                .launch(row_cfg)
+        }
+        .map_err(launch_err("sample_rows"))?;
+        let ids = st.clone_dtoh(&ids).map_err(drv("reading tokens"))?;
+        for (i, w) in wants.iter().enumerate() {
+            if matches!(w, RowWant::Sample { .. }) {
+                out[i] = Some(RowOut::Token(ids[i].max(0) as u32));
+            }
+        }
+    }
+    if out.iter().any(Option::is_none) {
+        let host = st.clone_dtoh(&logits).map_err(drv("reading logits"))?;
+        for (i, o) in out.iter_mut().enumerate() {
+            if o.is_none() {
+                *o = Some(RowOut::Logits(host[i * vocab..(i + 1) * vocab].to_vec()));
+            }
+        }
+    }
+    // Surface asynchronous faults of this step here, not in the next one.
+    st.synchronize().map_err(drv("running the step"))?;
+    Ok(out.into_iter().flatten().collect())
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+    fn forward(&mut self, batch: &Batch) -> Result<Vec<Vec<f32>>, BackendError> {
+        let wants = vec![RowWant::Logits; batch.logits_for.len()];
+        Ok(self
+            .forward_rows(batch, &wants)?
+            .into_iter()
+            .map(|r| match r {
+                RowOut::Logits(l) => l,
+                RowOut::Token(_) => Vec::new(),
+            })
+            .collect())
+    }
+    fn samples_on_device(&self) -> bool {
+        true
+    }
+    fn forward_rows(
+        &mut self,
+        batch: &Batch,
+        wants: &[RowWant],
+    ) -> Result<Vec<RowOut>, BackendError> {
+        self.run(batch, wants).map_err(|e| BackendError {
+            fatal: e.is_fatal(),
+            message: e.to_string(),
+        })
+    }
+}
