@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod bench_gateway;
 pub mod conditions;
 pub mod controller;
 pub mod crdgen;

@@ -69,6 +69,32 @@ struct GatewayArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Added latency and throughput of the gateway against calling the
+    /// upstream directly and against LiteLLM's proxy, side by side.
+    Gateway {
+        /// Concurrent clients, one measurement each (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1,16")]
+        clients: Vec<usize>,
+        /// Seconds per target and concurrency.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Completion tokens per answer.
+        #[arg(long, default_value_t = 16)]
+        tokens: i64,
+        /// The stand-in upstream's delay per token in ms (0 measures the
+        /// proxies' own cost; a few ms is closer to a real engine).
+        #[arg(long, default_value_t = 0)]
+        token_delay_ms: u64,
+        /// Stream the answers.
+        #[arg(long)]
+        stream: bool,
+        /// LiteLLM's `litellm` executable (installed as PEERS.md says).
+        #[arg(long, env = "COPYHOLD_LITELLM")]
+        litellm: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Time until N ModelDeployments are Placed, the controller's peak RSS
     /// and API requests per object, against the cluster KUBECONFIG names.
     Controller {
@@ -91,6 +117,33 @@ fn run_bench(cmd: BenchCommand) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         match cmd {
+            BenchCommand::Gateway {
+                clients,
+                seconds,
+                tokens,
+                token_delay_ms,
+                stream,
+                litellm,
+                json,
+            } => {
+                let client = kube::Client::try_default().await?;
+                let b = copyhold::bench_gateway::GatewayBench {
+                    clients,
+                    seconds,
+                    tokens,
+                    token_delay_ms,
+                    stream,
+                    litellm,
+                    json,
+                };
+                let figs = copyhold::bench_gateway::run(client, b.clone()).await?;
+                if b.json {
+                    println!("{}", serde_json::to_string_pretty(&figs)?);
+                } else {
+                    print!("{}", copyhold::bench_gateway::table(&figs, &b));
+                }
+                Ok(())
+            }
             BenchCommand::Controller {
                 objects,
                 gpus_per_node,
