@@ -4,8 +4,9 @@
 #   with a simulated fleet of reused GPUs → copyhold's CRDs → the copyhold
 #   controller → a synthesized small model as a ModelDeployment → placed by
 #   the real scheduler → run by the kubelet stand-in as `copyhold-node serve`
-#   on its Pod's own loopback address → requests answered, with usage and
-#   energy. Leaves everything running; `make demo-down` stops it.
+#   on its Pod's own loopback address → the copyhold gateway → requests from
+#   two members with their own keys, answered, metered in the StintQuota's
+#   register. Leaves everything running; `make demo-down` stops it.
 set -Eeuo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -40,7 +41,7 @@ fi
 
 say "starting the copyhold controller and the kubelet stand-in (logs in $RUN/logs)"
 mkdir -p "$RUN/logs"
-for p in demo-controller demo-kubelet; do
+for p in demo-controller demo-kubelet demo-gateway; do
   if [ -f "$RUN/$p.pid" ] && kill -0 "$(cat "$RUN/$p.pid")" 2>/dev/null; then kill "$(cat "$RUN/$p.pid")" || true; fi
 done
 kubectl create namespace $NS --dry-run=client -o yaml | kubectl apply -f - >/dev/null
@@ -86,24 +87,45 @@ ip=$(kubectl get pods -n $NS -l copyhold.dev/model-deployment=demo-llama -o json
 node=$(kubectl get pods -n $NS -l copyhold.dev/model-deployment=demo-llama -o jsonpath='{.items[0].spec.nodeName}')
 [ -n "$ip" ] || { echo "the model did not come up; see $RUN/logs"; exit 1; }
 
-say "asking the model (pod $ip on $node; the gateway with member keys is not built yet, so straight to the pod)"
-for prompt in "What is a stint on a common?" "Why keep a margin below the solar supply?"; do
-  echo "  > $prompt"
-  curl -sf "http://$ip:8000/v1/chat/completions" -H 'content-type: application/json' \
+say "starting the copyhold gateway on 127.0.0.1:18081 (members' keys from their Secrets)"
+setsid "$BIN/copyhold" gateway --listen 127.0.0.1:18081 --watch-namespace $NS --identity demo-gateway \
+  >"$RUN/logs/demo-gateway.out" 2>"$RUN/logs/demo-gateway.log" </dev/null &
+echo $! >"$RUN/demo-gateway.pid"
+for _ in $(seq 1 60); do curl -sf http://127.0.0.1:18081/readyz >/dev/null && break; sleep 0.5; done
+GW=http://127.0.0.1:18081
+
+say "asking the model through the gateway as two members (pod $ip on $node)"
+ask() {
+  local member=$1 key=$2 prompt=$3
+  echo "  $member > $prompt"
+  curl -sS "$GW/v1/chat/completions" -H "authorization: Bearer $key" -H 'content-type: application/json' \
     -d "{\"model\":\"demo-llama\",\"messages\":[{\"role\":\"user\",\"content\":\"$prompt\"}],\"max_tokens\":16,\"temperature\":0}" |
-    python3 -c 'import json,sys; r=json.load(sys.stdin); u=r["usage"]; print("  < %r\n    (random weights: the words mean nothing) tokens: %d prompt + %d completion, energy %.3f J" % (r["choices"][0]["message"]["content"], u["prompt_tokens"], u["completion_tokens"], u.get("energy_joules", 0.0)))'
-done
+    python3 -c 'import json,sys; r=json.load(sys.stdin)
+if "error" in r: print("  < error:", r["error"]); sys.exit(0)
+u=r["usage"]; print("  < %r\n    (random weights: the words mean nothing) tokens: %d prompt + %d completion, energy %.3f J" % (r["choices"][0]["message"]["content"], u["prompt_tokens"], u["completion_tokens"], u.get("energy_joules", 0.0)))'
+}
+ask bakery example-bakery-key-change-me "What is a stint on a common?"
+ask library example-library-key-change-me "Why keep a margin below the solar supply?"
+ask library example-library-key-change-me "Who keeps the register?"
+echo "  a wrong key gets:"
+curl -sS "$GW/v1/chat/completions" -H 'authorization: Bearer not-a-member' -H 'content-type: application/json' \
+  -d '{"model":"demo-llama","messages":[{"role":"user","content":"hi"}]}'; echo
+
+say "the register (written by the gateway into the StintQuota's status)"
+sleep 1
+kubectl get sq -n $NS
+kubectl get sq coop-members -n $NS -o jsonpath='{range .status.members[*]}{.name}{"\t"}{.requests}{" requests\t"}{.tokens}{" weighted tokens of "}{.stintTokens}{"\t"}{.energyWh}{" Wh\t"}{.state}{"\n"}{end}' | column -t -s $'\t' | sed 's/^/  /'
 
 say "the node's own power and energy metrics"
 curl -sf "http://$ip:8000/metrics" | grep -E '^copyhold_node_(power_watts|energy_joules_total)' || true
 
-say "the commons: stints and budget (their controllers come with the EnergyBudget and gateway work)"
-kubectl get sq -n $NS
+say "the energy budget"
 kubectl get eb
 
 say "ready in $(( $(date +%s) - t0 ))s. Everything keeps running:"
 echo "  $(e2e/cluster.sh env | head -n1)"
-echo "  kubectl get md,pods -n $NS -o wide"
-echo "  curl http://$ip:8000/v1/models"
-echo "  controller metrics: curl http://127.0.0.1:18080/metrics"
+echo "  the gateway: curl $GW/v1/models -H 'authorization: Bearer example-school-key-change-me'"
+echo "  (or the openai client with base_url=$GW/v1 and a member's key)"
+echo "  kubectl get md,sq,eb,pods -n $NS -o wide"
+echo "  controller metrics: curl http://127.0.0.1:18080/metrics   gateway metrics: curl $GW/metrics"
 echo "Stop everything with: make demo-down"

@@ -148,7 +148,13 @@ impl Scene {
                                 "ports": [{"name": "http", "containerPort": port}]}]
             }
         }))?;
-        pods.create(&PostParams::default(), &pod).await?;
+        // The namespace's default ServiceAccount token comes a moment after
+        // the namespace; Pods are refused until then.
+        eventually(Duration::from_secs(30), || async {
+            pods.create(&PostParams::default(), &pod).await?;
+            Ok(())
+        })
+        .await?;
         let now = jiff::Timestamp::now().to_string();
         pods.patch_status(
             name,

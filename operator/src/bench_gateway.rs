@@ -52,6 +52,8 @@ pub struct Figures {
     pub added_p99_ms: f64,
     /// Throughput relative to direct.
     pub relative_throughput: f64,
+    /// The first failure seen, if any.
+    pub first_error: Option<String>,
 }
 
 struct Proc(Child);
@@ -77,7 +79,16 @@ fn sibling(name: &str) -> Result<PathBuf> {
 
 /// Start a process printing `... listening on ADDR ...`; return it and ADDR.
 fn listening(mut cmd: Command) -> Result<(Proc, String)> {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+    // COPYHOLD_BENCH_LOGS=1 shows the gateway's and stand-in's logs.
+    let logs = std::env::var("COPYHOLD_BENCH_LOGS").is_ok_and(|v| v == "1");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(if logs {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
+        .spawn()?;
     let out = child.stdout.take().context("stdout")?;
     let mut r = BufReader::new(out);
     let mut line = String::new();
@@ -120,7 +131,7 @@ async fn load(
     seconds: f64,
     body: serde_json::Value,
     stream: bool,
-) -> (Vec<f64>, usize, f64) {
+) -> (Vec<f64>, usize, f64, Option<String>) {
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let body = Arc::new(body.to_string());
     let mut tasks = Vec::new();
@@ -133,6 +144,7 @@ async fn load(
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut errors = 0usize;
+            let mut first: Option<String> = None;
             while Instant::now() < deadline {
                 let t = Instant::now();
                 let r = http
@@ -143,11 +155,29 @@ async fn load(
                     .send()
                     .await;
                 let ok = match r {
-                    Ok(r) if r.status().is_success() => {
+                    Ok(r) => {
+                        let status = r.status();
                         let b = r.bytes().await;
-                        b.is_ok_and(|b| !stream || b.windows(6).any(|w| w == b"[DONE]"))
+                        let good = status.is_success()
+                            && b.as_ref()
+                                .is_ok_and(|b| !stream || b.windows(6).any(|w| w == b"[DONE]"));
+                        if !good && first.is_none() {
+                            let text = b.map(|b| {
+                                String::from_utf8_lossy(&b)
+                                    .chars()
+                                    .take(200)
+                                    .collect::<String>()
+                            });
+                            first = Some(format!("{status}: {}", text.unwrap_or_default()));
+                        }
+                        good
                     }
-                    _ => false,
+                    Err(e) => {
+                        if first.is_none() {
+                            first = Some(e.to_string());
+                        }
+                        false
+                    }
                 };
                 if ok {
                     lat.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -155,20 +185,22 @@ async fn load(
                     errors += 1;
                 }
             }
-            (lat, errors)
+            (lat, errors, first)
         }));
     }
     let mut all = Vec::new();
     let mut errors = 0;
+    let mut first = None;
     for t in tasks {
-        if let Ok((l, e)) = t.await {
+        if let Ok((l, e, f)) = t.await {
             all.extend(l);
             errors += e;
+            first = first.or(f);
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
     all.sort_by(|a, b| a.total_cmp(b));
-    (all, errors, elapsed)
+    (all, errors, elapsed, first)
 }
 
 /// Objects the gateway needs: a namespace with a member, a StintQuota, a
@@ -221,16 +253,22 @@ async fn setup(client: &Client, ns: &str, upstream: &str) -> Result<String> {
         .await?;
     let (ip, port) = upstream.rsplit_once(':').context("upstream address")?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    pods.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({
-            "metadata": {"name": "tiny-0", "labels": {crate::workload::MD_LABEL: "tiny"}},
-            "spec": {"schedulerName": "copyhold-bench-none",
-                     "containers": [{"name": "engine", "image": "stand-in",
-                                     "ports": [{"name": "http", "containerPort": port.parse::<i32>()?}]}]}
-        }))?,
-    )
-    .await?;
+    // A new namespace's default ServiceAccount (and token) comes a moment
+    // later; Pods are refused until then.
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "tiny-0", "labels": {crate::workload::MD_LABEL: "tiny"}},
+        "spec": {"schedulerName": "copyhold-bench-none",
+                 "containers": [{"name": "engine", "image": "stand-in",
+                                 "ports": [{"name": "http", "containerPort": port.parse::<i32>()?}]}]}
+    }))?;
+    let mut tries = 0;
+    while let Err(e) = pods.create(&PostParams::default(), &pod).await {
+        tries += 1;
+        if tries > 60 {
+            return Err(e.into());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     pods.patch_status(
         "tiny-0",
         &PatchParams::default(),
@@ -345,7 +383,7 @@ pub async fn run(client: Client, b: GatewayBench) -> Result<Vec<Figures>> {
         let mut direct: Option<(f64, f64, f64)> = None;
         for (name, url, k) in &targets {
             let _ = load(&http, url, k, c, 1.0, body.clone(), b.stream).await;
-            let (lat, errors, secs) =
+            let (lat, errors, secs, first_error) =
                 load(&http, url, k, c, b.seconds, body.clone(), b.stream).await;
             let p50 = percentile(&lat, 0.5);
             let p99 = percentile(&lat, 0.99);
@@ -362,6 +400,7 @@ pub async fn run(client: Client, b: GatewayBench) -> Result<Vec<Figures>> {
                 added_p50_ms: p50 - d.0,
                 added_p99_ms: p99 - d.1,
                 relative_throughput: rps / d.2,
+                first_error,
             });
         }
     }
@@ -393,6 +432,14 @@ pub fn table(figs: &[Figures], b: &GatewayBench) -> String {
         "req/s",
         "× direct"
     ));
+    for f in figs.iter().filter(|f| f.first_error.is_some()) {
+        s.push_str(&format!(
+            "{} at {} clients, first failure: {}\n",
+            f.target,
+            f.clients,
+            f.first_error.as_deref().unwrap_or_default()
+        ));
+    }
     for f in figs {
         s.push_str(&format!(
             "{:<9} {:>7} {:>8} {:>6} {:>8.2} {:>8.2} {:>10.2} {:>10.2} {:>8.0} {:>8.2}\n",

@@ -97,6 +97,7 @@ pub fn refresh(
     period: PeriodWindow,
     now: DateTime<Utc>,
     ttl_seconds: i64,
+    writer: &str,
 ) -> Refreshed {
     let mut out = Refreshed::default();
 
@@ -155,12 +156,14 @@ pub fn refresh(
     // Dead replicas: charge their slices.
     // The API server may keep heartbeats to the second: allow one more.
     let ttl = chrono::Duration::seconds(ttl_seconds.max(1) + 1);
-    let live: std::collections::HashSet<String> = status
+    // The writer is alive whatever the register says of it.
+    let mut live: std::collections::HashSet<String> = status
         .gateways
         .iter()
         .filter(|g| chrono_of(&g.renewed_at) + ttl >= now)
         .map(|g| g.name.clone())
         .collect();
+    live.insert(writer.to_string());
     status.gateways.retain(|g| live.contains(&g.name));
     let mut kept = Vec::with_capacity(status.slices.len());
     for s in status.slices.drain(..) {
@@ -582,7 +585,7 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         let sp = spec();
         let p = stint::current_period(&sp, now).expect("period");
         let mut st = StintQuotaStatus::default();
-        refresh(&sp, &mut st, p, now, 30);
+        refresh(&sp, &mut st, p, now, 30, "test");
         (sp, st, p)
     }
 
@@ -661,7 +664,7 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         settle(&mut st, "r1", "a", &usage(900));
         assert_eq!(st.members[0].tokens, 1020);
         assert_eq!(slice_of(&st, "r1", "a"), (0, 0.0));
-        refresh(&sp, &mut st, p, now, 30);
+        refresh(&sp, &mut st, p, now, 30, "test");
         assert_eq!(st.members[0].state, MemberState::Suspended);
     }
 
@@ -674,12 +677,16 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         grant(&sp, &mut st, p, now, "dead", "a", ask_t(300, 300));
         let later = now + chrono::Duration::seconds(32);
         renew(&mut st, "live", later);
-        let r = refresh(&sp, &mut st, p, later, 30);
+        let r = refresh(&sp, &mut st, p, later, 30, "live");
         assert_eq!(r.reclaimed.len(), 1);
         assert_eq!(st.members[0].tokens, 300);
         assert_eq!(st.members[0].reclaimed_tokens, 300);
         assert!(st.slices.is_empty());
         assert_eq!(st.gateways.len(), 1);
+        // A writer missing from the list (say, pruned) keeps its own slices.
+        grant(&sp, &mut st, p, later, "ghost", "a", ask_t(10, 10));
+        refresh(&sp, &mut st, p, later, 30, "ghost");
+        assert_eq!(slice_of(&st, "ghost", "a"), (10, 0.0));
     }
 
     #[test]
@@ -692,7 +699,7 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         let next = t("2026-11-24T00:00:10Z");
         renew(&mut st, "r1", next);
         let p2 = stint::current_period(&sp, next).unwrap();
-        let r = refresh(&sp, &mut st, p2, next, 30);
+        let r = refresh(&sp, &mut st, p2, next, 30, "r1");
         assert!(r.period_rolled);
         assert_eq!(st.members[0].tokens, 0);
         assert_eq!(st.members[0].previous_tokens, 50);
@@ -706,7 +713,7 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         let (mut sp, mut st, p) = fresh(now);
         grant(&sp, &mut st, p, now, "r1", "b", ask_t(10, 10));
         sp.members.truncate(1);
-        refresh(&sp, &mut st, p, now, 30);
+        refresh(&sp, &mut st, p, now, 30, "test");
         assert_eq!(st.members.len(), 1);
         assert!(st.slices.is_empty());
         assert_eq!(st.member_count, 1);

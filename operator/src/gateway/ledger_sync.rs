@@ -227,8 +227,14 @@ impl QuotaLedger {
                 }
             };
             let mut st = obj.status.take().unwrap_or_default();
-            let refreshed =
-                ledger::refresh(&spec, &mut st, period, now, spec.ledger.replica_ttl_seconds);
+            let refreshed = ledger::refresh(
+                &spec,
+                &mut st,
+                period,
+                now,
+                spec.ledger.replica_ttl_seconds,
+                &self.replica,
+            );
             ledger::renew(&mut st, &self.replica, now);
 
             // Settlements and returns, taken from the book pessimistically:
