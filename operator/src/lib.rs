@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod budget;
 pub mod conditions;
 pub mod controller;
 pub mod crdgen;
@@ -13,5 +14,6 @@ pub mod model_source;
 pub mod placement;
 pub mod resources;
 pub mod sizing;
+pub mod supply_schedule;
 pub mod validation;
 pub mod workload;
