@@ -172,6 +172,9 @@ pub struct Ladder {
     /// Headroom needed to climb, as a fraction of the allowance.
     pub hysteresis: f64,
     pub dwell: Duration,
+    /// After a step down, time for it to take effect (Pods to stop, limits
+    /// to bite) before another is taken on a draw that has not fallen yet.
+    pub settle: Duration,
 }
 
 impl Ladder {
@@ -194,7 +197,14 @@ impl Ladder {
             rungs,
             hysteresis: (p.hysteresis_percent / 100.0).clamp(0.0, 1.0),
             dwell: parse_duration(&p.dwell)?,
+            settle: Duration::ZERO,
         })
+    }
+
+    /// The same ladder with a settle time (capped at the dwell).
+    pub fn with_settle(mut self, settle: Duration) -> Self {
+        self.settle = settle.min(self.dwell);
+        self
     }
 
     /// Rungs in force at `step`.
@@ -230,6 +240,11 @@ impl Ladder {
             let climbed_recently = state.last_direction == Some(Direction::Up) && !dwell_passed;
             if climbed_recently {
                 return Outcome::hold(next, Hold::NoReversalWithinDwell);
+            }
+            let settling = state.last_direction == Some(Direction::Down)
+                && since_change.is_some_and(|d| d < self.settle);
+            if settling {
+                return Outcome::hold(next, Hold::Settling);
             }
             let mut projected = r.draw;
             let mut target = current;
@@ -391,6 +406,8 @@ pub enum Hold {
     AtTop,
     /// Over the allowance within dwell of a climb.
     NoReversalWithinDwell,
+    /// Over the allowance, but the last step down is still taking effect.
+    Settling,
     /// Not enough headroom to undo the top rung.
     NoHeadroom,
     /// Headroom holds, but not yet for the dwell.
@@ -414,6 +431,18 @@ impl Outcome {
         }
     }
 }
+
+/// Fraction of a busy node's draw left under the power cap: capping at
+/// `p` % of rated power lands about halfway between (cards rarely run at
+/// their full rating). The simulator's plant uses the same figure.
+pub fn cap_factor(min_percent: f64) -> f64 {
+    let p = (min_percent / 100.0).clamp(0.0, 1.0);
+    p + (1.0 - p) / 2.0
+}
+
+/// Share of a deferred model's draw that deferring its requests saves (the
+/// rest is the replicas' idle power).
+pub const DEFER_SAVING: f64 = 0.5;
 
 /// A ModelDeployment as the shedding rungs see it.
 #[derive(Debug, Clone, PartialEq)]
@@ -554,6 +583,16 @@ mod tests {
         assert_eq!((c.from, c.to, c.direction), (0, 3, Direction::Down));
         assert!(l.in_force(3, Rung::PowerCap) && l.in_force(3, Rung::ShedDeferrable));
         assert!(!l.in_force(3, Rung::Defer));
+    }
+
+    #[test]
+    fn a_step_down_is_given_its_settle_time_before_the_next() {
+        let l = ladder().with_settle(Duration::from_secs(20));
+        let steps = run(
+            &l,
+            &[(0, 100.0, 105.0), (15, 100.0, 105.0), (30, 100.0, 105.0)],
+        );
+        assert_eq!(steps, vec![1, 1, 2]);
     }
 
     #[test]
