@@ -291,8 +291,7 @@ impl Ladder {
             .rungs
             .iter()
             .copied()
-            .filter(|x| x.step() < top.step())
-            .next_back()
+            .rfind(|x| x.step() < top.step())
             .map_or(0, Rung::step);
         next.step = target;
         next.last_change = Some(r.now);

@@ -334,8 +334,7 @@ pub fn simulate(
                 .rungs
                 .iter()
                 .copied()
-                .filter(|r| r.step() < top.step())
-                .next_back()
+                .rfind(|r| r.step() < top.step())
                 .map_or(0, Rung::step);
             let (w, _) = plant.draw(&ladder, cap, below, d);
             restore.set(top, (w - draw_now).max(0.0));
@@ -390,7 +389,8 @@ pub fn simulate(
 
 /// The side-by-side table.
 pub fn table(r: &Report) -> String {
-    let rows: [(&str, fn(&Figures) -> String); 7] = [
+    type Row = (&'static str, fn(&Figures) -> String);
+    let rows: [Row; 7] = [
         ("time within allowance (%)", |f| {
             format!("{:.2}", f.within_allowance_pct)
         }),

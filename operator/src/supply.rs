@@ -74,6 +74,9 @@ impl SupplyError {
     }
 }
 
+/// Samples of a Prometheus answer: each series' labels and value.
+pub type Samples = Vec<(serde_json::Map<String, serde_json::Value>, f64)>;
+
 /// Check a reading: finite, not negative, not absurd for the ceiling.
 pub fn sane(source: &str, watts: f64, ceiling: f64) -> Result<f64, SupplyError> {
     if !watts.is_finite() {
@@ -208,7 +211,7 @@ pub async fn read(
 pub async fn prometheus_query(
     http: &reqwest::Client,
     q: &PrometheusQuery,
-) -> Result<Vec<(serde_json::Map<String, serde_json::Value>, f64)>, SupplyError> {
+) -> Result<Samples, SupplyError> {
     let url = format!("{}/api/v1/query", q.url.trim_end_matches('/'));
     let source = format!("prometheus {}", q.url);
     let resp = http
@@ -235,10 +238,7 @@ pub async fn prometheus_query(
 }
 
 /// Samples of a Prometheus `/api/v1/query` answer (vector or scalar).
-pub fn parse_prometheus(
-    source: &str,
-    body: &serde_json::Value,
-) -> Result<Vec<(serde_json::Map<String, serde_json::Value>, f64)>, SupplyError> {
+pub fn parse_prometheus(source: &str, body: &serde_json::Value) -> Result<Samples, SupplyError> {
     let bad = |message: &str| SupplyError::NotNumeric {
         source_: source.into(),
         message: message.into(),
