@@ -459,6 +459,14 @@ impl Engine {
         self.update_gauges();
     }
 
+    /// Show the sensor's idle reading over `dt` in the power gauge.
+    pub fn idle_tick(&mut self, dt: Duration) {
+        if dt > Duration::ZERO {
+            let joules = self.sensor.joules(false, dt);
+            self.metrics.power_watts.set(joules / dt.as_secs_f64());
+        }
+    }
+
     fn update_gauges(&self) {
         self.metrics.running.set(self.running.len() as i64);
         self.metrics
@@ -633,9 +641,21 @@ pub fn spawn(mut engine: Engine, capacity: usize) -> EngineHandle {
         .spawn(move || {
             loop {
                 if engine.is_idle() {
-                    match rx.recv() {
-                        Ok(r) => engine.enqueue(r),
-                        Err(_) => return,
+                    // While idle, the power gauge shows the idle draw (an
+                    // idle node still draws; energy budgets read it).
+                    let mut since = Instant::now();
+                    loop {
+                        match rx.recv_timeout(Duration::from_secs(1)) {
+                            Ok(r) => {
+                                engine.enqueue(r);
+                                break;
+                            }
+                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                                engine.idle_tick(since.elapsed());
+                                since = Instant::now();
+                            }
+                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                        }
                     }
                 }
                 while let Ok(r) = rx.try_recv() {

@@ -3,9 +3,11 @@
 
 pub mod bench;
 pub mod bench_gateway;
+pub mod budget;
 pub mod conditions;
 pub mod controller;
 pub mod crdgen;
+pub mod draw;
 pub mod error;
 pub mod gateway;
 pub mod gpu_catalog;
@@ -15,7 +17,10 @@ pub mod metrics;
 pub mod model_source;
 pub mod placement;
 pub mod resources;
+pub mod simulate;
 pub mod sizing;
 pub mod stint;
+pub mod supply;
+pub mod supply_schedule;
 pub mod validation;
 pub mod workload;

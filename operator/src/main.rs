@@ -33,6 +33,9 @@ enum Command {
     /// Benchmarks that print comparable figures.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Offline simulations of the controller's decisions.
+    #[command(subcommand)]
+    Simulate(SimulateCommand),
     /// Check manifests of copyhold resources for what the API server's schema
     /// cannot express (the controller reports the same as conditions).
     Validate {
@@ -65,6 +68,98 @@ struct GatewayArgs {
     /// Seconds a replica that refused a connection is left alone.
     #[arg(long, default_value_t = 10)]
     eject_seconds: u64,
+}
+
+#[derive(Subcommand)]
+enum SimulateCommand {
+    /// Run an EnergyBudget's ladder over supply and demand traces (CSV with
+    /// a `time,watts` header, RFC 3339 times) beside two baselines: no
+    /// ladder, and a static power cap at the day's mean supply.
+    Budget {
+        /// The EnergyBudget manifest (its ceiling, margin and policy are used).
+        #[arg(long)]
+        budget: PathBuf,
+        /// Renewable supply trace.
+        #[arg(long)]
+        supply: PathBuf,
+        /// Demand trace: what the covered nodes would draw unconstrained.
+        #[arg(long)]
+        demand: PathBuf,
+        /// Evaluation step.
+        #[arg(long, default_value = "1m", value_parser = parse_step)]
+        step: std::time::Duration,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Share of the demand drawn by essential models.
+        #[arg(long, default_value_t = 0.25)]
+        essential_share: f64,
+        /// Share of the demand drawn by standard models (the rest is deferrable).
+        #[arg(long, default_value_t = 0.35)]
+        standard_share: f64,
+        /// Share of a shed priority's draw its minReplicas keep.
+        #[arg(long, default_value_t = 0.25)]
+        min_fraction: f64,
+        /// Joules one deferred request would have used.
+        #[arg(long, default_value_t = 500.0)]
+        joules_per_request: f64,
+    },
+}
+
+fn parse_step(s: &str) -> Result<std::time::Duration, String> {
+    copyhold::resources::parse_duration(s)
+}
+
+fn run_simulate(cmd: SimulateCommand) -> anyhow::Result<()> {
+    match cmd {
+        SimulateCommand::Budget {
+            budget,
+            supply,
+            demand,
+            step,
+            json,
+            essential_share,
+            standard_share,
+            min_fraction,
+            joules_per_request,
+        } => {
+            use copyhold::simulate;
+            for (name, v) in [
+                ("--essential-share", essential_share),
+                ("--standard-share", standard_share),
+                ("--min-fraction", min_fraction),
+            ] {
+                anyhow::ensure!(
+                    (0.0..=1.0).contains(&v),
+                    "{name} must lie in 0..=1, given {v}"
+                );
+            }
+            anyhow::ensure!(
+                essential_share + standard_share <= 1.0,
+                "--essential-share + --standard-share must not exceed 1"
+            );
+            anyhow::ensure!(
+                joules_per_request > 0.0,
+                "--joules-per-request must be positive"
+            );
+            let eb = simulate::read_budget(&budget)?;
+            let supply = simulate::read_csv(&supply)?;
+            let demand = simulate::read_csv(&demand)?;
+            let plant = simulate::Plant {
+                essential_share,
+                standard_share,
+                min_fraction,
+                joules_per_request,
+            };
+            let report = simulate::simulate(&eb, &supply, &demand, step, plant)?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", simulate::table(&report));
+            }
+            Ok(())
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -316,6 +411,13 @@ fn main() -> std::process::ExitCode {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("copyhold gateway: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        },
+        Command::Simulate(cmd) => match run_simulate(cmd) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("copyhold simulate: {e:#}");
                 std::process::ExitCode::FAILURE
             }
         },

@@ -124,9 +124,124 @@ impl ControllerMetrics {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BudgetLabels {
+    pub budget: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransitionLabels {
+    pub budget: String,
+    /// `Down` or `Up`.
+    pub direction: String,
+}
+
+type GaugeF = Gauge<f64, AtomicU64>;
+
+/// The EnergyBudget controller's figures, per budget.
+pub struct EnergyMetrics {
+    pub supply_watts: Family<BudgetLabels, GaugeF>,
+    pub allowance_watts: Family<BudgetLabels, GaugeF>,
+    pub draw_watts: Family<BudgetLabels, GaugeF>,
+    pub ladder_step: Family<BudgetLabels, Gauge<i64, std::sync::atomic::AtomicI64>>,
+    pub transitions: Family<TransitionLabels, Counter<u64, AtomicU64>>,
+    pub energy_joules: Family<BudgetLabels, Counter<f64, AtomicU64>>,
+}
+
+/// Full names of the energy metrics, for the docs and the dashboard test.
+pub const ENERGY_NAMES: &[&str] = &[
+    "copyhold_energy_supply_watts",
+    "copyhold_energy_allowance_watts",
+    "copyhold_energy_draw_watts",
+    "copyhold_energy_ladder_step",
+    "copyhold_energy_transitions_total",
+    "copyhold_energy_energy_joules_total",
+];
+
+impl EnergyMetrics {
+    /// Register every metric under `copyhold_energy_`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let sub = registry.sub_registry_with_prefix("copyhold_energy");
+        let m = Self {
+            supply_watts: Family::default(),
+            allowance_watts: Family::default(),
+            draw_watts: Family::default(),
+            ladder_step: Family::default(),
+            transitions: Family::default(),
+            energy_joules: Family::default(),
+        };
+        sub.register(
+            "supply_watts",
+            "Renewable supply used for the last decision (fail-safe value when stale)",
+            m.supply_watts.clone(),
+        );
+        sub.register(
+            "allowance_watts",
+            "min(ceiling, supply x (1 - margin))",
+            m.allowance_watts.clone(),
+        );
+        sub.register(
+            "draw_watts",
+            "Measured draw of the covered nodes",
+            m.draw_watts.clone(),
+        );
+        sub.register(
+            "ladder_step",
+            "Highest ladder rung in force (0 none, 1 power cap, 2 shed deferrable, 3 shed standard, 4 defer)",
+            m.ladder_step.clone(),
+        );
+        sub.register(
+            "transitions",
+            "Ladder step changes, by direction",
+            m.transitions.clone(),
+        );
+        sub.register(
+            "energy_joules",
+            "Energy drawn by the covered nodes",
+            m.energy_joules.clone(),
+        );
+        m
+    }
+
+    pub fn budget(name: &str) -> BudgetLabels {
+        BudgetLabels {
+            budget: name.to_owned(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_documented_energy_name_is_exported() {
+        let mut registry = Registry::default();
+        let m = EnergyMetrics::register(&mut registry);
+        let b = EnergyMetrics::budget("solar");
+        m.supply_watts.get_or_create(&b).set(1.0);
+        m.allowance_watts.get_or_create(&b).set(1.0);
+        m.draw_watts.get_or_create(&b).set(1.0);
+        m.ladder_step.get_or_create(&b).set(1);
+        m.transitions
+            .get_or_create(&TransitionLabels {
+                budget: "solar".into(),
+                direction: "Down".into(),
+            })
+            .inc();
+        m.energy_joules.get_or_create(&b).inc_by(1.5);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
+        for name in ENERGY_NAMES {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+        let documented =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md"))
+                .expect("docs/metrics.md");
+        for name in ENERGY_NAMES {
+            assert!(documented.contains(name), "{name} not in docs/metrics.md");
+        }
+    }
 
     #[test]
     fn every_documented_name_is_exported() {

@@ -21,6 +21,54 @@ pub const MD_LABEL: &str = "copyhold.dev/model-deployment";
 /// Label carrying the ModelDeployment's priority (for the energy ladder).
 pub const PRIORITY_LABEL: &str = "copyhold.dev/priority";
 
+/// Annotation an EnergyBudget sets on a ModelDeployment it sheds: the
+/// replicas to run while shed. Written by the budget's own field manager;
+/// removing it restores `spec.replicas`.
+pub const SHED_TO_ANNOTATION: &str = "copyhold.dev/shed-to";
+/// Annotation naming the EnergyBudget that sheds the ModelDeployment.
+pub const SHED_BY_ANNOTATION: &str = "copyhold.dev/shed-by";
+
+/// A shedding in force on a ModelDeployment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shedding {
+    /// The EnergyBudget that sheds.
+    pub budget: String,
+    /// Replicas run while shed.
+    pub replicas: i32,
+}
+
+/// Replicas the Deployment runs: `spec.replicas`, or while an EnergyBudget
+/// sheds, `max(minReplicas, min(spec.replicas, shed-to))`. A malformed
+/// annotation is ignored (the spec wins), and `essential` is never shed.
+pub fn effective_replicas(md: &ModelDeployment) -> (i32, Option<Shedding>) {
+    let want = md.spec.replicas;
+    if md.spec.priority == crate::resources::Priority::Essential {
+        return (want, None);
+    }
+    let ann = md.annotations();
+    let Some(to) = ann
+        .get(SHED_TO_ANNOTATION)
+        .and_then(|v| v.trim().parse::<i32>().ok())
+    else {
+        return (want, None);
+    };
+    let min = md
+        .spec
+        .autoscaling
+        .as_ref()
+        .map_or(0, |a| a.min_replicas)
+        .max(0);
+    let replicas = min.max(to.min(want)).min(want);
+    if replicas >= want {
+        return (want, None);
+    }
+    let budget = ann
+        .get(SHED_BY_ANNOTATION)
+        .cloned()
+        .unwrap_or_else(|| "an EnergyBudget".into());
+    (replicas, Some(Shedding { budget, replicas }))
+}
+
 /// Controller-wide defaults for the engine containers.
 #[derive(Clone, Debug)]
 pub struct EngineDefaults {
@@ -352,6 +400,44 @@ spec:
             gpus_per_replica: gpus,
             affinity: Affinity::default(),
         }
+    }
+
+    fn shed(priority: &str, min: i32, to: &str) -> ModelDeployment {
+        let mut m = md(&format!(
+            "{BASIC}  priority: {priority}\n  autoscaling: {{minReplicas: {min}, maxReplicas: 4}}\n"
+        ));
+        m.annotations_mut()
+            .insert(SHED_TO_ANNOTATION.into(), to.into());
+        m.annotations_mut()
+            .insert(SHED_BY_ANNOTATION.into(), "solar".into());
+        m
+    }
+
+    #[test]
+    fn a_shed_annotation_runs_fewer_replicas_but_never_below_the_minimum() {
+        assert_eq!(
+            effective_replicas(&shed("deferrable", 1, "1")),
+            (
+                1,
+                Some(Shedding {
+                    budget: "solar".into(),
+                    replicas: 1
+                })
+            )
+        );
+        assert_eq!(effective_replicas(&shed("deferrable", 1, "0")).0, 1);
+        assert_eq!(effective_replicas(&shed("standard", 0, "0")).0, 0);
+    }
+
+    #[test]
+    fn essential_and_malformed_shed_annotations_keep_the_spec() {
+        assert_eq!(effective_replicas(&shed("essential", 0, "0")), (2, None));
+        assert_eq!(
+            effective_replicas(&shed("deferrable", 0, "lots")),
+            (2, None)
+        );
+        assert_eq!(effective_replicas(&shed("deferrable", 0, "5")), (2, None));
+        assert_eq!(effective_replicas(&md(BASIC)), (2, None));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `copyhold controller`: one leader reconciles ModelDeployments into
 //! Deployments and Services placed on the GPUs that fit.
 
+pub mod energy_budget;
 pub mod model_deployment;
 
 use std::collections::HashMap;
@@ -25,8 +26,8 @@ use prometheus_client::registry::Registry;
 
 use crate::error::Error;
 use crate::leader::{Elector, Timing};
-use crate::metrics::{ControllerMetrics, ErrorLabels};
-use crate::resources::ModelDeployment;
+use crate::metrics::{ControllerMetrics, EnergyMetrics, ErrorLabels};
+use crate::resources::{EnergyBudget, ModelDeployment};
 use crate::workload::EngineDefaults;
 
 /// Field manager of every server-side apply the controller sends.
@@ -214,6 +215,7 @@ pub fn counted_client(
 pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let metrics = Arc::new(ControllerMetrics::register(&mut registry));
+    let energy = Arc::new(EnergyMetrics::register(&mut registry));
     let registry = Arc::new(registry);
     let client = counted_client(config, &metrics)?;
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -314,6 +316,45 @@ pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()>
         watcher::Config::default(),
     );
     tokio::spawn(count_states(controller.store(), metrics.clone()));
+    // EnergyBudgets: evaluated every evaluationInterval by the same leader.
+    // Triggered by spec changes only (their own status writes would
+    // otherwise trigger them again at once); the requeue paces them.
+    let energy_ctx = Arc::new(energy_budget::EnergyContext::new(
+        client.clone(),
+        ctx.recorder.clone(),
+        metrics.clone(),
+        energy,
+        ctx.indexes.nodes.clone(),
+        ctx.indexes.pods.clone(),
+        controller.store(),
+        settings.watch_namespace.clone(),
+    ));
+    let (budgets, budget_writer) = reflector::store::<EnergyBudget>();
+    let budget_stream = reflector::reflector(
+        budget_writer,
+        watcher(
+            Api::<EnergyBudget>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .applied_objects()
+    .predicate_filter(
+        kube::runtime::predicates::generation,
+        kube::runtime::utils::PredicateConfig::default(),
+    );
+    let energy_controller = Controller::for_stream(budget_stream, budgets)
+        .graceful_shutdown_on(shutdown_signal())
+        .run(
+            energy_budget::reconcile,
+            energy_budget::error_policy,
+            energy_ctx,
+        )
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "energy budget controller event");
+            }
+        });
     let controller = controller
         .owns_stream(dep_stream)
         .owns_stream(svc_stream)
@@ -324,6 +365,7 @@ pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()>
                 tracing::debug!(error = %e, "controller event");
             }
         });
+    let controller = futures::future::join(controller, energy_controller);
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
 
     match &elector {
@@ -385,7 +427,7 @@ fn slim_pod(p: &mut Pod) {
 
 /// Keep `copyhold_controller_objects{kind,state}` current from the index.
 async fn count_states(store: Store<ModelDeployment>, metrics: Arc<ControllerMetrics>) {
-    const STATES: [&str; 4] = ["Pending", "Ready", "Unplaceable", "Invalid"];
+    const STATES: [&str; 5] = ["Pending", "Ready", "Shed", "Unplaceable", "Invalid"];
     loop {
         let mut counts: HashMap<&str, i64> = STATES.iter().map(|s| (*s, 0)).collect();
         for md in store.state() {

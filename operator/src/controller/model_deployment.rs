@@ -117,6 +117,7 @@ fn state_of(status: &ModelDeploymentStatus) -> &'static str {
     match conditions::get(&status.conditions, "Placed") {
         Some(c) if c.status == "False" && c.reason == "InvalidSpec" => "Invalid",
         Some(c) if c.status == "False" => "Unplaceable",
+        _ if conditions::is_true(&status.conditions, "Shed") => "Shed",
         _ if conditions::is_true(&status.conditions, "Ready") => "Ready",
         _ => "Pending",
     }
@@ -170,8 +171,15 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
 
     let nodes = ctx.indexes.nodes.state();
     let pods = ctx.indexes.pods.state();
+    // An EnergyBudget may shed replicas through an annotation it owns; the
+    // spec stays the user's, the Deployment runs fewer.
+    let (run_replicas, shedding) = workload::effective_replicas(md);
     let decision = decide(md, &nodes, &pods, &ctx.http, &ctx.sources)
         .await
+        .map(|mut d| {
+            d.workload.replicas = run_replicas;
+            d
+        })
         .and_then(|d| {
             let dep = workload::deployment(md, &d.workload, &ctx.defaults);
             let svc = workload::service(md);
@@ -293,6 +301,7 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
             format!("{ready}/{desired} replicas ready"),
         )
     };
+    let now_for_shed = now.clone();
     if conditions::set(
         &mut status.conditions,
         "Ready",
@@ -314,6 +323,14 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
             secondary: None,
         });
     }
+    shed_condition(
+        &mut status,
+        shedding.as_ref(),
+        md.spec.replicas,
+        generation,
+        now_for_shed,
+        &mut events,
+    );
     status.state = Some(state_of(&status).to_string());
 
     if Some(&status) != md.status.as_ref() {
@@ -343,6 +360,70 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
     } else {
         std::time::Duration::from_secs(30)
     }))
+}
+
+/// Report a shedding by an EnergyBudget: `Shed=True` naming the budget and
+/// `status.shedBy` while it lasts; `Shed=False` once it ends (only when the
+/// object had been shed, so unshed objects carry no extra condition).
+fn shed_condition(
+    status: &mut ModelDeploymentStatus,
+    shedding: Option<&workload::Shedding>,
+    wanted: i32,
+    generation: Option<i64>,
+    now: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+    events: &mut Vec<Event>,
+) {
+    match shedding {
+        Some(s) => {
+            let message = format!(
+                "EnergyBudget {} shed this ModelDeployment to {} of {wanted} replicas",
+                s.budget, s.replicas
+            );
+            let changed = conditions::get(&status.conditions, "Shed")
+                .is_none_or(|c| c.status != "True" || c.message != message);
+            conditions::set(
+                &mut status.conditions,
+                "Shed",
+                true,
+                "ShedByEnergyBudget",
+                &message,
+                generation,
+                now,
+            );
+            status.shed_by = Some(s.budget.clone());
+            if changed {
+                events.push(Event {
+                    type_: EventType::Warning,
+                    reason: "Shed".into(),
+                    note: Some(message),
+                    action: "Shed".into(),
+                    secondary: None,
+                });
+            }
+        }
+        None => {
+            status.shed_by = None;
+            if conditions::get(&status.conditions, "Shed").is_some()
+                && conditions::set(
+                    &mut status.conditions,
+                    "Shed",
+                    false,
+                    "NotShed",
+                    format!("running all {wanted} replicas"),
+                    generation,
+                    now,
+                )
+            {
+                events.push(Event {
+                    type_: EventType::Normal,
+                    reason: "Restored".into(),
+                    note: Some(format!("energy budget restored all {wanted} replicas")),
+                    action: "Shed".into(),
+                    secondary: None,
+                });
+            }
+        }
+    }
 }
 
 /// Annotation holding a hash of what the controller last applied.

@@ -31,6 +31,7 @@ use super::common::{Condition, ConfigMapKeyRef, Priority, SecretKeyRef};
     ),
     printcolumn(name = "Draw W", type_ = "number", json_path = ".status.drawWatts"),
     printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
+    printcolumn(name = "Step", type_ = "integer", json_path = ".status.step"),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -359,12 +360,30 @@ pub struct EnergyBudgetStatus {
     /// allowance − draw (negative when over).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headroom_watts: Option<f64>,
-    /// Ladder step in force: 0 none, 1 power-capped, 2 shedding, 3 deferring.
+    /// Highest ladder rung in force: 0 none, 1 power-capped, 2 shedding
+    /// deferrable, 3 shedding standard, 4 deferring.
     #[serde(default)]
     pub step: i32,
     /// When the step last changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_step_change: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// Which way the step last changed (`Down` or `Up`): no change in the
+    /// other direction is made within the dwell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_step_direction: Option<String>,
+    /// Since when the headroom needed to climb back has held (the ladder's
+    /// memory across controller restarts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headroom_since: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// Step changes since the budget was created.
+    #[serde(default)]
+    pub transitions: i64,
+    /// When the budget was last evaluated (energy is integrated from here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_evaluated: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// The last good supply reading, the base of the fail-safe value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_good_supply_watts: Option<f64>,
     /// Energy drawn today (local midnight of the schedule's zone, else UTC).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub energy_today_wh: Option<f64>,
@@ -378,9 +397,14 @@ pub struct EnergyBudgetStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shed: Vec<String>,
     /// ModelDeployments (`namespace/name`) with replicas on the covered
-    /// nodes: the gateway defers their deferrable members while `Deferring`.
+    /// nodes. The gateway defers a model's deferrable requests while a
+    /// budget that lists it here has `Deferring=True`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub covered: Vec<String>,
+    /// Covered nodes with no power reading, counted at their rated power
+    /// (or `draw.missingReadingWatts`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes_without_reading: Vec<String>,
     /// While deferring: seconds until supply is expected to cover demand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_seconds: Option<i64>,

@@ -1,0 +1,915 @@
+//! Reconcile one EnergyBudget every `evaluationInterval`: read the supply
+//! and the covered nodes' draw, let `budget` decide, carry the decision out
+//! (power limits through the nodes' admin endpoint, a `shed-to` annotation
+//! on the ModelDeployments the ModelDeployment reconciler honours, the
+//! `Deferring` condition the gateway reads), and report in the status, with
+//! an Event and a metric for every step change.
+//!
+//! Everything the ladder needs to continue is kept in the status (step,
+//! last change and its direction, since when headroom holds, the last good
+//! supply reading), so a restarted or failed-over controller goes on where
+//! the last one stopped.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::Store;
+use kube::{Client, Resource, ResourceExt};
+use tracing::Instrument;
+
+use super::FIELD_MANAGER;
+use crate::budget::{
+    self, DEFER_SAVING, Direction, FailSafe, Ladder, LadderState, Reading, Rung, RungWatts,
+    cap_factor,
+};
+use crate::conditions;
+use crate::draw::{self, EnginePod};
+use crate::error::{Error, Result};
+use crate::metrics::{ControllerMetrics, EnergyMetrics, TransitionLabels};
+use crate::resources::{
+    EnergyBudget, EnergyBudgetStatus, ModelDeployment, Priority, parse_duration,
+};
+use crate::supply;
+use crate::supply_schedule::Schedule;
+use crate::workload::{SHED_BY_ANNOTATION, SHED_TO_ANNOTATION};
+
+/// Field manager of the `shed-to`/`shed-by` annotations on
+/// ModelDeployments: its own, so it never contends with anyone's spec.
+pub const SHED_FIELD_MANAGER: &str = "copyhold-energy";
+
+/// What every EnergyBudget reconciliation gets.
+pub struct EnergyContext {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<ControllerMetrics>,
+    pub energy: Arc<EnergyMetrics>,
+    pub http: reqwest::Client,
+    pub nodes: Store<Node>,
+    pub pods: Store<Pod>,
+    pub model_deployments: Store<ModelDeployment>,
+    /// Only ModelDeployments of this namespace are shed (a namespaced
+    /// install); all when `None`.
+    pub watch_namespace: Option<String>,
+    /// Power limits set, per budget: Pod key → watts.
+    capped: std::sync::Mutex<HashMap<String, HashMap<String, f64>>>,
+}
+
+impl EnergyContext {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: Client,
+        recorder: Recorder,
+        metrics: Arc<ControllerMetrics>,
+        energy: Arc<EnergyMetrics>,
+        nodes: Store<Node>,
+        pods: Store<Pod>,
+        model_deployments: Store<ModelDeployment>,
+        watch_namespace: Option<String>,
+    ) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        Self {
+            client,
+            recorder,
+            metrics,
+            energy,
+            http,
+            nodes,
+            pods,
+            model_deployments,
+            watch_namespace,
+            capped: Default::default(),
+        }
+    }
+}
+
+/// Failed reconciles are retried after a short delay.
+pub fn error_policy(eb: Arc<EnergyBudget>, error: &Error, ctx: Arc<EnergyContext>) -> Action {
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&crate::metrics::ErrorLabels {
+            kind: "EnergyBudget".into(),
+            error: error.metric_label().into(),
+        })
+        .inc();
+    tracing::warn!(name = %eb.name_any(), error = %error, "energy budget reconcile failed");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// The reconciler.
+pub async fn reconcile(eb: Arc<EnergyBudget>, ctx: Arc<EnergyContext>) -> Result<Action> {
+    let started = Instant::now();
+    let kind = ControllerMetrics::kind("EnergyBudget");
+    ctx.metrics.reconciliations.get_or_create(&kind).inc();
+    let span = tracing::info_span!("reconcile", kind = "EnergyBudget", name = %eb.name_any());
+    let result = reconcile_inner(&eb, &ctx).instrument(span).await;
+    ctx.metrics
+        .reconcile_duration
+        .get_or_create(&kind)
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
+fn to_chrono(t: &Time) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(t.0.as_second(), 0)
+}
+
+fn to_time(t: DateTime<Utc>) -> Time {
+    Time(jiff::Timestamp::from_second(t.timestamp()).unwrap_or_else(|_| jiff::Timestamp::now()))
+}
+
+/// A covered ModelDeployment and what its Pods draw.
+struct Covered {
+    md: Arc<ModelDeployment>,
+    key: String,
+    running_pods: usize,
+    pod_watts: f64,
+}
+
+impl Covered {
+    fn per_pod(&self, fallback: f64) -> f64 {
+        if self.running_pods > 0 {
+            self.pod_watts / self.running_pods as f64
+        } else {
+            fallback
+        }
+    }
+    fn min_replicas(&self) -> i32 {
+        self.md
+            .spec
+            .autoscaling
+            .as_ref()
+            .map_or(0, |a| a.min_replicas)
+            .max(0)
+    }
+}
+
+async fn reconcile_inner(eb: &EnergyBudget, ctx: &EnergyContext) -> Result<Action> {
+    let name = eb.name_any();
+    let spec = &eb.spec;
+    let generation = eb.metadata.generation;
+    let now_time = conditions::now();
+    let now = to_chrono(&now_time).unwrap_or_else(Utc::now);
+    let old = eb.status.clone().unwrap_or_default();
+    let mut status = EnergyBudgetStatus {
+        conditions: old.conditions.clone(),
+        observed_generation: generation,
+        ..old.clone()
+    };
+    let mut events: Vec<Event> = Vec::new();
+    let interval = parse_duration(&spec.evaluation_interval).unwrap_or(Duration::from_secs(15));
+
+    // Durations and the ladder: without them nothing can be decided.
+    let parsed = (|| -> Result<(Ladder, FailSafe), String> {
+        // Shed Pods take a while to stop: let a step down settle for two
+        // evaluations (at least 10 s) before taking another.
+        let ladder = Ladder::from_policy(&spec.policy)
+            .map_err(|e| format!("spec.policy.dwell: Invalid value: {e}"))?
+            .with_settle((interval * 2).max(Duration::from_secs(10)));
+        let fail_safe = FailSafe {
+            max_age: parse_duration(&spec.supply.max_age)
+                .map_err(|e| format!("spec.supply.maxAge: Invalid value: {e}"))?,
+            decay: parse_duration(&spec.supply.fail_safe_decay)
+                .map_err(|e| format!("spec.supply.failSafeDecay: Invalid value: {e}"))?,
+            floor_watts: spec.supply.floor_watts.max(0.0),
+        };
+        parse_duration(&spec.evaluation_interval)
+            .map_err(|e| format!("spec.evaluationInterval: Invalid value: {e}"))?;
+        Ok((ladder, fail_safe))
+    })();
+    let (ladder, fail_safe) = match parsed {
+        Ok(v) => v,
+        Err(message) => {
+            if conditions::set(
+                &mut status.conditions,
+                "WithinBudget",
+                false,
+                "InvalidSpec",
+                &message,
+                generation,
+                now_time.clone(),
+            ) {
+                events.push(warning("InvalidSpec", message, "Evaluate"));
+            }
+            write_status(eb, ctx, &status).await?;
+            publish(ctx, eb, events).await;
+            return Ok(Action::requeue(Duration::from_secs(60)));
+        }
+    };
+
+    // Covered nodes, their engine Pods and the ModelDeployments on them.
+    let nodes_arc = ctx.nodes.state();
+    let covered_nodes: Vec<&Node> = nodes_arc
+        .iter()
+        .map(|n| n.as_ref())
+        .filter(|n| draw::covers(&spec.node_selector, n))
+        .collect();
+    let node_names: BTreeSet<String> = covered_nodes.iter().map(|n| n.name_any()).collect();
+    let pods_arc = ctx.pods.state();
+    let engine_pods = draw::engine_pods(pods_arc.iter().map(|p| p.as_ref()), &node_names);
+    let pod_watts = draw::scrape(&ctx.http, &engine_pods).await;
+
+    // Draw per node: Prometheus when given, else the Pods' own gauges.
+    let readings: BTreeMap<String, f64> = match &spec.draw.prometheus {
+        Some(q) => match supply::prometheus_query(&ctx.http, q).await {
+            Ok(samples) => draw::per_node_from_prometheus(&samples),
+            Err(e) => {
+                tracing::warn!(error = %e, "draw query failed; nodes count at their assumed power");
+                BTreeMap::new()
+            }
+        },
+        None => {
+            let mut per_node = BTreeMap::new();
+            for p in &engine_pods {
+                if let Some(w) = pod_watts.get(&p.key) {
+                    *per_node.entry(p.node.clone()).or_insert(0.0) += w;
+                }
+            }
+            per_node
+        }
+    };
+    let measured = draw::total(&covered_nodes, &readings, &spec.draw);
+    let draw_w = measured.total_watts;
+
+    // Covered ModelDeployments: replicas on the covered nodes, or shed by us.
+    let mds = ctx.model_deployments.state();
+    let in_scope = |md: &ModelDeployment| {
+        ctx.watch_namespace
+            .as_deref()
+            .is_none_or(|ns| md.namespace().as_deref() == Some(ns))
+    };
+    let mut covered: Vec<Covered> = Vec::new();
+    for md in mds.iter().filter(|m| in_scope(m)) {
+        let key = format!("{}/{}", md.namespace().unwrap_or_default(), md.name_any());
+        let pods: Vec<&EnginePod> = engine_pods
+            .iter()
+            .filter(|p| p.model_deployment.as_deref() == Some(key.as_str()))
+            .collect();
+        let on_nodes = pods_arc.iter().any(|p| {
+            p.namespace() == md.namespace()
+                && p.labels().get(crate::workload::MD_LABEL) == Some(&md.name_any())
+                && p.spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.as_ref())
+                    .is_some_and(|n| node_names.contains(n))
+        });
+        let shed_by_us = md.annotations().get(SHED_BY_ANNOTATION) == Some(&name);
+        if !on_nodes && !shed_by_us {
+            continue;
+        }
+        let pod_w: f64 = pods.iter().filter_map(|p| pod_watts.get(&p.key)).sum();
+        covered.push(Covered {
+            md: md.clone(),
+            key,
+            running_pods: pods
+                .iter()
+                .filter(|p| pod_watts.contains_key(&p.key))
+                .count(),
+            pod_watts: pod_w,
+        });
+    }
+    covered.sort_by(|a, b| a.key.cmp(&b.key));
+    let avg_pod = if pod_watts.is_empty() {
+        0.0
+    } else {
+        pod_watts.values().sum::<f64>() / pod_watts.len() as f64
+    };
+
+    // Supply, with the fail-safe when the signal fails.
+    let last_good_before = old
+        .last_good_supply_watts
+        .zip(old.supply_observed_at.as_ref().and_then(to_chrono));
+    let read = supply::read(spec, now, &ctx.client, &ctx.http).await;
+    let last_good = match &read {
+        Ok(w) => Some((*w, now)),
+        Err(_) => last_good_before,
+    };
+    let estimate = fail_safe.supply(last_good, now);
+    let stale_reason = match &read {
+        Err(e) => Some((e.reason(), e.to_string())),
+        Ok(_) if estimate.stale => Some(("Stale", "the last reading is too old".to_string())),
+        Ok(_) => None,
+    };
+    let allowance = budget::allowance(spec.ceiling_watts, estimate.watts, spec.margin_percent);
+
+    // Estimates of what each rung saves now, and what undoing it restores.
+    let cap = cap_factor(spec.policy.power_cap.min_percent);
+    let mut savings = RungWatts::default();
+    let mut restore = RungWatts::default();
+    savings.set(Rung::PowerCap, draw_w * (1.0 - cap));
+    restore.set(Rung::PowerCap, draw_w * (1.0 / cap - 1.0));
+    for (rung, prio) in [
+        (Rung::ShedDeferrable, Priority::Deferrable),
+        (Rung::ShedStandard, Priority::Standard),
+    ] {
+        let (mut save, mut back) = (0.0, 0.0);
+        for c in covered.iter().filter(|c| c.md.spec.priority == prio) {
+            let cut = (c.md.spec.replicas - c.min_replicas()).max(0) as f64;
+            let running = crate::workload::effective_replicas(&c.md).0;
+            let shed = (c.md.spec.replicas - running).max(0) as f64;
+            let per = c.per_pod(avg_pod);
+            save += ((running - c.min_replicas()).max(0) as f64).min(cut) * per;
+            back += shed * per;
+        }
+        savings.set(rung, save);
+        restore.set(rung, back);
+    }
+    let deferrable_w: f64 = covered
+        .iter()
+        .filter(|c| c.md.spec.priority == Priority::Deferrable)
+        .map(|c| c.pod_watts)
+        .sum();
+    savings.set(Rung::Defer, deferrable_w * DEFER_SAVING);
+    restore.set(
+        Rung::Defer,
+        deferrable_w * DEFER_SAVING / (1.0 - DEFER_SAVING),
+    );
+
+    // The ladder.
+    let state = LadderState {
+        step: u8::try_from(old.step.clamp(0, 4)).unwrap_or(0),
+        last_change: old.last_step_change.as_ref().and_then(to_chrono),
+        last_direction: old
+            .last_step_direction
+            .as_deref()
+            .and_then(Direction::parse),
+        headroom_since: old.headroom_since.as_ref().and_then(to_chrono),
+    };
+    let outcome = ladder.evaluate(
+        &state,
+        &Reading {
+            now,
+            allowance,
+            draw: draw_w,
+            savings,
+            restore,
+        },
+    );
+    let step = outcome.state.step;
+    let labels = EnergyMetrics::budget(&name);
+    if let Some(c) = outcome.change {
+        status.transitions += 1;
+        ctx.energy
+            .transitions
+            .get_or_create(&TransitionLabels {
+                budget: name.clone(),
+                direction: c.direction.as_str().into(),
+            })
+            .inc();
+        let what = match c.direction {
+            Direction::Down => ladder
+                .active(c.to)
+                .filter(|r| r.step() > c.from)
+                .map(Rung::describe)
+                .collect::<Vec<_>>()
+                .join(", "),
+            Direction::Up => ladder
+                .active(c.from)
+                .filter(|r| r.step() > c.to)
+                .map(Rung::describe)
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
+        let (reason, note) = match c.direction {
+            Direction::Down => (
+                "StepDown",
+                format!(
+                    "step {} → {}: {what}; draw {draw_w:.0} W over allowance {allowance:.0} W",
+                    c.from, c.to
+                ),
+            ),
+            Direction::Up => (
+                "StepUp",
+                format!(
+                    "step {} → {}: undone: {what}; headroom held for the dwell (draw {draw_w:.0} W, allowance {allowance:.0} W)",
+                    c.from, c.to
+                ),
+            ),
+        };
+        tracing::info!(budget = %name, %note, "ladder step change");
+        events.push(Event {
+            type_: if c.direction == Direction::Down {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.into(),
+            note: Some(note),
+            action: "Ladder".into(),
+            secondary: None,
+        });
+    }
+
+    // Carry it out: shedding annotations, power limits.
+    let plan: BTreeMap<String, i32> = budget::shed_plan(
+        &ladder,
+        step,
+        &covered
+            .iter()
+            .map(|c| budget::Sheddable {
+                key: c.key.clone(),
+                priority: c.md.spec.priority,
+                replicas: c.md.spec.replicas,
+                min_replicas: c.min_replicas(),
+            })
+            .collect::<Vec<_>>(),
+    )
+    .into_iter()
+    .collect();
+    for c in &covered {
+        let want = plan.get(&c.key).copied();
+        if let Err(e) = set_shed_annotation(ctx, &c.md, &name, want).await {
+            events.push(warning(
+                "ShedFailed",
+                format!("annotating {}: {e}", c.key),
+                "Shed",
+            ));
+        }
+    }
+    let power_events = power_caps(
+        ctx,
+        eb,
+        &engine_pods,
+        &covered_nodes,
+        ladder.in_force(step, Rung::PowerCap),
+    )
+    .await;
+    events.extend(power_events);
+
+    // Status.
+    let deferring = ladder.in_force(step, Rung::Defer);
+    status.step = i32::from(step);
+    status.state = Some(budget::state_of(step).to_string());
+    status.last_step_change = outcome.state.last_change.map(to_time);
+    status.last_step_direction = outcome.state.last_direction.map(|d| d.as_str().to_string());
+    status.headroom_since = outcome.state.headroom_since.map(to_time);
+    status.supply_watts = Some(round(estimate.watts));
+    status.allowance_watts = Some(round(allowance));
+    status.draw_watts = Some(round(draw_w));
+    status.headroom_watts = Some(round(allowance - draw_w));
+    if let Some((w, at)) = last_good {
+        status.last_good_supply_watts = Some(round(w));
+        status.supply_observed_at = Some(to_time(at));
+    }
+    status.covered = covered.iter().map(|c| c.key.clone()).collect();
+    status.shed = plan.keys().cloned().collect();
+    status.nodes_without_reading = measured.without_reading.clone();
+    let schedule = spec
+        .supply
+        .schedule
+        .as_ref()
+        .and_then(|s| Schedule::new(s).ok());
+    let tz = schedule
+        .as_ref()
+        .map_or(chrono_tz::Tz::UTC, Schedule::time_zone);
+    let (today, joules) = budget::EnergyToday {
+        energy_wh: old.energy_today_wh.unwrap_or(0.0),
+        renewable_wh: old.renewable_today_wh.unwrap_or(0.0),
+    }
+    .advance(
+        old.last_evaluated.as_ref().and_then(to_chrono),
+        now,
+        draw_w,
+        estimate.watts,
+        tz,
+        interval * 4,
+    );
+    status.energy_today_wh = Some(round(today.energy_wh));
+    status.renewable_today_wh = Some(round(today.renewable_wh));
+    status.last_evaluated = Some(now_time.clone());
+    status.retry_after_seconds = deferring.then(|| {
+        ladder.retry_after(
+            &outcome.state,
+            now,
+            draw_w + restore.get(Rung::Defer),
+            schedule
+                .as_ref()
+                .map(|s| (s, spec.ceiling_watts, spec.margin_percent)),
+        )
+    });
+
+    let within = draw_w <= allowance;
+    let (reason, message) = if within {
+        (
+            "WithinAllowance",
+            format!("draw {draw_w:.0} W within allowance {allowance:.0} W"),
+        )
+    } else {
+        (
+            "OverAllowance",
+            format!("draw {draw_w:.0} W over allowance {allowance:.0} W"),
+        )
+    };
+    set_condition(
+        &mut status,
+        &mut events,
+        "WithinBudget",
+        within,
+        reason,
+        message,
+        generation,
+        &now_time,
+    );
+    let shedding = [Rung::ShedStandard, Rung::ShedDeferrable]
+        .into_iter()
+        .find(|r| ladder.in_force(step, *r));
+    let (reason, message) = match shedding {
+        Some(Rung::ShedStandard) => (
+            "ShedStandard",
+            format!(
+                "deferrable and standard replicas shed: {}",
+                status.shed.join(", ")
+            ),
+        ),
+        Some(_) => (
+            "ShedDeferrable",
+            format!("deferrable replicas shed: {}", status.shed.join(", ")),
+        ),
+        None => ("NotShedding", "no replicas shed".to_string()),
+    };
+    set_condition(
+        &mut status,
+        &mut events,
+        "Shedding",
+        shedding.is_some(),
+        reason,
+        message,
+        generation,
+        &now_time,
+    );
+    let (reason, message) = if deferring {
+        (
+            "SupplyShort",
+            format!(
+                "deferrable requests are answered 503; retry after {} s",
+                status.retry_after_seconds.unwrap_or(0)
+            ),
+        )
+    } else {
+        ("NotDeferring", "requests are served".to_string())
+    };
+    set_condition(
+        &mut status,
+        &mut events,
+        "Deferring",
+        deferring,
+        reason,
+        message,
+        generation,
+        &now_time,
+    );
+    let (stale, reason, message) = match &stale_reason {
+        Some((reason, why)) => (
+            true,
+            *reason,
+            format!(
+                "{why}; using the fail-safe supply {:.0} W (floor {:.0} W)",
+                estimate.watts, fail_safe.floor_watts
+            ),
+        ),
+        None => (false, "Fresh", format!("supply {:.0} W", estimate.watts)),
+    };
+    let before = conditions::get(&status.conditions, "SupplyStale").map(|c| c.reason.clone());
+    set_condition(
+        &mut status,
+        &mut events,
+        "SupplyStale",
+        stale,
+        reason,
+        message.clone(),
+        generation,
+        &now_time,
+    );
+    // A new cause of staleness is news even without a flip.
+    if stale
+        && before.as_deref().is_some_and(|b| b != reason)
+        && !events.iter().any(|e| e.reason == "SupplyStale")
+    {
+        events.push(warning("SupplyStale", message, "ReadSupply"));
+    }
+
+    // Metrics.
+    ctx.energy
+        .supply_watts
+        .get_or_create(&labels)
+        .set(estimate.watts);
+    ctx.energy
+        .allowance_watts
+        .get_or_create(&labels)
+        .set(allowance);
+    ctx.energy.draw_watts.get_or_create(&labels).set(draw_w);
+    ctx.energy
+        .ladder_step
+        .get_or_create(&labels)
+        .set(i64::from(step));
+    ctx.energy
+        .energy_joules
+        .get_or_create(&labels)
+        .inc_by(joules);
+
+    write_status(eb, ctx, &status).await?;
+    publish(ctx, eb, events).await;
+    Ok(Action::requeue(interval.max(Duration::from_secs(1))))
+}
+
+fn round(w: f64) -> f64 {
+    (w * 10.0).round() / 10.0
+}
+
+fn warning(reason: &str, note: String, action: &str) -> Event {
+    Event {
+        type_: EventType::Warning,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: action.into(),
+        secondary: None,
+    }
+}
+
+/// Set a condition; a flip becomes an Event named after the condition
+/// (Warning when it turns bad).
+#[allow(clippy::too_many_arguments)]
+fn set_condition(
+    status: &mut EnergyBudgetStatus,
+    events: &mut Vec<Event>,
+    type_: &str,
+    value: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+) {
+    let existed = conditions::get(&status.conditions, type_).is_some();
+    let flipped = conditions::set(
+        &mut status.conditions,
+        type_,
+        value,
+        reason,
+        message.clone(),
+        generation,
+        now.clone(),
+    );
+    // A budget's first evaluation reports only what is wrong.
+    let bad = if type_ == "WithinBudget" {
+        !value
+    } else {
+        value
+    };
+    if flipped && (existed || bad) {
+        let event_reason = if value {
+            type_.to_string()
+        } else {
+            format!("Not{type_}")
+        };
+        events.push(Event {
+            type_: if bad {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: event_reason,
+            note: Some(format!("{reason}: {message}").chars().take(1000).collect()),
+            action: "Evaluate".into(),
+            secondary: None,
+        });
+    }
+}
+
+async fn write_status(
+    eb: &EnergyBudget,
+    ctx: &EnergyContext,
+    status: &EnergyBudgetStatus,
+) -> Result<()> {
+    if Some(status) == eb.status.as_ref() {
+        return Ok(());
+    }
+    let api: Api<EnergyBudget> = Api::all(ctx.client.clone());
+    let patch = serde_json::json!({
+        "apiVersion": "copyhold.dev/v1alpha1",
+        "kind": "EnergyBudget",
+        "status": status,
+    });
+    api.patch_status(
+        &eb.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    ctx.metrics
+        .api_writes
+        .get_or_create(&ControllerMetrics::kind("EnergyBudgetStatus"))
+        .inc();
+    Ok(())
+}
+
+async fn publish(ctx: &EnergyContext, eb: &EnergyBudget, events: Vec<Event>) {
+    // Events of a cluster-scoped object live in `default`; API servers
+    // before 1.22 refuse one whose object names no namespace there.
+    let mut reference = eb.object_ref(&());
+    reference.namespace = Some("default".into());
+    for ev in events {
+        if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
+            tracing::warn!(error = %e, reason = %ev.reason, "publishing an event failed");
+        }
+    }
+}
+
+/// Apply (or clear) this budget's shed annotations on `md`, only when they
+/// differ from what it carries.
+async fn set_shed_annotation(
+    ctx: &EnergyContext,
+    md: &ModelDeployment,
+    budget: &str,
+    replicas: Option<i32>,
+) -> Result<()> {
+    let ann = md.annotations();
+    let current_by = ann.get(SHED_BY_ANNOTATION);
+    let current_to = ann.get(SHED_TO_ANNOTATION);
+    let desired_to = replicas.map(|r| r.to_string());
+    match &desired_to {
+        Some(to) if current_by.map(String::as_str) == Some(budget) && current_to == Some(to) => {
+            return Ok(());
+        }
+        // Another budget sheds it, or nobody: nothing of ours to clear.
+        None if current_by.map(String::as_str) != Some(budget) => return Ok(()),
+        _ => {}
+    }
+    let ns = md
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let api: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), &ns);
+    match &desired_to {
+        Some(to) => {
+            let patch = serde_json::json!({
+                "apiVersion": "copyhold.dev/v1alpha1",
+                "kind": "ModelDeployment",
+                "metadata": {
+                    "name": md.name_any(),
+                    "namespace": ns,
+                    "annotations": {SHED_TO_ANNOTATION: to, SHED_BY_ANNOTATION: budget},
+                },
+            });
+            api.patch(
+                &md.name_any(),
+                &PatchParams::apply(SHED_FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await?;
+        }
+        None => {
+            let merge = serde_json::json!({"metadata": {"annotations": {SHED_TO_ANNOTATION: null, SHED_BY_ANNOTATION: null}}});
+            api.patch(
+                &md.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&merge),
+            )
+            .await?;
+        }
+    }
+    ctx.metrics
+        .api_writes
+        .get_or_create(&ControllerMetrics::kind("ModelDeployment"))
+        .inc();
+    Ok(())
+}
+
+/// Set or clear power limits on the engine Pods of the covered nodes.
+/// Failures are Events (once per Pod and change), never errors.
+async fn power_caps(
+    ctx: &EnergyContext,
+    eb: &EnergyBudget,
+    pods: &[EnginePod],
+    nodes: &[&Node],
+    in_force: bool,
+) -> Vec<Event> {
+    let name = eb.name_any();
+    let policy = &eb.spec.policy.power_cap;
+    let per_gpu: HashMap<String, f64> = nodes
+        .iter()
+        .map(|n| (n.name_any(), draw::rated_per_gpu(n)))
+        .collect();
+    let done: HashMap<String, f64> = ctx
+        .capped
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&name)
+        .cloned()
+        .unwrap_or_default();
+    let mut work: Vec<(String, String, Option<f64>)> = Vec::new();
+    if in_force {
+        for p in pods {
+            let rated = per_gpu.get(&p.node).copied().unwrap_or(0.0) * p.gpus.max(1.0);
+            if rated <= 0.0 {
+                continue;
+            }
+            let w = (rated * policy.min_percent / 100.0).round();
+            // A refusal is remembered as the negated setting.
+            let prev = done.get(&p.key).copied();
+            if prev != Some(w) && prev != Some(-w) {
+                work.push((p.key.clone(), p.base_url.clone(), Some(w)));
+            }
+        }
+    } else {
+        let live: HashMap<&str, &EnginePod> = pods.iter().map(|p| (p.key.as_str(), p)).collect();
+        for key in done.keys() {
+            if let Some(p) = live.get(key.as_str()) {
+                work.push((key.clone(), p.base_url.clone(), None));
+            }
+        }
+    }
+    let mut events = Vec::new();
+    if work.is_empty() {
+        if !in_force {
+            ctx.capped
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&name);
+        }
+        return events;
+    }
+    let token = match &policy.admin_token_secret {
+        Some(r) => match supply::read_secret(&ctx.client, r, None).await {
+            Ok(t) => Some(t),
+            Err(e) => {
+                events.push(warning(
+                    "PowerCapFailed",
+                    format!("admin token: {e}"),
+                    "PowerCap",
+                ));
+                return events;
+            }
+        },
+        None => None,
+    };
+    let mut failed: HashMap<String, Option<f64>> = HashMap::new();
+    let mut set: HashMap<String, Option<f64>> = HashMap::new();
+    for (key, base, watts) in work {
+        let mut req = ctx
+            .http
+            .post(format!("{base}/admin/power-limit"))
+            .json(&serde_json::json!({"watts": watts}))
+            .timeout(Duration::from_secs(5));
+        if let Some(t) = &token {
+            req = req.bearer_auth(t);
+        }
+        match req.send().await {
+            Ok(r) if r.status().is_success() => {
+                set.insert(key, watts);
+            }
+            Ok(r) => {
+                let status = r.status();
+                let body: String = r
+                    .text()
+                    .await
+                    .unwrap_or_default()
+                    .chars()
+                    .take(200)
+                    .collect();
+                events.push(warning(
+                    "PowerCapFailed",
+                    format!("{key}: HTTP {status}: {body}"),
+                    "PowerCap",
+                ));
+                failed.insert(key, watts);
+            }
+            Err(e) => {
+                events.push(warning("PowerCapFailed", format!("{key}: {e}"), "PowerCap"));
+                failed.insert(key, watts);
+            }
+        }
+    }
+    let mut all = ctx.capped.lock().unwrap_or_else(|p| p.into_inner());
+    let entry = all.entry(name).or_default();
+    for (key, w) in set {
+        match w {
+            Some(w) => {
+                entry.insert(key, w);
+            }
+            None => {
+                entry.remove(&key);
+            }
+        }
+    }
+    // A Pod that refused is recorded as done at this setting, so it is
+    // reported once per change rather than on every evaluation.
+    for (key, w) in failed {
+        match w {
+            Some(w) => {
+                entry.insert(key, -w);
+            }
+            None => {
+                entry.remove(&key);
+            }
+        }
+    }
+    events
+}
