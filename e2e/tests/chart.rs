@@ -123,7 +123,11 @@ fn assert_restricted(deployment: &Value) {
         assert_eq!(sc["allowPrivilegeEscalation"], false, "{name}");
         assert_eq!(sc["readOnlyRootFilesystem"], true, "{name}");
         assert_eq!(sc["runAsNonRoot"], true, "{name}");
-        assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]), "{name}");
+        assert_eq!(
+            sc["capabilities"]["drop"],
+            serde_json::json!(["ALL"]),
+            "{name}"
+        );
         assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault", "{name}");
     }
 }
@@ -244,14 +248,16 @@ fn the_chart_renders_for_several_value_sets() -> Result<()> {
             .iter()
             .find(|e| e["name"] == "POD_NAME")
             .context("POD_NAME")?;
-        assert_eq!(pod_name["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name");
+        assert_eq!(
+            pod_name["valueFrom"]["fieldRef"]["fieldPath"],
+            "metadata.name"
+        );
         assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
         assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
         assert!(pod["terminationGracePeriodSeconds"].as_i64().unwrap_or(0) >= 60);
         assert_eq!(
             pod["serviceAccountName"],
-            named(&objects, "ServiceAccount", "-gateway").context("gateway SA")?["metadata"]
-                ["name"]
+            named(&objects, "ServiceAccount", "-gateway").context("gateway SA")?["metadata"]["name"]
         );
         let svc = named(&objects, "Service", "-gateway").context("gateway Service")?;
         let svc_type = if has("gateway.service.type=LoadBalancer") {
@@ -277,14 +283,26 @@ fn the_chart_renders_for_several_value_sets() -> Result<()> {
         let verbs_on = |resource: &str| -> Vec<String> {
             let mut v: Vec<String> = gateway_rules
                 .iter()
-                .filter(|r| r["resources"].as_array().unwrap().iter().any(|x| x == resource))
+                .filter(|r| {
+                    r["resources"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|x| x == resource)
+                })
                 .flat_map(|r| r["verbs"].as_array().unwrap().iter())
                 .map(|v| v.as_str().unwrap().to_owned())
                 .collect();
             v.sort();
             v
         };
-        for r in ["stintquotas", "modeldeployments", "pods", "secrets", "energybudgets"] {
+        for r in [
+            "stintquotas",
+            "modeldeployments",
+            "pods",
+            "secrets",
+            "energybudgets",
+        ] {
             assert_eq!(verbs_on(r), ["get", "list", "watch"], "{set:?}: {r}");
         }
         assert_eq!(verbs_on("stintquotas/status"), ["get", "update"]);
@@ -430,7 +448,8 @@ fn the_chart_carries_the_current_dashboards() -> Result<()> {
         names.push(name.clone());
         let chart_copy = root.join("charts/copyhold/dashboards").join(&name);
         assert!(
-            std::fs::read_to_string(&path)? == std::fs::read_to_string(&chart_copy).unwrap_or_default(),
+            std::fs::read_to_string(&path)?
+                == std::fs::read_to_string(&chart_copy).unwrap_or_default(),
             "charts/copyhold/dashboards/{} differs from dashboards/: cp dashboards/*.json charts/copyhold/dashboards/",
             name.to_string_lossy()
         );
@@ -480,7 +499,14 @@ impl Drop for Release {
 
 /// What `sa` may do, as the API server's authorizer says.
 fn can_i(sa: &str, verb: &str, resource: &str, ns: Option<&str>) -> Result<bool> {
+    let (resource, sub) = match resource.split_once('/') {
+        Some((r, sub)) => (r, Some(format!("--subresource={sub}"))),
+        None => (resource, None),
+    };
     let mut args = vec!["auth", "can-i", verb, resource, "--as", sa];
+    if let Some(sub) = &sub {
+        args.push(sub);
+    }
     match ns {
         Some(ns) => args.extend(["-n", ns]),
         None => args.push("--all-namespaces"),
@@ -661,7 +687,10 @@ async fn the_chart_installs_upgrades_and_uninstalls_keeping_the_registers() -> R
         ("watch", "modeldeployments.copyhold.dev"),
         ("update", "stintquotas.copyhold.dev/status"),
     ] {
-        assert!(can_i(&gw, verb, resource, None)?, "gateway cannot {verb} {resource}");
+        assert!(
+            can_i(&gw, verb, resource, None)?,
+            "gateway cannot {verb} {resource}"
+        );
     }
     assert!(can_i(&gw, "list", "energybudgets.copyhold.dev", None)?);
     for (verb, resource) in [

@@ -250,7 +250,10 @@ fn every_panel_has_a_title_and_the_datasource_variable() {
             d["uid"].as_str().is_some_and(|u| !u.is_empty()),
             "{file}: no uid"
         );
-        let vars = d["templating"]["list"].as_array().cloned().unwrap_or_default();
+        let vars = d["templating"]["list"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         assert!(
             vars.iter()
                 .any(|v| v["name"] == "datasource" && v["type"] == "datasource"),
@@ -266,7 +269,10 @@ fn every_panel_has_a_title_and_the_datasource_variable() {
         let mut ids = BTreeSet::new();
         for p in panels(&d) {
             let title = p["title"].as_str().unwrap_or("");
-            assert!(!title.trim().is_empty(), "{file}: a panel has no title: {p}");
+            assert!(
+                !title.trim().is_empty(),
+                "{file}: a panel has no title: {p}"
+            );
             if let Some(id) = p["id"].as_i64() {
                 assert!(ids.insert(id), "{file}: panel id {id} used twice");
             }
