@@ -596,7 +596,20 @@ async fn the_chart_installs_upgrades_and_uninstalls_keeping_the_registers() -> R
         "--server-side=false",
         "--set",
         "controller.replicas=1",
+        "--set",
+        "dashboards.enabled=true",
     ])?;
+    let dashboards = kubectl_ok(&[
+        "get",
+        "configmaps",
+        "-n",
+        ns,
+        "-l",
+        "grafana_dashboard=1",
+        "-o",
+        "jsonpath={.items[*].metadata.name}",
+    ])?;
+    assert_eq!(dashboards, format!("{release}-copyhold-dashboards"));
     let full = format!("{release}-copyhold");
     let names = kubectl_ok(&[
         "get",
