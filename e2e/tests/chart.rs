@@ -1,11 +1,15 @@
-//! The Helm chart: lints clean, renders for several value sets, refuses bad
-//! values with the schema's message, and carries the current CRDs.
+//! The Helm chart: lints clean, renders for several value sets with the
+//! restricted security contexts and least-privilege RBAC, refuses bad values
+//! with the schema's message, carries the current CRDs and dashboards, and
+//! installs, upgrades and uninstalls on the test cluster keeping the users'
+//! objects.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use anyhow::{Context, Result};
-use copyhold_e2e::workspace_root;
+use anyhow::{Context, Result, bail};
+use copyhold_e2e::{TestNamespace, install_crds, kubectl, kubectl_ok, workspace_root};
+use serde_json::Value;
 
 fn helm() -> Result<PathBuf> {
     let cache = std::env::var_os("COPYHOLD_CACHE")
@@ -31,6 +35,125 @@ fn run_helm(args: &[&str]) -> Result<Output> {
         .output()?)
 }
 
+/// helm against the test cluster.
+fn cluster_helm(args: &[&str]) -> Result<Output> {
+    Ok(Command::new(helm()?)
+        .args(args)
+        .env("KUBECONFIG", copyhold_e2e::kubeconfig()?)
+        .current_dir(workspace_root())
+        .output()?)
+}
+
+fn cluster_helm_ok(args: &[&str]) -> Result<String> {
+    let out = cluster_helm(args)?;
+    if !out.status.success() {
+        bail!(
+            "helm {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `helm template` with `set`, as parsed objects.
+fn render(set: &[&str]) -> Result<Vec<Value>> {
+    let mut args = vec![
+        "template",
+        "copyhold",
+        "charts/copyhold",
+        "-n",
+        "copyhold-system",
+    ];
+    args.extend_from_slice(set);
+    let out = run_helm(&args)?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{set:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut objects = Vec::new();
+    let mut doc = String::new();
+    for line in text.lines().chain(std::iter::once("---")) {
+        if line == "---" {
+            let v: Value = serde_yaml::from_str(&doc)
+                .with_context(|| format!("{set:?}: rendered YAML does not parse:\n{doc}"))?;
+            if !v.is_null() {
+                objects.push(v);
+            }
+            doc.clear();
+        } else {
+            doc.push_str(line);
+            doc.push('\n');
+        }
+    }
+    Ok(objects)
+}
+
+fn of_kind<'a>(objects: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    objects.iter().filter(|o| o["kind"] == kind).collect()
+}
+
+fn named<'a>(objects: &'a [Value], kind: &str, suffix: &str) -> Option<&'a Value> {
+    objects.iter().find(|o| {
+        o["kind"] == kind
+            && o["metadata"]["name"]
+                .as_str()
+                .is_some_and(|n| n.ends_with(suffix))
+    })
+}
+
+/// The restricted Pod Security profile, on the Pod and on every container.
+fn assert_restricted(deployment: &Value) {
+    let name = deployment["metadata"]["name"].as_str().unwrap_or("?");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let psc = &pod["securityContext"];
+    assert_eq!(psc["runAsNonRoot"], true, "{name}");
+    assert!(
+        psc["runAsUser"].as_i64().is_some_and(|u| u > 0),
+        "{name}: numeric non-root runAsUser"
+    );
+    assert_eq!(psc["seccompProfile"]["type"], "RuntimeDefault", "{name}");
+    let containers = pod["containers"].as_array().expect("containers");
+    assert!(!containers.is_empty());
+    for c in containers {
+        let sc = &c["securityContext"];
+        assert_eq!(sc["allowPrivilegeEscalation"], false, "{name}");
+        assert_eq!(sc["readOnlyRootFilesystem"], true, "{name}");
+        assert_eq!(sc["runAsNonRoot"], true, "{name}");
+        assert_eq!(
+            sc["capabilities"]["drop"],
+            serde_json::json!(["ALL"]),
+            "{name}"
+        );
+        assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault", "{name}");
+    }
+}
+
+/// No `*` in the verbs, resources or API groups of any Role or ClusterRole.
+fn assert_no_wildcards(objects: &[Value]) {
+    let roles: Vec<_> = objects
+        .iter()
+        .filter(|o| o["kind"] == "Role" || o["kind"] == "ClusterRole")
+        .collect();
+    assert!(!roles.is_empty());
+    for role in roles {
+        for rule in role["rules"].as_array().expect("rules") {
+            for field in ["verbs", "resources", "apiGroups"] {
+                for v in rule[field].as_array().into_iter().flatten() {
+                    assert_ne!(
+                        v, "*",
+                        "{} {}: `*` in {field}",
+                        role["kind"], role["metadata"]["name"]
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn the_chart_lints_clean() -> Result<()> {
     let out = run_helm(&["lint", "charts/copyhold", "--strict"])?;
@@ -45,7 +168,7 @@ fn the_chart_lints_clean() -> Result<()> {
 
 #[test]
 fn the_chart_renders_for_several_value_sets() -> Result<()> {
-    let sets: [&[&str]; 3] = [
+    let sets: [&[&str]; 5] = [
         &[],
         &[
             "--set",
@@ -59,40 +182,205 @@ fn the_chart_renders_for_several_value_sets() -> Result<()> {
             "--set",
             "serviceMonitor.enabled=true",
         ],
+        &[
+            "--set",
+            "gateway.replicas=3",
+            "--set",
+            "serviceMonitor.enabled=true",
+            "--set",
+            "dashboards.enabled=true",
+            "--set",
+            "gateway.service.type=LoadBalancer",
+        ],
+        &[
+            "--set",
+            "networkPolicy.enabled=false",
+            "--set",
+            "gateway.watchNamespace=town",
+        ],
     ];
     for set in sets {
-        let mut args = vec![
-            "template",
-            "copyhold",
-            "charts/copyhold",
-            "-n",
-            "copyhold-system",
-        ];
-        args.extend_from_slice(set);
-        let out = run_helm(&args)?;
-        let text = String::from_utf8_lossy(&out.stdout);
+        let objects = render(set)?;
+        let has = |flag: &str| set.contains(&flag);
+        let controller = named(&objects, "Deployment", "-controller").context("controller")?;
+        let gateway = named(&objects, "Deployment", "-gateway").context("gateway")?;
+        assert_restricted(controller);
+        assert_restricted(gateway);
+        assert_no_wildcards(&objects);
+        for o in &objects {
+            let labels = &o["metadata"]["labels"];
+            for l in [
+                "app.kubernetes.io/name",
+                "app.kubernetes.io/instance",
+                "app.kubernetes.io/version",
+                "app.kubernetes.io/component",
+                "app.kubernetes.io/part-of",
+                "app.kubernetes.io/managed-by",
+                "helm.sh/chart",
+            ] {
+                assert!(
+                    labels[l].is_string(),
+                    "{set:?}: {} {} lacks label {l}",
+                    o["kind"],
+                    o["metadata"]["name"]
+                );
+            }
+        }
+
+        // The gateway: replicas, identity from the downward API, probes,
+        // time to drain.
+        let replicas = if has("gateway.replicas=3") { 3 } else { 2 };
+        assert_eq!(gateway["spec"]["replicas"], replicas, "{set:?}");
+        let pod = &gateway["spec"]["template"]["spec"];
+        let c = &pod["containers"][0];
+        assert_eq!(c["args"][0], "gateway");
         assert!(
-            out.status.success(),
-            "{set:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
+            c["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a == "--listen=0.0.0.0:8080"),
+            "{c}"
         );
-        assert!(
-            text.contains("kind: Deployment") && text.contains("kind: ClusterRole"),
-            "{set:?}"
+        let pod_name = c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "POD_NAME")
+            .context("POD_NAME")?;
+        assert_eq!(
+            pod_name["valueFrom"]["fieldRef"]["fieldPath"],
+            "metadata.name"
         );
-        assert!(
-            text.contains("runAsNonRoot: true") && text.contains("readOnlyRootFilesystem: true")
+        assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+        assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+        assert!(pod["terminationGracePeriodSeconds"].as_i64().unwrap_or(0) >= 60);
+        assert_eq!(
+            pod["serviceAccountName"],
+            named(&objects, "ServiceAccount", "-gateway").context("gateway SA")?["metadata"]["name"]
         );
-        assert!(
-            text.contains("type: RuntimeDefault")
-                && text.contains("allowPrivilegeEscalation: false")
-        );
-        assert!(!text.contains("\"*\""), "no wildcard verbs or resources");
-        if set.contains(&"controller.watchNamespace=town") {
-            assert!(text.contains("--watch-namespace=town"), "{text}");
-            assert!(text.contains("kind: ServiceMonitor"));
+        let svc = named(&objects, "Service", "-gateway").context("gateway Service")?;
+        let svc_type = if has("gateway.service.type=LoadBalancer") {
+            "LoadBalancer"
         } else {
-            assert!(!text.contains("kind: ServiceMonitor"));
+            "ClusterIP"
+        };
+        assert_eq!(svc["spec"]["type"], svc_type);
+        assert_eq!(svc["spec"]["ports"][0]["port"], 8080);
+
+        // The gateway's RBAC: reads what it watches, writes only the
+        // register in stintquotas/status.
+        let gateway_rules: Vec<&Value> = objects
+            .iter()
+            .filter(|o| {
+                (o["kind"] == "Role" || o["kind"] == "ClusterRole")
+                    && o["metadata"]["name"]
+                        .as_str()
+                        .is_some_and(|n| n.ends_with("-gateway"))
+            })
+            .flat_map(|r| r["rules"].as_array().unwrap().iter())
+            .collect();
+        let verbs_on = |resource: &str| -> Vec<String> {
+            let mut v: Vec<String> = gateway_rules
+                .iter()
+                .filter(|r| {
+                    r["resources"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|x| x == resource)
+                })
+                .flat_map(|r| r["verbs"].as_array().unwrap().iter())
+                .map(|v| v.as_str().unwrap().to_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        for r in [
+            "stintquotas",
+            "modeldeployments",
+            "pods",
+            "secrets",
+            "energybudgets",
+        ] {
+            assert_eq!(verbs_on(r), ["get", "list", "watch"], "{set:?}: {r}");
+        }
+        assert_eq!(verbs_on("stintquotas/status"), ["get", "update"]);
+        if has("gateway.watchNamespace=town") {
+            let role = named(&objects, "Role", "-gateway").context("gateway Role")?;
+            assert_eq!(role["metadata"]["namespace"], "town");
+            let cluster = named(&objects, "ClusterRole", "-gateway").context("ClusterRole")?;
+            assert_eq!(
+                cluster["rules"].as_array().unwrap().len(),
+                1,
+                "only EnergyBudgets cluster-wide: {cluster}"
+            );
+            assert!(
+                c["args"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|a| a == "--watch-namespace=town")
+            );
+        }
+
+        if has("controller.watchNamespace=town") {
+            let args = &controller["spec"]["template"]["spec"]["containers"][0]["args"];
+            assert!(
+                args.as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|a| a == "--watch-namespace=town"),
+                "{args}"
+            );
+        }
+        let monitors = of_kind(&objects, "ServiceMonitor");
+        if has("serviceMonitor.enabled=true") {
+            assert_eq!(monitors.len(), 2, "controller and gateway");
+        } else {
+            assert!(monitors.is_empty());
+        }
+
+        let policies = of_kind(&objects, "NetworkPolicy");
+        if has("networkPolicy.enabled=false") {
+            assert!(policies.is_empty());
+        } else {
+            assert_eq!(policies.len(), 3, "{set:?}");
+            let inference =
+                named(&objects, "NetworkPolicy", "-inference").context("inference policy")?;
+            assert_eq!(
+                inference["spec"]["podSelector"]["matchLabels"],
+                serde_json::json!({
+                    "app.kubernetes.io/component": "inference",
+                    "app.kubernetes.io/part-of": "copyhold"
+                })
+            );
+            let from: Vec<&Value> = inference["spec"]["ingress"][0]["from"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .collect();
+            let components: Vec<&Value> = from
+                .iter()
+                .map(|p| &p["podSelector"]["matchLabels"]["app.kubernetes.io/component"])
+                .collect();
+            assert_eq!(components, ["gateway", "controller"]);
+            let gw = named(&objects, "NetworkPolicy", "-gateway").context("gateway policy")?;
+            assert_eq!(gw["spec"]["ingress"][0]["ports"][0]["port"], 8080);
+        }
+
+        let dashboards = of_kind(&objects, "ConfigMap");
+        if has("dashboards.enabled=true") {
+            let cm = dashboards.first().context("dashboards ConfigMap")?;
+            assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+            let data = cm["data"].as_object().unwrap();
+            for d in ["energy", "commons", "serving", "fleet"] {
+                let json = data[&format!("copyhold-{d}.json")].as_str().unwrap();
+                let parsed: Value = serde_json::from_str(json)?;
+                assert!(parsed["panels"].as_array().is_some_and(|p| !p.is_empty()));
+            }
+        } else {
+            assert!(dashboards.is_empty());
         }
     }
     Ok(())
@@ -121,6 +409,59 @@ fn bad_values_fail_with_the_schema_message() -> Result<()> {
         "controller.bogus=1",
     ])?;
     assert!(!out.status.success(), "unknown keys are refused");
+    for (set, flag, message) in [
+        (
+            "gateway.replicas=-1",
+            "--set",
+            "at '/gateway/replicas': minimum: got -1, want 0",
+        ),
+        (
+            "gateway.replicas=two",
+            "--set-string",
+            "at '/gateway/replicas': got string, want integer",
+        ),
+        (
+            "gateway.service.type=Ingress",
+            "--set",
+            "at '/gateway/service/type': value must be one of",
+        ),
+        ("podSecurity.runAsUser=0", "--set", "/podSecurity/runAsUser"),
+    ] {
+        let out = run_helm(&["template", "copyhold", "charts/copyhold", flag, set])?;
+        assert!(!out.status.success(), "{set} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("don't meet the specifications of the schema") && err.contains(message),
+            "{set}: {err}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn the_chart_carries_the_current_dashboards() -> Result<()> {
+    let root = workspace_root();
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(root.join("dashboards"))? {
+        let path = entry?.path();
+        let name = path.file_name().context("file name")?.to_owned();
+        names.push(name.clone());
+        let chart_copy = root.join("charts/copyhold/dashboards").join(&name);
+        assert!(
+            std::fs::read_to_string(&path)?
+                == std::fs::read_to_string(&chart_copy).unwrap_or_default(),
+            "charts/copyhold/dashboards/{} differs from dashboards/: cp dashboards/*.json charts/copyhold/dashboards/",
+            name.to_string_lossy()
+        );
+    }
+    for entry in std::fs::read_dir(root.join("charts/copyhold/dashboards"))? {
+        let name = entry?.file_name();
+        assert!(
+            names.contains(&name),
+            "charts/copyhold/dashboards/{} is not in dashboards/",
+            name.to_string_lossy()
+        );
+    }
     Ok(())
 }
 
@@ -138,5 +479,290 @@ fn the_chart_carries_the_current_crds() -> Result<()> {
             name.to_string_lossy()
         );
     }
+    Ok(())
+}
+
+/// Uninstalls the release when dropped (also when a test fails midway).
+struct Release {
+    name: String,
+    namespace: String,
+    installed: bool,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        if self.installed {
+            let _ = cluster_helm(&["uninstall", &self.name, "-n", &self.namespace]);
+        }
+    }
+}
+
+/// What `sa` may do, as the API server's authorizer says.
+fn can_i(sa: &str, verb: &str, resource: &str, ns: Option<&str>) -> Result<bool> {
+    let (resource, sub) = match resource.split_once('/') {
+        Some((r, sub)) => (r, Some(format!("--subresource={sub}"))),
+        None => (resource, None),
+    };
+    let mut args = vec!["auth", "can-i", verb, resource, "--as", sa];
+    if let Some(sub) = &sub {
+        args.push(sub);
+    }
+    match ns {
+        Some(ns) => args.extend(["-n", ns]),
+        None => args.push("--all-namespaces"),
+    }
+    let out = kubectl(&args)?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim() == "yes")
+}
+
+#[tokio::test]
+async fn the_chart_installs_upgrades_and_uninstalls_keeping_the_registers() -> Result<()> {
+    install_crds().await?;
+    let ns = TestNamespace::create("chart")?;
+    let ns = ns.name.as_str();
+    // Helm names must be short; the namespace is unique already.
+    let release = format!("ch{}", &ns[ns.len().saturating_sub(8)..]);
+    let mut guard = Release {
+        name: release.clone(),
+        namespace: ns.to_owned(),
+        installed: false,
+    };
+
+    // A member's register, written to the status as the gateway would.
+    let quota = serde_json::json!({
+        "apiVersion": "copyhold.dev/v1alpha1",
+        "kind": "StintQuota",
+        "metadata": {"name": "register", "namespace": ns},
+        "spec": {
+            "members": [{"name": "bakery", "apiKeySecret": {"name": "member-bakery"}}],
+            "period": {"type": "calendar", "unit": "month"}
+        }
+    });
+    let file = std::env::temp_dir().join(format!("{ns}-quota.json"));
+    std::fs::write(&file, quota.to_string())?;
+    kubectl_ok(&["create", "-f", file.to_str().unwrap()])?;
+    let status = r#"{"status":{"memberCount":1,"members":[{"name":"bakery","promptTokens":100,"completionTokens":23,"tokens":123,"energyWh":0.5,"requests":3}]}}"#;
+    kubectl_ok(&[
+        "patch",
+        "stintquota",
+        "register",
+        "-n",
+        ns,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        status,
+    ])?;
+    let tokens = || -> Result<String> {
+        kubectl_ok(&[
+            "get",
+            "stintquota",
+            "register",
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={.status.members[0].tokens}",
+        ])
+    };
+    assert_eq!(tokens()?, "123");
+
+    // Bad values fail at install with the schema's message, leaving nothing.
+    let out = cluster_helm(&[
+        "install",
+        &format!("{release}-bad"),
+        "charts/copyhold",
+        "-n",
+        ns,
+        "--set",
+        "gateway.replicas=-1",
+    ])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("at '/gateway/replicas': minimum: got -1, want 0"),
+        "{err}"
+    );
+
+    // Without a kubelet `--wait` cannot succeed: check the objects instead.
+    // Client-side apply: the CRDs, already there, are left as they are
+    // (other tests on this cluster own their fields).
+    guard.installed = true;
+    cluster_helm_ok(&[
+        "install",
+        &release,
+        "charts/copyhold",
+        "-n",
+        ns,
+        "--server-side=false",
+        "--set",
+        "controller.replicas=1",
+        "--set",
+        "dashboards.enabled=true",
+    ])?;
+    let dashboards = kubectl_ok(&[
+        "get",
+        "configmaps",
+        "-n",
+        ns,
+        "-l",
+        "grafana_dashboard=1",
+        "-o",
+        "jsonpath={.items[*].metadata.name}",
+    ])?;
+    assert_eq!(dashboards, format!("{release}-copyhold-dashboards"));
+    let full = format!("{release}-copyhold");
+    let names = kubectl_ok(&[
+        "get",
+        "deployments,services,serviceaccounts,networkpolicies,roles,rolebindings",
+        "-n",
+        ns,
+        "-o",
+        "name",
+    ])?;
+    for want in [
+        format!("deployment.apps/{full}-controller"),
+        format!("deployment.apps/{full}-gateway"),
+        format!("service/{full}-gateway"),
+        format!("service/{full}-controller-metrics"),
+        format!("serviceaccount/{full}-gateway"),
+        format!("serviceaccount/{full}-controller"),
+        format!("networkpolicy.networking.k8s.io/{full}-gateway"),
+        format!("networkpolicy.networking.k8s.io/{full}-inference"),
+        format!("role.rbac.authorization.k8s.io/{full}-leader-election"),
+    ] {
+        assert!(names.lines().any(|l| l == want), "{want} missing:\n{names}");
+    }
+    for role in ["controller", "gateway"] {
+        kubectl_ok(&["get", "clusterrole", &format!("{full}-{role}")])?;
+    }
+    // The API server accepted the Deployments: the deployment controller
+    // observed them and made their ReplicaSets and Pods, with the security
+    // contexts the chart asked for.
+    copyhold_e2e::eventually(std::time::Duration::from_secs(60), || async {
+        for d in ["controller", "gateway"] {
+            let observed = kubectl_ok(&[
+                "get",
+                "deployment",
+                &format!("{full}-{d}"),
+                "-n",
+                ns,
+                "-o",
+                "jsonpath={.status.observedGeneration}/{.status.replicas}",
+            ])?;
+            let want = if d == "gateway" { "1/2" } else { "1/1" };
+            if observed != want {
+                bail!("{d}: observedGeneration/replicas {observed}, want {want}");
+            }
+        }
+        Ok(())
+    })
+    .await?;
+    let pods: Value = serde_json::from_str(&kubectl_ok(&[
+        "get",
+        "pods",
+        "-n",
+        ns,
+        "-l",
+        &format!("app.kubernetes.io/instance={release}"),
+        "-o",
+        "json",
+    ])?)?;
+    let pods = pods["items"].as_array().cloned().unwrap_or_default();
+    assert_eq!(pods.len(), 3, "1 controller + 2 gateways");
+    for p in &pods {
+        assert_eq!(p["spec"]["securityContext"]["runAsNonRoot"], true);
+        assert_eq!(
+            p["spec"]["securityContext"]["seccompProfile"]["type"],
+            "RuntimeDefault"
+        );
+        assert_eq!(
+            p["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"],
+            true
+        );
+    }
+
+    // The policy a model namespace applies is accepted as it is shipped.
+    kubectl_ok(&[
+        "apply",
+        "--dry-run=server",
+        "-n",
+        ns,
+        "-f",
+        "examples/network-policy/model-namespace.yaml",
+    ])?;
+
+    // Least privilege, as the authorizer sees it.
+    let gw = format!("system:serviceaccount:{ns}:{full}-gateway");
+    for (verb, resource) in [
+        ("list", "secrets"),
+        ("watch", "pods"),
+        ("list", "stintquotas.copyhold.dev"),
+        ("watch", "modeldeployments.copyhold.dev"),
+        ("update", "stintquotas.copyhold.dev/status"),
+    ] {
+        assert!(
+            can_i(&gw, verb, resource, None)?,
+            "gateway cannot {verb} {resource}"
+        );
+    }
+    assert!(can_i(&gw, "list", "energybudgets.copyhold.dev", None)?);
+    for (verb, resource) in [
+        ("create", "secrets"),
+        ("delete", "pods"),
+        ("update", "stintquotas.copyhold.dev"),
+        ("patch", "modeldeployments.copyhold.dev"),
+        ("create", "deployments.apps"),
+        ("update", "energybudgets.copyhold.dev"),
+    ] {
+        assert!(
+            !can_i(&gw, verb, resource, Some(ns))?,
+            "gateway may {verb} {resource}"
+        );
+    }
+
+    // An upgrade keeps the register.
+    cluster_helm_ok(&[
+        "upgrade",
+        &release,
+        "charts/copyhold",
+        "-n",
+        ns,
+        "--set",
+        "controller.replicas=1",
+        "--set",
+        "gateway.replicas=3",
+        "--set",
+        "networkPolicy.enabled=false",
+    ])?;
+    let replicas = kubectl_ok(&[
+        "get",
+        "deployment",
+        &format!("{full}-gateway"),
+        "-n",
+        ns,
+        "-o",
+        "jsonpath={.spec.replicas}",
+    ])?;
+    assert_eq!(replicas, "3");
+    let policies = kubectl_ok(&["get", "networkpolicies", "-n", ns, "-o", "name"])?;
+    assert!(policies.trim().is_empty(), "{policies}");
+    assert_eq!(tokens()?, "123", "the upgrade lost the register");
+
+    // Uninstall removes the release's objects and leaves the CRDs and the
+    // users' objects.
+    cluster_helm_ok(&["uninstall", &release, "-n", ns])?;
+    guard.installed = false;
+    for crd in [
+        "stintquotas.copyhold.dev",
+        "modeldeployments.copyhold.dev",
+        "energybudgets.copyhold.dev",
+    ] {
+        kubectl_ok(&["get", "crd", crd])?;
+    }
+    assert_eq!(tokens()?, "123", "the uninstall lost the register");
+    let left = kubectl(&["get", "clusterrole", &format!("{full}-gateway")])?;
+    assert!(!left.status.success(), "the gateway's ClusterRole is left");
+    let left = kubectl_ok(&["get", "deployments", "-n", ns, "-o", "name"])?;
+    assert!(left.trim().is_empty(), "{left}");
     Ok(())
 }

@@ -28,6 +28,24 @@ pub struct Outcome {
     pub outcome: String,
 }
 
+/// Metric names without the `copyhold_node_` prefix (counters with their
+/// `_total`), for the docs and the dashboard test; a test below checks that
+/// `/metrics` (what [`Metrics::render`] prints) carries every one.
+pub const NAMES: &[&str] = &[
+    "requests_total",
+    "prompt_tokens_total",
+    "generation_tokens_total",
+    "queue_depth",
+    "running_sequences",
+    "kv_blocks_in_use",
+    "kv_blocks_total",
+    "power_watts",
+    "energy_joules_total",
+    "power_limit_watts",
+    "step_duration_seconds",
+    "preemptions_total",
+];
+
 /// Every metric the node exports.
 pub struct Metrics {
     pub registry: Registry,
@@ -125,6 +143,11 @@ impl Metrics {
             "Engine step duration",
             m.step_seconds.clone(),
         );
+        r.register(
+            "preemptions",
+            "Sequences preempted for lack of KV blocks (recomputed later)",
+            m.preemptions.clone(),
+        );
         Metrics {
             registry: root,
             ..m
@@ -151,4 +174,24 @@ impl Metrics {
 /// Energy counter readable without the registry (tests, usage checks).
 pub fn load_f64(a: &AtomicU64) -> f64 {
     f64::from_bits(a.load(Ordering::Relaxed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_listed_name_is_exported() {
+        let m = Metrics::new();
+        // A family prints nothing until it has a series.
+        m.count("ok");
+        let text = m.render();
+        for name in NAMES {
+            let full = format!("copyhold_node_{name}");
+            assert!(
+                text.lines().any(|l| l.starts_with(&full)),
+                "{full} missing from\n{text}"
+            );
+        }
+    }
 }

@@ -22,6 +22,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: copyhold
 {{- end -}}
 
+{{/* Standard labels of one component: call with (dict "root" . "component" "gateway"). */}}
+{{- define "copyhold.componentLabels" -}}
+{{ include "copyhold.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
 {{/* Selector labels of one component. */}}
 {{- define "copyhold.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "copyhold.name" .root }}
@@ -37,16 +43,35 @@ app.kubernetes.io/component: {{ .component }}
 {{/* Restricted pod security: non-root, no privilege escalation, seccomp. */}}
 {{- define "copyhold.podSecurityContext" -}}
 runAsNonRoot: true
-runAsUser: 65532
-runAsGroup: 65532
+runAsUser: {{ .Values.podSecurity.runAsUser }}
+runAsGroup: {{ .Values.podSecurity.runAsGroup }}
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
 
+{{/* Restricted container security: read-only root, no capabilities. */}}
 {{- define "copyhold.containerSecurityContext" -}}
 allowPrivilegeEscalation: false
 readOnlyRootFilesystem: true
 runAsNonRoot: true
+runAsUser: {{ .Values.podSecurity.runAsUser }}
 capabilities:
   drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* The gateway's rules on namespaced objects. */}}
+{{- define "copyhold.gatewayNamespacedRules" -}}
+- apiGroups: ["copyhold.dev"]
+  resources: ["stintquotas", "modeldeployments"]
+  verbs: ["get", "list", "watch"]
+# The register: leased slices are written to the StintQuota's status.
+- apiGroups: ["copyhold.dev"]
+  resources: ["stintquotas/status"]
+  verbs: ["get", "update"]
+# Members' API keys (only their SHA-256 digests are kept) and the serving Pods.
+- apiGroups: [""]
+  resources: ["secrets", "pods"]
+  verbs: ["get", "list", "watch"]
 {{- end -}}
