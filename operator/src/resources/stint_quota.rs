@@ -25,7 +25,8 @@ use super::common::{Condition, Priority};
         type_ = "string",
         json_path = ".status.periodDescription"
     ),
-    printcolumn(name = "Resets", type_ = "date", json_path = ".status.resetsAt"),
+    // A future time: `date` columns show ages and print `<invalid>` for it.
+    printcolumn(name = "Resets", type_ = "string", json_path = ".status.resetsAt"),
     printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
     printcolumn(
         name = "Age",
