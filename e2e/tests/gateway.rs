@@ -191,6 +191,26 @@ impl Scene {
         Ok(self.gateways.len() - 1)
     }
 
+    /// Start `n` gateways and wait until each serves m1 (one "warm up"
+    /// request each: 3 prompt tokens, 1 completion token).
+    async fn replicas(&mut self, n: usize) -> Result<(reqwest::Client, Vec<String>)> {
+        for _ in 0..n {
+            self.gateway().await?;
+        }
+        let http = reqwest::Client::new();
+        let bases: Vec<String> = (0..n).map(|g| self.url(g)).collect();
+        for b in &bases {
+            let k = self.keys["m1"].clone();
+            eventually(Duration::from_secs(20), || async {
+                let x = stream_chat(&http, b, &k, "warm up", 1).await?;
+                ensure!(x.status == 200, "{}", x.status);
+                Ok(())
+            })
+            .await?;
+        }
+        Ok((http, bases))
+    }
+
     fn url(&self, g: usize) -> String {
         format!("http://{}", self.gateways[g].addr)
     }
@@ -788,20 +808,7 @@ async fn stint_ledger_exact_under_concurrency() -> Result<()> {
     s.serving_pod("up-0", &up.addr).await?;
     let up2 = standin(&["--tokens", "12", "--token-delay-ms", "3"])?;
     s.serving_pod("up-1", &up2.addr).await?;
-    for _ in 0..3 {
-        s.gateway().await?;
-    }
-    let http = reqwest::Client::new();
-    let bases: Vec<String> = (0..3).map(|g| s.url(g)).collect();
-    for b in &bases {
-        let k = s.keys["m1"].clone();
-        eventually(Duration::from_secs(20), || async {
-            let x = stream_chat(&http, b, &k, "warm up", 1).await?;
-            ensure!(x.status == 200, "{}", x.status);
-            Ok(())
-        })
-        .await?;
-    }
+    let (http, bases) = s.replicas(3).await?;
     let keys: Vec<(String, String)> = s.keys.iter().map(|(m, k)| (m.clone(), k.clone())).collect();
     let mut totals = load(http.clone(), Arc::new(bases.clone()), Arc::new(keys), 64, 4).await;
     // The three warm-up requests ("warm up": 3 prompt tokens, 1 completion).
@@ -868,20 +875,7 @@ async fn stint_ledger_survives_gateway_kill() -> Result<()> {
     .await?;
     let up = standin(&["--tokens", "30", "--token-delay-ms", "40"])?;
     s.serving_pod("up-0", &up.addr).await?;
-    for _ in 0..3 {
-        s.gateway().await?;
-    }
-    let http = reqwest::Client::new();
-    let bases: Vec<String> = (0..3).map(|g| s.url(g)).collect();
-    for b in &bases {
-        let k = s.keys["m1"].clone();
-        eventually(Duration::from_secs(20), || async {
-            let x = stream_chat(&http, b, &k, "warm up", 1).await?;
-            ensure!(x.status == 200, "{}", x.status);
-            Ok(())
-        })
-        .await?;
-    }
+    let (http, bases) = s.replicas(3).await?;
     let victim = s.gateways[0]
         .line
         .split_whitespace()

@@ -565,8 +565,6 @@ async fn serve(
             .inc();
         return Ok(r);
     }
-    meter.charge_on_drop = true;
-
     if !checked.stream {
         let body = match read_limited(resp, s.settings.idle_timeout).await {
             Ok(b) => b,
@@ -707,6 +705,10 @@ async fn forward(
             break;
         };
         let url = format!("{}{}", replica.base_url, ep.path());
+        // From here an engine may be working on it: a client that leaves
+        // while we wait is charged the reservation (the explicit outcomes
+        // below settle first and win).
+        meter.charge_on_drop = true;
         let send = s
             .http
             .post(&url)
