@@ -15,6 +15,11 @@
 //! | 4 | defer | the budget's `Deferring` condition: the gateway answers deferrable requests 503 + `Retry-After` |
 //!
 //! Rules:
+//! - Power cap: continuous. While it is in force its limit is set every
+//!   evaluation between `minPercent` and 100 % of rated power so the draw
+//!   fills the allowance less the hysteresis band ([`Ladder::cap_fraction`],
+//!   [`Outcome::cap`]); changing it is not a step change. The ladder steps
+//!   past it only when `minPercent` is not enough.
 //! - Down: while draw exceeds the allowance, take rungs in order, as many
 //!   in one evaluation as the callers' estimates of their savings say are
 //!   needed (at least one), right away: the allowance is the hard line.
@@ -175,6 +180,9 @@ pub struct Ladder {
     /// After a step down, time for it to take effect (Pods to stop, limits
     /// to bite) before another is taken on a draw that has not fallen yet.
     pub settle: Duration,
+    /// The power cap's lowest limit, as a fraction of rated power
+    /// (`powerCap.minPercent`).
+    pub min_cap: f64,
 }
 
 impl Ladder {
@@ -198,6 +206,7 @@ impl Ladder {
             hysteresis: (p.hysteresis_percent / 100.0).clamp(0.0, 1.0),
             dwell: parse_duration(&p.dwell)?,
             settle: Duration::ZERO,
+            min_cap: (p.power_cap.min_percent / 100.0).clamp(0.0, 1.0),
         })
     }
 
@@ -222,20 +231,70 @@ impl Ladder {
         self.active(step).last()
     }
 
+    /// The power limit (fraction of rated power) that brings a draw of
+    /// `uncapped` watts (what the nodes would draw with no cap) down to the
+    /// allowance less the hysteresis band: the inverse of [`draw_factor`]
+    /// at `allowance × (1 − hysteresis) / uncapped`, floored to a whole
+    /// percent (so the draw stays at or under that target) and clamped to
+    /// `[min_cap, 1]`. At `min_cap` the draw may still be over the target.
+    pub fn cap_fraction(&self, allowance: f64, uncapped: f64) -> f64 {
+        let target = allowance.max(0.0) * (1.0 - self.hysteresis);
+        let want = if uncapped.is_nan() {
+            0.0
+        } else if uncapped <= 0.0 {
+            1.0
+        } else {
+            limit_for_factor(target / uncapped)
+        };
+        ((want * 100.0 + 1e-9).floor() / 100.0).clamp(self.min_cap, 1.0)
+    }
+
+    /// The power limit to apply at `step` (`None` where the cap is not in
+    /// force): continuous ([`Ladder::cap_fraction`]) when the reading says
+    /// what the nodes would draw uncapped at that step (the step stayed,
+    /// or the power cap was just taken from step 0, which it does not
+    /// change); `min_cap` otherwise (a shedding rung just taken or undone,
+    /// or no estimate).
+    fn cap_at(&self, step: u8, before: u8, r: &Reading) -> Option<f64> {
+        if !self.in_force(step, Rung::PowerCap) {
+            return None;
+        }
+        let same_plant = step == before || (before == 0 && self.top(step) == Some(Rung::PowerCap));
+        match r.uncapped {
+            Some(u) if same_plant => Some(self.cap_fraction(r.allowance, u)),
+            _ => Some(self.min_cap),
+        }
+    }
+
     /// Decide what to do now. Pure: the same state and reading always give
     /// the same outcome.
     pub fn evaluate(&self, state: &LadderState, r: &Reading) -> Outcome {
+        let current = self.top(state.step).map_or(0, Rung::step);
+        let mut out = self.decide(state, r);
+        out.cap = self.cap_at(out.state.step, current, r);
+        out
+    }
+
+    fn decide(&self, state: &LadderState, r: &Reading) -> Outcome {
         let mut next = state.clone();
         // A policy change may leave the step between enabled rungs: the
         // highest enabled rung at or below it is what is in force.
         let current = self.top(state.step).map_or(0, Rung::step);
         next.step = current;
+        // With the power cap in force and an uncapped estimate, the limit
+        // is re-set every evaluation: the draw to judge is the one under
+        // the limit this evaluation sets, not the one read under the last.
+        let capped = self.in_force(current, Rung::PowerCap);
+        let draw = match r.uncapped {
+            Some(u) if capped => u.max(0.0) * draw_factor(self.cap_fraction(r.allowance, u)),
+            _ => r.draw,
+        };
         let since_change = state
             .last_change
             .map(|t| (r.now - t).to_std().unwrap_or(Duration::ZERO));
         let dwell_passed = since_change.is_none_or(|d| d >= self.dwell);
 
-        if r.draw > r.allowance {
+        if draw > r.allowance {
             next.headroom_since = None;
             let climbed_recently = state.last_direction == Some(Direction::Up) && !dwell_passed;
             if climbed_recently {
@@ -246,7 +305,7 @@ impl Ladder {
             if settling {
                 return Outcome::hold(next, Hold::Settling);
             }
-            let mut projected = r.draw;
+            let mut projected = draw;
             let mut target = current;
             for rung in self.rungs.iter().copied().filter(|x| x.step() > current) {
                 target = rung.step();
@@ -269,6 +328,7 @@ impl Ladder {
                 }),
                 state: next,
                 hold: None,
+                cap: None,
             };
         }
 
@@ -276,7 +336,14 @@ impl Ladder {
             next.headroom_since = None;
             return Outcome::hold(next, Hold::Within);
         };
-        let after = r.draw + r.restore.get(top).max(0.0);
+        // With an uncapped estimate: undoing the power cap restores the
+        // uncapped draw; undoing a rung above it restores the rung's
+        // (uncapped) estimate under the lowest limit.
+        let after = match r.uncapped {
+            Some(u) if top == Rung::PowerCap => u,
+            Some(u) if capped => (u + r.restore.get(top).max(0.0)) * draw_factor(self.min_cap),
+            _ => r.draw + r.restore.get(top).max(0.0),
+        };
         let holds = r.allowance - after >= self.hysteresis * r.allowance;
         if !holds {
             next.headroom_since = None;
@@ -305,6 +372,7 @@ impl Ladder {
             }),
             state: next,
             hold: None,
+            cap: None,
         }
     }
 
@@ -386,6 +454,12 @@ pub struct Reading {
     pub savings: RungWatts,
     /// Estimated watts each rung in force would add back if undone now.
     pub restore: RungWatts,
+    /// What the nodes would draw now with no power cap, at the step in
+    /// force. With it, the power cap is continuous (see
+    /// [`Ladder::cap_fraction`]) and, while the cap is in force, `restore`
+    /// of the rungs above it is read as uncapped watts; without it, the
+    /// cap is `min_cap`.
+    pub uncapped: Option<f64>,
 }
 
 /// A change of step.
@@ -419,6 +493,10 @@ pub struct Outcome {
     pub state: LadderState,
     pub change: Option<StepChange>,
     pub hold: Option<Hold>,
+    /// The GPU power limit to set on the covered nodes, as a fraction of
+    /// their rated power; `None` when the power cap is not in force. Its
+    /// changes within a step are not step changes.
+    pub cap: Option<f64>,
 }
 
 impl Outcome {
@@ -427,6 +505,7 @@ impl Outcome {
             state,
             change: None,
             hold: Some(why),
+            cap: None,
         }
     }
 }
@@ -435,8 +514,20 @@ impl Outcome {
 /// `p` % of rated power lands about halfway between (cards rarely run at
 /// their full rating). The simulator's plant uses the same figure.
 pub fn cap_factor(min_percent: f64) -> f64 {
-    let p = (min_percent / 100.0).clamp(0.0, 1.0);
+    draw_factor(min_percent / 100.0)
+}
+
+/// Fraction of a busy node's draw left under a power limit of `limit`
+/// (fraction of rated power): `(1 + limit) / 2`, as [`cap_factor`].
+pub fn draw_factor(limit: f64) -> f64 {
+    let p = limit.clamp(0.0, 1.0);
     p + (1.0 - p) / 2.0
+}
+
+/// The power limit (fraction of rated power) that leaves `factor` of the
+/// draw: the inverse of [`draw_factor`], clamped to `[0, 1]`.
+pub fn limit_for_factor(factor: f64) -> f64 {
+    (2.0 * factor - 1.0).clamp(0.0, 1.0)
 }
 
 /// Share of a deferred model's draw that deferring its requests saves (the
@@ -540,6 +631,7 @@ mod tests {
             draw,
             savings: RungWatts([10.0; 4]),
             restore: RungWatts([10.0; 4]),
+            uncapped: None,
         }
     }
 
@@ -553,6 +645,140 @@ mod tests {
                 s.step
             })
             .collect()
+    }
+
+    fn with_uncapped(mut r: Reading, u: f64) -> Reading {
+        r.uncapped = Some(u);
+        r
+    }
+
+    #[test]
+    fn the_cap_fraction_tracks_the_allowance_less_the_band() {
+        let l = ladder(); // minPercent 60, hysteresis 10 %
+        assert_eq!(l.min_cap, 0.6);
+        // Target 90 W of 100 W uncapped: a draw factor of 0.9 → limit 0.8.
+        let f = l.cap_fraction(100.0, 100.0);
+        assert!((f - 0.8).abs() < 1e-9, "{f}");
+        // More allowance, higher limit; the draw lands on or under the target.
+        let mut last = 0.0;
+        for a in [90.0, 95.0, 100.0, 105.0, 110.0] {
+            let f = l.cap_fraction(a, 100.0);
+            assert!(f >= last, "monotone: {f} after {last}");
+            assert!(100.0 * draw_factor(f) <= a * 0.9 + 1e-9, "{a}: {f}");
+            last = f;
+        }
+    }
+
+    #[test]
+    fn the_cap_fraction_clamps_at_min_percent_and_never_exceeds_one() {
+        let l = ladder();
+        assert_eq!(l.cap_fraction(10.0, 1000.0), 0.6);
+        assert_eq!(l.cap_fraction(0.0, 1000.0), 0.6);
+        assert_eq!(l.cap_fraction(f64::NAN.max(0.0), f64::NAN), 0.6);
+        assert_eq!(l.cap_fraction(1000.0, 10.0), 1.0);
+        assert_eq!(l.cap_fraction(1000.0, 0.0), 1.0);
+        for u in (1..400).map(|i| f64::from(i) * 2.5) {
+            let f = l.cap_fraction(100.0, u);
+            assert!((0.6..=1.0).contains(&f), "{u}: {f}");
+        }
+    }
+
+    #[test]
+    fn the_cap_fraction_never_raises_the_draw_above_the_allowance() {
+        let l = ladder();
+        for a in (0..60).map(|i| f64::from(i) * 7.0) {
+            for u in (0..120).map(|i| f64::from(i) * 3.7) {
+                let f = l.cap_fraction(a, u);
+                let capped = u * draw_factor(f);
+                // Either the draw fits the allowance less the band, or
+                // the cap is already at its lowest (and the ladder steps on).
+                assert!(
+                    capped <= a * 0.9 + 1e-9 || f == l.min_cap,
+                    "a {a} u {u}: {f} → {capped}"
+                );
+                // Never more than the lowest limit would let through, once
+                // that is over the target.
+                assert!(capped <= (a * 0.9).max(u * draw_factor(l.min_cap)) + 1e-9);
+            }
+        }
+    }
+
+    #[test]
+    fn on_the_power_cap_rung_the_limit_follows_the_allowance_without_a_step_change() {
+        let l = ladder();
+        let mut s = LadderState::default();
+        // 105 W uncapped against 100 W: the cap is taken, set to fill 90 W.
+        let out = l.evaluate(&s, &with_uncapped(reading(0, 100.0, 105.0), 105.0));
+        assert_eq!(out.state.step, 1);
+        let f0 = out.cap.expect("capped");
+        assert!(105.0 * draw_factor(f0) <= 90.0 + 1e-9 && f0 > 0.6, "{f0}");
+        s = out.state;
+        // Demand rises to 120 W (read 120 × factor under the limit): the
+        // lowest limit (0.8 × 120 = 96 W) still fits, so no step down.
+        let out = l.evaluate(
+            &s,
+            &with_uncapped(reading(15, 100.0, 120.0 * draw_factor(f0)), 120.0),
+        );
+        assert_eq!(out.change, None);
+        assert_eq!(out.state.step, 1);
+        let f1 = out.cap.expect("capped");
+        assert!(f1 < f0 && f1 >= 0.6, "{f1} vs {f0}");
+        s = out.state;
+        // 130 W: even the lowest limit is not enough (104 W), so step on.
+        let out = l.evaluate(
+            &s,
+            &with_uncapped(reading(30, 100.0, 120.0 * draw_factor(f1)), 130.0),
+        );
+        assert_eq!(out.state.step, 2);
+        assert_eq!(out.cap, Some(0.6), "the limit is at its lowest past step 1");
+    }
+
+    #[test]
+    fn the_power_cap_is_lifted_once_the_uncapped_draw_fits_with_the_band_for_the_dwell() {
+        let l = ladder();
+        let mut s = LadderState::default();
+        let mut steps = vec![];
+        // 95 W uncapped: capped, and 95 > 90 keeps it on.
+        for now in (0..120).step_by(15) {
+            let out = l.evaluate(&s, &with_uncapped(reading(now, 100.0, 101.0), 95.0));
+            s = out.state;
+            steps.push(s.step);
+        }
+        assert!(steps.iter().all(|x| *x == 1), "{steps:?}");
+        // 89 W uncapped: the limit goes to 100 %, and after the dwell the
+        // cap is lifted (an Up change, no reversal).
+        let mut caps = vec![];
+        for now in (120..240).step_by(15) {
+            let out = l.evaluate(&s, &with_uncapped(reading(now, 100.0, 89.0), 89.0));
+            caps.push(out.cap);
+            s = out.state;
+        }
+        assert_eq!(caps[0], Some(1.0));
+        assert_eq!(s.step, 0);
+        assert_eq!(caps.last().copied().flatten(), None);
+        assert_eq!(s.last_direction, Some(Direction::Up));
+    }
+
+    #[test]
+    fn an_oscillating_demand_under_a_continuous_cap_never_reverses_within_the_dwell() {
+        let l = ladder();
+        let mut s = LadderState::default();
+        let mut last: Option<(i64, Direction)> = None;
+        let mut limit: Option<f64> = None;
+        for i in 0..2000 {
+            let now = i * 5;
+            let u = 60.0 + 80.0 * (((now / 35) % 7) as f64 / 6.0);
+            let capped = u * limit.map_or(1.0, draw_factor);
+            let out = l.evaluate(&s, &with_uncapped(reading(now, 100.0, capped), u));
+            if let Some(c) = out.change {
+                if let Some((t0, d0)) = last {
+                    assert!(d0 == c.direction || now - t0 >= 60, "reversed at {now}");
+                }
+                last = Some((now, c.direction));
+            }
+            limit = out.cap;
+            s = out.state;
+        }
     }
 
     #[test]

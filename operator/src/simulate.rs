@@ -4,7 +4,9 @@
 //! The plant: the cluster would draw the demand trace; its draw is split
 //! by priority (`--essential-share`, `--standard-share`, the rest
 //! deferrable). The ladder's rungs act on it as the controller's do:
-//! power capping leaves [`cap_factor`] of the draw, shedding a priority
+//! power capping at a limit leaves [`draw_factor`] of the draw (the limit
+//! is the ladder's own: set each evaluation between `minPercent` and 100 %
+//! of rated power to fill the allowance less the hysteresis band), shedding a priority
 //! leaves `--min-fraction` of its draw (its `minReplicas`), deferring cuts
 //! [`DEFER_SAVING`] of what deferrable work still draws, and those joules
 //! count as deferred requests (`--joules-per-request`). Each evaluation
@@ -22,7 +24,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::budget::{
-    self, DEFER_SAVING, Direction, Ladder, LadderState, Reading, Rung, RungWatts, cap_factor,
+    self, DEFER_SAVING, Direction, Ladder, LadderState, Reading, Rung, RungWatts, draw_factor,
 };
 use crate::resources::EnergyBudget;
 
@@ -202,6 +204,8 @@ pub struct Figures {
     pub requests_deferred: u64,
     pub transitions: u64,
     pub reversals_within_dwell: u64,
+    /// Changes of the power limit within a step (not step transitions).
+    pub power_limit_changes: u64,
 }
 
 /// Both baselines.
@@ -266,6 +270,7 @@ impl Acc {
                 as u64,
             transitions: 0,
             reversals_within_dwell: 0,
+            power_limit_changes: 0,
         }
     }
 }
@@ -295,7 +300,7 @@ pub fn simulate(
         ));
     }
     let ladder = Ladder::from_policy(&spec.policy).map_err(SimError::Input)?;
-    let cap = cap_factor(spec.policy.power_cap.min_percent);
+    let min_cap = draw_factor(ladder.min_cap);
     let dt = chrono::Duration::from_std(step).map_err(|e| SimError::Input(e.to_string()))?;
     let hours = step.as_secs_f64() / 3600.0;
     let mut times = Vec::new();
@@ -314,17 +319,23 @@ pub fn simulate(
     let mut transitions = 0u64;
     let mut reversals = 0u64;
     let mut last_change: Option<(DateTime<Utc>, Direction)> = None;
+    // The power limit in force (fraction of rated power), and its changes
+    // within a step.
+    let mut limit: Option<f64> = None;
+    let mut limit_changes = 0u64;
     for &now in &times {
         let s = at(supply, now);
         let d = at(demand, now);
         let allowance = budget::allowance(spec.ceiling_watts, s, spec.margin_percent);
         // The draw the controller would read under the step in force.
         let current = ladder.top(state.step).map_or(0, Rung::step);
-        let (draw_now, _) = plant.draw(&ladder, cap, current, d);
+        let in_force = draw_factor(limit.unwrap_or(ladder.min_cap));
+        let (draw_now, _) = plant.draw(&ladder, in_force, current, d);
+        let (uncapped, _) = plant.draw(&ladder, 1.0, current, d);
         let mut savings = RungWatts::default();
-        let mut prev = draw_now;
+        let mut prev = plant.draw(&ladder, min_cap, current, d).0;
         for r in ladder.rungs.iter().copied().filter(|r| r.step() > current) {
-            let (w, _) = plant.draw(&ladder, cap, r.step(), d);
+            let (w, _) = plant.draw(&ladder, min_cap, r.step(), d);
             savings.set(r, (prev - w).max(0.0));
             prev = w;
         }
@@ -336,8 +347,9 @@ pub fn simulate(
                 .copied()
                 .rfind(|r| r.step() < top.step())
                 .map_or(0, Rung::step);
-            let (w, _) = plant.draw(&ladder, cap, below, d);
-            restore.set(top, (w - draw_now).max(0.0));
+            // In uncapped watts (the ladder is given the uncapped draw).
+            let (w, _) = plant.draw(&ladder, 1.0, below, d);
+            restore.set(top, (w - uncapped).max(0.0));
         }
         let out = ladder.evaluate(
             &state,
@@ -347,6 +359,7 @@ pub fn simulate(
                 draw: draw_now,
                 savings,
                 restore,
+                uncapped: Some(uncapped),
             },
         );
         if let Some(c) = out.change {
@@ -359,8 +372,13 @@ pub fn simulate(
             }
             last_change = Some((now, c.direction));
         }
+        if out.change.is_none() && limit.is_some() && out.cap.is_some() && out.cap != limit {
+            limit_changes += 1;
+        }
+        limit = out.cap;
         state = out.state;
-        let (draw, deferred) = plant.draw(&ladder, cap, state.step, d);
+        let (draw, deferred) =
+            plant.draw(&ladder, draw_factor(limit.unwrap_or(1.0)), state.step, d);
         lad.add(draw, s, allowance, deferred, hours);
         none.add(d, s, allowance, 0.0, hours);
         let c = d.min(static_cap);
@@ -371,6 +389,7 @@ pub fn simulate(
     let mut ladder_figures = lad.figures(&plant);
     ladder_figures.transitions = transitions;
     ladder_figures.reversals_within_dwell = reversals;
+    ladder_figures.power_limit_changes = limit_changes;
     Ok(Report {
         ladder: ladder_figures,
         baselines: Baselines {
@@ -390,7 +409,7 @@ pub fn simulate(
 /// The side-by-side table.
 pub fn table(r: &Report) -> String {
     type Row = (&'static str, fn(&Figures) -> String);
-    let rows: [Row; 7] = [
+    let rows: [Row; 8] = [
         ("time within allowance (%)", |f| {
             format!("{:.2}", f.within_allowance_pct)
         }),
@@ -407,6 +426,9 @@ pub fn table(r: &Report) -> String {
         ("step transitions", |f| f.transitions.to_string()),
         ("reversals within dwell", |f| {
             f.reversals_within_dwell.to_string()
+        }),
+        ("power limit changes within a step", |f| {
+            f.power_limit_changes.to_string()
         }),
     ];
     let mut out = format!(

@@ -65,6 +65,27 @@ fn both_example_days_simulate_with_the_documented_json_and_no_reversal() -> Resu
         // Without a ladder nothing changes step or is deferred.
         assert_eq!(v["baselines"]["no_ladder"]["transitions"], 0);
         assert_eq!(v["baselines"]["no_ladder"]["requests_deferred"], 0);
+        assert!(v["power_limit_changes"].is_number(), "{day}: {v}");
+    }
+    Ok(())
+}
+
+/// The goals, on both example days: ≥ 99.5 % of the time within
+/// the allowance, no reversal within the dwell, and more renewable energy
+/// used than the static cap at the day's mean supply.
+#[test]
+fn the_ladder_meets_the_goals_on_both_example_days() -> Result<()> {
+    for day in ["supply-sunny.csv", "supply-cloudy.csv"] {
+        let out = simulate(day, &["--json"])?;
+        assert!(out.status.success(), "{day}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let f = |x: &serde_json::Value| x.as_f64().unwrap_or(f64::NAN);
+        assert!(f(&v["within_allowance_pct"]) >= 99.5, "{day}: {v}");
+        assert_eq!(v["reversals_within_dwell"], 0, "{day}: {v}");
+        assert!(
+            f(&v["renewable_used_wh"]) > f(&v["baselines"]["static_cap"]["renewable_used_wh"]),
+            "{day}: {v}"
+        );
     }
     Ok(())
 }

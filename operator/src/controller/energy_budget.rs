@@ -27,7 +27,7 @@ use tracing::Instrument;
 use super::FIELD_MANAGER;
 use crate::budget::{
     self, DEFER_SAVING, Direction, FailSafe, Ladder, LadderState, Reading, Rung, RungWatts,
-    cap_factor,
+    cap_factor, draw_factor,
 };
 use crate::conditions;
 use crate::draw::{self, EnginePod};
@@ -59,6 +59,9 @@ pub struct EnergyContext {
     pub watch_namespace: Option<String>,
     /// Power limits set, per budget: Pod key → watts.
     capped: std::sync::Mutex<HashMap<String, HashMap<String, f64>>>,
+    /// The power limit last decided, per budget (fraction of rated power):
+    /// how the uncapped draw is estimated from the capped one.
+    limits: std::sync::Mutex<HashMap<String, f64>>,
 }
 
 impl EnergyContext {
@@ -88,6 +91,7 @@ impl EnergyContext {
             model_deployments,
             watch_namespace,
             capped: Default::default(),
+            limits: Default::default(),
         }
     }
 }
@@ -344,6 +348,28 @@ async fn reconcile_inner(eb: &EnergyBudget, ctx: &EnergyContext) -> Result<Actio
             .and_then(Direction::parse),
         headroom_since: old.headroom_since.as_ref().and_then(to_chrono),
     };
+    // What the nodes would draw uncapped: the draw read, undone by the
+    // limit last set (`minPercent` when not known, e.g. after a restart,
+    // which overestimates it and so caps harder).
+    let uncapped = if ladder.in_force(state.step, Rung::PowerCap) {
+        let last = ctx
+            .limits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&name)
+            .copied()
+            .unwrap_or(ladder.min_cap);
+        draw_w / draw_factor(last)
+    } else {
+        draw_w
+    };
+    // The ladder reads the restore estimates of the rungs above the cap in
+    // uncapped watts; the Pods' draw was measured under the limit.
+    if draw_w > 0.0 {
+        for r in [Rung::ShedDeferrable, Rung::ShedStandard, Rung::Defer] {
+            restore.set(r, restore.get(r) * uncapped / draw_w);
+        }
+    }
     let outcome = ladder.evaluate(
         &state,
         &Reading {
@@ -352,8 +378,16 @@ async fn reconcile_inner(eb: &EnergyBudget, ctx: &EnergyContext) -> Result<Actio
             draw: draw_w,
             savings,
             restore,
+            uncapped: Some(uncapped),
         },
     );
+    {
+        let mut limits = ctx.limits.lock().unwrap_or_else(|p| p.into_inner());
+        match outcome.cap {
+            Some(f) => limits.insert(name.clone(), f),
+            None => limits.remove(&name),
+        };
+    }
     let step = outcome.state.step;
     let labels = EnergyMetrics::budget(&name);
     if let Some(c) = outcome.change {
@@ -435,14 +469,7 @@ async fn reconcile_inner(eb: &EnergyBudget, ctx: &EnergyContext) -> Result<Actio
             ));
         }
     }
-    let power_events = power_caps(
-        ctx,
-        eb,
-        &engine_pods,
-        &covered_nodes,
-        ladder.in_force(step, Rung::PowerCap),
-    )
-    .await;
+    let power_events = power_caps(ctx, eb, &engine_pods, &covered_nodes, outcome.cap).await;
     events.extend(power_events);
 
     // Status.
@@ -782,15 +809,17 @@ async fn set_shed_annotation(
     Ok(())
 }
 
-/// Set or clear power limits on the engine Pods of the covered nodes.
-/// Failures are Events (once per Pod and change), never errors.
+/// Set power limits (`limit` × the node GPUs' rated power) on the engine
+/// Pods of the covered nodes, or clear them (`None`). Failures are Events
+/// (once per Pod and change), never errors.
 async fn power_caps(
     ctx: &EnergyContext,
     eb: &EnergyBudget,
     pods: &[EnginePod],
     nodes: &[&Node],
-    in_force: bool,
+    limit: Option<f64>,
 ) -> Vec<Event> {
+    let in_force = limit.is_some();
     let name = eb.name_any();
     let policy = &eb.spec.policy.power_cap;
     let per_gpu: HashMap<String, f64> = nodes
@@ -805,13 +834,13 @@ async fn power_caps(
         .cloned()
         .unwrap_or_default();
     let mut work: Vec<(String, String, Option<f64>)> = Vec::new();
-    if in_force {
+    if let Some(limit) = limit {
         for p in pods {
             let rated = per_gpu.get(&p.node).copied().unwrap_or(0.0) * p.gpus.max(1.0);
             if rated <= 0.0 {
                 continue;
             }
-            let w = (rated * policy.min_percent / 100.0).round();
+            let w = (rated * limit).round();
             // A refusal is remembered as the negated setting.
             let prev = done.get(&p.key).copied();
             if prev != Some(w) && prev != Some(-w) {
