@@ -246,6 +246,8 @@ struct Fail {
     err: ApiError,
     model: String,
     member: String,
+    /// Already counted by the request's meter.
+    counted: bool,
 }
 
 fn fail(err: ApiError, model: &str, member: &str) -> Fail {
@@ -253,6 +255,15 @@ fn fail(err: ApiError, model: &str, member: &str) -> Fail {
         err,
         model: model.into(),
         member: member.into(),
+        counted: false,
+    }
+}
+
+/// A failure after metering began: the meter has counted it.
+fn metered_fail(err: ApiError, model: &str, member: &str) -> Fail {
+    Fail {
+        counted: true,
+        ..fail(err, model, member)
     }
 }
 
@@ -261,6 +272,9 @@ async fn handle(s: Arc<AppState>, ep: Endpoint, headers: HeaderMap, body: Body) 
     match serve(&s, ep, &headers, body, started).await {
         Ok(r) => r,
         Err(f) => {
+            if f.counted {
+                return f.err.into_response();
+            }
             s.metrics
                 .requests
                 .get_or_create(&RequestLabels {
@@ -502,14 +516,18 @@ async fn serve(
         Ok(b) => Bytes::from(b),
         Err(e) => {
             meter.nothing(500);
-            return Err(fail(ApiError::internal(e.to_string()), &model, &member));
+            return Err(metered_fail(
+                ApiError::internal(e.to_string()),
+                &model,
+                &member,
+            ));
         }
     };
     let resp = match forward(s, &target, ep, &checked, upstream_body, &mut meter).await {
         Ok(r) => r,
         Err(e) => {
             meter.nothing(e.status.as_u16());
-            return Err(fail(e, &model, &member));
+            return Err(metered_fail(e, &model, &member));
         }
     };
 
@@ -535,34 +553,27 @@ async fn serve(
         let text = read_limited(resp, s.settings.idle_timeout)
             .await
             .unwrap_or_default();
-        meter.nothing(status.as_u16());
         if status.is_server_error() {
+            meter.nothing(502);
             count_upstream_error(s, &model, "status");
             let msg = serde_json::from_slice::<Value>(&text)
                 .ok()
                 .and_then(|v| v["error"]["message"].as_str().map(String::from))
                 .unwrap_or_else(|| String::from_utf8_lossy(&text).chars().take(200).collect());
-            return Err(fail(
+            return Err(metered_fail(
                 ApiError::bad_gateway(format!("the model server answered {status}: {msg}")),
                 &model,
                 &member,
             ));
         }
         // A 4xx from the engine is the client's: pass it on as it is.
+        meter.nothing(status.as_u16());
         let mut r = Response::new(Body::from(text));
         *r.status_mut() = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
         r.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        s.metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                model,
-                member,
-                code: status.as_u16().to_string(),
-            })
-            .inc();
         return Ok(r);
     }
     if !checked.stream {
@@ -573,7 +584,7 @@ async fn serve(
                 // The engine did work we cannot measure: the bound is charged.
                 meter.code = 502;
                 drop(meter);
-                return Err(fail(
+                return Err(metered_fail(
                     ApiError::bad_gateway("the model server's response broke off"),
                     &model,
                     &member,
