@@ -266,6 +266,33 @@ pub fn workspace_bin(package: &str, name: &str) -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// The kubelet stand-in for `namespace`, running copyhold-node images as
+/// `node_bin` on Pod IPs under `ip_prefix`, logging under a temp directory
+/// named for `log_name`; stopped when dropped.
+pub fn start_kubelet(
+    kubelet_bin: &Path,
+    namespace: &str,
+    ip_prefix: &str,
+    node_bin: &Path,
+    log_name: &str,
+) -> Result<ChildGuard> {
+    let log_dir = std::env::temp_dir().join(format!("copyhold-kubelet-{log_name}"));
+    let child = Command::new(kubelet_bin)
+        .args(["--namespace", namespace, "--ip-prefix", ip_prefix])
+        .arg("--image")
+        .arg(format!(
+            "ghcr.io/copyhold/copyhold-node={}",
+            node_bin.display()
+        ))
+        .arg("--log-dir")
+        .arg(log_dir)
+        .env("KUBECONFIG", kubeconfig()?)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("starting the kubelet stand-in")?;
+    Ok(ChildGuard(child))
+}
+
 /// A child process killed when dropped.
 pub struct ChildGuard(pub std::process::Child);
 

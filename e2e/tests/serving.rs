@@ -28,24 +28,13 @@ async fn a_model_deployment_of_a_fixture_model_really_serves() -> Result<()> {
     let model_dir =
         std::fs::canonicalize(fixtures().join("tiny-llama")).context("fixtures/tiny-llama")?;
 
-    let _kubelet = ChildGuard(
-        Command::new(env!("CARGO_BIN_EXE_copyhold-kubelet"))
-            .args(["--namespace", &ns.name, "--ip-prefix", "127.0.101"])
-            .arg("--image")
-            .arg(format!(
-                "ghcr.io/copyhold/copyhold-node={}",
-                node_bin.display()
-            ))
-            .args([
-                "--log-dir",
-                &std::env::temp_dir()
-                    .join("copyhold-kubelet-e2e")
-                    .to_string_lossy(),
-            ])
-            .env("KUBECONFIG", &kc)
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
+    let _kubelet = copyhold_e2e::start_kubelet(
+        std::path::Path::new(env!("CARGO_BIN_EXE_copyhold-kubelet")),
+        &ns.name,
+        "127.0.101",
+        &node_bin,
+        "e2e",
+    )?;
     let _controller = ChildGuard(
         Command::new(controller_bin)
             .args([

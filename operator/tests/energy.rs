@@ -57,15 +57,6 @@ fn deployment_replicas(d: &Deployment) -> i32 {
     d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(-1)
 }
 
-/// Aborts a background task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// A JSON endpoint like an inverter's, on loopback, until dropped.
 struct Inverter {
     url: String,
@@ -111,44 +102,10 @@ async fn a_budget_sheds_a_deferrable_model_restores_it_after_the_dwell_and_falls
     let budget = format!("energy-{}", &ns.name[ns.name.len().saturating_sub(8)..]);
     let _budget_guard = BudgetGuard(budget.clone());
 
-    // The test cluster is shared: other worktrees' tests re-apply their own
-    // CRDs, which may lack this branch's EnergyBudget status fields. Keep
-    // ours in place while this test runs (only the EnergyBudget CRD).
-    let crd_keeper = tokio::spawn(async {
-        loop {
-            let _ = support::kubectl(&[
-                "apply",
-                "--server-side",
-                "--force-conflicts",
-                "--field-manager=copyhold-e2e",
-                "-f",
-                "crds/energybudgets.copyhold.dev.yaml",
-            ]);
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        }
-    });
-    let _crd_keeper = AbortOnDrop(crd_keeper);
     // Pod IPs of this run only: a Pod process left by an earlier, failed run
     // must not hold our addresses.
     let ip_prefix = format!("127.102.{}", std::process::id() % 250);
-    let _kubelet = ChildGuard(
-        Command::new(kubelet_bin)
-            .args(["--namespace", &ns.name, "--ip-prefix", &ip_prefix])
-            .arg("--image")
-            .arg(format!(
-                "ghcr.io/copyhold/copyhold-node={}",
-                node_bin.display()
-            ))
-            .args([
-                "--log-dir",
-                &std::env::temp_dir()
-                    .join("copyhold-kubelet-energy")
-                    .to_string_lossy(),
-            ])
-            .env("KUBECONFIG", &kc)
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
+    let _kubelet = support::start_kubelet(&kubelet_bin, &ns.name, &ip_prefix, &node_bin, "energy")?;
     let _controller = ChildGuard(
         Command::new(env!("CARGO_BIN_EXE_copyhold"))
             .args(["controller", "--metrics-addr", "127.0.0.1:0"])
