@@ -275,22 +275,81 @@ pub fn start_kubelet(
     ip_prefix: &str,
     node_bin: &Path,
     log_name: &str,
-) -> Result<ChildGuard> {
-    let log_dir = std::env::temp_dir().join(format!("copyhold-kubelet-{log_name}"));
-    let child = Command::new(kubelet_bin)
-        .args(["--namespace", namespace, "--ip-prefix", ip_prefix])
-        .arg("--image")
-        .arg(format!(
-            "ghcr.io/copyhold/copyhold-node={}",
-            node_bin.display()
-        ))
+) -> Result<KubeletGuard> {
+    start_kubelet_for(
+        kubelet_bin,
+        &[namespace],
+        ip_prefix,
+        &[("ghcr.io/copyhold/copyhold-node", node_bin)],
+        log_name,
+    )
+}
+
+/// The kubelet stand-in for Pods of `namespaces`, each image prefix mapped
+/// to a binary (the first matching prefix wins), on Pod IPs under
+/// `ip_prefix`; Pod logs in `<tmp>/copyhold-kubelet-<log_name>/`.
+pub fn start_kubelet_for(
+    kubelet_bin: &Path,
+    namespaces: &[&str],
+    ip_prefix: &str,
+    images: &[(&str, &Path)],
+    log_name: &str,
+) -> Result<KubeletGuard> {
+    let log_dir = kubelet_log_dir(log_name);
+    let mut cmd = Command::new(kubelet_bin);
+    cmd.arg("--namespace")
+        .arg(namespaces.join(","))
+        .args(["--ip-prefix", ip_prefix]);
+    for (prefix, bin) in images {
+        cmd.arg("--image")
+            .arg(format!("{prefix}={}", bin.display()));
+    }
+    let child = cmd
         .arg("--log-dir")
-        .arg(log_dir)
+        .arg(&log_dir)
         .env("KUBECONFIG", kubeconfig()?)
         .stdout(std::process::Stdio::null())
+        .stderr(
+            std::fs::File::create(log_dir.with_extension("log"))
+                .map_or_else(|_| std::process::Stdio::null(), std::process::Stdio::from),
+        )
         .spawn()
         .context("starting the kubelet stand-in")?;
-    Ok(ChildGuard(child))
+    Ok(KubeletGuard(child))
+}
+
+/// The kubelet stand-in, stopped when dropped with SIGTERM, so it stops its
+/// Pods' processes first (a SIGKILL would orphan them); killed after 20 s.
+pub struct KubeletGuard(std::process::Child);
+
+impl Drop for KubeletGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        for _ in 0..200 {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Where the stand-in named `log_name` writes its Pods' logs.
+pub fn kubelet_log_dir(log_name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("copyhold-kubelet-{log_name}"))
+}
+
+/// Whether the tests run on the local control plane of `e2e/cluster.sh`
+/// (Pods run by the kubelet stand-in) rather than a cluster given by
+/// `KUBECONFIG` (real kubelets).
+pub fn local_cluster() -> Result<bool> {
+    let kc = Kubeconfig::read_from(kubeconfig()?)?;
+    // `e2e/cluster.sh` names its context so.
+    Ok(kc.current_context.as_deref() == Some("copyhold-test"))
 }
 
 /// A child process killed when dropped.
@@ -308,4 +367,79 @@ pub fn fixtures() -> PathBuf {
     std::env::var_os("COPYHOLD_FIXTURES")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("../shared/fixtures"))
+}
+
+/// The cache directory of builds and tools (`~/.cache/copyhold`).
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("COPYHOLD_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/copyhold")
+        })
+}
+
+/// helm, fetched by `e2e/cluster.sh tools` when missing.
+pub fn helm() -> Result<PathBuf> {
+    let helm = cache_dir().join("bin/helm");
+    if !helm.exists() {
+        let st = Command::new("bash")
+            .arg(workspace_root().join("e2e/cluster.sh"))
+            .arg("tools")
+            .status()?;
+        anyhow::ensure!(st.success(), "e2e/cluster.sh tools failed");
+    }
+    Ok(helm)
+}
+
+/// helm against the test cluster, from the workspace root.
+pub fn cluster_helm(args: &[&str]) -> Result<Output> {
+    Ok(Command::new(helm()?)
+        .args(args)
+        .env("KUBECONFIG", kubeconfig()?)
+        .current_dir(workspace_root())
+        .output()?)
+}
+
+/// [`cluster_helm`], failing with helm's output unless it succeeds.
+pub fn cluster_helm_ok(args: &[&str]) -> Result<String> {
+    let out = cluster_helm(args)?;
+    if !out.status.success() {
+        bail!(
+            "helm {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A Python with the official `openai` client, in the cache's venv.
+pub fn openai_python() -> Result<PathBuf> {
+    let venv = cache_dir().join("venv");
+    let py = venv.join("bin/python");
+    let ok = Command::new(&py)
+        .args(["-c", "import openai"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        anyhow::ensure!(
+            Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&venv)
+                .status()?
+                .success(),
+            "python3 -m venv {}",
+            venv.display()
+        );
+        anyhow::ensure!(
+            Command::new(venv.join("bin/pip"))
+                .args(["install", "-q", "openai"])
+                .status()?
+                .success(),
+            "pip install openai"
+        );
+    }
+    Ok(py)
 }

@@ -4,57 +4,20 @@
 //! installs, upgrades and uninstalls on the test cluster keeping the users'
 //! objects.
 
-use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use anyhow::{Context, Result, bail};
-use copyhold_e2e::{TestNamespace, install_crds, kubectl, kubectl_ok, workspace_root};
+use copyhold_e2e::{
+    TestNamespace, cluster_helm, cluster_helm_ok, helm, install_crds, kubectl, kubectl_ok,
+    workspace_root,
+};
 use serde_json::Value;
-
-fn helm() -> Result<PathBuf> {
-    let cache = std::env::var_os("COPYHOLD_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/copyhold")))
-        .context("no HOME")?;
-    let helm = cache.join("bin/helm");
-    if !helm.exists() {
-        // `e2e/cluster.sh tools` fetches helm with the rest.
-        let st = Command::new("bash")
-            .arg(workspace_root().join("e2e/cluster.sh"))
-            .arg("tools")
-            .status()?;
-        anyhow::ensure!(st.success(), "e2e/cluster.sh tools failed");
-    }
-    Ok(helm)
-}
 
 fn run_helm(args: &[&str]) -> Result<Output> {
     Ok(Command::new(helm()?)
         .args(args)
         .current_dir(workspace_root())
         .output()?)
-}
-
-/// helm against the test cluster.
-fn cluster_helm(args: &[&str]) -> Result<Output> {
-    Ok(Command::new(helm()?)
-        .args(args)
-        .env("KUBECONFIG", copyhold_e2e::kubeconfig()?)
-        .current_dir(workspace_root())
-        .output()?)
-}
-
-fn cluster_helm_ok(args: &[&str]) -> Result<String> {
-    let out = cluster_helm(args)?;
-    if !out.status.success() {
-        bail!(
-            "helm {} failed: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// `helm template` with `set`, as parsed objects.

@@ -285,40 +285,6 @@ async fn stream_chat(
     Ok(seen)
 }
 
-fn openai_python() -> Result<std::path::PathBuf> {
-    let cache = std::env::var("COPYHOLD_CACHE")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| {
-            std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                .join(".cache/copyhold")
-        });
-    let venv = cache.join("venv");
-    let py = venv.join("bin/python");
-    let ok = Command::new(&py)
-        .args(["-c", "import openai"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        ensure!(
-            Command::new("python3")
-                .args(["-m", "venv"])
-                .arg(&venv)
-                .status()?
-                .success(),
-            "venv"
-        );
-        ensure!(
-            Command::new(venv.join("bin/pip"))
-                .args(["install", "-q", "openai"])
-                .status()?
-                .success(),
-            "pip install openai"
-        );
-    }
-    Ok(py)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_openai_client_is_served_and_metered_through_the_gateway() -> Result<()> {
     let mut s = Scene::new(
@@ -377,7 +343,7 @@ async fn the_openai_client_is_served_and_metered_through_the_gateway() -> Result
     })
     .await?;
 
-    let out = Command::new(openai_python()?)
+    let out = Command::new(copyhold_e2e::openai_python()?)
         .arg(copyhold_e2e::workspace_root().join("e2e/tests/python/gateway_client.py"))
         .args([&base, &s.keys["ana"]])
         .output()?;

@@ -315,6 +315,11 @@ struct ControllerArgs {
     /// Reconcile only this namespace (all when absent).
     #[arg(long, env = "COPYHOLD_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
+    /// Reconcile only the EnergyBudgets this label selector matches (all when
+    /// absent): budgets are cluster-scoped, so two installs on one cluster
+    /// must not both act on the same budget.
+    #[arg(long, env = "COPYHOLD_BUDGET_SELECTOR")]
+    budget_selector: Option<String>,
     /// Seconds between resyncs of a healthy object.
     #[arg(long, env = "COPYHOLD_RESYNC_SECONDS", default_value_t = 300)]
     resync_seconds: u64,
@@ -367,6 +372,7 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
             },
             defaults,
             watch_namespace: args.watch_namespace,
+            budget_selector: args.budget_selector,
             resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
         };
         copyhold::controller::run(config, settings).await

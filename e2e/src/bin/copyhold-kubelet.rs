@@ -5,6 +5,12 @@
 //! Pod its own loopback address as its Pod IP, reports readiness from the
 //! container's readiness probe, restarts crashed processes, and stops them
 //! (and removes the Pod, as a kubelet confirms deletion) when Pods go away.
+//!
+//! Like a kubelet it gives a Pod its environment (values and the downward
+//! API's `fieldRef`s) and its ServiceAccount's credentials: a token from the
+//! TokenRequest API, bound to the Pod, handed over as a kubeconfig in
+//! `KUBECONFIG` (a local process cannot see the in-cluster token path), so a
+//! controller or gateway Pod acts with exactly the RBAC its chart gave it.
 #![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -17,8 +23,9 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use clap::Parser;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Container, Pod};
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Container, Pod, ServiceAccount};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, ResourceExt};
 use serde_json::json;
@@ -42,9 +49,9 @@ struct Args {
     /// First octet pair of Pod IPs: Pods get 127.<a>.<b>.<n>.
     #[arg(long, default_value = "127.0.100")]
     ip_prefix: String,
-    /// Only Pods of this namespace (all namespaces when absent).
-    #[arg(long)]
-    namespace: Option<String>,
+    /// Only Pods of these namespaces (comma-separated; all when absent).
+    #[arg(long, value_delimiter = ',')]
+    namespace: Vec<String>,
     /// Directory for each Pod's log file.
     #[arg(long, default_value = "/tmp/copyhold-kubelet")]
     log_dir: PathBuf,
@@ -66,8 +73,67 @@ struct Running {
 struct Kubelet {
     args: Args,
     client: Client,
+    /// The API server as this stand-in reaches it, for the Pods' kubeconfigs.
+    cluster: kube::config::Cluster,
     running: Mutex<HashMap<String, Running>>,
     next_ip: Mutex<u8>,
+}
+
+/// The container's environment: literal values and the downward API's
+/// fields, as a kubelet resolves them.
+fn container_env(pod: &Pod, c: &Container, ip: Ipv4Addr) -> Vec<(String, String)> {
+    let spec = pod.spec.as_ref();
+    let field = |path: &str| -> Option<String> {
+        match path {
+            "metadata.name" => Some(pod.name_any()),
+            "metadata.namespace" => pod.namespace(),
+            "metadata.uid" => pod.metadata.uid.clone(),
+            "spec.nodeName" => spec.and_then(|s| s.node_name.clone()),
+            "spec.serviceAccountName" => spec.and_then(|s| s.service_account_name.clone()),
+            "status.podIP" | "status.hostIP" => Some(ip.to_string()),
+            _ => {
+                let label = path
+                    .strip_prefix("metadata.labels['")
+                    .and_then(|r| r.strip_suffix("']"))?;
+                pod.labels().get(label).cloned()
+            }
+        }
+    };
+    let mut env = Vec::new();
+    for e in c.env.clone().unwrap_or_default() {
+        let value = match (e.value, e.value_from) {
+            (Some(v), _) => Some(v),
+            (None, Some(from)) => from.field_ref.and_then(|f| field(&f.field_path)),
+            (None, None) => Some(String::new()),
+        };
+        match value {
+            Some(v) => env.push((e.name, v)),
+            None => eprintln!(
+                "kubelet: {}: env {} is not resolvable here",
+                key(pod),
+                e.name
+            ),
+        }
+    }
+    env
+}
+
+/// Writes a file only its owner may read (tokens).
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(bytes)?;
+    Ok(())
 }
 
 fn key(p: &Pod) -> String {
@@ -124,9 +190,9 @@ impl Kubelet {
         Ok(argv
             .into_iter()
             .map(|a| {
-                if a == "0.0.0.0" {
-                    return ip.to_string();
-                }
+                // `0.0.0.0` and `0.0.0.0:PORT`, alone or in `--flag=…`: the
+                // Pod listens on its own address.
+                let a = a.replace("0.0.0.0", &ip.to_string());
                 for (mount, host) in &mounts {
                     if a == *mount {
                         return host.clone();
@@ -170,13 +236,12 @@ impl Kubelet {
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true);
-        for e in c.env.clone().unwrap_or_default() {
-            if let Some(v) = e.value {
-                cmd.env(e.name, v);
-            }
+        for (name, value) in container_env(pod, &c, ip) {
+            cmd.env(name, value);
         }
-        cmd.env("POD_NAME", pod.name_any())
-            .env("POD_NAMESPACE", pod.namespace().unwrap_or_default());
+        if let Some(kubeconfig) = self.credentials(pod).await? {
+            cmd.env("KUBECONFIG", kubeconfig);
+        }
         let child = cmd.spawn().with_context(|| format!("starting {argv:?}"))?;
         eprintln!(
             "kubelet: started {} as pid {:?} on {ip}: {}",
@@ -193,6 +258,55 @@ impl Kubelet {
             },
         );
         self.report(pod, ip, false, restarts).await
+    }
+
+    /// The Pod's ServiceAccount credentials as a kubeconfig file, unless the
+    /// Pod opts out (`automountServiceAccountToken: false`).
+    async fn credentials(&self, pod: &Pod) -> Result<Option<PathBuf>> {
+        let spec = pod.spec.as_ref();
+        if spec.and_then(|s| s.automount_service_account_token) == Some(false) {
+            return Ok(None);
+        }
+        let ns = pod.namespace().unwrap_or_default();
+        let sa = spec
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".into());
+        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), &ns);
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: vec![],
+                // A week: long enough for a demo left running.
+                expiration_seconds: Some(7 * 24 * 3600),
+                bound_object_ref: Some(BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: Some(pod.name_any()),
+                    uid: pod.metadata.uid.clone(),
+                }),
+            },
+            ..Default::default()
+        };
+        let token = api
+            .create_token_request(&sa, &PostParams::default(), &request)
+            .await
+            .with_context(|| format!("a token for ServiceAccount {ns}/{sa}"))?
+            .status
+            .map(|s| s.token)
+            .context("the TokenRequest has no status")?;
+        let config = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "cluster", "cluster": self.cluster}],
+            "users": [{"name": sa, "user": {"token": token}}],
+            "contexts": [{"name": "pod", "context": {"cluster": "cluster", "user": sa, "namespace": ns}}],
+            "current-context": "pod",
+        });
+        let path = self
+            .args
+            .log_dir
+            .join(format!("{ns}_{}.kubeconfig", pod.name_any()));
+        write_private(&path, serde_yaml::to_string(&config)?.as_bytes())?;
+        Ok(Some(path))
     }
 
     async fn report(&self, pod: &Pod, ip: Ipv4Addr, ready: bool, restarts: i32) -> Result<()> {
@@ -240,7 +354,9 @@ impl Kubelet {
     }
 
     async fn stop(&self, k: &str) {
-        if let Some(mut r) = self.running.lock().await.remove(k) {
+        // Not held while the process winds down: stops run side by side.
+        let removed = self.running.lock().await.remove(k);
+        if let Some(mut r) = removed {
             if let Some(pid) = r.child.id() {
                 let _ = std::process::Command::new("kill")
                     .arg("-TERM")
@@ -382,22 +498,55 @@ impl Kubelet {
     }
 }
 
+/// The cluster entry of this stand-in's own kubeconfig (server and CA).
+fn own_cluster() -> Result<kube::config::Cluster> {
+    let config = kube::config::Kubeconfig::read().context("reading the kubeconfig")?;
+    let context = config
+        .current_context
+        .as_deref()
+        .context("the kubeconfig has no current context")?;
+    let cluster = config
+        .contexts
+        .iter()
+        .find(|c| c.name == context)
+        .and_then(|c| c.context.as_ref())
+        .map(|c| c.cluster.clone())
+        .context("the current context is not in the kubeconfig")?;
+    config
+        .clusters
+        .into_iter()
+        .find(|c| c.name == cluster)
+        .and_then(|c| c.cluster)
+        .context("the current cluster is not in the kubeconfig")
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
     let client = Client::try_default().await?;
+    let cluster = own_cluster()?;
     let kubelet = Arc::new(Kubelet {
         args,
         client: client.clone(),
+        cluster,
         running: Mutex::default(),
         next_ip: Mutex::new(1),
     });
     tokio::spawn(kubelet.clone().supervise());
-    let pods: Api<Pod> = match &kubelet.args.namespace {
-        Some(ns) => Api::namespaced(client, ns),
-        None => Api::all(client),
+    let apis: Vec<Api<Pod>> = if kubelet.args.namespace.is_empty() {
+        vec![Api::all(client)]
+    } else {
+        kubelet
+            .args
+            .namespace
+            .iter()
+            .map(|ns| Api::namespaced(client.clone(), ns))
+            .collect()
     };
-    let mut stream = watcher::watcher(pods, watcher::Config::default()).boxed();
+    let mut stream = futures::stream::select_all(
+        apis.into_iter()
+            .map(|api| watcher::watcher(api, watcher::Config::default()).boxed()),
+    );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut shutdown = Box::pin(async move {
         tokio::select! {
@@ -418,8 +567,6 @@ async fn main() -> Result<()> {
         }
     }
     let keys: Vec<String> = kubelet.running.lock().await.keys().cloned().collect();
-    for k in keys {
-        kubelet.stop(&k).await;
-    }
+    futures::future::join_all(keys.iter().map(|k| kubelet.stop(k))).await;
     Ok(())
 }

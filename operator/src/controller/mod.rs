@@ -46,6 +46,9 @@ pub struct Settings {
     /// Only reconcile objects of this namespace (a namespaced install);
     /// all namespaces when `None`. Placement always sees the whole fleet.
     pub watch_namespace: Option<String>,
+    /// Only reconcile EnergyBudgets matching this label selector; all when
+    /// `None`.
+    pub budget_selector: Option<String>,
     /// Requeue period of a healthy object (drift is also caught by watches).
     pub resync: Duration,
 }
@@ -234,11 +237,15 @@ pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()>
             settings.timing.clone(),
         );
         tracing::info!(identity = %settings.identity, lease = %settings.lease_name, "waiting to become leader");
+        // A standby is ready: it is what a rollout waits for, and it serves
+        // its metrics. Once leading, it is ready again when its watches are.
+        ready.store(true, std::sync::atomic::Ordering::Relaxed);
         tokio::select! {
             r = e.acquire() => r?,
             _ = shutdown_signal() => return Ok(()),
         }
         tracing::info!(identity = %settings.identity, "became leader");
+        ready.store(false, std::sync::atomic::Ordering::Relaxed);
         Some(e)
     } else {
         None
@@ -332,10 +339,13 @@ pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()>
     let (budgets, budget_writer) = reflector::store::<EnergyBudget>();
     let budget_stream = reflector::reflector(
         budget_writer,
-        watcher(
-            Api::<EnergyBudget>::all(client.clone()),
-            watcher::Config::default(),
-        ),
+        watcher(Api::<EnergyBudget>::all(client.clone()), {
+            let config = watcher::Config::default();
+            match &settings.budget_selector {
+                Some(selector) => config.labels(selector),
+                None => config,
+            }
+        }),
     )
     .default_backoff()
     .applied_objects()
