@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # `make demo`: the main job on one machine with no cluster.
 #   a real control plane (etcd, kube-apiserver, controller-manager, scheduler)
-#   with a simulated fleet of reused GPUs → copyhold's CRDs → the copyhold
-#   controller → a synthesized small model as a ModelDeployment → placed by
-#   the real scheduler → run by the kubelet stand-in as `copyhold-node serve`
-#   on its Pod's own loopback address → the copyhold gateway → requests from
-#   two members with their own keys, answered, metered in the StintQuota's
-#   register. Leaves everything running; `make demo-down` stops it.
+#   with a simulated fleet of reused GPUs → copyhold's CRDs → `helm install`
+#   of charts/copyhold: the controller and gateway Pods, run by the kubelet
+#   stand-in as local processes under their ServiceAccounts' tokens → the
+#   examples' energy budget and members' stints → a synthesized small model
+#   as a ModelDeployment → placed by the controller, bound by the real
+#   scheduler → `copyhold-node serve` on its Pod's own loopback address →
+#   requests from two members through the gateway, answered, metered in the
+#   StintQuota's register. Leaves everything running; `make demo-down` stops it.
 set -Eeuo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -14,6 +16,7 @@ CACHE=${COPYHOLD_CACHE:-$HOME/.cache/copyhold}
 RUN=${COPYHOLD_RUN:-$CACHE/run}
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 NS=copyhold-demo
+SYS=copyhold-system
 say() { printf '\n==> %s\n' "$*"; }
 t0=$(date +%s)
 
@@ -39,22 +42,34 @@ if [ ! -f "$MODEL/config.json" ]; then
     --intermediate 688 --vocab 512 --dtype f16 --out "$MODEL" >/dev/null
 fi
 
-say "starting the copyhold controller and the kubelet stand-in (logs in $RUN/logs)"
+say "starting the kubelet stand-in: it runs the Pods of $SYS and $NS as local processes (logs in $RUN/logs/pods)"
 mkdir -p "$RUN/logs"
+# Processes of an older demo (before the chart ran them) go too.
 for p in demo-controller demo-kubelet demo-gateway; do
-  if [ -f "$RUN/$p.pid" ] && kill -0 "$(cat "$RUN/$p.pid")" 2>/dev/null; then kill "$(cat "$RUN/$p.pid")" || true; fi
+  if [ -f "$RUN/$p.pid" ] && kill -0 "$(cat "$RUN/$p.pid")" 2>/dev/null; then kill "$(cat "$RUN/$p.pid")" || true; sleep 2; fi
+  rm -f "$RUN/$p.pid"
 done
-kubectl create namespace $NS --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-setsid "$BIN/copyhold" controller --metrics-addr 127.0.0.1:18080 --lease-namespace $NS --watch-namespace $NS --node-device cpu \
-  >"$RUN/logs/demo-controller.log" 2>&1 </dev/null &
-echo $! >"$RUN/demo-controller.pid"
-setsid "$BIN/copyhold-kubelet" --namespace $NS --image "ghcr.io/copyhold/copyhold-node=$BIN/copyhold-node" \
+for n in $SYS $NS; do kubectl create namespace "$n" --dry-run=client -o yaml | kubectl apply -f - >/dev/null; done
+# The node's image first: the other is a prefix of it.
+setsid "$BIN/copyhold-kubelet" --namespace "$SYS,$NS" --ip-prefix 127.0.100 \
+  --image "ghcr.io/copyhold/copyhold-node=$BIN/copyhold-node" --image "ghcr.io/copyhold/copyhold=$BIN/copyhold" \
   --log-dir "$RUN/logs/pods" >"$RUN/logs/demo-kubelet.log" 2>&1 </dev/null &
 echo $! >"$RUN/demo-kubelet.pid"
+
+say "helm install copyhold (a controller with a standby, two gateway replicas; waits until their Pods are Ready)"
+e2e/cluster.sh tools >/dev/null
+HELM=$CACHE/bin/helm
+"$HELM" upgrade --install copyhold charts/copyhold -n $SYS --wait --timeout 180s \
+  --set controller.watchNamespace=$NS --set gateway.watchNamespace=$NS \
+  --set controller.nodeDevice=cpu --set controller.budgetSelector=copyhold.dev/demo=true \
+  --set dashboards.enabled=true | sed -n '/^NOTES:/,$p' | sed 's/^/    /'
+kubectl get pods -n $SYS -o wide
 
 say "checking the examples as the operator will, then applying the energy budget and the members' stints"
 "$BIN/copyhold" validate examples/*.yaml
 kubectl apply -f examples/energy-budget.yaml
+# This install reconciles only the budgets labelled for it (budgets are cluster-wide).
+kubectl label energybudget rooftop-solar copyhold.dev/demo=true --overwrite >/dev/null
 kubectl apply -n $NS -f examples/stint-quota.yaml
 
 say "deploying the model"
@@ -87,14 +102,12 @@ ip=$(kubectl get pods -n $NS -l copyhold.dev/model-deployment=demo-llama -o json
 node=$(kubectl get pods -n $NS -l copyhold.dev/model-deployment=demo-llama -o jsonpath='{.items[0].spec.nodeName}')
 [ -n "$ip" ] || { echo "the model did not come up; see $RUN/logs"; exit 1; }
 
-say "starting the copyhold gateway on 127.0.0.1:18081 (members' keys from their Secrets)"
-setsid "$BIN/copyhold" gateway --listen 127.0.0.1:18081 --watch-namespace $NS --identity demo-gateway \
-  >"$RUN/logs/demo-gateway.out" 2>"$RUN/logs/demo-gateway.log" </dev/null &
-echo $! >"$RUN/demo-gateway.pid"
-for _ in $(seq 1 60); do curl -sf http://127.0.0.1:18081/readyz >/dev/null && break; sleep 0.5; done
-GW=http://127.0.0.1:18081
+# No kube-proxy here: the gateway Service is reached on one of its Pods.
+gw_ip=$(kubectl get pods -n $SYS -l app.kubernetes.io/component=gateway -o jsonpath='{.items[0].status.podIP}')
+GW=http://$gw_ip:8080
+for _ in $(seq 1 60); do curl -sf "$GW/readyz" >/dev/null && break; sleep 0.5; done
 
-say "asking the model through the gateway as two members (pod $ip on $node)"
+say "asking the model through the gateway Service's Pod $gw_ip as two members (model Pod $ip on $node)"
 ask() {
   local member=$1 key=$2 prompt=$3
   echo "  $member > $prompt"
@@ -119,7 +132,11 @@ kubectl get sq coop-members -n $NS -o jsonpath='{range .status.members[*]}{.name
 say "the node's own power and energy metrics"
 curl -sf "http://$ip:8000/metrics" | grep -E '^copyhold_node_(power_watts|energy_joules_total)' || true
 
-say "the energy budget"
+say "the energy budget (the controller Pod reads the supply and the nodes' draw, and walks its ladder)"
+for _ in $(seq 1 20); do
+  [ -n "$(kubectl get eb rooftop-solar -o jsonpath='{.status.drawWatts}' 2>/dev/null)" ] && break
+  sleep 0.5
+done
 kubectl get eb
 
 say "ready in $(( $(date +%s) - t0 ))s. Everything keeps running:"
@@ -127,5 +144,6 @@ echo "  $(e2e/cluster.sh env | head -n1)"
 echo "  the gateway: curl $GW/v1/models -H 'authorization: Bearer example-school-key-change-me'"
 echo "  (or the openai client with base_url=$GW/v1 and a member's key)"
 echo "  kubectl get md,sq,eb,pods -n $NS -o wide"
-echo "  controller metrics: curl http://127.0.0.1:18080/metrics   gateway metrics: curl $GW/metrics"
+echo "  helm status copyhold -n $SYS   (helm: $HELM)"
+echo "  gateway metrics: curl $GW/metrics"
 echo "Stop everything with: make demo-down"
