@@ -268,7 +268,7 @@ async fn the_whole_path_through_the_chart() -> Result<()> {
         Some(copyhold_e2e::start_kubelet_for(
             &kubelet_bin,
             &[&sys, &town],
-            &format!("127.103.{}", std::process::id() % 250),
+            &format!("127.104.{}", std::process::id() % 250),
             &[
                 // The node's image first: the other is a prefix of it.
                 ("ghcr.io/copyhold/copyhold-node", &node_bin),
