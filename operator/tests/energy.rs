@@ -731,3 +731,139 @@ spec:
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_config_map_supply_follows_its_key_and_falls_back_to_the_floor_on_a_non_numeric_value()
+-> Result<()> {
+    // Covers no node (its selector matches none), so it acts on nothing of
+    // anyone else's and needs no GPUs: only the supply is under test.
+    install_crds().await?;
+    let client = support::client().await?;
+    let ns = TestNamespace::create("energycm")?;
+    let kc = support::kubeconfig()?;
+    let budget = format!("energycm-{}", &ns.name[ns.name.len().saturating_sub(8)..]);
+    let _budget_guard = BudgetGuard(budget.clone());
+    let _controller = ChildGuard(
+        Command::new(env!("CARGO_BIN_EXE_copyhold"))
+            .args(["controller", "--metrics-addr", "127.0.0.1:0"])
+            .args(["--leader-election=false", "--node-device", "cpu"])
+            .args(["--resync-seconds", "2", "--watch-namespace", &ns.name])
+            .env("KUBECONFIG", &kc)
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    let cm = |watts: &str| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: inverter, namespace: {}}}\ndata: {{watts: {watts:?}}}\n",
+            ns.name
+        )
+    };
+    apply(&cm("800"))?;
+    apply(&format!(
+        r#"apiVersion: copyhold.dev/v1alpha1
+kind: EnergyBudget
+metadata: {{name: {budget}}}
+spec:
+  nodeSelector: {{kubernetes.io/hostname: no-such-node-{budget}}}
+  ceilingWatts: 10000
+  marginPercent: 20
+  supply:
+    configMap: {{namespace: {ns}, name: inverter, key: watts}}
+    maxAge: 2s
+    failSafeDecay: 2s
+    floorWatts: 120
+  policy:
+    powerCap: {{enabled: false}}
+    shed: []
+    defer: false
+    dwell: 8s
+  evaluationInterval: 1s
+"#,
+        ns = ns.name
+    ))?;
+    let ebs: Api<EnergyBudget> = Api::all(client.clone());
+    let supply_is = |watts: f64, stale: &'static str, reason: &'static str| {
+        let ebs = ebs.clone();
+        let budget = budget.clone();
+        async move {
+            eventually(Duration::from_secs(60), || async {
+                let eb = ebs.get(&budget).await?;
+                let st = eb.status.clone().context("no status")?;
+                let cond = condition(&eb, "SupplyStale");
+                if st.supply_watts == Some(watts)
+                    && cond == Some((stale.to_string(), reason.to_string()))
+                {
+                    Ok(eb)
+                } else {
+                    bail!("supply {:?}, SupplyStale {cond:?}", st.supply_watts)
+                }
+            })
+            .await
+        }
+    };
+
+    // The key is read; a patch of it is followed.
+    let eb = supply_is(800.0, "False", "Fresh").await?;
+    assert_eq!(eb.status.and_then(|s| s.allowance_watts), Some(640.0));
+    kubectl_ok(&[
+        "patch",
+        "configmap",
+        "inverter",
+        "-n",
+        &ns.name,
+        "--type=merge",
+        "-p",
+        r#"{"data":{"watts":"650"}}"#,
+    ])?;
+    supply_is(650.0, "False", "Fresh").await?;
+
+    // Not a number: SupplyStale naming the cause, an Event, the last good
+    // reading kept, and the supply decays to the floor.
+    kubectl_ok(&[
+        "patch",
+        "configmap",
+        "inverter",
+        "-n",
+        &ns.name,
+        "--type=merge",
+        "-p",
+        r#"{"data":{"watts":"lots"}}"#,
+    ])?;
+    let eb = supply_is(120.0, "True", "NotNumeric").await?;
+    let st = eb.status.context("status")?;
+    assert_eq!(
+        st.last_good_supply_watts,
+        Some(650.0),
+        "nothing stored is lost"
+    );
+    assert_eq!(st.allowance_watts, Some(96.0), "the floor less the margin");
+    let ev = eventually(Duration::from_secs(30), || async {
+        let ev = budget_events(&budget, "SupplyStale")?;
+        if ev.contains("not a number") {
+            Ok(ev)
+        } else {
+            bail!("no SupplyStale event yet: {ev}")
+        }
+    })
+    .await?;
+    assert!(ev.contains("lots"), "{ev}");
+
+    // A good value again: fresh at once.
+    kubectl_ok(&[
+        "patch",
+        "configmap",
+        "inverter",
+        "-n",
+        &ns.name,
+        "--type=merge",
+        "-p",
+        r#"{"data":{"watts":"700"}}"#,
+    ])?;
+    supply_is(700.0, "False", "Fresh").await?;
+
+    // The ConfigMap gone: its own reason.
+    kubectl_ok(&["delete", "configmap", "inverter", "-n", &ns.name])?;
+    supply_is(120.0, "True", "ConfigMapUnreadable").await?;
+    Ok(())
+}
