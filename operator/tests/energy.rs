@@ -11,7 +11,8 @@
 //! The power cap: the controller mounts the admin token Secret into the
 //! node's Pod; supply lowered below draw → the node's `GET
 //! /admin/power-limit` reports the limit the budget set; supply restored →
-//! cleared after the dwell; a wrong token → a `PowerCapFailed` Event.
+//! cleared after the dwell; an engine that restarts gets its limit again;
+//! a wrong token → a `PowerCapFailed` Event.
 
 #[path = "../../e2e/src/lib.rs"]
 #[allow(dead_code)]
@@ -404,6 +405,23 @@ async fn node_limit(http: &reqwest::Client, base: &str) -> Result<(Option<f64>, 
     ))
 }
 
+/// The pid of the engine process the kubelet stand-in runs for the Pod at
+/// `ip` (its command line names `node_bin` and `--host ip`).
+fn engine_pid(node_bin: &std::path::Path, ip: &str) -> Option<u32> {
+    let bin = node_bin.to_string_lossy();
+    std::fs::read_dir("/proc").ok()?.find_map(|e| {
+        let e = e.ok()?;
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let host = args.windows(2).any(|w| w[0] == "--host" && w[1] == ip);
+        (args.first().is_some_and(|a| *a == bin) && host).then_some(pid)
+    })
+}
+
 /// A free loopback port (for the controller's /metrics).
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -658,6 +676,26 @@ spec:
     let failed = budget_events(&budget, "PowerCapFailed")?;
     assert!(!failed.contains("PowerCapFailed"), "{failed}");
 
+    // The engine restarts (the kubelet stand-in restarts the killed
+    // process as the same Pod): it comes back without a limit, says so in
+    // its /metrics, and the budget sets the limit again.
+    let pid = engine_pid(&node_bin, &ip).context("the engine's process")?;
+    let _ = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()?;
+    let again = eventually(Duration::from_secs(90), || async {
+        let (w, _) = node_limit(&http, &base).await?;
+        match (engine_pid(&node_bin, &ip), w) {
+            (Some(new), Some(w)) if new != pid => Ok(w),
+            (p, w) => bail!("engine pid {p:?}, limit {w:?}"),
+        }
+    })
+    .await?;
+    assert!(
+        again >= (0.6 * rated).floor() && again <= rated,
+        "limit {again} W"
+    );
+
     // Supply restored: the limit is lifted after the dwell.
     apply(&eb_manifest(1000, ""))?;
     let restored_at = Instant::now();
@@ -690,15 +728,16 @@ spec:
         ),
     ))?;
     let ev = eventually(Duration::from_secs(60), || async {
+        // (The engine's restart above may have left one of its own.)
         let ev = budget_events(&budget, "PowerCapFailed")?;
-        if ev.contains("PowerCapFailed") {
+        if ev.contains("401") {
             Ok(ev)
         } else {
-            bail!("no PowerCapFailed event yet")
+            bail!("no PowerCapFailed event for the wrong token yet: {ev}")
         }
     })
     .await?;
-    assert!(ev.contains("401"), "{ev}");
+    assert!(ev.contains("missing or wrong bearer token"), "{ev}");
     assert_eq!(node_limit(&http, &base).await?.0, None);
     let before = ebs
         .get(&budget)

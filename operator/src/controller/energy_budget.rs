@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
 use tracing::Instrument;
@@ -47,6 +47,8 @@ pub const SHED_FIELD_MANAGER: &str = "copyhold-energy";
 /// What every EnergyBudget reconciliation gets.
 pub struct EnergyContext {
     pub client: Client,
+    /// The ModelDeployment controller's recorder; budgets publish each
+    /// Event on its own (see `publish`).
     pub recorder: Recorder,
     pub metrics: Arc<ControllerMetrics>,
     pub energy: Arc<EnergyMetrics>,
@@ -282,7 +284,14 @@ async fn reconcile_inner(eb: &EnergyBudget, ctx: &EnergyContext) -> Result<Actio
     let node_names: BTreeSet<String> = covered_nodes.iter().map(|n| n.name_any()).collect();
     let pods_arc = ctx.pods.state();
     let engine_pods = draw::engine_pods(pods_arc.iter().map(|p| p.as_ref()), &node_names);
-    let pod_watts = draw::scrape(&ctx.http, &engine_pods).await;
+    let scraped = draw::scrape_with_limits(&ctx.http, &engine_pods).await;
+    let pod_watts: BTreeMap<String, f64> =
+        scraped.iter().map(|(k, r)| (k.clone(), r.watts)).collect();
+    // The limit each node says is in force: what power caps compare with.
+    let pod_limits: HashMap<String, Option<f64>> = scraped
+        .iter()
+        .filter_map(|(k, r)| r.limit.map(|l| (k.clone(), l)))
+        .collect();
 
     // Draw per node: Prometheus when given, else the Pods' own gauges.
     let readings: BTreeMap<String, f64> = match &spec.draw.prometheus {
@@ -531,7 +540,23 @@ async fn reconcile_inner(eb: &EnergyBudget, ctx: &EnergyContext) -> Result<Actio
             ));
         }
     }
-    let power_events = power_caps(ctx, eb, &engine_pods, &covered_nodes, outcome.cap).await;
+    // A budget without the power cap only clears what it set itself (it
+    // was switched off while capping); with it, it owns the covered Pods'
+    // limits.
+    let pod_limits = if spec.policy.power_cap.enabled {
+        pod_limits
+    } else {
+        HashMap::new()
+    };
+    let power_events = power_caps(
+        ctx,
+        eb,
+        &engine_pods,
+        &covered_nodes,
+        &pod_limits,
+        outcome.cap,
+    )
+    .await;
     events.extend(power_events);
 
     // Status.
@@ -806,7 +831,19 @@ async fn publish(ctx: &EnergyContext, eb: &EnergyBudget, events: Vec<Event>) {
     let mut reference = eb.object_ref(&());
     reference.namespace = Some("default".into());
     for ev in events {
-        if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
+        // kube's Recorder folds every Event of one reason about one object
+        // into the first one's series for six minutes, keeping the first
+        // note: a PowerCapFailed or SupplyStale with a new cause would show
+        // the old one. A budget publishes only on changes, so each Event
+        // stands on its own (a fresh Recorder has nothing to fold into).
+        let recorder = Recorder::new(
+            ctx.client.clone(),
+            Reporter {
+                controller: "copyhold".into(),
+                instance: None,
+            },
+        );
+        if let Err(e) = recorder.publish(&ev, &reference).await {
             tracing::warn!(error = %e, reason = %ev.reason, "publishing an event failed");
         }
     }
@@ -874,12 +911,16 @@ async fn set_shed_annotation(
 /// Set power limits (`limit` × the node GPUs' rated power) on the engine
 /// Pods of the covered nodes, or clear them (`None`). Failures are Events
 /// (once per Pod and change), never errors; a refused setting is tried
-/// again at the next evaluation.
+/// again at the next evaluation. `reported` is the limit each Pod's
+/// `/metrics` says is in force: it overrides what this process remembers,
+/// so a restarted engine gets its limit again, and a limit left by an
+/// earlier controller (or set by hand) is cleared once the cap is lifted.
 async fn power_caps(
     ctx: &EnergyContext,
     eb: &EnergyBudget,
     pods: &[EnginePod],
     nodes: &[&Node],
+    reported: &HashMap<String, Option<f64>>,
     limit: Option<f64>,
 ) -> Vec<Event> {
     let name = eb.name_any();
@@ -888,13 +929,19 @@ async fn power_caps(
         .iter()
         .map(|n| (n.name_any(), draw::rated_per_gpu(n)))
         .collect();
-    let memory: CapMemory = ctx
-        .capped
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&name)
-        .cloned()
-        .unwrap_or_default();
+    let memory: CapMemory = {
+        let mut all = ctx.capped.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = all.entry(name.clone()).or_default();
+        // The nodes know best; Pods that went away take their limits along.
+        for (key, l) in reported {
+            match l {
+                Some(w) => entry.set.insert(key.clone(), *w),
+                None => entry.set.remove(key),
+            };
+        }
+        entry.set.retain(|k, _| pods.iter().any(|p| &p.key == k));
+        entry.clone()
+    };
     let mut work: Vec<(&EnginePod, Option<f64>)> = Vec::new();
     if let Some(limit) = limit {
         for p in pods {
