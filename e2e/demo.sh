@@ -62,6 +62,7 @@ HELM=$CACHE/bin/helm
 "$HELM" upgrade --install copyhold charts/copyhold -n $SYS --wait --timeout 180s \
   --set controller.watchNamespace=$NS --set gateway.watchNamespace=$NS \
   --set controller.nodeDevice=cpu --set controller.budgetSelector=copyhold.dev/demo=true \
+  --set controller.nodeAdminTokenSecret=copyhold-node-admin \
   --set dashboards.enabled=true | sed -n '/^NOTES:/,$p' | sed 's/^/    /'
 kubectl get pods -n $SYS -o wide
 
@@ -71,6 +72,9 @@ kubectl apply -f examples/energy-budget.yaml
 # This install reconciles only the budgets labelled for it (budgets are cluster-wide).
 kubectl label energybudget rooftop-solar copyhold.dev/demo=true --overwrite >/dev/null
 kubectl apply -n $NS -f examples/stint-quota.yaml
+# The nodes' admin token (power limits), mounted into every copyhold-node Pod.
+kubectl get secret copyhold-node-admin -n $NS >/dev/null 2>&1 ||
+  kubectl create secret generic copyhold-node-admin -n $NS --from-literal=token="$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')" >/dev/null
 
 say "deploying the model"
 cat <<EOF | kubectl apply -n $NS -f -

@@ -402,6 +402,47 @@ fn bad_values_fail_with_the_schema_message() -> Result<()> {
 }
 
 #[test]
+fn the_node_admin_token_secret_is_passed_to_the_controller() -> Result<()> {
+    let args_of = |objects: &[Value]| -> Result<Vec<String>> {
+        let controller = named(objects, "Deployment", "-controller").context("controller")?;
+        Ok(
+            controller["spec"]["template"]["spec"]["containers"][0]["args"]
+                .as_array()
+                .context("args")?
+                .iter()
+                .filter_map(|a| a.as_str().map(str::to_owned))
+                .collect(),
+        )
+    };
+    let args = args_of(&render(&[])?)?;
+    assert!(
+        !args
+            .iter()
+            .any(|a| a.starts_with("--node-admin-token-secret")),
+        "off by default: {args:?}"
+    );
+    let args = args_of(&render(&[
+        "--set",
+        "controller.nodeAdminTokenSecret=copyhold-node-admin",
+    ])?)?;
+    assert!(
+        args.contains(&"--node-admin-token-secret=copyhold-node-admin".to_string()),
+        "{args:?}"
+    );
+    let out = run_helm(&[
+        "template",
+        "copyhold",
+        "charts/copyhold",
+        "--set",
+        "controller.nodeAdminTokenSecret=Not_A_Name",
+    ])?;
+    assert!(!out.status.success(), "a bad Secret name was accepted");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/controller/nodeAdminTokenSecret"), "{err}");
+    Ok(())
+}
+
+#[test]
 fn the_chart_carries_the_current_dashboards() -> Result<()> {
     let root = workspace_root();
     let mut names = Vec::new();

@@ -306,6 +306,8 @@ async fn the_whole_path_through_the_chart() -> Result<()> {
         &format!("controller.nodeDevice={device}"),
         "--set",
         "controller.extraArgs={--resync-seconds=2}",
+        "--set",
+        "controller.nodeAdminTokenSecret=copyhold-node-admin",
     ])
     .context("helm install")?;
     ensure!(out.contains("STATUS: deployed"), "{out}");
@@ -340,6 +342,18 @@ async fn the_whole_path_through_the_chart() -> Result<()> {
     // unchanged; the model pointed at the fixture; the budget with a static
     // supply we can move, a short dwell, and this install's label.
     apply(Some(&town), &example("stint-quota.yaml")?)?;
+    let admin_token = format!("admin-{id}-{}", std::process::id());
+    // The nodes' admin token, which the chart has the controller mount into
+    // every copyhold-node Pod and the power cap send.
+    kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "copyhold-node-admin",
+        "-n",
+        &town,
+        &format!("--from-literal=token={admin_token}"),
+    ])?;
     let mut md = example("model-deployment.yaml")?.remove(0);
     let model_path = match std::env::var("COPYHOLD_E2E_MODEL_PATH") {
         Ok(p) => p,
@@ -366,7 +380,6 @@ async fn the_whole_path_through_the_chart() -> Result<()> {
     eb["spec"]["supply"] = supply(100_000.0);
     eb["spec"]["policy"]["dwell"] = json!("3s");
     eb["spec"]["evaluationInterval"] = json!("1s");
-    eb["spec"]["policy"]["powerCap"]["adminTokenSecret"]["namespace"] = json!(town);
     apply(None, &[eb])?;
 
     // Placed: the two replicas on the two most efficient GPU classes
@@ -672,21 +685,32 @@ async fn the_whole_path_through_the_chart() -> Result<()> {
         status == 200,
         "the bakery while deferring: {status}: {body}"
     );
-    // Every step was told as an Event on the budget.
-    let events: Api<Event> = Api::namespaced(client.clone(), "default");
-    let reasons: BTreeSet<String> = events
-        .list(&ListParams::default().fields(&format!("involvedObject.name={budget}")))
-        .await?
-        .items
-        .into_iter()
-        .filter_map(|e| e.reason)
-        .collect();
-    eprintln!(
-        "budget events: {reasons:?}; steps seen: {:?}",
-        steps.lock().unwrap_or_else(|p| p.into_inner())
-    );
-    ensure!(!reasons.is_empty(), "no Events on the budget");
-
+    // The first rung reached the engine left: a power limit in force, set
+    // with the token the Pod mounted.
+    if local {
+        let left = town_pods
+            .list(
+                &ListParams::default().labels(&format!("copyhold.dev/model-deployment={md_name}")),
+            )
+            .await?;
+        let ip = left
+            .items
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .find_map(|p| p.status.as_ref().and_then(|s| s.pod_ip.clone()))
+            .context("no engine Pod left")?;
+        let limit: Value = http
+            .get(format!("http://{ip}:8000/admin/power-limit"))
+            .bearer_auth(&admin_token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        ensure!(
+            limit["watts"].as_f64() > Some(0.0),
+            "no limit in force: {limit}"
+        );
+    }
     // The sun returns: back one step per dwell, to two replicas, no deferral.
     patch(100_000.0)?;
     eventually(Duration::from_secs(90), || async {
@@ -705,6 +729,24 @@ async fn the_whole_path_through_the_chart() -> Result<()> {
     .context("the model was not restored")?;
     // Down, then up, never back and forth.
     let steps = steps.into_inner().unwrap_or_else(|p| p.into_inner());
+    // Every step was told as an Event on the budget (cluster-scoped objects'
+    // Events live in `default`).
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    let reasons: BTreeSet<String> = events
+        .list(&ListParams::default().fields(&format!("involvedObject.name={budget}")))
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    eprintln!("budget events: {reasons:?}; steps seen: {steps:?}");
+    for want in ["StepDown", "StepUp", "Shedding", "Deferring"] {
+        ensure!(reasons.contains(want), "no {want} Event: {reasons:?}");
+    }
+    ensure!(
+        !reasons.contains("PowerCapFailed"),
+        "the power cap failed: {reasons:?}"
+    );
     let turn = steps
         .iter()
         .position(|s| Some(s) == steps.iter().max())

@@ -151,6 +151,41 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
 /// Scrape each Pod's `/metrics`; a Pod that does not answer with a finite,
 /// non-negative power has no entry.
 pub async fn scrape(http: &reqwest::Client, pods: &[EnginePod]) -> BTreeMap<String, f64> {
+    scrape_with_limits(http, pods)
+        .await
+        .into_iter()
+        .map(|(k, r)| (k, r.watts))
+        .collect()
+}
+
+/// The node's gauge of the power limit in force (0 when none).
+pub const NODE_POWER_LIMIT_METRIC: &str = "copyhold_node_power_limit_watts";
+
+/// What one engine Pod's `/metrics` said.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PodReading {
+    /// `copyhold_node_power_watts`.
+    pub watts: f64,
+    /// `copyhold_node_power_limit_watts`: `Some(None)` when the node says
+    /// it has no limit (0), `None` when it does not say.
+    pub limit: Option<Option<f64>>,
+}
+
+/// Read one Pod's metrics text: its power (finite, non-negative, or no
+/// reading) and the limit it reports.
+pub fn pod_reading(text: &str) -> Option<PodReading> {
+    let watts = metric_value(text, NODE_POWER_METRIC).filter(|w| w.is_finite() && *w >= 0.0)?;
+    let limit = metric_value(text, NODE_POWER_LIMIT_METRIC)
+        .filter(|w| w.is_finite() && *w >= 0.0)
+        .map(|w| (w > 0.0).then_some(w));
+    Some(PodReading { watts, limit })
+}
+
+/// [`scrape`], with the power limit each Pod reports.
+pub async fn scrape_with_limits(
+    http: &reqwest::Client,
+    pods: &[EnginePod],
+) -> BTreeMap<String, PodReading> {
     let reads = pods.iter().map(|p| async move {
         let url = format!("{}/metrics", p.base_url);
         let text = http
@@ -164,8 +199,7 @@ pub async fn scrape(http: &reqwest::Client, pods: &[EnginePod]) -> BTreeMap<Stri
             .text()
             .await
             .ok()?;
-        let w = metric_value(&text, NODE_POWER_METRIC)?;
-        (w.is_finite() && w >= 0.0).then(|| (p.key.clone(), w))
+        pod_reading(&text).map(|r| (p.key.clone(), r))
     });
     futures::future::join_all(reads)
         .await
@@ -247,6 +281,19 @@ mod tests {
             Some(7.0)
         );
         assert_eq!(metric_value("nothing 1\n", NODE_POWER_METRIC), None);
+        let text = "copyhold_node_power_watts 100\ncopyhold_node_power_limit_watts 150\n";
+        assert_eq!(
+            pod_reading(text),
+            Some(PodReading {
+                watts: 100.0,
+                limit: Some(Some(150.0))
+            })
+        );
+        let none = "copyhold_node_power_watts 100\ncopyhold_node_power_limit_watts 0\n";
+        assert_eq!(pod_reading(none).map(|r| r.limit), Some(Some(None)));
+        let silent = "copyhold_node_power_watts 100\n";
+        assert_eq!(pod_reading(silent).map(|r| r.limit), Some(None));
+        assert_eq!(pod_reading("copyhold_node_power_watts -3\n"), None);
     }
 
     #[test]

@@ -312,6 +312,11 @@ struct ControllerArgs {
     /// `--device` passed to copyhold-node (cuda on GPU nodes; cpu for tests).
     #[arg(long, env = "COPYHOLD_NODE_DEVICE", default_value = "cuda")]
     node_device: String,
+    /// Secret (key `token`, in each ModelDeployment's namespace) mounted
+    /// into every copyhold-node Pod as its `--admin-token-file`; also the
+    /// token EnergyBudgets' power caps send when they name none.
+    #[arg(long, env = "COPYHOLD_NODE_ADMIN_TOKEN_SECRET")]
+    node_admin_token_secret: Option<String>,
     /// Reconcile only this namespace (all when absent).
     #[arg(long, env = "COPYHOLD_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
@@ -347,6 +352,7 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         let config = kube::Config::infer().await?;
         let mut defaults = copyhold::workload::EngineDefaults {
             node_device: args.node_device,
+            admin_token_secret: args.node_admin_token_secret.filter(|s| !s.is_empty()),
             ..Default::default()
         };
         if let Some(i) = args.node_image {

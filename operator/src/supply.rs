@@ -101,6 +101,16 @@ pub fn sane(source: &str, watts: f64, ceiling: f64) -> Result<f64, SupplyError> 
     Ok(watts)
 }
 
+/// A ConfigMap key's text as watts: a number (surrounding blanks ignored),
+/// checked like every reading; anything else is `NotNumeric`.
+pub fn config_map_watts(source: &str, text: &str, ceiling: f64) -> Result<f64, SupplyError> {
+    let w: f64 = text.trim().parse().map_err(|_| SupplyError::NotNumeric {
+        source_: source.into(),
+        message: format!("{:?} is not a number", truncate(text)),
+    })?;
+    sane(source, w, ceiling)
+}
+
 /// Parse a number given as a JSON number or a numeric string.
 fn number(source: &str, v: &serde_json::Value) -> Result<f64, SupplyError> {
     match v {
@@ -191,18 +201,8 @@ pub async fn read(
             .as_ref()
             .and_then(|d| d.get(&cm.key))
             .ok_or_else(|| err(format!("has no key `{}`", cm.key)))?;
-        let w: f64 = text.trim().parse().map_err(|_| {
-            err(format!(
-                "`{}` holds {:?}, not a number",
-                cm.key,
-                truncate(text)
-            ))
-        })?;
-        return sane(
-            &format!("configMap {}/{}", cm.namespace, cm.name),
-            w,
-            ceiling,
-        );
+        let source = format!("configMap {}/{} key `{}`", cm.namespace, cm.name, cm.key);
+        return config_map_watts(&source, text, ceiling);
     }
     Err(SupplyError::Signals(0))
 }
@@ -360,6 +360,33 @@ pub async fn read_secret(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn config_map_text_is_read_as_watts_and_refused_by_name() {
+        assert_eq!(config_map_watts("cm", " 650\n", 10_000.0).ok(), Some(650.0));
+        assert_eq!(config_map_watts("cm", "1.5e3", 10_000.0).ok(), Some(1500.0));
+        for bad in ["lots", "", "650 W", "NaN"] {
+            assert_eq!(
+                config_map_watts("cm", bad, 10_000.0)
+                    .map_err(|e| e.reason())
+                    .err(),
+                Some("NotNumeric"),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            config_map_watts("cm", "-5", 10_000.0)
+                .map_err(|e| e.reason())
+                .err(),
+            Some("NegativeReading")
+        );
+        assert_eq!(
+            config_map_watts("cm", "2000000", 10_000.0)
+                .map_err(|e| e.reason())
+                .err(),
+            Some("AbsurdReading")
+        );
+    }
 
     #[test]
     fn negative_absurd_and_non_finite_readings_are_refused_by_name() {

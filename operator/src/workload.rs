@@ -69,6 +69,12 @@ pub fn effective_replicas(md: &ModelDeployment) -> (i32, Option<Shedding>) {
     (replicas, Some(Shedding { budget, replicas }))
 }
 
+/// Where a copyhold-node Pod's admin token Secret is mounted.
+pub const ADMIN_TOKEN_DIR: &str = "/var/run/copyhold/admin";
+/// The key of the admin token Secret that holds the token (and the file
+/// name under [`ADMIN_TOKEN_DIR`]).
+pub const ADMIN_TOKEN_KEY: &str = "token";
+
 /// Controller-wide defaults for the engine containers.
 #[derive(Clone, Debug)]
 pub struct EngineDefaults {
@@ -76,6 +82,11 @@ pub struct EngineDefaults {
     pub vllm_image: String,
     /// `--device` given to copyhold-node (`cuda` on real GPU nodes).
     pub node_device: String,
+    /// Name of the Secret (in each ModelDeployment's own namespace, key
+    /// `token`) mounted into every copyhold-node Pod as its
+    /// `--admin-token-file`: what EnergyBudgets' power caps authenticate
+    /// with. `None`: the nodes' admin API stays disabled.
+    pub admin_token_secret: Option<String>,
 }
 
 impl Default for EngineDefaults {
@@ -87,6 +98,7 @@ impl Default for EngineDefaults {
             ),
             vllm_image: "vllm/vllm-openai:v0.11.0".into(),
             node_device: "cuda".into(),
+            admin_token_secret: None,
         }
     }
 }
@@ -246,6 +258,18 @@ pub fn deployment(
             ],
         ),
     };
+    // The admin token: a read-only Secret volume, for copyhold-node only
+    // (vLLM has no such endpoint). Not optional: a node started without
+    // its token file would exit, so the Pod waits for the Secret instead
+    // (kubelet reports `FailedMount` naming it).
+    let admin_secret = match md.spec.engine.kind {
+        EngineKind::Copyhold => defaults.admin_token_secret.as_deref(),
+        EngineKind::Vllm => None,
+    };
+    if admin_secret.is_some() {
+        args.push("--admin-token-file".into());
+        args.push(format!("{ADMIN_TOKEN_DIR}/{ADMIN_TOKEN_KEY}"));
+    }
     args.extend(md.spec.engine.args.iter().cloned());
     let env: Vec<_> = md
         .spec
@@ -276,6 +300,26 @@ pub fn deployment(
     let mut mount = json!({"name": "model", "mountPath": MODEL_DIR, "readOnly": true});
     if let Some(sp) = sub_path {
         mount["subPath"] = json!(sp);
+    }
+    let mut mounts = vec![
+        mount,
+        json!({"name": "tmp", "mountPath": "/tmp"}),
+        json!({"name": "cache", "mountPath": "/var/cache/copyhold"}),
+    ];
+    let mut volumes = vec![
+        volume,
+        json!({"name": "tmp", "emptyDir": {}}),
+        json!({"name": "cache", "emptyDir": {}}),
+    ];
+    if let Some(secret) = admin_secret {
+        mounts.push(json!({"name": "admin-token", "mountPath": ADMIN_TOKEN_DIR, "readOnly": true}));
+        // 0400; the kubelet adds group read for the Pod's fsGroup, which is
+        // how the engine's non-root user reads it.
+        volumes.push(json!({"name": "admin-token", "secret": {
+            "secretName": secret,
+            "defaultMode": 0o400,
+            "items": [{"key": ADMIN_TOKEN_KEY, "path": ADMIN_TOKEN_KEY}],
+        }}));
     }
     let labels = labels(md);
     let value = json!({
@@ -316,11 +360,7 @@ pub fn deployment(
                         "env": env,
                         "ports": [{"name": "http", "containerPort": ENGINE_PORT, "protocol": "TCP"}],
                         "resources": resources,
-                        "volumeMounts": [
-                            mount,
-                            {"name": "tmp", "mountPath": "/tmp"},
-                            {"name": "cache", "mountPath": "/var/cache/copyhold"},
-                        ],
+                        "volumeMounts": mounts,
                         "startupProbe": {
                             "httpGet": {"path": "/health", "port": "http"},
                             "periodSeconds": 5, "failureThreshold": 360,
@@ -340,11 +380,7 @@ pub fn deployment(
                             "capabilities": {"drop": ["ALL"]},
                         },
                     }],
-                    "volumes": [
-                        volume,
-                        {"name": "tmp", "emptyDir": {}},
-                        {"name": "cache", "emptyDir": {}},
-                    ],
+                    "volumes": volumes,
                 },
             },
         },
@@ -526,6 +562,60 @@ spec:
         let args = c.args.clone().unwrap_or_default().join(" ");
         assert!(args.starts_with("serve /models"), "{args}");
         assert!(args.contains("--pipeline-parallel-size 2"), "{args}");
+    }
+
+    #[test]
+    fn the_admin_token_secret_is_mounted_read_only_as_the_nodes_token_file() {
+        let defaults = EngineDefaults {
+            admin_token_secret: Some("copyhold-node-admin".into()),
+            ..Default::default()
+        };
+        let d = deployment(&md(BASIC), &placed(1), &defaults).expect("builds");
+        let pod = d.spec.and_then(|s| s.template.spec).expect("pod");
+        let c = &pod.containers[0];
+        let args = c.args.clone().unwrap_or_default().join(" ");
+        assert!(
+            args.contains("--admin-token-file /var/run/copyhold/admin/token"),
+            "{args}"
+        );
+        let mount = c
+            .volume_mounts
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .find(|m| m.name == "admin-token")
+            .expect("mounted");
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            (ADMIN_TOKEN_DIR, Some(true))
+        );
+        let secret = pod
+            .volumes
+            .unwrap_or_default()
+            .into_iter()
+            .find(|v| v.name == "admin-token")
+            .and_then(|v| v.secret)
+            .expect("a secret volume");
+        assert_eq!(secret.secret_name.as_deref(), Some("copyhold-node-admin"));
+        assert_eq!(secret.default_mode, Some(0o400));
+        assert_eq!(secret.optional, None, "the Pod waits for its token");
+        let items = secret.items.unwrap_or_default();
+        assert_eq!(
+            items
+                .iter()
+                .map(|i| (i.key.as_str(), i.path.as_str()))
+                .collect::<Vec<_>>(),
+            vec![("token", "token")]
+        );
+        // Without the setting, or for vLLM, nothing is mounted.
+        let plain = deployment(&md(BASIC), &placed(1), &EngineDefaults::default()).expect("builds");
+        let text = serde_json::to_string(&plain).unwrap_or_default();
+        assert!(!text.contains("admin-token"), "{text}");
+        let vllm = md(&BASIC.replace("replicas: 2", "replicas: 2\n  engine: {kind: vllm}"));
+        let text =
+            serde_json::to_string(&deployment(&vllm, &placed(1), &defaults).expect("builds"))
+                .unwrap_or_default();
+        assert!(!text.contains("admin-token"), "{text}");
     }
 
     #[test]

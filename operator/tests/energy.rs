@@ -7,6 +7,12 @@
 //! (status, Event, `kubectl get`); supply restored → scaled back after the
 //! dwell, with no oscillation; an HTTP supply endpoint that stops answering
 //! → `SupplyStale` and the floor used.
+//!
+//! The power cap: the controller mounts the admin token Secret into the
+//! node's Pod; supply lowered below draw → the node's `GET
+//! /admin/power-limit` reports the limit the budget set; supply restored →
+//! cleared after the dwell; an engine that restarts gets its limit again;
+//! a wrong token → a `PowerCapFailed` Event.
 
 #[path = "../../e2e/src/lib.rs"]
 #[allow(dead_code)]
@@ -18,6 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use copyhold::resources::{EnergyBudget, ModelDeployment};
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use support::{ChildGuard, FleetLock, TestNamespace, eventually, install_crds, kubectl_ok};
 
@@ -370,7 +377,7 @@ spec:
     // Stop the Pods while the kubelet stand-in still runs, so no process
     // outlives the test.
     kubectl_ok(&["delete", "md", "batch", "-n", &ns.name, "--wait=false"])?;
-    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     eventually(Duration::from_secs(60), || async {
         let n = pods.list(&Default::default()).await?.items.len();
         if n == 0 {
@@ -380,5 +387,522 @@ spec:
         }
     })
     .await?;
+    Ok(())
+}
+
+/// The node's `GET /admin/power-limit`: the limit in force and how.
+async fn node_limit(http: &reqwest::Client, base: &str) -> Result<(Option<f64>, String)> {
+    let v: serde_json::Value = http
+        .get(format!("{base}/admin/power-limit"))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    Ok((
+        v["watts"].as_f64(),
+        v["enforcement"].as_str().unwrap_or_default().to_string(),
+    ))
+}
+
+/// The pid of the engine process the kubelet stand-in runs for the Pod at
+/// `ip` (its command line names `node_bin` and `--host ip`).
+fn engine_pid(node_bin: &std::path::Path, ip: &str) -> Option<u32> {
+    let bin = node_bin.to_string_lossy();
+    std::fs::read_dir("/proc").ok()?.find_map(|e| {
+        let e = e.ok()?;
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let host = args.windows(2).any(|w| w[0] == "--host" && w[1] == ip);
+        (args.first().is_some_and(|a| *a == bin) && host).then_some(pid)
+    })
+}
+
+/// A free loopback port (for the controller's /metrics).
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// This budget's Events of `reason`, as kubectl prints them.
+fn budget_events(budget: &str, reason: &str) -> Result<String> {
+    kubectl_ok(&[
+        "get",
+        "events",
+        "-A",
+        "--field-selector",
+        &format!("involvedObject.name={budget},reason={reason}"),
+    ])
+}
+
+#[tokio::test]
+async fn a_power_cap_reaches_the_node_with_the_mounted_token_is_lifted_after_the_dwell_and_a_wrong_token_is_an_event()
+-> Result<()> {
+    let _fleet = FleetLock::acquire()?;
+    install_crds().await?;
+    let client = support::client().await?;
+    let ns = TestNamespace::create("energycap")?;
+    let kc = support::kubeconfig()?;
+    let node_bin = support::workspace_bin("copyhold-node", "copyhold-node")?;
+    let kubelet_bin = support::workspace_bin("copyhold-e2e", "copyhold-kubelet")?;
+    let model_dir = std::fs::canonicalize(support::fixtures().join("tiny-llama"))
+        .context("fixtures/tiny-llama")?;
+    let budget = format!("energycap-{}", &ns.name[ns.name.len().saturating_sub(8)..]);
+    let _budget_guard = BudgetGuard(budget.clone());
+
+    // The nodes' admin token, in the ModelDeployment's namespace (the
+    // controller mounts it into the Pods), and a wrong one.
+    let token = format!(
+        "tok-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .subsec_nanos()
+    );
+    kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "copyhold-node-admin",
+        "-n",
+        &ns.name,
+        &format!("--from-literal=token={token}"),
+    ])?;
+    kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "not-the-admin-token",
+        "-n",
+        &ns.name,
+        "--from-literal=token=wrong",
+    ])?;
+
+    let ip_prefix = format!("127.103.{}", std::process::id() % 250);
+    let _kubelet =
+        support::start_kubelet(&kubelet_bin, &ns.name, &ip_prefix, &node_bin, "energycap")?;
+    let metrics_port = free_port()?;
+    let mut controller = ChildGuard(
+        Command::new(env!("CARGO_BIN_EXE_copyhold"))
+            .arg("controller")
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+            .args(["--leader-election=false", "--node-device", "cpu"])
+            .args(["--resync-seconds", "2", "--watch-namespace", &ns.name])
+            .args(["--node-admin-token-secret", "copyhold-node-admin"])
+            .env("KUBECONFIG", &kc)
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+
+    // One replica on a P100 of gpu-p100, drawing 100 W idle (declared).
+    apply(&format!(
+        r#"apiVersion: copyhold.dev/v1alpha1
+kind: ModelDeployment
+metadata: {{name: capped, namespace: {ns}}}
+spec:
+  model:
+    source: {{hostPath: {{path: {dir}}}}}
+    servedName: tiny-llama
+  engine:
+    env: {{COPYHOLD_POWER_MODEL: "idle=100,busy=150", COPYHOLD_POWER_SENSOR: model}}
+  serving: {{contextLength: 256, maxConcurrentSequences: 2}}
+  placement: {{gpuProducts: [Tesla-P100-PCIE-16GB]}}
+  priority: standard
+  replicas: 1
+"#,
+        ns = ns.name,
+        dir = model_dir.display()
+    ))?;
+    let eb_manifest = |watts: u32, token_secret: &str| {
+        format!(
+            r#"apiVersion: copyhold.dev/v1alpha1
+kind: EnergyBudget
+metadata: {{name: {budget}}}
+spec:
+  nodeSelector: {{kubernetes.io/hostname: gpu-p100}}
+  ceilingWatts: 10000
+  marginPercent: 0
+  supply:
+    static: {{watts: {watts}}}
+    floorWatts: 50
+  policy:
+    powerCap: {{enabled: true, minPercent: 60{token_secret}}}
+    shed: []
+    defer: false
+    hysteresisPercent: 10
+    dwell: 8s
+  evaluationInterval: 1s
+"#
+        )
+    };
+
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let ebs: Api<EnergyBudget> = Api::all(client.clone());
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+
+    eventually(Duration::from_secs(120), || async {
+        let st = mds.get("capped").await?.status.context("no status")?;
+        if st.ready_replicas == 1 {
+            Ok(())
+        } else {
+            bail!("{}/1 ready ({:?})", st.ready_replicas, st.state)
+        }
+    })
+    .await?;
+    // The Pod mounts the token Secret read-only and names it to the node.
+    let dep = deps.get("capped").await?;
+    let pod_spec = dep
+        .spec
+        .and_then(|s| s.template.spec)
+        .context("pod template")?;
+    let secret = pod_spec
+        .volumes
+        .unwrap_or_default()
+        .into_iter()
+        .find_map(|v| v.secret)
+        .context("no secret volume")?;
+    assert_eq!(secret.secret_name.as_deref(), Some("copyhold-node-admin"));
+    assert_eq!(secret.default_mode, Some(0o400));
+    let args = pod_spec.containers[0].args.clone().unwrap_or_default();
+    assert!(
+        args.join(" ")
+            .contains("--admin-token-file /var/run/copyhold/admin/token"),
+        "{args:?}"
+    );
+    let pod = pods
+        .list(&kube::api::ListParams::default().labels("copyhold.dev/model-deployment=capped"))
+        .await?
+        .items
+        .into_iter()
+        .next()
+        .context("no pod")?;
+    let ip = pod.status.and_then(|s| s.pod_ip).context("pod has no IP")?;
+    let base = format!("http://{ip}:{}", copyhold::workload::ENGINE_PORT);
+    assert_eq!(node_limit(&http, &base).await?, (None, "none".into()));
+    let node: k8s_openapi::api::core::v1::Node =
+        Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
+            .get("gpu-p100")
+            .await?;
+    let rated = copyhold::draw::rated_per_gpu(&node);
+    assert!(rated > 0.0, "gpu-p100's GPUs have a rated power");
+
+    // Plenty of supply: within budget, no limit.
+    apply(&eb_manifest(1000, ""))?;
+    eventually(Duration::from_secs(60), || async {
+        let eb = ebs.get(&budget).await?;
+        let st = eb.status.clone().context("no status")?;
+        let draw = st.draw_watts.unwrap_or(0.0);
+        if (draw - 100.0).abs() < 1.0
+            && st.step == 0
+            && condition(&eb, "WithinBudget").map(|c| c.0).as_deref() == Some("True")
+        {
+            Ok(())
+        } else {
+            bail!("draw {draw}, step {}", st.step)
+        }
+    })
+    .await?;
+
+    // Supply below draw: step 1, the node is capped with the mounted token.
+    apply(&eb_manifest(95, ""))?;
+    let (watts, enforcement) = eventually(Duration::from_secs(60), || async {
+        let st = ebs.get(&budget).await?.status.context("status")?;
+        let (w, how) = node_limit(&http, &base).await?;
+        match w {
+            Some(w) if st.step == 1 => Ok((w, how)),
+            _ => bail!("step {}, node limit {w:?}", st.step),
+        }
+    })
+    .await?;
+    assert!(
+        watts >= (0.6 * rated).floor() && watts <= rated,
+        "limit {watts} W outside [60 %, 100 %] of {rated} W"
+    );
+    assert_eq!(enforcement, "pacing", "no NVML here: the engine paces");
+    let eb = ebs.get(&budget).await?;
+    let st = eb.status.clone().context("status")?;
+    assert_eq!(
+        (st.state.as_deref(), st.transitions),
+        (Some("PowerCapped"), 1),
+        "{st:?}"
+    );
+    assert_eq!(
+        condition(&eb, "WithinBudget").map(|c| c.1).as_deref(),
+        Some("OverAllowance")
+    );
+    let get_eb = kubectl_ok(&["get", "eb", &budget])?;
+    assert!(get_eb.contains("PowerCapped"), "{get_eb}");
+    let ev = eventually(Duration::from_secs(30), || async {
+        let ev = budget_events(&budget, "StepDown")?;
+        if ev.contains("StepDown") {
+            Ok(ev)
+        } else {
+            bail!("no StepDown event yet")
+        }
+    })
+    .await?;
+    assert!(ev.contains("StepDown"), "{ev}");
+    let metrics = eventually(Duration::from_secs(10), || async {
+        let text = http
+            .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let line = format!("copyhold_energy_ladder_step{{budget=\"{budget}\"}} 1");
+        if text.contains(&line) {
+            Ok(text)
+        } else {
+            bail!("no `{line}`")
+        }
+    })
+    .await?;
+    assert!(
+        metrics.contains(&format!(
+            "copyhold_energy_transitions_total{{budget=\"{budget}\",direction=\"Down\"}} 1"
+        )),
+        "{metrics}"
+    );
+    let failed = budget_events(&budget, "PowerCapFailed")?;
+    assert!(!failed.contains("PowerCapFailed"), "{failed}");
+
+    // The engine restarts (the kubelet stand-in restarts the killed
+    // process as the same Pod): it comes back without a limit, says so in
+    // its /metrics, and the budget sets the limit again.
+    let pid = engine_pid(&node_bin, &ip).context("the engine's process")?;
+    let _ = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()?;
+    let again = eventually(Duration::from_secs(90), || async {
+        let (w, _) = node_limit(&http, &base).await?;
+        match (engine_pid(&node_bin, &ip), w) {
+            (Some(new), Some(w)) if new != pid => Ok(w),
+            (p, w) => bail!("engine pid {p:?}, limit {w:?}"),
+        }
+    })
+    .await?;
+    assert!(
+        again >= (0.6 * rated).floor() && again <= rated,
+        "limit {again} W"
+    );
+
+    // Supply restored: the limit is lifted after the dwell.
+    apply(&eb_manifest(1000, ""))?;
+    let restored_at = Instant::now();
+    eventually(Duration::from_secs(60), || async {
+        let st = ebs.get(&budget).await?.status.context("status")?;
+        let (w, how) = node_limit(&http, &base).await?;
+        if st.step == 0 && w.is_none() && how == "none" {
+            Ok(())
+        } else {
+            bail!("step {}, node limit {w:?} ({how})", st.step)
+        }
+    })
+    .await?;
+    let waited = restored_at.elapsed();
+    assert!(
+        waited >= Duration::from_secs(7),
+        "lifted after {waited:?}, before the 8 s dwell"
+    );
+    let st = ebs.get(&budget).await?.status.context("status")?;
+    assert_eq!(st.transitions, 2, "{st:?}");
+    assert!(budget_events(&budget, "StepUp")?.contains("StepUp"));
+
+    // A wrong token: the node refuses, a PowerCapFailed Event says so, the
+    // limit stays unset, and the controller goes on evaluating.
+    apply(&eb_manifest(
+        95,
+        &format!(
+            ", adminTokenSecret: {{name: not-the-admin-token, namespace: {}, key: token}}",
+            ns.name
+        ),
+    ))?;
+    let ev = eventually(Duration::from_secs(60), || async {
+        // (The engine's restart above may have left one of its own.)
+        let ev = budget_events(&budget, "PowerCapFailed")?;
+        if ev.contains("401") {
+            Ok(ev)
+        } else {
+            bail!("no PowerCapFailed event for the wrong token yet: {ev}")
+        }
+    })
+    .await?;
+    assert!(ev.contains("missing or wrong bearer token"), "{ev}");
+    assert_eq!(node_limit(&http, &base).await?.0, None);
+    let before = ebs
+        .get(&budget)
+        .await?
+        .status
+        .and_then(|s| s.last_evaluated)
+        .context("evaluated")?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let st = ebs.get(&budget).await?.status.context("status")?;
+    assert!(
+        st.last_evaluated.as_ref().is_some_and(|t| t.0 > before.0),
+        "{st:?}"
+    );
+    assert_eq!(st.step, 1, "{st:?}");
+    assert!(
+        controller.0.try_wait()?.is_none(),
+        "the controller is still running"
+    );
+    assert_eq!(node_limit(&http, &base).await?.0, None);
+
+    kubectl_ok(&["delete", "md", "capped", "-n", &ns.name, "--wait=false"])?;
+    eventually(Duration::from_secs(60), || async {
+        let n = pods.list(&Default::default()).await?.items.len();
+        if n == 0 {
+            Ok(())
+        } else {
+            bail!("{n} pods left")
+        }
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_config_map_supply_follows_its_key_and_falls_back_to_the_floor_on_a_non_numeric_value()
+-> Result<()> {
+    // Covers no node (its selector matches none), so it acts on nothing of
+    // anyone else's and needs no GPUs: only the supply is under test.
+    install_crds().await?;
+    let client = support::client().await?;
+    let ns = TestNamespace::create("energycm")?;
+    let kc = support::kubeconfig()?;
+    let budget = format!("energycm-{}", &ns.name[ns.name.len().saturating_sub(8)..]);
+    let _budget_guard = BudgetGuard(budget.clone());
+    let _controller = ChildGuard(
+        Command::new(env!("CARGO_BIN_EXE_copyhold"))
+            .args(["controller", "--metrics-addr", "127.0.0.1:0"])
+            .args(["--leader-election=false", "--node-device", "cpu"])
+            .args(["--resync-seconds", "2", "--watch-namespace", &ns.name])
+            .env("KUBECONFIG", &kc)
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    let cm = |watts: &str| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: inverter, namespace: {}}}\ndata: {{watts: {watts:?}}}\n",
+            ns.name
+        )
+    };
+    apply(&cm("800"))?;
+    apply(&format!(
+        r#"apiVersion: copyhold.dev/v1alpha1
+kind: EnergyBudget
+metadata: {{name: {budget}}}
+spec:
+  nodeSelector: {{kubernetes.io/hostname: no-such-node-{budget}}}
+  ceilingWatts: 10000
+  marginPercent: 20
+  supply:
+    configMap: {{namespace: {ns}, name: inverter, key: watts}}
+    maxAge: 2s
+    failSafeDecay: 2s
+    floorWatts: 120
+  policy:
+    powerCap: {{enabled: false}}
+    shed: []
+    defer: false
+    dwell: 8s
+  evaluationInterval: 1s
+"#,
+        ns = ns.name
+    ))?;
+    let ebs: Api<EnergyBudget> = Api::all(client.clone());
+    let supply_is = |watts: f64, stale: &'static str, reason: &'static str| {
+        let ebs = ebs.clone();
+        let budget = budget.clone();
+        async move {
+            eventually(Duration::from_secs(60), || async {
+                let eb = ebs.get(&budget).await?;
+                let st = eb.status.clone().context("no status")?;
+                let cond = condition(&eb, "SupplyStale");
+                if st.supply_watts == Some(watts)
+                    && cond == Some((stale.to_string(), reason.to_string()))
+                {
+                    Ok(eb)
+                } else {
+                    bail!("supply {:?}, SupplyStale {cond:?}", st.supply_watts)
+                }
+            })
+            .await
+        }
+    };
+
+    // The key is read; a patch of it is followed.
+    let eb = supply_is(800.0, "False", "Fresh").await?;
+    assert_eq!(eb.status.and_then(|s| s.allowance_watts), Some(640.0));
+    kubectl_ok(&[
+        "patch",
+        "configmap",
+        "inverter",
+        "-n",
+        &ns.name,
+        "--type=merge",
+        "-p",
+        r#"{"data":{"watts":"650"}}"#,
+    ])?;
+    supply_is(650.0, "False", "Fresh").await?;
+
+    // Not a number: SupplyStale naming the cause, an Event, the last good
+    // reading kept, and the supply decays to the floor.
+    kubectl_ok(&[
+        "patch",
+        "configmap",
+        "inverter",
+        "-n",
+        &ns.name,
+        "--type=merge",
+        "-p",
+        r#"{"data":{"watts":"lots"}}"#,
+    ])?;
+    let eb = supply_is(120.0, "True", "NotNumeric").await?;
+    let st = eb.status.context("status")?;
+    assert_eq!(
+        st.last_good_supply_watts,
+        Some(650.0),
+        "nothing stored is lost"
+    );
+    assert_eq!(st.allowance_watts, Some(96.0), "the floor less the margin");
+    let ev = eventually(Duration::from_secs(30), || async {
+        let ev = budget_events(&budget, "SupplyStale")?;
+        if ev.contains("not a number") {
+            Ok(ev)
+        } else {
+            bail!("no SupplyStale event yet: {ev}")
+        }
+    })
+    .await?;
+    assert!(ev.contains("lots"), "{ev}");
+
+    // A good value again: fresh at once.
+    kubectl_ok(&[
+        "patch",
+        "configmap",
+        "inverter",
+        "-n",
+        &ns.name,
+        "--type=merge",
+        "-p",
+        r#"{"data":{"watts":"700"}}"#,
+    ])?;
+    supply_is(700.0, "False", "Fresh").await?;
+
+    // The ConfigMap gone: its own reason.
+    kubectl_ok(&["delete", "configmap", "inverter", "-n", &ns.name])?;
+    supply_is(120.0, "True", "ConfigMapUnreadable").await?;
     Ok(())
 }

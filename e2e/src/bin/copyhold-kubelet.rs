@@ -220,6 +220,7 @@ impl Kubelet {
             None => self.ip().await?,
         };
         let argv = self.command_line(pod, &c, ip)?;
+        let argv = self.secret_volumes(pod, &c, argv).await?;
         std::fs::create_dir_all(&self.args.log_dir)?;
         let log_path = self.args.log_dir.join(format!(
             "{}_{}.log",
@@ -309,6 +310,118 @@ impl Kubelet {
         Ok(Some(path))
     }
 
+    /// Where the Secret volumes of the Pod `namespace/name` are written.
+    fn secret_dir(&self, k: &str) -> PathBuf {
+        self.args.log_dir.join("secrets").join(k.replace('/', "_"))
+    }
+
+    /// Secret volumes: each mounted Secret's keys (or its `items`) written
+    /// as files, mode 0600, into a directory of the Pod's own, and the
+    /// mount paths in `argv` rewritten to it, as hostPath mounts are
+    /// (`subPath` names one file of it). A Secret that is missing (and not
+    /// `optional`) is an error: the Pod is not started (tried again at its
+    /// next change; a real kubelet keeps retrying the mount).
+    async fn secret_volumes(
+        &self,
+        pod: &Pod,
+        c: &Container,
+        argv: Vec<String>,
+    ) -> Result<Vec<String>> {
+        use std::io::Write as _;
+        use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+        let volumes = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.volumes.clone())
+            .unwrap_or_default();
+        let ns = pod.namespace().unwrap_or_default();
+        let root = self.secret_dir(&key(pod));
+        let mut mounts: BTreeMap<String, PathBuf> = BTreeMap::new();
+        for m in c.volume_mounts.clone().unwrap_or_default() {
+            let Some(sv) = volumes
+                .iter()
+                .find(|v| v.name == m.name)
+                .and_then(|v| v.secret.as_ref())
+            else {
+                continue;
+            };
+            let secret_name = sv.secret_name.clone().unwrap_or_default();
+            let api: Api<k8s_openapi::api::core::v1::Secret> =
+                Api::namespaced(self.client.clone(), &ns);
+            let data = match api.get_opt(&secret_name).await? {
+                Some(s) => s.data.unwrap_or_default(),
+                None if sv.optional == Some(true) => BTreeMap::new(),
+                None => anyhow::bail!("secret `{ns}/{secret_name}` not found"),
+            };
+            // Keys and the files they become.
+            let files: Vec<(String, String)> = match &sv.items {
+                Some(items) => items
+                    .iter()
+                    .map(|i| (i.key.clone(), i.path.clone()))
+                    .collect(),
+                None => data.keys().map(|k| (k.clone(), k.clone())).collect(),
+            };
+            let dir = root.join(&m.name);
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .with_context(|| format!("creating {}", dir.display()))?;
+            for (k, rel) in files {
+                let Some(value) = data.get(&k) else {
+                    if sv.optional == Some(true) {
+                        continue;
+                    }
+                    anyhow::bail!("secret `{ns}/{secret_name}` has no key `{k}`");
+                };
+                let rel_path = std::path::Path::new(&rel);
+                anyhow::ensure!(
+                    rel_path
+                        .components()
+                        .all(|c| matches!(c, std::path::Component::Normal(_))),
+                    "secret item path `{rel}` must be relative, without `..`"
+                );
+                let path = dir.join(rel_path);
+                if let Some(parent) = path.parent() {
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(parent)?;
+                }
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                f.write_all(&value.0)?;
+            }
+            let target = match &m.sub_path {
+                Some(sp) if !sp.is_empty() => dir.join(sp),
+                _ => dir,
+            };
+            mounts.insert(m.mount_path.clone(), target);
+        }
+        if mounts.is_empty() {
+            return Ok(argv);
+        }
+        Ok(argv
+            .into_iter()
+            .map(|a| {
+                for (mount, local) in &mounts {
+                    if a == *mount {
+                        return local.display().to_string();
+                    }
+                    if let Some(rest) = a.strip_prefix(&format!("{mount}/")) {
+                        return local.join(rest).display().to_string();
+                    }
+                }
+                a
+            })
+            .collect())
+    }
+
     async fn report(&self, pod: &Pod, ip: Ipv4Addr, ready: bool, restarts: i32) -> Result<()> {
         let api: Api<Pod> =
             Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
@@ -354,6 +467,7 @@ impl Kubelet {
     }
 
     async fn stop(&self, k: &str) {
+        let _ = std::fs::remove_dir_all(self.secret_dir(k));
         // Not held while the process winds down: stops run side by side.
         let removed = self.running.lock().await.remove(k);
         if let Some(mut r) = removed {

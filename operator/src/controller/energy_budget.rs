@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
 use tracing::Instrument;
@@ -47,6 +47,8 @@ pub const SHED_FIELD_MANAGER: &str = "copyhold-energy";
 /// What every EnergyBudget reconciliation gets.
 pub struct EnergyContext {
     pub client: Client,
+    /// The ModelDeployment controller's recorder; budgets publish each
+    /// Event on its own (see `publish`).
     pub recorder: Recorder,
     pub metrics: Arc<ControllerMetrics>,
     pub energy: Arc<EnergyMetrics>,
@@ -57,8 +59,11 @@ pub struct EnergyContext {
     /// Only ModelDeployments of this namespace are shed (a namespaced
     /// install); all when `None`.
     pub watch_namespace: Option<String>,
-    /// Power limits set, per budget: Pod key → watts.
-    capped: std::sync::Mutex<HashMap<String, HashMap<String, f64>>>,
+    /// Power limits set, and refusals reported, per budget.
+    capped: std::sync::Mutex<HashMap<String, CapMemory>>,
+    /// The controller's `--node-admin-token-secret`: the Secret, in each
+    /// Pod's own namespace, whose key `token` the nodes were started with.
+    node_admin_token_secret: Option<String>,
     /// The power limit last decided, per budget (fraction of rated power):
     /// how the uncapped draw is estimated from the capped one.
     limits: std::sync::Mutex<HashMap<String, f64>>,
@@ -91,8 +96,67 @@ impl EnergyContext {
             model_deployments,
             watch_namespace,
             capped: Default::default(),
+            node_admin_token_secret: None,
             limits: Default::default(),
         }
+    }
+
+    /// The Secret (name, in each engine Pod's namespace, key `token`) the
+    /// controller mounts into copyhold-node Pods: the token power caps send
+    /// when a budget names no `adminTokenSecret` of its own.
+    pub fn with_node_admin_token_secret(mut self, name: Option<String>) -> Self {
+        self.node_admin_token_secret = name.filter(|n| !n.is_empty());
+        self
+    }
+}
+
+/// What a budget's power caps have done, per engine Pod (`namespace/name`).
+#[derive(Default, Clone, Debug)]
+struct CapMemory {
+    /// The limit (W) each Pod accepted.
+    set: HashMap<String, f64>,
+    /// The setting (a limit, or `None` for clearing) whose refusal was
+    /// last reported: refusals are retried every evaluation but reported
+    /// once per Pod and change.
+    reported: HashMap<String, Option<f64>>,
+}
+
+/// Limit changes smaller than this fraction of a Pod's rated power are not
+/// sent: the continuous cap moves by a percent now and then as the draw
+/// wobbles, and re-sending that buys nothing (the allowance keeps the
+/// hysteresis band free).
+pub const POWER_LIMIT_DEAD_BAND: f64 = 0.02;
+
+/// Whether a Pod whose accepted limit is `prev` must be sent `want`
+/// (watts; `rated` the Pod's GPUs' rated power): always when it has none,
+/// else only beyond the dead band.
+pub fn power_limit_needs_update(prev: Option<f64>, want: f64, rated: f64) -> bool {
+    match prev {
+        None => true,
+        Some(p) => (want - p).abs() >= (POWER_LIMIT_DEAD_BAND * rated).max(1.0),
+    }
+}
+
+/// The Secret key holding the admin token of an engine Pod in `namespace`:
+/// the budget's `adminTokenSecret` (in the Pod's namespace when it names
+/// none), else the controller's `--node-admin-token-secret` (key `token`),
+/// the very Secret mounted into the Pod as its `--admin-token-file`. `None`:
+/// no token is sent.
+pub fn admin_token_ref(
+    policy: &crate::resources::PowerCapPolicy,
+    node_secret: Option<&str>,
+    namespace: &str,
+) -> Option<crate::resources::SecretKeyRef> {
+    match &policy.admin_token_secret {
+        Some(r) => Some(crate::resources::SecretKeyRef {
+            namespace: Some(r.namespace.clone().unwrap_or_else(|| namespace.to_string())),
+            ..r.clone()
+        }),
+        None => node_secret.map(|name| crate::resources::SecretKeyRef {
+            name: name.to_string(),
+            namespace: Some(namespace.to_string()),
+            key: crate::workload::ADMIN_TOKEN_KEY.to_string(),
+        }),
     }
 }
 
@@ -220,7 +284,14 @@ async fn reconcile_inner(eb: &EnergyBudget, ctx: &EnergyContext) -> Result<Actio
     let node_names: BTreeSet<String> = covered_nodes.iter().map(|n| n.name_any()).collect();
     let pods_arc = ctx.pods.state();
     let engine_pods = draw::engine_pods(pods_arc.iter().map(|p| p.as_ref()), &node_names);
-    let pod_watts = draw::scrape(&ctx.http, &engine_pods).await;
+    let scraped = draw::scrape_with_limits(&ctx.http, &engine_pods).await;
+    let pod_watts: BTreeMap<String, f64> =
+        scraped.iter().map(|(k, r)| (k.clone(), r.watts)).collect();
+    // The limit each node says is in force: what power caps compare with.
+    let pod_limits: HashMap<String, Option<f64>> = scraped
+        .iter()
+        .filter_map(|(k, r)| r.limit.map(|l| (k.clone(), l)))
+        .collect();
 
     // Draw per node: Prometheus when given, else the Pods' own gauges.
     let readings: BTreeMap<String, f64> = match &spec.draw.prometheus {
@@ -469,7 +540,23 @@ async fn reconcile_inner(eb: &EnergyBudget, ctx: &EnergyContext) -> Result<Actio
             ));
         }
     }
-    let power_events = power_caps(ctx, eb, &engine_pods, &covered_nodes, outcome.cap).await;
+    // A budget without the power cap only clears what it set itself (it
+    // was switched off while capping); with it, it owns the covered Pods'
+    // limits.
+    let pod_limits = if spec.policy.power_cap.enabled {
+        pod_limits
+    } else {
+        HashMap::new()
+    };
+    let power_events = power_caps(
+        ctx,
+        eb,
+        &engine_pods,
+        &covered_nodes,
+        &pod_limits,
+        outcome.cap,
+    )
+    .await;
     events.extend(power_events);
 
     // Status.
@@ -744,7 +831,19 @@ async fn publish(ctx: &EnergyContext, eb: &EnergyBudget, events: Vec<Event>) {
     let mut reference = eb.object_ref(&());
     reference.namespace = Some("default".into());
     for ev in events {
-        if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
+        // kube's Recorder folds every Event of one reason about one object
+        // into the first one's series for six minutes, keeping the first
+        // note: a PowerCapFailed or SupplyStale with a new cause would show
+        // the old one. A budget publishes only on changes, so each Event
+        // stands on its own (a fresh Recorder has nothing to fold into).
+        let recorder = Recorder::new(
+            ctx.client.clone(),
+            Reporter {
+                controller: "copyhold".into(),
+                instance: None,
+            },
+        );
+        if let Err(e) = recorder.publish(&ev, &reference).await {
             tracing::warn!(error = %e, reason = %ev.reason, "publishing an event failed");
         }
     }
@@ -811,29 +910,39 @@ async fn set_shed_annotation(
 
 /// Set power limits (`limit` × the node GPUs' rated power) on the engine
 /// Pods of the covered nodes, or clear them (`None`). Failures are Events
-/// (once per Pod and change), never errors.
+/// (once per Pod and change), never errors; a refused setting is tried
+/// again at the next evaluation. `reported` is the limit each Pod's
+/// `/metrics` says is in force: it overrides what this process remembers,
+/// so a restarted engine gets its limit again, and a limit left by an
+/// earlier controller (or set by hand) is cleared once the cap is lifted.
 async fn power_caps(
     ctx: &EnergyContext,
     eb: &EnergyBudget,
     pods: &[EnginePod],
     nodes: &[&Node],
+    reported: &HashMap<String, Option<f64>>,
     limit: Option<f64>,
 ) -> Vec<Event> {
-    let in_force = limit.is_some();
     let name = eb.name_any();
     let policy = &eb.spec.policy.power_cap;
     let per_gpu: HashMap<String, f64> = nodes
         .iter()
         .map(|n| (n.name_any(), draw::rated_per_gpu(n)))
         .collect();
-    let done: HashMap<String, f64> = ctx
-        .capped
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&name)
-        .cloned()
-        .unwrap_or_default();
-    let mut work: Vec<(String, String, Option<f64>)> = Vec::new();
+    let memory: CapMemory = {
+        let mut all = ctx.capped.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = all.entry(name.clone()).or_default();
+        // The nodes know best; Pods that went away take their limits along.
+        for (key, l) in reported {
+            match l {
+                Some(w) => entry.set.insert(key.clone(), *w),
+                None => entry.set.remove(key),
+            };
+        }
+        entry.set.retain(|k, _| pods.iter().any(|p| &p.key == k));
+        entry.clone()
+    };
+    let mut work: Vec<(&EnginePod, Option<f64>)> = Vec::new();
     if let Some(limit) = limit {
         for p in pods {
             let rated = per_gpu.get(&p.node).copied().unwrap_or(0.0) * p.gpus.max(1.0);
@@ -841,23 +950,19 @@ async fn power_caps(
                 continue;
             }
             let w = (rated * limit).round();
-            // A refusal is remembered as the negated setting.
-            let prev = done.get(&p.key).copied();
-            if prev != Some(w) && prev != Some(-w) {
-                work.push((p.key.clone(), p.base_url.clone(), Some(w)));
+            if power_limit_needs_update(memory.set.get(&p.key).copied(), w, rated) {
+                work.push((p, Some(w)));
             }
         }
     } else {
-        let live: HashMap<&str, &EnginePod> = pods.iter().map(|p| (p.key.as_str(), p)).collect();
-        for key in done.keys() {
-            if let Some(p) = live.get(key.as_str()) {
-                work.push((key.clone(), p.base_url.clone(), None));
-            }
+        for p in pods.iter().filter(|p| memory.set.contains_key(&p.key)) {
+            work.push((p, None));
         }
     }
     let mut events = Vec::new();
     if work.is_empty() {
-        if !in_force {
+        if limit.is_none() {
+            // Nothing left to clear (Pods that went away took their limits).
             ctx.capped
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -865,35 +970,47 @@ async fn power_caps(
         }
         return events;
     }
-    let token = match &policy.admin_token_secret {
-        Some(r) => match supply::read_secret(&ctx.client, r, None).await {
-            Ok(t) => Some(t),
-            Err(e) => {
-                events.push(warning(
-                    "PowerCapFailed",
-                    format!("admin token: {e}"),
-                    "PowerCap",
-                ));
-                return events;
+    // Tokens, read once per Secret per evaluation.
+    let mut tokens: HashMap<(String, String, String), Result<String, String>> = HashMap::new();
+    let mut accepted: Vec<(String, Option<f64>)> = Vec::new();
+    let mut refused: Vec<(String, Option<f64>, String)> = Vec::new();
+    for (p, watts) in work {
+        let namespace = p.key.split_once('/').map_or("", |(ns, _)| ns);
+        let token = match admin_token_ref(policy, ctx.node_admin_token_secret.as_deref(), namespace)
+        {
+            None => None,
+            Some(r) => {
+                let id = (
+                    r.namespace.clone().unwrap_or_default(),
+                    r.name.clone(),
+                    r.key.clone(),
+                );
+                if !tokens.contains_key(&id) {
+                    let t = supply::read_secret(&ctx.client, &r, None)
+                        .await
+                        .map_err(|e| e.to_string());
+                    tokens.insert(id.clone(), t);
+                }
+                match tokens.get(&id) {
+                    Some(Ok(t)) => Some(t.clone()),
+                    Some(Err(e)) => {
+                        refused.push((p.key.clone(), watts, format!("admin token: {e}")));
+                        continue;
+                    }
+                    None => None,
+                }
             }
-        },
-        None => None,
-    };
-    let mut failed: HashMap<String, Option<f64>> = HashMap::new();
-    let mut set: HashMap<String, Option<f64>> = HashMap::new();
-    for (key, base, watts) in work {
+        };
         let mut req = ctx
             .http
-            .post(format!("{base}/admin/power-limit"))
+            .post(format!("{}/admin/power-limit", p.base_url))
             .json(&serde_json::json!({"watts": watts}))
             .timeout(Duration::from_secs(5));
         if let Some(t) = &token {
             req = req.bearer_auth(t);
         }
         match req.send().await {
-            Ok(r) if r.status().is_success() => {
-                set.insert(key, watts);
-            }
+            Ok(r) if r.status().is_success() => accepted.push((p.key.clone(), watts)),
             Ok(r) => {
                 let status = r.status();
                 let body: String = r
@@ -903,42 +1020,89 @@ async fn power_caps(
                     .chars()
                     .take(200)
                     .collect();
-                events.push(warning(
-                    "PowerCapFailed",
-                    format!("{key}: HTTP {status}: {body}"),
-                    "PowerCap",
-                ));
-                failed.insert(key, watts);
+                refused.push((p.key.clone(), watts, format!("HTTP {status}: {body}")));
             }
-            Err(e) => {
-                events.push(warning("PowerCapFailed", format!("{key}: {e}"), "PowerCap"));
-                failed.insert(key, watts);
-            }
+            Err(e) => refused.push((p.key.clone(), watts, e.to_string())),
         }
     }
     let mut all = ctx.capped.lock().unwrap_or_else(|p| p.into_inner());
     let entry = all.entry(name).or_default();
-    for (key, w) in set {
+    for (key, w) in accepted {
         match w {
-            Some(w) => {
-                entry.insert(key, w);
-            }
-            None => {
-                entry.remove(&key);
-            }
-        }
+            Some(w) => entry.set.insert(key.clone(), w),
+            None => entry.set.remove(&key),
+        };
+        entry.reported.remove(&key);
     }
-    // A Pod that refused is recorded as done at this setting, so it is
-    // reported once per change rather than on every evaluation.
-    for (key, w) in failed {
-        match w {
-            Some(w) => {
-                entry.insert(key, -w);
-            }
-            None => {
-                entry.remove(&key);
-            }
+    for (key, w, why) in refused {
+        if entry.reported.get(&key) != Some(&w) {
+            let what = match w {
+                Some(w) => format!("setting {w:.0} W"),
+                None => "clearing the limit".to_string(),
+            };
+            events.push(warning(
+                "PowerCapFailed",
+                format!("{key}: {what}: {why}"),
+                "PowerCap",
+            ));
+            entry.reported.insert(key, w);
         }
     }
     events
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::{PowerCapPolicy, SecretKeyRef};
+
+    #[test]
+    fn the_admin_token_is_the_secret_mounted_into_the_pods_unless_the_budget_names_one() {
+        let policy = PowerCapPolicy::default();
+        let r = admin_token_ref(&policy, Some("copyhold-node-admin"), "town").expect("a ref");
+        assert_eq!(
+            (r.namespace.as_deref(), r.name.as_str(), r.key.as_str()),
+            (Some("town"), "copyhold-node-admin", "token")
+        );
+        assert_eq!(admin_token_ref(&policy, None, "town"), None);
+        // A budget's own Secret: in its namespace when it names one, else
+        // in each Pod's.
+        let own = PowerCapPolicy {
+            admin_token_secret: Some(SecretKeyRef {
+                name: "caps".into(),
+                namespace: Some("ops".into()),
+                key: "t".into(),
+            }),
+            ..Default::default()
+        };
+        let r = admin_token_ref(&own, Some("copyhold-node-admin"), "town").expect("a ref");
+        assert_eq!(
+            (r.namespace.as_deref(), r.name.as_str(), r.key.as_str()),
+            (Some("ops"), "caps", "t")
+        );
+        let per_ns = PowerCapPolicy {
+            admin_token_secret: Some(SecretKeyRef {
+                name: "caps".into(),
+                namespace: None,
+                key: "t".into(),
+            }),
+            ..Default::default()
+        };
+        let r = admin_token_ref(&per_ns, None, "village").expect("a ref");
+        assert_eq!(r.namespace.as_deref(), Some("village"));
+    }
+
+    #[test]
+    fn small_power_limit_changes_are_not_resent() {
+        // 250 W rated: the dead band is 5 W.
+        assert!(power_limit_needs_update(None, 150.0, 250.0));
+        assert!(!power_limit_needs_update(Some(178.0), 175.0, 250.0));
+        assert!(!power_limit_needs_update(Some(178.0), 182.0, 250.0));
+        assert!(power_limit_needs_update(Some(178.0), 173.0, 250.0));
+        assert!(power_limit_needs_update(Some(178.0), 183.0, 250.0));
+        assert!(!power_limit_needs_update(Some(178.0), 178.0, 250.0));
+        // Tiny GPUs still get a whole watt of band.
+        assert!(!power_limit_needs_update(Some(20.0), 20.4, 10.0));
+        assert!(power_limit_needs_update(Some(20.0), 21.0, 10.0));
+    }
 }

@@ -326,16 +326,19 @@ pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()>
     // EnergyBudgets: evaluated every evaluationInterval by the same leader.
     // Triggered by spec changes only (their own status writes would
     // otherwise trigger them again at once); the requeue paces them.
-    let energy_ctx = Arc::new(energy_budget::EnergyContext::new(
-        client.clone(),
-        ctx.recorder.clone(),
-        metrics.clone(),
-        energy,
-        ctx.indexes.nodes.clone(),
-        ctx.indexes.pods.clone(),
-        controller.store(),
-        settings.watch_namespace.clone(),
-    ));
+    let energy_ctx = Arc::new(
+        energy_budget::EnergyContext::new(
+            client.clone(),
+            ctx.recorder.clone(),
+            metrics.clone(),
+            energy,
+            ctx.indexes.nodes.clone(),
+            ctx.indexes.pods.clone(),
+            controller.store(),
+            settings.watch_namespace.clone(),
+        )
+        .with_node_admin_token_secret(settings.defaults.admin_token_secret.clone()),
+    );
     let (budgets, budget_writer) = reflector::store::<EnergyBudget>();
     let budget_stream = reflector::reflector(
         budget_writer,

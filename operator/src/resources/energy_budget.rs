@@ -316,7 +316,11 @@ pub struct PowerCapPolicy {
     #[serde(default = "default_min_cap")]
     #[schemars(range(min = 20.0, max = 100.0))]
     pub min_percent: f64,
-    /// Bearer token for the nodes' `POST /admin/power-limit`.
+    /// Bearer token for the nodes' `POST /admin/power-limit`. Without a
+    /// namespace, the Secret of that name in each engine Pod's own
+    /// namespace. When absent, the Secret the controller mounts into the
+    /// copyhold-node Pods (its `--node-admin-token-secret`, key `token`, in
+    /// each Pod's namespace): the token the nodes were started with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_token_secret: Option<SecretKeyRef>,
 }
