@@ -3,6 +3,8 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 CARGO ?= cargo
 export COPYHOLD_CACHE ?= $(HOME)/.cache/copyhold
+# One build cache for the demo, the tests and CI, whatever the checkout.
+export CARGO_TARGET_DIR ?= $(COPYHOLD_CACHE)/target
 
 .PHONY: all build test lint demo demo-down crds cluster-up cluster-down
 
