@@ -142,6 +142,9 @@ for _ in $(seq 1 20); do
   sleep 0.5
 done
 kubectl get eb
+echo "  nodes without a copyhold-node Pod to read count at their GPUs' rated power, never zero:"
+echo "  $(kubectl get eb rooftop-solar -o jsonpath='{.status.nodesWithoutReading}')"
+echo "  conditions: $(kubectl get eb rooftop-solar -o jsonpath='{range .status.conditions[*]}{.type}={.status} {end}')"
 
 say "ready in $(( $(date +%s) - t0 ))s. Everything keeps running:"
 echo "  $(e2e/cluster.sh env | head -n1)"
