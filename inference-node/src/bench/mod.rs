@@ -126,3 +126,4 @@ pub fn run(
         load_s,
     })
 }
+pub mod peers;
