@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::matmul::kernel::{WRows, axpy, dot_block};
+use crate::matmul::kernel::{WRows, dot_block, weighted_rows};
 use crate::matmul::{matmul_wt, matmul_wt_many};
 use crate::weights::{Tensor, WeightStore};
 
@@ -345,14 +345,10 @@ impl DecoderLayer {
                         *v /= sum;
                     }
                 }
-                out.fill(0.0);
-                for (j, p) in (start..=t.pos).enumerate() {
-                    let s = table[p / bs] as usize * bs + p % bs;
-                    let vr = &vc[s * row + g * hd..s * row + (g + 1) * hd];
-                    for (hh, o) in out.chunks_exact_mut(hd).enumerate() {
-                        axpy(o, scores[hh * npos + j], vr);
-                    }
-                }
+                let offs: Vec<usize> = (start..=t.pos)
+                    .map(|p| (table[p / bs] as usize * bs + p % bs) * row + g * hd)
+                    .collect();
+                weighted_rows(out, group, hd, &scores, npos, vc, &offs);
             });
         let o = self.o.forward(&attn, m);
         for (a, b) in x.iter_mut().zip(&o) {

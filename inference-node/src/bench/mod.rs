@@ -69,6 +69,24 @@ pub fn run(
     let (mut engine, text) = load_engine(dir, &opts, device, Arc::new(Metrics::new()), sensor)?;
     let load_s = t0.elapsed().as_secs_f64();
     let vocab = text.vocab_size().max(2) as u64;
+    // Warm-up, as llama-bench and llama-batched-bench do: one short request
+    // faults the mapped weights in and sizes the allocator before timing.
+    {
+        let (tx, mut rx) = unbounded_channel();
+        let mut params = SamplingParams::greedy(2);
+        params.ignore_eos = true;
+        engine.add(GenRequest {
+            prompt: (0..16).map(|i| (i % vocab) as u32).collect(),
+            params,
+            stop: vec![],
+            capture_logits: false,
+            events: tx,
+        });
+        while !engine.is_idle() {
+            engine.step();
+        }
+        while rx.try_recv().is_ok() {}
+    }
     let mut rxs = Vec::new();
     for b in 0..batch {
         // Distinct prompts, so the prefix cache does not help.

@@ -111,21 +111,54 @@ pub fn dot_block(
     }
 }
 
-/// `y[i] += a * x[i]` (elementwise: no summation order to keep; fused
-/// multiply-add where the instruction set has it).
-pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    let n = y.len().min(x.len());
-    let (y, x) = (&mut y[..n], &x[..n]);
+/// `out[h*hd + d] = Σⱼ s[h*lds + j] · v[offs[j] + d]` for `h < heads`,
+/// `d < hd` (attention's probabilities times values; `out` is overwritten).
+/// Each output element sums over `j` in order with one accumulator, so its
+/// bits do not depend on `heads` or on how the heads are grouped.
+pub fn weighted_rows(
+    out: &mut [f32],
+    heads: usize,
+    hd: usize,
+    s: &[f32],
+    lds: usize,
+    v: &[f32],
+    offs: &[usize],
+) {
+    let n = offs.len();
+    assert!(out.len() >= heads * hd, "output shorter than heads*hd");
+    if heads == 0 || hd == 0 {
+        return;
+    }
+    assert!(
+        lds >= n && s.len() >= (heads - 1) * lds + n,
+        "scores too short"
+    );
+    assert!(
+        offs.iter().all(|&o| o + hd <= v.len()),
+        "value row out of range"
+    );
     match isa() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: avx512f detected at run time; both slices hold `n` elements.
-        Isa::Avx512 => unsafe { x86::axpy512(y, a, x) },
+        // SAFETY: avx512f detected; every index was checked above.
+        Isa::Avx512 if hd.is_multiple_of(16) => unsafe {
+            x86::weighted512(out, heads, hd, s, lds, v, offs)
+        },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: avx2 + fma detected at run time; both slices hold `n` elements.
-        Isa::Avx2 => unsafe { x86::axpy256(y, a, x) },
+        // SAFETY: avx2 + fma detected; every index was checked above.
+        Isa::Avx2 if hd.is_multiple_of(8) => unsafe {
+            x86::weighted256(out, heads, hd, s, lds, v, offs)
+        },
         _ => {
-            for (o, v) in y.iter_mut().zip(x) {
-                *o += a * v;
+            let fused = isa() != Isa::Portable;
+            for h in 0..heads {
+                let o = &mut out[h * hd..(h + 1) * hd];
+                o.fill(0.0);
+                for (j, &off) in offs.iter().enumerate() {
+                    let w = s[h * lds + j];
+                    for (a, b) in o.iter_mut().zip(&v[off..off + hd]) {
+                        *a = if fused { w.mul_add(*b, *a) } else { *a + w * b };
+                    }
+                }
             }
         }
     }
@@ -325,45 +358,127 @@ mod x86 {
         }
     }
 
-    /// SAFETY (callers): avx512f is present.
+    /// `H` heads × 16 lanes of [`super::weighted_rows`].
+    ///
+    /// SAFETY (callers): avx512f; `s` has `H` rows of stride `lds` with
+    /// `offs.len()` entries; `v[off + d0 .. off + d0 + 16]` is in range for
+    /// every offset; `out` has `H` rows of stride `hd` past `d0 + 16`.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn axpy512(y: &mut [f32], a: f32, x: &[f32]) {
-        let n = y.len().min(x.len());
-        let av = _mm512_set1_ps(a);
-        let mut i = 0;
-        // SAFETY: i + 16 <= n for every vector access.
+    #[inline]
+    unsafe fn wr512<const H: usize>(
+        out: *mut f32,
+        hd: usize,
+        d0: usize,
+        s: *const f32,
+        lds: usize,
+        v: *const f32,
+        offs: &[usize],
+    ) {
+        let mut acc = [_mm512_setzero_ps(); H];
+        // SAFETY: the caller's ranges.
         unsafe {
-            while i + 16 <= n {
-                let yv = _mm512_loadu_ps(y.as_ptr().add(i));
-                let xv = _mm512_loadu_ps(x.as_ptr().add(i));
-                _mm512_storeu_ps(y.as_mut_ptr().add(i), _mm512_fmadd_ps(av, xv, yv));
-                i += 16;
+            for (j, &off) in offs.iter().enumerate() {
+                let vv = _mm512_loadu_ps(v.add(off + d0));
+                for (h, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(_mm512_set1_ps(*s.add(h * lds + j)), vv, *a);
+                }
+            }
+            for (h, a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(out.add(h * hd + d0), *a);
             }
         }
-        for t in i..n {
-            y[t] = a.mul_add(x[t], y[t]);
+    }
+
+    /// SAFETY (callers): avx512f; the ranges checked by `weighted_rows`,
+    /// and `hd % 16 == 0`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn weighted512(
+        out: &mut [f32],
+        heads: usize,
+        hd: usize,
+        s: &[f32],
+        lds: usize,
+        v: &[f32],
+        offs: &[usize],
+    ) {
+        let (o, sp, vp) = (out.as_mut_ptr(), s.as_ptr(), v.as_ptr());
+        let mut h = 0;
+        // SAFETY: heads h..h+c < heads, lanes d0..d0+16 <= hd.
+        unsafe {
+            while h < heads {
+                let c = (heads - h).min(4);
+                let c = if c == 3 { 2 } else { c };
+                let (oh, sh) = (o.add(h * hd), sp.add(h * lds));
+                for d0 in (0..hd).step_by(16) {
+                    match c {
+                        4 => wr512::<4>(oh, hd, d0, sh, lds, vp, offs),
+                        2 => wr512::<2>(oh, hd, d0, sh, lds, vp, offs),
+                        _ => wr512::<1>(oh, hd, d0, sh, lds, vp, offs),
+                    }
+                }
+                h += c;
+            }
         }
     }
 
     // ------------------------------------------------------------------ AVX2
 
-    /// SAFETY (callers): avx2 and fma are present.
+    /// As [`wr512`] with 8 lanes.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn axpy256(y: &mut [f32], a: f32, x: &[f32]) {
-        let n = y.len().min(x.len());
-        let av = _mm256_set1_ps(a);
-        let mut i = 0;
-        // SAFETY: i + 8 <= n for every vector access.
+    #[inline]
+    unsafe fn wr256<const H: usize>(
+        out: *mut f32,
+        hd: usize,
+        d0: usize,
+        s: *const f32,
+        lds: usize,
+        v: *const f32,
+        offs: &[usize],
+    ) {
+        let mut acc = [_mm256_setzero_ps(); H];
+        // SAFETY: the caller's ranges.
         unsafe {
-            while i + 8 <= n {
-                let yv = _mm256_loadu_ps(y.as_ptr().add(i));
-                let xv = _mm256_loadu_ps(x.as_ptr().add(i));
-                _mm256_storeu_ps(y.as_mut_ptr().add(i), _mm256_fmadd_ps(av, xv, yv));
-                i += 8;
+            for (j, &off) in offs.iter().enumerate() {
+                let vv = _mm256_loadu_ps(v.add(off + d0));
+                for (h, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(_mm256_set1_ps(*s.add(h * lds + j)), vv, *a);
+                }
+            }
+            for (h, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.add(h * hd + d0), *a);
             }
         }
-        for t in i..n {
-            y[t] = a.mul_add(x[t], y[t]);
+    }
+
+    /// SAFETY (callers): avx2 + fma; the ranges checked by
+    /// `weighted_rows`, and `hd % 8 == 0`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn weighted256(
+        out: &mut [f32],
+        heads: usize,
+        hd: usize,
+        s: &[f32],
+        lds: usize,
+        v: &[f32],
+        offs: &[usize],
+    ) {
+        let (o, sp, vp) = (out.as_mut_ptr(), s.as_ptr(), v.as_ptr());
+        let mut h = 0;
+        // SAFETY: heads h..h+c < heads, lanes d0..d0+8 <= hd.
+        unsafe {
+            while h < heads {
+                let c = (heads - h).min(4);
+                let c = if c == 3 { 2 } else { c };
+                let (oh, sh) = (o.add(h * hd), sp.add(h * lds));
+                for d0 in (0..hd).step_by(8) {
+                    match c {
+                        4 => wr256::<4>(oh, hd, d0, sh, lds, vp, offs),
+                        2 => wr256::<2>(oh, hd, d0, sh, lds, vp, offs),
+                        _ => wr256::<1>(oh, hd, d0, sh, lds, vp, offs),
+                    }
+                }
+                h += c;
+            }
         }
     }
 
@@ -657,6 +772,63 @@ mod tests {
             for j in 3..n {
                 assert_eq!(part[j - 3].to_bits(), all[i * n + j].to_bits());
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod weighted_tests {
+    use super::*;
+
+    #[test]
+    fn weighted_rows_matches_naive_and_ignores_grouping() {
+        let (heads, hd, n, row) = (7, 64, 37, 200);
+        let s: Vec<f32> = (0..heads * 40).map(|i| (i as f32 * 0.3).sin()).collect();
+        let v: Vec<f32> = (0..n * row + hd).map(|i| (i as f32 * 0.07).cos()).collect();
+        let offs: Vec<usize> = (0..n).map(|j| (n - 1 - j) * row + 3).collect();
+        let mut all = vec![0.0; heads * hd];
+        weighted_rows(&mut all, heads, hd, &s, 40, &v, &offs);
+        for h in 0..heads {
+            let mut one = vec![0.0; hd];
+            weighted_rows(&mut one, 1, hd, &s[h * 40..], 40, &v, &offs);
+            for d in 0..hd {
+                assert_eq!(one[d].to_bits(), all[h * hd + d].to_bits());
+                let want: f32 = (0..n).map(|j| s[h * 40 + j] * v[offs[j] + d]).sum();
+                assert!((one[d] - want).abs() < 1e-4);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    /// `cargo test --release -p copyhold-node kernel_speed -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn kernel_speed() {
+        let (m, n, k) = (512, 256, 1024);
+        let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w: Vec<u16> = (0..n * k)
+            .map(|i| half::f16::from_f32((i as f32 * 0.11).cos()).to_bits())
+            .collect();
+        let wf: Vec<f32> = w
+            .iter()
+            .map(|&b| half::f16::from_bits(b).to_f32())
+            .collect();
+        let mut out = vec![0.0; m * n];
+        for (name, wr) in [("f16", WRows::F16(&w)), ("f32", WRows::F32(&wf))] {
+            let mut best = f64::MAX;
+            for _ in 0..5 {
+                let t = std::time::Instant::now();
+                dot_block(&x, m, k, wr, n, k, &mut out, n);
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            println!(
+                "{name}: {:.1} GFLOP/s",
+                2.0 * (m * n * k) as f64 / best / 1e9
+            );
         }
     }
 }

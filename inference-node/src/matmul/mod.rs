@@ -23,6 +23,26 @@ thread_local! {
     static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Bytes (as stored) of one weight tile: every block of activation rows
+/// sweeps the tile, so it should stay in L2; with many rows each tile also
+/// re-reads all of `x`, so larger tiles mean less traffic.
+fn tile_budget(m: usize) -> usize {
+    static B: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+    let (small, large) = *B.get_or_init(|| {
+        let get = |k: &str, d: usize| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d)
+        };
+        (
+            get("COPYHOLD_TILE_KIB_SMALL", 256) << 10,
+            get("COPYHOLD_TILE_KIB_LARGE", 1024) << 10,
+        )
+    });
+    if m >= 32 { large } else { small }
+}
+
 /// `x` is `m × k` row-major, `w` is `n × k`; returns `m × n`.
 pub fn matmul_wt(x: &[f32], m: usize, w: &Tensor) -> Vec<f32> {
     matmul_wt_many(x, m, &[w]).pop().unwrap_or_default()
@@ -40,12 +60,11 @@ pub fn matmul_wt_many(x: &[f32], m: usize, ws: &[&Tensor]) -> Vec<Vec<f32>> {
         let (n, k) = (w.shape[0], w.shape[1]);
         assert_eq!(x.len(), m * k, "activation shape does not match {}", w.name);
         // Enough tiles for load balance, each a multiple of the kernel's 4
-        // weight rows and small enough (≤ 256 KiB as stored) to stay in L2
-        // while every block of activation rows sweeps it. The tiling only
-        // decides who computes which element, never how, so it may depend
-        // on anything.
-        let tile = (total / (threads * 4))
-            .min((256 * 1024) / (k * w.dtype.size()).max(1))
+        // weight rows and within the L2 budget. The tiling only decides who
+        // computes which element, never how, so it may depend on anything.
+        let balance = if m >= 32 { 2 } else { 4 };
+        let tile = (total / (threads * balance))
+            .min(tile_budget(m) / (k * w.dtype.size()).max(1))
             .max(4)
             / 4
             * 4;
