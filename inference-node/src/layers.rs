@@ -132,26 +132,59 @@ pub fn apply_rope(x: &mut [f32], heads: usize, head_dim: usize, rope: &RopeRow) 
 /// Paged K/V storage for the CPU backend: per layer, `[block][slot][kv_head][dim]`.
 pub struct KvStore {
     pub block_size: usize,
-    pub k: Vec<Vec<f32>>,
-    pub v: Vec<Vec<f32>>,
+    pub k: Vec<KvBuf>,
+    pub v: Vec<KvBuf>,
     row: usize,
 }
 
+/// One layer's keys or values, in f32 (exact) or f16 (half the memory and
+/// the memory traffic of attention; each value rounded once when stored).
+pub enum KvBuf {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+}
+
+impl KvBuf {
+    fn new(n: usize, f16: bool) -> KvBuf {
+        if f16 {
+            KvBuf::F16(vec![half::f16::ZERO; n])
+        } else {
+            KvBuf::F32(vec![0.0; n])
+        }
+    }
+
+    fn write(&mut self, at: usize, src: &[f32]) {
+        use half::slice::HalfFloatSliceExt;
+        match self {
+            KvBuf::F32(b) => b[at..at + src.len()].copy_from_slice(src),
+            KvBuf::F16(b) => b[at..at + src.len()].convert_from_f32_slice(src),
+        }
+    }
+
+    fn rows(&self) -> WRows<'_> {
+        match self {
+            KvBuf::F32(b) => WRows::F32(b),
+            KvBuf::F16(b) => WRows::F16(bytemuck::cast_slice(b)),
+        }
+    }
+}
+
 impl KvStore {
-    pub fn new(cfg: &ModelConfig, num_blocks: usize, block_size: usize) -> KvStore {
+    pub fn new(cfg: &ModelConfig, num_blocks: usize, block_size: usize, f16: bool) -> KvStore {
         let row = cfg.num_kv_heads * cfg.head_dim;
         let n = num_blocks * block_size * row;
         KvStore {
             block_size,
-            k: (0..cfg.num_layers).map(|_| vec![0.0; n]).collect(),
-            v: (0..cfg.num_layers).map(|_| vec![0.0; n]).collect(),
+            k: (0..cfg.num_layers).map(|_| KvBuf::new(n, f16)).collect(),
+            v: (0..cfg.num_layers).map(|_| KvBuf::new(n, f16)).collect(),
             row,
         }
     }
 
     /// Bytes one block takes across all layers (K and V).
-    pub fn bytes_per_block(cfg: &ModelConfig, block_size: usize) -> usize {
-        2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * 4
+    pub fn bytes_per_block(cfg: &ModelConfig, block_size: usize, f16: bool) -> usize {
+        let es = if f16 { 2 } else { 4 };
+        2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * es
     }
 
     fn slot(&self, table: &[u32], pos: usize) -> usize {
@@ -288,10 +321,10 @@ impl DecoderLayer {
         let row = kv.row;
         for (i, t) in batch.tokens.iter().enumerate() {
             let s = kv.slot(&batch.block_tables[t.seq], t.pos);
-            kv.k[layer][s * row..(s + 1) * row].copy_from_slice(&k[i * row..(i + 1) * row]);
-            kv.v[layer][s * row..(s + 1) * row].copy_from_slice(&v[i * row..(i + 1) * row]);
+            kv.k[layer].write(s * row, &k[i * row..(i + 1) * row]);
+            kv.v[layer].write(s * row, &v[i * row..(i + 1) * row]);
         }
-        let (kc, vc) = (&kv.k[layer], &kv.v[layer]);
+        let (kc, vc) = (kv.k[layer].rows(), kv.v[layer].rows());
         let bs = kv.block_size;
         let group = nh / nkv;
         let scale = 1.0 / (hd as f32).sqrt();
@@ -322,7 +355,7 @@ impl DecoderLayer {
                         qg,
                         group,
                         hd,
-                        WRows::F32(&kc[s * row + g * hd..]),
+                        kc.offset(s * row + g * hd),
                         run,
                         row,
                         &mut scores[p - start..],

@@ -54,7 +54,8 @@ struct CudaArgs {
     /// Folder holding cuda_fp16.h / cuda_bf16.h for NVRTC (repeatable).
     #[arg(long = "cuda-include", env = "COPYHOLD_CUDA_INCLUDE_DIR")]
     cuda_include: Vec<PathBuf>,
-    /// KV cache element type (default: f16 for serve and bench, f32 for check-golden).
+    /// KV cache element type (CUDA default: f16 for serve and bench, f32 for
+    /// check-golden; CPU default: f32, f16 when asked).
     #[arg(long, env = "COPYHOLD_KV_CACHE_DTYPE", value_enum)]
     kv_cache_dtype: Option<KvDtypeArg>,
     /// GEMMs of more than 8 rows (default: fast for serve and bench, exact for check-golden).
@@ -298,6 +299,10 @@ struct PeerArgs {
     /// Batch sizes for the peers (default: the same as --batch).
     #[arg(long, env = "COPYHOLD_BENCH_PEER_BATCH", value_delimiter = ',')]
     peer_batch: Vec<usize>,
+    /// Batch sizes for transformers alone (default: the peers'); PyTorch
+    /// takes minutes per large batch on 2 cores.
+    #[arg(long, env = "COPYHOLD_BENCH_HF_BATCH", value_delimiter = ',')]
+    hf_batch: Vec<usize>,
 }
 
 fn main() -> ExitCode {
@@ -376,6 +381,7 @@ fn main() -> ExitCode {
             repeat,
             peers,
         } => {
+            let kv_f16 = matches!(cuda.kv_cache_dtype, Some(KvDtypeArg::F16));
             let device = cuda.device(device, false);
             if let Some(t) = threads
                 && let Err(e) = rayon::ThreadPoolBuilder::new()
@@ -398,6 +404,7 @@ fn main() -> ExitCode {
                         prompt,
                         generate,
                         kv_cache_mib,
+                        kv_f16,
                         &device,
                     ) {
                         Ok(r) => {
@@ -469,7 +476,12 @@ fn main() -> ExitCode {
                         .hf_script
                         .clone()
                         .unwrap_or_else(peers::default_hf_script);
-                    for &b in &peer_batch {
+                    let hf_batch = if peers.hf_batch.is_empty() {
+                        &peer_batch
+                    } else {
+                        &peers.hf_batch
+                    };
+                    for &b in hf_batch {
                         measure("transformers", &mut || {
                             peers::transformers(py, &script, &model, b, prompt, generate, threads)
                                 .map(|r| vec![r])
@@ -588,6 +600,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             block_size: a.block_size.max(1),
             max_batch_tokens: a.max_batch_tokens,
             max_running: a.max_running,
+            kv_f16: matches!(a.cuda.kv_cache_dtype, Some(KvDtypeArg::F16)),
         };
         let dir = a.model.clone();
         let m2 = metrics.clone();

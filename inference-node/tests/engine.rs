@@ -30,6 +30,7 @@ fn engine(dir: &Path, kv_bytes: usize, metrics: Arc<Metrics>) -> Engine {
         block_size: 4,
         max_batch_tokens: 16,
         max_running: 16,
+        kv_f16: false,
     };
     let sensor = Box::new(ModeledSensor(PowerModel {
         idle_w: 0.0,

@@ -40,7 +40,7 @@ impl Row {
             ttft_mean_s: r.ttft_mean_s,
             ttft_max_s: r.ttft_max_s,
             peak_rss_mib: r.peak_rss_mib,
-            note: String::new(),
+            note: format!("KV {}", r.kv_cache),
         }
     }
 

@@ -32,7 +32,16 @@ pub enum WRows<'a> {
     BF16(&'a [u16]),
 }
 
-impl WRows<'_> {
+impl<'a> WRows<'a> {
+    /// The rows from element `at` on.
+    pub fn offset(self, at: usize) -> WRows<'a> {
+        match self {
+            WRows::F32(s) => WRows::F32(&s[at..]),
+            WRows::F16(s) => WRows::F16(&s[at..]),
+            WRows::BF16(s) => WRows::BF16(&s[at..]),
+        }
+    }
+
     fn len(&self) -> usize {
         match self {
             WRows::F32(s) => s.len(),
@@ -73,6 +82,23 @@ pub fn isa() -> Isa {
     })
 }
 
+/// Whether this machine can run `isa`'s kernels.
+fn supported(isa: Isa) -> bool {
+    match isa {
+        Isa::Portable => true,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => std::is_x86_feature_detected!("avx512f"),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => false,
+    }
+}
+
 /// `out[i*ldo + j] = dot(x[i*k..][..k], w[j*ldw..][..k])` for `i < m`, `j < n`.
 #[allow(clippy::too_many_arguments)]
 pub fn dot_block(
@@ -85,6 +111,23 @@ pub fn dot_block(
     out: &mut [f32],
     ldo: usize,
 ) {
+    dot_block_on(isa(), x, m, k, w, n, ldw, out, ldo)
+}
+
+/// [`dot_block`] with the kernels of `isa` (portable where unsupported).
+#[allow(clippy::too_many_arguments)]
+fn dot_block_on(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: WRows<'_>,
+    n: usize,
+    ldw: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    let isa = if supported(isa) { isa } else { Isa::Portable };
     assert!(x.len() >= m * k, "activations shorter than m*k");
     assert!(ldw >= k, "weight stride below k");
     assert!(ldo >= n, "output stride below n");
@@ -99,10 +142,10 @@ pub fn dot_block(
         out.len() >= (m - 1) * ldo + n,
         "output shorter than its rows"
     );
-    match isa() {
+    match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the features were detected at run time (`isa`), and the
-        // lengths were checked above as the kernels' contract asks.
+        // SAFETY: the features were detected at run time (`supported`), and
+        // the lengths were checked above as the kernels' contract asks.
         Isa::Avx512 => unsafe { x86::dispatch512(x, m, k, w, n, ldw, out, ldo) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, for avx2 + fma + f16c.
@@ -121,7 +164,7 @@ pub fn weighted_rows(
     hd: usize,
     s: &[f32],
     lds: usize,
-    v: &[f32],
+    v: WRows<'_>,
     offs: &[usize],
 ) {
     let n = offs.len();
@@ -144,19 +187,27 @@ pub fn weighted_rows(
             x86::weighted512(out, heads, hd, s, lds, v, offs)
         },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: avx2 + fma detected; every index was checked above.
+        // SAFETY: avx2 + fma + f16c detected; every index was checked above.
         Isa::Avx2 if hd.is_multiple_of(8) => unsafe {
             x86::weighted256(out, heads, hd, s, lds, v, offs)
         },
         _ => {
             let fused = isa() != Isa::Portable;
+            let val = |i: usize| -> f32 {
+                match v {
+                    WRows::F32(b) => b[i],
+                    WRows::F16(b) => half::f16::from_bits(b[i]).to_f32(),
+                    WRows::BF16(b) => half::bf16::from_bits(b[i]).to_f32(),
+                }
+            };
             for h in 0..heads {
                 let o = &mut out[h * hd..(h + 1) * hd];
                 o.fill(0.0);
                 for (j, &off) in offs.iter().enumerate() {
                     let w = s[h * lds + j];
-                    for (a, b) in o.iter_mut().zip(&v[off..off + hd]) {
-                        *a = if fused { w.mul_add(*b, *a) } else { *a + w * b };
+                    for (d, a) in o.iter_mut().enumerate() {
+                        let b = val(off + d);
+                        *a = if fused { w.mul_add(b, *a) } else { *a + w * b };
                     }
                 }
             }
@@ -361,24 +412,27 @@ mod x86 {
     /// `H` heads × 16 lanes of [`super::weighted_rows`].
     ///
     /// SAFETY (callers): avx512f; `s` has `H` rows of stride `lds` with
-    /// `offs.len()` entries; `v[off + d0 .. off + d0 + 16]` is in range for
-    /// every offset; `out` has `H` rows of stride `hd` past `d0 + 16`.
+    /// `offs.len()` entries; 16 elements of type `DT` (`es` bytes each) at
+    /// `v + (off + d0) * es` are in range for every offset; `out` has `H`
+    /// rows of stride `hd` past `d0 + 16`.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn wr512<const H: usize>(
+    unsafe fn wr512<const H: usize, const DT: u8>(
         out: *mut f32,
         hd: usize,
         d0: usize,
         s: *const f32,
         lds: usize,
-        v: *const f32,
+        v: *const u8,
+        es: usize,
         offs: &[usize],
     ) {
         let mut acc = [_mm512_setzero_ps(); H];
         // SAFETY: the caller's ranges.
         unsafe {
             for (j, &off) in offs.iter().enumerate() {
-                let vv = _mm512_loadu_ps(v.add(off + d0));
+                let vv = load16::<DT>(v.add((off + d0) * es));
                 for (h, a) in acc.iter_mut().enumerate() {
                     *a = _mm512_fmadd_ps(_mm512_set1_ps(*s.add(h * lds + j)), vv, *a);
                 }
@@ -398,10 +452,20 @@ mod x86 {
         hd: usize,
         s: &[f32],
         lds: usize,
-        v: &[f32],
+        v: WRows<'_>,
         offs: &[usize],
     ) {
-        let (o, sp, vp) = (out.as_mut_ptr(), s.as_ptr(), v.as_ptr());
+        let (o, sp) = (out.as_mut_ptr(), s.as_ptr());
+        let (vp, es) = raw(v);
+        macro_rules! go {
+            ($h:literal, $oh:expr, $d0:expr, $sh:expr) => {
+                match v {
+                    WRows::F32(_) => wr512::<$h, F32>($oh, hd, $d0, $sh, lds, vp, es, offs),
+                    WRows::F16(_) => wr512::<$h, F16>($oh, hd, $d0, $sh, lds, vp, es, offs),
+                    WRows::BF16(_) => wr512::<$h, BF16>($oh, hd, $d0, $sh, lds, vp, es, offs),
+                }
+            };
+        }
         let mut h = 0;
         // SAFETY: heads h..h+c < heads, lanes d0..d0+16 <= hd.
         unsafe {
@@ -411,9 +475,9 @@ mod x86 {
                 let (oh, sh) = (o.add(h * hd), sp.add(h * lds));
                 for d0 in (0..hd).step_by(16) {
                     match c {
-                        4 => wr512::<4>(oh, hd, d0, sh, lds, vp, offs),
-                        2 => wr512::<2>(oh, hd, d0, sh, lds, vp, offs),
-                        _ => wr512::<1>(oh, hd, d0, sh, lds, vp, offs),
+                        4 => go!(4, oh, d0, sh),
+                        2 => go!(2, oh, d0, sh),
+                        _ => go!(1, oh, d0, sh),
                     }
                 }
                 h += c;
@@ -424,22 +488,24 @@ mod x86 {
     // ------------------------------------------------------------------ AVX2
 
     /// As [`wr512`] with 8 lanes.
-    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn wr256<const H: usize>(
+    unsafe fn wr256<const H: usize, const DT: u8>(
         out: *mut f32,
         hd: usize,
         d0: usize,
         s: *const f32,
         lds: usize,
-        v: *const f32,
+        v: *const u8,
+        es: usize,
         offs: &[usize],
     ) {
         let mut acc = [_mm256_setzero_ps(); H];
         // SAFETY: the caller's ranges.
         unsafe {
             for (j, &off) in offs.iter().enumerate() {
-                let vv = _mm256_loadu_ps(v.add(off + d0));
+                let vv = load8::<DT>(v.add((off + d0) * es));
                 for (h, a) in acc.iter_mut().enumerate() {
                     *a = _mm256_fmadd_ps(_mm256_set1_ps(*s.add(h * lds + j)), vv, *a);
                 }
@@ -450,19 +516,29 @@ mod x86 {
         }
     }
 
-    /// SAFETY (callers): avx2 + fma; the ranges checked by
+    /// SAFETY (callers): avx2 + fma + f16c; the ranges checked by
     /// `weighted_rows`, and `hd % 8 == 0`.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn weighted256(
         out: &mut [f32],
         heads: usize,
         hd: usize,
         s: &[f32],
         lds: usize,
-        v: &[f32],
+        v: WRows<'_>,
         offs: &[usize],
     ) {
-        let (o, sp, vp) = (out.as_mut_ptr(), s.as_ptr(), v.as_ptr());
+        let (o, sp) = (out.as_mut_ptr(), s.as_ptr());
+        let (vp, es) = raw(v);
+        macro_rules! go {
+            ($h:literal, $oh:expr, $d0:expr, $sh:expr) => {
+                match v {
+                    WRows::F32(_) => wr256::<$h, F32>($oh, hd, $d0, $sh, lds, vp, es, offs),
+                    WRows::F16(_) => wr256::<$h, F16>($oh, hd, $d0, $sh, lds, vp, es, offs),
+                    WRows::BF16(_) => wr256::<$h, BF16>($oh, hd, $d0, $sh, lds, vp, es, offs),
+                }
+            };
+        }
         let mut h = 0;
         // SAFETY: heads h..h+c < heads, lanes d0..d0+8 <= hd.
         unsafe {
@@ -472,9 +548,9 @@ mod x86 {
                 let (oh, sh) = (o.add(h * hd), sp.add(h * lds));
                 for d0 in (0..hd).step_by(8) {
                     match c {
-                        4 => wr256::<4>(oh, hd, d0, sh, lds, vp, offs),
-                        2 => wr256::<2>(oh, hd, d0, sh, lds, vp, offs),
-                        _ => wr256::<1>(oh, hd, d0, sh, lds, vp, offs),
+                        4 => go!(4, oh, d0, sh),
+                        2 => go!(2, oh, d0, sh),
+                        _ => go!(1, oh, d0, sh),
                     }
                 }
                 h += c;
@@ -732,7 +808,18 @@ mod tests {
     }
 
     #[test]
-    fn a_row_is_bit_identical_whatever_the_batch() {
+    fn a_row_is_bit_identical_whatever_the_batch_on_every_isa() {
+        for isa in [Isa::Avx512, Isa::Avx2, Isa::Portable] {
+            if supported(isa) {
+                row_invariance(isa);
+            }
+        }
+    }
+
+    fn row_invariance(isa: Isa) {
+        let dot_block = |x: &[f32], m, k, w, n, ldw, out: &mut [f32], ldo| {
+            dot_block_on(isa, x, m, k, w, n, ldw, out, ldo)
+        };
         let (m, n, k) = (11, 9, 70);
         let (x, w) = data(m, n, k);
         let mut all = vec![0.0; m * n];
@@ -755,7 +842,7 @@ mod tests {
                     .iter()
                     .map(|v| v.to_bits())
                     .collect::<Vec<_>>(),
-                "row {i}"
+                "row {i} on {isa:?}"
             );
             // And a column subset of the weights (another tiling).
             let mut part = vec![0.0; n - 3];
@@ -787,10 +874,10 @@ mod weighted_tests {
         let v: Vec<f32> = (0..n * row + hd).map(|i| (i as f32 * 0.07).cos()).collect();
         let offs: Vec<usize> = (0..n).map(|j| (n - 1 - j) * row + 3).collect();
         let mut all = vec![0.0; heads * hd];
-        weighted_rows(&mut all, heads, hd, &s, 40, &v, &offs);
+        weighted_rows(&mut all, heads, hd, &s, 40, WRows::F32(&v), &offs);
         for h in 0..heads {
             let mut one = vec![0.0; hd];
-            weighted_rows(&mut one, 1, hd, &s[h * 40..], 40, &v, &offs);
+            weighted_rows(&mut one, 1, hd, &s[h * 40..], 40, WRows::F32(&v), &offs);
             for d in 0..hd {
                 assert_eq!(one[d].to_bits(), all[h * hd + d].to_bits());
                 let want: f32 = (0..n).map(|j| s[h * 40 + j] * v[offs[j] + d]).sum();
