@@ -141,13 +141,15 @@ pub struct KvStore {
 /// the memory traffic of attention; each value rounded once when stored).
 pub enum KvBuf {
     F32(Vec<f32>),
-    F16(Vec<half::f16>),
+    /// f16 bits (a `u16` buffer so the zeroed allocation stays lazy: pages
+    /// are committed as blocks are first written, as with f32).
+    F16(Vec<u16>),
 }
 
 impl KvBuf {
     fn new(n: usize, f16: bool) -> KvBuf {
         if f16 {
-            KvBuf::F16(vec![half::f16::ZERO; n])
+            KvBuf::F16(vec![0u16; n])
         } else {
             KvBuf::F32(vec![0.0; n])
         }
@@ -157,14 +159,17 @@ impl KvBuf {
         use half::slice::HalfFloatSliceExt;
         match self {
             KvBuf::F32(b) => b[at..at + src.len()].copy_from_slice(src),
-            KvBuf::F16(b) => b[at..at + src.len()].convert_from_f32_slice(src),
+            KvBuf::F16(b) => {
+                let dst: &mut [half::f16] = bytemuck::cast_slice_mut(&mut b[at..at + src.len()]);
+                dst.convert_from_f32_slice(src)
+            }
         }
     }
 
     fn rows(&self) -> WRows<'_> {
         match self {
             KvBuf::F32(b) => WRows::F32(b),
-            KvBuf::F16(b) => WRows::F16(bytemuck::cast_slice(b)),
+            KvBuf::F16(b) => WRows::F16(b),
         }
     }
 }
