@@ -684,6 +684,9 @@ pub struct EngineOptions {
     pub block_size: usize,
     pub max_batch_tokens: usize,
     pub max_running: usize,
+    /// CPU backend: keep K/V in f16 (half the memory and attention
+    /// traffic; values rounded once). The CUDA backend has its own option.
+    pub kv_f16: bool,
 }
 
 impl Default for EngineOptions {
@@ -693,6 +696,7 @@ impl Default for EngineOptions {
             block_size: 16,
             max_batch_tokens: 512,
             max_running: 64,
+            kv_f16: false,
         }
     }
 }
@@ -757,10 +761,12 @@ pub fn load_cpu_engine(
 ) -> crate::Result<(Engine, Arc<TextModel>)> {
     let model = crate::models::load(dir)?;
     let text = Arc::new(TextModel::load(dir, &model.cfg.eos_token_ids)?);
-    let per_block = crate::layers::KvStore::bytes_per_block(&model.cfg, opts.block_size);
+    let per_block =
+        crate::layers::KvStore::bytes_per_block(&model.cfg, opts.block_size, opts.kv_f16);
     let num_blocks = (opts.kv_bytes / per_block.max(1)).max(2);
     let max_context = model.cfg.max_position_embeddings;
-    let backend = crate::models::CpuBackend::new(model, num_blocks, opts.block_size);
+    let backend =
+        crate::models::CpuBackend::with_kv(model, num_blocks, opts.block_size, opts.kv_f16);
     let engine = Engine::new(
         Box::new(backend),
         text.clone(),

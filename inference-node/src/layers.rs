@@ -5,7 +5,8 @@ use rayon::prelude::*;
 
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::matmul::matmul_wt;
+use crate::matmul::kernel::{WRows, dot_block, weighted_rows};
+use crate::matmul::{matmul_wt, matmul_wt_many};
 use crate::weights::{Tensor, WeightStore};
 
 /// `y = x Wᵀ (+ b)`, W kept in its stored dtype.
@@ -37,6 +38,22 @@ impl Linear {
 
     pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
         let mut y = matmul_wt(x, m, &self.w);
+        self.add_bias(&mut y);
+        y
+    }
+
+    /// Several projections of the same input in one parallel region; each
+    /// result equals its own [`Linear::forward`].
+    pub fn forward_many(lins: &[&Linear], x: &[f32], m: usize) -> Vec<Vec<f32>> {
+        let ws: Vec<&Tensor> = lins.iter().map(|l| &l.w).collect();
+        let mut ys = matmul_wt_many(x, m, &ws);
+        for (l, y) in lins.iter().zip(ys.iter_mut()) {
+            l.add_bias(y);
+        }
+        ys
+    }
+
+    fn add_bias(&self, y: &mut [f32]) {
         if let Some(b) = &self.bias {
             for row in y.chunks_exact_mut(b.len()) {
                 for (v, bb) in row.iter_mut().zip(b) {
@@ -44,7 +61,6 @@ impl Linear {
                 }
             }
         }
-        y
     }
 }
 
@@ -116,26 +132,64 @@ pub fn apply_rope(x: &mut [f32], heads: usize, head_dim: usize, rope: &RopeRow) 
 /// Paged K/V storage for the CPU backend: per layer, `[block][slot][kv_head][dim]`.
 pub struct KvStore {
     pub block_size: usize,
-    pub k: Vec<Vec<f32>>,
-    pub v: Vec<Vec<f32>>,
+    pub k: Vec<KvBuf>,
+    pub v: Vec<KvBuf>,
     row: usize,
 }
 
+/// One layer's keys or values, in f32 (exact) or f16 (half the memory and
+/// the memory traffic of attention; each value rounded once when stored).
+pub enum KvBuf {
+    F32(Vec<f32>),
+    /// f16 bits (a `u16` buffer so the zeroed allocation stays lazy: pages
+    /// are committed as blocks are first written, as with f32).
+    F16(Vec<u16>),
+}
+
+impl KvBuf {
+    fn new(n: usize, f16: bool) -> KvBuf {
+        if f16 {
+            KvBuf::F16(vec![0u16; n])
+        } else {
+            KvBuf::F32(vec![0.0; n])
+        }
+    }
+
+    fn write(&mut self, at: usize, src: &[f32]) {
+        use half::slice::HalfFloatSliceExt;
+        match self {
+            KvBuf::F32(b) => b[at..at + src.len()].copy_from_slice(src),
+            KvBuf::F16(b) => {
+                let dst: &mut [half::f16] = bytemuck::cast_slice_mut(&mut b[at..at + src.len()]);
+                dst.convert_from_f32_slice(src)
+            }
+        }
+    }
+
+    fn rows(&self) -> WRows<'_> {
+        match self {
+            KvBuf::F32(b) => WRows::F32(b),
+            KvBuf::F16(b) => WRows::F16(b),
+        }
+    }
+}
+
 impl KvStore {
-    pub fn new(cfg: &ModelConfig, num_blocks: usize, block_size: usize) -> KvStore {
+    pub fn new(cfg: &ModelConfig, num_blocks: usize, block_size: usize, f16: bool) -> KvStore {
         let row = cfg.num_kv_heads * cfg.head_dim;
         let n = num_blocks * block_size * row;
         KvStore {
             block_size,
-            k: (0..cfg.num_layers).map(|_| vec![0.0; n]).collect(),
-            v: (0..cfg.num_layers).map(|_| vec![0.0; n]).collect(),
+            k: (0..cfg.num_layers).map(|_| KvBuf::new(n, f16)).collect(),
+            v: (0..cfg.num_layers).map(|_| KvBuf::new(n, f16)).collect(),
             row,
         }
     }
 
     /// Bytes one block takes across all layers (K and V).
-    pub fn bytes_per_block(cfg: &ModelConfig, block_size: usize) -> usize {
-        2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * 4
+    pub fn bytes_per_block(cfg: &ModelConfig, block_size: usize, f16: bool) -> usize {
+        let es = if f16 { 2 } else { 4 };
+        2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * es
     }
 
     fn slot(&self, table: &[u32], pos: usize) -> usize {
@@ -260,9 +314,10 @@ impl DecoderLayer {
         let m = batch.tokens.len();
         let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
         let hn = self.input_norm.forward(x);
-        let mut q = self.q.forward(&hn, m);
-        let mut k = self.k.forward(&hn, m);
-        let v = self.v.forward(&hn, m);
+        let [mut q, mut k, v]: [Vec<f32>; 3] =
+            Linear::forward_many(&[&self.q, &self.k, &self.v], &hn, m)
+                .try_into()
+                .expect("three projections");
         for (i, r) in rope.iter().enumerate() {
             apply_rope(&mut q[i * nh * hd..(i + 1) * nh * hd], nh, hd, r);
             apply_rope(&mut k[i * nkv * hd..(i + 1) * nkv * hd], nkv, hd, r);
@@ -271,54 +326,76 @@ impl DecoderLayer {
         let row = kv.row;
         for (i, t) in batch.tokens.iter().enumerate() {
             let s = kv.slot(&batch.block_tables[t.seq], t.pos);
-            kv.k[layer][s * row..(s + 1) * row].copy_from_slice(&k[i * row..(i + 1) * row]);
-            kv.v[layer][s * row..(s + 1) * row].copy_from_slice(&v[i * row..(i + 1) * row]);
+            kv.k[layer].write(s * row, &k[i * row..(i + 1) * row]);
+            kv.v[layer].write(s * row, &v[i * row..(i + 1) * row]);
         }
-        let (kc, vc) = (&kv.k[layer], &kv.v[layer]);
+        let (kc, vc) = (kv.k[layer].rows(), kv.v[layer].rows());
         let bs = kv.block_size;
         let group = nh / nkv;
         let scale = 1.0 / (hd as f32).sqrt();
+        // One task per (token, KV head): the `group` query heads sharing a
+        // KV head are scored together, so each K/V row is read once. The
+        // arithmetic of a token's head depends only on that token's query
+        // and its sequence's cache, never on the rest of the batch.
         let mut attn = vec![0.0f32; m * nh * hd];
-        attn.par_chunks_mut(hd).enumerate().for_each(|(idx, out)| {
-            let (i, h) = (idx / nh, idx % nh);
-            let t = &batch.tokens[i];
-            let table = &batch.block_tables[t.seq];
-            let kvh = h / group;
-            let qv = &q[(i * nh + h) * hd..(i * nh + h + 1) * hd];
-            let start = match self.window {
-                Some(w) => (t.pos + 1).saturating_sub(w),
-                None => 0,
-            };
-            let mut scores: Vec<f32> = (start..=t.pos)
-                .map(|p| {
+        attn.par_chunks_mut(group * hd)
+            .enumerate()
+            .for_each(|(idx, out)| {
+                let (i, g) = (idx / nkv, idx % nkv);
+                let t = &batch.tokens[i];
+                let table = &batch.block_tables[t.seq];
+                let qg = &q[(i * nh + g * group) * hd..(i * nh + (g + 1) * group) * hd];
+                let start = match self.window {
+                    Some(w) => (t.pos + 1).saturating_sub(w),
+                    None => 0,
+                };
+                let npos = t.pos + 1 - start;
+                // scores[hh * npos + j] for position start + j.
+                let mut scores = vec![0.0f32; group * npos];
+                let mut p = start;
+                while p <= t.pos {
+                    let run = (bs - p % bs).min(t.pos + 1 - p);
                     let s = table[p / bs] as usize * bs + p % bs;
-                    let kr = &kc[s * row + kvh * hd..s * row + (kvh + 1) * hd];
-                    qv.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale
-                })
-                .collect();
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            out.fill(0.0);
-            for (j, p) in (start..=t.pos).enumerate() {
-                let s = table[p / bs] as usize * bs + p % bs;
-                let vr = &vc[s * row + kvh * hd..s * row + (kvh + 1) * hd];
-                let w = scores[j] / sum;
-                for (o, vv) in out.iter_mut().zip(vr) {
-                    *o += w * vv;
+                    dot_block(
+                        qg,
+                        group,
+                        hd,
+                        kc.offset(s * row + g * hd),
+                        run,
+                        row,
+                        &mut scores[p - start..],
+                        npos,
+                    );
+                    p += run;
                 }
-            }
-        });
+                for sc in scores.chunks_exact_mut(npos) {
+                    let mut max = f32::NEG_INFINITY;
+                    for v in sc.iter_mut() {
+                        *v *= scale;
+                        max = max.max(*v);
+                    }
+                    let mut sum = 0.0;
+                    for v in sc.iter_mut() {
+                        *v = (*v - max).exp();
+                        sum += *v;
+                    }
+                    for v in sc.iter_mut() {
+                        *v /= sum;
+                    }
+                }
+                let offs: Vec<usize> = (start..=t.pos)
+                    .map(|p| (table[p / bs] as usize * bs + p % bs) * row + g * hd)
+                    .collect();
+                weighted_rows(out, group, hd, &scores, npos, vc, &offs);
+            });
         let o = self.o.forward(&attn, m);
         for (a, b) in x.iter_mut().zip(&o) {
             *a += b;
         }
         let hn = self.post_norm.forward(x);
-        let mut g = self.gate.forward(&hn, m);
-        let u = self.up.forward(&hn, m);
+        let [mut g, u]: [Vec<f32>; 2] = Linear::forward_many(&[&self.gate, &self.up], &hn, m)
+            .try_into()
+            .expect("two projections");
         for (gv, uv) in g.iter_mut().zip(&u) {
             *gv = *gv / (1.0 + (-*gv).exp()) * uv;
         }

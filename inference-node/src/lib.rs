@@ -3,8 +3,8 @@
 //! and reports the energy of every request.
 //!
 //! `unsafe` is denied crate-wide and allowed in a few places, each with its
-//! reason: memory-mapping weight files (`weights`), the call into the `gemm`
-//! crate (`matmul`), and the CUDA driver/NVRTC/cuBLAS calls (`cuda::nvrtc`,
+//! reason: memory-mapping weight files (`weights`), the SIMD intrinsics of
+//! the fused matmul kernel (`matmul::kernel`), and the CUDA driver/NVRTC/cuBLAS calls (`cuda::nvrtc`,
 //! `cuda::backend`).
 #![deny(unsafe_code)]
 

@@ -54,7 +54,8 @@ struct CudaArgs {
     /// Folder holding cuda_fp16.h / cuda_bf16.h for NVRTC (repeatable).
     #[arg(long = "cuda-include", env = "COPYHOLD_CUDA_INCLUDE_DIR")]
     cuda_include: Vec<PathBuf>,
-    /// KV cache element type (default: f16 for serve and bench, f32 for check-golden).
+    /// KV cache element type (CUDA default: f16 for serve and bench, f32 for
+    /// check-golden; CPU default: f32, f16 when asked).
     #[arg(long, env = "COPYHOLD_KV_CACHE_DTYPE", value_enum)]
     kv_cache_dtype: Option<KvDtypeArg>,
     /// GEMMs of more than 8 rows (default: fast for serve and bench, exact for check-golden).
@@ -268,7 +269,40 @@ enum Cmd {
         device: Device,
         #[command(flatten)]
         cuda: CudaArgs,
+        /// Run every measurement this many times and keep the best of each metric.
+        #[arg(long, env = "COPYHOLD_BENCH_REPEAT", default_value_t = 1)]
+        repeat: usize,
+        #[command(flatten)]
+        peers: Box<PeerArgs>,
     },
+}
+
+/// Peers measured in the same run (each skipped, with a printed line,
+/// when not given). See bench/results/inference-node.md.
+#[derive(clap::Args, Clone)]
+struct PeerArgs {
+    /// llama.cpp's `llama-bench` (batch 1: pp and tg from an empty context, and tg after the prompt).
+    #[arg(long, env = "COPYHOLD_BENCH_LLAMA_BENCH")]
+    llama_bench: Option<PathBuf>,
+    /// llama.cpp's `llama-batched-bench` (every batch size, measured as ours).
+    #[arg(long, env = "COPYHOLD_BENCH_LLAMA_BATCHED_BENCH")]
+    llama_batched_bench: Option<PathBuf>,
+    /// The model written as GGUF f16 (bench/peers/to_gguf.py) for llama.cpp.
+    #[arg(long, env = "COPYHOLD_BENCH_GGUF")]
+    gguf: Option<PathBuf>,
+    /// A Python with torch and transformers, for bench/peers/hf_bench.py.
+    #[arg(long, env = "COPYHOLD_BENCH_PYTHON")]
+    python: Option<PathBuf>,
+    /// The transformers script (default: bench/peers/hf_bench.py of this checkout).
+    #[arg(long, env = "COPYHOLD_BENCH_HF_SCRIPT")]
+    hf_script: Option<PathBuf>,
+    /// Batch sizes for the peers (default: the same as --batch).
+    #[arg(long, env = "COPYHOLD_BENCH_PEER_BATCH", value_delimiter = ',')]
+    peer_batch: Vec<usize>,
+    /// Batch sizes for transformers alone (default: the peers'); PyTorch
+    /// takes minutes per large batch on 2 cores.
+    #[arg(long, env = "COPYHOLD_BENCH_HF_BATCH", value_delimiter = ',')]
+    hf_batch: Vec<usize>,
 }
 
 fn main() -> ExitCode {
@@ -344,7 +378,10 @@ fn main() -> ExitCode {
             threads,
             device,
             cuda,
+            repeat,
+            peers,
         } => {
+            let kv_f16 = matches!(cuda.kv_cache_dtype, Some(KvDtypeArg::F16));
             let device = cuda.device(device, false);
             if let Some(t) = threads
                 && let Err(e) = rayon::ThreadPoolBuilder::new()
@@ -354,16 +391,109 @@ fn main() -> ExitCode {
                 eprintln!("error: {e}");
                 return ExitCode::from(2);
             }
-            for b in batch {
-                match copyhold_node::bench::run(&model, b, prompt, generate, kv_cache_mib, &device)
-                {
-                    Ok(r) => println!("{}", serde_json::to_string(&r).unwrap_or_default()),
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        return ExitCode::from(2);
+            use copyhold_node::bench::peers::{self, Row};
+            let threads = threads.unwrap_or_else(rayon::current_num_threads);
+            let repeat = repeat.max(1);
+            let mut rows: Vec<Row> = Vec::new();
+            for &b in &batch {
+                let mut best: Option<Row> = None;
+                for _ in 0..repeat {
+                    match copyhold_node::bench::run(
+                        &model,
+                        b,
+                        prompt,
+                        generate,
+                        kv_cache_mib,
+                        kv_f16,
+                        &device,
+                    ) {
+                        Ok(r) => {
+                            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                            let row = Row::from_ours(&r);
+                            best = Some(match best {
+                                Some(x) => x.best(row),
+                                None => row,
+                            });
+                        }
+                        Err(e) => {
+                            eprintln!("error: {e}");
+                            return ExitCode::from(2);
+                        }
                     }
                 }
+                rows.extend(best);
             }
+            let peer_batch = if peers.peer_batch.is_empty() {
+                batch.clone()
+            } else {
+                peers.peer_batch.clone()
+            };
+            // Runs a peer measurement `repeat` times; a failure is printed
+            // and leaves the peer out of the table.
+            let mut measure = |name: &str, f: &mut dyn FnMut() -> Result<Vec<Row>, String>| {
+                let mut best: Option<Vec<Row>> = None;
+                for _ in 0..repeat {
+                    match f() {
+                        Ok(r) => {
+                            for row in &r {
+                                println!("{}", serde_json::to_string(row).unwrap_or_default());
+                            }
+                            best = Some(match best {
+                                Some(x) => x.into_iter().zip(r).map(|(a, b)| a.best(b)).collect(),
+                                None => r,
+                            });
+                        }
+                        Err(e) => {
+                            println!("# {name}: failed: {e}");
+                            return;
+                        }
+                    }
+                }
+                rows.extend(best.unwrap_or_default());
+            };
+            match (&peers.llama_bench, &peers.gguf) {
+                (Some(bin), Some(gguf)) => measure("llama-bench", &mut || {
+                    peers::llama_bench(bin, gguf, prompt, generate, threads, 1)
+                }),
+                (Some(_), None) => println!("# llama-bench: skipped (no --gguf)"),
+                _ => println!("# llama-bench: skipped (no --llama-bench)"),
+            }
+            match (&peers.llama_batched_bench, &peers.gguf) {
+                (Some(bin), Some(gguf)) => {
+                    for &b in &peer_batch {
+                        measure("llama-batched-bench", &mut || {
+                            peers::llama_batched(bin, gguf, b, prompt, generate, threads)
+                                .map(|r| vec![r])
+                        })
+                    }
+                }
+                (Some(_), None) => println!("# llama-batched-bench: skipped (no --gguf)"),
+                _ => println!("# llama-batched-bench: skipped (no --llama-batched-bench)"),
+            }
+            match &peers.python {
+                Some(py) => {
+                    let script = peers
+                        .hf_script
+                        .clone()
+                        .unwrap_or_else(peers::default_hf_script);
+                    let hf_batch = if peers.hf_batch.is_empty() {
+                        &peer_batch
+                    } else {
+                        &peers.hf_batch
+                    };
+                    for &b in hf_batch {
+                        measure("transformers", &mut || {
+                            peers::transformers(py, &script, &model, b, prompt, generate, threads)
+                                .map(|r| vec![r])
+                        })
+                    }
+                }
+                None => println!("# transformers: skipped (no --python)"),
+            }
+            println!(
+                "\n# prompt {prompt}, gen {generate}, {threads} threads, best of {repeat}\n\n{}",
+                peers::table(&rows)
+            );
             ExitCode::SUCCESS
         }
         Cmd::CudaCheck {
@@ -470,6 +600,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             block_size: a.block_size.max(1),
             max_batch_tokens: a.max_batch_tokens,
             max_running: a.max_running,
+            kv_f16: matches!(a.cuda.kv_cache_dtype, Some(KvDtypeArg::F16)),
         };
         let dir = a.model.clone();
         let m2 = metrics.clone();

@@ -103,6 +103,19 @@ impl Tensor {
         }
     }
 
+    /// The stored elements as a typed slice for the fused kernels, or `None`
+    /// when the data is not aligned to its element size (then callers widen
+    /// with [`Tensor::read_f32`]).
+    pub fn rows(&self) -> Option<crate::matmul::kernel::WRows<'_>> {
+        use crate::matmul::kernel::WRows;
+        let b = self.bytes();
+        match self.dtype {
+            DType::F32 => bytemuck::try_cast_slice::<u8, f32>(b).ok().map(WRows::F32),
+            DType::F16 => bytemuck::try_cast_slice::<u8, u16>(b).ok().map(WRows::F16),
+            DType::BF16 => bytemuck::try_cast_slice::<u8, u16>(b).ok().map(WRows::BF16),
+        }
+    }
+
     /// The whole tensor widened to f32 (for small tensors: norms, biases).
     pub fn to_f32(&self) -> Vec<f32> {
         let mut v = vec![0.0; self.numel()];

@@ -30,6 +30,7 @@ fn engine(dir: &Path, kv_bytes: usize, metrics: Arc<Metrics>) -> Engine {
         block_size: 4,
         max_batch_tokens: 16,
         max_running: 16,
+        kv_f16: false,
     };
     let sensor = Box::new(ModeledSensor(PowerModel {
         idle_w: 0.0,
@@ -394,4 +395,45 @@ fn a_device_sampling_backend_is_asked_for_tokens_only_where_the_host_needs_nothi
     assert_eq!(outcome(greedy).unwrap(), outcome(want).unwrap());
     assert_eq!(outcome(with_logprobs).unwrap().len(), 2);
     assert_eq!(outcome(sampled).unwrap().len(), 2);
+}
+
+#[test]
+fn with_f16_kv_a_batch_gives_each_sequence_its_solo_tokens() {
+    let dir = model();
+    let f16_engine = || {
+        let opts = EngineOptions {
+            kv_bytes: 8 << 20,
+            block_size: 4,
+            max_batch_tokens: 16,
+            max_running: 16,
+            kv_f16: true,
+        };
+        let sensor = Box::new(ModeledSensor(PowerModel {
+            idle_w: 0.0,
+            busy_w: 100.0,
+        }));
+        load_cpu_engine(&dir, &opts, Arc::new(Metrics::new()), sensor)
+            .unwrap()
+            .0
+    };
+    let prompts: Vec<Vec<u32>> = (0..6).map(|i| prompt(7 + 5 * i, i as u32 + 3)).collect();
+    let solo: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            let mut e = f16_engine();
+            let rx = submit(&mut e, p.clone(), 8);
+            e.run_to_completion();
+            collect(rx).0
+        })
+        .collect();
+    let mut e = f16_engine();
+    let rxs: Vec<_> = prompts
+        .iter()
+        .map(|p| submit(&mut e, p.clone(), 8))
+        .collect();
+    e.run_to_completion();
+    for (rx, want) in rxs.into_iter().zip(&solo) {
+        assert_eq!(&collect(rx).0, want);
+    }
+    assert_eq!(e.blocks_in_use(), 0);
 }

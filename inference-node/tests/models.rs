@@ -171,6 +171,7 @@ fn engine_logits(dir: &Path, prompt: &[u32], n_gen: usize) -> (Vec<u32>, Vec<Vec
         block_size: 4,
         max_batch_tokens: 7,
         max_running: 8,
+        kv_f16: false,
     };
     let sensor = Box::new(ModeledSensor(PowerModel {
         idle_w: 1.0,

@@ -175,7 +175,17 @@ pub struct CpuBackend {
 
 impl CpuBackend {
     pub fn new(model: Decoder, num_blocks: usize, block_size: usize) -> CpuBackend {
-        let kv = KvStore::new(&model.cfg, num_blocks, block_size);
+        CpuBackend::with_kv(model, num_blocks, block_size, false)
+    }
+
+    /// `kv_f16`: keep K/V in f16 (see [`crate::engine::EngineOptions`]).
+    pub fn with_kv(
+        model: Decoder,
+        num_blocks: usize,
+        block_size: usize,
+        kv_f16: bool,
+    ) -> CpuBackend {
+        let kv = KvStore::new(&model.cfg, num_blocks, block_size, kv_f16);
         CpuBackend { model, kv }
     }
 }

@@ -22,6 +22,8 @@ pub struct BenchResult {
     pub prompt: usize,
     pub generate: usize,
     pub threads: usize,
+    /// KV cache element type (CPU).
+    pub kv_cache: &'static str,
     /// Prompt tokens of the whole batch over the time until every sequence
     /// had its first token.
     pub prefill_tokens_per_s: f64,
@@ -53,6 +55,7 @@ pub fn run(
     prompt: usize,
     generate: usize,
     kv_mib: usize,
+    kv_f16: bool,
     device: &Device,
 ) -> Result<BenchResult> {
     let t0 = Instant::now();
@@ -60,6 +63,7 @@ pub fn run(
         kv_bytes: kv_mib << 20,
         max_running: batch.max(1),
         max_batch_tokens: 512.max(batch),
+        kv_f16,
         ..Default::default()
     };
     let sensor = Box::new(ModeledSensor(PowerModel {
@@ -69,6 +73,24 @@ pub fn run(
     let (mut engine, text) = load_engine(dir, &opts, device, Arc::new(Metrics::new()), sensor)?;
     let load_s = t0.elapsed().as_secs_f64();
     let vocab = text.vocab_size().max(2) as u64;
+    // Warm-up, as llama-bench and llama-batched-bench do: one short request
+    // faults the mapped weights in and sizes the allocator before timing.
+    {
+        let (tx, mut rx) = unbounded_channel();
+        let mut params = SamplingParams::greedy(2);
+        params.ignore_eos = true;
+        engine.add(GenRequest {
+            prompt: (0..16).map(|i| (i % vocab) as u32).collect(),
+            params,
+            stop: vec![],
+            capture_logits: false,
+            events: tx,
+        });
+        while !engine.is_idle() {
+            engine.step();
+        }
+        while rx.try_recv().is_ok() {}
+    }
     let mut rxs = Vec::new();
     for b in 0..batch {
         // Distinct prompts, so the prefix cache does not help.
@@ -118,6 +140,7 @@ pub fn run(
         prompt,
         generate,
         threads: rayon::current_num_threads(),
+        kv_cache: if kv_f16 { "f16" } else { "f32" },
         prefill_tokens_per_s: (batch * prompt) as f64 / prefill_end.max(1e-9),
         decode_tokens_per_s: decode_tokens as f64 / (end - prefill_end).max(1e-9),
         ttft_mean_s: ttfts.iter().sum::<f64>() / batch.max(1) as f64,
@@ -126,3 +149,4 @@ pub fn run(
         load_s,
     })
 }
+pub mod peers;

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs the peers `copyhold-node bench` compares with, under
+# ${COPYHOLD_PEERS:-~/.cache/copyhold/peers} (never inside the repository):
+#   llama.cpp/build/bin/{llama-bench,llama-batched-bench}  (from the PyPI
+#       source package llama-cpp-python, which vendors llama.cpp; ~15 min
+#       on 2 cores)
+#   hfvenv/  torch (CPU use) + transformers + safetensors + gguf + numpy
+# and writes the benchmark model (llama shape hidden 1024, 24 layers, 16
+# heads, 8 KV heads, FFN 2816, vocab 32000, f16) and its GGUF f16 copy under
+# models/. Idempotent: what exists is kept. Needs CARGO_TARGET_DIR's release
+# copyhold-node built first (or COPYHOLD_NODE=path).
+set -euo pipefail
+P=${COPYHOLD_PEERS:-$HOME/.cache/copyhold/peers}
+HERE=$(cd "$(dirname "$0")" && pwd)
+NODE=${COPYHOLD_NODE:-${CARGO_TARGET_DIR:-$HERE/../../target}/release/copyhold-node}
+mkdir -p "$P"
+cd "$P"
+
+if [ ! -x llama.cpp/build/bin/llama-batched-bench ]; then
+  [ -d llvenv ] || python3 -m venv llvenv
+  llvenv/bin/pip install -q cmake
+  mkdir -p src
+  ls src/llama_cpp_python-*.tar.gz >/dev/null 2>&1 ||
+    llvenv/bin/pip download --no-deps --no-binary llama-cpp-python llama-cpp-python -d src
+  tar -C src -xzf src/llama_cpp_python-*.tar.gz
+  rm -rf llama.cpp && cp -r src/llama_cpp_python-*/vendor/llama.cpp llama.cpp
+  (cd llama.cpp && PATH="$P/llvenv/bin:$PATH" &&
+    cmake -B build -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DCMAKE_BUILD_TYPE=Release &&
+    nice cmake --build build -j2 --target llama-bench llama-batched-bench)
+fi
+
+if [ ! -x hfvenv/bin/python ] || ! hfvenv/bin/python -c 'import torch, transformers, gguf' 2>/dev/null; then
+  python3 -m venv hfvenv
+  hfvenv/bin/pip install -q torch transformers safetensors gguf numpy
+fi
+
+M=models/llama-1024x24-v32k-f16
+if [ ! -f $M/model.safetensors ]; then
+  mkdir -p models
+  "$NODE" synth --arch llama --hidden 1024 --layers 24 --heads 16 --kv-heads 8 \
+    --intermediate 2816 --vocab 32000 --dtype f16 --out $M
+fi
+[ -f $M.gguf ] || hfvenv/bin/python "$HERE/to_gguf.py" $M $M.gguf
+echo "peers ready under $P"

@@ -1,0 +1,921 @@
+//! Fused dot-product kernel: `out[i][j] = Σₖ x[i][k] · w[j][k]` with `x` in
+//! f32 and `w` read in its stored dtype (f32, f16 or bf16) and widened in
+//! registers, so decode streams the memory-mapped weights once and never
+//! writes a widened copy.
+//!
+//! **Batch invariance.** Every output element is computed the same way
+//! whatever block it falls in: one vector accumulator (16 lanes with
+//! AVX-512, 8 with AVX2, 8 in the portable code) walks `k` in order with
+//! fused (or, portable, unfused) multiply-adds, the lanes are summed in a
+//! fixed tree, and the `k % lanes` tail is added in order after that.
+//! Register blocking only decides which elements are computed side by side,
+//! never the arithmetic of one element, so a row's result does not depend
+//! on how many rows are in the batch or which ones. The instruction set is
+//! chosen once per process.
+//!
+//! This is the only module with `unsafe` for arithmetic: the `std::arch`
+//! intrinsics and the raw pointer reads they need. Every pointer is derived
+//! from a slice whose length is checked in [`dot_block`] before any kernel
+//! runs; the kernels read `x[i*k .. i*k + k]` for `i < m`, `w[j*ldw .. j*ldw + k]`
+//! for `j < n` and write `out[i*ldo + j]`, nothing else.
+
+#![allow(unsafe_code)]
+
+use std::sync::OnceLock;
+
+/// Weight rows (`n × k`, row-major) in their stored element type. f16 and
+/// bf16 are raw bits.
+#[derive(Clone, Copy)]
+pub enum WRows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [u16]),
+    BF16(&'a [u16]),
+}
+
+impl<'a> WRows<'a> {
+    /// The rows from element `at` on.
+    pub fn offset(self, at: usize) -> WRows<'a> {
+        match self {
+            WRows::F32(s) => WRows::F32(&s[at..]),
+            WRows::F16(s) => WRows::F16(&s[at..]),
+            WRows::BF16(s) => WRows::BF16(&s[at..]),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            WRows::F32(s) => s.len(),
+            WRows::F16(s) | WRows::BF16(s) => s.len(),
+        }
+    }
+}
+
+/// The instruction set the kernels use in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+/// Detected once; every call in the process uses the same kernels (results
+/// must not change from one step to the next).
+pub fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        if std::env::var_os("COPYHOLD_PORTABLE_KERNELS").is_some() {
+            return Isa::Portable;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
+            {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    })
+}
+
+/// Whether this machine can run `isa`'s kernels.
+fn supported(isa: Isa) -> bool {
+    match isa {
+        Isa::Portable => true,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => std::is_x86_feature_detected!("avx512f"),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => false,
+    }
+}
+
+/// `out[i*ldo + j] = dot(x[i*k..][..k], w[j*ldw..][..k])` for `i < m`, `j < n`.
+#[allow(clippy::too_many_arguments)]
+pub fn dot_block(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: WRows<'_>,
+    n: usize,
+    ldw: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    dot_block_on(isa(), x, m, k, w, n, ldw, out, ldo)
+}
+
+/// [`dot_block`] with the kernels of `isa` (portable where unsupported).
+#[allow(clippy::too_many_arguments)]
+fn dot_block_on(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: WRows<'_>,
+    n: usize,
+    ldw: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    let isa = if supported(isa) { isa } else { Isa::Portable };
+    assert!(x.len() >= m * k, "activations shorter than m*k");
+    assert!(ldw >= k, "weight stride below k");
+    assert!(ldo >= n, "output stride below n");
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        w.len() >= (n - 1) * ldw + k,
+        "weights shorter than their rows"
+    );
+    assert!(
+        out.len() >= (m - 1) * ldo + n,
+        "output shorter than its rows"
+    );
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the features were detected at run time (`supported`), and
+        // the lengths were checked above as the kernels' contract asks.
+        Isa::Avx512 => unsafe { x86::dispatch512(x, m, k, w, n, ldw, out, ldo) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, for avx2 + fma + f16c.
+        Isa::Avx2 => unsafe { x86::dispatch256(x, m, k, w, n, ldw, out, ldo) },
+        _ => portable(x, m, k, w, n, ldw, out, ldo),
+    }
+}
+
+/// `out[h*hd + d] = Σⱼ s[h*lds + j] · v[offs[j] + d]` for `h < heads`,
+/// `d < hd` (attention's probabilities times values; `out` is overwritten).
+/// Each output element sums over `j` in order with one accumulator, so its
+/// bits do not depend on `heads` or on how the heads are grouped.
+pub fn weighted_rows(
+    out: &mut [f32],
+    heads: usize,
+    hd: usize,
+    s: &[f32],
+    lds: usize,
+    v: WRows<'_>,
+    offs: &[usize],
+) {
+    let n = offs.len();
+    assert!(out.len() >= heads * hd, "output shorter than heads*hd");
+    if heads == 0 || hd == 0 {
+        return;
+    }
+    assert!(
+        lds >= n && s.len() >= (heads - 1) * lds + n,
+        "scores too short"
+    );
+    assert!(
+        offs.iter().all(|&o| o + hd <= v.len()),
+        "value row out of range"
+    );
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: avx512f detected; every index was checked above.
+        Isa::Avx512 if hd.is_multiple_of(16) => unsafe {
+            x86::weighted512(out, heads, hd, s, lds, v, offs)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: avx2 + fma + f16c detected; every index was checked above.
+        Isa::Avx2 if hd.is_multiple_of(8) => unsafe {
+            x86::weighted256(out, heads, hd, s, lds, v, offs)
+        },
+        _ => {
+            let fused = isa() != Isa::Portable;
+            let val = |i: usize| -> f32 {
+                match v {
+                    WRows::F32(b) => b[i],
+                    WRows::F16(b) => half::f16::from_bits(b[i]).to_f32(),
+                    WRows::BF16(b) => half::bf16::from_bits(b[i]).to_f32(),
+                }
+            };
+            for h in 0..heads {
+                let o = &mut out[h * hd..(h + 1) * hd];
+                o.fill(0.0);
+                for (j, &off) in offs.iter().enumerate() {
+                    let w = s[h * lds + j];
+                    for (d, a) in o.iter_mut().enumerate() {
+                        let b = val(off + d);
+                        *a = if fused { w.mul_add(b, *a) } else { *a + w * b };
+                    }
+                }
+            }
+        }
+    }
+}
+
+const PL: usize = 8;
+
+#[allow(clippy::too_many_arguments)]
+fn portable(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: WRows<'_>,
+    n: usize,
+    ldw: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    let wv = |j: usize, kk: usize| -> f32 {
+        match w {
+            WRows::F32(s) => s[j * ldw + kk],
+            WRows::F16(s) => half::f16::from_bits(s[j * ldw + kk]).to_f32(),
+            WRows::BF16(s) => half::bf16::from_bits(s[j * ldw + kk]).to_f32(),
+        }
+    };
+    let kv = k / PL * PL;
+    for i in 0..m {
+        let xr = &x[i * k..(i + 1) * k];
+        for j in 0..n {
+            let mut acc = [0.0f32; PL];
+            for k0 in (0..kv).step_by(PL) {
+                for (l, a) in acc.iter_mut().enumerate() {
+                    *a += xr[k0 + l] * wv(j, k0 + l);
+                }
+            }
+            // Fixed pairwise tree over the lanes.
+            let mut s =
+                ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+            for (kk, xv) in xr.iter().enumerate().skip(kv) {
+                s += xv * wv(j, kk);
+            }
+            out[i * ldo + j] = s;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::WRows;
+    use std::arch::x86_64::*;
+
+    const F32: u8 = 0;
+    const F16: u8 = 1;
+    const BF16: u8 = 2;
+
+    /// Rows of activations per register block, and weight rows.
+    const MR: usize = 4;
+    const NR: usize = 4;
+
+    // ---------------------------------------------------------------- AVX-512
+
+    /// SAFETY (callers): `p` points at 16 readable elements of type `DT`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load16<const DT: u8>(p: *const u8) -> __m512 {
+        // SAFETY: the caller guarantees 16 readable elements at `p`;
+        // unaligned loads are used throughout.
+        unsafe {
+            match DT {
+                F32 => _mm512_loadu_ps(p as *const f32),
+                F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+                _ => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                    _mm256_loadu_si256(p as *const __m256i),
+                ))),
+            }
+        }
+    }
+
+    /// Lanes summed in a fixed tree: halves, quarters, then pairs.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn hsum16(v: __m512) -> f32 {
+        let lo = _mm512_castps512_ps256(v);
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        hsum8(_mm256_add_ps(lo, hi))
+    }
+
+    #[target_feature(enable = "avx")]
+    #[inline]
+    fn hsum8(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// One `R × C` block. SAFETY (callers): `x` has `R` rows of `k` f32,
+    /// `w` has `C` rows of `k` elements of `DT` (`es` bytes each) at
+    /// stride `ldw` elements, `out`
+    /// has `R` rows of stride `ldo` with `C` writable elements each.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn block512<const R: usize, const C: usize, const DT: u8>(
+        x: *const f32,
+        k: usize,
+        w: *const u8,
+        es: usize,
+        ldw: usize,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        let kv = k / 16 * 16;
+        let mut acc = [[_mm512_setzero_ps(); C]; R];
+        let mut kk = 0;
+        // SAFETY: every read is at row offset < k (kk + 16 <= kv <= k, and
+        // the tail stays below k) inside the rows the caller vouches for.
+        unsafe {
+            while kk < kv {
+                let mut wv = [_mm512_setzero_ps(); C];
+                for (j, v) in wv.iter_mut().enumerate() {
+                    *v = load16::<DT>(w.add((j * ldw + kk) * es));
+                }
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm512_loadu_ps(x.add(i * k + kk));
+                    for (aj, wj) in a.iter_mut().zip(&wv) {
+                        *aj = _mm512_fmadd_ps(xv, *wj, *aj);
+                    }
+                }
+                kk += 16;
+            }
+            for (i, a) in acc.iter().enumerate() {
+                for (j, aj) in a.iter().enumerate() {
+                    let mut s = hsum16(*aj);
+                    for t in kv..k {
+                        s += *x.add(i * k + t) * scalar::<DT>(w.add((j * ldw + t) * es));
+                    }
+                    *out.add(i * ldo + j) = s;
+                }
+            }
+        }
+    }
+
+    /// SAFETY (callers): the lengths checked by `dot_block`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dispatch512(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        w: WRows<'_>,
+        n: usize,
+        ldw: usize,
+        out: &mut [f32],
+        ldo: usize,
+    ) {
+        let (wp, es) = raw(w);
+        // SAFETY: forwarded contract.
+        unsafe {
+            match w {
+                WRows::F32(_) => grid::<F32>(
+                    x.as_ptr(),
+                    m,
+                    k,
+                    wp,
+                    es,
+                    n,
+                    ldw,
+                    out.as_mut_ptr(),
+                    ldo,
+                    K512,
+                ),
+                WRows::F16(_) => grid::<F16>(
+                    x.as_ptr(),
+                    m,
+                    k,
+                    wp,
+                    es,
+                    n,
+                    ldw,
+                    out.as_mut_ptr(),
+                    ldo,
+                    K512,
+                ),
+                WRows::BF16(_) => grid::<BF16>(
+                    x.as_ptr(),
+                    m,
+                    k,
+                    wp,
+                    es,
+                    n,
+                    ldw,
+                    out.as_mut_ptr(),
+                    ldo,
+                    K512,
+                ),
+            }
+        }
+    }
+
+    /// `H` heads × 16 lanes of [`super::weighted_rows`].
+    ///
+    /// SAFETY (callers): avx512f; `s` has `H` rows of stride `lds` with
+    /// `offs.len()` entries; 16 elements of type `DT` (`es` bytes each) at
+    /// `v + (off + d0) * es` are in range for every offset; `out` has `H`
+    /// rows of stride `hd` past `d0 + 16`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn wr512<const H: usize, const DT: u8>(
+        out: *mut f32,
+        hd: usize,
+        d0: usize,
+        s: *const f32,
+        lds: usize,
+        v: *const u8,
+        es: usize,
+        offs: &[usize],
+    ) {
+        let mut acc = [_mm512_setzero_ps(); H];
+        // SAFETY: the caller's ranges.
+        unsafe {
+            for (j, &off) in offs.iter().enumerate() {
+                let vv = load16::<DT>(v.add((off + d0) * es));
+                for (h, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(_mm512_set1_ps(*s.add(h * lds + j)), vv, *a);
+                }
+            }
+            for (h, a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(out.add(h * hd + d0), *a);
+            }
+        }
+    }
+
+    /// SAFETY (callers): avx512f; the ranges checked by `weighted_rows`,
+    /// and `hd % 16 == 0`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn weighted512(
+        out: &mut [f32],
+        heads: usize,
+        hd: usize,
+        s: &[f32],
+        lds: usize,
+        v: WRows<'_>,
+        offs: &[usize],
+    ) {
+        let (o, sp) = (out.as_mut_ptr(), s.as_ptr());
+        let (vp, es) = raw(v);
+        macro_rules! go {
+            ($h:literal, $oh:expr, $d0:expr, $sh:expr) => {
+                match v {
+                    WRows::F32(_) => wr512::<$h, F32>($oh, hd, $d0, $sh, lds, vp, es, offs),
+                    WRows::F16(_) => wr512::<$h, F16>($oh, hd, $d0, $sh, lds, vp, es, offs),
+                    WRows::BF16(_) => wr512::<$h, BF16>($oh, hd, $d0, $sh, lds, vp, es, offs),
+                }
+            };
+        }
+        let mut h = 0;
+        // SAFETY: heads h..h+c < heads, lanes d0..d0+16 <= hd.
+        unsafe {
+            while h < heads {
+                let c = (heads - h).min(4);
+                let c = if c == 3 { 2 } else { c };
+                let (oh, sh) = (o.add(h * hd), sp.add(h * lds));
+                for d0 in (0..hd).step_by(16) {
+                    match c {
+                        4 => go!(4, oh, d0, sh),
+                        2 => go!(2, oh, d0, sh),
+                        _ => go!(1, oh, d0, sh),
+                    }
+                }
+                h += c;
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ AVX2
+
+    /// As [`wr512`] with 8 lanes.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn wr256<const H: usize, const DT: u8>(
+        out: *mut f32,
+        hd: usize,
+        d0: usize,
+        s: *const f32,
+        lds: usize,
+        v: *const u8,
+        es: usize,
+        offs: &[usize],
+    ) {
+        let mut acc = [_mm256_setzero_ps(); H];
+        // SAFETY: the caller's ranges.
+        unsafe {
+            for (j, &off) in offs.iter().enumerate() {
+                let vv = load8::<DT>(v.add((off + d0) * es));
+                for (h, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(_mm256_set1_ps(*s.add(h * lds + j)), vv, *a);
+                }
+            }
+            for (h, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.add(h * hd + d0), *a);
+            }
+        }
+    }
+
+    /// SAFETY (callers): avx2 + fma + f16c; the ranges checked by
+    /// `weighted_rows`, and `hd % 8 == 0`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn weighted256(
+        out: &mut [f32],
+        heads: usize,
+        hd: usize,
+        s: &[f32],
+        lds: usize,
+        v: WRows<'_>,
+        offs: &[usize],
+    ) {
+        let (o, sp) = (out.as_mut_ptr(), s.as_ptr());
+        let (vp, es) = raw(v);
+        macro_rules! go {
+            ($h:literal, $oh:expr, $d0:expr, $sh:expr) => {
+                match v {
+                    WRows::F32(_) => wr256::<$h, F32>($oh, hd, $d0, $sh, lds, vp, es, offs),
+                    WRows::F16(_) => wr256::<$h, F16>($oh, hd, $d0, $sh, lds, vp, es, offs),
+                    WRows::BF16(_) => wr256::<$h, BF16>($oh, hd, $d0, $sh, lds, vp, es, offs),
+                }
+            };
+        }
+        let mut h = 0;
+        // SAFETY: heads h..h+c < heads, lanes d0..d0+8 <= hd.
+        unsafe {
+            while h < heads {
+                let c = (heads - h).min(4);
+                let c = if c == 3 { 2 } else { c };
+                let (oh, sh) = (o.add(h * hd), sp.add(h * lds));
+                for d0 in (0..hd).step_by(8) {
+                    match c {
+                        4 => go!(4, oh, d0, sh),
+                        2 => go!(2, oh, d0, sh),
+                        _ => go!(1, oh, d0, sh),
+                    }
+                }
+                h += c;
+            }
+        }
+    }
+
+    /// SAFETY (callers): `p` points at 8 readable elements of type `DT`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load8<const DT: u8>(p: *const u8) -> __m256 {
+        // SAFETY: the caller guarantees 8 readable elements at `p`.
+        unsafe {
+            match DT {
+                F32 => _mm256_loadu_ps(p as *const f32),
+                F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+                _ => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+                    _mm_loadu_si128(p as *const __m128i),
+                ))),
+            }
+        }
+    }
+
+    /// As [`block512`] with 8-lane vectors.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn block256<const R: usize, const C: usize, const DT: u8>(
+        x: *const f32,
+        k: usize,
+        w: *const u8,
+        es: usize,
+        ldw: usize,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        let kv = k / 8 * 8;
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let mut kk = 0;
+        // SAFETY: as in `block512`.
+        unsafe {
+            while kk < kv {
+                let mut wv = [_mm256_setzero_ps(); C];
+                for (j, v) in wv.iter_mut().enumerate() {
+                    *v = load8::<DT>(w.add((j * ldw + kk) * es));
+                }
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_loadu_ps(x.add(i * k + kk));
+                    for (aj, wj) in a.iter_mut().zip(&wv) {
+                        *aj = _mm256_fmadd_ps(xv, *wj, *aj);
+                    }
+                }
+                kk += 8;
+            }
+            for (i, a) in acc.iter().enumerate() {
+                for (j, aj) in a.iter().enumerate() {
+                    let mut s = hsum8(*aj);
+                    for t in kv..k {
+                        s += *x.add(i * k + t) * scalar::<DT>(w.add((j * ldw + t) * es));
+                    }
+                    *out.add(i * ldo + j) = s;
+                }
+            }
+        }
+    }
+
+    /// SAFETY (callers): the lengths checked by `dot_block`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dispatch256(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        w: WRows<'_>,
+        n: usize,
+        ldw: usize,
+        out: &mut [f32],
+        ldo: usize,
+    ) {
+        let (wp, es) = raw(w);
+        // SAFETY: forwarded contract.
+        unsafe {
+            match w {
+                WRows::F32(_) => grid::<F32>(
+                    x.as_ptr(),
+                    m,
+                    k,
+                    wp,
+                    es,
+                    n,
+                    ldw,
+                    out.as_mut_ptr(),
+                    ldo,
+                    K256,
+                ),
+                WRows::F16(_) => grid::<F16>(
+                    x.as_ptr(),
+                    m,
+                    k,
+                    wp,
+                    es,
+                    n,
+                    ldw,
+                    out.as_mut_ptr(),
+                    ldo,
+                    K256,
+                ),
+                WRows::BF16(_) => grid::<BF16>(
+                    x.as_ptr(),
+                    m,
+                    k,
+                    wp,
+                    es,
+                    n,
+                    ldw,
+                    out.as_mut_ptr(),
+                    ldo,
+                    K256,
+                ),
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- common
+
+    fn raw(w: WRows<'_>) -> (*const u8, usize) {
+        match w {
+            WRows::F32(s) => (s.as_ptr() as *const u8, 4),
+            WRows::F16(s) | WRows::BF16(s) => (s.as_ptr() as *const u8, 2),
+        }
+    }
+
+    /// SAFETY (callers): `p` points at one readable element of type `DT`.
+    #[inline(always)]
+    unsafe fn scalar<const DT: u8>(p: *const u8) -> f32 {
+        // SAFETY: the caller guarantees one readable element; unaligned.
+        unsafe {
+            match DT {
+                F32 => (p as *const f32).read_unaligned(),
+                F16 => half::f16::from_bits((p as *const u16).read_unaligned()).to_f32(),
+                _ => half::bf16::from_bits((p as *const u16).read_unaligned()).to_f32(),
+            }
+        }
+    }
+
+    /// Which vector width the grid's blocks use.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Width {
+        K512,
+        K256,
+    }
+    use Width::{K256, K512};
+
+    /// Tiles `m × n` into `MR × NR` blocks (edges with smaller blocks, whose
+    /// per-element arithmetic is the same).
+    ///
+    /// SAFETY (callers): `x` has `m` rows of `k` f32, `w` has `n` rows of
+    /// `k` elements of `es` bytes at stride `ldw` elements, `out` has `m` rows of stride `ldo` with
+    /// `n` writable elements each; the features of `width` are present.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn grid<const DT: u8>(
+        x: *const f32,
+        m: usize,
+        k: usize,
+        w: *const u8,
+        es: usize,
+        n: usize,
+        ldw: usize,
+        out: *mut f32,
+        ldo: usize,
+        width: Width,
+    ) {
+        macro_rules! blk {
+            ($r:literal, $c:literal, $xi:expr, $wj:expr, $o:expr) => {
+                match width {
+                    K512 => block512::<$r, $c, DT>($xi, k, $wj, es, ldw, $o, ldo),
+                    K256 => block256::<$r, $c, DT>($xi, k, $wj, es, ldw, $o, ldo),
+                }
+            };
+        }
+        let mut i = 0;
+        // SAFETY: each block reads rows i..i+R of x and j..j+C of w and
+        // writes out rows i..i+R, columns j..j+C, all inside the caller's
+        // ranges since i + R <= m and j + C <= n.
+        unsafe {
+            while i < m {
+                let r = (m - i).min(MR);
+                let xi = x.add(i * k);
+                let mut j = 0;
+                while j < n {
+                    let c = if n - j >= NR { NR } else { 1 };
+                    let wj = w.add(j * ldw * es);
+                    let o = out.add(i * ldo + j);
+                    match (r, c) {
+                        (4, 4) => blk!(4, 4, xi, wj, o),
+                        (3, 4) => blk!(3, 4, xi, wj, o),
+                        (2, 4) => blk!(2, 4, xi, wj, o),
+                        (1, 4) => blk!(1, 4, xi, wj, o),
+                        (4, _) => blk!(4, 1, xi, wj, o),
+                        (3, _) => blk!(3, 1, xi, wj, o),
+                        (2, _) => blk!(2, 1, xi, wj, o),
+                        _ => blk!(1, 1, xi, wj, o),
+                    }
+                    j += c;
+                }
+                i += r;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(m: usize, n: usize, k: usize) -> (Vec<f32>, Vec<u16>) {
+        let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w: Vec<u16> = (0..n * k)
+            .map(|i| half::f16::from_f32((i as f32 * 0.11).cos() * 0.5).to_bits())
+            .collect();
+        (x, w)
+    }
+
+    #[test]
+    fn matches_naive_product_for_every_dtype_and_tail() {
+        for &(m, n, k) in &[(1, 1, 1), (5, 7, 13), (9, 10, 40), (4, 8, 64), (3, 5, 37)] {
+            let (x, w16) = data(m, n, k);
+            let wf: Vec<f32> = w16
+                .iter()
+                .map(|&b| half::f16::from_bits(b).to_f32())
+                .collect();
+            let wb: Vec<u16> = wf
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect();
+            let wbf: Vec<f32> = wb
+                .iter()
+                .map(|&b| half::bf16::from_bits(b).to_f32())
+                .collect();
+            for (w, wref) in [
+                (WRows::F32(&wf), &wf),
+                (WRows::F16(&w16), &wf),
+                (WRows::BF16(&wb), &wbf),
+            ] {
+                let mut out = vec![0.0; m * n];
+                dot_block(&x, m, k, w, n, k, &mut out, n);
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f32 = (0..k).map(|t| x[i * k + t] * wref[j * k + t]).sum();
+                        assert!((out[i * n + j] - want).abs() < 1e-4, "{m}x{n}x{k}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_is_bit_identical_whatever_the_batch_on_every_isa() {
+        for isa in [Isa::Avx512, Isa::Avx2, Isa::Portable] {
+            if supported(isa) {
+                row_invariance(isa);
+            }
+        }
+    }
+
+    fn row_invariance(isa: Isa) {
+        let dot_block = |x: &[f32], m, k, w, n, ldw, out: &mut [f32], ldo| {
+            dot_block_on(isa, x, m, k, w, n, ldw, out, ldo)
+        };
+        let (m, n, k) = (11, 9, 70);
+        let (x, w) = data(m, n, k);
+        let mut all = vec![0.0; m * n];
+        dot_block(&x, m, k, WRows::F16(&w), n, k, &mut all, n);
+        for i in 0..m {
+            let mut one = vec![0.0; n];
+            dot_block(
+                &x[i * k..(i + 1) * k],
+                1,
+                k,
+                WRows::F16(&w),
+                n,
+                k,
+                &mut one,
+                n,
+            );
+            assert_eq!(
+                one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                all[i * n..(i + 1) * n]
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>(),
+                "row {i} on {isa:?}"
+            );
+            // And a column subset of the weights (another tiling).
+            let mut part = vec![0.0; n - 3];
+            dot_block(
+                &x[i * k..(i + 1) * k],
+                1,
+                k,
+                WRows::F16(&w[3 * k..]),
+                n - 3,
+                k,
+                &mut part,
+                n - 3,
+            );
+            for j in 3..n {
+                assert_eq!(part[j - 3].to_bits(), all[i * n + j].to_bits());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod weighted_tests {
+    use super::*;
+
+    #[test]
+    fn weighted_rows_matches_naive_and_ignores_grouping() {
+        let (heads, hd, n, row) = (7, 64, 37, 200);
+        let s: Vec<f32> = (0..heads * 40).map(|i| (i as f32 * 0.3).sin()).collect();
+        let v: Vec<f32> = (0..n * row + hd).map(|i| (i as f32 * 0.07).cos()).collect();
+        let offs: Vec<usize> = (0..n).map(|j| (n - 1 - j) * row + 3).collect();
+        let mut all = vec![0.0; heads * hd];
+        weighted_rows(&mut all, heads, hd, &s, 40, WRows::F32(&v), &offs);
+        for h in 0..heads {
+            let mut one = vec![0.0; hd];
+            weighted_rows(&mut one, 1, hd, &s[h * 40..], 40, WRows::F32(&v), &offs);
+            for d in 0..hd {
+                assert_eq!(one[d].to_bits(), all[h * hd + d].to_bits());
+                let want: f32 = (0..n).map(|j| s[h * 40 + j] * v[offs[j] + d]).sum();
+                assert!((one[d] - want).abs() < 1e-4);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    /// `cargo test --release -p copyhold-node kernel_speed -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn kernel_speed() {
+        let (m, n, k) = (512, 256, 1024);
+        let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w: Vec<u16> = (0..n * k)
+            .map(|i| half::f16::from_f32((i as f32 * 0.11).cos()).to_bits())
+            .collect();
+        let wf: Vec<f32> = w
+            .iter()
+            .map(|&b| half::f16::from_bits(b).to_f32())
+            .collect();
+        let mut out = vec![0.0; m * n];
+        for (name, wr) in [("f16", WRows::F16(&w)), ("f32", WRows::F32(&wf))] {
+            let mut best = f64::MAX;
+            for _ in 0..5 {
+                let t = std::time::Instant::now();
+                dot_block(&x, m, k, wr, n, k, &mut out, n);
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            println!(
+                "{name}: {:.1} GFLOP/s",
+                2.0 * (m * n * k) as f64 / best / 1e9
+            );
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! `y = x · Wᵀ` for weights stored as f32/f16/bf16 rows, computed in f32.
+//!
+//! Output rows of W are split into tiles spread over rayon threads; each tile
+//! is multiplied by the fused kernel in [`kernel`], which reads the weights
+//! in their stored dtype straight from the memory map and widens them in
+//! registers (AVX-512 or AVX2 + F16C, chosen at run time, with a portable
+//! fallback). Every output element is one dot product whose arithmetic does
+//! not depend on `m`, the tiling or the other rows of the batch (see the
+//! kernel's module comment), so batching never changes a result.
+//!
+//! `unsafe` lives only in [`kernel`].
+
+pub mod kernel;
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use crate::weights::Tensor;
+use kernel::{WRows, dot_block};
+
+thread_local! {
+    static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Bytes (as stored) of one weight tile: every block of activation rows
+/// sweeps the tile, so it should stay in L2; with many rows each tile also
+/// re-reads all of `x`, so larger tiles mean less traffic.
+fn tile_budget(m: usize) -> usize {
+    static B: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+    let (small, large) = *B.get_or_init(|| {
+        let get = |k: &str, d: usize| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d)
+        };
+        (
+            get("COPYHOLD_TILE_KIB_SMALL", 256) << 10,
+            get("COPYHOLD_TILE_KIB_LARGE", 1024) << 10,
+        )
+    });
+    if m >= 32 { large } else { small }
+}
+
+/// `x` is `m × k` row-major, `w` is `n × k`; returns `m × n`.
+pub fn matmul_wt(x: &[f32], m: usize, w: &Tensor) -> Vec<f32> {
+    matmul_wt_many(x, m, &[w]).pop().unwrap_or_default()
+}
+
+/// [`matmul_wt`] for several weights sharing the input (q/k/v, gate/up) in
+/// one parallel region, so the threads meet once instead of once per
+/// weight. Each result is exactly what `matmul_wt` would return.
+pub fn matmul_wt_many(x: &[f32], m: usize, ws: &[&Tensor]) -> Vec<Vec<f32>> {
+    let threads = rayon::current_num_threads().max(1);
+    let total: usize = ws.iter().map(|w| w.shape[0]).sum();
+    // (weight, first row, rows) for every tile of every weight.
+    let mut jobs = Vec::new();
+    for (wi, w) in ws.iter().enumerate() {
+        let (n, k) = (w.shape[0], w.shape[1]);
+        assert_eq!(x.len(), m * k, "activation shape does not match {}", w.name);
+        // Enough tiles for load balance, each a multiple of the kernel's 4
+        // weight rows and within the L2 budget. The tiling only decides who
+        // computes which element, never how, so it may depend on anything.
+        let balance = if m >= 32 { 2 } else { 4 };
+        let tile = (total / (threads * balance))
+            .min(tile_budget(m) / (k * w.dtype.size()).max(1))
+            .max(4)
+            / 4
+            * 4;
+        for t in 0..n.div_ceil(tile) {
+            jobs.push((wi, t * tile, tile.min(n - t * tile)));
+        }
+    }
+    let tiles: Vec<Vec<f32>> = jobs
+        .par_iter()
+        .map(|&(wi, r0, rows)| {
+            let w = ws[wi];
+            let k = w.shape[1];
+            let mut out = vec![0.0f32; m * rows];
+            match w.rows() {
+                Some(WRows::F32(s)) => {
+                    dot_block(x, m, k, WRows::F32(&s[r0 * k..]), rows, k, &mut out, rows)
+                }
+                Some(WRows::F16(s)) => {
+                    dot_block(x, m, k, WRows::F16(&s[r0 * k..]), rows, k, &mut out, rows)
+                }
+                Some(WRows::BF16(s)) => {
+                    dot_block(x, m, k, WRows::BF16(&s[r0 * k..]), rows, k, &mut out, rows)
+                }
+                // Unaligned data: widen the tile first. The widening is
+                // exact, so the kernel computes the same bits as above.
+                None => WIDE.with(|buf| {
+                    let mut wbuf = buf.borrow_mut();
+                    if wbuf.len() < rows * k {
+                        wbuf.resize(rows * k, 0.0);
+                    }
+                    let wbuf = &mut wbuf[..rows * k];
+                    w.read_f32(r0 * k, wbuf);
+                    dot_block(x, m, k, WRows::F32(wbuf), rows, k, &mut out, rows);
+                }),
+            }
+            out
+        })
+        .collect();
+    let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0.0f32; m * w.shape[0]]).collect();
+    for (&(wi, r0, rows), out) in jobs.iter().zip(tiles) {
+        let n = ws[wi].shape[0];
+        let y = &mut ys[wi];
+        for i in 0..m {
+            y[i * n + r0..i * n + r0 + rows].copy_from_slice(&out[i * rows..(i + 1) * rows]);
+        }
+    }
+    ys
+}
+
+/// `out (m × n) = a (m × k) · bᵀ` with `b` `n × k`, all row-major f32.
+pub fn gemm_abt(a: &[f32], b: &[f32], out: &mut [f32], m: usize, n: usize, k: usize) {
+    assert!(a.len() >= m * k && b.len() >= n * k && out.len() >= m * n);
+    dot_block(a, m, k, WRows::F32(&b[..n * k]), n, k, out, n);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gemm_abt_matches_naive_product() {
+        let (m, n, k) = (5, 7, 13);
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
+        let mut out = vec![0.0; m * n];
+        gemm_abt(&a, &b, &mut out, m, n, k);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|kk| a[i * k + kk] * b[j * k + kk]).sum();
+                assert!((out[i * n + j] - want).abs() < 1e-5);
+            }
+        }
+    }
+}
