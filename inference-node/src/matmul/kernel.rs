@@ -886,36 +886,3 @@ mod weighted_tests {
         }
     }
 }
-
-#[cfg(test)]
-mod speed {
-    use super::*;
-
-    /// `cargo test --release -p copyhold-node kernel_speed -- --ignored --nocapture`
-    #[test]
-    #[ignore]
-    fn kernel_speed() {
-        let (m, n, k) = (512, 256, 1024);
-        let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
-        let w: Vec<u16> = (0..n * k)
-            .map(|i| half::f16::from_f32((i as f32 * 0.11).cos()).to_bits())
-            .collect();
-        let wf: Vec<f32> = w
-            .iter()
-            .map(|&b| half::f16::from_bits(b).to_f32())
-            .collect();
-        let mut out = vec![0.0; m * n];
-        for (name, wr) in [("f16", WRows::F16(&w)), ("f32", WRows::F32(&wf))] {
-            let mut best = f64::MAX;
-            for _ in 0..5 {
-                let t = std::time::Instant::now();
-                dot_block(&x, m, k, wr, n, k, &mut out, n);
-                best = best.min(t.elapsed().as_secs_f64());
-            }
-            println!(
-                "{name}: {:.1} GFLOP/s",
-                2.0 * (m * n * k) as f64 / best / 1e9
-            );
-        }
-    }
-}
