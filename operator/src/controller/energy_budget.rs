@@ -1211,6 +1211,13 @@ async fn cleanup(eb: &EnergyBudget, ctx: &EnergyContext) -> Result<Action> {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&name);
+    // A deleted budget's gauges would otherwise report its last step for
+    // ever (the counters keep their totals).
+    let labels = EnergyMetrics::budget(&name);
+    ctx.energy.supply_watts.remove(&labels);
+    ctx.energy.allowance_watts.remove(&labels);
+    ctx.energy.draw_watts.remove(&labels);
+    ctx.energy.ladder_step.remove(&labels);
 
     let list = |v: &[String]| {
         if v.is_empty() {
