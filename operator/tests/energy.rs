@@ -131,6 +131,9 @@ async fn a_budget_sheds_a_deferrable_model_restores_it_after_the_dwell_and_falls
             .args(["controller", "--metrics-addr", "127.0.0.1:0"])
             .args(["--leader-election=false", "--node-device", "cpu"])
             .args(["--resync-seconds", "2", "--watch-namespace", &ns.name])
+            // Only this test's budget: another on the shared cluster must not
+            // shed or cap this test's models, nor get this controller's finalizer.
+            .args(["--budget-selector", &format!("copyhold-test={budget}")])
             .env("KUBECONFIG", &kc)
             .env("RUST_LOG", "info,kube=warn")
             .stdout(Stdio::null())
@@ -162,7 +165,7 @@ spec:
         format!(
             r#"apiVersion: copyhold.dev/v1alpha1
 kind: EnergyBudget
-metadata: {{name: {budget}}}
+metadata: {{name: {budget}, labels: {{copyhold-test: {budget}}}}}
 spec:
   nodeSelector: {{kubernetes.io/hostname: gpu-p100}}
   ceilingWatts: 10000
@@ -506,6 +509,9 @@ async fn a_power_cap_reaches_the_node_with_the_mounted_token_is_lifted_after_the
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
             .args(["--leader-election=false", "--node-device", "cpu"])
             .args(["--resync-seconds", "2", "--watch-namespace", &ns.name])
+            // Only this test's budget: another on the shared cluster must not
+            // shed or cap this test's models, nor get this controller's finalizer.
+            .args(["--budget-selector", &format!("copyhold-test={budget}")])
             .args(["--node-admin-token-secret", "copyhold-node-admin"])
             .env("KUBECONFIG", &kc)
             .env("RUST_LOG", "info,kube=warn")
@@ -536,7 +542,7 @@ spec:
         format!(
             r#"apiVersion: copyhold.dev/v1alpha1
 kind: EnergyBudget
-metadata: {{name: {budget}}}
+metadata: {{name: {budget}, labels: {{copyhold-test: {budget}}}}}
 spec:
   nodeSelector: {{kubernetes.io/hostname: gpu-p100}}
   ceilingWatts: 10000
@@ -800,6 +806,9 @@ async fn a_config_map_supply_follows_its_key_and_falls_back_to_the_floor_on_a_no
             .args(["controller", "--metrics-addr", "127.0.0.1:0"])
             .args(["--leader-election=false", "--node-device", "cpu"])
             .args(["--resync-seconds", "2", "--watch-namespace", &ns.name])
+            // Only this test's budget: another on the shared cluster must not
+            // shed or cap this test's models, nor get this controller's finalizer.
+            .args(["--budget-selector", &format!("copyhold-test={budget}")])
             .env("KUBECONFIG", &kc)
             .env("RUST_LOG", "info,kube=warn")
             .stdout(Stdio::null())
@@ -815,7 +824,7 @@ async fn a_config_map_supply_follows_its_key_and_falls_back_to_the_floor_on_a_no
     apply(&format!(
         r#"apiVersion: copyhold.dev/v1alpha1
 kind: EnergyBudget
-metadata: {{name: {budget}}}
+metadata: {{name: {budget}, labels: {{copyhold-test: {budget}}}}}
 spec:
   nodeSelector: {{kubernetes.io/hostname: no-such-node-{budget}}}
   ceilingWatts: 10000
