@@ -724,6 +724,16 @@ async fn the_chart_installs_upgrades_and_uninstalls_keeping_the_registers() -> R
         );
     }
 
+    // The controller puts its finalizer on EnergyBudgets (metadata: the
+    // main resource, not only /status) and removes it.
+    let ctl = format!("system:serviceaccount:{ns}:{full}-controller");
+    for verb in ["patch", "update"] {
+        assert!(
+            can_i(&ctl, verb, "energybudgets.copyhold.dev", None)?,
+            "the controller cannot {verb} energybudgets"
+        );
+    }
+
     // An upgrade keeps the register.
     cluster_helm_ok(&[
         "upgrade",

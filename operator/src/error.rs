@@ -9,6 +9,9 @@ pub enum Error {
     MissingField(&'static str),
     #[error("serializing: {0}")]
     Serialize(#[from] serde_json::Error),
+    /// Adding or removing a finalizer, or the reconcile it wraps.
+    #[error("{0}")]
+    Finalizer(Box<kube::runtime::finalizer::Error<Error>>),
 }
 
 impl Error {
@@ -19,6 +22,11 @@ impl Error {
             Error::Kube(_) => "client",
             Error::MissingField(_) => "missing_field",
             Error::Serialize(_) => "serialize",
+            Error::Finalizer(e) => match e.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
+                _ => "finalizer",
+            },
         }
     }
 }

@@ -13,6 +13,9 @@
 //! /admin/power-limit` reports the limit the budget set; supply restored →
 //! cleared after the dwell; an engine that restarts gets its limit again;
 //! a wrong token → a `PowerCapFailed` Event.
+//!
+//! Deleting a budget that sheds and caps: its finalizer gives the shed
+//! replicas back and clears the node's limit before the budget goes.
 
 #[path = "../../e2e/src/lib.rs"]
 #[allow(dead_code)]
@@ -28,12 +31,22 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use support::{ChildGuard, FleetLock, TestNamespace, eventually, install_crds, kubectl_ok};
 
-/// Deletes the (cluster-scoped) budget when dropped.
+/// Deletes the (cluster-scoped) budget when dropped. The controller that
+/// would remove its finalizer is gone by then (dropped first): the guard
+/// removes it, so no budget is left behind deleting for ever.
 struct BudgetGuard(String);
 
 impl Drop for BudgetGuard {
     fn drop(&mut self) {
         let _ = support::kubectl(&["delete", "energybudget", &self.0, "--wait=false"]);
+        let _ = support::kubectl(&[
+            "patch",
+            "energybudget",
+            &self.0,
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"finalizers":null}}"#,
+        ]);
     }
 }
 
@@ -118,6 +131,9 @@ async fn a_budget_sheds_a_deferrable_model_restores_it_after_the_dwell_and_falls
             .args(["controller", "--metrics-addr", "127.0.0.1:0"])
             .args(["--leader-election=false", "--node-device", "cpu"])
             .args(["--resync-seconds", "2", "--watch-namespace", &ns.name])
+            // Only this test's budget: another on the shared cluster must not
+            // shed or cap this test's models, nor get this controller's finalizer.
+            .args(["--budget-selector", &format!("copyhold-test={budget}")])
             .env("KUBECONFIG", &kc)
             .env("RUST_LOG", "info,kube=warn")
             .stdout(Stdio::null())
@@ -149,7 +165,7 @@ spec:
         format!(
             r#"apiVersion: copyhold.dev/v1alpha1
 kind: EnergyBudget
-metadata: {{name: {budget}}}
+metadata: {{name: {budget}, labels: {{copyhold-test: {budget}}}}}
 spec:
   nodeSelector: {{kubernetes.io/hostname: gpu-p100}}
   ceilingWatts: 10000
@@ -493,6 +509,9 @@ async fn a_power_cap_reaches_the_node_with_the_mounted_token_is_lifted_after_the
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
             .args(["--leader-election=false", "--node-device", "cpu"])
             .args(["--resync-seconds", "2", "--watch-namespace", &ns.name])
+            // Only this test's budget: another on the shared cluster must not
+            // shed or cap this test's models, nor get this controller's finalizer.
+            .args(["--budget-selector", &format!("copyhold-test={budget}")])
             .args(["--node-admin-token-secret", "copyhold-node-admin"])
             .env("KUBECONFIG", &kc)
             .env("RUST_LOG", "info,kube=warn")
@@ -523,7 +542,7 @@ spec:
         format!(
             r#"apiVersion: copyhold.dev/v1alpha1
 kind: EnergyBudget
-metadata: {{name: {budget}}}
+metadata: {{name: {budget}, labels: {{copyhold-test: {budget}}}}}
 spec:
   nodeSelector: {{kubernetes.io/hostname: gpu-p100}}
   ceilingWatts: 10000
@@ -787,6 +806,9 @@ async fn a_config_map_supply_follows_its_key_and_falls_back_to_the_floor_on_a_no
             .args(["controller", "--metrics-addr", "127.0.0.1:0"])
             .args(["--leader-election=false", "--node-device", "cpu"])
             .args(["--resync-seconds", "2", "--watch-namespace", &ns.name])
+            // Only this test's budget: another on the shared cluster must not
+            // shed or cap this test's models, nor get this controller's finalizer.
+            .args(["--budget-selector", &format!("copyhold-test={budget}")])
             .env("KUBECONFIG", &kc)
             .env("RUST_LOG", "info,kube=warn")
             .stdout(Stdio::null())
@@ -802,7 +824,7 @@ async fn a_config_map_supply_follows_its_key_and_falls_back_to_the_floor_on_a_no
     apply(&format!(
         r#"apiVersion: copyhold.dev/v1alpha1
 kind: EnergyBudget
-metadata: {{name: {budget}}}
+metadata: {{name: {budget}, labels: {{copyhold-test: {budget}}}}}
 spec:
   nodeSelector: {{kubernetes.io/hostname: no-such-node-{budget}}}
   ceilingWatts: 10000
@@ -904,5 +926,255 @@ spec:
     // The ConfigMap gone: its own reason.
     kubectl_ok(&["delete", "configmap", "inverter", "-n", &ns.name])?;
     supply_is(120.0, "True", "ConfigMapUnreadable").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn deleting_a_budget_that_sheds_and_caps_gives_the_replicas_back_and_clears_the_limit()
+-> Result<()> {
+    let _fleet = FleetLock::acquire()?;
+    install_crds().await?;
+    let client = support::client().await?;
+    let ns = TestNamespace::create("energyfin")?;
+    let kc = support::kubeconfig()?;
+    let node_bin = support::workspace_bin("copyhold-node", "copyhold-node")?;
+    let kubelet_bin = support::workspace_bin("copyhold-e2e", "copyhold-kubelet")?;
+    let model_dir = std::fs::canonicalize(support::fixtures().join("tiny-llama"))
+        .context("fixtures/tiny-llama")?;
+    let budget = format!("energyfin-{}", &ns.name[ns.name.len().saturating_sub(8)..]);
+    let _budget_guard = BudgetGuard(budget.clone());
+    let token = format!(
+        "tok-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .subsec_nanos()
+    );
+    kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "copyhold-node-admin",
+        "-n",
+        &ns.name,
+        &format!("--from-literal=token={token}"),
+    ])?;
+
+    let ip_prefix = format!("127.104.{}", std::process::id() % 250);
+    let _kubelet =
+        support::start_kubelet(&kubelet_bin, &ns.name, &ip_prefix, &node_bin, "energyfin")?;
+    let _controller = ChildGuard(
+        Command::new(env!("CARGO_BIN_EXE_copyhold"))
+            .args(["controller", "--metrics-addr", "127.0.0.1:0"])
+            .args(["--leader-election=false", "--node-device", "cpu"])
+            .args(["--resync-seconds", "2", "--watch-namespace", &ns.name])
+            .args(["--node-admin-token-secret", "copyhold-node-admin"])
+            // Only this test's budget: the finalizer goes on no one else's.
+            .args(["--budget-selector", &format!("copyhold-test={budget}")])
+            .env("KUBECONFIG", &kc)
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+
+    // Two deferrable replicas on gpu-p100, 100 W each.
+    apply(&format!(
+        r#"apiVersion: copyhold.dev/v1alpha1
+kind: ModelDeployment
+metadata: {{name: batch, namespace: {ns}}}
+spec:
+  model:
+    source: {{hostPath: {{path: {dir}}}}}
+    servedName: tiny-llama
+  engine:
+    env: {{COPYHOLD_POWER_MODEL: "idle=100,busy=150", COPYHOLD_POWER_SENSOR: model}}
+  serving: {{contextLength: 256, maxConcurrentSequences: 2}}
+  placement: {{gpuProducts: [Tesla-P100-PCIE-16GB]}}
+  priority: deferrable
+  replicas: 2
+  autoscaling: {{minReplicas: 1, maxReplicas: 2}}
+"#,
+        ns = ns.name,
+        dir = model_dir.display()
+    ))?;
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let ebs: Api<EnergyBudget> = Api::all(client.clone());
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    eventually(Duration::from_secs(120), || async {
+        let st = mds.get("batch").await?.status.context("no status")?;
+        if st.ready_replicas == 2 {
+            Ok(())
+        } else {
+            bail!("{}/2 ready ({:?})", st.ready_replicas, st.state)
+        }
+    })
+    .await?;
+
+    // 95 W of supply for 200 W of draw: capped, and shed to one replica.
+    apply(&format!(
+        r#"apiVersion: copyhold.dev/v1alpha1
+kind: EnergyBudget
+metadata: {{name: {budget}, labels: {{copyhold-test: {budget}}}}}
+spec:
+  nodeSelector: {{kubernetes.io/hostname: gpu-p100}}
+  ceilingWatts: 10000
+  marginPercent: 0
+  supply:
+    static: {{watts: 95}}
+    floorWatts: 50
+  policy:
+    powerCap: {{enabled: true, minPercent: 60}}
+    shed: [deferrable]
+    defer: false
+    hysteresisPercent: 10
+    dwell: 8s
+  evaluationInterval: 1s
+"#
+    ))?;
+    let pod_bases = || async {
+        let list = pods
+            .list(&kube::api::ListParams::default().labels("copyhold.dev/model-deployment=batch"))
+            .await?;
+        Ok::<_, anyhow::Error>(
+            list.items
+                .into_iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .filter_map(|p| p.status.and_then(|s| s.pod_ip))
+                .map(|ip| format!("http://{ip}:{}", copyhold::workload::ENGINE_PORT))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let capped = eventually(Duration::from_secs(90), || async {
+        let st = ebs.get(&budget).await?.status.context("status")?;
+        let md = mds.get("batch").await?;
+        let ann = md.metadata.annotations.clone().unwrap_or_default();
+        let dep = deployment_replicas(&deps.get("batch").await?);
+        let bases = pod_bases().await?;
+        let mut limited = Vec::new();
+        for b in &bases {
+            if let (Some(w), _) = node_limit(&http, b).await? {
+                limited.push((b.clone(), w));
+            }
+        }
+        if st.step == 2
+            && ann.get(copyhold::workload::SHED_BY_ANNOTATION) == Some(&budget)
+            && ann.get(copyhold::workload::SHED_TO_ANNOTATION).map(String::as_str) == Some("1")
+            && dep == 1
+            && bases.len() == 1
+            && limited.len() == 1
+        {
+            Ok(limited.remove(0))
+        } else {
+            bail!(
+                "step {}, annotations {ann:?}, deployment replicas {dep}, pods {bases:?}, limited {limited:?}",
+                st.step
+            )
+        }
+    })
+    .await?;
+    let (base, watts) = capped;
+    assert!(watts > 0.0, "limit {watts}");
+    let eb = ebs.get(&budget).await?;
+    assert!(
+        eb.metadata
+            .finalizers
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .any(|f| f == "copyhold.dev/energy-budget"),
+        "{:?}",
+        eb.metadata.finalizers
+    );
+
+    // A budget the controller's selector does not match is never touched.
+    let other = format!("{budget}-other");
+    let _other_guard = BudgetGuard(other.clone());
+    apply(&format!(
+        r#"apiVersion: copyhold.dev/v1alpha1
+kind: EnergyBudget
+metadata: {{name: {other}}}
+spec:
+  nodeSelector: {{copyhold-test: nothing}}
+  ceilingWatts: 1000
+  supply:
+    static: {{watts: 1000}}
+"#
+    ))?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let untouched = ebs.get(&other).await?;
+    assert!(
+        untouched.metadata.finalizers.is_none(),
+        "{:?}",
+        untouched.metadata
+    );
+
+    // Deleted: the finalizer undoes both, then lets the budget go.
+    kubectl_ok(&["delete", "energybudget", &budget, "--wait=false"])?;
+    eventually(Duration::from_secs(60), || async {
+        match ebs.get_opt(&budget).await? {
+            None => Ok(()),
+            Some(eb) => bail!(
+                "still there: finalizers {:?}, deleting since {:?}",
+                eb.metadata.finalizers,
+                eb.metadata.deletion_timestamp
+            ),
+        }
+    })
+    .await?;
+    let md = mds.get("batch").await?;
+    let ann = md.metadata.annotations.clone().unwrap_or_default();
+    assert!(
+        !ann.contains_key(copyhold::workload::SHED_BY_ANNOTATION)
+            && !ann.contains_key(copyhold::workload::SHED_TO_ANNOTATION),
+        "{ann:?}"
+    );
+    assert_eq!(node_limit(&http, &base).await?, (None, "none".into()));
+    eventually(Duration::from_secs(120), || async {
+        let dep = deployment_replicas(&deps.get("batch").await?);
+        let st = mds.get("batch").await?.status.context("no status")?;
+        if dep == 2 && st.ready_replicas == 2 && st.shed_by.is_none() {
+            Ok(())
+        } else {
+            bail!(
+                "deployment replicas {dep}, {}/2 ready, shed by {:?}",
+                st.ready_replicas,
+                st.shed_by
+            )
+        }
+    })
+    .await?;
+    for b in pod_bases().await? {
+        assert_eq!(node_limit(&http, &b).await?.0, None, "{b}");
+    }
+    let released = eventually(Duration::from_secs(30), || async {
+        let ev = budget_events(&budget, "Released")?;
+        if ev.contains("Released") {
+            Ok(ev)
+        } else {
+            bail!("no Released event yet")
+        }
+    })
+    .await?;
+    assert!(
+        released.contains(&format!("{}/batch", ns.name)),
+        "{released}"
+    );
+    let failed = budget_events(&budget, "PowerCapFailed")?;
+    assert!(!failed.contains("PowerCapFailed"), "{failed}");
+
+    kubectl_ok(&["delete", "md", "batch", "-n", &ns.name, "--wait=false"])?;
+    eventually(Duration::from_secs(60), || async {
+        let n = pods.list(&Default::default()).await?.items.len();
+        if n == 0 {
+            Ok(())
+        } else {
+            bail!("{n} pods left")
+        }
+    })
+    .await?;
     Ok(())
 }

@@ -20,6 +20,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
 use tracing::Instrument;
@@ -39,6 +40,11 @@ use crate::resources::{
 use crate::supply;
 use crate::supply_schedule::Schedule;
 use crate::workload::{SHED_BY_ANNOTATION, SHED_TO_ANNOTATION};
+
+/// The finalizer this controller puts on the budgets it reconciles: a
+/// deleted budget stays until its shed annotations and power limits are
+/// undone (see `cleanup`).
+pub const FINALIZER: &str = "copyhold.dev/energy-budget";
 
 /// Field manager of the `shed-to`/`shed-by` annotations on
 /// ModelDeployments: its own, so it never contends with anyone's spec.
@@ -160,6 +166,17 @@ pub fn admin_token_ref(
     }
 }
 
+/// What starts an evaluation outside the requeue: a spec change (its own
+/// status writes must not), the finalizer put on, and the deletion.
+pub fn trigger(eb: &EnergyBudget) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    eb.metadata.generation.hash(&mut h);
+    eb.finalizers().hash(&mut h);
+    eb.metadata.deletion_timestamp.is_some().hash(&mut h);
+    Some(h.finish())
+}
+
 /// Failed reconciles are retried after a short delay.
 pub fn error_policy(eb: Arc<EnergyBudget>, error: &Error, ctx: Arc<EnergyContext>) -> Action {
     ctx.metrics
@@ -179,7 +196,16 @@ pub async fn reconcile(eb: Arc<EnergyBudget>, ctx: Arc<EnergyContext>) -> Result
     let kind = ControllerMetrics::kind("EnergyBudget");
     ctx.metrics.reconciliations.get_or_create(&kind).inc();
     let span = tracing::info_span!("reconcile", kind = "EnergyBudget", name = %eb.name_any());
-    let result = reconcile_inner(&eb, &ctx).instrument(span).await;
+    let api: Api<EnergyBudget> = Api::all(ctx.client.clone());
+    let result = finalizer(&api, FINALIZER, eb, |event| async {
+        match event {
+            Finalizer::Apply(eb) => reconcile_inner(&eb, &ctx).await,
+            Finalizer::Cleanup(eb) => cleanup(&eb, &ctx).await,
+        }
+    })
+    .instrument(span)
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
     ctx.metrics
         .reconcile_duration
         .get_or_create(&kind)
@@ -970,59 +996,13 @@ async fn power_caps(
         }
         return events;
     }
-    // Tokens, read once per Secret per evaluation.
-    let mut tokens: HashMap<(String, String, String), Result<String, String>> = HashMap::new();
+    let mut tokens = Tokens::new();
     let mut accepted: Vec<(String, Option<f64>)> = Vec::new();
     let mut refused: Vec<(String, Option<f64>, String)> = Vec::new();
     for (p, watts) in work {
-        let namespace = p.key.split_once('/').map_or("", |(ns, _)| ns);
-        let token = match admin_token_ref(policy, ctx.node_admin_token_secret.as_deref(), namespace)
-        {
-            None => None,
-            Some(r) => {
-                let id = (
-                    r.namespace.clone().unwrap_or_default(),
-                    r.name.clone(),
-                    r.key.clone(),
-                );
-                if !tokens.contains_key(&id) {
-                    let t = supply::read_secret(&ctx.client, &r, None)
-                        .await
-                        .map_err(|e| e.to_string());
-                    tokens.insert(id.clone(), t);
-                }
-                match tokens.get(&id) {
-                    Some(Ok(t)) => Some(t.clone()),
-                    Some(Err(e)) => {
-                        refused.push((p.key.clone(), watts, format!("admin token: {e}")));
-                        continue;
-                    }
-                    None => None,
-                }
-            }
-        };
-        let mut req = ctx
-            .http
-            .post(format!("{}/admin/power-limit", p.base_url))
-            .json(&serde_json::json!({"watts": watts}))
-            .timeout(Duration::from_secs(5));
-        if let Some(t) = &token {
-            req = req.bearer_auth(t);
-        }
-        match req.send().await {
-            Ok(r) if r.status().is_success() => accepted.push((p.key.clone(), watts)),
-            Ok(r) => {
-                let status = r.status();
-                let body: String = r
-                    .text()
-                    .await
-                    .unwrap_or_default()
-                    .chars()
-                    .take(200)
-                    .collect();
-                refused.push((p.key.clone(), watts, format!("HTTP {status}: {body}")));
-            }
-            Err(e) => refused.push((p.key.clone(), watts, e.to_string())),
+        match send_limit(ctx, policy, p, watts, &mut tokens).await {
+            Ok(()) => accepted.push((p.key.clone(), watts)),
+            Err(why) => refused.push((p.key.clone(), watts, why)),
         }
     }
     let mut all = ctx.capped.lock().unwrap_or_else(|p| p.into_inner());
@@ -1051,10 +1031,327 @@ async fn power_caps(
     events
 }
 
+/// Admin tokens, read once per Secret (namespace, name, key) per pass.
+type Tokens = HashMap<(String, String, String), Result<String, String>>;
+
+/// Send one engine Pod its power limit (`None` clears it) with the admin
+/// token `policy` names for its namespace; why it was refused otherwise.
+async fn send_limit(
+    ctx: &EnergyContext,
+    policy: &crate::resources::PowerCapPolicy,
+    p: &EnginePod,
+    watts: Option<f64>,
+    tokens: &mut Tokens,
+) -> Result<(), String> {
+    let namespace = p.key.split_once('/').map_or("", |(ns, _)| ns);
+    let token = match admin_token_ref(policy, ctx.node_admin_token_secret.as_deref(), namespace) {
+        None => None,
+        Some(r) => {
+            let id = (
+                r.namespace.clone().unwrap_or_default(),
+                r.name.clone(),
+                r.key.clone(),
+            );
+            if !tokens.contains_key(&id) {
+                let t = supply::read_secret(&ctx.client, &r, None)
+                    .await
+                    .map_err(|e| e.to_string());
+                tokens.insert(id.clone(), t);
+            }
+            match tokens.get(&id) {
+                Some(Ok(t)) => Some(t.clone()),
+                Some(Err(e)) => return Err(format!("admin token: {e}")),
+                None => None,
+            }
+        }
+    };
+    let mut req = ctx
+        .http
+        .post(format!("{}/admin/power-limit", p.base_url))
+        .json(&serde_json::json!({"watts": watts}))
+        .timeout(Duration::from_secs(5));
+    if let Some(t) = &token {
+        req = req.bearer_auth(t);
+    }
+    match req.send().await {
+        Ok(r) if r.status().is_success() => Ok(()),
+        Ok(r) => {
+            let status = r.status();
+            let body: String = r
+                .text()
+                .await
+                .unwrap_or_default()
+                .chars()
+                .take(200)
+                .collect();
+            Err(format!("HTTP {status}: {body}"))
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The ModelDeployments (`namespace/name`) a deleted budget `budget` must
+/// give back: those its `shed-by` annotation names.
+pub fn shed_by<'a>(
+    budget: &str,
+    mds: impl IntoIterator<Item = &'a ModelDeployment>,
+) -> Vec<String> {
+    let mut out: Vec<String> = mds
+        .into_iter()
+        .filter(|md| md.annotations().get(SHED_BY_ANNOTATION).map(String::as_str) == Some(budget))
+        .map(|md| format!("{}/{}", md.namespace().unwrap_or_default(), md.name_any()))
+        .collect();
+    out.sort();
+    out
+}
+
+/// The running engine Pods whose power limit a deleted budget may have
+/// set: those it remembers setting, and, when it owns the covered Pods'
+/// limits (its power cap is enabled), every Pod on a covered node (after a
+/// controller restart the memory is gone; the nodes still know).
+pub fn cap_candidates(
+    pods: &[EnginePod],
+    remembered: &std::collections::HashSet<String>,
+    covered_nodes: &BTreeSet<String>,
+    owns_covered: bool,
+) -> Vec<EnginePod> {
+    pods.iter()
+        .filter(|p| {
+            remembered.contains(&p.key) || (owns_covered && covered_nodes.contains(&p.node))
+        })
+        .cloned()
+        .collect()
+}
+
+/// Whether a candidate Pod is cleared: unless its `/metrics` says it has
+/// no limit (one that cannot be read, or does not say, is cleared: a
+/// `null` limit is harmless where none is set).
+pub fn needs_clearing(reading: Option<&draw::PodReading>) -> bool {
+    !matches!(reading.map(|r| r.limit), Some(Some(None)))
+}
+
+/// A deleted budget gives back what it changed outside itself: the
+/// ModelDeployments it shed get their replicas back (its `shed-to`/
+/// `shed-by` annotations removed, as a step up removes them), and the
+/// engine Pods it capped lose their limit. A failed API write is an error
+/// (retried; the finalizer stays); a Pod that refuses or cannot be reached
+/// is a `PowerCapFailed` Event and does not hold the deletion up (a Pod
+/// that is gone has no limit left; one that is unreachable would block the
+/// deletion for ever).
+async fn cleanup(eb: &EnergyBudget, ctx: &EnergyContext) -> Result<Action> {
+    let name = eb.name_any();
+    let mut events: Vec<Event> = Vec::new();
+
+    // Shed ModelDeployments, listed afresh: the store may not show an
+    // annotation the last evaluation wrote.
+    let md_api: Api<ModelDeployment> = match &ctx.watch_namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    let mds = md_api.list(&Default::default()).await?.items;
+    let unshed = shed_by(&name, &mds);
+    for md in mds
+        .iter()
+        .filter(|md| md.annotations().get(SHED_BY_ANNOTATION) == Some(&name))
+    {
+        set_shed_annotation(ctx, md, &name, None).await?;
+    }
+
+    // Power limits.
+    let remembered: std::collections::HashSet<String> = ctx
+        .capped
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&name)
+        .map(|m| m.set.keys().cloned().collect())
+        .unwrap_or_default();
+    let nodes_arc = ctx.nodes.state();
+    let all_nodes: BTreeSet<String> = nodes_arc.iter().map(|n| n.name_any()).collect();
+    let covered_nodes: BTreeSet<String> = nodes_arc
+        .iter()
+        .filter(|n| draw::covers(&eb.spec.node_selector, n))
+        .map(|n| n.name_any())
+        .collect();
+    let pods_arc = ctx.pods.state();
+    let engine_pods = draw::engine_pods(pods_arc.iter().map(|p| p.as_ref()), &all_nodes);
+    let candidates = cap_candidates(
+        &engine_pods,
+        &remembered,
+        &covered_nodes,
+        eb.spec.policy.power_cap.enabled,
+    );
+    let readings = draw::scrape_with_limits(&ctx.http, &candidates).await;
+    let mut tokens = Tokens::new();
+    let (mut cleared, mut failed) = (Vec::new(), Vec::new());
+    for p in candidates
+        .iter()
+        .filter(|p| needs_clearing(readings.get(&p.key)))
+    {
+        match send_limit(ctx, &eb.spec.policy.power_cap, p, None, &mut tokens).await {
+            Ok(()) => cleared.push(p.key.clone()),
+            Err(why) => {
+                tracing::warn!(budget = %name, pod = %p.key, %why, "clearing a power limit failed; the budget is deleted anyway");
+                events.push(warning(
+                    "PowerCapFailed",
+                    format!(
+                        "{}: clearing the limit: {why}; the budget is deleted anyway",
+                        p.key
+                    ),
+                    "Finalize",
+                ));
+                failed.push(p.key.clone());
+            }
+        }
+    }
+    ctx.capped
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&name);
+    ctx.limits
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&name);
+    // A deleted budget's gauges would otherwise report its last step for
+    // ever (the counters keep their totals).
+    let labels = EnergyMetrics::budget(&name);
+    ctx.energy.supply_watts.remove(&labels);
+    ctx.energy.allowance_watts.remove(&labels);
+    ctx.energy.draw_watts.remove(&labels);
+    ctx.energy.ladder_step.remove(&labels);
+
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    let note = format!(
+        "budget deleted: shedding undone on {}; power limit cleared on {}{}",
+        list(&unshed),
+        list(&cleared),
+        if failed.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; not cleared (unreachable or refused): {}",
+                failed.join(", ")
+            )
+        }
+    );
+    tracing::info!(budget = %name, %note, "energy budget released");
+    events.push(Event {
+        type_: EventType::Normal,
+        reason: "Released".into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Finalize".into(),
+        secondary: None,
+    });
+    publish(ctx, eb, events).await;
+    Ok(Action::await_change())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::resources::{PowerCapPolicy, SecretKeyRef};
+
+    fn md(name: &str, shed_by: Option<&str>) -> ModelDeployment {
+        let mut md: ModelDeployment = serde_yaml::from_str(&format!(
+            "apiVersion: copyhold.dev/v1alpha1\nkind: ModelDeployment\nmetadata: {{name: {name}, namespace: town}}\nspec:\n  model: {{source: {{hostPath: {{path: /srv/m}}}}}}\n  replicas: 2\n"
+        ))
+        .expect("valid test manifest");
+        if let Some(b) = shed_by {
+            md.annotations_mut()
+                .insert(SHED_BY_ANNOTATION.into(), b.into());
+            md.annotations_mut()
+                .insert(SHED_TO_ANNOTATION.into(), "1".into());
+        }
+        md
+    }
+
+    fn pod(key: &str, node: &str) -> EnginePod {
+        EnginePod {
+            key: key.into(),
+            node: node.into(),
+            base_url: "http://127.0.0.1:8000".into(),
+            model_deployment: None,
+            gpus: 1.0,
+        }
+    }
+
+    #[test]
+    fn a_deleted_budget_gives_back_only_the_models_it_shed() {
+        let mds = [
+            md("b", Some("solar")),
+            md("a", Some("solar")),
+            md("other", Some("wind")),
+            md("free", None),
+        ];
+        assert_eq!(shed_by("solar", &mds), ["town/a", "town/b"]);
+        assert!(shed_by("tidal", &mds).is_empty());
+    }
+
+    #[test]
+    fn a_deleted_budget_clears_the_pods_it_capped_and_after_a_restart_those_on_its_nodes() {
+        let pods = [
+            pod("town/a", "gpu-1"),
+            pod("town/b", "gpu-2"),
+            pod("town/c", "cpu-1"),
+        ];
+        let covered: BTreeSet<String> = ["gpu-1".to_string(), "gpu-2".to_string()].into();
+        let keys = |v: Vec<EnginePod>| v.into_iter().map(|p| p.key).collect::<Vec<_>>();
+        // Remembered Pods always, even off the covered nodes (the selector
+        // changed); gone Pods never (they are not running).
+        let remembered: std::collections::HashSet<String> =
+            ["town/c".to_string(), "town/gone".to_string()].into();
+        assert_eq!(
+            keys(cap_candidates(&pods, &remembered, &covered, true)),
+            ["town/a", "town/b", "town/c"]
+        );
+        // Without the power cap the budget owns only what it set itself.
+        assert_eq!(
+            keys(cap_candidates(&pods, &remembered, &covered, false)),
+            ["town/c"]
+        );
+        // After a restart: nothing remembered, the covered nodes' Pods.
+        assert_eq!(
+            keys(cap_candidates(&pods, &Default::default(), &covered, true)),
+            ["town/a", "town/b"]
+        );
+        assert!(cap_candidates(&pods, &Default::default(), &covered, false).is_empty());
+        // A Pod saying it has no limit is left alone; one with a limit, one
+        // not saying, and one that cannot be read are cleared.
+        let reading = |limit| draw::PodReading {
+            watts: 100.0,
+            limit,
+        };
+        assert!(!needs_clearing(Some(&reading(Some(None)))));
+        assert!(needs_clearing(Some(&reading(Some(Some(150.0))))));
+        assert!(needs_clearing(Some(&reading(None))));
+        assert!(needs_clearing(None));
+    }
+
+    #[test]
+    fn the_finalizer_and_the_deletion_trigger_an_evaluation_a_status_write_does_not() {
+        let eb: EnergyBudget = serde_yaml::from_str(
+            "apiVersion: copyhold.dev/v1alpha1\nkind: EnergyBudget\nmetadata: {name: solar, generation: 1}\nspec:\n  ceilingWatts: 1000\n  supply: {static: {watts: 500}}\n",
+        )
+        .expect("valid test manifest");
+        let mut status_written = eb.clone();
+        status_written.status = Some(EnergyBudgetStatus {
+            step: 2,
+            ..Default::default()
+        });
+        status_written.metadata.resource_version = Some("7".into());
+        assert_eq!(trigger(&eb), trigger(&status_written));
+        let mut finalized = eb.clone();
+        finalized.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        assert_ne!(trigger(&eb), trigger(&finalized));
+        let mut deleted = finalized.clone();
+        deleted.metadata.deletion_timestamp = Some(conditions::now());
+        assert_ne!(trigger(&finalized), trigger(&deleted));
+    }
 
     #[test]
     fn the_admin_token_is_the_secret_mounted_into_the_pods_unless_the_budget_names_one() {

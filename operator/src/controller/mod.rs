@@ -324,8 +324,9 @@ pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()>
     );
     tokio::spawn(count_states(controller.store(), metrics.clone()));
     // EnergyBudgets: evaluated every evaluationInterval by the same leader.
-    // Triggered by spec changes only (their own status writes would
-    // otherwise trigger them again at once); the requeue paces them.
+    // Triggered by spec changes, the finalizer and the deletion only
+    // (their own status writes would otherwise trigger them again at
+    // once); the requeue paces them.
     let energy_ctx = Arc::new(
         energy_budget::EnergyContext::new(
             client.clone(),
@@ -353,7 +354,7 @@ pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()>
     .default_backoff()
     .applied_objects()
     .predicate_filter(
-        kube::runtime::predicates::generation,
+        energy_budget::trigger,
         kube::runtime::utils::PredicateConfig::default(),
     );
     let energy_controller = Controller::for_stream(budget_stream, budgets)
