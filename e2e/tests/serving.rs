@@ -42,6 +42,9 @@ async fn a_model_deployment_of_a_fixture_model_really_serves() -> Result<()> {
                 "--metrics-addr",
                 "127.0.0.1:0",
                 "--leader-election=false",
+                // No EnergyBudget is this test's: act on none.
+                "--budget-selector",
+                "copyhold-test=none",
             ])
             .args([
                 "--node-device",

@@ -766,6 +766,15 @@ async fn the_whole_path_through_the_chart() -> Result<()> {
     let (status, _, _, body) =
         chat(&http, &gateways[0], "example-library-key-change-me", served).await?;
     ensure!(status == 200, "after the sun returned: {status}: {body}");
+    // Deleting the budget goes through the install's finalizer while the
+    // controller still runs.
+    kubectl_ok(&[
+        "delete",
+        "energybudget",
+        &budget,
+        "--wait=true",
+        "--timeout=60s",
+    ])?;
     drop(release);
     logs.armed = false;
     Ok(())

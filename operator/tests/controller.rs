@@ -36,6 +36,10 @@ impl ControllerProcess {
                 "cpu",
                 "--resync-seconds",
                 "2",
+                // These tests own no EnergyBudget: act on none (budgets are
+                // cluster-wide; other tests' own theirs).
+                "--budget-selector",
+                "copyhold-test=none",
             ])
             .args(extra)
             .env("KUBECONFIG", kubeconfig)
