@@ -76,6 +76,39 @@ pub async fn client() -> Result<Client> {
 
 /// Run kubectl against the test cluster.
 pub fn kubectl(args: &[&str]) -> Result<Output> {
+    kubectl_command(args)?.output().context("running kubectl")
+}
+
+/// `kubectl apply -f -` of a manifest (YAML, one or more documents), in
+/// `ns` when given; fails with kubectl's stderr.
+pub fn kubectl_apply(ns: Option<&str>, manifest: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut args = vec!["apply", "-f", "-"];
+    if let Some(ns) = ns {
+        args.extend(["-n", ns]);
+    }
+    let mut child = kubectl_command(&args)?
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running kubectl")?;
+    child
+        .stdin
+        .take()
+        .context("kubectl's stdin")?
+        .write_all(manifest.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "kubectl apply failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn kubectl_command(args: &[&str]) -> Result<Command> {
     let path = kubeconfig()?;
     let mut cmd = Command::new("kubectl");
     cmd.args(args)
@@ -91,7 +124,7 @@ pub fn kubectl(args: &[&str]) -> Result<Output> {
             cmd.env("PATH", joined);
         }
     }
-    cmd.output().context("running kubectl")
+    Ok(cmd)
 }
 
 /// Run kubectl and return stdout, failing with stderr when it fails.

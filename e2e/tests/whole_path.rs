@@ -74,25 +74,11 @@ fn example(name: &str) -> Result<Vec<Value>> {
 
 /// `kubectl apply` of documents, written as YAML.
 fn apply(ns: Option<&str>, docs: &[Value]) -> Result<()> {
-    let path = std::env::temp_dir().join(format!(
-        "copyhold-whole-path-{}-{}.yaml",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .subsec_nanos()
-    ));
     let text = docs
         .iter()
         .map(serde_yaml::to_string)
         .collect::<Result<Vec<String>, _>>()?;
-    std::fs::write(&path, text.join("\n---\n"))?;
-    let mut args = vec!["apply", "-f", path.to_str().context("temp path")?];
-    if let Some(ns) = ns {
-        args.extend(["-n", ns]);
-    }
-    let out = kubectl_ok(&args);
-    let _ = std::fs::remove_file(&path);
-    out.map(|_| ())
+    copyhold_e2e::kubectl_apply(ns, &text.join("\n---\n"))
 }
 
 /// How the test reaches the gateway Service.

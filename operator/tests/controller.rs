@@ -113,22 +113,7 @@ spec:
 }
 
 fn apply(ns: &str, manifest: &str) -> Result<()> {
-    let path = std::env::temp_dir().join(format!(
-        "copyhold-test-{}-{}.yaml",
-        std::process::id(),
-        rand_suffix()
-    ));
-    std::fs::write(&path, manifest)?;
-    let r = kubectl_ok(&["apply", "-n", ns, "-f", &path.to_string_lossy()]);
-    let _ = std::fs::remove_file(&path);
-    r.map(|_| ())
-}
-
-fn rand_suffix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
+    support::kubectl_apply(Some(ns), manifest)
 }
 
 async fn condition(

@@ -51,17 +51,7 @@ impl Drop for BudgetGuard {
 }
 
 fn apply(manifest: &str) -> Result<()> {
-    let path = std::env::temp_dir().join(format!(
-        "copyhold-energy-{}-{}.yaml",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_nanos()
-    ));
-    std::fs::write(&path, manifest)?;
-    let r = kubectl_ok(&["apply", "-f", &path.to_string_lossy()]);
-    let _ = std::fs::remove_file(&path);
-    r.map(|_| ())
+    support::kubectl_apply(None, manifest)
 }
 
 fn condition(eb: &EnergyBudget, type_: &str) -> Option<(String, String)> {
