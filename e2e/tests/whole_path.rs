@@ -242,7 +242,9 @@ async fn the_whole_path_through_the_chart() -> Result<()> {
     let sys_ns = TestNamespace::create("chart-sys")?;
     let town_ns = TestNamespace::create("town")?;
     let (sys, town) = (sys_ns.name.clone(), town_ns.name.clone());
-    let id = &town[town.len().saturating_sub(8)..];
+    // The namespace's random hex suffix: valid in names and label values
+    // (a fixed-width tail could start with '-').
+    let id = town.rsplit('-').next().unwrap_or("e2e");
     let mut logs = LogsOnFailure {
         namespaces: vec![sys.clone(), town.clone()],
         armed: true,
