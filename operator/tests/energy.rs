@@ -29,7 +29,9 @@ use copyhold::resources::{EnergyBudget, ModelDeployment};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use support::{ChildGuard, FleetLock, TestNamespace, eventually, install_crds, kubectl_ok};
+use support::{
+    ChildGuard, FleetLock, KubeletGuard, TestNamespace, eventually, install_crds, kubectl_ok,
+};
 
 /// Deletes the (cluster-scoped) budget when dropped. The controller that
 /// would remove its finalizer is gone by then (dropped first): the guard
@@ -47,6 +49,156 @@ impl Drop for BudgetGuard {
             "-p",
             r#"{"metadata":{"finalizers":null}}"#,
         ]);
+    }
+}
+
+/// Pods on the simulated fleet, for a scene that runs a model.
+struct Fleet {
+    /// The second octet of the Pod IPs, one per test.
+    ip: u8,
+    /// Creates the nodes' admin token Secret, which the controller mounts
+    /// into the Pods.
+    admin_token: bool,
+}
+
+/// One test's namespace and budget name, the kubelet stand-in (with a
+/// fleet), and a controller that acts on that budget only. The fields drop
+/// in order: the controller first (the budget guard then removes its
+/// finalizer), the kubelet stand-in (stopping its Pods), the budget, the
+/// namespace, and last the fleet lock.
+struct Scene {
+    controller: ChildGuard,
+    _kubelet: Option<KubeletGuard>,
+    _budget_guard: BudgetGuard,
+    ns: TestNamespace,
+    _fleet: Option<FleetLock>,
+    client: kube::Client,
+    budget: String,
+    metrics_port: u16,
+}
+
+impl Scene {
+    async fn start(prefix: &str, fleet: Option<Fleet>) -> Result<Self> {
+        let fleet_lock = fleet.as_ref().map(|_| FleetLock::acquire()).transpose()?;
+        install_crds().await?;
+        let client = support::client().await?;
+        let ns = TestNamespace::create(prefix)?;
+        let budget = format!("{prefix}-{}", &ns.name[ns.name.len().saturating_sub(8)..]);
+        let budget_guard = BudgetGuard(budget.clone());
+        let metrics_port = free_port()?;
+        let mut controller = Command::new(env!("CARGO_BIN_EXE_copyhold"));
+        controller
+            .arg("controller")
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+            .args(["--leader-election=false", "--node-device", "cpu"])
+            .args(["--resync-seconds", "2", "--watch-namespace", &ns.name])
+            // Only this test's budget: another on the shared cluster must not
+            // shed or cap this test's models, nor get this controller's finalizer.
+            .args(["--budget-selector", &format!("copyhold-test={budget}")])
+            .env("KUBECONFIG", support::kubeconfig()?)
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(Stdio::null());
+        let kubelet = match fleet {
+            None => None,
+            Some(fleet) => {
+                if fleet.admin_token {
+                    // In the ModelDeployment's namespace, where the Pods mount it.
+                    let token = format!(
+                        "tok-{}-{}",
+                        std::process::id(),
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)?
+                            .subsec_nanos()
+                    );
+                    kubectl_ok(&[
+                        "create",
+                        "secret",
+                        "generic",
+                        "copyhold-node-admin",
+                        "-n",
+                        &ns.name,
+                        &format!("--from-literal=token={token}"),
+                    ])?;
+                    controller.args(["--node-admin-token-secret", "copyhold-node-admin"]);
+                }
+                let node_bin = support::workspace_bin("copyhold-node", "copyhold-node")?;
+                let kubelet_bin = support::workspace_bin("copyhold-e2e", "copyhold-kubelet")?;
+                // Pod IPs of this run only: a Pod process left by an earlier,
+                // failed run must not hold our addresses.
+                let ip_prefix = format!("127.{}.{}", fleet.ip, std::process::id() % 250);
+                Some(support::start_kubelet(
+                    &kubelet_bin,
+                    &ns.name,
+                    &ip_prefix,
+                    &node_bin,
+                    prefix,
+                )?)
+            }
+        };
+        Ok(Self {
+            controller: ChildGuard(controller.spawn()?),
+            _kubelet: kubelet,
+            _budget_guard: budget_guard,
+            ns,
+            _fleet: fleet_lock,
+            client,
+            budget,
+            metrics_port,
+        })
+    }
+
+    /// The ModelDeployment `name` of the tiny model on the P100s of
+    /// gpu-p100, each replica drawing 100 W idle (declared); `rest` ends its
+    /// spec (priority, replicas).
+    fn apply_model(&self, name: &str, rest: &str) -> Result<()> {
+        apply(&format!(
+            r#"apiVersion: copyhold.dev/v1alpha1
+kind: ModelDeployment
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  model:
+    source: {{hostPath: {{path: {dir}}}}}
+    servedName: tiny-llama
+  engine:
+    env: {{COPYHOLD_POWER_MODEL: "idle=100,busy=150", COPYHOLD_POWER_SENSOR: model}}
+  serving: {{contextLength: 256, maxConcurrentSequences: 2}}
+  placement: {{gpuProducts: [Tesla-P100-PCIE-16GB]}}
+{rest}"#,
+            ns = self.ns.name,
+            dir = std::fs::canonicalize(support::fixtures().join("tiny-llama"))
+                .context("fixtures/tiny-llama")?
+                .display()
+        ))
+    }
+
+    /// Waits for `n` ready replicas of the ModelDeployment `name`.
+    async fn wait_ready(&self, name: &str, n: i32) -> Result<()> {
+        let mds: Api<ModelDeployment> = Api::namespaced(self.client.clone(), &self.ns.name);
+        eventually(Duration::from_secs(120), || async {
+            let st = mds.get(name).await?.status.context("no status")?;
+            if st.ready_replicas == n {
+                Ok(())
+            } else {
+                bail!("{}/{n} ready ({:?})", st.ready_replicas, st.state)
+            }
+        })
+        .await
+    }
+
+    /// Deletes the ModelDeployment `name` and waits for its Pods to go,
+    /// while the kubelet stand-in still runs, so no process outlives the test.
+    async fn delete_model(&self, name: &str) -> Result<()> {
+        kubectl_ok(&["delete", "md", name, "-n", &self.ns.name, "--wait=false"])?;
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns.name);
+        eventually(Duration::from_secs(60), || async {
+            let n = pods.list(&Default::default()).await?.items.len();
+            if n == 0 {
+                Ok(())
+            } else {
+                bail!("{n} pods left")
+            }
+        })
+        .await
     }
 }
 
@@ -100,57 +252,18 @@ impl Inverter {
 #[tokio::test]
 async fn a_budget_sheds_a_deferrable_model_restores_it_after_the_dwell_and_falls_back_to_the_floor()
 -> Result<()> {
-    let _fleet = FleetLock::acquire()?;
-    install_crds().await?;
-    let client = support::client().await?;
-    let ns = TestNamespace::create("energy")?;
-    let kc = support::kubeconfig()?;
-    let node_bin = support::workspace_bin("copyhold-node", "copyhold-node")?;
-    let kubelet_bin = support::workspace_bin("copyhold-e2e", "copyhold-kubelet")?;
-    let model_dir = std::fs::canonicalize(support::fixtures().join("tiny-llama"))
-        .context("fixtures/tiny-llama")?;
-    let budget = format!("energy-{}", &ns.name[ns.name.len().saturating_sub(8)..]);
-    let _budget_guard = BudgetGuard(budget.clone());
+    let fleet = Fleet {
+        ip: 102,
+        admin_token: false,
+    };
+    let scene = Scene::start("energy", Some(fleet)).await?;
+    let (client, ns, budget) = (&scene.client, &scene.ns, scene.budget.clone());
 
-    // Pod IPs of this run only: a Pod process left by an earlier, failed run
-    // must not hold our addresses.
-    let ip_prefix = format!("127.102.{}", std::process::id() % 250);
-    let _kubelet = support::start_kubelet(&kubelet_bin, &ns.name, &ip_prefix, &node_bin, "energy")?;
-    let _controller = ChildGuard(
-        Command::new(env!("CARGO_BIN_EXE_copyhold"))
-            .args(["controller", "--metrics-addr", "127.0.0.1:0"])
-            .args(["--leader-election=false", "--node-device", "cpu"])
-            .args(["--resync-seconds", "2", "--watch-namespace", &ns.name])
-            // Only this test's budget: another on the shared cluster must not
-            // shed or cap this test's models, nor get this controller's finalizer.
-            .args(["--budget-selector", &format!("copyhold-test={budget}")])
-            .env("KUBECONFIG", &kc)
-            .env("RUST_LOG", "info,kube=warn")
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
-
-    // Two replicas, one per P100 of gpu-p100, each drawing 100 W idle.
-    let md_manifest = format!(
-        r#"apiVersion: copyhold.dev/v1alpha1
-kind: ModelDeployment
-metadata: {{name: batch, namespace: {ns}}}
-spec:
-  model:
-    source: {{hostPath: {{path: {dir}}}}}
-    servedName: tiny-llama
-  engine:
-    env: {{COPYHOLD_POWER_MODEL: "idle=100,busy=150", COPYHOLD_POWER_SENSOR: model}}
-  serving: {{contextLength: 256, maxConcurrentSequences: 2}}
-  placement: {{gpuProducts: [Tesla-P100-PCIE-16GB]}}
-  priority: deferrable
-  replicas: 2
-  autoscaling: {{minReplicas: 1, maxReplicas: 2}}
-"#,
-        ns = ns.name,
-        dir = model_dir.display()
-    );
-    apply(&md_manifest)?;
+    // Two replicas, one per P100, shed down to one.
+    scene.apply_model(
+        "batch",
+        "  priority: deferrable\n  replicas: 2\n  autoscaling: {minReplicas: 1, maxReplicas: 2}\n",
+    )?;
     let eb_manifest = |supply: &str| {
         format!(
             r#"apiVersion: copyhold.dev/v1alpha1
@@ -179,15 +292,7 @@ spec:
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     let key = format!("{}/batch", ns.name);
 
-    eventually(Duration::from_secs(120), || async {
-        let st = mds.get("batch").await?.status.context("no status")?;
-        if st.ready_replicas == 2 {
-            Ok(())
-        } else {
-            bail!("{}/2 ready ({:?})", st.ready_replicas, st.state)
-        }
-    })
-    .await?;
+    scene.wait_ready("batch", 2).await?;
     apply(&eb_manifest(&static_supply(1000)))?;
 
     // Both replicas measured: 200 W, within the 1000 W allowance.
@@ -380,19 +485,7 @@ spec:
     })
     .await?;
 
-    // Stop the Pods while the kubelet stand-in still runs, so no process
-    // outlives the test.
-    kubectl_ok(&["delete", "md", "batch", "-n", &ns.name, "--wait=false"])?;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
-    eventually(Duration::from_secs(60), || async {
-        let n = pods.list(&Default::default()).await?.items.len();
-        if n == 0 {
-            Ok(())
-        } else {
-            bail!("{n} pods left")
-        }
-    })
-    .await?;
+    scene.delete_model("batch").await?;
     Ok(())
 }
 
@@ -449,36 +542,16 @@ fn budget_events(budget: &str, reason: &str) -> Result<String> {
 #[tokio::test]
 async fn a_power_cap_reaches_the_node_with_the_mounted_token_is_lifted_after_the_dwell_and_a_wrong_token_is_an_event()
 -> Result<()> {
-    let _fleet = FleetLock::acquire()?;
-    install_crds().await?;
-    let client = support::client().await?;
-    let ns = TestNamespace::create("energycap")?;
-    let kc = support::kubeconfig()?;
+    let fleet = Fleet {
+        ip: 103,
+        admin_token: true,
+    };
+    let mut scene = Scene::start("energycap", Some(fleet)).await?;
+    let (client, ns, budget) = (&scene.client, &scene.ns, scene.budget.clone());
     let node_bin = support::workspace_bin("copyhold-node", "copyhold-node")?;
-    let kubelet_bin = support::workspace_bin("copyhold-e2e", "copyhold-kubelet")?;
-    let model_dir = std::fs::canonicalize(support::fixtures().join("tiny-llama"))
-        .context("fixtures/tiny-llama")?;
-    let budget = format!("energycap-{}", &ns.name[ns.name.len().saturating_sub(8)..]);
-    let _budget_guard = BudgetGuard(budget.clone());
+    let metrics_port = scene.metrics_port;
 
-    // The nodes' admin token, in the ModelDeployment's namespace (the
-    // controller mounts it into the Pods), and a wrong one.
-    let token = format!(
-        "tok-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .subsec_nanos()
-    );
-    kubectl_ok(&[
-        "create",
-        "secret",
-        "generic",
-        "copyhold-node-admin",
-        "-n",
-        &ns.name,
-        &format!("--from-literal=token={token}"),
-    ])?;
+    // A wrong admin token, besides the scene's right one.
     kubectl_ok(&[
         "create",
         "secret",
@@ -489,45 +562,8 @@ async fn a_power_cap_reaches_the_node_with_the_mounted_token_is_lifted_after_the
         "--from-literal=token=wrong",
     ])?;
 
-    let ip_prefix = format!("127.103.{}", std::process::id() % 250);
-    let _kubelet =
-        support::start_kubelet(&kubelet_bin, &ns.name, &ip_prefix, &node_bin, "energycap")?;
-    let metrics_port = free_port()?;
-    let mut controller = ChildGuard(
-        Command::new(env!("CARGO_BIN_EXE_copyhold"))
-            .arg("controller")
-            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
-            .args(["--leader-election=false", "--node-device", "cpu"])
-            .args(["--resync-seconds", "2", "--watch-namespace", &ns.name])
-            // Only this test's budget: another on the shared cluster must not
-            // shed or cap this test's models, nor get this controller's finalizer.
-            .args(["--budget-selector", &format!("copyhold-test={budget}")])
-            .args(["--node-admin-token-secret", "copyhold-node-admin"])
-            .env("KUBECONFIG", &kc)
-            .env("RUST_LOG", "info,kube=warn")
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
-
-    // One replica on a P100 of gpu-p100, drawing 100 W idle (declared).
-    apply(&format!(
-        r#"apiVersion: copyhold.dev/v1alpha1
-kind: ModelDeployment
-metadata: {{name: capped, namespace: {ns}}}
-spec:
-  model:
-    source: {{hostPath: {{path: {dir}}}}}
-    servedName: tiny-llama
-  engine:
-    env: {{COPYHOLD_POWER_MODEL: "idle=100,busy=150", COPYHOLD_POWER_SENSOR: model}}
-  serving: {{contextLength: 256, maxConcurrentSequences: 2}}
-  placement: {{gpuProducts: [Tesla-P100-PCIE-16GB]}}
-  priority: standard
-  replicas: 1
-"#,
-        ns = ns.name,
-        dir = model_dir.display()
-    ))?;
+    // One replica.
+    scene.apply_model("capped", "  priority: standard\n  replicas: 1\n")?;
     let eb_manifest = |watts: u32, token_secret: &str| {
         format!(
             r#"apiVersion: copyhold.dev/v1alpha1
@@ -551,7 +587,6 @@ spec:
         )
     };
 
-    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
     let ebs: Api<EnergyBudget> = Api::all(client.clone());
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
@@ -559,15 +594,7 @@ spec:
         .timeout(Duration::from_secs(5))
         .build()?;
 
-    eventually(Duration::from_secs(120), || async {
-        let st = mds.get("capped").await?.status.context("no status")?;
-        if st.ready_replicas == 1 {
-            Ok(())
-        } else {
-            bail!("{}/1 ready ({:?})", st.ready_replicas, st.state)
-        }
-    })
-    .await?;
+    scene.wait_ready("capped", 1).await?;
     // The Pod mounts the token Secret read-only and names it to the node.
     let dep = deps.get("capped").await?;
     let pod_spec = dep
@@ -762,21 +789,12 @@ spec:
     );
     assert_eq!(st.step, 1, "{st:?}");
     assert!(
-        controller.0.try_wait()?.is_none(),
+        scene.controller.0.try_wait()?.is_none(),
         "the controller is still running"
     );
     assert_eq!(node_limit(&http, &base).await?.0, None);
 
-    kubectl_ok(&["delete", "md", "capped", "-n", &ns.name, "--wait=false"])?;
-    eventually(Duration::from_secs(60), || async {
-        let n = pods.list(&Default::default()).await?.items.len();
-        if n == 0 {
-            Ok(())
-        } else {
-            bail!("{n} pods left")
-        }
-    })
-    .await?;
+    scene.delete_model("capped").await?;
     Ok(())
 }
 
@@ -785,25 +803,8 @@ async fn a_config_map_supply_follows_its_key_and_falls_back_to_the_floor_on_a_no
 -> Result<()> {
     // Covers no node (its selector matches none), so it acts on nothing of
     // anyone else's and needs no GPUs: only the supply is under test.
-    install_crds().await?;
-    let client = support::client().await?;
-    let ns = TestNamespace::create("energycm")?;
-    let kc = support::kubeconfig()?;
-    let budget = format!("energycm-{}", &ns.name[ns.name.len().saturating_sub(8)..]);
-    let _budget_guard = BudgetGuard(budget.clone());
-    let _controller = ChildGuard(
-        Command::new(env!("CARGO_BIN_EXE_copyhold"))
-            .args(["controller", "--metrics-addr", "127.0.0.1:0"])
-            .args(["--leader-election=false", "--node-device", "cpu"])
-            .args(["--resync-seconds", "2", "--watch-namespace", &ns.name])
-            // Only this test's budget: another on the shared cluster must not
-            // shed or cap this test's models, nor get this controller's finalizer.
-            .args(["--budget-selector", &format!("copyhold-test={budget}")])
-            .env("KUBECONFIG", &kc)
-            .env("RUST_LOG", "info,kube=warn")
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
+    let scene = Scene::start("energycm", None).await?;
+    let (client, ns, budget) = (&scene.client, &scene.ns, scene.budget.clone());
     let cm = |watts: &str| {
         format!(
             "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: inverter, namespace: {}}}\ndata: {{watts: {watts:?}}}\n",
@@ -922,71 +923,18 @@ spec:
 #[tokio::test]
 async fn deleting_a_budget_that_sheds_and_caps_gives_the_replicas_back_and_clears_the_limit()
 -> Result<()> {
-    let _fleet = FleetLock::acquire()?;
-    install_crds().await?;
-    let client = support::client().await?;
-    let ns = TestNamespace::create("energyfin")?;
-    let kc = support::kubeconfig()?;
-    let node_bin = support::workspace_bin("copyhold-node", "copyhold-node")?;
-    let kubelet_bin = support::workspace_bin("copyhold-e2e", "copyhold-kubelet")?;
-    let model_dir = std::fs::canonicalize(support::fixtures().join("tiny-llama"))
-        .context("fixtures/tiny-llama")?;
-    let budget = format!("energyfin-{}", &ns.name[ns.name.len().saturating_sub(8)..]);
-    let _budget_guard = BudgetGuard(budget.clone());
-    let token = format!(
-        "tok-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .subsec_nanos()
-    );
-    kubectl_ok(&[
-        "create",
-        "secret",
-        "generic",
-        "copyhold-node-admin",
-        "-n",
-        &ns.name,
-        &format!("--from-literal=token={token}"),
-    ])?;
+    let fleet = Fleet {
+        ip: 104,
+        admin_token: true,
+    };
+    let scene = Scene::start("energyfin", Some(fleet)).await?;
+    let (client, ns, budget) = (&scene.client, &scene.ns, scene.budget.clone());
 
-    let ip_prefix = format!("127.104.{}", std::process::id() % 250);
-    let _kubelet =
-        support::start_kubelet(&kubelet_bin, &ns.name, &ip_prefix, &node_bin, "energyfin")?;
-    let _controller = ChildGuard(
-        Command::new(env!("CARGO_BIN_EXE_copyhold"))
-            .args(["controller", "--metrics-addr", "127.0.0.1:0"])
-            .args(["--leader-election=false", "--node-device", "cpu"])
-            .args(["--resync-seconds", "2", "--watch-namespace", &ns.name])
-            .args(["--node-admin-token-secret", "copyhold-node-admin"])
-            // Only this test's budget: the finalizer goes on no one else's.
-            .args(["--budget-selector", &format!("copyhold-test={budget}")])
-            .env("KUBECONFIG", &kc)
-            .env("RUST_LOG", "info,kube=warn")
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
-
-    // Two deferrable replicas on gpu-p100, 100 W each.
-    apply(&format!(
-        r#"apiVersion: copyhold.dev/v1alpha1
-kind: ModelDeployment
-metadata: {{name: batch, namespace: {ns}}}
-spec:
-  model:
-    source: {{hostPath: {{path: {dir}}}}}
-    servedName: tiny-llama
-  engine:
-    env: {{COPYHOLD_POWER_MODEL: "idle=100,busy=150", COPYHOLD_POWER_SENSOR: model}}
-  serving: {{contextLength: 256, maxConcurrentSequences: 2}}
-  placement: {{gpuProducts: [Tesla-P100-PCIE-16GB]}}
-  priority: deferrable
-  replicas: 2
-  autoscaling: {{minReplicas: 1, maxReplicas: 2}}
-"#,
-        ns = ns.name,
-        dir = model_dir.display()
-    ))?;
+    // Two replicas, one per P100, shed down to one.
+    scene.apply_model(
+        "batch",
+        "  priority: deferrable\n  replicas: 2\n  autoscaling: {minReplicas: 1, maxReplicas: 2}\n",
+    )?;
     let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
     let ebs: Api<EnergyBudget> = Api::all(client.clone());
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
@@ -994,15 +942,7 @@ spec:
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()?;
-    eventually(Duration::from_secs(120), || async {
-        let st = mds.get("batch").await?.status.context("no status")?;
-        if st.ready_replicas == 2 {
-            Ok(())
-        } else {
-            bail!("{}/2 ready ({:?})", st.ready_replicas, st.state)
-        }
-    })
-    .await?;
+    scene.wait_ready("batch", 2).await?;
 
     // 95 W of supply for 200 W of draw: capped, and shed to one replica.
     apply(&format!(
@@ -1156,15 +1096,6 @@ spec:
     let failed = budget_events(&budget, "PowerCapFailed")?;
     assert!(!failed.contains("PowerCapFailed"), "{failed}");
 
-    kubectl_ok(&["delete", "md", "batch", "-n", &ns.name, "--wait=false"])?;
-    eventually(Duration::from_secs(60), || async {
-        let n = pods.list(&Default::default()).await?.items.len();
-        if n == 0 {
-            Ok(())
-        } else {
-            bail!("{n} pods left")
-        }
-    })
-    .await?;
+    scene.delete_model("batch").await?;
     Ok(())
 }
