@@ -762,7 +762,7 @@ pub fn load_cpu_engine(
     let model = crate::models::load(dir)?;
     let text = Arc::new(TextModel::load(dir, &model.cfg.eos_token_ids)?);
     let per_block =
-        crate::layers::KvStore::bytes_per_block(&model.cfg, opts.block_size, opts.kv_f16);
+        crate::attention::KvStore::bytes_per_block(&model.cfg, opts.block_size, opts.kv_f16);
     let num_blocks = (opts.kv_bytes / per_block.max(1)).max(2);
     let max_context = model.cfg.max_position_embeddings;
     let backend =

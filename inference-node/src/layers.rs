@@ -1,12 +1,10 @@
 //! Layers shared by every Llama-family architecture: linear projections,
 //! RMSNorm, rotary embeddings, paged attention and the gated SiLU MLP.
 
-use rayon::prelude::*;
-
+use crate::attention::{KvStore, paged_attention};
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::matmul::kernel::{WRows, dot_block, weighted_rows};
-use crate::matmul::{matmul_wt, matmul_wt_many};
+use crate::matmul::{matmul_wt, matmul_wt_into, matmul_wt_many};
 use crate::weights::{Tensor, WeightStore};
 
 /// `y = x Wᵀ (+ b)`, W kept in its stored dtype.
@@ -53,6 +51,15 @@ impl Linear {
         ys
     }
 
+    /// [`Linear::forward_many`] into caller-owned outputs.
+    pub fn forward_many_into(lins: &[&Linear], x: &[f32], m: usize, outs: &mut [&mut [f32]]) {
+        let ws: Vec<&Tensor> = lins.iter().map(|l| &l.w).collect();
+        matmul_wt_into(x, m, &ws, outs);
+        for (l, y) in lins.iter().zip(outs.iter_mut()) {
+            l.add_bias(y);
+        }
+    }
+
     fn add_bias(&self, y: &mut [f32]) {
         if let Some(b) = &self.bias {
             for row in y.chunks_exact_mut(b.len()) {
@@ -79,8 +86,13 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &[f32]) -> Vec<f32> {
-        let d = self.w.len();
         let mut y = vec![0.0; x.len()];
+        self.forward_into(x, &mut y);
+        y
+    }
+
+    pub fn forward_into(&self, x: &[f32], y: &mut [f32]) {
+        let d = self.w.len();
         for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
             let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
             let r = 1.0 / (ms + self.eps).sqrt();
@@ -88,7 +100,6 @@ impl RmsNorm {
                 *o = w * (v * r);
             }
         }
-        y
     }
 }
 
@@ -129,74 +140,6 @@ pub fn apply_rope(x: &mut [f32], heads: usize, head_dim: usize, rope: &RopeRow) 
     }
 }
 
-/// Paged K/V storage for the CPU backend: per layer, `[block][slot][kv_head][dim]`.
-pub struct KvStore {
-    pub block_size: usize,
-    pub k: Vec<KvBuf>,
-    pub v: Vec<KvBuf>,
-    row: usize,
-}
-
-/// One layer's keys or values, in f32 (exact) or f16 (half the memory and
-/// the memory traffic of attention; each value rounded once when stored).
-pub enum KvBuf {
-    F32(Vec<f32>),
-    /// f16 bits (a `u16` buffer so the zeroed allocation stays lazy: pages
-    /// are committed as blocks are first written, as with f32).
-    F16(Vec<u16>),
-}
-
-impl KvBuf {
-    fn new(n: usize, f16: bool) -> KvBuf {
-        if f16 {
-            KvBuf::F16(vec![0u16; n])
-        } else {
-            KvBuf::F32(vec![0.0; n])
-        }
-    }
-
-    fn write(&mut self, at: usize, src: &[f32]) {
-        use half::slice::HalfFloatSliceExt;
-        match self {
-            KvBuf::F32(b) => b[at..at + src.len()].copy_from_slice(src),
-            KvBuf::F16(b) => {
-                let dst: &mut [half::f16] = bytemuck::cast_slice_mut(&mut b[at..at + src.len()]);
-                dst.convert_from_f32_slice(src)
-            }
-        }
-    }
-
-    fn rows(&self) -> WRows<'_> {
-        match self {
-            KvBuf::F32(b) => WRows::F32(b),
-            KvBuf::F16(b) => WRows::F16(b),
-        }
-    }
-}
-
-impl KvStore {
-    pub fn new(cfg: &ModelConfig, num_blocks: usize, block_size: usize, f16: bool) -> KvStore {
-        let row = cfg.num_kv_heads * cfg.head_dim;
-        let n = num_blocks * block_size * row;
-        KvStore {
-            block_size,
-            k: (0..cfg.num_layers).map(|_| KvBuf::new(n, f16)).collect(),
-            v: (0..cfg.num_layers).map(|_| KvBuf::new(n, f16)).collect(),
-            row,
-        }
-    }
-
-    /// Bytes one block takes across all layers (K and V).
-    pub fn bytes_per_block(cfg: &ModelConfig, block_size: usize, f16: bool) -> usize {
-        let es = if f16 { 2 } else { 4 };
-        2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * es
-    }
-
-    fn slot(&self, table: &[u32], pos: usize) -> usize {
-        table[pos / self.block_size] as usize * self.block_size + pos % self.block_size
-    }
-}
-
 /// One token of a batch: which sequence it belongs to and where.
 #[derive(Debug, Clone)]
 pub struct BatchToken {
@@ -213,6 +156,39 @@ pub struct Batch {
     pub block_tables: Vec<Vec<u32>>,
     /// Indices into `tokens` whose logits are wanted, in order.
     pub logits_for: Vec<usize>,
+}
+
+/// Activation buffers of one forward pass, sized for its tokens and reused
+/// by every layer: no allocation (and no fresh pages to fault in) per layer.
+pub struct Scratch {
+    hn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    o: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+}
+
+impl Scratch {
+    pub fn new(cfg: &ModelConfig, m: usize) -> Scratch {
+        let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
+        let (qd, kvd) = (
+            cfg.num_heads * cfg.head_dim,
+            cfg.num_kv_heads * cfg.head_dim,
+        );
+        Scratch {
+            hn: vec![0.0; m * h],
+            q: vec![0.0; m * qd],
+            k: vec![0.0; m * kvd],
+            v: vec![0.0; m * kvd],
+            attn: vec![0.0; m * qd],
+            o: vec![0.0; m * h],
+            g: vec![0.0; m * f],
+            u: vec![0.0; m * f],
+        }
+    }
 }
 
 /// Gated attention + MLP block with HF weight names.
@@ -302,6 +278,7 @@ impl DecoderLayer {
     }
 
     /// Runs the block on `x` (`m × hidden`) in place.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         cfg: &ModelConfig,
@@ -310,98 +287,45 @@ impl DecoderLayer {
         batch: &Batch,
         rope: &[RopeRow],
         kv: &mut KvStore,
+        s: &mut Scratch,
     ) {
         let m = batch.tokens.len();
         let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
-        let hn = self.input_norm.forward(x);
-        let [mut q, mut k, v]: [Vec<f32>; 3] =
-            Linear::forward_many(&[&self.q, &self.k, &self.v], &hn, m)
-                .try_into()
-                .expect("three projections");
+        self.input_norm.forward_into(x, &mut s.hn);
+        Linear::forward_many_into(
+            &[&self.q, &self.k, &self.v],
+            &s.hn,
+            m,
+            &mut [&mut s.q, &mut s.k, &mut s.v],
+        );
         for (i, r) in rope.iter().enumerate() {
-            apply_rope(&mut q[i * nh * hd..(i + 1) * nh * hd], nh, hd, r);
-            apply_rope(&mut k[i * nkv * hd..(i + 1) * nkv * hd], nkv, hd, r);
+            apply_rope(&mut s.q[i * nh * hd..(i + 1) * nh * hd], nh, hd, r);
+            apply_rope(&mut s.k[i * nkv * hd..(i + 1) * nkv * hd], nkv, hd, r);
         }
         // Write this step's keys and values before anyone reads them.
-        let row = kv.row;
+        let row = nkv * hd;
         for (i, t) in batch.tokens.iter().enumerate() {
-            let s = kv.slot(&batch.block_tables[t.seq], t.pos);
-            kv.k[layer].write(s * row, &k[i * row..(i + 1) * row]);
-            kv.v[layer].write(s * row, &v[i * row..(i + 1) * row]);
+            let (kr, vr) = (&s.k[i * row..(i + 1) * row], &s.v[i * row..(i + 1) * row]);
+            kv.write(layer, &batch.block_tables[t.seq], t.pos, kr, vr);
         }
-        let (kc, vc) = (kv.k[layer].rows(), kv.v[layer].rows());
-        let bs = kv.block_size;
-        let group = nh / nkv;
-        let scale = 1.0 / (hd as f32).sqrt();
-        // One task per (token, KV head): the `group` query heads sharing a
-        // KV head are scored together, so each K/V row is read once. The
-        // arithmetic of a token's head depends only on that token's query
-        // and its sequence's cache, never on the rest of the batch.
-        let mut attn = vec![0.0f32; m * nh * hd];
-        attn.par_chunks_mut(group * hd)
-            .enumerate()
-            .for_each(|(idx, out)| {
-                let (i, g) = (idx / nkv, idx % nkv);
-                let t = &batch.tokens[i];
-                let table = &batch.block_tables[t.seq];
-                let qg = &q[(i * nh + g * group) * hd..(i * nh + (g + 1) * group) * hd];
-                let start = match self.window {
-                    Some(w) => (t.pos + 1).saturating_sub(w),
-                    None => 0,
-                };
-                let npos = t.pos + 1 - start;
-                // scores[hh * npos + j] for position start + j.
-                let mut scores = vec![0.0f32; group * npos];
-                let mut p = start;
-                while p <= t.pos {
-                    let run = (bs - p % bs).min(t.pos + 1 - p);
-                    let s = table[p / bs] as usize * bs + p % bs;
-                    dot_block(
-                        qg,
-                        group,
-                        hd,
-                        kc.offset(s * row + g * hd),
-                        run,
-                        row,
-                        &mut scores[p - start..],
-                        npos,
-                    );
-                    p += run;
-                }
-                for sc in scores.chunks_exact_mut(npos) {
-                    let mut max = f32::NEG_INFINITY;
-                    for v in sc.iter_mut() {
-                        *v *= scale;
-                        max = max.max(*v);
-                    }
-                    let mut sum = 0.0;
-                    for v in sc.iter_mut() {
-                        *v = (*v - max).exp();
-                        sum += *v;
-                    }
-                    for v in sc.iter_mut() {
-                        *v /= sum;
-                    }
-                }
-                let offs: Vec<usize> = (start..=t.pos)
-                    .map(|p| (table[p / bs] as usize * bs + p % bs) * row + g * hd)
-                    .collect();
-                weighted_rows(out, group, hd, &scores, npos, vc, &offs);
-            });
-        let o = self.o.forward(&attn, m);
-        for (a, b) in x.iter_mut().zip(&o) {
+        paged_attention(&s.q, batch, kv, layer, nh, self.window, &mut s.attn);
+        Linear::forward_many_into(&[&self.o], &s.attn, m, &mut [&mut s.o]);
+        for (a, b) in x.iter_mut().zip(&s.o) {
             *a += b;
         }
-        let hn = self.post_norm.forward(x);
-        let [mut g, u]: [Vec<f32>; 2] = Linear::forward_many(&[&self.gate, &self.up], &hn, m)
-            .try_into()
-            .expect("two projections");
-        for (gv, uv) in g.iter_mut().zip(&u) {
-            *gv = *gv / (1.0 + (-*gv).exp()) * uv;
-        }
-        let d = self.down.forward(&g, m);
-        for (a, b) in x.iter_mut().zip(&d) {
+        self.post_norm.forward_into(x, &mut s.hn);
+        Linear::forward_many_into(&[&self.gate, &self.up], &s.hn, m, &mut [&mut s.g, &mut s.u]);
+        silu_mul(&mut s.g, &s.u);
+        Linear::forward_many_into(&[&self.down], &s.g, m, &mut [&mut s.o]);
+        for (a, b) in x.iter_mut().zip(&s.o) {
             *a += b;
         }
+    }
+}
+
+/// `g = silu(g) · u`, elementwise.
+pub fn silu_mul(g: &mut [f32], u: &[f32]) {
+    for (gv, uv) in g.iter_mut().zip(u) {
+        *gv = *gv / (1.0 + (-*gv).exp()) * uv;
     }
 }

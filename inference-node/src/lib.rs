@@ -9,6 +9,7 @@
 #![deny(unsafe_code)]
 
 pub mod api;
+pub mod attention;
 pub mod bench;
 pub mod chat;
 pub mod config;

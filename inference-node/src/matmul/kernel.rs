@@ -215,6 +215,99 @@ pub fn weighted_rows(
     }
 }
 
+/// Lanes of one chunk of transposed keys in [`key_scores`].
+pub const KEY_CHUNK: usize = 16;
+
+/// Attention scores against keys stored transposed (a cache block keeps
+/// dimension `d` of its slots side by side):
+/// `out[r*ldo + c*16 + l] = Σ_d q[r*hd + d] · kt[chunks[c] + d*ld + l]` for
+/// `r < rows`, `c < chunks.len()`, `l < 16`.
+///
+/// Each score is one multiply-add chain over `d` in order from zero, in its
+/// own vector lane, so there is no horizontal sum (with `hd` = 64 that
+/// would cost as much as the products), and a score's bits do not depend on
+/// which rows or chunks are computed beside it.
+#[allow(clippy::too_many_arguments)]
+pub fn key_scores(
+    q: &[f32],
+    rows: usize,
+    hd: usize,
+    kt: WRows<'_>,
+    chunks: &[usize],
+    ld: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    key_scores_on(isa(), q, rows, hd, kt, chunks, ld, out, ldo)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn key_scores_on(
+    isa: Isa,
+    q: &[f32],
+    rows: usize,
+    hd: usize,
+    kt: WRows<'_>,
+    chunks: &[usize],
+    ld: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    let isa = if supported(isa) { isa } else { Isa::Portable };
+    let width = chunks.len() * KEY_CHUNK;
+    if rows == 0 || chunks.is_empty() {
+        return;
+    }
+    assert!(q.len() >= rows * hd, "queries shorter than rows*hd");
+    assert!(ldo >= width, "output stride below the chunks' width");
+    assert!(
+        out.len() >= (rows - 1) * ldo + width,
+        "output shorter than its rows"
+    );
+    if hd == 0 {
+        for r in 0..rows {
+            out[r * ldo..r * ldo + width].fill(0.0);
+        }
+        return;
+    }
+    assert!(ld >= KEY_CHUNK, "key stride below one chunk");
+    assert!(
+        chunks
+            .iter()
+            .all(|&c| c + (hd - 1) * ld + KEY_CHUNK <= kt.len()),
+        "key chunk out of range"
+    );
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: avx512f detected; every index was checked above.
+        Isa::Avx512 => unsafe { x86::key_scores512(q, rows, hd, kt, chunks, ld, out, ldo) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: avx2 + fma + f16c detected; every index was checked above.
+        Isa::Avx2 => unsafe { x86::key_scores256(q, rows, hd, kt, chunks, ld, out, ldo) },
+        _ => {
+            let val = |i: usize| -> f32 {
+                match kt {
+                    WRows::F32(b) => b[i],
+                    WRows::F16(b) => half::f16::from_bits(b[i]).to_f32(),
+                    WRows::BF16(b) => half::bf16::from_bits(b[i]).to_f32(),
+                }
+            };
+            for r in 0..rows {
+                let qr = &q[r * hd..(r + 1) * hd];
+                for (c, &base) in chunks.iter().enumerate() {
+                    for l in 0..KEY_CHUNK {
+                        let mut acc = 0.0f32;
+                        for (d, qv) in qr.iter().enumerate() {
+                            acc += qv * val(base + d * ld + l);
+                        }
+                        out[r * ldo + c * KEY_CHUNK + l] = acc;
+                    }
+                }
+            }
+        }
+    }
+}
+
 const PL: usize = 8;
 
 #[allow(clippy::too_many_arguments)]
@@ -266,7 +359,7 @@ mod x86 {
     const BF16: u8 = 2;
 
     /// Rows of activations per register block, and weight rows.
-    const MR: usize = 4;
+    const MR: usize = 6;
     const NR: usize = 4;
 
     // ---------------------------------------------------------------- AVX-512
@@ -673,6 +766,189 @@ mod x86 {
         }
     }
 
+    // ------------------------------------------------------- key scores
+
+    /// `R` query rows × `C` chunks of 16 transposed keys.
+    ///
+    /// SAFETY (callers): avx512f; `q` has `R` rows of `hd` f32; each
+    /// `kt + chunks[c] * es` has `hd` rows of 16 elements of `DT` at stride
+    /// `ld` elements; `out` has `R` rows of stride `ldo` with `16 * C`
+    /// writable elements.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn ks512<const R: usize, const C: usize, const DT: u8>(
+        q: *const f32,
+        hd: usize,
+        kt: *const u8,
+        es: usize,
+        chunks: &[usize],
+        ld: usize,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); C]; R];
+        // SAFETY: the caller's ranges.
+        unsafe {
+            let base: [*const u8; C] = std::array::from_fn(|c| kt.add(chunks[c] * es));
+            for d in 0..hd {
+                let kv: [__m512; C] =
+                    std::array::from_fn(|c| load16::<DT>(base[c].add(d * ld * es)));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let qb = _mm512_set1_ps(*q.add(r * hd + d));
+                    for (ac, kc) in a.iter_mut().zip(&kv) {
+                        *ac = _mm512_fmadd_ps(qb, *kc, *ac);
+                    }
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                for (c, ac) in a.iter().enumerate() {
+                    _mm512_storeu_ps(out.add(r * ldo + c * 16), *ac);
+                }
+            }
+        }
+    }
+
+    /// SAFETY (callers): avx512f; the ranges checked by `key_scores`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn key_scores512(
+        q: &[f32],
+        rows: usize,
+        hd: usize,
+        kt: WRows<'_>,
+        chunks: &[usize],
+        ld: usize,
+        out: &mut [f32],
+        ldo: usize,
+    ) {
+        let (kp, es) = raw(kt);
+        let (qp, op) = (q.as_ptr(), out.as_mut_ptr());
+        macro_rules! go {
+            ($r:literal, $c:literal, $qr:expr, $ch:expr, $o:expr) => {
+                match kt {
+                    WRows::F32(_) => ks512::<$r, $c, F32>($qr, hd, kp, es, $ch, ld, $o, ldo),
+                    WRows::F16(_) => ks512::<$r, $c, F16>($qr, hd, kp, es, $ch, ld, $o, ldo),
+                    WRows::BF16(_) => ks512::<$r, $c, BF16>($qr, hd, kp, es, $ch, ld, $o, ldo),
+                }
+            };
+        }
+        // SAFETY: rows r..r+R < rows and chunks c..c+C < chunks.len().
+        unsafe {
+            let mut r = 0;
+            while r < rows {
+                let rr = match rows - r {
+                    n if n >= 4 => 4,
+                    n if n >= 2 => 2,
+                    _ => 1,
+                };
+                let mut c = 0;
+                while c < chunks.len() {
+                    let cc = match chunks.len() - c {
+                        n if n >= 4 => 4,
+                        n if n >= 2 => 2,
+                        _ => 1,
+                    };
+                    let (qr, ch, o) =
+                        (qp.add(r * hd), &chunks[c..c + cc], op.add(r * ldo + c * 16));
+                    match (rr, cc) {
+                        (4, 4) => go!(4, 4, qr, ch, o),
+                        (4, 2) => go!(4, 2, qr, ch, o),
+                        (4, _) => go!(4, 1, qr, ch, o),
+                        (2, 4) => go!(2, 4, qr, ch, o),
+                        (2, 2) => go!(2, 2, qr, ch, o),
+                        (2, _) => go!(2, 1, qr, ch, o),
+                        (_, 4) => go!(1, 4, qr, ch, o),
+                        (_, 2) => go!(1, 2, qr, ch, o),
+                        _ => go!(1, 1, qr, ch, o),
+                    }
+                    c += cc;
+                }
+                r += rr;
+            }
+        }
+    }
+
+    /// As [`ks512`] with a chunk as two 8-lane vectors, one chunk at a time.
+    ///
+    /// SAFETY (callers): avx2 + fma + f16c; the ranges of [`ks512`].
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn ks256<const R: usize, const DT: u8>(
+        q: *const f32,
+        hd: usize,
+        kt: *const u8,
+        ld: usize,
+        es: usize,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        // SAFETY: the caller's ranges.
+        unsafe {
+            for d in 0..hd {
+                let p = kt.add(d * ld * es);
+                let kv = [load8::<DT>(p), load8::<DT>(p.add(8 * es))];
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let qb = _mm256_set1_ps(*q.add(r * hd + d));
+                    a[0] = _mm256_fmadd_ps(qb, kv[0], a[0]);
+                    a[1] = _mm256_fmadd_ps(qb, kv[1], a[1]);
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.add(r * ldo), a[0]);
+                _mm256_storeu_ps(out.add(r * ldo + 8), a[1]);
+            }
+        }
+    }
+
+    /// SAFETY (callers): avx2 + fma + f16c; the ranges checked by `key_scores`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn key_scores256(
+        q: &[f32],
+        rows: usize,
+        hd: usize,
+        kt: WRows<'_>,
+        chunks: &[usize],
+        ld: usize,
+        out: &mut [f32],
+        ldo: usize,
+    ) {
+        let (kp, es) = raw(kt);
+        let (qp, op) = (q.as_ptr(), out.as_mut_ptr());
+        macro_rules! go {
+            ($r:literal, $qr:expr, $k:expr, $o:expr) => {
+                match kt {
+                    WRows::F32(_) => ks256::<$r, F32>($qr, hd, $k, ld, es, $o, ldo),
+                    WRows::F16(_) => ks256::<$r, F16>($qr, hd, $k, ld, es, $o, ldo),
+                    WRows::BF16(_) => ks256::<$r, BF16>($qr, hd, $k, ld, es, $o, ldo),
+                }
+            };
+        }
+        // SAFETY: rows r..r+R < rows, every chunk checked by the caller.
+        unsafe {
+            let mut r = 0;
+            while r < rows {
+                let rr = match rows - r {
+                    n if n >= 4 => 4,
+                    n if n >= 2 => 2,
+                    _ => 1,
+                };
+                for (c, &ch) in chunks.iter().enumerate() {
+                    let (qr, k, o) = (qp.add(r * hd), kp.add(ch * es), op.add(r * ldo + c * 16));
+                    match rr {
+                        4 => go!(4, qr, k, o),
+                        2 => go!(2, qr, k, o),
+                        _ => go!(1, qr, k, o),
+                    }
+                }
+                r += rr;
+            }
+        }
+    }
+
     // ---------------------------------------------------------------- common
 
     fn raw(w: WRows<'_>) -> (*const u8, usize) {
@@ -745,10 +1021,14 @@ mod x86 {
                     let wj = w.add(j * ldw * es);
                     let o = out.add(i * ldo + j);
                     match (r, c) {
+                        (6, 4) => blk!(6, 4, xi, wj, o),
+                        (5, 4) => blk!(5, 4, xi, wj, o),
                         (4, 4) => blk!(4, 4, xi, wj, o),
                         (3, 4) => blk!(3, 4, xi, wj, o),
                         (2, 4) => blk!(2, 4, xi, wj, o),
                         (1, 4) => blk!(1, 4, xi, wj, o),
+                        (6, _) => blk!(6, 1, xi, wj, o),
+                        (5, _) => blk!(5, 1, xi, wj, o),
                         (4, _) => blk!(4, 1, xi, wj, o),
                         (3, _) => blk!(3, 1, xi, wj, o),
                         (2, _) => blk!(2, 1, xi, wj, o),
@@ -882,6 +1162,67 @@ mod weighted_tests {
                 assert_eq!(one[d].to_bits(), all[h * hd + d].to_bits());
                 let want: f32 = (0..n).map(|j| s[h * 40 + j] * v[offs[j] + d]).sum();
                 assert!((one[d] - want).abs() < 1e-4);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod key_score_tests {
+    use super::*;
+
+    #[test]
+    fn key_scores_match_naive_and_a_score_ignores_its_neighbours_on_every_isa() {
+        let (rows, hd, ld, nblocks) = (7, 64, 32, 5);
+        let q: Vec<f32> = (0..rows * hd).map(|i| (i as f32 * 0.37).sin()).collect();
+        let kt: Vec<u16> = (0..nblocks * hd * ld)
+            .map(|i| half::f16::from_f32((i as f32 * 0.011).cos()).to_bits())
+            .collect();
+        // Chunks out of order and at both halves of a 32-slot block.
+        let chunks: Vec<usize> = vec![3 * hd * ld + 16, 0, 4 * hd * ld, hd * ld + 16, 2 * hd * ld];
+        let width = chunks.len() * KEY_CHUNK;
+        for isa in [Isa::Avx512, Isa::Avx2, Isa::Portable] {
+            if !supported(isa) {
+                continue;
+            }
+            let mut all = vec![0.0; rows * width];
+            key_scores_on(
+                isa,
+                &q,
+                rows,
+                hd,
+                WRows::F16(&kt),
+                &chunks,
+                ld,
+                &mut all,
+                width,
+            );
+            for r in 0..rows {
+                for (c, &base) in chunks.iter().enumerate() {
+                    // One row and one chunk alone: the same bits.
+                    let mut one = vec![0.0; KEY_CHUNK];
+                    key_scores_on(
+                        isa,
+                        &q[r * hd..],
+                        1,
+                        hd,
+                        WRows::F16(&kt),
+                        &[base],
+                        ld,
+                        &mut one,
+                        KEY_CHUNK,
+                    );
+                    for l in 0..KEY_CHUNK {
+                        let got = all[r * width + c * KEY_CHUNK + l];
+                        assert_eq!(got.to_bits(), one[l].to_bits(), "{isa:?} r{r} c{c} l{l}");
+                        let want: f32 = (0..hd)
+                            .map(|d| {
+                                q[r * hd + d] * half::f16::from_bits(kt[base + d * ld + l]).to_f32()
+                            })
+                            .sum();
+                        assert!((got - want).abs() < 1e-4, "{isa:?}: {got} vs {want}");
+                    }
+                }
             }
         }
     }

@@ -52,18 +52,70 @@ pub fn matmul_wt(x: &[f32], m: usize, w: &Tensor) -> Vec<f32> {
 /// one parallel region, so the threads meet once instead of once per
 /// weight. Each result is exactly what `matmul_wt` would return.
 pub fn matmul_wt_many(x: &[f32], m: usize, ws: &[&Tensor]) -> Vec<Vec<f32>> {
+    let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0.0f32; m * w.shape[0]]).collect();
+    let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+    matmul_wt_into(x, m, ws, &mut outs);
+    ys
+}
+
+/// Rows of activations per parallel job when there are many: the jobs
+/// write disjoint bands of the outputs, and each sweeps the weights tile
+/// by tile with its band's rows.
+fn band_rows(m: usize, threads: usize) -> usize {
+    // Two bands per thread for balance, in whole register blocks (6 rows).
+    (m.div_ceil(threads * 2)).div_ceil(6) * 6
+}
+
+/// [`matmul_wt_many`] into caller-owned outputs (`outs[i]` is `m × n_i`),
+/// so a forward pass reuses its buffers from layer to layer.
+pub fn matmul_wt_into(x: &[f32], m: usize, ws: &[&Tensor], outs: &mut [&mut [f32]]) {
+    assert_eq!(ws.len(), outs.len(), "one output per weight");
+    for (w, o) in ws.iter().zip(outs.iter()) {
+        assert_eq!(
+            x.len(),
+            m * w.shape[1],
+            "activation shape does not match {}",
+            w.name
+        );
+        assert_eq!(
+            o.len(),
+            m * w.shape[0],
+            "output shape does not match {}",
+            w.name
+        );
+    }
     let threads = rayon::current_num_threads().max(1);
+    if m >= 8 * threads * 6 {
+        // Prefill: row bands. Every element is still one `dot_block` dot
+        // product, so the split changes no bit.
+        let band = band_rows(m, threads);
+        let mut jobs: Vec<Vec<&mut [f32]>> = Vec::new();
+        for (wi, (o, w)) in outs.iter_mut().zip(ws).enumerate() {
+            for (b, chunk) in o.chunks_mut(band * w.shape[0]).enumerate() {
+                if wi == 0 {
+                    jobs.push(Vec::with_capacity(ws.len()));
+                }
+                jobs[b].push(chunk);
+            }
+        }
+        jobs.into_par_iter().enumerate().for_each(|(b, mut bands)| {
+            let (r0, rows) = (b * band, band.min(m - b * band));
+            for (w, y) in ws.iter().zip(bands.iter_mut()) {
+                let k = w.shape[1];
+                band_product(&x[r0 * k..(r0 + rows) * k], rows, w, y);
+            }
+        });
+        return;
+    }
     let total: usize = ws.iter().map(|w| w.shape[0]).sum();
     // (weight, first row, rows) for every tile of every weight.
     let mut jobs = Vec::new();
     for (wi, w) in ws.iter().enumerate() {
         let (n, k) = (w.shape[0], w.shape[1]);
-        assert_eq!(x.len(), m * k, "activation shape does not match {}", w.name);
         // Enough tiles for load balance, each a multiple of the kernel's 4
         // weight rows and within the L2 budget. The tiling only decides who
         // computes which element, never how, so it may depend on anything.
-        let balance = if m >= 32 { 2 } else { 4 };
-        let tile = (total / (threads * balance))
+        let tile = (total / (threads * 4))
             .min(tile_budget(m) / (k * w.dtype.size()).max(1))
             .max(4)
             / 4
@@ -75,43 +127,60 @@ pub fn matmul_wt_many(x: &[f32], m: usize, ws: &[&Tensor]) -> Vec<Vec<f32>> {
     let tiles: Vec<Vec<f32>> = jobs
         .par_iter()
         .map(|&(wi, r0, rows)| {
-            let w = ws[wi];
-            let k = w.shape[1];
             let mut out = vec![0.0f32; m * rows];
-            match w.rows() {
-                Some(WRows::F32(s)) => {
-                    dot_block(x, m, k, WRows::F32(&s[r0 * k..]), rows, k, &mut out, rows)
-                }
-                Some(WRows::F16(s)) => {
-                    dot_block(x, m, k, WRows::F16(&s[r0 * k..]), rows, k, &mut out, rows)
-                }
-                Some(WRows::BF16(s)) => {
-                    dot_block(x, m, k, WRows::BF16(&s[r0 * k..]), rows, k, &mut out, rows)
-                }
-                // Unaligned data: widen the tile first. The widening is
-                // exact, so the kernel computes the same bits as above.
-                None => WIDE.with(|buf| {
-                    let mut wbuf = buf.borrow_mut();
-                    if wbuf.len() < rows * k {
-                        wbuf.resize(rows * k, 0.0);
-                    }
-                    let wbuf = &mut wbuf[..rows * k];
-                    w.read_f32(r0 * k, wbuf);
-                    dot_block(x, m, k, WRows::F32(wbuf), rows, k, &mut out, rows);
-                }),
-            }
+            tile_product(x, m, ws[wi], r0, rows, &mut out, rows);
             out
         })
         .collect();
-    let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0.0f32; m * w.shape[0]]).collect();
     for (&(wi, r0, rows), out) in jobs.iter().zip(tiles) {
         let n = ws[wi].shape[0];
-        let y = &mut ys[wi];
+        let y = &mut outs[wi];
         for i in 0..m {
             y[i * n + r0..i * n + r0 + rows].copy_from_slice(&out[i * rows..(i + 1) * rows]);
         }
     }
-    ys
+}
+
+/// `y (rows × n) = x · Wᵀ` for one band of rows, tile by tile of `W` so
+/// each tile stays in L2 while the band's rows sweep it.
+fn band_product(x: &[f32], rows: usize, w: &Tensor, y: &mut [f32]) {
+    let (n, k) = (w.shape[0], w.shape[1]);
+    let tile = (tile_budget(rows.max(32)) / (k * w.dtype.size()).max(1)).max(4) / 4 * 4;
+    let mut r0 = 0;
+    while r0 < n {
+        let cols = tile.min(n - r0);
+        tile_product(x, rows, w, r0, cols, &mut y[r0..], n);
+        r0 += cols;
+    }
+}
+
+/// `out[i*ldo + j] = x[i] · W[r0 + j]` for `i < m`, `j < rows`.
+fn tile_product(
+    x: &[f32],
+    m: usize,
+    w: &Tensor,
+    r0: usize,
+    rows: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    let k = w.shape[1];
+    match w.rows() {
+        Some(WRows::F32(s)) => dot_block(x, m, k, WRows::F32(&s[r0 * k..]), rows, k, out, ldo),
+        Some(WRows::F16(s)) => dot_block(x, m, k, WRows::F16(&s[r0 * k..]), rows, k, out, ldo),
+        Some(WRows::BF16(s)) => dot_block(x, m, k, WRows::BF16(&s[r0 * k..]), rows, k, out, ldo),
+        // Unaligned data: widen the tile first. The widening is exact, so
+        // the kernel computes the same bits as above.
+        None => WIDE.with(|buf| {
+            let mut wbuf = buf.borrow_mut();
+            if wbuf.len() < rows * k {
+                wbuf.resize(rows * k, 0.0);
+            }
+            let wbuf = &mut wbuf[..rows * k];
+            w.read_f32(r0 * k, wbuf);
+            dot_block(x, m, k, WRows::F32(wbuf), rows, k, out, ldo);
+        }),
+    }
 }
 
 /// `out (m × n) = a (m × k) · bᵀ` with `b` `n × k`, all row-major f32.

@@ -6,9 +6,10 @@ pub mod qwen2;
 
 use std::path::Path;
 
+use crate::attention::KvStore;
 use crate::config::{Arch, ModelConfig};
 use crate::error::Result;
-use crate::layers::{Batch, DecoderLayer, KvStore, Linear, RmsNorm, rope_rows};
+use crate::layers::{Batch, DecoderLayer, Linear, RmsNorm, Scratch, rope_rows};
 use crate::weights::{Tensor, WeightStore};
 
 /// A loaded decoder: embeddings, blocks, final norm and LM head.
@@ -73,8 +74,9 @@ impl Decoder {
         }
         let positions: Vec<usize> = batch.tokens.iter().map(|t| t.pos).collect();
         let rope = rope_rows(&self.inv_freq, &positions);
+        let mut scratch = Scratch::new(&self.cfg, m);
         for (l, layer) in self.layers.iter().enumerate() {
-            layer.forward(&self.cfg, l, &mut x, batch, &rope, kv);
+            layer.forward(&self.cfg, l, &mut x, batch, &rope, kv, &mut scratch);
         }
         let mut sel = Vec::with_capacity(batch.logits_for.len() * h);
         for &i in &batch.logits_for {
