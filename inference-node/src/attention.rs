@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use crate::config::ModelConfig;
 use crate::layers::Batch;
-use crate::matmul::kernel::{KEY_CHUNK, WRows, key_scores, weighted_rows};
+use crate::matmul::kernel::{KEY_CHUNK, WRows, key_scores, softmax, weighted_rows};
 
 /// Tokens of one sequence scored together: enough to reuse every key many
 /// times, few enough that a tile's scores stay in L2.
@@ -225,20 +225,7 @@ fn tile(
     for (r, sc) in scores.chunks_exact_mut(lds).take(rows).enumerate() {
         let pos = toks[r / group].pos;
         let (a, b) = (start_of(pos) - base, pos - base + 1);
-        let valid = &mut sc[a..b];
-        let mut max = f32::NEG_INFINITY;
-        for v in valid.iter_mut() {
-            *v *= scale;
-            max = max.max(*v);
-        }
-        let mut sum = 0.0;
-        for v in valid.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
-        for v in valid.iter_mut() {
-            *v /= sum;
-        }
+        softmax(&mut sc[a..b], scale);
         // Positions this token does not see weigh exactly zero: adding
         // 0 · v leaves every output bit as if they were not there.
         sc[lo - base..a].fill(0.0);

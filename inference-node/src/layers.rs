@@ -1,9 +1,12 @@
 //! Layers shared by every Llama-family architecture: linear projections,
 //! RMSNorm, rotary embeddings, paged attention and the gated SiLU MLP.
 
+use rayon::prelude::*;
+
 use crate::attention::{KvStore, paged_attention};
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::matmul::kernel;
 use crate::matmul::{matmul_wt, matmul_wt_into, matmul_wt_many};
 use crate::weights::{Tensor, WeightStore};
 
@@ -323,9 +326,15 @@ impl DecoderLayer {
     }
 }
 
-/// `g = silu(g) · u`, elementwise.
+/// `g = silu(g) · u`, elementwise, in parallel chunks for prefill-sized
+/// activations (elementwise, so the split changes nothing).
 pub fn silu_mul(g: &mut [f32], u: &[f32]) {
-    for (gv, uv) in g.iter_mut().zip(u) {
-        *gv = *gv / (1.0 + (-*gv).exp()) * uv;
+    const CHUNK: usize = 1 << 16;
+    if g.len() <= CHUNK {
+        kernel::silu_mul(g, u);
+    } else {
+        g.par_chunks_mut(CHUNK)
+            .zip(u.par_chunks(CHUNK))
+            .for_each(|(g, u)| kernel::silu_mul(g, u));
     }
 }

@@ -425,3 +425,38 @@ fn check_golden_on_a_broken_model_exits_non_zero_with_the_file_named() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("model.safetensors"), "{err}");
 }
+
+/// Prefill-sized products run in row bands, decode-sized ones in weight
+/// tiles: every row of a band must come out bit for bit as the same row
+/// multiplied alone.
+#[test]
+fn a_prefill_band_computes_every_row_as_a_lone_row_does() {
+    let spec = SynthSpec::tiny(Arch::Llama);
+    let d = synth_dir("bands", spec.clone());
+    let store = WeightStore::open(&d).unwrap();
+    let w = store
+        .get(
+            "model.layers.0.mlp.down_proj.weight",
+            &[spec.hidden, spec.intermediate],
+        )
+        .unwrap();
+    let k = spec.intermediate;
+    // Well past the band threshold for this machine's thread count.
+    let m = 8 * 6 * rayon::current_num_threads() + 5;
+    let x: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 7919) as f32 * 1e-3).sin())
+        .collect();
+    let all = copyhold_node::matmul::matmul_wt(&x, m, &w);
+    for i in 0..m {
+        let one = copyhold_node::matmul::matmul_wt(&x[i * k..(i + 1) * k], 1, &w);
+        let n = spec.hidden;
+        assert_eq!(
+            one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            all[i * n..(i + 1) * n]
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>(),
+            "row {i} of {m}"
+        );
+    }
+}

@@ -308,6 +308,47 @@ fn key_scores_on(
     }
 }
 
+/// `row = softmax(row · scale)`, in place. Vectorized (with a polynomial
+/// `exp`) where AVX-512 is present, scalar otherwise; either way a row's
+/// result depends only on the row.
+pub fn softmax(row: &mut [f32], scale: f32) {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: avx512f detected; the kernel touches only `row`.
+        Isa::Avx512 => unsafe { x86::softmax512(row, scale) },
+        _ => {
+            let mut max = f32::NEG_INFINITY;
+            for v in row.iter_mut() {
+                *v *= scale;
+                max = max.max(*v);
+            }
+            let mut sum = 0.0;
+            for v in row.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            for v in row.iter_mut() {
+                *v /= sum;
+            }
+        }
+    }
+}
+
+/// `g = silu(g) · u`, elementwise (the gated MLP).
+pub fn silu_mul(g: &mut [f32], u: &[f32]) {
+    assert_eq!(g.len(), u.len(), "gate and up differ in length");
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: avx512f detected; the lengths are equal.
+        Isa::Avx512 => unsafe { x86::silu_mul512(g, u) },
+        _ => {
+            for (gv, uv) in g.iter_mut().zip(u) {
+                *gv = *gv / (1.0 + (-*gv).exp()) * uv;
+            }
+        }
+    }
+}
+
 const PL: usize = 8;
 
 #[allow(clippy::too_many_arguments)]
@@ -511,7 +552,7 @@ mod x86 {
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn wr512<const H: usize, const DT: u8>(
+    unsafe fn wr512<const H: usize, const D: usize, const DT: u8>(
         out: *mut f32,
         hd: usize,
         d0: usize,
@@ -521,17 +562,23 @@ mod x86 {
         es: usize,
         offs: &[usize],
     ) {
-        let mut acc = [_mm512_setzero_ps(); H];
+        let mut acc = [[_mm512_setzero_ps(); D]; H];
         // SAFETY: the caller's ranges.
         unsafe {
             for (j, &off) in offs.iter().enumerate() {
-                let vv = load16::<DT>(v.add((off + d0) * es));
+                let vv: [__m512; D] =
+                    std::array::from_fn(|c| load16::<DT>(v.add((off + d0 + 16 * c) * es)));
                 for (h, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_fmadd_ps(_mm512_set1_ps(*s.add(h * lds + j)), vv, *a);
+                    let p = _mm512_set1_ps(*s.add(h * lds + j));
+                    for (ac, vc) in a.iter_mut().zip(&vv) {
+                        *ac = _mm512_fmadd_ps(p, *vc, *ac);
+                    }
                 }
             }
             for (h, a) in acc.iter().enumerate() {
-                _mm512_storeu_ps(out.add(h * hd + d0), *a);
+                for (c, ac) in a.iter().enumerate() {
+                    _mm512_storeu_ps(out.add(h * hd + d0 + 16 * c), *ac);
+                }
             }
         }
     }
@@ -551,27 +598,41 @@ mod x86 {
         let (o, sp) = (out.as_mut_ptr(), s.as_ptr());
         let (vp, es) = raw(v);
         macro_rules! go {
-            ($h:literal, $oh:expr, $d0:expr, $sh:expr) => {
+            ($h:literal, $d:literal, $oh:expr, $d0:expr, $sh:expr) => {
                 match v {
-                    WRows::F32(_) => wr512::<$h, F32>($oh, hd, $d0, $sh, lds, vp, es, offs),
-                    WRows::F16(_) => wr512::<$h, F16>($oh, hd, $d0, $sh, lds, vp, es, offs),
-                    WRows::BF16(_) => wr512::<$h, BF16>($oh, hd, $d0, $sh, lds, vp, es, offs),
+                    WRows::F32(_) => wr512::<$h, $d, F32>($oh, hd, $d0, $sh, lds, vp, es, offs),
+                    WRows::F16(_) => wr512::<$h, $d, F16>($oh, hd, $d0, $sh, lds, vp, es, offs),
+                    WRows::BF16(_) => wr512::<$h, $d, BF16>($oh, hd, $d0, $sh, lds, vp, es, offs),
                 }
             };
         }
         let mut h = 0;
-        // SAFETY: heads h..h+c < heads, lanes d0..d0+16 <= hd.
+        // SAFETY: heads h..h+c < heads, lanes d0..d0+16*D <= hd.
         unsafe {
             while h < heads {
-                let c = (heads - h).min(4);
-                let c = if c == 3 { 2 } else { c };
+                // Up to 6 heads × 4 chunks (64 lanes): 24 accumulators,
+                // each value row loaded once for all the heads.
+                let c = match heads - h {
+                    n if n >= 6 => 6,
+                    n if n >= 4 => 4,
+                    n if n >= 2 => 2,
+                    _ => 1,
+                };
                 let (oh, sh) = (o.add(h * hd), sp.add(h * lds));
-                for d0 in (0..hd).step_by(16) {
-                    match c {
-                        4 => go!(4, oh, d0, sh),
-                        2 => go!(2, oh, d0, sh),
-                        _ => go!(1, oh, d0, sh),
+                let mut d0 = 0;
+                while d0 < hd {
+                    let d = if hd - d0 >= 64 { 4 } else { 1 };
+                    match (c, d) {
+                        (6, 4) => go!(6, 4, oh, d0, sh),
+                        (4, 4) => go!(4, 4, oh, d0, sh),
+                        (2, 4) => go!(2, 4, oh, d0, sh),
+                        (1, 4) => go!(1, 4, oh, d0, sh),
+                        (6, _) => go!(6, 1, oh, d0, sh),
+                        (4, _) => go!(4, 1, oh, d0, sh),
+                        (2, _) => go!(2, 1, oh, d0, sh),
+                        _ => go!(1, 1, oh, d0, sh),
                     }
+                    d0 += 16 * d;
                 }
                 h += c;
             }
@@ -949,6 +1010,110 @@ mod x86 {
         }
     }
 
+    // ------------------------------------------------ softmax and SiLU
+
+    /// `e^x` for 16 lanes: Cody–Waite range reduction and Cephes' degree-6
+    /// polynomial (about 1 ulp over the clamped range).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn exp512(x: __m512) -> __m512 {
+        let x = _mm512_min_ps(
+            _mm512_max_ps(x, _mm512_set1_ps(-87.336_55)),
+            _mm512_set1_ps(88.722_83),
+        );
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm512_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        let y = _mm512_add_ps(
+            _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r),
+            _mm512_set1_ps(1.0),
+        );
+        _mm512_scalef_ps(y, n)
+    }
+
+    /// Lanes of `row` from `i` on (fewer than 16 at the end: masked).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn tail_mask(len: usize, i: usize) -> __mmask16 {
+        let left = (len - i).min(16);
+        if left == 16 {
+            0xffff
+        } else {
+            (1u16 << left) - 1
+        }
+    }
+
+    /// SAFETY (callers): avx512f. Reads and writes only `row`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn softmax512(row: &mut [f32], scale: f32) {
+        let (p, len) = (row.as_mut_ptr(), row.len());
+        // SAFETY: every access is masked to lanes below `len`.
+        unsafe {
+            let sc = _mm512_set1_ps(scale);
+            let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
+            let mut i = 0;
+            while i < len {
+                let k = tail_mask(len, i);
+                let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p.add(i)), sc);
+                _mm512_mask_storeu_ps(p.add(i), k, v);
+                vmax = _mm512_mask_max_ps(vmax, k, vmax, v);
+                i += 16;
+            }
+            let max = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+            let mut vsum = _mm512_setzero_ps();
+            i = 0;
+            while i < len {
+                let k = tail_mask(len, i);
+                let e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p.add(i)), max));
+                _mm512_mask_storeu_ps(p.add(i), k, e);
+                vsum = _mm512_mask_add_ps(vsum, k, vsum, e);
+                i += 16;
+            }
+            let sum = _mm512_set1_ps(hsum16(vsum));
+            i = 0;
+            while i < len {
+                let k = tail_mask(len, i);
+                let v = _mm512_div_ps(_mm512_maskz_loadu_ps(k, p.add(i)), sum);
+                _mm512_mask_storeu_ps(p.add(i), k, v);
+                i += 16;
+            }
+        }
+    }
+
+    /// SAFETY (callers): avx512f; `g.len() == u.len()`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn silu_mul512(g: &mut [f32], u: &[f32]) {
+        let (gp, up, len) = (g.as_mut_ptr(), u.as_ptr(), g.len());
+        // SAFETY: every access is masked to lanes below `len`.
+        unsafe {
+            let one = _mm512_set1_ps(1.0);
+            let mut i = 0;
+            while i < len {
+                let k = tail_mask(len, i);
+                let x = _mm512_maskz_loadu_ps(k, gp.add(i));
+                let e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), x));
+                let y = _mm512_mul_ps(
+                    _mm512_div_ps(x, _mm512_add_ps(one, e)),
+                    _mm512_maskz_loadu_ps(k, up.add(i)),
+                );
+                _mm512_mask_storeu_ps(gp.add(i), k, y);
+                i += 16;
+            }
+        }
+    }
+
     // ---------------------------------------------------------------- common
 
     fn raw(w: WRows<'_>) -> (*const u8, usize) {
@@ -1225,5 +1390,59 @@ mod key_score_tests {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod elementwise_tests {
+    use super::*;
+
+    #[test]
+    fn softmax_and_silu_match_the_libm_formulas() {
+        for len in [1usize, 5, 16, 17, 100, 513] {
+            let row: Vec<f32> = (0..len)
+                .map(|i| ((i * 37) as f32 * 0.01).sin() * 30.0)
+                .collect();
+            let mut got = row.clone();
+            softmax(&mut got, 0.125);
+            let max = row
+                .iter()
+                .map(|v| v * 0.125)
+                .fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f64> = row
+                .iter()
+                .map(|v| ((v * 0.125 - max) as f64).exp())
+                .collect();
+            let sum: f64 = e.iter().sum();
+            for (g, w) in got.iter().zip(&e) {
+                assert!(
+                    (*g as f64 - w / sum).abs() < 1e-6,
+                    "softmax {len}: {g} vs {}",
+                    w / sum
+                );
+            }
+            let u: Vec<f32> = (0..len).map(|i| (i as f32 * 0.3).cos()).collect();
+            let mut g = row.clone();
+            silu_mul(&mut g, &u);
+            for ((gv, x), uv) in g.iter().zip(&row).zip(&u) {
+                let want = (*x as f64) / (1.0 + (-*x as f64).exp()) * *uv as f64;
+                assert!(
+                    (*gv as f64 - want).abs() < 1e-5 * want.abs().max(1.0),
+                    "silu {x}: {gv} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn extreme_inputs_stay_finite() {
+        let mut g = vec![-200.0f32, -90.0, 0.0, 90.0, 200.0];
+        silu_mul(&mut g, &[1.0; 5]);
+        assert!(g.iter().all(|v| v.is_finite()), "{g:?}");
+        assert_eq!(g[4], 200.0);
+        let mut row = vec![-1e4f32, 0.0, 1e4];
+        softmax(&mut row, 1.0);
+        assert_eq!(row[2], 1.0);
+        assert!(row[0] >= 0.0 && row[0] < 1e-30);
     }
 }
