@@ -141,11 +141,19 @@ pub fn paged_attention(
         tiles.push((i, j));
         i = j;
     }
+    let call = Call {
+        q,
+        batch,
+        kv,
+        layer,
+        heads,
+        window,
+    };
     let outs: Vec<Vec<f32>> = (0..tiles.len() * nkv)
         .into_par_iter()
         .map(|idx| {
             let (i0, i1) = tiles[idx / nkv];
-            tile(q, batch, kv, layer, heads, window, i0..i1, idx % nkv)
+            tile(&call, i0..i1, idx % nkv)
         })
         .collect();
     assert_eq!(attn.len(), toks.len() * heads * hd, "attention output size");
@@ -158,19 +166,27 @@ pub fn paged_attention(
     }
 }
 
-/// One tile (`tokens`, all of one sequence at consecutive positions) for
-/// KV head `g`: returns `tokens × group × head_dim`.
-#[allow(clippy::too_many_arguments)]
-fn tile(
-    q: &[f32],
-    batch: &Batch,
-    kv: &KvStore,
+/// What every tile of one layer's attention reads.
+struct Call<'a> {
+    q: &'a [f32],
+    batch: &'a Batch,
+    kv: &'a KvStore,
     layer: usize,
     heads: usize,
     window: Option<usize>,
-    tokens: std::ops::Range<usize>,
-    g: usize,
-) -> Vec<f32> {
+}
+
+/// One tile (`tokens`, all of one sequence at consecutive positions) for
+/// KV head `g`: returns `tokens × group × head_dim`.
+fn tile(call: &Call<'_>, tokens: std::ops::Range<usize>, g: usize) -> Vec<f32> {
+    let Call {
+        q,
+        batch,
+        kv,
+        layer,
+        heads,
+        window,
+    } = *call;
     let toks = &batch.tokens[tokens.clone()];
     let (nkv, hd, bs) = (kv.kv_heads, kv.head_dim, kv.block_size);
     let group = heads / nkv;

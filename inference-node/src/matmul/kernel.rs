@@ -612,12 +612,7 @@ mod x86 {
             while h < heads {
                 // Up to 6 heads × 4 chunks (64 lanes): 24 accumulators,
                 // each value row loaded once for all the heads.
-                let c = match heads - h {
-                    n if n >= 6 => 6,
-                    n if n >= 4 => 4,
-                    n if n >= 2 => 2,
-                    _ => 1,
-                };
+                let c = block_of(heads - h, &[6, 4, 2]);
                 let (oh, sh) = (o.add(h * hd), sp.add(h * lds));
                 let mut d0 = 0;
                 while d0 < hd {
@@ -898,18 +893,10 @@ mod x86 {
         unsafe {
             let mut r = 0;
             while r < rows {
-                let rr = match rows - r {
-                    n if n >= 4 => 4,
-                    n if n >= 2 => 2,
-                    _ => 1,
-                };
+                let rr = block_of(rows - r, &[4, 2]);
                 let mut c = 0;
                 while c < chunks.len() {
-                    let cc = match chunks.len() - c {
-                        n if n >= 4 => 4,
-                        n if n >= 2 => 2,
-                        _ => 1,
-                    };
+                    let cc = block_of(chunks.len() - c, &[4, 2]);
                     let (qr, ch, o) =
                         (qp.add(r * hd), &chunks[c..c + cc], op.add(r * ldo + c * 16));
                     match (rr, cc) {
@@ -992,11 +979,7 @@ mod x86 {
         unsafe {
             let mut r = 0;
             while r < rows {
-                let rr = match rows - r {
-                    n if n >= 4 => 4,
-                    n if n >= 2 => 2,
-                    _ => 1,
-                };
+                let rr = block_of(rows - r, &[4, 2]);
                 for (c, &ch) in chunks.iter().enumerate() {
                     let (qr, k, o) = (qp.add(r * hd), kp.add(ch * es), op.add(r * ldo + c * 16));
                     match rr {
@@ -1115,6 +1098,12 @@ mod x86 {
     }
 
     // ---------------------------------------------------------------- common
+
+    /// The largest register block in `sizes` (descending) that fits in the
+    /// `left` rows still to do, else 1.
+    fn block_of(left: usize, sizes: &[usize]) -> usize {
+        sizes.iter().copied().find(|&b| left >= b).unwrap_or(1)
+    }
 
     fn raw(w: WRows<'_>) -> (*const u8, usize) {
         match w {
