@@ -68,7 +68,10 @@ pub fn isa() -> Isa {
         }
         #[cfg(target_arch = "x86_64")]
         {
-            if std::is_x86_feature_detected!("avx512f") {
+            // `COPYHOLD_KERNELS=avx2` runs the AVX2 kernels on an AVX-512
+            // machine (to measure what older CPUs get).
+            let avx2_only = std::env::var("COPYHOLD_KERNELS").is_ok_and(|v| v == "avx2");
+            if std::is_x86_feature_detected!("avx512f") && !avx2_only {
                 return Isa::Avx512;
             }
             if std::is_x86_feature_detected!("avx2")
@@ -1167,7 +1170,9 @@ mod x86 {
         // ranges since i + R <= m and j + C <= n.
         unsafe {
             while i < m {
-                let r = (m - i).min(MR);
+                // AVX2 has 16 vector registers: 2 × 4 accumulators, the
+                // weights and one activation row fit without spilling.
+                let r = (m - i).min(if width == K512 { MR } else { 2 });
                 let xi = x.add(i * k);
                 let mut j = 0;
                 while j < n {
