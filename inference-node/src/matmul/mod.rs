@@ -1,7 +1,9 @@
 //! `y = x · Wᵀ` for weights stored as f32/f16/bf16 rows, computed in f32.
 //!
-//! Output rows of W are split into tiles spread over rayon threads; each tile
-//! is multiplied by the fused kernel in [`kernel`], which reads the weights
+//! With few activation rows (decode), output rows of W are split into
+//! L2-sized tiles spread over rayon threads; with many (prefill), each thread
+//! takes bands of activation rows that sweep W tile by tile. Every tile is
+//! multiplied by the fused kernel in [`kernel`], which reads the weights
 //! in their stored dtype straight from the memory map and widens them in
 //! registers (AVX-512 or AVX2 + F16C, chosen at run time, with a portable
 //! fallback). Every output element is one dot product whose arithmetic does
