@@ -218,11 +218,6 @@ fn tile(call: &Call<'_>, tokens: std::ops::Range<usize>, g: usize) -> Vec<f32> {
     } else {
         // One multiply-add chain per score over `d` in order, as the
         // kernel does lane by lane.
-        let key = |i: usize| match kc {
-            WRows::F32(b) => b[i],
-            WRows::F16(b) => half::f16::from_bits(b[i]).to_f32(),
-            WRows::BF16(b) => half::bf16::from_bits(b[i]).to_f32(),
-        };
         for (r, sc) in scores.chunks_exact_mut(lds).enumerate() {
             let qr = &qs[r * hd..(r + 1) * hd];
             for b in b_lo..=b_hi {
@@ -230,7 +225,7 @@ fn tile(call: &Call<'_>, tokens: std::ops::Range<usize>, g: usize) -> Vec<f32> {
                 for l in 0..bs {
                     let mut acc = 0.0f32;
                     for (d, qv) in qr.iter().enumerate() {
-                        acc += qv * key(blk + d * bs + l);
+                        acc += qv * kc.get(blk + d * bs + l);
                     }
                     sc[(b - b_lo) * bs + l] = acc;
                 }

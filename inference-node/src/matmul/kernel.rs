@@ -48,6 +48,15 @@ impl<'a> WRows<'a> {
             WRows::F16(s) | WRows::BF16(s) => s.len(),
         }
     }
+
+    /// Element `i` widened to f32 (the scalar paths).
+    pub fn get(self, i: usize) -> f32 {
+        match self {
+            WRows::F32(s) => s[i],
+            WRows::F16(s) => half::f16::from_bits(s[i]).to_f32(),
+            WRows::BF16(s) => half::bf16::from_bits(s[i]).to_f32(),
+        }
+    }
 }
 
 /// The instruction set the kernels use in this process.
@@ -196,20 +205,13 @@ pub fn weighted_rows(
         },
         _ => {
             let fused = isa() != Isa::Portable;
-            let val = |i: usize| -> f32 {
-                match v {
-                    WRows::F32(b) => b[i],
-                    WRows::F16(b) => half::f16::from_bits(b[i]).to_f32(),
-                    WRows::BF16(b) => half::bf16::from_bits(b[i]).to_f32(),
-                }
-            };
             for h in 0..heads {
                 let o = &mut out[h * hd..(h + 1) * hd];
                 o.fill(0.0);
                 for (j, &off) in offs.iter().enumerate() {
                     let w = s[h * lds + j];
                     for (d, a) in o.iter_mut().enumerate() {
-                        let b = val(off + d);
+                        let b = v.get(off + d);
                         *a = if fused { w.mul_add(b, *a) } else { *a + w * b };
                     }
                 }
@@ -288,20 +290,13 @@ fn key_scores_on(
         // SAFETY: avx2 + fma + f16c detected; every index was checked above.
         Isa::Avx2 => unsafe { x86::key_scores256(q, rows, hd, kt, chunks, ld, out, ldo) },
         _ => {
-            let val = |i: usize| -> f32 {
-                match kt {
-                    WRows::F32(b) => b[i],
-                    WRows::F16(b) => half::f16::from_bits(b[i]).to_f32(),
-                    WRows::BF16(b) => half::bf16::from_bits(b[i]).to_f32(),
-                }
-            };
             for r in 0..rows {
                 let qr = &q[r * hd..(r + 1) * hd];
                 for (c, &base) in chunks.iter().enumerate() {
                     for l in 0..KEY_CHUNK {
                         let mut acc = 0.0f32;
                         for (d, qv) in qr.iter().enumerate() {
-                            acc += qv * val(base + d * ld + l);
+                            acc += qv * kt.get(base + d * ld + l);
                         }
                         out[r * ldo + c * KEY_CHUNK + l] = acc;
                     }
@@ -365,13 +360,7 @@ fn portable(
     out: &mut [f32],
     ldo: usize,
 ) {
-    let wv = |j: usize, kk: usize| -> f32 {
-        match w {
-            WRows::F32(s) => s[j * ldw + kk],
-            WRows::F16(s) => half::f16::from_bits(s[j * ldw + kk]).to_f32(),
-            WRows::BF16(s) => half::bf16::from_bits(s[j * ldw + kk]).to_f32(),
-        }
-    };
+    let wv = |j: usize, kk: usize| w.get(j * ldw + kk);
     let kv = k / PL * PL;
     for i in 0..m {
         let xr = &x[i * k..(i + 1) * k];
