@@ -491,48 +491,8 @@ mod x86 {
         out: &mut [f32],
         ldo: usize,
     ) {
-        let (wp, es) = raw(w);
         // SAFETY: forwarded contract.
-        unsafe {
-            match w {
-                WRows::F32(_) => grid::<F32>(
-                    x.as_ptr(),
-                    m,
-                    k,
-                    wp,
-                    es,
-                    n,
-                    ldw,
-                    out.as_mut_ptr(),
-                    ldo,
-                    K512,
-                ),
-                WRows::F16(_) => grid::<F16>(
-                    x.as_ptr(),
-                    m,
-                    k,
-                    wp,
-                    es,
-                    n,
-                    ldw,
-                    out.as_mut_ptr(),
-                    ldo,
-                    K512,
-                ),
-                WRows::BF16(_) => grid::<BF16>(
-                    x.as_ptr(),
-                    m,
-                    k,
-                    wp,
-                    es,
-                    n,
-                    ldw,
-                    out.as_mut_ptr(),
-                    ldo,
-                    K512,
-                ),
-            }
-        }
+        unsafe { grid_of(x, m, k, w, n, ldw, out, ldo, K512) }
     }
 
     /// `H` heads × 16 lanes of [`super::weighted_rows`].
@@ -770,48 +730,8 @@ mod x86 {
         out: &mut [f32],
         ldo: usize,
     ) {
-        let (wp, es) = raw(w);
         // SAFETY: forwarded contract.
-        unsafe {
-            match w {
-                WRows::F32(_) => grid::<F32>(
-                    x.as_ptr(),
-                    m,
-                    k,
-                    wp,
-                    es,
-                    n,
-                    ldw,
-                    out.as_mut_ptr(),
-                    ldo,
-                    K256,
-                ),
-                WRows::F16(_) => grid::<F16>(
-                    x.as_ptr(),
-                    m,
-                    k,
-                    wp,
-                    es,
-                    n,
-                    ldw,
-                    out.as_mut_ptr(),
-                    ldo,
-                    K256,
-                ),
-                WRows::BF16(_) => grid::<BF16>(
-                    x.as_ptr(),
-                    m,
-                    k,
-                    wp,
-                    es,
-                    n,
-                    ldw,
-                    out.as_mut_ptr(),
-                    ldo,
-                    K256,
-                ),
-            }
-        }
+        unsafe { grid_of(x, m, k, w, n, ldw, out, ldo, K256) }
     }
 
     // ------------------------------------------------------- key scores
@@ -1124,6 +1044,36 @@ mod x86 {
         K256,
     }
     use Width::{K256, K512};
+
+    /// [`grid`] for `w`'s element type. Inlined into each dispatcher, so it
+    /// is compiled with that dispatcher's target features.
+    ///
+    /// SAFETY (callers): the lengths checked by `dot_block`; the features
+    /// of `width` are present.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn grid_of(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        w: WRows<'_>,
+        n: usize,
+        ldw: usize,
+        out: &mut [f32],
+        ldo: usize,
+        width: Width,
+    ) {
+        let (wp, es) = raw(w);
+        let (xp, op) = (x.as_ptr(), out.as_mut_ptr());
+        // SAFETY: forwarded contract.
+        unsafe {
+            match w {
+                WRows::F32(_) => grid::<F32>(xp, m, k, wp, es, n, ldw, op, ldo, width),
+                WRows::F16(_) => grid::<F16>(xp, m, k, wp, es, n, ldw, op, ldo, width),
+                WRows::BF16(_) => grid::<BF16>(xp, m, k, wp, es, n, ldw, op, ldo, width),
+            }
+        }
+    }
 
     /// Tiles `m × n` into `MR × NR` blocks (edges with smaller blocks, whose
     /// per-element arithmetic is the same).
