@@ -42,7 +42,14 @@ impl KvBuf {
 
     /// `self[at + i * stride] = src[i]`.
     fn write(&mut self, at: usize, stride: usize, src: &[f32]) {
+        use half::slice::HalfFloatSliceExt;
         match self {
+            // Values are rows: one copy (or one SIMD conversion).
+            KvBuf::F32(b) if stride == 1 => b[at..at + src.len()].copy_from_slice(src),
+            KvBuf::F16(b) if stride == 1 => {
+                let dst: &mut [half::f16] = bytemuck::cast_slice_mut(&mut b[at..at + src.len()]);
+                dst.convert_from_f32_slice(src)
+            }
             KvBuf::F32(b) => {
                 for (i, v) in src.iter().enumerate() {
                     b[at + i * stride] = *v;
