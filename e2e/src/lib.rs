@@ -127,6 +127,12 @@ fn kubectl_command(args: &[&str]) -> Result<Command> {
     Ok(cmd)
 }
 
+/// `kubectl create secret generic NAME -n NS --from-literal=KEY=VALUE`.
+pub fn create_secret(ns: &str, name: &str, key: &str, value: &str) -> Result<()> {
+    let literal = format!("--from-literal={key}={value}");
+    kubectl_ok(&["create", "secret", "generic", name, "-n", ns, &literal]).map(drop)
+}
+
 /// Run kubectl and return stdout, failing with stderr when it fails.
 pub fn kubectl_ok(args: &[&str]) -> Result<String> {
     let out = kubectl(args)?;

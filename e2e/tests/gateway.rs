@@ -13,8 +13,8 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail, ensure};
 use copyhold::resources::stint_quota::{StintQuota, StintQuotaStatus};
 use copyhold_e2e::{
-    ChildGuard, TestNamespace, client, eventually, fixtures, install_crds, kubectl_ok,
-    workspace_bin,
+    ChildGuard, TestNamespace, client, create_secret, eventually, fixtures, install_crds,
+    kubectl_ok, workspace_bin,
 };
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
@@ -80,15 +80,7 @@ impl Scene {
         for m in &members {
             let name = m["name"].as_str().context("member name")?;
             let key = format!("sk-{name}-{}", ns.name);
-            kubectl_ok(&[
-                "-n",
-                &ns.name,
-                "create",
-                "secret",
-                "generic",
-                &format!("key-{name}"),
-                &format!("--from-literal=api-key={key}"),
-            ])?;
+            create_secret(&ns.name, &format!("key-{name}"), "api-key", &key)?;
             keys.insert(name.to_string(), key);
         }
         let mut spec = quota_spec.clone();

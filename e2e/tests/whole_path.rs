@@ -26,8 +26,9 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail, ensure};
 use copyhold::resources::{EnergyBudget, MemberState, ModelDeployment, StintQuota};
 use copyhold_e2e::{
-    ChildGuard, FleetLock, TestNamespace, cluster_helm, cluster_helm_ok, eventually, fixtures,
-    install_crds, kubectl, kubectl_ok, local_cluster, openai_python, workspace_bin, workspace_root,
+    ChildGuard, FleetLock, TestNamespace, cluster_helm, cluster_helm_ok, create_secret, eventually,
+    fixtures, install_crds, kubectl, kubectl_ok, local_cluster, openai_python, workspace_bin,
+    workspace_root,
 };
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -333,15 +334,7 @@ async fn the_whole_path_through_the_chart() -> Result<()> {
     let admin_token = format!("admin-{id}-{}", std::process::id());
     // The nodes' admin token, which the chart has the controller mount into
     // every copyhold-node Pod and the power cap send.
-    kubectl_ok(&[
-        "create",
-        "secret",
-        "generic",
-        "copyhold-node-admin",
-        "-n",
-        &town,
-        &format!("--from-literal=token={admin_token}"),
-    ])?;
+    create_secret(&town, "copyhold-node-admin", "token", &admin_token)?;
     let mut md = example("model-deployment.yaml")?.remove(0);
     let model_path = match std::env::var("COPYHOLD_E2E_MODEL_PATH") {
         Ok(p) => p,

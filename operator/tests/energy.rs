@@ -30,7 +30,8 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use support::{
-    ChildGuard, FleetLock, KubeletGuard, TestNamespace, eventually, install_crds, kubectl_ok,
+    ChildGuard, FleetLock, KubeletGuard, TestNamespace, create_secret, eventually, install_crds,
+    kubectl_ok,
 };
 
 /// Deletes the (cluster-scoped) budget when dropped. The controller that
@@ -110,15 +111,7 @@ impl Scene {
                             .duration_since(std::time::UNIX_EPOCH)?
                             .subsec_nanos()
                     );
-                    kubectl_ok(&[
-                        "create",
-                        "secret",
-                        "generic",
-                        "copyhold-node-admin",
-                        "-n",
-                        &ns.name,
-                        &format!("--from-literal=token={token}"),
-                    ])?;
+                    create_secret(&ns.name, "copyhold-node-admin", "token", &token)?;
                     controller.args(["--node-admin-token-secret", "copyhold-node-admin"]);
                 }
                 let node_bin = support::workspace_bin("copyhold-node", "copyhold-node")?;
@@ -552,15 +545,7 @@ async fn a_power_cap_reaches_the_node_with_the_mounted_token_is_lifted_after_the
     let metrics_port = scene.metrics_port;
 
     // A wrong admin token, besides the scene's right one.
-    kubectl_ok(&[
-        "create",
-        "secret",
-        "generic",
-        "not-the-admin-token",
-        "-n",
-        &ns.name,
-        "--from-literal=token=wrong",
-    ])?;
+    create_secret(&ns.name, "not-the-admin-token", "token", "wrong")?;
 
     // One replica.
     scene.apply_model("capped", "  priority: standard\n  replicas: 1\n")?;
