@@ -533,27 +533,38 @@ async fn bad_requests_get_openai_errors_and_never_reach_an_upstream() -> Result<
     // Failing upstreams: a dead replica is skipped (retried before the
     // first byte), a 500 becomes a 502, usage-less answers are charged the
     // full reservation.
-    let dead_port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        l.local_addr()?.port()
-    };
+    // A port bound but never listened on refuses every connection, and no
+    // other process of the suite can take it while the socket is held.
+    let dead = tokio::net::TcpSocket::new_v4()?;
+    dead.bind("127.0.0.1:0".parse()?)?;
+    let dead_port = dead.local_addr()?.port();
     s.serving_pod("up-dead", &format!("127.0.0.1:{dead_port}"))
         .await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    for i in 0..12 {
+    // The gateway learns of the new Pod through its watch, which takes a
+    // moment longer on a loaded machine: send until a request has met the
+    // dead replica. Every one of them must still succeed.
+    let connect_errors = "copyhold_gateway_upstream_errors_total{model=\"tiny\",kind=\"connect\"}";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut i = 0;
+    loop {
         let (st, _, v) = call(&http, &base, Some(&bo), chat(&format!("retry me {i}"), 5)).await?;
-        assert_eq!(st, 200, "{v}");
+        assert_eq!(st, 200, "request {i} met the dead replica: {v}");
+        i += 1;
+        let metrics = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        if metrics.contains(connect_errors) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no request met the dead replica in {i} tries: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let metrics = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
-    assert!(
-        metrics.contains("copyhold_gateway_upstream_errors_total{model=\"tiny\",kind=\"connect\"}"),
-        "{metrics}"
-    );
 
     let mut s2 = Scene::new(
         "gw-errors2",
@@ -619,7 +630,7 @@ async fn bad_requests_get_openai_errors_and_never_reach_an_upstream() -> Result<
     .await?;
     // "user" + "abc" = 7 bytes, + 64 + 8 template tokens, + 50 completion.
     assert_eq!(line.tokens, 7 + 64 + 8 + 50, "{line:?}");
-    drop(up);
+    drop((up, dead));
     Ok(())
 }
 
