@@ -8,7 +8,7 @@
 use std::time::Instant;
 
 use copyhold_node::config::{Arch, ModelConfig};
-use copyhold_node::matmul::matmul_wt_many;
+use copyhold_node::matmul::{amx, matmul_wt_many};
 use copyhold_node::synth::{SynthSpec, synth};
 use copyhold_node::weights::{DType, Tensor, WeightStore};
 
@@ -75,6 +75,28 @@ fn main() {
                 "m {m:4} {name:8} n {n:5} k {k:5}: {:8.3} ms  {gflops:7.1} GFLOP/s  {gbs:6.2} GB/s of weights",
                 s * 1e3
             );
+            if amx::enabled() {
+                let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0.0; m * w.shape[0]]).collect();
+                let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+                amx::product(&x, m, &refs, &mut outs);
+                let t = Instant::now();
+                for _ in 0..reps {
+                    amx::product(&x, m, &refs, &mut outs);
+                }
+                let s = t.elapsed().as_secs_f64() / reps as f64;
+                let gflops = 2.0 * (m * n * k) as f64 / s / 1e9;
+                let fma = matmul_wt_many(&x, m, &refs);
+                let diff = fma
+                    .iter()
+                    .flatten()
+                    .zip(ys.iter().flatten())
+                    .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
+                    .fold(0.0f32, f32::max);
+                println!(
+                    "  amx (prompt rows)               {:8.3} ms  {gflops:7.1} GFLOP/s  max rel diff vs FMA {diff:.2e}",
+                    s * 1e3
+                );
+            }
         }
     }
     if dir.starts_with(std::env::temp_dir()) {

@@ -356,7 +356,12 @@ mod tests {
             paged_attention(&q, &batch, &kv, 0, HEADS, window, &mut out);
             out
         };
-        let tok = |seq: usize, pos: usize| BatchToken { token: 0, pos, seq };
+        let tok = |seq: usize, pos: usize| BatchToken {
+            token: 0,
+            pos,
+            seq,
+            prompt: true,
+        };
         // Sequence 0 as one 30-token chunk (tiles of 16 + 14) after 7 cached
         // positions, beside sequence 1's last token.
         let mut toks: Vec<BatchToken> = (7..37).map(|p| tok(0, p)).collect();

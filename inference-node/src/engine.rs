@@ -358,6 +358,7 @@ impl Engine {
                     token: s.tokens[p],
                     pos: p,
                     seq: seq_ix,
+                    prompt: p < s.prompt_len,
                 });
             }
             if s.computed + k == s.tokens.len() {

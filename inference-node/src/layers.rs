@@ -7,7 +7,7 @@ use crate::attention::{KvStore, paged_attention};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::matmul::kernel;
-use crate::matmul::{matmul_wt, matmul_wt_into, matmul_wt_many};
+use crate::matmul::{matmul_wt, matmul_wt_into, matmul_wt_many, matmul_wt_rows_into};
 use crate::weights::{Tensor, WeightStore};
 
 /// `y = x Wᵀ (+ b)`, W kept in its stored dtype.
@@ -58,6 +58,22 @@ impl Linear {
     pub fn forward_many_into(lins: &[&Linear], x: &[f32], m: usize, outs: &mut [&mut [f32]]) {
         let ws: Vec<&Tensor> = lins.iter().map(|l| &l.w).collect();
         matmul_wt_into(x, m, &ws, outs);
+        for (l, y) in lins.iter().zip(outs.iter_mut()) {
+            l.add_bias(y);
+        }
+    }
+
+    /// [`Linear::forward_many_into`] with the rows in `wide` (prompt rows)
+    /// on the wide prefill kernels where the CPU has them.
+    pub fn forward_rows_into(
+        lins: &[&Linear],
+        x: &[f32],
+        m: usize,
+        wide: &[std::ops::Range<usize>],
+        outs: &mut [&mut [f32]],
+    ) {
+        let ws: Vec<&Tensor> = lins.iter().map(|l| &l.w).collect();
+        matmul_wt_rows_into(x, m, wide, &ws, outs);
         for (l, y) in lins.iter().zip(outs.iter_mut()) {
             l.add_bias(y);
         }
@@ -150,6 +166,11 @@ pub struct BatchToken {
     pub pos: usize,
     /// Index into `Batch::block_tables`.
     pub seq: usize,
+    /// A prompt token, not one the model generated. Prompt rows may take
+    /// the wide prefill kernels (AMX) and generated rows the decode ones;
+    /// since the choice follows the token and never the batch, a sequence
+    /// computes the same bits alone or batched.
+    pub prompt: bool,
 }
 
 /// What one engine step hands a backend.
@@ -159,6 +180,23 @@ pub struct Batch {
     pub block_tables: Vec<Vec<u32>>,
     /// Indices into `tokens` whose logits are wanted, in order.
     pub logits_for: Vec<usize>,
+}
+
+impl Batch {
+    /// Maximal runs of consecutive prompt tokens (row ranges).
+    pub fn prompt_runs(&self) -> Vec<std::ops::Range<usize>> {
+        let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+        for (i, t) in self.tokens.iter().enumerate() {
+            if !t.prompt {
+                continue;
+            }
+            match runs.last_mut() {
+                Some(r) if r.end == i => r.end = i + 1,
+                _ => runs.push(i..i + 1),
+            }
+        }
+        runs
+    }
 }
 
 /// Activation buffers of one forward pass, sized for its tokens and reused
@@ -293,12 +331,14 @@ impl DecoderLayer {
         s: &mut Scratch,
     ) {
         let m = batch.tokens.len();
+        let wide = batch.prompt_runs();
         let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
         self.input_norm.forward_into(x, &mut s.hn);
-        Linear::forward_many_into(
+        Linear::forward_rows_into(
             &[&self.q, &self.k, &self.v],
             &s.hn,
             m,
+            &wide,
             &mut [&mut s.q, &mut s.k, &mut s.v],
         );
         for (i, r) in rope.iter().enumerate() {
@@ -312,14 +352,20 @@ impl DecoderLayer {
             kv.write(layer, &batch.block_tables[t.seq], t.pos, kr, vr);
         }
         paged_attention(&s.q, batch, kv, layer, nh, self.window, &mut s.attn);
-        Linear::forward_many_into(&[&self.o], &s.attn, m, &mut [&mut s.o]);
+        Linear::forward_rows_into(&[&self.o], &s.attn, m, &wide, &mut [&mut s.o]);
         for (a, b) in x.iter_mut().zip(&s.o) {
             *a += b;
         }
         self.post_norm.forward_into(x, &mut s.hn);
-        Linear::forward_many_into(&[&self.gate, &self.up], &s.hn, m, &mut [&mut s.g, &mut s.u]);
+        Linear::forward_rows_into(
+            &[&self.gate, &self.up],
+            &s.hn,
+            m,
+            &wide,
+            &mut [&mut s.g, &mut s.u],
+        );
         silu_mul(&mut s.g, &s.u);
-        Linear::forward_many_into(&[&self.down], &s.g, m, &mut [&mut s.o]);
+        Linear::forward_rows_into(&[&self.down], &s.g, m, &wide, &mut [&mut s.o]);
         for (a, b) in x.iter_mut().zip(&s.o) {
             *a += b;
         }

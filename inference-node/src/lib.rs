@@ -4,7 +4,8 @@
 //!
 //! `unsafe` is denied crate-wide and allowed in a few places, each with its
 //! reason: memory-mapping weight files (`weights`), the SIMD intrinsics of
-//! the fused matmul kernel (`matmul::kernel`), and the CUDA driver/NVRTC/cuBLAS calls (`cuda::nvrtc`,
+//! the fused matmul kernel (`matmul::kernel`), the AMX tile
+//! instructions (`matmul::amx`), and the CUDA driver/NVRTC/cuBLAS calls (`cuda::nvrtc`,
 //! `cuda::backend`).
 #![deny(unsafe_code)]
 

@@ -474,7 +474,12 @@ fn paged_attention_decode_split_k_and_prefill_match_the_cpu() {
                     block_tables: tables.clone(),
                     ..Default::default()
                 };
-                let tok = |pos, seq| copyhold_node::layers::BatchToken { token: 0, pos, seq };
+                let tok = |pos, seq| copyhold_node::layers::BatchToken {
+                    token: 0,
+                    pos,
+                    seq,
+                    prompt: true,
+                };
                 batch.tokens.push(tok(5000, 0));
                 for p in 30..100 {
                     batch.tokens.push(tok(p, 1));

@@ -460,3 +460,77 @@ fn a_prefill_band_computes_every_row_as_a_lone_row_does() {
         );
     }
 }
+
+/// Prompt rows on AMX: close to an f64 product for every weight dtype (the
+/// bf16 split keeps f32 accuracy), the same bits for a row alone or in any
+/// group of rows, and `matmul_wt_rows_into` sends exactly the asked rows
+/// there. On a CPU without AMX only the last part applies (all rows FMA).
+#[test]
+fn prompt_rows_on_amx_are_f32_accurate_and_give_the_same_bits_in_any_grouping() {
+    use copyhold_node::matmul::{amx, matmul_wt, matmul_wt_rows_into};
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let mut spec = SynthSpec::tiny(Arch::Llama);
+        // Neither dimension a whole number of tiles.
+        (spec.hidden, spec.heads, spec.kv_heads, spec.intermediate) = (104, 4, 2, 150);
+        spec.dtype = dtype;
+        let d = synth_dir(&format!("amx-{dtype:?}"), spec.clone());
+        let store = WeightStore::open(&d).unwrap();
+        let w = store
+            .get(
+                "model.layers.0.mlp.down_proj.weight",
+                &[spec.hidden, spec.intermediate],
+            )
+            .unwrap();
+        let (n, k, m) = (spec.hidden, spec.intermediate, 37);
+        let wf = w.to_f32();
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) as f32 * 1e-3).sin() * if i % 5 == 0 { 1e3 } else { 1.0 })
+            .collect();
+        let wide = [2..9, 20..30];
+        let mut y = vec![0.0f32; m * n];
+        matmul_wt_rows_into(&x, m, &wide, &[&w], &mut [&mut y]);
+        let fma = matmul_wt(&x, m, &w);
+        for i in 0..m {
+            let row = &y[i * n..(i + 1) * n];
+            if !amx::enabled() || !wide.iter().any(|r| r.contains(&i)) {
+                assert_eq!(bits(row), bits(&fma[i * n..(i + 1) * n]), "row {i}");
+            }
+        }
+        if !amx::enabled() {
+            eprintln!("no AMX on this CPU: only the FMA rows were checked");
+            continue;
+        }
+        let mut all = vec![0.0f32; m * n];
+        amx::product(&x, m, &[&w], &mut [&mut all]);
+        for i in 0..m {
+            for j in 0..n {
+                let (exact, scale) = (0..k).fold((0.0f64, 0.0f64), |(s, a), kk| {
+                    let p = x[i * k + kk] as f64 * wf[j * k + kk] as f64;
+                    (s + p, a + p.abs())
+                });
+                let got = all[i * n + j] as f64;
+                assert!(
+                    (got - exact).abs() <= scale * 2f64.powi(-20),
+                    "{dtype:?} ({i},{j}): {got} vs {exact} (scale {scale})"
+                );
+            }
+            let mut one = vec![0.0f32; n];
+            amx::product(&x[i * k..(i + 1) * k], 1, &[&w], &mut [&mut one]);
+            assert_eq!(
+                bits(&one),
+                bits(&all[i * n..(i + 1) * n]),
+                "{dtype:?} row {i} alone"
+            );
+        }
+        // A run starting mid-batch, as a prompt after other sequences' rows.
+        for r in wide {
+            let rows = &y[r.start * n..r.end * n];
+            assert_eq!(
+                bits(rows),
+                bits(&all[r.start * n..r.end * n]),
+                "{dtype:?} run {r:?}"
+            );
+        }
+    }
+}

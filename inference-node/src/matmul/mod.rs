@@ -12,6 +12,7 @@
 //!
 //! `unsafe` lives only in [`kernel`].
 
+pub mod amx;
 pub mod kernel;
 
 use std::cell::RefCell;
@@ -139,6 +140,48 @@ pub fn matmul_wt_into(x: &[f32], m: usize, ws: &[&Tensor], outs: &mut [&mut [f32
         let y = &mut outs[wi];
         for i in 0..m {
             y[i * n + r0..i * n + r0 + rows].copy_from_slice(&out[i * rows..(i + 1) * rows]);
+        }
+    }
+}
+
+/// [`matmul_wt_into`] with the row ranges in `wide` (sorted, disjoint) on
+/// AMX when [`amx::enabled`], and the rows between them on the FMA
+/// kernels. Each range is its own product over its slice of rows; every
+/// output element still depends only on its own row.
+pub fn matmul_wt_rows_into(
+    x: &[f32],
+    m: usize,
+    wide: &[std::ops::Range<usize>],
+    ws: &[&Tensor],
+    outs: &mut [&mut [f32]],
+) {
+    if wide.is_empty() || !amx::enabled() {
+        return matmul_wt_into(x, m, ws, outs);
+    }
+    let k = ws[0].shape[1];
+    let mut runs: Vec<(std::ops::Range<usize>, bool)> = Vec::new();
+    let mut at = 0;
+    for r in wide {
+        if r.start > at {
+            runs.push((at..r.start, false));
+        }
+        runs.push((r.clone(), true));
+        at = r.end;
+    }
+    if at < m {
+        runs.push((at..m, false));
+    }
+    for (r, on_amx) in runs {
+        let xs = &x[r.start * k..r.end * k];
+        let mut os: Vec<&mut [f32]> = outs
+            .iter_mut()
+            .zip(ws)
+            .map(|(o, w)| &mut o[r.start * w.shape[0]..r.end * w.shape[0]])
+            .collect();
+        if on_amx {
+            amx::product(xs, r.len(), ws, &mut os);
+        } else {
+            matmul_wt_into(xs, r.len(), ws, &mut os);
         }
     }
 }

@@ -1,0 +1,444 @@
+//! Prompt rows on Intel AMX (Sapphire Rapids and later): `y = x · Wᵀ` with
+//! the tile unit's bf16 dot products, carrying f32 accuracy.
+//!
+//! AMX multiplies bf16 (8 significant bits) into f32 sums. Every f32
+//! activation is split exactly into three bf16 parts (`a = a₀ + a₁ + a₂`,
+//! each a truncation of what is left) and every weight into as many parts
+//! as its dtype needs (bf16: one, f16: two, f32: three). A product is the
+//! sum of the part products `aᵢ·wⱼ` with `i + j ≤ 2`; the terms left out
+//! are below 2⁻²³ of it, the size of f32's own rounding. Each part product
+//! is exact in f32, so the result differs from an f32 dot product only in
+//! rounding; `check-golden` bounds it like any other path.
+//!
+//! The weights play AMX's "A" operand (16 output features × 32 inputs per
+//! tile, packed row-major, no transpose) and the activations its "B"
+//! operand (pairs of inputs × 16 tokens, packed once per product), so the
+//! tiles of C hold outputs × tokens and are transposed on the way out.
+//!
+//! Every output element is accumulated in the same order — input blocks of
+//! 32 ascending, then weight part, then activation part — whatever the
+//! number of rows or how they are grouped, so a prompt row gives the same
+//! bits alone as in a batch. Rows the model generated go through the FMA
+//! kernels instead (see [`crate::layers::BatchToken::prompt`]): the choice
+//! follows the token, never the batch.
+
+// The tile instructions (inline asm), the kernel's permission for the tile
+// state, and writes of disjoint output columns from parallel jobs.
+#![allow(unsafe_code)]
+
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use crate::weights::{DType, Tensor};
+
+/// Output features per job: two tiles of 16, times this many pairs. The
+/// job's packed weights (`PANEL × k × parts × 2` bytes) stay in L2 while
+/// every token tile sweeps them.
+const PANEL: usize = 64;
+
+/// Whether prompt rows use AMX in this process: the CPU has AMX-BF16, the
+/// kernel grants the tile state, and `COPYHOLD_KERNELS` does not ask for
+/// another instruction set. Decided once: results must not change from one
+/// step to the next.
+pub fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        let asked = std::env::var("COPYHOLD_KERNELS").ok();
+        if asked.as_deref().is_some_and(|v| v != "amx")
+            || std::env::var_os("COPYHOLD_PORTABLE_KERNELS").is_some()
+        {
+            return false;
+        }
+        imp::request()
+    })
+}
+
+thread_local! {
+    static PANEL_BUF: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Activations split into three bf16 parts in AMX's pair layout: tile
+/// `(kb, mt)` of part `p` is 16 rows (input pairs `kb·32 + 2i`, `+1`) ×
+/// 16 tokens, 1 KiB, contiguous.
+struct PackedX {
+    parts: [Vec<u32>; 3],
+    kblocks: usize,
+    mtiles: usize,
+}
+
+/// Split `v` into bf16 parts whose sum is `v` exactly (for finite `v`
+/// whose parts are not bf16 subnormals), as the top 16 bits of f32s.
+#[inline]
+fn split3(v: f32) -> [u16; 3] {
+    let h0 = v.to_bits() & 0xFFFF_0000;
+    let r0 = v - f32::from_bits(h0);
+    let h1 = r0.to_bits() & 0xFFFF_0000;
+    let r1 = r0 - f32::from_bits(h1);
+    let h2 = r1.to_bits() & 0xFFFF_0000;
+    [(h0 >> 16) as u16, (h1 >> 16) as u16, (h2 >> 16) as u16]
+}
+
+fn pack_x(x: &[f32], m: usize, k: usize) -> PackedX {
+    let kblocks = k.div_ceil(32);
+    let kp = kblocks * 32;
+    let mtiles = m.div_ceil(32) * 2;
+    let len = kblocks * mtiles * 256;
+    let mut parts = [vec![0u32; len], vec![0u32; len], vec![0u32; len]];
+    let [p0, p1, p2] = &mut parts;
+    let (c0, c1, c2) = (
+        by_token_tile(p0, mtiles),
+        by_token_tile(p1, mtiles),
+        by_token_tile(p2, mtiles),
+    );
+    // Token tiles in parallel: each writes only its own tiles. A token's
+    // inputs are split as one row (vectorized), then its pairs go down
+    // column `j` of each tile.
+    c0.into_par_iter()
+        .zip(c1)
+        .zip(c2)
+        .enumerate()
+        .for_each(|(mt, ((mut t0, mut t1), mut t2))| {
+            let mut split = [vec![0u16; kp], vec![0u16; kp], vec![0u16; kp]];
+            for j in 0..16 {
+                let tok = mt * 16 + j;
+                if tok >= m {
+                    break;
+                }
+                split_row(&x[tok * k..(tok + 1) * k], 3, &mut split);
+                for (tiles, part) in [&mut t0, &mut t1, &mut t2].into_iter().zip(&split) {
+                    let pairs: &[u32] = bytemuck::cast_slice(part);
+                    for (kb, tile) in tiles.iter_mut().enumerate() {
+                        for i in 0..16 {
+                            tile[i * 16 + j] = pairs[kb * 16 + i];
+                        }
+                    }
+                }
+            }
+        });
+    PackedX {
+        parts,
+        kblocks,
+        mtiles,
+    }
+}
+
+/// `out[p][i]` = part `p` of `src[i]` (see [`split3`]) for `p < parts`;
+/// entries past `src.len()` are left as they are.
+fn split_row(src: &[f32], parts: usize, out: &mut [Vec<u16>; 3]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
+        // SAFETY: the features were just detected.
+        return unsafe { split_row_avx512(src, parts, out) };
+    }
+    split_row_plain(src, parts, out)
+}
+
+#[inline(always)]
+fn split_row_plain(src: &[f32], parts: usize, out: &mut [Vec<u16>; 3]) {
+    let [o0, o1, o2] = out;
+    if parts == 3 {
+        for (((v, a), b), c) in src
+            .iter()
+            .zip(o0.iter_mut())
+            .zip(o1.iter_mut())
+            .zip(o2.iter_mut())
+        {
+            [*a, *b, *c] = split3(*v);
+        }
+    } else if parts == 2 {
+        for ((v, a), b) in src.iter().zip(o0.iter_mut()).zip(o1.iter_mut()) {
+            let [x, y, _] = split3(*v);
+            (*a, *b) = (x, y);
+        }
+    } else {
+        for (v, a) in src.iter().zip(o0.iter_mut()) {
+            *a = (v.to_bits() >> 16) as u16;
+        }
+    }
+}
+
+/// The same loops, compiled for AVX-512 so they vectorize 16 wide.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn split_row_avx512(src: &[f32], parts: usize, out: &mut [Vec<u16>; 3]) {
+    split_row_plain(src, parts, out)
+}
+
+/// Tile `(kb, mt)` is at `kb·mtiles + mt`: the tiles of each token tile,
+/// in order of `kb`.
+fn by_token_tile(p: &mut [u32], mtiles: usize) -> Vec<Vec<&mut [u32]>> {
+    let mut by_mt: Vec<Vec<&mut [u32]>> = (0..mtiles).map(|_| Vec::new()).collect();
+    for (t, tile) in p.chunks_mut(256).enumerate() {
+        by_mt[t % mtiles].push(tile);
+    }
+    by_mt
+}
+
+/// Parts each weight element needs for an exact split.
+fn weight_parts(w: &Tensor) -> usize {
+    match w.dtype {
+        DType::BF16 => 1,
+        DType::F16 => 2,
+        DType::F32 => 3,
+    }
+}
+
+/// Pack weight rows `r0..r0 + rows` (zero rows up to `PANEL`, zero inputs
+/// up to whole blocks of 32) as `parts` row-major bf16 planes, each
+/// `PANEL × kblocks·32`.
+fn pack_w(w: &Tensor, r0: usize, rows: usize, parts: usize, kp: usize, buf: &mut Vec<u16>) {
+    let k = w.shape[1];
+    buf.clear();
+    buf.resize(parts * PANEL * kp, 0);
+    ROW.with(|b| {
+        let mut b = b.borrow_mut();
+        let (row, split) = &mut *b;
+        row.resize(k, 0.0);
+        for s in split.iter_mut() {
+            s.resize(k, 0);
+        }
+        for r in 0..rows {
+            w.read_f32((r0 + r) * k, row);
+            split_row(row, parts, split);
+            for (p, sp) in split.iter().enumerate().take(parts) {
+                buf[(p * PANEL + r) * kp..][..k].copy_from_slice(sp);
+            }
+        }
+    });
+}
+
+thread_local! {
+    static ROW: RefCell<(Vec<f32>, [Vec<u16>; 3])> = const {
+        RefCell::new((Vec::new(), [Vec::new(), Vec::new(), Vec::new()]))
+    };
+}
+
+/// `outs[i]` (`m × n_i`) `= x · W_iᵀ` on AMX, for `x` `m × k` shared by
+/// every weight. Only called when [`enabled`].
+pub fn product(x: &[f32], m: usize, ws: &[&Tensor], outs: &mut [&mut [f32]]) {
+    if m == 0 {
+        return;
+    }
+    let k = ws[0].shape[1];
+    let px = pack_x(x, m, k);
+    let kp = px.kblocks * 32;
+    // Jobs: (weight, first row) for every panel of every weight.
+    let jobs: Vec<(usize, usize)> = ws
+        .iter()
+        .enumerate()
+        .flat_map(|(wi, w)| (0..w.shape[0].div_ceil(PANEL)).map(move |p| (wi, p * PANEL)))
+        .collect();
+    // Each job's outputs: the column range r0..r0+PANEL of every token row.
+    // Columns of one output are disjoint across jobs; write through a raw
+    // view (see `OutView`).
+    let views: Vec<OutView> = outs
+        .iter_mut()
+        .map(|o| OutView(o.as_mut_ptr(), o.len()))
+        .collect();
+    jobs.par_iter().for_each(|&(wi, r0)| {
+        let w = ws[wi];
+        let n = w.shape[0];
+        let rows = PANEL.min(n - r0);
+        let parts = weight_parts(w);
+        PANEL_BUF.with(|b| {
+            let mut buf = b.borrow_mut();
+            pack_w(w, r0, rows, parts, kp, &mut buf);
+            imp::panel(&px, &buf, parts, kp, m, rows, views[wi], n, r0);
+        });
+    });
+}
+
+/// An output written by several jobs at once, each to its own columns
+/// `r0..r0 + rows` of every token row.
+#[derive(Clone, Copy)]
+struct OutView(*mut f32, usize);
+// SAFETY: jobs write disjoint elements (see `OutView`), and the outputs
+// outlive the parallel loop that holds the views.
+unsafe impl Send for OutView {}
+unsafe impl Sync for OutView {}
+
+#[cfg(target_arch = "x86_64")]
+mod imp {
+    use std::arch::asm;
+
+    use super::{OutView, PANEL, PackedX};
+
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+
+    /// AMX-TILE and AMX-BF16 in CPUID leaf 7, and Linux's permission for
+    /// this process to use the tile state.
+    pub fn request() -> bool {
+        let leaf = std::arch::x86_64::__cpuid_count(7, 0);
+        let (bf16, tile) = (leaf.edx & (1 << 22) != 0, leaf.edx & (1 << 24) != 0);
+        if !(bf16 && tile && std::is_x86_feature_detected!("avx512f")) {
+            return false;
+        }
+        // SAFETY: arch_prctl with an integer argument touches no memory.
+        unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            ) == 0
+        }
+    }
+
+    /// Every tile 16 rows × 64 bytes.
+    #[repr(C, align(64))]
+    struct Config([u8; 64]);
+
+    const fn config() -> Config {
+        let mut c = [0u8; 64];
+        c[0] = 1; // palette 1
+        let mut t = 0;
+        while t < 8 {
+            c[16 + 2 * t] = 64; // bytes per row (little-endian u16)
+            c[48 + t] = 16; // rows
+            t += 1;
+        }
+        Config(c)
+    }
+    static CONFIG: Config = config();
+
+    macro_rules! tload {
+        ($t:literal, $ptr:expr, $stride:expr) => {
+            asm!(concat!("tileloadd tmm", $t, ", [{p} + {s}]"),
+                 p = in(reg) $ptr, s = in(reg) $stride, options(nostack, readonly))
+        };
+    }
+    macro_rules! tdp {
+        ($c:literal, $a:literal, $b:literal) => {
+            asm!(
+                concat!("tdpbf16ps tmm", $c, ", tmm", $a, ", tmm", $b),
+                options(nostack, nomem)
+            )
+        };
+    }
+    macro_rules! tstore {
+        ($t:literal, $ptr:expr) => {
+            asm!(concat!("tilestored [{p} + {s}], tmm", $t),
+                 p = in(reg) $ptr, s = in(reg) 64usize, options(nostack))
+        };
+    }
+
+    #[repr(C, align(64))]
+    struct CTile([f32; 256]);
+
+    /// One panel of `rows` weight rows (packed, `parts` planes of
+    /// `PANEL × kp` bf16) against every token of `px`, written to
+    /// `out[tok·ldo + r0 + row]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn panel(
+        px: &PackedX,
+        w: &[u16],
+        parts: usize,
+        kp: usize,
+        m: usize,
+        rows: usize,
+        out: OutView,
+        ldo: usize,
+        r0: usize,
+    ) {
+        assert!(m * ldo <= out.1 && r0 + rows <= ldo);
+        let wstride = kp * 2; // bytes between packed weight rows
+        let plane = PANEL * kp;
+        let mt_stride = 256usize; // u32s per activation tile
+        let mut c = [
+            CTile([0.0; 256]),
+            CTile([0.0; 256]),
+            CTile([0.0; 256]),
+            CTile([0.0; 256]),
+        ];
+        // SAFETY: the CPU has AMX (checked by `request` before any call)
+        // and every tile load reads 16 rows of 64 bytes inside `w` or
+        // `px.parts` (both padded to whole tiles); stores go to `c`.
+        unsafe {
+            asm!("ldtilecfg [{0}]", in(reg) &CONFIG as *const Config, options(nostack, readonly));
+            for mp in 0..px.mtiles / 2 {
+                for np in 0..rows.div_ceil(32) {
+                    tdp_zero();
+                    for kb in 0..px.kblocks {
+                        for j in 0..parts {
+                            let wt = w.as_ptr().add(j * plane + np * 32 * kp + kb * 32);
+                            tload!(4, wt, wstride);
+                            tload!(5, wt.add(16 * kp), wstride);
+                            for i in 0..3 - j {
+                                let xt = px.parts[i]
+                                    .as_ptr()
+                                    .add((kb * px.mtiles + 2 * mp) * mt_stride);
+                                tload!(6, xt, 64usize);
+                                tload!(7, xt.add(mt_stride), 64usize);
+                                tdp!(0, 4, 6);
+                                tdp!(1, 4, 7);
+                                tdp!(2, 5, 6);
+                                tdp!(3, 5, 7);
+                            }
+                        }
+                    }
+                    tstore!(0, c[0].0.as_mut_ptr());
+                    tstore!(1, c[1].0.as_mut_ptr());
+                    tstore!(2, c[2].0.as_mut_ptr());
+                    tstore!(3, c[3].0.as_mut_ptr());
+                    // C tile (nt, mt): 16 outputs × 16 tokens.
+                    for (t, ct) in c.iter().enumerate() {
+                        let (nt, mt) = (t / 2, t % 2);
+                        for jj in 0..16 {
+                            let tok = (2 * mp + mt) * 16 + jj;
+                            if tok >= m {
+                                break;
+                            }
+                            for ii in 0..16 {
+                                let r = np * 32 + nt * 16 + ii;
+                                if r < rows {
+                                    // In bounds by the assert above; no
+                                    // other job writes column r0 + r.
+                                    out.0.add(tok * ldo + r0 + r).write(ct.0[ii * 16 + jj]);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            asm!("tilerelease", options(nostack, nomem));
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn tdp_zero() {
+        // SAFETY: tile registers only.
+        unsafe {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            )
+        };
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod imp {
+    use super::{OutView, PackedX};
+    pub fn request() -> bool {
+        false
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub fn panel(
+        _: &PackedX,
+        _: &[u16],
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: OutView,
+        _: usize,
+        _: usize,
+    ) {
+        unreachable!("AMX is never enabled off x86_64")
+    }
+}
