@@ -80,48 +80,69 @@ fn split3(v: f32) -> [u16; 3] {
     [(h0 >> 16) as u16, (h1 >> 16) as u16, (h2 >> 16) as u16]
 }
 
-fn pack_x(x: &[f32], m: usize, k: usize) -> PackedX {
+fn pack_x(x: &[f32], m: usize, k: usize, mut parts: [Vec<u32>; 3]) -> PackedX {
     let kblocks = k.div_ceil(32);
     let kp = kblocks * 32;
     let mtiles = m.div_ceil(32) * 2;
     let len = kblocks * mtiles * 256;
-    let mut parts = [vec![0u32; len], vec![0u32; len], vec![0u32; len]];
+    // Every element is written below (padding tokens as zeros), so a
+    // reused buffer needs no clearing.
+    for p in parts.iter_mut() {
+        p.resize(len, 0);
+    }
     let [p0, p1, p2] = &mut parts;
     let (c0, c1, c2) = (
         by_token_tile(p0, mtiles),
         by_token_tile(p1, mtiles),
         by_token_tile(p2, mtiles),
     );
-    // Token tiles in parallel: each writes only its own tiles. A token's
-    // inputs are split as one row (vectorized), then its pairs go down
-    // column `j` of each tile.
+    // Token tiles in parallel: each writes only its own tiles. The tile's
+    // 16 tokens are split as rows (vectorized), then their pairs go down
+    // the columns of each tile, one tile at a time.
     c0.into_par_iter()
         .zip(c1)
         .zip(c2)
         .enumerate()
-        .for_each(|(mt, ((mut t0, mut t1), mut t2))| {
-            let mut split = [vec![0u16; kp], vec![0u16; kp], vec![0u16; kp]];
-            for j in 0..16 {
-                let tok = mt * 16 + j;
-                if tok >= m {
-                    break;
+        .for_each(|(mt, ((t0, t1), t2))| {
+            SPLIT.with(|b| {
+                let mut split = b.borrow_mut();
+                split.resize_with(16, || [Vec::new(), Vec::new(), Vec::new()]);
+                for (j, sp) in split.iter_mut().enumerate() {
+                    for part in sp.iter_mut() {
+                        part.resize(kp, 0);
+                    }
+                    let tok = mt * 16 + j;
+                    if tok < m {
+                        // Inputs k..kp stay zero: only the first k are written.
+                        split_row(&x[tok * k..(tok + 1) * k], 3, sp);
+                    } else {
+                        sp.iter_mut().for_each(|part| part.fill(0));
+                    }
                 }
-                split_row(&x[tok * k..(tok + 1) * k], 3, &mut split);
-                for (tiles, part) in [&mut t0, &mut t1, &mut t2].into_iter().zip(&split) {
-                    let pairs: &[u32] = bytemuck::cast_slice(part);
+                for (p, mut tiles) in [t0, t1, t2].into_iter().enumerate() {
                     for (kb, tile) in tiles.iter_mut().enumerate() {
-                        for i in 0..16 {
-                            tile[i * 16 + j] = pairs[kb * 16 + i];
+                        for (j, sp) in split.iter().enumerate() {
+                            let pairs: &[u32] = bytemuck::cast_slice(&sp[p][kb * 32..kb * 32 + 32]);
+                            for (i, &v) in pairs.iter().enumerate() {
+                                tile[i * 16 + j] = v;
+                            }
                         }
                     }
                 }
-            }
+            })
         });
     PackedX {
         parts,
         kblocks,
         mtiles,
     }
+}
+
+thread_local! {
+    /// The activation parts of the last product on this thread, reused.
+    static XBUF: RefCell<[Vec<u32>; 3]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+    /// One token tile's rows, split.
+    static SPLIT: RefCell<Vec<[Vec<u16>; 3]>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `out[p][i]` = part `p` of `src[i]` (see [`split3`]) for `p < parts`;
@@ -222,7 +243,7 @@ pub fn product(x: &[f32], m: usize, ws: &[&Tensor], outs: &mut [&mut [f32]]) {
         return;
     }
     let k = ws[0].shape[1];
-    let px = pack_x(x, m, k);
+    let px = pack_x(x, m, k, XBUF.with(|b| b.take()));
     let kp = px.kblocks * 32;
     // Jobs: (weight, first row) for every panel of every weight.
     let jobs: Vec<(usize, usize)> = ws
@@ -248,6 +269,7 @@ pub fn product(x: &[f32], m: usize, ws: &[&Tensor], outs: &mut [&mut [f32]]) {
             imp::panel(&px, &buf, parts, kp, m, rows, views[wi], n, r0);
         });
     });
+    XBUF.with(|b| *b.borrow_mut() = px.parts);
 }
 
 /// An output written by several jobs at once, each to its own columns
