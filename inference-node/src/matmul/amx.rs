@@ -31,12 +31,26 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use super::kernel::WRows;
 use crate::weights::{DType, Tensor};
 
-/// Output features per job: two tiles of 16, times this many pairs. The
-/// job's packed weights (`PANEL × k × parts × 2` bytes) stay in L2 while
-/// every token tile sweeps them.
-const PANEL: usize = 64;
+/// Output features per job, a multiple of 32 (two tiles of 16): as many
+/// as keep the job's packed weights (`rows × k × parts × 2` bytes) within
+/// about half of L2, since every job streams all the packed activations
+/// past them (fewer jobs, fewer sweeps), but at least two jobs per thread.
+fn panel_rows(kp: usize, parts: usize, total_n: usize) -> usize {
+    static FIXED: OnceLock<Option<usize>> = OnceLock::new();
+    let fixed = *FIXED.get_or_init(|| {
+        std::env::var("COPYHOLD_AMX_PANEL")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    let threads = rayon::current_num_threads().max(1);
+    let by_cache = (1usize << 20) / (kp * parts * 2);
+    let by_jobs = total_n / (2 * threads);
+    let rows = fixed.unwrap_or(by_cache.min(by_jobs)).clamp(32, 512);
+    rows / 32 * 32
+}
 
 /// Whether prompt rows use AMX in this process: the CPU has AMX-BF16, the
 /// kernel grants the tile state, and `COPYHOLD_KERNELS` does not ask for
@@ -61,7 +75,10 @@ thread_local! {
 
 /// Activations split into three bf16 parts in AMX's pair layout: tile
 /// `(kb, mt)` of part `p` is 16 rows (input pairs `kb·32 + 2i`, `+1`) ×
-/// 16 tokens, 1 KiB, contiguous.
+/// 16 tokens, 1 KiB, contiguous, at [`x_tile`]. A pair of token tiles
+/// keeps all its inputs together, so the tiles one pass of the kernel
+/// reads are contiguous: spread a power of two apart they would fall into
+/// the same few cache sets and thrash L2.
 struct PackedX {
     parts: [Vec<u32>; 3],
     kblocks: usize,
@@ -92,9 +109,9 @@ fn pack_x(x: &[f32], m: usize, k: usize, mut parts: [Vec<u32>; 3]) -> PackedX {
     }
     let [p0, p1, p2] = &mut parts;
     let (c0, c1, c2) = (
-        by_token_tile(p0, mtiles),
-        by_token_tile(p1, mtiles),
-        by_token_tile(p2, mtiles),
+        by_token_tile(p0, mtiles, kblocks),
+        by_token_tile(p1, mtiles, kblocks),
+        by_token_tile(p2, mtiles, kblocks),
     );
     // Token tiles in parallel: each writes only its own tiles. The tile's
     // 16 tokens are split as rows (vectorized), then their pairs go down
@@ -187,12 +204,19 @@ unsafe fn split_row_avx512(src: &[f32], parts: usize, out: &mut [Vec<u16>; 3]) {
     split_row_plain(src, parts, out)
 }
 
-/// Tile `(kb, mt)` is at `kb·mtiles + mt`: the tiles of each token tile,
-/// in order of `kb`.
-fn by_token_tile(p: &mut [u32], mtiles: usize) -> Vec<Vec<&mut [u32]>> {
+/// Index (in tiles) of activation tile `(kb, mt)`.
+#[inline]
+fn x_tile(kb: usize, mt: usize, kblocks: usize) -> usize {
+    ((mt / 2) * kblocks + kb) * 2 + mt % 2
+}
+
+/// The tiles of each token tile, in order of `kb`.
+fn by_token_tile(p: &mut [u32], mtiles: usize, kblocks: usize) -> Vec<Vec<&mut [u32]>> {
     let mut by_mt: Vec<Vec<&mut [u32]>> = (0..mtiles).map(|_| Vec::new()).collect();
     for (t, tile) in p.chunks_mut(256).enumerate() {
-        by_mt[t % mtiles].push(tile);
+        // Inverse of `x_tile`; ascending t gives ascending kb per mt.
+        let mt = t / (2 * kblocks) * 2 + t % 2;
+        by_mt[mt].push(tile);
     }
     by_mt
 }
@@ -206,25 +230,54 @@ fn weight_parts(w: &Tensor) -> usize {
     }
 }
 
-/// Pack weight rows `r0..r0 + rows` (zero rows up to `PANEL`, zero inputs
-/// up to whole blocks of 32) as `parts` row-major bf16 planes, each
-/// `PANEL × kblocks·32`.
-fn pack_w(w: &Tensor, r0: usize, rows: usize, parts: usize, kp: usize, buf: &mut Vec<u16>) {
+/// Pack weight rows `r0..r0 + rows` (zero rows up to `panel`, zero inputs
+/// up to whole blocks of 32) as `parts` bf16 planes of whole tiles: tile
+/// `(part, nt, kb)` (16 rows × 32 inputs) is 1 KiB, contiguous, at
+/// `((part·ntiles + nt)·kblocks + kb)·512`. Contiguous tiles load without
+/// the cache-set conflicts of rows a power of two apart.
+fn pack_w(
+    w: &Tensor,
+    r0: usize,
+    rows: usize,
+    panel: usize,
+    parts: usize,
+    kp: usize,
+    buf: &mut Vec<u16>,
+) {
     let k = w.shape[1];
+    let (ntiles, kblocks) = (panel / 16, kp / 32);
     buf.clear();
-    buf.resize(parts * PANEL * kp, 0);
+    buf.resize(parts * panel * kp, 0);
     ROW.with(|b| {
         let mut b = b.borrow_mut();
         let (row, split) = &mut *b;
         row.resize(k, 0.0);
         for s in split.iter_mut() {
-            s.resize(k, 0);
+            // Inputs k..kp stay zero: only the first k are ever written.
+            s.resize(kp, 0);
         }
         for r in 0..rows {
-            w.read_f32((r0 + r) * k, row);
-            split_row(row, parts, split);
+            match (w.rows(), parts) {
+                (Some(WRows::F16(src)), 2) => {
+                    // The common case, straight from the stored bits.
+                    let [s0, s1, _] = &mut *split;
+                    imp::split_f16(
+                        &src[(r0 + r) * k..(r0 + r + 1) * k],
+                        &mut s0[..k],
+                        &mut s1[..k],
+                    );
+                }
+                _ => {
+                    w.read_f32((r0 + r) * k, row);
+                    split_row(row, parts, split);
+                }
+            }
+            let (nt, rr) = (r / 16, r % 16);
             for (p, sp) in split.iter().enumerate().take(parts) {
-                buf[(p * PANEL + r) * kp..][..k].copy_from_slice(sp);
+                for kb in 0..kblocks {
+                    let at = ((p * ntiles + nt) * kblocks + kb) * 512 + rr * 32;
+                    buf[at..at + 32].copy_from_slice(&sp[kb * 32..kb * 32 + 32]);
+                }
             }
         }
     });
@@ -245,28 +298,32 @@ pub fn product(x: &[f32], m: usize, ws: &[&Tensor], outs: &mut [&mut [f32]]) {
     let k = ws[0].shape[1];
     let px = pack_x(x, m, k, XBUF.with(|b| b.take()));
     let kp = px.kblocks * 32;
-    // Jobs: (weight, first row) for every panel of every weight.
-    let jobs: Vec<(usize, usize)> = ws
+    let total_n: usize = ws.iter().map(|w| w.shape[0]).sum();
+    // Jobs: (weight, first row, panel rows) for every panel of every weight.
+    let jobs: Vec<(usize, usize, usize)> = ws
         .iter()
         .enumerate()
-        .flat_map(|(wi, w)| (0..w.shape[0].div_ceil(PANEL)).map(move |p| (wi, p * PANEL)))
+        .flat_map(|(wi, w)| {
+            let panel = panel_rows(kp, weight_parts(w), total_n);
+            (0..w.shape[0].div_ceil(panel)).map(move |p| (wi, p * panel, panel))
+        })
         .collect();
-    // Each job's outputs: the column range r0..r0+PANEL of every token row.
+    // Each job's outputs: the column range r0..r0+panel of every token row.
     // Columns of one output are disjoint across jobs; write through a raw
     // view (see `OutView`).
     let views: Vec<OutView> = outs
         .iter_mut()
         .map(|o| OutView(o.as_mut_ptr(), o.len()))
         .collect();
-    jobs.par_iter().for_each(|&(wi, r0)| {
+    jobs.par_iter().for_each(|&(wi, r0, panel)| {
         let w = ws[wi];
         let n = w.shape[0];
-        let rows = PANEL.min(n - r0);
+        let rows = panel.min(n - r0);
         let parts = weight_parts(w);
         PANEL_BUF.with(|b| {
             let mut buf = b.borrow_mut();
-            pack_w(w, r0, rows, parts, kp, &mut buf);
-            imp::panel(&px, &buf, parts, kp, m, rows, views[wi], n, r0);
+            pack_w(w, r0, rows, panel, parts, kp, &mut buf);
+            imp::panel(&px, &buf, panel, parts, m, rows, views[wi], n, r0);
         });
     });
     XBUF.with(|b| *b.borrow_mut() = px.parts);
@@ -285,7 +342,7 @@ unsafe impl Sync for OutView {}
 mod imp {
     use std::arch::asm;
 
-    use super::{OutView, PANEL, PackedX};
+    use super::{OutView, PackedX};
 
     const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
     const XFEATURE_XTILEDATA: libc::c_long = 18;
@@ -305,6 +362,38 @@ mod imp {
                 ARCH_REQ_XCOMP_PERM,
                 XFEATURE_XTILEDATA,
             ) == 0
+        }
+    }
+
+    /// f16 bits `src` split into two bf16 parts (exact: an f16 has 11
+    /// significant bits, the first part takes 8).
+    pub fn split_f16(src: &[u16], hi: &mut [u16], lo: &mut [u16]) {
+        assert!(hi.len() == src.len() && lo.len() == src.len());
+        // SAFETY: AVX-512F is present wherever AMX is enabled (`request`).
+        unsafe { split_f16_avx512(src, hi, lo) }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn split_f16_avx512(src: &[u16], hi: &mut [u16], lo: &mut [u16]) {
+        use std::arch::x86_64::*;
+        let n = src.len() / 16 * 16;
+        let mask = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+        for c in (0..n).step_by(16) {
+            // SAFETY: c + 16 <= n <= len of all three slices (asserted).
+            unsafe {
+                let h = _mm256_loadu_si256(src.as_ptr().add(c) as *const __m256i);
+                let f = _mm512_cvtph_ps(h);
+                let top = _mm512_and_si512(_mm512_castps_si512(f), mask);
+                let rest = _mm512_sub_ps(f, _mm512_castsi512_ps(top));
+                let a = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(top));
+                let b = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(_mm512_castps_si512(rest)));
+                _mm256_storeu_si256(hi.as_mut_ptr().add(c) as *mut __m256i, a);
+                _mm256_storeu_si256(lo.as_mut_ptr().add(c) as *mut __m256i, b);
+            }
+        }
+        for c in n..src.len() {
+            let [a, b, _] = super::split3(half::f16::from_bits(src[c]).to_f32());
+            (hi[c], lo[c]) = (a, b);
         }
     }
 
@@ -350,14 +439,14 @@ mod imp {
     struct CTile([f32; 256]);
 
     /// One panel of `rows` weight rows (packed, `parts` planes of
-    /// `PANEL × kp` bf16) against every token of `px`, written to
+    /// tiles, see `pack_w`) against every token of `px`, written to
     /// `out[tok·ldo + r0 + row]`.
     #[allow(clippy::too_many_arguments)]
     pub fn panel(
         px: &PackedX,
         w: &[u16],
+        panel: usize,
         parts: usize,
-        kp: usize,
         m: usize,
         rows: usize,
         out: OutView,
@@ -365,8 +454,7 @@ mod imp {
         r0: usize,
     ) {
         assert!(m * ldo <= out.1 && r0 + rows <= ldo);
-        let wstride = kp * 2; // bytes between packed weight rows
-        let plane = PANEL * kp;
+        let ntiles = panel / 16;
         let mt_stride = 256usize; // u32s per activation tile
         let mut c = [
             CTile([0.0; 256]),
@@ -384,13 +472,15 @@ mod imp {
                     tdp_zero();
                     for kb in 0..px.kblocks {
                         for j in 0..parts {
-                            let wt = w.as_ptr().add(j * plane + np * 32 * kp + kb * 32);
-                            tload!(4, wt, wstride);
-                            tload!(5, wt.add(16 * kp), wstride);
+                            let wt = w
+                                .as_ptr()
+                                .add(((j * ntiles + 2 * np) * px.kblocks + kb) * 512);
+                            tload!(4, wt, 64usize);
+                            tload!(5, wt.add(px.kblocks * 512), 64usize);
                             for i in 0..3 - j {
                                 let xt = px.parts[i]
                                     .as_ptr()
-                                    .add((kb * px.mtiles + 2 * mp) * mt_stride);
+                                    .add(super::x_tile(kb, 2 * mp, px.kblocks) * mt_stride);
                                 tload!(6, xt, 64usize);
                                 tload!(7, xt.add(mt_stride), 64usize);
                                 tdp!(0, 4, 6);
@@ -448,6 +538,9 @@ mod imp {
     use super::{OutView, PackedX};
     pub fn request() -> bool {
         false
+    }
+    pub fn split_f16(_: &[u16], _: &mut [u16], _: &mut [u16]) {
+        unreachable!("AMX is never enabled off x86_64")
     }
     #[allow(clippy::too_many_arguments)]
     pub fn panel(
