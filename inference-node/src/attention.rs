@@ -360,7 +360,7 @@ mod tests {
             token: 0,
             pos,
             seq,
-            prompt: true,
+            wide: true,
         };
         // Sequence 0 as one 30-token chunk (tiles of 16 + 14) after 7 cached
         // positions, beside sequence 1's last token.

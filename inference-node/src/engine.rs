@@ -88,6 +88,13 @@ pub struct GenRequest {
     pub events: UnboundedSender<Event>,
 }
 
+/// Prompts of at least this many tokens are prefilled on the wide kernels
+/// (AMX): below it, packing the weights for so few rows costs more than it
+/// saves (measured crossover about 56 tokens on the 284 M model, see
+/// `bench/results/inference-node.md`). A property of the sequence, so its
+/// results never depend on what it is batched with.
+pub const WIDE_MIN_PROMPT: usize = 64;
+
 struct Seq {
     tokens: Vec<u32>,
     prompt_len: usize,
@@ -358,7 +365,7 @@ impl Engine {
                     token: s.tokens[p],
                     pos: p,
                     seq: seq_ix,
-                    prompt: p < s.prompt_len,
+                    wide: p < s.prompt_len && s.prompt_len >= WIDE_MIN_PROMPT,
                 });
             }
             if s.computed + k == s.tokens.len() {

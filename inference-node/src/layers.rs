@@ -166,11 +166,13 @@ pub struct BatchToken {
     pub pos: usize,
     /// Index into `Batch::block_tables`.
     pub seq: usize,
-    /// A prompt token, not one the model generated. Prompt rows may take
-    /// the wide prefill kernels (AMX) and generated rows the decode ones;
-    /// since the choice follows the token and never the batch, a sequence
-    /// computes the same bits alone or batched.
-    pub prompt: bool,
+    /// Computed on the wide prefill kernels (AMX, where the CPU has it): a
+    /// prompt token of a sequence whose prompt is long enough to repay
+    /// their packing (see `engine::WIDE_MIN_PROMPT`). Generated tokens and
+    /// short prompts take the FMA kernels. The choice follows the sequence
+    /// and the token, never the batch, so a sequence computes the same bits
+    /// alone or batched.
+    pub wide: bool,
 }
 
 /// What one engine step hands a backend.
@@ -183,11 +185,11 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Maximal runs of consecutive prompt tokens (row ranges).
-    pub fn prompt_runs(&self) -> Vec<std::ops::Range<usize>> {
+    /// Maximal runs of consecutive `wide` tokens (row ranges).
+    pub fn wide_runs(&self) -> Vec<std::ops::Range<usize>> {
         let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
         for (i, t) in self.tokens.iter().enumerate() {
-            if !t.prompt {
+            if !t.wide {
                 continue;
             }
             match runs.last_mut() {
@@ -331,7 +333,7 @@ impl DecoderLayer {
         s: &mut Scratch,
     ) {
         let m = batch.tokens.len();
-        let wide = batch.prompt_runs();
+        let wide = batch.wide_runs();
         let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
         self.input_norm.forward_into(x, &mut s.hn);
         Linear::forward_rows_into(

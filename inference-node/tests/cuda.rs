@@ -478,7 +478,7 @@ fn paged_attention_decode_split_k_and_prefill_match_the_cpu() {
                     token: 0,
                     pos,
                     seq,
-                    prompt: true,
+                    wide: true,
                 };
                 batch.tokens.push(tok(5000, 0));
                 for p in 30..100 {

@@ -437,3 +437,67 @@ fn with_f16_kv_a_batch_gives_each_sequence_its_solo_tokens() {
     }
     assert_eq!(e.blocks_in_use(), 0);
 }
+
+/// Long prompts take the wide (AMX) kernels and short ones and generated
+/// tokens the FMA kernels; since that follows the sequence, never the
+/// batch, every sequence's logits are bit for bit its solo logits when
+/// prompts on both sides of `WIDE_MIN_PROMPT` run together.
+#[test]
+fn prompts_on_both_sides_of_the_wide_threshold_get_their_solo_logits_bit_for_bit() {
+    use copyhold_node::engine::WIDE_MIN_PROMPT;
+    let dir = model();
+    let lens = [
+        WIDE_MIN_PROMPT + 6,
+        9,
+        WIDE_MIN_PROMPT - 1,
+        WIDE_MIN_PROMPT,
+        2 * WIDE_MIN_PROMPT + 3,
+    ];
+    let run = |e: &mut Engine, p: &[u32]| {
+        let (tx, rx) = unbounded_channel();
+        let mut params = SamplingParams::greedy(6);
+        params.ignore_eos = true;
+        e.add(GenRequest {
+            prompt: p.to_vec(),
+            params,
+            stop: vec![],
+            capture_logits: true,
+            events: tx,
+        });
+        rx
+    };
+    let bits = |mut rx: UnboundedReceiver<Event>| {
+        let mut out = Vec::new();
+        while let Ok(ev) = rx.try_recv() {
+            if let Event::Token {
+                logits: Some(l), ..
+            } = ev
+            {
+                out.push(l.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            }
+        }
+        assert_eq!(out.len(), 6);
+        out
+    };
+    let prompts: Vec<Vec<u32>> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| prompt(n, i as u32 + 1))
+        .collect();
+    let solo: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let mut e = engine(&dir, 8 << 20, Arc::new(Metrics::new()));
+            let rx = run(&mut e, p);
+            e.run_to_completion();
+            bits(rx)
+        })
+        .collect();
+    let mut e = engine(&dir, 8 << 20, Arc::new(Metrics::new()));
+    let rxs: Vec<_> = prompts.iter().map(|p| run(&mut e, p)).collect();
+    e.run_to_completion();
+    for (i, (rx, want)) in rxs.into_iter().zip(&solo).enumerate() {
+        assert!(bits(rx) == *want, "prompt of {} tokens", lens[i]);
+    }
+    assert_eq!(e.blocks_in_use(), 0);
+}

@@ -471,14 +471,14 @@ mod tests {
             token: 5,
             pos: 3,
             seq: 0,
-            prompt: false,
+            wide: false,
         });
         for p in 0..20 {
             b.tokens.push(BatchToken {
                 token: 9,
                 pos: p,
                 seq: 1,
-                prompt: true,
+                wide: true,
             });
         }
         b.logits_for = vec![0, 20];
@@ -504,7 +504,7 @@ mod tests {
             token: 1,
             pos: 16,
             seq: 0,
-            prompt: false,
+            wide: false,
         });
         assert!(StepLayout::new(&b, 16, 8).is_err());
     }

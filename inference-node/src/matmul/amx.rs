@@ -18,9 +18,10 @@
 //! Every output element is accumulated in the same order — input blocks of
 //! 32 ascending, then weight part, then activation part — whatever the
 //! number of rows or how they are grouped, so a prompt row gives the same
-//! bits alone as in a batch. Rows the model generated go through the FMA
-//! kernels instead (see [`crate::layers::BatchToken::prompt`]): the choice
-//! follows the token, never the batch.
+//! bits alone as in a batch. Rows the model generated, and short prompts,
+//! go through the FMA kernels instead (see
+//! [`crate::layers::BatchToken::wide`]): the choice follows the sequence
+//! and the token, never the batch.
 
 // The tile instructions (inline asm), the kernel's permission for the tile
 // state, and writes of disjoint output columns from parallel jobs.
