@@ -11,7 +11,7 @@
 //! rounding; `check-golden` bounds it like any other path.
 //!
 //! The weights play AMX's "A" operand (16 output features × 32 inputs per
-//! tile, packed row-major, no transpose) and the activations its "B"
+//! tile, packed tile by tile, no transpose) and the activations its "B"
 //! operand (pairs of inputs × 16 tokens, packed once per product), so the
 //! tiles of C hold outputs × tokens and are transposed on the way out.
 //!
