@@ -428,6 +428,19 @@ fn check_golden_on_a_broken_model_exits_non_zero_with_the_file_named() {
     assert!(err.contains("model.safetensors"), "{err}");
 }
 
+/// The bits of `v`, for exact comparisons.
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Block 0's `name` projection weight (`mlp.down_proj`, `mlp.gate_proj`…).
+fn block0_weight(d: &Path, name: &str, shape: [usize; 2]) -> copyhold_node::weights::Tensor {
+    WeightStore::open(d)
+        .unwrap()
+        .get(&format!("model.layers.0.{name}.weight"), &shape)
+        .unwrap()
+}
+
 /// Prefill-sized products run in row bands, decode-sized ones in weight
 /// tiles: every row of a band must come out bit for bit as the same row
 /// multiplied alone.
@@ -435,13 +448,7 @@ fn check_golden_on_a_broken_model_exits_non_zero_with_the_file_named() {
 fn a_prefill_band_computes_every_row_as_a_lone_row_does() {
     let spec = SynthSpec::tiny(Arch::Llama);
     let d = synth_dir("bands", spec.clone());
-    let store = WeightStore::open(&d).unwrap();
-    let w = store
-        .get(
-            "model.layers.0.mlp.down_proj.weight",
-            &[spec.hidden, spec.intermediate],
-        )
-        .unwrap();
+    let w = block0_weight(&d, "mlp.down_proj", [spec.hidden, spec.intermediate]);
     let k = spec.intermediate;
     // Well past the band threshold for this machine's thread count.
     let m = 8 * 6 * rayon::current_num_threads() + 5;
@@ -452,14 +459,7 @@ fn a_prefill_band_computes_every_row_as_a_lone_row_does() {
     for i in 0..m {
         let one = copyhold_node::matmul::matmul_wt(&x[i * k..(i + 1) * k], 1, &w);
         let n = spec.hidden;
-        assert_eq!(
-            one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            all[i * n..(i + 1) * n]
-                .iter()
-                .map(|v| v.to_bits())
-                .collect::<Vec<_>>(),
-            "row {i} of {m}"
-        );
+        assert_eq!(bits(&one), bits(&all[i * n..(i + 1) * n]), "row {i} of {m}");
     }
 }
 
@@ -470,20 +470,13 @@ fn a_prefill_band_computes_every_row_as_a_lone_row_does() {
 #[test]
 fn prompt_rows_on_amx_are_f32_accurate_and_give_the_same_bits_in_any_grouping() {
     use copyhold_node::matmul::{amx, matmul_wt, matmul_wt_rows_into};
-    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         let mut spec = SynthSpec::tiny(Arch::Llama);
         // Neither dimension a whole number of tiles.
         (spec.hidden, spec.heads, spec.kv_heads, spec.intermediate) = (104, 4, 2, 150);
         spec.dtype = dtype;
         let d = synth_dir(&format!("amx-{dtype:?}"), spec.clone());
-        let store = WeightStore::open(&d).unwrap();
-        let w = store
-            .get(
-                "model.layers.0.mlp.down_proj.weight",
-                &[spec.hidden, spec.intermediate],
-            )
-            .unwrap();
+        let w = block0_weight(&d, "mlp.down_proj", [spec.hidden, spec.intermediate]);
         let (n, k, m) = (spec.hidden, spec.intermediate, 37);
         let wf = w.to_f32();
         let x: Vec<f32> = (0..m * k)
@@ -533,6 +526,31 @@ fn prompt_rows_on_amx_are_f32_accurate_and_give_the_same_bits_in_any_grouping() 
                 bits(&all[r.start * n..r.end * n]),
                 "{dtype:?} run {r:?}"
             );
+        }
+        // A wider product, then a narrower one on the same threads: the
+        // narrower one's padding inputs (104..128) must not see the wider
+        // rows' values left in the reused packing buffers. 64 rows: no
+        // padding tokens, so every buffer row holds data.
+        let g = block0_weight(&d, "mlp.gate_proj", [spec.intermediate, spec.hidden]);
+        let (gn, gk, m) = (spec.intermediate, spec.hidden, 64);
+        let wx: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.11).sin() + 2.0).collect();
+        amx::product(&wx, m, &[&w], &mut [&mut vec![0.0f32; m * n]]);
+        let gx: Vec<f32> = (0..m * gk).map(|i| (i as f32 * 0.37).cos()).collect();
+        let mut gy = vec![0.0f32; m * gn];
+        amx::product(&gx, m, &[&g], &mut [&mut gy]);
+        let gf = g.to_f32();
+        for i in 0..m {
+            for j in 0..gn {
+                let (exact, scale) = (0..gk).fold((0.0f64, 0.0f64), |(s, a), kk| {
+                    let p = gx[i * gk + kk] as f64 * gf[j * gk + kk] as f64;
+                    (s + p, a + p.abs())
+                });
+                let got = gy[i * gn + j] as f64;
+                assert!(
+                    (got - exact).abs() <= scale * 2f64.powi(-20),
+                    "{dtype:?} gate ({i},{j}): {got} vs {exact} (scale {scale})"
+                );
+            }
         }
     }
 }

@@ -127,11 +127,13 @@ fn pack_x(x: &[f32], m: usize, k: usize, mut parts: [Vec<u32>; 3]) -> PackedX {
                 split.resize_with(16, || [Vec::new(), Vec::new(), Vec::new()]);
                 for (j, sp) in split.iter_mut().enumerate() {
                     for part in sp.iter_mut() {
+                        // Inputs k..kp are padding: zero, whatever an earlier,
+                        // wider product left in this reused row.
                         part.resize(kp, 0);
+                        part[k..].fill(0);
                     }
                     let tok = mt * 16 + j;
                     if tok < m {
-                        // Inputs k..kp stay zero: only the first k are written.
                         split_row(&x[tok * k..(tok + 1) * k], 3, sp);
                     } else {
                         sp.iter_mut().for_each(|part| part.fill(0));
@@ -254,8 +256,10 @@ fn pack_w(
         let (row, split) = &mut *b;
         row.resize(k, 0.0);
         for s in split.iter_mut() {
-            // Inputs k..kp stay zero: only the first k are ever written.
+            // Inputs k..kp are padding: zero, whatever an earlier, wider
+            // product left in this reused row; only the first k are written.
             s.resize(kp, 0);
+            s[k..].fill(0);
         }
         for r in 0..rows {
             match (w.rows(), parts) {
@@ -291,8 +295,13 @@ thread_local! {
 }
 
 /// `outs[i]` (`m × n_i`) `= x · W_iᵀ` on AMX, for `x` `m × k` shared by
-/// every weight. Only called when [`enabled`].
+/// every weight.
+///
+/// Panics where [`enabled`] is false. Asking it here also makes sure the
+/// process has Linux's permission for the tile state before the first tile
+/// instruction (without it they fault).
 pub fn product(x: &[f32], m: usize, ws: &[&Tensor], outs: &mut [&mut [f32]]) {
+    assert!(enabled(), "amx::product on a process without AMX");
     if m == 0 {
         return;
     }
