@@ -7,7 +7,7 @@ use crate::attention::{KvStore, paged_attention};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::matmul::kernel;
-use crate::matmul::{matmul_wt, matmul_wt_into, matmul_wt_many, matmul_wt_rows_into};
+use crate::matmul::{matmul_wt, matmul_wt_rows_into};
 use crate::weights::{Tensor, WeightStore};
 
 /// `y = x Wᵀ (+ b)`, W kept in its stored dtype.
@@ -43,28 +43,10 @@ impl Linear {
         y
     }
 
-    /// Several projections of the same input in one parallel region; each
-    /// result equals its own [`Linear::forward`].
-    pub fn forward_many(lins: &[&Linear], x: &[f32], m: usize) -> Vec<Vec<f32>> {
-        let ws: Vec<&Tensor> = lins.iter().map(|l| &l.w).collect();
-        let mut ys = matmul_wt_many(x, m, &ws);
-        for (l, y) in lins.iter().zip(ys.iter_mut()) {
-            l.add_bias(y);
-        }
-        ys
-    }
-
-    /// [`Linear::forward_many`] into caller-owned outputs.
-    pub fn forward_many_into(lins: &[&Linear], x: &[f32], m: usize, outs: &mut [&mut [f32]]) {
-        let ws: Vec<&Tensor> = lins.iter().map(|l| &l.w).collect();
-        matmul_wt_into(x, m, &ws, outs);
-        for (l, y) in lins.iter().zip(outs.iter_mut()) {
-            l.add_bias(y);
-        }
-    }
-
-    /// [`Linear::forward_many_into`] with the rows in `wide` (prompt rows)
-    /// on the wide prefill kernels where the CPU has them.
+    /// Several projections of the same input, in one parallel region, into
+    /// caller-owned outputs; the rows in `wide` (long prompts' tokens) on
+    /// the wide prefill kernels where the CPU has them. Each result equals
+    /// its own [`Linear::forward`] on the other rows.
     pub fn forward_rows_into(
         lins: &[&Linear],
         x: &[f32],
