@@ -9,7 +9,7 @@ set -Eeuo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 TARGET=${CARGO_TARGET_DIR:-$PWD/target}
 OUT=${1:-$TARGET/gpu-bundle}
-FIXTURES=${COPYHOLD_FIXTURES:-$PWD/../shared/fixtures}
+FIXTURES=${COPYHOLD_FIXTURES:-$PWD/tests/fixtures}
 cargo build -q -p copyhold-node --bin copyhold-node
 test_bin=$(cargo test -q -p copyhold-node --test cuda --no-run --message-format=json 2>/dev/null |
   python3 -c 'import json,sys

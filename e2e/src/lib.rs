@@ -401,11 +401,19 @@ impl Drop for ChildGuard {
     }
 }
 
-/// The shared fixtures (tiny models with reference outputs).
+/// The fixture models with reference outputs (`tests/fixtures`, or
+/// `COPYHOLD_FIXTURES`). Panics naming the path it looked for when they are
+/// not there, rather than failing later with a bare "No such file".
 pub fn fixtures() -> PathBuf {
-    std::env::var_os("COPYHOLD_FIXTURES")
+    let dir = std::env::var_os("COPYHOLD_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("../shared/fixtures"))
+        .unwrap_or_else(|| workspace_root().join("tests/fixtures"));
+    assert!(
+        dir.join("tiny-llama/config.json").is_file(),
+        "fixture models not found: looked for {}/tiny-llama/config.json (set COPYHOLD_FIXTURES to their folder)",
+        dir.display()
+    );
+    dir
 }
 
 /// The cache directory of builds and tools (`~/.cache/copyhold`).

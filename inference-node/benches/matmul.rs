@@ -7,10 +7,10 @@
 
 use std::time::Instant;
 
-use copyhold_node::config::{Arch, ModelConfig};
-use copyhold_node::matmul::{amx, matmul_wt_many};
+use copyhold_node::cpu::matmul::{amx, matmul_wt_many};
+use copyhold_node::model::config::{Arch, ModelConfig};
+use copyhold_node::model::weights::{DType, Tensor, WeightStore};
 use copyhold_node::synth::{SynthSpec, synth};
-use copyhold_node::weights::{DType, Tensor, WeightStore};
 
 fn main() {
     let arg = std::env::args().skip(1).find(|a| !a.starts_with('-'));

@@ -9,14 +9,16 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::unbounded_channel;
 
-use crate::chat::{Message, render};
+use crate::api::chat::{Message, render};
+use crate::cpu::CpuBackend;
+use crate::engine::backend::Backend;
+use crate::engine::sampling::SamplingParams;
 use crate::engine::{Engine, EngineConfig, Event, GenRequest};
 use crate::error::{Error, Result, read_json};
 use crate::metrics::Metrics;
-use crate::models::{self, CpuBackend};
+use crate::model;
+use crate::model::tokenizer::TextModel;
 use crate::power::{ModeledSensor, PowerModel};
-use crate::sampling::SamplingParams;
-use crate::tokenizer::TextModel;
 
 /// Largest logit difference allowed on the CPU.
 pub const LOGIT_TOLERANCE: f32 = 1e-4;
@@ -69,14 +71,14 @@ struct Job {
 
 /// Runs the check on the CPU; `Err` only when the inputs cannot be loaded.
 pub fn check(dir: &Path) -> Result<Report> {
-    check_on(dir, &crate::engine::Device::Cpu)
+    check_on(dir, &crate::load::Device::Cpu)
 }
 
 /// Runs the check on `device` (CUDA: the pool gets exactly the blocks the
 /// cases need; tolerance [`CUDA_LOGIT_TOLERANCE`]).
-pub fn check_on(dir: &Path, device: &crate::engine::Device) -> Result<Report> {
+pub fn check_on(dir: &Path, device: &crate::load::Device) -> Result<Report> {
     let golden: Golden = read_json(&dir.join("golden.json"))?;
-    let model = models::load(dir)?;
+    let model = model::load(dir)?;
     let text = Arc::new(TextModel::load(dir, &model.cfg.eos_token_ids)?);
     let mut tokens_match = true;
     let mut jobs = Vec::new();
@@ -118,12 +120,12 @@ pub fn check_on(dir: &Path, device: &crate::engine::Device) -> Result<Report> {
         .sum::<usize>()
         .max(4);
     let max_batch_tokens = 64;
-    let (backend, tolerance): (Box<dyn models::Backend>, f32) = match device {
-        crate::engine::Device::Cpu => (
+    let (backend, tolerance): (Box<dyn Backend>, f32) = match device {
+        crate::load::Device::Cpu => (
             Box::new(CpuBackend::new(model, num_blocks, block_size)),
             LOGIT_TOLERANCE,
         ),
-        crate::engine::Device::Cuda(opts) => {
+        crate::load::Device::Cuda(opts) => {
             let mut o = opts.clone();
             o.num_blocks = Some(num_blocks);
             o.block_size = block_size;

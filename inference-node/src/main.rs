@@ -6,14 +6,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use copyhold_node::api::Limits;
-use copyhold_node::config::Arch;
-use copyhold_node::engine::{Device as EngineDevice, EngineOptions, load_engine, spawn};
+use copyhold_node::api::openai::Limits;
+use copyhold_node::api::server::{AppState, Ready};
+use copyhold_node::engine::{EngineOptions, spawn};
+use copyhold_node::load::{Device as EngineDevice, load_engine};
 use copyhold_node::metrics::Metrics;
+use copyhold_node::model::config::Arch;
+use copyhold_node::model::weights::DType;
 use copyhold_node::power::{PowerModel, SensorChoice, open_sensor};
-use copyhold_node::server::{AppState, Ready};
 use copyhold_node::synth::{SynthSpec, synth};
-use copyhold_node::weights::DType;
 
 #[derive(Parser)]
 #[command(name = "copyhold-node", version, about = "copyhold inference node")]
@@ -593,7 +594,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         // One machine-readable line so scripts and tests can find the port.
         println!("{}", serde_json::json!({"listening": local.to_string()}));
         tracing::info!(%local, model = %a.model.display(), "listening; loading model");
-        let server = tokio::spawn(copyhold_node::server::serve(listener, state.clone()));
+        let server = tokio::spawn(copyhold_node::api::server::serve(listener, state.clone()));
         tracing::info!(sensor = sensor.name(), "power sensor");
         let opts = EngineOptions {
             kv_bytes: a.kv_cache_mib << 20,

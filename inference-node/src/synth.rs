@@ -11,10 +11,10 @@ use rayon::prelude::*;
 use safetensors::tensor::TensorView;
 use serde_json::{Value, json};
 
-use crate::config::Arch;
+use crate::engine::sampling::Rng;
 use crate::error::{Error, Result};
-use crate::sampling::Rng;
-use crate::weights::DType;
+use crate::model::config::Arch;
+use crate::model::weights::DType;
 
 /// Shape and format of a synthesized model.
 #[derive(Debug, Clone)]
@@ -312,7 +312,7 @@ pub fn synth(spec: &SynthSpec, out: &Path) -> Result<Vec<PathBuf>> {
             .map(|(n, shape, norm)| {
                 // Seeded by name, so sharding does not change the weights.
                 let seed = spec.seed.wrapping_mul(1_000_003)
-                    ^ crate::kv_cache::block_hash(0, &name_ids(n));
+                    ^ crate::engine::kv_cache::block_hash(0, &name_ids(n));
                 (
                     n.clone(),
                     shape.clone(),

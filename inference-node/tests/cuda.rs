@@ -13,31 +13,26 @@
 //! (or the archived binaries: docs/cuda.md). NVRTC and the CUDA headers must
 //! be findable (`LD_LIBRARY_PATH`, `COPYHOLD_CUDA_INCLUDE`).
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use copyhold_node::cpu::layers::{RopeRow, apply_rope};
 use copyhold_node::cuda::CudaError;
 use copyhold_node::cuda::backend::{CudaBackend, CudaOptions, probe};
 use copyhold_node::cuda::kernels::Kernels;
 use copyhold_node::cuda::nvrtc::{Nvrtc, build_all, include_dirs};
 use copyhold_node::cuda::plan::{self, GemmMode, KvDtype};
-use copyhold_node::engine::Device;
+use copyhold_node::engine::sampling::{Rng, SamplingParams, argmax, sample};
 use copyhold_node::golden::check_on;
-use copyhold_node::layers::{RopeRow, apply_rope};
-use copyhold_node::sampling::{Rng, SamplingParams, argmax, sample};
+use copyhold_node::load::Device;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use half::{bf16, f16};
 use serde_json::{Value, json};
-
-fn fixtures() -> PathBuf {
-    match std::env::var_os("COPYHOLD_FIXTURES") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"),
-    }
-}
 
 /// The node binary: nextest's run-time variable first (it follows an
 /// archive to another machine), then `COPYHOLD_NODE_BIN`, then the build path.
@@ -61,7 +56,7 @@ fn without_a_driver_every_device_cuda_command_fails_with_a_clear_message() {
         assert_eq!(out.status.code(), Some(2));
         return;
     }
-    let model = fixtures().join("tiny-llama");
+    let model = support::fixtures().join("tiny-llama");
     let runs: [Vec<&str>; 3] = [
         vec!["serve", "--port", "0", "--device", "cuda", "--model"],
         vec!["check-golden", "--device", "cuda"],
@@ -262,7 +257,7 @@ fn embedding_rmsnorm_swiglu_and_rope_match_the_cpu() {
             } else {
                 x.clone()
             };
-            let norm = copyhold_node::layers::RmsNorm {
+            let norm = copyhold_node::model::layers::RmsNorm {
                 w: w.clone(),
                 eps: 1e-6,
             };
@@ -320,7 +315,7 @@ fn embedding_rmsnorm_swiglu_and_rope_match_the_cpu() {
         let pos: Vec<i32> = vec![0, 1, 4095, 131_071, 7];
         let m = pos.len();
         let x = rand_vec(&mut rng, m * heads * head_dim, 1.0);
-        let rows = copyhold_node::layers::rope_rows(
+        let rows = copyhold_node::cpu::layers::rope_rows(
             &inv_freq,
             &pos.iter().map(|&p| p as usize).collect::<Vec<_>>(),
         );
@@ -470,11 +465,11 @@ fn paged_attention_decode_split_k_and_prefill_match_the_cpu() {
                         Wd::F32
                     },
                 );
-                let mut batch = copyhold_node::layers::Batch {
+                let mut batch = copyhold_node::engine::backend::Batch {
                     block_tables: tables.clone(),
                     ..Default::default()
                 };
-                let tok = |pos, seq| copyhold_node::layers::BatchToken {
+                let tok = |pos, seq| copyhold_node::engine::backend::BatchToken {
                     token: 0,
                     pos,
                     seq,
@@ -750,7 +745,7 @@ fn exact() -> CudaOptions {
 #[ignore = "needs an NVIDIA GPU: cargo nextest run -p copyhold-node --run-ignored only"]
 fn check_golden_on_cuda_matches_both_fixtures() {
     for fixture in ["tiny-llama", "tiny-llama-bf16"] {
-        let r = check_on(&fixtures().join(fixture), &Device::Cuda(exact())).unwrap();
+        let r = check_on(&support::fixtures().join(fixture), &Device::Cuda(exact())).unwrap();
         eprintln!("{r:?}");
         assert!(
             r.ok && r.greedy_match && r.max_abs_logit_diff <= 1e-3,
@@ -759,7 +754,7 @@ fn check_golden_on_cuda_matches_both_fixtures() {
         assert_eq!(r.device, "cuda");
         // The serving defaults (f16 KV, tensor-core GEMMs): close, reported.
         let fast = check_on(
-            &fixtures().join(fixture),
+            &support::fixtures().join(fixture),
             &Device::Cuda(CudaOptions::default()),
         )
         .unwrap();
@@ -776,9 +771,13 @@ fn a_model_split_over_two_gpu_contexts_matches_the_fixtures() {
         max_layers_per_gpu: Some(2),
         ..exact()
     };
-    let r = check_on(&fixtures().join("tiny-llama"), &Device::Cuda(opts.clone())).unwrap();
+    let r = check_on(
+        &support::fixtures().join("tiny-llama"),
+        &Device::Cuda(opts.clone()),
+    )
+    .unwrap();
     assert!(r.ok, "{r:?}");
-    let model = copyhold_node::models::load(&fixtures().join("tiny-llama")).unwrap();
+    let model = copyhold_node::model::load(&support::fixtures().join("tiny-llama")).unwrap();
     let b = CudaBackend::new(&model, opts).unwrap();
     assert_eq!(b.placement(), vec![(0, 0..2), (0, 2..3)]);
 }
@@ -786,7 +785,7 @@ fn a_model_split_over_two_gpu_contexts_matches_the_fixtures() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo nextest run -p copyhold-node --run-ignored only"]
 fn out_of_memory_at_load_names_bytes_needed_and_free() {
-    let model = copyhold_node::models::load(&fixtures().join("tiny-llama")).unwrap();
+    let model = copyhold_node::model::load(&support::fixtures().join("tiny-llama")).unwrap();
     let opts = CudaOptions {
         gpu_memory_utilization: 0.0,
         ..exact()
@@ -871,7 +870,7 @@ async fn stream_chat(base: &str, body: Value) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs an NVIDIA GPU: cargo nextest run -p copyhold-node --run-ignored only"]
 async fn a_served_model_under_32_concurrent_streamed_clients_equals_the_cpu_greedy_outputs() {
-    let model = fixtures().join("tiny-llama");
+    let model = support::fixtures().join("tiny-llama");
     let cpu = start(&model, &["--device", "cpu"]).await;
     let cuda = start(
         &model,

@@ -5,11 +5,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use copyhold_node::config::Arch;
-use copyhold_node::engine::{Engine, EngineOptions, Event, GenRequest, load_cpu_engine};
+use copyhold_node::engine::sampling::SamplingParams;
+use copyhold_node::engine::{Engine, EngineOptions, Event, GenRequest};
+use copyhold_node::load::load_cpu_engine;
 use copyhold_node::metrics::Metrics;
+use copyhold_node::model::config::Arch;
 use copyhold_node::power::{ModeledSensor, PowerModel};
-use copyhold_node::sampling::SamplingParams;
 use copyhold_node::synth::{SynthSpec, synth};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
@@ -212,29 +213,29 @@ fn a_lone_sequence_that_outgrows_the_kv_budget_ends_with_length_instead_of_loopi
 /// The CPU backend behind a switch: fails chosen steps, and (like the CUDA
 /// backend) may answer greedy rows with tokens, recording what it was asked.
 struct Flaky {
-    inner: copyhold_node::models::CpuBackend,
+    inner: copyhold_node::cpu::CpuBackend,
     step: usize,
     fail_at: Option<(usize, bool)>,
     device_sampling: bool,
-    wants: Arc<std::sync::Mutex<Vec<copyhold_node::models::RowWant>>>,
+    wants: Arc<std::sync::Mutex<Vec<copyhold_node::engine::backend::RowWant>>>,
 }
 
-impl copyhold_node::models::Backend for Flaky {
+impl copyhold_node::engine::backend::Backend for Flaky {
     fn name(&self) -> &'static str {
         "flaky"
     }
-    fn config(&self) -> &copyhold_node::config::ModelConfig {
+    fn config(&self) -> &copyhold_node::model::config::ModelConfig {
         self.inner.config()
     }
     fn forward(
         &mut self,
-        batch: &copyhold_node::layers::Batch,
-    ) -> Result<Vec<Vec<f32>>, copyhold_node::models::BackendError> {
+        batch: &copyhold_node::engine::backend::Batch,
+    ) -> Result<Vec<Vec<f32>>, copyhold_node::engine::backend::BackendError> {
         self.step += 1;
         if let Some((at, fatal)) = self.fail_at
             && self.step == at
         {
-            return Err(copyhold_node::models::BackendError {
+            return Err(copyhold_node::engine::backend::BackendError {
                 message: "CUDA_ERROR_OUT_OF_MEMORY (simulated)".into(),
                 fatal,
             });
@@ -246,17 +247,20 @@ impl copyhold_node::models::Backend for Flaky {
     }
     fn forward_rows(
         &mut self,
-        batch: &copyhold_node::layers::Batch,
-        wants: &[copyhold_node::models::RowWant],
-    ) -> Result<Vec<copyhold_node::models::RowOut>, copyhold_node::models::BackendError> {
-        use copyhold_node::models::{RowOut, RowWant};
+        batch: &copyhold_node::engine::backend::Batch,
+        wants: &[copyhold_node::engine::backend::RowWant],
+    ) -> Result<
+        Vec<copyhold_node::engine::backend::RowOut>,
+        copyhold_node::engine::backend::BackendError,
+    > {
+        use copyhold_node::engine::backend::{RowOut, RowWant};
         self.wants.lock().unwrap().extend_from_slice(wants);
         let rows = self.forward(batch)?;
         Ok(rows
             .into_iter()
             .zip(wants)
             .map(|(l, w)| match w {
-                RowWant::Greedy => RowOut::Token(copyhold_node::sampling::argmax(&l)),
+                RowWant::Greedy => RowOut::Token(copyhold_node::engine::sampling::argmax(&l)),
                 _ => RowOut::Logits(l),
             })
             .collect())
@@ -268,13 +272,14 @@ fn flaky_engine(
     fail_at: Option<(usize, bool)>,
     device_sampling: bool,
 ) -> (Engine, Wants) {
-    let model = copyhold_node::models::load(dir).unwrap();
-    let text =
-        Arc::new(copyhold_node::tokenizer::TextModel::load(dir, &model.cfg.eos_token_ids).unwrap());
+    let model = copyhold_node::model::load(dir).unwrap();
+    let text = Arc::new(
+        copyhold_node::model::tokenizer::TextModel::load(dir, &model.cfg.eos_token_ids).unwrap(),
+    );
     let max_context = model.cfg.max_position_embeddings;
     let wants = Arc::new(std::sync::Mutex::new(Vec::new()));
     let backend = Flaky {
-        inner: copyhold_node::models::CpuBackend::new(model, 64, 4),
+        inner: copyhold_node::cpu::CpuBackend::new(model, 64, 4),
         step: 0,
         fail_at,
         device_sampling,
@@ -299,7 +304,7 @@ fn flaky_engine(
     (e, wants)
 }
 
-type Wants = Arc<std::sync::Mutex<Vec<copyhold_node::models::RowWant>>>;
+type Wants = Arc<std::sync::Mutex<Vec<copyhold_node::engine::backend::RowWant>>>;
 
 fn outcome(mut rx: UnboundedReceiver<Event>) -> Result<Vec<u32>, String> {
     let mut ids = Vec::new();
@@ -348,7 +353,7 @@ fn a_fatal_device_error_fails_everything_queued_and_refuses_new_requests() {
 
 #[test]
 fn a_device_sampling_backend_is_asked_for_tokens_only_where_the_host_needs_nothing_else() {
-    use copyhold_node::models::RowWant;
+    use copyhold_node::engine::backend::RowWant;
     let dir = model();
     let (mut e, wants) = flaky_engine(&dir, None, true);
     let greedy = submit(&mut e, prompt(6, 1), 4);

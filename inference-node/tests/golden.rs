@@ -1,15 +1,10 @@
 //! check-golden on the shared fixtures, and proof that it can fail.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 
 use copyhold_node::golden::check;
-
-fn fixtures() -> PathBuf {
-    match std::env::var_os("COPYHOLD_FIXTURES") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"),
-    }
-}
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -27,14 +22,14 @@ fn scratch(name: &str) -> PathBuf {
 
 #[test]
 fn the_f32_fixture_matches_hf_logits_and_greedy_tokens() {
-    let r = check(&fixtures().join("tiny-llama")).unwrap();
+    let r = check(&support::fixtures().join("tiny-llama")).unwrap();
     assert!(r.ok, "{r:?}");
     assert!(r.max_abs_logit_diff <= 1e-4 && r.greedy_match && r.cases_run > 0 && r.chat_run);
 }
 
 #[test]
 fn the_bf16_fixture_matches_hf_logits_and_greedy_tokens() {
-    let r = check(&fixtures().join("tiny-llama-bf16")).unwrap();
+    let r = check(&support::fixtures().join("tiny-llama-bf16")).unwrap();
     assert!(r.ok, "{r:?}");
     assert!(r.max_abs_logit_diff <= 1e-4 && r.greedy_match && r.cases_run > 0 && r.chat_run);
 }
@@ -42,7 +37,7 @@ fn the_bf16_fixture_matches_hf_logits_and_greedy_tokens() {
 #[test]
 fn a_golden_logit_off_by_a_thousandth_fails_the_check() {
     let dir = scratch("logit");
-    copy_dir(&fixtures().join("tiny-llama"), &dir);
+    copy_dir(&support::fixtures().join("tiny-llama"), &dir);
     let p = dir.join("golden.json");
     let mut g: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
@@ -60,7 +55,7 @@ fn a_golden_logit_off_by_a_thousandth_fails_the_check() {
 #[test]
 fn a_different_greedy_token_fails_the_check() {
     let dir = scratch("greedy");
-    copy_dir(&fixtures().join("tiny-llama-bf16"), &dir);
+    copy_dir(&support::fixtures().join("tiny-llama-bf16"), &dir);
     let p = dir.join("golden.json");
     let mut g: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
@@ -77,7 +72,7 @@ fn the_binary_prints_one_json_line_and_exits_non_zero_on_mismatch() {
     let bin = env!("CARGO_BIN_EXE_copyhold-node");
     let out = std::process::Command::new(bin)
         .arg("check-golden")
-        .arg(fixtures().join("tiny-llama"))
+        .arg(support::fixtures().join("tiny-llama"))
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -89,7 +84,7 @@ fn the_binary_prints_one_json_line_and_exits_non_zero_on_mismatch() {
     assert!(v["cases_run"].as_u64().unwrap() >= 1);
 
     let dir = scratch("bin");
-    copy_dir(&fixtures().join("tiny-llama"), &dir);
+    copy_dir(&support::fixtures().join("tiny-llama"), &dir);
     let p = dir.join("golden.json");
     let mut g: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();

@@ -5,13 +5,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use copyhold_node::config::{Arch, ModelConfig};
-use copyhold_node::engine::{EngineOptions, Event, GenRequest, load_cpu_engine};
+use copyhold_node::engine::sampling::SamplingParams;
+use copyhold_node::engine::{EngineOptions, Event, GenRequest};
+use copyhold_node::load::load_cpu_engine;
 use copyhold_node::metrics::Metrics;
+use copyhold_node::model::config::{Arch, ModelConfig};
+use copyhold_node::model::weights::{DType, WeightStore};
 use copyhold_node::power::{ModeledSensor, PowerModel};
-use copyhold_node::sampling::SamplingParams;
 use copyhold_node::synth::{SynthSpec, synth};
-use copyhold_node::weights::{DType, WeightStore};
 use serde_json::json;
 
 fn scratch(name: &str) -> PathBuf {
@@ -434,7 +435,7 @@ fn bits(v: &[f32]) -> Vec<u32> {
 }
 
 /// Block 0's `name` projection weight (`mlp.down_proj`, `mlp.gate_proj`…).
-fn block0_weight(d: &Path, name: &str, shape: [usize; 2]) -> copyhold_node::weights::Tensor {
+fn block0_weight(d: &Path, name: &str, shape: [usize; 2]) -> copyhold_node::model::weights::Tensor {
     WeightStore::open(d)
         .unwrap()
         .get(&format!("model.layers.0.{name}.weight"), &shape)
@@ -455,9 +456,9 @@ fn a_prefill_band_computes_every_row_as_a_lone_row_does() {
     let x: Vec<f32> = (0..m * k)
         .map(|i| ((i * 7919) as f32 * 1e-3).sin())
         .collect();
-    let all = copyhold_node::matmul::matmul_wt(&x, m, &w);
+    let all = copyhold_node::cpu::matmul::matmul_wt(&x, m, &w);
     for i in 0..m {
-        let one = copyhold_node::matmul::matmul_wt(&x[i * k..(i + 1) * k], 1, &w);
+        let one = copyhold_node::cpu::matmul::matmul_wt(&x[i * k..(i + 1) * k], 1, &w);
         let n = spec.hidden;
         assert_eq!(bits(&one), bits(&all[i * n..(i + 1) * n]), "row {i} of {m}");
     }
@@ -469,7 +470,7 @@ fn a_prefill_band_computes_every_row_as_a_lone_row_does() {
 /// there. On a CPU without AMX only the last part applies (all rows FMA).
 #[test]
 fn prompt_rows_on_amx_are_f32_accurate_and_give_the_same_bits_in_any_grouping() {
-    use copyhold_node::matmul::{amx, matmul_wt, matmul_wt_rows_into};
+    use copyhold_node::cpu::matmul::{amx, matmul_wt, matmul_wt_rows_into};
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         let mut spec = SynthSpec::tiny(Arch::Llama);
         // Neither dimension a whole number of tiles.

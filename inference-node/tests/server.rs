@@ -1,13 +1,15 @@
 //! The server over real HTTP on loopback: the binary is started on port 0
 //! with a synthesized model and spoken to with reqwest.
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use copyhold_node::config::Arch;
+use copyhold_node::model::config::Arch;
 use copyhold_node::synth::{SynthSpec, synth};
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -178,14 +180,14 @@ async fn streaming_and_non_streaming_answers_are_byte_identical() {
 #[tokio::test]
 async fn incremental_detokenization_never_splits_a_multibyte_character() {
     let dir = model_dir();
-    let text = copyhold_node::tokenizer::TextModel::load(&dir, &[1]).unwrap();
+    let text = copyhold_node::model::tokenizer::TextModel::load(&dir, &[1]).unwrap();
     let s = "Grüße ✓ 漢字 🦀!";
     let ids = text.tokenizer.encode(s, false).unwrap().get_ids().to_vec();
     assert!(
         ids.len() > s.chars().count(),
         "multi-byte characters span several tokens"
     );
-    let mut d = copyhold_node::detok::Detokenizer::default();
+    let mut d = copyhold_node::model::detok::Detokenizer::default();
     let mut out = String::new();
     for id in ids {
         let piece = d.push(&text, id);
@@ -546,14 +548,14 @@ async fn device_cuda_without_a_driver_fails_at_start_with_a_clear_message() {
 
 #[tokio::test]
 async fn health_is_503_and_requests_are_503_until_the_model_is_loaded() {
-    let state = Arc::new(copyhold_node::server::AppState::new(
+    let state = Arc::new(copyhold_node::api::server::AppState::new(
         "m".into(),
         None,
         Arc::new(copyhold_node::metrics::Metrics::new()),
     ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(copyhold_node::server::serve(listener, state));
+    tokio::spawn(copyhold_node::api::server::serve(listener, state));
     assert_eq!(
         reqwest::get(format!("{base}/health"))
             .await
@@ -594,11 +596,7 @@ async fn a_broken_model_ends_serve_with_a_non_zero_exit_naming_the_file() {
 
 #[tokio::test]
 async fn the_golden_chat_comes_back_over_http_with_the_reference_tokens() {
-    let fixtures = match std::env::var_os("COPYHOLD_FIXTURES") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"),
-    };
-    let dir = fixtures.join("tiny-llama");
+    let dir = support::fixtures().join("tiny-llama");
     let golden: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
     let chat = &golden["chat"];
@@ -608,7 +606,7 @@ async fn the_golden_chat_comes_back_over_http_with_the_reference_tokens() {
         .iter()
         .map(|v| v.as_u64().unwrap() as u32)
         .collect();
-    let text = copyhold_node::tokenizer::TextModel::load(&dir, &[1]).unwrap();
+    let text = copyhold_node::model::tokenizer::TextModel::load(&dir, &[1]).unwrap();
     let want = text.decode(&ids);
     let mut child = Command::new(env!("CARGO_BIN_EXE_copyhold-node"))
         .args(["serve", "--port", "0", "--model"])

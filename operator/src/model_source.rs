@@ -529,7 +529,7 @@ mod tests {
     use tokio::io::AsyncWriteExt;
 
     fn fixture(name: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../../shared/fixtures/{name}"))
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../tests/fixtures/{name}"))
     }
 
     /// (path, Range header) of each request the server saw.

@@ -526,7 +526,7 @@ mod tests {
     use std::path::PathBuf;
 
     fn fixture(name: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../../shared/fixtures/{name}"))
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../tests/fixtures/{name}"))
     }
 
     fn read_fixture(name: &str) -> (HfConfig, SafetensorsHeader) {

@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::mpsc::unbounded_channel;
 
-use crate::engine::{Device, EngineOptions, Event, GenRequest, load_engine};
+use crate::engine::sampling::SamplingParams;
+use crate::engine::{EngineOptions, Event, GenRequest};
 use crate::error::Result;
+use crate::load::{Device, load_engine};
 use crate::metrics::Metrics;
 use crate::power::{ModeledSensor, PowerModel};
-use crate::sampling::SamplingParams;
 
 /// One line of results.
 #[derive(Debug, Serialize)]
@@ -94,7 +95,7 @@ pub fn run(
     let mut rxs = Vec::new();
     for b in 0..batch {
         // Distinct prompts, so the prefix cache does not help.
-        let mut rng = crate::sampling::Rng::new(b as u64 + 1);
+        let mut rng = crate::engine::sampling::Rng::new(b as u64 + 1);
         let ids: Vec<u32> = (0..prompt)
             .map(|_| (rng.next_u64() % vocab) as u32)
             .collect();

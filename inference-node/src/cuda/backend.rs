@@ -32,10 +32,11 @@ use super::CudaError;
 use super::kernels::Kernels;
 use super::nvrtc::{self, Nvrtc, Source};
 use super::plan::{self, ArchPath, GEMV_MAX_ROWS, GemmMode, KvDtype, Placement, Sizes, StepLayout};
-use crate::config::ModelConfig;
-use crate::layers::{Batch, Linear};
-use crate::models::{Backend, BackendError, Decoder, RowOut, RowWant};
-use crate::weights::{DType, Tensor};
+use crate::engine::backend::{Backend, BackendError, Batch, RowOut, RowWant};
+use crate::model::Decoder;
+use crate::model::config::ModelConfig;
+use crate::model::layers::Linear;
+use crate::model::weights::{DType, Tensor};
 
 /// Options of `--device cuda`.
 #[derive(Debug, Clone)]

@@ -5,8 +5,8 @@
 
 use std::ops::Range;
 
-use crate::layers::Batch;
-use crate::weights::DType;
+use crate::engine::backend::Batch;
+use crate::model::weights::DType;
 
 use super::CudaError;
 
@@ -350,7 +350,7 @@ impl StepLayout {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layers::BatchToken;
+    use crate::engine::backend::BatchToken;
 
     #[test]
     fn compute_capabilities_map_to_the_three_paths() {

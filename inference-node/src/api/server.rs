@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use subtle::ConstantTimeEq;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -17,13 +18,13 @@ use futures::stream::{self, BoxStream};
 use serde_json::{Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
-use crate::api::{
+use crate::api::openai::{
     self, ApiError, ChatRequest, CompletionRequest, Limits, PromptField, UsageOut, Validated,
 };
+use crate::engine::sampling::TokenLogprobs;
 use crate::engine::{EngineHandle, Event, GenRequest};
 use crate::metrics::Metrics;
-use crate::sampling::TokenLogprobs;
-use crate::tokenizer::TextModel;
+use crate::model::tokenizer::TextModel;
 
 /// What exists once the model is loaded.
 pub struct Ready {
@@ -196,17 +197,17 @@ async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
 
 fn chat_inner(s: &AppState, body: &[u8]) -> Result<(Vec<u32>, Validated, String), ApiError> {
     let r = ready(s)?;
-    let (mut req, common): (ChatRequest, _) = api::parse_with_common(body)?;
+    let (mut req, common): (ChatRequest, _) = openai::parse_with_common(body)?;
     req.common = common;
     check_model(s, &req.common.model)?;
-    let msgs = api::messages(&req)?;
+    let msgs = openai::messages(&req)?;
     let template = r.text.chat_template.as_deref().ok_or_else(|| {
         ApiError::bad(
             "messages",
             "this model has no chat template; use /v1/completions",
         )
     })?;
-    let rendered = crate::chat::render(
+    let rendered = crate::api::chat::render(
         template,
         &msgs,
         r.text.bos_token.as_deref(),
@@ -228,7 +229,7 @@ fn chat_inner(s: &AppState, body: &[u8]) -> Result<(Vec<u32>, Validated, String)
         }
         (false, None) => None,
     };
-    let v = api::validate(
+    let v = openai::validate(
         &req.common,
         prompt.len(),
         "messages",
@@ -248,7 +249,7 @@ async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
 
 fn completion_inner(s: &AppState, body: &[u8]) -> Result<(Vec<u32>, Validated, String), ApiError> {
     let r = ready(s)?;
-    let (mut req, common): (CompletionRequest, _) = api::parse_with_common(body)?;
+    let (mut req, common): (CompletionRequest, _) = openai::parse_with_common(body)?;
     req.common = common;
     check_model(s, &req.common.model)?;
     if req.echo == Some(true) {
@@ -276,7 +277,7 @@ fn completion_inner(s: &AppState, body: &[u8]) -> Result<(Vec<u32>, Validated, S
             format!("token id {bad} is outside the vocabulary (size {vocab})"),
         ));
     }
-    let v = api::validate(
+    let v = openai::validate(
         &req.common,
         prompt.len(),
         "prompt",
@@ -561,13 +562,7 @@ fn authorized(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     // Constant-time comparison: the token is a secret.
-    let same = given.len() == token.len()
-        && given
-            .bytes()
-            .zip(token.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
-    if same {
+    if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
         Ok(())
     } else {
         Err(ApiError {
@@ -609,7 +604,7 @@ async fn set_power_limit(
     struct Body {
         watts: Option<f64>,
     }
-    let b: Body = match api::parse(&body) {
+    let b: Body = match openai::parse(&body) {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };

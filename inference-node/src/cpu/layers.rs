@@ -1,42 +1,17 @@
-//! Layers shared by every Llama-family architecture: linear projections,
+//! The CPU forward passes of the model's layers: linear projections,
 //! RMSNorm, rotary embeddings, paged attention and the gated SiLU MLP.
 
 use rayon::prelude::*;
 
-use crate::attention::{KvStore, paged_attention};
-use crate::config::ModelConfig;
-use crate::error::Result;
-use crate::matmul::kernel;
-use crate::matmul::{matmul_wt, matmul_wt_rows_into};
-use crate::weights::{Tensor, WeightStore};
-
-/// `y = x Wᵀ (+ b)`, W kept in its stored dtype.
-pub struct Linear {
-    pub w: Tensor,
-    pub bias: Option<Vec<f32>>,
-}
+use crate::cpu::attention::{KvStore, paged_attention};
+use crate::cpu::matmul::kernel;
+use crate::cpu::matmul::{matmul_wt, matmul_wt_rows_into};
+use crate::engine::backend::Batch;
+use crate::model::config::ModelConfig;
+use crate::model::layers::{DecoderLayer, Linear, RmsNorm};
+use crate::model::weights::Tensor;
 
 impl Linear {
-    pub fn load(
-        store: &WeightStore,
-        prefix: &str,
-        out: usize,
-        inp: usize,
-        bias: bool,
-    ) -> Result<Linear> {
-        let w = store.get(&format!("{prefix}.weight"), &[out, inp])?;
-        let bias = if bias {
-            Some(store.get(&format!("{prefix}.bias"), &[out])?.to_f32())
-        } else {
-            None
-        };
-        Ok(Linear { w, bias })
-    }
-
-    pub fn out_dim(&self) -> usize {
-        self.w.shape[0]
-    }
-
     pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
         let mut y = matmul_wt(x, m, &self.w);
         self.add_bias(&mut y);
@@ -72,20 +47,7 @@ impl Linear {
     }
 }
 
-/// Root-mean-square norm with a learned scale.
-pub struct RmsNorm {
-    pub w: Vec<f32>,
-    pub eps: f32,
-}
-
 impl RmsNorm {
-    pub fn load(store: &WeightStore, name: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
-        Ok(RmsNorm {
-            w: store.get(name, &[dim])?.to_f32(),
-            eps: eps as f32,
-        })
-    }
-
     pub fn forward(&self, x: &[f32]) -> Vec<f32> {
         let mut y = vec![0.0; x.len()];
         self.forward_into(x, &mut y);
@@ -141,48 +103,6 @@ pub fn apply_rope(x: &mut [f32], heads: usize, head_dim: usize, rope: &RopeRow) 
     }
 }
 
-/// One token of a batch: which sequence it belongs to and where.
-#[derive(Debug, Clone)]
-pub struct BatchToken {
-    pub token: u32,
-    pub pos: usize,
-    /// Index into `Batch::block_tables`.
-    pub seq: usize,
-    /// Computed on the wide prefill kernels (AMX, where the CPU has it): a
-    /// prompt token of a sequence whose prompt is long enough to repay
-    /// their packing (see `engine::WIDE_MIN_PROMPT`). Generated tokens and
-    /// short prompts take the FMA kernels. The choice follows the sequence
-    /// and the token, never the batch, so a sequence computes the same bits
-    /// alone or batched.
-    pub wide: bool,
-}
-
-/// What one engine step hands a backend.
-#[derive(Debug, Clone, Default)]
-pub struct Batch {
-    pub tokens: Vec<BatchToken>,
-    pub block_tables: Vec<Vec<u32>>,
-    /// Indices into `tokens` whose logits are wanted, in order.
-    pub logits_for: Vec<usize>,
-}
-
-impl Batch {
-    /// Maximal runs of consecutive `wide` tokens (row ranges).
-    pub fn wide_runs(&self) -> Vec<std::ops::Range<usize>> {
-        let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
-        for (i, t) in self.tokens.iter().enumerate() {
-            if !t.wide {
-                continue;
-            }
-            match runs.last_mut() {
-                Some(r) if r.end == i => r.end = i + 1,
-                _ => runs.push(i..i + 1),
-            }
-        }
-        runs
-    }
-}
-
 /// Activation buffers of one forward pass, sized for its tokens and reused
 /// by every layer: no allocation (and no fresh pages to fault in) per layer.
 pub struct Scratch {
@@ -216,92 +136,7 @@ impl Scratch {
     }
 }
 
-/// Gated attention + MLP block with HF weight names.
-pub struct DecoderLayer {
-    pub input_norm: RmsNorm,
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
-    pub o: Linear,
-    pub post_norm: RmsNorm,
-    pub gate: Linear,
-    pub up: Linear,
-    pub down: Linear,
-    pub window: Option<usize>,
-}
-
 impl DecoderLayer {
-    pub fn load(store: &WeightStore, cfg: &ModelConfig, i: usize) -> Result<DecoderLayer> {
-        let p = format!("model.layers.{i}");
-        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-        let q_out = cfg.num_heads * hd;
-        let kv_out = cfg.num_kv_heads * hd;
-        Ok(DecoderLayer {
-            input_norm: RmsNorm::load(
-                store,
-                &format!("{p}.input_layernorm.weight"),
-                h,
-                cfg.rms_norm_eps,
-            )?,
-            q: Linear::load(
-                store,
-                &format!("{p}.self_attn.q_proj"),
-                q_out,
-                h,
-                cfg.qkv_bias,
-            )?,
-            k: Linear::load(
-                store,
-                &format!("{p}.self_attn.k_proj"),
-                kv_out,
-                h,
-                cfg.qkv_bias,
-            )?,
-            v: Linear::load(
-                store,
-                &format!("{p}.self_attn.v_proj"),
-                kv_out,
-                h,
-                cfg.qkv_bias,
-            )?,
-            o: Linear::load(
-                store,
-                &format!("{p}.self_attn.o_proj"),
-                h,
-                q_out,
-                cfg.o_bias,
-            )?,
-            post_norm: RmsNorm::load(
-                store,
-                &format!("{p}.post_attention_layernorm.weight"),
-                h,
-                cfg.rms_norm_eps,
-            )?,
-            gate: Linear::load(
-                store,
-                &format!("{p}.mlp.gate_proj"),
-                cfg.intermediate_size,
-                h,
-                false,
-            )?,
-            up: Linear::load(
-                store,
-                &format!("{p}.mlp.up_proj"),
-                cfg.intermediate_size,
-                h,
-                false,
-            )?,
-            down: Linear::load(
-                store,
-                &format!("{p}.mlp.down_proj"),
-                h,
-                cfg.intermediate_size,
-                false,
-            )?,
-            window: cfg.sliding_window.get(i).copied().flatten(),
-        })
-    }
-
     /// Runs the block on `x` (`m × hidden`) in place.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(

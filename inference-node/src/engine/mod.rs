@@ -3,6 +3,11 @@
 //! samples, detokenizes, finishes, and charges each step's energy to the
 //! sequences in it by their share of its tokens.
 
+pub mod backend;
+pub mod kv_cache;
+pub mod sampling;
+pub mod scheduler;
+
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -10,15 +15,14 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::detok::{Detokenizer, StopChecker};
-use crate::kv_cache::{BlockManager, SeqBlocks};
-use crate::layers::{Batch, BatchToken};
+use self::backend::{Backend, Batch, BatchToken, RowOut, RowWant};
+use self::kv_cache::{BlockManager, SeqBlocks};
+use self::sampling::{Rng, SamplingParams, TokenLogprobs, sample};
+use self::scheduler::{Pending, plan};
 use crate::metrics::Metrics;
-use crate::models::{Backend, RowOut, RowWant};
+use crate::model::detok::{Detokenizer, StopChecker};
+use crate::model::tokenizer::TextModel;
 use crate::power::{PowerSensor, pacing_delay};
-use crate::sampling::{Rng, SamplingParams, TokenLogprobs, sample};
-use crate::scheduler::{Pending, plan};
-use crate::tokenizer::TextModel;
 
 /// Engine sizing.
 #[derive(Debug, Clone)]
@@ -435,7 +439,7 @@ impl Engine {
     /// server answers 5xx), their blocks are freed, and the others go on.
     /// A fatal error also fails everything queued and marks the engine
     /// failed.
-    fn fail_step(&mut self, n: &[usize], e: &crate::models::BackendError) {
+    fn fail_step(&mut self, n: &[usize], e: &self::backend::BackendError) {
         tracing::error!(error = %e.message, fatal = e.fatal, "engine step failed");
         let mut i = self.running.len();
         while i > 0 {
@@ -707,86 +711,4 @@ impl Default for EngineOptions {
             kv_f16: false,
         }
     }
-}
-
-/// Which backend [`load_engine`] builds.
-#[derive(Debug, Clone)]
-pub enum Device {
-    Cpu,
-    /// NVIDIA GPUs; `block_size`, `max_batch_tokens` and `max_running`
-    /// are taken from the engine options.
-    Cuda(crate::cuda::backend::CudaOptions),
-}
-
-/// Loads a model directory into an engine on `device`. For CUDA the KV
-/// pool is sized from free GPU memory (`opts.kv_bytes` is not used).
-pub fn load_engine(
-    dir: &std::path::Path,
-    opts: &EngineOptions,
-    device: &Device,
-    metrics: Arc<Metrics>,
-    sensor: Box<dyn PowerSensor>,
-) -> crate::Result<(Engine, Arc<TextModel>)> {
-    let Device::Cuda(cuda) = device else {
-        return load_cpu_engine(dir, opts, metrics, sensor);
-    };
-    // No driver: say so before spending time on the model.
-    crate::cuda::backend::probe()?;
-    let model = crate::models::load(dir)?;
-    let text = Arc::new(TextModel::load(dir, &model.cfg.eos_token_ids)?);
-    let max_context = model.cfg.max_position_embeddings;
-    let mut c = cuda.clone();
-    c.block_size = opts.block_size;
-    c.max_batch_tokens = opts.max_batch_tokens.max(1);
-    c.max_running = opts.max_running.max(1);
-    let backend = crate::cuda::backend::CudaBackend::new(&model, c)?;
-    // The weights now live on the GPUs; the mapped files can go.
-    drop(model);
-    let num_blocks = backend.num_blocks();
-    let engine = Engine::new(
-        Box::new(backend),
-        text.clone(),
-        EngineConfig {
-            num_blocks,
-            block_size: opts.block_size,
-            max_batch_tokens: opts.max_batch_tokens.max(1),
-            max_running: opts.max_running.max(1),
-            max_context,
-        },
-        metrics,
-        sensor,
-    );
-    Ok((engine, text))
-}
-
-/// Loads a model directory into a CPU engine; every loading error (config,
-/// weights, tokenizer, template) surfaces here, before anything serves.
-pub fn load_cpu_engine(
-    dir: &std::path::Path,
-    opts: &EngineOptions,
-    metrics: Arc<Metrics>,
-    sensor: Box<dyn PowerSensor>,
-) -> crate::Result<(Engine, Arc<TextModel>)> {
-    let model = crate::models::load(dir)?;
-    let text = Arc::new(TextModel::load(dir, &model.cfg.eos_token_ids)?);
-    let per_block =
-        crate::attention::KvStore::bytes_per_block(&model.cfg, opts.block_size, opts.kv_f16);
-    let num_blocks = (opts.kv_bytes / per_block.max(1)).max(2);
-    let max_context = model.cfg.max_position_embeddings;
-    let backend =
-        crate::models::CpuBackend::with_kv(model, num_blocks, opts.block_size, opts.kv_f16);
-    let engine = Engine::new(
-        Box::new(backend),
-        text.clone(),
-        EngineConfig {
-            num_blocks,
-            block_size: opts.block_size,
-            max_batch_tokens: opts.max_batch_tokens.max(1),
-            max_running: opts.max_running.max(1),
-            max_context,
-        },
-        metrics,
-        sensor,
-    );
-    Ok((engine, text))
 }

@@ -20,7 +20,7 @@
 //! number of rows or how they are grouped, so a prompt row gives the same
 //! bits alone as in a batch. Rows the model generated, and short prompts,
 //! go through the FMA kernels instead (see
-//! [`crate::layers::BatchToken::wide`]): the choice follows the sequence
+//! [`crate::engine::backend::BatchToken::wide`]): the choice follows the sequence
 //! and the token, never the batch.
 
 // The tile instructions (inline asm), the kernel's permission for the tile
@@ -32,8 +32,8 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::kernel::WRows;
-use crate::weights::{DType, Tensor};
+use crate::model::weights::WRows;
+use crate::model::weights::{DType, Tensor};
 
 /// Output features per job, a multiple of 32 (two tiles of 16): as many
 /// as keep the job's packed weights (`rows × k × parts × 2` bytes) within

@@ -4,9 +4,9 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::chat::Message;
-use crate::sampling::SamplingParams;
-use crate::tokenizer::GenerationDefaults;
+use crate::api::chat::Message;
+use crate::engine::sampling::SamplingParams;
+use crate::model::tokenizer::GenerationDefaults;
 
 /// An OpenAI-shaped error: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug, Clone, PartialEq)]

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::config::token_ids;
 use crate::error::{Error, Result, read_json};
+use crate::model::config::token_ids;
 
 /// Defaults a checkpoint ships for sampling (`generation_config.json`).
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -106,8 +106,7 @@ impl Tensor {
     /// The stored elements as a typed slice for the fused kernels, or `None`
     /// when the data is not aligned to its element size (then callers widen
     /// with [`Tensor::read_f32`]).
-    pub fn rows(&self) -> Option<crate::matmul::kernel::WRows<'_>> {
-        use crate::matmul::kernel::WRows;
+    pub fn rows(&self) -> Option<WRows<'_>> {
         let b = self.bytes();
         match self.dtype {
             DType::F32 => bytemuck::try_cast_slice::<u8, f32>(b).ok().map(WRows::F32),
@@ -253,4 +252,40 @@ fn map_file(path: &Path) -> Result<Vec<Tensor>> {
         });
     }
     Ok(out)
+}
+
+/// Weight rows (`n × k`, row-major) in their stored element type. f16 and
+/// bf16 are raw bits.
+#[derive(Clone, Copy)]
+pub enum WRows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [u16]),
+    BF16(&'a [u16]),
+}
+
+impl<'a> WRows<'a> {
+    /// The rows from element `at` on.
+    pub fn offset(self, at: usize) -> WRows<'a> {
+        match self {
+            WRows::F32(s) => WRows::F32(&s[at..]),
+            WRows::F16(s) => WRows::F16(&s[at..]),
+            WRows::BF16(s) => WRows::BF16(&s[at..]),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            WRows::F32(s) => s.len(),
+            WRows::F16(s) | WRows::BF16(s) => s.len(),
+        }
+    }
+
+    /// Element `i` widened to f32 (the scalar paths).
+    pub fn get(self, i: usize) -> f32 {
+        match self {
+            WRows::F32(s) => s[i],
+            WRows::F16(s) => half::f16::from_bits(s[i]).to_f32(),
+            WRows::BF16(s) => half::bf16::from_bits(s[i]).to_f32(),
+        }
+    }
 }

@@ -3,10 +3,10 @@
 //! tied embeddings on small sizes. The config module sets those flags; the
 //! weights are the shared layers under HF names.
 
-use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::models::Decoder;
-use crate::weights::WeightStore;
+use crate::model::Decoder;
+use crate::model::config::ModelConfig;
+use crate::model::weights::WeightStore;
 
 pub fn load(cfg: ModelConfig, store: &WeightStore) -> Result<Decoder> {
     debug_assert!(cfg.qkv_bias && !cfg.o_bias);

@@ -19,8 +19,9 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use crate::weights::Tensor;
-use kernel::{WRows, dot_block};
+use crate::model::weights::Tensor;
+use crate::model::weights::WRows;
+use kernel::dot_block;
 
 thread_local! {
     static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };

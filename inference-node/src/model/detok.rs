@@ -2,7 +2,7 @@
 //! emits half a UTF-8 character, and stop strings found across token
 //! boundaries without ever streaming text that a stop string later cuts.
 
-use crate::tokenizer::TextModel;
+use crate::model::tokenizer::TextModel;
 
 /// Incremental detokenizer (the prefix/read offset scheme of TGI and vLLM).
 #[derive(Debug, Default, Clone)]

@@ -14,9 +14,10 @@
 
 use rayon::prelude::*;
 
-use crate::config::ModelConfig;
-use crate::layers::Batch;
-use crate::matmul::kernel::{KEY_CHUNK, WRows, key_scores, softmax, weighted_rows};
+use crate::cpu::matmul::kernel::{KEY_CHUNK, key_scores, softmax, weighted_rows};
+use crate::engine::backend::Batch;
+use crate::model::config::ModelConfig;
+use crate::model::weights::WRows;
 
 /// Tokens of one sequence scored together: enough to reuse every key many
 /// times, few enough that a tile's scores stay in L2.
@@ -268,7 +269,7 @@ fn tile(call: &Call<'_>, tokens: std::ops::Range<usize>, g: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layers::BatchToken;
+    use crate::engine::backend::BatchToken;
 
     const HEADS: usize = 4;
     const KVH: usize = 2;

@@ -21,43 +21,8 @@
 
 #![allow(unsafe_code)]
 
+use crate::model::weights::WRows;
 use std::sync::OnceLock;
-
-/// Weight rows (`n × k`, row-major) in their stored element type. f16 and
-/// bf16 are raw bits.
-#[derive(Clone, Copy)]
-pub enum WRows<'a> {
-    F32(&'a [f32]),
-    F16(&'a [u16]),
-    BF16(&'a [u16]),
-}
-
-impl<'a> WRows<'a> {
-    /// The rows from element `at` on.
-    pub fn offset(self, at: usize) -> WRows<'a> {
-        match self {
-            WRows::F32(s) => WRows::F32(&s[at..]),
-            WRows::F16(s) => WRows::F16(&s[at..]),
-            WRows::BF16(s) => WRows::BF16(&s[at..]),
-        }
-    }
-
-    fn len(&self) -> usize {
-        match self {
-            WRows::F32(s) => s.len(),
-            WRows::F16(s) | WRows::BF16(s) => s.len(),
-        }
-    }
-
-    /// Element `i` widened to f32 (the scalar paths).
-    pub fn get(self, i: usize) -> f32 {
-        match self {
-            WRows::F32(s) => s[i],
-            WRows::F16(s) => half::f16::from_bits(s[i]).to_f32(),
-            WRows::BF16(s) => half::bf16::from_bits(s[i]).to_f32(),
-        }
-    }
-}
 
 /// The instruction set the kernels use in this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
