@@ -26,20 +26,20 @@ use kube::{Client, Resource, ResourceExt};
 use tracing::Instrument;
 
 use super::FIELD_MANAGER;
-use crate::budget::{
+use crate::conditions;
+use crate::energy::budget::{
     self, DEFER_SAVING, Direction, FailSafe, Ladder, LadderState, Reading, Rung, RungWatts,
     cap_factor, draw_factor,
 };
-use crate::conditions;
-use crate::draw::{self, EnginePod};
+use crate::energy::draw::{self, EnginePod};
+use crate::energy::supply;
+use crate::energy::supply_schedule::Schedule;
 use crate::error::{Error, Result};
 use crate::metrics::{ControllerMetrics, EnergyMetrics, TransitionLabels};
 use crate::resources::{
     EnergyBudget, EnergyBudgetStatus, ModelDeployment, Priority, parse_duration,
 };
-use crate::supply;
-use crate::supply_schedule::Schedule;
-use crate::workload::{SHED_BY_ANNOTATION, SHED_TO_ANNOTATION};
+use crate::serving::workload::{SHED_BY_ANNOTATION, SHED_TO_ANNOTATION};
 
 /// The finalizer this controller puts on the budgets it reconciles: a
 /// deleted budget stays until its shed annotations and power limits are
@@ -161,7 +161,7 @@ pub fn admin_token_ref(
         None => node_secret.map(|name| crate::resources::SecretKeyRef {
             name: name.to_string(),
             namespace: Some(namespace.to_string()),
-            key: crate::workload::ADMIN_TOKEN_KEY.to_string(),
+            key: crate::serving::workload::ADMIN_TOKEN_KEY.to_string(),
         }),
     }
 }
@@ -357,7 +357,7 @@ async fn reconcile_inner(eb: &EnergyBudget, ctx: &EnergyContext) -> Result<Actio
             .collect();
         let on_nodes = pods_arc.iter().any(|p| {
             p.namespace() == md.namespace()
-                && p.labels().get(crate::workload::MD_LABEL) == Some(&md.name_any())
+                && p.labels().get(crate::serving::workload::MD_LABEL) == Some(&md.name_any())
                 && p.spec
                     .as_ref()
                     .and_then(|s| s.node_name.as_ref())
@@ -415,7 +415,7 @@ async fn reconcile_inner(eb: &EnergyBudget, ctx: &EnergyContext) -> Result<Actio
         let (mut save, mut back) = (0.0, 0.0);
         for c in covered.iter().filter(|c| c.md.spec.priority == prio) {
             let cut = (c.md.spec.replicas - c.min_replicas()).max(0) as f64;
-            let running = crate::workload::effective_replicas(&c.md).0;
+            let running = crate::serving::workload::effective_replicas(&c.md).0;
             let shed = (c.md.spec.replicas - running).max(0) as f64;
             let per = c.per_pod(avg_pod);
             save += ((running - c.min_replicas()).max(0) as f64).min(cut) * per;

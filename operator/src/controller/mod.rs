@@ -28,7 +28,7 @@ use crate::error::Error;
 use crate::leader::{Elector, Timing};
 use crate::metrics::{ControllerMetrics, EnergyMetrics, ErrorLabels};
 use crate::resources::{EnergyBudget, ModelDeployment};
-use crate::workload::EngineDefaults;
+use crate::serving::workload::EngineDefaults;
 
 /// Field manager of every server-side apply the controller sends.
 pub const FIELD_MANAGER: &str = "copyhold";
@@ -75,7 +75,7 @@ pub struct Context {
     /// For reading model configs and safetensors headers from http sources.
     pub http: reqwest::Client,
     /// Model sizes read from sources, kept a while so resyncs do not refetch.
-    pub sources: crate::model_source::SourceCache,
+    pub sources: crate::serving::model_source::SourceCache,
     /// Consecutive failures per object, for exponential backoff.
     failures: std::sync::Mutex<HashMap<ObjectRef<ModelDeployment>, u32>>,
 }
@@ -115,7 +115,7 @@ impl Context {
             indexes,
             resync,
             http,
-            sources: crate::model_source::SourceCache::new(Duration::from_secs(600)),
+            sources: crate::serving::model_source::SourceCache::new(Duration::from_secs(600)),
             failures: Default::default(),
         }
     }

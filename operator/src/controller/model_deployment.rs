@@ -24,8 +24,9 @@ use crate::conditions;
 use crate::error::{Error, Result};
 use crate::metrics::{ControllerMetrics, ReasonLabels};
 use crate::resources::{ModelDeployment, ModelDeploymentStatus};
-use crate::workload::{self, PlacementForWorkload};
-use crate::{model_source, placement, validation};
+use crate::serving::workload::{self, PlacementForWorkload};
+use crate::serving::{model_source, placement};
+use crate::validation;
 
 /// Why a ModelDeployment is not (re)placed: a condition reason and a message
 /// a person can act on.

@@ -14,12 +14,12 @@ use kube::Api;
 use kube::api::PostParams;
 use tokio::sync::Notify;
 
+use crate::commons::ledger::{self, Ask, Book, Fit, Reservation, Usage};
+use crate::commons::stint::{self, MemberStint, PeriodWindow};
 use crate::conditions;
-use crate::ledger::{self, Ask, Book, Fit, Reservation, Usage};
 use crate::resources::stint_quota::{
     MemberState, MemberUsage, StintQuota, StintQuotaSpec, StintQuotaStatus,
 };
-use crate::stint::{self, MemberStint, PeriodWindow};
 
 use super::metrics::GatewayMetrics;
 

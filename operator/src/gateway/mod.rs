@@ -27,10 +27,10 @@ use futures::StreamExt;
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 
-use crate::ledger::{Reservation, Usage};
+use crate::commons::ledger::{Reservation, Usage};
+use crate::commons::stint;
 use crate::resources::common::Priority;
 use crate::resources::stint_quota::{MemberState, StintQuotaSpec};
-use crate::stint;
 use catalog::{Catalog, Target};
 use keys::Owner;
 use ledger_sync::{Admission, Ledgers, QuotaLedger};
