@@ -2,25 +2,15 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
-pub mod bench_gateway;
-pub mod budget;
+pub mod commons;
 pub mod conditions;
 pub mod controller;
 pub mod crdgen;
-pub mod draw;
+pub mod energy;
 pub mod error;
 pub mod gateway;
-pub mod gpu_catalog;
 pub mod leader;
-pub mod ledger;
 pub mod metrics;
-pub mod model_source;
-pub mod placement;
 pub mod resources;
-pub mod simulate;
-pub mod sizing;
-pub mod stint;
-pub mod supply;
-pub mod supply_schedule;
+pub mod serving;
 pub mod validation;
-pub mod workload;

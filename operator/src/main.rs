@@ -123,7 +123,7 @@ fn run_simulate(cmd: SimulateCommand) -> anyhow::Result<()> {
             min_fraction,
             joules_per_request,
         } => {
-            use copyhold::simulate;
+            use copyhold::energy::simulate;
             for (name, v) in [
                 ("--essential-share", essential_share),
                 ("--standard-share", standard_share),
@@ -222,7 +222,7 @@ fn run_bench(cmd: BenchCommand) -> anyhow::Result<()> {
                 json,
             } => {
                 let client = kube::Client::try_default().await?;
-                let b = copyhold::bench_gateway::GatewayBench {
+                let b = copyhold::bench::gateway::GatewayBench {
                     clients,
                     seconds,
                     tokens,
@@ -231,11 +231,11 @@ fn run_bench(cmd: BenchCommand) -> anyhow::Result<()> {
                     litellm,
                     json,
                 };
-                let figs = copyhold::bench_gateway::run(client, b.clone()).await?;
+                let figs = copyhold::bench::gateway::run(client, b.clone()).await?;
                 if b.json {
                     println!("{}", serde_json::to_string_pretty(&figs)?);
                 } else {
-                    print!("{}", copyhold::bench_gateway::table(&figs, &b));
+                    print!("{}", copyhold::bench::gateway::table(&figs, &b));
                 }
                 Ok(())
             }
@@ -246,13 +246,13 @@ fn run_bench(cmd: BenchCommand) -> anyhow::Result<()> {
                 json,
             } => {
                 let client = kube::Client::try_default().await?;
-                let bench = copyhold::bench::ControllerBench {
+                let bench = copyhold::bench::controller::ControllerBench {
                     objects,
                     gpus_per_node,
                     concurrency,
                     json,
                 };
-                let f = copyhold::bench::controller(client, bench).await?;
+                let f = copyhold::bench::controller::controller(client, bench).await?;
                 if json {
                     println!("{}", serde_json::to_string(&f)?);
                 } else {
@@ -350,7 +350,7 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let config = kube::Config::infer().await?;
-        let mut defaults = copyhold::workload::EngineDefaults {
+        let mut defaults = copyhold::serving::workload::EngineDefaults {
             node_device: args.node_device,
             admin_token_secret: args.node_admin_token_secret.filter(|s| !s.is_empty()),
             ..Default::default()

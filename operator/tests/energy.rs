@@ -608,13 +608,13 @@ spec:
         .next()
         .context("no pod")?;
     let ip = pod.status.and_then(|s| s.pod_ip).context("pod has no IP")?;
-    let base = format!("http://{ip}:{}", copyhold::workload::ENGINE_PORT);
+    let base = format!("http://{ip}:{}", copyhold::serving::workload::ENGINE_PORT);
     assert_eq!(node_limit(&http, &base).await?, (None, "none".into()));
     let node: k8s_openapi::api::core::v1::Node =
         Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
             .get("gpu-p100")
             .await?;
-    let rated = copyhold::draw::rated_per_gpu(&node);
+    let rated = copyhold::energy::draw::rated_per_gpu(&node);
     assert!(rated > 0.0, "gpu-p100's GPUs have a rated power");
 
     // Plenty of supply: within budget, no limit.
@@ -959,7 +959,7 @@ spec:
                 .into_iter()
                 .filter(|p| p.metadata.deletion_timestamp.is_none())
                 .filter_map(|p| p.status.and_then(|s| s.pod_ip))
-                .map(|ip| format!("http://{ip}:{}", copyhold::workload::ENGINE_PORT))
+                .map(|ip| format!("http://{ip}:{}", copyhold::serving::workload::ENGINE_PORT))
                 .collect::<Vec<_>>(),
         )
     };
@@ -976,8 +976,8 @@ spec:
             }
         }
         if st.step == 2
-            && ann.get(copyhold::workload::SHED_BY_ANNOTATION) == Some(&budget)
-            && ann.get(copyhold::workload::SHED_TO_ANNOTATION).map(String::as_str) == Some("1")
+            && ann.get(copyhold::serving::workload::SHED_BY_ANNOTATION) == Some(&budget)
+            && ann.get(copyhold::serving::workload::SHED_TO_ANNOTATION).map(String::as_str) == Some("1")
             && dep == 1
             && bases.len() == 1
             && limited.len() == 1
@@ -1043,8 +1043,8 @@ spec:
     let md = mds.get("batch").await?;
     let ann = md.metadata.annotations.clone().unwrap_or_default();
     assert!(
-        !ann.contains_key(copyhold::workload::SHED_BY_ANNOTATION)
-            && !ann.contains_key(copyhold::workload::SHED_TO_ANNOTATION),
+        !ann.contains_key(copyhold::serving::workload::SHED_BY_ANNOTATION)
+            && !ann.contains_key(copyhold::serving::workload::SHED_TO_ANNOTATION),
         "{ann:?}"
     );
     assert_eq!(node_limit(&http, &base).await?, (None, "none".into()));

@@ -26,20 +26,20 @@ use kube::{Client, Resource, ResourceExt};
 use tracing::Instrument;
 
 use super::FIELD_MANAGER;
-use crate::budget::{
+use crate::conditions;
+use crate::energy::budget::{
     self, DEFER_SAVING, Direction, FailSafe, Ladder, LadderState, Reading, Rung, RungWatts,
     cap_factor, draw_factor,
 };
-use crate::conditions;
-use crate::draw::{self, EnginePod};
+use crate::energy::draw::{self, EnginePod};
+use crate::energy::supply;
+use crate::energy::supply_schedule::Schedule;
 use crate::error::{Error, Result};
 use crate::metrics::{ControllerMetrics, EnergyMetrics, TransitionLabels};
 use crate::resources::{
-    EnergyBudget, EnergyBudgetStatus, ModelDeployment, Priority, parse_duration,
+    EnergyBudget, EnergyBudgetSpec, EnergyBudgetStatus, ModelDeployment, Priority, parse_duration,
 };
-use crate::supply;
-use crate::supply_schedule::Schedule;
-use crate::workload::{SHED_BY_ANNOTATION, SHED_TO_ANNOTATION};
+use crate::serving::workload::{SHED_BY_ANNOTATION, SHED_TO_ANNOTATION};
 
 /// The finalizer this controller puts on the budgets it reconciles: a
 /// deleted budget stays until its shed annotations and power limits are
@@ -161,7 +161,7 @@ pub fn admin_token_ref(
         None => node_secret.map(|name| crate::resources::SecretKeyRef {
             name: name.to_string(),
             namespace: Some(namespace.to_string()),
-            key: crate::workload::ADMIN_TOKEN_KEY.to_string(),
+            key: crate::serving::workload::ADMIN_TOKEN_KEY.to_string(),
         }),
     }
 }
@@ -247,80 +247,190 @@ impl Covered {
     }
 }
 
+/// The covered part of the cluster as read this evaluation.
+struct Observed {
+    /// The nodes the budget's selector covers.
+    nodes: Vec<Arc<Node>>,
+    /// Their running copyhold-node Pods.
+    engine_pods: Vec<EnginePod>,
+    /// What each engine Pod draws (W), by `namespace/name`.
+    pod_watts: BTreeMap<String, f64>,
+    /// The limit each node says is in force: what power caps compare with.
+    pod_limits: HashMap<String, Option<f64>>,
+    /// The covered ModelDeployments, by key.
+    covered: Vec<Covered>,
+    /// The covered nodes' draw.
+    measured: draw::Draw,
+}
+
+impl Observed {
+    fn node_refs(&self) -> Vec<&Node> {
+        self.nodes.iter().map(|n| n.as_ref()).collect()
+    }
+
+    /// Mean draw of a scraped engine Pod: the estimate for Pods not read.
+    fn avg_pod(&self) -> f64 {
+        if self.pod_watts.is_empty() {
+            0.0
+        } else {
+            self.pod_watts.values().sum::<f64>() / self.pod_watts.len() as f64
+        }
+    }
+}
+
+/// The supply as this evaluation uses it.
+struct SupplyNow {
+    estimate: budget::SupplyEstimate,
+    /// The last good reading and when it was taken.
+    last_good: Option<(f64, DateTime<Utc>)>,
+    /// Why the signal is stale (condition reason, message), if it is.
+    stale: Option<(&'static str, String)>,
+    allowance: f64,
+}
+
+/// What the ladder decided this evaluation, with the figures it read.
+struct Decided {
+    outcome: budget::Outcome,
+    draw_w: f64,
+    restore: RungWatts,
+}
+
+/// One evaluation: read the spec, observe the covered nodes and the
+/// supply, let the ladder decide, carry the decision out (shed
+/// annotations, power limits), then report (status, conditions, metrics,
+/// Events).
 async fn reconcile_inner(eb: &EnergyBudget, ctx: &EnergyContext) -> Result<Action> {
-    let name = eb.name_any();
     let spec = &eb.spec;
-    let generation = eb.metadata.generation;
     let now_time = conditions::now();
     let now = to_chrono(&now_time).unwrap_or_else(Utc::now);
     let old = eb.status.clone().unwrap_or_default();
     let mut status = EnergyBudgetStatus {
         conditions: old.conditions.clone(),
-        observed_generation: generation,
+        observed_generation: eb.metadata.generation,
         ..old.clone()
     };
     let mut events: Vec<Event> = Vec::new();
     let interval = parse_duration(&spec.evaluation_interval).unwrap_or(Duration::from_secs(15));
-
-    // Durations and the ladder: without them nothing can be decided.
-    let parsed = (|| -> Result<(Ladder, FailSafe), String> {
-        // Shed Pods take a while to stop: let a step down settle for two
-        // evaluations (at least 10 s) before taking another.
-        let ladder = Ladder::from_policy(&spec.policy)
-            .map_err(|e| format!("spec.policy.dwell: Invalid value: {e}"))?
-            .with_settle((interval * 2).max(Duration::from_secs(10)));
-        let fail_safe = FailSafe {
-            max_age: parse_duration(&spec.supply.max_age)
-                .map_err(|e| format!("spec.supply.maxAge: Invalid value: {e}"))?,
-            decay: parse_duration(&spec.supply.fail_safe_decay)
-                .map_err(|e| format!("spec.supply.failSafeDecay: Invalid value: {e}"))?,
-            floor_watts: spec.supply.floor_watts.max(0.0),
-        };
-        parse_duration(&spec.evaluation_interval)
-            .map_err(|e| format!("spec.evaluationInterval: Invalid value: {e}"))?;
-        Ok((ladder, fail_safe))
-    })();
-    let (ladder, fail_safe) = match parsed {
+    let (ladder, fail_safe) = match parse_spec(spec, interval) {
         Ok(v) => v,
-        Err(message) => {
-            if conditions::set(
-                &mut status.conditions,
-                "WithinBudget",
-                false,
-                "InvalidSpec",
-                &message,
-                generation,
-                now_time.clone(),
-            ) {
-                events.push(warning("InvalidSpec", message, "Evaluate"));
-            }
-            write_status(eb, ctx, &status).await?;
-            publish(ctx, eb, events).await;
-            return Ok(Action::requeue(Duration::from_secs(60)));
-        }
+        Err(message) => return refuse_invalid(eb, ctx, status, &message, &now_time).await,
     };
 
-    // Covered nodes, their engine Pods and the ModelDeployments on them.
-    let nodes_arc = ctx.nodes.state();
-    let covered_nodes: Vec<&Node> = nodes_arc
-        .iter()
-        .map(|n| n.as_ref())
+    let seen = observe(eb, ctx).await;
+    let supply = read_supply(eb, ctx, &old, &fail_safe, now).await;
+    let decided = decide(eb, ctx, &ladder, &old, &seen, &supply, now);
+    if let Some(c) = decided.outcome.change {
+        status.transitions += 1;
+        events.push(report_change(
+            ctx,
+            &eb.name_any(),
+            &ladder,
+            c,
+            decided.draw_w,
+            supply.allowance,
+        ));
+    }
+    let plan = carry_out(eb, ctx, &ladder, &seen, &decided, &mut events).await;
+
+    let step = decided.outcome.state.step;
+    let joules = fill_status(
+        &mut status,
+        eb,
+        &old,
+        &ladder,
+        &seen,
+        &supply,
+        &decided,
+        &plan,
+        now,
+        interval,
+    );
+    status.last_evaluated = Some(now_time.clone());
+    set_conditions(
+        &mut status,
+        &mut events,
+        &ladder,
+        step,
+        &supply,
+        &fail_safe,
+        decided.draw_w,
+        &now_time,
+    );
+    record_metrics(ctx, &eb.name_any(), &supply, decided.draw_w, step, joules);
+    write_status(eb, ctx, &status).await?;
+    publish(ctx, eb, events).await;
+    Ok(Action::requeue(interval.max(Duration::from_secs(1))))
+}
+
+/// The ladder and the fail-safe from the spec's durations; without them
+/// nothing can be decided. The error names the field as the API server
+/// would.
+fn parse_spec(spec: &EnergyBudgetSpec, interval: Duration) -> Result<(Ladder, FailSafe), String> {
+    // Shed Pods take a while to stop: let a step down settle for two
+    // evaluations (at least 10 s) before taking another.
+    let ladder = Ladder::from_policy(&spec.policy)
+        .map_err(|e| format!("spec.policy.dwell: Invalid value: {e}"))?
+        .with_settle((interval * 2).max(Duration::from_secs(10)));
+    let fail_safe = FailSafe {
+        max_age: parse_duration(&spec.supply.max_age)
+            .map_err(|e| format!("spec.supply.maxAge: Invalid value: {e}"))?,
+        decay: parse_duration(&spec.supply.fail_safe_decay)
+            .map_err(|e| format!("spec.supply.failSafeDecay: Invalid value: {e}"))?,
+        floor_watts: spec.supply.floor_watts.max(0.0),
+    };
+    parse_duration(&spec.evaluation_interval)
+        .map_err(|e| format!("spec.evaluationInterval: Invalid value: {e}"))?;
+    Ok((ladder, fail_safe))
+}
+
+/// A spec that cannot be evaluated: `WithinBudget=False` with reason
+/// `InvalidSpec` (an Event when it is new), and a look again in a minute.
+async fn refuse_invalid(
+    eb: &EnergyBudget,
+    ctx: &EnergyContext,
+    mut status: EnergyBudgetStatus,
+    message: &str,
+    now: &Time,
+) -> Result<Action> {
+    let mut events = Vec::new();
+    if conditions::set(
+        &mut status.conditions,
+        "WithinBudget",
+        false,
+        "InvalidSpec",
+        message,
+        eb.metadata.generation,
+        now.clone(),
+    ) {
+        events.push(warning("InvalidSpec", message.to_string(), "Evaluate"));
+    }
+    write_status(eb, ctx, &status).await?;
+    publish(ctx, eb, events).await;
+    Ok(Action::requeue(Duration::from_secs(60)))
+}
+
+/// Observe: the covered nodes, their engine Pods (scraped for draw and
+/// limit), the nodes' draw (Prometheus when the spec names a query, else
+/// the Pods' own gauges) and the covered ModelDeployments.
+async fn observe(eb: &EnergyBudget, ctx: &EnergyContext) -> Observed {
+    let spec = &eb.spec;
+    let nodes: Vec<Arc<Node>> = ctx
+        .nodes
+        .state()
+        .into_iter()
         .filter(|n| draw::covers(&spec.node_selector, n))
         .collect();
-    let node_names: BTreeSet<String> = covered_nodes.iter().map(|n| n.name_any()).collect();
-    let pods_arc = ctx.pods.state();
-    let engine_pods = draw::engine_pods(pods_arc.iter().map(|p| p.as_ref()), &node_names);
+    let node_names: BTreeSet<String> = nodes.iter().map(|n| n.name_any()).collect();
+    let pods = ctx.pods.state();
+    let engine_pods = draw::engine_pods(pods.iter().map(|p| p.as_ref()), &node_names);
     let scraped = draw::scrape_with_limits(&ctx.http, &engine_pods).await;
     let pod_watts: BTreeMap<String, f64> =
         scraped.iter().map(|(k, r)| (k.clone(), r.watts)).collect();
-    // The limit each node says is in force: what power caps compare with.
     let pod_limits: HashMap<String, Option<f64>> = scraped
         .iter()
         .filter_map(|(k, r)| r.limit.map(|l| (k.clone(), l)))
         .collect();
-
-    // Draw per node: Prometheus when given, else the Pods' own gauges.
-    let readings: BTreeMap<String, f64> = match &spec.draw.prometheus {
+    let readings = match &spec.draw.prometheus {
         Some(q) => match supply::prometheus_query(&ctx.http, q).await {
             Ok(samples) => draw::per_node_from_prometheus(&samples),
             Err(e) => {
@@ -328,36 +438,55 @@ async fn reconcile_inner(eb: &EnergyBudget, ctx: &EnergyContext) -> Result<Actio
                 BTreeMap::new()
             }
         },
-        None => {
-            let mut per_node = BTreeMap::new();
-            for p in &engine_pods {
-                if let Some(w) = pod_watts.get(&p.key) {
-                    *per_node.entry(p.node.clone()).or_insert(0.0) += w;
-                }
-            }
-            per_node
-        }
+        None => per_node(&engine_pods, &pod_watts),
     };
-    let measured = draw::total(&covered_nodes, &readings, &spec.draw);
-    let draw_w = measured.total_watts;
+    let node_refs: Vec<&Node> = nodes.iter().map(|n| n.as_ref()).collect();
+    let measured = draw::total(&node_refs, &readings, &spec.draw);
+    let covered = covered_deployments(eb, ctx, &pods, &node_names, &engine_pods, &pod_watts);
+    Observed {
+        nodes,
+        engine_pods,
+        pod_watts,
+        pod_limits,
+        covered,
+        measured,
+    }
+}
 
-    // Covered ModelDeployments: replicas on the covered nodes, or shed by us.
-    let mds = ctx.model_deployments.state();
+/// The engine Pods' draw summed per node.
+fn per_node(engine_pods: &[EnginePod], pod_watts: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+    let mut per_node = BTreeMap::new();
+    for p in engine_pods {
+        if let Some(w) = pod_watts.get(&p.key) {
+            *per_node.entry(p.node.clone()).or_insert(0.0) += w;
+        }
+    }
+    per_node
+}
+
+/// The ModelDeployments the budget covers: those with Pods on the covered
+/// nodes, and those it sheds (which may have none left there), in key
+/// order, with what their Pods draw.
+fn covered_deployments(
+    eb: &EnergyBudget,
+    ctx: &EnergyContext,
+    pods: &[Arc<Pod>],
+    node_names: &BTreeSet<String>,
+    engine_pods: &[EnginePod],
+    pod_watts: &BTreeMap<String, f64>,
+) -> Vec<Covered> {
+    let name = eb.name_any();
     let in_scope = |md: &ModelDeployment| {
         ctx.watch_namespace
             .as_deref()
             .is_none_or(|ns| md.namespace().as_deref() == Some(ns))
     };
     let mut covered: Vec<Covered> = Vec::new();
-    for md in mds.iter().filter(|m| in_scope(m)) {
+    for md in ctx.model_deployments.state().iter().filter(|m| in_scope(m)) {
         let key = format!("{}/{}", md.namespace().unwrap_or_default(), md.name_any());
-        let pods: Vec<&EnginePod> = engine_pods
-            .iter()
-            .filter(|p| p.model_deployment.as_deref() == Some(key.as_str()))
-            .collect();
-        let on_nodes = pods_arc.iter().any(|p| {
+        let on_nodes = pods.iter().any(|p| {
             p.namespace() == md.namespace()
-                && p.labels().get(crate::workload::MD_LABEL) == Some(&md.name_any())
+                && p.labels().get(crate::serving::workload::MD_LABEL) == Some(&md.name_any())
                 && p.spec
                     .as_ref()
                     .and_then(|s| s.node_name.as_ref())
@@ -367,25 +496,34 @@ async fn reconcile_inner(eb: &EnergyBudget, ctx: &EnergyContext) -> Result<Actio
         if !on_nodes && !shed_by_us {
             continue;
         }
-        let pod_w: f64 = pods.iter().filter_map(|p| pod_watts.get(&p.key)).sum();
+        let mine: Vec<&EnginePod> = engine_pods
+            .iter()
+            .filter(|p| p.model_deployment.as_deref() == Some(key.as_str()))
+            .collect();
         covered.push(Covered {
             md: md.clone(),
             key,
-            running_pods: pods
+            running_pods: mine
                 .iter()
                 .filter(|p| pod_watts.contains_key(&p.key))
                 .count(),
-            pod_watts: pod_w,
+            pod_watts: mine.iter().filter_map(|p| pod_watts.get(&p.key)).sum(),
         });
     }
     covered.sort_by(|a, b| a.key.cmp(&b.key));
-    let avg_pod = if pod_watts.is_empty() {
-        0.0
-    } else {
-        pod_watts.values().sum::<f64>() / pod_watts.len() as f64
-    };
+    covered
+}
 
-    // Supply, with the fail-safe when the signal fails.
+/// The supply, with the fail-safe when the signal fails, and the allowance
+/// it leaves.
+async fn read_supply(
+    eb: &EnergyBudget,
+    ctx: &EnergyContext,
+    old: &EnergyBudgetStatus,
+    fail_safe: &FailSafe,
+    now: DateTime<Utc>,
+) -> SupplyNow {
+    let spec = &eb.spec;
     let last_good_before = old
         .last_good_supply_watts
         .zip(old.supply_observed_at.as_ref().and_then(to_chrono));
@@ -395,14 +533,28 @@ async fn reconcile_inner(eb: &EnergyBudget, ctx: &EnergyContext) -> Result<Actio
         Err(_) => last_good_before,
     };
     let estimate = fail_safe.supply(last_good, now);
-    let stale_reason = match &read {
+    let stale = match &read {
         Err(e) => Some((e.reason(), e.to_string())),
         Ok(_) if estimate.stale => Some(("Stale", "the last reading is too old".to_string())),
         Ok(_) => None,
     };
     let allowance = budget::allowance(spec.ceiling_watts, estimate.watts, spec.margin_percent);
+    SupplyNow {
+        estimate,
+        last_good,
+        stale,
+        allowance,
+    }
+}
 
-    // Estimates of what each rung saves now, and what undoing it restores.
+/// What each rung would save now, and what undoing it would restore (W),
+/// from the measured draw and the covered ModelDeployments' Pods. Pure.
+fn rung_estimates(
+    spec: &EnergyBudgetSpec,
+    covered: &[Covered],
+    draw_w: f64,
+    avg_pod: f64,
+) -> (RungWatts, RungWatts) {
     let cap = cap_factor(spec.policy.power_cap.min_percent);
     let mut savings = RungWatts::default();
     let mut restore = RungWatts::default();
@@ -415,7 +567,7 @@ async fn reconcile_inner(eb: &EnergyBudget, ctx: &EnergyContext) -> Result<Actio
         let (mut save, mut back) = (0.0, 0.0);
         for c in covered.iter().filter(|c| c.md.spec.priority == prio) {
             let cut = (c.md.spec.replicas - c.min_replicas()).max(0) as f64;
-            let running = crate::workload::effective_replicas(&c.md).0;
+            let running = crate::serving::workload::effective_replicas(&c.md).0;
             let shed = (c.md.spec.replicas - running).max(0) as f64;
             let per = c.per_pod(avg_pod);
             save += ((running - c.min_replicas()).max(0) as f64).min(cut) * per;
@@ -434,9 +586,12 @@ async fn reconcile_inner(eb: &EnergyBudget, ctx: &EnergyContext) -> Result<Actio
         Rung::Defer,
         deferrable_w * DEFER_SAVING / (1.0 - DEFER_SAVING),
     );
+    (savings, restore)
+}
 
-    // The ladder.
-    let state = LadderState {
+/// The ladder's state as the status keeps it.
+fn ladder_state(old: &EnergyBudgetStatus) -> LadderState {
+    LadderState {
         step: u8::try_from(old.step.clamp(0, 4)).unwrap_or(0),
         last_change: old.last_step_change.as_ref().and_then(to_chrono),
         last_direction: old
@@ -444,19 +599,31 @@ async fn reconcile_inner(eb: &EnergyBudget, ctx: &EnergyContext) -> Result<Actio
             .as_deref()
             .and_then(Direction::parse),
         headroom_since: old.headroom_since.as_ref().and_then(to_chrono),
-    };
+    }
+}
+
+/// Decide: let the ladder evaluate the draw against the allowance, and
+/// remember the power limit it chose (the next evaluation undoes it to
+/// estimate the uncapped draw).
+fn decide(
+    eb: &EnergyBudget,
+    ctx: &EnergyContext,
+    ladder: &Ladder,
+    old: &EnergyBudgetStatus,
+    seen: &Observed,
+    supply: &SupplyNow,
+    now: DateTime<Utc>,
+) -> Decided {
+    let name = eb.name_any();
+    let draw_w = seen.measured.total_watts;
+    let (savings, mut restore) = rung_estimates(&eb.spec, &seen.covered, draw_w, seen.avg_pod());
+    let state = ladder_state(old);
+    let mut limits = ctx.limits.lock().unwrap_or_else(|p| p.into_inner());
     // What the nodes would draw uncapped: the draw read, undone by the
     // limit last set (`minPercent` when not known, e.g. after a restart,
     // which overestimates it and so caps harder).
     let uncapped = if ladder.in_force(state.step, Rung::PowerCap) {
-        let last = ctx
-            .limits
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&name)
-            .copied()
-            .unwrap_or(ladder.min_cap);
-        draw_w / draw_factor(last)
+        draw_w / draw_factor(limits.get(&name).copied().unwrap_or(ladder.min_cap))
     } else {
         draw_w
     };
@@ -471,92 +638,118 @@ async fn reconcile_inner(eb: &EnergyBudget, ctx: &EnergyContext) -> Result<Actio
         &state,
         &Reading {
             now,
-            allowance,
+            allowance: supply.allowance,
             draw: draw_w,
             savings,
             restore,
             uncapped: Some(uncapped),
         },
     );
-    {
-        let mut limits = ctx.limits.lock().unwrap_or_else(|p| p.into_inner());
-        match outcome.cap {
-            Some(f) => limits.insert(name.clone(), f),
-            None => limits.remove(&name),
-        };
+    match outcome.cap {
+        Some(f) => limits.insert(name, f),
+        None => limits.remove(&name),
+    };
+    Decided {
+        outcome,
+        draw_w,
+        restore,
     }
-    let step = outcome.state.step;
-    let labels = EnergyMetrics::budget(&name);
-    if let Some(c) = outcome.change {
-        status.transitions += 1;
-        ctx.energy
-            .transitions
-            .get_or_create(&TransitionLabels {
-                budget: name.clone(),
-                direction: c.direction.as_str().into(),
-            })
-            .inc();
-        let what = match c.direction {
-            Direction::Down => ladder
-                .active(c.to)
-                .filter(|r| r.step() > c.from)
-                .map(Rung::describe)
-                .collect::<Vec<_>>()
-                .join(", "),
-            Direction::Up => ladder
-                .active(c.from)
-                .filter(|r| r.step() > c.to)
-                .map(Rung::describe)
-                .collect::<Vec<_>>()
-                .join(", "),
-        };
-        let (reason, note) = match c.direction {
-            Direction::Down => (
-                "StepDown",
-                format!(
-                    "step {} → {}: {what}; draw {draw_w:.0} W over allowance {allowance:.0} W",
-                    c.from, c.to
-                ),
-            ),
-            Direction::Up => (
-                "StepUp",
-                format!(
-                    "step {} → {}: undone: {what}; headroom held for the dwell (draw {draw_w:.0} W, allowance {allowance:.0} W)",
-                    c.from, c.to
-                ),
-            ),
-        };
-        tracing::info!(budget = %name, %note, "ladder step change");
-        events.push(Event {
-            type_: if c.direction == Direction::Down {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: reason.into(),
-            note: Some(note),
-            action: "Ladder".into(),
-            secondary: None,
-        });
-    }
+}
 
-    // Carry it out: shedding annotations, power limits.
-    let plan: BTreeMap<String, i32> = budget::shed_plan(
-        &ladder,
-        step,
-        &covered
-            .iter()
-            .map(|c| budget::Sheddable {
-                key: c.key.clone(),
-                priority: c.md.spec.priority,
-                replicas: c.md.spec.replicas,
-                min_replicas: c.min_replicas(),
-            })
-            .collect::<Vec<_>>(),
-    )
-    .into_iter()
-    .collect();
-    for c in &covered {
+/// Report a step change: the transitions metric, a log line, and an Event
+/// naming the rungs taken or undone (Warning going down).
+fn report_change(
+    ctx: &EnergyContext,
+    name: &str,
+    ladder: &Ladder,
+    c: budget::StepChange,
+    draw_w: f64,
+    allowance: f64,
+) -> Event {
+    ctx.energy
+        .transitions
+        .get_or_create(&TransitionLabels {
+            budget: name.to_string(),
+            direction: c.direction.as_str().into(),
+        })
+        .inc();
+    let (reason, note) = change_note(ladder, c, draw_w, allowance);
+    tracing::info!(budget = %name, %note, "ladder step change");
+    Event {
+        type_: if c.direction == Direction::Down {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.into(),
+        note: Some(note),
+        action: "Ladder".into(),
+        secondary: None,
+    }
+}
+
+/// The Event reason and note of a step change. Pure.
+pub fn change_note(
+    ladder: &Ladder,
+    c: budget::StepChange,
+    draw_w: f64,
+    allowance: f64,
+) -> (&'static str, String) {
+    let (higher, lower) = match c.direction {
+        Direction::Down => (c.to, c.from),
+        Direction::Up => (c.from, c.to),
+    };
+    let what = ladder
+        .active(higher)
+        .filter(|r| r.step() > lower)
+        .map(Rung::describe)
+        .collect::<Vec<_>>()
+        .join(", ");
+    match c.direction {
+        Direction::Down => (
+            "StepDown",
+            format!(
+                "step {} → {}: {what}; draw {draw_w:.0} W over allowance {allowance:.0} W",
+                c.from, c.to
+            ),
+        ),
+        Direction::Up => (
+            "StepUp",
+            format!(
+                "step {} → {}: undone: {what}; headroom held for the dwell (draw {draw_w:.0} W, allowance {allowance:.0} W)",
+                c.from, c.to
+            ),
+        ),
+    }
+}
+
+/// Act: annotate the ModelDeployments to shed (and clear those no longer
+/// shed), then set or clear the power limits. Failures are Events. Returns
+/// the shed plan (replicas to run, by key).
+async fn carry_out(
+    eb: &EnergyBudget,
+    ctx: &EnergyContext,
+    ladder: &Ladder,
+    seen: &Observed,
+    decided: &Decided,
+    events: &mut Vec<Event>,
+) -> BTreeMap<String, i32> {
+    let name = eb.name_any();
+    let sheddable: Vec<budget::Sheddable> = seen
+        .covered
+        .iter()
+        .map(|c| budget::Sheddable {
+            key: c.key.clone(),
+            priority: c.md.spec.priority,
+            replicas: c.md.spec.replicas,
+            min_replicas: c.min_replicas(),
+        })
+        .collect();
+    let plan: BTreeMap<String, i32> =
+        budget::shed_plan(ladder, decided.outcome.state.step, &sheddable)
+            .into_iter()
+            .collect();
+    for c in &seen.covered {
         let want = plan.get(&c.key).copied();
         if let Err(e) = set_shed_annotation(ctx, &c.md, &name, want).await {
             events.push(warning(
@@ -569,40 +762,60 @@ async fn reconcile_inner(eb: &EnergyBudget, ctx: &EnergyContext) -> Result<Actio
     // A budget without the power cap only clears what it set itself (it
     // was switched off while capping); with it, it owns the covered Pods'
     // limits.
-    let pod_limits = if spec.policy.power_cap.enabled {
-        pod_limits
+    let no_limits = HashMap::new();
+    let pod_limits = if eb.spec.policy.power_cap.enabled {
+        &seen.pod_limits
     } else {
-        HashMap::new()
+        &no_limits
     };
     let power_events = power_caps(
         ctx,
         eb,
-        &engine_pods,
-        &covered_nodes,
-        &pod_limits,
-        outcome.cap,
+        &seen.engine_pods,
+        &seen.node_refs(),
+        pod_limits,
+        decided.outcome.cap,
     )
     .await;
     events.extend(power_events);
+    plan
+}
 
-    // Status.
-    let deferring = ladder.in_force(step, Rung::Defer);
+/// Report in the status's figures: the ladder's state, supply, allowance,
+/// draw, what is covered and shed, today's energy and, while deferring,
+/// when to retry. Returns the joules drawn since the last evaluation.
+#[allow(clippy::too_many_arguments)]
+fn fill_status(
+    status: &mut EnergyBudgetStatus,
+    eb: &EnergyBudget,
+    old: &EnergyBudgetStatus,
+    ladder: &Ladder,
+    seen: &Observed,
+    supply: &SupplyNow,
+    decided: &Decided,
+    plan: &BTreeMap<String, i32>,
+    now: DateTime<Utc>,
+    interval: Duration,
+) -> f64 {
+    let spec = &eb.spec;
+    let (outcome, draw_w) = (&decided.outcome, decided.draw_w);
+    let step = outcome.state.step;
     status.step = i32::from(step);
     status.state = Some(budget::state_of(step).to_string());
     status.last_step_change = outcome.state.last_change.map(to_time);
     status.last_step_direction = outcome.state.last_direction.map(|d| d.as_str().to_string());
     status.headroom_since = outcome.state.headroom_since.map(to_time);
-    status.supply_watts = Some(round(estimate.watts));
-    status.allowance_watts = Some(round(allowance));
+    status.supply_watts = Some(round(supply.estimate.watts));
+    status.allowance_watts = Some(round(supply.allowance));
     status.draw_watts = Some(round(draw_w));
-    status.headroom_watts = Some(round(allowance - draw_w));
-    if let Some((w, at)) = last_good {
+    status.headroom_watts = Some(round(supply.allowance - draw_w));
+    if let Some((w, at)) = supply.last_good {
         status.last_good_supply_watts = Some(round(w));
         status.supply_observed_at = Some(to_time(at));
     }
-    status.covered = covered.iter().map(|c| c.key.clone()).collect();
+    status.covered = seen.covered.iter().map(|c| c.key.clone()).collect();
     status.shed = plan.keys().cloned().collect();
-    status.nodes_without_reading = measured.without_reading.clone();
+    status.nodes_without_reading = seen.measured.without_reading.clone();
     let schedule = spec
         .supply
         .schedule
@@ -619,75 +832,70 @@ async fn reconcile_inner(eb: &EnergyBudget, ctx: &EnergyContext) -> Result<Actio
         old.last_evaluated.as_ref().and_then(to_chrono),
         now,
         draw_w,
-        estimate.watts,
+        supply.estimate.watts,
         tz,
         interval * 4,
     );
     status.energy_today_wh = Some(round(today.energy_wh));
     status.renewable_today_wh = Some(round(today.renewable_wh));
-    status.last_evaluated = Some(now_time.clone());
-    status.retry_after_seconds = deferring.then(|| {
+    status.retry_after_seconds = ladder.in_force(step, Rung::Defer).then(|| {
         ladder.retry_after(
             &outcome.state,
             now,
-            draw_w + restore.get(Rung::Defer),
+            draw_w + decided.restore.get(Rung::Defer),
             schedule
                 .as_ref()
                 .map(|s| (s, spec.ceiling_watts, spec.margin_percent)),
         )
     });
+    joules
+}
 
+/// The four conditions as (status, reason, message): `WithinBudget`,
+/// `Shedding`, `Deferring`, `SupplyStale`. Pure.
+fn condition_values(
+    status: &EnergyBudgetStatus,
+    ladder: &Ladder,
+    step: u8,
+    supply: &SupplyNow,
+    fail_safe: &FailSafe,
+    draw_w: f64,
+) -> [(&'static str, bool, &'static str, String); 4] {
+    let allowance = supply.allowance;
     let within = draw_w <= allowance;
-    let (reason, message) = if within {
+    let within = if within {
         (
+            within,
             "WithinAllowance",
             format!("draw {draw_w:.0} W within allowance {allowance:.0} W"),
         )
     } else {
         (
+            within,
             "OverAllowance",
             format!("draw {draw_w:.0} W over allowance {allowance:.0} W"),
         )
     };
-    set_condition(
-        &mut status,
-        &mut events,
-        "WithinBudget",
-        within,
-        reason,
-        message,
-        generation,
-        &now_time,
-    );
     let shedding = [Rung::ShedStandard, Rung::ShedDeferrable]
         .into_iter()
         .find(|r| ladder.in_force(step, *r));
-    let (reason, message) = match shedding {
+    let shed = status.shed.join(", ");
+    let shedding = match shedding {
         Some(Rung::ShedStandard) => (
+            true,
             "ShedStandard",
-            format!(
-                "deferrable and standard replicas shed: {}",
-                status.shed.join(", ")
-            ),
+            format!("deferrable and standard replicas shed: {shed}"),
         ),
         Some(_) => (
+            true,
             "ShedDeferrable",
-            format!("deferrable replicas shed: {}", status.shed.join(", ")),
+            format!("deferrable replicas shed: {shed}"),
         ),
-        None => ("NotShedding", "no replicas shed".to_string()),
+        None => (false, "NotShedding", "no replicas shed".to_string()),
     };
-    set_condition(
-        &mut status,
-        &mut events,
-        "Shedding",
-        shedding.is_some(),
-        reason,
-        message,
-        generation,
-        &now_time,
-    );
-    let (reason, message) = if deferring {
+    let deferring = if ladder.in_force(step, Rung::Defer) {
         (
+            true,
             "SupplyShort",
             format!(
                 "deferrable requests are answered 503; retry after {} s",
@@ -695,70 +903,84 @@ async fn reconcile_inner(eb: &EnergyBudget, ctx: &EnergyContext) -> Result<Actio
             ),
         )
     } else {
-        ("NotDeferring", "requests are served".to_string())
+        (false, "NotDeferring", "requests are served".to_string())
     };
-    set_condition(
-        &mut status,
-        &mut events,
-        "Deferring",
-        deferring,
-        reason,
-        message,
-        generation,
-        &now_time,
-    );
-    let (stale, reason, message) = match &stale_reason {
+    let watts = supply.estimate.watts;
+    let stale = match &supply.stale {
         Some((reason, why)) => (
             true,
             *reason,
             format!(
-                "{why}; using the fail-safe supply {:.0} W (floor {:.0} W)",
-                estimate.watts, fail_safe.floor_watts
+                "{why}; using the fail-safe supply {watts:.0} W (floor {:.0} W)",
+                fail_safe.floor_watts
             ),
         ),
-        None => (false, "Fresh", format!("supply {:.0} W", estimate.watts)),
+        None => (false, "Fresh", format!("supply {watts:.0} W")),
     };
+    [
+        ("WithinBudget", within.0, within.1, within.2),
+        ("Shedding", shedding.0, shedding.1, shedding.2),
+        ("Deferring", deferring.0, deferring.1, deferring.2),
+        ("SupplyStale", stale.0, stale.1, stale.2),
+    ]
+}
+
+/// Report the four conditions; each flip is an Event, and so is a new
+/// cause of staleness even without a flip.
+#[allow(clippy::too_many_arguments)]
+fn set_conditions(
+    status: &mut EnergyBudgetStatus,
+    events: &mut Vec<Event>,
+    ladder: &Ladder,
+    step: u8,
+    supply: &SupplyNow,
+    fail_safe: &FailSafe,
+    draw_w: f64,
+    now: &Time,
+) {
+    let generation = status.observed_generation;
     let before = conditions::get(&status.conditions, "SupplyStale").map(|c| c.reason.clone());
-    set_condition(
-        &mut status,
-        &mut events,
-        "SupplyStale",
-        stale,
-        reason,
-        message.clone(),
-        generation,
-        &now_time,
-    );
-    // A new cause of staleness is news even without a flip.
-    if stale
-        && before.as_deref().is_some_and(|b| b != reason)
-        && !events.iter().any(|e| e.reason == "SupplyStale")
+    for (type_, value, reason, message) in
+        condition_values(status, ladder, step, supply, fail_safe, draw_w)
     {
-        events.push(warning("SupplyStale", message, "ReadSupply"));
+        let stale_news =
+            type_ == "SupplyStale" && value && before.as_deref().is_some_and(|b| b != reason);
+        set_condition(
+            status,
+            events,
+            type_,
+            value,
+            reason,
+            message.clone(),
+            generation,
+            now,
+        );
+        if stale_news && !events.iter().any(|e| e.reason == "SupplyStale") {
+            events.push(warning("SupplyStale", message, "ReadSupply"));
+        }
     }
+}
 
-    // Metrics.
-    ctx.energy
-        .supply_watts
+/// The budget's gauges and its energy counter.
+fn record_metrics(
+    ctx: &EnergyContext,
+    name: &str,
+    supply: &SupplyNow,
+    draw_w: f64,
+    step: u8,
+    joules: f64,
+) {
+    let labels = EnergyMetrics::budget(name);
+    let e = &ctx.energy;
+    e.supply_watts
         .get_or_create(&labels)
-        .set(estimate.watts);
-    ctx.energy
-        .allowance_watts
+        .set(supply.estimate.watts);
+    e.allowance_watts
         .get_or_create(&labels)
-        .set(allowance);
-    ctx.energy.draw_watts.get_or_create(&labels).set(draw_w);
-    ctx.energy
-        .ladder_step
-        .get_or_create(&labels)
-        .set(i64::from(step));
-    ctx.energy
-        .energy_joules
-        .get_or_create(&labels)
-        .inc_by(joules);
-
-    write_status(eb, ctx, &status).await?;
-    publish(ctx, eb, events).await;
-    Ok(Action::requeue(interval.max(Duration::from_secs(1))))
+        .set(supply.allowance);
+    e.draw_watts.get_or_create(&labels).set(draw_w);
+    e.ladder_step.get_or_create(&labels).set(i64::from(step));
+    e.energy_joules.get_or_create(&labels).inc_by(joules);
 }
 
 fn round(w: f64) -> f64 {

@@ -28,7 +28,7 @@ use crate::error::Error;
 use crate::leader::{Elector, Timing};
 use crate::metrics::{ControllerMetrics, EnergyMetrics, ErrorLabels};
 use crate::resources::{EnergyBudget, ModelDeployment};
-use crate::workload::EngineDefaults;
+use crate::serving::workload::EngineDefaults;
 
 /// Field manager of every server-side apply the controller sends.
 pub const FIELD_MANAGER: &str = "copyhold";
@@ -75,7 +75,7 @@ pub struct Context {
     /// For reading model configs and safetensors headers from http sources.
     pub http: reqwest::Client,
     /// Model sizes read from sources, kept a while so resyncs do not refetch.
-    pub sources: crate::model_source::SourceCache,
+    pub sources: crate::serving::model_source::SourceCache,
     /// Consecutive failures per object, for exponential backoff.
     failures: std::sync::Mutex<HashMap<ObjectRef<ModelDeployment>, u32>>,
 }
@@ -115,7 +115,7 @@ impl Context {
             indexes,
             resync,
             http,
-            sources: crate::model_source::SourceCache::new(Duration::from_secs(600)),
+            sources: crate::serving::model_source::SourceCache::new(Duration::from_secs(600)),
             failures: Default::default(),
         }
     }
@@ -227,32 +227,113 @@ pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()>
         registry.clone(),
         ready.clone(),
     ));
-
     let elector = if settings.leader_election {
-        let api: Api<Lease> = Api::namespaced(client.clone(), &settings.lease_namespace);
-        let e = Elector::new(
-            api,
-            &settings.lease_name,
-            &settings.identity,
-            settings.timing.clone(),
-        );
-        tracing::info!(identity = %settings.identity, lease = %settings.lease_name, "waiting to become leader");
-        // A standby is ready: it is what a rollout waits for, and it serves
-        // its metrics. Once leading, it is ready again when its watches are.
-        ready.store(true, std::sync::atomic::Ordering::Relaxed);
-        tokio::select! {
-            r = e.acquire() => r?,
-            _ = shutdown_signal() => return Ok(()),
+        match become_leader(&client, &settings, &ready).await? {
+            Some(e) => Some(e),
+            // Shut down while standing by.
+            None => return Ok(()),
         }
-        tracing::info!(identity = %settings.identity, "became leader");
-        ready.store(false, std::sync::atomic::Ordering::Relaxed);
-        Some(e)
     } else {
         None
     };
     metrics.leader.set(1);
 
-    // Watch-fed indexes of the fleet: what placement reads on every reconcile.
+    let (nodes, pods) = fleet_indexes(&client).await?;
+    let ns = &settings.watch_namespace;
+    // What we own, by the label every owned object carries.
+    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=copyhold");
+    let (deployments, dep_writer) = reflector::store::<Deployment>();
+    // The same streams fill the indexes and trigger reconciles, so a
+    // reconcile never reads an owned object older than what triggered it.
+    let dep_stream = reflector::reflector(
+        dep_writer,
+        watcher(scoped::<Deployment>(&client, ns), owned.clone())
+            .modify(|d: &mut Deployment| d.metadata.managed_fields = None),
+    )
+    .default_backoff()
+    .touched_objects();
+    let (services, svc_writer) = reflector::store::<Service>();
+    let svc_stream =
+        reflector::reflector(svc_writer, watcher(scoped::<Service>(&client, ns), owned))
+            .default_backoff()
+            .touched_objects();
+    let indexes = Indexes {
+        nodes,
+        pods,
+        deployments,
+        services,
+    };
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        metrics.clone(),
+        settings.defaults.clone(),
+        indexes,
+        settings.resync,
+    ));
+    let controller = Controller::new(
+        scoped::<ModelDeployment>(&client, ns),
+        watcher::Config::default(),
+    );
+    tokio::spawn(count_states(controller.store(), metrics.clone()));
+    let energy_controller = energy_controller(&client, &settings, &ctx, energy, controller.store());
+    let controller = controller
+        .owns_stream(dep_stream)
+        .owns_stream(svc_stream)
+        .graceful_shutdown_on(shutdown_signal())
+        .run(model_deployment::reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "controller event");
+            }
+        });
+    let controller = futures::future::join(controller, energy_controller);
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    match &elector {
+        Some(e) => {
+            tokio::select! {
+                _ = controller => { e.release().await; Ok(()) }
+                lost = e.hold() => {
+                    metrics.leader.set(0);
+                    Err(lost.into())
+                }
+            }
+        }
+        None => {
+            controller.await;
+            Ok(())
+        }
+    }
+}
+
+/// Stand by until this process holds the lease. A standby is ready: it is
+/// what a rollout waits for, and it serves its metrics; once leading, it is
+/// ready again when its watches are. `None`: shut down while standing by.
+async fn become_leader(
+    client: &Client,
+    settings: &Settings,
+    ready: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<Option<Elector>> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), &settings.lease_namespace);
+    let e = Elector::new(
+        api,
+        &settings.lease_name,
+        &settings.identity,
+        settings.timing.clone(),
+    );
+    tracing::info!(identity = %settings.identity, lease = %settings.lease_name, "waiting to become leader");
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    tokio::select! {
+        r = e.acquire() => r?,
+        _ = shutdown_signal() => return Ok(None),
+    }
+    tracing::info!(identity = %settings.identity, "became leader");
+    ready.store(false, std::sync::atomic::Ordering::Relaxed);
+    Ok(Some(e))
+}
+
+/// Watch-fed indexes of the fleet: what placement reads on every
+/// reconcile. Returns once both have listed.
+async fn fleet_indexes(client: &Client) -> anyhow::Result<(Store<Node>, Store<Pod>)> {
     let (nodes, node_writer) = reflector::store::<Node>();
     let node_stream = reflector::reflector(
         node_writer,
@@ -278,78 +359,52 @@ pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()>
     pods.wait_until_ready()
         .await
         .map_err(|e| anyhow::anyhow!("pod index: {e}"))?;
+    Ok((nodes, pods))
+}
 
-    fn scoped<K>(client: &Client, ns: &Option<String>) -> Api<K>
-    where
-        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
-    {
-        match ns {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        }
+/// An Api over one namespace when the controller watches one, else all.
+fn scoped<K>(client: &Client, ns: &Option<String>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
     }
-    let ns = &settings.watch_namespace;
-    // What we own, by the label every owned object carries.
-    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=copyhold");
-    let (deployments, dep_writer) = reflector::store::<Deployment>();
-    // The same streams fill the indexes and trigger reconciles, so a
-    // reconcile never reads an owned object older than what triggered it.
-    let dep_stream = reflector::reflector(
-        dep_writer,
-        watcher(scoped::<Deployment>(&client, ns), owned.clone())
-            .modify(|d: &mut Deployment| d.metadata.managed_fields = None),
-    )
-    .default_backoff()
-    .touched_objects();
-    let (services, svc_writer) = reflector::store::<Service>();
-    let svc_stream =
-        reflector::reflector(svc_writer, watcher(scoped::<Service>(&client, ns), owned))
-            .default_backoff()
-            .touched_objects();
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        metrics.clone(),
-        settings.defaults.clone(),
-        Indexes {
-            nodes,
-            pods,
-            deployments,
-            services,
-        },
-        settings.resync,
-    ));
-    let controller = Controller::new(
-        scoped::<ModelDeployment>(&client, ns),
-        watcher::Config::default(),
-    );
-    tokio::spawn(count_states(controller.store(), metrics.clone()));
-    // EnergyBudgets: evaluated every evaluationInterval by the same leader.
-    // Triggered by spec changes, the finalizer and the deletion only
-    // (their own status writes would otherwise trigger them again at
-    // once); the requeue paces them.
+}
+
+/// The EnergyBudget controller: evaluated every evaluationInterval by the
+/// same leader. Triggered by spec changes, the finalizer and the deletion
+/// only (their own status writes would otherwise trigger them again at
+/// once); the requeue paces them.
+fn energy_controller(
+    client: &Client,
+    settings: &Settings,
+    ctx: &Context,
+    energy: Arc<EnergyMetrics>,
+    model_deployments: Store<ModelDeployment>,
+) -> impl std::future::Future<Output = ()> + use<> {
     let energy_ctx = Arc::new(
         energy_budget::EnergyContext::new(
             client.clone(),
             ctx.recorder.clone(),
-            metrics.clone(),
+            ctx.metrics.clone(),
             energy,
             ctx.indexes.nodes.clone(),
             ctx.indexes.pods.clone(),
-            controller.store(),
+            model_deployments,
             settings.watch_namespace.clone(),
         )
         .with_node_admin_token_secret(settings.defaults.admin_token_secret.clone()),
     );
     let (budgets, budget_writer) = reflector::store::<EnergyBudget>();
+    let selected = match &settings.budget_selector {
+        Some(selector) => watcher::Config::default().labels(selector),
+        None => watcher::Config::default(),
+    };
     let budget_stream = reflector::reflector(
         budget_writer,
-        watcher(Api::<EnergyBudget>::all(client.clone()), {
-            let config = watcher::Config::default();
-            match &settings.budget_selector {
-                Some(selector) => config.labels(selector),
-                None => config,
-            }
-        }),
+        watcher(Api::<EnergyBudget>::all(client.clone()), selected),
     )
     .default_backoff()
     .applied_objects()
@@ -357,7 +412,7 @@ pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()>
         energy_budget::trigger,
         kube::runtime::utils::PredicateConfig::default(),
     );
-    let energy_controller = Controller::for_stream(budget_stream, budgets)
+    Controller::for_stream(budget_stream, budgets)
         .graceful_shutdown_on(shutdown_signal())
         .run(
             energy_budget::reconcile,
@@ -368,35 +423,7 @@ pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()>
             if let Err(e) = res {
                 tracing::debug!(error = %e, "energy budget controller event");
             }
-        });
-    let controller = controller
-        .owns_stream(dep_stream)
-        .owns_stream(svc_stream)
-        .graceful_shutdown_on(shutdown_signal())
-        .run(model_deployment::reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                tracing::debug!(error = %e, "controller event");
-            }
-        });
-    let controller = futures::future::join(controller, energy_controller);
-    ready.store(true, std::sync::atomic::Ordering::Relaxed);
-
-    match &elector {
-        Some(e) => {
-            tokio::select! {
-                _ = controller => { e.release().await; Ok(()) }
-                lost = e.hold() => {
-                    metrics.leader.set(0);
-                    Err(lost.into())
-                }
-            }
-        }
-        None => {
-            controller.await;
-            Ok(())
-        }
-    }
+        })
 }
 
 /// Keep in the index only what placement reads of a Node: a real node's

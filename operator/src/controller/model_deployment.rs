@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
@@ -24,8 +25,9 @@ use crate::conditions;
 use crate::error::{Error, Result};
 use crate::metrics::{ControllerMetrics, ReasonLabels};
 use crate::resources::{ModelDeployment, ModelDeploymentStatus};
-use crate::workload::{self, PlacementForWorkload};
-use crate::{model_source, placement, validation};
+use crate::serving::workload::{self, PlacementForWorkload};
+use crate::serving::{model_source, placement};
+use crate::validation;
 
 /// Why a ModelDeployment is not (re)placed: a condition reason and a message
 /// a person can act on.
@@ -145,112 +147,212 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     result
 }
 
+/// The objects `md` becomes, once placed: the decision, its Deployment
+/// (running the replicas an EnergyBudget's shedding leaves) and Service.
+type Planned = (Decision, Deployment, Service);
+
+/// The steps of one reconcile: decide (check, size, place, build the
+/// objects), act (apply them, or keep what runs and say why not), then
+/// report where the replicas run and write the status and Events.
 async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> {
     let ns = md
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let name = md.name_any();
-    let generation = md.metadata.generation;
     let now = conditions::now();
-
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
-    let apply = PatchParams::apply(FIELD_MANAGER).force();
-
     let old = md.status.clone().unwrap_or_default();
-    let mut status = ModelDeploymentStatus {
-        conditions: old.conditions.clone(),
-        energy_wh: old.energy_wh,
-        shed_by: old.shed_by.clone(),
-        ..Default::default()
-    };
-    status.observed_generation = generation;
-    status.served_model_name = Some(workload::served_model_name(md));
-    status.selector = Some(workload::selector_string(&name));
-    status.endpoint = Some(workload::endpoint(md));
+    let mut status = initial_status(md, &old);
+    let mut events: Vec<Event> = Vec::new();
 
     let nodes = ctx.indexes.nodes.state();
     let pods = ctx.indexes.pods.state();
     // An EnergyBudget may shed replicas through an annotation it owns; the
     // spec stays the user's, the Deployment runs fewer.
     let (run_replicas, shedding) = workload::effective_replicas(md);
-    let decision = decide(md, &nodes, &pods, &ctx.http, &ctx.sources)
-        .await
-        .map(|mut d| {
-            d.workload.replicas = run_replicas;
-            d
-        })
-        .and_then(|d| {
-            let dep = workload::deployment(md, &d.workload, &ctx.defaults);
-            let svc = workload::service(md);
-            match (dep, svc) {
-                (Ok(dep), Ok(svc)) => Ok((d, dep, svc)),
-                (Err(e), _) | (_, Err(e)) => Err(Refusal {
-                    reason: "UnsupportedSource",
-                    message: e.to_string(),
-                }),
-            }
-        });
-    let mut events: Vec<Event> = Vec::new();
-    let deployment = match decision {
-        Ok((d, dep, svc)) => {
-            let live_dep = ctx
-                .indexes
-                .deployments
-                .get(&ObjectRef::new(&name).within(&ns));
-            let live_svc = ctx.indexes.services.get(&ObjectRef::new(&name).within(&ns));
-            let applied = apply_if_changed(&deployments, &name, dep, live_dep, ctx).await?;
-            apply_if_changed(&services, &name, svc, live_svc, ctx).await?;
-            let changed_placement = old.gpus_per_replica
-                != Some(d.workload.gpus_per_replica as i32)
-                || old.required_memory_bytes != Some(d.required_memory_bytes as i64);
-            let flipped = conditions::set(
-                &mut status.conditions,
-                "Placed",
-                true,
-                "Placed",
-                &d.summary,
-                generation,
-                now.clone(),
-            );
-            if flipped || changed_placement {
-                events.push(Event {
-                    type_: EventType::Normal,
-                    reason: "Placed".into(),
-                    note: Some(d.summary.clone()),
-                    action: "Place".into(),
-                    secondary: None,
-                });
-            }
-            status.gpus_per_replica = Some(d.workload.gpus_per_replica as i32);
-            status.required_memory_bytes = Some(d.required_memory_bytes as i64);
-            status.gpu_class = d.gpu_class.clone();
-            Some(applied)
-        }
-        Err(refusal) => {
-            let existing = ctx
-                .indexes
-                .deployments
-                .get(&ObjectRef::new(&name).within(&ns))
-                .map(|d| d.as_ref().clone());
-            refuse(
-                &mut status,
-                &refusal,
-                existing.is_some(),
-                generation,
-                now.clone(),
-                &mut events,
-                ctx,
-            );
-            status.gpus_per_replica = old.gpus_per_replica;
-            status.required_memory_bytes = old.required_memory_bytes;
-            existing
-        }
+    let planned = plan(md, &nodes, &pods, ctx, run_replicas).await;
+    let deployment = match planned {
+        Ok(p) => Some(apply_placed(md, &ns, p, &old, &mut status, &now, &mut events, ctx).await?),
+        Err(refusal) => keep_running(
+            &ns,
+            &name,
+            &refusal,
+            &old,
+            &mut status,
+            &now,
+            &mut events,
+            ctx,
+        ),
     };
 
-    // Readiness and where the replicas actually run.
+    report_replicas(
+        &mut status,
+        deployment.as_ref(),
+        &ns,
+        &name,
+        &pods,
+        &nodes,
+        &old,
+    );
+    ready_condition(
+        &mut status,
+        deployment.is_some(),
+        md.metadata.generation,
+        &now,
+        &mut events,
+    );
+    shed_condition(
+        &mut status,
+        shedding.as_ref(),
+        md.spec.replicas,
+        md.metadata.generation,
+        now,
+        &mut events,
+    );
+    status.state = Some(state_of(&status).to_string());
+    write_status(md, &ns, &name, &status, ctx).await?;
+    publish(md, events, ctx).await;
+    let placed = conditions::is_true(&status.conditions, "Placed");
+    // Unplaceable objects look again soon: GPUs are freed without touching them.
+    Ok(Action::requeue(if placed {
+        ctx.resync
+    } else {
+        std::time::Duration::from_secs(30)
+    }))
+}
+
+/// The status this reconcile starts from: what it carries over (conditions,
+/// energy, the shedding budget) and what follows from the spec alone.
+fn initial_status(md: &ModelDeployment, old: &ModelDeploymentStatus) -> ModelDeploymentStatus {
+    let name = md.name_any();
+    ModelDeploymentStatus {
+        conditions: old.conditions.clone(),
+        energy_wh: old.energy_wh,
+        shed_by: old.shed_by.clone(),
+        observed_generation: md.metadata.generation,
+        served_model_name: Some(workload::served_model_name(md)),
+        selector: Some(workload::selector_string(&name)),
+        endpoint: Some(workload::endpoint(md)),
+        ..Default::default()
+    }
+}
+
+/// Decide: check, size and place `md`, then build its Deployment (with
+/// `run_replicas`) and Service. A refusal says why nothing new is applied.
+async fn plan(
+    md: &ModelDeployment,
+    nodes: &[Arc<Node>],
+    pods: &[Arc<Pod>],
+    ctx: &Context,
+    run_replicas: i32,
+) -> Result<Planned, Refusal> {
+    let mut d = decide(md, nodes, pods, &ctx.http, &ctx.sources).await?;
+    d.workload.replicas = run_replicas;
+    let dep = workload::deployment(md, &d.workload, &ctx.defaults);
+    let svc = workload::service(md);
+    match (dep, svc) {
+        (Ok(dep), Ok(svc)) => Ok((d, dep, svc)),
+        (Err(e), _) | (_, Err(e)) => Err(Refusal {
+            reason: "UnsupportedSource",
+            message: e.to_string(),
+        }),
+    }
+}
+
+/// Act on a placement: apply the Deployment and Service (when they
+/// changed), set `Placed`, and say so in an Event when it flipped or the
+/// placement changed. Returns the Deployment as it now is.
+#[allow(clippy::too_many_arguments)]
+async fn apply_placed(
+    md: &ModelDeployment,
+    ns: &str,
+    (d, dep, svc): Planned,
+    old: &ModelDeploymentStatus,
+    status: &mut ModelDeploymentStatus,
+    now: &Time,
+    events: &mut Vec<Event>,
+    ctx: &Context,
+) -> Result<Deployment> {
+    let name = md.name_any();
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
+    let live_dep = ctx
+        .indexes
+        .deployments
+        .get(&ObjectRef::new(&name).within(ns));
+    let live_svc = ctx.indexes.services.get(&ObjectRef::new(&name).within(ns));
+    let applied = apply_if_changed(&deployments, &name, dep, live_dep, ctx).await?;
+    apply_if_changed(&services, &name, svc, live_svc, ctx).await?;
+    let changed_placement = old.gpus_per_replica != Some(d.workload.gpus_per_replica as i32)
+        || old.required_memory_bytes != Some(d.required_memory_bytes as i64);
+    let flipped = conditions::set(
+        &mut status.conditions,
+        "Placed",
+        true,
+        "Placed",
+        &d.summary,
+        md.metadata.generation,
+        now.clone(),
+    );
+    if flipped || changed_placement {
+        events.push(Event {
+            type_: EventType::Normal,
+            reason: "Placed".into(),
+            note: Some(d.summary.clone()),
+            action: "Place".into(),
+            secondary: None,
+        });
+    }
+    status.gpus_per_replica = Some(d.workload.gpus_per_replica as i32);
+    status.required_memory_bytes = Some(d.required_memory_bytes as i64);
+    status.gpu_class = d.gpu_class.clone();
+    Ok(applied)
+}
+
+/// Act on a refusal: leave the running Deployment (if any) as it is, keep
+/// the last placement's figures, and report the refusal. Returns that
+/// Deployment.
+#[allow(clippy::too_many_arguments)]
+fn keep_running(
+    ns: &str,
+    name: &str,
+    refusal: &Refusal,
+    old: &ModelDeploymentStatus,
+    status: &mut ModelDeploymentStatus,
+    now: &Time,
+    events: &mut Vec<Event>,
+    ctx: &Context,
+) -> Option<Deployment> {
+    let existing = ctx
+        .indexes
+        .deployments
+        .get(&ObjectRef::new(name).within(ns))
+        .map(|d| d.as_ref().clone());
+    refuse(
+        status,
+        refusal,
+        existing.is_some(),
+        status.observed_generation,
+        now.clone(),
+        events,
+        ctx,
+    );
+    status.gpus_per_replica = old.gpus_per_replica;
+    status.required_memory_bytes = old.required_memory_bytes;
+    existing
+}
+
+/// Report: desired and ready replicas from the Deployment, the nodes our
+/// Pods run on and their GPU products (the planned class until Pods run).
+fn report_replicas(
+    status: &mut ModelDeploymentStatus,
+    deployment: Option<&Deployment>,
+    ns: &str,
+    name: &str,
+    pods: &[Arc<Pod>],
+    nodes: &[Arc<Node>],
+    old: &ModelDeploymentStatus,
+) {
     let (desired, ready) = deployment
-        .as_ref()
         .map(|d| {
             let desired = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
             let ready = d
@@ -263,10 +365,10 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
         .unwrap_or((0, 0));
     status.replicas = desired;
     status.ready_replicas = ready;
-    let selector = workload::selector_labels(&name);
+    let selector = workload::selector_labels(name);
     let mut placed_nodes = BTreeSet::new();
     for p in pods.iter() {
-        let mine = p.metadata.namespace.as_deref() == Some(ns.as_str())
+        let mine = p.metadata.namespace.as_deref() == Some(ns)
             && selector.iter().all(|(k, v)| p.labels().get(k) == Some(v))
             && p.metadata.deletion_timestamp.is_none();
         if let (true, Some(node)) = (mine, p.spec.as_ref().and_then(|s| s.node_name.clone())) {
@@ -284,7 +386,12 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
         status.gpu_class = old.gpu_class.clone();
     }
     status.nodes = placed_nodes.into_iter().collect();
-    let (is_ready, reason, message) = if deployment.is_none() {
+}
+
+/// Whether the replicas serve, as the `Ready` condition's status, reason
+/// and message. Pure.
+pub fn readiness(deployed: bool, desired: i32, ready: i32) -> (bool, &'static str, String) {
+    if !deployed {
         (false, "NoDeployment", "nothing is deployed".to_string())
     } else if desired == 0 {
         (false, "ScaledToZero", "replicas is 0".to_string())
@@ -300,8 +407,18 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
             "ReplicasNotReady",
             format!("{ready}/{desired} replicas ready"),
         )
-    };
-    let now_for_shed = now.clone();
+    }
+}
+
+/// Set `Ready` from the reported replicas; a flip is an Event.
+fn ready_condition(
+    status: &mut ModelDeploymentStatus,
+    deployed: bool,
+    generation: Option<i64>,
+    now: &Time,
+    events: &mut Vec<Event>,
+) {
+    let (is_ready, reason, message) = readiness(deployed, status.replicas, status.ready_replicas);
     if conditions::set(
         &mut status.conditions,
         "Ready",
@@ -309,7 +426,7 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
         reason,
         message.clone(),
         generation,
-        now,
+        now.clone(),
     ) {
         events.push(Event {
             type_: if is_ready {
@@ -323,43 +440,43 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
             secondary: None,
         });
     }
-    shed_condition(
-        &mut status,
-        shedding.as_ref(),
-        md.spec.replicas,
-        generation,
-        now_for_shed,
-        &mut events,
-    );
-    status.state = Some(state_of(&status).to_string());
+}
 
-    if Some(&status) != md.status.as_ref() {
-        let api: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), &ns);
-        let patch = serde_json::json!({
-            "apiVersion": "copyhold.dev/v1alpha1",
-            "kind": "ModelDeployment",
-            "status": status,
-        });
-        api.patch_status(&name, &apply, &Patch::Apply(&patch))
-            .await?;
-        ctx.metrics
-            .api_writes
-            .get_or_create(&ControllerMetrics::kind("ModelDeploymentStatus"))
-            .inc();
+/// Write the status when it differs from what the object carries.
+async fn write_status(
+    md: &ModelDeployment,
+    ns: &str,
+    name: &str,
+    status: &ModelDeploymentStatus,
+    ctx: &Context,
+) -> Result<()> {
+    if Some(status) == md.status.as_ref() {
+        return Ok(());
     }
+    let api: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), ns);
+    let patch = serde_json::json!({
+        "apiVersion": "copyhold.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "status": status,
+    });
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch_status(name, &apply, &Patch::Apply(&patch))
+        .await?;
+    ctx.metrics
+        .api_writes
+        .get_or_create(&ControllerMetrics::kind("ModelDeploymentStatus"))
+        .inc();
+    Ok(())
+}
+
+/// Publish the reconcile's Events on the object.
+async fn publish(md: &ModelDeployment, events: Vec<Event>, ctx: &Context) {
     let reference = md.object_ref(&());
     for ev in events {
         if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
             tracing::warn!(error = %e, reason = %ev.reason, "publishing an event failed");
         }
     }
-    let placed = conditions::is_true(&status.conditions, "Placed");
-    // Unplaceable objects look again soon: GPUs are freed without touching them.
-    Ok(Action::requeue(if placed {
-        ctx.resync
-    } else {
-        std::time::Duration::from_secs(30)
-    }))
 }
 
 /// Report a shedding by an EnergyBudget: `Shed=True` naming the budget and

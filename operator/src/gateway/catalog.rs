@@ -18,7 +18,7 @@ use crate::conditions;
 use crate::resources::energy_budget::EnergyBudget;
 use crate::resources::model_deployment::ModelDeployment;
 use crate::resources::stint_quota::StintQuota;
-use crate::workload::{ENGINE_PORT, MD_LABEL};
+use crate::serving::workload::{ENGINE_PORT, MD_LABEL};
 
 /// Where a request goes.
 #[derive(Clone, Debug)]

@@ -14,12 +14,12 @@ use kube::Api;
 use kube::api::PostParams;
 use tokio::sync::Notify;
 
+use crate::commons::ledger::{self, Ask, Book, Fit, Reservation, Usage};
+use crate::commons::stint::{self, MemberStint, PeriodWindow};
 use crate::conditions;
-use crate::ledger::{self, Ask, Book, Fit, Reservation, Usage};
 use crate::resources::stint_quota::{
     MemberState, MemberUsage, StintQuota, StintQuotaSpec, StintQuotaStatus,
 };
-use crate::stint::{self, MemberStint, PeriodWindow};
 
 use super::metrics::GatewayMetrics;
 
@@ -64,6 +64,30 @@ pub struct Standing {
     pub seconds_to_reset: i64,
     /// Live gateway replicas listed in the register (this one included).
     pub replicas: usize,
+}
+
+/// What one write of the register carried, for what follows it.
+struct Written<'a> {
+    attempt: u32,
+    pending: &'a [(String, Usage)],
+    returned: usize,
+    granted: (i64, f64),
+    refreshed: &'a ledger::Refreshed,
+    period: PeriodWindow,
+}
+
+/// The register's `Ready` condition while gateways meter it.
+fn mark_metering(st: &mut StintQuotaStatus, generation: Option<i64>) {
+    st.observed_generation = generation;
+    conditions::set(
+        &mut st.conditions,
+        "Ready",
+        true,
+        "Metering",
+        "gateway replicas are metering this quota",
+        generation,
+        conditions::now(),
+    );
 }
 
 /// One StintQuota's ledger in this replica.
@@ -217,15 +241,9 @@ impl QuotaLedger {
             self.metrics.ledger_op("read");
             let spec = obj.spec.clone();
             let now = Utc::now();
-            let period = match stint::current_period(&spec, now) {
-                Ok(p) => p,
-                Err(e) => {
-                    return Err(LedgerError::Invalid(
-                        format!("{}/{}", self.namespace, self.name),
-                        e.to_string(),
-                    ));
-                }
-            };
+            let period = stint::current_period(&spec, now).map_err(|e| {
+                LedgerError::Invalid(format!("{}/{}", self.namespace, self.name), e.to_string())
+            })?;
             let mut st = obj.status.take().unwrap_or_default();
             let refreshed = ledger::refresh(
                 &spec,
@@ -236,26 +254,7 @@ impl QuotaLedger {
                 &self.replica,
             );
             ledger::renew(&mut st, &self.replica, now);
-
-            // Settlements and returns, taken from the book pessimistically:
-            // returned amounts leave the local slice before the write.
-            let (pending, returns) = {
-                let mut b = self.lock_book();
-                let pending = b.pending();
-                let returns = b.surplus(
-                    spec.ledger.slice_tokens,
-                    spec.ledger.slice_energy_wh,
-                    now,
-                    IDLE,
-                );
-                for (m, t, w) in &returns {
-                    if let Some(l) = b.members.get_mut(m) {
-                        l.leased_tokens -= t;
-                        l.leased_wh -= w;
-                    }
-                }
-                (pending, returns)
-            };
+            let (pending, returns) = self.take_from_book(&spec, now);
             for (m, u) in &pending {
                 ledger::settle(&mut st, &self.replica, m, u);
             }
@@ -267,16 +266,7 @@ impl QuotaLedger {
                 None => (0, 0.0),
             };
             ledger::prune(&mut st);
-            st.observed_generation = obj.metadata.generation;
-            conditions::set(
-                &mut st.conditions,
-                "Ready",
-                true,
-                "Metering",
-                "gateway replicas are metering this quota",
-                obj.metadata.generation,
-                conditions::now(),
-            );
+            mark_metering(&mut st, obj.metadata.generation);
             obj.status = Some(st);
             match self
                 .api
@@ -284,49 +274,21 @@ impl QuotaLedger {
                 .await
             {
                 Ok(new) => {
-                    self.metrics.ledger_op("write");
-                    if !returns.is_empty() {
-                        self.metrics.ledger_op("return");
-                    }
-                    if granted.0 > 0 || granted.1 > 0.0 {
-                        self.metrics.ledger_op("lease");
-                    }
-                    let status = new.status.clone().unwrap_or_default();
-                    tracing::debug!(
-                        quota = %self.name, attempt, settled = pending.len(), returned = returns.len(),
-                        granted = ?granted, gateways = status.gateways.len(),
-                        "register written"
-                    );
-                    for r in &refreshed.reclaimed {
-                        self.metrics.ledger_op("reclaim");
-                        tracing::warn!(
-                            quota = %self.name, replica = %r.replica, member = %r.member,
-                            tokens = r.tokens, energy_wh = r.energy_wh,
-                            "gateway replica stopped heartbeating; its slice is charged to the member"
-                        );
-                    }
-                    self.lock_book().written(&pending, &status, &self.replica);
-                    self.metrics
-                        .observe_register(&self.namespace, &self.name, &status);
-                    let mut v = self.lock_view();
-                    v.spec = Some(new.spec.clone());
-                    v.status = status;
-                    v.period = Some(period);
-                    v.written_at = Some(std::time::Instant::now());
+                    let written = Written {
+                        attempt,
+                        pending: &pending,
+                        returned: returns.len(),
+                        granted,
+                        refreshed: &refreshed,
+                        period,
+                    };
+                    self.after_write(new, written);
                     return Ok(granted);
                 }
                 Err(kube::Error::Api(ae)) if ae.code == 409 => {
                     self.metrics.ledger_conflicts.inc();
                     // Returns go back into the book: the next try recomputes them.
-                    {
-                        let mut b = self.lock_book();
-                        for (m, t, w) in &returns {
-                            if let Some(l) = b.members.get_mut(m) {
-                                l.leased_tokens += t;
-                                l.leased_wh += w;
-                            }
-                        }
-                    }
+                    self.move_leases(&returns, true);
                     if attempt > 3 {
                         tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt.min(20))))
                             .await;
@@ -336,6 +298,79 @@ impl QuotaLedger {
             }
         }
         Err(LedgerError::Contended(MAX_ATTEMPTS))
+    }
+
+    /// Settlements and returns, taken from the book pessimistically:
+    /// returned amounts leave the local slice before the write.
+    #[allow(clippy::type_complexity)]
+    fn take_from_book(
+        &self,
+        spec: &StintQuotaSpec,
+        now: chrono::DateTime<Utc>,
+    ) -> (Vec<(String, Usage)>, Vec<(String, i64, f64)>) {
+        let (pending, returns) = {
+            let b = self.lock_book();
+            let returns = b.surplus(
+                spec.ledger.slice_tokens,
+                spec.ledger.slice_energy_wh,
+                now,
+                IDLE,
+            );
+            (b.pending(), returns)
+        };
+        self.move_leases(&returns, false);
+        (pending, returns)
+    }
+
+    /// Take `returns` out of the local leases, or put them back (`back`,
+    /// after a conflict).
+    fn move_leases(&self, returns: &[(String, i64, f64)], back: bool) {
+        let mut b = self.lock_book();
+        for (m, t, w) in returns {
+            if let Some(l) = b.members.get_mut(m) {
+                if back {
+                    l.leased_tokens += t;
+                    l.leased_wh += w;
+                } else {
+                    l.leased_tokens -= t;
+                    l.leased_wh -= w;
+                }
+            }
+        }
+    }
+
+    /// After a write: count it, log reclaimed slices, and take the new
+    /// register into the book and the view.
+    fn after_write(&self, new: StintQuota, w: Written<'_>) {
+        self.metrics.ledger_op("write");
+        if w.returned > 0 {
+            self.metrics.ledger_op("return");
+        }
+        if w.granted.0 > 0 || w.granted.1 > 0.0 {
+            self.metrics.ledger_op("lease");
+        }
+        let status = new.status.clone().unwrap_or_default();
+        tracing::debug!(
+            quota = %self.name, attempt = w.attempt, settled = w.pending.len(), returned = w.returned,
+            granted = ?w.granted, gateways = status.gateways.len(),
+            "register written"
+        );
+        for r in &w.refreshed.reclaimed {
+            self.metrics.ledger_op("reclaim");
+            tracing::warn!(
+                quota = %self.name, replica = %r.replica, member = %r.member,
+                tokens = r.tokens, energy_wh = r.energy_wh,
+                "gateway replica stopped heartbeating; its slice is charged to the member"
+            );
+        }
+        self.lock_book().written(w.pending, &status, &self.replica);
+        self.metrics
+            .observe_register(&self.namespace, &self.name, &status);
+        let mut v = self.lock_view();
+        v.spec = Some(new.spec.clone());
+        v.status = status;
+        v.period = Some(w.period);
+        v.written_at = Some(std::time::Instant::now());
     }
 
     /// Clean shutdown: write what is pending and give every slice back.

@@ -27,13 +27,13 @@ use futures::StreamExt;
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 
-use crate::ledger::{Reservation, Usage};
+use crate::commons::ledger::{Reservation, Usage};
+use crate::commons::stint;
 use crate::resources::common::Priority;
 use crate::resources::stint_quota::{MemberState, StintQuotaSpec};
-use crate::stint;
 use catalog::{Catalog, Target};
 use keys::Owner;
-use ledger_sync::{Admission, Ledgers, QuotaLedger};
+use ledger_sync::{Admission, Ledgers, QuotaLedger, Standing};
 use limits::{Limited, Limiter, Permit};
 use metrics::{
     GatewayMetrics, MemberLabels, ModelLabels, RequestLabels, TokenLabels, UpstreamErrorLabels,
@@ -243,7 +243,7 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: B
 
 /// An error with the labels it is counted under.
 struct Fail {
-    err: ApiError,
+    err: Box<ApiError>,
     model: String,
     member: String,
     /// Already counted by the request's meter.
@@ -252,7 +252,7 @@ struct Fail {
 
 fn fail(err: ApiError, model: &str, member: &str) -> Fail {
     Fail {
-        err,
+        err: Box::new(err),
         model: model.into(),
         member: member.into(),
         counted: false,
@@ -310,6 +310,28 @@ fn member_limits(
     )
 }
 
+/// A request read, authenticated and checked against the model it names.
+struct Asked {
+    owner: Owner,
+    member: String,
+    /// The served name clients use (what metrics are labelled with).
+    model: String,
+    body: Value,
+    target: Target,
+    checked: Checked,
+}
+
+/// What admitting a request under the member's stint decided.
+struct Admitted {
+    spec: StintQuotaSpec,
+    ledger: Arc<QuotaLedger>,
+    standing: Standing,
+    permit: Permit,
+}
+
+/// The steps of one request: read it, admit it under the member's stint and
+/// limits, reserve its bound, forward it, relay the answer (settling the
+/// meter on the way).
 async fn serve(
     s: &Arc<AppState>,
     ep: Endpoint,
@@ -317,6 +339,54 @@ async fn serve(
     body: Body,
     started: Instant,
 ) -> Result<Response, Fail> {
+    let mut asked = read_request(s, ep, headers, body).await?;
+    refuse_deferred(&asked)?;
+    let admitted = admit(s, &asked)?;
+    let (max_tokens, reservation) = bound(s, &asked, &admitted.spec);
+    reserve(&admitted.ledger, &asked, reservation).await?;
+    let extra = stint_headers(&admitted.standing);
+    let mut meter = Meter::start(s, &asked, admitted, reservation, max_tokens, started);
+    let upstream_body = match upstream_body(&mut asked.body, &asked.checked, max_tokens) {
+        Ok(b) => b,
+        Err(e) => {
+            meter.nothing(500);
+            return Err(metered_fail(e, &asked.model, &asked.member));
+        }
+    };
+    let resp = match forward(
+        s,
+        &asked.target,
+        ep,
+        &asked.checked,
+        upstream_body,
+        &mut meter,
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            meter.nothing(e.status.as_u16());
+            return Err(metered_fail(e, &asked.model, &asked.member));
+        }
+    };
+    let status = resp.status();
+    if !status.is_success() {
+        return relay_refusal(s, resp, meter, &asked).await;
+    }
+    if !asked.checked.stream {
+        return relay_whole(s, resp, meter, &asked, extra).await;
+    }
+    Ok(relay_stream(s, resp, meter, &asked.checked, extra))
+}
+
+/// Read the body (within the size limit), authenticate the key, and check
+/// the request against the model it names.
+async fn read_request(
+    s: &AppState,
+    ep: Endpoint,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Asked, Fail> {
     let limit = s.settings.body_limit;
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
         fail(
@@ -330,7 +400,7 @@ async fn serve(
     })?;
     let owner = authenticate(s, headers).map_err(|e| fail(e, "unknown", "unknown"))?;
     let member = owner.member.clone();
-    let mut v: Value = serde_json::from_slice(&bytes).map_err(|e| {
+    let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
         fail(
             ApiError::invalid(None, format!("the request body is not valid JSON: {e}")),
             "unknown",
@@ -353,157 +423,153 @@ async fn serve(
     let model = target.served_name.clone();
     let checked =
         openai::check(ep, &v, Some(target.context_length)).map_err(|e| fail(e, &model, &member))?;
+    Ok(Asked {
+        owner,
+        member,
+        model,
+        body: v,
+        target,
+        checked,
+    })
+}
 
-    if let Some(retry) = target.deferred
-        && owner.priority == Priority::Deferrable
-    {
-        return Err(fail(
+/// While an energy budget defers the model, deferrable members wait.
+fn refuse_deferred(a: &Asked) -> Result<(), Fail> {
+    match a.target.deferred {
+        Some(retry) if a.owner.priority == Priority::Deferrable => Err(fail(
             ApiError::unavailable(
                 "deferred_by_energy_budget",
                 "the cluster is running on a reduced energy budget; deferrable requests wait for more supply",
                 Some(retry),
             ),
-            &model,
-            &member,
-        ));
+            &a.model,
+            &a.member,
+        )),
+        _ => Ok(()),
     }
+}
 
+/// The member's standing and limits: suspended, throttled while the model
+/// is busy, over its rate or concurrency, or no ready replica refuse here.
+fn admit(s: &AppState, a: &Asked) -> Result<Admitted, Fail> {
+    let (model, member) = (a.model.as_str(), a.member.as_str());
     let spec = s
         .catalog
-        .quota(&owner)
+        .quota(&a.owner)
         .map(|q| q.spec.clone())
-        .ok_or_else(|| fail(ApiError::unauthorized(), &model, &member))?;
-    let ledger = s.ledgers.get(&owner.namespace, &owner.quota);
-    let standing = ledger.standing(&member);
+        .ok_or_else(|| fail(ApiError::unauthorized(), model, member))?;
+    let ledger = s.ledgers.get(&a.owner.namespace, &a.owner.quota);
+    let standing = ledger.standing(member);
     if standing.state == MemberState::Suspended {
         return Err(fail(
             ApiError::stint_exhausted(
                 format!("member {member} has used their stint for this period"),
                 standing.seconds_to_reset,
             ),
-            &model,
-            &member,
+            model,
+            member,
         ));
     }
     let (rpm, concurrent, only_idle) =
-        member_limits(&spec, &member, standing.state, standing.replicas);
-    if only_idle && !s.loads.any_idle(&target.replicas) {
+        member_limits(&spec, member, standing.state, standing.replicas);
+    if only_idle && !s.loads.any_idle(&a.target.replicas) {
         return Err(fail(
             ApiError::rate_limited("throttled: served only while the model is idle", 1),
-            &model,
-            &member,
+            model,
+            member,
         ));
     }
-    let limiter_key = format!("{}/{}/{}", owner.namespace, owner.quota, member);
-    let permit = match s
+    let limiter_key = format!("{}/{}/{}", a.owner.namespace, a.owner.quota, member);
+    let permit = s
         .limiter
         .acquire(&limiter_key, rpm, concurrent, Instant::now())
-    {
-        Ok(p) => p,
-        Err(Limited::Rate { retry_after }) => {
-            return Err(fail(
-                ApiError::rate_limited(
-                    format!("member {member} is over their requests per minute"),
-                    retry_after,
-                ),
-                &model,
-                &member,
-            ));
-        }
-        Err(Limited::Concurrency) => {
-            return Err(fail(
-                ApiError::rate_limited(
-                    format!("member {member} has too many requests in flight"),
-                    1,
-                ),
-                &model,
-                &member,
-            ));
-        }
-    };
-    if target.replicas.is_empty() {
+        .map_err(|l| fail(limited_error(l, member), model, member))?;
+    if a.target.replicas.is_empty() {
         return Err(fail(
             ApiError::unavailable(
                 "model_not_ready",
                 format!("no replica of {model} is ready"),
                 Some(5),
             ),
-            &model,
-            &member,
+            model,
+            member,
         ));
     }
+    Ok(Admitted {
+        spec,
+        ledger,
+        standing,
+        permit,
+    })
+}
 
-    // Reserve the request's bound.
-    let max_tokens = checked
+/// The 429 for a limit the member is over.
+fn limited_error(l: Limited, member: &str) -> ApiError {
+    match l {
+        Limited::Rate { retry_after } => ApiError::rate_limited(
+            format!("member {member} is over their requests per minute"),
+            retry_after,
+        ),
+        Limited::Concurrency => ApiError::rate_limited(
+            format!("member {member} has too many requests in flight"),
+            1,
+        ),
+    }
+}
+
+/// The request's bound: its `max_tokens` (the quota's default when the
+/// client gave none) and the weighted tokens and energy reserved for it.
+fn bound(s: &AppState, a: &Asked, spec: &StintQuotaSpec) -> (i64, Reservation) {
+    let max_tokens = a
+        .checked
         .max_tokens
-        .unwrap_or_else(|| spec.ledger.default_max_tokens.min(target.context_length));
-    let completion_bound = max_tokens * checked.n;
+        .unwrap_or_else(|| spec.ledger.default_max_tokens.min(a.target.context_length));
+    let completion_bound = max_tokens * a.checked.n;
     let jpt = s
         .joules_per_token
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .get(&target.key)
+        .get(&a.target.key)
         .copied()
         .unwrap_or(DEFAULT_JOULES_PER_TOKEN);
     let reservation = Reservation {
-        tokens: stint::weighted_tokens(&spec, checked.prompt_bound, completion_bound),
-        energy_wh: (checked.prompt_bound + completion_bound) as f64 * jpt / 3600.0,
+        tokens: stint::weighted_tokens(spec, a.checked.prompt_bound, completion_bound),
+        energy_wh: (a.checked.prompt_bound + completion_bound) as f64 * jpt / 3600.0,
     };
-    match ledger.reserve(&member, reservation).await {
-        Ok(Admission::Admitted) => {}
-        Ok(Admission::Exhausted { retry_after }) => {
-            return Err(fail(
-                ApiError::stint_exhausted(
-                    format!("member {member} has used their stint for this period"),
-                    retry_after,
-                ),
-                &model,
-                &member,
-            ));
-        }
+    (max_tokens, reservation)
+}
+
+/// Reserve the bound on the member's slice: an exhausted stint is a 429, an
+/// unwritable register a 503 (never serve unmetered).
+async fn reserve(ledger: &QuotaLedger, a: &Asked, reservation: Reservation) -> Result<(), Fail> {
+    let (model, member) = (a.model.as_str(), a.member.as_str());
+    match ledger.reserve(member, reservation).await {
+        Ok(Admission::Admitted) => Ok(()),
+        Ok(Admission::Exhausted { retry_after }) => Err(fail(
+            ApiError::stint_exhausted(
+                format!("member {member} has used their stint for this period"),
+                retry_after,
+            ),
+            model,
+            member,
+        )),
         Err(e) => {
-            tracing::error!(error = %e, quota = %owner.quota, "ledger unavailable; refusing rather than serving unmetered");
-            return Err(fail(
+            tracing::error!(error = %e, quota = %a.owner.quota, "ledger unavailable; refusing rather than serving unmetered");
+            Err(fail(
                 ApiError::unavailable(
                     "ledger_unavailable",
                     "the usage register cannot be written right now",
                     Some(2),
                 ),
-                &model,
-                &member,
-            ));
+                model,
+                member,
+            ))
         }
     }
-    let mut meter = Meter {
-        state: s.clone(),
-        ledger,
-        spec,
-        member: member.clone(),
-        model: model.clone(),
-        target_key: target.key.clone(),
-        reservation,
-        full: Usage {
-            prompt_tokens: checked.prompt_bound,
-            completion_tokens: completion_bound,
-            tokens: reservation.tokens,
-            energy_wh: reservation.energy_wh,
-            requests: 1,
-        },
-        started,
-        code: 200,
-        settled: false,
-        charge_on_drop: false,
-        replica: None,
-        _permit: permit,
-    };
-    s.metrics
-        .in_flight
-        .get_or_create(&ModelLabels {
-            model: model.clone(),
-        })
-        .inc();
+}
 
-    // The upstream request: our bound made explicit, usage always asked for.
+/// The upstream request: our bound made explicit, usage always asked for.
+fn upstream_body(v: &mut Value, checked: &Checked, max_tokens: i64) -> Result<Bytes, ApiError> {
     if let Some(o) = v.as_object_mut() {
         if checked.max_tokens.is_none() {
             o.insert("max_tokens".into(), json!(max_tokens));
@@ -512,25 +578,13 @@ async fn serve(
             o.insert("stream_options".into(), json!({"include_usage": true}));
         }
     }
-    let upstream_body = match serde_json::to_vec(&v) {
-        Ok(b) => Bytes::from(b),
-        Err(e) => {
-            meter.nothing(500);
-            return Err(metered_fail(
-                ApiError::internal(e.to_string()),
-                &model,
-                &member,
-            ));
-        }
-    };
-    let resp = match forward(s, &target, ep, &checked, upstream_body, &mut meter).await {
-        Ok(r) => r,
-        Err(e) => {
-            meter.nothing(e.status.as_u16());
-            return Err(metered_fail(e, &model, &member));
-        }
-    };
+    serde_json::to_vec(v)
+        .map(Bytes::from)
+        .map_err(|e| ApiError::internal(e.to_string()))
+}
 
+/// The stint headers a member not in good standing gets on every answer.
+fn stint_headers(standing: &Standing) -> HeaderMap {
     let mut extra = HeaderMap::new();
     if standing.state != MemberState::Ok
         && let Some(rem) = standing.remaining_tokens
@@ -547,65 +601,89 @@ async fn serve(
             extra.insert("x-copyhold-stint-state", h);
         }
     }
+    extra
+}
 
+/// An engine's error answer: a 5xx becomes our 502 (counted), a 4xx is the
+/// client's and passes on as it is. Nothing is charged.
+async fn relay_refusal(
+    s: &AppState,
+    resp: reqwest::Response,
+    mut meter: Meter,
+    a: &Asked,
+) -> Result<Response, Fail> {
     let status = resp.status();
-    if !status.is_success() {
-        let text = read_limited(resp, s.settings.idle_timeout)
-            .await
-            .unwrap_or_default();
-        if status.is_server_error() {
-            meter.nothing(502);
-            count_upstream_error(s, &model, "status");
-            let msg = serde_json::from_slice::<Value>(&text)
-                .ok()
-                .and_then(|v| v["error"]["message"].as_str().map(String::from))
-                .unwrap_or_else(|| String::from_utf8_lossy(&text).chars().take(200).collect());
+    let text = read_limited(resp, s.settings.idle_timeout)
+        .await
+        .unwrap_or_default();
+    if status.is_server_error() {
+        meter.nothing(502);
+        count_upstream_error(s, &a.model, "status");
+        let msg = serde_json::from_slice::<Value>(&text)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(String::from))
+            .unwrap_or_else(|| String::from_utf8_lossy(&text).chars().take(200).collect());
+        return Err(metered_fail(
+            ApiError::bad_gateway(format!("the model server answered {status}: {msg}")),
+            &a.model,
+            &a.member,
+        ));
+    }
+    meter.nothing(status.as_u16());
+    let mut r = Response::new(Body::from(text));
+    *r.status_mut() = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(r)
+}
+
+/// A whole (non-streamed) answer: settle with the usage it reports; one
+/// that breaks off is charged the bound.
+async fn relay_whole(
+    s: &AppState,
+    resp: reqwest::Response,
+    mut meter: Meter,
+    a: &Asked,
+    extra: HeaderMap,
+) -> Result<Response, Fail> {
+    let body = match read_limited(resp, s.settings.idle_timeout).await {
+        Ok(b) => b,
+        Err(kind) => {
+            count_upstream_error(s, &a.model, kind);
+            // The engine did work we cannot measure: the bound is charged.
+            meter.code = 502;
+            drop(meter);
             return Err(metered_fail(
-                ApiError::bad_gateway(format!("the model server answered {status}: {msg}")),
-                &model,
-                &member,
+                ApiError::bad_gateway("the model server's response broke off"),
+                &a.model,
+                &a.member,
             ));
         }
-        // A 4xx from the engine is the client's: pass it on as it is.
-        meter.nothing(status.as_u16());
-        let mut r = Response::new(Body::from(text));
-        *r.status_mut() = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        return Ok(r);
-    }
-    if !checked.stream {
-        let body = match read_limited(resp, s.settings.idle_timeout).await {
-            Ok(b) => b,
-            Err(kind) => {
-                count_upstream_error(s, &model, kind);
-                // The engine did work we cannot measure: the bound is charged.
-                meter.code = 502;
-                drop(meter);
-                return Err(metered_fail(
-                    ApiError::bad_gateway("the model server's response broke off"),
-                    &model,
-                    &member,
-                ));
-            }
-        };
-        let usage = serde_json::from_slice::<Value>(&body)
-            .ok()
-            .and_then(|v| sse::usage_of(&v));
-        meter.settle(usage);
-        let mut r = Response::new(Body::from(body));
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        r.headers_mut().extend(extra);
-        return Ok(r);
-    }
+    };
+    let usage = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| sse::usage_of(&v));
+    meter.settle(usage);
+    let mut r = Response::new(Body::from(body));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut().extend(extra);
+    Ok(r)
+}
 
-    // Streaming: pass events on as they come, settle when the stream ends
-    // (or when the client goes away and the stream is dropped).
+/// Streaming: pass events on as they come, settle when the stream ends
+/// (or when the client goes away and the stream is dropped).
+fn relay_stream(
+    s: &AppState,
+    resp: reqwest::Response,
+    meter: Meter,
+    checked: &Checked,
+    extra: HeaderMap,
+) -> Response {
     let idle = s.settings.idle_timeout;
     let upstream = resp.bytes_stream();
     let filter = SseFilter::new(checked.include_usage);
@@ -665,7 +743,7 @@ async fn serve(
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.extend(extra);
-    Ok(r)
+    r
 }
 
 fn count_upstream_error(s: &AppState, model: &str, kind: &str) {
@@ -789,6 +867,47 @@ struct Meter {
 }
 
 impl Meter {
+    /// A reserved request's meter, counted in flight from now on; it holds
+    /// the member's permit until it settles.
+    fn start(
+        s: &Arc<AppState>,
+        a: &Asked,
+        admitted: Admitted,
+        reservation: Reservation,
+        max_tokens: i64,
+        started: Instant,
+    ) -> Self {
+        let completion_bound = max_tokens * a.checked.n;
+        s.metrics
+            .in_flight
+            .get_or_create(&ModelLabels {
+                model: a.model.clone(),
+            })
+            .inc();
+        Meter {
+            state: s.clone(),
+            ledger: admitted.ledger,
+            spec: admitted.spec,
+            member: a.member.clone(),
+            model: a.model.clone(),
+            target_key: a.target.key.clone(),
+            reservation,
+            full: Usage {
+                prompt_tokens: a.checked.prompt_bound,
+                completion_tokens: completion_bound,
+                tokens: reservation.tokens,
+                energy_wh: reservation.energy_wh,
+                requests: 1,
+            },
+            started,
+            code: 200,
+            settled: false,
+            charge_on_drop: false,
+            replica: None,
+            _permit: admitted.permit,
+        }
+    }
+
     fn first_byte(&self) {
         self.state
             .metrics

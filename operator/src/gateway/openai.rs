@@ -276,21 +276,53 @@ pub fn check(
     let obj = body
         .as_object()
         .ok_or_else(|| ApiError::invalid(None, "the request body must be a JSON object"))?;
-    let model = match obj.get("model") {
-        Some(Value::String(s)) if !s.is_empty() => s.clone(),
-        Some(Value::String(_)) | None | Some(Value::Null) => {
-            return Err(ApiError::invalid(
-                Some("model"),
-                "you must provide a model parameter",
-            ));
-        }
-        Some(other) => {
-            return Err(ApiError::invalid(
-                Some("model"),
-                format!("`model` must be a string, got {}", kind(other)),
-            ));
-        }
+    let model = model_field(obj)?;
+    let (stream, include_usage) = stream_fields(obj)?;
+    let ctx = context_length.unwrap_or(i64::from(i32::MAX));
+    let max_tokens = max_tokens_field(body, ctx)?;
+    let n = int_field(body, "n", 1, MAX_N)?.unwrap_or(1);
+    let mut text = String::new();
+    let messages = match endpoint {
+        Endpoint::Chat => chat_text(obj, &mut text)?,
+        Endpoint::Completions => prompt_text(obj, &mut text)?,
     };
+    // A byte-level BPE token covers at least one byte, so bytes bound the
+    // tokens of the text; templates add a bounded number around it.
+    let prompt_bound = text.len() as i64 + TEMPLATE_TOKENS + TEMPLATE_TOKENS_PER_MESSAGE * messages;
+    let mut cut = AFFINITY_BYTES.min(text.len());
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    Ok(Checked {
+        model,
+        stream,
+        include_usage,
+        max_tokens,
+        n,
+        prompt_bound: prompt_bound.min(ctx),
+        affinity_key: text[..cut].to_string(),
+    })
+}
+
+type Object = serde_json::Map<String, Value>;
+
+/// `model`: a non-empty string.
+fn model_field(obj: &Object) -> Result<String, ApiError> {
+    match obj.get("model") {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+        Some(Value::String(_)) | None | Some(Value::Null) => Err(ApiError::invalid(
+            Some("model"),
+            "you must provide a model parameter",
+        )),
+        Some(other) => Err(ApiError::invalid(
+            Some("model"),
+            format!("`model` must be a string, got {}", kind(other)),
+        )),
+    }
+}
+
+/// `stream` and `stream_options.include_usage`, both booleans.
+fn stream_fields(obj: &Object) -> Result<(bool, bool), ApiError> {
     let stream = match obj.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
@@ -320,7 +352,12 @@ pub fn check(
             ));
         }
     };
-    let ctx = context_length.unwrap_or(i64::from(i32::MAX));
+    Ok((stream, include_usage))
+}
+
+/// `max_completion_tokens`, else `max_tokens`: at least 1, at most the
+/// model's context length `ctx`.
+fn max_tokens_field(body: &Value, ctx: i64) -> Result<Option<i64>, ApiError> {
     let max_tokens = match int_field(body, "max_completion_tokens", 1, i64::MAX)? {
         Some(m) => Some(m),
         None => int_field(body, "max_tokens", 1, i64::MAX)?,
@@ -333,105 +370,87 @@ pub fn check(
             format!("`max_tokens` is {m}, but this model's context length is {ctx} tokens"),
         ));
     }
-    let n = int_field(body, "n", 1, MAX_N)?.unwrap_or(1);
+    Ok(max_tokens)
+}
 
-    let mut text = String::new();
-    let messages = match endpoint {
-        Endpoint::Chat => {
-            let msgs = match obj.get("messages") {
-                Some(Value::Array(a)) if !a.is_empty() => a,
-                Some(Value::Array(_)) => {
-                    return Err(ApiError::invalid(
-                        Some("messages"),
-                        "`messages` must not be empty",
-                    ));
-                }
-                None | Some(Value::Null) => {
-                    return Err(ApiError::invalid(
-                        Some("messages"),
-                        "missing required parameter: `messages`",
-                    ));
-                }
-                Some(other) => {
-                    return Err(ApiError::invalid(
-                        Some("messages"),
-                        format!("`messages` must be an array, got {}", kind(other)),
-                    ));
-                }
-            };
-            for m in msgs {
-                let Some(mo) = m.as_object() else {
-                    return Err(ApiError::invalid(
-                        Some("messages"),
-                        "each message must be an object",
-                    ));
-                };
-                match mo.get("role") {
-                    Some(Value::String(r)) => text.push_str(r),
-                    _ => {
-                        return Err(ApiError::invalid(
-                            Some("messages"),
-                            "each message needs a string `role`",
-                        ));
-                    }
-                }
-                if let Some(c) = mo.get("content") {
-                    content_text(c, &mut text)?;
-                }
-            }
-            msgs.len() as i64
+/// A chat request's `messages`: their roles and text appended to `text`.
+/// Returns how many there are.
+fn chat_text(obj: &Object, text: &mut String) -> Result<i64, ApiError> {
+    let msgs = match obj.get("messages") {
+        Some(Value::Array(a)) if !a.is_empty() => a,
+        Some(Value::Array(_)) => {
+            return Err(ApiError::invalid(
+                Some("messages"),
+                "`messages` must not be empty",
+            ));
         }
-        Endpoint::Completions => {
-            match obj.get("prompt") {
-                Some(Value::String(s)) => text.push_str(s),
-                Some(Value::Array(a)) if !a.is_empty() => {
-                    for p in a {
-                        match p {
-                            Value::String(s) => text.push_str(s),
-                            // Token ids: each is one token; count a byte each.
-                            Value::Number(_) => text.push(' '),
-                            Value::Array(ids) => text.extend(ids.iter().map(|_| ' ')),
-                            _ => {
-                                return Err(ApiError::invalid(
-                                    Some("prompt"),
-                                    "`prompt` must be a string, an array of strings or of token ids",
-                                ));
-                            }
-                        }
-                    }
-                }
-                None | Some(Value::Null) => {
-                    return Err(ApiError::invalid(
-                        Some("prompt"),
-                        "missing required parameter: `prompt`",
-                    ));
-                }
-                Some(_) => {
-                    return Err(ApiError::invalid(
-                        Some("prompt"),
-                        "`prompt` must be a string, an array of strings or of token ids",
-                    ));
-                }
-            }
-            1
+        None | Some(Value::Null) => {
+            return Err(ApiError::invalid(
+                Some("messages"),
+                "missing required parameter: `messages`",
+            ));
+        }
+        Some(other) => {
+            return Err(ApiError::invalid(
+                Some("messages"),
+                format!("`messages` must be an array, got {}", kind(other)),
+            ));
         }
     };
-    // A byte-level BPE token covers at least one byte, so bytes bound the
-    // tokens of the text; templates add a bounded number around it.
-    let prompt_bound = text.len() as i64 + TEMPLATE_TOKENS + TEMPLATE_TOKENS_PER_MESSAGE * messages;
-    let mut cut = AFFINITY_BYTES.min(text.len());
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
+    for m in msgs {
+        let Some(mo) = m.as_object() else {
+            return Err(ApiError::invalid(
+                Some("messages"),
+                "each message must be an object",
+            ));
+        };
+        match mo.get("role") {
+            Some(Value::String(r)) => text.push_str(r),
+            _ => {
+                return Err(ApiError::invalid(
+                    Some("messages"),
+                    "each message needs a string `role`",
+                ));
+            }
+        }
+        if let Some(c) = mo.get("content") {
+            content_text(c, text)?;
+        }
     }
-    Ok(Checked {
-        model,
-        stream,
-        include_usage,
-        max_tokens,
-        n,
-        prompt_bound: prompt_bound.min(ctx),
-        affinity_key: text[..cut].to_string(),
-    })
+    Ok(msgs.len() as i64)
+}
+
+/// A completion request's `prompt` appended to `text` (a byte per token
+/// id). Counts as one message.
+fn prompt_text(obj: &Object, text: &mut String) -> Result<i64, ApiError> {
+    let wrong = || {
+        ApiError::invalid(
+            Some("prompt"),
+            "`prompt` must be a string, an array of strings or of token ids",
+        )
+    };
+    match obj.get("prompt") {
+        Some(Value::String(s)) => text.push_str(s),
+        Some(Value::Array(a)) if !a.is_empty() => {
+            for p in a {
+                match p {
+                    Value::String(s) => text.push_str(s),
+                    // Token ids: each is one token; count a byte each.
+                    Value::Number(_) => text.push(' '),
+                    Value::Array(ids) => text.extend(ids.iter().map(|_| ' ')),
+                    _ => return Err(wrong()),
+                }
+            }
+        }
+        None | Some(Value::Null) => {
+            return Err(ApiError::invalid(
+                Some("prompt"),
+                "missing required parameter: `prompt`",
+            ));
+        }
+        Some(_) => return Err(wrong()),
+    }
+    Ok(1)
 }
 
 #[cfg(test)]

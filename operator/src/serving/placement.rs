@@ -17,7 +17,7 @@
 //! 3. `N` is the smallest count for which eligible nodes have room for all
 //!    replicas: a model is split only when no single card that fits is free.
 //! 4. Classes (products) eligible for that `N` are ranked by estimated
-//!    tokens per joule (bandwidth ÷ TDP from [`crate::gpu_catalog`], unknown
+//!    tokens per joule (bandwidth ÷ TDP from [`crate::serving::gpu_catalog`], unknown
 //!    products last), then by least stranded memory (`N × memory − need`),
 //!    then by name. Whether a class has free GPUs right now does not change
 //!    the list, so the Deployment's affinity does not churn as other
@@ -43,9 +43,9 @@ use k8s_openapi::api::core::v1::{Container, Pod};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
-use crate::gpu_catalog;
 use crate::resources::model_deployment::PlacementSpec;
-use crate::sizing::{ModelNeeds, parse_compute_capability};
+use crate::serving::gpu_catalog;
+use crate::serving::sizing::{ModelNeeds, parse_compute_capability};
 
 /// Extended resource name of NVIDIA GPUs (device plugin).
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
@@ -663,7 +663,7 @@ pub fn fleet_from<'a>(
 mod tests {
     use super::*;
     use crate::resources::model_deployment::Dtype;
-    use crate::sizing::OVERHEAD_FIXED_BYTES;
+    use crate::serving::sizing::OVERHEAD_FIXED_BYTES;
 
     const GIB: u64 = 1 << 30;
 

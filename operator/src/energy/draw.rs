@@ -10,9 +10,9 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
 
-use crate::gpu_catalog;
 use crate::resources::DrawSpec;
-use crate::workload::ENGINE_PORT;
+use crate::serving::gpu_catalog;
+use crate::serving::workload::ENGINE_PORT;
 
 /// Metric the inference node exports.
 pub const NODE_POWER_METRIC: &str = "copyhold_node_power_watts";
@@ -124,7 +124,7 @@ pub fn engine_pods<'a>(
             node,
             base_url: format!("http://{host}:{port}"),
             model_deployment: labels
-                .get(crate::workload::MD_LABEL)
+                .get(crate::serving::workload::MD_LABEL)
                 .map(|m| format!("{ns}/{m}")),
             gpus,
         });

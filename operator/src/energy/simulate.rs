@@ -23,7 +23,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::budget::{
+use crate::energy::budget::{
     self, DEFER_SAVING, Direction, Ladder, LadderState, Reading, Rung, RungWatts, draw_factor,
 };
 use crate::resources::EnergyBudget;

@@ -36,8 +36,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use crate::energy::supply_schedule::Schedule;
 use crate::resources::{LadderPolicy, SheddablePriority, parse_duration};
-use crate::supply_schedule::Schedule;
 
 /// `min(ceiling, supply × (1 − margin))`, never negative.
 pub fn allowance(ceiling_watts: f64, supply_watts: f64, margin_percent: f64) -> f64 {

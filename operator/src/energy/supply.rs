@@ -10,8 +10,8 @@ use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{Api, Client};
 
+use crate::energy::supply_schedule::{Schedule, ScheduleError};
 use crate::resources::{EnergyBudgetSpec, HttpSupply, PrometheusQuery, SecretKeyRef};
-use crate::supply_schedule::{Schedule, ScheduleError};
 
 /// A reading above this multiple of the ceiling is taken for a broken
 /// signal (1 MW for a 10 kW budget), not for a very sunny day.

@@ -20,10 +20,10 @@ use std::collections::{BTreeMap, HashMap};
 use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+use crate::commons::stint::{self, MemberStint, PeriodWindow};
 use crate::resources::stint_quota::{
     GatewayReplica, MemberState, MemberUsage, Slice, StintQuotaSpec, StintQuotaStatus,
 };
-use crate::stint::{self, MemberStint, PeriodWindow};
 
 /// Settled usage of one or more requests.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -256,7 +256,7 @@ async fn setup(client: &Client, ns: &str, upstream: &str) -> Result<String> {
     // A new namespace's default ServiceAccount (and token) comes a moment
     // later; Pods are refused until then.
     let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "tiny-0", "labels": {crate::workload::MD_LABEL: "tiny"}},
+        "metadata": {"name": "tiny-0", "labels": {crate::serving::workload::MD_LABEL: "tiny"}},
         "spec": {"schedulerName": "copyhold-bench-none",
                  "containers": [{"name": "engine", "image": "stand-in",
                                  "ports": [{"name": "http", "containerPort": port.parse::<i32>()?}]}]}

@@ -3,7 +3,7 @@
 //! (or from the numbers a user gave inline when the controller cannot read
 //! the model).
 //!
-//! Pure logic: no I/O. [`crate::model_source`] fetches the inputs.
+//! Pure logic: no I/O. [`crate::serving::model_source`] fetches the inputs.
 //!
 //! One replica needs, on the GPUs of one node:
 //!

@@ -25,7 +25,7 @@ use reqwest::header::{CONTENT_RANGE, RANGE};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::resources::model_deployment::{ModelDeploymentSpec, ModelFormat, ModelSource};
-use crate::sizing::{
+use crate::serving::sizing::{
     HfConfig, ModelNeeds, SafetensorsHeader, SizingError, SizingInput, parse_compute_capability,
 };
 

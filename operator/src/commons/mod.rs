@@ -1,0 +1,9 @@
+//! Commons: stints and the exact ledger, pure. Periods, shares and standings
+//! (`stint`) and the book of reservations and usage (`ledger`) take `now` as
+//! an argument and touch nothing outside; the gateway keeps them in step
+//! with the cluster.
+//!
+//! May import `resources` only.
+
+pub mod ledger;
+pub mod stint;
