@@ -36,11 +36,12 @@ __device__ void attention_decode(const float* __restrict__ q, const KV* __restri
                                  int heads, int kv_heads, int head_dim, int block_size, int window,
                                  int part_size, float scale, float* __restrict__ part_out,
                                  float* __restrict__ part_max, float* __restrict__ part_sum) {
-  extern __shared__ float smem[];
+  CH_DYN_SHARED(float, smem);
   const int G = heads / kv_heads;
   float* qs = smem;                    // [G][head_dim]
   float* sc = smem + G * head_dim;     // [G][part_size]
-  __shared__ float gmax[64], gsum[64];
+  CH_SHARED(float, gmax, [64]);
+  CH_SHARED(float, gsum, [64]);
   const int bi = blockIdx.x, kvh = blockIdx.y, part = blockIdx.z, nparts = gridDim.z;
   const int t = tokens[bi];
   const int pos = tok_pos[t];
@@ -160,8 +161,12 @@ extern "C" __global__ void attention_reduce(const float* __restrict__ part_out,
 // tiles[2i+1] = count (<= tq). K/V are streamed through shared memory in
 // chunks of tk positions with an online softmax (running max and sum per
 // query row), so the context length is unbounded. Requires
-// tq * head_dim <= 16 * blockDim.x. Dynamic shared memory:
-// (tq * head_dim + 2 * tk * head_dim + tq * tk) floats.
+// tq * head_dim <= 16 * blockDim.x. Query and key rows are stored with a
+// stride of head_dim + 1 floats (plan::prefill_qk_stride): in the score
+// loop the 32 lanes of a warp read 32 different key rows at the same d,
+// which with a stride of head_dim (a multiple of 32) all fall in one bank.
+// Dynamic shared memory (plan::prefill_smem):
+// ((tq + tk) * (head_dim + 1) + tk * head_dim + tq * tk) floats.
 #define PREFILL_ACC 16
 template <typename KV>
 __device__ void attention_prefill(const float* __restrict__ q, const KV* __restrict__ kc,
@@ -170,13 +175,17 @@ __device__ void attention_prefill(const float* __restrict__ q, const KV* __restr
                                   const int* __restrict__ tok_table, const int* __restrict__ tables,
                                   int heads, int kv_heads, int head_dim, int block_size, int window,
                                   int tq, int tk, float scale) {
-  extern __shared__ float smem[];
-  float* qs = smem;                    // [tq][head_dim]
-  float* ks = qs + tq * head_dim;      // [tk][head_dim]
-  float* vs = ks + tk * head_dim;      // [tk][head_dim]
+  CH_DYN_SHARED(float, smem);
+  const int ld = head_dim + 1;         // padded row stride of qs and ks
+  float* qs = smem;                    // [tq][ld]
+  float* ks = qs + tq * ld;            // [tk][ld]
+  float* vs = ks + tk * ld;            // [tk][head_dim]
   float* sc = vs + tk * head_dim;      // [tq][tk]
-  __shared__ float row_m[32], row_l[32], row_a[32];
-  __shared__ int row_pos[32], row_start[32];
+  CH_SHARED(float, row_m, [32]);
+  CH_SHARED(float, row_l, [32]);
+  CH_SHARED(float, row_a, [32]);
+  CH_SHARED(int, row_pos, [32]);
+  CH_SHARED(int, row_start, [32]);
   const int t0 = tiles[2 * blockIdx.x], cnt = tiles[2 * blockIdx.x + 1];
   const int h = blockIdx.y, kvh = h / (heads / kv_heads);
   const int row = kv_heads * head_dim;
@@ -184,7 +193,7 @@ __device__ void attention_prefill(const float* __restrict__ q, const KV* __restr
 
   for (int e = threadIdx.x; e < tq * head_dim; e += blockDim.x) {
     int i = e / head_dim, d = e % head_dim;
-    qs[e] = i < cnt ? q[((size_t)(t0 + i) * heads + h) * head_dim + d] : 0.0f;
+    qs[i * ld + d] = i < cnt ? q[((size_t)(t0 + i) * heads + h) * head_dim + d] : 0.0f;
   }
   if (threadIdx.x < tq) {
     int i = threadIdx.x;
@@ -210,7 +219,7 @@ __device__ void attention_prefill(const float* __restrict__ q, const KV* __restr
         kv = ld1(kc, off);
         vv = ld1(vc, off);
       }
-      ks[e] = kv;
+      ks[j * ld + d] = kv;
       vs[e] = vv;
     }
     __syncthreads();
@@ -219,7 +228,7 @@ __device__ void attention_prefill(const float* __restrict__ q, const KV* __restr
       float s = CH_NEG_INF;
       if (i < cnt && p <= row_pos[i] && p >= row_start[i]) {
         float dot = 0.0f;
-        for (int d = 0; d < head_dim; ++d) dot = fmaf(qs[i * head_dim + d], ks[j * head_dim + d], dot);
+        for (int d = 0; d < head_dim; ++d) dot = fmaf(qs[i * ld + d], ks[j * ld + d], dot);
         s = dot * scale;
       }
       sc[e] = s;

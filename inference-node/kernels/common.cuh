@@ -8,8 +8,16 @@
 // Architecture guards: bf16 intrinsics are used only for __CUDA_ARCH__ >= 800
 // (below that bf16 is widened with a shift, which is exact); __dp4a only for
 // __CUDA_ARCH__ >= 610.
+//
+// Shared memory is declared with CH_SHARED(type, name, dims) and
+// CH_DYN_SHARED(type, name): __shared__ for NVRTC, block-local buffers in
+// the CPU simulator (kernels/cpu-sim/cuda_cpu.h), which defines CUSIM.
+#ifndef CUSIM
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#define CH_SHARED(T, name, dims) __shared__ T name dims
+#define CH_DYN_SHARED(T, name) extern __shared__ T name[]
+#endif
 
 #define CH_INF __int_as_float(0x7f800000)
 #define CH_NEG_INF __int_as_float(0xff800000)
@@ -105,8 +113,8 @@ __device__ __forceinline__ double warp_sum_d(double v) {
 
 // Block-wide sum/max (any block size up to 1024); every thread gets the result.
 __device__ float block_sum(float v) {
-  __shared__ float red[32];
-  __shared__ float result;
+  CH_SHARED(float, red, [32]);
+  CH_SHARED(float, result, );
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   v = warp_sum(v);
   __syncthreads();
@@ -122,8 +130,8 @@ __device__ float block_sum(float v) {
   return result;
 }
 __device__ float block_max(float v) {
-  __shared__ float red[32];
-  __shared__ float result;
+  CH_SHARED(float, red, [32]);
+  CH_SHARED(float, result, );
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   v = warp_max(v);
   __syncthreads();
@@ -139,8 +147,8 @@ __device__ float block_max(float v) {
   return result;
 }
 __device__ double block_sum_d(double v) {
-  __shared__ double red[32];
-  __shared__ double result;
+  CH_SHARED(double, red, [32]);
+  CH_SHARED(double, result, );
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   v = warp_sum_d(v);
   __syncthreads();
@@ -157,8 +165,8 @@ __device__ double block_sum_d(double v) {
 }
 // Smallest index among threads holding `key`, -1 if none holds one (key < 0).
 __device__ int block_min_index(int idx) {
-  __shared__ int red[32];
-  __shared__ int result;
+  CH_SHARED(int, red, [32]);
+  CH_SHARED(int, result, );
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   unsigned int v = (unsigned int)idx;  // -1 becomes the largest value
 #pragma unroll

@@ -24,9 +24,18 @@ extern "C" __global__ void gather_rows(const float* __restrict__ src, const int*
 }
 
 // f32 activations to the weight dtype, for tensor-core GEMMs through cuBLAS.
-extern "C" __global__ void cast_f32_f16(const float* __restrict__ x, h16* __restrict__ y, size_t n) {
+// f16's range ends at 65504: activations of bf16-trained models can pass it
+// (down_proj inputs). A finite value that rounds to infinity sets *overflow
+// (when not null); the backend then keeps that projection in f32 and runs
+// the step again.
+extern "C" __global__ void cast_f32_f16(const float* __restrict__ x, h16* __restrict__ y, size_t n,
+                                        int* __restrict__ overflow) {
   size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < n) st1(y, i, x[i]);
+  if (i >= n) return;
+  float v = x[i];
+  unsigned short b = __half_as_ushort(__float2half_rn(v));
+  y[i].b = b;
+  if (overflow && (b & 0x7fffu) == 0x7c00u && isfinite(v)) atomicOr(overflow, 1);
 }
 extern "C" __global__ void cast_f32_bf16(const float* __restrict__ x, b16* __restrict__ y, size_t n) {
   size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;

@@ -315,6 +315,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // CUDA 13 (or off-path CUDA 12) libraries: linked and re-executed once.
+    if copyhold_node::cuda::libs::wants_cuda(std::env::args())
+        && let Some(cache) = copyhold_node::cuda::nvrtc::default_cache_dir()
+    {
+        copyhold_node::cuda::libs::prepare_process(&cache);
+    }
     match cli.cmd {
         Cmd::CheckGolden { dir, device, cuda } => {
             match copyhold_node::golden::check_on(&dir, &cuda.device(device, true)) {

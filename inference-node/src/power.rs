@@ -131,16 +131,37 @@ impl PowerSensor for RaplSensor {
 /// (Volta and newer), else instantaneous power times the interval.
 pub struct NvmlSensor {
     nvml: Arc<Nvml>,
+    /// NVML indices of the GPUs this process's CUDA sees.
+    devices: Vec<u32>,
     last_mj: Vec<Option<u64>>,
 }
 
 impl NvmlSensor {
-    /// `None` when the NVML library is absent or sees no GPU.
+    /// `None` when the NVML library is absent or sees none of the GPUs in
+    /// use. Only the GPUs CUDA sees (`CUDA_VISIBLE_DEVICES`, matched by
+    /// UUID: `cuda::libs::nvml_selection`) are read, so a node given one GPU
+    /// of eight counts that GPU's energy alone.
     pub fn open() -> Option<NvmlSensor> {
         let nvml = Nvml::init().ok()?;
         let count = nvml.device_count().ok().filter(|&c| c > 0)?;
-        let last_mj = (0..count)
+        let uuids: Vec<String> = (0..count)
             .map(|i| {
+                nvml.device_by_index(i)
+                    .and_then(|d| d.uuid())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+        let cuda = crate::cuda::libs::cuda_device_uuids();
+        let devices =
+            crate::cuda::libs::nvml_selection(visible.as_deref(), &uuids, cuda.as_deref());
+        if devices.is_empty() {
+            return None;
+        }
+        tracing::info!(?devices, "NVML reads these GPUs (NVML indices)");
+        let last_mj = devices
+            .iter()
+            .map(|&i| {
                 nvml.device_by_index(i)
                     .ok()
                     .and_then(|d| d.total_energy_consumption().ok())
@@ -148,6 +169,7 @@ impl NvmlSensor {
             .collect();
         Some(NvmlSensor {
             nvml: Arc::new(nvml),
+            devices,
             last_mj,
         })
     }
@@ -156,7 +178,7 @@ impl NvmlSensor {
     pub fn control(&self) -> NvmlControl {
         NvmlControl {
             nvml: self.nvml.clone(),
-            count: self.last_mj.len() as u32,
+            devices: self.devices.clone(),
         }
     }
 }
@@ -167,8 +189,8 @@ impl PowerSensor for NvmlSensor {
     }
     fn joules(&mut self, _busy: bool, dt: Duration) -> f64 {
         let mut j = 0.0;
-        for (i, last) in self.last_mj.iter_mut().enumerate() {
-            let Ok(d) = self.nvml.device_by_index(i as u32) else {
+        for (&i, last) in self.devices.iter().zip(self.last_mj.iter_mut()) {
+            let Ok(d) = self.nvml.device_by_index(i) else {
                 continue;
             };
             match (d.total_energy_consumption(), *last) {
@@ -191,14 +213,14 @@ impl PowerSensor for NvmlSensor {
 #[derive(Clone)]
 pub struct NvmlControl {
     nvml: Arc<Nvml>,
-    count: u32,
+    devices: Vec<u32>,
 }
 
 impl NvmlControl {
     /// Splits `watts` evenly over the GPUs; the first refusal is returned.
     pub fn set_limit(&self, watts: f64) -> Result<(), String> {
-        let per_gpu_mw = (watts * 1000.0 / self.count.max(1) as f64) as u32;
-        for i in 0..self.count {
+        let per_gpu_mw = (watts * 1000.0 / self.devices.len().max(1) as f64) as u32;
+        for &i in &self.devices {
             let mut d = self.nvml.device_by_index(i).map_err(|e| e.to_string())?;
             d.set_power_management_limit(per_gpu_mw)
                 .map_err(|e| format!("GPU {i}: {e}"))?;

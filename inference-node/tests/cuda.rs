@@ -707,6 +707,7 @@ fn argmax_and_sampling_on_the_device_choose_what_the_cpu_sampler_chooses() {
             })
             .collect();
         let td = g.st.clone_htod(&vec![t; rows]).unwrap();
+        let kd = g.st.clone_htod(&vec![0i32; rows]).unwrap();
         let pd = g.st.clone_htod(&vec![p; rows]).unwrap();
         let md = g.st.clone_htod(&vec![mp; rows]).unwrap();
         let ud = g.st.clone_htod(&uniform).unwrap();
@@ -715,6 +716,7 @@ fn argmax_and_sampling_on_the_device_choose_what_the_cpu_sampler_chooses() {
                 .arg(&ld)
                 .arg(&vi)
                 .arg(&td)
+                .arg(&kd)
                 .arg(&pd)
                 .arg(&md)
                 .arg(&ud)

@@ -155,6 +155,11 @@ struct DevLinear {
     bias: Option<CudaSlice<f32>>,
     n: usize,
     k: usize,
+    /// This projection's flag in the shard's `overflow` buffer.
+    slot: usize,
+    /// Set once its activations overflowed f16: from then on it runs with
+    /// f32 activations (the GEMV kernel) instead of the f16 cast + cuBLAS.
+    exact: std::sync::atomic::AtomicBool,
 }
 
 struct DevLayer {
@@ -196,6 +201,8 @@ struct Shard {
     k_cache: Vec<KvBuf>,
     v_cache: Vec<KvBuf>,
     inv_freq: CudaSlice<f64>,
+    /// One flag per projection (`DevLinear::slot`): its f16 cast overflowed.
+    overflow: CudaSlice<i32>,
 }
 
 /// The CUDA backend.
@@ -267,7 +274,9 @@ fn upload_linear(
     stream: &Arc<CudaStream>,
     l: &Linear,
     path: ArchPath,
+    slots: &mut usize,
 ) -> Result<DevLinear, CudaError> {
+    *slots += 1;
     Ok(DevLinear {
         w: upload_w(stream, &l.w, path)?,
         bias: match &l.bias {
@@ -276,6 +285,8 @@ fn upload_linear(
         },
         n: l.w.shape[0],
         k: l.w.shape[1],
+        slot: *slots - 1,
+        exact: false.into(),
     })
 }
 
@@ -408,7 +419,14 @@ impl CudaBackend {
                 });
             }
             Some(n) => n,
-            None => fit,
+            // What the running sequences can use at full context, no more:
+            // the rest of the GPU stays free for others.
+            None => plan::kv_pool_blocks(
+                fit,
+                opts.max_running,
+                cfg.max_position_embeddings,
+                opts.block_size,
+            ),
         };
         tracing::info!(
             gpus = placements.len(),
@@ -472,6 +490,7 @@ impl CudaBackend {
             "kernels ready"
         );
         let kernels = Kernels::load(ctx, cubins.into_iter().map(|c| c.0).collect())?;
+        check_static_smem(&kernels)?;
         let stream = ctx.default_stream();
         let blas =
             if std::panic::catch_unwind(|| unsafe { bsys::is_culib_present() }).unwrap_or(false) {
@@ -487,39 +506,44 @@ impl CudaBackend {
                 None
             };
         let mut dev_layers = Vec::new();
+        let mut slots = 0usize;
         for l in p.layers.clone() {
             let src = &model.layers[l];
             dev_layers.push(DevLayer {
                 input_norm: upload_f32(&stream, &src.input_norm.w, "input norm")?,
                 post_norm: upload_f32(&stream, &src.post_norm.w, "post norm")?,
-                q: upload_linear(&stream, &src.q, path)?,
-                k: upload_linear(&stream, &src.k, path)?,
-                v: upload_linear(&stream, &src.v, path)?,
-                o: upload_linear(&stream, &src.o, path)?,
-                gate: upload_linear(&stream, &src.gate, path)?,
-                up: upload_linear(&stream, &src.up, path)?,
-                down: upload_linear(&stream, &src.down, path)?,
+                q: upload_linear(&stream, &src.q, path, &mut slots)?,
+                k: upload_linear(&stream, &src.k, path, &mut slots)?,
+                v: upload_linear(&stream, &src.v, path, &mut slots)?,
+                o: upload_linear(&stream, &src.o, path, &mut slots)?,
+                gate: upload_linear(&stream, &src.gate, path, &mut slots)?,
+                up: upload_linear(&stream, &src.up, path, &mut slots)?,
+                down: upload_linear(&stream, &src.down, path, &mut slots)?,
                 window: src.window.unwrap_or(0),
             });
         }
-        let embed_lin = |stream: &Arc<CudaStream>| -> Result<DevLinear, CudaError> {
-            Ok(DevLinear {
-                w: upload_w(stream, &model.embed, path)?,
-                bias: None,
-                n: cfg.vocab_size,
-                k: cfg.hidden_size,
-            })
-        };
+        let embed_lin =
+            |stream: &Arc<CudaStream>, slots: &mut usize| -> Result<DevLinear, CudaError> {
+                *slots += 1;
+                Ok(DevLinear {
+                    w: upload_w(stream, &model.embed, path)?,
+                    bias: None,
+                    n: cfg.vocab_size,
+                    k: cfg.hidden_size,
+                    slot: *slots - 1,
+                    exact: false.into(),
+                })
+            };
         let embed = if p.embed {
-            Some(embed_lin(&stream)?)
+            Some(embed_lin(&stream, &mut slots)?)
         } else {
             None
         };
         let (norm, head) = if p.head {
             let head = match &model.lm_head {
-                Some(h) => Head::Own(upload_linear(&stream, h, path)?),
+                Some(h) => Head::Own(upload_linear(&stream, h, path, &mut slots)?),
                 None if p.embed => Head::Embedding,
-                None => Head::Own(embed_lin(&stream)?),
+                None => Head::Own(embed_lin(&stream, &mut slots)?),
             };
             (
                 Some(upload_f32(&stream, &model.norm.w, "final norm")?),
@@ -552,6 +576,9 @@ impl CudaBackend {
             }
         }
         let inv_freq = stream.clone_htod(inv_freq).map_err(drv("uploading RoPE"))?;
+        let overflow = stream
+            .alloc_zeros::<i32>(slots.max(1))
+            .map_err(drv("allocating the overflow flags"))?;
         stream.synchronize().map_err(drv("uploading weights"))?;
         Ok(Shard {
             ordinal: ctx.ordinal(),
@@ -567,7 +594,48 @@ impl CudaBackend {
             k_cache,
             v_cache,
             inv_freq,
+            overflow,
         })
+    }
+
+    /// Reads every shard's f16 overflow flags; marks the projections whose
+    /// activations overflowed as exact (f32) from now on and clears the
+    /// flags. True if any did.
+    fn mark_overflowed(&mut self) -> Result<bool, CudaError> {
+        let mut any = false;
+        for sh in &mut self.shards {
+            let flags = sh
+                .stream
+                .clone_dtoh(&sh.overflow)
+                .map_err(drv("reading the overflow flags"))?;
+            if flags.iter().all(|&f| f == 0) {
+                continue;
+            }
+            let head = match &sh.head {
+                Some(Head::Own(l)) => Some(l),
+                _ => None,
+            };
+            let lins = sh
+                .dev_layers
+                .iter()
+                .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
+                .chain(sh.embed.as_ref())
+                .chain(head);
+            for lin in lins {
+                if flags.get(lin.slot).copied().unwrap_or(0) != 0 {
+                    lin.exact.store(true, std::sync::atomic::Ordering::Relaxed);
+                    any = true;
+                }
+            }
+            tracing::warn!(
+                gpu = sh.ordinal,
+                "activations beyond f16's range: those projections now run with f32 activations"
+            );
+            sh.stream
+                .memset_zeros(&mut sh.overflow)
+                .map_err(drv("clearing the overflow flags"))?;
+        }
+        Ok(any)
     }
 
     /// KV blocks of the pool (the engine's `num_blocks`).
@@ -620,10 +688,45 @@ impl CudaBackend {
                 x_host = Some(st.clone_dtoh(&x).map_err(drv("moving activations"))?);
                 continue;
             }
-            return finish(self, si, &mut x, pending.as_ref(), &dev, &layout, wants);
+            let out = finish(self, si, &mut x, pending.as_ref(), &dev, &layout, wants);
+            // Every step ends here, with logits rows or without: an
+            // asynchronous fault surfaces in the step that caused it and
+            // fails only its sequences, never the next step's.
+            sh.stream.synchronize().map_err(drv("running the step"))?;
+            if m > GEMV_MAX_ROWS && self.mark_overflowed()? {
+                // Writing this step's K/V again is idempotent: run it again
+                // with the overflowed projections in f32.
+                return self.run(batch, wants);
+            }
+            return out;
         }
         Err(CudaError::Unsupported("no GPU holds the LM head".into()))
     }
+}
+
+/// The attention launches size their dynamic shared memory against the
+/// plan's static sizes; a kernel that declares more (its real size, from
+/// the driver) would fail every launch at the largest groups, so refuse it
+/// at load with the numbers.
+fn check_static_smem(kernels: &Kernels) -> Result<(), CudaError> {
+    let budgets = [
+        ("attention_decode_f32", plan::DECODE_STATIC_SMEM),
+        ("attention_decode_f16", plan::DECODE_STATIC_SMEM),
+        ("attention_prefill_f32", plan::PREFILL_STATIC_SMEM),
+        ("attention_prefill_f16", plan::PREFILL_STATIC_SMEM),
+    ];
+    for (entry, budget) in budgets {
+        let used = kernels
+            .get(entry)?
+            .shared_size_bytes()
+            .map_err(drv("reading a kernel's shared memory size"))?;
+        if used as usize > budget {
+            return Err(CudaError::Unsupported(format!(
+                "{entry} declares {used} B of static shared memory; the launch plan reserves {budget} B (plan.rs)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// One step's metadata on one GPU.
@@ -776,7 +879,10 @@ fn linear(
         && sh.blas.is_some()
         && match lin.w {
             DevW::F32(_) => true,
-            _ => be.opts.gemm == GemmMode::Fast,
+            _ => {
+                be.opts.gemm == GemmMode::Fast
+                    && !lin.exact.load(std::sync::atomic::Ordering::Relaxed)
+            }
         };
     if !use_blas {
         return gemv(sh, lin, x, y, m);
@@ -835,15 +941,15 @@ fn linear(
             let mut xh: CudaSlice<u16> = unsafe { st.alloc(m * k) }.map_err(drv("allocating"))?;
             let f = sh.kernels.get(cast)?;
             let nn = (m * k) as u64;
-            // cast_f32_*(const float* x, h16/b16* y, size_t n)
-            unsafe {
-                st.launch_builder(f)
-                    .arg(x)
-                    .arg(&mut xh)
-                    .arg(&nn)
-                    .launch(cfg1d(m * k, 256))
+            let flag = sh.overflow.slice(lin.slot..lin.slot + 1);
+            let mut b = st.launch_builder(f);
+            // cast_f32_f16(const float* x, h16* y, size_t n, int* overflow)
+            // cast_f32_bf16(const float* x, b16* y, size_t n)
+            b.arg(x).arg(&mut xh).arg(&nn);
+            if matches!(lin.w, DevW::F16(_)) {
+                b.arg(&flag);
             }
-            .map_err(launch_err("cast"))?;
+            unsafe { b.launch(cfg1d(m * k, 256)) }.map_err(launch_err("cast"))?;
             let (wp, _gw) = w.device_ptr(st);
             let (xp, _gx) = xh.device_ptr(st);
             unsafe {
@@ -1277,8 +1383,9 @@ fn finish(
         }
     }
     if any(|w| matches!(w, RowWant::Sample { .. })) {
-        let (mut t, mut p, mut mp, mut u) = (
+        let (mut t, mut kk, mut p, mut mp, mut u) = (
             vec![1.0f32; n],
+            vec![0i32; n],
             vec![1.0f32; n],
             vec![0.0f32; n],
             vec![0.0f64; n],
@@ -1286,15 +1393,18 @@ fn finish(
         for (i, w) in wants.iter().enumerate() {
             if let RowWant::Sample {
                 temperature,
+                top_k,
                 top_p,
                 min_p,
                 uniform,
             } = *w
             {
                 (t[i], p[i], mp[i], u[i]) = (temperature, top_p, min_p, uniform);
+                kk[i] = top_k.min(i32::MAX as u32) as i32;
             }
         }
         let e = drv("uploading sampling settings");
+        let kk = st.clone_htod(&kk).map_err(&e)?;
         let (t, p, mp, u) = (
             st.clone_htod(&t).map_err(&e)?,
             st.clone_htod(&p).map_err(&e)?,
@@ -1303,12 +1413,13 @@ fn finish(
         );
         let mut ids: CudaSlice<i32> = unsafe { st.alloc(n) }.map_err(drv("allocating"))?;
         let f = sh.kernels.get("sample_rows")?;
-        // sample_rows(logits, vocab, temperature, top_p, min_p, uniform, out)
+        // sample_rows(logits, vocab, temperature, top_k, top_p, min_p, uniform, out)
         unsafe {
             st.launch_builder(f)
                 .arg(&logits)
                 .arg(&vi)
                 .arg(&t)
+                .arg(&kk)
                 .arg(&p)
                 .arg(&mp)
                 .arg(&u)
@@ -1331,8 +1442,6 @@ fn finish(
             }
         }
     }
-    // Surface asynchronous faults of this step here, not in the next one.
-    st.synchronize().map_err(drv("running the step"))?;
     Ok(out.into_iter().flatten().collect())
 }
 

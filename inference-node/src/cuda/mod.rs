@@ -6,6 +6,7 @@
 //! - [`nvrtc`]: compiling, the CUBIN cache.
 //! - [`kernels`]: the programs and their entry points.
 //! - [`check`]: `cuda-check`, every kernel for every architecture, no GPU.
+//! - [`libs`]: finding the CUDA libraries and headers; the GPUs NVML reads.
 //! - [`plan`]: pure decisions: per-architecture paths, layer split across
 //!   GPUs, KV pool size.
 //! - [`backend`]: the forward pass on the GPU.
@@ -15,6 +16,7 @@
 pub mod backend;
 pub mod check;
 pub mod kernels;
+pub mod libs;
 pub mod nvrtc;
 pub mod plan;
 

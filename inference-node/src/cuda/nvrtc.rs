@@ -143,7 +143,8 @@ pub fn compile_options(arch: u32, include_dirs: &[PathBuf]) -> Vec<String> {
 
 /// Folders holding `cuda_fp16.h` (NVRTC ships without it): `explicit`
 /// first, then `COPYHOLD_CUDA_INCLUDE` (colon-separated), `$CUDA_HOME/include`,
-/// `$CUDA_PATH/include`, `/usr/local/cuda/include`.
+/// `$CUDA_PATH/include`, `/usr/local/cuda/include`, then the pip wheels'
+/// header folders next to the library folders (`libs::wheel_include_dirs`).
 pub fn include_dirs(explicit: &[PathBuf]) -> Result<Vec<PathBuf>, CudaError> {
     let mut candidates: Vec<PathBuf> = explicit.to_vec();
     if let Some(v) = std::env::var_os("COPYHOLD_CUDA_INCLUDE") {
@@ -155,6 +156,9 @@ pub fn include_dirs(explicit: &[PathBuf]) -> Result<Vec<PathBuf>, CudaError> {
         }
     }
     candidates.push(PathBuf::from("/usr/local/cuda/include"));
+    // pip wheels: next to the libraries (CUDA 12: nvidia/cuda_runtime/include,
+    // CUDA 13: nvidia/cu13/include).
+    candidates.extend(super::libs::wheel_include_dirs(&super::libs::search_dirs()));
     let found: Vec<PathBuf> = candidates
         .iter()
         .filter(|d| d.join("cuda_fp16.h").is_file())

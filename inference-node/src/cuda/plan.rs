@@ -215,10 +215,34 @@ pub fn kv_blocks(
     Ok(blocks as usize)
 }
 
+/// Shared memory a block may use without opting in (every architecture).
+pub const SMEM_LIMIT: usize = 48 * 1024;
+
+/// Static shared memory of `attention_decode_*` (gmax, gsum: 2 × 64 floats).
+pub const DECODE_STATIC_SMEM: usize = 2 * 64 * 4;
+
+/// Static shared memory of `attention_prefill_*` (five arrays of 32).
+pub const PREFILL_STATIC_SMEM: usize = 5 * 32 * 4;
+
+/// Row stride (floats) of the prefill kernel's query and key tiles in
+/// shared memory: head_dim + 1, odd, so the 32 key rows a warp reads at one
+/// d fall in 32 different banks (kernels/attention.cu computes the same).
+pub fn prefill_qk_stride(head_dim: usize) -> usize {
+    head_dim + 1
+}
+
+/// KV blocks the pool gets: what memory allows (`fit`), but no more than
+/// `max_running` sequences of `context` tokens can use, and at least 2.
+pub fn kv_pool_blocks(fit: usize, max_running: usize, context: usize, block_size: usize) -> usize {
+    let useful = max_running.max(1) * context.div_ceil(block_size.max(1));
+    fit.min(useful).max(2)
+}
+
 /// Decode attention: positions per split-K partition, so the dynamic shared
-/// memory ((G·head_dim + G·part) floats) stays within 48 KiB.
+/// memory ((G·head_dim + G·part) floats) plus the kernel's static part stays
+/// within 48 KiB.
 pub fn decode_part_size(group: usize, head_dim: usize) -> Result<usize, CudaError> {
-    const FLOATS: usize = 48 * 1024 / 4;
+    const FLOATS: usize = (SMEM_LIMIT - DECODE_STATIC_SMEM) / 4;
     if head_dim > 256 || group > 64 || group == 0 {
         return Err(CudaError::Unsupported(format!(
             "attention with head_dim {head_dim} and {group} query heads per KV head (at most 256 and 64)"
@@ -241,18 +265,21 @@ pub fn decode_smem(group: usize, head_dim: usize, part: usize) -> usize {
 
 /// Prefill attention tile: (query tokens, key positions) per chunk, with
 /// tq·head_dim ≤ 16·128 (the kernel's accumulators) and shared memory
-/// within 48 KiB.
+/// (static and dynamic) within 48 KiB.
 pub fn prefill_tile(head_dim: usize) -> (usize, usize) {
     let tq = (2048 / head_dim.max(1)).clamp(1, 32);
     let mut tk = 32;
-    while tk > 1 && prefill_smem(head_dim, tq, tk) > 48 * 1024 {
+    while tk > 1 && PREFILL_STATIC_SMEM + prefill_smem(head_dim, tq, tk) > SMEM_LIMIT {
         tk /= 2;
     }
     (tq, tk)
 }
 
+/// Dynamic shared memory of the prefill kernel: queries and keys at the
+/// padded stride, values, scores.
 pub fn prefill_smem(head_dim: usize, tq: usize, tk: usize) -> usize {
-    4 * (tq * head_dim + 2 * tk * head_dim + tq * tk)
+    let ld = prefill_qk_stride(head_dim);
+    4 * ((tq + tk) * ld + tk * head_dim + tq * tk)
 }
 
 /// One engine step, flattened for the kernels.
@@ -459,6 +486,75 @@ mod tests {
             assert!(tq * hd <= 2048 && tq <= 32 && tk >= 1);
             assert!(prefill_smem(hd, tq, tk) <= 48 * 1024, "{hd}");
         }
+    }
+
+    #[test]
+    fn decode_attention_fits_shared_memory_with_its_static_part_for_every_group() {
+        // The groups the review found failing (24..64 at head_dim 128, 16 at 256).
+        for g in [1, 2, 4, 8, 16, 24, 32, 48, 64] {
+            for hd in [64, 128, 256] {
+                let Ok(part) = decode_part_size(g, hd) else {
+                    // Refused only when not even 32 positions fit.
+                    let least = DECODE_STATIC_SMEM + decode_smem(g, hd, 32);
+                    assert!(least > SMEM_LIMIT || g > 64, "G {g} hd {hd} refused");
+                    continue;
+                };
+                let total = DECODE_STATIC_SMEM + decode_smem(g, hd, part);
+                assert!(
+                    total <= SMEM_LIMIT,
+                    "G {g} hd {hd}: {total} B of shared memory"
+                );
+            }
+        }
+        for (g, hd) in [(24, 128), (32, 128), (48, 128), (64, 128), (16, 256)] {
+            assert!(decode_part_size(g, hd).is_ok(), "G {g} hd {hd}");
+        }
+        for hd in [16, 64, 80, 128, 256] {
+            let (tq, tk) = prefill_tile(hd);
+            assert!(
+                PREFILL_STATIC_SMEM + prefill_smem(hd, tq, tk) <= SMEM_LIMIT,
+                "{hd}"
+            );
+        }
+    }
+
+    /// Distinct 4-byte words per shared-memory bank (32 banks) that one warp
+    /// reads in one instruction; 1 means no conflict.
+    fn conflict_degree(words: &[usize]) -> usize {
+        let mut per_bank = vec![std::collections::BTreeSet::new(); 32];
+        for &w in words {
+            per_bank[w % 32].insert(w);
+        }
+        per_bank.iter().map(|s| s.len()).max().unwrap_or(0)
+    }
+
+    #[test]
+    fn the_prefill_score_loop_reads_shared_memory_without_bank_conflicts() {
+        // kernels/attention.cu, the score loop: thread e of the block takes
+        // (i, j) = (e / tk, e % tk) and reads qs[i * stride + d] and
+        // ks[j * stride + d] for the same d across the warp.
+        for hd in [64, 80, 128, 256] {
+            let (tq, tk) = prefill_tile(hd);
+            let stride = prefill_qk_stride(hd);
+            for warp in (0..tq * tk).step_by(32) {
+                for d in [0, 1, hd - 1] {
+                    let lanes = warp..(warp + 32).min(tq * tk);
+                    let ks: Vec<usize> = lanes.clone().map(|e| (e % tk) * stride + d).collect();
+                    let qs: Vec<usize> = lanes.map(|e| (e / tk) * stride + d).collect();
+                    assert_eq!(conflict_degree(&ks), 1, "keys, head_dim {hd}, tk {tk}");
+                    assert_eq!(conflict_degree(&qs), 1, "queries, head_dim {hd}, tk {tk}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_kv_pool_is_bounded_by_what_the_running_sequences_can_use() {
+        // 8 sequences of 4096 tokens in blocks of 16: 2048 blocks, however
+        // much memory is free.
+        assert_eq!(kv_pool_blocks(1_000_000, 8, 4096, 16), 2048);
+        assert_eq!(kv_pool_blocks(100, 8, 4096, 16), 100);
+        assert_eq!(kv_pool_blocks(1_000_000, 1, 17, 16), 2);
     }
 
     #[test]

@@ -55,10 +55,12 @@ pub enum RowWant {
     /// The argmax token.
     Greedy,
     /// A token drawn as `sampling::sample` would draw it with these
-    /// settings (no top-k, no penalties) and `uniform` from the sequence's
+    /// settings (no penalties) and `uniform` from the sequence's
     /// generator.
     Sample {
         temperature: f32,
+        /// 0: no top-k.
+        top_k: u32,
         top_p: f32,
         min_p: f32,
         uniform: f64,

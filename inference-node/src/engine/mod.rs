@@ -578,13 +578,12 @@ impl Engine {
 
 /// What a device-sampling backend is asked for a sequence's next token:
 /// the token itself when nothing needs the logits on the host (no
-/// logprobs, penalties, top-k or captured logits), drawing the sequence's
+/// logprobs, penalties or captured logits), drawing the sequence's
 /// random number exactly when `sampling::sample` would.
 fn device_want(s: &mut Seq) -> RowWant {
     let p = &s.params;
     let host_only = s.capture_logits
         || p.logprobs.is_some()
-        || p.top_k > 0
         || p.repetition_penalty != 1.0
         || p.presence_penalty != 0.0
         || p.frequency_penalty != 0.0;
@@ -595,6 +594,7 @@ fn device_want(s: &mut Seq) -> RowWant {
     } else {
         RowWant::Sample {
             temperature: p.temperature,
+            top_k: p.top_k.min(u32::MAX as usize) as u32,
             top_p: p.top_p,
             min_p: p.min_p,
             uniform: s.rng.next_f64(),
