@@ -72,6 +72,16 @@ const SPECIALS: [&str; 5] = [
 ];
 const TEMPLATE: &str = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}";
 
+/// An unkeyed hash (SipHash with zero keys, as `DefaultHasher::new`), so the
+/// same spec always gives the same weights on every machine.
+fn stable_hash(ids: &[u32]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    0u64.hash(&mut h);
+    ids.hash(&mut h);
+    h.finish()
+}
+
 /// GPT-2's reversible byte → printable character map.
 pub fn byte_to_char(b: u8) -> char {
     let printable =
@@ -311,8 +321,7 @@ pub fn synth(spec: &SynthSpec, out: &Path) -> Result<Vec<PathBuf>> {
             .iter()
             .map(|(n, shape, norm)| {
                 // Seeded by name, so sharding does not change the weights.
-                let seed = spec.seed.wrapping_mul(1_000_003)
-                    ^ crate::kv_cache::block_hash(0, &name_ids(n));
+                let seed = spec.seed.wrapping_mul(1_000_003) ^ stable_hash(&name_ids(n));
                 (
                     n.clone(),
                     shape.clone(),

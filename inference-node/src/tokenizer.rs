@@ -27,6 +27,8 @@ pub struct TextModel {
     /// Every id that ends a generation (config, generation config, eos token).
     pub eos_ids: Vec<u32>,
     pub defaults: GenerationDefaults,
+    /// Each token's bytes, read once on the first constrained request.
+    token_bytes: std::sync::OnceLock<std::sync::Arc<crate::constrained::TokenBytes>>,
 }
 
 /// A special token may be a string or `{"content": "..."}`.
@@ -115,6 +117,7 @@ impl TextModel {
             eos_token,
             eos_ids,
             defaults,
+            token_bytes: std::sync::OnceLock::new(),
         })
     }
 
@@ -138,6 +141,15 @@ impl TextModel {
     /// Decodes ids to text, dropping special tokens.
     pub fn decode(&self, ids: &[u32]) -> String {
         self.tokenizer.decode(ids, true).unwrap_or_default()
+    }
+
+    /// Every token's bytes (for constrained decoding).
+    pub fn token_bytes(&self) -> std::sync::Arc<crate::constrained::TokenBytes> {
+        self.token_bytes
+            .get_or_init(|| {
+                std::sync::Arc::new(crate::constrained::TokenBytes::new(&self.tokenizer))
+            })
+            .clone()
     }
 
     pub fn vocab_size(&self) -> usize {
