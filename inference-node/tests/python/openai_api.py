@@ -93,6 +93,20 @@ def main():
         assert [c["name"] for c in calls] == ["get_weather"]
         print(f"tool round trip (named, stream={stream}):", calls[0]["arguments"])
 
+    # tool_choice auto: the random model writes text, not a call; streamed
+    # (held while tools are offered, then sent) it equals the plain answer.
+    args = dict(model=model, messages=[{"role": "user", "content": "hi"}], tools=[WEATHER], max_tokens=12,
+                seed=3, temperature=1.0)
+    plain = client.chat.completions.create(**args)
+    parts = []
+    for chunk in client.chat.completions.create(stream=True, **args):
+        for c in chunk.choices:
+            assert not c.delta.tool_calls
+            parts.append(c.delta.content or "")
+    assert plain.choices[0].message.tool_calls is None
+    assert "".join(parts) == plain.choices[0].message.content, (parts, plain)
+    print("tool_choice auto, text answer, streamed == plain:", repr(plain.choices[0].message.content))
+
     # Structured output: json_schema (strict) and json_object, several seeds.
     schema = {
         "type": "object",
