@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The inference node through the official `openai` Python client, as users
 # call it: streaming and not, chat and completions, seeds, stop strings,
-# usage and energy consistent with /metrics. Part of `make test`.
+# usage and energy consistent with /metrics; then issue 20's API (tool
+# calls, structured output, logprobs, n, stop, errors). Part of `make test`.
 set -Eeuo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 CACHE=${COPYHOLD_CACHE:-$HOME/.cache/copyhold}
 TARGET=${CARGO_TARGET_DIR:-$PWD/target}
 VENV=$CACHE/venv
-if ! "$VENV/bin/python" -c 'import openai' 2>/dev/null; then
-  echo "[openai-check] installing the openai client into $VENV"
+if ! "$VENV/bin/python" -c 'import openai, jsonschema' 2>/dev/null; then
+  echo "[openai-check] installing the openai client and jsonschema into $VENV"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q openai
+  "$VENV/bin/pip" install -q openai jsonschema
 fi
 cargo build -q -p copyhold-node --bin copyhold-node
 MODEL=$CACHE/openai-check-model
@@ -27,3 +28,4 @@ for _ in $(seq 1 120); do
   sleep 0.25
 done
 "$VENV/bin/python" inference-node/tests/python/openai_client.py "http://127.0.0.1:$port"
+"$VENV/bin/python" inference-node/tests/python/openai_api.py "http://127.0.0.1:$port"

@@ -156,6 +156,11 @@ struct ServeArgs {
     /// Largest `n` accepted.
     #[arg(long, env = "COPYHOLD_MAX_N", default_value_t = 8)]
     max_n: usize,
+    /// `max_tokens` of requests that leave it out (when the model's
+    /// generation_config.json sets no max_new_tokens); always capped by
+    /// what the context and the KV cache leave.
+    #[arg(long, env = "COPYHOLD_DEFAULT_MAX_TOKENS", default_value_t = copyhold_node::api::openai::DEFAULT_MAX_TOKENS)]
+    default_max_tokens: usize,
     /// Declared power draw, used when no sensor exists and for pacing.
     #[arg(long, env = "COPYHOLD_POWER_MODEL", default_value = "idle=10,busy=60")]
     power_model: PowerModel,
@@ -618,16 +623,37 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         let limits = Limits {
             max_context: engine.config().max_context,
             max_n: a.max_n.max(1),
+            kv_tokens: engine.kv_tokens(),
+            vocab_rows: engine.vocab_rows(),
+            default_max_tokens: a.default_max_tokens.max(1),
             ..Default::default()
         };
         let handle = spawn(engine, a.queue_capacity);
+        let watched = handle.clone();
         let _ = state.ready.set(Ready {
             handle,
             text,
             limits,
         });
         tracing::info!("model loaded; ready");
-        server.await??;
-        Ok(())
+        let mut server = server;
+        loop {
+            tokio::select! {
+                r = &mut server => {
+                    r??;
+                    return Ok(());
+                }
+                _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {
+                    if let Some(why) = watched.failed() {
+                        // /health already says 503; give the failed requests'
+                        // answers a moment to reach their clients, then exit
+                        // non-zero for Kubernetes to restart the pod.
+                        tracing::error!(error = why, "the engine has stopped; exiting");
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                        std::process::exit(3);
+                    }
+                }
+            }
+        }
     })
 }

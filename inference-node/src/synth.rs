@@ -3,6 +3,7 @@
 //! template), for demos, tests of config variants and benchmarks without
 //! downloading anything.
 
+use crate::model::tokenizer::byte_to_char;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -72,16 +73,14 @@ const SPECIALS: [&str; 5] = [
 ];
 const TEMPLATE: &str = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}";
 
-/// GPT-2's reversible byte → printable character map.
-pub fn byte_to_char(b: u8) -> char {
-    let printable =
-        |x: u32| (33..=126).contains(&x) || (161..=172).contains(&x) || (174..=255).contains(&x);
-    let b = b as u32;
-    if printable(b) {
-        return char::from_u32(b).unwrap_or('?');
-    }
-    let n = (0..b).filter(|&x| !printable(x)).count() as u32;
-    char::from_u32(256 + n).unwrap_or('?')
+/// An unkeyed hash (SipHash with zero keys, as `DefaultHasher::new`), so the
+/// same spec always gives the same weights on every machine.
+fn stable_hash(ids: &[u32]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    0u64.hash(&mut h);
+    ids.hash(&mut h);
+    h.finish()
 }
 
 /// A byte-level BPE tokenizer.json: specials, all 256 bytes, then merges of
@@ -311,8 +310,7 @@ pub fn synth(spec: &SynthSpec, out: &Path) -> Result<Vec<PathBuf>> {
             .iter()
             .map(|(n, shape, norm)| {
                 // Seeded by name, so sharding does not change the weights.
-                let seed = spec.seed.wrapping_mul(1_000_003)
-                    ^ crate::engine::kv_cache::block_hash(0, &name_ids(n));
+                let seed = spec.seed.wrapping_mul(1_000_003) ^ stable_hash(&name_ids(n));
                 (
                     n.clone(),
                     shape.clone(),

@@ -889,6 +889,7 @@ async fn a_served_model_under_32_concurrent_streamed_clients_equals_the_cpu_gree
     let bodies: Vec<Value> = (0..32)
         .map(|i| {
             json!({
+                "model": "tiny-llama",
                 "messages": [{"role": "user", "content": format!("request {i}: tell me about {}", i * 7)}],
                 "max_tokens": 24, "temperature": 0, "stream": true, "ignore_eos": true,
             })

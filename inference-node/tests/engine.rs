@@ -165,11 +165,11 @@ fn a_power_limit_paces_steps_so_modeled_power_stays_under_it() {
 }
 
 #[test]
-fn a_lone_sequence_that_outgrows_the_kv_budget_ends_with_length_instead_of_looping() {
+fn a_sequence_whose_prompt_and_max_tokens_outgrow_the_kv_pool_is_refused_not_cut_short() {
     let dir = model();
     let metrics = Arc::new(Metrics::new());
     let mut e = engine(&dir, 3 * 4096, metrics.clone());
-    let capacity = e.config().num_blocks * e.config().block_size;
+    let capacity = e.kv_tokens();
     assert!(
         capacity < 6 + 50,
         "the budget must be smaller than the request"
@@ -184,30 +184,17 @@ fn a_lone_sequence_that_outgrows_the_kv_budget_ends_with_length_instead_of_loopi
         capture_logits: false,
         events: tx,
     });
-    for _ in 0..200 {
-        if e.is_idle() {
-            break;
-        }
-        e.step();
+    assert!(e.is_idle(), "an impossible request is not queued");
+    match rx.try_recv() {
+        Ok(Event::Error(msg)) => assert!(msg.contains("KV cache"), "{msg}"),
+        other => panic!("expected an error, got {other:?}"),
     }
-    assert!(e.is_idle(), "the engine kept stepping");
+    // What fits runs to its max_tokens and only then says "length".
+    let rx = submit(&mut e, prompt(6, 4), capacity - 6);
+    e.run_to_completion();
+    let (ids, _) = collect(rx);
+    assert_eq!(ids.len(), capacity - 6);
     assert_eq!(e.blocks_in_use(), 0);
-    let mut done = None;
-    while let Ok(ev) = rx.try_recv() {
-        if let Event::Done {
-            finish_reason,
-            usage,
-            ..
-        } = ev
-        {
-            done = Some((finish_reason, usage.completion_tokens));
-        }
-    }
-    let (reason, tokens) = done.expect("finished");
-    assert_eq!(reason, copyhold_node::engine::FinishReason::Length);
-    // Every slot holds a token; the last one is sampled from the full cache
-    // without being stored.
-    assert_eq!(tokens, capacity - 6 + 1);
 }
 
 /// The CPU backend behind a switch: fails chosen steps, and (like the CUDA

@@ -74,7 +74,23 @@ async fn start(extra: &[&str]) -> Server {
     Server { child, base }
 }
 
+/// Names the served model in `body` unless it names one (as OpenAI's API,
+/// the node requires `model`).
+async fn with_model(base: &str, mut body: Value) -> Value {
+    if body.get("model").is_none() {
+        let m: Value = reqwest::get(format!("{base}/v1/models"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["model"] = m["data"][0]["id"].clone();
+    }
+    body
+}
+
 async fn post(base: &str, path: &str, body: Value) -> (u16, Value) {
+    let body = with_model(base, body).await;
     let r = reqwest::Client::new()
         .post(format!("{base}{path}"))
         .json(&body)
@@ -87,6 +103,7 @@ async fn post(base: &str, path: &str, body: Value) -> (u16, Value) {
 
 /// Concatenated SSE deltas, the finish reason and the usage chunk.
 async fn stream(base: &str, path: &str, body: Value) -> (String, String, Option<Value>) {
+    let body = with_model(base, body).await;
     let r = reqwest::Client::new()
         .post(format!("{base}{path}"))
         .json(&body)
@@ -398,12 +415,16 @@ async fn bad_requests_get_openai_shaped_400s_naming_the_param() {
 async fn a_full_queue_answers_503_with_retry_after() {
     let s = start(&["--queue-capacity", "1", "--max-running", "1"]).await;
     let client = reqwest::Client::new();
+    let model = with_model(&s.base, json!({})).await["model"].clone();
     let reqs = (0..8).map(|_| {
+        let model = model.clone();
         let c = client.clone();
         let url = format!("{}/v1/completions", s.base);
         async move {
             c.post(url)
-                .json(&json!({"prompt": "x", "max_tokens": 120, "ignore_eos": true}))
+                .json(
+                    &json!({"model": model, "prompt": "x", "max_tokens": 120, "ignore_eos": true}),
+                )
                 .send()
                 .await
                 .unwrap()
@@ -421,7 +442,13 @@ async fn a_client_that_disconnects_mid_stream_frees_its_blocks() {
     let s = start(&[]).await;
     let r = reqwest::Client::new()
         .post(format!("{}/v1/completions", s.base))
-        .json(&json!({"prompt": "abc", "max_tokens": 150, "ignore_eos": true, "stream": true}))
+        .json(
+            &with_model(
+                &s.base,
+                json!({"prompt": "abc", "max_tokens": 150, "ignore_eos": true, "stream": true}),
+            )
+            .await,
+        )
         .send()
         .await
         .unwrap();

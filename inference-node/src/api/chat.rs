@@ -9,16 +9,45 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// One chat message as the template sees it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Message {
     pub role: String,
     pub content: String,
+    /// An assistant's calls, OpenAI-shaped with `arguments` parsed (as HF
+    /// templates read them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// A tool result's call id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// Renders `template` for `messages`.
 pub fn render(
     template: &str,
     messages: &[Message],
+    bos_token: Option<&str>,
+    eos_token: Option<&str>,
+    add_generation_prompt: bool,
+) -> Result<String> {
+    render_with_tools(
+        template,
+        messages,
+        None,
+        bos_token,
+        eos_token,
+        add_generation_prompt,
+    )
+}
+
+/// Renders `template` for `messages`, with the request's `tools` (as HF's
+/// `apply_chat_template(tools=…)` passes them) when there are any.
+pub fn render_with_tools(
+    template: &str,
+    messages: &[Message],
+    tools: Option<&[serde_json::Value]>,
     bos_token: Option<&str>,
     eos_token: Option<&str>,
     add_generation_prompt: bool,
@@ -35,12 +64,15 @@ pub fn render(
         // Deterministic output matters more than the date for a model node.
         String::new()
     });
-    let ctx = serde_json::json!({
+    let mut ctx = serde_json::json!({
         "messages": messages,
         "bos_token": bos_token.unwrap_or(""),
         "eos_token": eos_token.unwrap_or(""),
         "add_generation_prompt": add_generation_prompt,
     });
+    if let Some(t) = tools.filter(|t| !t.is_empty()) {
+        ctx["tools"] = serde_json::Value::from(t.to_vec());
+    }
     env.render_str(template, Value::from(minijinja::value::Serde(&ctx)))
         .map_err(|e| Error::Template(format!("{e:#}")))
 }
@@ -54,10 +86,12 @@ mod tests {
             Message {
                 role: "system".into(),
                 content: " Be brief. ".into(),
+                ..Default::default()
             },
             Message {
                 role: "user".into(),
                 content: "Hi \"there\"".into(),
+                ..Default::default()
             },
         ]
     }
@@ -88,5 +122,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("Conversation must start with user"), "{e}");
+    }
+
+    #[test]
+    fn tools_and_tool_messages_reach_the_template() {
+        // The shape of Qwen2.5's template, cut down.
+        let t = "{% if tools %}<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}</tools>{% endif %}{% for m in messages %}{% if m.role == 'tool' %}<tool_response>{{ m.content }}</tool_response>{% elif m.tool_calls %}{% for c in m.tool_calls %}<tool_call>{{ c.function.name }} {{ c.function.arguments | tojson }}</tool_call>{% endfor %}{% else %}{{ m.content }}{% endif %}{% endfor %}";
+        let msgs = vec![
+            Message {
+                role: "assistant".into(),
+                tool_calls: Some(serde_json::json!([{"id": "c1", "type": "function",
+                    "function": {"name": "f", "arguments": {"x": 1}}}])),
+                ..Default::default()
+            },
+            Message {
+                role: "tool".into(),
+                content: "42".into(),
+                tool_call_id: Some("c1".into()),
+                ..Default::default()
+            },
+        ];
+        let tools = [serde_json::json!({"type": "function", "function": {"name": "f"}})];
+        let out = render_with_tools(t, &msgs, Some(&tools), None, None, false).unwrap();
+        assert_eq!(
+            out,
+            "<tools>f;</tools><tool_call>f {\"x\": 1}</tool_call><tool_response>42</tool_response>"
+        );
     }
 }

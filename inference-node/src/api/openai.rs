@@ -1,6 +1,7 @@
 //! OpenAI request and response types, and their validation. Messages name
 //! the field and the limit, so a client can fix its request from the error.
 
+use crate::engine::constrained::Grammar;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -65,7 +66,18 @@ pub struct ChatMessageIn {
     pub role: String,
     #[serde(default)]
     pub content: Option<Content>,
+    /// An assistant message's calls (OpenAI shape).
+    #[serde(default)]
+    pub tool_calls: Option<Value>,
+    /// A `tool` message's answer to a call.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
 }
+
+/// The roles a chat message may have.
+pub const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct StreamOptions {
@@ -119,6 +131,16 @@ pub struct ChatRequest {
     pub logprobs: Option<bool>,
     #[serde(default)]
     pub top_logprobs: Option<i64>,
+    /// Checked by `crate::api::tools` (names the entry at fault).
+    #[serde(default)]
+    pub tools: Option<Value>,
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    /// `{"type": "text" | "json_object" | "json_schema", …}`.
+    #[serde(default)]
+    pub response_format: Option<Value>,
     /// Parsed separately from the same object: `serde(flatten)` would
     /// lose the path of a wrongly typed field.
     #[serde(skip)]
@@ -187,6 +209,16 @@ fn from_value<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiErro
     })
 }
 
+/// Longest stop string, in bytes. With at most [`Limits::max_stop`] of
+/// them, checking a token's text against them costs a bounded few
+/// microseconds on the engine thread however long the generation is.
+pub const MAX_STOP_BYTES: usize = 256;
+
+/// `max_tokens` when a request leaves it out (and `generation_config.json`
+/// sets no `max_new_tokens`): bounded, so a forgotten field on a long-context
+/// model does not hold a sequence (and its KV blocks) for the whole context.
+pub const DEFAULT_MAX_TOKENS: usize = 1024;
+
 /// Limits the server enforces.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -194,6 +226,13 @@ pub struct Limits {
     pub max_n: usize,
     pub max_top_logprobs: usize,
     pub max_stop: usize,
+    /// Tokens the KV pool holds (blocks × block size): a sequence's prompt
+    /// plus `max_tokens` must fit, or it could never finish.
+    pub kv_tokens: usize,
+    /// Rows of the embedding: token ids at or above are refused.
+    pub vocab_rows: usize,
+    /// `max_tokens` when the request and the checkpoint leave it out.
+    pub default_max_tokens: usize,
 }
 
 impl Default for Limits {
@@ -203,6 +242,50 @@ impl Default for Limits {
             max_n: 8,
             max_top_logprobs: 20,
             max_stop: 4,
+            kv_tokens: usize::MAX,
+            vocab_rows: usize::MAX,
+            default_max_tokens: DEFAULT_MAX_TOKENS,
+        }
+    }
+}
+
+impl Limits {
+    /// Longest prompt text, in bytes, that is rendered and tokenized at all:
+    /// 32 bytes per token of context (no tokenizer packs more into a token
+    /// of real text), at least 64 KiB. Longer text could not fit anyway.
+    pub fn max_prompt_bytes(&self) -> usize {
+        self.max_context.saturating_mul(32).max(64 << 10)
+    }
+
+    /// Refuses text longer than [`Limits::max_prompt_bytes`].
+    pub fn check_prompt_bytes(&self, param: &str, len: usize) -> Result<(), ApiError> {
+        let max = self.max_prompt_bytes();
+        if len > max {
+            return Err(ApiError {
+                code: Some("context_length_exceeded"),
+                ..ApiError::bad(
+                    param,
+                    format!(
+                        "the prompt has {len} bytes of text; at most {max} are accepted for this model's {}-token context",
+                        self.max_context
+                    ),
+                )
+            });
+        }
+        Ok(())
+    }
+
+    /// Refuses token ids the model has no embedding row for.
+    pub fn check_token_ids(&self, param: &str, ids: &[u32]) -> Result<(), ApiError> {
+        match ids.iter().find(|&&t| t as usize >= self.vocab_rows) {
+            Some(bad) => Err(ApiError::bad(
+                param,
+                format!(
+                    "token id {bad} is outside the model's vocabulary ({} embedding rows)",
+                    self.vocab_rows
+                ),
+            )),
+            None => Ok(()),
         }
     }
 }
@@ -286,27 +369,55 @@ pub fn validate(
             )
         });
     }
-    let room = limits.max_context - prompt_len;
+    if prompt_len >= limits.kv_tokens {
+        return Err(ApiError {
+            code: Some("kv_cache_exceeded"),
+            ..ApiError::bad(
+                prompt_param,
+                format!(
+                    "the prompt has {prompt_len} tokens; this node's KV cache holds {} tokens (the context is {})",
+                    limits.kv_tokens, limits.max_context
+                ),
+            )
+        });
+    }
+    let room_context = limits.max_context - prompt_len;
+    let room = room_context.min(limits.kv_tokens - prompt_len);
     let (mt_param, mt) = match (c.max_completion_tokens, c.max_tokens) {
         (Some(v), _) => ("max_completion_tokens", Some(v)),
         (None, v) => ("max_tokens", v),
     };
     let max_tokens = match mt {
-        None => defaults.max_new_tokens.unwrap_or(room).min(room),
+        None => defaults
+            .max_new_tokens
+            .unwrap_or(limits.default_max_tokens)
+            .clamp(1, room),
         Some(v) if v < 1 => {
             return Err(ApiError::bad(
                 mt_param,
                 format!("`{mt_param}` must be at least 1. Given: {v}"),
             ));
         }
-        Some(v) if v as usize > room => {
+        Some(v) if v as usize > room_context => {
             return Err(ApiError {
                 code: Some("context_length_exceeded"),
                 ..ApiError::bad(
                     mt_param,
                     format!(
-                        "`{mt_param}` must be <= {room} (context {} - prompt {prompt_len}). Given: {v}",
+                        "`{mt_param}` must be <= {room_context} (context {} - prompt {prompt_len}). Given: {v}",
                         limits.max_context
+                    ),
+                )
+            });
+        }
+        Some(v) if v as usize > room => {
+            return Err(ApiError {
+                code: Some("kv_cache_exceeded"),
+                ..ApiError::bad(
+                    mt_param,
+                    format!(
+                        "`{mt_param}` must be <= {room}: this node's KV cache holds {} tokens and the prompt has {prompt_len}. Given: {v}",
+                        limits.kv_tokens
                     ),
                 )
             });
@@ -325,6 +436,15 @@ pub fn validate(
                 "`stop` may hold at most {} strings. Given: {}",
                 limits.max_stop,
                 stop.len()
+            ),
+        ));
+    }
+    if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::bad(
+            "stop",
+            format!(
+                "each stop string may have at most {MAX_STOP_BYTES} bytes. Given: {}",
+                long.len()
             ),
         ));
     }
@@ -368,6 +488,7 @@ pub fn validate(
             max_tokens,
             logprobs,
             ignore_eos: c.ignore_eos.unwrap_or(false),
+            constraint: None,
         },
         stop,
         n,
@@ -385,6 +506,33 @@ pub fn messages(req: &ChatRequest) -> Result<Vec<Message>, ApiError> {
         .iter()
         .enumerate()
         .map(|(i, m)| {
+            if !ROLES.contains(&m.role.as_str()) {
+                return Err(ApiError::bad(
+                    format!("messages[{i}].role"),
+                    format!(
+                        "role {:?} is not one of system, user, assistant, tool",
+                        m.role
+                    ),
+                ));
+            }
+            let tool_calls = match &m.tool_calls {
+                None | Some(Value::Null) => None,
+                Some(Value::Array(a)) if m.role == "assistant" && !a.is_empty() => Some(
+                    crate::api::tools::calls_for_template(&Value::Array(a.clone())),
+                ),
+                Some(_) => {
+                    return Err(ApiError::bad(
+                        format!("messages[{i}].tool_calls"),
+                        "`tool_calls` must be a non-empty list, on an assistant message",
+                    ));
+                }
+            };
+            if m.role == "tool" && m.tool_call_id.is_none() {
+                return Err(ApiError::bad(
+                    format!("messages[{i}].tool_call_id"),
+                    "a tool message needs `tool_call_id`",
+                ));
+            }
             let content = match &m.content {
                 None => String::new(),
                 Some(Content::Text(t)) => t.clone(),
@@ -408,6 +556,9 @@ pub fn messages(req: &ChatRequest) -> Result<Vec<Message>, ApiError> {
             Ok(Message {
                 role: m.role.clone(),
                 content,
+                tool_calls,
+                tool_call_id: m.tool_call_id.clone(),
+                name: m.name.clone(),
             })
         })
         .collect()
@@ -496,6 +647,25 @@ mod tests {
     }
 
     #[test]
+    fn the_default_max_tokens_is_bounded_on_a_long_context() {
+        let c: Common = serde_json::from_str("{}").unwrap();
+        let limits = Limits {
+            max_context: 131_072,
+            ..Default::default()
+        };
+        let out = validate(
+            &c,
+            5,
+            "prompt",
+            None,
+            &GenerationDefaults::default(),
+            &limits,
+        )
+        .unwrap();
+        assert_eq!(out.params.max_tokens, 1024);
+    }
+
+    #[test]
     fn defaults_fill_what_the_request_leaves_out() {
         let c: Common = serde_json::from_str(r#"{"top_p": 0.5}"#).unwrap();
         let d = GenerationDefaults {
@@ -509,5 +679,33 @@ mod tests {
             (out.params.temperature, out.params.top_p, out.params.top_k),
             (0.6, 0.5, 20)
         );
+    }
+}
+
+/// The grammar a chat request's `response_format` asks for: none for
+/// `text`, any JSON object for `json_object`, the schema's language for
+/// `json_schema` (strict or not: the output always validates).
+pub fn response_format(v: Option<&Value>) -> Result<Option<Grammar>, ApiError> {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    match v.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Grammar::any_object())),
+        Some("json_schema") => {
+            let schema = v.pointer("/json_schema/schema").ok_or_else(|| {
+                ApiError::bad(
+                    "response_format.json_schema.schema",
+                    "`json_schema` needs a `schema`",
+                )
+            })?;
+            Grammar::from_schema(schema)
+                .map(Some)
+                .map_err(|e| ApiError::bad("response_format.json_schema.schema", e.to_string()))
+        }
+        _ => Err(ApiError::bad(
+            "response_format.type",
+            "`response_format.type` must be \"text\", \"json_object\" or \"json_schema\"",
+        )),
     }
 }

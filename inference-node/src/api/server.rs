@@ -18,11 +18,13 @@ use futures::stream::{self, BoxStream};
 use serde_json::{Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
+use crate::api::http_body::LimitedBody;
 use crate::api::openai::{
     self, ApiError, ChatRequest, CompletionRequest, Limits, PromptField, UsageOut, Validated,
 };
+use crate::api::tools::ToolMode;
 use crate::engine::sampling::TokenLogprobs;
-use crate::engine::{EngineHandle, Event, GenRequest};
+use crate::engine::{EngineHandle, Event, GenRequest, SubmitError};
 use crate::metrics::Metrics;
 use crate::model::tokenizer::TextModel;
 
@@ -112,7 +114,7 @@ fn server_error(message: String) -> ApiError {
     }
 }
 
-/// All routes.
+/// All routes; anything else is an OpenAI-shaped 404 or 405.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/health", get(health))
@@ -124,6 +126,9 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/admin/power-limit",
             get(get_power_limit).post(set_power_limit),
         )
+        // After the routes: it applies to those registered before it.
+        .method_not_allowed_fallback(crate::api::http_body::method_not_allowed)
+        .fallback(crate::api::http_body::not_found)
         .with_state(state)
 }
 
@@ -132,11 +137,16 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) -> s
     axum::serve(listener, router(state)).await
 }
 
+/// 200 while the engine serves; 503 while loading and, for good, once
+/// the engine thread has stopped (a panic or a failed device), so
+/// Kubernetes restarts the pod instead of routing to a zombie.
 async fn health(State(s): State<Arc<AppState>>) -> Response {
-    if s.ready.get().is_some() {
-        (StatusCode::OK, "ok").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "loading").into_response()
+    match s.ready.get() {
+        None => unavailable("the model is still loading", "model_loading").into_response(),
+        Some(r) => match r.handle.failed() {
+            Some(why) => unavailable(&why, "engine_failed").into_response(),
+            None => (StatusCode::OK, "ok").into_response(),
+        },
     }
 }
 
@@ -168,6 +178,13 @@ fn ready(s: &AppState) -> Result<&Ready, ApiError> {
 
 fn check_model(s: &AppState, model: &Option<String>) -> Result<(), ApiError> {
     match model {
+        None => Err(ApiError {
+            code: Some("missing_required_parameter"),
+            ..ApiError::bad(
+                "model",
+                format!("`model` is required; this node serves `{}`", s.name),
+            )
+        }),
         Some(m) if m != &s.name => Err(ApiError {
             status: 404,
             message: format!(
@@ -188,37 +205,88 @@ enum Kind {
     Completion,
 }
 
-async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
-    match chat_inner(&s, &body) {
-        Ok((prompt, v, id)) => run(s, prompt, v, Kind::Chat, id).await,
+/// A request turned into what the engine needs.
+struct Prepared {
+    prompt: Vec<u32>,
+    v: Validated,
+    id: String,
+    tools: Option<Arc<ToolMode>>,
+}
+
+/// Runs a request's preparation (template rendering, tokenization,
+/// grammar compilation: CPU work proportional to the input) on the
+/// blocking pool, so the async workers keep answering everyone else.
+async fn prepare(
+    s: &Arc<AppState>,
+    body: Bytes,
+    f: fn(&AppState, &[u8]) -> Result<Prepared, ApiError>,
+) -> Result<Prepared, ApiError> {
+    let s2 = s.clone();
+    tokio::task::spawn_blocking(move || f(&s2, &body))
+        .await
+        .unwrap_or_else(|e| Err(server_error(format!("preparing the request failed: {e}"))))
+}
+
+async fn chat(State(s): State<Arc<AppState>>, LimitedBody(body): LimitedBody) -> Response {
+    match prepare(&s, body, chat_inner).await {
+        Ok(p) => run(s, p, Kind::Chat).await,
         Err(e) => e.into_response(),
     }
 }
 
-fn chat_inner(s: &AppState, body: &[u8]) -> Result<(Vec<u32>, Validated, String), ApiError> {
+fn chat_inner(s: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
     let r = ready(s)?;
     let (mut req, common): (ChatRequest, _) = openai::parse_with_common(body)?;
     req.common = common;
     check_model(s, &req.common.model)?;
     let msgs = openai::messages(&req)?;
+    let text_bytes: usize = msgs.iter().map(|m| m.content.len()).sum();
+    r.limits.check_prompt_bytes("messages", text_bytes)?;
     let template = r.text.chat_template.as_deref().ok_or_else(|| {
         ApiError::bad(
             "messages",
             "this model has no chat template; use /v1/completions",
         )
     })?;
-    let rendered = crate::api::chat::render(
+    let tools = crate::api::tools::mode(&req, template)?;
+    let grammar = match (
+        tools.as_ref().map(|t| t.grammar()).transpose()?.flatten(),
+        crate::api::openai::response_format(req.response_format.as_ref())?,
+    ) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad(
+                "response_format",
+                "`response_format` cannot be combined with a forced `tool_choice`",
+            ));
+        }
+        (a, b) => a.or(b),
+    };
+    let rendered = crate::api::chat::render_with_tools(
         template,
         &msgs,
+        tools.as_ref().map(|t| t.template_tools()).as_deref(),
         r.text.bos_token.as_deref(),
         r.text.eos_token.as_deref(),
         true,
     )
     .map_err(|e| ApiError::bad("messages", e.to_string()))?;
+    if rendered.is_empty() {
+        return Err(ApiError::bad(
+            "messages",
+            "the chat template rendered these messages as an empty prompt",
+        ));
+    }
+    r.limits.check_prompt_bytes("messages", rendered.len())?;
     let prompt = r
         .text
         .encode(&rendered)
         .map_err(|e| ApiError::bad("messages", e.to_string()))?;
+    if prompt.is_empty() {
+        return Err(ApiError::bad(
+            "messages",
+            "the rendered prompt tokenizes to nothing",
+        ));
+    }
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (true, k) => Some(k.unwrap_or(0)),
         (false, Some(_)) => {
@@ -229,7 +297,7 @@ fn chat_inner(s: &AppState, body: &[u8]) -> Result<(Vec<u32>, Validated, String)
         }
         (false, None) => None,
     };
-    let v = openai::validate(
+    let mut v = openai::validate(
         &req.common,
         prompt.len(),
         "messages",
@@ -237,23 +305,63 @@ fn chat_inner(s: &AppState, body: &[u8]) -> Result<(Vec<u32>, Validated, String)
         &r.text.defaults,
         &r.limits,
     )?;
-    Ok((prompt, v, s.id("chatcmpl")))
+    if let Some(g) = grammar {
+        v.params.constraint = Some(constraint(r, g, v.params.max_tokens)?);
+    }
+    Ok(Prepared {
+        prompt,
+        v,
+        id: s.id("chatcmpl"),
+        tools: tools
+            .filter(|t| t.choice != crate::api::tools::ToolChoice::None)
+            .map(Arc::new),
+    })
 }
 
-async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
-    match completion_inner(&s, &body) {
-        Ok((prompt, v, id)) => run(s, prompt, v, Kind::Completion, id).await,
+/// Holds the output to `g`, if `max_tokens` leaves room for its shortest
+/// document.
+fn constraint(
+    r: &Ready,
+    g: crate::engine::constrained::Grammar,
+    max_tokens: usize,
+) -> Result<crate::engine::constrained::Constraint, ApiError> {
+    let c = crate::engine::constrained::Constraint {
+        grammar: Arc::new(g),
+        tokens: r.text.token_bytes(),
+    };
+    let need = c.min_tokens();
+    if need > max_tokens {
+        return Err(ApiError::bad(
+            "max_tokens",
+            format!(
+                "the shortest output this schema allows may take {need} tokens; `max_tokens` is {max_tokens}"
+            ),
+        ));
+    }
+    Ok(c)
+}
+
+async fn completions(State(s): State<Arc<AppState>>, LimitedBody(body): LimitedBody) -> Response {
+    match prepare(&s, body, completion_inner).await {
+        Ok(p) => run(s, p, Kind::Completion).await,
         Err(e) => e.into_response(),
     }
 }
 
-fn completion_inner(s: &AppState, body: &[u8]) -> Result<(Vec<u32>, Validated, String), ApiError> {
+fn completion_inner(s: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
     let r = ready(s)?;
     let (mut req, common): (CompletionRequest, _) = openai::parse_with_common(body)?;
     req.common = common;
     check_model(s, &req.common.model)?;
     if req.echo == Some(true) {
         return Err(ApiError::bad("echo", "`echo` is not supported"));
+    }
+    if let PromptField::Text(t) = &req.prompt {
+        r.limits.check_prompt_bytes("prompt", t.len())?;
+    }
+    if let PromptField::Texts(t) = &req.prompt {
+        r.limits
+            .check_prompt_bytes("prompt", t.iter().map(String::len).sum())?;
     }
     let prompt = match &req.prompt {
         PromptField::Text(t) => r.text.encode(t),
@@ -270,13 +378,7 @@ fn completion_inner(s: &AppState, body: &[u8]) -> Result<(Vec<u32>, Validated, S
     if prompt.is_empty() {
         return Err(ApiError::bad("prompt", "`prompt` must not be empty"));
     }
-    let vocab = r.text.vocab_size().max(1) as u32;
-    if let Some(bad) = prompt.iter().find(|&&t| t >= vocab) {
-        return Err(ApiError::bad(
-            "prompt",
-            format!("token id {bad} is outside the vocabulary (size {vocab})"),
-        ));
-    }
+    r.limits.check_token_ids("prompt", &prompt)?;
     let v = openai::validate(
         &req.common,
         prompt.len(),
@@ -285,7 +387,12 @@ fn completion_inner(s: &AppState, body: &[u8]) -> Result<(Vec<u32>, Validated, S
         &r.text.defaults,
         &r.limits,
     )?;
-    Ok((prompt, v, s.id("cmpl")))
+    Ok(Prepared {
+        prompt,
+        v,
+        id: s.id("cmpl"),
+        tools: None,
+    })
 }
 
 /// One choice's accumulated result.
@@ -315,19 +422,29 @@ fn submit_all(
             capture_logits: false,
             events: tx,
         };
-        if r.handle.submit(req).is_err() {
-            // Dropping the receivers cancels the choices already queued.
-            return Err(unavailable(
-                "the request queue is full; retry later",
-                "queue_full",
-            ));
+        // Dropping the receivers cancels the choices already queued.
+        match r.handle.submit(req) {
+            Ok(()) => {}
+            Err(SubmitError::Overloaded) => {
+                return Err(unavailable(
+                    "the request queue is full; retry later",
+                    "queue_full",
+                ));
+            }
+            Err(SubmitError::Failed(why)) => return Err(unavailable(&why, "engine_failed")),
         }
         rxs.push(rx);
     }
     Ok(rxs)
 }
 
-async fn run(s: Arc<AppState>, prompt: Vec<u32>, v: Validated, kind: Kind, id: String) -> Response {
+async fn run(s: Arc<AppState>, p: Prepared, kind: Kind) -> Response {
+    let Prepared {
+        prompt,
+        v,
+        id,
+        tools,
+    } = p;
     let Some(r) = s.ready.get() else {
         return unavailable("the model is still loading", "model_loading").into_response();
     };
@@ -336,7 +453,7 @@ async fn run(s: Arc<AppState>, prompt: Vec<u32>, v: Validated, kind: Kind, id: S
         Err(e) => return e.into_response(),
     };
     if v.stream {
-        return stream_response(s.clone(), rxs, v, kind, id, prompt.len());
+        return stream_response(s.clone(), rxs, v, kind, id, prompt.len(), tools);
     }
     let mut choices = Vec::new();
     for mut rx in rxs {
@@ -375,9 +492,9 @@ async fn run(s: Arc<AppState>, prompt: Vec<u32>, v: Validated, kind: Kind, id: S
         .map(|(i, c)| match kind {
             Kind::Chat => json!({
                 "index": i,
-                "message": {"role": "assistant", "content": c.text},
+                "message": assistant_message(&s, text, tools.as_deref(), c, i),
                 "logprobs": v.params.logprobs.map(|_| json!({"content": c.tokens.iter().filter_map(|(t, lp)| lp.as_ref().map(|lp| chat_logprob(text, *t, lp))).collect::<Vec<_>>()})),
-                "finish_reason": c.finish,
+                "finish_reason": finish_of(text, tools.as_deref(), c),
             }),
             Kind::Completion => json!({
                 "index": i,
@@ -397,6 +514,56 @@ async fn run(s: Arc<AppState>, prompt: Vec<u32>, v: Validated, kind: Kind, id: S
         "choices": out, "usage": usage,
     }))
     .into_response()
+}
+
+/// The generated text with special tokens kept (tool-call markers such as
+/// `[TOOL_CALLS]` are special tokens), end-of-sequence tokens left out.
+fn raw_text(text: &TextModel, c: &Choice) -> String {
+    let ids: Vec<u32> = c
+        .tokens
+        .iter()
+        .map(|(t, _)| *t)
+        .filter(|t| !text.eos_ids.contains(t))
+        .collect();
+    text.tokenizer.decode(&ids, false).unwrap_or_default()
+}
+
+/// The tool calls in a choice, when tools were offered.
+fn calls_of(
+    text: &TextModel,
+    tools: Option<&ToolMode>,
+    c: &Choice,
+) -> Option<(Option<String>, Vec<crate::api::tools::ToolCall>)> {
+    let (content, calls) = tools?.parse(&raw_text(text, c));
+    (!calls.is_empty()).then_some((content, calls))
+}
+
+fn call_ids(s: &AppState, choice: usize, n: usize) -> Vec<String> {
+    let base = s.id("call");
+    (0..n).map(|k| format!("{base}-{choice}-{k}")).collect()
+}
+
+/// A chat choice's message: text, or tool calls (with any text before).
+fn assistant_message(
+    s: &AppState,
+    text: &TextModel,
+    tools: Option<&ToolMode>,
+    c: &Choice,
+    i: usize,
+) -> Value {
+    match calls_of(text, tools, c) {
+        None => json!({"role": "assistant", "content": c.text}),
+        Some((content, calls)) => json!({"role": "assistant", "content": content,
+            "tool_calls": crate::api::tools::calls_json(&calls, &call_ids(s, i, calls.len()), false)}),
+    }
+}
+
+/// "tool_calls" when the model called a tool and was not cut short.
+fn finish_of(text: &TextModel, tools: Option<&ToolMode>, c: &Choice) -> Option<&'static str> {
+    match (c.finish, calls_of(text, tools, c)) {
+        (Some("stop"), Some(_)) => Some("tool_calls"),
+        (f, _) => f,
+    }
 }
 
 fn usage_of<'a>(
@@ -450,8 +617,10 @@ fn stream_response(
     kind: Kind,
     id: String,
     prompt_len: usize,
+    tools: Option<Arc<ToolMode>>,
 ) -> Response {
     let n = rxs.len();
+    let tool_id = id.clone();
     let merged = stream::select_all(rxs.into_iter().enumerate().map(|(i, rx)| {
         stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) })
             .map(move |e| (i, e))
@@ -498,6 +667,10 @@ fn stream_response(
         let mut usages = vec![crate::engine::Usage::default(); n];
         let mut done = 0;
         let text = s.ready.get().map(|r| r.text.clone());
+        // With tools offered, a choice's text is held until it is known
+        // whether it is a tool call (sent as `tool_calls` deltas) or text.
+        let mut held: Vec<Choice> = (0..n).map(|_| Choice::default()).collect();
+        let holding = tools.is_some() && kind == Kind::Chat;
         if kind == Kind::Chat {
             for i in 0..n {
                 yield Ok(chunk(i, "", None, None, true));
@@ -513,15 +686,46 @@ fn stream_response(
                         }),
                         _ => None,
                     };
-                    if !t.is_empty() || lp.is_some() {
+                    if holding {
+                        held[i].text.push_str(&t);
+                        held[i].tokens.push((tok, None));
+                        if lp.is_some() {
+                            yield Ok(chunk(i, "", lp, None, false));
+                        }
+                    } else if !t.is_empty() || lp.is_some() {
                         yield Ok(chunk(i, &t, lp, None, false));
                     }
                 }
                 Event::Done { text: t, finish_reason, usage } => {
-                    if !t.is_empty() {
+                    let mut finish = finish_reason.as_str();
+                    if holding && let Some(tm) = &text {
+                        held[i].text.push_str(&t);
+                        held[i].finish = Some(finish);
+                        match calls_of(tm, tools.as_deref(), &held[i]) {
+                            Some((content, calls)) => {
+                                let ids: Vec<String> = (0..calls.len()).map(|k| format!("call-{tool_id}-{i}-{k}")).collect();
+                                let mut delta = json!({"tool_calls": crate::api::tools::calls_json(&calls, &ids, true)});
+                                if let Some(c) = content {
+                                    delta["content"] = json!(c);
+                                }
+                                let body = json!({"id": tool_id, "object": "chat.completion.chunk", "created": s.created, "model": s.name,
+                                    "choices": [{"index": i, "delta": delta, "logprobs": null, "finish_reason": null}]});
+                                yield Ok(SseEvent::default().data(body.to_string()));
+                                if finish == "stop" {
+                                    finish = "tool_calls";
+                                }
+                            }
+                            None => {
+                                let all = std::mem::take(&mut held[i].text);
+                                if !all.is_empty() {
+                                    yield Ok(chunk(i, &all, None, None, false));
+                                }
+                            }
+                        }
+                    } else if !t.is_empty() {
                         yield Ok(chunk(i, &t, None, None, false));
                     }
-                    yield Ok(chunk(i, "", None, Some(finish_reason.as_str()), false));
+                    yield Ok(chunk(i, "", None, Some(finish), false));
                     usages[i] = usage;
                     done += 1;
                 }

@@ -6,19 +6,10 @@
 //! recently used such block is needed for something else.
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::{BuildHasher, RandomState};
 
 /// Block id.
 pub type BlockId = u32;
-
-/// Chained hash of a full block: depends on the whole prefix, not just the
-/// block's own tokens.
-pub fn block_hash(parent: u64, tokens: &[u32]) -> u64 {
-    let mut h = DefaultHasher::new();
-    parent.hash(&mut h);
-    tokens.hash(&mut h);
-    h.finish()
-}
 
 /// Allocator of KV blocks with prefix caching.
 #[derive(Debug)]
@@ -33,6 +24,10 @@ pub struct BlockManager {
     lru: BTreeMap<u64, BlockId>,
     last_use: Vec<u64>,
     tick: u64,
+    /// SipHash keyed with random keys drawn when the cache is made: a
+    /// client that can choose prompts cannot compute which prompt would
+    /// collide with a cached prefix (and be answered from its K/V).
+    key: RandomState,
 }
 
 /// A sequence's place in the cache.
@@ -57,7 +52,14 @@ impl BlockManager {
             lru: BTreeMap::new(),
             last_use: vec![0; num_blocks],
             tick: 0,
+            key: RandomState::new(),
         }
+    }
+
+    /// Chained hash of a full block: depends on the whole prefix, not just
+    /// the block's own tokens, and on this cache's random key.
+    pub fn block_hash(&self, parent: u64, tokens: &[u32]) -> u64 {
+        self.key.hash_one((parent, tokens))
     }
 
     pub fn block_size(&self) -> usize {
@@ -111,7 +113,7 @@ impl BlockManager {
         let mut parent = 0u64;
         let mut hits = Vec::new();
         for i in 0..reusable {
-            let h = block_hash(parent, &prompt[i * bs..(i + 1) * bs]);
+            let h = self.block_hash(parent, &prompt[i * bs..(i + 1) * bs]);
             match self.by_hash.get(&h) {
                 Some(&b) => {
                     hits.push(b);
@@ -172,7 +174,7 @@ impl BlockManager {
         let bs = self.block_size;
         while (seq.hashed + 1) * bs <= computed && seq.hashed < seq.table.len() {
             let i = seq.hashed;
-            let h = block_hash(seq.last_hash, &tokens[i * bs..(i + 1) * bs]);
+            let h = self.block_hash(seq.last_hash, &tokens[i * bs..(i + 1) * bs]);
             let b = seq.table[i];
             if !self.by_hash.contains_key(&h) && self.hash_of[b as usize].is_none() {
                 self.by_hash.insert(h, b);
@@ -306,5 +308,21 @@ mod tests {
         m.free(&mut b);
         m.free(&mut a);
         assert_eq!(m.blocks_in_use(), 0);
+    }
+
+    #[test]
+    fn prefix_hashes_are_keyed_so_two_caches_never_agree_on_a_block() {
+        let p = toks(8, 2);
+        let hashes = || {
+            let mut m = BlockManager::new(4, 4);
+            let (mut a, _) = m.allocate_prompt(&p).unwrap();
+            m.commit(&mut a, &p, 8);
+            let mut h: Vec<u64> = m.by_hash.keys().copied().collect();
+            h.sort_unstable();
+            h
+        };
+        let (a, b) = (hashes(), hashes());
+        assert_eq!(a.len(), 2);
+        assert!(a.iter().all(|h| !b.contains(h)), "{a:?} {b:?}");
     }
 }

@@ -4,6 +4,7 @@
 //! sequences in it by their share of its tokens.
 
 pub mod backend;
+pub mod constrained;
 pub mod kv_cache;
 pub mod sampling;
 pub mod scheduler;
@@ -100,6 +101,12 @@ pub struct GenRequest {
 pub const WIDE_MIN_PROMPT: usize = 64;
 
 struct Seq {
+    /// Arrival order: when the KV pool runs out, the latest arrival is
+    /// preempted (not merely the latest admitted, which after a
+    /// re-admission would be an older request, preempted again and again).
+    arrival: u64,
+    /// Constrained decoding (structured output, forced tool calls).
+    guide: Option<crate::engine::constrained::Guide>,
     tokens: Vec<u32>,
     prompt_len: usize,
     computed: usize,
@@ -148,6 +155,7 @@ pub struct Engine {
     /// Set when the backend failed beyond recovery (a poisoned GPU
     /// context): every request is refused and the serving loop exits.
     failed: Option<String>,
+    arrivals: u64,
 }
 
 impl Engine {
@@ -173,6 +181,7 @@ impl Engine {
             seed_counter: 0,
             pacing: None,
             failed: None,
+            arrivals: 0,
         }
     }
 
@@ -208,24 +217,51 @@ impl Engine {
         self.failed.as_deref()
     }
 
-    /// Queues a request already counted in `queued` (by the handle).
-    fn enqueue(&mut self, req: GenRequest) {
-        let bs = self.cfg.block_size;
-        let reject = if let Some(f) = &self.failed {
+    /// Tokens the KV pool holds.
+    pub fn kv_tokens(&self) -> usize {
+        self.cfg.num_blocks * self.cfg.block_size
+    }
+
+    /// Rows of the model's embedding (the ids it can take).
+    pub fn vocab_rows(&self) -> usize {
+        self.backend.config().vocab_size
+    }
+
+    /// Why a request can never be served, if it cannot. The server checks
+    /// the same first and answers 400s; this guards direct callers.
+    fn impossible(&self, req: &GenRequest) -> Option<String> {
+        let len = req.prompt.len();
+        if let Some(f) = &self.failed {
             Some(format!("the inference device failed: {f}"))
-        } else if req.prompt.is_empty() {
+        } else if len == 0 {
             Some("prompt is empty".to_string())
-        } else if req.prompt.len() >= self.cfg.max_context {
+        } else if len >= self.cfg.max_context {
             Some(format!(
-                "prompt has {} tokens; the context is {}",
-                req.prompt.len(),
+                "prompt has {len} tokens; the context is {}",
                 self.cfg.max_context
             ))
-        } else if req.prompt.len().div_ceil(bs) + 1 > self.cfg.num_blocks {
-            Some("prompt does not fit in the KV cache".to_string())
+        } else if len + req.params.max_tokens.max(1) > self.kv_tokens() {
+            Some(format!(
+                "prompt ({len} tokens) plus max_tokens ({}) do not fit in the KV cache ({} tokens)",
+                req.params.max_tokens,
+                self.kv_tokens()
+            ))
         } else {
-            None
-        };
+            req.prompt
+                .iter()
+                .find(|&&t| t as usize >= self.vocab_rows())
+                .map(|t| {
+                    format!(
+                        "token id {t} is outside the model's vocabulary ({} rows)",
+                        self.vocab_rows()
+                    )
+                })
+        }
+    }
+
+    /// Queues a request already counted in `queued` (by the handle).
+    fn enqueue(&mut self, req: GenRequest) {
+        let reject = self.impossible(&req);
         if let Some(msg) = reject {
             self.queued.fetch_sub(1, Ordering::Relaxed);
             self.metrics.count("error");
@@ -242,7 +278,14 @@ impl Engine {
             t ^ self.seed_counter.wrapping_mul(0x9e37_79b9_7f4a_7c15)
         });
         let prompt_len = req.prompt.len();
+        self.arrivals += 1;
         self.waiting.push_back(Seq {
+            arrival: self.arrivals,
+            guide: req
+                .params
+                .constraint
+                .as_ref()
+                .map(crate::engine::constrained::Guide::new),
             tokens: req.prompt,
             prompt_len,
             computed: 0,
@@ -336,22 +379,19 @@ impl Engine {
         }
         if n.iter().all(|&x| x == 0) {
             if self.running.len() == 1 {
-                // A lone sequence that cannot grow has used the whole KV
-                // budget: it ends as if it had reached its length limit.
-                self.finish(0, FinishReason::Length);
+                // Admission keeps prompt + max_tokens within the pool, so
+                // a lone sequence always fits; if one does not, say so
+                // rather than claim it reached a length limit.
                 let mut s = self.running.remove(0);
                 self.blocks.free(&mut s.blocks);
+                self.metrics.count("error");
+                let _ = s.events.send(Event::Error(
+                    "the sequence outgrew the KV cache".to_string(),
+                ));
                 self.update_gauges();
                 return true;
             }
-            // Out of KV blocks: preempt the newest sequence; it is
-            // recomputed (prompt + what it generated) when room returns.
-            if let Some(mut s) = self.running.pop() {
-                self.metrics.preemptions.inc();
-                self.blocks.free(&mut s.blocks);
-                s.computed = 0;
-                self.waiting.push_front(s);
-            }
+            self.preempt_latest();
             return true;
         }
         let mut batch = Batch::default();
@@ -435,6 +475,27 @@ impl Engine {
         true
     }
 
+    /// Out of KV blocks: the latest arrival among the running sequences
+    /// gives its blocks back and waits at the head of the queue; it is
+    /// recomputed (prompt + what it generated) when room returns. Older
+    /// requests thus always progress first, as in arrival order.
+    fn preempt_latest(&mut self) {
+        let Some(i) = (0..self.running.len()).max_by_key(|&i| self.running[i].arrival) else {
+            return;
+        };
+        let mut s = self.running.remove(i);
+        self.metrics.preemptions.inc();
+        self.blocks.free(&mut s.blocks);
+        s.computed = 0;
+        // Keep the waiting queue in arrival order among preempted ones.
+        let at = self
+            .waiting
+            .iter()
+            .position(|w| !w.admitted || w.arrival > s.arrival)
+            .unwrap_or(self.waiting.len());
+        self.waiting.insert(at, s);
+    }
+
     /// A step failed on the device: its sequences end with an error (the
     /// server answers 5xx), their blocks are freed, and the others go on.
     /// A fatal error also fails everything queued and marks the engine
@@ -494,7 +555,16 @@ impl Engine {
         let s = &mut self.running[i];
         let (tok, lp, logits) = match row {
             RowOut::Token(t) => (t, None, None),
-            RowOut::Logits(logits) => {
+            RowOut::Logits(mut logits) => {
+                if let Some(g) = &s.guide {
+                    // Tokens left after this one, by max_tokens and context.
+                    let left = (s
+                        .params
+                        .max_tokens
+                        .saturating_sub(s.usage.completion_tokens))
+                    .min(max_context.saturating_sub(s.tokens.len()));
+                    g.mask(&mut logits, left.saturating_sub(1), &text.eos_ids);
+                }
                 let (prompt, output) = s.tokens.split_at(s.prompt_len);
                 let (t, lp) = sample(&logits, &s.params, prompt, output, &mut s.rng);
                 (t, lp, Some(logits))
@@ -502,7 +572,18 @@ impl Engine {
         };
         s.tokens.push(tok);
         s.usage.completion_tokens += 1;
-        let is_eos = !s.params.ignore_eos && text.eos_ids.contains(&tok);
+        let mut is_eos = !s.params.ignore_eos && text.eos_ids.contains(&tok);
+        if let Some(g) = &mut s.guide {
+            // A complete document ends the generation: at its last byte,
+            // or at an end-of-sequence token where it may end.
+            let complete_eos = text.eos_ids.contains(&tok) && g.can_end();
+            is_eos = complete_eos || !g.advance(tok) || g.done();
+            if is_eos && !complete_eos {
+                let d = s.detok.push(&text, tok);
+                let (delta, _) = s.stop.push(&d);
+                return self.end_guided(i, tok, delta, lp);
+            }
+        }
         let (mut delta, mut hit) = (String::new(), false);
         if !is_eos {
             let d = s.detok.push(&text, tok);
@@ -534,6 +615,26 @@ impl Engine {
         } else {
             self.finish(i, reason);
         }
+        true
+    }
+
+    /// Reports the token that completed a constrained document (its text
+    /// included) and ends the sequence with "stop".
+    fn end_guided(&mut self, i: usize, tok: u32, delta: String, lp: Option<TokenLogprobs>) -> bool {
+        let s = &self.running[i];
+        if s.events
+            .send(Event::Token {
+                id: tok,
+                text: delta,
+                logprobs: lp,
+                logits: None,
+            })
+            .is_err()
+        {
+            self.metrics.count("cancelled");
+            return true;
+        }
+        self.finish(i, FinishReason::Stop);
         true
     }
 
@@ -583,6 +684,7 @@ impl Engine {
 fn device_want(s: &mut Seq) -> RowWant {
     let p = &s.params;
     let host_only = s.capture_logits
+        || s.guide.is_some()
         || p.logprobs.is_some()
         || p.repetition_penalty != 1.0
         || p.presence_penalty != 0.0
@@ -610,25 +712,40 @@ pub struct EngineHandle {
     capacity: usize,
     pub metrics: Arc<Metrics>,
     pub limit: Arc<PowerLimit>,
+    /// Set, once, when the engine thread has stopped for good (a panic or
+    /// a fatal device error): /health turns 503 and `serve` exits.
+    failure: Arc<std::sync::OnceLock<String>>,
 }
 
-/// The bounded queue is full.
-#[derive(Debug)]
-pub struct Overloaded;
+/// Why a request was not queued.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SubmitError {
+    /// The bounded queue is full.
+    Overloaded,
+    /// The engine has stopped; the reason.
+    Failed(String),
+}
 
 impl EngineHandle {
-    /// Queues a request unless `capacity` requests already wait.
-    pub fn submit(&self, req: GenRequest) -> Result<(), Overloaded> {
+    /// Queues a request unless `capacity` requests already wait or the
+    /// engine has stopped.
+    pub fn submit(&self, req: GenRequest) -> Result<(), SubmitError> {
+        if let Some(why) = self.failed() {
+            return Err(SubmitError::Failed(why));
+        }
         let q = self.queued.fetch_add(1, Ordering::Relaxed);
         if q >= self.capacity {
             self.queued.fetch_sub(1, Ordering::Relaxed);
             self.metrics.count("rejected");
-            return Err(Overloaded);
+            return Err(SubmitError::Overloaded);
         }
         self.metrics.queue_depth.set(q as i64 + 1);
         if self.tx.send(req).is_err() {
             self.queued.fetch_sub(1, Ordering::Relaxed);
-            return Err(Overloaded);
+            let why = self
+                .failed()
+                .unwrap_or_else(|| "the engine thread has stopped".to_string());
+            return Err(SubmitError::Failed(why));
         }
         Ok(())
     }
@@ -636,56 +753,88 @@ impl EngineHandle {
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
     }
+
+    /// Why the engine stopped, once it has.
+    pub fn failed(&self) -> Option<String> {
+        self.failure.get().cloned()
+    }
+}
+
+/// The text of a panic payload.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
 }
 
 /// Starts the engine on its own thread; `capacity` bounds waiting requests.
+/// If the thread panics, or the device fails beyond recovery, the handle
+/// says so ([`EngineHandle::failed`]) at once: the node must not go on
+/// answering /health with 200 while nothing generates.
 pub fn spawn(mut engine: Engine, capacity: usize) -> EngineHandle {
     let (tx, rx) = std::sync::mpsc::channel::<GenRequest>();
+    let failure = Arc::new(std::sync::OnceLock::new());
     let handle = EngineHandle {
         tx,
         queued: engine.queued.clone(),
         capacity,
         metrics: engine.metrics.clone(),
         limit: engine.limit.clone(),
+        failure: failure.clone(),
     };
     std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || {
-            loop {
-                if engine.is_idle() {
-                    // While idle, the power gauge shows the idle draw (an
-                    // idle node still draws; energy budgets read it).
-                    let mut since = Instant::now();
-                    loop {
-                        match rx.recv_timeout(Duration::from_secs(1)) {
-                            Ok(r) => {
-                                engine.enqueue(r);
-                                break;
-                            }
-                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                                engine.idle_tick(since.elapsed());
-                                since = Instant::now();
-                            }
-                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
-                        }
-                    }
-                }
-                while let Ok(r) = rx.try_recv() {
-                    engine.enqueue(r);
-                }
-                engine.step();
-                if let Some(why) = engine.failed() {
-                    // A poisoned GPU context does not recover: give the
-                    // failed requests' 5xx answers a moment to reach their
-                    // clients, then exit for Kubernetes to restart the pod.
-                    tracing::error!(error = why, "the inference device failed; exiting");
-                    std::thread::sleep(Duration::from_millis(500));
-                    std::process::exit(3);
-                }
-            }
+            let run = std::panic::AssertUnwindSafe(|| serve_requests(&mut engine, &rx));
+            let why = match std::panic::catch_unwind(run) {
+                Ok(Some(why)) => format!("the inference device failed: {why}"),
+                Ok(None) => return, // every handle is gone: shutting down
+                Err(p) => format!("the engine panicked: {}", panic_message(p.as_ref())),
+            };
+            tracing::error!(error = why, "the engine has stopped");
+            let _ = failure.set(why);
+            // Dropping the engine (and the queue) answers every request
+            // still in it: their channels close.
         })
         .map(|_| handle)
         .unwrap_or_else(|e| panic!("cannot start the engine thread: {e}"))
+}
+
+/// The engine thread's loop; returns the device failure that ended it, or
+/// `None` when every handle is dropped.
+fn serve_requests(
+    engine: &mut Engine,
+    rx: &std::sync::mpsc::Receiver<GenRequest>,
+) -> Option<String> {
+    loop {
+        if engine.is_idle() {
+            // While idle, the power gauge shows the idle draw (an idle
+            // node still draws; energy budgets read it).
+            let mut since = Instant::now();
+            loop {
+                match rx.recv_timeout(Duration::from_secs(1)) {
+                    Ok(r) => {
+                        engine.enqueue(r);
+                        break;
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        engine.idle_tick(since.elapsed());
+                        since = Instant::now();
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return None,
+                }
+            }
+        }
+        while let Ok(r) = rx.try_recv() {
+            engine.enqueue(r);
+        }
+        engine.step();
+        if let Some(why) = engine.failed() {
+            // A poisoned GPU context does not recover.
+            return Some(why.to_string());
+        }
+    }
 }
 
 /// Options for building an engine from a model directory.

@@ -17,6 +17,8 @@ pub struct SamplingParams {
     /// means no logprobs at all.
     pub logprobs: Option<usize>,
     pub ignore_eos: bool,
+    /// Output held to a grammar (structured output, forced tool calls).
+    pub constraint: Option<crate::engine::constrained::Constraint>,
 }
 
 impl Default for SamplingParams {
@@ -33,6 +35,7 @@ impl Default for SamplingParams {
             max_tokens: 16,
             logprobs: None,
             ignore_eos: false,
+            constraint: None,
         }
     }
 }

@@ -73,10 +73,14 @@ impl StopChecker {
             self.held.clear();
             return (out, true);
         }
-        // Keep the longest tail that is a prefix of some stop string.
+        // Keep the longest tail that is a prefix of some stop string: only
+        // tails shorter than the stop string can be one, so the held text
+        // and the work per token stay bounded by the longest stop string
+        // (`api::MAX_STOP_BYTES`), however long the generation.
         let mut keep = 0;
         for s in &self.stops {
-            for (i, _) in self.held.char_indices() {
+            let from = self.held.len().saturating_sub(s.len().saturating_sub(1));
+            for (i, _) in self.held.char_indices().filter(|&(i, _)| i >= from) {
                 let tail = &self.held[i..];
                 if s.starts_with(tail) {
                     keep = keep.max(tail.len());

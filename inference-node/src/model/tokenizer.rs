@@ -27,6 +27,8 @@ pub struct TextModel {
     /// Every id that ends a generation (config, generation config, eos token).
     pub eos_ids: Vec<u32>,
     pub defaults: GenerationDefaults,
+    /// Each token's bytes, read once on the first constrained request.
+    token_bytes: std::sync::OnceLock<std::sync::Arc<TokenBytes>>,
 }
 
 /// A special token may be a string or `{"content": "..."}`.
@@ -115,6 +117,7 @@ impl TextModel {
             eos_token,
             eos_ids,
             defaults,
+            token_bytes: std::sync::OnceLock::new(),
         })
     }
 
@@ -140,6 +143,13 @@ impl TextModel {
         self.tokenizer.decode(ids, true).unwrap_or_default()
     }
 
+    /// Every token's bytes (for constrained decoding).
+    pub fn token_bytes(&self) -> std::sync::Arc<TokenBytes> {
+        self.token_bytes
+            .get_or_init(|| std::sync::Arc::new(TokenBytes::new(&self.tokenizer)))
+            .clone()
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab_size(true)
     }
@@ -148,4 +158,65 @@ impl TextModel {
     pub fn token_text(&self, id: u32) -> String {
         self.tokenizer.decode(&[id], false).unwrap_or_default()
     }
+}
+
+/// Each token's bytes, for matching (special tokens have none).
+#[derive(Debug)]
+pub struct TokenBytes {
+    bytes: Vec<Option<Vec<u8>>>,
+}
+
+impl TokenBytes {
+    /// Reads the vocabulary: byte-level BPE tokens through GPT-2's byte
+    /// map, SentencePiece tokens with `▁` as space and `<0xNN>` as a byte.
+    pub fn new(tok: &tokenizers::Tokenizer) -> TokenBytes {
+        let byte_level = tok
+            .get_decoder()
+            .and_then(|d| serde_json::to_string(d).ok())
+            .is_some_and(|s| s.contains("ByteLevel"));
+        let unmap: std::collections::HashMap<char, u8> =
+            (0..=255u8).map(|b| (byte_to_char(b), b)).collect();
+        let specials: std::collections::HashSet<u32> = tok
+            .get_added_tokens_decoder()
+            .iter()
+            .filter(|(_, t)| t.special)
+            .map(|(&id, _)| id)
+            .collect();
+        let n = tok.get_vocab_size(true);
+        let bytes = (0..n as u32)
+            .map(|id| {
+                if specials.contains(&id) {
+                    return None;
+                }
+                let t = tok.id_to_token(id)?;
+                let b: Vec<u8> = if byte_level {
+                    t.chars()
+                        .map(|c| unmap.get(&c).copied())
+                        .collect::<Option<Vec<u8>>>()?
+                } else if let Some(h) = t.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')) {
+                    vec![u8::from_str_radix(h, 16).ok()?]
+                } else {
+                    t.replace('\u{2581}', " ").into_bytes()
+                };
+                (!b.is_empty()).then_some(b)
+            })
+            .collect();
+        TokenBytes { bytes }
+    }
+
+    pub fn get(&self, id: u32) -> Option<&[u8]> {
+        self.bytes.get(id as usize)?.as_deref()
+    }
+}
+
+/// GPT-2's reversible byte → printable character map.
+pub fn byte_to_char(b: u8) -> char {
+    let printable =
+        |x: u32| (33..=126).contains(&x) || (161..=172).contains(&x) || (174..=255).contains(&x);
+    let b = b as u32;
+    if printable(b) {
+        return char::from_u32(b).unwrap_or('?');
+    }
+    let n = (0..b).filter(|&x| !printable(x)).count() as u32;
+    char::from_u32(256 + n).unwrap_or('?')
 }
