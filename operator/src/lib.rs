@@ -8,6 +8,7 @@ pub mod conditions;
 pub mod controller;
 pub mod crdgen;
 pub mod draw;
+pub mod energy_history;
 pub mod error;
 pub mod gateway;
 pub mod gpu_catalog;

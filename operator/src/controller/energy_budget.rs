@@ -596,6 +596,7 @@ async fn reconcile_inner(eb: &EnergyBudget, ctx: &EnergyContext) -> Result<Actio
     status.allowance_watts = Some(round(allowance));
     status.draw_watts = Some(round(draw_w));
     status.headroom_watts = Some(round(allowance - draw_w));
+    crate::energy_history::record(&mut status.history, now, estimate.watts, draw_w);
     if let Some((w, at)) = last_good {
         status.last_good_supply_watts = Some(round(w));
         status.supply_observed_at = Some(to_time(at));
