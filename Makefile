@@ -26,6 +26,7 @@ test: lint cuda-check
 	if [ -z "$${KUBECONFIG:-}" ] && ! e2e/cluster.sh status 2>/dev/null | grep -q 'API server ready'; then started=1; fi; \
 	e2e/cluster.sh up; \
 	trap 'if [ $$started = 1 ]; then e2e/cluster.sh down; fi' EXIT; \
+	e2e/chromium-install.sh; \
 	e2e/openai-check.sh; \
 	if $(CARGO) nextest --version >/dev/null 2>&1; then \
 	  $(CARGO) nextest run --workspace --no-fail-fast; \

@@ -378,7 +378,10 @@ async fn tokenizing_huge_prompts_does_not_stall_health_checks() {
         assert_error(&got, 400, Some("messages"));
     }
     eprintln!("slowest /health while tokenizing: {worst:?}");
-    assert!(worst < Duration::from_millis(300), "{worst:?}");
+    // A second, as for the panic's unhealthy /health: a loaded CI machine
+    // (2 cores, the suite in parallel) answered in ~350 ms, a stalled
+    // worker takes as long as the tokenizing does.
+    assert!(worst < Duration::from_secs(1), "{worst:?}");
 }
 
 /// The CPU backend that panics on its `at`-th step.

@@ -68,6 +68,16 @@ struct GatewayArgs {
     /// Seconds a replica that refused a connection is left alone.
     #[arg(long, default_value_t = 10)]
     eject_seconds: u64,
+    /// Comma-separated CIDRs whose clients count as inside the cluster, for
+    /// registers of `cluster` visibility: the Pod and Service CIDRs, and
+    /// loopback (by the TCP peer address; X-Forwarded-For is not trusted).
+    #[arg(
+        long,
+        default_value = "127.0.0.0/8,::1/128",
+        env = "COPYHOLD_REGISTER_CLUSTER_CIDRS",
+        value_parser = copyhold::gateway::register::ClusterNets::parse
+    )]
+    register_cluster_cidrs: copyhold::gateway::register::ClusterNets,
 }
 
 #[derive(Subcommand)]
@@ -403,6 +413,7 @@ fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
             first_byte_timeout: std::time::Duration::from_secs(args.first_byte_timeout.max(1)),
             idle_timeout: std::time::Duration::from_secs(args.idle_timeout.max(1)),
             eject_for: std::time::Duration::from_secs(args.eject_seconds),
+            register_cluster_nets: args.register_cluster_cidrs,
             ..Default::default()
         };
         copyhold::gateway::run(client, settings).await

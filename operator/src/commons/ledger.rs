@@ -22,7 +22,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::commons::stint::{self, MemberStint, PeriodWindow};
 use crate::resources::stint_quota::{
-    GatewayReplica, MemberState, MemberUsage, Slice, StintQuotaSpec, StintQuotaStatus,
+    GatewayReplica, MemberState, MemberUsage, PeriodUsage, Slice, StintQuotaSpec, StintQuotaStatus,
 };
 
 /// Settled usage of one or more requests.
@@ -128,12 +128,14 @@ pub fn refresh(
 
     // Period rollover.
     let prev_start = status.period_start.as_ref().map(chrono_of);
+    let keep = usize::try_from(spec.register.history_periods).unwrap_or(0);
     if prev_start != Some(period.start) {
-        if prev_start.is_some() {
+        if let Some(prev) = prev_start {
             out.period_rolled = true;
-            let consecutive = prev_start.is_some_and(|s| s < period.start)
-                && status.resets_at.as_ref().map(chrono_of) == Some(period.start);
+            let prev_end = status.resets_at.as_ref().map(chrono_of);
+            let consecutive = prev < period.start && prev_end == Some(period.start);
             for u in &mut status.members {
+                record_period(u, prev, prev_end.unwrap_or(period.start), keep);
                 if consecutive {
                     u.previous_tokens = u.tokens;
                     u.previous_energy_wh = u.energy_wh;
@@ -152,6 +154,9 @@ pub fn refresh(
         status.period_start = Some(time(period.start));
     }
     status.resets_at = Some(time(period.end));
+    for u in &mut status.members {
+        bound_history(u, keep);
+    }
 
     // Dead replicas: charge their slices.
     // The API server may keep heartbeats to the second: allow one more.
@@ -187,6 +192,25 @@ pub fn refresh(
 
     restate(spec, status, period, now);
     out
+}
+
+/// Close a member's period into its history (oldest first), keeping the
+/// last `keep`: the register page shows the trend from these lines.
+fn record_period(u: &mut MemberUsage, start: DateTime<Utc>, end: DateTime<Utc>, keep: usize) {
+    u.history.push(PeriodUsage {
+        start: time(start),
+        end: time(end),
+        tokens: u.tokens,
+        energy_wh: u.energy_wh,
+        requests: u.requests,
+    });
+    bound_history(u, keep);
+}
+
+/// Drop the oldest periods beyond `keep` (also when the bound was lowered).
+fn bound_history(u: &mut MemberUsage, keep: usize) {
+    let extra = u.history.len().saturating_sub(keep);
+    u.history.drain(..extra);
 }
 
 /// Standings, the quota's one-word state and the counters `kubectl get`
@@ -705,6 +729,38 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         assert_eq!(st.members[0].previous_tokens, 50);
         assert_eq!(slice_of(&st, "r1", "a"), (150, 0.0));
         assert_eq!(st.resets_at, Some(time(t("2026-11-25T00:00:00Z"))));
+    }
+
+    #[test]
+    fn a_rollover_keeps_each_members_last_periods_bounded() {
+        let mut now = t("2026-11-20T12:00:00Z");
+        let (mut sp, mut st, _) = fresh(now);
+        sp.register.history_periods = 2;
+        // Four days, a different usage each day; the register keeps two.
+        for used in [10, 20, 30, 40] {
+            let p = stint::current_period(&sp, now).expect("period");
+            refresh(&sp, &mut st, p, now, 30, "r1");
+            settle(&mut st, "r1", "a", &usage(used));
+            now += chrono::Duration::days(1);
+        }
+        let p = stint::current_period(&sp, now).expect("period");
+        refresh(&sp, &mut st, p, now, 30, "r1");
+        let h = &st.members[0].history;
+        assert_eq!(
+            h.iter().map(|x| x.tokens).collect::<Vec<_>>(),
+            vec![30, 40],
+            "oldest first, bounded"
+        );
+        assert_eq!(h[1].start, time(t("2026-11-23T00:00:00Z")));
+        assert_eq!(h[1].end, time(t("2026-11-24T00:00:00Z")));
+        assert_eq!(h[1].requests, 1);
+        // b used nothing: its idle periods are kept too, as zeros.
+        assert_eq!(st.members[1].history.len(), 2);
+        // A smaller bound applies at once, not only at the next rollover.
+        sp.register.history_periods = 1;
+        refresh(&sp, &mut st, p, now, 30, "r1");
+        assert_eq!(st.members[0].history.len(), 1);
+        assert_eq!(st.members[0].history[0].tokens, 40);
     }
 
     #[test]

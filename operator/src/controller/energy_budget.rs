@@ -809,6 +809,7 @@ fn fill_status(
     status.allowance_watts = Some(round(supply.allowance));
     status.draw_watts = Some(round(draw_w));
     status.headroom_watts = Some(round(supply.allowance - draw_w));
+    crate::energy::history::record(&mut status.history, now, supply.estimate.watts, draw_w);
     if let Some((w, at)) = supply.last_good {
         status.last_good_supply_watts = Some(round(w));
         status.supply_observed_at = Some(to_time(at));

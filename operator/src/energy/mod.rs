@@ -9,6 +9,7 @@
 
 pub mod budget;
 pub mod draw;
+pub mod history;
 pub mod simulate;
 pub mod supply;
 pub mod supply_schedule;

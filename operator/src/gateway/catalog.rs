@@ -161,6 +161,36 @@ impl Catalog {
             .get(&reflector::ObjectRef::new(&owner.quota).within(&owner.namespace))
     }
 
+    /// Every StintQuota watched (the register page lists them).
+    pub fn quotas(&self) -> Vec<Arc<StintQuota>> {
+        self.quotas.state()
+    }
+
+    /// A quota by namespace and name.
+    pub fn quota_named(&self, namespace: &str, name: &str) -> Option<Arc<StintQuota>> {
+        self.quotas
+            .get(&reflector::ObjectRef::new(name).within(namespace))
+    }
+
+    /// Every EnergyBudget (the register page charts those covering its models).
+    pub fn budgets(&self) -> Vec<Arc<EnergyBudget>> {
+        self.budgets.state()
+    }
+
+    /// `namespace/name` of the ModelDeployments whose `spec.stintQuota`
+    /// names this quota.
+    pub fn models_of_quota(&self, namespace: &str, quota: &str) -> Vec<String> {
+        self.models
+            .state()
+            .iter()
+            .filter(|md| {
+                md.namespace().as_deref() == Some(namespace)
+                    && md.spec.stint_quota.as_deref() == Some(quota)
+            })
+            .map(|md| format!("{namespace}/{}", md.name_any()))
+            .collect()
+    }
+
     fn served_name(md: &ModelDeployment) -> String {
         md.spec
             .model

@@ -9,6 +9,7 @@ pub mod ledger_sync;
 pub mod limits;
 pub mod metrics;
 pub mod openai;
+pub mod register;
 pub mod router;
 pub mod sse;
 
@@ -61,6 +62,9 @@ pub struct Settings {
     pub eject_for: Duration,
     /// Other replicas tried after a connection failure.
     pub retries: usize,
+    /// Clients from these networks count as inside the cluster for
+    /// registers of `cluster` visibility.
+    pub register_cluster_nets: register::ClusterNets,
 }
 
 impl Default for Settings {
@@ -75,6 +79,7 @@ impl Default for Settings {
             idle_timeout: Duration::from_secs(120),
             eject_for: Duration::from_secs(10),
             retries: 2,
+            register_cluster_nets: register::ClusterNets::default(),
         }
     }
 }
@@ -132,6 +137,8 @@ pub async fn run(client: kube::Client, settings: Settings) -> anyhow::Result<()>
         settings.identity
     );
     tracing::info!(%addr, identity = %settings.identity, "gateway listening");
+    // The peer address decides `cluster` registers' visibility.
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await?;
@@ -166,6 +173,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .merge(register::routes())
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,

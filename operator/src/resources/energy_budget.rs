@@ -412,4 +412,23 @@ pub struct EnergyBudgetStatus {
     /// While deferring: seconds until supply is expected to cover demand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_seconds: Option<i64>,
+    /// Supply and draw over the last 24 hours, one point per 15 minutes
+    /// (the mean of the evaluations in it), oldest first. The register page
+    /// charts it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<PowerSample>,
+}
+
+/// Mean supply and draw over one 15-minute bucket.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PowerSample {
+    /// Start of the bucket.
+    pub at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+    /// Mean supply in watts (the fail-safe value while stale).
+    pub supply_watts: f64,
+    /// Mean measured draw in watts.
+    pub draw_watts: f64,
+    /// Evaluations averaged into this point.
+    pub evaluations: i32,
 }

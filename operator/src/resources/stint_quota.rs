@@ -63,6 +63,54 @@ pub struct StintQuotaSpec {
     /// How the gateway replicas share the ledger.
     #[serde(default)]
     pub ledger: LedgerSpec,
+
+    /// The register page the gateway serves at `/register`: who may read
+    /// it, and how many past periods it keeps per member.
+    #[serde(default)]
+    pub register: RegisterSpec,
+}
+
+/// Who may read the register page, and how much history it keeps.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RegisterSpec {
+    /// `members` (a member's key, as Bearer or from the page's form),
+    /// `public` (anyone who reaches the gateway) or `cluster` (clients whose
+    /// address is in the gateway's `--register-cluster-cidrs`).
+    #[serde(default)]
+    pub visibility: RegisterVisibility,
+    /// Past periods kept per member in `status.members[].history`, written
+    /// at each period's rollover. At most 6, so that a register of 1000
+    /// members stays well under etcd's object size.
+    #[serde(default = "default_history_periods")]
+    #[schemars(range(min = 0, max = 6))]
+    pub history_periods: i32,
+}
+
+impl Default for RegisterSpec {
+    fn default() -> Self {
+        Self {
+            visibility: RegisterVisibility::default(),
+            history_periods: default_history_periods(),
+        }
+    }
+}
+
+fn default_history_periods() -> i32 {
+    6
+}
+
+/// Who may read a register page.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RegisterVisibility {
+    /// The quota's own members, with their key.
+    #[default]
+    Members,
+    /// Anyone who reaches the gateway.
+    Public,
+    /// Clients inside the cluster (by source address).
+    Cluster,
 }
 
 /// One member of the commons.
@@ -421,6 +469,29 @@ pub struct MemberUsage {
     /// `ok`, `warned`, `throttled` or `suspended`.
     #[serde(default)]
     pub state: MemberState,
+    /// The member's last periods, oldest first (at most
+    /// `register.historyPeriods`), written when a period rolls over.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<PeriodUsage>,
+}
+
+/// What a member used in one past period.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PeriodUsage {
+    /// Start of the period.
+    pub start: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+    /// Its end (its reset).
+    pub end: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+    /// Weighted tokens settled in it.
+    #[serde(default)]
+    pub tokens: i64,
+    /// Watt-hours settled in it.
+    #[serde(default)]
+    pub energy_wh: f64,
+    /// Requests settled in it.
+    #[serde(default)]
+    pub requests: i64,
 }
 
 fn is_zero(v: &i64) -> bool {
