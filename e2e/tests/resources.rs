@@ -11,6 +11,7 @@ use copyhold_e2e::{
     TestNamespace, eventually, expected_message, install_crds, kubectl, kubectl_ok, manifests,
     workspace_root,
 };
+use k8s_openapi::api::core::v1::ResourceQuota;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::ApiResource;
 use kube::{CustomResourceExt, Resource};
@@ -369,5 +370,112 @@ async fn kubectl_scale_sets_replicas_through_the_scale_subresource() -> Result<(
     );
     // The generation moved, so a controller will see the change.
     assert!(got.meta().generation.unwrap_or(0) >= 2);
+    Ok(())
+}
+
+/// The rows of a shared table under `tests/formats/`: each value and
+/// whether the API server reads it (the `api` column).
+fn format_rows(file: &str) -> Result<Vec<(String, bool)>> {
+    let path = workspace_root().join("tests/formats").join(file);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading the shared table {}", path.display()))?;
+    let mut rows = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let [value, api, _] = f[..] else {
+            bail!("{}: not three columns: {line}", path.display());
+        };
+        rows.push((value.to_string(), api == "ok"));
+    }
+    Ok(rows)
+}
+
+/// Whether the API server reads `value` as a quantity: sent (dry run) as a
+/// ResourceQuota's hard limit. A value it cannot read is refused as a bad
+/// request (400) before validation; a negative one is read and then found
+/// invalid (422), so it counts as read.
+async fn server_reads_quantity(api: &Api<ResourceQuota>, value: &str) -> Result<bool> {
+    let quota: ResourceQuota = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "quantity-probe"},
+        "spec": {"hard": {"requests.storage": value}},
+    }))?;
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    match api.create(&dry_run, &quota).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 400 => Ok(false),
+        Err(kube::Error::Api(s)) if s.code == 422 => Ok(true),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[tokio::test]
+async fn the_api_server_the_table_and_the_quantity_parser_agree() -> Result<()> {
+    let client = copyhold_e2e::client().await?;
+    let ns = TestNamespace::create("quantities")?;
+    let api: Api<ResourceQuota> = Api::namespaced(client, &ns.name);
+    let rows = format_rows("quantities.txt")?;
+    assert!(rows.len() >= 40, "the table has its rows");
+    let mut wrong = Vec::new();
+    for (value, table) in &rows {
+        let server = server_reads_quantity(&api, value).await?;
+        let parser = copyhold::resources::quantity::Quantity::parse(value).is_ok();
+        if server != *table || parser != *table {
+            wrong.push(format!(
+                "{value}: table {table}, API server {server}, parser {parser}"
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_api_server_the_table_and_the_duration_parser_agree() -> Result<()> {
+    install_crds().await?;
+    let client = copyhold_e2e::client().await?;
+    let api: Api<EnergyBudget> = Api::all(client);
+    let rows = format_rows("durations.txt")?;
+    assert!(rows.len() >= 20, "the table has its rows");
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let mut wrong = Vec::new();
+    for (value, table) in &rows {
+        let eb: EnergyBudget = serde_json::from_value(serde_json::json!({
+            "apiVersion": "copyhold.dev/v1alpha1",
+            "kind": "EnergyBudget",
+            "metadata": {"name": "duration-probe"},
+            "spec": {
+                "ceilingWatts": 3000,
+                "supply": {"static": {"watts": 1000}},
+                "evaluationInterval": value,
+            },
+        }))?;
+        let server = match api.create(&dry_run, &eb).await {
+            Ok(_) => true,
+            Err(kube::Error::Api(s))
+                if s.code == 422 && s.message.contains("spec.evaluationInterval") =>
+            {
+                false
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let parser = copyhold::resources::parse_duration(value).is_ok();
+        if server != *table || parser != *table {
+            wrong.push(format!(
+                "{value}: table {table}, API server {server}, parser {parser}"
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     Ok(())
 }

@@ -117,7 +117,7 @@ enum SimulateCommand {
 }
 
 fn parse_step(s: &str) -> Result<std::time::Duration, String> {
-    copyhold::resources::parse_duration(s)
+    copyhold::resources::parse_duration(s).map_err(|e| e.to_string())
 }
 
 fn run_simulate(cmd: SimulateCommand) -> anyhow::Result<()> {

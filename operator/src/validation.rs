@@ -11,6 +11,7 @@ use std::path::Path;
 use chrono_tz::Tz;
 use serde::Deserialize;
 
+use crate::resources::quantity::{self, Quantity};
 use crate::resources::{
     EnergyBudgetSpec, ModelDeploymentSpec, PeriodType, SchedulePoint, StintQuotaSpec,
     parse_duration,
@@ -45,26 +46,21 @@ pub fn model_deployment(spec: &ModelDeploymentSpec) -> Vec<String> {
         }
     }
     if let Some(q) = &spec.serving.kv_cache_memory {
-        match parse_quantity_bytes(&q.0) {
+        match quantity::bytes(&q.0) {
             Ok(b) if b > 0 => {}
             Ok(_) => errs.push(format!(
                 "spec.serving.kvCacheMemory: Invalid value: \"{}\": must be positive",
                 q.0
             )),
-            Err(e) => errs.push(format!(
-                "spec.serving.kvCacheMemory: Invalid value: \"{}\": {e}",
-                q.0
-            )),
+            Err(e) => errs.push(format!("spec.serving.kvCacheMemory: Invalid value: {e}")),
         }
     }
+    resource_quantities(spec, &mut errs);
     if let Some(s) = &spec.model.sizing {
         if let Some(q) = &s.weight_bytes
-            && let Err(e) = parse_quantity_bytes(&q.0)
+            && let Err(e) = quantity::bytes(&q.0)
         {
-            errs.push(format!(
-                "spec.model.sizing.weightBytes: Invalid value: \"{}\": {e}",
-                q.0
-            ));
+            errs.push(format!("spec.model.sizing.weightBytes: Invalid value: {e}"));
         }
         let arch = s.num_layers.is_some() && s.num_kv_heads.is_some() && s.head_dim.is_some();
         if s.kv_bytes_per_token.is_none() && !arch {
@@ -88,6 +84,23 @@ pub fn model_deployment(spec: &ModelDeploymentSpec) -> Vec<String> {
         }
     }
     errs
+}
+
+/// The engine's requests and limits go into its Deployment as they are:
+/// one the API server cannot read would fail every apply.
+fn resource_quantities(spec: &ModelDeploymentSpec, errs: &mut Vec<String>) {
+    let Some(r) = &spec.serving.resources else {
+        return;
+    };
+    for (field, map) in [("limits", &r.limits), ("requests", &r.requests)] {
+        for (name, q) in map.iter().flatten() {
+            if let Err(e) = Quantity::parse(&q.0) {
+                errs.push(format!(
+                    "spec.serving.resources.{field}[{name}]: Invalid value: {e}"
+                ));
+            }
+        }
+    }
 }
 
 /// Validate an EnergyBudget spec.
@@ -260,41 +273,6 @@ pub fn time_zone(name: &str) -> Result<Tz, String> {
     })
 }
 
-/// Bytes of a Kubernetes quantity such as `16Gi`, `500M` or `1e9`.
-pub fn parse_quantity_bytes(q: &str) -> Result<u64, String> {
-    let q = q.trim();
-    let split = q
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(q.len());
-    let (num, suffix) = q.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| "not a quantity such as 16Gi or 500M".to_string())?;
-    let mult: f64 = match suffix {
-        "" => 1.0,
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "P" => 1e15,
-        "Ki" => 1024.0,
-        "Mi" => 1024.0 * 1024.0,
-        "Gi" => 1024.0 * 1024.0 * 1024.0,
-        "Ti" => 1024.0f64.powi(4),
-        "Pi" => 1024.0f64.powi(5),
-        s if s.starts_with(['e', 'E']) => {
-            let exp: i32 = s[1..].parse().map_err(|_| format!("bad exponent `{s}`"))?;
-            10f64.powi(exp)
-        }
-        s => return Err(format!("unknown suffix `{s}`")),
-    };
-    let bytes = value * mult;
-    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-        return Err("out of range".into());
-    }
-    Ok(bytes.round() as u64)
-}
-
 /// The outcome for one object of a manifest file.
 #[derive(Debug)]
 pub struct Report {
@@ -386,6 +364,7 @@ mod tests {
 
     #[test]
     fn quantities_parse_binary_and_decimal_suffixes() {
+        let parse_quantity_bytes = quantity::bytes;
         assert_eq!(parse_quantity_bytes("16Gi"), Ok(16 * 1024 * 1024 * 1024));
         assert_eq!(parse_quantity_bytes("500M"), Ok(500_000_000));
         assert_eq!(parse_quantity_bytes("1e9"), Ok(1_000_000_000));

@@ -75,12 +75,11 @@ pub struct Refreshed {
 }
 
 /// k8s-openapi's `Time` is a jiff timestamp; the stint arithmetic uses
-/// chrono (for chrono-tz). Millisecond precision is what the API keeps.
+/// chrono (for chrono-tz). Whole seconds: the API server keeps
+/// `metav1.Time` to the second, so what is written compares equal to what
+/// is read back.
 pub fn time(t: DateTime<Utc>) -> Time {
-    Time(
-        jiff::Timestamp::from_millisecond(t.timestamp_millis())
-            .unwrap_or(jiff::Timestamp::UNIX_EPOCH),
-    )
+    Time(jiff::Timestamp::from_second(t.timestamp()).unwrap_or(jiff::Timestamp::UNIX_EPOCH))
 }
 
 /// The inverse of [`time`].
@@ -127,13 +126,16 @@ pub fn refresh(
     status.slices.retain(|s| listed.contains(s.member.as_str()));
 
     // Period rollover.
-    let prev_start = status.period_start.as_ref().map(chrono_of);
+    // Compared as the register keeps them: to the second.
+    let (start, end) = (time(period.start), time(period.end));
+    let prev_start = status.period_start.clone();
     let keep = usize::try_from(spec.register.history_periods).unwrap_or(0);
-    if prev_start != Some(period.start) {
-        if let Some(prev) = prev_start {
+    if prev_start.as_ref() != Some(&start) {
+        if let Some(prev) = prev_start.as_ref().map(chrono_of) {
             out.period_rolled = true;
             let prev_end = status.resets_at.as_ref().map(chrono_of);
-            let consecutive = prev < period.start && prev_end == Some(period.start);
+            let consecutive = prev_start.as_ref().is_some_and(|s| s.0 < start.0)
+                && status.resets_at.as_ref() == Some(&start);
             for u in &mut status.members {
                 record_period(u, prev, prev_end.unwrap_or(period.start), keep);
                 if consecutive {
@@ -151,9 +153,9 @@ pub fn refresh(
                 u.reclaimed_tokens = 0;
             }
         }
-        status.period_start = Some(time(period.start));
+        status.period_start = Some(start);
     }
-    status.resets_at = Some(time(period.end));
+    status.resets_at = Some(end);
     for u in &mut status.members {
         bound_history(u, keep);
     }
@@ -603,6 +605,27 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         DateTime::parse_from_rfc3339(s)
             .expect("time")
             .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn a_period_read_back_from_the_register_to_the_second_is_still_the_same_period() {
+        let mut sp = spec();
+        sp.period = serde_yaml::from_str("{type: rolling, window: 90500ms}").expect("period");
+        // A 90.5 s window aligned to the epoch starts at …:58.500 here.
+        let now = t("2026-11-24T02:00:00Z");
+        let p = stint::current_period(&sp, now).expect("period");
+        let mut st = StintQuotaStatus::default();
+        refresh(&sp, &mut st, p, now, 30, "test");
+        st.members[0].tokens = 10;
+        // What the API server gives back: its Time is RFC 3339 to the second.
+        let json = serde_json::to_value(&st).expect("serializes");
+        let mut st: StintQuotaStatus = serde_json::from_value(json).expect("reads back");
+        let later = t("2026-11-24T02:00:05Z");
+        let p2 = stint::current_period(&sp, later).expect("period");
+        assert_eq!(p2, p, "still the same window");
+        let r = refresh(&sp, &mut st, p2, later, 30, "test");
+        assert!(!r.period_rolled, "the period did not roll over");
+        assert_eq!(st.members[0].tokens, 10, "usage is kept");
     }
 
     fn fresh(now: DateTime<Utc>) -> (StintQuotaSpec, StintQuotaStatus, PeriodWindow) {

@@ -6,7 +6,7 @@
 use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc};
 use chrono_tz::Tz;
 
-use crate::resources::common::parse_duration;
+use crate::resources::parse_duration;
 use crate::resources::stint_quota::{
     CalendarUnit, Member, MemberState, MemberUsage, PeriodType, StintQuotaSpec,
 };
@@ -61,7 +61,7 @@ pub fn current_period(
     match p.type_ {
         PeriodType::Rolling => {
             let w = p.window.as_deref().ok_or(StintError::MissingWindow)?;
-            let d = parse_duration(w).map_err(|e| StintError::Window(w.into(), e))?;
+            let d = parse_duration(w).map_err(|e| StintError::Window(w.into(), e.to_string()))?;
             let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1000);
             let t = now.timestamp_millis();
             let start_ms = t - t.rem_euclid(ms);

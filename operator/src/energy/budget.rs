@@ -204,7 +204,7 @@ impl Ladder {
         Ok(Self {
             rungs,
             hysteresis: (p.hysteresis_percent / 100.0).clamp(0.0, 1.0),
-            dwell: parse_duration(&p.dwell)?,
+            dwell: parse_duration(&p.dwell).map_err(|e| e.to_string())?,
             settle: Duration::ZERO,
             min_cap: (p.power_cap.min_percent / 100.0).clamp(0.0, 1.0),
         })

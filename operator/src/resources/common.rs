@@ -85,17 +85,6 @@ pub struct ConfigMapKeyRef {
     pub key: String,
 }
 
-/// Pattern for durations written as Go and Kubernetes write them
-/// (`90s`, `5m`, `1h30m`, `7d`).
-pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$";
-
-/// Parse a duration of [`DURATION_PATTERN`]'s shape.
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    // humantime spells days as `d` too; it rejects what the pattern rejects.
-    humantime::parse_duration(s)
-        .map_err(|e| format!("`{s}` is not a duration such as 30s, 5m or 1h30m: {e}"))
-}
-
 /// Condition status values.
 pub const TRUE: &str = "True";
 pub const FALSE: &str = "False";

@@ -67,7 +67,7 @@ pub struct EnergyBudgetSpec {
 
     /// How often the budget is evaluated.
     #[serde(default = "default_interval")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    #[schemars(regex(pattern = crate::resources::DURATION_PATTERN))]
     pub evaluation_interval: String,
 }
 
@@ -108,7 +108,7 @@ pub struct SupplySpec {
     /// Oldest reading still trusted; older or failing readings mark the
     /// budget `SupplyStale` and switch to the fail-safe value.
     #[serde(default = "default_max_age")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    #[schemars(regex(pattern = crate::resources::DURATION_PATTERN))]
     pub max_age: String,
     /// Supply assumed once the last good reading has fully decayed.
     #[serde(default)]
@@ -117,7 +117,7 @@ pub struct SupplySpec {
     /// Time over which the fail-safe value falls linearly from the last good
     /// reading to `floorWatts`.
     #[serde(default = "default_decay")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    #[schemars(regex(pattern = crate::resources::DURATION_PATTERN))]
     pub fail_safe_decay: String,
 }
 
@@ -258,7 +258,7 @@ pub struct LadderPolicy {
     /// How long headroom must hold before climbing back one step, and the
     /// least time between two changes of step.
     #[serde(default = "default_dwell")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    #[schemars(regex(pattern = crate::resources::DURATION_PATTERN))]
     pub dwell: String,
 }
 

@@ -4,14 +4,17 @@
 // clippy reads the repeated `type_ = …` keys of kube's `printcolumn(…)`
 // lists as duplicated attributes.
 pub mod common;
+pub mod duration;
 #[allow(clippy::duplicated_attributes)]
 pub mod energy_budget;
 #[allow(clippy::duplicated_attributes)]
 pub mod model_deployment;
+pub mod quantity;
 #[allow(clippy::duplicated_attributes)]
 pub mod stint_quota;
 
 pub use common::*;
+pub use duration::{DURATION_PATTERN, DurationError, parse_duration};
 pub use energy_budget::*;
 pub use model_deployment::*;
 pub use stint_quota::*;

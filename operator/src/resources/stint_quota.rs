@@ -187,7 +187,7 @@ pub struct Period {
     pub type_: PeriodType,
     /// Length of a rolling window, e.g. `24h`. Required for `rolling`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    #[schemars(regex(pattern = crate::resources::DURATION_PATTERN))]
     pub window: Option<String>,
     /// Calendar unit. Required for `calendar`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use crate::resources::model_deployment::{Dtype, EngineKind, InlineSizing, ServingSpec};
-use crate::validation::parse_quantity_bytes;
+use crate::resources::quantity;
 
 /// Compute capability our own kernels need (Pascal, sm_60).
 pub const COPYHOLD_MIN_CC: (u8, u8) = (6, 0);
@@ -412,7 +412,7 @@ impl ModelNeeds {
             .as_ref()
             .ok_or_else(|| SizingError::IncompleteInline("weightBytes is required".into()))
             .and_then(|q| {
-                parse_quantity_bytes(&q.0)
+                quantity::bytes(&q.0)
                     .map_err(|e| SizingError::IncompleteInline(format!("weightBytes: {e}")))
             })?;
         let dtype = inline.dtype.unwrap_or(Dtype::F16);
@@ -474,7 +474,8 @@ impl ModelNeeds {
     ) -> Result<Self, SizingError> {
         let (context_tokens, kv_cache_bytes) = match &input.serving.kv_cache_memory {
             Some(q) => {
-                let bytes = parse_quantity_bytes(&q.0).map_err(SizingError::BadKvCacheMemory)?;
+                let bytes = quantity::bytes(&q.0)
+                    .map_err(|e| SizingError::BadKvCacheMemory(e.to_string()))?;
                 (bytes / kv_bytes_per_token.max(1), bytes)
             }
             None => {

@@ -4,11 +4,20 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Affinity, Service};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
+    HostPathVolumeSource, KeyToPath, PersistentVolumeClaimVolumeSource, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource,
+    SecurityContext, Service, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 use kube::ResourceExt;
-use serde_json::json;
 
 use crate::resources::{EngineKind, ModelDeployment};
 
@@ -114,8 +123,6 @@ pub enum WorkloadError {
     UnsupportedSource(&'static str),
     #[error("model.source names no source")]
     NoSource,
-    #[error("building the {0}: {1}")]
-    Shape(&'static str, String),
 }
 
 /// What placement decided, as far as the Deployment is concerned.
@@ -179,7 +186,9 @@ pub fn endpoint(md: &ModelDeployment) -> String {
     )
 }
 
-/// The Deployment serving `md`.
+/// The Deployment serving `md`. Built from k8s-openapi's typed structs: a
+/// misspelt field is a compile error, not a field the API server never
+/// sees (`None` fields are left out, so only what 1.20 knows is sent).
 pub fn deployment(
     md: &ModelDeployment,
     placement: &PlacementForWorkload,
@@ -187,77 +196,7 @@ pub fn deployment(
 ) -> Result<Deployment, WorkloadError> {
     let owner = md.controller_owner_ref(&()).ok_or(WorkloadError::NoUid)?;
     let name = md.name_any();
-    let served = served_model_name(md);
-    let src = &md.spec.model.source;
-    let (volume, sub_path) = if let Some(h) = &src.host_path {
-        (
-            json!({"name": "model", "hostPath": {"path": h.path, "type": "Directory"}}),
-            None,
-        )
-    } else if let Some(p) = &src.pvc {
-        (
-            json!({"name": "model", "persistentVolumeClaim": {"claimName": p.claim_name, "readOnly": true}}),
-            p.sub_path.clone(),
-        )
-    } else if src.http.is_some() {
-        return Err(WorkloadError::UnsupportedSource("http"));
-    } else if src.oci.is_some() {
-        return Err(WorkloadError::UnsupportedSource("oci"));
-    } else {
-        return Err(WorkloadError::NoSource);
-    };
-    let serving = &md.spec.serving;
-    let gpus = placement.gpus_per_replica;
-    let (image, command, mut args): (String, Vec<String>, Vec<String>) = match md.spec.engine.kind {
-        EngineKind::Copyhold => (
-            md.spec
-                .engine
-                .image
-                .clone()
-                .unwrap_or_else(|| defaults.copyhold_image.clone()),
-            vec!["copyhold-node".into()],
-            vec![
-                "serve".into(),
-                "--model".into(),
-                MODEL_DIR.into(),
-                "--host".into(),
-                "0.0.0.0".into(),
-                "--port".into(),
-                ENGINE_PORT.to_string(),
-                "--served-model-name".into(),
-                served.clone(),
-                "--device".into(),
-                defaults.node_device.clone(),
-            ],
-        ),
-        EngineKind::Vllm => (
-            md.spec
-                .engine
-                .image
-                .clone()
-                .unwrap_or_else(|| defaults.vllm_image.clone()),
-            vec!["vllm".into()],
-            vec![
-                "serve".into(),
-                MODEL_DIR.into(),
-                "--host".into(),
-                "0.0.0.0".into(),
-                "--port".into(),
-                ENGINE_PORT.to_string(),
-                "--served-model-name".into(),
-                served.clone(),
-                "--max-model-len".into(),
-                serving.context_length.to_string(),
-                "--max-num-seqs".into(),
-                serving.max_concurrent_sequences.to_string(),
-                "--gpu-memory-utilization".into(),
-                serving.gpu_memory_utilization.to_string(),
-                // Layers split across the node's GPUs, as our own engine does.
-                "--pipeline-parallel-size".into(),
-                gpus.to_string(),
-            ],
-        ),
-    };
+    let (model_volume, sub_path) = model_volume(md)?;
     // The admin token: a read-only Secret volume, for copyhold-node only
     // (vLLM has no such endpoint). Not optional: a node started without
     // its token file would exit, so the Pod waits for the Secret instead
@@ -266,148 +205,356 @@ pub fn deployment(
         EngineKind::Copyhold => defaults.admin_token_secret.as_deref(),
         EngineKind::Vllm => None,
     };
+    let (mounts, volumes) = mounts_and_volumes(model_volume, sub_path, admin_secret);
+    let container = engine_container(
+        md,
+        placement.gpus_per_replica,
+        defaults,
+        admin_secret,
+        mounts,
+    );
+    let labels = labels(md);
+    Ok(Deployment {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: md.namespace(),
+            labels: Some(labels.clone()),
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        },
+        spec: Some(DeploymentSpec {
+            replicas: Some(placement.replicas),
+            revision_history_limit: Some(3),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(&name)),
+                ..Default::default()
+            },
+            // GPUs are scarce: replace a replica in place rather than surge.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(0)),
+                    max_unavailable: Some(IntOrString::Int(1)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..Default::default()
+                }),
+                spec: Some(pod_spec(placement, container, volumes)),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+/// The volume the model is read from, and the sub-path to mount: the
+/// engine reads the model where it lies (hostPath or a PVC).
+fn model_volume(md: &ModelDeployment) -> Result<(Volume, Option<String>), WorkloadError> {
+    let src = &md.spec.model.source;
+    let name = "model".to_string();
+    if let Some(h) = &src.host_path {
+        let v = Volume {
+            name,
+            host_path: Some(HostPathVolumeSource {
+                path: h.path.clone(),
+                type_: Some("Directory".into()),
+            }),
+            ..Default::default()
+        };
+        Ok((v, None))
+    } else if let Some(p) = &src.pvc {
+        let v = Volume {
+            name,
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: p.claim_name.clone(),
+                read_only: Some(true),
+            }),
+            ..Default::default()
+        };
+        Ok((v, p.sub_path.clone()))
+    } else if src.http.is_some() {
+        Err(WorkloadError::UnsupportedSource("http"))
+    } else if src.oci.is_some() {
+        Err(WorkloadError::UnsupportedSource("oci"))
+    } else {
+        Err(WorkloadError::NoSource)
+    }
+}
+
+/// The container's mounts and the Pod's volumes: the model read-only,
+/// writable `/tmp` and cache (the root filesystem is read-only), and the
+/// admin token when there is one.
+fn mounts_and_volumes(
+    model: Volume,
+    sub_path: Option<String>,
+    admin_secret: Option<&str>,
+) -> (Vec<VolumeMount>, Vec<Volume>) {
+    let mount = |name: &str, path: &str, read_only: Option<bool>| VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only,
+        ..Default::default()
+    };
+    let empty_dir = |name: &str| Volume {
+        name: name.into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Default::default()
+    };
+    let mut mounts = vec![
+        VolumeMount {
+            sub_path,
+            ..mount("model", MODEL_DIR, Some(true))
+        },
+        mount("tmp", "/tmp", None),
+        mount("cache", "/var/cache/copyhold", None),
+    ];
+    let mut volumes = vec![model, empty_dir("tmp"), empty_dir("cache")];
+    if let Some(secret) = admin_secret {
+        mounts.push(mount("admin-token", ADMIN_TOKEN_DIR, Some(true)));
+        // 0400; the kubelet adds group read for the Pod's fsGroup, which is
+        // how the engine's non-root user reads it.
+        volumes.push(Volume {
+            name: "admin-token".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.into()),
+                default_mode: Some(0o400),
+                items: Some(vec![KeyToPath {
+                    key: ADMIN_TOKEN_KEY.into(),
+                    path: ADMIN_TOKEN_KEY.into(),
+                    mode: None,
+                }]),
+                optional: None,
+            }),
+            ..Default::default()
+        });
+    }
+    (mounts, volumes)
+}
+
+/// Image, command and arguments of the engine `md` names.
+fn engine_command(
+    md: &ModelDeployment,
+    gpus: u32,
+    defaults: &EngineDefaults,
+) -> (String, Vec<String>, Vec<String>) {
+    let serving = &md.spec.serving;
+    let served = served_model_name(md);
+    let image = |default: &String| {
+        md.spec
+            .engine
+            .image
+            .clone()
+            .unwrap_or_else(|| default.clone())
+    };
+    let strings = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let port = ENGINE_PORT.to_string();
+    match md.spec.engine.kind {
+        EngineKind::Copyhold => (
+            image(&defaults.copyhold_image),
+            strings(&["copyhold-node"]),
+            strings(&[
+                "serve",
+                "--model",
+                MODEL_DIR,
+                "--host",
+                "0.0.0.0",
+                "--port",
+                &port,
+                "--served-model-name",
+                &served,
+                "--device",
+                &defaults.node_device,
+            ]),
+        ),
+        EngineKind::Vllm => (
+            image(&defaults.vllm_image),
+            strings(&["vllm"]),
+            strings(&[
+                "serve",
+                MODEL_DIR,
+                "--host",
+                "0.0.0.0",
+                "--port",
+                &port,
+                "--served-model-name",
+                &served,
+                "--max-model-len",
+                &serving.context_length.to_string(),
+                "--max-num-seqs",
+                &serving.max_concurrent_sequences.to_string(),
+                "--gpu-memory-utilization",
+                &serving.gpu_memory_utilization.to_string(),
+                // Layers split across the node's GPUs, as our own engine does.
+                "--pipeline-parallel-size",
+                &gpus.to_string(),
+            ]),
+        ),
+    }
+}
+
+/// The user's requests and limits, with the GPUs placement gave.
+fn resources(md: &ModelDeployment, gpus: u32) -> ResourceRequirements {
+    let mut limits = BTreeMap::new();
+    let mut requests = BTreeMap::new();
+    if let Some(r) = &md.spec.serving.resources {
+        limits.extend(
+            r.limits
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        requests.extend(
+            r.requests
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+    }
+    if gpus > 0 {
+        limits.insert("nvidia.com/gpu".into(), Quantity(gpus.to_string()));
+    }
+    ResourceRequirements {
+        limits: Some(limits),
+        requests: (!requests.is_empty()).then_some(requests),
+        ..Default::default()
+    }
+}
+
+/// An HTTP probe of the engine's `/health`.
+fn health_probe(period_seconds: i32, failure_threshold: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some("/health".into()),
+            port: IntOrString::String("http".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period_seconds),
+        failure_threshold: Some(failure_threshold),
+        ..Default::default()
+    }
+}
+
+/// The engine container, locked down: no privilege escalation, read-only
+/// root filesystem, no capabilities, not root.
+fn engine_container(
+    md: &ModelDeployment,
+    gpus: u32,
+    defaults: &EngineDefaults,
+    admin_secret: Option<&str>,
+    mounts: Vec<VolumeMount>,
+) -> Container {
+    let (image, command, mut args) = engine_command(md, gpus, defaults);
     if admin_secret.is_some() {
         args.push("--admin-token-file".into());
         args.push(format!("{ADMIN_TOKEN_DIR}/{ADMIN_TOKEN_KEY}"));
     }
     args.extend(md.spec.engine.args.iter().cloned());
-    let env: Vec<_> = md
+    let env = md
         .spec
         .engine
         .env
         .iter()
-        .map(|(k, v)| json!({"name": k, "value": v}))
+        .map(|(k, v)| EnvVar {
+            name: k.clone(),
+            value: Some(v.clone()),
+            value_from: None,
+        })
         .collect();
+    Container {
+        name: "engine".into(),
+        image: Some(image),
+        command: Some(command),
+        args: Some(args),
+        env: Some(env),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: ENGINE_PORT,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        resources: Some(resources(md, gpus)),
+        volume_mounts: Some(mounts),
+        startup_probe: Some(health_probe(5, 360)),
+        readiness_probe: Some(health_probe(5, 2)),
+        liveness_probe: Some(health_probe(10, 6)),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: None,
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
 
-    let mut limits = serde_json::Map::new();
-    let mut requests = serde_json::Map::new();
-    if let Some(r) = &serving.resources {
-        for (k, v) in r.limits.iter().flatten() {
-            limits.insert(k.clone(), json!(v.0));
-        }
-        for (k, v) in r.requests.iter().flatten() {
-            requests.insert(k.clone(), json!(v.0));
-        }
+/// The Pod: no service-account token, no service links, a fixed non-root
+/// user with the runtime's seccomp profile, on the placed nodes' GPUs.
+fn pod_spec(
+    placement: &PlacementForWorkload,
+    container: Container,
+    volumes: Vec<Volume>,
+) -> PodSpec {
+    PodSpec {
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        termination_grace_period_seconds: Some(30),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(65532),
+            run_as_group: Some(65532),
+            fs_group: Some(65532),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                localhost_profile: None,
+            }),
+            ..Default::default()
+        }),
+        affinity: Some(placement.affinity.clone()),
+        tolerations: Some(vec![Toleration {
+            key: Some("nvidia.com/gpu".into()),
+            operator: Some("Exists".into()),
+            effect: Some("NoSchedule".into()),
+            ..Default::default()
+        }]),
+        containers: vec![container],
+        volumes: Some(volumes),
+        ..Default::default()
     }
-    if gpus > 0 {
-        limits.insert("nvidia.com/gpu".into(), json!(gpus.to_string()));
-    }
-    let mut resources = json!({"limits": limits});
-    if !requests.is_empty() {
-        resources["requests"] = json!(requests);
-    }
-
-    let mut mount = json!({"name": "model", "mountPath": MODEL_DIR, "readOnly": true});
-    if let Some(sp) = sub_path {
-        mount["subPath"] = json!(sp);
-    }
-    let mut mounts = vec![
-        mount,
-        json!({"name": "tmp", "mountPath": "/tmp"}),
-        json!({"name": "cache", "mountPath": "/var/cache/copyhold"}),
-    ];
-    let mut volumes = vec![
-        volume,
-        json!({"name": "tmp", "emptyDir": {}}),
-        json!({"name": "cache", "emptyDir": {}}),
-    ];
-    if let Some(secret) = admin_secret {
-        mounts.push(json!({"name": "admin-token", "mountPath": ADMIN_TOKEN_DIR, "readOnly": true}));
-        // 0400; the kubelet adds group read for the Pod's fsGroup, which is
-        // how the engine's non-root user reads it.
-        volumes.push(json!({"name": "admin-token", "secret": {
-            "secretName": secret,
-            "defaultMode": 0o400,
-            "items": [{"key": ADMIN_TOKEN_KEY, "path": ADMIN_TOKEN_KEY}],
-        }}));
-    }
-    let labels = labels(md);
-    let value = json!({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {
-            "name": name,
-            "namespace": md.namespace(),
-            "labels": labels,
-            "ownerReferences": [owner],
-        },
-        "spec": {
-            "replicas": placement.replicas,
-            "revisionHistoryLimit": 3,
-            "selector": {"matchLabels": selector_labels(&name)},
-            // GPUs are scarce: replace a replica in place rather than surge.
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "automountServiceAccountToken": false,
-                    "enableServiceLinks": false,
-                    "terminationGracePeriodSeconds": 30,
-                    "securityContext": {
-                        "runAsNonRoot": true,
-                        "runAsUser": 65532,
-                        "runAsGroup": 65532,
-                        "fsGroup": 65532,
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
-                    "affinity": placement.affinity,
-                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                    "containers": [{
-                        "name": "engine",
-                        "image": image,
-                        "command": command,
-                        "args": args,
-                        "env": env,
-                        "ports": [{"name": "http", "containerPort": ENGINE_PORT, "protocol": "TCP"}],
-                        "resources": resources,
-                        "volumeMounts": mounts,
-                        "startupProbe": {
-                            "httpGet": {"path": "/health", "port": "http"},
-                            "periodSeconds": 5, "failureThreshold": 360,
-                        },
-                        "readinessProbe": {
-                            "httpGet": {"path": "/health", "port": "http"},
-                            "periodSeconds": 5, "failureThreshold": 2,
-                        },
-                        "livenessProbe": {
-                            "httpGet": {"path": "/health", "port": "http"},
-                            "periodSeconds": 10, "failureThreshold": 6,
-                        },
-                        "securityContext": {
-                            "allowPrivilegeEscalation": false,
-                            "readOnlyRootFilesystem": true,
-                            "runAsNonRoot": true,
-                            "capabilities": {"drop": ["ALL"]},
-                        },
-                    }],
-                    "volumes": volumes,
-                },
-            },
-        },
-    });
-    serde_json::from_value(value).map_err(|e| WorkloadError::Shape("Deployment", e.to_string()))
 }
 
 /// The Service in front of `md`'s replicas.
 pub fn service(md: &ModelDeployment) -> Result<Service, WorkloadError> {
     let owner = md.controller_owner_ref(&()).ok_or(WorkloadError::NoUid)?;
     let name = md.name_any();
-    let value = json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {
-            "name": name,
-            "namespace": md.namespace(),
-            "labels": labels(md),
-            "ownerReferences": [owner],
+    Ok(Service {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: md.namespace(),
+            labels: Some(labels(md)),
+            owner_references: Some(vec![owner]),
+            ..Default::default()
         },
-        "spec": {
-            "type": "ClusterIP",
-            "selector": selector_labels(&name),
-            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
-        },
-    });
-    serde_json::from_value(value).map_err(|e| WorkloadError::Shape("Service", e.to_string()))
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(selector_labels(&name)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        status: None,
+    })
 }
 
 #[cfg(test)]
@@ -447,6 +594,54 @@ spec:
         m.annotations_mut()
             .insert(SHED_BY_ANNOTATION.into(), "solar".into());
         m
+    }
+
+    /// Every hardening field the Deployment promises.
+    fn assert_hardened(d: &Deployment) {
+        let pod = d
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .expect("pod");
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        assert_eq!(pod.enable_service_links, Some(false));
+        let psc = pod.security_context.as_ref().expect("pod security context");
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(
+            (psc.run_as_user, psc.run_as_group, psc.fs_group),
+            (Some(65532), Some(65532), Some(65532))
+        );
+        assert_eq!(
+            psc.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
+            Some("RuntimeDefault")
+        );
+        let c = &pod.containers[0];
+        let sc = c
+            .security_context
+            .as_ref()
+            .expect("container security context");
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.run_as_non_root, Some(true));
+        for p in [&c.startup_probe, &c.readiness_probe, &c.liveness_probe] {
+            let p = p.as_ref().expect("probe");
+            assert_eq!(
+                p.http_get.as_ref().and_then(|h| h.path.as_deref()),
+                Some("/health")
+            );
+        }
+    }
+
+    #[test]
+    fn the_pod_is_hardened_in_every_field_it_promises() {
+        for m in [
+            md(BASIC),
+            md(&BASIC.replace("replicas: 2", "replicas: 2\n  engine: {kind: vllm}")),
+        ] {
+            assert_hardened(
+                &deployment(&m, &placed(1), &EngineDefaults::default()).expect("builds"),
+            );
+        }
     }
 
     #[test]
