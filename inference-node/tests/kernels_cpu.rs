@@ -1054,3 +1054,117 @@ fn sample_rows_draws_the_token_the_cpu_sampler_draws() {
     );
     println!("sample_rows: {exps:.1} exp(double) per token of the row");
 }
+
+// ---- fp16 overflow (sm_60..sm_75 fast path) ----------------------------------------------
+
+/// A synthesized bf16 Llama whose layer 0 `up_proj` is scaled up, so its
+/// `down_proj` inputs exceed f16's 65504 as bf16-trained models' can.
+fn large_activation_model() -> PathBuf {
+    use copyhold_node::config::Arch;
+    use copyhold_node::synth::{SynthSpec, synth};
+    use copyhold_node::weights::DType;
+    let dir = tempdir();
+    let mut spec = SynthSpec::tiny(Arch::Llama);
+    spec.dtype = DType::BF16;
+    synth(&spec, &dir).unwrap();
+    let file = dir.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        let mut data = view.data().to_vec();
+        if name == "model.layers.0.mlp.up_proj.weight"
+            || name == "model.layers.0.mlp.gate_proj.weight"
+        {
+            for c in data.chunks_exact_mut(2) {
+                let v = bf16::from_le_bytes([c[0], c[1]]).to_f32() * 600.0;
+                c.copy_from_slice(&bf16::from_f32(v).to_le_bytes());
+            }
+        }
+        out.push((name, view.dtype(), view.shape().to_vec(), data));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = out
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &file).unwrap();
+    dir
+}
+
+#[test]
+fn f16_overflow_of_a_synthesized_models_activations_is_flagged_and_the_f32_path_stays_finite() {
+    let dir = large_activation_model();
+    let store = WeightStore::open(&dir).unwrap();
+    let (h, inter, m) = (64usize, 128usize, 5usize);
+    let embed = store.get("model.embed_tokens.weight", &[300, h]).unwrap();
+    let norm = RmsNorm {
+        w: store
+            .get("model.layers.0.post_attention_layernorm.weight", &[h])
+            .unwrap()
+            .to_f32(),
+        eps: 1e-5,
+    };
+    let gate = store
+        .get("model.layers.0.mlp.gate_proj.weight", &[inter, h])
+        .unwrap();
+    let up = store
+        .get("model.layers.0.mlp.up_proj.weight", &[inter, h])
+        .unwrap();
+    let down = store
+        .get("model.layers.0.mlp.down_proj.weight", &[h, inter])
+        .unwrap();
+    // The MLP of layer 0 on five tokens' embeddings, as the CPU backend computes it.
+    let mut x = vec![0f32; m * h];
+    for (r, id) in [3usize, 50, 120, 200, 299].iter().enumerate() {
+        embed.read_f32(id * h, &mut x[r * h..(r + 1) * h]);
+    }
+    let mut xn = vec![0f32; m * h];
+    norm.forward_into(&x, &mut xn);
+    let mut act = matmul_wt(&xn, m, &gate);
+    let u = matmul_wt(&xn, m, &up);
+    copyhold_node::layers::silu_mul(&mut act, &u);
+    let peak = act.iter().fold(0f32, |a, v| a.max(v.abs()));
+    assert!(
+        peak > 65504.0,
+        "the synthesized activations peak at {peak}, within f16"
+    );
+    let want = matmul_wt(&act, m, &down);
+    assert!(want.iter().all(|v| v.is_finite()));
+    // down_proj's weights fit f16 (the device keeps them f16 before sm_80).
+    let down_bits: Vec<u16> = down
+        .to_f32()
+        .iter()
+        .map(|v| f16::from_f32(*v).to_bits())
+        .collect();
+    for arch in ARCHS {
+        let s = sim(arch);
+        // The fast path's cast: the overflow is seen.
+        let n = act.len();
+        let mut xh = vec![0u16; n];
+        let mut overflow = 0i32;
+        launch!(s, "cast_f32_f16", Cfg::d1(n, 256); act.as_ptr() => *const f32, xh.as_mut_ptr() => *mut u16, n => usize, &mut overflow as *mut i32 => *mut i32).unwrap();
+        assert_eq!(overflow, 1, "sm_{}: overflow not flagged", arch / 10);
+        assert!(
+            xh.iter().any(|&b| b & 0x7fff == 0x7c00),
+            "the cast made infinities"
+        );
+        // What the backend falls back to: f32 activations through the GEMV.
+        let mut y = vec![f32::NAN; m * h];
+        let cfg = Cfg::new(((h as u32).div_ceil(8), 1, 1), 256, 0);
+        launch!(s, "gemv_f16", cfg; act.as_ptr() => *const f32, down_bits.as_ptr() => *const u16, std::ptr::null::<f32>() => *const f32, y.as_mut_ptr() => *mut f32, m as i32 => i32, h as i32 => i32, inter as i32 => i32).unwrap();
+        // The CPU multiplies the bf16 weights; the device their f16 copies
+        // (exact for bf16 values in f16's normal range; tiny ones round).
+        let e = assert_close("down_proj in f32", &y, &want, 1e-3);
+        pass(
+            "cast_f32_f16+gemv_f16",
+            arch,
+            &format!("synthesized bf16 MLP, activations up to {peak:.0}"),
+            e,
+        );
+    }
+}

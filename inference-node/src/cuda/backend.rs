@@ -26,12 +26,13 @@ use cudarc::driver::{
     CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
     result as dres, sys as dsys,
 };
-use half::{bf16, f16};
 
 use super::CudaError;
+use super::convert::{self, HostBits};
 use super::kernels::Kernels;
 use super::nvrtc::{self, Nvrtc, Source};
 use super::plan::{self, ArchPath, GEMV_MAX_ROWS, GemmMode, KvDtype, Placement, Sizes, StepLayout};
+use super::scratch::Reuse;
 use crate::config::ModelConfig;
 use crate::layers::{Batch, Linear};
 use crate::models::{Backend, BackendError, Decoder, RowOut, RowWant};
@@ -202,6 +203,25 @@ struct Shard {
     inv_freq: CudaSlice<f64>,
     /// One flag per projection (`DevLinear::slot`): its f16 cast overflowed.
     overflow: CudaSlice<i32>,
+    /// Temporary buffers kept between steps.
+    scratch: std::sync::Mutex<StepScratch>,
+}
+
+/// A shard's per-step buffers, reused while big enough (scratch.rs).
+#[derive(Default)]
+struct StepScratch {
+    cast: Reuse<CudaSlice<u16>>,
+    part_out: Reuse<CudaSlice<f32>>,
+    part_max: Reuse<CudaSlice<f32>>,
+    part_sum: Reuse<CudaSlice<f32>>,
+}
+
+impl Shard {
+    fn scratch(&self) -> Result<std::sync::MutexGuard<'_, StepScratch>, CudaError> {
+        self.scratch.lock().map_err(|_| {
+            CudaError::Unsupported("a step panicked holding the scratch buffers".into())
+        })
+    }
 }
 
 /// The CUDA backend.
@@ -242,22 +262,18 @@ fn upload_w(stream: &Arc<CudaStream>, t: &Tensor, path: ArchPath) -> Result<DevW
             CudaError::driver(what.clone(), e)
         }
     };
-    let wide = t.to_f32();
+    // Never an f32 copy of a tensor the device keeps in 16 bits (convert.rs).
+    let raw = t.bytes();
     let max_abs = if t.dtype == DType::BF16 && !path.bf16_native() {
-        wide.iter().fold(0.0f32, |m, x| m.max(x.abs()))
+        convert::bf16_max_abs(raw)
     } else {
         0.0
     };
-    Ok(match plan::device_dtype(t.dtype, path, max_abs) {
-        DType::F32 => DevW::F32(stream.clone_htod(&wide).map_err(oom)?),
-        DType::F16 => {
-            let bits: Vec<u16> = wide.iter().map(|&x| f16::from_f32(x).to_bits()).collect();
-            DevW::F16(stream.clone_htod(&bits).map_err(oom)?)
-        }
-        DType::BF16 => {
-            let bits: Vec<u16> = wide.iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
-            DevW::BF16(stream.clone_htod(&bits).map_err(oom)?)
-        }
+    let device = plan::device_dtype(t.dtype, path, max_abs);
+    Ok(match (device, convert::device_bits(raw, t.dtype, device)) {
+        (_, HostBits::F32(v)) => DevW::F32(stream.clone_htod(&v[..]).map_err(oom)?),
+        (DType::BF16, HostBits::Half(h)) => DevW::BF16(stream.clone_htod(&h[..]).map_err(oom)?),
+        (_, HostBits::Half(h)) => DevW::F16(stream.clone_htod(&h[..]).map_err(oom)?),
     })
 }
 
@@ -594,6 +610,7 @@ impl CudaBackend {
             v_cache,
             inv_freq,
             overflow,
+            scratch: Default::default(),
         })
     }
 
@@ -937,14 +954,18 @@ fn linear(
             } else {
                 ("cast_f32_bf16", bsys::cudaDataType::CUDA_R_16BF)
             };
-            let mut xh: CudaSlice<u16> = unsafe { st.alloc(m * k) }.map_err(drv("allocating"))?;
+            let mut scratch = sh.scratch()?;
+            let xh = scratch.cast.get(m * k, |c| {
+                // Every element read is written by the cast first.
+                unsafe { st.alloc::<u16>(c) }.map_err(drv("allocating the cast buffer"))
+            })?;
             let f = sh.kernels.get(cast)?;
             let nn = (m * k) as u64;
             let flag = sh.overflow.slice(lin.slot..lin.slot + 1);
             let mut b = st.launch_builder(f);
             // cast_f32_f16(const float* x, h16* y, size_t n, int* overflow)
             // cast_f32_bf16(const float* x, b16* y, size_t n)
-            b.arg(x).arg(&mut xh).arg(&nn);
+            b.arg(x).arg(&mut *xh).arg(&nn);
             if matches!(lin.w, DevW::F16(_)) {
                 b.arg(&flag);
             }
@@ -1199,11 +1220,21 @@ fn attention(
         let nd = layout.decode.len();
         let part = be.part_size;
         let nparts = layout.decode_parts(window, part);
+        let mut scratch = sh.scratch()?;
+        let StepScratch {
+            part_out,
+            part_max,
+            part_sum,
+            ..
+        } = &mut *scratch;
         let parts = if nparts > 1 {
-            let po = alloc(st, nd * nh * nparts * hd, "attention partials")?;
-            let pm = alloc(st, nd * nh * nparts, "attention partials")?;
-            let ps = alloc(st, nd * nh * nparts, "attention partials")?;
-            Some((po, pm, ps))
+            let n = nd * nh * nparts;
+            let what = |c| alloc(st, c, "attention partials");
+            Some((
+                &*part_out.get(n * hd, what)?,
+                &*part_max.get(n, what)?,
+                &*part_sum.get(n, what)?,
+            ))
         } else {
             None
         };
@@ -1234,7 +1265,7 @@ fn attention(
             .arg(&wi)
             .arg(&parti)
             .arg(&scale);
-        match &parts {
+        match parts {
             Some((po, pm, ps)) => b.arg(po).arg(pm).arg(ps),
             None => b.arg(&NULL).arg(&NULL).arg(&NULL),
         };
@@ -1244,7 +1275,7 @@ fn attention(
             shared_mem_bytes: plan::decode_smem(group, hd, part) as u32,
         };
         unsafe { b.launch(cfg) }.map_err(launch_err("attention_decode"))?;
-        if let Some((po, pm, ps)) = &parts {
+        if let Some((po, pm, ps)) = parts {
             let f = sh.kernels.get("attention_reduce")?;
             let npi = nparts as i32;
             // attention_reduce(part_out, part_max, part_sum, out, tokens, heads, head_dim, nparts)
