@@ -1168,3 +1168,35 @@ fn f16_overflow_of_a_synthesized_models_activations_is_flagged_and_the_f32_path_
         );
     }
 }
+
+// ---- the simulator itself ------------------------------------------------------------------
+
+#[test]
+fn the_simulator_catches_a_missing_barrier_a_shuffle_after_exit_and_a_divergent_barrier() {
+    let s = sim(800);
+    // Missing __syncthreads: some thread order reads a partial sum before
+    // it is written (NaN from the filled shared memory, or a wrong sum).
+    let x = vec![1.0f32; 4 * 128];
+    let wrong = (1..=8u64).any(|seed| {
+        let mut out = vec![0f32; 4];
+        let cfg = Cfg { seed, ..Cfg::new((4, 1, 1), 128, 0) };
+        launch!(s, "selftest_missing_barrier", cfg; x.as_ptr() => *const f32, out.as_mut_ptr() => *mut f32).unwrap();
+        out.iter().any(|&v| v != 128.0)
+    });
+    assert!(wrong, "a missing barrier went unnoticed in 8 thread orders");
+    let mut out = vec![0f32; 64];
+    let e = launch!(s, "selftest_shuffle_after_exit", Cfg::new((1, 1, 1), 64, 0); out.as_mut_ptr() => *mut f32).unwrap_err();
+    assert!(e.contains("exited"), "{e}");
+    let e = launch!(s, "selftest_divergent_barrier", Cfg::new((1, 1, 1), 64, 0); out.as_mut_ptr() => *mut f32).unwrap_err();
+    assert!(e.contains("two places"), "{e}");
+    // Blocks on two worker threads, atomics on one counter; ballots.
+    let (mut count, mut odd) = (0i32, 0u32);
+    launch!(s, "selftest_atomics", Cfg::new((64, 1, 1), 256, 0); &mut count as *mut i32 => *mut i32, &mut odd as *mut u32 => *mut u32).unwrap();
+    assert_eq!((count, odd), (64 * 256, 64 * 128));
+    // Launch limits as the driver's.
+    let e = launch!(s, "selftest_atomics", Cfg::new((1, 1, 1), 2048, 0); &mut count as *mut i32 => *mut i32, &mut odd as *mut u32 => *mut u32).unwrap_err();
+    assert!(e.contains("1024"), "{e}");
+    println!(
+        "simulator self-test: missing barrier, shuffle after exit, divergent barrier caught; atomics and ballots exact"
+    );
+}

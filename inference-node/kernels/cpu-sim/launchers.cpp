@@ -63,3 +63,9 @@ CUSIM_KERNEL(attention_reduce, (const float* po, const float* pm, const float* p
 
 CUSIM_KERNEL(argmax_rows, (const float* logits, int vocab, int* out), (logits, vocab, out))
 CUSIM_KERNEL(sample_rows, (const float* logits, int vocab, const float* t, const int* top_k, const float* top_p, const float* min_p, const double* u, int* out), (logits, vocab, t, top_k, top_p, min_p, u, out))
+
+#include "selftest.cu"
+CUSIM_KERNEL(selftest_missing_barrier, (const float* x, float* out), (x, out))
+CUSIM_KERNEL(selftest_shuffle_after_exit, (float* out), (out))
+CUSIM_KERNEL(selftest_divergent_barrier, (float* out), (out))
+CUSIM_KERNEL(selftest_atomics, (int* count, unsigned int* odd), (count, odd))
