@@ -18,7 +18,28 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w,
 #pragma unroll
   for (int r = 0; r < GEMV_MAX_ROWS; ++r) acc[r] = 0.0f;
   if ((k & 7) == 0) {
-    for (int kk = lane * 8; kk < k; kk += 256) {
+    int kk = lane * 8;
+    // Unrolled by two: both 16-byte weight loads are issued before the
+    // FMAs use either, so each lane keeps 32 bytes in flight. The
+    // accumulation order is the plain loop's (kk, then kk + 256).
+    for (; kk + 256 < k; kk += 512) {
+      float w0[8], w1[8];
+      ld8(wr + kk, w0);
+      ld8(wr + kk + 256, w1);
+#pragma unroll
+      for (int r = 0; r < GEMV_MAX_ROWS; ++r) {
+        if (r < m) {
+          float x0[8], x1[8];
+          ld8(x + (size_t)r * k + kk, x0);
+          ld8(x + (size_t)r * k + kk + 256, x1);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[r] = fmaf(x0[j], w0[j], acc[r]);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[r] = fmaf(x1[j], w1[j], acc[r]);
+        }
+      }
+    }
+    if (kk < k) {
       float wv[8];
       ld8(wr + kk, wv);
 #pragma unroll

@@ -532,6 +532,9 @@ fn gemv_matches_the_cpu_matmul_for_every_weight_dtype_and_tail_shape() {
             (8, 17, 264),
             (5, 1, 8),
             (2, 33, 1),
+            // Through the unrolled body (two 16-byte loads a lane) and its tail.
+            (4, 11, 1288),
+            (1, 8, 768),
         ] {
             let x = values(m * k, 41, 1.0);
             let w = values(n * k, 42, 0.5);
