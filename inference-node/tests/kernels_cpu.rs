@@ -234,7 +234,10 @@ fn tensor(dtype: safetensors::Dtype, shape: &[usize], data: &[f32]) -> Tensor {
     let dir = tempdir();
     let view = safetensors::tensor::TensorView::new(dtype, shape.to_vec(), &bytes).unwrap();
     safetensors::serialize_to_file([("w", view)], None, &dir.join("model.safetensors")).unwrap();
-    WeightStore::open(&dir).unwrap().get("w", shape).unwrap()
+    let t = WeightStore::open(&dir).unwrap().get("w", shape).unwrap();
+    // The mapping outlives the file.
+    std::fs::remove_dir_all(&dir).unwrap();
+    t
 }
 
 fn tempdir() -> PathBuf {
@@ -1121,6 +1124,7 @@ fn f16_overflow_of_a_synthesized_models_activations_is_flagged_and_the_f32_path_
     let down = store
         .get("model.layers.0.mlp.down_proj.weight", &[h, inter])
         .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
     // The MLP of layer 0 on five tokens' embeddings, as the CPU backend computes it.
     let mut x = vec![0f32; m * h];
     for (r, id) in [3usize, 50, 120, 200, 299].iter().enumerate() {
@@ -1202,4 +1206,91 @@ fn the_simulator_catches_a_missing_barrier_a_shuffle_after_exit_and_a_divergent_
     println!(
         "simulator self-test: missing barrier, shuffle after exit, divergent barrier caught; atomics and ballots exact"
     );
+}
+
+#[test]
+fn fused_gemv_matches_three_separate_cpu_projections() {
+    use safetensors::Dtype as D;
+    for arch in ARCHS {
+        let s = sim(arch);
+        // q/k/v shapes with GQA (k, v narrower), and gate/up (n2 = 0).
+        for (m, ns, k) in [
+            (1usize, [13usize, 5, 5], 40usize),
+            (8, [9, 3, 3], 37),
+            (3, [17, 11, 0], 264),
+        ] {
+            let x = values(m * k, 51, 1.0);
+            let ws: Vec<Vec<f32>> = (0..3)
+                .map(|i| values(ns[i] * k, 52 + i as u64, 0.5))
+                .collect();
+            let bs: Vec<Vec<f32>> = (0..3)
+                .map(|i| values(ns[i].max(1), 55 + i as u64, 0.1))
+                .collect();
+            for (dt, name) in [
+                (D::F32, "gemv3_f32"),
+                (D::F16, "gemv3_f16"),
+                (D::BF16, "gemv3_bf16"),
+            ] {
+                let want: Vec<Vec<f32>> = (0..3)
+                    .map(|i| {
+                        if ns[i] == 0 {
+                            return Vec::new();
+                        }
+                        let mut y = matmul_wt(&x, m, &tensor(dt, &[ns[i], k], &ws[i]));
+                        for (j, v) in y.iter_mut().enumerate() {
+                            *v += bs[i][j % ns[i]];
+                        }
+                        y
+                    })
+                    .collect();
+                let wbits: Vec<Vec<u16>> = ws
+                    .iter()
+                    .map(|w| {
+                        if dt == D::F32 {
+                            Vec::new()
+                        } else {
+                            bits16(dt, w)
+                        }
+                    })
+                    .collect();
+                let got = twice(name, |seed| {
+                    let mut ys: Vec<Vec<f32>> = (0..3).map(|i| vec![f32::NAN; m * ns[i]]).collect();
+                    let rows: usize = ns.iter().sum();
+                    let cfg = Cfg {
+                        seed,
+                        ..Cfg::new(((rows as u32).div_ceil(8), 1, 1), 256, 0)
+                    };
+                    let (y0, rest) = ys.split_at_mut(1);
+                    let (y1, y2) = rest.split_at_mut(1);
+                    let (n0, n1, n2, mi, ki) =
+                        (ns[0] as i32, ns[1] as i32, ns[2] as i32, m as i32, k as i32);
+                    let w = |i: usize| -> *const u8 {
+                        if dt == D::F32 {
+                            ws[i].as_ptr().cast()
+                        } else {
+                            wbits[i].as_ptr().cast()
+                        }
+                    };
+                    let r = match dt {
+                        D::F32 => {
+                            launch!(s, "gemv3_f32", cfg; x.as_ptr() => *const f32, w(0) => *const u8, bs[0].as_ptr() => *const f32, y0[0].as_mut_ptr() => *mut f32, n0 => i32, w(1) => *const u8, bs[1].as_ptr() => *const f32, y1[0].as_mut_ptr() => *mut f32, n1 => i32, w(2) => *const u8, bs[2].as_ptr() => *const f32, y2[0].as_mut_ptr() => *mut f32, n2 => i32, mi => i32, ki => i32)
+                        }
+                        D::F16 => {
+                            launch!(s, "gemv3_f16", cfg; x.as_ptr() => *const f32, w(0) => *const u8, bs[0].as_ptr() => *const f32, y0[0].as_mut_ptr() => *mut f32, n0 => i32, w(1) => *const u8, bs[1].as_ptr() => *const f32, y1[0].as_mut_ptr() => *mut f32, n1 => i32, w(2) => *const u8, bs[2].as_ptr() => *const f32, y2[0].as_mut_ptr() => *mut f32, n2 => i32, mi => i32, ki => i32)
+                        }
+                        _ => {
+                            launch!(s, "gemv3_bf16", cfg; x.as_ptr() => *const f32, w(0) => *const u8, bs[0].as_ptr() => *const f32, y0[0].as_mut_ptr() => *mut f32, n0 => i32, w(1) => *const u8, bs[1].as_ptr() => *const f32, y1[0].as_mut_ptr() => *mut f32, n1 => i32, w(2) => *const u8, bs[2].as_ptr() => *const f32, y2[0].as_mut_ptr() => *mut f32, n2 => i32, mi => i32, ki => i32)
+                        }
+                    };
+                    r.unwrap();
+                    ys.iter().map(|y| bits(y)).collect::<Vec<_>>()
+                });
+                let mut e: f64 = 0.0;
+                for i in 0..3 {
+                    e = e.max(assert_close(name, &unbits(&got[i]), &want[i], 1e-5));
+                }
+                pass(name, arch, &format!("m {m} n {ns:?} k {k}"), e);
+            }
+        }
+    }
 }

@@ -40,6 +40,15 @@ CUSIM_KERNEL(add_bias, (float* y, const float* bias, int m, int n), (y, bias, m,
 CUSIM_KERNEL(gemv_f32, (const float* x, const float* w, const float* bias, float* y, int m, int n, int k), (x, w, bias, y, m, n, k))
 CUSIM_KERNEL(gemv_f16, (const float* x, H16 w, const float* bias, float* y, int m, int n, int k), (x, w, bias, y, m, n, k))
 CUSIM_KERNEL(gemv_bf16, (const float* x, B16 w, const float* bias, float* y, int m, int n, int k), (x, w, bias, y, m, n, k))
+#define GEMV3_LAUNCHER(SFX, W)                                                                          \
+  CUSIM_KERNEL(gemv3_##SFX,                                                                              \
+               (const float* x, const W* w0, const float* b0, float* y0, int n0, const W* w1,           \
+                const float* b1, float* y1, int n1, const W* w2, const float* b2, float* y2, int n2,    \
+                int m, int k),                                                                           \
+               (x, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, m, k))
+GEMV3_LAUNCHER(f32, float)
+GEMV3_LAUNCHER(f16, h16)
+GEMV3_LAUNCHER(bf16, b16)
 CUSIM_KERNEL(gemv_q8, (const int* xq, float xscale, const int* wq, const float* wscale, float* y, int n, int k), (xq, xscale, wq, wscale, y, n, k))
 
 #define ATTN_LAUNCHERS(SFX, KV)                                                                           \

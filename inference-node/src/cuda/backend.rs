@@ -1016,6 +1016,73 @@ fn linear(
     Ok(())
 }
 
+/// Up to three projections of the same input (q/k/v, gate/up): one fused
+/// GEMV launch (`gemv3_*`) when every one takes the GEMV path (at most 8
+/// rows) with the same weight dtype and width; else one [`linear`] each.
+fn linear_many(
+    be: &CudaBackend,
+    sh: &Shard,
+    outs: &mut [(&DevLinear, &mut CudaSlice<f32>)],
+    x: &CudaSlice<f32>,
+    m: usize,
+) -> Result<(), CudaError> {
+    let first = match outs.first() {
+        Some((l, _)) => *l,
+        None => return Ok(()),
+    };
+    let fusable = m <= GEMV_MAX_ROWS
+        && outs.len() <= 3
+        && outs.iter().all(|(l, _)| {
+            l.k == first.k && std::mem::discriminant(&l.w) == std::mem::discriminant(&first.w)
+        });
+    if !fusable {
+        for (l, y) in outs.iter_mut() {
+            linear(be, sh, l, x, y, m)?;
+        }
+        return Ok(());
+    }
+    let name = match first.w {
+        DevW::F32(_) => "gemv3_f32",
+        DevW::F16(_) => "gemv3_f16",
+        DevW::BF16(_) => "gemv3_bf16",
+    };
+    let f = sh.kernels.get(name)?;
+    let mut ns = [0i32; 3];
+    for (n, (l, _)) in ns.iter_mut().zip(outs.iter()) {
+        *n = l.n as i32;
+    }
+    let rows: usize = outs.iter().map(|(l, _)| l.n).sum();
+    let (mi, ki) = (m as i32, first.k as i32);
+    let cfg = LaunchConfig {
+        // One warp per output row of all the projections, 8 warps per block.
+        grid_dim: ((rows as u32).div_ceil(8), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let used = outs.len();
+    let mut b = sh.stream.launch_builder(f);
+    // gemv3_*(const float* x, const W* w0, const float* b0, float* y0, int n0,
+    //   w1, b1, y1, n1, w2, b2, y2, n2, int m, int k)
+    b.arg(x);
+    for ((l, y), n) in outs.iter_mut().zip(ns.iter()) {
+        match &l.w {
+            DevW::F32(w) => b.arg(w),
+            DevW::F16(w) | DevW::BF16(w) => b.arg(w),
+        };
+        match &l.bias {
+            Some(bias) => b.arg(bias),
+            None => b.arg(&NULL),
+        };
+        b.arg(&mut **y).arg(n);
+    }
+    for n in &ns[used..] {
+        b.arg(&NULL).arg(&NULL).arg(&NULL).arg(n);
+    }
+    b.arg(&mi).arg(&ki);
+    unsafe { b.launch(cfg) }.map_err(launch_err("gemv3"))?;
+    Ok(())
+}
+
 /// The GEMV kernel over chunks of up to 8 rows.
 fn gemv(
     sh: &Shard,
@@ -1122,9 +1189,13 @@ fn forward_layers(
             h,
             eps,
         )?;
-        linear(be, sh, &layer.q, &hn, &mut q, m)?;
-        linear(be, sh, &layer.k, &hn, &mut k, m)?;
-        linear(be, sh, &layer.v, &hn, &mut v, m)?;
+        linear_many(
+            be,
+            sh,
+            &mut [(&layer.q, &mut q), (&layer.k, &mut k), (&layer.v, &mut v)],
+            &hn,
+            m,
+        )?;
         for (buf, heads) in [(&mut q, nh), (&mut k, nkv)] {
             let f = sh.kernels.get("rope_apply")?;
             let (mi, hh, hdi, inter_flag) = (m as i32, heads as i32, hd as i32, 0i32);
@@ -1145,8 +1216,13 @@ fn forward_layers(
         attention(be, sh, li, &q, &k, &v, &mut attn, dev, layout, layer.window)?;
         linear(be, sh, &layer.o, &attn, &mut o, m)?;
         add_rmsnorm(sh, x, Some(&o), &layer.post_norm, &mut hn, m, h, eps)?;
-        linear(be, sh, &layer.gate, &hn, &mut g, m)?;
-        linear(be, sh, &layer.up, &hn, &mut u, m)?;
+        linear_many(
+            be,
+            sh,
+            &mut [(&layer.gate, &mut g), (&layer.up, &mut u)],
+            &hn,
+            m,
+        )?;
         {
             let f = sh.kernels.get("silu_mul")?;
             let nn = (m * inter) as u64;
