@@ -7,18 +7,39 @@
 // reduction.
 #define GEMV_MAX_ROWS 8
 
+// One warp's output row `row` of y = x·Wᵀ (+ bias) for m activation rows.
 template <typename W>
-__device__ void gemv(const float* __restrict__ x, const W* __restrict__ w,
-                     const float* __restrict__ bias, float* __restrict__ y, int m, int n, int k) {
-  int row = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
+__device__ void gemv_row(const float* __restrict__ x, const W* __restrict__ w,
+                         const float* __restrict__ bias, float* __restrict__ y, int m, int n, int k,
+                         int row) {
   int lane = threadIdx.x & 31;
-  if (row >= n) return;
   const W* wr = w + (size_t)row * k;
   float acc[GEMV_MAX_ROWS];
 #pragma unroll
   for (int r = 0; r < GEMV_MAX_ROWS; ++r) acc[r] = 0.0f;
   if ((k & 7) == 0) {
-    for (int kk = lane * 8; kk < k; kk += 256) {
+    int kk = lane * 8;
+    // Unrolled by two: both 16-byte weight loads are issued before the
+    // FMAs use either, so each lane keeps 32 bytes in flight. The
+    // accumulation order is the plain loop's (kk, then kk + 256).
+    for (; kk + 256 < k; kk += 512) {
+      float w0[8], w1[8];
+      ld8(wr + kk, w0);
+      ld8(wr + kk + 256, w1);
+#pragma unroll
+      for (int r = 0; r < GEMV_MAX_ROWS; ++r) {
+        if (r < m) {
+          float x0[8], x1[8];
+          ld8(x + (size_t)r * k + kk, x0);
+          ld8(x + (size_t)r * k + kk + 256, x1);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[r] = fmaf(x0[j], w0[j], acc[r]);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[r] = fmaf(x1[j], w1[j], acc[r]);
+        }
+      }
+    }
+    if (kk < k) {
       float wv[8];
       ld8(wr + kk, wv);
 #pragma unroll
@@ -48,6 +69,44 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w,
       if (r < m) y[(size_t)r * n + row] = acc[r] + b;
   }
 }
+
+template <typename W>
+__device__ void gemv(const float* __restrict__ x, const W* __restrict__ w,
+                     const float* __restrict__ bias, float* __restrict__ y, int m, int n, int k) {
+  int row = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
+  if (row >= n) return;
+  gemv_row(x, w, bias, y, m, n, k, row);
+}
+
+// Up to three projections of the same activations in one launch (decode's
+// q/k/v, or gate/up with n2 = 0): warps [0, n0) compute y0 from w0, the
+// next n1 warps y1 from w1, the next n2 y2 from w2, each row exactly as
+// gemv does. One launch instead of three, and the activations are read
+// while still in L1/L2.
+template <typename W>
+__device__ void gemv3(const float* __restrict__ x, const W* w0, const float* b0, float* y0, int n0,
+                      const W* w1, const float* b1, float* y1, int n1, const W* w2,
+                      const float* b2, float* y2, int n2, int m, int k) {
+  int row = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
+  if (row < n0) {
+    gemv_row(x, w0, b0, y0, m, n0, k, row);
+  } else if (row - n0 < n1) {
+    gemv_row(x, w1, b1, y1, m, n1, k, row - n0);
+  } else if (row - n0 - n1 < n2) {
+    gemv_row(x, w2, b2, y2, m, n2, k, row - n0 - n1);
+  }
+}
+
+#define GEMV3_ENTRY(SUFFIX, W)                                                                  \
+  extern "C" __global__ void gemv3_##SUFFIX(const float* x, const W* w0, const float* b0,      \
+                                            float* y0, int n0, const W* w1, const float* b1,   \
+                                            float* y1, int n1, const W* w2, const float* b2,   \
+                                            float* y2, int n2, int m, int k) {                 \
+    gemv3(x, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, m, k);                            \
+  }
+GEMV3_ENTRY(f32, float)
+GEMV3_ENTRY(f16, h16)
+GEMV3_ENTRY(bf16, b16)
 
 extern "C" __global__ void gemv_f32(const float* x, const float* w, const float* bias, float* y, int m, int n, int k) {
   gemv(x, w, bias, y, m, n, k);

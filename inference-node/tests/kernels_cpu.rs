@@ -236,7 +236,10 @@ fn tensor(dtype: safetensors::Dtype, shape: &[usize], data: &[f32]) -> Tensor {
     let dir = tempdir();
     let view = safetensors::tensor::TensorView::new(dtype, shape.to_vec(), &bytes).unwrap();
     safetensors::serialize_to_file([("w", view)], None, &dir.join("model.safetensors")).unwrap();
-    WeightStore::open(&dir).unwrap().get("w", shape).unwrap()
+    let t = WeightStore::open(&dir).unwrap().get("w", shape).unwrap();
+    // The mapping outlives the file.
+    std::fs::remove_dir_all(&dir).unwrap();
+    t
 }
 
 fn tempdir() -> PathBuf {
@@ -534,6 +537,9 @@ fn gemv_matches_the_cpu_matmul_for_every_weight_dtype_and_tail_shape() {
             (8, 17, 264),
             (5, 1, 8),
             (2, 33, 1),
+            // Through the unrolled body (two 16-byte loads a lane) and its tail.
+            (4, 11, 1288),
+            (1, 8, 768),
         ] {
             let x = values(m * k, 41, 1.0);
             let w = values(n * k, 42, 0.5);
@@ -1055,4 +1061,238 @@ fn sample_rows_draws_the_token_the_cpu_sampler_draws() {
         "sample_rows evaluates {exps:.1} exponentials per token"
     );
     println!("sample_rows: {exps:.1} exp(double) per token of the row");
+}
+
+// ---- fp16 overflow (sm_60..sm_75 fast path) ----------------------------------------------
+
+/// A synthesized bf16 Llama whose layer 0 `up_proj` is scaled up, so its
+/// `down_proj` inputs exceed f16's 65504 as bf16-trained models' can.
+fn large_activation_model() -> PathBuf {
+    use copyhold_node::config::Arch;
+    use copyhold_node::synth::{SynthSpec, synth};
+    use copyhold_node::weights::DType;
+    let dir = tempdir();
+    let mut spec = SynthSpec::tiny(Arch::Llama);
+    spec.dtype = DType::BF16;
+    synth(&spec, &dir).unwrap();
+    let file = dir.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        let mut data = view.data().to_vec();
+        if name == "model.layers.0.mlp.up_proj.weight"
+            || name == "model.layers.0.mlp.gate_proj.weight"
+        {
+            for c in data.chunks_exact_mut(2) {
+                let v = bf16::from_le_bytes([c[0], c[1]]).to_f32() * 600.0;
+                c.copy_from_slice(&bf16::from_f32(v).to_le_bytes());
+            }
+        }
+        out.push((name, view.dtype(), view.shape().to_vec(), data));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = out
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &file).unwrap();
+    dir
+}
+
+#[test]
+fn f16_overflow_of_a_synthesized_models_activations_is_flagged_and_the_f32_path_stays_finite() {
+    let dir = large_activation_model();
+    let store = WeightStore::open(&dir).unwrap();
+    let (h, inter, m) = (64usize, 128usize, 5usize);
+    let embed = store.get("model.embed_tokens.weight", &[300, h]).unwrap();
+    let norm = RmsNorm {
+        w: store
+            .get("model.layers.0.post_attention_layernorm.weight", &[h])
+            .unwrap()
+            .to_f32(),
+        eps: 1e-5,
+    };
+    let gate = store
+        .get("model.layers.0.mlp.gate_proj.weight", &[inter, h])
+        .unwrap();
+    let up = store
+        .get("model.layers.0.mlp.up_proj.weight", &[inter, h])
+        .unwrap();
+    let down = store
+        .get("model.layers.0.mlp.down_proj.weight", &[h, inter])
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    // The MLP of layer 0 on five tokens' embeddings, as the CPU backend computes it.
+    let mut x = vec![0f32; m * h];
+    for (r, id) in [3usize, 50, 120, 200, 299].iter().enumerate() {
+        embed.read_f32(id * h, &mut x[r * h..(r + 1) * h]);
+    }
+    let mut xn = vec![0f32; m * h];
+    norm.forward_into(&x, &mut xn);
+    let mut act = matmul_wt(&xn, m, &gate);
+    let u = matmul_wt(&xn, m, &up);
+    copyhold_node::layers::silu_mul(&mut act, &u);
+    let peak = act.iter().fold(0f32, |a, v| a.max(v.abs()));
+    assert!(
+        peak > 65504.0,
+        "the synthesized activations peak at {peak}, within f16"
+    );
+    let want = matmul_wt(&act, m, &down);
+    assert!(want.iter().all(|v| v.is_finite()));
+    // down_proj's weights fit f16 (the device keeps them f16 before sm_80).
+    let down_bits: Vec<u16> = down
+        .to_f32()
+        .iter()
+        .map(|v| f16::from_f32(*v).to_bits())
+        .collect();
+    for arch in ARCHS {
+        let s = sim(arch);
+        // The fast path's cast: the overflow is seen.
+        let n = act.len();
+        let mut xh = vec![0u16; n];
+        let mut overflow = 0i32;
+        launch!(s, "cast_f32_f16", Cfg::d1(n, 256); act.as_ptr() => *const f32, xh.as_mut_ptr() => *mut u16, n => usize, &mut overflow as *mut i32 => *mut i32).unwrap();
+        assert_eq!(overflow, 1, "sm_{}: overflow not flagged", arch / 10);
+        assert!(
+            xh.iter().any(|&b| b & 0x7fff == 0x7c00),
+            "the cast made infinities"
+        );
+        // What the backend falls back to: f32 activations through the GEMV.
+        let mut y = vec![f32::NAN; m * h];
+        let cfg = Cfg::new(((h as u32).div_ceil(8), 1, 1), 256, 0);
+        launch!(s, "gemv_f16", cfg; act.as_ptr() => *const f32, down_bits.as_ptr() => *const u16, std::ptr::null::<f32>() => *const f32, y.as_mut_ptr() => *mut f32, m as i32 => i32, h as i32 => i32, inter as i32 => i32).unwrap();
+        // The CPU multiplies the bf16 weights; the device their f16 copies
+        // (exact for bf16 values in f16's normal range; tiny ones round).
+        let e = assert_close("down_proj in f32", &y, &want, 1e-3);
+        pass(
+            "cast_f32_f16+gemv_f16",
+            arch,
+            &format!("synthesized bf16 MLP, activations up to {peak:.0}"),
+            e,
+        );
+    }
+}
+
+// ---- the simulator itself ------------------------------------------------------------------
+
+#[test]
+fn the_simulator_catches_a_missing_barrier_a_shuffle_after_exit_and_a_divergent_barrier() {
+    let s = sim(800);
+    // Missing __syncthreads: some thread order reads a partial sum before
+    // it is written (NaN from the filled shared memory, or a wrong sum).
+    let x = vec![1.0f32; 4 * 128];
+    let wrong = (1..=8u64).any(|seed| {
+        let mut out = vec![0f32; 4];
+        let cfg = Cfg { seed, ..Cfg::new((4, 1, 1), 128, 0) };
+        launch!(s, "selftest_missing_barrier", cfg; x.as_ptr() => *const f32, out.as_mut_ptr() => *mut f32).unwrap();
+        out.iter().any(|&v| v != 128.0)
+    });
+    assert!(wrong, "a missing barrier went unnoticed in 8 thread orders");
+    let mut out = vec![0f32; 64];
+    let e = launch!(s, "selftest_shuffle_after_exit", Cfg::new((1, 1, 1), 64, 0); out.as_mut_ptr() => *mut f32).unwrap_err();
+    assert!(e.contains("exited"), "{e}");
+    let e = launch!(s, "selftest_divergent_barrier", Cfg::new((1, 1, 1), 64, 0); out.as_mut_ptr() => *mut f32).unwrap_err();
+    assert!(e.contains("two places"), "{e}");
+    // Blocks on two worker threads, atomics on one counter; ballots.
+    let (mut count, mut odd) = (0i32, 0u32);
+    launch!(s, "selftest_atomics", Cfg::new((64, 1, 1), 256, 0); &mut count as *mut i32 => *mut i32, &mut odd as *mut u32 => *mut u32).unwrap();
+    assert_eq!((count, odd), (64 * 256, 64 * 128));
+    // Launch limits as the driver's.
+    let e = launch!(s, "selftest_atomics", Cfg::new((1, 1, 1), 2048, 0); &mut count as *mut i32 => *mut i32, &mut odd as *mut u32 => *mut u32).unwrap_err();
+    assert!(e.contains("1024"), "{e}");
+    println!(
+        "simulator self-test: missing barrier, shuffle after exit, divergent barrier caught; atomics and ballots exact"
+    );
+}
+
+#[test]
+fn fused_gemv_matches_three_separate_cpu_projections() {
+    use safetensors::Dtype as D;
+    for arch in ARCHS {
+        let s = sim(arch);
+        // q/k/v shapes with GQA (k, v narrower), and gate/up (n2 = 0).
+        for (m, ns, k) in [
+            (1usize, [13usize, 5, 5], 40usize),
+            (8, [9, 3, 3], 37),
+            (3, [17, 11, 0], 264),
+        ] {
+            let x = values(m * k, 51, 1.0);
+            let ws: Vec<Vec<f32>> = (0..3)
+                .map(|i| values(ns[i] * k, 52 + i as u64, 0.5))
+                .collect();
+            let bs: Vec<Vec<f32>> = (0..3)
+                .map(|i| values(ns[i].max(1), 55 + i as u64, 0.1))
+                .collect();
+            for (dt, name) in [
+                (D::F32, "gemv3_f32"),
+                (D::F16, "gemv3_f16"),
+                (D::BF16, "gemv3_bf16"),
+            ] {
+                let want: Vec<Vec<f32>> = (0..3)
+                    .map(|i| {
+                        if ns[i] == 0 {
+                            return Vec::new();
+                        }
+                        let mut y = matmul_wt(&x, m, &tensor(dt, &[ns[i], k], &ws[i]));
+                        for (j, v) in y.iter_mut().enumerate() {
+                            *v += bs[i][j % ns[i]];
+                        }
+                        y
+                    })
+                    .collect();
+                let wbits: Vec<Vec<u16>> = ws
+                    .iter()
+                    .map(|w| {
+                        if dt == D::F32 {
+                            Vec::new()
+                        } else {
+                            bits16(dt, w)
+                        }
+                    })
+                    .collect();
+                let got = twice(name, |seed| {
+                    let mut ys: Vec<Vec<f32>> = (0..3).map(|i| vec![f32::NAN; m * ns[i]]).collect();
+                    let rows: usize = ns.iter().sum();
+                    let cfg = Cfg {
+                        seed,
+                        ..Cfg::new(((rows as u32).div_ceil(8), 1, 1), 256, 0)
+                    };
+                    let (y0, rest) = ys.split_at_mut(1);
+                    let (y1, y2) = rest.split_at_mut(1);
+                    let (n0, n1, n2, mi, ki) =
+                        (ns[0] as i32, ns[1] as i32, ns[2] as i32, m as i32, k as i32);
+                    let w = |i: usize| -> *const u8 {
+                        if dt == D::F32 {
+                            ws[i].as_ptr().cast()
+                        } else {
+                            wbits[i].as_ptr().cast()
+                        }
+                    };
+                    let r = match dt {
+                        D::F32 => {
+                            launch!(s, "gemv3_f32", cfg; x.as_ptr() => *const f32, w(0) => *const u8, bs[0].as_ptr() => *const f32, y0[0].as_mut_ptr() => *mut f32, n0 => i32, w(1) => *const u8, bs[1].as_ptr() => *const f32, y1[0].as_mut_ptr() => *mut f32, n1 => i32, w(2) => *const u8, bs[2].as_ptr() => *const f32, y2[0].as_mut_ptr() => *mut f32, n2 => i32, mi => i32, ki => i32)
+                        }
+                        D::F16 => {
+                            launch!(s, "gemv3_f16", cfg; x.as_ptr() => *const f32, w(0) => *const u8, bs[0].as_ptr() => *const f32, y0[0].as_mut_ptr() => *mut f32, n0 => i32, w(1) => *const u8, bs[1].as_ptr() => *const f32, y1[0].as_mut_ptr() => *mut f32, n1 => i32, w(2) => *const u8, bs[2].as_ptr() => *const f32, y2[0].as_mut_ptr() => *mut f32, n2 => i32, mi => i32, ki => i32)
+                        }
+                        _ => {
+                            launch!(s, "gemv3_bf16", cfg; x.as_ptr() => *const f32, w(0) => *const u8, bs[0].as_ptr() => *const f32, y0[0].as_mut_ptr() => *mut f32, n0 => i32, w(1) => *const u8, bs[1].as_ptr() => *const f32, y1[0].as_mut_ptr() => *mut f32, n1 => i32, w(2) => *const u8, bs[2].as_ptr() => *const f32, y2[0].as_mut_ptr() => *mut f32, n2 => i32, mi => i32, ki => i32)
+                        }
+                    };
+                    r.unwrap();
+                    ys.iter().map(|y| bits(y)).collect::<Vec<_>>()
+                });
+                let mut e: f64 = 0.0;
+                for i in 0..3 {
+                    e = e.max(assert_close(name, &unbits(&got[i]), &want[i], 1e-5));
+                }
+                pass(name, arch, &format!("m {m} n {ns:?} k {k}"), e);
+            }
+        }
+    }
 }

@@ -40,6 +40,15 @@ CUSIM_KERNEL(add_bias, (float* y, const float* bias, int m, int n), (y, bias, m,
 CUSIM_KERNEL(gemv_f32, (const float* x, const float* w, const float* bias, float* y, int m, int n, int k), (x, w, bias, y, m, n, k))
 CUSIM_KERNEL(gemv_f16, (const float* x, H16 w, const float* bias, float* y, int m, int n, int k), (x, w, bias, y, m, n, k))
 CUSIM_KERNEL(gemv_bf16, (const float* x, B16 w, const float* bias, float* y, int m, int n, int k), (x, w, bias, y, m, n, k))
+#define GEMV3_LAUNCHER(SFX, W)                                                                          \
+  CUSIM_KERNEL(gemv3_##SFX,                                                                              \
+               (const float* x, const W* w0, const float* b0, float* y0, int n0, const W* w1,           \
+                const float* b1, float* y1, int n1, const W* w2, const float* b2, float* y2, int n2,    \
+                int m, int k),                                                                           \
+               (x, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, m, k))
+GEMV3_LAUNCHER(f32, float)
+GEMV3_LAUNCHER(f16, h16)
+GEMV3_LAUNCHER(bf16, b16)
 CUSIM_KERNEL(gemv_q8, (const int* xq, float xscale, const int* wq, const float* wscale, float* y, int n, int k), (xq, xscale, wq, wscale, y, n, k))
 
 #define ATTN_LAUNCHERS(SFX, KV)                                                                           \
@@ -63,3 +72,9 @@ CUSIM_KERNEL(attention_reduce, (const float* po, const float* pm, const float* p
 
 CUSIM_KERNEL(argmax_rows, (const float* logits, int vocab, int* out), (logits, vocab, out))
 CUSIM_KERNEL(sample_rows, (const float* logits, int vocab, const float* t, const int* top_k, const float* top_p, const float* min_p, const double* u, int* out), (logits, vocab, t, top_k, top_p, min_p, u, out))
+
+#include "selftest.cu"
+CUSIM_KERNEL(selftest_missing_barrier, (const float* x, float* out), (x, out))
+CUSIM_KERNEL(selftest_shuffle_after_exit, (float* out), (out))
+CUSIM_KERNEL(selftest_divergent_barrier, (float* out), (out))
+CUSIM_KERNEL(selftest_atomics, (int* count, unsigned int* odd), (count, odd))

@@ -26,12 +26,13 @@ use cudarc::driver::{
     CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
     result as dres, sys as dsys,
 };
-use half::{bf16, f16};
 
 use super::CudaError;
+use super::convert::{self, HostBits};
 use super::kernels::Kernels;
 use super::nvrtc::{self, Nvrtc, Source};
 use super::plan::{self, ArchPath, GEMV_MAX_ROWS, GemmMode, KvDtype, Placement, Sizes, StepLayout};
+use super::scratch::Reuse;
 use crate::engine::backend::{Backend, BackendError, Batch, RowOut, RowWant};
 use crate::model::Decoder;
 use crate::model::config::ModelConfig;
@@ -203,6 +204,25 @@ struct Shard {
     inv_freq: CudaSlice<f64>,
     /// One flag per projection (`DevLinear::slot`): its f16 cast overflowed.
     overflow: CudaSlice<i32>,
+    /// Temporary buffers kept between steps.
+    scratch: std::sync::Mutex<StepScratch>,
+}
+
+/// A shard's per-step buffers, reused while big enough (scratch.rs).
+#[derive(Default)]
+struct StepScratch {
+    cast: Reuse<CudaSlice<u16>>,
+    part_out: Reuse<CudaSlice<f32>>,
+    part_max: Reuse<CudaSlice<f32>>,
+    part_sum: Reuse<CudaSlice<f32>>,
+}
+
+impl Shard {
+    fn scratch(&self) -> Result<std::sync::MutexGuard<'_, StepScratch>, CudaError> {
+        self.scratch.lock().map_err(|_| {
+            CudaError::Unsupported("a step panicked holding the scratch buffers".into())
+        })
+    }
 }
 
 /// The CUDA backend.
@@ -243,22 +263,18 @@ fn upload_w(stream: &Arc<CudaStream>, t: &Tensor, path: ArchPath) -> Result<DevW
             CudaError::driver(what.clone(), e)
         }
     };
-    let wide = t.to_f32();
+    // Never an f32 copy of a tensor the device keeps in 16 bits (convert.rs).
+    let raw = t.bytes();
     let max_abs = if t.dtype == DType::BF16 && !path.bf16_native() {
-        wide.iter().fold(0.0f32, |m, x| m.max(x.abs()))
+        convert::bf16_max_abs(raw)
     } else {
         0.0
     };
-    Ok(match plan::device_dtype(t.dtype, path, max_abs) {
-        DType::F32 => DevW::F32(stream.clone_htod(&wide).map_err(oom)?),
-        DType::F16 => {
-            let bits: Vec<u16> = wide.iter().map(|&x| f16::from_f32(x).to_bits()).collect();
-            DevW::F16(stream.clone_htod(&bits).map_err(oom)?)
-        }
-        DType::BF16 => {
-            let bits: Vec<u16> = wide.iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
-            DevW::BF16(stream.clone_htod(&bits).map_err(oom)?)
-        }
+    let device = plan::device_dtype(t.dtype, path, max_abs);
+    Ok(match (device, convert::device_bits(raw, t.dtype, device)) {
+        (_, HostBits::F32(v)) => DevW::F32(stream.clone_htod(&v[..]).map_err(oom)?),
+        (DType::BF16, HostBits::Half(h)) => DevW::BF16(stream.clone_htod(&h[..]).map_err(oom)?),
+        (_, HostBits::Half(h)) => DevW::F16(stream.clone_htod(&h[..]).map_err(oom)?),
     })
 }
 
@@ -595,6 +611,7 @@ impl CudaBackend {
             v_cache,
             inv_freq,
             overflow,
+            scratch: Default::default(),
         })
     }
 
@@ -938,14 +955,18 @@ fn linear(
             } else {
                 ("cast_f32_bf16", bsys::cudaDataType::CUDA_R_16BF)
             };
-            let mut xh: CudaSlice<u16> = unsafe { st.alloc(m * k) }.map_err(drv("allocating"))?;
+            let mut scratch = sh.scratch()?;
+            let xh = scratch.cast.get(m * k, |c| {
+                // Every element read is written by the cast first.
+                unsafe { st.alloc::<u16>(c) }.map_err(drv("allocating the cast buffer"))
+            })?;
             let f = sh.kernels.get(cast)?;
             let nn = (m * k) as u64;
             let flag = sh.overflow.slice(lin.slot..lin.slot + 1);
             let mut b = st.launch_builder(f);
             // cast_f32_f16(const float* x, h16* y, size_t n, int* overflow)
             // cast_f32_bf16(const float* x, b16* y, size_t n)
-            b.arg(x).arg(&mut xh).arg(&nn);
+            b.arg(x).arg(&mut *xh).arg(&nn);
             if matches!(lin.w, DevW::F16(_)) {
                 b.arg(&flag);
             }
@@ -993,6 +1014,73 @@ fn linear(
         }
         .map_err(launch_err("add_bias"))?;
     }
+    Ok(())
+}
+
+/// Up to three projections of the same input (q/k/v, gate/up): one fused
+/// GEMV launch (`gemv3_*`) when every one takes the GEMV path (at most 8
+/// rows) with the same weight dtype and width; else one [`linear`] each.
+fn linear_many(
+    be: &CudaBackend,
+    sh: &Shard,
+    outs: &mut [(&DevLinear, &mut CudaSlice<f32>)],
+    x: &CudaSlice<f32>,
+    m: usize,
+) -> Result<(), CudaError> {
+    let first = match outs.first() {
+        Some((l, _)) => *l,
+        None => return Ok(()),
+    };
+    let fusable = m <= GEMV_MAX_ROWS
+        && outs.len() <= 3
+        && outs.iter().all(|(l, _)| {
+            l.k == first.k && std::mem::discriminant(&l.w) == std::mem::discriminant(&first.w)
+        });
+    if !fusable {
+        for (l, y) in outs.iter_mut() {
+            linear(be, sh, l, x, y, m)?;
+        }
+        return Ok(());
+    }
+    let name = match first.w {
+        DevW::F32(_) => "gemv3_f32",
+        DevW::F16(_) => "gemv3_f16",
+        DevW::BF16(_) => "gemv3_bf16",
+    };
+    let f = sh.kernels.get(name)?;
+    let mut ns = [0i32; 3];
+    for (n, (l, _)) in ns.iter_mut().zip(outs.iter()) {
+        *n = l.n as i32;
+    }
+    let rows: usize = outs.iter().map(|(l, _)| l.n).sum();
+    let (mi, ki) = (m as i32, first.k as i32);
+    let cfg = LaunchConfig {
+        // One warp per output row of all the projections, 8 warps per block.
+        grid_dim: ((rows as u32).div_ceil(8), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let used = outs.len();
+    let mut b = sh.stream.launch_builder(f);
+    // gemv3_*(const float* x, const W* w0, const float* b0, float* y0, int n0,
+    //   w1, b1, y1, n1, w2, b2, y2, n2, int m, int k)
+    b.arg(x);
+    for ((l, y), n) in outs.iter_mut().zip(ns.iter()) {
+        match &l.w {
+            DevW::F32(w) => b.arg(w),
+            DevW::F16(w) | DevW::BF16(w) => b.arg(w),
+        };
+        match &l.bias {
+            Some(bias) => b.arg(bias),
+            None => b.arg(&NULL),
+        };
+        b.arg(&mut **y).arg(n);
+    }
+    for n in &ns[used..] {
+        b.arg(&NULL).arg(&NULL).arg(&NULL).arg(n);
+    }
+    b.arg(&mi).arg(&ki);
+    unsafe { b.launch(cfg) }.map_err(launch_err("gemv3"))?;
     Ok(())
 }
 
@@ -1102,9 +1190,13 @@ fn forward_layers(
             h,
             eps,
         )?;
-        linear(be, sh, &layer.q, &hn, &mut q, m)?;
-        linear(be, sh, &layer.k, &hn, &mut k, m)?;
-        linear(be, sh, &layer.v, &hn, &mut v, m)?;
+        linear_many(
+            be,
+            sh,
+            &mut [(&layer.q, &mut q), (&layer.k, &mut k), (&layer.v, &mut v)],
+            &hn,
+            m,
+        )?;
         for (buf, heads) in [(&mut q, nh), (&mut k, nkv)] {
             let f = sh.kernels.get("rope_apply")?;
             let (mi, hh, hdi, inter_flag) = (m as i32, heads as i32, hd as i32, 0i32);
@@ -1125,8 +1217,13 @@ fn forward_layers(
         attention(be, sh, li, &q, &k, &v, &mut attn, dev, layout, layer.window)?;
         linear(be, sh, &layer.o, &attn, &mut o, m)?;
         add_rmsnorm(sh, x, Some(&o), &layer.post_norm, &mut hn, m, h, eps)?;
-        linear(be, sh, &layer.gate, &hn, &mut g, m)?;
-        linear(be, sh, &layer.up, &hn, &mut u, m)?;
+        linear_many(
+            be,
+            sh,
+            &mut [(&layer.gate, &mut g), (&layer.up, &mut u)],
+            &hn,
+            m,
+        )?;
         {
             let f = sh.kernels.get("silu_mul")?;
             let nn = (m * inter) as u64;
@@ -1200,11 +1297,21 @@ fn attention(
         let nd = layout.decode.len();
         let part = be.part_size;
         let nparts = layout.decode_parts(window, part);
+        let mut scratch = sh.scratch()?;
+        let StepScratch {
+            part_out,
+            part_max,
+            part_sum,
+            ..
+        } = &mut *scratch;
         let parts = if nparts > 1 {
-            let po = alloc(st, nd * nh * nparts * hd, "attention partials")?;
-            let pm = alloc(st, nd * nh * nparts, "attention partials")?;
-            let ps = alloc(st, nd * nh * nparts, "attention partials")?;
-            Some((po, pm, ps))
+            let n = nd * nh * nparts;
+            let what = |c| alloc(st, c, "attention partials");
+            Some((
+                &*part_out.get(n * hd, what)?,
+                &*part_max.get(n, what)?,
+                &*part_sum.get(n, what)?,
+            ))
         } else {
             None
         };
@@ -1235,7 +1342,7 @@ fn attention(
             .arg(&wi)
             .arg(&parti)
             .arg(&scale);
-        match &parts {
+        match parts {
             Some((po, pm, ps)) => b.arg(po).arg(pm).arg(ps),
             None => b.arg(&NULL).arg(&NULL).arg(&NULL),
         };
@@ -1245,7 +1352,7 @@ fn attention(
             shared_mem_bytes: plan::decode_smem(group, hd, part) as u32,
         };
         unsafe { b.launch(cfg) }.map_err(launch_err("attention_decode"))?;
-        if let Some((po, pm, ps)) = &parts {
+        if let Some((po, pm, ps)) = parts {
             let f = sh.kernels.get("attention_reduce")?;
             let npi = nparts as i32;
             // attention_reduce(part_out, part_max, part_sum, out, tokens, heads, head_dim, nparts)

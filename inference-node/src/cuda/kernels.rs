@@ -53,7 +53,15 @@ pub const PROGRAMS: &[Program] = &[
     Program {
         name: "gemv",
         source: include_str!("../../kernels/gemv.cu"),
-        entries: &["gemv_f32", "gemv_f16", "gemv_bf16", "gemv_q8"],
+        entries: &[
+            "gemv_f32",
+            "gemv_f16",
+            "gemv_bf16",
+            "gemv3_f32",
+            "gemv3_f16",
+            "gemv3_bf16",
+            "gemv_q8",
+        ],
     },
     Program {
         name: "attention",
@@ -140,7 +148,8 @@ mod tests {
                 // Instantiated by a macro: `NAME_##SUFFIX` plus the suffix list.
                 let (stem, suffix) = e.rsplit_once('_').unwrap_or((e, ""));
                 let by_macro = src.contains(&format!("void {stem}_##SUFFIX("))
-                    && src.contains(&format!("_INSTANTIATE({suffix},"));
+                    && (src.contains(&format!("_INSTANTIATE({suffix},"))
+                        || src.contains(&format!("_ENTRY({suffix},")));
                 assert!(direct || by_macro, "{}: {e} not found", p.name);
             }
         }

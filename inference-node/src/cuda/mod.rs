@@ -6,19 +6,23 @@
 //! - [`nvrtc`]: compiling, the CUBIN cache.
 //! - [`kernels`]: the programs and their entry points.
 //! - [`check`]: `cuda-check`, every kernel for every architecture, no GPU.
+//! - [`convert`]: weights in the device dtype without an f32 copy on the host.
 //! - [`libs`]: finding the CUDA libraries and headers; the GPUs NVML reads.
 //! - [`plan`]: pure decisions: per-architecture paths, layer split across
 //!   GPUs, KV pool size.
+//! - [`scratch`]: per-step buffers kept between steps.
 //! - [`backend`]: the forward pass on the GPU.
 //!
 //! See `docs/cuda.md`.
 
 pub mod backend;
 pub mod check;
+pub mod convert;
 pub mod kernels;
 pub mod libs;
 pub mod nvrtc;
 pub mod plan;
+pub mod scratch;
 
 /// Errors of the CUDA backend; each says what to do about it.
 #[derive(Debug, thiserror::Error)]

@@ -62,7 +62,8 @@ impl Tensor {
         self.shape.iter().product()
     }
 
-    fn bytes(&self) -> &[u8] {
+    /// The stored bytes (little-endian elements of `dtype`).
+    pub fn bytes(&self) -> &[u8] {
         &self.map[self.start..self.start + self.len]
     }
 
