@@ -795,7 +795,7 @@ async fn get_power_limit(State(s): State<Arc<AppState>>) -> Response {
 async fn set_power_limit(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    LimitedBody(body): LimitedBody,
 ) -> Response {
     if let Err(e) = authorized(&s, &headers) {
         return e.into_response();

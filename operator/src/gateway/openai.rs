@@ -266,6 +266,114 @@ fn content_text(c: &Value, out: &mut String) -> Result<(), ApiError> {
     }
 }
 
+const SCHEMA_TYPES: [&str; 7] = [
+    "object", "array", "string", "number", "integer", "boolean", "null",
+];
+
+/// Why a JSON schema is malformed (`at` names the place), checked deep
+/// enough that no upstream is sent a schema it must refuse.
+fn schema_fault(s: &Value, at: &str, depth: usize) -> Option<String> {
+    if depth > 32 {
+        return Some(format!("{at}: the schema nests too deeply"));
+    }
+    let o = match s {
+        Value::Bool(_) => return None,
+        Value::Object(o) => o,
+        other => {
+            return Some(format!(
+                "{at}: a schema must be an object, got {}",
+                kind(other)
+            ));
+        }
+    };
+    let type_ok = |t: &Value| t.as_str().is_some_and(|t| SCHEMA_TYPES.contains(&t));
+    match o.get("type") {
+        None => {}
+        Some(Value::Array(ts)) if !ts.is_empty() && ts.iter().all(type_ok) => {}
+        Some(t) if type_ok(t) => {}
+        Some(t) => return Some(format!("{at}.type: {t} is not a JSON schema type")),
+    }
+    if let Some(p) = o.get("properties") {
+        let Some(p) = p.as_object() else {
+            return Some(format!("{at}.properties: must be an object"));
+        };
+        for (k, sub) in p {
+            if let Some(f) = schema_fault(sub, &format!("{at}.properties.{k}"), depth + 1) {
+                return Some(f);
+            }
+        }
+    }
+    if let Some(r) = o.get("required") {
+        let names = r.as_array().filter(|a| a.iter().all(Value::is_string));
+        if names.is_none() {
+            return Some(format!("{at}.required: must be a list of names"));
+        }
+    }
+    for key in ["items", "additionalProperties"] {
+        if let Some(sub) = o.get(key)
+            && let Some(f) = schema_fault(sub, &format!("{at}.{key}"), depth + 1)
+        {
+            return Some(f);
+        }
+    }
+    for key in ["anyOf", "oneOf", "allOf"] {
+        if let Some(v) = o.get(key) {
+            let Some(a) = v.as_array().filter(|a| !a.is_empty()) else {
+                return Some(format!("{at}.{key}: must be a non-empty list"));
+            };
+            for (i, sub) in a.iter().enumerate() {
+                if let Some(f) = schema_fault(sub, &format!("{at}.{key}[{i}]"), depth + 1) {
+                    return Some(f);
+                }
+            }
+        }
+    }
+    if let Some(e) = o.get("enum")
+        && e.as_array().is_none_or(|a| a.is_empty())
+    {
+        return Some(format!("{at}.enum: must be a non-empty list"));
+    }
+    None
+}
+
+/// Checks `tools`: `[{"type": "function", "function": {"name", "parameters"?}}]`
+/// with names of 1–64 letters, digits, `_` or `-` and well-formed schemas.
+fn check_tools(tools: &Value) -> Result<(), ApiError> {
+    let bad = |m: String| Err(ApiError::invalid(Some("tools"), m));
+    let Some(list) = tools.as_array() else {
+        return bad(format!("`tools` must be an array, got {}", kind(tools)));
+    };
+    for (i, t) in list.iter().enumerate() {
+        if t.get("type").and_then(Value::as_str) != Some("function") {
+            return bad(format!("tools[{i}].type must be \"function\""));
+        }
+        let Some(f) = t.get("function").filter(|f| f.is_object()) else {
+            return bad(format!("tools[{i}].function must be an object"));
+        };
+        let name = f.get("name").and_then(Value::as_str).unwrap_or("");
+        let name_ok = (1..=64).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !name_ok {
+            return bad(format!(
+                "tools[{i}].function.name must be 1 to 64 letters, digits, `_` or `-`, got {name:?}"
+            ));
+        }
+        if let Some(p) = f.get("parameters") {
+            if !p.is_object() {
+                return bad(format!(
+                    "tools[{i}].function.parameters must be a JSON schema object"
+                ));
+            }
+            if let Some(fault) = schema_fault(p, &format!("tools[{i}].function.parameters"), 0) {
+                return bad(fault);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Check a parsed request body for `endpoint`. `context_length` is the
 /// model's longest sequence; a `max_tokens` beyond it is refused here.
 pub fn check(
@@ -416,6 +524,15 @@ fn chat_text(obj: &Object, text: &mut String) -> Result<i64, ApiError> {
         if let Some(c) = mo.get("content") {
             content_text(c, text)?;
         }
+        // An assistant's earlier calls are rendered into the prompt.
+        if let Some(calls) = mo.get("tool_calls").filter(|c| !c.is_null()) {
+            text.push_str(&calls.to_string());
+        }
+    }
+    // So are the tool definitions: they count toward the prompt.
+    if let Some(tools) = obj.get("tools").filter(|t| !t.is_null()) {
+        check_tools(tools)?;
+        text.push_str(&tools.to_string());
     }
     Ok(msgs.len() as i64)
 }
@@ -572,5 +689,33 @@ mod tests {
         let r = e.into_response();
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(r.headers()["retry-after"], "30");
+    }
+
+    #[test]
+    fn a_malformed_tool_schema_is_refused_and_tools_count_toward_the_prompt() {
+        let msg = json!([{"role": "user", "content": "x"}]);
+        let tool = |f: Value| json!({"model": "m", "messages": msg, "tools": [{"type": "function", "function": f}]});
+        for f in [
+            json!({"name": "bad name"}),
+            json!({"name": "f", "parameters": "object"}),
+            json!({"name": "f", "parameters": {"type": "strin"}}),
+            json!({"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": 3}}}}),
+            json!({"name": "f", "parameters": {"type": "object", "required": "a"}}),
+            json!({"name": "f", "parameters": {"anyOf": []}}),
+        ] {
+            let e = chat(tool(f.clone())).expect_err(&f.to_string());
+            assert_eq!(
+                (e.status, e.param),
+                (StatusCode::BAD_REQUEST, Some("tools")),
+                "{f}"
+            );
+        }
+        let ok = tool(
+            json!({"name": "get_weather", "parameters": {"type": "object",
+            "properties": {"city": {"type": ["string", "null"]}}, "required": ["city"]}}),
+        );
+        let with = chat(ok.clone()).unwrap();
+        let without = chat(json!({"model": "m", "messages": msg})).unwrap();
+        assert!(with.prompt_bound >= without.prompt_bound + ok["tools"].to_string().len() as i64);
     }
 }

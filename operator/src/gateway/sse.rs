@@ -203,4 +203,19 @@ data: [DONE]\n\n";
                 .unwrap();
         assert!(usage_of(&v).is_none());
     }
+
+    #[test]
+    fn tool_call_and_structured_output_streams_are_passed_on_whole_and_metered_by_usage() {
+        let s = "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"c\",\"type\":\"function\",\"function\":{\"name\":\"f\",\"arguments\":\"{\\\"a\\\":1}\"}}]},\"finish_reason\":null}],\"usage\":null}\n\n\
+data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"tool_calls\"}],\"usage\":null}\n\n\
+data: {\"choices\":[],\"usage\":{\"prompt_tokens\":40,\"completion_tokens\":9}}\n\n\
+data: [DONE]\n\n";
+        let mut f = SseFilter::new(false);
+        let out = String::from_utf8(f.push(s.as_bytes())).unwrap();
+        assert!(out.contains("\"tool_calls\":[{\"index\":0"));
+        assert!(out.contains("\"finish_reason\":\"tool_calls\""));
+        assert!(!out.contains("prompt_tokens"));
+        let u = f.usage.unwrap();
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (40, 9));
+    }
 }
