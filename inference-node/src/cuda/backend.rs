@@ -252,6 +252,7 @@ fn upload_w(stream: &Arc<CudaStream>, t: &Tensor, path: ArchPath) -> Result<DevW
             let bits: Vec<u16> = wide.iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
             DevW::BF16(stream.clone_htod(&bits).map_err(oom)?)
         }
+        DType::Q(q) => unreachable!("device_dtype never keeps {q:?}"),
     })
 }
 
