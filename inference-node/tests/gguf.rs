@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use copyhold_node::model::gguf::GgufFile;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/gguf")
+        .join(name)
 }
 
 /// Every block format dequantizes to exactly the values the `gguf` Python
@@ -20,12 +22,32 @@ fn every_block_format_dequantizes_exactly_as_the_gguf_python_package() {
     assert_eq!(golden.len(), 8, "one tensor per format");
     for (name, g) in golden {
         let t = file.tensor(name).unwrap();
-        let shape: Vec<usize> = g["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        let shape: Vec<usize> = g["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
         assert_eq!(t.shape, shape, "{name}");
         let got = t.to_f32();
-        let want: Vec<u32> = g["bits"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        let bad = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != **b).count();
-        assert_eq!(bad, 0, "{name} ({}): {bad} of {} values differ", g["type"], want.len());
+        let want: Vec<u32> = g["bits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let bad = got
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a.to_bits() != **b)
+            .count();
+        assert_eq!(
+            bad,
+            0,
+            "{name} ({}): {bad} of {} values differ",
+            g["type"],
+            want.len()
+        );
     }
 }
 
@@ -33,8 +55,8 @@ use copyhold_node::cpu::attention::KvStore;
 use copyhold_node::engine::backend::{Batch, BatchToken};
 use copyhold_node::model::config::Arch;
 use copyhold_node::model::gguf_write::{Scheme, convert};
-use copyhold_node::synth::{SynthSpec, synth};
 use copyhold_node::model::weights::DType;
+use copyhold_node::synth::{SynthSpec, synth};
 
 /// The synthesized model behind the llama.cpp goldens (must match SYNTH in
 /// tests/python/make_llamacpp_golden.py).
@@ -76,8 +98,16 @@ fn fidelity_model(scheme: &str, golden: &serde_json::Value) -> PathBuf {
     let g = d.join("model.gguf");
     convert(&d.join("hf"), &g, Scheme::parse(scheme).unwrap()).unwrap();
     let bytes = std::fs::read(&g).unwrap();
-    assert_eq!(bytes.len() as u64, golden["gguf_size"].as_u64().unwrap(), "GGUF size");
-    assert_eq!(fnv1a(&bytes), golden["gguf_fnv1a"].as_str().unwrap(), "GGUF bytes");
+    assert_eq!(
+        bytes.len() as u64,
+        golden["gguf_size"].as_u64().unwrap(),
+        "GGUF size"
+    );
+    assert_eq!(
+        fnv1a(&bytes),
+        golden["gguf_fnv1a"].as_str().unwrap(),
+        "GGUF bytes"
+    );
     g
 }
 
@@ -91,7 +121,12 @@ fn teacher_forced(path: &std::path::Path, tokens: &[u32]) -> Vec<Vec<f32>> {
         tokens: tokens
             .iter()
             .enumerate()
-            .map(|(pos, &token)| BatchToken { token, pos, seq: 0, wide: false })
+            .map(|(pos, &token)| BatchToken {
+                token,
+                pos,
+                seq: 0,
+                wide: false,
+            })
             .collect(),
         block_tables: vec![(0..blocks as u32).collect()],
         logits_for: (0..tokens.len()).collect(),
@@ -119,27 +154,50 @@ fn compare_with_llamacpp(scheme: &str) -> Fidelity {
     let text = std::fs::read_to_string(fixture(&format!("llamacpp-{scheme}.json"))).unwrap();
     let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
     let ids = |k: &str| -> Vec<u32> {
-        golden[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+        golden[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
     };
-    let (prompt, gen) = (ids("prompt"), ids("tokens"));
+    let (prompt, generated) = (ids("prompt"), ids("tokens"));
     let path = fidelity_model(scheme, &golden);
     let mut seq = prompt.clone();
-    seq.extend(&gen[..gen.len() - 1]);
+    seq.extend(&generated[..generated.len() - 1]);
     let ours = teacher_forced(&path, &seq);
     let mut max_rel = 0.0f32;
     for (i, row) in golden["logits"].as_array().unwrap().iter().enumerate() {
-        let theirs: Vec<f32> = row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
-        let range = theirs.iter().fold(f32::MIN, |m, v| m.max(*v)) - theirs.iter().fold(f32::MAX, |m, v| m.min(*v));
-        let d = ours[i].iter().zip(&theirs).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        let theirs: Vec<f32> = row
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let range = theirs.iter().fold(f32::MIN, |m, v| m.max(*v))
+            - theirs.iter().fold(f32::MAX, |m, v| m.min(*v));
+        let d = ours[i]
+            .iter()
+            .zip(&theirs)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
         max_rel = max_rel.max(d / range);
     }
     let p = prompt.len() - 1;
-    let agree = gen.iter().enumerate().filter(|(g, t)| argmax(&ours[p + g]) == **t).count();
+    let agree = generated
+        .iter()
+        .enumerate()
+        .filter(|(g, t)| argmax(&ours[p + g]) == **t)
+        .count();
     let f = Fidelity {
         max_rel,
-        top1: agree as f32 / gen.len() as f32,
+        top1: agree as f32 / generated.len() as f32,
     };
-    eprintln!("{scheme}: max |Δ| / range {:.5}, top-1 {}/{}", f.max_rel, agree, gen.len());
+    eprintln!(
+        "{scheme}: max |Δ| / range {:.5}, top-1 {}/{}",
+        f.max_rel,
+        agree,
+        generated.len()
+    );
     f
 }
 
