@@ -411,7 +411,7 @@ impl GgufFile {
         let k = shape.last().copied().unwrap_or(0);
         let rows: usize = shape[..shape.len().saturating_sub(1)].iter().product();
         if let DType::Q(q) = dtype
-            && k % q.block_elems() != 0
+            && !k.is_multiple_of(q.block_elems())
         {
             return Err(bad(
                 &self.path,

@@ -75,7 +75,7 @@ impl Scheme {
             Scheme::Q5KM => QType::Q5K,
         };
         for q in [want, QType::Q8_0] {
-            if k % q.block_elems() == 0 {
+            if k.is_multiple_of(q.block_elems()) {
                 return DType::Q(q);
             }
         }

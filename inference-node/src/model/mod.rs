@@ -101,8 +101,8 @@ pub fn open(path: &Path) -> Result<(Decoder, TextModel)> {
 
 fn load_arch(cfg: ModelConfig, store: &WeightStore) -> Result<Decoder> {
     match cfg.arch {
-        Arch::Llama => llama::load(cfg, &store),
-        Arch::Mistral => mistral::load(cfg, &store),
-        Arch::Qwen2 => qwen2::load(cfg, &store),
+        Arch::Llama => llama::load(cfg, store),
+        Arch::Mistral => mistral::load(cfg, store),
+        Arch::Qwen2 => qwen2::load(cfg, store),
     }
 }

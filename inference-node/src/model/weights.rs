@@ -139,7 +139,7 @@ impl Tensor {
         if let DType::Q(q) = self.dtype {
             let (be, bb) = (q.block_elems(), q.block_bytes());
             assert!(
-                from % be == 0 && out.len() % be == 0,
+                from.is_multiple_of(be) && out.len().is_multiple_of(be),
                 "{}: reads of {q:?} must be whole blocks",
                 self.name
             );
