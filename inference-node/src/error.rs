@@ -26,6 +26,8 @@ pub enum Error {
     Config { path: PathBuf, message: String },
     #[error("{path}: not a valid safetensors file (truncated or corrupt): {message}")]
     Safetensors { path: PathBuf, message: String },
+    #[error("{path}: not a valid GGUF file: {message}")]
+    Gguf { path: PathBuf, message: String },
     #[error("{path}: tensor {tensor:?} is missing")]
     MissingTensor { path: PathBuf, tensor: String },
     #[error("{path}: tensor {tensor:?} has shape {found:?}, expected {expected:?}")]
@@ -35,7 +37,9 @@ pub enum Error {
         expected: Vec<usize>,
         found: Vec<usize>,
     },
-    #[error("{path}: tensor {tensor:?} has dtype {found}, expected one of F32, F16, BF16")]
+    #[error(
+        "{path}: tensor {tensor:?} has dtype {found}, expected one of F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K"
+    )]
     TensorDtype {
         path: PathBuf,
         tensor: String,
@@ -65,6 +69,7 @@ impl Error {
             Error::UnsupportedArchitecture { .. } => "unsupported_architecture",
             Error::Config { .. } => "config",
             Error::Safetensors { .. } => "safetensors",
+            Error::Gguf { .. } => "gguf",
             Error::MissingTensor { .. } => "missing_tensor",
             Error::TensorShape { .. } => "tensor_shape",
             Error::TensorDtype { .. } => "tensor_dtype",

@@ -17,7 +17,6 @@ use crate::engine::{Engine, EngineConfig, Event, GenRequest};
 use crate::error::{Error, Result, read_json};
 use crate::metrics::Metrics;
 use crate::model;
-use crate::model::tokenizer::TextModel;
 use crate::power::{ModeledSensor, PowerModel};
 
 /// Largest logit difference allowed on the CPU.
@@ -78,8 +77,8 @@ pub fn check(dir: &Path) -> Result<Report> {
 /// cases need; tolerance [`CUDA_LOGIT_TOLERANCE`]).
 pub fn check_on(dir: &Path, device: &crate::load::Device) -> Result<Report> {
     let golden: Golden = read_json(&dir.join("golden.json"))?;
-    let model = model::load(dir)?;
-    let text = Arc::new(TextModel::load(dir, &model.cfg.eos_token_ids)?);
+    let (model, text) = model::open(dir)?;
+    let text = Arc::new(text);
     let mut tokens_match = true;
     let mut jobs = Vec::new();
     for c in &golden.cases {

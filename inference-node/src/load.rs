@@ -35,8 +35,8 @@ pub fn load_engine(
     };
     // No driver: say so before spending time on the model.
     probe()?;
-    let model = crate::model::load(dir)?;
-    let text = Arc::new(TextModel::load(dir, &model.cfg.eos_token_ids)?);
+    let (model, text) = crate::model::open(dir)?;
+    let text = Arc::new(text);
     let max_context = model.cfg.max_position_embeddings;
     let mut c = cuda.clone();
     c.block_size = opts.block_size;
@@ -70,8 +70,8 @@ pub fn load_cpu_engine(
     metrics: Arc<Metrics>,
     sensor: Box<dyn PowerSensor>,
 ) -> crate::Result<(Engine, Arc<TextModel>)> {
-    let model = crate::model::load(dir)?;
-    let text = Arc::new(TextModel::load(dir, &model.cfg.eos_token_ids)?);
+    let (model, text) = crate::model::open(dir)?;
+    let text = Arc::new(text);
     let per_block = KvStore::bytes_per_block(&model.cfg, opts.block_size, opts.kv_f16);
     let num_blocks = (opts.kv_bytes / per_block.max(1)).max(2);
     let max_context = model.cfg.max_position_embeddings;

@@ -232,6 +232,19 @@ enum Cmd {
     },
     /// Write a random-weight model directory.
     Synth(Box<SynthArgs>),
+    /// Convert a model directory (safetensors, byte-level BPE tokenizer)
+    /// into a GGUF file, quantized as llama.cpp's formats.
+    Gguf {
+        /// The model directory.
+        #[arg(long)]
+        from: PathBuf,
+        /// The GGUF file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// f32, f16, q8_0, q4_0, q4_k_m or q5_k_m.
+        #[arg(long = "type", default_value = "q8_0")]
+        scheme: String,
+    },
     /// Compile every CUDA kernel for every target architecture with NVRTC
     /// (no GPU needed) and print a kernel × architecture table; exit 1 if
     /// any cell fails, 2 if NVRTC or the CUDA headers are missing.
@@ -336,6 +349,23 @@ fn main() -> ExitCode {
                     } else {
                         ExitCode::FAILURE
                     }
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Cmd::Gguf { from, out, scheme } => {
+            use copyhold_node::model::gguf_write::{Scheme, convert};
+            let Some(scheme) = Scheme::parse(&scheme) else {
+                eprintln!("error: --type {scheme:?} (one of f32, f16, q8_0, q4_0, q4_k_m, q5_k_m)");
+                return ExitCode::from(2);
+            };
+            match convert(&from, &out, scheme) {
+                Ok(()) => {
+                    println!("{}", out.display());
+                    ExitCode::SUCCESS
                 }
                 Err(e) => {
                     eprintln!("error: {e}");

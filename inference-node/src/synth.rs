@@ -215,6 +215,8 @@ fn random_bytes(n: usize, dtype: DType, norm: bool, seed: u64) -> Vec<u8> {
                     DType::F32 => e.copy_from_slice(&x.to_le_bytes()),
                     DType::F16 => e.copy_from_slice(&f16::from_f32(x).to_le_bytes()),
                     DType::BF16 => e.copy_from_slice(&bf16::from_f32(x).to_le_bytes()),
+                    // Refused by `synth` before any tensor is made.
+                    DType::Q(_) => {}
                 }
             }
         });
@@ -234,12 +236,17 @@ pub fn synth(spec: &SynthSpec, out: &Path) -> Result<Vec<PathBuf>> {
             SPECIALS.len() + 256
         )));
     }
-    std::fs::create_dir_all(out).map_err(io(out))?;
     let (dtype_name, st_dtype) = match spec.dtype {
         DType::F32 => ("float32", safetensors::Dtype::F32),
         DType::F16 => ("float16", safetensors::Dtype::F16),
         DType::BF16 => ("bfloat16", safetensors::Dtype::BF16),
+        DType::Q(_) => {
+            return Err(Error::Unsupported(
+                "synth writes f32/f16/bf16 safetensors; quantize with `copyhold-node gguf`".into(),
+            ));
+        }
     };
+    std::fs::create_dir_all(out).map_err(io(out))?;
     let mut config = json!({
         "architectures": [spec.arch.hf_name()],
         "model_type": spec.arch.model_type(),

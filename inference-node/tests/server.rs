@@ -45,10 +45,14 @@ fn model_dir() -> PathBuf {
 }
 
 async fn start(extra: &[&str]) -> Server {
+    start_model(&model_dir(), extra).await
+}
+
+async fn start_model(model: &std::path::Path, extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_copyhold-node"))
         .arg("serve")
         .arg("--model")
-        .arg(model_dir())
+        .arg(model)
         .args(["--port", "0", "--kv-cache-mib", "16", "--block-size", "8"])
         .args(extra)
         .stdout(Stdio::piped())
@@ -675,4 +679,43 @@ async fn the_golden_chat_comes_back_over_http_with_the_reference_tokens() {
         r["usage"]["completion_tokens"].as_u64().unwrap() as usize,
         ids.len()
     );
+}
+
+/// A GGUF file (the synthesized model converted to Q8_0 by `copyhold-node
+/// gguf`) is served: its tokenizer and chat template come from the GGUF
+/// metadata, its weights stay quantized.
+#[tokio::test]
+async fn a_q8_0_gguf_model_answers_completions_and_chats_over_http() {
+    let gguf = std::env::temp_dir().join(format!("copyhold-server-{}.gguf", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_copyhold-node"))
+        .args(["gguf", "--type", "q8_0", "--from"])
+        .arg(model_dir())
+        .arg("--out")
+        .arg(&gguf)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = start_model(&gguf, &[]).await;
+    let (status, v) = post(
+        &s.base,
+        "/v1/completions",
+        json!({"prompt": "hello world", "max_tokens": 6, "temperature": 0, "ignore_eos": true}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 6, "{v}");
+    assert!(v["choices"][0]["text"].is_string(), "{v}");
+    let (status, v) = post(
+        &s.base,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert!(v["choices"][0]["message"]["content"].is_string(), "{v}");
+    let _ = std::fs::remove_file(&gguf);
 }

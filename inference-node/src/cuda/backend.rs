@@ -263,6 +263,18 @@ fn upload_w(stream: &Arc<CudaStream>, t: &Tensor, path: ArchPath) -> Result<DevW
             CudaError::driver(what.clone(), e)
         }
     };
+    if let DType::Q(_) = t.dtype {
+        // Quantized blocks: dequantized once on the host to the device's
+        // dtype (no quantized kernels on the GPU yet).
+        let wide = t.to_f32();
+        return Ok(match plan::device_dtype(t.dtype, path, 0.0) {
+            DType::F32 => DevW::F32(stream.clone_htod(&wide).map_err(oom)?),
+            _ => {
+                let bits: Vec<u16> = wide.iter().map(|&x| f16::from_f32(x).to_bits()).collect();
+                DevW::F16(stream.clone_htod(&bits).map_err(oom)?)
+            }
+        });
+    }
     // Never an f32 copy of a tensor the device keeps in 16 bits (convert.rs).
     let raw = t.bytes();
     let max_abs = if t.dtype == DType::BF16 && !path.bf16_native() {

@@ -56,6 +56,9 @@ pub fn device_dtype(stored: DType, path: ArchPath, max_abs: f32) -> DType {
                 DType::F32
             }
         }
+        // Block formats are dequantized to f16 on upload (no quantized
+        // CUDA kernels yet).
+        DType::Q(_) => DType::F16,
         other => other,
     }
 }

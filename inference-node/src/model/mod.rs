@@ -6,9 +6,13 @@
 
 pub mod config;
 pub mod detok;
+pub mod gguf;
+pub mod gguf_tokenizer;
+pub mod gguf_write;
 pub mod layers;
 pub mod llama;
 pub mod mistral;
+pub mod quant;
 pub mod qwen2;
 pub mod tokenizer;
 pub mod weights;
@@ -18,6 +22,7 @@ use std::path::Path;
 use crate::error::Result;
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::layers::{DecoderLayer, Linear, RmsNorm};
+use crate::model::tokenizer::TextModel;
 use crate::model::weights::{Tensor, WeightStore};
 
 /// A loaded decoder: embeddings, blocks, final norm and LM head.
@@ -76,9 +81,28 @@ impl Decoder {
 pub fn load(dir: &Path) -> Result<Decoder> {
     let cfg = ModelConfig::load(dir)?;
     let store = WeightStore::open(dir)?;
+    load_arch(cfg, &store)
+}
+
+/// Loads a model and its text side from a Hugging Face directory, a
+/// `.gguf` file, or a directory holding one `.gguf` file.
+pub fn open(path: &Path) -> Result<(Decoder, TextModel)> {
+    if let Some(file) = gguf::find(path) {
+        let g = gguf::GgufFile::open(&file)?;
+        let cfg = g.config()?;
+        let store = g.store(&cfg)?;
+        let text = TextModel::from_gguf(&g)?;
+        return Ok((load_arch(cfg, &store)?, text));
+    }
+    let model = load(path)?;
+    let text = TextModel::load(path, &model.cfg.eos_token_ids)?;
+    Ok((model, text))
+}
+
+fn load_arch(cfg: ModelConfig, store: &WeightStore) -> Result<Decoder> {
     match cfg.arch {
-        Arch::Llama => llama::load(cfg, &store),
-        Arch::Mistral => mistral::load(cfg, &store),
-        Arch::Qwen2 => qwen2::load(cfg, &store),
+        Arch::Llama => llama::load(cfg, store),
+        Arch::Mistral => mistral::load(cfg, store),
+        Arch::Qwen2 => qwen2::load(cfg, store),
     }
 }

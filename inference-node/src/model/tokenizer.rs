@@ -121,6 +121,31 @@ impl TextModel {
         })
     }
 
+    /// The text side of a GGUF file, from its `tokenizer.*` metadata.
+    pub fn from_gguf(g: &crate::model::gguf::GgufFile) -> Result<TextModel> {
+        let bad = |message: String| Error::Tokenizer {
+            path: g.path.clone(),
+            message,
+        };
+        let t = crate::model::gguf_tokenizer::from_meta(&g.header.meta).map_err(bad)?;
+        let tokenizer: tokenizers::Tokenizer = t
+            .tokenizer_json
+            .to_string()
+            .parse()
+            .map_err(|e: tokenizers::Error| bad(e.to_string()))?;
+        let mut eos_ids = t.eos_ids;
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+        Ok(TextModel {
+            tokenizer,
+            chat_template: t.chat_template,
+            bos_token: t.bos_token,
+            eos_token: t.eos_token,
+            eos_ids,
+            defaults: GenerationDefaults::default(),
+        })
+    }
+
     /// Tokenizes a prompt the way HF does for plain text: special tokens
     /// (BOS) added by the post-processor — unless the text already starts
     /// with the BOS token, as rendered chat templates often do.

@@ -18,6 +18,7 @@ use safetensors::{Dtype as StDtype, SafeTensors};
 use serde::Deserialize;
 
 use crate::error::{Error, Result, read_json};
+use crate::model::quant::QType;
 
 // Tensors are reinterpreted in place from little-endian files.
 #[cfg(target_endian = "big")]
@@ -29,16 +30,47 @@ pub enum DType {
     F32,
     F16,
     BF16,
+    /// A GGML block format (GGUF files); rows are whole blocks.
+    Q(QType),
 }
 
 impl DType {
+    /// Bytes per element; block formats round up to 1 (their exact size
+    /// is [`DType::row_bytes`]).
     pub fn size(self) -> usize {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
+            DType::Q(_) => 1,
+        }
+    }
+
+    /// Bytes of a row of `k` elements.
+    pub fn row_bytes(self, k: usize) -> usize {
+        match self {
+            DType::Q(q) => q.row_bytes(k),
+            d => d.size() * k,
+        }
+    }
+
+    /// The name as reported by /v1/models and bench.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::Q(QType::Q8_0) => "q8_0",
+            DType::Q(QType::Q4_0) => "q4_0",
+            DType::Q(QType::Q4K) => "q4_k",
+            DType::Q(QType::Q5K) => "q5_k",
+            DType::Q(QType::Q6K) => "q6_k",
         }
     }
 }
+
+/// The bytes behind tensors: a mapped file, or an owned buffer (GGUF's
+/// Q/K projections, put back into Hugging Face row order at load).
+pub type Bytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
 
 /// A read-only tensor view into a mapped file.
 #[derive(Clone)]
@@ -46,7 +78,7 @@ pub struct Tensor {
     pub name: String,
     pub dtype: DType,
     pub shape: Vec<usize>,
-    map: Arc<Mmap>,
+    map: Bytes,
     start: usize,
     len: usize,
 }
@@ -62,9 +94,36 @@ impl Tensor {
         self.shape.iter().product()
     }
 
-    /// The stored bytes (little-endian elements of `dtype`).
+    /// A view of `len` bytes of `map` from `start`.
+    pub fn new(
+        name: String,
+        dtype: DType,
+        shape: Vec<usize>,
+        map: Bytes,
+        start: usize,
+        len: usize,
+    ) -> Tensor {
+        Tensor {
+            name,
+            dtype,
+            shape,
+            map,
+            start,
+            len,
+        }
+    }
+
+    /// The stored bytes.
     pub fn bytes(&self) -> &[u8] {
-        &self.map[self.start..self.start + self.len]
+        &(*self.map).as_ref()[self.start..self.start + self.len]
+    }
+
+    /// Block-quantized rows: the format and the bytes (`None` for floats).
+    pub fn qrows(&self) -> Option<(QType, &[u8])> {
+        match self.dtype {
+            DType::Q(q) => Some((q, self.bytes())),
+            _ => None,
+        }
     }
 
     /// Widens elements `[from, from + out.len())` (flat index) into `out`.
@@ -72,8 +131,22 @@ impl Tensor {
     /// through `half`'s SIMD conversions; unaligned data byte by byte.
     /// (Reinterpreting the little-endian file bytes in place assumes a
     /// little-endian host, which every supported target is.)
+    ///
+    /// Block formats are dequantized; `from` and `out.len()` must then be
+    /// whole blocks (rows always are).
     pub fn read_f32(&self, from: usize, out: &mut [f32]) {
         use half::slice::HalfFloatSliceExt;
+        if let DType::Q(q) = self.dtype {
+            let (be, bb) = (q.block_elems(), q.block_bytes());
+            assert!(
+                from.is_multiple_of(be) && out.len().is_multiple_of(be),
+                "{}: reads of {q:?} must be whole blocks",
+                self.name
+            );
+            let b = &self.bytes()[from / be * bb..(from + out.len()) / be * bb];
+            q.dequantize(b, out);
+            return;
+        }
         let sz = self.dtype.size();
         let b = &self.bytes()[from * sz..(from + out.len()) * sz];
         match self.dtype {
@@ -101,6 +174,7 @@ impl Tensor {
                     }
                 }
             },
+            DType::Q(_) => unreachable!("handled above"),
         }
     }
 
@@ -113,6 +187,7 @@ impl Tensor {
             DType::F32 => bytemuck::try_cast_slice::<u8, f32>(b).ok().map(WRows::F32),
             DType::F16 => bytemuck::try_cast_slice::<u8, u16>(b).ok().map(WRows::F16),
             DType::BF16 => bytemuck::try_cast_slice::<u8, u16>(b).ok().map(WRows::BF16),
+            DType::Q(_) => None,
         }
     }
 
@@ -172,6 +247,17 @@ impl WeightStore {
         })
     }
 
+    /// A store over already-made tensors (GGUF files), by name.
+    pub fn from_tensors(tensors: Vec<Tensor>, path: &Path) -> WeightStore {
+        WeightStore {
+            tensors: tensors
+                .into_iter()
+                .map(|t| (t.name.clone(), (t, path.to_path_buf())))
+                .collect(),
+            primary: path.to_path_buf(),
+        }
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }
@@ -197,11 +283,7 @@ impl WeightStore {
     pub fn dominant_dtype(&self) -> Option<DType> {
         let mut counts: HashMap<&'static str, (usize, DType)> = HashMap::new();
         for (t, _) in self.tensors.values() {
-            let key = match t.dtype {
-                DType::F32 => "f32",
-                DType::F16 => "f16",
-                DType::BF16 => "bf16",
-            };
+            let key = t.dtype.name();
             counts.entry(key).or_insert((0, t.dtype)).0 += t.numel();
         }
         counts.values().max_by_key(|(n, _)| *n).map(|(_, d)| *d)
@@ -209,7 +291,7 @@ impl WeightStore {
 }
 
 #[allow(unsafe_code)]
-fn mmap(path: &Path) -> Result<Mmap> {
+pub(crate) fn mmap(path: &Path) -> Result<Mmap> {
     let file = std::fs::File::open(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -247,7 +329,7 @@ fn map_file(path: &Path) -> Result<Vec<Tensor>> {
             name,
             dtype,
             shape: info.shape.clone(),
-            map: map.clone(),
+            map: map.clone() as Bytes,
             start: data_start + a,
             len: b - a,
         });

@@ -230,6 +230,9 @@ fn weight_parts(w: &Tensor) -> usize {
         DType::BF16 => 1,
         DType::F16 => 2,
         DType::F32 => 3,
+        // Never reaches AMX: `matmul_wt_rows_into` sends block formats to
+        // the quantized kernels first.
+        DType::Q(_) => 3,
     }
 }
 

@@ -14,6 +14,7 @@
 
 pub mod amx;
 pub mod kernel;
+pub mod qdot;
 
 use std::cell::RefCell;
 
@@ -74,6 +75,9 @@ fn band_rows(m: usize, threads: usize) -> usize {
 /// so a forward pass reuses its buffers from layer to layer.
 pub fn matmul_wt_into(x: &[f32], m: usize, ws: &[&Tensor], outs: &mut [&mut [f32]]) {
     assert_eq!(ws.len(), outs.len(), "one output per weight");
+    if split_quantized(x, m, ws, outs) {
+        return;
+    }
     for (w, o) in ws.iter().zip(outs.iter()) {
         assert_eq!(
             x.len(),
@@ -156,7 +160,7 @@ pub fn matmul_wt_rows_into(
     ws: &[&Tensor],
     outs: &mut [&mut [f32]],
 ) {
-    if wide.is_empty() || !amx::enabled() {
+    if wide.is_empty() || !amx::enabled() || ws.iter().any(|w| w.qrows().is_some()) {
         return matmul_wt_into(x, m, ws, outs);
     }
     let k = ws[0].shape[1];
@@ -185,6 +189,23 @@ pub fn matmul_wt_rows_into(
             matmul_wt_into(xs, r.len(), ws, &mut os);
         }
     }
+}
+
+/// Sends block-quantized weights to [`qdot`]; returns whether `ws` had
+/// any (then every output is written).
+fn split_quantized(x: &[f32], m: usize, ws: &[&Tensor], outs: &mut [&mut [f32]]) -> bool {
+    let quantized = ws.iter().filter(|w| w.qrows().is_some()).count();
+    if quantized == 0 {
+        return false;
+    }
+    if quantized == ws.len() {
+        qdot::matmul_q_into(x, m, ws, outs);
+        return true;
+    }
+    for (w, o) in ws.iter().zip(outs.iter_mut()) {
+        matmul_wt_into(x, m, &[*w], &mut [&mut **o]);
+    }
+    true
 }
 
 /// `y (rows × n) = x · Wᵀ` for one band of rows, tile by tile of `W` so

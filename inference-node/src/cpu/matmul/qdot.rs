@@ -1,0 +1,376 @@
+//! `y = x · Wᵀ` for block-quantized weights (GGUF), as llama.cpp computes
+//! it: each activation row is quantized per block to 8 bits (Q8_0, 32
+//! values and an f16 scale, against Q8_0/Q4_0 weights; Q8_K, 256 values,
+//! an f32 scale and sums of 16, against Q4_K/Q5_K/Q6_K), and every output
+//! is a sum over blocks of an exact integer dot product times the scales.
+//!
+//! The integer sums are exact, and the float steps per block run in one
+//! fixed order, so the AVX-512, AVX2 and portable builds of the same loops
+//! (the wide ones are the compiler's vectorization of the portable code
+//! under `target_feature`) give the same bits, and an output never depends
+//! on the other rows of the batch.
+
+#![allow(unsafe_code)]
+
+use rayon::prelude::*;
+
+use crate::cpu::matmul::kernel::{Isa, isa};
+use crate::model::quant::{QK_K, QType, f16_at, scale_min_k4};
+use crate::model::weights::Tensor;
+
+/// One activation row quantized to 8 bits per block.
+#[derive(Debug, Clone, Default)]
+pub struct QActs {
+    pub q: Vec<i8>,
+    /// Per block: the scale (Q8_0's rounded to f16, as llama.cpp stores it).
+    pub d: Vec<f32>,
+    /// Q8_K only: sums of each 16 values.
+    pub bsums: Vec<i32>,
+}
+
+/// llama.cpp's `quantize_row_q8_0`: `d = amax / 127` per 32 values.
+pub fn quantize_q8_0(x: &[f32]) -> QActs {
+    let mut a = QActs {
+        q: Vec::with_capacity(x.len()),
+        d: Vec::with_capacity(x.len() / 32),
+        bsums: Vec::new(),
+    };
+    for blk in x.chunks_exact(32) {
+        let amax = blk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        a.d.push(half::f16::from_f32(d).to_f32());
+        a.q.extend(blk.iter().map(|v| (v * id).round() as i8));
+    }
+    a
+}
+
+/// llama.cpp's `quantize_row_q8_K`: scale from the value of largest
+/// magnitude (`-127 / max`), and the sums of each 16 for the K-quants' mins.
+pub fn quantize_q8_k(x: &[f32]) -> QActs {
+    let mut a = QActs {
+        q: Vec::with_capacity(x.len()),
+        d: Vec::with_capacity(x.len() / QK_K),
+        bsums: Vec::with_capacity(x.len() / 16),
+    };
+    for blk in x.chunks_exact(QK_K) {
+        let max = blk
+            .iter()
+            .fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        if max == 0.0 {
+            a.d.push(0.0);
+            a.q.extend(std::iter::repeat_n(0, QK_K));
+            a.bsums.extend(std::iter::repeat_n(0, QK_K / 16));
+            continue;
+        }
+        let iscale = -127.0 / max;
+        let start = a.q.len();
+        a.q.extend(
+            blk.iter()
+                .map(|v| ((iscale * v).round() as i32).min(127) as i8),
+        );
+        for g in a.q[start..].chunks_exact(16) {
+            a.bsums.push(g.iter().map(|&v| v as i32).sum());
+        }
+        a.d.push(1.0 / iscale);
+    }
+    a
+}
+
+#[inline(always)]
+fn dot_i8(w: &[i8], a: &[i8]) -> i32 {
+    w.iter().zip(a).map(|(&x, &y)| x as i32 * y as i32).sum()
+}
+
+#[inline(always)]
+fn dot_q8_0(w: &[u8], a: &QActs) -> f32 {
+    let mut sum = 0.0f32;
+    for (b, blk) in w.chunks_exact(34).enumerate() {
+        let q: &[i8] = bytemuck::cast_slice(&blk[2..34]);
+        let s = dot_i8(q, &a.q[32 * b..32 * b + 32]);
+        sum += s as f32 * (f16_at(blk, 0) * a.d[b]);
+    }
+    sum
+}
+
+#[inline(always)]
+fn dot_q4_0(w: &[u8], a: &QActs) -> f32 {
+    let mut sum = 0.0f32;
+    for (b, blk) in w.chunks_exact(18).enumerate() {
+        let av = &a.q[32 * b..32 * b + 32];
+        let qs = &blk[2..18];
+        let mut s = 0i32;
+        for j in 0..16 {
+            s += ((qs[j] & 0xF) as i32 - 8) * av[j] as i32;
+            s += ((qs[j] >> 4) as i32 - 8) * av[j + 16] as i32;
+        }
+        sum += s as f32 * (f16_at(blk, 0) * a.d[b]);
+    }
+    sum
+}
+
+/// Q4_K (`five` false) or Q5_K.
+#[inline(always)]
+fn dot_q45_k(w: &[u8], a: &QActs, five: bool) -> f32 {
+    let bb = if five { 176 } else { 144 };
+    let mut sum = 0.0f32;
+    for (b, blk) in w.chunks_exact(bb).enumerate() {
+        let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+        let scales = &blk[4..16];
+        let (qh, qs) = if five {
+            (&blk[16..48], &blk[48..176])
+        } else {
+            (&blk[0..0], &blk[16..144])
+        };
+        let av = &a.q[QK_K * b..QK_K * (b + 1)];
+        let bs = &a.bsums[16 * b..16 * (b + 1)];
+        let (mut sumi, mut summ) = (0i32, 0i32);
+        for j in 0..4 {
+            let (s1, m1) = scale_min_k4(2 * j, scales);
+            let (s2, m2) = scale_min_k4(2 * j + 1, scales);
+            let q = &qs[32 * j..32 * j + 32];
+            let (lo_a, hi_a) = (&av[64 * j..64 * j + 32], &av[64 * j + 32..64 * j + 64]);
+            let (mut lo, mut hi) = (0i32, 0i32);
+            if five {
+                let (u1, u2) = (1u8 << (2 * j), 2u8 << (2 * j));
+                for l in 0..32 {
+                    let h1 = ((qh[l] & u1 != 0) as i32) << 4;
+                    let h2 = ((qh[l] & u2 != 0) as i32) << 4;
+                    lo += ((q[l] & 0xF) as i32 + h1) * lo_a[l] as i32;
+                    hi += ((q[l] >> 4) as i32 + h2) * hi_a[l] as i32;
+                }
+            } else {
+                for l in 0..32 {
+                    lo += (q[l] & 0xF) as i32 * lo_a[l] as i32;
+                    hi += (q[l] >> 4) as i32 * hi_a[l] as i32;
+                }
+            }
+            sumi += s1 as i32 * lo + s2 as i32 * hi;
+            summ += m1 as i32 * (bs[4 * j] + bs[4 * j + 1])
+                + m2 as i32 * (bs[4 * j + 2] + bs[4 * j + 3]);
+        }
+        sum += (d * a.d[b]) * sumi as f32 - (dmin * a.d[b]) * summ as f32;
+    }
+    sum
+}
+
+#[inline(always)]
+fn dot_q6_k(w: &[u8], a: &QActs) -> f32 {
+    let mut sum = 0.0f32;
+    for (b, blk) in w.chunks_exact(210).enumerate() {
+        let (ql, qh, sc) = (&blk[0..128], &blk[128..192], &blk[192..208]);
+        let av = &a.q[QK_K * b..QK_K * (b + 1)];
+        let mut sumi = 0i32;
+        for n in 0..2 {
+            let (ql, qh) = (&ql[64 * n..64 * n + 64], &qh[32 * n..32 * n + 32]);
+            for part in 0..4 {
+                let (off, shift) = ([0, 32, 0, 32][part], [0, 0, 4, 4][part]);
+                for g in 0..2 {
+                    let mut s = 0i32;
+                    for i in 16 * g..16 * g + 16 {
+                        let lo = (ql[off + i] >> shift) & 0xF;
+                        let hi = (qh[i] >> (2 * part)) & 3;
+                        let v = (lo | (hi << 4)) as i32 - 32;
+                        s += v * av[128 * n + 32 * part + i] as i32;
+                    }
+                    sumi += (sc[8 * n + 2 * part + g] as i8) as i32 * s;
+                }
+            }
+        }
+        sum += (f16_at(blk, 208) * a.d[b]) * sumi as f32;
+    }
+    sum
+}
+
+/// `out[j] = W[row j] · a` for the rows of one tile.
+#[inline(always)]
+fn tile_dots(q: QType, w: &[u8], rb: usize, a: &QActs, out: &mut [f32]) {
+    for (o, row) in out.iter_mut().zip(w.chunks_exact(rb)) {
+        *o = match q {
+            QType::Q8_0 => dot_q8_0(row, a),
+            QType::Q4_0 => dot_q4_0(row, a),
+            QType::Q4K => dot_q45_k(row, a, false),
+            QType::Q5K => dot_q45_k(row, a, true),
+            QType::Q6K => dot_q6_k(row, a),
+        };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn tile_dots_avx2(q: QType, w: &[u8], rb: usize, a: &QActs, out: &mut [f32]) {
+    tile_dots(q, w, rb, a, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+fn tile_dots_avx512(q: QType, w: &[u8], rb: usize, a: &QActs, out: &mut [f32]) {
+    tile_dots(q, w, rb, a, out)
+}
+
+/// Which build of the loops this process runs.
+fn wide_isa() -> Isa {
+    static I: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *I.get_or_init(|| match isa() {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if std::is_x86_feature_detected!("avx512bw") => Isa::Avx512,
+        Isa::Avx512 | Isa::Avx2 => Isa::Avx2,
+        Isa::Portable => Isa::Portable,
+    })
+}
+
+/// The dot products of `rows` consecutive weight rows (bytes `w`) with one
+/// quantized activation row, on the chosen instruction set.
+pub fn dots(q: QType, w: &[u8], rb: usize, a: &QActs, out: &mut [f32], with: Isa) {
+    match with {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `wide_isa` chose it after detecting the features.
+        Isa::Avx512 => unsafe { tile_dots_avx512(q, w, rb, a, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { tile_dots_avx2(q, w, rb, a, out) },
+        _ => tile_dots(q, w, rb, a, out),
+    }
+}
+
+/// Activations of `m` rows in both 8-bit forms the weights need.
+struct Acts {
+    q8_0: Vec<QActs>,
+    q8_k: Vec<QActs>,
+}
+
+impl Acts {
+    fn new(x: &[f32], m: usize, k: usize, ws: &[&Tensor]) -> Acts {
+        let need = |k_quant: bool| {
+            ws.iter()
+                .any(|w| w.qrows().is_some_and(|(q, _)| q.uses_q8k() == k_quant))
+        };
+        let make = |f: fn(&[f32]) -> QActs, on: bool| -> Vec<QActs> {
+            if !on {
+                return Vec::new();
+            }
+            if m >= 16 {
+                x.par_chunks(k).take(m).map(f).collect()
+            } else {
+                x.chunks(k).take(m).map(f).collect()
+            }
+        };
+        Acts {
+            q8_0: make(quantize_q8_0, need(false)),
+            q8_k: make(quantize_q8_k, need(true)),
+        }
+    }
+
+    fn row(&self, q: QType, i: usize) -> &QActs {
+        if q.uses_q8k() {
+            &self.q8_k[i]
+        } else {
+            &self.q8_0[i]
+        }
+    }
+}
+
+/// Weight rows per job: tiles of about 64 KiB of blocks, at least 4 rows,
+/// and enough jobs for every thread.
+fn tile_rows(n: usize, rb: usize, threads: usize) -> usize {
+    let by_bytes = ((64 << 10) / rb.max(1)).max(4);
+    let by_jobs = n.div_ceil(threads * 4).max(4);
+    by_bytes.min(by_jobs)
+}
+
+/// [`crate::cpu::matmul::matmul_wt_into`] for block-quantized weights
+/// (`ws` all quantized, sharing `k`).
+pub fn matmul_q_into(x: &[f32], m: usize, ws: &[&Tensor], outs: &mut [&mut [f32]]) {
+    let k = ws[0].shape[1];
+    let acts = Acts::new(x, m, k, ws);
+    let threads = rayon::current_num_threads().max(1);
+    let with = wide_isa();
+    let mut jobs = Vec::new();
+    for (wi, w) in ws.iter().enumerate() {
+        let Some((q, _)) = w.qrows() else { continue };
+        let n = w.shape[0];
+        let t = tile_rows(n, q.row_bytes(k), threads);
+        for r0 in (0..n).step_by(t) {
+            jobs.push((wi, r0, t.min(n - r0)));
+        }
+    }
+    let tiles: Vec<Vec<f32>> = jobs
+        .par_iter()
+        .map(|&(wi, r0, rows)| {
+            let Some((q, bytes)) = ws[wi].qrows() else {
+                return Vec::new();
+            };
+            let rb = q.row_bytes(k);
+            let w = &bytes[r0 * rb..(r0 + rows) * rb];
+            let mut out = vec![0.0f32; m * rows];
+            for (i, o) in out.chunks_exact_mut(rows).enumerate() {
+                dots(q, w, rb, acts.row(q, i), o, with);
+            }
+            out
+        })
+        .collect();
+    for (&(wi, r0, rows), out) in jobs.iter().zip(tiles) {
+        let n = ws[wi].shape[0];
+        let y = &mut outs[wi];
+        for i in 0..m {
+            y[i * n + r0..i * n + r0 + rows].copy_from_slice(&out[i * rows..(i + 1) * rows]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signal(n: usize, seed: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as f32 * 0.37 + seed).sin() + (i as f32 * 0.013).cos() * 0.5) * 0.2)
+            .collect()
+    }
+
+    /// The quantized dot product is close to the f32 dot product of the
+    /// dequantized weights, and every instruction set gives the same bits.
+    #[test]
+    fn quantized_dots_match_dequantized_weights_on_every_instruction_set() {
+        let k = 512;
+        let rows = 8;
+        let x = signal(k, 0.1);
+        for q in [QType::Q8_0, QType::Q4_0, QType::Q4K, QType::Q5K, QType::Q6K] {
+            let w = signal(rows * k, 2.0);
+            let mut b = Vec::new();
+            q.quantize(&w, &mut b);
+            let mut wd = vec![0.0; rows * k];
+            q.dequantize(&b, &mut wd);
+            let a = if q.uses_q8k() {
+                quantize_q8_k(&x)
+            } else {
+                quantize_q8_0(&x)
+            };
+            let mut portable = vec![0.0; rows];
+            dots(q, &b, q.row_bytes(k), &a, &mut portable, Isa::Portable);
+            let mut wide = vec![0.0; rows];
+            dots(q, &b, q.row_bytes(k), &a, &mut wide, wide_isa());
+            assert_eq!(
+                portable.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                wide.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{q:?}"
+            );
+            for (r, got) in portable.iter().enumerate() {
+                let want: f32 = wd[r * k..(r + 1) * k]
+                    .iter()
+                    .zip(&x)
+                    .map(|(a, b)| a * b)
+                    .sum();
+                let scale: f32 = wd[r * k..(r + 1) * k]
+                    .iter()
+                    .zip(&x)
+                    .map(|(a, b)| (a * b).abs())
+                    .sum();
+                assert!(
+                    (got - want).abs() <= 0.02 * scale,
+                    "{q:?} row {r}: {got} vs {want}"
+                );
+            }
+        }
+    }
+}

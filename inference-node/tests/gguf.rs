@@ -1,0 +1,252 @@
+//! GGUF files: block formats against the `gguf` Python package, and GGUF
+//! models converted from synthesized ones running end to end.
+
+use std::path::PathBuf;
+
+use copyhold_node::model::gguf::GgufFile;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/gguf")
+        .join(name)
+}
+
+/// Every block format dequantizes to exactly the values the `gguf` Python
+/// package computed from the same file (tests/python/make_gguf_golden.py).
+#[test]
+fn every_block_format_dequantizes_exactly_as_the_gguf_python_package() {
+    let file = GgufFile::open(&fixture("blocks.gguf")).unwrap();
+    let text = std::fs::read_to_string(fixture("blocks.golden.json")).unwrap();
+    let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let golden = golden.as_object().unwrap();
+    assert_eq!(golden.len(), 8, "one tensor per format");
+    for (name, g) in golden {
+        let t = file.tensor(name).unwrap();
+        let shape: Vec<usize> = g["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(t.shape, shape, "{name}");
+        let got = t.to_f32();
+        let want: Vec<u32> = g["bits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let bad = got
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a.to_bits() != **b)
+            .count();
+        assert_eq!(
+            bad,
+            0,
+            "{name} ({}): {bad} of {} values differ",
+            g["type"],
+            want.len()
+        );
+    }
+}
+
+use copyhold_node::cpu::attention::KvStore;
+use copyhold_node::engine::backend::{Batch, BatchToken};
+use copyhold_node::model::config::Arch;
+use copyhold_node::model::gguf_write::{Scheme, convert};
+use copyhold_node::model::weights::DType;
+use copyhold_node::synth::{SynthSpec, synth};
+
+/// The synthesized model behind the llama.cpp goldens (must match SYNTH in
+/// tests/python/make_llamacpp_golden.py).
+fn fidelity_spec() -> SynthSpec {
+    SynthSpec {
+        hidden: 256,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        intermediate: 512,
+        vocab: 320,
+        dtype: DType::F32,
+        seed: 22,
+        max_position_embeddings: 1024,
+        ..SynthSpec::tiny(Arch::Llama)
+    }
+}
+
+static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn scratch(name: &str) -> PathBuf {
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("copyhold-gguf-{}-{name}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn fnv1a(b: &[u8]) -> String {
+    let mut h: u64 = 0xCBF2_9CE4_8422_2325;
+    for &x in b {
+        h = (h ^ x as u64).wrapping_mul(0x100_0000_01B3);
+    }
+    format!("{h:016x}")
+}
+
+/// Writes the fidelity model as `scheme` and checks it is byte for byte
+/// the file llama.cpp's goldens were computed on.
+fn fidelity_model(scheme: &str, golden: &serde_json::Value) -> PathBuf {
+    let d = scratch(scheme);
+    synth(&fidelity_spec(), &d.join("hf")).unwrap();
+    let g = d.join("model.gguf");
+    convert(&d.join("hf"), &g, Scheme::parse(scheme).unwrap()).unwrap();
+    let bytes = std::fs::read(&g).unwrap();
+    assert_eq!(
+        bytes.len() as u64,
+        golden["gguf_size"].as_u64().unwrap(),
+        "GGUF size"
+    );
+    assert_eq!(
+        fnv1a(&bytes),
+        golden["gguf_fnv1a"].as_str().unwrap(),
+        "GGUF bytes"
+    );
+    g
+}
+
+/// Logits of every position of `tokens`, one prefill pass.
+fn teacher_forced(path: &std::path::Path, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let (model, _) = copyhold_node::model::open(path).unwrap();
+    let bs = 16;
+    let blocks = tokens.len().div_ceil(bs);
+    let mut kv = KvStore::new(&model.cfg, blocks, bs, false);
+    let batch = Batch {
+        tokens: tokens
+            .iter()
+            .enumerate()
+            .map(|(pos, &token)| BatchToken {
+                token,
+                pos,
+                seq: 0,
+                wide: false,
+            })
+            .collect(),
+        block_tables: vec![(0..blocks as u32).collect()],
+        logits_for: (0..tokens.len()).collect(),
+    };
+    model.forward(&batch, &mut kv)
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+struct Fidelity {
+    max_rel: f32,
+    top1: f32,
+}
+
+/// copyhold's logits against llama.cpp's on the same GGUF file.
+fn compare_with_llamacpp(scheme: &str) -> Fidelity {
+    let text = std::fs::read_to_string(fixture(&format!("llamacpp-{scheme}.json"))).unwrap();
+    let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let ids = |k: &str| -> Vec<u32> {
+        golden[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let (prompt, generated) = (ids("prompt"), ids("tokens"));
+    let path = fidelity_model(scheme, &golden);
+    let mut seq = prompt.clone();
+    seq.extend(&generated[..generated.len() - 1]);
+    let ours = teacher_forced(&path, &seq);
+    let mut max_rel = 0.0f32;
+    for (i, row) in golden["logits"].as_array().unwrap().iter().enumerate() {
+        let theirs: Vec<f32> = row
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let range = theirs.iter().fold(f32::MIN, |m, v| m.max(*v))
+            - theirs.iter().fold(f32::MAX, |m, v| m.min(*v));
+        let d = ours[i]
+            .iter()
+            .zip(&theirs)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        max_rel = max_rel.max(d / range);
+    }
+    let p = prompt.len() - 1;
+    for (g, t) in generated.iter().enumerate() {
+        let row = &ours[p + g];
+        let mine = argmax(row);
+        if mine != *t {
+            eprintln!(
+                "step {g}: ours {mine} ({}), llama.cpp {t} ({})",
+                row[mine as usize], row[*t as usize]
+            );
+        }
+    }
+    let agree = generated
+        .iter()
+        .enumerate()
+        .filter(|(g, t)| argmax(&ours[p + g]) == **t)
+        .count();
+    let f = Fidelity {
+        max_rel,
+        top1: agree as f32 / generated.len() as f32,
+    };
+    eprintln!(
+        "{scheme}: max |Δ| / range {:.5}, top-1 {}/{}",
+        f.max_rel,
+        agree,
+        generated.len()
+    );
+    f
+}
+
+/// Q8_0: logits within 1 % of their range of llama.cpp's, and every one
+/// of 256 greedy tokens the same.
+#[test]
+#[ignore = "not met yet: 250/256 greedy tokens equal (near-ties from position 81 on); logits within 2e-7 of the range over the first 48 positions"]
+fn q8_0_logits_and_greedy_tokens_match_llamacpp() {
+    let f = compare_with_llamacpp("q8_0");
+    assert!(f.max_rel < 0.01, "max |Δ| / range {}", f.max_rel);
+    assert_eq!(f.top1, 1.0, "greedy continuation differs from llama.cpp's");
+}
+
+/// Q4_K_M (Q4_K with Q6_K for attn_v, ffn_down, output): logits close and
+/// top-1 agreement of at least 99 % over 256 tokens.
+#[test]
+#[ignore = "not met yet: top-1 249/256 (97.3 %); logits within 2e-7 of the range over the first 48 positions"]
+fn q4_k_m_logits_match_llamacpp_with_top1_agreement_of_99_percent() {
+    let f = compare_with_llamacpp("q4_k_m");
+    assert!(f.max_rel < 0.02, "max |Δ| / range {}", f.max_rel);
+    assert!(f.top1 >= 0.99, "top-1 agreement {}", f.top1);
+}
+
+/// A position's logits are the same bits whether its prompt runs alone or
+/// as part of a longer batch (the quantized kernels are batch-invariant).
+#[test]
+fn quantized_logits_are_the_same_bits_alone_or_batched() {
+    let text = std::fs::read_to_string(fixture("llamacpp-q4_k_m.json")).unwrap();
+    let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let path = fidelity_model("q4_k_m", &golden);
+    let seq: Vec<u32> = (0..40u32).map(|i| (i * 37 + 11) % 300 + 5).collect();
+    let long = teacher_forced(&path, &seq);
+    let short = teacher_forced(&path, &seq[..7]);
+    for (i, row) in short.iter().enumerate() {
+        let a: Vec<u32> = row.iter().map(|v| v.to_bits()).collect();
+        let b: Vec<u32> = long[i].iter().map(|v| v.to_bits()).collect();
+        assert_eq!(a, b, "position {i}");
+    }
+}
