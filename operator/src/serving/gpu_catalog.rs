@@ -76,6 +76,8 @@ impl GpuInfo {
 
 const GIB: u64 = 1024 * 1024 * 1024;
 
+// One row of the table: the arguments are its columns.
+#[allow(clippy::too_many_arguments)]
 const fn gpu(
     product: &'static str,
     gib: u64,
