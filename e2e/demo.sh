@@ -142,9 +142,18 @@ for _ in $(seq 1 20); do
   sleep 0.5
 done
 kubectl get eb
-echo "  nodes without a copyhold-node Pod to read count at their GPUs' rated power, never zero:"
+echo "  nodes without a copyhold-node Pod count at their GPUs' idle power (catalog), never zero:"
 echo "  $(kubectl get eb rooftop-solar -o jsonpath='{.status.nodesWithoutReading}')"
 echo "  conditions: $(kubectl get eb rooftop-solar -o jsonpath='{range .status.conditions[*]}{.type}={.status} {end}')"
+# By day the solar schedule covers the fleet's idle draw and the demo model;
+# overnight (battery floor, 150 W) it cannot: say so rather than leave a 503
+# unexplained.
+if [ "$(kubectl get eb rooftop-solar -o jsonpath='{.status.conditions[?(@.type=="Shedding")].status}')" = True ]; then
+  echo "  the budget sheds now: $(kubectl get eb rooftop-solar -o jsonpath='{.status.conditions[?(@.type=="WithinBudget")].message}')"
+  echo "  (the schedule in examples/energy-budget.yaml is at its battery floor outside about 09:00-18:00),"
+  echo "  so chat requests get 503 with Retry-After until the supply rises. Watch it come back:"
+  echo "    kubectl get eb rooftop-solar -w    # or: kubectl delete eb rooftop-solar"
+fi
 
 say "ready in $(( $(date +%s) - t0 ))s. Everything keeps running:"
 echo "  $(e2e/cluster.sh env | head -n1)"

@@ -356,6 +356,19 @@ async fn reconcile_inner(eb: &EnergyBudget, ctx: &EnergyContext) -> Result<Actio
         decided.draw_w,
         &now_time,
     );
+    let (value, reason, message) =
+        unknown_products_condition(&draw::unknown_products(&seen.node_refs()));
+    let generation = status.observed_generation;
+    set_condition(
+        &mut status,
+        &mut events,
+        "UnknownGpuProducts",
+        value,
+        reason,
+        message,
+        generation,
+        &now_time,
+    );
     record_metrics(ctx, &eb.name_any(), &supply, decided.draw_w, step, joules);
     write_status(eb, ctx, &status).await?;
     publish(ctx, eb, events).await;
@@ -441,7 +454,8 @@ async fn observe(eb: &EnergyBudget, ctx: &EnergyContext) -> Observed {
         None => per_node(&engine_pods, &pod_watts),
     };
     let node_refs: Vec<&Node> = nodes.iter().map(|n| n.as_ref()).collect();
-    let measured = draw::total(&node_refs, &readings, &spec.draw);
+    let engine_nodes: BTreeSet<String> = engine_pods.iter().map(|p| p.node.clone()).collect();
+    let measured = draw::total(&node_refs, &readings, &engine_nodes, &spec.draw);
     let covered = covered_deployments(eb, ctx, &pods, &node_names, &engine_pods, &pod_watts);
     Observed {
         nodes,
@@ -924,6 +938,28 @@ fn condition_values(
         ("Deferring", deferring.0, deferring.1, deferring.2),
         ("SupplyStale", stale.0, stale.1, stale.2),
     ]
+}
+
+/// The `UnknownGpuProducts` condition: true, naming them, when covered
+/// nodes carry GPU products missing from the catalog (counted at the
+/// highest power of their memory class). Pure.
+fn unknown_products_condition(unknown: &[String]) -> (bool, &'static str, String) {
+    if unknown.is_empty() {
+        (
+            false,
+            "AllProductsKnown",
+            "every covered GPU product is in the catalog".to_string(),
+        )
+    } else {
+        (
+            true,
+            "ProductsNotInCatalog",
+            format!(
+                "GPU products not in the catalog, counted at the highest rated power of their memory class: {}",
+                unknown.join(", ")
+            ),
+        )
+    }
 }
 
 /// Report the four conditions; each flip is an Event, and so is a new
@@ -1477,6 +1513,16 @@ async fn cleanup(eb: &EnergyBudget, ctx: &EnergyContext) -> Result<Action> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_budget_condition_names_the_gpu_products_missing_from_the_catalog() {
+        let (value, reason, message) =
+            unknown_products_condition(&["Radeon-Instinct-MI50".to_string()]);
+        assert!(value);
+        assert_eq!(reason, "ProductsNotInCatalog");
+        assert!(message.contains("Radeon-Instinct-MI50"), "{message}");
+        assert!(!unknown_products_condition(&[]).0);
+    }
     use crate::resources::{PowerCapPolicy, SecretKeyRef};
 
     fn md(name: &str, shed_by: Option<&str>) -> ModelDeployment {

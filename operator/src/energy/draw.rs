@@ -2,7 +2,9 @@
 //! the `copyhold-node` Pods on each node, or a Prometheus query (DCGM's
 //! `DCGM_FI_DEV_POWER_USAGE`, labelled `Hostname`, or any series labelled
 //! `node`). A covered node with no reading counts as
-//! `draw.missingReadingWatts`, else the rated power of its GPUs: never zero.
+//! `draw.missingReadingWatts`, else the rated power of its GPUs: never zero;
+//! a covered node with no `copyhold-node` Pod (its model shed, or none
+//! placed) counts at its GPUs' idle power.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -19,15 +21,31 @@ pub const NODE_POWER_METRIC: &str = "copyhold_node_power_watts";
 /// Labels naming the node in a Prometheus draw query, in order of preference.
 pub const NODE_LABELS: [&str; 4] = ["node", "Hostname", "kubernetes_node", "instance"];
 
-/// Rated power of a node's GPUs from the catalog (GFD labels), 0 for a node
-/// without known GPUs.
-pub fn rated_watts(node: &Node) -> f64 {
+/// Power of one GPU of `node`: the catalog's figures for its GFD product
+/// label, else the conservative [`gpu_catalog::fallback`] for its memory
+/// class (`nvidia.com/gpu.memory`, MiB): never 0 W for an unknown card.
+pub fn gpu_power(node: &Node) -> gpu_catalog::GpuPower {
     let labels = node.labels();
-    let per_gpu = labels
+    match labels
         .get("nvidia.com/gpu.product")
         .and_then(|p| gpu_catalog::lookup(p))
-        .map_or(0.0, |g| g.tdp_w);
-    let count = labels
+    {
+        Some(g) => gpu_catalog::GpuPower {
+            rated_w: g.tdp_w,
+            idle_w: g.idle_w,
+        },
+        None => gpu_catalog::fallback(
+            labels
+                .get("nvidia.com/gpu.memory")
+                .and_then(|m| m.parse::<u64>().ok())
+                .and_then(|mib| mib.checked_mul(1024 * 1024)),
+        ),
+    }
+}
+
+/// How many GPUs `node` has: GFD's count label, else its capacity.
+fn gpu_count(node: &Node) -> f64 {
+    node.labels()
         .get("nvidia.com/gpu.count")
         .and_then(|c| c.parse::<f64>().ok())
         .or_else(|| {
@@ -40,16 +58,37 @@ pub fn rated_watts(node: &Node) -> f64 {
                 .parse::<f64>()
                 .ok()
         })
-        .unwrap_or(0.0);
-    per_gpu * count
+        .unwrap_or(0.0)
 }
 
-/// Rated power of one GPU of `node`.
+/// Rated power of a node's GPUs, 0 for a node without GPUs.
+pub fn rated_watts(node: &Node) -> f64 {
+    gpu_power(node).rated_w * gpu_count(node)
+}
+
+/// Idle power of a node's GPUs: what it draws when nothing runs on them.
+pub fn idle_watts(node: &Node) -> f64 {
+    gpu_power(node).idle_w * gpu_count(node)
+}
+
+/// Rated power of one GPU of `node` as the catalog states it; 0 for a
+/// product missing from it, so no power limit is computed from a guess.
 pub fn rated_per_gpu(node: &Node) -> f64 {
     node.labels()
         .get("nvidia.com/gpu.product")
         .and_then(|p| gpu_catalog::lookup(p))
         .map_or(0.0, |g| g.tdp_w)
+}
+
+/// The GPU products of `nodes` missing from the catalog, sorted, once each.
+pub fn unknown_products(nodes: &[&Node]) -> Vec<String> {
+    let unknown: std::collections::BTreeSet<String> = nodes
+        .iter()
+        .filter_map(|n| n.labels().get("nvidia.com/gpu.product"))
+        .filter(|p| gpu_catalog::lookup(p).is_none())
+        .cloned()
+        .collect();
+    unknown.into_iter().collect()
 }
 
 /// Whether `node` is covered by `selector` (empty: GPU nodes).
@@ -236,8 +275,16 @@ pub struct Draw {
     pub without_reading: Vec<String>,
 }
 
-/// Sum per-node readings over the covered nodes, filling in the missing.
-pub fn total(nodes: &[&Node], readings: &BTreeMap<String, f64>, spec: &DrawSpec) -> Draw {
+/// Sum per-node readings over the covered nodes, filling in the missing: a
+/// node with an engine Pod (`engine_nodes`) but no reading at
+/// `spec.missingReadingWatts` or its GPUs' rated power, a node without one
+/// at its GPUs' idle power.
+pub fn total(
+    nodes: &[&Node],
+    readings: &BTreeMap<String, f64>,
+    engine_nodes: &std::collections::BTreeSet<String>,
+    spec: &DrawSpec,
+) -> Draw {
     let mut d = Draw::default();
     for n in nodes {
         let name = n.name_any();
@@ -245,7 +292,14 @@ pub fn total(nodes: &[&Node], readings: &BTreeMap<String, f64>, spec: &DrawSpec)
             Some(w) => *w,
             None => {
                 d.without_reading.push(name.clone());
-                spec.missing_reading_watts.unwrap_or_else(|| rated_watts(n))
+                if engine_nodes.contains(&name) {
+                    spec.missing_reading_watts.unwrap_or_else(|| rated_watts(n))
+                } else {
+                    // Nothing of ours runs there (shed, or never placed):
+                    // its GPUs idle, so counting rated power would keep the
+                    // ladder from ever stepping back.
+                    idle_watts(n)
+                }
             }
         };
         d.total_watts += w;
@@ -257,6 +311,7 @@ pub fn total(nodes: &[&Node], readings: &BTreeMap<String, f64>, spec: &DrawSpec)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     fn node(name: &str, product: &str, count: &str) -> Node {
         serde_json::from_value(serde_json::json!({
@@ -301,18 +356,50 @@ mod tests {
         let a = node("a", "Tesla-P100-PCIE-16GB", "2");
         let b = node("b", "Tesla-T4", "1");
         let readings = BTreeMap::from([("a".to_string(), 90.0)]);
-        let d = total(&[&a, &b], &readings, &DrawSpec::default());
+        let engines = BTreeSet::from(["a".to_string(), "b".to_string()]);
+        let d = total(&[&a, &b], &readings, &engines, &DrawSpec::default());
         assert_eq!(d.without_reading, vec!["b".to_string()]);
         assert_eq!(d.total_watts, 90.0 + 70.0);
         let d = total(
             &[&a, &b],
             &readings,
+            &engines,
             &DrawSpec {
                 missing_reading_watts: Some(33.0),
                 ..Default::default()
             },
         );
         assert_eq!(d.total_watts, 123.0);
+    }
+
+    #[test]
+    fn a_node_whose_model_was_shed_counts_its_gpus_idle_power_not_rated() {
+        // Both nodes ran engines; b's were shed to zero, so it has no Pod.
+        let a = node("a", "Tesla-P100-PCIE-16GB", "2");
+        let b = node("b", "Tesla-V100-SXM2-32GB", "4");
+        let readings = BTreeMap::from([("a".to_string(), 90.0)]);
+        let engines = BTreeSet::from(["a".to_string()]);
+        let d = total(&[&a, &b], &readings, &engines, &DrawSpec::default());
+        assert_eq!(d.per_node.get("b"), Some(&(4.0 * 45.0)));
+        assert_eq!(d.total_watts, 90.0 + 4.0 * 45.0);
+        assert_eq!(d.without_reading, vec!["b".to_string()]);
+    }
+
+    #[test]
+    fn a_gpu_product_missing_from_the_catalog_never_counts_as_zero_watts() {
+        let mut x = node("x", "Radeon-Instinct-MI50", "2");
+        x.labels_mut()
+            .insert("nvidia.com/gpu.memory".into(), "16384".into());
+        let engines = BTreeSet::from(["x".to_string()]);
+        let d = total(&[&x], &BTreeMap::new(), &engines, &DrawSpec::default());
+        // The highest rated power of the 16 GB class (300 W), per GPU.
+        assert_eq!(d.total_watts, 600.0);
+        assert_eq!(rated_watts(&x), 600.0);
+        assert_eq!(rated_per_gpu(&x), 0.0, "no power limit from a guess");
+        assert_eq!(
+            unknown_products(&[&x]),
+            vec!["Radeon-Instinct-MI50".to_string()]
+        );
     }
 
     #[test]
