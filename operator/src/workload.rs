@@ -87,6 +87,13 @@ pub struct EngineDefaults {
     /// `--admin-token-file`: what EnergyBudgets' power caps authenticate
     /// with. `None`: the nodes' admin API stays disabled.
     pub admin_token_secret: Option<String>,
+    /// `runtimeClassName` of the inference Pods: `nvidia` where the NVIDIA
+    /// container runtime is a RuntimeClass (k3s, the GPU Operator) and not
+    /// the default; `None` leaves the cluster's default runtime.
+    pub runtime_class: Option<String>,
+    /// Secrets (in each ModelDeployment's own namespace) the kubelet pulls
+    /// the engine images with, for a private registry.
+    pub image_pull_secrets: Vec<String>,
 }
 
 impl Default for EngineDefaults {
@@ -99,6 +106,8 @@ impl Default for EngineDefaults {
             vllm_image: "vllm/vllm-openai:v0.11.0".into(),
             node_device: "cuda".into(),
             admin_token_secret: None,
+            runtime_class: None,
+            image_pull_secrets: Vec::new(),
         }
     }
 }
@@ -322,7 +331,7 @@ pub fn deployment(
         }}));
     }
     let labels = labels(md);
-    let value = json!({
+    let mut value = json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {
@@ -385,6 +394,18 @@ pub fn deployment(
             },
         },
     });
+    let pod = &mut value["spec"]["template"]["spec"];
+    if let Some(class) = &defaults.runtime_class {
+        pod["runtimeClassName"] = json!(class);
+    }
+    if !defaults.image_pull_secrets.is_empty() {
+        let refs: Vec<serde_json::Value> = defaults
+            .image_pull_secrets
+            .iter()
+            .map(|name| json!({"name": name}))
+            .collect();
+        pod["imagePullSecrets"] = json!(refs);
+    }
     serde_json::from_value(value).map_err(|e| WorkloadError::Shape("Deployment", e.to_string()))
 }
 
@@ -562,6 +583,30 @@ spec:
         let args = c.args.clone().unwrap_or_default().join(" ");
         assert!(args.starts_with("serve /models"), "{args}");
         assert!(args.contains("--pipeline-parallel-size 2"), "{args}");
+    }
+
+    #[test]
+    fn the_runtime_class_and_pull_secrets_given_to_the_controller_go_into_the_inference_pods() {
+        let defaults = EngineDefaults {
+            runtime_class: Some("nvidia".into()),
+            image_pull_secrets: vec!["registry-a".into(), "registry-b".into()],
+            ..Default::default()
+        };
+        let d = deployment(&md(BASIC), &placed(1), &defaults).expect("builds");
+        let pod = d.spec.and_then(|s| s.template.spec).expect("pod");
+        assert_eq!(pod.runtime_class_name.as_deref(), Some("nvidia"));
+        let secrets: Vec<String> = pod
+            .image_pull_secrets
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(secrets, vec!["registry-a", "registry-b"]);
+        // Unset: the cluster's default runtime, no pull secrets.
+        let plain = deployment(&md(BASIC), &placed(1), &EngineDefaults::default()).expect("builds");
+        let pod = plain.spec.and_then(|s| s.template.spec).expect("pod");
+        assert_eq!(pod.runtime_class_name, None);
+        assert_eq!(pod.image_pull_secrets, None);
     }
 
     #[test]
