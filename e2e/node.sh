@@ -164,7 +164,8 @@ nat_chain() {
   local hook=$1 chain=$2; shift 2
   iptables -t nat -N "$chain" 2>/dev/null || iptables -t nat -F "$chain"
   iptables -t nat -A "$chain" "$@"
-  iptables -t nat -C "$hook" -j "$chain" 2>/dev/null || iptables -t nat -I "$hook" 1 -j "$chain"
+  iptables -t nat -D "$hook" -j "$chain" 2>/dev/null || true
+  iptables -t nat -I "$hook" 1 -j "$chain"
 }
 
 # Two address mappings, because the local control plane and the kubelet
@@ -192,6 +193,9 @@ remember_sysctl() {
   local key=$1
   grep -q "^$key=" "$NODE_RUN/sysctl.orig" 2>/dev/null || echo "$key=$(sysctl -n "$key")" >>"$NODE_RUN/sysctl.orig"
 }
+
+# kube-proxy's jump from PREROUTING (it carries a comment, so -C cannot name it).
+kube_proxy_hooked() { iptables -t nat -S PREROUTING | grep -- '-j KUBE-SERVICES' >/dev/null; }
 
 node_ready() {
   [ "$(kc get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = True ]
@@ -226,7 +230,6 @@ cmd_up() {
   local port
   port=$(api_port)
   make_bridge
-  route_loopback_listeners "$port"
   log "starting the kubelet as $NODE_NAME"
   mkdir -p "$NODE_RUN/kubelet" "$NODE_RUN/pki" "$NODE_RUN/volume-plugins"
   start node-kubelet "$NODE_BIN/kubelet" --kubeconfig="$KUBECONFIG_FILE" \
@@ -244,6 +247,11 @@ cmd_up() {
     --healthz-bind-address=127.0.0.1:10256 --metrics-bind-address=127.0.0.1:10249 \
     --conntrack-max-per-core=0 --conntrack-tcp-timeout-established=0 --conntrack-tcp-timeout-close-wait=0 --v=2
 
+  # Our mapping of the `kubernetes` Service must come before kube-proxy's
+  # jump in PREROUTING (kube-proxy prepends its own once, and keeps it).
+  wait_for "kube-proxy's rules" 60 "$LOGS/node-kube-proxy.log" kube_proxy_hooked ||
+    die "kube-proxy wrote no rules; log: $LOGS/node-kube-proxy.log"
+  route_loopback_listeners "$port"
   wait_for "node Ready" 120 "$LOGS/node-kubelet.log" node_ready ||
     die "node $NODE_NAME did not become Ready; log: $LOGS/node-kubelet.log"
   # No node-lifecycle controller runs: lift the taint admission put on the
@@ -270,7 +278,8 @@ load_images() {
   for img in "$@"; do
     file=$("$NODE_HERE/../images/build.sh" archive "$img")
     ctr_ images import "$file" >/dev/null
-    ctr_ images ls -q | grep -qx "$img" || die "containerd did not import $img from $file"
+    # grep reads all of it: with -q, ctr could die of SIGPIPE under pipefail.
+    ctr_ images ls -q | grep -x "$img" >/dev/null || die "containerd did not import $img from $file"
     log "loaded $img"
   done
 }
