@@ -218,6 +218,8 @@ cmd_up() {
   trap 'stop_node_processes; die "start-up failed; logs in $LOGS (node-*.log)"' ERR
   write_containerd_config
   remember_sysctl net.ipv4.ip_forward
+  # kube-proxy turns route_localnet on at start: remember it before that.
+  remember_sysctl net.ipv4.conf.all.route_localnet
   # The bridge plugin turns forwarding on for its gateway; say so by doing it here.
   sysctl -qw net.ipv4.ip_forward=1
 
