@@ -213,8 +213,7 @@ fn process_user_and_root(pid: u32) -> Result<(u32, bool)> {
     // mountinfo: ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS ...
     let root_ro = mounts
         .lines()
-        .filter(|l| l.split_whitespace().nth(4) == Some("/"))
-        .last()
+        .rfind(|l| l.split_whitespace().nth(4) == Some("/"))
         .and_then(|l| l.split_whitespace().nth(5))
         .is_some_and(|o| o.split(',').any(|x| x == "ro"));
     Ok((uid, root_ro))
