@@ -6,7 +6,7 @@ export COPYHOLD_CACHE ?= $(HOME)/.cache/copyhold
 # One build cache for the demo, the tests and CI, whatever the checkout.
 export CARGO_TARGET_DIR ?= $(COPYHOLD_CACHE)/target
 
-.PHONY: all build test lint demo demo-down crds cluster-up cluster-down
+.PHONY: all build test lint demo demo-down crds cluster-up cluster-down images images-cuda images-check node-up node-down
 
 all: build
 
@@ -49,7 +49,35 @@ demo:
 	@e2e/demo.sh
 
 demo-down:
+	@if e2e/node.sh can-run >/dev/null; then e2e/node.sh down; fi
 	e2e/cluster.sh down
+
+## Container images without a daemon (buildah/podman, vfs, runc): copyhold and
+## the CPU copyhold-node, from a release build without debug info; prints the
+## sizes. With no public registry reachable the base is built from Debian's
+## packages. See docs/install.md.
+images:
+	images/build.sh build
+
+## Also the CUDA copyhold-node (NVRTC and cuBLAS 12 from PyPI's wheels, about
+## 1 GB unpacked): optional, slow to build and to move.
+images-cuda:
+	images/build.sh build-cuda
+
+## Each built image run with a read-only root as UID 65532: --version, and
+## the gateway's /healthz and the node's /health (the fixture model).
+images-check:
+	@e2e/cluster.sh up
+	@eval "$$(e2e/cluster.sh env)"; COPYHOLD_FIXTURE_MODEL=$${COPYHOLD_FIXTURE_MODEL:-$(CURDIR)/../shared/fixtures/tiny-llama} images/build.sh check
+
+## A real node (kubelet, containerd, runc, kube-proxy) joined to the local
+## control plane, with the built images loaded (needs root). See e2e/node.sh.
+node-up:
+	e2e/cluster.sh up
+	e2e/node.sh up
+
+node-down:
+	e2e/node.sh down
 
 cluster-up:
 	e2e/cluster.sh up

@@ -65,8 +65,12 @@ ensure_deb_src() {
   as_root apt-get update
 }
 
-build_k8s() {
-  local src=$CACHE/src
+# build_k8s_bins SRC BIN CMD... : build the named cmd/ binaries from Debian's
+# kubernetes source, unpacked in SRC (removed afterwards), into BIN. The node
+# script (e2e/node.sh) builds the kubelet and kube-proxy with this same step.
+build_k8s_bins() {
+  local src=$1 bin=$2; shift 2
+  local what=("$@")
   rm -rf "$src" && mkdir -p "$src" && cd "$src"
   apt-get source --download-only "kubernetes=$K8S_VERSION*" || apt-get source --download-only kubernetes
   local orig
@@ -90,12 +94,16 @@ build_k8s() {
   rm -rf _output
   mkdir -p "$src/home"
   GOPATH=$PWD/.go CGO_ENABLED=0 HOME=$src/home GOFLAGS=-buildvcs=false \
-    make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler"
-  mkdir -p "$K8S_BIN.tmp"
-  cp _output/local/bin/linux/amd64/kube-apiserver _output/local/bin/linux/amd64/kube-controller-manager \
-    _output/local/bin/linux/amd64/kube-scheduler "$K8S_BIN.tmp/"
-  rm -rf "$K8S_BIN" && mv "$K8S_BIN.tmp" "$K8S_BIN"
+    make WHAT="${what[*]/#/cmd/}"
+  mkdir -p "$bin.tmp"
+  local b
+  for b in "${what[@]}"; do cp "_output/local/bin/linux/amd64/$b" "$bin.tmp/"; done
+  rm -rf "$bin" && mv "$bin.tmp" "$bin"
   cd "$CACHE" && rm -rf "$src"
+}
+
+build_k8s() {
+  build_k8s_bins "$CACHE/src" "$K8S_BIN" kube-apiserver kube-controller-manager kube-scheduler
 }
 
 fetch_helm() {
@@ -290,13 +298,16 @@ cmd_up() {
     { stop_all; die "etcd did not become healthy; log: $LOGS/etcd.log"; }
 
   log "starting kube-apiserver on https://127.0.0.1:$api_port"
+  # InternalIP first: the real node (e2e/node.sh) registers 127.0.0.1 as its
+  # address, and its name does not resolve; exec, logs and port-forward dial it.
   mkdir -p "$RUN/pki/serving"
   start kube-apiserver "$K8S_BIN/kube-apiserver" --etcd-servers="http://127.0.0.1:$etcd_port" \
     --secure-port="$api_port" --bind-address=127.0.0.1 --cert-dir="$RUN/pki/serving" \
     --token-auth-file="$RUN/pki/tokens.csv" --authorization-mode=RBAC \
     --service-account-key-file="$RUN/pki/sa.pub" --service-account-signing-key-file="$RUN/pki/sa.key" \
     --service-account-issuer=https://kubernetes.default.svc --service-cluster-ip-range=10.96.0.0/16 \
-    --allow-privileged=true --insecure-port=0
+    --allow-privileged=true --insecure-port=0 \
+    --kubelet-preferred-address-types=InternalIP,Hostname,InternalDNS,ExternalDNS,ExternalIP
   write_kubeconfig "$api_port"
   wait_for "kube-apiserver" 60 "$LOGS/kube-apiserver.log" api_ready ||
     { stop_all; die "kube-apiserver did not become ready; log: $LOGS/kube-apiserver.log"; }
@@ -344,11 +355,14 @@ cmd_status() {
 # One `up` or `down` at a time: test processes start in parallel.
 lock() { mkdir -p "$RUN"; exec 9>"$RUN/.lock"; flock 9; }
 
-case "${1:-}" in
-  up) lock; cmd_up ;;
-  down) lock; cmd_down ;;
-  env) echo "export KUBECONFIG=$KUBECONFIG_FILE"; echo "export PATH=$TOOLS_BIN:\$PATH" ;;
-  status) cmd_status ;;
-  tools) cmd_tools ;;
-  *) echo "usage: $0 up|down|env|status|tools" >&2; exit 2 ;;
-esac
+# Sourced (by e2e/node.sh) it only defines its functions.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  case "${1:-}" in
+    up) lock; cmd_up ;;
+    down) lock; cmd_down ;;
+    env) echo "export KUBECONFIG=$KUBECONFIG_FILE"; echo "export PATH=$TOOLS_BIN:\$PATH" ;;
+    status) cmd_status ;;
+    tools) cmd_tools ;;
+    *) echo "usage: $0 up|down|env|status|tools" >&2; exit 2 ;;
+  esac
+fi

@@ -2,13 +2,21 @@
 # `make demo`: the main job on one machine with no cluster.
 #   a real control plane (etcd, kube-apiserver, controller-manager, scheduler)
 #   with a simulated fleet of reused GPUs → copyhold's CRDs → `helm install`
-#   of charts/copyhold: the controller and gateway Pods, run by the kubelet
-#   stand-in as local processes under their ServiceAccounts' tokens → the
-#   examples' energy budget and members' stints → a synthesized small model
-#   as a ModelDeployment → placed by the controller, bound by the real
-#   scheduler → `copyhold-node serve` on its Pod's own loopback address →
-#   requests from two members through the gateway, answered, metered in the
-#   StintQuota's register. Leaves everything running; `make demo-down` stops it.
+#   of charts/copyhold: the controller and gateway Pods → the examples'
+#   energy budget and members' stints → a synthesized small model as a
+#   ModelDeployment → placed by the controller, bound by the real scheduler →
+#   `copyhold-node serve` → requests from two members through the gateway,
+#   answered, metered in the StintQuota's register. Leaves everything
+#   running; `make demo-down` stops it.
+#
+# Where the Pods run:
+#   real node  (root and runc: `e2e/node.sh can-run`): the images of
+#              `make images` as containers on a real kubelet with containerd
+#              and kube-proxy (e2e/node.sh); the gateway is reached on its
+#              Service's ClusterIP.
+#   stand-in   (otherwise, or COPYHOLD_DEMO_NODE=standin): the kubelet
+#              stand-in runs each Pod's command as a local process on its
+#              own loopback address.
 set -Eeuo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -17,12 +25,30 @@ RUN=${COPYHOLD_RUN:-$CACHE/run}
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 NS=copyhold-demo
 SYS=copyhold-system
+REAL_NODE=copyhold-real-node
 say() { printf '\n==> %s\n' "$*"; }
 t0=$(date +%s)
 
-say "building copyhold, copyhold-node and the kubelet stand-in (first time: several minutes)"
-cargo build -q -p copyhold -p copyhold-node -p copyhold-e2e --bins
-BIN=$TARGET/debug
+MODE=real
+if [ "${COPYHOLD_DEMO_NODE:-}" = standin ]; then
+  MODE=standin
+  echo "==> the Pods run under the kubelet stand-in as local processes: COPYHOLD_DEMO_NODE=standin"
+elif why=$(e2e/node.sh can-run); then
+  echo "==> the Pods run as containers on a real node (kubelet, containerd, runc, kube-proxy): this machine can run containers"
+else
+  MODE=standin
+  echo "==> the Pods run under the kubelet stand-in as local processes: no real node here ($why)"
+fi
+
+if [ $MODE = real ]; then
+  say "building the images (copyhold, copyhold-node; first time: the release build, several minutes)"
+  images/build.sh build
+  BIN=$TARGET/release-image
+else
+  say "building copyhold, copyhold-node and the kubelet stand-in (first time: several minutes)"
+  cargo build -q -p copyhold -p copyhold-node -p copyhold-e2e --bins
+  BIN=$TARGET/debug
+fi
 
 say "starting the control plane (first time on a machine builds Kubernetes 1.20: about 7 min)"
 e2e/cluster.sh up
@@ -42,28 +68,62 @@ if [ ! -f "$MODEL/config.json" ]; then
     --intermediate 688 --vocab 512 --dtype f16 --out "$MODEL" >/dev/null
 fi
 
-say "starting the kubelet stand-in: it runs the Pods of $SYS and $NS as local processes (logs in $RUN/logs/pods)"
-mkdir -p "$RUN/logs"
-# Processes of an older demo (before the chart ran them) go too.
+if [ $MODE = real ]; then
+  say "starting the real node $REAL_NODE (first time builds the kubelet and kube-proxy: about 6 min) and loading the images"
+  e2e/node.sh up
+  mapfile -t TAGS < <(images/build.sh tags)
+  e2e/node.sh load "${TAGS[0]}" "${TAGS[1]}"
+  # The node lends its CPU to placement as one accelerator with GPU Feature
+  # Discovery's labels; the engine serves it with --device cpu.
+  kubectl label node $REAL_NODE --overwrite nvidia.com/gpu.present=true nvidia.com/gpu.product=Real-Node-CPU \
+    nvidia.com/gpu.memory=16384 nvidia.com/gpu.count=1 nvidia.com/gpu.compute.major=8 nvidia.com/gpu.compute.minor=0 >/dev/null
+  kubectl patch node $REAL_NODE --subresource=status --type=merge -p '{"status":{"capacity":{"nvidia.com/gpu":"1"},"allocatable":{"nvidia.com/gpu":"1"}}}' >/dev/null
+  kubectl get nodes -o wide
+else
+  say "the simulated fleet"
+  kubectl get nodes -L nvidia.com/gpu.product -L nvidia.com/gpu.count -L nvidia.com/gpu.memory
+fi
+for n in $SYS $NS; do kubectl create namespace "$n" --dry-run=client -o yaml | kubectl apply -f - >/dev/null; done
+
+MODEL=$CACHE/demo-model
+if [ ! -f "$MODEL/config.json" ]; then
+  say "synthesizing a small Llama-shaped model (random weights) into $MODEL"
+  "$BIN/copyhold-node" synth --arch llama --hidden 256 --layers 4 --heads 8 --kv-heads 4 \
+    --intermediate 688 --vocab 512 --dtype f16 --out "$MODEL" >/dev/null
+fi
+chmod -R a+rX "$MODEL"
+
+# Processes of an older demo go first.
 for p in demo-controller demo-kubelet demo-gateway; do
   if [ -f "$RUN/$p.pid" ] && kill -0 "$(cat "$RUN/$p.pid")" 2>/dev/null; then kill "$(cat "$RUN/$p.pid")" || true; sleep 2; fi
   rm -f "$RUN/$p.pid"
 done
-for n in $SYS $NS; do kubectl create namespace "$n" --dry-run=client -o yaml | kubectl apply -f - >/dev/null; done
-# The node's image first: the other is a prefix of it.
-setsid "$BIN/copyhold-kubelet" --namespace "$SYS,$NS" --ip-prefix 127.0.100 \
-  --image "ghcr.io/copyhold/copyhold-node=$BIN/copyhold-node" --image "ghcr.io/copyhold/copyhold=$BIN/copyhold" \
-  --log-dir "$RUN/logs/pods" >"$RUN/logs/demo-kubelet.log" 2>&1 </dev/null &
-echo $! >"$RUN/demo-kubelet.pid"
+HELM_ARGS=()
+if [ $MODE = real ]; then
+  TOL='[{"key":"nvidia.com/gpu","operator":"Exists","effect":"NoSchedule"}]'
+  SEL='{"copyhold.dev/real-node":"true"}'
+  HELM_ARGS=(--set image.repository="${TAGS[0]%:*}" --set image.tag="${TAGS[0]##*:}" --set image.pullPolicy=Never
+    --set controller.engineImages.copyhold="${TAGS[1]}"
+    --set-json "controller.nodeSelector=$SEL" --set-json "gateway.nodeSelector=$SEL"
+    --set-json "controller.tolerations=$TOL" --set-json "gateway.tolerations=$TOL")
+else
+  say "starting the kubelet stand-in: it runs the Pods of $SYS and $NS as local processes (logs in $RUN/logs/pods)"
+  mkdir -p "$RUN/logs"
+  # The node's image first: the other is a prefix of it.
+  setsid "$BIN/copyhold-kubelet" --namespace "$SYS,$NS" --ip-prefix 127.0.100 \
+    --image "ghcr.io/copyhold/copyhold-node=$BIN/copyhold-node" --image "ghcr.io/copyhold/copyhold=$BIN/copyhold" \
+    --log-dir "$RUN/logs/pods" >"$RUN/logs/demo-kubelet.log" 2>&1 </dev/null &
+  echo $! >"$RUN/demo-kubelet.pid"
+fi
 
 say "helm install copyhold (a controller with a standby, two gateway replicas; waits until their Pods are Ready)"
 e2e/cluster.sh tools >/dev/null
 HELM=$CACHE/bin/helm
-"$HELM" upgrade --install copyhold charts/copyhold -n $SYS --wait --timeout 180s \
+"$HELM" upgrade --install copyhold charts/copyhold -n $SYS --wait --timeout 240s \
   --set controller.watchNamespace=$NS --set gateway.watchNamespace=$NS \
   --set controller.nodeDevice=cpu --set controller.budgetSelector=copyhold.dev/demo=true \
   --set controller.nodeAdminTokenSecret=copyhold-node-admin \
-  --set dashboards.enabled=true | sed -n '/^NOTES:/,$p' | sed 's/^/    /'
+  --set dashboards.enabled=true "${HELM_ARGS[@]}" | sed -n '/^NOTES:/,$p' | sed 's/^/    /'
 kubectl get pods -n $SYS -o wide
 
 say "checking the examples as the operator will, then applying the energy budget and the members' stints"
@@ -77,6 +137,16 @@ kubectl get secret copyhold-node-admin -n $NS >/dev/null 2>&1 ||
   kubectl create secret generic copyhold-node-admin -n $NS --from-literal=token="$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')" >/dev/null
 
 say "deploying the model"
+if [ $MODE = real ]; then
+  # The controller runs in a container that does not see the model's
+  # hostPath: the model's sizing is given inline.
+  PLACEMENT="{nodeSelector: {copyhold.dev/real-node: \"true\"}}"
+  SIZING="sizing: {weightBytes: \"$(stat -c %s "$MODEL/model.safetensors")\", dtype: f16, numLayers: 4, numKvHeads: 4, headDim: 32}"
+else
+  # The co-op's old P4 serves the demo, leaving the rest of the fleet to the tests.
+  PLACEMENT="{gpuProducts: [Tesla-P4]}"
+  SIZING=""
+fi
 cat <<EOF | kubectl apply -n $NS -f -
 apiVersion: copyhold.dev/v1alpha1
 kind: ModelDeployment
@@ -85,9 +155,9 @@ spec:
   model:
     source: {hostPath: {path: $MODEL}}
     servedName: demo-llama
+    $SIZING
   serving: {contextLength: 1024, maxConcurrentSequences: 4}
-  # The co-op's old P4 serves the demo, leaving the rest of the fleet to the tests.
-  placement: {gpuProducts: [Tesla-P4]}
+  placement: $PLACEMENT
   replicas: 1
   priority: deferrable
   stintQuota: coop-members
@@ -106,12 +176,19 @@ ip=$(kubectl get pods -n $NS -l copyhold.dev/model-deployment=demo-llama -o json
 node=$(kubectl get pods -n $NS -l copyhold.dev/model-deployment=demo-llama -o jsonpath='{.items[0].spec.nodeName}')
 [ -n "$ip" ] || { echo "the model did not come up; see $RUN/logs"; exit 1; }
 
-# No kube-proxy here: the gateway Service is reached on one of its Pods.
-gw_ip=$(kubectl get pods -n $SYS -l app.kubernetes.io/component=gateway -o jsonpath='{.items[0].status.podIP}')
+if [ $MODE = real ]; then
+  # kube-proxy's rules take the Service's ClusterIP to a gateway container.
+  gw_ip=$(kubectl get service copyhold-gateway -n $SYS -o jsonpath='{.spec.clusterIP}')
+  via="Service's ClusterIP"
+else
+  # No kube-proxy here: the gateway Service is reached on one of its Pods.
+  gw_ip=$(kubectl get pods -n $SYS -l app.kubernetes.io/component=gateway -o jsonpath='{.items[0].status.podIP}')
+  via="Service's Pod"
+fi
 GW=http://$gw_ip:8080
 for _ in $(seq 1 60); do curl -sf "$GW/readyz" >/dev/null && break; sleep 0.5; done
 
-say "asking the model through the gateway Service's Pod $gw_ip as two members (model Pod $ip on $node)"
+say "asking the model through the gateway $via $gw_ip as two members (model Pod $ip on $node)"
 ask() {
   local member=$1 key=$2 prompt=$3
   echo "  $member > $prompt"

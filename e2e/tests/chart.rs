@@ -402,6 +402,92 @@ fn bad_values_fail_with_the_schema_message() -> Result<()> {
 }
 
 #[test]
+fn images_by_digest_runtime_classes_and_pull_secrets_reach_the_pods_and_the_controller()
+-> Result<()> {
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let objects = render(&[
+        "--set",
+        &format!("image.digest={digest}"),
+        "--set",
+        "runtimeClassName=gvisor",
+        "--set",
+        "imagePullSecrets[0].name=mirror",
+        "--set",
+        "controller.engineRuntimeClassName=nvidia",
+        "--set",
+        "controller.engineImagePullSecrets={mirror,second}",
+        "--set",
+        &format!("controller.engineImages.copyhold=registry.local/copyhold-node@{digest}"),
+    ])?;
+    for suffix in ["-controller", "-gateway"] {
+        let d = named(&objects, "Deployment", suffix).context(suffix)?;
+        let pod = &d["spec"]["template"]["spec"];
+        assert_eq!(
+            pod["containers"][0]["image"],
+            format!("ghcr.io/copyhold/copyhold@{digest}"),
+            "{suffix}"
+        );
+        assert_eq!(pod["runtimeClassName"], "gvisor", "{suffix}");
+        assert_eq!(
+            pod["imagePullSecrets"],
+            serde_json::json!([{"name": "mirror"}])
+        );
+    }
+    let controller = named(&objects, "Deployment", "-controller").context("controller")?;
+    let args: Vec<&str> = controller["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .context("args")?
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    for want in [
+        "--node-runtime-class=nvidia",
+        "--node-image-pull-secret=mirror",
+        "--node-image-pull-secret=second",
+        &format!("--node-image=registry.local/copyhold-node@{digest}"),
+    ] {
+        assert!(args.contains(&want), "{want} not in {args:?}");
+    }
+    // A tag and a digest: both written, the digest decides.
+    let objects = render(&[
+        "--set",
+        "image.tag=0.1.0",
+        "--set",
+        &format!("image.digest={digest}"),
+    ])?;
+    let d = named(&objects, "Deployment", "-gateway").context("gateway")?;
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"][0]["image"],
+        format!("ghcr.io/copyhold/copyhold:0.1.0@{digest}")
+    );
+    // Unset: the tag, no runtime class, no extra arguments.
+    let objects = render(&[])?;
+    let d = named(&objects, "Deployment", "-controller").context("controller")?;
+    let pod = &d["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["containers"][0]["image"],
+        "ghcr.io/copyhold/copyhold:0.1.0"
+    );
+    assert!(pod.get("runtimeClassName").is_none());
+    let text = pod["containers"][0]["args"].to_string();
+    assert!(
+        !text.contains("--node-runtime-class") && !text.contains("--node-image-pull-secret"),
+        "{text}"
+    );
+    // A digest that is not one is refused by the schema.
+    let out = run_helm(&[
+        "template",
+        "copyhold",
+        "charts/copyhold",
+        "--set",
+        "image.digest=latest",
+    ])?;
+    assert!(!out.status.success(), "a bad digest was accepted");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/image/digest"));
+    Ok(())
+}
+
+#[test]
 fn the_node_admin_token_secret_is_passed_to_the_controller() -> Result<()> {
     let args_of = |objects: &[Value]| -> Result<Vec<String>> {
         let controller = named(objects, "Deployment", "-controller").context("controller")?;

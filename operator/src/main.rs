@@ -327,6 +327,18 @@ struct ControllerArgs {
     /// token EnergyBudgets' power caps send when they name none.
     #[arg(long, env = "COPYHOLD_NODE_ADMIN_TOKEN_SECRET")]
     node_admin_token_secret: Option<String>,
+    /// RuntimeClass of the inference Pods: `nvidia` where the NVIDIA
+    /// container runtime is a RuntimeClass (k3s, the GPU Operator).
+    #[arg(long, env = "COPYHOLD_NODE_RUNTIME_CLASS")]
+    node_runtime_class: Option<String>,
+    /// Secret (in each ModelDeployment's namespace) the kubelet pulls the
+    /// engine images with; repeatable.
+    #[arg(
+        long = "node-image-pull-secret",
+        env = "COPYHOLD_NODE_IMAGE_PULL_SECRETS",
+        value_delimiter = ','
+    )]
+    node_image_pull_secrets: Vec<String>,
     /// Reconcile only this namespace (all when absent).
     #[arg(long, env = "COPYHOLD_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
@@ -363,6 +375,12 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         let mut defaults = copyhold::serving::workload::EngineDefaults {
             node_device: args.node_device,
             admin_token_secret: args.node_admin_token_secret.filter(|s| !s.is_empty()),
+            runtime_class: args.node_runtime_class.filter(|s| !s.is_empty()),
+            image_pull_secrets: args
+                .node_image_pull_secrets
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect(),
             ..Default::default()
         };
         if let Some(i) = args.node_image {

@@ -35,9 +35,13 @@ app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
-{{/* The copyhold image. */}}
+{{/* The copyhold image: by digest when one is given. */}}
 {{- define "copyhold.image" -}}
+{{- if .Values.image.digest -}}
+{{ .Values.image.repository }}{{ with .Values.image.tag }}:{{ . }}{{ end }}@{{ .Values.image.digest }}
+{{- else -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
 {{- end -}}
 
 {{/* Restricted pod security: non-root, no privilege escalation, seccomp. */}}

@@ -132,9 +132,31 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Serves `router` on `listener` until the process ends.
+/// Serves `router` on `listener` until SIGTERM or Ctrl-C; running requests
+/// and streams finish first. The handler matters in a container: there the
+/// node is PID 1, which the kernel gives no default action for SIGTERM, so
+/// without it the kubelet would wait out the grace period and then kill.
 pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).await
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+}
+
+/// SIGTERM (what the kubelet and container runtimes send) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down: finishing running requests");
 }
 
 /// 200 while the engine serves; 503 while loading and, for good, once

@@ -9,7 +9,7 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
-    HostPathVolumeSource, KeyToPath, PersistentVolumeClaimVolumeSource, PodSecurityContext,
+    HostPathVolumeSource, KeyToPath, LocalObjectReference, PersistentVolumeClaimVolumeSource, PodSecurityContext,
     PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource,
     SecurityContext, Service, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
 };
@@ -96,6 +96,13 @@ pub struct EngineDefaults {
     /// `--admin-token-file`: what EnergyBudgets' power caps authenticate
     /// with. `None`: the nodes' admin API stays disabled.
     pub admin_token_secret: Option<String>,
+    /// `runtimeClassName` of the inference Pods: `nvidia` where the NVIDIA
+    /// container runtime is a RuntimeClass (k3s, the GPU Operator) and not
+    /// the default; `None` leaves the cluster's default runtime.
+    pub runtime_class: Option<String>,
+    /// Secrets (in each ModelDeployment's own namespace) the kubelet pulls
+    /// the engine images with, for a private registry.
+    pub image_pull_secrets: Vec<String>,
 }
 
 impl Default for EngineDefaults {
@@ -108,6 +115,8 @@ impl Default for EngineDefaults {
             vllm_image: "vllm/vllm-openai:v0.11.0".into(),
             node_device: "cuda".into(),
             admin_token_secret: None,
+            runtime_class: None,
+            image_pull_secrets: Vec::new(),
         }
     }
 }
@@ -242,7 +251,7 @@ pub fn deployment(
                     labels: Some(labels),
                     ..Default::default()
                 }),
-                spec: Some(pod_spec(placement, container, volumes)),
+                spec: Some(pod_spec(placement, defaults, container, volumes)),
             },
             ..Default::default()
         }),
@@ -495,13 +504,22 @@ fn engine_container(
 }
 
 /// The Pod: no service-account token, no service links, a fixed non-root
-/// user with the runtime's seccomp profile, on the placed nodes' GPUs.
+/// user with the runtime's seccomp profile, on the placed nodes' GPUs, with
+/// the runtime class and pull secrets the controller was given.
 fn pod_spec(
     placement: &PlacementForWorkload,
+    defaults: &EngineDefaults,
     container: Container,
     volumes: Vec<Volume>,
 ) -> PodSpec {
+    let pull_secrets: Vec<LocalObjectReference> = defaults
+        .image_pull_secrets
+        .iter()
+        .map(|name| LocalObjectReference { name: name.clone() })
+        .collect();
     PodSpec {
+        runtime_class_name: defaults.runtime_class.clone(),
+        image_pull_secrets: (!pull_secrets.is_empty()).then_some(pull_secrets),
         automount_service_account_token: Some(false),
         enable_service_links: Some(false),
         termination_grace_period_seconds: Some(30),
@@ -757,6 +775,30 @@ spec:
         let args = c.args.clone().unwrap_or_default().join(" ");
         assert!(args.starts_with("serve /models"), "{args}");
         assert!(args.contains("--pipeline-parallel-size 2"), "{args}");
+    }
+
+    #[test]
+    fn the_runtime_class_and_pull_secrets_given_to_the_controller_go_into_the_inference_pods() {
+        let defaults = EngineDefaults {
+            runtime_class: Some("nvidia".into()),
+            image_pull_secrets: vec!["registry-a".into(), "registry-b".into()],
+            ..Default::default()
+        };
+        let d = deployment(&md(BASIC), &placed(1), &defaults).expect("builds");
+        let pod = d.spec.and_then(|s| s.template.spec).expect("pod");
+        assert_eq!(pod.runtime_class_name.as_deref(), Some("nvidia"));
+        let secrets: Vec<String> = pod
+            .image_pull_secrets
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(secrets, vec!["registry-a", "registry-b"]);
+        // Unset: the cluster's default runtime, no pull secrets.
+        let plain = deployment(&md(BASIC), &placed(1), &EngineDefaults::default()).expect("builds");
+        let pod = plain.spec.and_then(|s| s.template.spec).expect("pod");
+        assert_eq!(pod.runtime_class_name, None);
+        assert_eq!(pod.image_pull_secrets, None);
     }
 
     #[test]
