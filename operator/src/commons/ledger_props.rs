@@ -291,15 +291,13 @@ proptest! {
         }
         w.drain();
         let register = w.register();
-        for i in 0..MEMBERS {
+        for (i, ((reg, served), killed)) in
+            register.iter().zip(w.served).zip(w.killed_slices).enumerate()
+        {
+            prop_assert!(*reg >= served, "m{i}: register {reg} below served {served}");
             prop_assert!(
-                register[i] >= w.served[i],
-                "m{i}: register {} below served {}", register[i], w.served[i]
-            );
-            prop_assert!(
-                register[i] - w.served[i] <= w.killed_slices[i],
-                "m{i}: over-count {} above the killed slices {}",
-                register[i] - w.served[i], w.killed_slices[i]
+                reg - served <= killed,
+                "m{i}: over-count {} above the killed slices {killed}", reg - served
             );
         }
     }
