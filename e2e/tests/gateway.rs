@@ -824,9 +824,9 @@ async fn stint_ledger_exact_under_concurrency() -> Result<()> {
     let bound_one =
         ("user".len() + "client 63 round 3 asks something shared".len()) as i64 + 64 + 8 + 12;
     // m5 was asked for far more than its stint (about 51 requests of 20
-    // tokens) and refused once it ran out: it ends within one reservation
-    // below the stint (what other replicas still held) and within one
-    // reservation per replica above it.
+    // tokens) and refused once what was left could not cover a request: a
+    // request is admitted only against what its replica holds, so it ends
+    // within one reservation per replica of the stint, on either side.
     let attempted = (0..64usize)
         .flat_map(|c| (0..4usize).map(move |r| (c + r) % 5))
         .filter(|m| *m == 4)
@@ -836,7 +836,10 @@ async fn stint_ledger_exact_under_concurrency() -> Result<()> {
         served < attempted,
         "m5 was never refused: {served} of {attempted}"
     );
-    assert!(m5.tokens >= 500 - bound_one, "m5 refused too early: {m5:?}");
+    assert!(
+        m5.tokens >= 500 - 3 * bound_one,
+        "m5 refused too early: {m5:?}"
+    );
     assert!(
         m5.tokens <= 500 + 3 * bound_one,
         "overshoot {} > 3 × {bound_one}",

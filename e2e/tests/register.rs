@@ -657,7 +657,10 @@ async fn the_readme_screenshot_is_taken_from_a_served_page() -> Result<()> {
     let mut months = Vec::new();
     let mut p = period;
     for _ in 0..4 {
-        p = copyhold::commons::stint::current_period(&spec, p.start - chrono::Duration::seconds(1))?;
+        p = copyhold::commons::stint::current_period(
+            &spec,
+            p.start - chrono::Duration::seconds(1),
+        )?;
         months.push(p);
     }
     months.reverse();

@@ -1068,9 +1068,9 @@ fn sample_rows_draws_the_token_the_cpu_sampler_draws() {
 /// A synthesized bf16 Llama whose layer 0 `up_proj` is scaled up, so its
 /// `down_proj` inputs exceed f16's 65504 as bf16-trained models' can.
 fn large_activation_model() -> PathBuf {
-    use copyhold_node::config::Arch;
+    use copyhold_node::model::config::Arch;
     use copyhold_node::synth::{SynthSpec, synth};
-    use copyhold_node::weights::DType;
+    use copyhold_node::model::weights::DType;
     let dir = tempdir();
     let mut spec = SynthSpec::tiny(Arch::Llama);
     spec.dtype = DType::BF16;
@@ -1136,7 +1136,7 @@ fn f16_overflow_of_a_synthesized_models_activations_is_flagged_and_the_f32_path_
     norm.forward_into(&x, &mut xn);
     let mut act = matmul_wt(&xn, m, &gate);
     let u = matmul_wt(&xn, m, &up);
-    copyhold_node::layers::silu_mul(&mut act, &u);
+    copyhold_node::cpu::layers::silu_mul(&mut act, &u);
     let peak = act.iter().fold(0f32, |a, v| a.max(v.abs()));
     assert!(
         peak > 65504.0,

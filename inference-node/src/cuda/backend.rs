@@ -270,7 +270,10 @@ fn upload_w(stream: &Arc<CudaStream>, t: &Tensor, path: ArchPath) -> Result<DevW
         return Ok(match plan::device_dtype(t.dtype, path, 0.0) {
             DType::F32 => DevW::F32(stream.clone_htod(&wide).map_err(oom)?),
             _ => {
-                let bits: Vec<u16> = wide.iter().map(|&x| f16::from_f32(x).to_bits()).collect();
+                let bits: Vec<u16> = wide
+                    .iter()
+                    .map(|&x| half::f16::from_f32(x).to_bits())
+                    .collect();
                 DevW::F16(stream.clone_htod(&bits).map_err(oom)?)
             }
         });

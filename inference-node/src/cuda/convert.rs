@@ -10,7 +10,7 @@ use std::borrow::Cow;
 
 use half::{bf16, f16};
 
-use crate::weights::DType;
+use crate::model::weights::DType;
 
 /// Elements to upload, in the device dtype.
 #[derive(Debug)]
@@ -73,7 +73,9 @@ pub fn device_bits(raw: &[u8], stored: DType, device: DType) -> HostBits<'_> {
                 DType::F16 => HostBits::Half(Cow::Owned(
                     wide.map(|x| f16::from_f32(x).to_bits()).collect(),
                 )),
-                DType::BF16 => HostBits::Half(Cow::Owned(
+                // Quantized blocks are widened by the caller (`upload_w`)
+                // and never reach here; bf16 bits for anything else.
+                DType::BF16 | DType::Q(_) => HostBits::Half(Cow::Owned(
                     wide.map(|x| bf16::from_f32(x).to_bits()).collect(),
                 )),
             }

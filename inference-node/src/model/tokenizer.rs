@@ -143,6 +143,7 @@ impl TextModel {
             eos_token: t.eos_token,
             eos_ids,
             defaults: GenerationDefaults::default(),
+            token_bytes: std::sync::OnceLock::new(),
         })
     }
 

@@ -5,17 +5,17 @@
 //! shrinking the slice by as much. Hence:
 //!
 //! - the register's usage is the sum of settled usage, exactly;
-//! - a request is admitted while the replica holds a positive remainder,
-//!   so a stint is overshot by less than one reservation per replica;
+//! - a request is admitted only against what the replica holds (it leases
+//!   more first), so every admitted reservation lies inside a slice;
 //! - a dead replica's slices are charged to their members in full, which
-//!   covers everything it settled but never wrote: an over-count bounded by
-//!   the slice, never an under-count.
+//!   covers everything it settled but never wrote and everything it had in
+//!   flight: an over-count bounded by the slice, never an under-count.
 //!
 //! This module holds the two halves of that arithmetic: the register
 //! operations on [`StintQuotaStatus`] and the replica's local [`Book`]. The
 //! I/O lives in `gateway::ledger_sync`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -41,12 +41,14 @@ impl Usage {
         self.requests == 0 && self.tokens == 0 && self.energy_wh == 0.0
     }
 
+    /// Sums saturate: a register pinned at i64::MAX is wrong but never
+    /// below what was served, where a wrapped one would be.
     fn add(&mut self, o: &Usage) {
-        self.prompt_tokens += o.prompt_tokens;
-        self.completion_tokens += o.completion_tokens;
-        self.tokens += o.tokens;
+        self.prompt_tokens = self.prompt_tokens.saturating_add(o.prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(o.completion_tokens);
+        self.tokens = self.tokens.saturating_add(o.tokens);
         self.energy_wh += o.energy_wh;
-        self.requests += o.requests;
+        self.requests = self.requests.saturating_add(o.requests);
     }
 
     fn sub(&mut self, o: &Usage) {
@@ -72,6 +74,55 @@ pub struct Reclaimed {
 pub struct Refreshed {
     pub period_rolled: bool,
     pub reclaimed: Vec<Reclaimed>,
+    /// The register's period after the refresh: the writer's own, unless
+    /// the writer's clock is behind a period the register already entered.
+    pub period: Option<PeriodWindow>,
+}
+
+/// What this replica has seen of every replica's heartbeat: its beat
+/// count and when, on this replica's own clock, the count last moved. A
+/// replica is dead once its count has stood still for the TTL as timed
+/// here, so liveness never compares two machines' clocks.
+#[derive(Clone, Debug, Default)]
+pub struct Heartbeats {
+    seen: HashMap<String, (i64, DateTime<Utc>)>,
+}
+
+impl Heartbeats {
+    /// The replicas alive at `now` (the reader's clock), the writer always.
+    fn live(
+        &mut self,
+        gateways: &[GatewayReplica],
+        now: DateTime<Utc>,
+        ttl: chrono::Duration,
+        writer: &str,
+    ) -> HashSet<String> {
+        self.seen
+            .retain(|name, _| gateways.iter().any(|g| &g.name == name));
+        let mut live: HashSet<String> = gateways
+            .iter()
+            .filter(|g| {
+                let seen = self.seen.entry(g.name.clone()).or_insert((g.beats, now));
+                if seen.0 != g.beats {
+                    *seen = (g.beats, now);
+                }
+                now - seen.1 < ttl
+            })
+            .map(|g| g.name.clone())
+            .collect();
+        live.insert(writer.to_string());
+        live
+    }
+}
+
+/// Whether a writer in `period` is behind the register: the register has
+/// already entered a later period (the writer's clock is behind).
+fn behind(status: &StintQuotaStatus, period: PeriodWindow) -> bool {
+    status
+        .period_start
+        .as_ref()
+        .map(chrono_of)
+        .is_some_and(|s| period.end <= s)
 }
 
 /// k8s-openapi's `Time` is a jiff timestamp; the stint arithmetic uses
@@ -89,7 +140,8 @@ pub fn chrono_of(t: &Time) -> DateTime<Utc> {
 
 /// Bring the register in line with the spec and the clock: one line per
 /// member (in spec order), stints, period rollover, dead replicas' slices
-/// charged, standings. Idempotent for the same inputs.
+/// charged, standings. Idempotent for the same inputs. The period never
+/// moves backwards: a writer whose clock is behind leaves it as it is.
 pub fn refresh(
     spec: &StintQuotaSpec,
     status: &mut StintQuotaStatus,
@@ -97,10 +149,13 @@ pub fn refresh(
     now: DateTime<Utc>,
     ttl_seconds: i64,
     writer: &str,
+    heartbeats: &mut Heartbeats,
 ) -> Refreshed {
     let mut out = Refreshed::default();
 
-    // Members: keep usage of those still listed, add new ones, drop the rest.
+    // Members: keep usage of those still listed and add new ones; lines of
+    // members no longer listed stay as history (a member re-added within
+    // the period finds its usage) until they hold nothing.
     let mut old: HashMap<String, MemberUsage> = status
         .members
         .drain(..)
@@ -121,17 +176,57 @@ pub fn refresh(
             u
         })
         .collect();
+    let mut gone: Vec<MemberUsage> = old
+        .into_values()
+        .filter(|u| u.tokens != 0 || u.previous_tokens != 0 || u.energy_wh != 0.0)
+        .map(|u| MemberUsage {
+            stint_tokens: None,
+            stint_energy_wh: None,
+            ..u
+        })
+        .collect();
+    gone.sort_by(|x, y| x.name.cmp(&y.name));
+    status.members.extend(gone);
     let listed: std::collections::HashSet<&str> =
         spec.members.iter().map(|m| m.name.as_str()).collect();
     status.slices.retain(|s| listed.contains(s.member.as_str()));
 
-    // Period rollover.
+    let keep = usize::try_from(spec.register.history_periods).unwrap_or(0);
+    let period = roll(status, period, keep, &mut out);
+    out.period = Some(period);
+    reclaim(status, heartbeats, now, ttl_seconds, writer, &mut out);
+    restate(spec, status, period, now.max(period.start));
+    out
+}
+
+/// Period rollover, forwards only: a writer whose clock is behind keeps
+/// the register's newer period. Closing a period records each member's
+/// use in its bounded history. Returns the register's period.
+fn roll(
+    status: &mut StintQuotaStatus,
+    period: PeriodWindow,
+    keep: usize,
+    out: &mut Refreshed,
+) -> PeriodWindow {
+    let prev = status.period_start.as_ref().map(chrono_of);
+    if let Some(start) = prev.filter(|_| behind(status, period)) {
+        let len = period.end - period.start;
+        let end = status
+            .resets_at
+            .as_ref()
+            .map(chrono_of)
+            .unwrap_or(start + len);
+        return PeriodWindow {
+            start,
+            end,
+            ..period
+        };
+    }
     // Compared as the register keeps them: to the second.
     let (start, end) = (time(period.start), time(period.end));
     let prev_start = status.period_start.clone();
-    let keep = usize::try_from(spec.register.history_periods).unwrap_or(0);
     if prev_start.as_ref() != Some(&start) {
-        if let Some(prev) = prev_start.as_ref().map(chrono_of) {
+        if let Some(prev) = prev {
             out.period_rolled = true;
             let prev_end = status.resets_at.as_ref().map(chrono_of);
             let consecutive = prev_start.as_ref().is_some_and(|s| s.0 < start.0)
@@ -159,18 +254,22 @@ pub fn refresh(
     for u in &mut status.members {
         bound_history(u, keep);
     }
+    period
+}
 
-    // Dead replicas: charge their slices.
-    // The API server may keep heartbeats to the second: allow one more.
-    let ttl = chrono::Duration::seconds(ttl_seconds.max(1) + 1);
-    // The writer is alive whatever the register says of it.
-    let mut live: std::collections::HashSet<String> = status
-        .gateways
-        .iter()
-        .filter(|g| chrono_of(&g.renewed_at) + ttl >= now)
-        .map(|g| g.name.clone())
-        .collect();
-    live.insert(writer.to_string());
+/// Dead replicas (their heartbeat stood still for the TTL, as this reader
+/// timed it; the writer is alive whatever the register says of it): charge
+/// their slices to the members.
+fn reclaim(
+    status: &mut StintQuotaStatus,
+    heartbeats: &mut Heartbeats,
+    now: DateTime<Utc>,
+    ttl_seconds: i64,
+    writer: &str,
+    out: &mut Refreshed,
+) {
+    let ttl = chrono::Duration::seconds(ttl_seconds.max(1));
+    let live = heartbeats.live(&status.gateways, now, ttl, writer);
     status.gateways.retain(|g| live.contains(&g.name));
     let mut kept = Vec::with_capacity(status.slices.len());
     for s in status.slices.drain(..) {
@@ -191,9 +290,6 @@ pub fn refresh(
         });
     }
     status.slices = kept;
-
-    restate(spec, status, period, now);
-    out
 }
 
 /// Close a member's period into its history (oldest first), keeping the
@@ -238,7 +334,7 @@ fn restate(
         u.state = stint::standing(spec, f);
         worst = worst.max_state(u.state);
     }
-    status.member_count = status.members.len() as i32;
+    status.member_count = spec.members.len() as i32;
     status.period_description = Some(stint::describe_period(spec));
     status.state = Some(
         match worst {
@@ -264,13 +360,17 @@ impl MemberState {
     }
 }
 
-/// Record that `replica` is alive.
+/// Record that `replica` is alive: one more beat.
 pub fn renew(status: &mut StintQuotaStatus, replica: &str, now: DateTime<Utc>) {
     match status.gateways.iter_mut().find(|g| g.name == replica) {
-        Some(g) => g.renewed_at = time(now),
+        Some(g) => {
+            g.renewed_at = time(now);
+            g.beats = g.beats.wrapping_add(1);
+        }
         None => status.gateways.push(GatewayReplica {
             name: replica.into(),
             renewed_at: time(now),
+            beats: 1,
         }),
     }
 }
@@ -312,18 +412,32 @@ pub fn slice_of(status: &StintQuotaStatus, replica: &str, member: &str) -> (i64,
         .unwrap_or((0, 0.0))
 }
 
-/// Write settled usage: the member's line grows by it and the replica's
-/// slice shrinks by as much (never below zero: an overshoot is charged in
-/// full). Usage of a member no longer listed is dropped with the member.
-pub fn settle(status: &mut StintQuotaStatus, replica: &str, member: &str, usage: &Usage) {
+/// Write usage settled by a writer in `period`: the member's line grows by
+/// it and the replica's slice shrinks by as much (never below zero: an
+/// overshoot is charged in full). A writer still in an older period (its
+/// clock is behind) adds to the previous period's history instead. Usage of
+/// a member no longer listed is dropped with the member.
+pub fn settle(
+    status: &mut StintQuotaStatus,
+    period: PeriodWindow,
+    replica: &str,
+    member: &str,
+    usage: &Usage,
+) {
+    let older = behind(status, period);
     let Some(u) = status.members.iter_mut().find(|u| u.name == member) else {
         return;
     };
-    u.prompt_tokens += usage.prompt_tokens;
-    u.completion_tokens += usage.completion_tokens;
-    u.tokens += usage.tokens;
-    u.energy_wh += usage.energy_wh;
-    u.requests += usage.requests;
+    if older {
+        u.previous_tokens = u.previous_tokens.saturating_add(usage.tokens);
+        u.previous_energy_wh += usage.energy_wh;
+    } else {
+        u.prompt_tokens = u.prompt_tokens.saturating_add(usage.prompt_tokens);
+        u.completion_tokens = u.completion_tokens.saturating_add(usage.completion_tokens);
+        u.tokens = u.tokens.saturating_add(usage.tokens);
+        u.energy_wh += usage.energy_wh;
+        u.requests = u.requests.saturating_add(usage.requests);
+    }
     if let Some(s) = status
         .slices
         .iter_mut()
@@ -453,8 +567,7 @@ impl Local {
     }
 }
 
-/// Whether a reservation fits the local slice, needs a lease first, or may
-/// be admitted as the replica's one overshoot.
+/// Whether a reservation fits the local slice or needs a lease first.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Fit {
     Fits,
@@ -492,14 +605,6 @@ impl Book {
             },
             need_wh,
         })
-    }
-
-    /// After leasing: admit while a positive remainder is held in every
-    /// dimension the request needs (the bounded overshoot).
-    pub fn admissible(&self, member: &str, r: Reservation) -> bool {
-        let l = self.members.get(member).cloned().unwrap_or_default();
-        (r.tokens <= 0 || l.available_tokens() > 0)
-            && (r.energy_wh <= 0.0 || l.available_wh() > 0.0)
     }
 
     pub fn reserve(&mut self, member: &str, r: Reservation, now: DateTime<Utc>) {
@@ -610,12 +715,13 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
     #[test]
     fn a_period_read_back_from_the_register_to_the_second_is_still_the_same_period() {
         let mut sp = spec();
-        sp.period = serde_yaml::from_str("{type: rolling, window: 90500ms}").expect("period");
-        // A 90.5 s window aligned to the epoch starts at …:58.500 here.
+        // Windows are whole seconds (shorter parts are refused, see
+        // stint::current_period); a 91 s window starts off the minute.
+        sp.period = serde_yaml::from_str("{type: rolling, window: 91s}").expect("period");
         let now = t("2026-11-24T02:00:00Z");
         let p = stint::current_period(&sp, now).expect("period");
         let mut st = StintQuotaStatus::default();
-        refresh(&sp, &mut st, p, now, 30, "test");
+        refresh(&sp, &mut st, p, now, 30, "test", &mut Heartbeats::default());
         st.members[0].tokens = 10;
         // What the API server gives back: its Time is RFC 3339 to the second.
         let json = serde_json::to_value(&st).expect("serializes");
@@ -623,7 +729,15 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         let later = t("2026-11-24T02:00:05Z");
         let p2 = stint::current_period(&sp, later).expect("period");
         assert_eq!(p2, p, "still the same window");
-        let r = refresh(&sp, &mut st, p2, later, 30, "test");
+        let r = refresh(
+            &sp,
+            &mut st,
+            p2,
+            later,
+            30,
+            "test",
+            &mut Heartbeats::default(),
+        );
         assert!(!r.period_rolled, "the period did not roll over");
         assert_eq!(st.members[0].tokens, 10, "usage is kept");
     }
@@ -632,7 +746,7 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         let sp = spec();
         let p = stint::current_period(&sp, now).expect("period");
         let mut st = StintQuotaStatus::default();
-        refresh(&sp, &mut st, p, now, 30, "test");
+        refresh(&sp, &mut st, p, now, 30, "test", &mut Heartbeats::default());
         (sp, st, p)
     }
 
@@ -704,14 +818,14 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         let (sp, mut st, p) = fresh(now);
         renew(&mut st, "r1", now);
         grant(&sp, &mut st, p, now, "r1", "a", ask_t(500, 500));
-        settle(&mut st, "r1", "a", &usage(120));
+        settle(&mut st, p, "r1", "a", &usage(120));
         assert_eq!(st.members[0].tokens, 120);
         assert_eq!(slice_of(&st, "r1", "a"), (380, 0.0));
         // Overshoot: usage beyond the slice is charged in full.
-        settle(&mut st, "r1", "a", &usage(900));
+        settle(&mut st, p, "r1", "a", &usage(900));
         assert_eq!(st.members[0].tokens, 1020);
         assert_eq!(slice_of(&st, "r1", "a"), (0, 0.0));
-        refresh(&sp, &mut st, p, now, 30, "test");
+        refresh(&sp, &mut st, p, now, 30, "test", &mut Heartbeats::default());
         assert_eq!(st.members[0].state, MemberState::Suspended);
     }
 
@@ -722,9 +836,11 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         renew(&mut st, "dead", now);
         renew(&mut st, "live", now);
         grant(&sp, &mut st, p, now, "dead", "a", ask_t(300, 300));
-        let later = now + chrono::Duration::seconds(32);
+        let mut seen = Heartbeats::default();
+        refresh(&sp, &mut st, p, now, 30, "live", &mut seen);
+        let later = now + chrono::Duration::seconds(30);
         renew(&mut st, "live", later);
-        let r = refresh(&sp, &mut st, p, later, 30, "live");
+        let r = refresh(&sp, &mut st, p, later, 30, "live", &mut seen);
         assert_eq!(r.reclaimed.len(), 1);
         assert_eq!(st.members[0].tokens, 300);
         assert_eq!(st.members[0].reclaimed_tokens, 300);
@@ -732,7 +848,7 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         assert_eq!(st.gateways.len(), 1);
         // A writer missing from the list (say, pruned) keeps its own slices.
         grant(&sp, &mut st, p, later, "ghost", "a", ask_t(10, 10));
-        refresh(&sp, &mut st, p, later, 30, "ghost");
+        refresh(&sp, &mut st, p, later, 30, "ghost", &mut seen);
         assert_eq!(slice_of(&st, "ghost", "a"), (10, 0.0));
     }
 
@@ -742,11 +858,11 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         let (sp, mut st, p) = fresh(now);
         renew(&mut st, "r1", now);
         grant(&sp, &mut st, p, now, "r1", "a", ask_t(200, 200));
-        settle(&mut st, "r1", "a", &usage(50));
+        settle(&mut st, p, "r1", "a", &usage(50));
         let next = t("2026-11-24T00:00:10Z");
         renew(&mut st, "r1", next);
         let p2 = stint::current_period(&sp, next).unwrap();
-        let r = refresh(&sp, &mut st, p2, next, 30, "r1");
+        let r = refresh(&sp, &mut st, p2, next, 30, "r1", &mut Heartbeats::default());
         assert!(r.period_rolled);
         assert_eq!(st.members[0].tokens, 0);
         assert_eq!(st.members[0].previous_tokens, 50);
@@ -762,12 +878,12 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         // Four days, a different usage each day; the register keeps two.
         for used in [10, 20, 30, 40] {
             let p = stint::current_period(&sp, now).expect("period");
-            refresh(&sp, &mut st, p, now, 30, "r1");
-            settle(&mut st, "r1", "a", &usage(used));
+            refresh(&sp, &mut st, p, now, 30, "r1", &mut Heartbeats::default());
+            settle(&mut st, p, "r1", "a", &usage(used));
             now += chrono::Duration::days(1);
         }
         let p = stint::current_period(&sp, now).expect("period");
-        refresh(&sp, &mut st, p, now, 30, "r1");
+        refresh(&sp, &mut st, p, now, 30, "r1", &mut Heartbeats::default());
         let h = &st.members[0].history;
         assert_eq!(
             h.iter().map(|x| x.tokens).collect::<Vec<_>>(),
@@ -781,7 +897,7 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         assert_eq!(st.members[1].history.len(), 2);
         // A smaller bound applies at once, not only at the next rollover.
         sp.register.history_periods = 1;
-        refresh(&sp, &mut st, p, now, 30, "r1");
+        refresh(&sp, &mut st, p, now, 30, "r1", &mut Heartbeats::default());
         assert_eq!(st.members[0].history.len(), 1);
         assert_eq!(st.members[0].history[0].tokens, 40);
     }
@@ -792,14 +908,14 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         let (mut sp, mut st, p) = fresh(now);
         grant(&sp, &mut st, p, now, "r1", "b", ask_t(10, 10));
         sp.members.truncate(1);
-        refresh(&sp, &mut st, p, now, 30, "test");
+        refresh(&sp, &mut st, p, now, 30, "test", &mut Heartbeats::default());
         assert_eq!(st.members.len(), 1);
         assert!(st.slices.is_empty());
         assert_eq!(st.member_count, 1);
     }
 
     #[test]
-    fn the_book_admits_one_overshoot_per_replica_and_no_more() {
+    fn the_book_admits_only_what_the_replica_holds() {
         let now = t("2026-11-23T12:00:00Z");
         let (sp, mut st, p) = fresh(now);
         let mut book = Book::default();
@@ -822,21 +938,22 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         let g = grant(&sp, &mut st, p, now, "r1", "a", ask_t(300, 250));
         assert_eq!(g.0, 50);
         book.written(&[], &st, "r1");
-        assert!(book.admissible("a", r), "200 held: the one overshoot");
-        book.reserve("a", r, now);
-        assert!(!book.admissible("a", r), "nothing held: refused");
-        // Settle all three with what they used; write; the register is exact.
-        for used in [390, 380, 300] {
+        assert!(
+            matches!(book.fit("a", r, 300, 0.0), Fit::NeedLease(_)),
+            "200 held, 400 asked: no overshoot"
+        );
+        // Settle both with what they used; write; the register is exact.
+        for used in [390, 380] {
             book.settle("a", r, &usage(used), now);
         }
         let pend = book.pending();
         for (m, u) in &pend {
-            settle(&mut st, "r1", m, u);
+            settle(&mut st, p, "r1", m, u);
         }
         book.written(&pend, &st, "r1");
-        assert_eq!(st.members[0].tokens, 1070);
+        assert_eq!(st.members[0].tokens, 770);
         assert!(book.quiet());
-        assert_eq!(slice_of(&st, "r1", "a"), (0, 0.0));
+        assert_eq!(slice_of(&st, "r1", "a"), (230, 0.0));
     }
 
     #[test]

@@ -7,3 +7,10 @@
 
 pub mod ledger;
 pub mod stint;
+
+#[cfg(test)]
+mod ledger_faults;
+#[cfg(test)]
+mod ledger_props;
+#[cfg(test)]
+mod ledger_skew;

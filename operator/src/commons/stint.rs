@@ -62,7 +62,17 @@ pub fn current_period(
         PeriodType::Rolling => {
             let w = p.window.as_deref().ok_or(StintError::MissingWindow)?;
             let d = parse_duration(w).map_err(|e| StintError::Window(w.into(), e.to_string()))?;
-            let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1000);
+            // The API server keeps `Time` to the second: a period start it
+            // cannot store would roll the register over on every write.
+            if d.subsec_nanos() != 0 || d.as_secs() == 0 {
+                return Err(StintError::Window(
+                    w.into(),
+                    "a rolling window must be a whole number of seconds, at least 1s \
+                     (the register keeps times to the second)"
+                        .into(),
+                ));
+            }
+            let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
             let t = now.timestamp_millis();
             let start_ms = t - t.rem_euclid(ms);
             let start = DateTime::<Utc>::from_timestamp_millis(start_ms).unwrap_or(now);

@@ -14,7 +14,7 @@ use kube::Api;
 use kube::api::PostParams;
 use tokio::sync::Notify;
 
-use crate::commons::ledger::{self, Ask, Book, Fit, Reservation, Usage};
+use crate::commons::ledger::{self, Ask, Book, Fit, Heartbeats, Reservation, Usage};
 use crate::commons::stint::{self, MemberStint, PeriodWindow};
 use crate::conditions;
 use crate::resources::stint_quota::{
@@ -97,6 +97,8 @@ pub struct QuotaLedger {
     pub name: String,
     replica: String,
     book: Mutex<Book>,
+    /// Other replicas' heartbeats as this one saw them move.
+    heartbeats: Mutex<Heartbeats>,
     write: tokio::sync::Mutex<()>,
     view: Mutex<View>,
     wake: Notify,
@@ -127,7 +129,9 @@ impl QuotaLedger {
     }
 
     /// Reserve `r` for `member`: locally when the slice covers it, else
-    /// after leasing more; refused only when the member's stint is spent.
+    /// after leasing more; refused when the stint has not that much left.
+    /// Only what this replica holds is admitted, so a SIGKILL's reclaim
+    /// covers every request it had in flight.
     pub async fn reserve(&self, member: &str, r: Reservation) -> Result<Admission, LedgerError> {
         for _ in 0..4 {
             let (st, sw) = self.slice_config();
@@ -144,7 +148,7 @@ impl QuotaLedger {
             let granted = self.sync(Some((member, need))).await?;
             {
                 let mut b = self.lock_book();
-                if b.fit(member, r, st, sw) == Fit::Fits || b.admissible(member, r) {
+                if b.fit(member, r, st, sw) == Fit::Fits {
                     b.reserve(member, r, Utc::now());
                     return Ok(Admission::Admitted);
                 }
@@ -252,12 +256,16 @@ impl QuotaLedger {
                 now,
                 spec.ledger.replica_ttl_seconds,
                 &self.replica,
+                &mut self.heartbeats.lock().unwrap_or_else(|e| e.into_inner()),
             );
             ledger::renew(&mut st, &self.replica, now);
             let (pending, returns) = self.take_from_book(&spec, now);
             for (m, u) in &pending {
-                ledger::settle(&mut st, &self.replica, m, u);
+                ledger::settle(&mut st, period, &self.replica, m, u);
             }
+            // What follows counts in the register's period, which is ahead
+            // of this replica's when its clock is behind.
+            let period = refreshed.period.unwrap_or(period);
             for (m, t, w) in &returns {
                 ledger::release(&mut st, &self.replica, m, *t, *w);
             }
@@ -378,10 +386,13 @@ impl QuotaLedger {
         let _w = self.write.lock().await;
         for _ in 0..MAX_ATTEMPTS {
             let mut obj = self.api.get_status(&self.name).await?;
+            let period = stint::current_period(&obj.spec, Utc::now()).map_err(|e| {
+                LedgerError::Invalid(format!("{}/{}", self.namespace, self.name), e.to_string())
+            })?;
             let mut st = obj.status.take().unwrap_or_default();
             let pending = self.lock_book().pending();
             for (m, u) in &pending {
-                ledger::settle(&mut st, &self.replica, m, u);
+                ledger::settle(&mut st, period, &self.replica, m, u);
             }
             ledger::leave(&mut st, &self.replica);
             obj.status = Some(st);
@@ -460,6 +471,7 @@ impl Ledgers {
                     name: name.into(),
                     replica: self.replica.clone(),
                     book: Mutex::new(Book::default()),
+                    heartbeats: Mutex::new(Heartbeats::default()),
                     write: tokio::sync::Mutex::new(()),
                     view: Mutex::new(View::default()),
                     wake: Notify::new(),

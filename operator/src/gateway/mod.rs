@@ -532,7 +532,7 @@ fn bound(s: &AppState, a: &Asked, spec: &StintQuotaSpec) -> (i64, Reservation) {
         .checked
         .max_tokens
         .unwrap_or_else(|| spec.ledger.default_max_tokens.min(a.target.context_length));
-    let completion_bound = max_tokens * a.checked.n;
+    let completion_bound = a.checked.completion_bound(max_tokens);
     let jpt = s
         .joules_per_token
         .lock()
@@ -885,7 +885,7 @@ impl Meter {
         max_tokens: i64,
         started: Instant,
     ) -> Self {
-        let completion_bound = max_tokens * a.checked.n;
+        let completion_bound = a.checked.completion_bound(max_tokens);
         s.metrics
             .in_flight
             .get_or_create(&ModelLabels {

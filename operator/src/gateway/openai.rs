@@ -184,8 +184,12 @@ pub struct Checked {
     pub max_tokens: Option<i64>,
     /// Completions per prompt (`n`).
     pub n: i64,
-    /// An upper bound on the prompt's tokens.
+    /// An upper bound on the prompt's tokens (all prompts of a batch, and
+    /// the tools and tool calls a chat template renders).
     pub prompt_bound: i64,
+    /// Prompts in the request: a batched completions request has several,
+    /// and each gets `n` completions.
+    pub prompts: i64,
     /// Leading prompt text, for prefix affinity.
     pub affinity_key: String,
 }
@@ -390,13 +394,19 @@ pub fn check(
     let max_tokens = max_tokens_field(body, ctx)?;
     let n = int_field(body, "n", 1, MAX_N)?.unwrap_or(1);
     let mut text = String::new();
-    let messages = match endpoint {
-        Endpoint::Chat => chat_text(obj, &mut text)?,
-        Endpoint::Completions => prompt_text(obj, &mut text)?,
+    let (messages, prompts) = match endpoint {
+        Endpoint::Chat => (chat_text(obj, &mut text)?, 1),
+        Endpoint::Completions => {
+            let p = prompt_text(obj, &mut text)?;
+            (p, p)
+        }
     };
     // A byte-level BPE token covers at least one byte, so bytes bound the
-    // tokens of the text; templates add a bounded number around it.
-    let prompt_bound = text.len() as i64 + TEMPLATE_TOKENS + TEMPLATE_TOKENS_PER_MESSAGE * messages;
+    // tokens of the text (tools and tool calls as the JSON a template
+    // renders); templates add a bounded number around it.
+    let prompt_bound = (text.len() as i64)
+        .saturating_add(tool_bytes(obj))
+        .saturating_add(TEMPLATE_TOKENS + TEMPLATE_TOKENS_PER_MESSAGE * messages);
     let mut cut = AFFINITY_BYTES.min(text.len());
     while !text.is_char_boundary(cut) {
         cut -= 1;
@@ -407,9 +417,45 @@ pub fn check(
         include_usage,
         max_tokens,
         n,
-        prompt_bound: prompt_bound.min(ctx),
+        prompt_bound: prompt_bound.min(ctx.saturating_mul(prompts)),
+        prompts,
         affinity_key: text[..cut].to_string(),
     })
+}
+
+impl Checked {
+    /// Tokens the completions may add: `max_tokens` for each of the `n`
+    /// completions of every prompt.
+    pub fn completion_bound(&self, max_tokens: i64) -> i64 {
+        max_tokens
+            .saturating_mul(self.n)
+            .saturating_mul(self.prompts)
+    }
+}
+
+/// Fields a chat template renders besides the messages' text: `tools`
+/// (and the older `functions`), and each message's tool calls and names.
+fn tool_bytes(obj: &Object) -> i64 {
+    let json_len = |v: &Value| serde_json::to_string(v).map_or(0, |s| s.len() as i64);
+    let top: i64 = ["tools", "functions", "tool_choice"]
+        .iter()
+        .filter_map(|k| obj.get(*k))
+        .map(json_len)
+        .sum();
+    let per_message: i64 = obj
+        .get("messages")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_object)
+        .flat_map(|m| {
+            ["tool_calls", "function_call", "name", "tool_call_id"]
+                .into_iter()
+                .filter_map(|k| m.get(k))
+        })
+        .map(json_len)
+        .sum();
+    top.saturating_add(per_message)
 }
 
 type Object = serde_json::Map<String, Value>;
@@ -538,7 +584,8 @@ fn chat_text(obj: &Object, text: &mut String) -> Result<i64, ApiError> {
 }
 
 /// A completion request's `prompt` appended to `text` (a byte per token
-/// id). Counts as one message.
+/// id). Returns how many prompts it holds: a string or one array of token
+/// ids is one; an array of strings or of token-id arrays is a batch.
 fn prompt_text(obj: &Object, text: &mut String) -> Result<i64, ApiError> {
     let wrong = || {
         ApiError::invalid(
@@ -546,9 +593,13 @@ fn prompt_text(obj: &Object, text: &mut String) -> Result<i64, ApiError> {
             "`prompt` must be a string, an array of strings or of token ids",
         )
     };
+    let mut prompts = 1;
     match obj.get("prompt") {
         Some(Value::String(s)) => text.push_str(s),
         Some(Value::Array(a)) if !a.is_empty() => {
+            let batched = a.iter().filter(|p| !p.is_number()).count() as i64;
+            let ids = i64::from(a.iter().any(Value::is_number));
+            prompts = batched + ids;
             for p in a {
                 match p {
                     Value::String(s) => text.push_str(s),
@@ -567,7 +618,7 @@ fn prompt_text(obj: &Object, text: &mut String) -> Result<i64, ApiError> {
         }
         Some(_) => return Err(wrong()),
     }
-    Ok(1)
+    Ok(prompts)
 }
 
 #[cfg(test)]
@@ -677,6 +728,45 @@ mod tests {
             chat(json!({"model": "m", "messages": [{"role": "system", "content": long}]})).unwrap();
         assert!(c.affinity_key.len() <= AFFINITY_BYTES);
         assert!(c.affinity_key.starts_with("systemé"));
+    }
+
+    #[test]
+    fn every_prompt_of_a_batched_completions_request_is_reserved_n_times_max_tokens() {
+        let completions = |prompt: Value| {
+            let body = json!({"model": "m", "prompt": prompt, "n": 2, "max_tokens": 10});
+            check(Endpoint::Completions, &body, None).expect("valid")
+        };
+        assert_eq!(completions(json!("one")).completion_bound(10), 20);
+        assert_eq!(completions(json!(["a", "b", "c"])).completion_bound(10), 60);
+        assert_eq!(
+            completions(json!([[1, 2], [3, 4]])).completion_bound(10),
+            40
+        );
+        // One prompt of token ids is one prompt.
+        assert_eq!(completions(json!([1, 2, 3])).completion_bound(10), 20);
+    }
+
+    #[test]
+    fn tools_and_tool_calls_count_toward_the_prompt_bound() {
+        // Within the test model's 2048-token context.
+        let long = "x".repeat(1500);
+        let tools = json!([{"type": "function", "function": {
+            "name": "f", "description": long, "parameters": {"type": "object"}}}]);
+        let c = chat(json!({"model": "m", "tools": tools,
+            "messages": [{"role": "user", "content": "hi"}]}))
+        .expect("valid");
+        assert!(c.prompt_bound >= 1500, "tools: bound {}", c.prompt_bound);
+        let c = chat(json!({"model": "m", "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1",
+                "type": "function", "function": {"name": "f", "arguments": long}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "ok"}]}))
+        .expect("valid");
+        assert!(
+            c.prompt_bound >= 1500,
+            "tool_calls: bound {}",
+            c.prompt_bound
+        );
     }
 
     #[test]

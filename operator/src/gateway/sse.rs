@@ -14,19 +14,30 @@ pub struct UpstreamUsage {
     pub energy_joules: f64,
 }
 
+/// More tokens than one request can hold in any model's context: an
+/// upstream that reports them is broken.
+pub const ABSURD_TOKENS: i64 = 1 << 32;
+/// More energy than a node draws in a day (10 kW for 24 h is 8.6e8 J).
+pub const ABSURD_JOULES: f64 = 1e10;
+
 /// The `usage` object of a response or chunk, if it has a usable one.
+/// Negative or absurd figures are refused (and logged): the request is
+/// then charged its reservation, and no sum downstream can overflow.
 pub fn usage_of(v: &Value) -> Option<UpstreamUsage> {
     let u = v.get("usage")?.as_object()?;
     let prompt_tokens = u.get("prompt_tokens")?.as_i64()?;
     let completion_tokens = u.get("completion_tokens")?.as_i64()?;
-    if prompt_tokens < 0 || completion_tokens < 0 {
+    let energy = u.get("energy_joules").and_then(Value::as_f64);
+    let tokens_ok = |t: i64| (0..=ABSURD_TOKENS).contains(&t);
+    let energy_ok = energy.is_none_or(|e| e.is_finite() && (0.0..=ABSURD_JOULES).contains(&e));
+    if !tokens_ok(prompt_tokens) || !tokens_ok(completion_tokens) || !energy_ok {
+        tracing::warn!(
+            prompt_tokens, completion_tokens, energy_joules = ?energy,
+            "an upstream reported impossible usage; refusing it and charging the reservation"
+        );
         return None;
     }
-    let energy_joules = u
-        .get("energy_joules")
-        .and_then(Value::as_f64)
-        .filter(|e| e.is_finite() && *e >= 0.0)
-        .unwrap_or(0.0);
+    let energy_joules = energy.unwrap_or(0.0);
     Some(UpstreamUsage {
         prompt_tokens,
         completion_tokens,
@@ -190,6 +201,18 @@ data: [DONE]\n\n";
         assert!(out.contains("\"content\":\"x\""));
         assert!(!out.contains("usage"));
         assert_eq!(f.usage.unwrap().prompt_tokens, 1);
+    }
+
+    #[test]
+    fn absurd_usage_is_refused_and_never_wraps() {
+        for usage in [
+            r#"{"usage":{"prompt_tokens":9223372036854775807,"completion_tokens":1}}"#,
+            r#"{"usage":{"prompt_tokens":1,"completion_tokens":4611686018427387904}}"#,
+            r#"{"usage":{"prompt_tokens":1,"completion_tokens":1,"energy_joules":1e300}}"#,
+        ] {
+            let v: Value = serde_json::from_str(usage).expect("json");
+            assert_eq!(usage_of(&v), None, "{usage}");
+        }
     }
 
     #[test]

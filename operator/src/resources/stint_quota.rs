@@ -424,8 +424,14 @@ pub struct StintQuotaStatus {
 pub struct GatewayReplica {
     /// The replica's identity (Pod name and a per-process suffix).
     pub name: String,
-    /// Last time the replica wrote to the register.
+    /// Last time the replica wrote to the register, by its own clock (for
+    /// people; liveness is judged from `beats`).
     pub renewed_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+    /// Writes by this replica: readers judge it dead when the count stops
+    /// moving for the TTL, timed on their own clock, so skewed clocks do not
+    /// matter.
+    #[serde(default)]
+    pub beats: i64,
 }
 
 /// One line of the register.

@@ -126,6 +126,7 @@ pub fn register(quota: &StintQuota, budgets: &[&EnergyBudget], now: DateTime<Utc
             now,
             spec.ledger.replica_ttl_seconds,
             "",
+            &mut ledger::Heartbeats::default(),
         );
     }
     let members = status
