@@ -1069,8 +1069,8 @@ fn sample_rows_draws_the_token_the_cpu_sampler_draws() {
 /// `down_proj` inputs exceed f16's 65504 as bf16-trained models' can.
 fn large_activation_model() -> PathBuf {
     use copyhold_node::model::config::Arch;
-    use copyhold_node::synth::{SynthSpec, synth};
     use copyhold_node::model::weights::DType;
+    use copyhold_node::synth::{SynthSpec, synth};
     let dir = tempdir();
     let mut spec = SynthSpec::tiny(Arch::Llama);
     spec.dtype = DType::BF16;

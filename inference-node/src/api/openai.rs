@@ -573,6 +573,34 @@ pub struct UsageOut {
     pub energy_joules: f64,
 }
 
+/// The grammar a chat request's `response_format` asks for: none for
+/// `text`, any JSON object for `json_object`, the schema's language for
+/// `json_schema` (strict or not: the output always validates).
+pub fn response_format(v: Option<&Value>) -> Result<Option<Grammar>, ApiError> {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    match v.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Grammar::any_object())),
+        Some("json_schema") => {
+            let schema = v.pointer("/json_schema/schema").ok_or_else(|| {
+                ApiError::bad(
+                    "response_format.json_schema.schema",
+                    "`json_schema` needs a `schema`",
+                )
+            })?;
+            Grammar::from_schema(schema)
+                .map(Some)
+                .map_err(|e| ApiError::bad("response_format.json_schema.schema", e.to_string()))
+        }
+        _ => Err(ApiError::bad(
+            "response_format.type",
+            "`response_format.type` must be \"text\", \"json_object\" or \"json_schema\"",
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -679,33 +707,5 @@ mod tests {
             (out.params.temperature, out.params.top_p, out.params.top_k),
             (0.6, 0.5, 20)
         );
-    }
-}
-
-/// The grammar a chat request's `response_format` asks for: none for
-/// `text`, any JSON object for `json_object`, the schema's language for
-/// `json_schema` (strict or not: the output always validates).
-pub fn response_format(v: Option<&Value>) -> Result<Option<Grammar>, ApiError> {
-    let Some(v) = v.filter(|v| !v.is_null()) else {
-        return Ok(None);
-    };
-    match v.get("type").and_then(Value::as_str) {
-        Some("text") => Ok(None),
-        Some("json_object") => Ok(Some(Grammar::any_object())),
-        Some("json_schema") => {
-            let schema = v.pointer("/json_schema/schema").ok_or_else(|| {
-                ApiError::bad(
-                    "response_format.json_schema.schema",
-                    "`json_schema` needs a `schema`",
-                )
-            })?;
-            Grammar::from_schema(schema)
-                .map(Some)
-                .map_err(|e| ApiError::bad("response_format.json_schema.schema", e.to_string()))
-        }
-        _ => Err(ApiError::bad(
-            "response_format.type",
-            "`response_format.type` must be \"text\", \"json_object\" or \"json_schema\"",
-        )),
     }
 }
