@@ -718,7 +718,7 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         // Windows are whole seconds (shorter parts are refused, see
         // stint::current_period); a 91 s window starts off the minute.
         sp.period = serde_yaml::from_str("{type: rolling, window: 91s}").expect("period");
-        let now = t("2026-11-24T02:00:00Z");
+        let now = t("2026-11-24T02:00:05Z");
         let p = stint::current_period(&sp, now).expect("period");
         let mut st = StintQuotaStatus::default();
         refresh(&sp, &mut st, p, now, 30, "test", &mut Heartbeats::default());
@@ -726,7 +726,7 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         // What the API server gives back: its Time is RFC 3339 to the second.
         let json = serde_json::to_value(&st).expect("serializes");
         let mut st: StintQuotaStatus = serde_json::from_value(json).expect("reads back");
-        let later = t("2026-11-24T02:00:05Z");
+        let later = t("2026-11-24T02:00:10Z");
         let p2 = stint::current_period(&sp, later).expect("period");
         assert_eq!(p2, p, "still the same window");
         let r = refresh(

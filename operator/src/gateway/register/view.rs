@@ -129,9 +129,14 @@ pub fn register(quota: &StintQuota, budgets: &[&EnergyBudget], now: DateTime<Utc
             &mut ledger::Heartbeats::default(),
         );
     }
+    // The register keeps a removed member's line while it holds usage (it
+    // is history); the page lists the quota's members.
+    let listed: std::collections::HashSet<&str> =
+        spec.members.iter().map(|m| m.name.as_str()).collect();
     let members = status
         .members
         .iter()
+        .filter(|u| listed.contains(u.name.as_str()))
         .map(|u| {
             let tokens = stint::effective_tokens(u, previous_weight);
             let energy_wh = stint::effective_energy_wh(u, previous_weight);
