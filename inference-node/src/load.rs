@@ -46,19 +46,8 @@ pub fn load_engine(
     // The weights now live on the GPUs; the mapped files can go.
     drop(model);
     let num_blocks = backend.num_blocks();
-    let engine = Engine::new(
-        Box::new(backend),
-        text.clone(),
-        EngineConfig {
-            num_blocks,
-            block_size: opts.block_size,
-            max_batch_tokens: opts.max_batch_tokens.max(1),
-            max_running: opts.max_running.max(1),
-            max_context,
-        },
-        metrics,
-        sensor,
-    );
+    let config = engine_config(opts, num_blocks, max_context);
+    let engine = Engine::new(Box::new(backend), text.clone(), config, metrics, sensor);
     Ok((engine, text))
 }
 
@@ -76,18 +65,19 @@ pub fn load_cpu_engine(
     let num_blocks = (opts.kv_bytes / per_block.max(1)).max(2);
     let max_context = model.cfg.max_position_embeddings;
     let backend = CpuBackend::with_kv(model, num_blocks, opts.block_size, opts.kv_f16);
-    let engine = Engine::new(
-        Box::new(backend),
-        text.clone(),
-        EngineConfig {
-            num_blocks,
-            block_size: opts.block_size,
-            max_batch_tokens: opts.max_batch_tokens.max(1),
-            max_running: opts.max_running.max(1),
-            max_context,
-        },
-        metrics,
-        sensor,
-    );
+    let config = engine_config(opts, num_blocks, max_context);
+    let engine = Engine::new(Box::new(backend), text.clone(), config, metrics, sensor);
     Ok((engine, text))
+}
+
+/// The engine's sizing from the options, whichever backend holds the KV
+/// pool of `num_blocks` blocks.
+fn engine_config(opts: &EngineOptions, num_blocks: usize, max_context: usize) -> EngineConfig {
+    EngineConfig {
+        num_blocks,
+        block_size: opts.block_size,
+        max_batch_tokens: opts.max_batch_tokens.max(1),
+        max_running: opts.max_running.max(1),
+        max_context,
+    }
 }
