@@ -3,6 +3,7 @@
 //! StintQuota (see `ledger`), and pass requests to a ready replica of the
 //! ModelDeployment the request names.
 
+pub mod body;
 pub mod catalog;
 pub mod keys;
 pub mod ledger_sync;
@@ -396,16 +397,9 @@ async fn read_request(
     body: Body,
 ) -> Result<Asked, Fail> {
     let limit = s.settings.body_limit;
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        fail(
-            ApiError::invalid(
-                None,
-                format!("the request body is larger than {limit} bytes"),
-            ),
-            "unknown",
-            "unknown",
-        )
-    })?;
+    let bytes = self::body::read_within(body, limit)
+        .await
+        .map_err(|e| fail(ApiError::invalid(None, e.to_string()), "unknown", "unknown"))?;
     let owner = authenticate(s, headers).map_err(|e| fail(e, "unknown", "unknown"))?;
     let member = owner.member.clone();
     let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
