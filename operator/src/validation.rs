@@ -44,6 +44,16 @@ pub fn model_deployment(spec: &ModelDeploymentSpec) -> Vec<String> {
                 spec.replicas, a.min_replicas, a.max_replicas
             ));
         }
+        let durations = [
+            ("scaleDownStabilization", Some(&a.scale_down_stabilization)),
+            ("scaleFromZeroTimeout", Some(&a.scale_from_zero_timeout)),
+            ("scaleToZeroAfter", a.scale_to_zero_after.as_ref()),
+        ];
+        for (field, value) in durations {
+            if let Some(Err(e)) = value.map(|v| crate::resources::parse_duration(v)) {
+                errs.push(format!("spec.autoscaling.{field}: Invalid value: {e}"));
+            }
+        }
     }
     if let Some(q) = &spec.serving.kv_cache_memory {
         match quantity::bytes(&q.0) {

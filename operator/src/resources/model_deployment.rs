@@ -269,14 +269,41 @@ pub struct Autoscaling {
     /// Most replicas the autoscaler may run.
     #[schemars(range(min = 1, max = 1024))]
     pub max_replicas: i32,
-    /// In-flight requests per replica the autoscaler aims for.
+    /// In-flight requests per replica the autoscaler aims for: it runs
+    /// ceil(in-flight ÷ this) replicas, between minReplicas and maxReplicas.
     #[serde(default = "default_in_flight")]
     #[schemars(range(min = 1, max = 4096))]
     pub target_in_flight_per_replica: i32,
+    /// How long the autoscaler waits before scaling down: it runs the
+    /// highest replica count it recommended within this window (the HPA's
+    /// `behavior.scaleDown.stabilizationWindowSeconds`). Scaling up is at once.
+    #[serde(default = "default_stabilization")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    pub scale_down_stabilization: String,
+    /// How long the gateway holds a request while the model has no ready
+    /// replica (scaled to zero, or starting): past it, the client gets 503
+    /// with `Retry-After`.
+    #[serde(default = "default_scale_from_zero_timeout")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    pub scale_from_zero_timeout: String,
+    /// Scale to zero replicas after this long without a request (only when
+    /// minReplicas is 0). Absent: the autoscaler keeps at least one replica
+    /// once the model has served, and only a request wakes a model at zero.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    pub scale_to_zero_after: Option<String>,
 }
 
 fn default_in_flight() -> i32 {
     8
+}
+
+fn default_stabilization() -> String {
+    "300s".into()
+}
+
+fn default_scale_from_zero_timeout() -> String {
+    "120s".into()
 }
 
 /// What each replica must hold.
@@ -412,4 +439,14 @@ pub struct ModelDeploymentStatus {
     /// The EnergyBudget that shed replicas, while it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shed_by: Option<String>,
+    /// Replicas the autoscaler decided on (after the energy budget's cap).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_replicas: Option<i32>,
+    /// Why the autoscaler decided on `desiredReplicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_reason: Option<String>,
+    /// Requests in flight or held for this model, summed over the live
+    /// gateway replicas, as the autoscaler last read them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<i64>,
 }

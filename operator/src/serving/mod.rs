@@ -8,6 +8,7 @@
 //! May import `resources` and `validation` (the Quantity parser); nothing
 //! here imports the controllers, the gateway, `energy` or `commons`.
 
+pub mod autoscale;
 pub mod gpu_catalog;
 pub mod model_source;
 pub mod placement;
