@@ -37,6 +37,13 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// One ModelDeployment.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelKeyLabels {
+    pub namespace: String,
+    pub model: String,
+}
+
 /// Everything the controller measures.
 pub struct ControllerMetrics {
     pub reconciliations: Family<KindLabels, Counter>,
@@ -47,6 +54,8 @@ pub struct ControllerMetrics {
     pub leader: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub api_writes: Family<KindLabels, Counter<u64, AtomicU64>>,
     pub api_requests: Family<VerbLabels, Counter<u64, AtomicU64>>,
+    pub desired_replicas: Family<ModelKeyLabels, Gauge<i64, std::sync::atomic::AtomicI64>>,
+    pub model_in_flight: Family<ModelKeyLabels, Gauge<i64, std::sync::atomic::AtomicI64>>,
 }
 
 /// Metric names (without the `copyhold_controller_` prefix), for the docs
@@ -60,6 +69,8 @@ pub const NAMES: &[&str] = &[
     "leader",
     "api_writes_total",
     "api_requests_total",
+    "model_desired_replicas",
+    "model_in_flight_requests",
 ];
 
 impl ControllerMetrics {
@@ -77,6 +88,8 @@ impl ControllerMetrics {
             leader: Gauge::default(),
             api_writes: Family::default(),
             api_requests: Family::default(),
+            desired_replicas: Family::default(),
+            model_in_flight: Family::default(),
         };
         sub.register(
             "reconciliations",
@@ -113,6 +126,16 @@ impl ControllerMetrics {
             "api_requests",
             "Requests sent to the API server, by HTTP method",
             m.api_requests.clone(),
+        );
+        sub.register(
+            "model_desired_replicas",
+            "Replicas the autoscaler decided on, by ModelDeployment (after the energy budget's cap)",
+            m.desired_replicas.clone(),
+        );
+        sub.register(
+            "model_in_flight_requests",
+            "Requests in flight or held, summed over the live gateway replicas, as the autoscaler read them",
+            m.model_in_flight.clone(),
         );
         m
     }
@@ -277,6 +300,12 @@ mod tests {
         m.api_requests
             .get_or_create(&VerbLabels { verb: "GET".into() })
             .inc();
+        let md = ModelKeyLabels {
+            namespace: "n".into(),
+            model: "m".into(),
+        };
+        m.desired_replicas.get_or_create(&md).set(2);
+        m.model_in_flight.get_or_create(&md).set(3);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
         for name in NAMES {

@@ -78,4 +78,9 @@ seccompProfile:
 - apiGroups: [""]
   resources: ["secrets", "pods"]
   verbs: ["get", "list", "watch"]
+# The autoscaler's input: one Lease per replica and namespace carrying the
+# requests in flight and held per model.
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["get", "create", "patch", "delete"]
 {{- end -}}

@@ -40,6 +40,43 @@ struct Args {
     /// Joules reported per token.
     #[arg(long, default_value_t = 0.5)]
     joules_per_token: f64,
+    /// Delay before answering any request (streamed or not), in
+    /// milliseconds: how long a request stays in flight.
+    #[arg(long, default_value_t = 0)]
+    answer_delay_ms: u64,
+}
+
+/// Run as a serving Pod's engine (the kubelet stand-in maps an image to
+/// this binary): `serve … --host H --port P …` as copyhold-node is called,
+/// the other flags ignored, the pace from `STANDIN_TOKENS`,
+/// `STANDIN_TOKEN_DELAY_MS` and `STANDIN_ANSWER_DELAY_MS`.
+fn engine_args(argv: &[String]) -> Option<Args> {
+    if argv.get(1).map(String::as_str) != Some("serve") {
+        return None;
+    }
+    let flag = |name: &str| {
+        argv.iter()
+            .position(|a| a == name)
+            .and_then(|i| argv.get(i + 1))
+            .cloned()
+    };
+    let env = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let host = flag("--host").unwrap_or_else(|| "127.0.0.1".into());
+    let port = flag("--port").unwrap_or_else(|| "8000".into());
+    Some(Args {
+        listen: format!("{host}:{port}").parse().ok()?,
+        tokens: env("STANDIN_TOKENS", 4) as i64,
+        token_delay_ms: env("STANDIN_TOKEN_DELAY_MS", 0),
+        omit_usage: false,
+        fail_status: None,
+        joules_per_token: 0.5,
+        answer_delay_ms: env("STANDIN_ANSWER_DELAY_MS", 0),
+    })
 }
 
 fn prompt_tokens(v: &Value) -> i64 {
@@ -70,6 +107,9 @@ async fn complete(State(a): State<Arc<Args>>, chat: bool, body: Bytes) -> Respon
     let Ok(v) = serde_json::from_slice::<Value>(&body) else {
         return (StatusCode::BAD_REQUEST, "bad json").into_response();
     };
+    if a.answer_delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(a.answer_delay_ms)).await;
+    }
     let max = v
         .get("max_tokens")
         .and_then(Value::as_i64)
@@ -162,7 +202,8 @@ fn async_stream(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Arc::new(Args::parse());
+    let argv: Vec<String> = std::env::args().collect();
+    let args = Arc::new(engine_args(&argv).unwrap_or_else(Args::parse));
     let app = Router::new()
         .route(
             "/v1/chat/completions",

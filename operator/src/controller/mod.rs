@@ -1,6 +1,7 @@
 //! `copyhold controller`: one leader reconciles ModelDeployments into
 //! Deployments and Services placed on the GPUs that fit.
 
+pub mod autoscaler;
 pub mod energy_budget;
 pub mod model_deployment;
 
@@ -62,6 +63,8 @@ pub struct Indexes {
     /// The Deployments and Services we own, as last seen by their watches.
     pub deployments: Store<Deployment>,
     pub services: Store<Service>,
+    /// The gateways' demand Leases (label `copyhold.dev/gateway-demand`).
+    pub leases: Store<Lease>,
 }
 
 /// What every reconciliation gets.
@@ -76,6 +79,8 @@ pub struct Context {
     pub http: reqwest::Client,
     /// Model sizes read from sources, kept a while so resyncs do not refetch.
     pub sources: crate::serving::model_source::SourceCache,
+    /// Demand read from the gateways, and each model's recommendations.
+    pub autoscaler: autoscaler::Autoscaler,
     /// Consecutive failures per object, for exponential backoff.
     failures: std::sync::Mutex<HashMap<ObjectRef<ModelDeployment>, u32>>,
 }
@@ -112,6 +117,7 @@ impl Context {
             recorder,
             metrics,
             defaults,
+            autoscaler: autoscaler::Autoscaler::new(indexes.leases.clone()),
             indexes,
             resync,
             http,
@@ -257,11 +263,22 @@ pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()>
         reflector::reflector(svc_writer, watcher(scoped::<Service>(&client, ns), owned))
             .default_backoff()
             .touched_objects();
+    let (leases, lease_writer) = reflector::store::<Lease>();
+    let lease_stream = reflector::reflector(
+        lease_writer,
+        watcher(
+            scoped::<Lease>(&client, ns),
+            watcher::Config::default().labels(crate::serving::autoscale::DEMAND_LABEL),
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
     let indexes = Indexes {
         nodes,
         pods,
         deployments,
         services,
+        leases,
     };
     let ctx = Arc::new(Context::new(
         client.clone(),
@@ -279,6 +296,7 @@ pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()>
     let controller = controller
         .owns_stream(dep_stream)
         .owns_stream(svc_stream)
+        .watches_stream(lease_stream, demanded_models)
         .graceful_shutdown_on(shutdown_signal())
         .run(model_deployment::reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -424,6 +442,23 @@ fn energy_controller(
                 tracing::debug!(error = %e, "energy budget controller event");
             }
         })
+}
+
+/// The ModelDeployments a gateway's demand Lease names: a change of their
+/// demand reconciles them at once.
+fn demanded_models(lease: Lease) -> Vec<ObjectRef<ModelDeployment>> {
+    use kube::ResourceExt as _;
+    let ns = lease.namespace().unwrap_or_default();
+    lease
+        .annotations()
+        .get(crate::serving::autoscale::DEMAND_ANNOTATION)
+        .and_then(|a| serde_json::from_str::<crate::serving::autoscale::PublishedDemand>(a).ok())
+        .map(|m| {
+            m.keys()
+                .map(|name| ObjectRef::new(name).within(&ns))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Keep in the index only what placement reads of a Node: a real node's

@@ -51,6 +51,7 @@ pub struct Decision {
 /// Check, size and place `md` on the fleet the indexes hold now.
 pub async fn decide(
     md: &ModelDeployment,
+    replicas: i32,
     nodes: &[Arc<Node>],
     pods: &[Arc<Pod>],
     http: &reqwest::Client,
@@ -86,7 +87,7 @@ pub async fn decide(
     );
     let request = placement::PlacementRequest {
         needs: &needs,
-        replicas: u32::try_from(md.spec.replicas).unwrap_or(0),
+        replicas: u32::try_from(replicas).unwrap_or(0),
         spec: &md.spec.placement,
         gpu_memory_utilization: md.spec.serving.gpu_memory_utilization,
     };
@@ -94,17 +95,33 @@ pub async fn decide(
         reason: e.reason(),
         message: e.to_string(),
     })?;
-    let affinity = placed.node_affinity(&own);
+    // An autoscaled model's Pods may go where its maxReplicas would (when
+    // they fit): the Pod template, and so the running replicas, stay the
+    // same as it scales; the preferences still fill the best GPUs first.
+    let widest = md
+        .spec
+        .autoscaling
+        .as_ref()
+        .map(|a| a.max_replicas)
+        .filter(|&max| max > replicas)
+        .and_then(|max| {
+            let at_max = placement::PlacementRequest {
+                replicas: u32::try_from(max).unwrap_or(0),
+                ..request
+            };
+            placement::place(&at_max, &fleet).ok()
+        });
+    let affinity = widest.as_ref().unwrap_or(&placed).node_affinity(&own);
     let summary = format!(
         "{} replica(s) of {} GPU(s) each on {}; needs {:.1} GiB per replica",
-        md.spec.replicas,
+        replicas,
         placed.gpus_per_replica,
         placed.planned_classes().join(" and "),
         placed.required_memory_bytes as f64 / (1u64 << 30) as f64
     );
     Ok(Decision {
         workload: PlacementForWorkload {
-            replicas: md.spec.replicas,
+            replicas,
             gpus_per_replica: placed.gpus_per_replica,
             affinity,
         },
@@ -166,9 +183,11 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
 
     let nodes = ctx.indexes.nodes.state();
     let pods = ctx.indexes.pods.state();
-    // An EnergyBudget may shed replicas through an annotation it owns; the
-    // spec stays the user's, the Deployment runs fewer.
-    let (run_replicas, shedding) = workload::effective_replicas(md);
+    // The autoscaler (with `spec.autoscaling`) or the spec decides the
+    // replicas; an EnergyBudget may shed some through an annotation it
+    // owns, and the Deployment runs fewer.
+    let scaled = autoscale_step(md, &ns, &name, ctx);
+    let (run_replicas, shedding, wanted) = replicas_to_run(md, scaled.as_ref());
     let planned = plan(md, &nodes, &pods, ctx, run_replicas).await;
     let deployment = match planned {
         Ok(p) => Some(apply_placed(md, &ns, p, &old, &mut status, &now, &mut events, ctx).await?),
@@ -203,21 +222,75 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
     shed_condition(
         &mut status,
         shedding.as_ref(),
-        md.spec.replicas,
+        wanted,
         md.metadata.generation,
         now,
         &mut events,
     );
+    if let Some(sc) = &scaled {
+        super::autoscaler::report(md, sc, &old, &mut status, &mut events, ctx);
+    }
     status.state = Some(state_of(&status).to_string());
     write_status(md, &ns, &name, &status, ctx).await?;
     publish(md, events, ctx).await;
     let placed = conditions::is_true(&status.conditions, "Placed");
-    // Unplaceable objects look again soon: GPUs are freed without touching them.
-    Ok(Action::requeue(if placed {
+    // Unplaceable objects look again soon: GPUs are freed without touching
+    // them. Autoscaled ones too: windows and Leases' liveness run on time.
+    let again = if placed {
         ctx.resync
     } else {
         std::time::Duration::from_secs(30)
+    };
+    Ok(Action::requeue(if scaled.is_some() {
+        again.min(super::autoscaler::REQUEUE)
+    } else {
+        again
     }))
+}
+
+/// The autoscaler's decision for `md`, from the replicas its Deployment
+/// runs now (the spec's before there is one) and the budget's cap.
+fn autoscale_step(
+    md: &ModelDeployment,
+    ns: &str,
+    name: &str,
+    ctx: &Context,
+) -> Option<super::autoscaler::Scaled> {
+    md.spec.autoscaling.as_ref()?;
+    let current = ctx
+        .indexes
+        .deployments
+        .get(&ObjectRef::new(name).within(ns))
+        .and_then(|d| d.spec.as_ref()?.replicas)
+        .unwrap_or(md.spec.replicas);
+    let cap = workload::shed_cap(md).map(|s| crate::serving::autoscale::Cap {
+        replicas: s.replicas,
+        budget: s.budget,
+    });
+    ctx.autoscaler.decide(md, current, cap, Instant::now())
+}
+
+/// Replicas the Deployment runs, the shedding in force, and the replicas
+/// wanted before it: the autoscaler's when it decided, else the spec's
+/// under the budget's shed-to.
+fn replicas_to_run(
+    md: &ModelDeployment,
+    scaled: Option<&super::autoscaler::Scaled>,
+) -> (i32, Option<workload::Shedding>, i32) {
+    match scaled {
+        Some(s) => {
+            let d = &s.decision;
+            let shedding = d.capped_by.as_ref().map(|c| workload::Shedding {
+                budget: c.budget.clone(),
+                replicas: c.replicas,
+            });
+            (d.desired, shedding, d.recommended)
+        }
+        None => {
+            let (run, shedding) = workload::effective_replicas(md);
+            (run, shedding, md.spec.replicas)
+        }
+    }
 }
 
 /// The status this reconcile starts from: what it carries over (conditions,
@@ -245,8 +318,7 @@ async fn plan(
     ctx: &Context,
     run_replicas: i32,
 ) -> Result<Planned, Refusal> {
-    let mut d = decide(md, nodes, pods, &ctx.http, &ctx.sources).await?;
-    d.workload.replicas = run_replicas;
+    let d = decide(md, run_replicas, nodes, pods, &ctx.http, &ctx.sources).await?;
     let dep = workload::deployment(md, &d.workload, &ctx.defaults);
     let svc = workload::service(md);
     match (dep, svc) {

@@ -18,6 +18,7 @@ use crate::conditions;
 use crate::resources::energy_budget::EnergyBudget;
 use crate::resources::model_deployment::ModelDeployment;
 use crate::resources::stint_quota::StintQuota;
+use crate::serving::autoscale::Bounds;
 use crate::serving::workload::{ENGINE_PORT, MD_LABEL};
 
 /// Where a request goes.
@@ -31,6 +32,10 @@ pub struct Target {
     pub replicas: Vec<Replica>,
     /// `Retry-After` seconds while an EnergyBudget covering the model defers.
     pub deferred: Option<i64>,
+    /// How long a request may wait for a ready replica (the model's
+    /// `autoscaling.scaleFromZeroTimeout`); `None` without autoscaling:
+    /// no ready replica is then a 503 at once.
+    pub hold_for: Option<Duration>,
 }
 
 /// The watched state.
@@ -234,13 +239,31 @@ impl Catalog {
             .filter(|s| conditions::is_true(&s.conditions, "Deferring"))
             .map(|s| s.retry_after_seconds.unwrap_or(300).max(1))
             .max();
+        let hold_for = md
+            .spec
+            .autoscaling
+            .as_ref()
+            .and_then(|a| Bounds::of(a).ok())
+            .map(|b| b.from_zero_timeout);
         Some(Target {
             key,
             served_name: Self::served_name(&md),
             context_length: i64::from(md.spec.serving.context_length),
             replicas,
             deferred,
+            hold_for,
         })
+    }
+
+    /// The controller's reason and message when it cannot place the
+    /// ModelDeployment's replicas (`Placed=False`): held requests are then
+    /// refused at once.
+    pub fn placement_refusal(&self, ns: &str, name: &str) -> Option<(String, String)> {
+        let md = self
+            .models
+            .get(&reflector::ObjectRef::new(name).within(ns))?;
+        let c = conditions::get(&md.status.as_ref()?.conditions, "Placed")?;
+        (c.status == "False").then(|| (c.reason.clone(), c.message.clone()))
     }
 
     /// Ready serving Pods of a ModelDeployment.

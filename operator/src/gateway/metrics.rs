@@ -35,6 +35,13 @@ pub struct ModelLabels {
     pub model: String,
 }
 
+/// A held request's model and how its wait ended (`ready`, `refused`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HoldLabels {
+    pub model: String,
+    pub outcome: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamErrorLabels {
     pub model: String,
@@ -78,6 +85,8 @@ pub struct GatewayMetrics {
     pub member_state: Family<RegisterStateLabels, Gauge<i64, AtomicI64>>,
     pub period_reset_timestamp: Family<RegisterLabels, Gauge<i64, AtomicI64>>,
     pub keys: Gauge<i64, AtomicI64>,
+    pub held_requests: Family<ModelLabels, Gauge<i64, AtomicI64>>,
+    pub hold_wait: Family<HoldLabels, Histogram>,
 }
 
 /// Metric names without the `copyhold_gateway_` prefix, for the docs and
@@ -98,6 +107,8 @@ pub const NAMES: &[&str] = &[
     "member_state",
     "period_reset_timestamp_seconds",
     "api_keys",
+    "held_requests",
+    "hold_wait_seconds",
 ];
 
 impl GatewayMetrics {
@@ -120,6 +131,10 @@ impl GatewayMetrics {
             member_state: Family::default(),
             period_reset_timestamp: Family::default(),
             keys: Gauge::default(),
+            held_requests: Family::default(),
+            hold_wait: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.1, 2.0, 12))
+            }),
         };
         sub.register(
             "requests",
@@ -195,6 +210,16 @@ impl GatewayMetrics {
             "api_keys",
             "Members' API keys known to this replica",
             m.keys.clone(),
+        );
+        sub.register(
+            "held_requests",
+            "Requests held while their model has no ready replica (the queue of a scale from zero), by model",
+            m.held_requests.clone(),
+        );
+        sub.register(
+            "hold_wait_seconds",
+            "How long held requests waited for a ready replica, by model and outcome (ready, refused)",
+            m.hold_wait.clone(),
         );
         m
     }
@@ -284,6 +309,15 @@ mod tests {
             })
             .inc();
         m.ledger_op("write");
+        m.held_requests
+            .get_or_create(&ModelLabels { model: "m".into() })
+            .set(0);
+        m.hold_wait
+            .get_or_create(&HoldLabels {
+                model: "m".into(),
+                outcome: "ready".into(),
+            })
+            .observe(1.0);
         let st: StintQuotaStatus = serde_json::from_value(serde_json::json!({
             "members": [{"name": "a", "tokens": 5, "stintTokens": 10, "state": "warned"}],
             "resetsAt": "2026-12-01T00:00:00Z"

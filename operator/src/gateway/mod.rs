@@ -5,6 +5,8 @@
 
 pub mod body;
 pub mod catalog;
+pub mod demand;
+pub mod hold;
 pub mod keys;
 pub mod ledger_sync;
 pub mod limits;
@@ -100,6 +102,8 @@ struct AppState {
     settings: Settings,
     joules_per_token: Mutex<HashMap<String, f64>>,
     ready: std::sync::atomic::AtomicBool,
+    /// Requests in flight and held per model, published for the autoscaler.
+    demand: Arc<demand::Demand>,
 }
 
 /// Run until SIGTERM or Ctrl-C; then drain requests and give the slices back.
@@ -112,9 +116,12 @@ pub async fn run(client: kube::Client, settings: Settings) -> anyhow::Result<()>
         .pool_idle_timeout(Duration::from_secs(90))
         .tcp_nodelay(true)
         .build()?;
+    let demand = demand::Demand::new(&settings.identity);
+    tokio::spawn(demand.clone().publish(client.clone()));
     let state = Arc::new(AppState {
         catalog: catalog.clone(),
-        ledgers: Ledgers::new(client, settings.identity.clone(), metrics.clone()),
+        demand,
+        ledgers: Ledgers::new(client.clone(), settings.identity.clone(), metrics.clone()),
         limiter: Limiter::default(),
         loads: Loads::default(),
         metrics,
@@ -145,6 +152,7 @@ pub async fn run(client: kube::Client, settings: Settings) -> anyhow::Result<()>
         .await?;
     tracing::info!("draining done; returning slices");
     state.ledgers.leave_all().await;
+    state.demand.withdraw(&client).await;
     Ok(())
 }
 
@@ -355,6 +363,10 @@ async fn serve(
     reserve(&admitted.ledger, &asked, reservation).await?;
     let extra = stint_headers(&admitted.standing);
     let mut meter = Meter::start(s, &asked, admitted, reservation, max_tokens, started);
+    if let Err(e) = wait_for_replica(s, &mut asked.target, &mut meter).await {
+        meter.nothing(e.status.as_u16());
+        return Err(metered_fail(e, &asked.model, &asked.member));
+    }
     let upstream_body = match upstream_body(&mut asked.body, &asked.checked, max_tokens) {
         Ok(b) => b,
         Err(e) => {
@@ -486,7 +498,7 @@ fn admit(s: &AppState, a: &Asked) -> Result<Admitted, Fail> {
         .limiter
         .acquire(&limiter_key, rpm, concurrent, Instant::now())
         .map_err(|l| fail(limited_error(l, member), model, member))?;
-    if a.target.replicas.is_empty() {
+    if a.target.replicas.is_empty() && a.target.hold_for.is_none() {
         return Err(fail(
             ApiError::unavailable(
                 "model_not_ready",
@@ -503,6 +515,21 @@ fn admit(s: &AppState, a: &Asked) -> Result<Admitted, Fail> {
         standing,
         permit,
     })
+}
+
+/// An autoscaled model without a ready replica: hold the admitted request
+/// until one is Ready (see `hold`).
+async fn wait_for_replica(
+    s: &AppState,
+    target: &mut Target,
+    meter: &mut Meter,
+) -> Result<(), ApiError> {
+    let Some(timeout) = target.hold_for.filter(|_| target.replicas.is_empty()) else {
+        return Ok(());
+    };
+    target.replicas =
+        hold::until_ready(&s.catalog, &s.metrics, target, timeout, &mut meter.demand).await?;
+    Ok(())
 }
 
 /// The 429 for a limit the member is over.
@@ -866,6 +893,8 @@ struct Meter {
     charge_on_drop: bool,
     replica: Option<String>,
     _permit: Permit,
+    /// Counted in this replica's published demand until dropped.
+    demand: demand::Tracked,
 }
 
 impl Meter {
@@ -907,6 +936,7 @@ impl Meter {
             charge_on_drop: false,
             replica: None,
             _permit: admitted.permit,
+            demand: s.demand.track(&a.target.key),
         }
     }
 

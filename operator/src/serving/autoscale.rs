@@ -23,6 +23,31 @@ use std::time::{Duration, Instant};
 use crate::resources::model_deployment::Autoscaling;
 use crate::resources::{DurationError, parse_duration};
 
+/// Label of the Leases in which each gateway replica publishes, per
+/// namespace, the requests it has in flight and held per model.
+pub const DEMAND_LABEL: &str = "copyhold.dev/gateway-demand";
+/// Annotation of those Leases: JSON, ModelDeployment name → [`ModelDemand`].
+pub const DEMAND_ANNOTATION: &str = "copyhold.dev/demand";
+/// A gateway rewrites its Lease at least this often while any count is not
+/// zero (and at once when a count changes).
+pub const DEMAND_HEARTBEAT: Duration = Duration::from_secs(2);
+/// A Lease whose resourceVersion has not moved for this long, as the
+/// controller's watch saw it, is a dead gateway's and is not counted.
+pub const DEMAND_TTL: Duration = Duration::from_secs(10);
+
+/// One gateway replica's requests for one model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDemand {
+    /// Admitted and not yet answered (held ones included).
+    pub in_flight: i64,
+    /// Waiting for a ready replica.
+    pub held: i64,
+}
+
+/// The annotation's content: ModelDeployment name → its demand.
+pub type PublishedDemand = std::collections::BTreeMap<String, ModelDemand>;
+
 /// `spec.autoscaling`, with its durations parsed.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Bounds {

@@ -52,31 +52,37 @@ pub struct Shedding {
 /// annotation is ignored (the spec wins), and `essential` is never shed.
 pub fn effective_replicas(md: &ModelDeployment) -> (i32, Option<Shedding>) {
     let want = md.spec.replicas;
+    match shed_cap(md) {
+        Some(cap) if cap.replicas < want => (cap.replicas, Some(cap)),
+        _ => (want, None),
+    }
+}
+
+/// The cap an EnergyBudget's shed annotation puts on `md`'s replicas:
+/// `max(minReplicas, shed-to)`, naming the budget. `None` when none sheds
+/// it, the annotation is malformed, or the model is `essential`.
+pub fn shed_cap(md: &ModelDeployment) -> Option<Shedding> {
     if md.spec.priority == crate::resources::Priority::Essential {
-        return (want, None);
+        return None;
     }
     let ann = md.annotations();
-    let Some(to) = ann
+    let to = ann
         .get(SHED_TO_ANNOTATION)
-        .and_then(|v| v.trim().parse::<i32>().ok())
-    else {
-        return (want, None);
-    };
+        .and_then(|v| v.trim().parse::<i32>().ok())?;
     let min = md
         .spec
         .autoscaling
         .as_ref()
         .map_or(0, |a| a.min_replicas)
         .max(0);
-    let replicas = min.max(to.min(want)).min(want);
-    if replicas >= want {
-        return (want, None);
-    }
     let budget = ann
         .get(SHED_BY_ANNOTATION)
         .cloned()
         .unwrap_or_else(|| "an EnergyBudget".into());
-    (replicas, Some(Shedding { budget, replicas }))
+    Some(Shedding {
+        budget,
+        replicas: min.max(to),
+    })
 }
 
 /// Where a copyhold-node Pod's admin token Secret is mounted.
