@@ -227,6 +227,21 @@ impl Scene {
     }
 }
 
+/// One series of the gateway's /metrics.
+async fn gateway_metric(s: &Scene, series: &str) -> Result<f64> {
+    let text = s
+        .http
+        .get(format!("{}/metrics", s.gateway))
+        .send()
+        .await?
+        .text()
+        .await?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("{series} not in\n{text}"))
+}
+
 fn kubectl_apply(v: &Value) -> Result<()> {
     copyhold_e2e::kubectl_apply(None, &serde_json::to_string(v)?)
 }
@@ -449,6 +464,45 @@ async fn a_held_request_gets_503_with_retry_after_when_no_replica_comes() -> Res
         })
         .await?;
     }
+
+    // A held request holds the member's place like any other: with one
+    // request allowed at a time, a second is refused while the first is
+    // held; a client that gives up while held frees its place.
+    kubectl_apply(&json!({
+        "apiVersion": "copyhold.dev/v1alpha1", "kind": "StintQuota",
+        "metadata": {"name": "commons", "namespace": s.ns.name},
+        "spec": {"period": {"type": "calendar", "unit": "month"},
+                 "limits": {"concurrentRequests": 1},
+                 "members": [{"name": "ada", "apiKeySecret": {"name": "key-ada"}}]}
+    }))?;
+    eventually(Duration::from_secs(20), || async {
+        let impatient = s
+            .http
+            .post(format!("{}/v1/chat/completions", s.gateway))
+            .bearer_auth(&s.key)
+            .timeout(Duration::from_millis(1500))
+            .json(&json!({"model": "stuck", "max_tokens": 4,
+                          "messages": [{"role": "user", "content": "hello"}]}))
+            .send();
+        let second = async {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            s.chat("stuck").await
+        };
+        let (first, second) = tokio::join!(impatient, second);
+        ensure!(
+            first.is_err(),
+            "the impatient client was answered: {first:?}"
+        );
+        let (code, _, body) = second?;
+        ensure!(code == 429, "while one is held: {code} {body}");
+        Ok(())
+    })
+    .await?;
+    let held = gateway_metric(&s, r#"copyhold_gateway_held_requests{model="stuck"}"#).await?;
+    ensure!(
+        held == 0.0,
+        "the gone client's request is still held: {held}"
+    );
 
     let asked = Instant::now();
     let (code, retry, body) = s.chat("stuck").await?;
