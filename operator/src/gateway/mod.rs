@@ -524,11 +524,13 @@ async fn wait_for_replica(
     target: &mut Target,
     meter: &mut Meter,
 ) -> Result<(), ApiError> {
-    let Some(timeout) = target.hold_for.filter(|_| target.replicas.is_empty()) else {
+    let (Some(timeout), Some(tracked)) = (target.hold_for, meter.demand.as_mut()) else {
         return Ok(());
     };
-    target.replicas =
-        hold::until_ready(&s.catalog, &s.metrics, target, timeout, &mut meter.demand).await?;
+    if !target.replicas.is_empty() {
+        return Ok(());
+    }
+    target.replicas = hold::until_ready(&s.catalog, &s.metrics, target, timeout, tracked).await?;
     Ok(())
 }
 
@@ -893,8 +895,9 @@ struct Meter {
     charge_on_drop: bool,
     replica: Option<String>,
     _permit: Permit,
-    /// Counted in this replica's published demand until dropped.
-    demand: demand::Tracked,
+    /// Counted in this replica's published demand until dropped (for
+    /// autoscaled models only: no other model's demand is read).
+    demand: Option<demand::Tracked>,
 }
 
 impl Meter {
@@ -936,7 +939,7 @@ impl Meter {
             charge_on_drop: false,
             replica: None,
             _permit: admitted.permit,
-            demand: s.demand.track(&a.target.key),
+            demand: a.target.hold_for.map(|_| s.demand.track(&a.target.key)),
         }
     }
 
