@@ -189,3 +189,41 @@ pub fn report(
         secondary: None,
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::reflector;
+    use kube::runtime::watcher;
+
+    fn lease(name: &str, rv: &str, model: &str, in_flight: i64, held: i64) -> Lease {
+        let demand = serde_json::json!({ model: {"inFlight": in_flight, "held": held} });
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": name, "namespace": "town", "resourceVersion": rv,
+                         "annotations": {DEMAND_ANNOTATION: demand.to_string()}},
+        }))
+        .expect("a Lease")
+    }
+
+    #[test]
+    fn demand_is_summed_over_gateways_and_a_lease_that_stops_moving_stops_counting() {
+        let (reader, mut writer) = reflector::store::<Lease>();
+        writer.apply_watcher_event(&watcher::Event::Apply(lease("gw-a", "1", "tiny", 5, 1)));
+        writer.apply_watcher_event(&watcher::Event::Apply(lease("gw-b", "2", "tiny", 2, 0)));
+        writer.apply_watcher_event(&watcher::Event::Apply(lease("gw-c", "3", "other", 9, 0)));
+        let a = Autoscaler::new(reader);
+        let t0 = Instant::now();
+        let second = Duration::from_secs(1);
+        assert_eq!(a.demand("town", "tiny", t0), (7, 1));
+        assert_eq!(a.demand("elsewhere", "tiny", t0), (0, 0));
+        // gw-b keeps writing; gw-a has died.
+        writer.apply_watcher_event(&watcher::Event::Apply(lease("gw-b", "4", "tiny", 3, 0)));
+        assert_eq!(a.demand("town", "tiny", t0 + DEMAND_TTL - second), (8, 1));
+        writer.apply_watcher_event(&watcher::Event::Apply(lease("gw-b", "5", "tiny", 3, 0)));
+        assert_eq!(a.demand("town", "tiny", t0 + DEMAND_TTL), (3, 0));
+        // gw-a comes back: it counts again from its new version.
+        writer.apply_watcher_event(&watcher::Event::Apply(lease("gw-a", "6", "tiny", 1, 0)));
+        assert_eq!(a.demand("town", "tiny", t0 + DEMAND_TTL + second), (4, 0));
+    }
+}
