@@ -232,7 +232,7 @@ fn the_chart_renders_for_several_value_sets() -> Result<()> {
         assert_eq!(svc["spec"]["ports"][0]["port"], 8080);
 
         // The gateway's RBAC: reads what it watches, writes only the
-        // register in stintquotas/status.
+        // register in stintquotas/status and its own demand Leases.
         let gateway_rules: Vec<&Value> = objects
             .iter()
             .filter(|o| {
@@ -269,6 +269,12 @@ fn the_chart_renders_for_several_value_sets() -> Result<()> {
             assert_eq!(verbs_on(r), ["get", "list", "watch"], "{set:?}: {r}");
         }
         assert_eq!(verbs_on("stintquotas/status"), ["get", "update"]);
+        // Its demand Leases, which the autoscaler reads.
+        assert_eq!(
+            verbs_on("leases"),
+            ["create", "delete", "get", "patch"],
+            "{set:?}"
+        );
         if has("gateway.watchNamespace=town") {
             let role = named(&objects, "Role", "-gateway").context("gateway Role")?;
             assert_eq!(role["metadata"]["namespace"], "town");
