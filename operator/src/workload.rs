@@ -87,6 +87,11 @@ pub struct EngineDefaults {
     /// `--admin-token-file`: what EnergyBudgets' power caps authenticate
     /// with. `None`: the nodes' admin API stays disabled.
     pub admin_token_secret: Option<String>,
+    /// The node model cache of `huggingFace` sources.
+    pub model_cache: crate::model_cache::ModelCacheVolume,
+    /// Size limit of the cache; the fetcher evicts least-recently-used
+    /// models no ModelDeployment uses beyond it.
+    pub model_cache_max_bytes: Option<u64>,
 }
 
 impl Default for EngineDefaults {
@@ -99,6 +104,8 @@ impl Default for EngineDefaults {
             vllm_image: "vllm/vllm-openai:v0.11.0".into(),
             node_device: "cuda".into(),
             admin_token_secret: None,
+            model_cache: Default::default(),
+            model_cache_max_bytes: None,
         }
     }
 }
@@ -189,7 +196,11 @@ pub fn deployment(
     let name = md.name_any();
     let served = served_model_name(md);
     let src = &md.spec.model.source;
-    let (volume, sub_path) = if let Some(h) = &src.host_path {
+    let mut model_path = MODEL_DIR.to_string();
+    let (volume, sub_path) = if let Some(hf) = &src.hugging_face {
+        model_path = crate::model_cache::model_path(hf);
+        (crate::model_cache::volume(&defaults.model_cache), None)
+    } else if let Some(h) = &src.host_path {
         (
             json!({"name": "model", "hostPath": {"path": h.path, "type": "Directory"}}),
             None,
@@ -219,7 +230,7 @@ pub fn deployment(
             vec![
                 "serve".into(),
                 "--model".into(),
-                MODEL_DIR.into(),
+                model_path.clone(),
                 "--host".into(),
                 "0.0.0.0".into(),
                 "--port".into(),
@@ -239,7 +250,7 @@ pub fn deployment(
             vec!["vllm".into()],
             vec![
                 "serve".into(),
-                MODEL_DIR.into(),
+                model_path.clone(),
                 "--host".into(),
                 "0.0.0.0".into(),
                 "--port".into(),
@@ -297,7 +308,12 @@ pub fn deployment(
         resources["requests"] = json!(requests);
     }
 
-    let mut mount = json!({"name": "model", "mountPath": MODEL_DIR, "readOnly": true});
+    let mount_path = if src.hugging_face.is_some() {
+        crate::model_cache::MODEL_CACHE_DIR
+    } else {
+        MODEL_DIR
+    };
+    let mut mount = json!({"name": "model", "mountPath": mount_path, "readOnly": true});
     if let Some(sp) = sub_path {
         mount["subPath"] = json!(sp);
     }
@@ -320,6 +336,22 @@ pub fn deployment(
             "defaultMode": 0o400,
             "items": [{"key": ADMIN_TOKEN_KEY, "path": ADMIN_TOKEN_KEY}],
         }}));
+    }
+    let security = json!({
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "runAsNonRoot": true,
+        "capabilities": {"drop": ["ALL"]},
+    });
+    let mut init_containers = Vec::new();
+    if let Some(hf) = &src.hugging_face {
+        init_containers.push(crate::model_cache::fetch_container(
+            hf,
+            &defaults.copyhold_image,
+            defaults.model_cache_max_bytes,
+            &security,
+        ));
+        volumes.extend(crate::model_cache::token_volume(hf));
     }
     let labels = labels(md);
     let value = json!({
@@ -352,6 +384,7 @@ pub fn deployment(
                     },
                     "affinity": placement.affinity,
                     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                    "initContainers": init_containers,
                     "containers": [{
                         "name": "engine",
                         "image": image,
@@ -373,12 +406,7 @@ pub fn deployment(
                             "httpGet": {"path": "/health", "port": "http"},
                             "periodSeconds": 10, "failureThreshold": 6,
                         },
-                        "securityContext": {
-                            "allowPrivilegeEscalation": false,
-                            "readOnlyRootFilesystem": true,
-                            "runAsNonRoot": true,
-                            "capabilities": {"drop": ["ALL"]},
-                        },
+                        "securityContext": security,
                     }],
                     "volumes": volumes,
                 },
@@ -649,5 +677,48 @@ spec:
         assert_eq!(spec.selector, Some(selector_labels("tiny")));
         assert_eq!(spec.ports.unwrap_or_default()[0].port, 80);
         assert_eq!(endpoint(&md(BASIC)), "http://tiny.town.svc:80/v1");
+    }
+
+    #[test]
+    fn a_hugging_face_source_fetches_into_the_cache_before_the_engine_serves_it() {
+        let m = md(r#"
+apiVersion: copyhold.dev/v1alpha1
+kind: ModelDeployment
+metadata: {name: tiny}
+spec:
+  model: {source: {huggingFace: {repo: town/tiny-llama, endpoint: "http://hub.local:8090", tokenSecret: hf}}}
+"#);
+        let defaults = EngineDefaults {
+            model_cache: crate::model_cache::ModelCacheVolume::HostPath("/srv/cache".into()),
+            ..Default::default()
+        };
+        let d = deployment(&m, &placed(1), &defaults).expect("builds");
+        let pod = d.spec.and_then(|s| s.template.spec).expect("pod");
+        let init = pod.init_containers.clone().unwrap_or_default();
+        assert_eq!(init.len(), 1);
+        let fetch = init[0].args.clone().unwrap_or_default().join(" ");
+        assert!(
+            fetch.contains(
+                "--repo town/tiny-llama --revision main --endpoint http://hub.local:8090"
+            ),
+            "{fetch}"
+        );
+        let engine = pod.containers[0].args.clone().unwrap_or_default().join(" ");
+        assert!(
+            engine.contains(
+                "--model /var/cache/copyhold-models/models/town--tiny-llama/revisions/main"
+            ),
+            "{engine}"
+        );
+        let volumes = pod.volumes.unwrap_or_default();
+        let cache = volumes
+            .iter()
+            .find(|v| v.name == "model")
+            .expect("cache volume");
+        assert_eq!(
+            cache.host_path.as_ref().map(|h| h.path.as_str()),
+            Some("/srv/cache")
+        );
+        assert!(volumes.iter().any(|v| v.name == "hf-token"));
     }
 }

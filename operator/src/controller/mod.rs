@@ -1,6 +1,7 @@
 //! `copyhold controller`: one leader reconciles ModelDeployments into
 //! Deployments and Services placed on the GPUs that fit.
 
+pub mod download;
 pub mod energy_budget;
 pub mod model_deployment;
 

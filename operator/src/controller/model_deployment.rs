@@ -61,13 +61,16 @@ pub async fn decide(
             message: errors.join("; "),
         });
     }
-    let needs = sources
-        .model_needs(http, &md.spec)
-        .await
-        .map_err(|e| Refusal {
-            reason: e.reason(),
-            message: e.to_string(),
-        })?;
+    let needs = sources.model_needs(http, &md.spec).await.map_err(|e| {
+        let hub = md.spec.model.source.hugging_face.as_ref();
+        match hub.and_then(|hf| super::download::hub_refusal(hf, &e)) {
+            Some((reason, message)) => Refusal { reason, message },
+            None => Refusal {
+                reason: e.reason(),
+                message: e.to_string(),
+            },
+        }
+    })?;
     let name = md.name_any();
     let namespace = md.namespace().unwrap_or_default();
     let own = workload::selector_labels(&name);
@@ -119,6 +122,18 @@ fn state_of(status: &ModelDeploymentStatus) -> &'static str {
         Some(c) if c.status == "False" => "Unplaceable",
         _ if conditions::is_true(&status.conditions, "Shed") => "Shed",
         _ if conditions::is_true(&status.conditions, "Ready") => "Ready",
+        _ if status
+            .download
+            .as_ref()
+            .is_some_and(|d| d.phase != "done" && d.phase != "failed") =>
+        {
+            "Fetching"
+        }
+        _ if conditions::get(&status.conditions, "Fetched")
+            .is_some_and(|c| c.status == "False") =>
+        {
+            "FetchFailed"
+        }
         _ => "Pending",
     }
 }
@@ -284,6 +299,27 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
         status.gpu_class = old.gpu_class.clone();
     }
     status.nodes = placed_nodes.into_iter().collect();
+    if let Some(hf) = &md.spec.model.source.hugging_face {
+        let own: Vec<Arc<Pod>> = pods
+            .iter()
+            .filter(|p| {
+                p.metadata.namespace.as_deref() == Some(ns.as_str())
+                    && selector.iter().all(|(k, v)| p.labels().get(k) == Some(v))
+                    && p.metadata.deletion_timestamp.is_none()
+            })
+            .cloned()
+            .collect();
+        let seen = super::download::observe(&own, &ctx.http).await;
+        download_status(
+            &mut status,
+            old.download.as_ref(),
+            seen,
+            hf,
+            generation,
+            now.clone(),
+            &mut events,
+        );
+    }
     let (is_ready, reason, message) = if deployment.is_none() {
         (false, "NoDeployment", "nothing is deployed".to_string())
     } else if desired == 0 {
@@ -354,12 +390,95 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
         }
     }
     let placed = conditions::is_true(&status.conditions, "Placed");
+    let fetching = status
+        .download
+        .as_ref()
+        .is_some_and(|d| d.phase != "done" && d.phase != "failed");
     // Unplaceable objects look again soon: GPUs are freed without touching them.
-    Ok(Action::requeue(if placed {
+    // A download in progress is read every 2 s for its status.
+    Ok(Action::requeue(if fetching {
+        std::time::Duration::from_secs(2)
+    } else if placed {
         ctx.resync
     } else {
         std::time::Duration::from_secs(30)
     }))
+}
+
+/// `status.download`, the `Fetched` condition and the Events at the start
+/// and end of a download, from what the Pods say.
+fn download_status(
+    status: &mut ModelDeploymentStatus,
+    old: Option<&crate::resources::DownloadStatus>,
+    seen: super::download::Observed,
+    hf: &crate::resources::HuggingFaceSource,
+    generation: Option<i64>,
+    now: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+    events: &mut Vec<Event>,
+) {
+    let what = format!("{}@{} from {}", hf.repo, hf.revision, hf.endpoint());
+    let was_running = old.is_some_and(|d| d.phase != "done" && d.phase != "failed");
+    let event = |reason: &str, note: String, warning: bool| Event {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Fetch".into(),
+        secondary: None,
+    };
+    if let Some(running) = seen.running {
+        if !was_running {
+            events.push(event("FetchStarted", format!("fetching {what}"), false));
+        }
+        status.download = Some(running);
+    } else if seen.done {
+        let mut d = old.cloned().unwrap_or_default();
+        if d.phase != "done" {
+            d.phase = "done".into();
+            d.bytes_done = d.bytes_total;
+            d.eta_seconds = None;
+            d.summary = super::download::summary(&d);
+            let commit = d.commit.as_deref().unwrap_or("?");
+            events.push(event(
+                "Fetched",
+                format!("{what} (commit {commit}) is in the node's model cache"),
+                false,
+            ));
+        }
+        status.download = Some(d);
+        conditions::set(
+            &mut status.conditions,
+            "Fetched",
+            true,
+            "Fetched",
+            format!("{what} is in the model cache"),
+            generation,
+            now,
+        );
+        return;
+    } else {
+        status.download = old.cloned();
+    }
+    if let Some(message) = seen.failure {
+        if let Some(d) = status.download.as_mut() {
+            d.phase = "failed".into();
+            d.summary = "failed".into();
+        }
+        if conditions::set(
+            &mut status.conditions,
+            "Fetched",
+            false,
+            "FetchFailed",
+            &message,
+            generation,
+            now,
+        ) {
+            events.push(event("FetchFailed", message, true));
+        }
+    }
 }
 
 /// Report a shedding by an EnergyBudget: `Shed=True` naming the budget and
