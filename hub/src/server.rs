@@ -410,7 +410,14 @@ async fn lfs(
     };
     let path = hub.root.join(&repo).join(&f.path);
     let mut r = send_file(&hub, &path, f.size, &method, &headers, true).await;
-    set(r.headers_mut(), "etag", &format!("\"{sha}\""));
+    // The Hub's content hosts are other origins, which clients do not
+    // follow on HEAD; this one is the same origin, and clients that follow
+    // it read the file's metadata here as they would on the redirect.
+    let h = r.headers_mut();
+    set(h, "etag", &format!("\"{sha}\""));
+    set(h, "x-linked-etag", &format!("\"{sha}\""));
+    set(h, "x-linked-size", &f.size.to_string());
+    set(h, "x-repo-commit", &snap.commit);
     r
 }
 
@@ -508,25 +515,34 @@ fn body_of(
     let stream = tokio_util::io::ReaderStream::with_capacity(reader, 64 * 1024);
     let mut sent = 0u64;
     let stream = stream.then(move |chunk| {
-        let out = match chunk {
-            Ok(c) => {
-                sent += c.len() as u64;
-                match cut {
-                    Some(n) if sent > n => Err(std::io::Error::other(format!(
-                        "cut after {n} bytes (test fault)"
-                    ))),
-                    _ => Ok(c),
+        // Up to the cut the bytes go out; the next read fails, after a
+        // pause that lets the server flush what was sent.
+        let (out, fail) = match chunk {
+            Ok(c) => match cut {
+                Some(n) if sent >= n => (None, true),
+                Some(n) if sent + c.len() as u64 > n => {
+                    let keep = usize::try_from(n - sent).unwrap_or(c.len());
+                    sent = n;
+                    (Some(c.slice(..keep)), false)
                 }
-            }
-            Err(e) => Err(e),
+                _ => {
+                    sent += c.len() as u64;
+                    (Some(c), false)
+                }
+            },
+            Err(e) => return futures::future::Either::Left(futures::future::ready(Err(e))),
         };
-        async move {
-            let c = out?;
+        futures::future::Either::Right(async move {
+            if fail {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                return Err(std::io::Error::other("connection cut (test fault)"));
+            }
+            let c = out.unwrap_or_default();
             if let Some(rate) = rate.filter(|r| *r > 0) {
                 tokio::time::sleep(Duration::from_secs_f64(c.len() as f64 / rate as f64)).await;
             }
             Ok::<_, std::io::Error>(c)
-        }
+        })
     });
     Body::from_stream(stream)
 }
