@@ -184,7 +184,7 @@ async fn a_model_deployment_naming_a_hub_repo_is_fetched_with_progress_sized_and
         }
     })
     .await?;
-    assert_eq!(seen.bytes_total as u64 >= size, true, "{seen:?}");
+    assert!(seen.bytes_total as u64 >= size, "{seen:?}");
 
     let md = ready(&mds, "tiny").await?;
     let st = md.status.context("status")?;

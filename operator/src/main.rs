@@ -434,6 +434,7 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
                 None => copyhold::model_cache::ModelCacheVolume::HostPath(args.model_cache_dir),
             },
             model_cache_max_bytes: args.model_cache_max_bytes,
+            ..Default::default()
         };
         if let Some(i) = args.node_image {
             defaults.copyhold_image = i;
