@@ -22,6 +22,16 @@ use kube::api::{Api, ListParams};
 
 const REPO: &str = "town/tiny-llama";
 
+/// `kubectl apply`, retried while the API server's OpenAPI document lags
+/// the CRD just installed (kubectl validates against it).
+async fn apply(ns: &str, path: &std::path::Path) -> Result<()> {
+    let path = path.to_string_lossy().into_owned();
+    eventually(Duration::from_secs(60), || async {
+        copyhold_e2e::kubectl_ok(&["apply", "-n", ns, "-f", &path]).map(|_| ())
+    })
+    .await
+}
+
 fn manifest(name: &str, endpoint: &str) -> String {
     format!(
         r#"apiVersion: copyhold.dev/v1alpha1
@@ -172,7 +182,7 @@ async fn a_model_deployment_naming_a_hub_repo_is_fetched_with_progress_sized_and
 
     let path = work.join("tiny.yaml");
     std::fs::write(&path, manifest("tiny", &endpoint))?;
-    copyhold_e2e::kubectl_ok(&["apply", "-n", &ns.name, "-f", &path.to_string_lossy()])?;
+    apply(&ns.name, &path).await?;
     let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
 
     // Progress shows while the init container downloads.
@@ -201,7 +211,7 @@ async fn a_model_deployment_naming_a_hub_repo_is_fetched_with_progress_sized_and
     // The second ModelDeployment of the same model: no second download.
     let path2 = work.join("tiny2.yaml");
     std::fs::write(&path2, manifest("tiny2", &endpoint))?;
-    copyhold_e2e::kubectl_ok(&["apply", "-n", &ns.name, "-f", &path2.to_string_lossy()])?;
+    apply(&ns.name, &path2).await?;
     ready(&mds, "tiny2").await?;
     answer(&client, &ns.name, "tiny2").await?;
     assert_eq!(
@@ -264,7 +274,7 @@ async fn a_model_deployment_naming_a_missing_repo_gets_a_condition_naming_it() -
     );
     let path = work.join("missing.yaml");
     std::fs::write(&path, manifest("missing", &endpoint))?;
-    copyhold_e2e::kubectl_ok(&["apply", "-n", &ns.name, "-f", &path.to_string_lossy()])?;
+    apply(&ns.name, &path).await?;
     let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
     let c = eventually(Duration::from_secs(60), || async {
         let st = mds.get("missing").await?.status.context("no status")?;

@@ -390,10 +390,15 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
         }
     }
     let placed = conditions::is_true(&status.conditions, "Placed");
+    // While a huggingFace model is not ready, look every 2 s: the Pods'
+    // download progress does not trigger a reconcile by itself.
     let fetching = status
         .download
         .as_ref()
-        .is_some_and(|d| d.phase != "done" && d.phase != "failed");
+        .is_some_and(|d| d.phase != "done" && d.phase != "failed")
+        || (md.spec.model.source.hugging_face.is_some()
+            && placed
+            && !conditions::is_true(&status.conditions, "Ready"));
     // Unplaceable objects look again soon: GPUs are freed without touching them.
     // A download in progress is read every 2 s for its status.
     Ok(Action::requeue(if fetching {
