@@ -26,11 +26,12 @@ pub fn model_deployment(spec: &ModelDeploymentSpec) -> Vec<String> {
         src.pvc.is_some(),
         src.http.is_some(),
         src.oci.is_some(),
+        src.hugging_face.is_some(),
     ];
     match sources.iter().filter(|s| **s).count() {
-        0 => errs.push("spec.model.source: Required value: one of hostPath, pvc, http or oci".to_string()),
+        0 => errs.push("spec.model.source: Required value: one of hostPath, pvc, http, oci or huggingFace".to_string()),
         1 => {}
-        n => errs.push(format!("spec.model.source: Invalid value: {n} sources given, exactly one of hostPath, pvc, http or oci is allowed")),
+        n => errs.push(format!("spec.model.source: Invalid value: {n} sources given, exactly one of hostPath, pvc, http, oci or huggingFace is allowed")),
     }
     if let Some(a) = &spec.autoscaling {
         if a.min_replicas > a.max_replicas {

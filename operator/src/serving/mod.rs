@@ -9,6 +9,7 @@
 //! here imports the controllers, the gateway, `energy` or `commons`.
 
 pub mod gpu_catalog;
+pub mod model_cache;
 pub mod model_source;
 pub mod placement;
 pub mod sizing;
