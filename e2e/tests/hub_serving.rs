@@ -242,6 +242,118 @@ async fn a_model_deployment_naming_a_hub_repo_is_fetched_with_progress_sized_and
     Ok(())
 }
 
+/// The controller for one test namespace, with the node cache at `cache`.
+fn controller(ns: &str, cache: &std::path::Path) -> Result<ChildGuard> {
+    Ok(ChildGuard(
+        Command::new(workspace_bin("copyhold", "copyhold")?)
+            .args([
+                "controller",
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--leader-election=false",
+                "--budget-selector",
+                "copyhold-test=none",
+                "--node-device",
+                "cpu",
+                "--resync-seconds",
+                "2",
+                "--watch-namespace",
+                ns,
+                "--model-cache-dir",
+            ])
+            .arg(cache)
+            .env("KUBECONFIG", kubeconfig()?)
+            .stdout(Stdio::null())
+            .spawn()?,
+    ))
+}
+
+/// `sha256sum * > SHA256SUMS` in `dir`.
+fn write_manifest(dir: &std::path::Path) -> Result<()> {
+    use sha2::Digest as _;
+    let mut names: Vec<_> = std::fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<std::io::Result<_>>()?;
+    names.sort();
+    let mut out = String::new();
+    for n in names {
+        let sha = sha2::Sha256::digest(std::fs::read(dir.join(&n))?);
+        out.push_str(&format!("{sha:x}  {}\n", n.to_string_lossy()));
+    }
+    std::fs::write(dir.join("SHA256SUMS"), out)?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_model_deployment_naming_an_http_mirror_is_fetched_against_its_manifest_sized_and_served()
+-> Result<()> {
+    let _fleet = FleetLock::acquire()?;
+    install_crds().await?;
+    let client = copyhold_e2e::client().await?;
+    let ns = TestNamespace::create("mirror")?;
+    let node_bin = workspace_bin("copyhold-node", "copyhold-node")?;
+    // A plain directory with its manifest, served over HTTP (the local
+    // hub serves each repository as a plain directory under
+    // /OWNER/NAME/resolve/main/; nothing of the Hub's API is asked).
+    let work = std::env::temp_dir().join(format!("copyhold-e2e-mirror-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let dir = work.join("www").join(REPO);
+    std::fs::create_dir_all(&dir)?;
+    for e in std::fs::read_dir(fixtures().join("tiny-llama"))? {
+        let e = e?;
+        std::fs::copy(e.path(), dir.join(e.file_name()))?;
+    }
+    write_manifest(&dir)?;
+    let (endpoint, hub) = spawn_local(&work.join("www"), HubOptions::default()).await?;
+    let url = format!("{endpoint}/{REPO}/resolve/main");
+    let _kubelet = copyhold_e2e::start_kubelet(
+        std::path::Path::new(env!("CARGO_BIN_EXE_copyhold-kubelet")),
+        &ns.name,
+        "127.0.103",
+        &node_bin,
+        "e2e-mirror",
+    )?;
+    let _controller = controller(&ns.name, &work.join("node-cache"))?;
+    let path = work.join("mirrored.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"apiVersion: copyhold.dev/v1alpha1
+kind: ModelDeployment
+metadata: {{name: mirrored}}
+spec:
+  model:
+    source: {{http: {{url: "{url}"}}}}
+    servedName: mirrored
+  serving: {{contextLength: 256, maxConcurrentSequences: 2}}
+  replicas: 1
+"#
+        ),
+    )?;
+    apply(&ns.name, &path).await?;
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let md = ready(&mds, "mirrored").await?;
+    let st = md.status.context("status")?;
+    assert!(
+        st.required_memory_bytes.unwrap_or(0) > 0,
+        "sized from the mirror"
+    );
+    assert_eq!(st.download.context("download status")?.phase, "done");
+    let body = answer(&client, &ns.name, "mirrored").await?;
+    assert_eq!(body["usage"]["completion_tokens"], 4, "{body}");
+    let log = hub.access_log();
+    assert!(
+        log.iter().any(|a| a.path.ends_with("/SHA256SUMS")),
+        "the manifest was read: {log:?}"
+    );
+    assert!(
+        log.iter().all(|a| !a.path.starts_with("/api/")),
+        "a plain mirror is never asked the Hub's API: {log:?}"
+    );
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_model_deployment_naming_a_missing_repo_gets_a_condition_naming_it() -> Result<()> {
     install_crds().await?;

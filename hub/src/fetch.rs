@@ -3,6 +3,12 @@
 //! takes, download what is missing in resumable chunks, verify every file
 //! against the hash the Hub gives (LFS: sha256; small files: the git blob
 //! id), and link the snapshot. Nothing unverified is ever linked.
+//!
+//! A plain HTTP mirror (a ModelDeployment's `http` source: a web server
+//! serving the model directory) has no Hub API: its file list and hashes
+//! come from a `SHA256SUMS` manifest in that directory (the format
+//! `sha256sum` writes), and its "commit" is the manifest's own hash, so a
+//! changed model is a new snapshot. See [`MANIFEST`].
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -28,6 +34,36 @@ pub const DEFAULT_FILES: &[&str] = &[
     "model.safetensors.index.json",
 ];
 
+/// The manifest a plain HTTP mirror serves beside the model's files:
+/// `<sha256 hex>  <path>` a line, as `sha256sum * > SHA256SUMS` writes it.
+pub const MANIFEST: &str = "SHA256SUMS";
+
+/// The cache's name (`mirror/<host>--<last path part>-<hash>`) of the model
+/// a plain HTTP mirror serves at `url`: one cache entry per URL, readable in
+/// `ls`, and a valid `OWNER/NAME` for the cache's layout.
+pub fn mirror_repo_id(url: &str) -> String {
+    let url = url.trim_end_matches('/');
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect::<String>()
+            .trim_start_matches(['.', '-'])
+            .to_string()
+    };
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let host = clean(rest.split('/').next().unwrap_or(""));
+    let last = clean(rest.rsplit('/').next().unwrap_or(""));
+    let digest = sha2::Sha256::digest(url.as_bytes());
+    let tag: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    format!("mirror/{host}--{last}-{tag}")
+}
+
 /// What to fetch, from where, into which cache.
 #[derive(Debug, Clone)]
 pub struct FetchRequest {
@@ -51,6 +87,10 @@ pub struct FetchRequest {
     pub max_cache_bytes: Option<u64>,
     /// Models in use, never evicted (repo ids, or `repo@commit`).
     pub in_use: Vec<String>,
+    /// A plain HTTP mirror's directory URL: files and hashes from its
+    /// [`MANIFEST`] instead of the Hub's API; `repo` is then
+    /// [`mirror_repo_id`] of it and `revision` is `main`.
+    pub mirror: Option<String>,
 }
 
 impl FetchRequest {
@@ -68,6 +108,16 @@ impl FetchRequest {
             progress_file: None,
             max_cache_bytes: None,
             in_use: Vec::new(),
+            mirror: None,
+        }
+    }
+
+    /// A request for the model a plain HTTP mirror serves at `url`.
+    pub fn from_mirror(url: &str, cache: &Path) -> Self {
+        let url = url.trim_end_matches('/');
+        Self {
+            mirror: Some(url.to_string()),
+            ..Self::new(url, &mirror_repo_id(url), "main", cache)
         }
     }
 }
@@ -116,6 +166,10 @@ pub enum FetchError {
         commit: String,
         patterns: Vec<String>,
     },
+    #[error(
+        "{url}: not found (HTTP 404): a plain HTTP mirror must serve a SHA256SUMS manifest beside the model's files (`sha256sum * > SHA256SUMS` in the model directory), or serve the Hub's protocol (copyhold models serve) and be named as huggingFace.endpoint"
+    )]
+    NoManifest { url: String },
     #[error("{0}")]
     BadRequest(String),
 }
@@ -126,6 +180,7 @@ impl FetchError {
         match self {
             FetchError::Unauthorized { .. } => "HubUnauthorized",
             FetchError::NotFound { .. } => "HubNotFound",
+            FetchError::NoManifest { .. } => "MirrorWithoutManifest",
             FetchError::Corrupt { .. } => "DownloadCorrupt",
             _ => "DownloadFailed",
         }
@@ -234,6 +289,11 @@ impl Hub<'_> {
 
     /// The revision's commit.
     async fn resolve(&self) -> Result<String, FetchError> {
+        if let Some(base) = &self.req.mirror {
+            let text = self.manifest(base).await?;
+            let digest = sha2::Sha256::digest(text.as_bytes());
+            return Ok(digest.iter().take(20).map(|b| format!("{b:02x}")).collect());
+        }
         let url = format!(
             "{}/api/models/{}/revision/{}",
             self.req.endpoint, self.req.repo, self.req.revision
@@ -249,8 +309,92 @@ impl Hub<'_> {
             })
     }
 
+    /// A plain mirror's manifest, as text.
+    async fn manifest(&self, base: &str) -> Result<String, FetchError> {
+        let url = format!("{base}/{MANIFEST}");
+        let transport = |e: reqwest::Error| FetchError::Transport {
+            url: url.clone(),
+            message: e.to_string(),
+        };
+        let resp = self
+            .get(&url)
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await
+            .map_err(transport)?;
+        if resp.status().as_u16() == 404 {
+            return Err(FetchError::NoManifest { url });
+        }
+        if !resp.status().is_success() {
+            return Err(self.refusal(&url, &resp));
+        }
+        resp.text().await.map_err(transport)
+    }
+
+    /// A plain mirror's files that the allow-list takes, with their sizes
+    /// (from `HEAD`) and the manifest's sha256.
+    async fn list_mirror(&self, base: &str, commit: &str) -> Result<Vec<Wanted>, FetchError> {
+        let manifest_url = format!("{base}/{MANIFEST}");
+        let entries = parse_manifest(&self.manifest(base).await?).map_err(|message| {
+            FetchError::Protocol {
+                url: manifest_url.clone(),
+                message,
+            }
+        })?;
+        let patterns = patterns(&self.req.files)?;
+        let mut out = Vec::new();
+        for (sha, path) in entries {
+            if !(crate::repo::is_plain_path(&path) && matches_any(&patterns, &path)) {
+                continue;
+            }
+            let size = self.size(&format!("{base}/{path}")).await?;
+            out.push(Wanted {
+                path,
+                size,
+                oid: sha.clone(),
+                lfs_sha256: Some(sha),
+            });
+        }
+        if out.is_empty() {
+            return Err(FetchError::NoFiles {
+                repo: self.req.repo.clone(),
+                commit: commit.to_string(),
+                patterns: patterns.iter().map(|p| p.as_str().to_string()).collect(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// A file's size, from a `HEAD` (redirects followed).
+    async fn size(&self, url: &str) -> Result<u64, FetchError> {
+        let resp = self
+            .client
+            .head(url)
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await
+            .map_err(|e| FetchError::Transport {
+                url: url.to_string(),
+                message: e.to_string(),
+            })?;
+        if !resp.status().is_success() {
+            return Err(self.refusal(url, &resp));
+        }
+        resp.headers()
+            .get(reqwest::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| FetchError::Protocol {
+                url: url.to_string(),
+                message: "no Content-Length".into(),
+            })
+    }
+
     /// The commit's files that the allow-list takes.
     async fn list(&self, commit: &str) -> Result<Vec<Wanted>, FetchError> {
+        if let Some(base) = &self.req.mirror {
+            return self.list_mirror(base, commit).await;
+        }
         let url = format!(
             "{}/api/models/{}/tree/{commit}?recursive=true",
             self.req.endpoint, self.req.repo
@@ -283,6 +427,30 @@ impl Hub<'_> {
         }
         Ok(out)
     }
+}
+
+/// `(sha256, path)` of each line of a `sha256sum` manifest (text or
+/// binary mode, `*path`); blank lines and `#` comments are skipped.
+pub fn parse_manifest(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim_end();
+        if line.trim().is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = || format!("line {}: not `<sha256>  <path>`: {line:?}", n + 1);
+        let (sha, path) = line.split_once(char::is_whitespace).ok_or_else(bad)?;
+        let path = path.trim_start().trim_start_matches('*');
+        let path = path.strip_prefix("./").unwrap_or(path);
+        if sha.len() != 64 || !is_hex(sha) || path.is_empty() {
+            return Err(bad());
+        }
+        if path == MANIFEST {
+            continue;
+        }
+        out.push((sha.to_ascii_lowercase(), path.to_string()));
+    }
+    Ok(out)
 }
 
 fn is_hex(s: &str) -> bool {
@@ -370,6 +538,9 @@ struct Job<'a> {
 
 impl Job<'_> {
     fn url(&self, w: &Wanted) -> String {
+        if let Some(base) = &self.hub.req.mirror {
+            return format!("{base}/{}", w.path);
+        }
         format!(
             "{}/{}/resolve/{}/{}",
             self.hub.req.endpoint, self.hub.req.repo, self.commit, w.path
@@ -776,5 +947,40 @@ mod tests {
             let r = FetchRequest::new("http://h", repo, rev, Path::new("/c"));
             assert!(check_request(&r).is_err(), "{repo}@{rev}");
         }
+    }
+
+    #[test]
+    fn a_mirror_url_names_a_valid_cache_entry_of_its_own() {
+        let a = mirror_repo_id("http://10.0.0.5:8080/models/qwen2.5-0.5b/");
+        let b = mirror_repo_id("http://10.0.0.5:8080/models/qwen2.5-0.5b-v2");
+        assert!(a.starts_with("mirror/10.0.0.5-8080--qwen2.5-0.5b-"), "{a}");
+        assert_ne!(a, b);
+        for url in [
+            "http://h",
+            "https://a.b/.x/",
+            "http://h/%2e%2e/..",
+            "http://[::1]:80/m",
+        ] {
+            let r = FetchRequest::from_mirror(url, Path::new("/c"));
+            assert!(check_request(&r).is_ok(), "{url} -> {}", r.repo);
+        }
+    }
+
+    #[test]
+    fn manifests_are_read_as_sha256sum_writes_them_and_bad_lines_name_their_number() {
+        let sha = "ab".repeat(32);
+        let text = format!(
+            "# made by sha256sum\n{sha}  config.json\n{sha} *model.safetensors\n{sha}  ./SHA256SUMS\n\n"
+        );
+        let got = parse_manifest(&text).expect("parses");
+        assert_eq!(
+            got,
+            vec![
+                (sha.clone(), "config.json".to_string()),
+                (sha.clone(), "model.safetensors".to_string())
+            ]
+        );
+        let err = parse_manifest(&format!("{sha}  a\nnot-a-hash  b\n")).unwrap_err();
+        assert!(err.starts_with("line 2"), "{err}");
     }
 }

@@ -450,3 +450,88 @@ async fn eviction_removes_the_least_recently_used_model_that_is_not_in_use() {
     );
     assert!(!cache.0.join("models/town--third/revisions/main").exists());
 }
+
+/// Writes `SHA256SUMS` into `dir` as `sha256sum *` would, with `wrong`
+/// files given a hash that is not theirs.
+fn write_manifest(dir: &Path, wrong: &[&str]) {
+    use sha2::Digest as _;
+    let mut lines = String::new();
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for name in names {
+        let mut sha = format!(
+            "{:x}",
+            sha2::Sha256::digest(std::fs::read(dir.join(&name)).unwrap())
+        );
+        if wrong.contains(&name.as_str()) {
+            sha = "0".repeat(64);
+        }
+        lines.push_str(&format!("{sha}  {name}\n"));
+    }
+    std::fs::write(dir.join(copyhold_hub::fetch::MANIFEST), lines).unwrap();
+}
+
+#[tokio::test]
+async fn a_plain_http_mirror_is_fetched_against_its_manifest_and_a_second_fetch_downloads_nothing()
+{
+    let root = hub_root(&[REPO]);
+    write_manifest(&root.0.join(REPO), &[]);
+    let (url, hub) = spawn_local(&root.0, HubOptions::default()).await.unwrap();
+    // The hub's resolve path serves the repository as a plain directory.
+    let mirror = format!("{url}/{REPO}/resolve/main");
+    let cache = TempDir::new("mirror");
+    let mut req = FetchRequest::from_mirror(&mirror, &cache.0);
+    req.chunk_bytes = 256 * 1024;
+    let got = fetch(&client(), &req).await.unwrap();
+    let mut want = fixture_files();
+    want.remove("golden.json");
+    assert_eq!(read_tree(&got.dir), want);
+    assert!(got.downloaded > 0);
+    assert!(
+        hub.access_log()
+            .iter()
+            .all(|a| !a.path.starts_with("/api/")),
+        "a plain mirror is never asked the Hub's API"
+    );
+    let again = fetch(&client(), &req).await.unwrap();
+    assert_eq!(
+        again.downloaded, 0,
+        "verified blobs in the cache are reused"
+    );
+    assert_eq!(
+        again.commit, got.commit,
+        "the manifest's hash is the commit"
+    );
+}
+
+#[tokio::test]
+async fn a_mirror_file_that_differs_from_its_manifest_is_refused_and_never_linked() {
+    let root = hub_root(&[REPO]);
+    write_manifest(&root.0.join(REPO), &["model.safetensors"]);
+    let (url, _hub) = spawn_local(&root.0, HubOptions::default()).await.unwrap();
+    let cache = TempDir::new("mirror-bad");
+    let req = FetchRequest::from_mirror(&format!("{url}/{REPO}/resolve/main"), &cache.0);
+    let e = fetch(&client(), &req).await.unwrap_err();
+    assert!(matches!(e, FetchError::Corrupt { .. }), "{e}");
+    assert!(e.to_string().contains("model.safetensors"), "{e}");
+    let revisions = cache.0.join("models").join(req.repo.replace('/', "--"));
+    assert!(
+        !revisions.join("revisions").exists(),
+        "nothing is linked for serving"
+    );
+}
+
+#[tokio::test]
+async fn a_mirror_without_a_manifest_is_refused_naming_the_fix() {
+    let root = hub_root(&[REPO]);
+    let (url, _hub) = spawn_local(&root.0, HubOptions::default()).await.unwrap();
+    let cache = TempDir::new("mirror-none");
+    let req = FetchRequest::from_mirror(&format!("{url}/{REPO}/resolve/main"), &cache.0);
+    let e = fetch(&client(), &req).await.unwrap_err();
+    assert!(matches!(e, FetchError::NoManifest { .. }), "{e}");
+    assert!(e.to_string().contains("sha256sum"), "{e}");
+    assert_eq!(e.reason(), "MirrorWithoutManifest");
+}

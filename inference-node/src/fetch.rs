@@ -12,8 +12,18 @@ use copyhold_hub::progress::Progress;
 #[derive(clap::Args, Debug, Clone)]
 pub struct FetchArgs {
     /// Repository id, `OWNER/NAME`.
-    #[arg(long, env = "COPYHOLD_FETCH_REPO")]
-    pub repo: String,
+    #[arg(
+        long,
+        env = "COPYHOLD_FETCH_REPO",
+        required_unless_present = "mirror",
+        conflicts_with = "mirror"
+    )]
+    pub repo: Option<String>,
+    /// A plain HTTP mirror: the URL of the model's directory, which serves
+    /// a `SHA256SUMS` manifest beside the files (in place of --repo and
+    /// --endpoint; the files and hashes come from the manifest).
+    #[arg(long, env = "COPYHOLD_FETCH_MIRROR")]
+    pub mirror: Option<String>,
     /// Branch, tag or commit.
     #[arg(long, env = "COPYHOLD_FETCH_REVISION", default_value = "main")]
     pub revision: String,
@@ -85,7 +95,17 @@ impl FetchArgs {
     /// The request these arguments describe (the token from its file or
     /// `HF_TOKEN`).
     pub fn request(&self) -> Result<FetchRequest, FetchCommandError> {
-        let mut r = FetchRequest::new(&self.endpoint, &self.repo, &self.revision, &self.cache);
+        let mut r = match (&self.mirror, &self.repo) {
+            (Some(url), _) => FetchRequest::from_mirror(url, &self.cache),
+            (None, Some(repo)) => {
+                FetchRequest::new(&self.endpoint, repo, &self.revision, &self.cache)
+            }
+            (None, None) => {
+                return Err(FetchCommandError::Fetch(FetchError::BadRequest(
+                    "give --repo OWNER/NAME or --mirror URL".into(),
+                )));
+            }
+        };
         r.files = self.files.clone();
         r.token = match &self.token_file {
             Some(p) => Some(read(p)?.trim().to_string()),

@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::metrics::{ControllerMetrics, ReasonLabels};
 use crate::resources::{ModelDeployment, ModelDeploymentStatus};
 use crate::serving::workload::{self, PlacementForWorkload};
-use crate::serving::{model_source, placement};
+use crate::serving::{model_cache, model_source, placement};
 use crate::validation;
 
 /// Why a ModelDeployment is not (re)placed: a condition reason and a message
@@ -231,15 +231,16 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
 }
 
 /// When to look again. Unplaceable objects look again soon: GPUs are freed
-/// without touching them. While a huggingFace model is not ready, look every
-/// 2 s: the Pods' download progress does not trigger a reconcile by itself.
+/// without touching them. While a fetched (huggingFace or http) model is
+/// not ready, look every 2 s: the Pods' download progress does not trigger
+/// a reconcile by itself.
 fn next_look(md: &ModelDeployment, status: &ModelDeploymentStatus, ctx: &Context) -> Duration {
     let placed = conditions::is_true(&status.conditions, "Placed");
     let fetching = status
         .download
         .as_ref()
         .is_some_and(|d| d.phase != "done" && d.phase != "failed")
-        || (md.spec.model.source.hugging_face.is_some()
+        || (model_cache::Cached::of(&md.spec.model.source).is_some()
             && placed
             && !conditions::is_true(&status.conditions, "Ready"));
     if fetching {
@@ -251,7 +252,7 @@ fn next_look(md: &ModelDeployment, status: &ModelDeploymentStatus, ctx: &Context
     }
 }
 
-/// Report the download of a huggingFace model, read from our Pods' fetch
+/// Report the download of a fetched (huggingFace or http) model, read from our Pods' fetch
 /// init containers, into `status.download` with its condition and Events.
 #[allow(clippy::too_many_arguments)]
 async fn report_download(
@@ -264,7 +265,7 @@ async fn report_download(
     events: &mut Vec<Event>,
     ctx: &Context,
 ) {
-    let Some(hf) = &md.spec.model.source.hugging_face else {
+    let Some(src) = model_cache::Cached::of(&md.spec.model.source) else {
         return;
     };
     let selector = workload::selector_labels(&md.name_any());
@@ -282,7 +283,7 @@ async fn report_download(
         status,
         old.download.as_ref(),
         seen,
-        hf,
+        &src.describe(),
         md.metadata.generation,
         now.clone(),
         events,
@@ -554,12 +555,11 @@ fn download_status(
     status: &mut ModelDeploymentStatus,
     old: Option<&crate::resources::DownloadStatus>,
     seen: super::download::Observed,
-    hf: &crate::resources::HuggingFaceSource,
+    what: &str,
     generation: Option<i64>,
     now: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
     events: &mut Vec<Event>,
 ) {
-    let what = format!("{}@{} from {}", hf.repo, hf.revision, hf.endpoint());
     let was_running = old.is_some_and(|d| d.phase != "done" && d.phase != "failed");
     let event = |reason: &str, note: String, warning: bool| Event {
         type_: if warning {

@@ -3,6 +3,11 @@
 //! ReadWriteMany claim shared by all), the init container that fetches the
 //! model into it (`copyhold-node fetch`), and the path the engine loads.
 //!
+//! Two kinds of source are fetched into it: a `huggingFace` repository
+//! (the Hub's protocol) and an `http` mirror (a plain web server serving the
+//! model's directory with a `SHA256SUMS` manifest); [`Cached`] is what the
+//! Deployment and the controller need of either.
+//!
 //! The cache is content-addressed (copyhold_hub::cache): two
 //! ModelDeployments of one model on one node (or on one shared claim)
 //! download it once; the second init container finds the verified blobs and
@@ -13,7 +18,7 @@ use k8s_openapi::api::core::v1::{
     SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 
-use crate::resources::HuggingFaceSource;
+use crate::resources::{HttpSource, HuggingFaceSource, ModelSource};
 
 /// Where the cache is mounted in the Pod.
 pub const MODEL_CACHE_DIR: &str = "/var/cache/copyhold-models";
@@ -63,18 +68,65 @@ pub fn volume(cache: &ModelCacheVolume) -> Volume {
     }
 }
 
+/// A source that is fetched into the cache before the engine starts.
+#[derive(Clone, Copy, Debug)]
+pub enum Cached<'a> {
+    Hub(&'a HuggingFaceSource),
+    Mirror(&'a HttpSource),
+}
+
+impl<'a> Cached<'a> {
+    /// The cached source `src` names, if any (hostPath and PVC sources are
+    /// read in place).
+    pub fn of(src: &'a ModelSource) -> Option<Self> {
+        match (&src.hugging_face, &src.http) {
+            (Some(hf), _) => Some(Cached::Hub(hf)),
+            (None, Some(h)) => Some(Cached::Mirror(h)),
+            _ => None,
+        }
+    }
+
+    /// The model's name in the cache (`OWNER/NAME`) and its revision.
+    fn key(&self) -> (String, String) {
+        match self {
+            Cached::Hub(hf) => (hf.repo.clone(), hf.revision.clone()),
+            Cached::Mirror(h) => (copyhold_hub::fetch::mirror_repo_id(&h.url), "main".into()),
+        }
+    }
+
+    /// The directory the engine loads: the revision's snapshot in the cache.
+    pub fn model_path(&self) -> String {
+        let (repo, revision) = self.key();
+        format!(
+            "{MODEL_CACHE_DIR}/models/{}/revisions/{revision}",
+            repo.replace('/', "--")
+        )
+    }
+
+    /// What is fetched, for messages and Events.
+    pub fn describe(&self) -> String {
+        match self {
+            Cached::Hub(hf) => format!("{}@{} from {}", hf.repo, hf.revision, hf.endpoint()),
+            Cached::Mirror(h) => format!("the mirror {}", h.url.trim_end_matches('/')),
+        }
+    }
+
+    fn token_secret(&self) -> Option<&'a String> {
+        match self {
+            Cached::Hub(hf) => hf.token_secret.as_ref(),
+            Cached::Mirror(_) => None,
+        }
+    }
+}
+
 /// The directory the engine loads: the revision's snapshot in the cache.
 pub fn model_path(hf: &HuggingFaceSource) -> String {
-    format!(
-        "{MODEL_CACHE_DIR}/models/{}/revisions/{}",
-        hf.repo.replace('/', "--"),
-        hf.revision
-    )
+    Cached::Hub(hf).model_path()
 }
 
 /// The token Secret's volume, when the source names one.
-pub fn token_volume(hf: &HuggingFaceSource) -> Option<Volume> {
-    hf.token_secret.as_ref().map(|s| Volume {
+pub fn token_volume(src: Cached) -> Option<Volume> {
+    src.token_secret().map(|s| Volume {
         name: "hf-token".into(),
         secret: Some(SecretVolumeSource {
             secret_name: Some(s.clone()),
@@ -92,29 +144,36 @@ pub fn token_volume(hf: &HuggingFaceSource) -> Option<Volume> {
 
 /// The fetcher's arguments: the repository, the hub, the cache, and the
 /// optional file filter, cache bound and token.
-fn fetch_args(hf: &HuggingFaceSource, max_cache_bytes: Option<u64>) -> Vec<String> {
-    let mut args = vec![
-        "fetch".to_string(),
-        "--repo".into(),
-        hf.repo.clone(),
-        "--revision".into(),
-        hf.revision.clone(),
-        "--endpoint".into(),
-        hf.endpoint(),
+fn fetch_args(src: Cached, max_cache_bytes: Option<u64>) -> Vec<String> {
+    let mut args = vec!["fetch".to_string()];
+    match src {
+        Cached::Hub(hf) => {
+            args.extend([
+                "--repo".into(),
+                hf.repo.clone(),
+                "--revision".into(),
+                hf.revision.clone(),
+                "--endpoint".into(),
+                hf.endpoint(),
+            ]);
+            for f in &hf.files {
+                args.push("--file".into());
+                args.push(f.clone());
+            }
+        }
+        Cached::Mirror(h) => args.extend(["--mirror".into(), h.url.clone()]),
+    }
+    args.extend([
         "--cache".into(),
         MODEL_CACHE_DIR.into(),
         "--progress-addr".into(),
         format!("0.0.0.0:{FETCH_PROGRESS_PORT}"),
-    ];
-    for f in &hf.files {
-        args.push("--file".into());
-        args.push(f.clone());
-    }
+    ]);
     if let Some(b) = max_cache_bytes {
         args.push("--max-cache-bytes".into());
         args.push(b.to_string());
     }
-    if hf.token_secret.is_some() {
+    if src.token_secret().is_some() {
         args.push("--token-file".into());
         args.push(format!("{HF_TOKEN_DIR}/token"));
     }
@@ -123,7 +182,7 @@ fn fetch_args(hf: &HuggingFaceSource, max_cache_bytes: Option<u64>) -> Vec<Strin
 
 /// The init container fetching the model into the cache.
 pub fn fetch_container(
-    hf: &HuggingFaceSource,
+    src: Cached,
     image: &str,
     max_cache_bytes: Option<u64>,
     security: SecurityContext,
@@ -133,7 +192,7 @@ pub fn fetch_container(
         mount_path: MODEL_CACHE_DIR.into(),
         ..Default::default()
     }];
-    if hf.token_secret.is_some() {
+    if src.token_secret().is_some() {
         mounts.push(VolumeMount {
             name: "hf-token".into(),
             mount_path: HF_TOKEN_DIR.into(),
@@ -145,7 +204,7 @@ pub fn fetch_container(
         name: "fetch".into(),
         image: Some(image.into()),
         command: Some(vec!["copyhold-node".into()]),
-        args: Some(fetch_args(hf, max_cache_bytes)),
+        args: Some(fetch_args(src, max_cache_bytes)),
         ports: Some(vec![ContainerPort {
             name: Some("progress".into()),
             container_port: FETCH_PROGRESS_PORT,
@@ -180,7 +239,13 @@ mod tests {
 
     #[test]
     fn the_fetcher_gets_the_repo_the_hub_the_cache_and_the_token_file() {
-        let c = fetch_container(&hf(), "img", Some(1 << 30), SecurityContext::default());
+        let hf = hf();
+        let c = fetch_container(
+            Cached::Hub(&hf),
+            "img",
+            Some(1 << 30),
+            SecurityContext::default(),
+        );
         let line = c.args.clone().unwrap_or_default().join(" ");
         assert!(
             line.starts_with("fetch --repo town/tiny-llama --revision main --endpoint https://huggingface.co --cache /var/cache/copyhold-models"),
@@ -192,5 +257,29 @@ mod tests {
         );
         assert!(line.contains("--max-cache-bytes 1073741824"), "{line}");
         assert_eq!(c.volume_mounts.unwrap_or_default()[1].name, "hf-token");
+    }
+
+    #[test]
+    fn an_http_mirror_is_fetched_into_a_cache_entry_of_its_own_with_its_manifest() {
+        let h: HttpSource =
+            serde_json::from_value(json!({"url": "http://mirror.town:8080/qwen/"})).unwrap();
+        let c = fetch_container(Cached::Mirror(&h), "img", None, SecurityContext::default());
+        let line = c.args.clone().unwrap_or_default().join(" ");
+        assert!(
+            line.starts_with(
+                "fetch --mirror http://mirror.town:8080/qwen/ --cache /var/cache/copyhold-models"
+            ),
+            "{line}"
+        );
+        assert!(
+            !line.contains("--repo") && !line.contains("--token-file"),
+            "{line}"
+        );
+        let path = Cached::Mirror(&h).model_path();
+        assert!(
+            path.starts_with("/var/cache/copyhold-models/models/mirror--mirror.town-8080--qwen-")
+                && path.ends_with("/revisions/main"),
+            "{path}"
+        );
     }
 }

@@ -298,12 +298,12 @@ fn model_mount(
         mount_path: MODEL_DIR,
         model_dir: MODEL_DIR.into(),
     };
-    if let Some(hf) = &src.hugging_face {
+    if let Some(cached) = model_cache::Cached::of(src) {
         Ok(ModelMount {
             volume: model_cache::volume(&defaults.model_cache),
             sub_path: None,
             mount_path: model_cache::MODEL_CACHE_DIR,
-            model_dir: model_cache::model_path(hf),
+            model_dir: cached.model_path(),
         })
     } else if let Some(h) = &src.host_path {
         let v = Volume {
@@ -325,8 +325,6 @@ fn model_mount(
             ..Default::default()
         };
         Ok(at_models(v, p.sub_path.clone()))
-    } else if src.http.is_some() {
-        Err(WorkloadError::UnsupportedSource("http"))
     } else if src.oci.is_some() {
         Err(WorkloadError::UnsupportedSource("oci"))
     } else {
@@ -334,19 +332,19 @@ fn model_mount(
     }
 }
 
-/// The fetch init container of a huggingFace source (and its token's
-/// volume); none for sources the engine reads in place.
+/// The fetch init container of a huggingFace or http source (and its
+/// token's volume); none for sources the engine reads in place.
 fn fetch_containers(
     md: &ModelDeployment,
     defaults: &EngineDefaults,
     volumes: &mut Vec<Volume>,
 ) -> Vec<Container> {
-    let Some(hf) = &md.spec.model.source.hugging_face else {
+    let Some(src) = model_cache::Cached::of(&md.spec.model.source) else {
         return Vec::new();
     };
-    volumes.extend(model_cache::token_volume(hf));
+    volumes.extend(model_cache::token_volume(src));
     vec![model_cache::fetch_container(
-        hf,
+        src,
         &defaults.copyhold_image,
         defaults.model_cache_max_bytes,
         locked_down(),
@@ -923,14 +921,36 @@ spec:
     }
 
     #[test]
-    fn http_sources_are_refused_with_a_reason() {
+    fn http_sources_are_fetched_from_the_mirror_into_the_cache_before_the_engine_serves_them() {
         let m = md(&BASIC.replace(
             "{hostPath: {path: /srv/models/tiny}}",
             "{http: {url: 'http://models.local/tiny'}}",
         ));
+        let d = deployment(&m, &placed(1), &EngineDefaults::default()).expect("builds");
+        let pod = d.spec.and_then(|s| s.template.spec).expect("pod");
+        let init = pod.init_containers.clone().unwrap_or_default();
+        let fetch = init[0].args.clone().unwrap_or_default().join(" ");
+        assert!(
+            fetch.starts_with("fetch --mirror http://models.local/tiny"),
+            "{fetch}"
+        );
+        let engine = pod.containers[0].args.clone().unwrap_or_default().join(" ");
+        assert!(
+            engine
+                .contains("--model /var/cache/copyhold-models/models/mirror--models.local--tiny-"),
+            "{engine}"
+        );
+    }
+
+    #[test]
+    fn oci_sources_are_refused_with_a_reason() {
+        let m = md(&BASIC.replace(
+            "{hostPath: {path: /srv/models/tiny}}",
+            "{oci: {reference: 'registry.local/models/tiny:1'}}",
+        ));
         assert_eq!(
             deployment(&m, &placed(1), &EngineDefaults::default()).err(),
-            Some(WorkloadError::UnsupportedSource("http"))
+            Some(WorkloadError::UnsupportedSource("oci"))
         );
     }
 
