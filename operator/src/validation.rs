@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use chrono_tz::Tz;
+use jiff::tz::TimeZone;
 use serde::Deserialize;
 
 use crate::resources::quantity::{self, Quantity};
@@ -264,9 +264,10 @@ pub fn stint_quota(spec: &StintQuotaSpec) -> Vec<String> {
     errs
 }
 
-/// Parse an IANA time zone name.
-pub fn time_zone(name: &str) -> Result<Tz, String> {
-    name.parse::<Tz>().map_err(|_| {
+/// Parse an IANA time zone name (from the database compiled into the
+/// binary, as everything else that reads a zone).
+pub fn time_zone(name: &str) -> Result<TimeZone, String> {
+    crate::resources::time::time_zone(name).map_err(|_| {
         format!(
             "Invalid value: \"{name}\": not a time zone of the IANA database (e.g. Europe/Berlin)"
         )

@@ -12,6 +12,7 @@ pub mod model_deployment;
 pub mod quantity;
 #[allow(clippy::duplicated_attributes)]
 pub mod stint_quota;
+pub mod time;
 
 pub use common::*;
 pub use duration::{DURATION_PATTERN, DurationError, parse_duration};
