@@ -681,7 +681,7 @@ mod tests {
     use super::*;
 
     fn spec() -> StintQuotaSpec {
-        serde_yaml::from_str(
+        serde_saphyr::from_str(
             r#"
 members:
   - {name: a, apiKeySecret: {name: a}, stint: {tokens: 1000}}
@@ -702,7 +702,7 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         let mut sp = spec();
         // Windows are whole seconds (shorter parts are refused, see
         // stint::current_period); a 91 s window starts off the minute.
-        sp.period = serde_yaml::from_str("{type: rolling, window: 91s}").expect("period");
+        sp.period = serde_saphyr::from_str("{type: rolling, window: 91s}").expect("period");
         let now = t("2026-11-24T02:00:05Z");
         let p = stint::current_period(&sp, now).expect("period");
         let mut st = StintQuotaStatus::default();

@@ -9,7 +9,7 @@ use crate::commons::stint;
 use crate::resources::stint_quota::{StintQuotaSpec, StintQuotaStatus};
 
 fn spec(window: &str) -> StintQuotaSpec {
-    serde_yaml::from_str(&format!(
+    serde_saphyr::from_str(&format!(
         r#"
 members:
   - {{name: a, apiKeySecret: {{name: a}}, stint: {{tokens: 100000}}}}

@@ -27,7 +27,7 @@ const HEARTBEAT_MS: i64 = TTL * 1000 / 4;
 /// A small stint (the ceiling matters), a larger one, and an unlimited
 /// member, over a rolling 40 s window.
 fn spec() -> StintQuotaSpec {
-    serde_yaml::from_str(
+    serde_saphyr::from_str(
         r#"
 members:
   - {name: m0, apiKeySecret: {name: m0}, stint: {tokens: 2000}}

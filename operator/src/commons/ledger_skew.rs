@@ -14,7 +14,7 @@ use crate::resources::stint_quota::{StintQuotaSpec, StintQuotaStatus};
 
 /// Four members, a rolling 40 s window: the measured setup of the issue.
 fn rolling_spec() -> StintQuotaSpec {
-    serde_yaml::from_str(
+    serde_saphyr::from_str(
         r#"
 members:
   - {name: m0, apiKeySecret: {name: m0}, stint: {tokens: 100000000}}
@@ -196,7 +196,8 @@ fn lease(sp: &StintQuotaSpec, st: &mut StintQuotaStatus, replica: &str, clock: T
 fn a_reader_whose_clock_is_ahead_does_not_reclaim_a_live_replicas_slice() {
     // A daily period, so that no rollover muddles the count.
     let mut sp = rolling_spec();
-    sp.period = serde_yaml::from_str("{type: calendar, unit: day, timeZone: UTC}").expect("period");
+    sp.period =
+        serde_saphyr::from_str("{type: calendar, unit: day, timeZone: UTC}").expect("period");
     let real = noon();
     let mut st = StintQuotaStatus::default();
     let slow = real - SignedDuration::from_secs(1);

@@ -262,7 +262,7 @@ mod tests {
     use crate::resources::stint_quota::*;
 
     fn spec(yaml: &str) -> StintQuotaSpec {
-        serde_yaml::from_str(yaml).expect("spec")
+        serde_saphyr::from_str(yaml).expect("spec")
     }
 
     fn base() -> StintQuotaSpec {

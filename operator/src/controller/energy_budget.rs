@@ -1518,7 +1518,7 @@ mod tests {
     use crate::resources::{PowerCapPolicy, SecretKeyRef};
 
     fn md(name: &str, shed_by: Option<&str>) -> ModelDeployment {
-        let mut md: ModelDeployment = serde_yaml::from_str(&format!(
+        let mut md: ModelDeployment = serde_saphyr::from_str(&format!(
             "apiVersion: copyhold.dev/v1alpha1\nkind: ModelDeployment\nmetadata: {{name: {name}, namespace: town}}\nspec:\n  model: {{source: {{hostPath: {{path: /srv/m}}}}}}\n  replicas: 2\n"
         ))
         .expect("valid test manifest");
@@ -1595,7 +1595,7 @@ mod tests {
 
     #[test]
     fn the_finalizer_and_the_deletion_trigger_an_evaluation_a_status_write_does_not() {
-        let eb: EnergyBudget = serde_yaml::from_str(
+        let eb: EnergyBudget = serde_saphyr::from_str(
             "apiVersion: copyhold.dev/v1alpha1\nkind: EnergyBudget\nmetadata: {name: solar, generation: 1}\nspec:\n  ceilingWatts: 1000\n  supply: {static: {watts: 500}}\n",
         )
         .expect("valid test manifest");

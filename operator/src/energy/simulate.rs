@@ -128,7 +128,7 @@ pub fn read_budget(path: &Path) -> Result<EnergyBudget, SimError> {
         path: p.clone(),
         source,
     })?;
-    serde_yaml::from_str(&text).map_err(|e| SimError::Budget {
+    serde_saphyr::from_str(&text).map_err(|e| SimError::Budget {
         path: p,
         message: e.to_string(),
     })
