@@ -433,7 +433,7 @@ impl Kubelet {
             .args
             .log_dir
             .join(format!("{ns}_{}.kubeconfig", pod.name_any()));
-        write_private(&path, serde_yaml::to_string(&config)?.as_bytes())?;
+        write_private(&path, serde_saphyr::to_string(&config)?.as_bytes())?;
         Ok(Some(path))
     }
 

@@ -645,7 +645,7 @@ mod tests {
     use super::*;
 
     fn md(yaml: &str) -> ModelDeployment {
-        let mut md: ModelDeployment = serde_yaml::from_str(yaml).expect("valid test manifest");
+        let mut md: ModelDeployment = serde_saphyr::from_str(yaml).expect("valid test manifest");
         md.metadata.uid = Some("1234".into());
         md.metadata.namespace = Some("town".into());
         md
