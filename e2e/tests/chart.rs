@@ -37,22 +37,9 @@ fn render(set: &[&str]) -> Result<Vec<Value>> {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8_lossy(&out.stdout);
-    let mut objects = Vec::new();
-    let mut doc = String::new();
-    for line in text.lines().chain(std::iter::once("---")) {
-        if line == "---" {
-            let v: Value = serde_yaml::from_str(&doc)
-                .with_context(|| format!("{set:?}: rendered YAML does not parse:\n{doc}"))?;
-            if !v.is_null() {
-                objects.push(v);
-            }
-            doc.clear();
-        } else {
-            doc.push_str(line);
-            doc.push('\n');
-        }
-    }
-    Ok(objects)
+    // One value per document; documents holding only comments are skipped.
+    serde_saphyr::from_multiple(&text)
+        .with_context(|| format!("{set:?}: rendered YAML does not parse:\n{text}"))
 }
 
 fn of_kind<'a>(objects: &'a [Value], kind: &str) -> Vec<&'a Value> {

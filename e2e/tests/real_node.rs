@@ -359,16 +359,10 @@ async fn the_chart_serves_from_its_images_in_real_containers_on_a_real_node() ->
     }
 
     // The members, their keys and a model placed on the real node.
-    let mut docs = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(&std::fs::read_to_string(
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&std::fs::read_to_string(
         workspace_root().join("examples/stint-quota.yaml"),
-    )?) {
-        let v: Value = serde::Deserialize::deserialize(doc)?;
-        if !v.is_null() {
-            docs.push(serde_yaml::to_string(&v)?);
-        }
-    }
-    kubectl_apply(Some(&town), &docs.join("\n---\n"))?;
+    )?)?;
+    kubectl_apply(Some(&town), &serde_saphyr::to_string_multiple(&docs)?)?;
     let _gpu = LentGpu::lend()?;
     let model = std::fs::canonicalize(fixtures().join("tiny-llama"))
         .context("fixtures/tiny-llama")?
@@ -394,7 +388,7 @@ async fn the_chart_serves_from_its_images_in_real_containers_on_a_real_node() ->
             "stintQuota": "coop-members",
         },
     });
-    kubectl_apply(Some(&town), &serde_yaml::to_string(&md)?)?;
+    kubectl_apply(Some(&town), &serde_saphyr::to_string(&md)?)?;
     let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &town);
     eventually(Duration::from_secs(240), || async {
         let md = mds.get("tiny").await?;

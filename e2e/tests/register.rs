@@ -652,7 +652,7 @@ async fn the_readme_screenshot_is_taken_from_a_served_page() -> Result<()> {
     .await?;
     let api = t.quotas().await?;
     let spec = api.get("commons").await?.spec;
-    let now = chrono::Utc::now();
+    let now = jiff::Timestamp::now();
     let period = copyhold::commons::stint::current_period(&spec, now)?;
     // The four calendar months before this one, oldest first.
     let mut months = Vec::new();
@@ -660,7 +660,7 @@ async fn the_readme_screenshot_is_taken_from_a_served_page() -> Result<()> {
     for _ in 0..4 {
         p = copyhold::commons::stint::current_period(
             &spec,
-            p.start - chrono::Duration::seconds(1),
+            p.start - jiff::SignedDuration::from_secs(1),
         )?;
         months.push(p);
     }
@@ -671,7 +671,7 @@ async fn the_readme_screenshot_is_taken_from_a_served_page() -> Result<()> {
             .enumerate()
             .map(|(k, m)| {
                 let tokens = base + 9000 * ((k as i64 * 7) % 4) - 4000;
-                json!({"start": m.start.to_rfc3339(), "end": m.end.to_rfc3339(),
+                json!({"start": m.start.to_string(), "end": m.end.to_string(),
                        "tokens": tokens, "energyWh": tokens as f64 / 900.0,
                        "requests": tokens / 700})
             })
@@ -683,8 +683,8 @@ async fn the_readme_screenshot_is_taken_from_a_served_page() -> Result<()> {
                "history": past(base)})
     };
     let status = json!({
-        "periodStart": period.start.to_rfc3339(),
-        "resetsAt": period.end.to_rfc3339(),
+        "periodStart": period.start.to_string(),
+        "resetsAt": period.end.to_string(),
         "members": [
             line("bakery", 61250, 121.5, 212, 150000),
             line("library", 101800, 180.0, 388, 98000),
@@ -723,7 +723,7 @@ async fn the_readme_screenshot_is_taken_from_a_served_page() -> Result<()> {
     let _ = std::fs::remove_file(&p);
     // A day in 15-minute points: a solar curve, and a draw that follows
     // the co-op's working hours.
-    let bucket = now.timestamp() - now.timestamp().rem_euclid(900);
+    let bucket = now.as_second() - now.as_second().rem_euclid(900);
     let history: Vec<Value> = (0..96)
         .rev()
         .map(|i| {
@@ -737,7 +737,7 @@ async fn the_readme_screenshot_is_taken_from_a_served_page() -> Result<()> {
                 250.0
             };
             let draw = (work + 180.0 * (hour * 1.7).sin()).round();
-            json!({"at": chrono::DateTime::from_timestamp(at, 0).unwrap_or(now).to_rfc3339(),
+            json!({"at": jiff::Timestamp::from_second(at).unwrap_or(now).to_string(),
                    "supplyWatts": supply, "drawWatts": draw, "evaluations": 60})
         })
         .collect();

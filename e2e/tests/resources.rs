@@ -33,7 +33,7 @@ async fn create(
 ) -> Result<std::result::Result<DynamicObject, String>> {
     let text = std::fs::read_to_string(path)?;
     let mut obj: DynamicObject =
-        serde_yaml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        serde_saphyr::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     let kind = obj
         .types
         .as_ref()

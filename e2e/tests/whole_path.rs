@@ -35,7 +35,6 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Event, Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, ListParams};
-use serde::Deserialize as _;
 use serde_json::{Value, json};
 
 /// The release, uninstalled when dropped (before the namespaces go).
@@ -63,23 +62,13 @@ impl Drop for BudgetGuard {
 fn example(name: &str) -> Result<Vec<Value>> {
     let path = workspace_root().join("examples").join(name);
     let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
-    let mut docs = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let v = Value::deserialize(doc)?;
-        if !v.is_null() {
-            docs.push(v);
-        }
-    }
-    Ok(docs)
+    // Empty documents are skipped.
+    Ok(serde_saphyr::from_multiple(&text)?)
 }
 
 /// `kubectl apply` of documents, written as YAML.
 fn apply(ns: Option<&str>, docs: &[Value]) -> Result<()> {
-    let text = docs
-        .iter()
-        .map(serde_yaml::to_string)
-        .collect::<Result<Vec<String>, _>>()?;
-    copyhold_e2e::kubectl_apply(ns, &text.join("\n---\n"))
+    copyhold_e2e::kubectl_apply(ns, &serde_saphyr::to_string_multiple(docs)?)
 }
 
 /// How the test reaches the gateway Service.

@@ -25,6 +25,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod engine;
 pub mod error;
+pub mod fetch;
 pub mod golden;
 pub mod load;
 pub mod metrics;

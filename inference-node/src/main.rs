@@ -245,6 +245,9 @@ enum Cmd {
         #[arg(long = "type", default_value = "q8_0")]
         scheme: String,
     },
+    /// Fetch a model from the Hugging Face Hub or a mirror into the model
+    /// cache (resumable, verified); prints the directory to serve.
+    Fetch(Box<copyhold_node::fetch::FetchArgs>),
     /// Compile every CUDA kernel for every target architecture with NVRTC
     /// (no GPU needed) and print a kernel × architecture table; exit 1 if
     /// any cell fails, 2 if NVRTC or the CUDA headers are missing.
@@ -556,6 +559,13 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Cmd::Fetch(a) => match copyhold_node::fetch::run(&a) {
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");
                 ExitCode::from(2)

@@ -6,17 +6,13 @@
 //! Needs root (a new PID namespace through `unshare`); skips, saying why,
 //! otherwise.
 
+mod support;
+
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn fixtures() -> PathBuf {
-    match std::env::var_os("COPYHOLD_FIXTURES") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"),
-    }
-}
+use support::fixtures;
 
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")

@@ -58,8 +58,7 @@ pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
 /// The current time as a Kubernetes `Time`, truncated to seconds as the API
 /// server stores it (so comparisons with stored values hold).
 pub fn now() -> Time {
-    let ts = jiff::Timestamp::now();
-    Time(jiff::Timestamp::from_second(ts.as_second()).unwrap_or(ts))
+    crate::resources::time::time(jiff::Timestamp::now())
 }
 
 #[cfg(test)]

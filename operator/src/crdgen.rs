@@ -10,7 +10,7 @@ pub enum CrdgenError {
     #[error("serializing CRD {name}: {source}")]
     Serialize {
         name: &'static str,
-        source: serde_yaml::Error,
+        source: serde_saphyr::SerializeError,
     },
     #[error("writing {path}: {source}")]
     Write {

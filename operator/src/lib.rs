@@ -9,6 +9,7 @@ pub mod crdgen;
 pub mod energy;
 pub mod error;
 pub mod gateway;
+pub mod hub_cli;
 pub mod leader;
 pub mod metrics;
 pub mod resources;

@@ -26,7 +26,7 @@ enum Command {
     },
     /// Run the controller: ModelDeployments become Deployments and Services
     /// placed on the GPUs that fit.
-    Controller(ControllerArgs),
+    Controller(Box<ControllerArgs>),
     /// Run the OpenAI-compatible gateway: members' keys, exact stints, routing
     /// to ready replicas.
     Gateway(GatewayArgs),
@@ -36,6 +36,9 @@ enum Command {
     /// Offline simulations of the controller's decisions.
     #[command(subcommand)]
     Simulate(SimulateCommand),
+    /// Models for air-gapped sites: pull from the Hub, serve as a mirror.
+    #[command(subcommand)]
+    Models(ModelsCommand),
     /// Check manifests of copyhold resources for what the API server's schema
     /// cannot express (the controller reports the same as conditions).
     Validate {
@@ -43,6 +46,64 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Fetch a repository (verified, resumable) into DIR/OWNER/NAME.
+    Pull {
+        /// `OWNER/NAME`.
+        repo: String,
+        /// The directory to carry (a disk).
+        #[arg(long)]
+        to: PathBuf,
+        #[arg(long, default_value = "main")]
+        revision: String,
+        /// Glob allow-list (repeatable; default: config, tokenizer, safetensors).
+        #[arg(long = "file")]
+        files: Vec<String>,
+        /// The Hub or a mirror.
+        #[arg(long, env = "HF_ENDPOINT", default_value = "https://huggingface.co")]
+        endpoint: String,
+        /// Token for gated or private repositories.
+        #[arg(long, env = "HF_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    /// Serve DIR (as `pull` lays it out) as a Hub mirror.
+    Serve {
+        dir: PathBuf,
+        #[arg(long, default_value = "0.0.0.0:8090")]
+        listen: std::net::SocketAddr,
+        /// Append every request to this file.
+        #[arg(long)]
+        access_log: Option<PathBuf>,
+    },
+}
+
+fn run_models(cmd: ModelsCommand) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        match cmd {
+            ModelsCommand::Pull {
+                repo,
+                to,
+                revision,
+                files,
+                endpoint,
+                token,
+            } => {
+                let dir = copyhold::hub_cli::pull(&endpoint, &repo, &revision, &files, token, &to)
+                    .await?;
+                println!("{}", dir.display());
+                Ok(())
+            }
+            ModelsCommand::Serve {
+                dir,
+                listen,
+                access_log,
+            } => copyhold::hub_cli::serve(&dir, listen, access_log).await,
+        }
+    })
 }
 
 #[derive(clap::Args)]
@@ -339,6 +400,21 @@ struct ControllerArgs {
         value_delimiter = ','
     )]
     node_image_pull_secrets: Vec<String>,
+    /// Node directory of the model cache for huggingFace sources (a
+    /// hostPath, writable by uid 65532).
+    #[arg(
+        long,
+        env = "COPYHOLD_MODEL_CACHE_DIR",
+        default_value = "/var/lib/copyhold/models"
+    )]
+    model_cache_dir: String,
+    /// A ReadWriteMany PVC (in each ModelDeployment's namespace) to use as
+    /// the model cache instead of the node directory.
+    #[arg(long, env = "COPYHOLD_MODEL_CACHE_PVC")]
+    model_cache_pvc: Option<String>,
+    /// Size limit of the model cache in bytes (LRU eviction of unused models).
+    #[arg(long, env = "COPYHOLD_MODEL_CACHE_MAX_BYTES")]
+    model_cache_max_bytes: Option<u64>,
     /// Reconcile only this namespace (all when absent).
     #[arg(long, env = "COPYHOLD_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
@@ -381,6 +457,13 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
                 .into_iter()
                 .filter(|s| !s.is_empty())
                 .collect(),
+            model_cache: match args.model_cache_pvc.filter(|s| !s.is_empty()) {
+                Some(c) => copyhold::serving::model_cache::ModelCacheVolume::Pvc(c),
+                None => {
+                    copyhold::serving::model_cache::ModelCacheVolume::HostPath(args.model_cache_dir)
+                }
+            },
+            model_cache_max_bytes: args.model_cache_max_bytes,
             ..Default::default()
         };
         if let Some(i) = args.node_image {
@@ -462,7 +545,14 @@ fn main() -> std::process::ExitCode {
                 std::process::ExitCode::FAILURE
             }
         },
-        Command::Controller(args) => match run_controller(args) {
+        Command::Models(cmd) => match run_models(cmd) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("copyhold models: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        },
+        Command::Controller(args) => match run_controller(*args) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("copyhold controller: {e:#}");

@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use chrono_tz::Tz;
+use jiff::tz::TimeZone;
 use serde::Deserialize;
 
 use crate::resources::quantity::{self, Quantity};
@@ -26,11 +26,12 @@ pub fn model_deployment(spec: &ModelDeploymentSpec) -> Vec<String> {
         src.pvc.is_some(),
         src.http.is_some(),
         src.oci.is_some(),
+        src.hugging_face.is_some(),
     ];
     match sources.iter().filter(|s| **s).count() {
-        0 => errs.push("spec.model.source: Required value: one of hostPath, pvc, http or oci".to_string()),
+        0 => errs.push("spec.model.source: Required value: one of hostPath, pvc, http, oci or huggingFace".to_string()),
         1 => {}
-        n => errs.push(format!("spec.model.source: Invalid value: {n} sources given, exactly one of hostPath, pvc, http or oci is allowed")),
+        n => errs.push(format!("spec.model.source: Invalid value: {n} sources given, exactly one of hostPath, pvc, http, oci or huggingFace is allowed")),
     }
     if let Some(a) = &spec.autoscaling {
         if a.min_replicas > a.max_replicas {
@@ -274,9 +275,10 @@ pub fn stint_quota(spec: &StintQuotaSpec) -> Vec<String> {
     errs
 }
 
-/// Parse an IANA time zone name.
-pub fn time_zone(name: &str) -> Result<Tz, String> {
-    name.parse::<Tz>().map_err(|_| {
+/// Parse an IANA time zone name (from the database compiled into the
+/// binary, as everything else that reads a zone).
+pub fn time_zone(name: &str) -> Result<TimeZone, String> {
+    crate::resources::time::time_zone(name).map_err(|_| {
         format!(
             "Invalid value: \"{name}\": not a time zone of the IANA database (e.g. Europe/Berlin)"
         )
@@ -296,10 +298,15 @@ pub struct Report {
 pub enum ManifestError {
     #[error("reading: {0}")]
     Read(#[from] std::io::Error),
-    #[error("document {index}: not valid YAML: {source}")]
-    Yaml {
+    /// The file as a whole (the parser's message names line and column).
+    #[error("not valid YAML: {0}")]
+    Yaml(#[from] serde_saphyr::Error),
+    /// A document (counted from 0, empty ones skipped) without a readable
+    /// `apiVersion`, `kind` or `metadata.name`.
+    #[error("document {index}: {source}")]
+    Head {
         index: usize,
-        source: serde_yaml::Error,
+        source: serde_json::Error,
     },
 }
 
@@ -325,24 +332,24 @@ pub fn validate_file(path: &Path) -> Result<Vec<Report>, ManifestError> {
     validate_str(&text)
 }
 
-/// Validate every copyhold object in a YAML text.
+/// Validate every copyhold object in a YAML text. Each document is read
+/// as JSON, as kubectl sends it to the API server.
 pub fn validate_str(text: &str) -> Result<Vec<Report>, ManifestError> {
     let mut out = Vec::new();
-    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = serde_yaml::Value::deserialize(doc)
-            .map_err(|source| ManifestError::Yaml { index, source })?;
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(text)?;
+    for (index, value) in docs.into_iter().enumerate() {
         if value.is_null() {
             continue;
         }
-        let head: Head = serde_yaml::from_value(value.clone())
-            .map_err(|source| ManifestError::Yaml { index, source })?;
+        let head: Head = serde_json::from_value(value.clone())
+            .map_err(|source| ManifestError::Head { index, source })?;
         if head.api_version != "copyhold.dev/v1alpha1" {
             continue;
         }
         let spec = value
             .get("spec")
             .cloned()
-            .unwrap_or(serde_yaml::Value::Null);
+            .unwrap_or(serde_json::Value::Null);
         let errors = match head.kind.as_str() {
             "ModelDeployment" => typed(spec, model_deployment),
             "EnergyBudget" => typed(spec, energy_budget),
@@ -359,10 +366,10 @@ pub fn validate_str(text: &str) -> Result<Vec<Report>, ManifestError> {
 }
 
 fn typed<T: serde::de::DeserializeOwned>(
-    spec: serde_yaml::Value,
+    spec: serde_json::Value,
     check: fn(&T) -> Vec<String>,
 ) -> Vec<String> {
-    match serde_yaml::from_value::<T>(spec) {
+    match serde_json::from_value::<T>(spec) {
         Ok(s) => check(&s),
         Err(e) => vec![format!("spec: Invalid value: {e}")],
     }

@@ -19,6 +19,24 @@ fn crds_directory_matches_the_rust_types() {
     );
 }
 
+/// The YAML writer folds long descriptions and quotes what needs it:
+/// whatever it chose, the files must read back as the very CRDs (a
+/// reader that joined two lines without their space, or lost a tab,
+/// would change what `kubectl explain` shows).
+#[test]
+fn the_crd_files_read_back_as_the_types_crds() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+    for (name, crd) in crds() {
+        let text = std::fs::read_to_string(dir.join(name)).expect("crds/ file");
+        let back: serde_json::Value = serde_saphyr::from_str(&text).expect("CRD file parses");
+        assert_eq!(
+            back,
+            serde_json::to_value(&crd).expect("CRD serializes"),
+            "{name}"
+        );
+    }
+}
+
 #[test]
 fn every_crd_has_status_short_name_and_the_copyhold_category() {
     for (name, crd) in crds() {

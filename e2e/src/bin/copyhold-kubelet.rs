@@ -1,7 +1,10 @@
 //! A stand-in for the kubelet, for tests and the demo only.
 //!
-//! Watches Pods bound to the simulated nodes, runs each Pod's first container
-//! as a local process (images mapped to freshly built binaries), gives every
+//! Watches Pods bound to the simulated nodes, runs each Pod's init
+//! containers in order (each to a successful exit, retried after a failure,
+//! their state reported in `initContainerStatuses`; a failure's message is
+//! the tail of its log, as `FallbackToLogsOnError` gives), then its first
+//! container as a local process (images mapped to freshly built binaries), gives every
 //! Pod its own loopback address as its Pod IP, reports readiness from the
 //! container's readiness probe, restarts crashed processes, and stops them
 //! (and removes the Pod, as a kubelet confirms deletion) when Pods go away.
@@ -76,6 +79,10 @@ struct Kubelet {
     /// The API server as this stand-in reaches it, for the Pods' kubeconfigs.
     cluster: kube::config::Cluster,
     running: Mutex<HashMap<String, Running>>,
+    /// Pods whose init containers run: the running one's process id.
+    initializing: Mutex<HashMap<String, Option<u32>>>,
+    /// Each Pod's `initContainerStatuses`, as last reported.
+    init_statuses: Mutex<HashMap<String, serde_json::Value>>,
     next_ip: Mutex<u8>,
 }
 
@@ -206,6 +213,146 @@ impl Kubelet {
             .collect())
     }
 
+    /// A container's process, logging to `log_path`.
+    async fn spawn(
+        &self,
+        pod: &Pod,
+        c: &Container,
+        ip: Ipv4Addr,
+        log_path: &std::path::Path,
+    ) -> Result<Child> {
+        let argv = self.command_line(pod, c, ip)?;
+        let argv = self.secret_volumes(pod, c, argv).await?;
+        std::fs::create_dir_all(&self.args.log_dir)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path)?;
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true);
+        for (name, value) in container_env(pod, c, ip) {
+            cmd.env(name, value);
+        }
+        if let Some(kubeconfig) = self.credentials(pod).await? {
+            cmd.env("KUBECONFIG", kubeconfig);
+        }
+        let child = cmd.spawn().with_context(|| format!("starting {argv:?}"))?;
+        eprintln!(
+            "kubelet: started {}/{} as pid {:?} on {ip}: {}",
+            key(pod),
+            c.name,
+            child.id(),
+            argv.join(" ")
+        );
+        Ok(child)
+    }
+
+    fn log_path(&self, pod: &Pod, container: Option<&str>) -> PathBuf {
+        let base = format!("{}_{}", pod.namespace().unwrap_or_default(), pod.name_any());
+        self.args.log_dir.join(match container {
+            Some(c) => format!("{base}.{c}.log"),
+            None => format!("{base}.log"),
+        })
+    }
+
+    /// Runs the Pod's init containers in order, each until it exits 0
+    /// (retried 2 s after a failure, as restartPolicy Always does); false
+    /// when the Pod went away meanwhile.
+    async fn run_init(&self, pod: &Pod, ip: Ipv4Addr) -> Result<bool> {
+        let k = key(pod);
+        let inits = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.init_containers.clone())
+            .unwrap_or_default();
+        let mut statuses: Vec<serde_json::Value> = Vec::new();
+        for c in &inits {
+            let image = c.image.clone().unwrap_or_default();
+            let mut restarts = 0;
+            loop {
+                let log_path = self.log_path(pod, Some(&c.name));
+                let mut child = self.spawn(pod, c, ip, &log_path).await?;
+                if let Some(slot) = self.initializing.lock().await.get_mut(&k) {
+                    *slot = child.id();
+                } else {
+                    let _ = child.kill().await;
+                    return Ok(false);
+                }
+                let now = jiff::Timestamp::now().to_string();
+                let mut current = statuses.clone();
+                current.push(
+                    json!({"name": c.name, "image": image, "imageID": "", "ready": false,
+                    "restartCount": restarts, "state": {"running": {"startedAt": now}}}),
+                );
+                self.report_init(pod, ip, current).await?;
+                let code = child.wait().await?.code().unwrap_or(-1);
+                if !self.initializing.lock().await.contains_key(&k) {
+                    return Ok(false);
+                }
+                let done = jiff::Timestamp::now().to_string();
+                let mut terminated = json!({"exitCode": code, "startedAt": now, "finishedAt": done,
+                    "reason": if code == 0 { "Completed" } else { "Error" }});
+                if code != 0 {
+                    terminated["message"] = json!(log_tail(&log_path, 2048));
+                }
+                let state = json!({"name": c.name, "image": image, "imageID": "", "ready": code == 0,
+                    "restartCount": restarts, "state": {"terminated": terminated}});
+                if code == 0 {
+                    statuses.push(state);
+                    break;
+                }
+                eprintln!("kubelet: {k}/{} exited {code}; retrying", c.name);
+                let mut current = statuses.clone();
+                current.push(state);
+                self.report_init(pod, ip, current).await?;
+                restarts += 1;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+        self.init_statuses
+            .lock()
+            .await
+            .insert(k, serde_json::Value::Array(statuses));
+        Ok(true)
+    }
+
+    /// The Pod's status while its init containers run.
+    async fn report_init(
+        &self,
+        pod: &Pod,
+        ip: Ipv4Addr,
+        statuses: Vec<serde_json::Value>,
+    ) -> Result<()> {
+        let api: Api<Pod> =
+            Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
+        let status = json!({"status": {
+            "phase": "Pending",
+            "hostIP": ip.to_string(),
+            "podIP": ip.to_string(),
+            "podIPs": [{"ip": ip.to_string()}],
+            "conditions": [
+                {"type": "Initialized", "status": "False"},
+                {"type": "PodScheduled", "status": "True"},
+                {"type": "ContainersReady", "status": "False"},
+                {"type": "Ready", "status": "False"},
+            ],
+            "initContainerStatuses": statuses,
+        }});
+        api.patch_status(
+            &pod.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&status),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Init containers, then the first container (a restart runs only the
+    /// latter, as a kubelet does).
     async fn start(&self, pod: &Pod, restarts: i32, ip: Option<Ipv4Addr>) -> Result<()> {
         let Some(c) = pod
             .spec
@@ -215,41 +362,21 @@ impl Kubelet {
         else {
             return Ok(());
         };
+        let first = ip.is_none();
         let ip = match ip {
             Some(ip) => ip,
             None => self.ip().await?,
         };
-        let argv = self.command_line(pod, &c, ip)?;
-        let argv = self.secret_volumes(pod, &c, argv).await?;
-        std::fs::create_dir_all(&self.args.log_dir)?;
-        let log_path = self.args.log_dir.join(format!(
-            "{}_{}.log",
-            pod.namespace().unwrap_or_default(),
-            pod.name_any()
-        ));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)?;
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true);
-        for (name, value) in container_env(pod, &c, ip) {
-            cmd.env(name, value);
+        if first {
+            // on_pod marked the Pod as initializing.
+            let ran = self.run_init(pod, ip).await;
+            let still_here = self.initializing.lock().await.remove(&key(pod)).is_some();
+            if !ran? || !still_here {
+                return Ok(());
+            }
         }
-        if let Some(kubeconfig) = self.credentials(pod).await? {
-            cmd.env("KUBECONFIG", kubeconfig);
-        }
-        let child = cmd.spawn().with_context(|| format!("starting {argv:?}"))?;
-        eprintln!(
-            "kubelet: started {} as pid {:?} on {ip}: {}",
-            key(pod),
-            child.id(),
-            argv.join(" ")
-        );
+        let log_path = self.log_path(pod, None);
+        let child = self.spawn(pod, &c, ip, &log_path).await?;
         self.running.lock().await.insert(
             key(pod),
             Running {
@@ -306,7 +433,7 @@ impl Kubelet {
             .args
             .log_dir
             .join(format!("{ns}_{}.kubeconfig", pod.name_any()));
-        write_private(&path, serde_yaml::to_string(&config)?.as_bytes())?;
+        write_private(&path, serde_saphyr::to_string(&config)?.as_bytes())?;
         Ok(Some(path))
     }
 
@@ -439,7 +566,15 @@ impl Kubelet {
             .and_then(|c| c.image.clone())
             .unwrap_or_default();
         let now = jiff::Timestamp::now().to_string();
+        let inits = self
+            .init_statuses
+            .lock()
+            .await
+            .get(&key(pod))
+            .cloned()
+            .unwrap_or_else(|| json!([]));
         let status = json!({"status": {
+            "initContainerStatuses": inits,
             "phase": "Running",
             "hostIP": ip.to_string(),
             "podIP": ip.to_string(),
@@ -468,6 +603,14 @@ impl Kubelet {
 
     async fn stop(&self, k: &str) {
         let _ = std::fs::remove_dir_all(self.secret_dir(k));
+        self.init_statuses.lock().await.remove(k);
+        if let Some(Some(pid)) = self.initializing.lock().await.remove(k) {
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
+            eprintln!("kubelet: stopped {k} while it initialized");
+        }
         // Not held while the process winds down: stops run side by side.
         let removed = self.running.lock().await.remove(k);
         if let Some(mut r) = removed {
@@ -512,12 +655,21 @@ impl Kubelet {
                 .await;
             return Ok(());
         }
-        if self.running.lock().await.contains_key(&k) {
+        if self.running.lock().await.contains_key(&k)
+            || self.initializing.lock().await.contains_key(&k)
+        {
             return Ok(());
         }
-        if let Err(e) = self.start(&pod, 0, None).await {
-            eprintln!("kubelet: cannot run {k}: {e:#}");
-        }
+        // Init containers may run for minutes (a model download): the
+        // watch goes on meanwhile.
+        self.initializing.lock().await.insert(k.clone(), None);
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = me.start(&pod, 0, None).await {
+                me.initializing.lock().await.remove(&k);
+                eprintln!("kubelet: cannot run {k}: {e:#}");
+            }
+        });
         Ok(())
     }
 
@@ -612,6 +764,13 @@ impl Kubelet {
     }
 }
 
+/// The last `max` bytes of a log file (a failed init container's message).
+fn log_tail(path: &std::path::Path, max: usize) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let from = bytes.len().saturating_sub(max);
+    String::from_utf8_lossy(&bytes[from..]).into_owned()
+}
+
 /// The cluster entry of this stand-in's own kubeconfig (server and CA).
 fn own_cluster() -> Result<kube::config::Cluster> {
     let config = kube::config::Kubeconfig::read().context("reading the kubeconfig")?;
@@ -644,6 +803,8 @@ async fn main() -> Result<()> {
         client: client.clone(),
         cluster,
         running: Mutex::default(),
+        initializing: Mutex::default(),
+        init_statuses: Mutex::default(),
         next_ip: Mutex::new(1),
     });
     tokio::spawn(kubelet.clone().supervise());

@@ -17,13 +17,13 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use chrono::{DateTime, Utc};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use jiff::{SignedDuration, Timestamp};
 
 use crate::commons::stint::{self, MemberStint, PeriodWindow};
 use crate::resources::stint_quota::{
     GatewayReplica, MemberState, MemberUsage, PeriodUsage, Slice, StintQuotaSpec, StintQuotaStatus,
 };
+use crate::resources::time::time;
 
 /// Settled usage of one or more requests.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -85,7 +85,7 @@ pub struct Refreshed {
 /// here, so liveness never compares two machines' clocks.
 #[derive(Clone, Debug, Default)]
 pub struct Heartbeats {
-    seen: HashMap<String, (i64, DateTime<Utc>)>,
+    seen: HashMap<String, (i64, Timestamp)>,
 }
 
 impl Heartbeats {
@@ -93,8 +93,8 @@ impl Heartbeats {
     fn live(
         &mut self,
         gateways: &[GatewayReplica],
-        now: DateTime<Utc>,
-        ttl: chrono::Duration,
+        now: Timestamp,
+        ttl: SignedDuration,
         writer: &str,
     ) -> HashSet<String> {
         self.seen
@@ -106,7 +106,7 @@ impl Heartbeats {
                 if seen.0 != g.beats {
                     *seen = (g.beats, now);
                 }
-                now - seen.1 < ttl
+                now.duration_since(seen.1) < ttl
             })
             .map(|g| g.name.clone())
             .collect();
@@ -121,21 +121,8 @@ fn behind(status: &StintQuotaStatus, period: PeriodWindow) -> bool {
     status
         .period_start
         .as_ref()
-        .map(chrono_of)
+        .map(|t| t.0)
         .is_some_and(|s| period.end <= s)
-}
-
-/// k8s-openapi's `Time` is a jiff timestamp; the stint arithmetic uses
-/// chrono (for chrono-tz). Whole seconds: the API server keeps
-/// `metav1.Time` to the second, so what is written compares equal to what
-/// is read back.
-pub fn time(t: DateTime<Utc>) -> Time {
-    Time(jiff::Timestamp::from_second(t.timestamp()).unwrap_or(jiff::Timestamp::UNIX_EPOCH))
-}
-
-/// The inverse of [`time`].
-pub fn chrono_of(t: &Time) -> DateTime<Utc> {
-    DateTime::<Utc>::from_timestamp_millis(t.0.as_millisecond()).unwrap_or_default()
 }
 
 /// Bring the register in line with the spec and the clock: one line per
@@ -146,7 +133,7 @@ pub fn refresh(
     spec: &StintQuotaSpec,
     status: &mut StintQuotaStatus,
     period: PeriodWindow,
-    now: DateTime<Utc>,
+    now: Timestamp,
     ttl_seconds: i64,
     writer: &str,
     heartbeats: &mut Heartbeats,
@@ -208,13 +195,13 @@ fn roll(
     keep: usize,
     out: &mut Refreshed,
 ) -> PeriodWindow {
-    let prev = status.period_start.as_ref().map(chrono_of);
+    let prev = status.period_start.as_ref().map(|t| t.0);
     if let Some(start) = prev.filter(|_| behind(status, period)) {
-        let len = period.end - period.start;
+        let len = period.end.duration_since(period.start);
         let end = status
             .resets_at
             .as_ref()
-            .map(chrono_of)
+            .map(|t| t.0)
             .unwrap_or(start + len);
         return PeriodWindow {
             start,
@@ -228,7 +215,7 @@ fn roll(
     if prev_start.as_ref() != Some(&start) {
         if let Some(prev) = prev {
             out.period_rolled = true;
-            let prev_end = status.resets_at.as_ref().map(chrono_of);
+            let prev_end = status.resets_at.as_ref().map(|t| t.0);
             let consecutive = prev_start.as_ref().is_some_and(|s| s.0 < start.0)
                 && status.resets_at.as_ref() == Some(&start);
             for u in &mut status.members {
@@ -263,12 +250,12 @@ fn roll(
 fn reclaim(
     status: &mut StintQuotaStatus,
     heartbeats: &mut Heartbeats,
-    now: DateTime<Utc>,
+    now: Timestamp,
     ttl_seconds: i64,
     writer: &str,
     out: &mut Refreshed,
 ) {
-    let ttl = chrono::Duration::seconds(ttl_seconds.max(1));
+    let ttl = SignedDuration::from_secs(ttl_seconds.max(1));
     let live = heartbeats.live(&status.gateways, now, ttl, writer);
     status.gateways.retain(|g| live.contains(&g.name));
     let mut kept = Vec::with_capacity(status.slices.len());
@@ -294,7 +281,7 @@ fn reclaim(
 
 /// Close a member's period into its history (oldest first), keeping the
 /// last `keep`: the register page shows the trend from these lines.
-fn record_period(u: &mut MemberUsage, start: DateTime<Utc>, end: DateTime<Utc>, keep: usize) {
+fn record_period(u: &mut MemberUsage, start: Timestamp, end: Timestamp, keep: usize) {
     u.history.push(PeriodUsage {
         start: time(start),
         end: time(end),
@@ -317,7 +304,7 @@ fn restate(
     spec: &StintQuotaSpec,
     status: &mut StintQuotaStatus,
     period: PeriodWindow,
-    now: DateTime<Utc>,
+    now: Timestamp,
 ) {
     let pw = period.previous_weight(now);
     let mut worst = MemberState::Ok;
@@ -361,7 +348,7 @@ impl MemberState {
 }
 
 /// Record that `replica` is alive: one more beat.
-pub fn renew(status: &mut StintQuotaStatus, replica: &str, now: DateTime<Utc>) {
+pub fn renew(status: &mut StintQuotaStatus, replica: &str, now: Timestamp) {
     match status.gateways.iter_mut().find(|g| g.name == replica) {
         Some(g) => {
             g.renewed_at = time(now);
@@ -469,7 +456,7 @@ pub fn grant(
     spec: &StintQuotaSpec,
     status: &mut StintQuotaStatus,
     period: PeriodWindow,
-    now: DateTime<Utc>,
+    now: Timestamp,
     replica: &str,
     member: &str,
     ask: Ask,
@@ -555,7 +542,7 @@ pub struct Local {
     /// Settled, not yet written to the register.
     pub pending: Usage,
     /// Last reservation or settlement, for returning idle slices.
-    pub last_active: Option<DateTime<Utc>>,
+    pub last_active: Option<Timestamp>,
 }
 
 impl Local {
@@ -607,7 +594,7 @@ impl Book {
         })
     }
 
-    pub fn reserve(&mut self, member: &str, r: Reservation, now: DateTime<Utc>) {
+    pub fn reserve(&mut self, member: &str, r: Reservation, now: Timestamp) {
         let l = self.members.entry(member.into()).or_default();
         l.reserved_tokens += r.tokens;
         l.reserved_wh += r.energy_wh;
@@ -616,7 +603,7 @@ impl Book {
     }
 
     /// A request ended: its reservation is replaced by its actual usage.
-    pub fn settle(&mut self, member: &str, r: Reservation, usage: &Usage, now: DateTime<Utc>) {
+    pub fn settle(&mut self, member: &str, r: Reservation, usage: &Usage, now: Timestamp) {
         let l = self.members.entry(member.into()).or_default();
         l.reserved_tokens -= r.tokens;
         l.reserved_wh -= r.energy_wh;
@@ -663,8 +650,8 @@ impl Book {
         &self,
         slice_tokens: i64,
         slice_wh: f64,
-        now: DateTime<Utc>,
-        idle: chrono::Duration,
+        now: Timestamp,
+        idle: SignedDuration,
     ) -> Vec<(String, i64, f64)> {
         self.members
             .iter()
@@ -694,7 +681,7 @@ mod tests {
     use super::*;
 
     fn spec() -> StintQuotaSpec {
-        serde_yaml::from_str(
+        serde_saphyr::from_str(
             r#"
 members:
   - {name: a, apiKeySecret: {name: a}, stint: {tokens: 1000}}
@@ -706,10 +693,8 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         .expect("spec")
     }
 
-    fn t(s: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(s)
-            .expect("time")
-            .with_timezone(&Utc)
+    fn t(s: &str) -> Timestamp {
+        s.parse().expect("time")
     }
 
     #[test]
@@ -717,7 +702,7 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         let mut sp = spec();
         // Windows are whole seconds (shorter parts are refused, see
         // stint::current_period); a 91 s window starts off the minute.
-        sp.period = serde_yaml::from_str("{type: rolling, window: 91s}").expect("period");
+        sp.period = serde_saphyr::from_str("{type: rolling, window: 91s}").expect("period");
         let now = t("2026-11-24T02:00:05Z");
         let p = stint::current_period(&sp, now).expect("period");
         let mut st = StintQuotaStatus::default();
@@ -742,7 +727,7 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         assert_eq!(st.members[0].tokens, 10, "usage is kept");
     }
 
-    fn fresh(now: DateTime<Utc>) -> (StintQuotaSpec, StintQuotaStatus, PeriodWindow) {
+    fn fresh(now: Timestamp) -> (StintQuotaSpec, StintQuotaStatus, PeriodWindow) {
         let sp = spec();
         let p = stint::current_period(&sp, now).expect("period");
         let mut st = StintQuotaStatus::default();
@@ -838,7 +823,7 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         grant(&sp, &mut st, p, now, "dead", "a", ask_t(300, 300));
         let mut seen = Heartbeats::default();
         refresh(&sp, &mut st, p, now, 30, "live", &mut seen);
-        let later = now + chrono::Duration::seconds(30);
+        let later = now + SignedDuration::from_secs(30);
         renew(&mut st, "live", later);
         let r = refresh(&sp, &mut st, p, later, 30, "live", &mut seen);
         assert_eq!(r.reclaimed.len(), 1);
@@ -880,7 +865,7 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
             let p = stint::current_period(&sp, now).expect("period");
             refresh(&sp, &mut st, p, now, 30, "r1", &mut Heartbeats::default());
             settle(&mut st, p, "r1", "a", &usage(used));
-            now += chrono::Duration::days(1);
+            now += SignedDuration::from_hours(24);
         }
         let p = stint::current_period(&sp, now).expect("period");
         refresh(&sp, &mut st, p, now, 30, "r1", &mut Heartbeats::default());
@@ -970,13 +955,13 @@ sanctions: {warnAt: 80, throttleAt: 100, suspendAt: 100}
         book.reserve("a", r, now);
         // Busy: keep one slice (100), return the rest.
         assert_eq!(
-            book.surplus(100, 0.0, now, chrono::Duration::seconds(10)),
+            book.surplus(100, 0.0, now, SignedDuration::from_secs(10)),
             vec![("a".to_string(), 790, 0.0)]
         );
         book.settle("a", r, &usage(10), now);
-        let later = now + chrono::Duration::seconds(11);
+        let later = now + SignedDuration::from_secs(11);
         assert_eq!(
-            book.surplus(100, 0.0, later, chrono::Duration::seconds(10)),
+            book.surplus(100, 0.0, later, SignedDuration::from_secs(10)),
             vec![("a".to_string(), 890, 0.0)]
         );
     }

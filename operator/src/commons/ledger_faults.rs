@@ -2,14 +2,14 @@
 //! writes (issue 18): it keeps `Time` fields to the second (item 3), and a
 //! member can leave the spec and come back within a period (item 4).
 
-use chrono::{DateTime, Duration, DurationRound, Utc};
+use jiff::{SignedDuration, Timestamp};
 
 use crate::commons::ledger::{self, Book, Heartbeats, Reservation, Usage};
 use crate::commons::stint;
 use crate::resources::stint_quota::{StintQuotaSpec, StintQuotaStatus};
 
 fn spec(window: &str) -> StintQuotaSpec {
-    serde_yaml::from_str(&format!(
+    serde_saphyr::from_str(&format!(
         r#"
 members:
   - {{name: a, apiKeySecret: {{name: a}}, stint: {{tokens: 100000}}}}
@@ -21,10 +21,8 @@ sanctions: {{warnAt: 80, throttleAt: 100, suspendAt: 100}}
     .expect("spec")
 }
 
-fn noon() -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339("2026-11-23T12:00:00Z")
-        .expect("time")
-        .with_timezone(&Utc)
+fn noon() -> Timestamp {
+    "2026-11-23T12:00:00Z".parse().expect("time")
 }
 
 /// The register as the API server hands it back: `metav1.Time` is
@@ -32,8 +30,7 @@ fn noon() -> DateTime<Utc> {
 fn through_the_api(st: &StintQuotaStatus) -> StintQuotaStatus {
     let mut back = st.clone();
     let whole = |t: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::Time| {
-        let c = ledger::chrono_of(t);
-        *t = ledger::time(c.duration_trunc(Duration::seconds(1)).expect("trunc"));
+        *t = crate::resources::time::time(t.0);
     };
     back.period_start.iter_mut().for_each(whole);
     back.resets_at.iter_mut().for_each(whole);
@@ -48,7 +45,7 @@ fn write(
     sp: &StintQuotaSpec,
     st: &mut StintQuotaStatus,
     seen: &mut Heartbeats,
-    now: DateTime<Utc>,
+    now: Timestamp,
     pending: &[(String, Usage)],
 ) {
     let period = stint::current_period(sp, now).expect("period");
@@ -83,12 +80,12 @@ fn a_rolling_window_the_register_cannot_store_to_the_second_is_refused() {
 #[test]
 fn a_short_whole_second_window_keeps_its_usage_across_writes_through_the_api() {
     let sp = spec("2s");
-    let now = noon() + Duration::milliseconds(100);
+    let now = noon() + SignedDuration::from_millis(100);
     let mut st = StintQuotaStatus::default();
     let mut seen = Heartbeats::default();
     write(&sp, &mut st, &mut seen, now, &[("a".into(), usage(10))]);
     let mut st = through_the_api(&st);
-    let later = now + Duration::milliseconds(800);
+    let later = now + SignedDuration::from_millis(800);
     write(&sp, &mut st, &mut seen, later, &[("a".into(), usage(10))]);
     assert_eq!(st.members[0].tokens, 20, "rolled over within one window");
 }

@@ -10,7 +10,7 @@
 //! usage and in-flight requests with it) and a new incarnation takes its
 //! place. A killed replica's in-flight requests count as served in full.
 
-use chrono::{DateTime, Duration, Utc};
+use jiff::{SignedDuration, Timestamp};
 use proptest::prelude::*;
 
 use crate::commons::ledger::{self, Book, Fit, Heartbeats, Reservation, Usage};
@@ -20,14 +20,14 @@ use crate::resources::stint_quota::{StintQuotaSpec, StintQuotaStatus};
 const TTL: i64 = 30;
 const SLICE: i64 = 300;
 const MEMBERS: usize = 3;
-const IDLE: Duration = Duration::seconds(10);
+const IDLE: SignedDuration = SignedDuration::from_secs(10);
 /// Live replicas write at least this often (a quarter of the TTL).
 const HEARTBEAT_MS: i64 = TTL * 1000 / 4;
 
 /// A small stint (the ceiling matters), a larger one, and an unlimited
 /// member, over a rolling 40 s window.
 fn spec() -> StintQuotaSpec {
-    serde_yaml::from_str(
+    serde_saphyr::from_str(
         r#"
 members:
   - {name: m0, apiKeySecret: {name: m0}, stint: {tokens: 2000}}
@@ -100,7 +100,7 @@ impl Replica {
 struct World {
     sp: StintQuotaSpec,
     st: StintQuotaStatus,
-    now: DateTime<Utc>,
+    now: Timestamp,
     replicas: Vec<Replica>,
     served: [i64; MEMBERS],
     /// Usage that rollovers moved out of the register's two periods.
@@ -125,9 +125,7 @@ fn usage(tokens: i64) -> Usage {
 
 impl World {
     fn new() -> Self {
-        let now = DateTime::parse_from_rfc3339("2026-11-23T12:00:00Z")
-            .expect("time")
-            .with_timezone(&Utc);
+        let now: Timestamp = "2026-11-23T12:00:00Z".parse().expect("time");
         Self {
             sp: spec(),
             st: StintQuotaStatus::default(),
@@ -259,7 +257,7 @@ impl World {
         let mut left = millis;
         while left > 0 {
             let step = left.min(HEARTBEAT_MS);
-            self.now += Duration::milliseconds(step);
+            self.now += SignedDuration::from_millis(step);
             left -= step;
             for ri in 0..self.replicas.len() {
                 self.write(ri, None);

@@ -6,7 +6,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use chrono::{DateTime, Duration, Utc};
+use jiff::{SignedDuration, Timestamp};
 
 use crate::commons::ledger::{self, Heartbeats, Usage};
 use crate::commons::stint;
@@ -14,7 +14,7 @@ use crate::resources::stint_quota::{StintQuotaSpec, StintQuotaStatus};
 
 /// Four members, a rolling 40 s window: the measured setup of the issue.
 fn rolling_spec() -> StintQuotaSpec {
-    serde_yaml::from_str(
+    serde_saphyr::from_str(
         r#"
 members:
   - {name: m0, apiKeySecret: {name: m0}, stint: {tokens: 100000000}}
@@ -48,7 +48,7 @@ fn write(
     sp: &StintQuotaSpec,
     st: &mut StintQuotaStatus,
     replica: &str,
-    clock: DateTime<Utc>,
+    clock: Timestamp,
     pending: &[(String, Usage)],
 ) {
     let period = stint::current_period(sp, clock).expect("period");
@@ -63,20 +63,18 @@ fn write(
     ledger::prune(st);
 }
 
-fn period_start(st: &StintQuotaStatus) -> Option<DateTime<Utc>> {
-    st.period_start.as_ref().map(ledger::chrono_of)
+fn period_start(st: &StintQuotaStatus) -> Option<Timestamp> {
+    st.period_start.as_ref().map(|t| t.0)
 }
 
-fn noon() -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339("2026-11-23T12:00:00Z")
-        .expect("time")
-        .with_timezone(&Utc)
+fn noon() -> Timestamp {
+    "2026-11-23T12:00:00Z".parse().expect("time")
 }
 
 /// A time 20 s before a period boundary, and the boundary.
-fn before_a_boundary(sp: &StintQuotaSpec) -> (DateTime<Utc>, DateTime<Utc>) {
+fn before_a_boundary(sp: &StintQuotaSpec) -> (Timestamp, Timestamp) {
     let boundary = stint::current_period(sp, noon()).expect("period").end;
-    (boundary - Duration::seconds(20), boundary)
+    (boundary - SignedDuration::from_secs(20), boundary)
 }
 
 #[test]
@@ -86,14 +84,26 @@ fn the_period_in_the_register_never_moves_backwards_when_a_replica_clock_is_behi
     let mut st = StintQuotaStatus::default();
     // Real time is one second past the boundary: the replica 3 s ahead has
     // rolled; the one 3 s behind is still in the older period.
-    let real = boundary + Duration::seconds(1);
-    write(&sp, &mut st, "ahead", real + Duration::seconds(3), &[]);
+    let real = boundary + SignedDuration::from_secs(1);
+    write(
+        &sp,
+        &mut st,
+        "ahead",
+        real + SignedDuration::from_secs(3),
+        &[],
+    );
     assert_eq!(period_start(&st), Some(boundary));
-    write(&sp, &mut st, "behind", real - Duration::seconds(3), &[]);
+    write(
+        &sp,
+        &mut st,
+        "behind",
+        real - SignedDuration::from_secs(3),
+        &[],
+    );
     assert_eq!(period_start(&st), Some(boundary), "periodStart moved back");
     assert_eq!(
-        st.resets_at.as_ref().map(ledger::chrono_of),
-        Some(boundary + Duration::seconds(40)),
+        st.resets_at.as_ref().map(|t| t.0),
+        Some(boundary + SignedDuration::from_secs(40)),
         "resetsAt moved back"
     );
 }
@@ -104,13 +114,19 @@ fn a_write_from_a_replica_still_in_the_older_period_adds_to_that_periods_history
     let (before, boundary) = before_a_boundary(&sp);
     let mut st = StintQuotaStatus::default();
     write(&sp, &mut st, "ahead", before, &[("m0".into(), usage(100))]);
-    let real = boundary + Duration::seconds(1);
-    write(&sp, &mut st, "ahead", real + Duration::seconds(3), &[]);
+    let real = boundary + SignedDuration::from_secs(1);
+    write(
+        &sp,
+        &mut st,
+        "ahead",
+        real + SignedDuration::from_secs(3),
+        &[],
+    );
     write(
         &sp,
         &mut st,
         "behind",
-        real - Duration::seconds(3),
+        real - SignedDuration::from_secs(3),
         &[("m0".into(), usage(30))],
     );
     // And a replica with the right time writes after both.
@@ -134,7 +150,7 @@ fn three_replicas_with_skewed_clocks_across_a_boundary_count_every_token() {
     let mut last_start = None;
     // 40 s of load in 250 ms steps, the boundary in the middle.
     for step in 0..160 {
-        let real = start + Duration::milliseconds(250 * step);
+        let real = start + SignedDuration::from_millis(250 * step);
         for (i, (replica, skew)) in skews.iter().enumerate() {
             let m = (step as usize + i) % 4;
             served[m] += 10;
@@ -143,7 +159,7 @@ fn three_replicas_with_skewed_clocks_across_a_boundary_count_every_token() {
                 &sp,
                 &mut st,
                 replica,
-                real + Duration::seconds(*skew),
+                real + SignedDuration::from_secs(*skew),
                 &pending,
             );
             let now_start = period_start(&st);
@@ -165,7 +181,7 @@ fn three_replicas_with_skewed_clocks_across_a_boundary_count_every_token() {
     assert_eq!(registered, served.to_vec(), "the register lost usage");
 }
 
-fn lease(sp: &StintQuotaSpec, st: &mut StintQuotaStatus, replica: &str, clock: DateTime<Utc>) {
+fn lease(sp: &StintQuotaSpec, st: &mut StintQuotaStatus, replica: &str, clock: Timestamp) {
     let period = stint::current_period(sp, clock).expect("period");
     let ask = ledger::Ask {
         want_tokens: 500,
@@ -180,14 +196,15 @@ fn lease(sp: &StintQuotaSpec, st: &mut StintQuotaStatus, replica: &str, clock: D
 fn a_reader_whose_clock_is_ahead_does_not_reclaim_a_live_replicas_slice() {
     // A daily period, so that no rollover muddles the count.
     let mut sp = rolling_spec();
-    sp.period = serde_yaml::from_str("{type: calendar, unit: day, timeZone: UTC}").expect("period");
+    sp.period =
+        serde_saphyr::from_str("{type: calendar, unit: day, timeZone: UTC}").expect("period");
     let real = noon();
     let mut st = StintQuotaStatus::default();
-    let slow = real - Duration::seconds(1);
-    let fast = real + Duration::seconds(31);
+    let slow = real - SignedDuration::from_secs(1);
+    let fast = real + SignedDuration::from_secs(31);
     // Both replicas keep writing, well within the 30 s TTL of each other.
     for beat in 0..3 {
-        let d = Duration::seconds(beat);
+        let d = SignedDuration::from_secs(beat);
         write(&sp, &mut st, "slow", slow + d, &[]);
         if beat == 0 {
             lease(&sp, &mut st, "slow", slow);

@@ -3,13 +3,15 @@
 //! register both rest on these functions, so they take `now` as an argument
 //! and touch nothing outside.
 
-use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc};
-use chrono_tz::Tz;
+use jiff::civil::{Date, DateTime};
+use jiff::tz::{AmbiguousOffset, TimeZone};
+use jiff::{SignedDuration, Timestamp, ToSpan};
 
 use crate::resources::parse_duration;
 use crate::resources::stint_quota::{
     CalendarUnit, Member, MemberState, MemberUsage, PeriodType, StintQuotaSpec,
 };
+use crate::resources::time::time_zone;
 
 /// Why a quota's period cannot be computed.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -27,8 +29,8 @@ pub enum StintError {
 /// The current period: usage counted from `start`, reset at `end`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeriodWindow {
-    pub start: DateTime<Utc>,
-    pub end: DateTime<Utc>,
+    pub start: Timestamp,
+    pub end: Timestamp,
     /// Rolling periods also count part of the previous window.
     pub rolling: bool,
 }
@@ -36,27 +38,25 @@ pub struct PeriodWindow {
 impl PeriodWindow {
     /// Share of the previous window still inside a rolling period at `now`
     /// (the two-window sliding estimate); 0 for calendar periods.
-    pub fn previous_weight(&self, now: DateTime<Utc>) -> f64 {
+    pub fn previous_weight(&self, now: Timestamp) -> f64 {
         if !self.rolling {
             return 0.0;
         }
-        let len = (self.end - self.start).num_milliseconds().max(1) as f64;
-        let elapsed = (now - self.start).num_milliseconds().clamp(0, len as i64) as f64;
+        let millis = |d: SignedDuration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let len = millis(self.end.duration_since(self.start)).max(1) as f64;
+        let elapsed = millis(now.duration_since(self.start)).clamp(0, len as i64) as f64;
         1.0 - elapsed / len
     }
 
     /// Seconds until the period resets (at least 1).
-    pub fn seconds_to_reset(&self, now: DateTime<Utc>) -> i64 {
-        (self.end - now).num_seconds().max(1)
+    pub fn seconds_to_reset(&self, now: Timestamp) -> i64 {
+        self.end.duration_since(now).as_secs().max(1)
     }
 }
 
 /// The period containing `now`. Rolling windows are aligned to the Unix
 /// epoch, so every gateway replica computes the same boundaries.
-pub fn current_period(
-    spec: &StintQuotaSpec,
-    now: DateTime<Utc>,
-) -> Result<PeriodWindow, StintError> {
+pub fn current_period(spec: &StintQuotaSpec, now: Timestamp) -> Result<PeriodWindow, StintError> {
     let p = &spec.period;
     match p.type_ {
         PeriodType::Rolling => {
@@ -73,39 +73,33 @@ pub fn current_period(
                 ));
             }
             let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
-            let t = now.timestamp_millis();
+            let t = now.as_millisecond();
             let start_ms = t - t.rem_euclid(ms);
-            let start = DateTime::<Utc>::from_timestamp_millis(start_ms).unwrap_or(now);
+            let start = Timestamp::from_millisecond(start_ms).unwrap_or(now);
+            let end = start
+                .checked_add(SignedDuration::from_millis(ms))
+                .map_err(|e| StintError::Window(w.into(), e.to_string()))?;
             Ok(PeriodWindow {
                 start,
-                end: start + Duration::milliseconds(ms),
+                end,
                 rolling: true,
             })
         }
         PeriodType::Calendar => {
             let unit = p.unit.ok_or(StintError::MissingUnit)?;
-            let tz: Tz = p
-                .time_zone
-                .parse()
-                .map_err(|_| StintError::TimeZone(p.time_zone.clone()))?;
-            let local = now.with_timezone(&tz).date_naive();
+            let tz =
+                time_zone(&p.time_zone).map_err(|_| StintError::TimeZone(p.time_zone.clone()))?;
+            let local = now.to_zoned(tz.clone()).date();
             let (first, next) = match unit {
-                CalendarUnit::Day => (local, local.succ_opt().unwrap_or(local)),
+                CalendarUnit::Day => (local, local.tomorrow().unwrap_or(local)),
                 CalendarUnit::Week => {
-                    let monday =
-                        local - Duration::days(local.weekday().num_days_from_monday() as i64);
-                    (monday, monday + Duration::days(7))
+                    let back = i64::from(local.weekday().to_monday_zero_offset());
+                    let monday = local.checked_sub(back.days()).unwrap_or(local);
+                    (monday, monday.checked_add(7.days()).unwrap_or(monday))
                 }
                 CalendarUnit::Month => {
-                    let first =
-                        NaiveDate::from_ymd_opt(local.year(), local.month(), 1).unwrap_or(local);
-                    let next = if local.month() == 12 {
-                        NaiveDate::from_ymd_opt(local.year() + 1, 1, 1)
-                    } else {
-                        NaiveDate::from_ymd_opt(local.year(), local.month() + 1, 1)
-                    }
-                    .unwrap_or(first);
-                    (first, next)
+                    let first = local.first_of_month();
+                    (first, first.checked_add(1.month()).unwrap_or(first))
                 }
             };
             Ok(PeriodWindow {
@@ -119,15 +113,18 @@ pub fn current_period(
 
 /// Midnight of `day` in `tz`, taking the earlier instant when a DST change
 /// makes it ambiguous and the first valid instant when it is skipped.
-fn local_midnight(tz: &Tz, day: NaiveDate) -> DateTime<Utc> {
-    let mut t = day.and_hms_opt(0, 0, 0).unwrap_or_default();
+fn local_midnight(tz: &TimeZone, day: Date) -> Timestamp {
+    let mut t: DateTime = day.to_datetime(jiff::civil::Time::midnight());
     for _ in 0..4 {
-        if let Some(x) = tz.from_local_datetime(&t).earliest() {
-            return x.with_timezone(&Utc);
+        let local = tz.to_ambiguous_timestamp(t);
+        if !matches!(local.offset(), AmbiguousOffset::Gap { .. })
+            && let Ok(x) = local.earlier()
+        {
+            return x;
         }
-        t += Duration::minutes(30);
+        t = t.checked_add(30.minutes()).unwrap_or(t);
     }
-    Utc.from_utc_datetime(&t)
+    TimeZone::UTC.to_timestamp(t).unwrap_or_default()
 }
 
 /// Human description, for `kubectl get sq`.
@@ -265,7 +262,7 @@ mod tests {
     use crate::resources::stint_quota::*;
 
     fn spec(yaml: &str) -> StintQuotaSpec {
-        serde_yaml::from_str(yaml).expect("spec")
+        serde_saphyr::from_str(yaml).expect("spec")
     }
 
     fn base() -> StintQuotaSpec {
@@ -281,10 +278,8 @@ pool: {tokens: 4000, energyWh: 8}
         )
     }
 
-    fn t(s: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(s)
-            .expect("time")
-            .with_timezone(&Utc)
+    fn t(s: &str) -> Timestamp {
+        s.parse().expect("time")
     }
 
     #[test]
@@ -318,7 +313,22 @@ pool: {tokens: 4000, energyWh: 8}
         s.period.unit = Some(CalendarUnit::Day);
         // 29 March 2026: Berlin skips 02:00-03:00; the day has 23 hours.
         let p = current_period(&s, t("2026-03-29T12:00:00Z")).unwrap();
-        assert_eq!((p.end - p.start).num_hours(), 23);
+        assert_eq!(p.end.duration_since(p.start).as_hours(), 23);
+    }
+
+    #[test]
+    fn a_day_whose_midnight_is_skipped_starts_at_its_first_valid_instant() {
+        let mut s = base();
+        s.period.unit = Some(CalendarUnit::Day);
+        s.period.time_zone = "America/Santiago".into();
+        // 6 September 2026: Santiago skips 00:00-01:00; the day starts at
+        // 01:00 -03 and the day before ends there.
+        let p = current_period(&s, t("2026-09-06T12:00:00Z")).unwrap();
+        assert_eq!(p.start, t("2026-09-06T04:00:00Z"));
+        assert_eq!(p.end, t("2026-09-07T03:00:00Z"));
+        let p = current_period(&s, t("2026-09-06T03:59:59Z")).unwrap();
+        assert_eq!(p.start, t("2026-09-05T04:00:00Z"));
+        assert_eq!(p.end, t("2026-09-06T04:00:00Z"));
     }
 
     #[test]
@@ -346,12 +356,12 @@ pool: {tokens: 4000, energyWh: 8}
         let mut s = base();
         s.period.time_zone = "Mars/Olympus".into();
         assert_eq!(
-            current_period(&s, Utc::now()),
+            current_period(&s, Timestamp::now()),
             Err(StintError::TimeZone("Mars/Olympus".into()))
         );
         s.period.type_ = PeriodType::Rolling;
         assert_eq!(
-            current_period(&s, Utc::now()),
+            current_period(&s, Timestamp::now()),
             Err(StintError::MissingWindow)
         );
     }

@@ -14,7 +14,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
@@ -36,6 +37,7 @@ use crate::energy::supply;
 use crate::energy::supply_schedule::Schedule;
 use crate::error::{Error, Result};
 use crate::metrics::{ControllerMetrics, EnergyMetrics, TransitionLabels};
+use crate::resources::time::time;
 use crate::resources::{
     EnergyBudget, EnergyBudgetSpec, EnergyBudgetStatus, ModelDeployment, Priority, parse_duration,
 };
@@ -213,14 +215,6 @@ pub async fn reconcile(eb: Arc<EnergyBudget>, ctx: Arc<EnergyContext>) -> Result
     result
 }
 
-fn to_chrono(t: &Time) -> Option<DateTime<Utc>> {
-    DateTime::from_timestamp(t.0.as_second(), 0)
-}
-
-fn to_time(t: DateTime<Utc>) -> Time {
-    Time(jiff::Timestamp::from_second(t.timestamp()).unwrap_or_else(|_| jiff::Timestamp::now()))
-}
-
 /// A covered ModelDeployment and what its Pods draw.
 struct Covered {
     md: Arc<ModelDeployment>,
@@ -282,7 +276,7 @@ impl Observed {
 struct SupplyNow {
     estimate: budget::SupplyEstimate,
     /// The last good reading and when it was taken.
-    last_good: Option<(f64, DateTime<Utc>)>,
+    last_good: Option<(f64, Timestamp)>,
     /// Why the signal is stale (condition reason, message), if it is.
     stale: Option<(&'static str, String)>,
     allowance: f64,
@@ -302,7 +296,7 @@ struct Decided {
 async fn reconcile_inner(eb: &EnergyBudget, ctx: &EnergyContext) -> Result<Action> {
     let spec = &eb.spec;
     let now_time = conditions::now();
-    let now = to_chrono(&now_time).unwrap_or_else(Utc::now);
+    let now = now_time.0;
     let old = eb.status.clone().unwrap_or_default();
     let mut status = EnergyBudgetStatus {
         conditions: old.conditions.clone(),
@@ -535,12 +529,12 @@ async fn read_supply(
     ctx: &EnergyContext,
     old: &EnergyBudgetStatus,
     fail_safe: &FailSafe,
-    now: DateTime<Utc>,
+    now: Timestamp,
 ) -> SupplyNow {
     let spec = &eb.spec;
     let last_good_before = old
         .last_good_supply_watts
-        .zip(old.supply_observed_at.as_ref().and_then(to_chrono));
+        .zip(old.supply_observed_at.as_ref().map(|t| t.0));
     let read = supply::read(spec, now, &ctx.client, &ctx.http).await;
     let last_good = match &read {
         Ok(w) => Some((*w, now)),
@@ -607,12 +601,12 @@ fn rung_estimates(
 fn ladder_state(old: &EnergyBudgetStatus) -> LadderState {
     LadderState {
         step: u8::try_from(old.step.clamp(0, 4)).unwrap_or(0),
-        last_change: old.last_step_change.as_ref().and_then(to_chrono),
+        last_change: old.last_step_change.as_ref().map(|t| t.0),
         last_direction: old
             .last_step_direction
             .as_deref()
             .and_then(Direction::parse),
-        headroom_since: old.headroom_since.as_ref().and_then(to_chrono),
+        headroom_since: old.headroom_since.as_ref().map(|t| t.0),
     }
 }
 
@@ -626,7 +620,7 @@ fn decide(
     old: &EnergyBudgetStatus,
     seen: &Observed,
     supply: &SupplyNow,
-    now: DateTime<Utc>,
+    now: Timestamp,
 ) -> Decided {
     let name = eb.name_any();
     let draw_w = seen.measured.total_watts;
@@ -808,7 +802,7 @@ fn fill_status(
     supply: &SupplyNow,
     decided: &Decided,
     plan: &BTreeMap<String, i32>,
-    now: DateTime<Utc>,
+    now: Timestamp,
     interval: Duration,
 ) -> f64 {
     let spec = &eb.spec;
@@ -816,9 +810,9 @@ fn fill_status(
     let step = outcome.state.step;
     status.step = i32::from(step);
     status.state = Some(budget::state_of(step).to_string());
-    status.last_step_change = outcome.state.last_change.map(to_time);
+    status.last_step_change = outcome.state.last_change.map(time);
     status.last_step_direction = outcome.state.last_direction.map(|d| d.as_str().to_string());
-    status.headroom_since = outcome.state.headroom_since.map(to_time);
+    status.headroom_since = outcome.state.headroom_since.map(time);
     status.supply_watts = Some(round(supply.estimate.watts));
     status.allowance_watts = Some(round(supply.allowance));
     status.draw_watts = Some(round(draw_w));
@@ -826,7 +820,7 @@ fn fill_status(
     crate::energy::history::record(&mut status.history, now, supply.estimate.watts, draw_w);
     if let Some((w, at)) = supply.last_good {
         status.last_good_supply_watts = Some(round(w));
-        status.supply_observed_at = Some(to_time(at));
+        status.supply_observed_at = Some(time(at));
     }
     status.covered = seen.covered.iter().map(|c| c.key.clone()).collect();
     status.shed = plan.keys().cloned().collect();
@@ -836,15 +830,13 @@ fn fill_status(
         .schedule
         .as_ref()
         .and_then(|s| Schedule::new(s).ok());
-    let tz = schedule
-        .as_ref()
-        .map_or(chrono_tz::Tz::UTC, Schedule::time_zone);
+    let tz = schedule.as_ref().map_or(TimeZone::UTC, Schedule::time_zone);
     let (today, joules) = budget::EnergyToday {
         energy_wh: old.energy_today_wh.unwrap_or(0.0),
         renewable_wh: old.renewable_today_wh.unwrap_or(0.0),
     }
     .advance(
-        old.last_evaluated.as_ref().and_then(to_chrono),
+        old.last_evaluated.as_ref().map(|t| t.0),
         now,
         draw_w,
         supply.estimate.watts,
@@ -1526,7 +1518,7 @@ mod tests {
     use crate::resources::{PowerCapPolicy, SecretKeyRef};
 
     fn md(name: &str, shed_by: Option<&str>) -> ModelDeployment {
-        let mut md: ModelDeployment = serde_yaml::from_str(&format!(
+        let mut md: ModelDeployment = serde_saphyr::from_str(&format!(
             "apiVersion: copyhold.dev/v1alpha1\nkind: ModelDeployment\nmetadata: {{name: {name}, namespace: town}}\nspec:\n  model: {{source: {{hostPath: {{path: /srv/m}}}}}}\n  replicas: 2\n"
         ))
         .expect("valid test manifest");
@@ -1603,7 +1595,7 @@ mod tests {
 
     #[test]
     fn the_finalizer_and_the_deletion_trigger_an_evaluation_a_status_write_does_not() {
-        let eb: EnergyBudget = serde_yaml::from_str(
+        let eb: EnergyBudget = serde_saphyr::from_str(
             "apiVersion: copyhold.dev/v1alpha1\nkind: EnergyBudget\nmetadata: {name: solar, generation: 1}\nspec:\n  ceilingWatts: 1000\n  supply: {static: {watts: 500}}\n",
         )
         .expect("valid test manifest");

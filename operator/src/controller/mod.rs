@@ -2,6 +2,7 @@
 //! Deployments and Services placed on the GPUs that fit.
 
 pub mod autoscaler;
+pub mod download;
 pub mod energy_budget;
 pub mod model_deployment;
 
@@ -496,7 +497,14 @@ fn slim_pod(p: &mut Pod) {
     }
     if let Some(s) = p.status.as_mut() {
         s.container_statuses = None;
-        s.init_container_statuses = None;
+        // The `fetch` init container's state: a huggingFace model's
+        // download (controller::download).
+        if let Some(inits) = s.init_container_statuses.as_mut() {
+            inits.retain(|c| c.name == "fetch");
+            for c in inits.iter_mut() {
+                c.image_id = String::new();
+            }
+        }
         s.conditions = None;
     }
 }

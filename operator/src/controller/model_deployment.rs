@@ -8,7 +8,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::metrics::{ControllerMetrics, ReasonLabels};
 use crate::resources::{ModelDeployment, ModelDeploymentStatus};
 use crate::serving::workload::{self, PlacementForWorkload};
-use crate::serving::{model_source, placement};
+use crate::serving::{model_cache, model_source, placement};
 use crate::validation;
 
 /// Why a ModelDeployment is not (re)placed: a condition reason and a message
@@ -64,13 +64,16 @@ pub async fn decide(
             message: errors.join("; "),
         });
     }
-    let needs = sources
-        .model_needs(http, &md.spec)
-        .await
-        .map_err(|e| Refusal {
-            reason: e.reason(),
-            message: e.to_string(),
-        })?;
+    let needs = sources.model_needs(http, &md.spec).await.map_err(|e| {
+        let hub = md.spec.model.source.hugging_face.as_ref();
+        match hub.and_then(|hf| super::download::hub_refusal(hf, &e)) {
+            Some((reason, message)) => Refusal { reason, message },
+            None => Refusal {
+                reason: e.reason(),
+                message: e.to_string(),
+            },
+        }
+    })?;
     let name = md.name_any();
     let namespace = md.namespace().unwrap_or_default();
     let own = workload::selector_labels(&name);
@@ -138,6 +141,18 @@ fn state_of(status: &ModelDeploymentStatus) -> &'static str {
         Some(c) if c.status == "False" => "Unplaceable",
         _ if conditions::is_true(&status.conditions, "Shed") => "Shed",
         _ if conditions::is_true(&status.conditions, "Ready") => "Ready",
+        _ if status
+            .download
+            .as_ref()
+            .is_some_and(|d| d.phase != "done" && d.phase != "failed") =>
+        {
+            "Fetching"
+        }
+        _ if conditions::get(&status.conditions, "Fetched")
+            .is_some_and(|c| c.status == "False") =>
+        {
+            "FetchFailed"
+        }
         _ => "Pending",
     }
 }
@@ -212,6 +227,7 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
         &nodes,
         &old,
     );
+    report_download(md, &ns, &pods, &old, &mut status, &now, &mut events, ctx).await;
     ready_condition(
         &mut status,
         deployment.is_some(),
@@ -233,19 +249,74 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
     status.state = Some(state_of(&status).to_string());
     write_status(md, &ns, &name, &status, ctx).await?;
     publish(md, events, ctx).await;
-    let placed = conditions::is_true(&status.conditions, "Placed");
-    // Unplaceable objects look again soon: GPUs are freed without touching
-    // them. Autoscaled ones too: windows and Leases' liveness run on time.
-    let again = if placed {
-        ctx.resync
-    } else {
-        std::time::Duration::from_secs(30)
-    };
+    // Autoscaled objects look again soon too: windows and Leases' liveness
+    // run on time.
+    let again = next_look(md, &status, ctx);
     Ok(Action::requeue(if scaled.is_some() {
         again.min(super::autoscaler::REQUEUE)
     } else {
         again
     }))
+}
+
+/// When to look again. Unplaceable objects look again soon: GPUs are freed
+/// without touching them. While a fetched (huggingFace or http) model is
+/// not ready, look every 2 s: the Pods' download progress does not trigger
+/// a reconcile by itself.
+fn next_look(md: &ModelDeployment, status: &ModelDeploymentStatus, ctx: &Context) -> Duration {
+    let placed = conditions::is_true(&status.conditions, "Placed");
+    let fetching = status
+        .download
+        .as_ref()
+        .is_some_and(|d| d.phase != "done" && d.phase != "failed")
+        || (model_cache::Cached::of(&md.spec.model.source).is_some()
+            && placed
+            && !conditions::is_true(&status.conditions, "Ready"));
+    if fetching {
+        Duration::from_secs(2)
+    } else if placed {
+        ctx.resync
+    } else {
+        Duration::from_secs(30)
+    }
+}
+
+/// Report the download of a fetched (huggingFace or http) model, read from our Pods' fetch
+/// init containers, into `status.download` with its condition and Events.
+#[allow(clippy::too_many_arguments)]
+async fn report_download(
+    md: &ModelDeployment,
+    ns: &str,
+    pods: &[Arc<Pod>],
+    old: &ModelDeploymentStatus,
+    status: &mut ModelDeploymentStatus,
+    now: &Time,
+    events: &mut Vec<Event>,
+    ctx: &Context,
+) {
+    let Some(src) = model_cache::Cached::of(&md.spec.model.source) else {
+        return;
+    };
+    let selector = workload::selector_labels(&md.name_any());
+    let own: Vec<Arc<Pod>> = pods
+        .iter()
+        .filter(|p| {
+            p.metadata.namespace.as_deref() == Some(ns)
+                && selector.iter().all(|(k, v)| p.labels().get(k) == Some(v))
+                && p.metadata.deletion_timestamp.is_none()
+        })
+        .cloned()
+        .collect();
+    let seen = super::download::observe(&own, &ctx.http).await;
+    download_status(
+        status,
+        old.download.as_ref(),
+        seen,
+        &src.describe(),
+        md.metadata.generation,
+        now.clone(),
+        events,
+    );
 }
 
 /// The autoscaler's decision for `md`, from the replicas its Deployment
@@ -547,6 +618,81 @@ async fn publish(md: &ModelDeployment, events: Vec<Event>, ctx: &Context) {
     for ev in events {
         if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
             tracing::warn!(error = %e, reason = %ev.reason, "publishing an event failed");
+        }
+    }
+}
+
+/// `status.download`, the `Fetched` condition and the Events at the start
+/// and end of a download, from what the Pods say.
+fn download_status(
+    status: &mut ModelDeploymentStatus,
+    old: Option<&crate::resources::DownloadStatus>,
+    seen: super::download::Observed,
+    what: &str,
+    generation: Option<i64>,
+    now: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+    events: &mut Vec<Event>,
+) {
+    let was_running = old.is_some_and(|d| d.phase != "done" && d.phase != "failed");
+    let event = |reason: &str, note: String, warning: bool| Event {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Fetch".into(),
+        secondary: None,
+    };
+    if let Some(running) = seen.running {
+        if !was_running {
+            events.push(event("FetchStarted", format!("fetching {what}"), false));
+        }
+        status.download = Some(running);
+    } else if seen.done {
+        let mut d = old.cloned().unwrap_or_default();
+        if d.phase != "done" {
+            d.phase = "done".into();
+            d.bytes_done = d.bytes_total;
+            d.eta_seconds = None;
+            d.summary = super::download::summary(&d);
+            let commit = d.commit.as_deref().unwrap_or("?");
+            events.push(event(
+                "Fetched",
+                format!("{what} (commit {commit}) is in the node's model cache"),
+                false,
+            ));
+        }
+        status.download = Some(d);
+        conditions::set(
+            &mut status.conditions,
+            "Fetched",
+            true,
+            "Fetched",
+            format!("{what} is in the model cache"),
+            generation,
+            now,
+        );
+        return;
+    } else {
+        status.download = old.cloned();
+    }
+    if let Some(message) = seen.failure {
+        if let Some(d) = status.download.as_mut() {
+            d.phase = "failed".into();
+            d.summary = "failed".into();
+        }
+        if conditions::set(
+            &mut status.conditions,
+            "Fetched",
+            false,
+            "FetchFailed",
+            &message,
+            generation,
+            now,
+        ) {
+            events.push(event("FetchFailed", message, true));
         }
     }
 }

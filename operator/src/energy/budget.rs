@@ -34,9 +34,11 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use jiff::tz::TimeZone;
+use jiff::{SignedDuration, Timestamp};
 
 use crate::energy::supply_schedule::Schedule;
+use crate::resources::time::elapsed;
 use crate::resources::{LadderPolicy, SheddablePriority, parse_duration};
 
 /// `min(ceiling, supply × (1 − margin))`, never negative.
@@ -73,18 +75,14 @@ impl FailSafe {
     /// falling linearly from it to the floor over `decay`, starting when
     /// the reading turned stale; the floor when there never was a reading.
     /// Never more than the last good reading, never unlimited.
-    pub fn supply(
-        &self,
-        last_good: Option<(f64, DateTime<Utc>)>,
-        now: DateTime<Utc>,
-    ) -> SupplyEstimate {
+    pub fn supply(&self, last_good: Option<(f64, Timestamp)>, now: Timestamp) -> SupplyEstimate {
         let Some((watts, at)) = last_good else {
             return SupplyEstimate {
                 watts: self.floor_watts,
                 stale: true,
             };
         };
-        let age = (now - at).to_std().unwrap_or(Duration::ZERO);
+        let age = elapsed(at, now);
         if age <= self.max_age {
             return SupplyEstimate {
                 watts,
@@ -289,9 +287,7 @@ impl Ladder {
             Some(u) if capped => u.max(0.0) * draw_factor(self.cap_fraction(r.allowance, u)),
             _ => r.draw,
         };
-        let since_change = state
-            .last_change
-            .map(|t| (r.now - t).to_std().unwrap_or(Duration::ZERO));
+        let since_change = state.last_change.map(|t| elapsed(t, r.now));
         let dwell_passed = since_change.is_none_or(|d| d >= self.dwell);
 
         if draw > r.allowance {
@@ -350,7 +346,7 @@ impl Ladder {
             return Outcome::hold(next, Hold::NoHeadroom);
         }
         let since = *next.headroom_since.get_or_insert(r.now);
-        let held = (r.now - since).to_std().unwrap_or(Duration::ZERO);
+        let held = elapsed(since, r.now);
         if held < self.dwell || !dwell_passed {
             return Outcome::hold(next, Hold::Dwell);
         }
@@ -383,12 +379,12 @@ impl Ladder {
     pub fn retry_after(
         &self,
         state: &LadderState,
-        now: DateTime<Utc>,
+        now: Timestamp,
         demand_watts: f64,
         schedule: Option<(&Schedule, f64, f64)>,
     ) -> i64 {
         const DAY: i64 = 86_400;
-        let dwell = chrono::Duration::from_std(self.dwell).unwrap_or(chrono::Duration::zero());
+        let dwell = SignedDuration::try_from(self.dwell).unwrap_or(SignedDuration::ZERO);
         let mut earliest = now + dwell;
         if let Some(since) = state.headroom_since {
             earliest = since + dwell;
@@ -399,12 +395,12 @@ impl Ladder {
         if let Some((schedule, ceiling, margin)) = schedule {
             let h = self.hysteresis;
             let covers = |w: f64| allowance(ceiling, w, margin) * (1.0 - h) >= demand_watts;
-            match schedule.next_time(now, chrono::Duration::hours(24), covers) {
+            match schedule.next_time(now, SignedDuration::from_hours(24), covers) {
                 Some(t) => earliest = earliest.max(t + dwell),
                 None => return DAY,
             }
         }
-        (earliest - now).num_seconds().clamp(1, DAY)
+        earliest.duration_since(now).as_secs().clamp(1, DAY)
     }
 }
 
@@ -438,16 +434,16 @@ impl Direction {
 pub struct LadderState {
     /// 0 (nothing) or the number of the highest rung in force.
     pub step: u8,
-    pub last_change: Option<DateTime<Utc>>,
+    pub last_change: Option<Timestamp>,
     pub last_direction: Option<Direction>,
     /// Since when the headroom to climb has held without a break.
-    pub headroom_since: Option<DateTime<Utc>>,
+    pub headroom_since: Option<Timestamp>,
 }
 
 /// One evaluation's inputs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reading {
-    pub now: DateTime<Utc>,
+    pub now: Timestamp,
     pub allowance: f64,
     pub draw: f64,
     /// Estimated watts each rung would save if taken now.
@@ -579,27 +575,23 @@ impl EnergyToday {
     /// down) are counted only up to `max_gap`.
     pub fn advance(
         self,
-        last: Option<DateTime<Utc>>,
-        now: DateTime<Utc>,
+        last: Option<Timestamp>,
+        now: Timestamp,
         draw: f64,
         supply: f64,
-        tz: chrono_tz::Tz,
+        tz: TimeZone,
         max_gap: Duration,
     ) -> (Self, f64) {
         let Some(last) = last else {
             return (self, 0.0);
         };
-        let day = |t: DateTime<Utc>| t.with_timezone(&tz).date_naive();
+        let day = |t: Timestamp| t.to_zoned(tz.clone()).date();
         let mut today = if day(last) == day(now) {
             self
         } else {
             EnergyToday::default()
         };
-        let dt = (now - last)
-            .to_std()
-            .unwrap_or(Duration::ZERO)
-            .min(max_gap)
-            .as_secs_f64();
+        let dt = elapsed(last, now).min(max_gap).as_secs_f64();
         let joules = draw.max(0.0) * dt;
         today.energy_wh += joules / 3600.0;
         today.renewable_wh += draw.max(0.0).min(supply.max(0.0)) * dt / 3600.0;
@@ -611,8 +603,8 @@ impl EnergyToday {
 mod tests {
     use super::*;
 
-    fn t(s: i64) -> DateTime<Utc> {
-        DateTime::from_timestamp(1_750_000_000 + s, 0).expect("valid")
+    fn t(s: i64) -> Timestamp {
+        Timestamp::from_second(1_750_000_000 + s).expect("valid")
     }
 
     fn ladder() -> Ladder {
@@ -1060,7 +1052,7 @@ mod tests {
         };
         let sched = Schedule::new(&spec).expect("valid");
         let l = ladder();
-        let now: DateTime<Utc> = "2025-03-01T20:00:00Z".parse().expect("ts");
+        let now: Timestamp = "2025-03-01T20:00:00Z".parse().expect("ts");
         let state = LadderState {
             step: 4,
             last_change: Some(now),
@@ -1099,9 +1091,9 @@ mod tests {
 
     #[test]
     fn energy_today_restarts_at_local_midnight() {
-        let tz: chrono_tz::Tz = "UTC".parse().expect("tz");
-        let a: DateTime<Utc> = "2025-03-01T23:59:00Z".parse().expect("ts");
-        let b: DateTime<Utc> = "2025-03-02T00:00:00Z".parse().expect("ts");
+        let tz = crate::resources::time::time_zone("UTC").expect("tz");
+        let a: Timestamp = "2025-03-01T23:59:00Z".parse().expect("ts");
+        let b: Timestamp = "2025-03-02T00:00:00Z".parse().expect("ts");
         let e = EnergyToday {
             energy_wh: 100.0,
             renewable_wh: 50.0,

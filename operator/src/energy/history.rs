@@ -6,33 +6,33 @@
 //! One point per 15-minute bucket: the mean of the evaluations that fell in
 //! it (96 points a day, about 10 KiB of status).
 
-use chrono::{DateTime, Duration, Utc};
+use jiff::{SignedDuration, Timestamp};
 
-use crate::commons::ledger::{chrono_of, time};
 use crate::resources::energy_budget::PowerSample;
+use crate::resources::time::time;
 
 /// Width of one point.
-pub const BUCKET: Duration = Duration::minutes(15);
+pub const BUCKET: SignedDuration = SignedDuration::from_mins(15);
 /// How far back points are kept.
-pub const WINDOW: Duration = Duration::hours(24);
+pub const WINDOW: SignedDuration = SignedDuration::from_hours(24);
 
 /// The start of the bucket holding `t`.
-fn bucket_of(t: DateTime<Utc>) -> DateTime<Utc> {
-    let ms = BUCKET.num_milliseconds();
-    let at = t.timestamp_millis();
-    DateTime::<Utc>::from_timestamp_millis(at - at.rem_euclid(ms)).unwrap_or(t)
+fn bucket_of(t: Timestamp) -> Timestamp {
+    let ms = BUCKET.as_secs() * 1000;
+    let at = t.as_millisecond();
+    Timestamp::from_millisecond(at - at.rem_euclid(ms)).unwrap_or(t)
 }
 
 /// Add one evaluation's supply and draw (watts) at `now`: folded into the
 /// mean of the current bucket, or a new point; points older than
 /// [`WINDOW`] are dropped. Readings that are not finite are skipped.
-pub fn record(history: &mut Vec<PowerSample>, now: DateTime<Utc>, supply_w: f64, draw_w: f64) {
+pub fn record(history: &mut Vec<PowerSample>, now: Timestamp, supply_w: f64, draw_w: f64) {
     if !supply_w.is_finite() || !draw_w.is_finite() {
         return;
     }
     let bucket = bucket_of(now);
     match history.last_mut() {
-        Some(last) if chrono_of(&last.at) == bucket => {
+        Some(last) if last.at.0 == bucket => {
             let n = f64::from(last.evaluations.max(1));
             last.supply_watts = round((last.supply_watts * n + supply_w) / (n + 1.0));
             last.draw_watts = round((last.draw_watts * n + draw_w) / (n + 1.0));
@@ -46,7 +46,7 @@ pub fn record(history: &mut Vec<PowerSample>, now: DateTime<Utc>, supply_w: f64,
         }),
     }
     let oldest = now - WINDOW;
-    history.retain(|p| chrono_of(&p.at) > oldest && chrono_of(&p.at) <= bucket);
+    history.retain(|p| p.at.0 > oldest && p.at.0 <= bucket);
 }
 
 /// Watts to the tenth, as the rest of the status.
@@ -58,10 +58,8 @@ fn round(w: f64) -> f64 {
 mod tests {
     use super::*;
 
-    fn t(s: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(s)
-            .expect("time")
-            .with_timezone(&Utc)
+    fn t(s: &str) -> Timestamp {
+        s.parse().expect("time")
     }
 
     #[test]
@@ -84,11 +82,11 @@ mod tests {
         let start = t("2026-12-01T00:00:00Z");
         // Three days at one evaluation a minute.
         for m in 0..(3 * 24 * 60) {
-            record(&mut h, start + Duration::minutes(m), m as f64, 1.0);
+            record(&mut h, start + SignedDuration::from_mins(m), m as f64, 1.0);
         }
         assert_eq!(h.len(), 96);
-        let now = start + Duration::minutes(3 * 24 * 60 - 1);
-        assert!(h.iter().all(|p| chrono_of(&p.at) > now - WINDOW));
+        let now = start + SignedDuration::from_mins(3 * 24 * 60 - 1);
+        assert!(h.iter().all(|p| p.at.0 > now - WINDOW));
         // A reading that is not a number changes nothing.
         let before = h.clone();
         record(&mut h, now, f64::NAN, 1.0);

@@ -20,13 +20,14 @@
 use std::path::Path;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use jiff::{SignedDuration, Timestamp};
 use serde::Serialize;
 
 use crate::energy::budget::{
     self, DEFER_SAVING, Direction, Ladder, LadderState, Reading, Rung, RungWatts, draw_factor,
 };
 use crate::resources::EnergyBudget;
+use crate::resources::time::elapsed;
 
 /// Why a simulation cannot run.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +52,7 @@ pub enum SimError {
 /// One sample of a trace.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sample {
-    pub time: DateTime<Utc>,
+    pub time: Timestamp,
     pub watts: f64,
 }
 
@@ -88,9 +89,10 @@ pub fn parse_csv(path: &str, text: &str) -> Result<Vec<Sample>, SimError> {
                 format!("expected two fields `time,watts`, got {l:?}"),
             ));
         };
-        let time = DateTime::parse_from_rfc3339(t.trim())
-            .map_err(|e| err(n, format!("{:?} is not an RFC 3339 time: {e}", t.trim())))?
-            .with_timezone(&Utc);
+        let time: Timestamp = t
+            .trim()
+            .parse()
+            .map_err(|e| err(n, format!("{:?} is not an RFC 3339 time: {e}", t.trim())))?;
         let watts: f64 = w
             .trim()
             .parse()
@@ -126,14 +128,14 @@ pub fn read_budget(path: &Path) -> Result<EnergyBudget, SimError> {
         path: p.clone(),
         source,
     })?;
-    serde_yaml::from_str(&text).map_err(|e| SimError::Budget {
+    serde_saphyr::from_str(&text).map_err(|e| SimError::Budget {
         path: p,
         message: e.to_string(),
     })
 }
 
 /// Linear interpolation of a trace at `t` (clamped at its ends).
-fn at(trace: &[Sample], t: DateTime<Utc>) -> f64 {
+fn at(trace: &[Sample], t: Timestamp) -> f64 {
     let i = trace.partition_point(|s| s.time <= t);
     if i == 0 {
         return trace[0].watts;
@@ -142,8 +144,8 @@ fn at(trace: &[Sample], t: DateTime<Utc>) -> f64 {
         return trace[trace.len() - 1].watts;
     }
     let (a, b) = (trace[i - 1], trace[i]);
-    let span = (b.time - a.time).num_milliseconds() as f64;
-    let into = (t - a.time).num_milliseconds() as f64;
+    let span = b.time.duration_since(a.time).as_millis() as f64;
+    let into = t.duration_since(a.time).as_millis() as f64;
     a.watts + (b.watts - a.watts) * (into / span)
 }
 
@@ -301,7 +303,7 @@ pub fn simulate(
     }
     let ladder = Ladder::from_policy(&spec.policy).map_err(SimError::Input)?;
     let min_cap = draw_factor(ladder.min_cap);
-    let dt = chrono::Duration::from_std(step).map_err(|e| SimError::Input(e.to_string()))?;
+    let dt = SignedDuration::try_from(step).map_err(|e| SimError::Input(e.to_string()))?;
     let hours = step.as_secs_f64() / 3600.0;
     let mut times = Vec::new();
     let mut t = start;
@@ -318,7 +320,7 @@ pub fn simulate(
     let mut state = LadderState::default();
     let mut transitions = 0u64;
     let mut reversals = 0u64;
-    let mut last_change: Option<(DateTime<Utc>, Direction)> = None;
+    let mut last_change: Option<(Timestamp, Direction)> = None;
     // The power limit in force (fraction of rated power), and its changes
     // within a step.
     let mut limit: Option<f64> = None;
@@ -366,7 +368,7 @@ pub fn simulate(
             transitions += 1;
             if let Some((t0, d0)) = last_change
                 && d0 != c.direction
-                && (now - t0).to_std().unwrap_or(Duration::ZERO) < ladder.dwell
+                && elapsed(t0, now) < ladder.dwell
             {
                 reversals += 1;
             }
@@ -489,7 +491,7 @@ mod tests {
             "time,watts\n2025-06-01T00:00:00Z,0\n2025-06-01T00:10:00Z,100\n",
         )
         .expect("valid");
-        let t: DateTime<Utc> = "2025-06-01T00:05:00Z".parse().expect("ts");
+        let t: Timestamp = "2025-06-01T00:05:00Z".parse().expect("ts");
         assert_eq!(at(&s, t), 50.0);
     }
 }

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{Api, Client};
 
@@ -148,7 +148,7 @@ fn truncate(s: &str) -> String {
 /// Read the supply at `now`, in watts, checked by [`sane`].
 pub async fn read(
     spec: &EnergyBudgetSpec,
-    now: DateTime<Utc>,
+    now: Timestamp,
     client: &Client,
     http: &reqwest::Client,
 ) -> Result<f64, SupplyError> {

@@ -2,9 +2,10 @@
 //! `HH:MM → watts`, linearly interpolated, wrapping at midnight, with curves
 //! of their own for some months. Pure: no clock, no I/O.
 
-use chrono::{DateTime, Datelike, TimeZone, Timelike, Utc};
-use chrono_tz::Tz;
+use jiff::tz::TimeZone;
+use jiff::{SignedDuration, Timestamp};
 
+use crate::resources::time::time_zone;
 use crate::resources::{SchedulePoint, ScheduleSupply};
 use crate::validation::minutes_of_day;
 
@@ -121,7 +122,7 @@ impl Curve {
 /// A checked schedule, ready to answer "how many watts at this instant".
 #[derive(Debug, Clone, PartialEq)]
 pub struct Schedule {
-    tz: Tz,
+    tz: TimeZone,
     default: Curve,
     /// Curve index per month (0 = January); `None` uses the default.
     months: [Option<usize>; 12],
@@ -133,9 +134,7 @@ impl Schedule {
     /// unordered or malformed times), negative watts and unknown zones are
     /// errors naming the cause.
     pub fn new(spec: &ScheduleSupply) -> Result<Self, ScheduleError> {
-        let tz: Tz = spec
-            .time_zone
-            .parse()
+        let tz = time_zone(&spec.time_zone)
             .map_err(|_| ScheduleError::UnknownTimeZone(spec.time_zone.clone()))?;
         let default = Curve::parse("schedule.points", &spec.points)?;
         let mut months = [None; 12];
@@ -161,14 +160,14 @@ impl Schedule {
     }
 
     /// The zone the schedule's times are in.
-    pub fn time_zone(&self) -> Tz {
-        self.tz
+    pub fn time_zone(&self) -> TimeZone {
+        self.tz.clone()
     }
 
     /// Expected watts at `at`.
-    pub fn watts_at(&self, at: DateTime<Utc>) -> f64 {
-        let local = self.tz.from_utc_datetime(&at.naive_utc());
-        let month = local.month0() as usize;
+    pub fn watts_at(&self, at: Timestamp) -> f64 {
+        let local = at.to_zoned(self.tz.clone());
+        let month = usize::try_from(local.month() - 1).unwrap_or(0);
         let curve = self
             .months
             .get(month)
@@ -176,8 +175,8 @@ impl Schedule {
             .flatten()
             .and_then(|i| self.curves.get(i))
             .unwrap_or(&self.default);
-        let minute =
-            f64::from(local.hour() * 60 + local.minute()) + f64::from(local.second()) / 60.0;
+        let minute = f64::from(i32::from(local.hour()) * 60 + i32::from(local.minute()))
+            + f64::from(local.second()) / 60.0;
         curve.at(minute)
     }
 
@@ -186,13 +185,13 @@ impl Schedule {
     /// covers demand". `None` when it never does within the horizon.
     pub fn next_time(
         &self,
-        from: DateTime<Utc>,
-        horizon: chrono::Duration,
+        from: Timestamp,
+        horizon: SignedDuration,
         enough: impl Fn(f64) -> bool,
-    ) -> Option<DateTime<Utc>> {
-        let step = chrono::Duration::minutes(1);
+    ) -> Option<Timestamp> {
+        let step = SignedDuration::from_mins(1);
         let mut t = from;
-        while t - from <= horizon {
+        while t.duration_since(from) <= horizon {
             if enough(self.watts_at(t)) {
                 return Some(t);
             }
@@ -216,7 +215,7 @@ mod tests {
             .collect()
     }
 
-    fn utc(s: &str) -> DateTime<Utc> {
+    fn utc(s: &str) -> Timestamp {
         s.parse().expect("timestamp")
     }
 
@@ -301,7 +300,7 @@ mod tests {
         let t = s
             .next_time(
                 utc("2025-03-01T20:00:00Z"),
-                chrono::Duration::hours(24),
+                SignedDuration::from_hours(24),
                 |w| w >= 500.0,
             )
             .expect("the sun rises");
@@ -309,7 +308,7 @@ mod tests {
         assert!(
             s.next_time(
                 utc("2025-03-01T20:00:00Z"),
-                chrono::Duration::hours(24),
+                SignedDuration::from_hours(24),
                 |w| { w > 5000.0 }
             )
             .is_none()

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::Utc;
+use jiff::{SignedDuration, Timestamp};
 use kube::Api;
 use kube::api::PostParams;
 use tokio::sync::Notify;
@@ -107,7 +107,7 @@ pub struct QuotaLedger {
 
 const MAX_ATTEMPTS: u32 = 50;
 /// How long a member may be idle before this replica returns its slice.
-const IDLE: chrono::Duration = chrono::Duration::seconds(10);
+const IDLE: SignedDuration = SignedDuration::from_secs(10);
 /// Settlements wait at most this long before being written.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
 
@@ -139,7 +139,7 @@ impl QuotaLedger {
                 let mut b = self.lock_book();
                 match b.fit(member, r, st, sw) {
                     Fit::Fits => {
-                        b.reserve(member, r, Utc::now());
+                        b.reserve(member, r, Timestamp::now());
                         return Ok(Admission::Admitted);
                     }
                     Fit::NeedLease(ask) => ask,
@@ -149,7 +149,7 @@ impl QuotaLedger {
             {
                 let mut b = self.lock_book();
                 if b.fit(member, r, st, sw) == Fit::Fits {
-                    b.reserve(member, r, Utc::now());
+                    b.reserve(member, r, Timestamp::now());
                     return Ok(Admission::Admitted);
                 }
             }
@@ -163,14 +163,14 @@ impl QuotaLedger {
 
     /// A request ended with `usage`: settle locally, write soon.
     pub fn settle(&self, member: &str, r: Reservation, usage: &Usage) {
-        self.lock_book().settle(member, r, usage, Utc::now());
+        self.lock_book().settle(member, r, usage, Timestamp::now());
         self.wake.notify_one();
     }
 
     /// Standing of `member` from the last write plus what is pending here.
     pub fn standing(&self, member: &str) -> Standing {
         let v = self.lock_view();
-        let now = Utc::now();
+        let now = Timestamp::now();
         let period = v.period;
         let seconds_to_reset = period.map(|p| p.seconds_to_reset(now)).unwrap_or(60);
         let replicas = v.status.gateways.len().max(1);
@@ -233,7 +233,7 @@ impl QuotaLedger {
             v.written_at.is_none_or(|t| t.elapsed() >= heartbeat)
         };
         let b = self.lock_book();
-        ttl || !b.pending().is_empty() || !b.surplus(st, sw, Utc::now(), IDLE).is_empty()
+        ttl || !b.pending().is_empty() || !b.surplus(st, sw, Timestamp::now(), IDLE).is_empty()
     }
 
     /// One write of the register: refresh, heartbeat, settlements, returns
@@ -244,7 +244,7 @@ impl QuotaLedger {
             let mut obj = self.api.get_status(&self.name).await?;
             self.metrics.ledger_op("read");
             let spec = obj.spec.clone();
-            let now = Utc::now();
+            let now = Timestamp::now();
             let period = stint::current_period(&spec, now).map_err(|e| {
                 LedgerError::Invalid(format!("{}/{}", self.namespace, self.name), e.to_string())
             })?;
@@ -314,7 +314,7 @@ impl QuotaLedger {
     fn take_from_book(
         &self,
         spec: &StintQuotaSpec,
-        now: chrono::DateTime<Utc>,
+        now: Timestamp,
     ) -> (Vec<(String, Usage)>, Vec<(String, i64, f64)>) {
         let (pending, returns) = {
             let b = self.lock_book();
@@ -386,7 +386,7 @@ impl QuotaLedger {
         let _w = self.write.lock().await;
         for _ in 0..MAX_ATTEMPTS {
             let mut obj = self.api.get_status(&self.name).await?;
-            let period = stint::current_period(&obj.spec, Utc::now()).map_err(|e| {
+            let period = stint::current_period(&obj.spec, Timestamp::now()).map_err(|e| {
                 LedgerError::Invalid(format!("{}/{}", self.namespace, self.name), e.to_string())
             })?;
             let mut st = obj.status.take().unwrap_or_default();

@@ -39,6 +39,11 @@ use super::common::{Condition, Priority};
     printcolumn(name = "GPU", type_ = "string", json_path = ".status.gpuClass"),
     printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
     printcolumn(
+        name = "Download",
+        type_ = "string",
+        json_path = ".status.download.summary"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -112,7 +117,7 @@ pub struct ModelSpec {
     pub sizing: Option<InlineSizing>,
 }
 
-/// Exactly one of `hostPath`, `pvc`, `http` or `oci`.
+/// Exactly one of `hostPath`, `pvc`, `http`, `oci` or `huggingFace`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("minProperties" = 1, "maxProperties" = 1))]
@@ -132,6 +137,75 @@ pub struct ModelSource {
     /// directory, mounted as an image volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oci: Option<OciSource>,
+    /// A repository on the Hugging Face Hub, or on a mirror speaking its
+    /// protocol (`copyhold models serve`): fetched by each node Pod's init
+    /// container into the node's verified model cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugging_face: Option<HuggingFaceSource>,
+}
+
+/// A Hub repository.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HuggingFaceSource {
+    /// Repository id, `OWNER/NAME` (e.g. `meta-llama/Llama-3.1-8B-Instruct`).
+    #[schemars(
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"),
+        length(max = 200)
+    )]
+    pub repo: String,
+    /// Branch, tag or commit.
+    #[serde(default = "default_revision")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"), length(max = 128))]
+    pub revision: String,
+    /// Glob allow-list over the repo's paths. Empty: config.json,
+    /// generation_config.json, tokenizer*, special_tokens_map.json,
+    /// *.safetensors and model.safetensors.index.json; for a GGUF model name
+    /// its one file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<String>,
+    /// Secret (same namespace) whose key `token` holds a Hugging Face token,
+    /// for gated or private repositories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"),
+        length(max = 253)
+    )]
+    pub token_secret: Option<String>,
+    /// The Hub's address; a local mirror's for air-gapped sites. Default
+    /// `https://huggingface.co`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://[^\s]+$"), length(max = 2048))]
+    pub endpoint: Option<String>,
+}
+
+/// The public Hub.
+pub const HUGGING_FACE_ENDPOINT: &str = "https://huggingface.co";
+
+fn default_revision() -> String {
+    "main".into()
+}
+
+impl HuggingFaceSource {
+    /// The endpoint, without a trailing slash.
+    pub fn endpoint(&self) -> String {
+        self.endpoint
+            .as_deref()
+            .unwrap_or(HUGGING_FACE_ENDPOINT)
+            .trim_end_matches('/')
+            .to_string()
+    }
+
+    /// The base URL of the revision's files (`…/resolve/REV`): what the
+    /// controller reads `config.json` and the safetensors headers from.
+    pub fn resolve_url(&self) -> String {
+        format!(
+            "{}/{}/resolve/{}",
+            self.endpoint(),
+            self.repo,
+            self.revision
+        )
+    }
 }
 
 /// A directory on the node.
@@ -449,4 +523,27 @@ pub struct ModelDeploymentStatus {
     /// gateway replicas, as the autoscaler last read them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<i64>,
+    /// The model's download into the node cache (huggingFace sources), as
+    /// the fetching init container reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download: Option<DownloadStatus>,
+}
+
+/// Progress of a model download.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DownloadStatus {
+    /// `resolving`, `downloading`, `verifying`, `done`, `failed`.
+    pub phase: String,
+    /// The commit the revision resolved to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    pub bytes_done: i64,
+    pub bytes_total: i64,
+    /// Bytes a second.
+    pub rate: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<i64>,
+    /// One line for `kubectl get`: `45% 1.2/2.7 GiB 80 MiB/s ETA 19s`.
+    pub summary: String,
 }

@@ -10,6 +10,7 @@
 
 pub mod autoscale;
 pub mod gpu_catalog;
+pub mod model_cache;
 pub mod model_source;
 pub mod placement;
 pub mod sizing;

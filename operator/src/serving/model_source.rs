@@ -391,6 +391,9 @@ pub async fn read_source(
     if let Some(h) = &source.http {
         return read_http(client, &h.url).await;
     }
+    if let Some(h) = &source.hugging_face {
+        return read_http(client, &h.resolve_url()).await;
+    }
     if let Some(h) = &source.host_path {
         let dir = Path::new(&h.path);
         if tokio::fs::metadata(dir).await.is_ok_and(|m| m.is_dir()) {
@@ -473,6 +476,12 @@ fn cache_key(source: &ModelSource, format: ModelFormat) -> Option<String> {
         .http
         .as_ref()
         .map(|h| format!("http:{}", h.url.trim_end_matches('/')))
+        .or_else(|| {
+            source
+                .hugging_face
+                .as_ref()
+                .map(|h| format!("hf:{}", h.resolve_url()))
+        })
         .or_else(|| {
             source
                 .host_path

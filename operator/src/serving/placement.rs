@@ -1220,7 +1220,7 @@ mod tests {
         }
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../e2e/nodes.yaml");
         let text = std::fs::read_to_string(path).unwrap();
-        serde_yaml::from_str::<List>(&text).unwrap().items
+        serde_saphyr::from_str::<List>(&text).unwrap().items
     }
 
     fn pod(name: &str, node: Option<&str>, gpus: &str, phase: &str) -> Pod {

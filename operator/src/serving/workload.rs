@@ -20,6 +20,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 use kube::ResourceExt;
 
+use super::model_cache;
 use crate::resources::{EngineKind, ModelDeployment};
 
 /// Port the engine listens on inside the Pod (OpenAI API, /health, /metrics).
@@ -110,6 +111,11 @@ pub struct EngineDefaults {
     /// Secrets (in each ModelDeployment's own namespace) the kubelet pulls
     /// the engine images with, for a private registry.
     pub image_pull_secrets: Vec<String>,
+    /// The node model cache of `huggingFace` sources.
+    pub model_cache: crate::serving::model_cache::ModelCacheVolume,
+    /// Size limit of the cache; the fetcher evicts least-recently-used
+    /// models no ModelDeployment uses beyond it.
+    pub model_cache_max_bytes: Option<u64>,
 }
 
 impl Default for EngineDefaults {
@@ -124,6 +130,8 @@ impl Default for EngineDefaults {
             admin_token_secret: None,
             runtime_class: None,
             image_pull_secrets: Vec::new(),
+            model_cache: Default::default(),
+            model_cache_max_bytes: None,
         }
     }
 }
@@ -212,7 +220,7 @@ pub fn deployment(
 ) -> Result<Deployment, WorkloadError> {
     let owner = md.controller_owner_ref(&()).ok_or(WorkloadError::NoUid)?;
     let name = md.name_any();
-    let (model_volume, sub_path) = model_volume(md)?;
+    let model = model_mount(md, defaults)?;
     // The admin token: a read-only Secret volume, for copyhold-node only
     // (vLLM has no such endpoint). Not optional: a node started without
     // its token file would exit, so the Pod waits for the Secret instead
@@ -221,14 +229,17 @@ pub fn deployment(
         EngineKind::Copyhold => defaults.admin_token_secret.as_deref(),
         EngineKind::Vllm => None,
     };
-    let (mounts, volumes) = mounts_and_volumes(model_volume, sub_path, admin_secret);
+    let model_dir = model.model_dir.clone();
+    let (mounts, mut volumes) = mounts_and_volumes(model, admin_secret);
     let container = engine_container(
         md,
         placement.gpus_per_replica,
         defaults,
         admin_secret,
         mounts,
+        &model_dir,
     );
+    let init_containers = fetch_containers(md, defaults, &mut volumes);
     let labels = labels(md);
     Ok(Deployment {
         metadata: ObjectMeta {
@@ -258,7 +269,10 @@ pub fn deployment(
                     labels: Some(labels),
                     ..Default::default()
                 }),
-                spec: Some(pod_spec(placement, defaults, container, volumes)),
+                spec: Some(PodSpec {
+                    init_containers: (!init_containers.is_empty()).then_some(init_containers),
+                    ..pod_spec(placement, defaults, container, volumes)
+                }),
             },
             ..Default::default()
         }),
@@ -266,12 +280,38 @@ pub fn deployment(
     })
 }
 
-/// The volume the model is read from, and the sub-path to mount: the
-/// engine reads the model where it lies (hostPath or a PVC).
-fn model_volume(md: &ModelDeployment) -> Result<(Volume, Option<String>), WorkloadError> {
+/// Where the model is read from: the volume, the sub-path and place it is
+/// mounted at, and the directory the engine loads.
+struct ModelMount {
+    volume: Volume,
+    sub_path: Option<String>,
+    mount_path: &'static str,
+    model_dir: String,
+}
+
+/// The volume the model is read from: the engine reads the model where it
+/// lies (hostPath or a PVC), or from the node model cache a fetch init
+/// container fills (huggingFace).
+fn model_mount(
+    md: &ModelDeployment,
+    defaults: &EngineDefaults,
+) -> Result<ModelMount, WorkloadError> {
     let src = &md.spec.model.source;
     let name = "model".to_string();
-    if let Some(h) = &src.host_path {
+    let at_models = |volume: Volume, sub_path: Option<String>| ModelMount {
+        volume,
+        sub_path,
+        mount_path: MODEL_DIR,
+        model_dir: MODEL_DIR.into(),
+    };
+    if let Some(cached) = model_cache::Cached::of(src) {
+        Ok(ModelMount {
+            volume: model_cache::volume(&defaults.model_cache),
+            sub_path: None,
+            mount_path: model_cache::MODEL_CACHE_DIR,
+            model_dir: cached.model_path(),
+        })
+    } else if let Some(h) = &src.host_path {
         let v = Volume {
             name,
             host_path: Some(HostPathVolumeSource {
@@ -280,7 +320,7 @@ fn model_volume(md: &ModelDeployment) -> Result<(Volume, Option<String>), Worklo
             }),
             ..Default::default()
         };
-        Ok((v, None))
+        Ok(at_models(v, None))
     } else if let Some(p) = &src.pvc {
         let v = Volume {
             name,
@@ -290,9 +330,7 @@ fn model_volume(md: &ModelDeployment) -> Result<(Volume, Option<String>), Worklo
             }),
             ..Default::default()
         };
-        Ok((v, p.sub_path.clone()))
-    } else if src.http.is_some() {
-        Err(WorkloadError::UnsupportedSource("http"))
+        Ok(at_models(v, p.sub_path.clone()))
     } else if src.oci.is_some() {
         Err(WorkloadError::UnsupportedSource("oci"))
     } else {
@@ -300,12 +338,45 @@ fn model_volume(md: &ModelDeployment) -> Result<(Volume, Option<String>), Worklo
     }
 }
 
+/// The fetch init container of a huggingFace or http source (and its
+/// token's volume); none for sources the engine reads in place.
+fn fetch_containers(
+    md: &ModelDeployment,
+    defaults: &EngineDefaults,
+    volumes: &mut Vec<Volume>,
+) -> Vec<Container> {
+    let Some(src) = model_cache::Cached::of(&md.spec.model.source) else {
+        return Vec::new();
+    };
+    volumes.extend(model_cache::token_volume(src));
+    vec![model_cache::fetch_container(
+        src,
+        &defaults.copyhold_image,
+        defaults.model_cache_max_bytes,
+        locked_down(),
+    )]
+}
+
+/// No privilege escalation, read-only root filesystem, no capabilities,
+/// not root: every container of the Pod.
+pub fn locked_down() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        ..Default::default()
+    }
+}
+
 /// The container's mounts and the Pod's volumes: the model read-only,
 /// writable `/tmp` and cache (the root filesystem is read-only), and the
 /// admin token when there is one.
 fn mounts_and_volumes(
-    model: Volume,
-    sub_path: Option<String>,
+    model: ModelMount,
     admin_secret: Option<&str>,
 ) -> (Vec<VolumeMount>, Vec<Volume>) {
     let mount = |name: &str, path: &str, read_only: Option<bool>| VolumeMount {
@@ -321,13 +392,13 @@ fn mounts_and_volumes(
     };
     let mut mounts = vec![
         VolumeMount {
-            sub_path,
-            ..mount("model", MODEL_DIR, Some(true))
+            sub_path: model.sub_path,
+            ..mount("model", model.mount_path, Some(true))
         },
         mount("tmp", "/tmp", None),
         mount("cache", "/var/cache/copyhold", None),
     ];
-    let mut volumes = vec![model, empty_dir("tmp"), empty_dir("cache")];
+    let mut volumes = vec![model.volume, empty_dir("tmp"), empty_dir("cache")];
     if let Some(secret) = admin_secret {
         mounts.push(mount("admin-token", ADMIN_TOKEN_DIR, Some(true)));
         // 0400; the kubelet adds group read for the Pod's fsGroup, which is
@@ -355,6 +426,7 @@ fn engine_command(
     md: &ModelDeployment,
     gpus: u32,
     defaults: &EngineDefaults,
+    model_dir: &str,
 ) -> (String, Vec<String>, Vec<String>) {
     let serving = &md.spec.serving;
     let served = served_model_name(md);
@@ -374,7 +446,7 @@ fn engine_command(
             strings(&[
                 "serve",
                 "--model",
-                MODEL_DIR,
+                model_dir,
                 "--host",
                 "0.0.0.0",
                 "--port",
@@ -390,7 +462,7 @@ fn engine_command(
             strings(&["vllm"]),
             strings(&[
                 "serve",
-                MODEL_DIR,
+                model_dir,
                 "--host",
                 "0.0.0.0",
                 "--port",
@@ -461,8 +533,9 @@ fn engine_container(
     defaults: &EngineDefaults,
     admin_secret: Option<&str>,
     mounts: Vec<VolumeMount>,
+    model_dir: &str,
 ) -> Container {
-    let (image, command, mut args) = engine_command(md, gpus, defaults);
+    let (image, command, mut args) = engine_command(md, gpus, defaults, model_dir);
     if admin_secret.is_some() {
         args.push("--admin-token-file".into());
         args.push(format!("{ADMIN_TOKEN_DIR}/{ADMIN_TOKEN_KEY}"));
@@ -496,16 +569,7 @@ fn engine_container(
         startup_probe: Some(health_probe(5, 360)),
         readiness_probe: Some(health_probe(5, 2)),
         liveness_probe: Some(health_probe(10, 6)),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                add: None,
-            }),
-            ..Default::default()
-        }),
+        security_context: Some(locked_down()),
         ..Default::default()
     }
 }
@@ -587,7 +651,7 @@ mod tests {
     use super::*;
 
     fn md(yaml: &str) -> ModelDeployment {
-        let mut md: ModelDeployment = serde_yaml::from_str(yaml).expect("valid test manifest");
+        let mut md: ModelDeployment = serde_saphyr::from_str(yaml).expect("valid test manifest");
         md.metadata.uid = Some("1234".into());
         md.metadata.namespace = Some("town".into());
         md
@@ -863,14 +927,36 @@ spec:
     }
 
     #[test]
-    fn http_sources_are_refused_with_a_reason() {
+    fn http_sources_are_fetched_from_the_mirror_into_the_cache_before_the_engine_serves_them() {
         let m = md(&BASIC.replace(
             "{hostPath: {path: /srv/models/tiny}}",
             "{http: {url: 'http://models.local/tiny'}}",
         ));
+        let d = deployment(&m, &placed(1), &EngineDefaults::default()).expect("builds");
+        let pod = d.spec.and_then(|s| s.template.spec).expect("pod");
+        let init = pod.init_containers.clone().unwrap_or_default();
+        let fetch = init[0].args.clone().unwrap_or_default().join(" ");
+        assert!(
+            fetch.starts_with("fetch --mirror http://models.local/tiny"),
+            "{fetch}"
+        );
+        let engine = pod.containers[0].args.clone().unwrap_or_default().join(" ");
+        assert!(
+            engine
+                .contains("--model /var/cache/copyhold-models/models/mirror--models.local--tiny-"),
+            "{engine}"
+        );
+    }
+
+    #[test]
+    fn oci_sources_are_refused_with_a_reason() {
+        let m = md(&BASIC.replace(
+            "{hostPath: {path: /srv/models/tiny}}",
+            "{oci: {reference: 'registry.local/models/tiny:1'}}",
+        ));
         assert_eq!(
             deployment(&m, &placed(1), &EngineDefaults::default()).err(),
-            Some(WorkloadError::UnsupportedSource("http"))
+            Some(WorkloadError::UnsupportedSource("oci"))
         );
     }
 
@@ -893,5 +979,50 @@ spec:
         assert_eq!(spec.selector, Some(selector_labels("tiny")));
         assert_eq!(spec.ports.unwrap_or_default()[0].port, 80);
         assert_eq!(endpoint(&md(BASIC)), "http://tiny.town.svc:80/v1");
+    }
+
+    #[test]
+    fn a_hugging_face_source_fetches_into_the_cache_before_the_engine_serves_it() {
+        let m = md(r#"
+apiVersion: copyhold.dev/v1alpha1
+kind: ModelDeployment
+metadata: {name: tiny}
+spec:
+  model: {source: {huggingFace: {repo: town/tiny-llama, endpoint: "http://hub.local:8090", tokenSecret: hf}}}
+"#);
+        let defaults = EngineDefaults {
+            model_cache: crate::serving::model_cache::ModelCacheVolume::HostPath(
+                "/srv/cache".into(),
+            ),
+            ..Default::default()
+        };
+        let d = deployment(&m, &placed(1), &defaults).expect("builds");
+        let pod = d.spec.and_then(|s| s.template.spec).expect("pod");
+        let init = pod.init_containers.clone().unwrap_or_default();
+        assert_eq!(init.len(), 1);
+        let fetch = init[0].args.clone().unwrap_or_default().join(" ");
+        assert!(
+            fetch.contains(
+                "--repo town/tiny-llama --revision main --endpoint http://hub.local:8090"
+            ),
+            "{fetch}"
+        );
+        let engine = pod.containers[0].args.clone().unwrap_or_default().join(" ");
+        assert!(
+            engine.contains(
+                "--model /var/cache/copyhold-models/models/town--tiny-llama/revisions/main"
+            ),
+            "{engine}"
+        );
+        let volumes = pod.volumes.unwrap_or_default();
+        let cache = volumes
+            .iter()
+            .find(|v| v.name == "model")
+            .expect("cache volume");
+        assert_eq!(
+            cache.host_path.as_ref().map(|h| h.path.as_str()),
+            Some("/srv/cache")
+        );
+        assert!(volumes.iter().any(|v| v.name == "hf-token"));
     }
 }

@@ -21,7 +21,7 @@ use axum::extract::{ConnectInfo, Form, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use chrono::Utc;
+use jiff::Timestamp;
 use kube::ResourceExt;
 use serde::Deserialize;
 
@@ -92,7 +92,7 @@ fn register_of(s: &AppState, q: &StintQuota) -> Register {
     let models = s.catalog.models_of_quota(&ns, &q.name_any());
     let budgets = s.catalog.budgets();
     let chosen = view::budgets_covering(&budgets, &models);
-    view::register(q, &chosen, Utc::now())
+    view::register(q, &chosen, Timestamp::now())
 }
 
 /// Headers of every register answer: private, no caching, no scripts.
@@ -121,7 +121,7 @@ fn private(mut r: Response) -> Response {
 }
 
 fn html(status: StatusCode, regs: &[Register], mode: Mode, a: &Asker) -> Response {
-    match render::page(regs, &mode, a.lang, Utc::now()) {
+    match render::page(regs, &mode, a.lang, Timestamp::now()) {
         Ok(body) => private(
             (
                 status,

@@ -9,14 +9,15 @@
 
 use std::sync::OnceLock;
 
-use chrono::{DateTime, Utc};
-use chrono_tz::Tz;
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
 use minijinja::{AutoEscape, Environment};
 use serde::Serialize;
 
 use super::i18n::{Lang, Text, fill};
 use super::view::{BudgetLine, MemberLine, PowerPoint, Register};
 use crate::resources::stint_quota::MemberState;
+use crate::resources::time::time_zone;
 
 /// Why a page could not be rendered (a template fault: a bug, not input).
 #[derive(Debug, thiserror::Error)]
@@ -154,7 +155,7 @@ pub fn page(
     registers: &[Register],
     mode: &Mode,
     lang: Lang,
-    now: DateTime<Utc>,
+    now: Timestamp,
 ) -> Result<String, RenderError> {
     let t = lang.text();
     let message = mode.notice.map(|n| match n {
@@ -185,20 +186,23 @@ pub fn page(
     Ok(tpl.render(minijinja::value::Serde(&ctx))?)
 }
 
-fn time_ctx(t: DateTime<Utc>, tz: &str) -> TimeCtx {
-    let zone: Tz = tz.parse().unwrap_or(Tz::UTC);
+fn time_ctx(t: Timestamp, tz: &str) -> TimeCtx {
     TimeCtx {
-        iso: t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        text: format!("{} ({tz})", t.with_timezone(&zone).format("%Y-%m-%d %H:%M")),
+        iso: t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+        text: format!("{} ({tz})", t.to_zoned(zone(tz)).strftime("%Y-%m-%d %H:%M")),
     }
 }
 
-fn date_of(t: DateTime<Utc>, tz: &str) -> String {
-    let zone: Tz = tz.parse().unwrap_or(Tz::UTC);
-    t.with_timezone(&zone).format("%Y-%m-%d").to_string()
+fn date_of(t: Timestamp, tz: &str) -> String {
+    t.to_zoned(zone(tz)).strftime("%Y-%m-%d").to_string()
 }
 
-fn register_ctx(r: &Register, lang: Lang, now: DateTime<Utc>) -> RegisterCtx {
+/// The page's zone; UTC when the spec names none the database knows.
+fn zone(tz: &str) -> TimeZone {
+    time_zone(tz).unwrap_or(TimeZone::UTC)
+}
+
+fn register_ctx(r: &Register, lang: Lang, now: Timestamp) -> RegisterCtx {
     let t = lang.text();
     let s = &r.sanctions;
     let scale = s.suspend_at.max(100.0);
@@ -345,7 +349,7 @@ fn budget_state(state: Option<&str>, t: &Text) -> String {
     }
 }
 
-fn budget_ctx(b: &BudgetLine, lang: Lang, now: DateTime<Utc>) -> BudgetCtx {
+fn budget_ctx(b: &BudgetLine, lang: Lang, now: Timestamp) -> BudgetCtx {
     let t = lang.text();
     let w = |x: Option<f64>| x.map_or_else(|| "–".into(), |x| format!("{} W", lang.dec(x, 0)));
     BudgetCtx {
@@ -362,12 +366,12 @@ fn budget_ctx(b: &BudgetLine, lang: Lang, now: DateTime<Utc>) -> BudgetCtx {
 
 /// Polyline points for the last 24 hours: x from 24 h ago (0) to now
 /// (`CHART_W`), y from 0 W (`CHART_H`) up to the largest value.
-fn chart(b: &BudgetLine, lang: Lang, now: DateTime<Utc>) -> Option<ChartCtx> {
+fn chart(b: &BudgetLine, lang: Lang, now: Timestamp) -> Option<ChartCtx> {
     if b.history.is_empty() {
         return None;
     }
     let t = lang.text();
-    let window = crate::energy::history::WINDOW.num_milliseconds() as f64;
+    let window = crate::energy::history::WINDOW.as_millis() as f64;
     let from = now - crate::energy::history::WINDOW;
     let peak_draw = b.history.iter().map(|p| p.draw_watts).fold(0.0, f64::max);
     let y_max = b
@@ -380,7 +384,7 @@ fn chart(b: &BudgetLine, lang: Lang, now: DateTime<Utc>) -> Option<ChartCtx> {
         b.history
             .iter()
             .map(|p| {
-                let x = (p.at - from).num_milliseconds() as f64 / window * CHART_W;
+                let x = p.at.duration_since(from).as_millis() as f64 / window * CHART_W;
                 let y = CHART_H - value(p).max(0.0) / y_max * CHART_H;
                 format!("{:.1},{:.1}", x.clamp(0.0, CHART_W), y)
             })

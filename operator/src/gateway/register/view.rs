@@ -6,10 +6,10 @@
 
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
+use jiff::Timestamp;
 use serde::Serialize;
 
-use crate::commons::ledger::{self, chrono_of};
+use crate::commons::ledger;
 use crate::commons::stint;
 use crate::resources::energy_budget::EnergyBudget;
 use crate::resources::stint_quota::{MemberState, RegisterVisibility, StintQuota};
@@ -26,8 +26,8 @@ pub struct Register {
     /// IANA zone the page writes times in (UTC for rolling periods).
     pub time_zone: String,
     pub rolling: bool,
-    pub period_start: Option<DateTime<Utc>>,
-    pub resets_at: Option<DateTime<Utc>>,
+    pub period_start: Option<Timestamp>,
+    pub resets_at: Option<Timestamp>,
     pub sanctions: Thresholds,
     pub members: Vec<MemberLine>,
     pub energy: Vec<BudgetLine>,
@@ -70,8 +70,8 @@ pub struct MemberLine {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PastPeriod {
-    pub start: DateTime<Utc>,
-    pub end: DateTime<Utc>,
+    pub start: Timestamp,
+    pub end: Timestamp,
     pub tokens: i64,
     pub energy_wh: f64,
     pub requests: i64,
@@ -87,7 +87,7 @@ pub struct BudgetLine {
     pub supply_watts: Option<f64>,
     pub allowance_watts: Option<f64>,
     pub draw_watts: Option<f64>,
-    pub evaluated_at: Option<DateTime<Utc>>,
+    pub evaluated_at: Option<Timestamp>,
     /// Supply and draw over the last 24 hours, oldest first.
     pub history: Vec<PowerPoint>,
 }
@@ -96,7 +96,7 @@ pub struct BudgetLine {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PowerPoint {
-    pub at: DateTime<Utc>,
+    pub at: Timestamp,
     pub supply_watts: f64,
     pub draw_watts: f64,
 }
@@ -111,7 +111,7 @@ fn percent(used: f64, stint: Option<f64>) -> Option<f64> {
 
 /// The register of `quota` at `now`, with the budgets (already chosen by
 /// [`budgets_covering`]).
-pub fn register(quota: &StintQuota, budgets: &[&EnergyBudget], now: DateTime<Utc>) -> Register {
+pub fn register(quota: &StintQuota, budgets: &[&EnergyBudget], now: Timestamp) -> Register {
     let spec = &quota.spec;
     let mut status = quota.status.clone().unwrap_or_default();
     let period = stint::current_period(spec, now).ok();
@@ -157,8 +157,8 @@ pub fn register(quota: &StintQuota, budgets: &[&EnergyBudget], now: DateTime<Utc
                     .history
                     .iter()
                     .map(|h| PastPeriod {
-                        start: chrono_of(&h.start),
-                        end: chrono_of(&h.end),
+                        start: h.start.0,
+                        end: h.end.0,
                         tokens: h.tokens,
                         energy_wh: h.energy_wh,
                         requests: h.requests,
@@ -192,7 +192,7 @@ pub fn register(quota: &StintQuota, budgets: &[&EnergyBudget], now: DateTime<Utc
     }
 }
 
-fn budget_line(b: &EnergyBudget, now: DateTime<Utc>) -> BudgetLine {
+fn budget_line(b: &EnergyBudget, now: Timestamp) -> BudgetLine {
     let st = b.status.clone().unwrap_or_default();
     let oldest = now - crate::energy::history::WINDOW;
     BudgetLine {
@@ -201,12 +201,12 @@ fn budget_line(b: &EnergyBudget, now: DateTime<Utc>) -> BudgetLine {
         supply_watts: st.supply_watts,
         allowance_watts: st.allowance_watts,
         draw_watts: st.draw_watts,
-        evaluated_at: st.last_evaluated.as_ref().map(chrono_of),
+        evaluated_at: st.last_evaluated.as_ref().map(|t| t.0),
         history: st
             .history
             .iter()
             .map(|p| PowerPoint {
-                at: chrono_of(&p.at),
+                at: p.at.0,
                 supply_watts: p.supply_watts,
                 draw_watts: p.draw_watts,
             })
@@ -238,10 +238,8 @@ pub fn budgets_covering<'a>(
 pub(crate) mod tests {
     use super::*;
 
-    pub fn t(s: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(s)
-            .expect("time")
-            .with_timezone(&Utc)
+    pub fn t(s: &str) -> Timestamp {
+        s.parse().expect("time")
     }
 
     /// A quota as a gateway would have written it on 2 December 2026.
