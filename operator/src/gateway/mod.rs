@@ -5,6 +5,7 @@
 
 pub mod body;
 pub mod catalog;
+pub mod failure;
 pub mod keys;
 pub mod ledger_sync;
 pub mod limits;
@@ -93,7 +94,7 @@ struct AppState {
     catalog: Arc<Catalog>,
     ledgers: Ledgers,
     limiter: Limiter,
-    loads: Loads,
+    loads: Arc<Loads>,
     metrics: Arc<GatewayMetrics>,
     registry: Registry,
     http: reqwest::Client,
@@ -116,7 +117,7 @@ pub async fn run(client: kube::Client, settings: Settings) -> anyhow::Result<()>
         catalog: catalog.clone(),
         ledgers: Ledgers::new(client, settings.identity.clone(), metrics.clone()),
         limiter: Limiter::default(),
-        loads: Loads::default(),
+        loads: Arc::new(Loads::default()),
         metrics,
         registry,
         http,
@@ -543,7 +544,11 @@ fn bound(s: &AppState, a: &Asked, spec: &StintQuotaSpec) -> (i64, Reservation) {
 
 /// Reserve the bound on the member's slice: an exhausted stint is a 429, an
 /// unwritable register a 503 (never serve unmetered).
-async fn reserve(ledger: &QuotaLedger, a: &Asked, reservation: Reservation) -> Result<(), Fail> {
+async fn reserve(
+    ledger: &Arc<QuotaLedger>,
+    a: &Asked,
+    reservation: Reservation,
+) -> Result<(), Fail> {
     let (model, member) = (a.model.as_str(), a.member.as_str());
     match ledger.reserve(member, reservation).await {
         Ok(Admission::Admitted) => Ok(()),
@@ -615,11 +620,21 @@ async fn relay_refusal(
     a: &Asked,
 ) -> Result<Response, Fail> {
     let status = resp.status();
+    let content_type = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
     let text = read_limited(resp, s.settings.idle_timeout)
         .await
         .unwrap_or_default();
     if status.is_server_error() {
-        meter.nothing(502);
+        meter.code = 502;
+        match failure::charge_of(content_type.as_deref(), &text) {
+            failure::Charge::Usage(u) => meter.settle(Some(u)),
+            failure::Charge::Reservation => meter.settle(None),
+            failure::Charge::Nothing => meter.nothing(502),
+        }
         count_upstream_error(s, &a.model, "status");
         let msg = serde_json::from_slice::<Value>(&text)
             .ok()
@@ -701,6 +716,7 @@ fn relay_stream(
                             meter.first_byte();
                         }
                         let out = filter.push(&chunk);
+                        meter.seen = filter.usage;
                         if out.is_empty() {
                             continue;
                         }
@@ -789,9 +805,11 @@ async fn forward(
 ) -> Result<reqwest::Response, ApiError> {
     let mut tried: Vec<String> = Vec::new();
     for _ in 0..=s.settings.retries {
-        let Some(replica) = s
+        // Released when dropped: on every error below, and when the client
+        // leaves while we wait.
+        let Some((replica, held)) = s
             .loads
-            .acquire(&target.replicas, &checked.affinity_key, &tried)
+            .hold(&target.replicas, &checked.affinity_key, &tried)
         else {
             break;
         };
@@ -808,18 +826,17 @@ async fn forward(
             .send();
         match tokio::time::timeout(s.settings.first_byte_timeout, send).await {
             Ok(Ok(r)) => {
-                meter.replica = Some(replica.name);
+                meter.load = Some(held);
                 return Ok(r);
             }
             Ok(Err(e)) if e.is_connect() => {
-                s.loads.release(&replica.name);
+                drop(held);
                 s.loads.eject(&replica.name, s.settings.eject_for);
                 count_upstream_error(s, &meter.model, "connect");
                 tracing::warn!(replica = %replica.name, error = %e, "replica refused the connection; ejected");
                 tried.push(replica.name);
             }
             Ok(Err(e)) => {
-                s.loads.release(&replica.name);
                 count_upstream_error(
                     s,
                     &meter.model,
@@ -832,7 +849,6 @@ async fn forward(
                 });
             }
             Err(_) => {
-                s.loads.release(&replica.name);
                 count_upstream_error(s, &meter.model, "timeout");
                 return Err(ApiError::gateway_timeout(format!(
                     "the model server did not answer within {} s",
@@ -864,7 +880,11 @@ struct Meter {
     settled: bool,
     /// Set once an engine has accepted the request.
     charge_on_drop: bool,
-    replica: Option<String>,
+    /// The usage the upstream reported, once its usage chunk went by: a
+    /// client that leaves after it is charged that, not the reservation.
+    seen: Option<UpstreamUsage>,
+    /// The replica's load, released when the request ends.
+    load: Option<router::Held>,
     _permit: Permit,
 }
 
@@ -905,7 +925,8 @@ impl Meter {
             code: 200,
             settled: false,
             charge_on_drop: false,
-            replica: None,
+            seen: None,
+            load: None,
             _permit: admitted.permit,
         }
     }
@@ -967,9 +988,7 @@ impl Meter {
         self.settled = true;
         self.ledger.settle(&self.member, self.reservation, &u);
         let m = &self.state.metrics;
-        if let Some(r) = &self.replica {
-            self.state.loads.release(r);
-        }
+        drop(self.load.take());
         m.in_flight
             .get_or_create(&ModelLabels {
                 model: self.model.clone(),
@@ -1017,6 +1036,10 @@ impl Drop for Meter {
             // Client gone or stream broken after an engine took the request.
             if self.code == 200 {
                 self.code = 499;
+            }
+            if let Some(u) = self.seen.take() {
+                self.settle(Some(u));
+                return;
             }
             let full = self.full.clone();
             tracing::info!(member = %self.member, model = %self.model, "response ended early; charging the full reservation");
