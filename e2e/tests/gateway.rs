@@ -478,7 +478,7 @@ async fn bad_requests_get_openai_errors_and_never_reach_an_upstream() -> Result<
     assert_eq!(r.status().as_u16(), 400);
     let big = "x".repeat(5 << 20);
     let (st, _, v) = call(&http, &base, Some(&bo), chat(&big, 5)).await?;
-    assert_eq!(st, 400, "{v}");
+    assert_eq!((st, code(&v).as_str()), (413, "request_too_large"), "{v}");
     // None of those reached the register.
     let st = s.register().await?;
     let bo_line = st.members.iter().find(|m| m.name == "bo").context("bo")?;
@@ -1226,5 +1226,107 @@ async fn an_upstream_that_fails_after_streaming_is_charged_never_zero() -> Resul
     let line = line_after(&s2, "bo", 1).await?;
     // The reservation: "user" + "abc" = 7 bytes, + 64 + 8, + 50 completion.
     assert_eq!(line.tokens, 7 + 64 + 8 + 50, "{line:?}");
+    Ok(())
+}
+
+/// Send raw bytes on a fresh connection; returns what came back within
+/// `wait` (the head and whatever body arrived).
+async fn raw(addr: &str, request: &[u8], wait: Duration) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(addr).await?;
+    c.write_all(request).await?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        loop {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    out.extend_from_slice(&buf[..n]);
+                    if String::from_utf8_lossy(&out).contains("\"error\"") {
+                        break;
+                    }
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(wait, read).await;
+    Ok(String::from_utf8_lossy(&out).to_string())
+}
+
+/// Issue 18, front door: wrong methods and unknown paths get OpenAI-shaped
+/// JSON, unknown message roles are refused before any upstream, and a
+/// request without a valid key is answered before its body is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_front_door_answers_openai_json_and_checks_the_key_before_the_body() -> Result<()> {
+    let mut s = Scene::new(
+        "gw-door",
+        json!({"members": [{"name": "ana"}], "period": {"type": "calendar", "unit": "day"}}),
+        &[],
+    )
+    .await?;
+    let up = standin(&["--tokens", "3"])?;
+    s.serving_pod("up-0", &up.addr).await?;
+    let g = s.gateway().await?;
+    let base = s.url(g);
+    let http = reqwest::Client::new();
+    let ana = s.keys["ana"].clone();
+    eventually(Duration::from_secs(20), || async {
+        let (st, _, v) = call(&http, &base, Some(&ana), chat("hi", 2)).await?;
+        ensure!(st == 200, "{st} {v}");
+        Ok(())
+    })
+    .await?;
+    // Wrong methods: 405 with an OpenAI error body.
+    for (method, path) in [
+        (reqwest::Method::GET, "/v1/chat/completions"),
+        (reqwest::Method::PUT, "/v1/completions"),
+        (reqwest::Method::DELETE, "/v1/models"),
+    ] {
+        let r = http
+            .request(method.clone(), format!("{base}{path}"))
+            .bearer_auth(&ana)
+            .send()
+            .await?;
+        let st = r.status().as_u16();
+        let v: Value = r.json().await.context("a JSON body")?;
+        assert_eq!(st, 405, "{method} {path}: {v}");
+        assert_eq!(v["error"]["code"], "method_not_allowed", "{v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    }
+    // Unknown paths: 404 with an OpenAI error body.
+    let r = http.get(format!("{base}/v2/nothing")).send().await?;
+    assert_eq!(r.status().as_u16(), 404);
+    let v: Value = r.json().await?;
+    assert_eq!(v["error"]["code"], "not_found", "{v}");
+    // Unknown roles never reach an upstream (nothing is charged).
+    let (st, _, v) = call(
+        &http,
+        &base,
+        Some(&ana),
+        json!({"model": "tiny", "messages": [{"role": "wizard", "content": "abracadabra"}]}),
+    )
+    .await?;
+    assert_eq!(
+        (st, v["error"]["param"].as_str()),
+        (400, Some("messages")),
+        "{v}"
+    );
+    // A stranger announcing a 10 MB body that never comes is refused at
+    // once, from the headers alone.
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-nobody\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        10 << 20
+    );
+    let t0 = std::time::Instant::now();
+    let answer = raw(&s.gateways[g].addr, head.as_bytes(), Duration::from_secs(5)).await?;
+    assert!(
+        answer.starts_with("HTTP/1.1 401") && answer.contains("invalid_api_key"),
+        "answered before the body: {answer:?} after {:?}",
+        t0.elapsed()
+    );
+    let line = line_after(&s, "ana", 1).await?;
+    assert_eq!(line.requests, 1, "only the warm-up was charged: {line:?}");
     Ok(())
 }

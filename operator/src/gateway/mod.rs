@@ -176,13 +176,9 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .merge(register::routes())
-        .fallback(|| async {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                "not_found",
-                "no such endpoint",
-            )
+        .fallback(|| async { ApiError::no_such_endpoint() })
+        .method_not_allowed_fallback(|m: axum::http::Method| async move {
+            ApiError::method_not_allowed(m.as_str())
         })
         .with_state(state)
 }
@@ -389,7 +385,7 @@ async fn serve(
     Ok(relay_stream(s, resp, meter, &asked.checked, extra))
 }
 
-/// Read the body (within the size limit), authenticate the key, and check
+/// Authenticate the key, read the body (within the size limit), and check
 /// the request against the model it names.
 async fn read_request(
     s: &AppState,
@@ -397,11 +393,11 @@ async fn read_request(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Asked, Fail> {
-    let limit = s.settings.body_limit;
-    let bytes = self::body::read_within(body, limit)
-        .await
-        .map_err(|e| fail(ApiError::invalid(None, e.to_string()), "unknown", "unknown"))?;
+    // The key first: a stranger's body is never read.
     let owner = authenticate(s, headers).map_err(|e| fail(e, "unknown", "unknown"))?;
+    let bytes = self::body::read_within(body, s.settings.body_limit)
+        .await
+        .map_err(|e| fail(body_error(e), "unknown", &owner.member))?;
     let member = owner.member.clone();
     let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
         fail(
@@ -434,6 +430,14 @@ async fn read_request(
         target,
         checked,
     })
+}
+
+/// A body that could not be read: over the limit is a 413, the rest 400.
+fn body_error(e: self::body::BodyError) -> ApiError {
+    match e {
+        self::body::BodyError::TooLarge { limit } => ApiError::too_large(limit),
+        e @ self::body::BodyError::Broken(_) => ApiError::invalid(None, e.to_string()),
+    }
 }
 
 /// While an energy budget defers the model, deferrable members wait.
