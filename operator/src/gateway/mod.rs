@@ -103,8 +103,9 @@ struct AppState {
     ready: std::sync::atomic::AtomicBool,
 }
 
-/// Run until SIGTERM or Ctrl-C; then drain requests and give the slices back.
-pub async fn run(client: kube::Client, settings: Settings) -> anyhow::Result<()> {
+/// The gateway's state once the API server's lists arrived: the catalog
+/// watching, the ledgers ready to start.
+async fn start(client: kube::Client, settings: &Settings) -> anyhow::Result<Arc<AppState>> {
     let mut registry = Registry::default();
     let metrics = Arc::new(GatewayMetrics::register(&mut registry));
     let catalog = Catalog::start(&client, settings.watch_namespace.as_deref());
@@ -125,13 +126,26 @@ pub async fn run(client: kube::Client, settings: Settings) -> anyhow::Result<()>
         joules_per_token: Mutex::new(HashMap::new()),
         ready: std::sync::atomic::AtomicBool::new(false),
     });
-    let listener = tokio::net::TcpListener::bind(settings.listen).await?;
-    let addr = listener.local_addr()?;
     if !catalog.ready(Duration::from_secs(60)).await {
         anyhow::bail!("the API server's lists did not arrive within 60 s");
     }
     state.metrics.keys.set(catalog.keys().len() as i64);
     state.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    Ok(state)
+}
+
+/// The gateway's routes over live watches and ledgers, without a listener:
+/// what `run` serves, and what the front door's property test drives
+/// in-process (`e2e/tests/front_door.rs`).
+pub async fn app(client: kube::Client, settings: &Settings) -> anyhow::Result<Router> {
+    Ok(router(start(client, settings).await?))
+}
+
+/// Run until SIGTERM or Ctrl-C; then drain requests and give the slices back.
+pub async fn run(client: kube::Client, settings: Settings) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(settings.listen).await?;
+    let addr = listener.local_addr()?;
+    let state = start(client, &settings).await?;
     let app = router(state.clone());
     // Tests and scripts wait for this line.
     println!(
