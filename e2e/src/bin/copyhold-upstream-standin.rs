@@ -7,7 +7,6 @@
 //! Prompt tokens are the whitespace-separated words of the prompt (plus one
 //! per message); completion tokens are `min(max_tokens, --tokens)`.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +43,18 @@ struct Args {
     /// milliseconds: how long a request stays in flight.
     #[arg(long, default_value_t = 0)]
     answer_delay_ms: u64,
+    /// Wait this long before answering (before the response headers).
+    #[arg(long, default_value_t = 0)]
+    header_delay_ms: u64,
+    /// In a stream, wait this long after the usage chunk before `[DONE]`.
+    #[arg(long, default_value_t = 0)]
+    done_delay_ms: u64,
+    /// Stream this many tokens, then cut the connection (no usage, no `[DONE]`).
+    #[arg(long)]
+    cut_after_tokens: Option<i64>,
+    /// Answer a stream with this status, after streaming its tokens in the body.
+    #[arg(long)]
+    stream_status: Option<u16>,
 }
 
 /// Run as a serving Pod's engine (the kubelet stand-in maps an image to
@@ -76,6 +87,10 @@ fn engine_args(argv: &[String]) -> Option<Args> {
         fail_status: None,
         joules_per_token: 0.5,
         answer_delay_ms: env("STANDIN_ANSWER_DELAY_MS", 0),
+        header_delay_ms: 0,
+        done_delay_ms: 0,
+        cut_after_tokens: None,
+        stream_status: None,
     })
 }
 
@@ -100,6 +115,9 @@ fn prompt_tokens(v: &Value) -> i64 {
 }
 
 async fn complete(State(a): State<Arc<Args>>, chat: bool, body: Bytes) -> Response {
+    if a.header_delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(a.header_delay_ms)).await;
+    }
     if let Some(code) = a.fail_status {
         let code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return (code, axum::Json(json!({"error": {"message": "stand-in told to fail", "type": "server_error", "param": null, "code": null}}))).into_response();
@@ -145,8 +163,13 @@ async fn complete(State(a): State<Arc<Args>>, chat: bool, body: Bytes) -> Respon
         return axum::Json(out).into_response();
     }
     let a2 = a.clone();
+    let status = a
+        .stream_status
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .unwrap_or(StatusCode::OK);
     let s = async_stream(a2, chat, n, model, usage, include_usage);
     Response::builder()
+        .status(status)
         .header("content-type", "text/event-stream")
         .body(Body::from_stream(s))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
@@ -159,7 +182,7 @@ fn async_stream(
     model: Value,
     usage: Value,
     include_usage: bool,
-) -> impl futures::Stream<Item = Result<Bytes, Infallible>> {
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
     let object = if chat {
         "chat.completion.chunk"
     } else {
@@ -170,6 +193,13 @@ fn async_stream(
         let model = model.clone();
         let usage = usage.clone();
         async move {
+            if i > n + 1 {
+                return None;
+            }
+            if a.cut_after_tokens.is_some_and(|c| i >= c) {
+                // An error ends the body without its last chunk: a cut.
+                return Some((Err(std::io::Error::other("stand-in told to cut")), n + 2));
+            }
             if i < n {
                 if a.token_delay_ms > 0 {
                     tokio::time::sleep(Duration::from_millis(a.token_delay_ms)).await;
@@ -193,6 +223,9 @@ fn async_stream(
                 return Some((Ok(Bytes::new()), i + 1));
             }
             if i == n + 1 {
+                if include_usage && a.done_delay_ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(a.done_delay_ms)).await;
+                }
                 return Some((Ok(Bytes::from_static(b"data: [DONE]\n\n")), i + 1));
             }
             None

@@ -34,6 +34,8 @@ pub enum LedgerError {
     Serialize(#[from] serde_json::Error),
     #[error("the register stayed contended after {0} attempts")]
     Contended(u32),
+    #[error("the register's writer task failed: {0}")]
+    Writer(#[from] tokio::task::JoinError),
 }
 
 /// A refusal by the ledger.
@@ -132,7 +134,11 @@ impl QuotaLedger {
     /// after leasing more; refused when the stint has not that much left.
     /// Only what this replica holds is admitted, so a SIGKILL's reclaim
     /// covers every request it had in flight.
-    pub async fn reserve(&self, member: &str, r: Reservation) -> Result<Admission, LedgerError> {
+    pub async fn reserve(
+        self: &Arc<Self>,
+        member: &str,
+        r: Reservation,
+    ) -> Result<Admission, LedgerError> {
         for _ in 0..4 {
             let (st, sw) = self.slice_config();
             let need = {
@@ -145,7 +151,7 @@ impl QuotaLedger {
                     Fit::NeedLease(ask) => ask,
                 }
             };
-            let granted = self.sync(Some((member, need))).await?;
+            let granted = self.sync_detached(member, need).await?;
             {
                 let mut b = self.lock_book();
                 if b.fit(member, r, st, sw) == Fit::Fits {
@@ -234,6 +240,22 @@ impl QuotaLedger {
         };
         let b = self.lock_book();
         ttl || !b.pending().is_empty() || !b.surplus(st, sw, Timestamp::now(), IDLE).is_empty()
+    }
+
+    /// A lease write in a task of its own, awaited here. A request whose
+    /// client leaves drops this future; the write still runs to its end
+    /// and takes what it wrote out of the book. Cut between the API
+    /// server's answer and the book, the batch would be written again by
+    /// the next write (counted twice), and returns taken out of the book
+    /// before the write would never reach the register.
+    async fn sync_detached(
+        self: &Arc<Self>,
+        member: &str,
+        ask: Ask,
+    ) -> Result<(i64, f64), LedgerError> {
+        let me = self.clone();
+        let member = member.to_string();
+        tokio::spawn(async move { me.sync(Some((&member, ask))).await }).await?
     }
 
     /// One write of the register: refresh, heartbeat, settlements, returns

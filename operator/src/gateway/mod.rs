@@ -6,6 +6,7 @@
 pub mod body;
 pub mod catalog;
 pub mod demand;
+pub mod failure;
 pub mod hold;
 pub mod keys;
 pub mod ledger_sync;
@@ -95,7 +96,7 @@ struct AppState {
     catalog: Arc<Catalog>,
     ledgers: Ledgers,
     limiter: Limiter,
-    loads: Loads,
+    loads: Arc<Loads>,
     metrics: Arc<GatewayMetrics>,
     registry: Registry,
     http: reqwest::Client,
@@ -106,8 +107,9 @@ struct AppState {
     demand: Arc<demand::Demand>,
 }
 
-/// Run until SIGTERM or Ctrl-C; then drain requests and give the slices back.
-pub async fn run(client: kube::Client, settings: Settings) -> anyhow::Result<()> {
+/// The gateway's state once the API server's lists arrived: the catalog
+/// watching, the ledgers ready to start.
+async fn start(client: kube::Client, settings: &Settings) -> anyhow::Result<Arc<AppState>> {
     let mut registry = Registry::default();
     let metrics = Arc::new(GatewayMetrics::register(&mut registry));
     let catalog = Catalog::start(&client, settings.watch_namespace.as_deref());
@@ -123,7 +125,7 @@ pub async fn run(client: kube::Client, settings: Settings) -> anyhow::Result<()>
         demand,
         ledgers: Ledgers::new(client.clone(), settings.identity.clone(), metrics.clone()),
         limiter: Limiter::default(),
-        loads: Loads::default(),
+        loads: Arc::new(Loads::default()),
         metrics,
         registry,
         http,
@@ -131,13 +133,26 @@ pub async fn run(client: kube::Client, settings: Settings) -> anyhow::Result<()>
         joules_per_token: Mutex::new(HashMap::new()),
         ready: std::sync::atomic::AtomicBool::new(false),
     });
-    let listener = tokio::net::TcpListener::bind(settings.listen).await?;
-    let addr = listener.local_addr()?;
     if !catalog.ready(Duration::from_secs(60)).await {
         anyhow::bail!("the API server's lists did not arrive within 60 s");
     }
     state.metrics.keys.set(catalog.keys().len() as i64);
     state.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    Ok(state)
+}
+
+/// The gateway's routes over live watches and ledgers, without a listener:
+/// what `run` serves, and what the front door's property test drives
+/// in-process (`e2e/tests/front_door.rs`).
+pub async fn app(client: kube::Client, settings: &Settings) -> anyhow::Result<Router> {
+    Ok(router(start(client, settings).await?))
+}
+
+/// Run until SIGTERM or Ctrl-C; then drain requests and give the slices back.
+pub async fn run(client: kube::Client, settings: Settings) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(settings.listen).await?;
+    let addr = listener.local_addr()?;
+    let state = start(client.clone(), &settings).await?;
     let app = router(state.clone());
     // Tests and scripts wait for this line.
     println!(
@@ -183,13 +198,9 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .merge(register::routes())
-        .fallback(|| async {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                "not_found",
-                "no such endpoint",
-            )
+        .fallback(|| async { ApiError::no_such_endpoint() })
+        .method_not_allowed_fallback(|m: axum::http::Method| async move {
+            ApiError::method_not_allowed(m.as_str())
         })
         .with_state(state)
 }
@@ -400,7 +411,7 @@ async fn serve(
     Ok(relay_stream(s, resp, meter, &asked.checked, extra))
 }
 
-/// Read the body (within the size limit), authenticate the key, and check
+/// Authenticate the key, read the body (within the size limit), and check
 /// the request against the model it names.
 async fn read_request(
     s: &AppState,
@@ -408,11 +419,11 @@ async fn read_request(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Asked, Fail> {
-    let limit = s.settings.body_limit;
-    let bytes = self::body::read_within(body, limit)
-        .await
-        .map_err(|e| fail(ApiError::invalid(None, e.to_string()), "unknown", "unknown"))?;
+    // The key first: a stranger's body is never read.
     let owner = authenticate(s, headers).map_err(|e| fail(e, "unknown", "unknown"))?;
+    let bytes = self::body::read_within(body, s.settings.body_limit)
+        .await
+        .map_err(|e| fail(body_error(e), "unknown", &owner.member))?;
     let member = owner.member.clone();
     let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
         fail(
@@ -445,6 +456,14 @@ async fn read_request(
         target,
         checked,
     })
+}
+
+/// A body that could not be read: over the limit is a 413, the rest 400.
+fn body_error(e: self::body::BodyError) -> ApiError {
+    match e {
+        self::body::BodyError::TooLarge { limit } => ApiError::too_large(limit),
+        e @ self::body::BodyError::Broken(_) => ApiError::invalid(None, e.to_string()),
+    }
 }
 
 /// While an energy budget defers the model, deferrable members wait.
@@ -572,7 +591,11 @@ fn bound(s: &AppState, a: &Asked, spec: &StintQuotaSpec) -> (i64, Reservation) {
 
 /// Reserve the bound on the member's slice: an exhausted stint is a 429, an
 /// unwritable register a 503 (never serve unmetered).
-async fn reserve(ledger: &QuotaLedger, a: &Asked, reservation: Reservation) -> Result<(), Fail> {
+async fn reserve(
+    ledger: &Arc<QuotaLedger>,
+    a: &Asked,
+    reservation: Reservation,
+) -> Result<(), Fail> {
     let (model, member) = (a.model.as_str(), a.member.as_str());
     match ledger.reserve(member, reservation).await {
         Ok(Admission::Admitted) => Ok(()),
@@ -644,11 +667,21 @@ async fn relay_refusal(
     a: &Asked,
 ) -> Result<Response, Fail> {
     let status = resp.status();
+    let content_type = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
     let text = read_limited(resp, s.settings.idle_timeout)
         .await
         .unwrap_or_default();
     if status.is_server_error() {
-        meter.nothing(502);
+        meter.code = 502;
+        match failure::charge_of(content_type.as_deref(), &text) {
+            failure::Charge::Usage(u) => meter.settle(Some(u)),
+            failure::Charge::Reservation => meter.settle(None),
+            failure::Charge::Nothing => meter.nothing(502),
+        }
         count_upstream_error(s, &a.model, "status");
         let msg = serde_json::from_slice::<Value>(&text)
             .ok()
@@ -730,6 +763,7 @@ fn relay_stream(
                             meter.first_byte();
                         }
                         let out = filter.push(&chunk);
+                        meter.seen = filter.usage;
                         if out.is_empty() {
                             continue;
                         }
@@ -818,9 +852,11 @@ async fn forward(
 ) -> Result<reqwest::Response, ApiError> {
     let mut tried: Vec<String> = Vec::new();
     for _ in 0..=s.settings.retries {
-        let Some(replica) = s
+        // Released when dropped: on every error below, and when the client
+        // leaves while we wait.
+        let Some((replica, held)) = s
             .loads
-            .acquire(&target.replicas, &checked.affinity_key, &tried)
+            .hold(&target.replicas, &checked.affinity_key, &tried)
         else {
             break;
         };
@@ -837,18 +873,17 @@ async fn forward(
             .send();
         match tokio::time::timeout(s.settings.first_byte_timeout, send).await {
             Ok(Ok(r)) => {
-                meter.replica = Some(replica.name);
+                meter.load = Some(held);
                 return Ok(r);
             }
             Ok(Err(e)) if e.is_connect() => {
-                s.loads.release(&replica.name);
+                drop(held);
                 s.loads.eject(&replica.name, s.settings.eject_for);
                 count_upstream_error(s, &meter.model, "connect");
                 tracing::warn!(replica = %replica.name, error = %e, "replica refused the connection; ejected");
                 tried.push(replica.name);
             }
             Ok(Err(e)) => {
-                s.loads.release(&replica.name);
                 count_upstream_error(
                     s,
                     &meter.model,
@@ -861,7 +896,6 @@ async fn forward(
                 });
             }
             Err(_) => {
-                s.loads.release(&replica.name);
                 count_upstream_error(s, &meter.model, "timeout");
                 return Err(ApiError::gateway_timeout(format!(
                     "the model server did not answer within {} s",
@@ -893,7 +927,11 @@ struct Meter {
     settled: bool,
     /// Set once an engine has accepted the request.
     charge_on_drop: bool,
-    replica: Option<String>,
+    /// The usage the upstream reported, once its usage chunk went by: a
+    /// client that leaves after it is charged that, not the reservation.
+    seen: Option<UpstreamUsage>,
+    /// The replica's load, released when the request ends.
+    load: Option<router::Held>,
     _permit: Permit,
     /// Counted in this replica's published demand until dropped (for
     /// autoscaled models only: no other model's demand is read).
@@ -937,7 +975,8 @@ impl Meter {
             code: 200,
             settled: false,
             charge_on_drop: false,
-            replica: None,
+            seen: None,
+            load: None,
             _permit: admitted.permit,
             demand: a.target.hold_for.map(|_| s.demand.track(&a.target.key)),
         }
@@ -1000,9 +1039,7 @@ impl Meter {
         self.settled = true;
         self.ledger.settle(&self.member, self.reservation, &u);
         let m = &self.state.metrics;
-        if let Some(r) = &self.replica {
-            self.state.loads.release(r);
-        }
+        drop(self.load.take());
         m.in_flight
             .get_or_create(&ModelLabels {
                 model: self.model.clone(),
@@ -1050,6 +1087,10 @@ impl Drop for Meter {
             // Client gone or stream broken after an engine took the request.
             if self.code == 200 {
                 self.code = 499;
+            }
+            if let Some(u) = self.seen.take() {
+                self.settle(Some(u));
+                return;
             }
             let full = self.full.clone();
             tracing::info!(member = %self.member, model = %self.model, "response ended early; charging the full reservation");

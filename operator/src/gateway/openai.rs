@@ -126,6 +126,37 @@ impl ApiError {
         )
     }
 
+    /// A known path asked with a method it does not take.
+    pub fn method_not_allowed(method: &str) -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            "method_not_allowed",
+            format!("this endpoint does not take {method} requests"),
+        )
+    }
+
+    /// A path the gateway does not serve.
+    pub fn no_such_endpoint() -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "not_found",
+            "no such endpoint",
+        )
+    }
+
+    /// A request body over the limit (sent once the body is drained, so
+    /// the client reads it).
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+            format!("the request body is larger than {limit} bytes"),
+        )
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -527,6 +558,18 @@ fn max_tokens_field(body: &Value, ctx: i64) -> Result<Option<i64>, ApiError> {
     Ok(max_tokens)
 }
 
+/// The message roles of OpenAI's chat API. Anything else is refused here:
+/// a chat template given a role it does not know may fail or render it in
+/// ways nobody metered.
+const ROLES: [&str; 6] = [
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+];
+
 /// A chat request's `messages`: their roles and text appended to `text`.
 /// Returns how many there are.
 fn chat_text(obj: &Object, text: &mut String) -> Result<i64, ApiError> {
@@ -559,7 +602,17 @@ fn chat_text(obj: &Object, text: &mut String) -> Result<i64, ApiError> {
             ));
         };
         match mo.get("role") {
-            Some(Value::String(r)) => text.push_str(r),
+            Some(Value::String(r)) if ROLES.contains(&r.as_str()) => text.push_str(r),
+            Some(Value::String(r)) => {
+                return Err(ApiError::invalid(
+                    Some("messages"),
+                    format!(
+                        "unknown message role `{}`; expected one of {}",
+                        r.chars().take(64).collect::<String>(),
+                        ROLES.join(", ")
+                    ),
+                ));
+            }
             _ => {
                 return Err(ApiError::invalid(
                     Some("messages"),
@@ -627,6 +680,18 @@ mod tests {
 
     fn chat(v: Value) -> Result<Checked, ApiError> {
         check(Endpoint::Chat, &v, Some(2048))
+    }
+
+    #[test]
+    fn an_unknown_message_role_is_refused_at_the_gateway() {
+        let e = chat(json!({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}))
+            .expect_err("wizard is no role");
+        assert_eq!((e.status.as_u16(), e.param), (400, Some("messages")));
+        assert!(e.message.contains("wizard"), "{}", e.message);
+        for role in ROLES {
+            chat(json!({"model": "m", "messages": [{"role": role, "content": "x"}]}))
+                .unwrap_or_else(|e| panic!("{role}: {e:?}"));
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Virtual nodes per replica on the hash ring.
@@ -96,6 +96,24 @@ impl Loads {
         Some(r)
     }
 
+    /// [`Loads::acquire`], with the count held by a guard that releases it
+    /// when dropped: a request whose client leaves while it waits for the
+    /// upstream frees its replica (otherwise the replica never looks idle
+    /// again, and `onlyWhenIdle` members are never served).
+    pub fn hold(
+        self: &Arc<Self>,
+        replicas: &[Replica],
+        key: &str,
+        exclude: &[String],
+    ) -> Option<(Replica, Held)> {
+        let r = self.acquire(replicas, key, exclude)?;
+        let held = Held {
+            loads: self.clone(),
+            name: r.name.clone(),
+        };
+        Some((r, held))
+    }
+
     pub fn release(&self, name: &str) {
         let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = m.get_mut(name) {
@@ -116,6 +134,18 @@ impl Loads {
         replicas
             .iter()
             .any(|r| m.get(&r.name).map(|e| e.0).unwrap_or(0) == 0)
+    }
+}
+
+/// One request counted on a replica until dropped.
+pub struct Held {
+    loads: Arc<Loads>,
+    name: String,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.loads.release(&self.name);
     }
 }
 
@@ -180,6 +210,19 @@ mod tests {
         assert_eq!(loads.acquire(&rs, "k", &["b".into()]).unwrap().name, "a");
         assert!(!loads.any_idle(&rs), "both carry requests");
         loads.release("a");
+        assert!(loads.any_idle(&rs));
+    }
+
+    #[test]
+    fn a_held_request_frees_its_replica_when_dropped() {
+        let loads = Arc::new(Loads::default());
+        let rs = vec![Replica {
+            name: "a".into(),
+            base_url: "http://a".into(),
+        }];
+        let (_, held) = loads.hold(&rs, "", &[]).expect("a replica");
+        assert!(!loads.any_idle(&rs));
+        drop(held);
         assert!(loads.any_idle(&rs));
     }
 }
