@@ -88,9 +88,14 @@ fn client() -> reqwest::Client {
 }
 
 /// A Python with the official `huggingface_hub`, in the cache's venv.
+/// Made under a file lock: the tests run as parallel processes, and on a
+/// fresh machine two of them would otherwise build the venv at once.
 fn hf_python() -> PathBuf {
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
     let venv = PathBuf::from(home).join(".cache/copyhold/venv-hf");
+    std::fs::create_dir_all(venv.parent().unwrap()).unwrap();
+    let lock = std::fs::File::create(venv.with_extension("lock")).unwrap();
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
     let py = venv.join("bin/python");
     let ok = Command::new(&py)
         .args(["-c", "import huggingface_hub"])
