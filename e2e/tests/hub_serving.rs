@@ -114,7 +114,6 @@ async fn a_model_deployment_naming_a_hub_repo_is_fetched_with_progress_sized_and
     let ns = TestNamespace::create("hub")?;
     let kc = kubeconfig()?;
     let node_bin = workspace_bin("copyhold-node", "copyhold-node")?;
-    let controller_bin = workspace_bin("copyhold", "copyhold")?;
 
     // The hub: a copy of the fixture as town/tiny-llama, paced to 150 KB/s
     // so the ~0.9 MB of weights take a few seconds and progress shows.
@@ -146,28 +145,7 @@ async fn a_model_deployment_naming_a_hub_repo_is_fetched_with_progress_sized_and
         &node_bin,
         "e2e-hub",
     )?;
-    let _controller = ChildGuard(
-        Command::new(controller_bin)
-            .args([
-                "controller",
-                "--metrics-addr",
-                "127.0.0.1:0",
-                "--leader-election=false",
-                "--budget-selector",
-                "copyhold-test=none",
-                "--node-device",
-                "cpu",
-                "--resync-seconds",
-                "2",
-                "--watch-namespace",
-                &ns.name,
-                "--model-cache-dir",
-            ])
-            .arg(&cache)
-            .env("KUBECONFIG", &kc)
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
+    let _controller = controller(&ns.name, &cache)?;
 
     // `kubectl get md -w`, kept for the record.
     let watch_out = work.join("kubectl-get-md-w.txt");
@@ -359,31 +337,10 @@ async fn a_model_deployment_naming_a_missing_repo_gets_a_condition_naming_it() -
     install_crds().await?;
     let client = copyhold_e2e::client().await?;
     let ns = TestNamespace::create("hub404")?;
-    let kc = kubeconfig()?;
-    let controller_bin = workspace_bin("copyhold", "copyhold")?;
     let work = std::env::temp_dir().join(format!("copyhold-e2e-hub404-{}", std::process::id()));
     std::fs::create_dir_all(work.join("hub"))?;
     let (endpoint, _hub) = spawn_local(&work.join("hub"), HubOptions::default()).await?;
-    let _controller = ChildGuard(
-        Command::new(controller_bin)
-            .args([
-                "controller",
-                "--metrics-addr",
-                "127.0.0.1:0",
-                "--leader-election=false",
-                "--budget-selector",
-                "copyhold-test=none",
-                "--node-device",
-                "cpu",
-                "--resync-seconds",
-                "2",
-                "--watch-namespace",
-                &ns.name,
-            ])
-            .env("KUBECONFIG", &kc)
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
+    let _controller = controller(&ns.name, &work.join("node-cache"))?;
     let path = work.join("missing.yaml");
     std::fs::write(&path, manifest("missing", &endpoint))?;
     apply(&ns.name, &path).await?;
