@@ -17,7 +17,7 @@ use copyhold_e2e::{
     workspace_bin,
 };
 use copyhold_hub::server::{HubOptions, spawn_local};
-use k8s_openapi::api::core::v1::{Event, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod};
 use kube::api::{Api, ListParams};
 
 const REPO: &str = "town/tiny-llama";
@@ -33,13 +33,17 @@ async fn apply(ns: &str, path: &std::path::Path) -> Result<()> {
 }
 
 fn manifest(name: &str, endpoint: &str) -> String {
+    manifest_of(name, REPO, endpoint)
+}
+
+fn manifest_of(name: &str, repo: &str, endpoint: &str) -> String {
     format!(
         r#"apiVersion: copyhold.dev/v1alpha1
 kind: ModelDeployment
 metadata: {{name: {name}}}
 spec:
   model:
-    source: {{huggingFace: {{repo: {REPO}, endpoint: "{endpoint}"}}}}
+    source: {{huggingFace: {{repo: {repo}, endpoint: "{endpoint}"}}}}
     servedName: {name}
   serving: {{contextLength: 256, maxConcurrentSequences: 2}}
   replicas: 1
@@ -222,6 +226,11 @@ async fn a_model_deployment_naming_a_hub_repo_is_fetched_with_progress_sized_and
 
 /// The controller for one test namespace, with the node cache at `cache`.
 fn controller(ns: &str, cache: &std::path::Path) -> Result<ChildGuard> {
+    controller_with(ns, cache, &[])
+}
+
+/// [`controller`] with more arguments.
+fn controller_with(ns: &str, cache: &std::path::Path, extra: &[&str]) -> Result<ChildGuard> {
     Ok(ChildGuard(
         Command::new(workspace_bin("copyhold", "copyhold")?)
             .args([
@@ -240,10 +249,107 @@ fn controller(ns: &str, cache: &std::path::Path) -> Result<ChildGuard> {
                 "--model-cache-dir",
             ])
             .arg(cache)
+            .args(extra)
             .env("KUBECONFIG", kubeconfig()?)
             .stdout(Stdio::null())
             .spawn()?,
     ))
+}
+
+/// Snapshots of `repo` in the node cache at `cache`.
+fn snapshots(cache: &std::path::Path, repo: &str) -> usize {
+    let dir = cache
+        .join("models")
+        .join(repo.replace('/', "--"))
+        .join("snapshots");
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+/// The models the controller's in-use ConfigMap names in `ns`.
+async fn in_use(client: &kube::Client, ns: &str) -> Result<Vec<String>> {
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let cm = cms.get_opt("copyhold-models-in-use").await?;
+    let text = cm
+        .and_then(|c| c.data)
+        .and_then(|mut d| d.remove("models"))
+        .unwrap_or_default();
+    Ok(text.lines().map(str::to_string).collect())
+}
+
+#[tokio::test]
+async fn a_bounded_cache_evicts_only_models_that_no_model_deployment_uses() -> Result<()> {
+    let _fleet = FleetLock::acquire()?;
+    install_crds().await?;
+    let client = copyhold_e2e::client().await?;
+    let ns = TestNamespace::create("evict")?;
+    let node_bin = workspace_bin("copyhold-node", "copyhold-node")?;
+    let work = std::env::temp_dir().join(format!("copyhold-e2e-evict-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    // Three repos on the hub; one byte of cache, so every fetch evicts
+    // every snapshot it may.
+    for repo in ["town/tiny-a", "town/tiny-b", "town/tiny-c"] {
+        let dir = work.join("hub").join(repo);
+        std::fs::create_dir_all(&dir)?;
+        for e in std::fs::read_dir(fixtures().join("tiny-llama"))? {
+            let e = e?;
+            std::fs::copy(e.path(), dir.join(e.file_name()))?;
+        }
+    }
+    let (endpoint, _hub) = spawn_local(&work.join("hub"), HubOptions::default()).await?;
+    let cache = work.join("node-cache");
+    let _kubelet = copyhold_e2e::start_kubelet(
+        std::path::Path::new(env!("CARGO_BIN_EXE_copyhold-kubelet")),
+        &ns.name,
+        "127.0.103",
+        &node_bin,
+        "e2e-evict",
+    )?;
+    let _controller = controller_with(&ns.name, &cache, &["--model-cache-max-bytes", "1"])?;
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let deploy = |name: &'static str, repo: &'static str| {
+        let path = work.join(format!("{name}.yaml"));
+        let endpoint = endpoint.clone();
+        let ns = ns.name.clone();
+        async move {
+            std::fs::write(&path, manifest_of(name, repo, &endpoint))?;
+            apply(&ns, &path).await
+        }
+    };
+
+    deploy("a", "town/tiny-a").await?;
+    ready(&mds, "a").await?;
+    // b's fetch is over the bound, but a is in use: kept.
+    deploy("b", "town/tiny-b").await?;
+    ready(&mds, "b").await?;
+    assert_eq!(snapshots(&cache, "town/tiny-a"), 1, "a is served: kept");
+    assert_eq!(snapshots(&cache, "town/tiny-b"), 1);
+    eventually(Duration::from_secs(30), || async {
+        let names = in_use(&client, &ns.name).await?;
+        anyhow::ensure!(names == ["town/tiny-a", "town/tiny-b"], "in use: {names:?}");
+        Ok(())
+    })
+    .await?;
+
+    // a is deleted: the list drops it, and c's fetch evicts it.
+    mds.delete("a", &Default::default()).await?;
+    eventually(Duration::from_secs(30), || async {
+        let names = in_use(&client, &ns.name).await?;
+        anyhow::ensure!(names == ["town/tiny-b"], "in use: {names:?}");
+        Ok(())
+    })
+    .await?;
+    deploy("c", "town/tiny-c").await?;
+    ready(&mds, "c").await?;
+    assert_eq!(
+        snapshots(&cache, "town/tiny-a"),
+        0,
+        "no one uses a: evicted"
+    );
+    assert_eq!(snapshots(&cache, "town/tiny-b"), 1, "b is served: kept");
+    assert_eq!(snapshots(&cache, "town/tiny-c"), 1);
+    answer(&client, &ns.name, "b").await?;
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
 }
 
 /// `sha256sum * > SHA256SUMS` in `dir`.
@@ -287,7 +393,7 @@ async fn a_model_deployment_naming_an_http_mirror_is_fetched_against_its_manifes
     let _kubelet = copyhold_e2e::start_kubelet(
         std::path::Path::new(env!("CARGO_BIN_EXE_copyhold-kubelet")),
         &ns.name,
-        "127.0.103",
+        "127.0.104",
         &node_bin,
         "e2e-mirror",
     )?;

@@ -116,15 +116,43 @@ impl FetchArgs {
         r.parallel = self.parallel;
         r.max_cache_bytes = self.max_cache_bytes;
         if let Some(p) = &self.in_use_file {
-            r.in_use = read(p)?
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .map(str::to_string)
-                .collect();
+            match in_use(p)? {
+                Some(models) => r.in_use = models,
+                None => {
+                    eprintln!(
+                        "fetch: {} is missing, so which models are in use is unknown: no eviction this time",
+                        p.display()
+                    );
+                    r.max_cache_bytes = None;
+                }
+            }
         }
         Ok(r)
     }
+}
+
+/// The models named in the in-use file (`OWNER/NAME[@COMMIT]` a line), or
+/// `None` when the file is missing: the controller's ConfigMap is mounted
+/// as optional, and a Pod started before it exists must not evict models
+/// it cannot know are in use.
+fn in_use(path: &PathBuf) -> Result<Option<Vec<String>>, FetchCommandError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(FetchCommandError::Read {
+                path: path.display().to_string(),
+                source,
+            });
+        }
+    };
+    Ok(Some(
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_string)
+            .collect(),
+    ))
 }
 
 /// Runs the fetch; prints the directory to serve on stdout.
@@ -150,4 +178,50 @@ pub fn run(args: &FetchArgs) -> Result<(), FetchCommandError> {
     })?;
     println!("{}", got.dir.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        fetch: FetchArgs,
+    }
+
+    /// An empty directory of this test's own.
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("copyhold-fetch-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn args(extra: &[&str]) -> FetchArgs {
+        let mut argv = vec!["fetch", "--repo", "town/tiny", "--max-cache-bytes", "1000"];
+        argv.extend(extra);
+        Cli::parse_from(argv).fetch
+    }
+
+    #[test]
+    fn a_missing_in_use_file_turns_eviction_off_and_the_fetch_goes_on() {
+        let missing = scratch("missing").join("models");
+        let req = args(&["--in-use-file", missing.to_str().unwrap()])
+            .request()
+            .expect("a missing in-use file is not an error");
+        assert_eq!(req.max_cache_bytes, None, "nothing evicted blind");
+    }
+
+    #[test]
+    fn the_in_use_file_names_the_models_kept() {
+        let file = scratch("named").join("models");
+        std::fs::write(&file, "# in use\ntown/a\n\n  town/b@abc \n").unwrap();
+        let req = args(&["--in-use-file", file.to_str().unwrap()])
+            .request()
+            .unwrap();
+        assert_eq!(req.max_cache_bytes, Some(1000));
+        assert_eq!(req.in_use, vec!["town/a", "town/b@abc"]);
+    }
 }

@@ -27,13 +27,23 @@ use anyhow::{Context as _, Result};
 use clap::Parser;
 use futures::StreamExt;
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Container, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Container, KeyToPath, Pod, ServiceAccount, Volume};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
+
+/// A Secret's or ConfigMap's keys, for a volume of it.
+struct DataVolume {
+    /// "secret" or "configmap", for messages.
+    kind: &'static str,
+    name: String,
+    data: BTreeMap<String, Vec<u8>>,
+    items: Option<Vec<KeyToPath>>,
+    optional: bool,
+}
 
 #[derive(Parser, Debug)]
 #[command(about = "Runs Pods bound to simulated nodes as local processes (tests only)")]
@@ -222,7 +232,7 @@ impl Kubelet {
         log_path: &std::path::Path,
     ) -> Result<Child> {
         let argv = self.command_line(pod, c, ip)?;
-        let argv = self.secret_volumes(pod, c, argv).await?;
+        let argv = self.data_volumes(pod, c, argv).await?;
         std::fs::create_dir_all(&self.args.log_dir)?;
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -437,18 +447,67 @@ impl Kubelet {
         Ok(Some(path))
     }
 
+    /// The keys of a Secret or ConfigMap volume (empty when it is optional
+    /// and missing); `None` for other volumes.
+    async fn volume_data(&self, ns: &str, v: &Volume) -> Result<Option<DataVolume>> {
+        use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+        if let Some(sv) = &v.secret {
+            let name = sv.secret_name.clone().unwrap_or_default();
+            let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+            let data = match api.get_opt(&name).await? {
+                Some(s) => s
+                    .data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.0))
+                    .collect(),
+                None if sv.optional == Some(true) => BTreeMap::new(),
+                None => anyhow::bail!("secret `{ns}/{name}` not found"),
+            };
+            return Ok(Some(DataVolume {
+                kind: "secret",
+                name,
+                data,
+                items: sv.items.clone(),
+                optional: sv.optional == Some(true),
+            }));
+        }
+        if let Some(cv) = &v.config_map {
+            let name = cv.name.clone();
+            let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
+            let data = match api.get_opt(&name).await? {
+                Some(c) => c
+                    .data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.into_bytes()))
+                    .collect(),
+                None if cv.optional == Some(true) => BTreeMap::new(),
+                None => anyhow::bail!("configmap `{ns}/{name}` not found"),
+            };
+            return Ok(Some(DataVolume {
+                kind: "configmap",
+                name,
+                data,
+                items: cv.items.clone(),
+                optional: cv.optional == Some(true),
+            }));
+        }
+        Ok(None)
+    }
+
     /// Where the Secret volumes of the Pod `namespace/name` are written.
     fn secret_dir(&self, k: &str) -> PathBuf {
         self.args.log_dir.join("secrets").join(k.replace('/', "_"))
     }
 
-    /// Secret volumes: each mounted Secret's keys (or its `items`) written
+    /// Secret and ConfigMap volumes: each mounted object's keys (or its `items`) written
     /// as files, mode 0600, into a directory of the Pod's own, and the
     /// mount paths in `argv` rewritten to it, as hostPath mounts are
-    /// (`subPath` names one file of it). A Secret that is missing (and not
+    /// (`subPath` names one file of it). An object that is missing (and not
     /// `optional`) is an error: the Pod is not started (tried again at its
     /// next change; a real kubelet keeps retrying the mount).
-    async fn secret_volumes(
+    async fn data_volumes(
         &self,
         pod: &Pod,
         c: &Container,
@@ -465,23 +524,21 @@ impl Kubelet {
         let root = self.secret_dir(&key(pod));
         let mut mounts: BTreeMap<String, PathBuf> = BTreeMap::new();
         for m in c.volume_mounts.clone().unwrap_or_default() {
-            let Some(sv) = volumes
-                .iter()
-                .find(|v| v.name == m.name)
-                .and_then(|v| v.secret.as_ref())
-            else {
+            let Some(v) = volumes.iter().find(|v| v.name == m.name) else {
                 continue;
             };
-            let secret_name = sv.secret_name.clone().unwrap_or_default();
-            let api: Api<k8s_openapi::api::core::v1::Secret> =
-                Api::namespaced(self.client.clone(), &ns);
-            let data = match api.get_opt(&secret_name).await? {
-                Some(s) => s.data.unwrap_or_default(),
-                None if sv.optional == Some(true) => BTreeMap::new(),
-                None => anyhow::bail!("secret `{ns}/{secret_name}` not found"),
+            let Some(sv) = self.volume_data(&ns, v).await? else {
+                continue;
             };
+            let DataVolume {
+                kind: what,
+                name: secret_name,
+                data,
+                items,
+                optional,
+            } = sv;
             // Keys and the files they become.
-            let files: Vec<(String, String)> = match &sv.items {
+            let files: Vec<(String, String)> = match &items {
                 Some(items) => items
                     .iter()
                     .map(|i| (i.key.clone(), i.path.clone()))
@@ -497,17 +554,17 @@ impl Kubelet {
                 .with_context(|| format!("creating {}", dir.display()))?;
             for (k, rel) in files {
                 let Some(value) = data.get(&k) else {
-                    if sv.optional == Some(true) {
+                    if optional {
                         continue;
                     }
-                    anyhow::bail!("secret `{ns}/{secret_name}` has no key `{k}`");
+                    anyhow::bail!("{what} `{ns}/{secret_name}` has no key `{k}`");
                 };
                 let rel_path = std::path::Path::new(&rel);
                 anyhow::ensure!(
                     rel_path
                         .components()
                         .all(|c| matches!(c, std::path::Component::Normal(_))),
-                    "secret item path `{rel}` must be relative, without `..`"
+                    "{what} item path `{rel}` must be relative, without `..`"
                 );
                 let path = dir.join(rel_path);
                 if let Some(parent) = path.parent() {
@@ -522,7 +579,7 @@ impl Kubelet {
                     .mode(0o600)
                     .open(&path)
                     .with_context(|| format!("writing {}", path.display()))?;
-                f.write_all(&value.0)?;
+                f.write_all(value)?;
             }
             let target = match &m.sub_path {
                 Some(sp) if !sp.is_empty() => dir.join(sp),

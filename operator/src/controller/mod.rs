@@ -5,6 +5,7 @@ pub mod autoscaler;
 pub mod download;
 pub mod energy_budget;
 pub mod model_deployment;
+pub mod models_in_use;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -294,6 +295,18 @@ pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()>
     );
     tokio::spawn(count_states(controller.store(), metrics.clone()));
     let energy_controller = energy_controller(&client, &settings, &ctx, energy, controller.store());
+    // The fetchers evict only with a cache bound, and only models the
+    // in-use ConfigMaps do not name.
+    let in_use = {
+        let (client, store, metrics) = (client.clone(), controller.store(), metrics.clone());
+        let bounded = settings.defaults.model_cache_max_bytes.is_some();
+        async move {
+            if bounded {
+                models_in_use::publish(client, store, &metrics).await;
+            }
+            futures::future::pending::<()>().await
+        }
+    };
     let controller = controller
         .owns_stream(dep_stream)
         .owns_stream(svc_stream)
@@ -305,7 +318,14 @@ pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()>
                 tracing::debug!(error = %e, "controller event");
             }
         });
-    let controller = futures::future::join(controller, energy_controller);
+    // The in-use writer never ends: the controllers' end (a shutdown
+    // signal) ends the whole.
+    let controller = async move {
+        tokio::select! {
+            _ = futures::future::join(controller, energy_controller) => {}
+            () = in_use => {}
+        }
+    };
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     match &elector {
         Some(e) => {

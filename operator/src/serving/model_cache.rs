@@ -13,17 +13,29 @@
 //! download it once; the second init container finds the verified blobs and
 //! only links them.
 
-use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, HostPathVolumeSource, KeyToPath, PersistentVolumeClaimVolumeSource,
-    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
-};
+use std::collections::{BTreeMap, BTreeSet};
 
-use crate::resources::{HttpSource, HuggingFaceSource, ModelSource};
+use k8s_openapi::api::core::v1::{
+    ConfigMapVolumeSource, Container, ContainerPort, HostPathVolumeSource, KeyToPath,
+    PersistentVolumeClaimVolumeSource, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+};
+use kube::ResourceExt as _;
+
+use crate::resources::{HttpSource, HuggingFaceSource, ModelDeployment, ModelSource};
 
 /// Where the cache is mounted in the Pod.
 pub const MODEL_CACHE_DIR: &str = "/var/cache/copyhold-models";
 /// Where a source's token Secret is mounted for the fetcher.
 pub const HF_TOKEN_DIR: &str = "/var/run/copyhold/hf";
+/// The ConfigMap (in each namespace with a fetched model) naming every
+/// model the ModelDeployments use, one `OWNER/NAME` a line under
+/// [`IN_USE_KEY`]: the fetcher, which has no API credentials, evicts only
+/// models it does not name.
+pub const IN_USE_CONFIGMAP: &str = "copyhold-models-in-use";
+/// The ConfigMap's key, and the file's name where it is mounted.
+pub const IN_USE_KEY: &str = "models";
+/// Where the fetcher finds the ConfigMap.
+pub const IN_USE_DIR: &str = "/etc/copyhold/models-in-use";
 /// Port the fetcher serves its progress on (the engine's, free until the
 /// engine starts after it).
 pub const FETCH_PROGRESS_PORT: i32 = super::workload::ENGINE_PORT;
@@ -94,6 +106,12 @@ impl<'a> Cached<'a> {
         }
     }
 
+    /// The model's name in the cache, `OWNER/NAME` (a mirror's is made from
+    /// its URL): what the in-use file names.
+    pub fn cache_name(&self) -> String {
+        self.key().0
+    }
+
     /// The directory the engine loads: the revision's snapshot in the cache.
     pub fn model_path(&self) -> String {
         let (repo, revision) = self.key();
@@ -142,8 +160,44 @@ pub fn token_volume(src: Cached) -> Option<Volume> {
     })
 }
 
+/// The in-use ConfigMap's volume, optional: a Pod that starts before the
+/// controller wrote it fetches without evicting (the fetcher treats a
+/// missing file as "in use unknown").
+pub fn in_use_volume() -> Volume {
+    Volume {
+        name: "models-in-use".into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: IN_USE_CONFIGMAP.into(),
+            optional: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The in-use file's text for each namespace that has a ModelDeployment of
+/// a fetched model: every such model of every ModelDeployment in `mds`
+/// (the cache is shared across namespaces on a node), sorted, once each.
+pub fn in_use_by_namespace<'a>(
+    mds: impl IntoIterator<Item = &'a ModelDeployment>,
+) -> BTreeMap<String, String> {
+    let mut models = BTreeSet::new();
+    let mut namespaces = BTreeSet::new();
+    for md in mds {
+        if let Some(src) = Cached::of(&md.spec.model.source) {
+            models.insert(src.cache_name());
+            namespaces.extend(md.namespace());
+        }
+    }
+    let text: String = models.iter().map(|m| format!("{m}\n")).collect();
+    namespaces
+        .into_iter()
+        .map(|ns| (ns, text.clone()))
+        .collect()
+}
+
 /// The fetcher's arguments: the repository, the hub, the cache, and the
-/// optional file filter, cache bound and token.
+/// optional file filter, cache bound (with the in-use file) and token.
 fn fetch_args(src: Cached, max_cache_bytes: Option<u64>) -> Vec<String> {
     let mut args = vec!["fetch".to_string()];
     match src {
@@ -172,6 +226,8 @@ fn fetch_args(src: Cached, max_cache_bytes: Option<u64>) -> Vec<String> {
     if let Some(b) = max_cache_bytes {
         args.push("--max-cache-bytes".into());
         args.push(b.to_string());
+        args.push("--in-use-file".into());
+        args.push(format!("{IN_USE_DIR}/{IN_USE_KEY}"));
     }
     if src.token_secret().is_some() {
         args.push("--token-file".into());
@@ -196,6 +252,14 @@ pub fn fetch_container(
         mounts.push(VolumeMount {
             name: "hf-token".into(),
             mount_path: HF_TOKEN_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
+    if max_cache_bytes.is_some() {
+        mounts.push(VolumeMount {
+            name: "models-in-use".into(),
+            mount_path: IN_USE_DIR.into(),
             read_only: Some(true),
             ..Default::default()
         });
@@ -256,7 +320,59 @@ mod tests {
             "{line}"
         );
         assert!(line.contains("--max-cache-bytes 1073741824"), "{line}");
-        assert_eq!(c.volume_mounts.unwrap_or_default()[1].name, "hf-token");
+        assert!(
+            line.contains("--in-use-file /etc/copyhold/models-in-use/models"),
+            "{line}"
+        );
+        let mounts = c.volume_mounts.unwrap_or_default();
+        assert_eq!(mounts[1].name, "hf-token");
+        assert_eq!(mounts[2].name, "models-in-use");
+        assert_eq!(mounts[2].mount_path, IN_USE_DIR);
+    }
+
+    #[test]
+    fn without_a_cache_bound_nothing_is_evicted_and_no_in_use_file_is_needed() {
+        let hf = hf();
+        let c = fetch_container(Cached::Hub(&hf), "img", None, SecurityContext::default());
+        let line = c.args.clone().unwrap_or_default().join(" ");
+        assert!(!line.contains("--in-use-file"), "{line}");
+        assert!(!line.contains("--max-cache-bytes"), "{line}");
+    }
+
+    fn md(ns: &str, name: &str, source: serde_json::Value) -> ModelDeployment {
+        serde_json::from_value(json!({
+            "apiVersion": "copyhold.dev/v1alpha1",
+            "kind": "ModelDeployment",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"model": {"name": name, "source": source}},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn every_namespace_with_a_fetched_model_gets_every_fetched_model_of_the_cluster() {
+        let mds = [
+            md("a", "x", json!({"huggingFace": {"repo": "town/x"}})),
+            md(
+                "a",
+                "x2",
+                json!({"huggingFace": {"repo": "town/x", "revision": "v2"}}),
+            ),
+            md("b", "y", json!({"http": {"url": "http://m.town/y/"}})),
+            md("c", "z", json!({"hostPath": {"path": "/models/z"}})),
+        ];
+        let got = in_use_by_namespace(&mds);
+        let mirror = copyhold_hub::fetch::mirror_repo_id("http://m.town/y/");
+        let mut want_lines = ["town/x".to_string(), mirror];
+        want_lines.sort();
+        let want: String = want_lines.iter().map(|l| format!("{l}\n")).collect();
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            ["a", "b"],
+            "c reads in place"
+        );
+        assert_eq!(got["a"], want);
+        assert_eq!(got["b"], want, "the node cache is shared across namespaces");
     }
 
     #[test]

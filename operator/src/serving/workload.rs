@@ -349,6 +349,9 @@ fn fetch_containers(
         return Vec::new();
     };
     volumes.extend(model_cache::token_volume(src));
+    if defaults.model_cache_max_bytes.is_some() {
+        volumes.push(model_cache::in_use_volume());
+    }
     vec![model_cache::fetch_container(
         src,
         &defaults.copyhold_image,
