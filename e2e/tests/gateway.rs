@@ -1330,3 +1330,143 @@ async fn the_front_door_answers_openai_json_and_checks_the_key_before_the_body()
     assert_eq!(line.requests, 1, "only the warm-up was charged: {line:?}");
     Ok(())
 }
+
+/// Sets `member`'s key Secret to `key` (`kubectl apply`, as an admin would).
+fn put_key(s: &Scene, member: &str, key: &str) -> Result<()> {
+    let y = kubectl_ok(&[
+        "-n",
+        &s.ns.name,
+        "create",
+        "secret",
+        "generic",
+        &format!("key-{member}"),
+        &format!("--from-literal=api-key={key}"),
+        "--dry-run=client",
+        "-o",
+        "yaml",
+    ])?;
+    let p = std::env::temp_dir().join(format!("{}-{member}-key.yaml", s.ns.name));
+    std::fs::write(&p, y)?;
+    kubectl_ok(&["apply", "-f", &p.to_string_lossy()]).map(drop)
+}
+
+/// The quota's `Valid` condition once it has `status` and `reason`.
+async fn valid_condition(s: &Scene, status: &str, reason: &str) -> Result<String> {
+    eventually(Duration::from_secs(20), || async {
+        let st = s.register().await?;
+        let c = st
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Valid")
+            .context("no Valid condition yet")?;
+        ensure!(
+            c.status == status && c.reason == reason,
+            "Valid is {} {}: {}",
+            c.status,
+            c.reason,
+            c.message
+        );
+        Ok(c.message.clone())
+    })
+    .await
+}
+
+/// Reasons of the Warning Events on the quota `commons`.
+async fn quota_warnings(s: &Scene) -> Result<Vec<(String, String)>> {
+    let events: Api<k8s_openapi::api::core::v1::Event> =
+        Api::namespaced(s.client.clone(), &s.ns.name);
+    Ok(events
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.type_.as_deref() == Some("Warning")
+                && e.involved_object.kind.as_deref() == Some("StintQuota")
+                && e.involved_object.name.as_deref() == Some("commons")
+        })
+        .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_given_to_two_members_opens_for_neither_and_the_quota_says_so() -> Result<()> {
+    let mut s = Scene::new(
+        "gw-dupkey",
+        json!({"members": [{"name": "ana"}, {"name": "bo"}, {"name": "cy"}],
+               "pool": {"tokens": 1000000},
+               "period": {"type": "calendar", "unit": "day"}}),
+        &[],
+    )
+    .await?;
+    let up = standin(&["--tokens", "2"])?;
+    s.serving_pod("up-0", &up.addr).await?;
+    let g = s.gateway().await?;
+    let base = s.url(g);
+    let http = reqwest::Client::new();
+    let (ana, cy) = (s.keys["ana"].clone(), s.keys["cy"].clone());
+    eventually(Duration::from_secs(20), || async {
+        let (st, _, v) = call(&http, &base, Some(&ana), chat("hi", 2)).await?;
+        ensure!(st == 200, "{st} {v}");
+        Ok(())
+    })
+    .await?;
+    valid_condition(&s, "True", "Valid").await?;
+
+    // bo is given ana's key: it opens for neither; cy is not affected.
+    put_key(&s, "bo", &ana)?;
+    eventually(Duration::from_secs(10), || async {
+        let (st, _, v) = call(&http, &base, Some(&ana), chat("hi", 2)).await?;
+        ensure!(st == 401, "the shared key still opens: {st} {v}");
+        ensure!(v["error"]["code"] == "api_key_shared", "{v}");
+        Ok(())
+    })
+    .await?;
+    let (st, _, v) = call(&http, &base, Some(&cy), chat("hi", 2)).await?;
+    ensure!(st == 200, "cy: {st} {v}");
+    let message = valid_condition(&s, "False", "DuplicateKey").await?;
+    ensure!(message.contains("ana and bo"), "{message}");
+    ensure!(!message.contains(&ana), "the key is never shown: {message}");
+    let warnings = quota_warnings(&s).await?;
+    ensure!(
+        warnings
+            .iter()
+            .any(|(r, m)| r == "DuplicateKey" && m.contains("ana and bo")),
+        "{warnings:?}"
+    );
+
+    // bo gets a key of their own: both open again.
+    put_key(&s, "bo", "sk-bo-own")?;
+    eventually(Duration::from_secs(10), || async {
+        let (a, _, _) = call(&http, &base, Some(&ana), chat("hi", 2)).await?;
+        let (b, _, _) = call(&http, &base, Some("sk-bo-own"), chat("hi", 2)).await?;
+        ensure!(a == 200 && b == 200, "ana {a}, bo {b}");
+        Ok(())
+    })
+    .await?;
+    valid_condition(&s, "True", "Valid").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_quota_with_inconsistent_sanctions_gets_a_condition_and_an_event() -> Result<()> {
+    let mut s = Scene::new(
+        "gw-sanctions",
+        json!({"members": [{"name": "ana", "stint": {"tokens": 1000}}],
+               "period": {"type": "calendar", "unit": "day"},
+               "sanctions": {"warnAt": 95, "throttleAt": 80, "suspendAt": 100}}),
+        &[],
+    )
+    .await?;
+    s.gateway().await?;
+    let message = valid_condition(&s, "False", "InvalidSpec").await?;
+    ensure!(message.contains("spec.sanctions.warnAt"), "{message}");
+    let warnings = quota_warnings(&s).await?;
+    ensure!(
+        warnings
+            .iter()
+            .any(|(r, m)| r == "InvalidSpec" && m.contains("spec.sanctions.warnAt")),
+        "{warnings:?}"
+    );
+    Ok(())
+}

@@ -78,6 +78,11 @@ seccompProfile:
 - apiGroups: [""]
   resources: ["secrets", "pods"]
   verbs: ["get", "list", "watch"]
+# A quota's Valid condition (inconsistent sanctions, a key under two
+# members) is written with the register, and announced as an Event.
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
 # The autoscaler's input: one Lease per replica and namespace carrying the
 # requests in flight and held per model.
 - apiGroups: ["coordination.k8s.io"]

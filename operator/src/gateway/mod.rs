@@ -13,6 +13,7 @@ pub mod ledger_sync;
 pub mod limits;
 pub mod metrics;
 pub mod openai;
+pub mod quota_checks;
 pub mod register;
 pub mod router;
 pub mod sse;
@@ -137,6 +138,11 @@ async fn start(client: kube::Client, settings: &Settings) -> anyhow::Result<Arc<
         anyhow::bail!("the API server's lists did not arrive within 60 s");
     }
     state.metrics.keys.set(catalog.keys().len() as i64);
+    tokio::spawn(quota_checks::run(
+        client.clone(),
+        catalog.clone(),
+        settings.identity.clone(),
+    ));
     state.ready.store(true, std::sync::atomic::Ordering::SeqCst);
     Ok(state)
 }
@@ -234,10 +240,10 @@ fn authenticate(s: &AppState, headers: &HeaderMap) -> Result<Owner, ApiError> {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
         .ok_or_else(ApiError::unauthorized)?;
-    s.catalog
-        .keys()
-        .lookup(key)
-        .ok_or_else(ApiError::unauthorized)
+    s.catalog.keys().owner(key).map_err(|why| match why {
+        keys::KeyRefusal::Unknown => ApiError::unauthorized(),
+        keys::KeyRefusal::Shared => ApiError::key_shared(),
+    })
 }
 
 async fn models(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response {

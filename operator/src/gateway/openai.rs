@@ -56,6 +56,17 @@ impl ApiError {
         )
     }
 
+    /// A key two members were given: it opens for neither (see
+    /// `gateway::keys`), and the quota's `Valid` condition names them.
+    pub fn key_shared() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "api_key_shared",
+            "This API key is given to more than one member, so it opens for none of them. Ask the quota's administrator for a key of your own.",
+        )
+    }
+
     pub fn model_not_found(model: &str) -> Self {
         Self {
             param: Some("model"),
