@@ -15,7 +15,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use copyhold::resources::ModelDeployment;
 use copyhold_e2e::{
     ChildGuard, FleetLock, KubeletGuard, TestNamespace, create_secret, eventually, install_crds,
-    kubeconfig, workspace_bin,
+    kubeconfig, kubectl_ok, workspace_bin,
 };
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Event;
@@ -63,6 +63,18 @@ fn listening(mut cmd: Command) -> Result<(ChildGuard, String)> {
     Ok((guard, addr))
 }
 
+/// The label that puts an EnergyBudget under one scene's controller.
+const SCENE_LABEL: &str = "copyhold.dev/e2e-scene";
+
+/// A cluster-scoped EnergyBudget, deleted when dropped.
+struct BudgetGuard(String);
+
+impl Drop for BudgetGuard {
+    fn drop(&mut self) {
+        let _ = copyhold_e2e::kubectl(&["delete", "energybudget", &self.0, "--wait=false"]);
+    }
+}
+
 impl Scene {
     async fn new(prefix: &str, ip_prefix: &str) -> Result<Scene> {
         let fleet = FleetLock::acquire()?;
@@ -92,7 +104,8 @@ impl Scene {
             Command::new(&bin)
                 .args(["controller", "--metrics-addr", "127.0.0.1:0"])
                 .args(["--leader-election=false", "--resync-seconds", "2"])
-                .args(["--budget-selector", "copyhold-test=none"])
+                // Only budgets labelled for this scene (the cap test's).
+                .args(["--budget-selector", &format!("{SCENE_LABEL}={}", ns.name)])
                 .args(["--watch-namespace", &ns.name])
                 .env("KUBECONFIG", kubeconfig()?)
                 .env("RUST_LOG", "warn")
@@ -542,30 +555,67 @@ async fn a_held_request_gets_503_with_retry_after_when_no_replica_comes() -> Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_energy_budget_shedding_step_caps_the_autoscaler() -> Result<()> {
     let s = Scene::new("as-cap", "127.0.114").await?;
-    s.model(
-        "capped",
-        1,
-        json!({"minReplicas": 1, "maxReplicas": 3, "targetInFlightPerReplica": 1,
-               "scaleDownStabilization": "2s"}),
-        1500,
-    )
+    s.apply_model(&json!({
+        "apiVersion": "copyhold.dev/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": "capped", "namespace": s.ns.name},
+        "spec": {
+            "model": {"source": {"hostPath": {"path": "/models/none"}},
+                      "sizing": {"weightBytes": "1Mi", "kvBytesPerToken": 1024}},
+            "engine": {"image": format!("{STANDIN_IMAGE}:test"),
+                       "env": {"STANDIN_ANSWER_DELAY_MS": "1500"}},
+            "replicas": 1,
+            "priority": "deferrable",
+            "autoscaling": {"minReplicas": 1, "maxReplicas": 3, "targetInFlightPerReplica": 1,
+                            "scaleDownStabilization": "2s"},
+            "serving": {"contextLength": 256},
+            "stintQuota": "commons",
+        }
+    }))
     .await?;
     s.status_until("capped", Duration::from_secs(40), "one ready", |st| {
         st.ready_replicas == 1
     })
     .await?;
-    // What an EnergyBudget's shedding step writes on the models it sheds.
-    let shed = |to: Option<&str>| {
-        json!({"metadata": {"annotations": {
-            "copyhold.dev/shed-to": to, "copyhold.dev/shed-by": to.map(|_| "solar-test")}}})
+    // A real EnergyBudget over the fleet, acted on by this scene's
+    // controller only: plenty of supply, then almost none, so its ladder
+    // walks to the shedding rung and writes the cap on the model.
+    let budget = format!("{}-solar", s.ns.name);
+    let _guard = BudgetGuard(budget.clone());
+    let supply = |watts: f64| json!({"static": {"watts": watts}, "maxAge": "5m"});
+    kubectl_apply(&json!({
+        "apiVersion": "copyhold.dev/v1alpha1", "kind": "EnergyBudget",
+        "metadata": {"name": budget, "labels": {SCENE_LABEL: s.ns.name}},
+        "spec": {"nodeSelector": {"nvidia.com/gpu.present": "true"},
+                 "ceilingWatts": 100000, "marginPercent": 10,
+                 "supply": supply(100_000.0),
+                 "policy": {"powerCap": {"enabled": false}, "shed": ["deferrable"],
+                            "defer": false, "dwell": "2s"},
+                 "evaluationInterval": "1s"}
+    }))?;
+    let set_supply = |watts: f64| {
+        kubectl_ok(&[
+            "patch",
+            "energybudget",
+            &budget,
+            "--type=merge",
+            "-p",
+            &json!({"spec": {"supply": supply(watts)}}).to_string(),
+        ])
     };
-    s.mds()
-        .patch(
-            "capped",
-            &PatchParams::default(),
-            &Patch::Merge(shed(Some("1"))),
-        )
-        .await?;
+    set_supply(1.0)?;
+    // The budget's shedding rung writes its cap on the model, though the
+    // model runs only its minimum: demand must not scale it up now.
+    eventually(Duration::from_secs(60), || async {
+        let md = s.mds().get("capped").await?;
+        let a = md.metadata.annotations.unwrap_or_default();
+        ensure!(
+            a.get("copyhold.dev/shed-by") == Some(&budget)
+                && a.get("copyhold.dev/shed-to").map(String::as_str) == Some("1"),
+            "not capped by the budget yet: {a:?}"
+        );
+        Ok(())
+    })
+    .await?;
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let tasks = burst(&s, "capped", 3, stop.clone());
@@ -584,14 +634,13 @@ async fn an_energy_budget_shedding_step_caps_the_autoscaler() -> Result<()> {
         )
         .await;
     let held_at_one = s.deployment_replicas("capped").await;
-    // The budget recovers: the same demand now scales up.
-    s.mds()
-        .patch("capped", &PatchParams::default(), &Patch::Merge(shed(None)))
-        .await?;
+    // The sun returns: the ladder steps back, the cap goes, the same
+    // demand now scales up.
+    set_supply(100_000.0)?;
     let freed = s
         .status_until(
             "capped",
-            Duration::from_secs(20),
+            Duration::from_secs(60),
             "scaled once freed",
             |st| st.desired_replicas == Some(3),
         )
@@ -601,7 +650,7 @@ async fn an_energy_budget_shedding_step_caps_the_autoscaler() -> Result<()> {
     println!("while shed: {:?}", capped.scale_reason);
     ensure!(capped.desired_replicas == Some(1), "{capped:?}");
     ensure!(
-        capped.shed_by.as_deref() == Some("solar-test"),
+        capped.shed_by.as_deref() == Some(budget.as_str()),
         "{capped:?}"
     );
     ensure!(held_at_one? == 1);

@@ -231,6 +231,17 @@ impl Covered {
             fallback
         }
     }
+    /// The most replicas the model may run: `spec.replicas`, or with
+    /// autoscaling up to `maxReplicas`. A shedding rung caps an autoscaled
+    /// model at its minimum even while it runs no more than that: else
+    /// demand could scale it up again in the middle of a shortage.
+    fn ceiling(&self) -> i32 {
+        let spec = &self.md.spec;
+        spec.autoscaling
+            .as_ref()
+            .map_or(spec.replicas, |a| a.max_replicas.max(spec.replicas))
+    }
+
     fn min_replicas(&self) -> i32 {
         self.md
             .spec
@@ -574,7 +585,7 @@ fn rung_estimates(
     ] {
         let (mut save, mut back) = (0.0, 0.0);
         for c in covered.iter().filter(|c| c.md.spec.priority == prio) {
-            let cut = (c.md.spec.replicas - c.min_replicas()).max(0) as f64;
+            let cut = (c.ceiling() - c.min_replicas()).max(0) as f64;
             let running = crate::serving::workload::effective_replicas(&c.md).0;
             let shed = (c.md.spec.replicas - running).max(0) as f64;
             let per = c.per_pod(avg_pod);
@@ -749,7 +760,7 @@ async fn carry_out(
         .map(|c| budget::Sheddable {
             key: c.key.clone(),
             priority: c.md.spec.priority,
-            replicas: c.md.spec.replicas,
+            replicas: c.ceiling(),
             min_replicas: c.min_replicas(),
         })
         .collect();

@@ -536,7 +536,8 @@ pub struct Sheddable {
     /// `namespace/name`.
     pub key: String,
     pub priority: crate::resources::Priority,
-    /// `spec.replicas`.
+    /// The most it may run: `spec.replicas`, or `autoscaling.maxReplicas`
+    /// when larger (an autoscaled model is capped even while at its floor).
     pub replicas: i32,
     /// `autoscaling.minReplicas` (0 without autoscaling).
     pub min_replicas: i32,
