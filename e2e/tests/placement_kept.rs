@@ -5,6 +5,8 @@
 //!
 //! - An EnergyBudget's shedding reaches the Deployment even when the model
 //!   can no longer be placed (issue 19, item 2).
+//! - A running model stays on its card when a better one frees up, and
+//!   moves when its owner asks (issue 19, item 7).
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -15,8 +17,9 @@ use copyhold_e2e::{
     ChildGuard, FleetLock, KubeletGuard, TestNamespace, eventually, install_crds, kubeconfig,
     workspace_bin,
 };
-use k8s_openapi::api::apps::v1::Deployment;
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
 /// The image the kubelet stand-in runs as the upstream stand-in.
@@ -118,6 +121,20 @@ impl Scene {
         })
         .await
     }
+
+    /// Nodes of `name`'s Pods that are not being deleted.
+    async fn pod_nodes(&self, name: &str) -> Result<Vec<String>> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns.name);
+        let list = pods
+            .list(&ListParams::default().labels(&format!("copyhold.dev/model-deployment={name}")))
+            .await?;
+        Ok(list
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter_map(|p| p.spec?.node_name)
+            .collect())
+    }
 }
 
 /// A condition of `st`: status, reason, message.
@@ -126,6 +143,28 @@ fn condition(st: &ModelDeploymentStatus, type_: &str) -> Option<(String, String,
         .iter()
         .find(|c| c.type_ == type_)
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// The GPU products the Deployment's Pods are required to run on.
+fn required_products(d: &Deployment) -> Vec<String> {
+    let terms = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|s| s.affinity.as_ref())
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|a| {
+            a.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
+        .map(|r| r.node_selector_terms.clone())
+        .unwrap_or_default();
+    terms
+        .iter()
+        .flat_map(|t| t.match_expressions.iter().flatten())
+        .filter(|e| e.key == "nvidia.com/gpu.product")
+        .flat_map(|e| e.values.clone().unwrap_or_default())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -224,6 +263,132 @@ async fn a_shed_reaches_the_deployment_even_when_the_model_can_no_longer_be_plac
     ensure!(
         condition(&st, "Shed").is_some_and(|c| c.0 == "False"),
         "{st:?}"
+    );
+    Ok(())
+}
+
+/// A Pod holding one GPU of `product` (in a namespace no kubelet stand-in
+/// runs, so it stays bound and holds the card until deleted).
+fn blocker(product: &str) -> Result<Pod> {
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "blocker"},
+        "spec": {"nodeSelector": {"nvidia.com/gpu.product": product},
+                 "containers": [{"name": "c", "image": "copyhold/none:0",
+                     "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}
+    }))?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_running_model_stays_on_its_card_when_a_better_one_frees_up_and_moves_when_asked()
+-> Result<()> {
+    let s = Scene::new("kept-sticky", "127.0.122").await?;
+    // The T4 (the most efficient card for a small model) is taken.
+    let other = TestNamespace::create("kept-blocker")?;
+    let blockers: Api<Pod> = Api::namespaced(s.client.clone(), &other.name);
+    eventually(Duration::from_secs(30), || async {
+        copyhold_e2e::kubectl_ok(&["get", "serviceaccount", "default", "-n", &other.name])
+            .map(|_| ())
+    })
+    .await?;
+    blockers
+        .create(&PostParams::default(), &blocker("Tesla-T4")?)
+        .await?;
+    eventually(Duration::from_secs(30), || async {
+        let node = blockers
+            .get("blocker")
+            .await?
+            .spec
+            .and_then(|s| s.node_name);
+        ensure!(node.as_deref() == Some("gpu-t4"), "blocker on {node:?}");
+        Ok(())
+    })
+    .await?;
+
+    s.model("sticky", 1, json!({})).await?;
+    s.status_until("sticky", Duration::from_secs(60), "one ready", |st| {
+        st.ready_replicas == 1
+    })
+    .await?;
+    let deployments = s.deployments();
+    let before = deployments.get("sticky").await?;
+    ensure!(
+        required_products(&before) == ["Tesla-V100-SXM2-32GB"],
+        "{:?}",
+        required_products(&before)
+    );
+    ensure!(s.pod_nodes("sticky").await? == ["gpu-v100"]);
+
+    // The better card frees up; the controller looks again every 2 s.
+    blockers
+        .delete("blocker", &DeleteParams::default().grace_period(0))
+        .await?;
+    eventually(Duration::from_secs(30), || async {
+        ensure!(
+            blockers.get_opt("blocker").await?.is_none(),
+            "blocker still there"
+        );
+        Ok(())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let after = deployments.get("sticky").await?;
+    let replica_sets: Api<ReplicaSet> = Api::namespaced(s.client.clone(), &s.ns.name);
+    let templates = replica_sets
+        .list(&ListParams::default().labels("copyhold.dev/model-deployment=sticky"))
+        .await?
+        .items
+        .len();
+    println!(
+        "after the T4 freed up: generation {:?} -> {:?}, {templates} template(s), products {:?}",
+        before.metadata.generation,
+        after.metadata.generation,
+        required_products(&after)
+    );
+    ensure!(
+        templates == 1,
+        "the Pod template changed: {templates} ReplicaSets"
+    );
+    ensure!(
+        after.spec.as_ref().map(|s| &s.template) == before.spec.as_ref().map(|s| &s.template),
+        "the template changed: {:?}",
+        required_products(&after)
+    );
+    ensure!(s.pod_nodes("sticky").await? == ["gpu-v100"]);
+
+    // Its owner asks for a new placement: it moves to the T4.
+    s.mds()
+        .patch(
+            "sticky",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"copyhold.dev/replace": "1"}}})),
+        )
+        .await?;
+    eventually(Duration::from_secs(30), || async {
+        let d = deployments.get("sticky").await?;
+        ensure!(
+            required_products(&d) == ["Tesla-T4"],
+            "{:?}",
+            required_products(&d)
+        );
+        Ok(())
+    })
+    .await?;
+    let st = s
+        .status_until("sticky", Duration::from_secs(60), "ready on the T4", |st| {
+            st.ready_replicas == 1 && st.nodes == ["gpu-t4"]
+        })
+        .await?;
+    println!(
+        "after copyhold.dev/replace: {:?} on {:?}",
+        st.gpu_class, st.nodes
+    );
+    // And stays there: asking is once per new value.
+    let moved = deployments.get("sticky").await?;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    ensure!(
+        deployments.get("sticky").await?.metadata.generation == moved.metadata.generation,
+        "replaced again without a new request"
     );
     Ok(())
 }

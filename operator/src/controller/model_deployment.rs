@@ -49,10 +49,12 @@ pub struct Decision {
     pub summary: String,
 }
 
-/// Check, size and place `md` on the fleet the indexes hold now.
+/// Check, size and place `md` on the fleet the indexes hold now; where it
+/// runs (`current`) it stays while that still fits ([`kept::current`]).
 pub async fn decide(
     md: &ModelDeployment,
     replicas: i32,
+    current: Option<&placement::Current>,
     nodes: &[Arc<Node>],
     pods: &[Arc<Pod>],
     http: &reqwest::Client,
@@ -95,7 +97,7 @@ pub async fn decide(
         spec: &md.spec.placement,
         gpu_memory_utilization: md.spec.serving.gpu_memory_utilization,
     };
-    let placed = placement::place(&request, &fleet).map_err(|e| Refusal {
+    let placed = placement::place_keeping(&request, &fleet, current).map_err(|e| Refusal {
         reason: e.reason(),
         message: e.to_string(),
     })?;
@@ -113,7 +115,7 @@ pub async fn decide(
                 replicas: u32::try_from(max).unwrap_or(0),
                 ..request
             };
-            placement::place(&at_max, &fleet).ok()
+            placement::place_keeping(&at_max, &fleet, current).ok()
         });
     let affinity = widest.as_ref().unwrap_or(&placed).node_affinity(&own);
     let summary = format!(
@@ -394,7 +396,22 @@ async fn plan(
     ctx: &Context,
     run_replicas: i32,
 ) -> Result<Planned, Refusal> {
-    let d = decide(md, run_replicas, nodes, pods, &ctx.http, &ctx.sources).await?;
+    let ns = md.namespace().unwrap_or_default();
+    let live = ctx
+        .indexes
+        .deployments
+        .get(&ObjectRef::new(&md.name_any()).within(&ns));
+    let current = kept::current(md, live.as_deref());
+    let d = decide(
+        md,
+        run_replicas,
+        current.as_ref(),
+        nodes,
+        pods,
+        &ctx.http,
+        &ctx.sources,
+    )
+    .await?;
     let dep = workload::deployment(md, &d.workload, &ctx.defaults);
     let svc = workload::service(md);
     match (dep, svc) {
@@ -428,7 +445,7 @@ async fn apply_placed(
         .deployments
         .get(&ObjectRef::new(&name).within(ns));
     let live_svc = ctx.indexes.services.get(&ObjectRef::new(&name).within(ns));
-    kept::mark(&mut dep, d.workload.replicas);
+    kept::mark(md, &mut dep, d.workload.replicas);
     let applied = apply_if_changed(&deployments, &name, dep, live_dep, ctx).await?;
     apply_if_changed(&services, &name, svc, live_svc, ctx).await?;
     let changed_placement = old.gpus_per_replica != Some(d.workload.gpus_per_replica as i32)
