@@ -4,6 +4,7 @@
 pub mod autoscaler;
 pub mod download;
 pub mod energy_budget;
+pub mod kept;
 pub mod model_deployment;
 pub mod models_in_use;
 

@@ -4,7 +4,8 @@
 //! Idempotent: the objects are built deterministically and sent with
 //! server-side apply, which the API server does not write when nothing
 //! changed; the status is written only when it differs. A spec that cannot
-//! be served leaves the previous Deployment untouched.
+//! be served keeps the previous Deployment where it runs, only scaled (an
+//! EnergyBudget's shedding still reaches it).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use tracing::Instrument;
 
-use super::{Context, FIELD_MANAGER};
+use super::{Context, FIELD_MANAGER, kept};
 use crate::conditions;
 use crate::error::{Error, Result};
 use crate::metrics::{ControllerMetrics, ReasonLabels};
@@ -48,10 +49,12 @@ pub struct Decision {
     pub summary: String,
 }
 
-/// Check, size and place `md` on the fleet the indexes hold now.
+/// Check, size and place `md` on the fleet the indexes hold now; where it
+/// runs (`current`) it stays while that still fits ([`kept::current`]).
 pub async fn decide(
     md: &ModelDeployment,
     replicas: i32,
+    current: Option<&placement::Current>,
     nodes: &[Arc<Node>],
     pods: &[Arc<Pod>],
     http: &reqwest::Client,
@@ -94,7 +97,7 @@ pub async fn decide(
         spec: &md.spec.placement,
         gpu_memory_utilization: md.spec.serving.gpu_memory_utilization,
     };
-    let placed = placement::place(&request, &fleet).map_err(|e| Refusal {
+    let placed = placement::place_keeping(&request, &fleet, current).map_err(|e| Refusal {
         reason: e.reason(),
         message: e.to_string(),
     })?;
@@ -112,7 +115,7 @@ pub async fn decide(
                 replicas: u32::try_from(max).unwrap_or(0),
                 ..request
             };
-            placement::place(&at_max, &fleet).ok()
+            placement::place_keeping(&at_max, &fleet, current).ok()
         });
     let affinity = widest.as_ref().unwrap_or(&placed).node_affinity(&own);
     let summary = format!(
@@ -206,16 +209,20 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
     let planned = plan(md, &nodes, &pods, ctx, run_replicas).await;
     let deployment = match planned {
         Ok(p) => Some(apply_placed(md, &ns, p, &old, &mut status, &now, &mut events, ctx).await?),
-        Err(refusal) => keep_running(
-            &ns,
-            &name,
-            &refusal,
-            &old,
-            &mut status,
-            &now,
-            &mut events,
-            ctx,
-        ),
+        Err(refusal) => {
+            keep_running(
+                &ns,
+                &name,
+                &refusal,
+                run_replicas,
+                &old,
+                &mut status,
+                &now,
+                &mut events,
+                ctx,
+            )
+            .await?
+        }
     };
 
     report_replicas(
@@ -389,7 +396,22 @@ async fn plan(
     ctx: &Context,
     run_replicas: i32,
 ) -> Result<Planned, Refusal> {
-    let d = decide(md, run_replicas, nodes, pods, &ctx.http, &ctx.sources).await?;
+    let ns = md.namespace().unwrap_or_default();
+    let live = ctx
+        .indexes
+        .deployments
+        .get(&ObjectRef::new(&md.name_any()).within(&ns));
+    let current = kept::current(md, live.as_deref());
+    let d = decide(
+        md,
+        run_replicas,
+        current.as_ref(),
+        nodes,
+        pods,
+        &ctx.http,
+        &ctx.sources,
+    )
+    .await?;
     let dep = workload::deployment(md, &d.workload, &ctx.defaults);
     let svc = workload::service(md);
     match (dep, svc) {
@@ -408,7 +430,7 @@ async fn plan(
 async fn apply_placed(
     md: &ModelDeployment,
     ns: &str,
-    (d, dep, svc): Planned,
+    (d, mut dep, svc): Planned,
     old: &ModelDeploymentStatus,
     status: &mut ModelDeploymentStatus,
     now: &Time,
@@ -423,6 +445,7 @@ async fn apply_placed(
         .deployments
         .get(&ObjectRef::new(&name).within(ns));
     let live_svc = ctx.indexes.services.get(&ObjectRef::new(&name).within(ns));
+    kept::mark(md, &mut dep, d.workload.replicas);
     let applied = apply_if_changed(&deployments, &name, dep, live_dep, ctx).await?;
     apply_if_changed(&services, &name, svc, live_svc, ctx).await?;
     let changed_placement = old.gpus_per_replica != Some(d.workload.gpus_per_replica as i32)
@@ -451,29 +474,47 @@ async fn apply_placed(
     Ok(applied)
 }
 
-/// Act on a refusal: leave the running Deployment (if any) as it is, keep
-/// the last placement's figures, and report the refusal. Returns that
-/// Deployment.
+/// Act on a refusal: keep the running Deployment (if any) where it is,
+/// scaled on its own to `run_replicas` (an EnergyBudget's shedding, the
+/// autoscaler's decision) within what its last placement found room for;
+/// keep the last placement's figures, and report the refusal. Returns that
+/// Deployment as it now is.
 #[allow(clippy::too_many_arguments)]
-fn keep_running(
+async fn keep_running(
     ns: &str,
     name: &str,
     refusal: &Refusal,
+    run_replicas: i32,
     old: &ModelDeploymentStatus,
     status: &mut ModelDeploymentStatus,
     now: &Time,
     events: &mut Vec<Event>,
     ctx: &Context,
-) -> Option<Deployment> {
-    let existing = ctx
+) -> Result<Option<Deployment>> {
+    let mut existing = ctx
         .indexes
         .deployments
         .get(&ObjectRef::new(name).within(ns))
+        .filter(|d| d.metadata.deletion_timestamp.is_none())
         .map(|d| d.as_ref().clone());
+    if let Some(replicas) = existing
+        .as_ref()
+        .and_then(|d| kept::kept_replicas(run_replicas, d))
+    {
+        let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+        existing = Some(kept::scale(&api, name, replicas).await?);
+        ctx.metrics
+            .api_writes
+            .get_or_create(&ControllerMetrics::kind("Deployment"))
+            .inc();
+    }
+    let kept = existing
+        .as_ref()
+        .map(|d| d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1));
     refuse(
         status,
         refusal,
-        existing.is_some(),
+        kept,
         status.observed_generation,
         now.clone(),
         events,
@@ -481,7 +522,7 @@ fn keep_running(
     );
     status.gpus_per_replica = old.gpus_per_replica;
     status.required_memory_bytes = old.required_memory_bytes;
-    existing
+    Ok(existing)
 }
 
 /// Report: desired and ready replicas from the Deployment, the nodes our
@@ -854,7 +895,7 @@ pub fn is_subset(want: &serde_json::Value, have: &serde_json::Value) -> bool {
 fn refuse(
     status: &mut ModelDeploymentStatus,
     refusal: &Refusal,
-    deployment_exists: bool,
+    kept_replicas: Option<i32>,
     generation: Option<i64>,
     now: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
     events: &mut Vec<Event>,
@@ -862,11 +903,9 @@ fn refuse(
 ) {
     let previous = conditions::get(&status.conditions, "Placed")
         .map(|c| (c.reason.clone(), c.message.clone()));
-    let kept = if deployment_exists {
-        " (the previous Deployment is kept running)"
-    } else {
-        ""
-    };
+    let kept = kept_replicas
+        .map(|r| format!(" (the previous Deployment is kept running at {r} replica(s))"))
+        .unwrap_or_default();
     let message = format!("{}{kept}", refusal.message);
     conditions::set(
         &mut status.conditions,

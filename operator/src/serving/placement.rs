@@ -25,6 +25,11 @@
 //! 5. Replicas are assigned one by one to the node with room that holds the
 //!    fewest replicas of this model so far (spread), then of the best class,
 //!    then by node name.
+//! 6. A model that runs stays where it runs ([`place_keeping`]): while the
+//!    classes its Deployment requires hold all its replicas with the same
+//!    GPUs per replica, they are the placement, even when a better card is
+//!    free; the controller asks for a fresh placement only after a spec
+//!    change or when its owner asks (`copyhold.dev/replace`).
 //!
 //! When nothing can be placed, the error says why in terms a person can act
 //! on: no node can hold a replica even with the most GPUs allowed
@@ -657,6 +662,86 @@ pub fn fleet_from<'a>(
         });
     }
     out
+}
+
+/// Where a model's replicas run now: the GPU products its Deployment
+/// requires and the GPUs each replica holds. Read from the Deployment's Pod
+/// template by [`current_of`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Current {
+    pub classes: Vec<String>,
+    pub gpus_per_replica: u32,
+}
+
+/// Where the Pods of `template` run: the products its required node
+/// affinity (or its node selector) allows, and the GPUs one Pod holds.
+/// `None` when the template names no product or holds no GPU.
+pub fn current_of(template: &k8s_openapi::api::core::v1::PodSpec) -> Option<Current> {
+    let required = template
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|a| {
+            a.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        });
+    let from_affinity: Vec<String> = required
+        .iter()
+        .flat_map(|r| r.node_selector_terms.iter())
+        .flat_map(|t| t.match_expressions.iter().flatten())
+        .filter(|e| e.key == PRODUCT_LABEL && e.operator == "In")
+        .flat_map(|e| e.values.iter().flatten().cloned())
+        .collect();
+    let classes = if from_affinity.is_empty() {
+        template
+            .node_selector
+            .as_ref()
+            .and_then(|s| s.get(PRODUCT_LABEL))
+            .map(|p| vec![p.clone()])
+            .unwrap_or_default()
+    } else {
+        from_affinity
+    };
+    let pod = Pod {
+        spec: Some(template.clone()),
+        ..Pod::default()
+    };
+    let gpus_per_replica = pod_gpus(&pod);
+    (!classes.is_empty() && gpus_per_replica > 0).then_some(Current {
+        classes,
+        gpus_per_replica,
+    })
+}
+
+/// [`place`], sticky: a model that runs (`current`) stays on its classes
+/// with its GPUs per replica while they still hold all its replicas (its
+/// own Pods' GPUs count as free), even when a better card is free. Moving
+/// a serving model costs a restart and a reload for a gain placement can
+/// only estimate, so it moves only when this function is not asked to keep
+/// it (a new spec, or its owner asks) or its classes no longer fit; then the
+/// rule applies afresh.
+pub fn place_keeping(
+    req: &PlacementRequest<'_>,
+    fleet: &[NodeGpus],
+    current: Option<&Current>,
+) -> Result<Placement, PlacementError> {
+    let fresh = place(req, fleet)?;
+    let Some(current) = current else {
+        return Ok(fresh);
+    };
+    Ok(keep(req, fleet, current).unwrap_or(fresh))
+}
+
+/// The placement on `current`'s classes alone, when they hold every
+/// replica with the same GPUs per replica.
+fn keep(req: &PlacementRequest<'_>, fleet: &[NodeGpus], current: &Current) -> Option<Placement> {
+    let theirs: Vec<NodeGpus> = fleet
+        .iter()
+        .filter(|n| current.classes.contains(&n.product))
+        .cloned()
+        .collect();
+    let kept = place(req, &theirs).ok()?;
+    (kept.gpus_per_replica == current.gpus_per_replica).then_some(kept)
 }
 
 #[cfg(test)]
@@ -1339,5 +1424,135 @@ mod tests {
         };
         let p = place(&req, &fleet).unwrap();
         assert_eq!(p.replicas[0].node, "gpu-p40");
+    }
+
+    /// A Pod template as the controller writes it for `p`.
+    fn template_of(p: &Placement) -> k8s_openapi::api::core::v1::PodSpec {
+        let labels = BTreeMap::from([("app".to_string(), "m".to_string())]);
+        k8s_openapi::api::core::v1::PodSpec {
+            affinity: Some(p.node_affinity(&labels)),
+            containers: vec![Container {
+                name: "engine".into(),
+                resources: Some(k8s_openapi::api::core::v1::ResourceRequirements {
+                    limits: Some(BTreeMap::from([(GPU_RESOURCE.to_string(), p.gpu_limit())])),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn request<'a>(
+        n: &'a ModelNeeds,
+        spec: &'a PlacementSpec,
+        replicas: u32,
+    ) -> PlacementRequest<'a> {
+        PlacementRequest {
+            needs: n,
+            replicas,
+            spec,
+            gpu_memory_utilization: 0.9,
+        }
+    }
+
+    #[test]
+    fn a_model_on_the_p40_stays_there_when_a_v100_frees_up() {
+        let n = needs(20 * GIB, (6, 0), 32);
+        let spec = PlacementSpec::default();
+        let req = request(&n, &spec, 1);
+        // Placed while the V100s were taken.
+        let then = place(&req, &e2e([0, 0, 4, 0])).unwrap();
+        assert_eq!(then.nodes(), ["gpu-p40"]);
+        let current = current_of(&template_of(&then)).unwrap();
+        // The V100s are free now; its own Pod's GPU counts as free.
+        let now = e2e([0, 0, 0, 0]);
+        assert_eq!(place(&req, &now).unwrap().nodes(), ["gpu-v100"]);
+        let kept = place_keeping(&req, &now, Some(&current)).unwrap();
+        assert_eq!(kept.nodes(), ["gpu-p40"]);
+        assert_eq!(
+            kept.node_affinity(&BTreeMap::new()),
+            then.node_affinity(&BTreeMap::new())
+        );
+        // Without a current placement (a new spec, or asked to), it moves.
+        assert_eq!(
+            place_keeping(&req, &now, None).unwrap().nodes(),
+            ["gpu-v100"]
+        );
+    }
+
+    #[test]
+    fn a_split_model_stays_split_while_its_cards_hold_it() {
+        let n = needs(20 * GIB, (6, 0), 32);
+        let spec = PlacementSpec::default();
+        let req = request(&n, &spec, 1);
+        let then = place(&req, &e2e([0, 1, 4, 0])).unwrap();
+        assert_eq!(
+            (then.gpus_per_replica, then.nodes()),
+            (2, vec!["gpu-p100".to_string()])
+        );
+        let current = current_of(&template_of(&then)).unwrap();
+        let kept = place_keeping(&req, &e2e([0, 0, 0, 0]), Some(&current)).unwrap();
+        assert_eq!(
+            (kept.gpus_per_replica, kept.nodes()),
+            (2, vec!["gpu-p100".to_string()])
+        );
+    }
+
+    #[test]
+    fn a_model_whose_cards_no_longer_hold_it_is_placed_afresh() {
+        let n = needs(20 * GIB, (6, 0), 32);
+        let spec = PlacementSpec::default();
+        let current = Current {
+            classes: vec!["Tesla-P40".into()],
+            gpus_per_replica: 1,
+        };
+        // Two replicas: the one P40 cannot hold both.
+        let two = request(&n, &spec, 2);
+        let fleet = e2e([0, 0, 0, 0]);
+        let kept = place_keeping(&two, &fleet, Some(&current)).unwrap();
+        assert_eq!(kept, place(&two, &fleet).unwrap());
+        // The P40 went to someone else.
+        let gone =
+            place_keeping(&request(&n, &spec, 1), &e2e([0, 1, 0, 0]), Some(&current)).unwrap();
+        assert_eq!(gone.nodes(), ["gpu-v100"]);
+        // A class too small for the model as it is now (its spec grew).
+        let small = Current {
+            classes: vec!["Tesla-T4".into()],
+            gpus_per_replica: 1,
+        };
+        let grown =
+            place_keeping(&request(&n, &spec, 1), &e2e([0, 0, 0, 0]), Some(&small)).unwrap();
+        assert_eq!(grown.nodes(), ["gpu-v100"]);
+        // Nothing fits at all: the error of the rule, not a kept placement.
+        let none = place_keeping(&request(&n, &spec, 1), &e2e([2, 1, 4, 0]), Some(&current));
+        assert!(matches!(none, Err(PlacementError::InsufficientGpus { .. })));
+    }
+
+    #[test]
+    fn where_a_template_runs_is_read_from_its_affinity_or_node_selector() {
+        let mut t = k8s_openapi::api::core::v1::PodSpec::default();
+        assert_eq!(current_of(&t), None);
+        t.node_selector = Some(BTreeMap::from([(
+            PRODUCT_LABEL.to_string(),
+            "Tesla-T4".to_string(),
+        )]));
+        // A product but no GPU held: nothing placement made.
+        assert_eq!(current_of(&t), None);
+        t.containers = template_of(
+            &place(
+                &request(&needs(4 * GIB, (6, 0), 32), &PlacementSpec::default(), 1),
+                &e2e([0, 0, 0, 0]),
+            )
+            .unwrap(),
+        )
+        .containers;
+        assert_eq!(
+            current_of(&t),
+            Some(Current {
+                classes: vec!["Tesla-T4".into()],
+                gpus_per_replica: 1
+            })
+        );
     }
 }
