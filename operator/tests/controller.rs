@@ -418,6 +418,43 @@ async fn drift_is_repaired_and_an_unchanged_object_is_not_rewritten() -> Result<
     Ok(())
 }
 
+/// The API server stores quantities in canonical form (`cpu: 0.5` comes
+/// back as `500m`, `1.5Gi` as `1536Mi`); the controller compares by value,
+/// so a steady Deployment asked with such spellings is never applied again.
+#[tokio::test]
+async fn a_deployment_whose_quantities_the_server_respelled_is_not_applied_again() -> Result<()> {
+    let scene = Scene::with_controller("qty").await?;
+    let (client, ns) = (&scene.client, &scene.ns);
+    let resources = "    resources:\n      requests: {cpu: \"0.5\", memory: 1.5Gi}\n      limits: {memory: \"2147483648\", cpu: 1000m}\n";
+    let manifest = model("respelled", 2, 1, "").replace(
+        "  serving: {contextLength: 2048, maxConcurrentSequences: 1}\n",
+        &format!("  serving:\n    contextLength: 2048\n    maxConcurrentSequences: 1\n{resources}"),
+    );
+    apply(&ns.name, &manifest)?;
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    wait_condition(&mds, "respelled", "Placed", "True").await?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let first = deployments.get("respelled").await?;
+    let requests = first
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.containers[0].resources.as_ref())
+        .and_then(|r| r.requests.clone())
+        .context("the Deployment carries the requests")?;
+    // The premise: the server really stored another spelling.
+    assert_eq!(requests.get("cpu").map(|q| q.0.as_str()), Some("500m"));
+    // Several resyncs (every 2 s): not one write.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(
+        deployments.get("respelled").await?.resource_version(),
+        first.resource_version(),
+        "the Deployment was applied again though nothing changed"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn an_invalid_update_keeps_the_previous_deployment() -> Result<()> {
     let scene = Scene::with_controller("keep").await?;
