@@ -758,3 +758,118 @@ async fn a_leader_whose_api_connection_stalls_stops_before_a_standby_takes_the_l
     wait_condition(&mds, "second", "Placed", "True").await?;
     Ok(())
 }
+
+/// A kubeconfig at `path` for the ServiceAccount `sa` of `ns` (its token
+/// in place of the admin's).
+async fn service_account_kubeconfig(
+    client: &Client,
+    ns: &str,
+    sa: &str,
+    path: &std::path::Path,
+) -> Result<()> {
+    use k8s_openapi::api::core::v1::Secret;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let token = eventually(Duration::from_secs(30), || async {
+        let list = secrets.list(&ListParams::default()).await?;
+        list.items
+            .iter()
+            .filter(|s| {
+                s.annotations().get("kubernetes.io/service-account.name") == Some(&sa.to_string())
+            })
+            .find_map(|s| s.data.as_ref()?.get("token").cloned())
+            .context("no token Secret for the ServiceAccount yet")
+    })
+    .await?;
+    let token = String::from_utf8(token.0)?;
+    let original = std::fs::read_to_string(support::kubeconfig()?)?;
+    let admin = original
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("token: "))
+        .context("the kubeconfig has no token")?
+        .to_string();
+    std::fs::write(path, original.replace(&admin, token.trim()))?;
+    Ok(())
+}
+
+/// A leader whose caches cannot warm (its account may read and write its
+/// Lease, nothing else: the Node and Pod lists are refused) keeps renewing
+/// while it waits, so a standby never takes a lease that is still held.
+#[tokio::test]
+async fn a_leader_renews_its_lease_while_its_caches_are_still_warming() -> Result<()> {
+    let scene = Scene::without_controller("warm").await?;
+    let (client, ns) = (&scene.client, &scene.ns);
+    let lease_name = format!("copyhold-test-{}", ns.name);
+    support::kubectl_apply(
+        Some(&ns.name),
+        r#"apiVersion: v1
+kind: ServiceAccount
+metadata: {name: lease-only}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: lease-only}
+rules:
+- apiGroups: [coordination.k8s.io]
+  resources: [leases]
+  verbs: [get, create, update]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: lease-only}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: lease-only}
+subjects:
+- {kind: ServiceAccount, name: lease-only}
+"#,
+    )?;
+    let kubeconfig_a = std::env::temp_dir().join(format!("kubeconfig-{}-a", ns.name));
+    service_account_kubeconfig(client, &ns.name, "lease-only", &kubeconfig_a).await?;
+    let args = |id: &str| -> Vec<String> {
+        [
+            "--leader-election=true",
+            "--lease-namespace",
+            &ns.name,
+            "--lease-name",
+            &lease_name,
+            "--lease-seconds",
+            "4",
+            "--identity",
+            id,
+            "--watch-namespace",
+            &ns.name,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let a_args = args("controller-a");
+    let mut a = ControllerProcess::start_with(
+        &kubeconfig_a,
+        &a_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
+    let holder = |l: Lease| l.spec.and_then(|s| s.holder_identity).unwrap_or_default();
+    eventually(Duration::from_secs(30), || async {
+        let h = holder(leases.get(&lease_name).await?);
+        if h == "controller-a" {
+            Ok(())
+        } else {
+            bail!("holder {h}")
+        }
+    })
+    .await?;
+    let b_args = args("controller-b");
+    let _b = ControllerProcess::start(&b_args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    // Three leases' time: a holder that did not renew would have lost it.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let _ = std::fs::remove_file(&kubeconfig_a);
+    assert!(
+        a.child.try_wait()?.is_none(),
+        "controller-a is still running"
+    );
+    assert_eq!(
+        holder(leases.get(&lease_name).await?),
+        "controller-a",
+        "the standby took the lease of a leader whose caches were warming"
+    );
+    Ok(())
+}
