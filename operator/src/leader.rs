@@ -3,6 +3,13 @@
 //! once the record has not changed for `lease_duration` by the candidate's own
 //! clock (so clock skew between machines does not matter). Every write carries
 //! the resourceVersion it read, so two candidates cannot both win.
+//!
+//! Every call to the API server is bounded by a timeout: a stuck call (a
+//! dead link that neither answers nor fails) counts as a failed renewal, so
+//! the holder gives up at its renew deadline (0.8 × the lease, measured
+//! from the start of its last successful renewal), before any candidate can
+//! see the record unchanged for a whole lease. The caller stops acting when
+//! [`Elector::hold`] returns.
 
 use std::time::{Duration, Instant};
 
@@ -19,6 +26,8 @@ pub enum LeaderError {
     Lost(String),
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    #[error("the lease call did not complete within {0:?}")]
+    Timeout(Duration),
 }
 
 /// Timing of the election.
@@ -27,6 +36,9 @@ pub struct Timing {
     pub lease_duration: Duration,
     pub renew_every: Duration,
     pub retry_every: Duration,
+    /// The longest one acquire or renew attempt (a read and a write) may
+    /// take; a renewal is cut shorter still at the renew deadline.
+    pub call_timeout: Duration,
 }
 
 impl Default for Timing {
@@ -35,6 +47,7 @@ impl Default for Timing {
             lease_duration: Duration::from_secs(15),
             renew_every: Duration::from_secs(2),
             retry_every: Duration::from_secs(2),
+            call_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -47,6 +60,9 @@ pub struct Elector {
     timing: Timing,
     /// The record as last seen (resourceVersion) and when it was first seen.
     observed: Mutex<Option<(String, Instant)>>,
+    /// When the last successful acquire or renew attempt started: the
+    /// renew deadline runs from there.
+    held_since: Mutex<Option<Instant>>,
 }
 
 impl Elector {
@@ -57,6 +73,7 @@ impl Elector {
             identity: identity.to_owned(),
             timing,
             observed: Mutex::new(None),
+            held_since: Mutex::new(None),
         }
     }
 
@@ -72,6 +89,28 @@ impl Elector {
         i32::try_from(self.timing.lease_duration.as_secs())
             .unwrap_or(i32::MAX)
             .max(1)
+    }
+
+    /// [`Self::try_acquire_or_renew`] bounded by `limit`; a success
+    /// records when the attempt started.
+    async fn attempt(&self, limit: Duration) -> Result<bool, LeaderError> {
+        let started = Instant::now();
+        let held = tokio::time::timeout(limit, self.try_acquire_or_renew())
+            .await
+            .map_err(|_| LeaderError::Timeout(limit))??;
+        if held {
+            *self.held_since.lock().await = Some(started);
+        }
+        Ok(held)
+    }
+
+    /// How much of the renew deadline is left (zero once past it).
+    async fn time_to_deadline(&self) -> Duration {
+        let deadline = self.timing.lease_duration.mul_f32(0.8);
+        match *self.held_since.lock().await {
+            Some(since) => deadline.saturating_sub(since.elapsed()),
+            None => Duration::ZERO,
+        }
     }
 
     /// One attempt to take or keep the lease. `Ok(true)` means we hold it.
@@ -140,7 +179,7 @@ impl Elector {
     /// Wait until this candidate holds the lease.
     pub async fn acquire(&self) -> Result<(), LeaderError> {
         loop {
-            match self.try_acquire_or_renew().await {
+            match self.attempt(self.timing.call_timeout).await {
                 Ok(true) => return Ok(()),
                 Ok(false) => {}
                 Err(e) => {
@@ -151,28 +190,43 @@ impl Elector {
         }
     }
 
-    /// Keep renewing; returns when a renewal has not succeeded for a whole
-    /// lease duration (another candidate may hold it by then).
+    /// Keep renewing; returns when a renewal has not succeeded by the renew
+    /// deadline (0.8 × the lease after the last good one started), a stuck
+    /// call included: its attempt is cut at the deadline. A candidate takes
+    /// over only a whole lease after it saw our last write, so the caller,
+    /// stopping when this returns, is never a second leader acting.
     pub async fn hold(&self) -> LeaderError {
-        let mut last_ok = Instant::now();
         loop {
             tokio::time::sleep(self.timing.renew_every).await;
-            match self.try_acquire_or_renew().await {
-                Ok(true) => last_ok = Instant::now(),
+            let left = self.time_to_deadline().await;
+            if left.is_zero() {
+                return LeaderError::Lost(self.name.clone());
+            }
+            match self.attempt(left.min(self.timing.call_timeout)).await {
+                Ok(true) => {}
                 Ok(false) => return LeaderError::Lost(self.name.clone()),
                 Err(e) => {
                     tracing::warn!(error = %e, lease = %self.name, "renewing the leader lease failed")
                 }
             }
-            // Give up a little before the lease runs out, as client-go's renew deadline.
-            if last_ok.elapsed() >= self.timing.lease_duration.mul_f32(0.8) {
+            if self.time_to_deadline().await.is_zero() {
                 return LeaderError::Lost(self.name.clone());
             }
         }
     }
 
-    /// Hand the lease back on a clean shutdown so a standby takes over at once.
+    /// Hand the lease back on a clean shutdown so a standby takes over at
+    /// once; bounded, so a stuck API server does not hold up the shutdown.
     pub async fn release(&self) {
+        if tokio::time::timeout(self.timing.call_timeout, self.release_unbounded())
+            .await
+            .is_err()
+        {
+            tracing::warn!(lease = %self.name, "releasing the leader lease timed out");
+        }
+    }
+
+    async fn release_unbounded(&self) {
         let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await else {
             return;
         };

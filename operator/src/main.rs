@@ -486,6 +486,7 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
                 lease_duration: std::time::Duration::from_secs(args.lease_seconds.max(2)),
                 renew_every: std::time::Duration::from_secs((args.lease_seconds / 5).max(1)),
                 retry_every: std::time::Duration::from_secs((args.lease_seconds / 5).max(1)),
+                call_timeout: std::time::Duration::from_secs((args.lease_seconds / 3).max(1)),
             },
             defaults,
             watch_namespace: args.watch_namespace,

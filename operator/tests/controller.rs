@@ -26,7 +26,12 @@ struct ControllerProcess {
 
 impl ControllerProcess {
     fn start(extra: &[&str]) -> Result<Self> {
-        let kubeconfig = support::kubeconfig()?;
+        Self::start_with(&support::kubeconfig()?, extra)
+    }
+
+    /// Started with its own kubeconfig (e.g. one that reaches the API
+    /// server through a [`StallingProxy`]).
+    fn start_with(kubeconfig: &std::path::Path, extra: &[&str]) -> Result<Self> {
         let child = Command::new(env!("CARGO_BIN_EXE_copyhold"))
             .arg("controller")
             .args([
@@ -418,6 +423,43 @@ async fn drift_is_repaired_and_an_unchanged_object_is_not_rewritten() -> Result<
     Ok(())
 }
 
+/// The API server stores quantities in canonical form (`cpu: 0.5` comes
+/// back as `500m`, `1.5Gi` as `1536Mi`); the controller compares by value,
+/// so a steady Deployment asked with such spellings is never applied again.
+#[tokio::test]
+async fn a_deployment_whose_quantities_the_server_respelled_is_not_applied_again() -> Result<()> {
+    let scene = Scene::with_controller("qty").await?;
+    let (client, ns) = (&scene.client, &scene.ns);
+    let resources = "    resources:\n      requests: {cpu: \"0.5\", memory: 1.5Gi}\n      limits: {memory: \"2147483648\", cpu: 1000m}\n";
+    let manifest = model("respelled", 2, 1, "").replace(
+        "  serving: {contextLength: 2048, maxConcurrentSequences: 1}\n",
+        &format!("  serving:\n    contextLength: 2048\n    maxConcurrentSequences: 1\n{resources}"),
+    );
+    apply(&ns.name, &manifest)?;
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    wait_condition(&mds, "respelled", "Placed", "True").await?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let first = deployments.get("respelled").await?;
+    let requests = first
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.containers[0].resources.as_ref())
+        .and_then(|r| r.requests.clone())
+        .context("the Deployment carries the requests")?;
+    // The premise: the server really stored another spelling.
+    assert_eq!(requests.get("cpu").map(|q| q.0.as_str()), Some("500m"));
+    // Several resyncs (every 2 s): not one write.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(
+        deployments.get("respelled").await?.resource_version(),
+        first.resource_version(),
+        "the Deployment was applied again though nothing changed"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn an_invalid_update_keeps_the_previous_deployment() -> Result<()> {
     let scene = Scene::with_controller("keep").await?;
@@ -540,5 +582,294 @@ async fn a_standby_controller_takes_over_when_the_leader_is_killed() -> Result<(
     );
     apply(&ns.name, &model("second", 2, 1, ""))?;
     wait_condition(&mds, "second", "Placed", "True").await?;
+    Ok(())
+}
+
+/// A TCP proxy in front of the API server that can stall: once stalled, it
+/// holds every byte in both directions on open and new connections, so
+/// every call through it hangs without an error (as on a dead link).
+struct StallingProxy {
+    addr: std::net::SocketAddr,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StallingProxy {
+    async fn start(upstream: String) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stalled.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                let Ok(up) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let (dr, dw) = down.into_split();
+                let (ur, uw) = up.into_split();
+                tokio::spawn(Self::pump(dr, uw, flag.clone()));
+                tokio::spawn(Self::pump(ur, dw, flag.clone()));
+            }
+        });
+        Ok(Self {
+            addr,
+            stalled,
+            task,
+        })
+    }
+
+    /// Copy `from` to `to`, holding each chunk while stalled.
+    async fn pump(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            while stalled.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    }
+
+    fn stall(&self) {
+        self.stalled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A copy of the test kubeconfig whose server is this proxy, at `path`.
+    fn kubeconfig(&self, path: &std::path::Path) -> Result<()> {
+        let original = std::fs::read_to_string(support::kubeconfig()?)?;
+        let server = original
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("server: "))
+            .context("the kubeconfig names no server")?
+            .to_string();
+        let proxied = original.replace(&server, &format!("https://{}", self.addr));
+        std::fs::write(path, proxied)?;
+        Ok(())
+    }
+}
+
+impl Drop for StallingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The API server's `host:port` from the test kubeconfig.
+fn api_server_address() -> Result<String> {
+    let text = std::fs::read_to_string(support::kubeconfig()?)?;
+    let server = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: "))
+        .context("the kubeconfig names no server")?;
+    Ok(server
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .to_string())
+}
+
+/// The leader's API connection stalls (every call hangs, nothing fails):
+/// it must stop acting, here by exiting, no later than a standby can take
+/// the lease over, so two leaders never act at once.
+#[tokio::test]
+async fn a_leader_whose_api_connection_stalls_stops_before_a_standby_takes_the_lease() -> Result<()>
+{
+    let scene = Scene::without_controller("stall").await?;
+    let (client, ns) = (&scene.client, &scene.ns);
+    let lease_name = format!("copyhold-test-{}", ns.name);
+    let args = |id: &str| -> Vec<String> {
+        [
+            "--leader-election=true",
+            "--lease-namespace",
+            &ns.name,
+            "--lease-name",
+            &lease_name,
+            "--lease-seconds",
+            "5",
+            "--identity",
+            id,
+            "--watch-namespace",
+            &ns.name,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let proxy = StallingProxy::start(api_server_address()?).await?;
+    let kubeconfig_a = std::env::temp_dir().join(format!("kubeconfig-{}-a", ns.name));
+    proxy.kubeconfig(&kubeconfig_a)?;
+    let a_args = args("controller-a");
+    let mut a = ControllerProcess::start_with(
+        &kubeconfig_a,
+        &a_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
+    let holder = |l: Lease| l.spec.and_then(|s| s.holder_identity).unwrap_or_default();
+    eventually(Duration::from_secs(30), || async {
+        let h = holder(leases.get(&lease_name).await?);
+        if h == "controller-a" {
+            Ok(())
+        } else {
+            bail!("holder {h}")
+        }
+    })
+    .await?;
+    apply(&ns.name, &model("first", 2, 1, ""))?;
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    wait_condition(&mds, "first", "Placed", "True").await?;
+
+    proxy.stall();
+    let b_args = args("controller-b");
+    let _b = ControllerProcess::start(&b_args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let stalled_at = std::time::Instant::now();
+    let mut a_stopped = None;
+    let b_leads = loop {
+        if a_stopped.is_none() && a.child.try_wait()?.is_some() {
+            a_stopped = Some(stalled_at.elapsed());
+        }
+        if holder(leases.get(&lease_name).await?) == "controller-b" {
+            break stalled_at.elapsed();
+        }
+        if stalled_at.elapsed() > Duration::from_secs(40) {
+            bail!("controller-b never took the lease (controller-a stopped: {a_stopped:?})");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let _ = std::fs::remove_file(&kubeconfig_a);
+    println!("controller-a stopped after {a_stopped:?}; controller-b leads after {b_leads:?}");
+    let a_stopped = a_stopped.with_context(|| {
+        format!("controller-a still runs as leader when controller-b took the lease ({b_leads:?} after the stall)")
+    })?;
+    assert!(a_stopped <= b_leads, "{a_stopped:?} > {b_leads:?}");
+    let status = a.child.wait()?;
+    assert!(!status.success(), "a lost lease is an error exit: {status}");
+    apply(&ns.name, &model("second", 2, 1, ""))?;
+    wait_condition(&mds, "second", "Placed", "True").await?;
+    Ok(())
+}
+
+/// A kubeconfig at `path` for the ServiceAccount `sa` of `ns` (its token
+/// in place of the admin's).
+async fn service_account_kubeconfig(
+    client: &Client,
+    ns: &str,
+    sa: &str,
+    path: &std::path::Path,
+) -> Result<()> {
+    use k8s_openapi::api::core::v1::Secret;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let token = eventually(Duration::from_secs(30), || async {
+        let list = secrets.list(&ListParams::default()).await?;
+        list.items
+            .iter()
+            .filter(|s| {
+                s.annotations().get("kubernetes.io/service-account.name") == Some(&sa.to_string())
+            })
+            .find_map(|s| s.data.as_ref()?.get("token").cloned())
+            .context("no token Secret for the ServiceAccount yet")
+    })
+    .await?;
+    let token = String::from_utf8(token.0)?;
+    let original = std::fs::read_to_string(support::kubeconfig()?)?;
+    let admin = original
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("token: "))
+        .context("the kubeconfig has no token")?
+        .to_string();
+    std::fs::write(path, original.replace(&admin, token.trim()))?;
+    Ok(())
+}
+
+/// A leader whose caches cannot warm (its account may read and write its
+/// Lease, nothing else: the Node and Pod lists are refused) keeps renewing
+/// while it waits, so a standby never takes a lease that is still held.
+#[tokio::test]
+async fn a_leader_renews_its_lease_while_its_caches_are_still_warming() -> Result<()> {
+    let scene = Scene::without_controller("warm").await?;
+    let (client, ns) = (&scene.client, &scene.ns);
+    let lease_name = format!("copyhold-test-{}", ns.name);
+    support::kubectl_apply(
+        Some(&ns.name),
+        r#"apiVersion: v1
+kind: ServiceAccount
+metadata: {name: lease-only}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: lease-only}
+rules:
+- apiGroups: [coordination.k8s.io]
+  resources: [leases]
+  verbs: [get, create, update]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: lease-only}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: lease-only}
+subjects:
+- {kind: ServiceAccount, name: lease-only}
+"#,
+    )?;
+    let kubeconfig_a = std::env::temp_dir().join(format!("kubeconfig-{}-a", ns.name));
+    service_account_kubeconfig(client, &ns.name, "lease-only", &kubeconfig_a).await?;
+    let args = |id: &str| -> Vec<String> {
+        [
+            "--leader-election=true",
+            "--lease-namespace",
+            &ns.name,
+            "--lease-name",
+            &lease_name,
+            "--lease-seconds",
+            "4",
+            "--identity",
+            id,
+            "--watch-namespace",
+            &ns.name,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let a_args = args("controller-a");
+    let mut a = ControllerProcess::start_with(
+        &kubeconfig_a,
+        &a_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
+    let holder = |l: Lease| l.spec.and_then(|s| s.holder_identity).unwrap_or_default();
+    eventually(Duration::from_secs(30), || async {
+        let h = holder(leases.get(&lease_name).await?);
+        if h == "controller-a" {
+            Ok(())
+        } else {
+            bail!("holder {h}")
+        }
+    })
+    .await?;
+    let b_args = args("controller-b");
+    let _b = ControllerProcess::start(&b_args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    // Three leases' time: a holder that did not renew would have lost it.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let _ = std::fs::remove_file(&kubeconfig_a);
+    assert!(
+        a.child.try_wait()?.is_none(),
+        "controller-a is still running"
+    );
+    assert_eq!(
+        holder(leases.get(&lease_name).await?),
+        "controller-a",
+        "the standby took the lease of a leader whose caches were warming"
+    );
     Ok(())
 }

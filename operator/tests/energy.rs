@@ -1084,3 +1084,187 @@ spec:
     scene.delete_model("batch").await?;
     Ok(())
 }
+
+/// A Prometheus and an inverter's JSON endpoint on loopback whose readings
+/// (800 W) carry a time `age` seconds before the moment they are fetched.
+struct TimedSource {
+    url: String,
+    age: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TimedSource {
+    async fn start(age_seconds: i64) -> Result<Self> {
+        let age = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(age_seconds));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (a1, a2) = (age.clone(), age.clone());
+        let app = axum::Router::new()
+            .route(
+                "/api/v1/query",
+                axum::routing::get(move || {
+                    let at = taken_at(&a1);
+                    async move {
+                        axum::Json(serde_json::json!({"status": "success", "data": {
+                            "resultType": "vector",
+                            "result": [{"metric": {}, "value": [at.as_millisecond() as f64 / 1000.0, "800"]}]
+                        }}))
+                    }
+                }),
+            )
+            .route(
+                "/api/site",
+                axum::routing::get(move || {
+                    let at = taken_at(&a2);
+                    async move {
+                        axum::Json(serde_json::json!({"pv": {"power_kw": 0.8, "at": at.to_string()}}))
+                    }
+                }),
+            );
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self {
+            url: format!("http://{addr}"),
+            age,
+            task,
+        })
+    }
+
+    fn set_age(&self, seconds: i64) {
+        self.age
+            .store(seconds, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for TimedSource {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Now less `age` seconds.
+fn taken_at(age: &std::sync::atomic::AtomicI64) -> jiff::Timestamp {
+    let age = age.load(std::sync::atomic::Ordering::Relaxed);
+    jiff::Timestamp::now() - jiff::SignedDuration::from_secs(age)
+}
+
+/// An EnergyBudget `name` selected by the scene's controller, covering no
+/// node, reading `supply` (800 W when fresh), trusting readings for 30 s.
+fn timed_budget(name: &str, selector: &str, supply: &str) -> String {
+    format!(
+        r#"apiVersion: copyhold.dev/v1alpha1
+kind: EnergyBudget
+metadata: {{name: {name}, labels: {{copyhold-test: {selector}}}}}
+spec:
+  nodeSelector: {{kubernetes.io/hostname: no-such-node-{name}}}
+  ceilingWatts: 10000
+  marginPercent: 20
+  supply:
+    {supply}
+    maxAge: 30s
+    failSafeDecay: 2s
+    floorWatts: 120
+  policy:
+    powerCap: {{enabled: false}}
+    shed: []
+    defer: false
+    dwell: 8s
+  evaluationInterval: 1s
+"#
+    )
+}
+
+/// Waits until budget `name` uses `watts` with `SupplyStale` = `stale` /
+/// `reason`; returns it.
+async fn supply_of(
+    ebs: &Api<EnergyBudget>,
+    name: &str,
+    watts: f64,
+    stale: &str,
+    reason: &str,
+) -> Result<EnergyBudget> {
+    eventually(Duration::from_secs(60), || async {
+        let eb = ebs.get(name).await?;
+        let st = eb.status.clone().context("no status")?;
+        let cond = condition(&eb, "SupplyStale");
+        if st.supply_watts == Some(watts) && cond == Some((stale.to_string(), reason.to_string())) {
+            Ok(eb)
+        } else {
+            bail!("{name}: supply {:?}, SupplyStale {cond:?}", st.supply_watts)
+        }
+    })
+    .await
+}
+
+/// Freshness follows the reading's own time (the Prometheus sample's, a
+/// timestamp in the JSON or in the ConfigMap), not when it was fetched: an
+/// hour-old reading, fetched every second, is stale and the floor is used.
+#[tokio::test]
+async fn a_supply_reading_with_an_old_timestamp_is_stale_though_just_fetched() -> Result<()> {
+    let scene = Scene::start("energyts", None).await?;
+    let (client, ns, budget) = (&scene.client, &scene.ns, scene.budget.clone());
+    let (http_budget, cm_budget) = (format!("{budget}-http"), format!("{budget}-cm"));
+    let _guards = (
+        BudgetGuard(http_budget.clone()),
+        BudgetGuard(cm_budget.clone()),
+    );
+    let source = TimedSource::start(3600).await?;
+    let ebs: Api<EnergyBudget> = Api::all(client.clone());
+
+    // Prometheus: the sample's time.
+    apply(&timed_budget(
+        &budget,
+        &budget,
+        &format!(
+            "prometheus: {{url: \"{}\", query: solar_watts}}",
+            source.url
+        ),
+    ))?;
+    let eb = supply_of(&ebs, &budget, 120.0, "True", "Stale").await?;
+    let observed = eb
+        .status
+        .and_then(|s| s.supply_observed_at)
+        .context("the reading is kept")?;
+    let age = jiff::Timestamp::now().duration_since(observed.0);
+    assert!(
+        age >= jiff::SignedDuration::from_secs(3590),
+        "observed at the sample's time, not the fetch: {age:?} old"
+    );
+
+    // HTTP JSON (a timestamp at a pointer) and a ConfigMap (a timestamp key).
+    let old = taken_at(&std::sync::atomic::AtomicI64::new(3600)).to_string();
+    let cm = |at: &str| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: inverter, namespace: {}}}\ndata: {{watts: \"800\", observedAt: {at:?}}}\n",
+            ns.name
+        )
+    };
+    apply(&cm(&old))?;
+    apply(&timed_budget(
+        &http_budget,
+        &budget,
+        &format!(
+            "http: {{url: \"{}/api/site\", jsonPointer: /pv/power_kw, scale: 1000, timestampPointer: /pv/at}}",
+            source.url
+        ),
+    ))?;
+    apply(&timed_budget(
+        &cm_budget,
+        &budget,
+        &format!(
+            "configMap: {{namespace: {}, name: inverter, key: watts, timestampKey: observedAt}}",
+            ns.name
+        ),
+    ))?;
+    supply_of(&ebs, &http_budget, 120.0, "True", "Stale").await?;
+    supply_of(&ebs, &cm_budget, 120.0, "True", "Stale").await?;
+
+    // Fresh timestamps: the readings are used.
+    source.set_age(0);
+    apply(&cm(&jiff::Timestamp::now().to_string()))?;
+    for name in [&budget, &http_budget, &cm_budget] {
+        supply_of(&ebs, name, 800.0, "False", "Fresh").await?;
+    }
+    Ok(())
+}

@@ -547,15 +547,24 @@ async fn read_supply(
         .last_good_supply_watts
         .zip(old.supply_observed_at.as_ref().map(|t| t.0));
     let read = supply::read(spec, now, &ctx.client, &ctx.http).await;
+    // Freshness runs from when the reading was taken, by its source's
+    // clock; an answer older than the kept reading does not replace it.
     let last_good = match &read {
-        Ok(w) => Some((*w, now)),
+        Ok(r) => match last_good_before {
+            Some((w, at)) if at > r.at => Some((w, at)),
+            _ => Some((r.watts, r.at)),
+        },
         Err(_) => last_good_before,
     };
     let estimate = fail_safe.supply(last_good, now);
-    let stale = match &read {
-        Err(e) => Some((e.reason(), e.to_string())),
-        Ok(_) if estimate.stale => Some(("Stale", "the last reading is too old".to_string())),
-        Ok(_) => None,
+    let stale = match (&read, last_good) {
+        (Err(e), _) => Some((e.reason(), e.to_string())),
+        (Ok(_), Some((_, at))) if estimate.stale => Some((
+            "Stale",
+            format!("the last reading was taken at {at}, longer than maxAge ago"),
+        )),
+        (Ok(_), _) if estimate.stale => Some(("Stale", "the last reading is too old".to_string())),
+        (Ok(_), _) => None,
     };
     let allowance = budget::allowance(spec.ceiling_watts, estimate.watts, spec.margin_percent);
     SupplyNow {

@@ -246,7 +246,33 @@ pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()>
         None
     };
     metrics.leader.set(1);
+    // Renewal runs from the moment the lease is held, while the caches
+    // warm too: a leader that cannot renew stops (the leading is dropped)
+    // before a standby may take over.
+    let leading = lead(client, &settings, metrics.clone(), energy, ready);
+    match &elector {
+        Some(e) => {
+            tokio::select! {
+                r = leading => { e.release().await; r }
+                lost = e.hold() => {
+                    metrics.leader.set(0);
+                    Err(lost.into())
+                }
+            }
+        }
+        None => leading.await,
+    }
+}
 
+/// What the leader does: warm the caches, then run the controllers until
+/// a shutdown signal.
+async fn lead(
+    client: Client,
+    settings: &Settings,
+    metrics: Arc<ControllerMetrics>,
+    energy: Arc<EnergyMetrics>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<()> {
     let (nodes, pods) = fleet_indexes(&client).await?;
     let ns = &settings.watch_namespace;
     // What we own, by the label every owned object carries.
@@ -295,7 +321,7 @@ pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()>
         watcher::Config::default(),
     );
     tokio::spawn(count_states(controller.store(), metrics.clone()));
-    let energy_controller = energy_controller(&client, &settings, &ctx, energy, controller.store());
+    let energy_controller = energy_controller(&client, settings, &ctx, energy, controller.store());
     // The fetchers evict only with a cache bound, and only models the
     // in-use ConfigMaps do not name.
     let in_use = {
@@ -328,21 +354,8 @@ pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()>
         }
     };
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
-    match &elector {
-        Some(e) => {
-            tokio::select! {
-                _ = controller => { e.release().await; Ok(()) }
-                lost = e.hold() => {
-                    metrics.leader.set(0);
-                    Err(lost.into())
-                }
-            }
-        }
-        None => {
-            controller.await;
-            Ok(())
-        }
-    }
+    controller.await;
+    Ok(())
 }
 
 /// Stand by until this process holds the lease. A standby is ready: it is

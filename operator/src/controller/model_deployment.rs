@@ -875,20 +875,41 @@ fn content_hash<K: serde::Serialize>(obj: &K) -> Result<String> {
 
 /// Whether every field of `want` holds the same value in `have` (objects
 /// may carry more fields in `have`: server defaults; lists must match
-/// element by element).
+/// element by element). Quantities (resource requests and limits, an
+/// `emptyDir`'s `sizeLimit`) compare by value: the server stores them in
+/// canonical form, `cpu: "0.5"` as `500m`.
 pub fn is_subset(want: &serde_json::Value, have: &serde_json::Value) -> bool {
+    subset(want, have, false)
+}
+
+/// Keys whose values are quantities, or maps of quantities.
+const QUANTITY_KEYS: [&str; 3] = ["requests", "limits", "sizeLimit"];
+
+/// [`is_subset`], `quantities` telling whether strings here are quantities.
+fn subset(want: &serde_json::Value, have: &serde_json::Value, quantities: bool) -> bool {
     use serde_json::Value;
     match (want, have) {
         (Value::Object(w), Value::Object(h)) => w.iter().all(|(k, wv)| match h.get(k) {
-            Some(hv) => is_subset(wv, hv),
+            Some(hv) => subset(wv, hv, quantities || QUANTITY_KEYS.contains(&k.as_str())),
             // The server drops nulls and empty lists and maps.
             None => is_empty(wv),
         }),
         (Value::Array(w), Value::Array(h)) => {
-            w.len() == h.len() && w.iter().zip(h).all(|(a, b)| is_subset(a, b))
+            w.len() == h.len() && w.iter().zip(h).all(|(a, b)| subset(a, b, quantities))
         }
         (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
+        (Value::String(a), Value::String(b)) if quantities && a != b => same_quantity(a, b),
         (a, b) => a == b,
+    }
+}
+
+/// Whether two quantity texts stand for the same value (not when either is
+/// no quantity at all: then only the same text is the same).
+fn same_quantity(a: &str, b: &str) -> bool {
+    use crate::resources::quantity::Quantity;
+    match (Quantity::parse(a), Quantity::parse(b)) {
+        (Ok(a), Ok(b)) => a.same_value(&b),
+        _ => false,
     }
 }
 
@@ -949,6 +970,26 @@ mod tests {
     fn empty_lists_the_server_dropped_are_not_drift() {
         let want = json!({"spec": {"env": [], "args": ["a"], "x": null}});
         assert!(is_subset(&want, &json!({"spec": {"args": ["a"]}})));
+    }
+
+    #[test]
+    fn a_quantity_the_server_wrote_in_canonical_form_is_not_drift() {
+        let want = json!({"resources": {"requests": {"cpu": "0.5", "memory": "1.5Gi"},
+                                        "limits": {"memory": "2147483648"}},
+                          "volumes": [{"emptyDir": {"sizeLimit": "1e3"}}]});
+        let have = json!({"resources": {"requests": {"cpu": "500m", "memory": "1536Mi"},
+                                        "limits": {"memory": "2Gi"}},
+                          "volumes": [{"emptyDir": {"sizeLimit": "1k"}}]});
+        assert!(is_subset(&want, &have));
+        let changed = json!({"resources": {"requests": {"cpu": "501m", "memory": "1536Mi"},
+                                           "limits": {"memory": "2Gi"}},
+                             "volumes": [{"emptyDir": {"sizeLimit": "1k"}}]});
+        assert!(!is_subset(&want, &changed));
+        // Elsewhere a string is text: "1.0" and "1" differ.
+        assert!(!is_subset(
+            &json!({"env": [{"value": "1.0"}]}),
+            &json!({"env": [{"value": "1"}]})
+        ));
     }
 
     #[test]

@@ -3,6 +3,11 @@
 //! `reason()` becomes the `SupplyStale` condition's reason; the caller then
 //! uses the fail-safe value (`budget::FailSafe`). Nothing here panics on
 //! what the outside sends.
+//!
+//! A reading carries its own time: a Prometheus sample's, or a timestamp
+//! the HTTP answer or the ConfigMap gives (`timestampPointer`,
+//! `timestampKey`), so a signal that repeats an old value is seen as stale
+//! however often it is fetched.
 
 use std::time::Duration;
 
@@ -48,6 +53,8 @@ pub enum SupplyError {
         name: String,
         message: String,
     },
+    #[error("{source_}: the reading's timestamp {message}")]
+    BadTimestamp { source_: String, message: String },
     #[error("Secret {namespace}/{name}: {message}")]
     Secret {
         namespace: String,
@@ -70,12 +77,65 @@ impl SupplyError {
             SupplyError::Absurd { .. } => "AbsurdReading",
             SupplyError::ConfigMap { .. } => "ConfigMapUnreadable",
             SupplyError::Secret { .. } => "SecretUnreadable",
+            SupplyError::BadTimestamp { .. } => "BadTimestamp",
         }
     }
 }
 
 /// Samples of a Prometheus answer: each series' labels and value.
 pub type Samples = Vec<(serde_json::Map<String, serde_json::Value>, f64)>;
+
+/// Samples of a Prometheus answer with each sample's own time.
+pub type TimedSamples = Vec<(serde_json::Map<String, serde_json::Value>, f64, Timestamp)>;
+
+/// A supply reading and when it was taken (by the source's own clock,
+/// never later than now).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reading {
+    pub watts: f64,
+    pub at: Timestamp,
+}
+
+/// A reading's time from JSON: seconds since the epoch (a number or a
+/// numeric string, as Prometheus gives them) or an RFC 3339 text. A time
+/// ahead of `now` (a skewed clock) counts as `now`.
+pub fn reading_time(
+    source: &str,
+    v: &serde_json::Value,
+    now: Timestamp,
+) -> Result<Timestamp, SupplyError> {
+    let bad = |message: String| SupplyError::BadTimestamp {
+        source_: source.into(),
+        message,
+    };
+    let seconds = |s: f64| {
+        if !s.is_finite() {
+            return Err(bad(format!("{s} is not a time")));
+        }
+        // Nanoseconds fit an i128 for any f64 a clock could mean.
+        let nanos = (s * 1e9) as i128;
+        Timestamp::from_nanosecond(nanos).map_err(|e| bad(format!("{s}: {e}")))
+    };
+    let at = match v {
+        serde_json::Value::Number(n) => seconds(n.as_f64().unwrap_or(f64::NAN))?,
+        serde_json::Value::String(t) => match t.trim().parse::<f64>() {
+            Ok(s) => seconds(s)?,
+            Err(_) => t.trim().parse::<Timestamp>().map_err(|e| {
+                bad(format!(
+                    "{:?} is neither RFC 3339 nor seconds since the epoch: {e}",
+                    truncate(t)
+                ))
+            })?,
+        },
+        other => {
+            return Err(bad(format!(
+                "{} is not a time",
+                truncate(&other.to_string())
+            )));
+        }
+    };
+    Ok(at.min(now))
+}
 
 /// Check a reading: finite, not negative, not absurd for the ceiling.
 pub fn sane(source: &str, watts: f64, ceiling: f64) -> Result<f64, SupplyError> {
@@ -145,13 +205,15 @@ fn truncate(s: &str) -> String {
     }
 }
 
-/// Read the supply at `now`, in watts, checked by [`sane`].
+/// Read the supply at `now`, in watts, checked by [`sane`], with the time
+/// the reading was taken (`now` for static and schedule signals, and for
+/// HTTP and ConfigMap signals that give no timestamp).
 pub async fn read(
     spec: &EnergyBudgetSpec,
     now: Timestamp,
     client: &Client,
     http: &reqwest::Client,
-) -> Result<f64, SupplyError> {
+) -> Result<Reading, SupplyError> {
     let s = &spec.supply;
     let count = [
         s.static_.is_some(),
@@ -167,26 +229,34 @@ pub async fn read(
         return Err(SupplyError::Signals(count));
     }
     let ceiling = spec.ceiling_watts;
+    let now_reading = |watts| Reading { watts, at: now };
     if let Some(st) = &s.static_ {
-        return sane("static", st.watts, ceiling);
+        return sane("static", st.watts, ceiling).map(now_reading);
     }
     if let Some(sch) = &s.schedule {
         let schedule = Schedule::new(sch)?;
-        return sane("schedule", schedule.watts_at(now), ceiling);
+        return sane("schedule", schedule.watts_at(now), ceiling).map(now_reading);
     }
     if let Some(q) = &s.prometheus {
-        let samples = prometheus_query(http, q).await?;
         let source = format!("prometheus {}", q.url);
-        if samples.is_empty() {
+        let samples = parse_prometheus_timed(&source, &prometheus_answer(http, q).await?, now)?;
+        // Several series (e.g. one per inverter) add up; the sum is as old
+        // as its oldest sample.
+        let Some(at) = samples.iter().map(|s| s.2).min() else {
             return Err(SupplyError::NoSample { source_: source });
-        }
-        // Several series (e.g. one per inverter) add up.
-        let total: f64 = samples.iter().map(|(_, w)| *w).sum();
-        return sane(&source, total, ceiling);
+        };
+        let total: f64 = samples.iter().map(|s| s.1).sum();
+        return Ok(Reading {
+            watts: sane(&source, total, ceiling)?,
+            at,
+        });
     }
     if let Some(h) = &s.http {
-        let w = http_json(client, http, h).await?;
-        return sane(&h.url, w, ceiling);
+        let (w, at) = http_json(client, http, h, now).await?;
+        return Ok(Reading {
+            watts: sane(&h.url, w, ceiling)?,
+            at,
+        });
     }
     if let Some(cm) = &s.config_map {
         let api: Api<ConfigMap> = Api::namespaced(client.clone(), &cm.namespace);
@@ -202,7 +272,21 @@ pub async fn read(
             .and_then(|d| d.get(&cm.key))
             .ok_or_else(|| err(format!("has no key `{}`", cm.key)))?;
         let source = format!("configMap {}/{} key `{}`", cm.namespace, cm.name, cm.key);
-        return config_map_watts(&source, text, ceiling);
+        let at = match &cm.timestamp_key {
+            None => now,
+            Some(key) => {
+                let t = obj
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get(key))
+                    .ok_or_else(|| err(format!("has no key `{key}` (its timestampKey)")))?;
+                reading_time(&source, &serde_json::Value::String(t.clone()), now)?
+            }
+        };
+        return Ok(Reading {
+            watts: config_map_watts(&source, text, ceiling)?,
+            at,
+        });
     }
     Err(SupplyError::Signals(0))
 }
@@ -212,6 +296,15 @@ pub async fn prometheus_query(
     http: &reqwest::Client,
     q: &PrometheusQuery,
 ) -> Result<Samples, SupplyError> {
+    let source = format!("prometheus {}", q.url);
+    parse_prometheus(&source, &prometheus_answer(http, q).await?)
+}
+
+/// The JSON answer of a PromQL instant query.
+async fn prometheus_answer(
+    http: &reqwest::Client,
+    q: &PrometheusQuery,
+) -> Result<serde_json::Value, SupplyError> {
     let url = format!("{}/api/v1/query", q.url.trim_end_matches('/'));
     let source = format!("prometheus {}", q.url);
     let resp = http
@@ -230,15 +323,28 @@ pub async fn prometheus_query(
             status: resp.status().as_u16(),
         });
     }
-    let body: serde_json::Value = resp.json().await.map_err(|e| SupplyError::NotNumeric {
+    resp.json().await.map_err(|e| SupplyError::NotNumeric {
         source_: source.clone(),
         message: format!("the answer is not JSON: {e}"),
-    })?;
-    parse_prometheus(&source, &body)
+    })
 }
 
 /// Samples of a Prometheus `/api/v1/query` answer (vector or scalar).
 pub fn parse_prometheus(source: &str, body: &serde_json::Value) -> Result<Samples, SupplyError> {
+    let now = Timestamp::now();
+    Ok(parse_prometheus_timed(source, body, now)?
+        .into_iter()
+        .map(|(labels, w, _)| (labels, w))
+        .collect())
+}
+
+/// Samples of a Prometheus answer with each sample's own time (`[time,
+/// value]`; a time ahead of `now` counts as `now`).
+pub fn parse_prometheus_timed(
+    source: &str,
+    body: &serde_json::Value,
+    now: Timestamp,
+) -> Result<TimedSamples, SupplyError> {
     let bad = |message: &str| SupplyError::NotNumeric {
         source_: source.into(),
         message: message.into(),
@@ -251,14 +357,16 @@ pub fn parse_prometheus(source: &str, body: &serde_json::Value) -> Result<Sample
         return Err(bad(&format!("query failed: {}", truncate(why))));
     }
     let data = body.get("data").ok_or_else(|| bad("no `data`"))?;
-    let value_of = |v: &serde_json::Value| -> Result<f64, SupplyError> {
+    let value_of = |v: &serde_json::Value| -> Result<(f64, Timestamp), SupplyError> {
         let s = v.get(1).ok_or_else(|| bad("a sample has no value"))?;
-        number(source, s)
+        let t = v.get(0).ok_or_else(|| bad("a sample has no time"))?;
+        Ok((number(source, s)?, reading_time(source, t, now)?))
     };
     match data.get("resultType").and_then(|t| t.as_str()) {
         Some("scalar") => {
             let r = data.get("result").ok_or_else(|| bad("no `result`"))?;
-            Ok(vec![(serde_json::Map::new(), value_of(r)?)])
+            let (w, at) = value_of(r)?;
+            Ok(vec![(serde_json::Map::new(), w, at)])
         }
         Some("vector") => {
             let items = data
@@ -274,7 +382,8 @@ pub fn parse_prometheus(source: &str, body: &serde_json::Value) -> Result<Sample
                         .cloned()
                         .unwrap_or_default();
                     let v = i.get("value").ok_or_else(|| bad("a sample has no value"))?;
-                    Ok((labels, value_of(v)?))
+                    let (w, at) = value_of(v)?;
+                    Ok((labels, w, at))
                 })
                 .collect()
         }
@@ -284,11 +393,14 @@ pub fn parse_prometheus(source: &str, body: &serde_json::Value) -> Result<Sample
     }
 }
 
+/// The watts an HTTP JSON source gives, and when (its `timestampPointer`,
+/// else `now`).
 async fn http_json(
     client: &Client,
     http: &reqwest::Client,
     h: &HttpSupply,
-) -> Result<f64, SupplyError> {
+    now: Timestamp,
+) -> Result<(f64, Timestamp), SupplyError> {
     let mut req = http.get(&h.url).timeout(Duration::from_secs(10));
     if let Some(secret) = &h.bearer_token_secret {
         req = req.bearer_auth(read_secret(client, secret, None).await?);
@@ -307,7 +419,20 @@ async fn http_json(
         source_: h.url.clone(),
         message: format!("the answer is not JSON: {e}"),
     })?;
-    json_watts(&h.url, &body, &h.json_pointer, h.scale)
+    let watts = json_watts(&h.url, &body, &h.json_pointer, h.scale)?;
+    let at = match &h.timestamp_pointer {
+        None => now,
+        Some(pointer) => {
+            let v = body
+                .pointer(pointer)
+                .ok_or_else(|| SupplyError::BadTimestamp {
+                    source_: h.url.clone(),
+                    message: format!("is missing: nothing at JSON pointer `{pointer}`"),
+                })?;
+            reading_time(&h.url, v, now)?
+        }
+    };
+    Ok((watts, at))
 }
 
 /// The value at `pointer` in `body`, times `scale`.
@@ -417,6 +542,36 @@ mod tests {
         assert!(e.to_string().contains("sunny"), "{e}");
         let e = json_watts("u", &body, "/nope", 1.0).expect_err("missing");
         assert!(e.to_string().contains("/nope"), "{e}");
+    }
+
+    #[test]
+    fn a_reading_time_is_read_from_seconds_or_rfc_3339_and_never_lies_ahead() {
+        let now: Timestamp = "2026-06-01T12:00:00Z".parse().expect("time");
+        let t = |v: serde_json::Value| reading_time("s", &v, now);
+        let hour_ago: Timestamp = "2026-06-01T11:00:00Z".parse().expect("time");
+        assert_eq!(t(json!(hour_ago.as_second())).ok(), Some(hour_ago));
+        assert_eq!(
+            t(json!(hour_ago.as_second().to_string())).ok(),
+            Some(hour_ago)
+        );
+        assert_eq!(t(json!("2026-06-01T13:00:00+02:00")).ok(), Some(hour_ago));
+        assert_eq!(t(json!("2099-01-01T00:00:00Z")).ok(), Some(now), "skew");
+        for bad in [json!("yesterday"), json!(null), json!([1])] {
+            assert_eq!(
+                t(bad.clone()).map_err(|e| e.reason()).err(),
+                Some("BadTimestamp"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn prometheus_samples_carry_their_own_time() {
+        let now: Timestamp = "2026-06-01T12:00:00Z".parse().expect("time");
+        let v = json!({"status": "success", "data": {"resultType": "vector", "result": [
+            {"metric": {}, "value": [1780311600.5, "120"]}]}});
+        let s = parse_prometheus_timed("p", &v, now).expect("parses");
+        assert_eq!(s[0].2.as_millisecond(), 1_780_311_600_500);
     }
 
     #[test]

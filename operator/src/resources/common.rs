@@ -83,6 +83,12 @@ pub struct ConfigMapKeyRef {
     /// Key whose value is the number.
     #[schemars(length(min = 1, max = 253))]
     pub key: String,
+    /// Key whose value says when the number was measured (RFC 3339, or
+    /// seconds since the epoch). Freshness (`maxAge`) then runs from that
+    /// time; without it, from when the ConfigMap was read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub timestamp_key: Option<String>,
 }
 
 /// Condition status values.

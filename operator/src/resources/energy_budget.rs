@@ -211,6 +211,12 @@ pub struct HttpSupply {
     /// Bearer token sent as `Authorization`, if the endpoint needs one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bearer_token_secret: Option<SecretKeyRef>,
+    /// RFC 6901 JSON pointer to when the value was measured (RFC 3339, or
+    /// seconds since the epoch). Freshness (`maxAge`) then runs from that
+    /// time; without it, from when the answer was fetched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(/[^/]*)*$"), length(max = 1024))]
+    pub timestamp_pointer: Option<String>,
 }
 
 fn default_scale() -> f64 {

@@ -108,6 +108,31 @@ impl Quantity {
     }
 }
 
+impl Quantity {
+    /// Whether two quantities stand for the same number, whatever their
+    /// spelling: `0.5` and `500m`, `1Gi` and `1073741824`, `1e3` and `1k`.
+    /// The API server writes quantities back in its canonical form, so a
+    /// comparison of what was asked with what is stored must go by value.
+    pub fn same_value(&self, other: &Self) -> bool {
+        self.canonical() == other.canonical()
+    }
+
+    /// The value as `(negative, digits, power of ten)` with the power of two
+    /// folded into the digits and no trailing zeros: one form per number.
+    fn canonical(&self) -> (bool, Vec<u8>, i64) {
+        let mut digits = times_power_of_two(&self.digits, self.binary_exp);
+        if digits.iter().all(|d| *d == 0) {
+            return (false, vec![0], 0);
+        }
+        let mut exp = self.decimal_exp;
+        while digits.last() == Some(&0) {
+            digits.pop();
+            exp = exp.saturating_add(1);
+        }
+        (self.negative, digits, exp)
+    }
+}
+
 /// `digits` (decimal, most significant first) times `2^exp`, `exp` ≤ 60.
 fn times_power_of_two(digits: &str, exp: u32) -> Vec<u8> {
     let factor = 1u128 << exp;
@@ -269,6 +294,26 @@ mod tests {
             })
             .collect();
         assert!(wrong.is_empty(), "{wrong:#?}");
+    }
+
+    #[test]
+    fn quantities_spelled_differently_but_equal_in_value_are_the_same_value() {
+        let same = |a: &str, b: &str| {
+            Quantity::parse(a)
+                .expect(a)
+                .same_value(&Quantity::parse(b).expect(b))
+        };
+        assert!(same("0.5", "500m"));
+        assert!(same("1Gi", "1073741824"));
+        assert!(same("1.5Gi", "1536Mi"));
+        assert!(same("1e3", "1k"));
+        assert!(same("1000m", "1"));
+        assert!(same("0", "-0.0Ki"));
+        assert!(same("100.00", "100"));
+        assert!(!same("0.5", "501m"));
+        assert!(!same("1Gi", "1G"));
+        assert!(!same("-1", "1"));
+        assert!(!same("1", "10"));
     }
 
     #[test]
