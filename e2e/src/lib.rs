@@ -401,6 +401,24 @@ impl Drop for ChildGuard {
     }
 }
 
+/// `copyhold controller` for one test namespace, as the tests run it: no
+/// leader election, a 2 s resync, metrics on a free port; `extra` adds the
+/// test's own flags (its budget selector, the node device, a model cache).
+/// Stopped when the guard drops.
+pub fn start_controller(ns: &str, extra: &[&str]) -> Result<ChildGuard> {
+    Ok(ChildGuard(
+        Command::new(workspace_bin("copyhold", "copyhold")?)
+            .args(["controller", "--metrics-addr", "127.0.0.1:0"])
+            .args(["--leader-election=false", "--resync-seconds", "2"])
+            .args(["--watch-namespace", ns])
+            .args(extra)
+            .env("KUBECONFIG", kubeconfig()?)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()?,
+    ))
+}
+
 /// The fixture models with reference outputs (`tests/fixtures`, or
 /// `COPYHOLD_FIXTURES`). Panics naming the path it looked for when they are
 /// not there, rather than failing later with a bare "No such file".

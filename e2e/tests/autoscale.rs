@@ -99,19 +99,12 @@ impl Scene {
             )],
             &ns.name,
         )?;
+        // Only budgets labelled for this scene (the cap test's).
+        let controller = copyhold_e2e::start_controller(
+            &ns.name,
+            &["--budget-selector", &format!("{SCENE_LABEL}={}", ns.name)],
+        )?;
         let bin = workspace_bin("copyhold", "copyhold")?;
-        let controller = ChildGuard(
-            Command::new(&bin)
-                .args(["controller", "--metrics-addr", "127.0.0.1:0"])
-                .args(["--leader-election=false", "--resync-seconds", "2"])
-                // Only budgets labelled for this scene (the cap test's).
-                .args(["--budget-selector", &format!("{SCENE_LABEL}={}", ns.name)])
-                .args(["--watch-namespace", &ns.name])
-                .env("KUBECONFIG", kubeconfig()?)
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .spawn()?,
-        );
         let mut gw = Command::new(&bin);
         gw.args(["gateway", "--listen", "127.0.0.1:0"])
             .args(["--watch-namespace", &ns.name, "--identity", "gw0"])
@@ -138,7 +131,13 @@ impl Scene {
         autoscaling: Value,
         answer_ms: u64,
     ) -> Result<()> {
-        self.apply_model(&json!({
+        self.apply_model(&self.model_json(name, replicas, autoscaling, answer_ms))
+            .await
+    }
+
+    /// The ModelDeployment [`Scene::model`] applies.
+    fn model_json(&self, name: &str, replicas: i32, autoscaling: Value, answer_ms: u64) -> Value {
+        json!({
             "apiVersion": "copyhold.dev/v1alpha1", "kind": "ModelDeployment",
             "metadata": {"name": name, "namespace": self.ns.name},
             "spec": {
@@ -151,8 +150,7 @@ impl Scene {
                 "serving": {"contextLength": 256},
                 "stintQuota": "commons",
             }
-        }))
-        .await
+        })
     }
 
     /// Apply a ModelDeployment through the API (no client-side schema: the
@@ -555,23 +553,16 @@ async fn a_held_request_gets_503_with_retry_after_when_no_replica_comes() -> Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_energy_budget_shedding_step_caps_the_autoscaler() -> Result<()> {
     let s = Scene::new("as-cap", "127.0.114").await?;
-    s.apply_model(&json!({
-        "apiVersion": "copyhold.dev/v1alpha1", "kind": "ModelDeployment",
-        "metadata": {"name": "capped", "namespace": s.ns.name},
-        "spec": {
-            "model": {"source": {"hostPath": {"path": "/models/none"}},
-                      "sizing": {"weightBytes": "1Mi", "kvBytesPerToken": 1024}},
-            "engine": {"image": format!("{STANDIN_IMAGE}:test"),
-                       "env": {"STANDIN_ANSWER_DELAY_MS": "1500"}},
-            "replicas": 1,
-            "priority": "deferrable",
-            "autoscaling": {"minReplicas": 1, "maxReplicas": 3, "targetInFlightPerReplica": 1,
-                            "scaleDownStabilization": "2s"},
-            "serving": {"contextLength": 256},
-            "stintQuota": "commons",
-        }
-    }))
-    .await?;
+    // Deferrable: the budget's shedding rung is for it.
+    let mut md = s.model_json(
+        "capped",
+        1,
+        json!({"minReplicas": 1, "maxReplicas": 3, "targetInFlightPerReplica": 1,
+               "scaleDownStabilization": "2s"}),
+        1500,
+    );
+    md["spec"]["priority"] = json!("deferrable");
+    s.apply_model(&md).await?;
     s.status_until("capped", Duration::from_secs(40), "one ready", |st| {
         st.ready_replicas == 1
     })

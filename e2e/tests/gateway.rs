@@ -655,23 +655,7 @@ async fn rotated_keys_and_deferring_budgets_take_effect_within_seconds() -> Resu
     })
     .await?;
     // Rotate ana's key.
-    kubectl_ok(&[
-        "-n",
-        &s.ns.name,
-        "create",
-        "secret",
-        "generic",
-        "key-ana",
-        "--from-literal=api-key=sk-rotated",
-        "--dry-run=client",
-        "-o",
-        "yaml",
-    ])
-    .and_then(|y| {
-        let p = std::env::temp_dir().join(format!("{}-rot.yaml", s.ns.name));
-        std::fs::write(&p, y)?;
-        kubectl_ok(&["apply", "-f", &p.to_string_lossy()])
-    })?;
+    put_key(&s, "ana", "sk-rotated")?;
     eventually(Duration::from_secs(10), || async {
         let (a, _, _) = call(&http, &base, Some("sk-rotated"), chat("hi", 2)).await?;
         let (b, _, _) = call(&http, &base, Some(&old), chat("hi", 2)).await?;

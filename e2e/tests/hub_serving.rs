@@ -231,29 +231,17 @@ fn controller(ns: &str, cache: &std::path::Path) -> Result<ChildGuard> {
 
 /// [`controller`] with more arguments.
 fn controller_with(ns: &str, cache: &std::path::Path, extra: &[&str]) -> Result<ChildGuard> {
-    Ok(ChildGuard(
-        Command::new(workspace_bin("copyhold", "copyhold")?)
-            .args([
-                "controller",
-                "--metrics-addr",
-                "127.0.0.1:0",
-                "--leader-election=false",
-                "--budget-selector",
-                "copyhold-test=none",
-                "--node-device",
-                "cpu",
-                "--resync-seconds",
-                "2",
-                "--watch-namespace",
-                ns,
-                "--model-cache-dir",
-            ])
-            .arg(cache)
-            .args(extra)
-            .env("KUBECONFIG", kubeconfig()?)
-            .stdout(Stdio::null())
-            .spawn()?,
-    ))
+    let cache = cache.display().to_string();
+    let mut args = vec![
+        "--budget-selector",
+        "copyhold-test=none",
+        "--node-device",
+        "cpu",
+        "--model-cache-dir",
+        &cache,
+    ];
+    args.extend_from_slice(extra);
+    copyhold_e2e::start_controller(ns, &args)
 }
 
 /// Snapshots of `repo` in the node cache at `cache`.

@@ -8,15 +8,11 @@
 //! - A running model stays on its card when a better one frees up, and
 //!   moves when its owner asks (issue 19, item 7).
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
 use copyhold::resources::{ModelDeployment, ModelDeploymentStatus};
-use copyhold_e2e::{
-    ChildGuard, FleetLock, KubeletGuard, TestNamespace, eventually, install_crds, kubeconfig,
-    workspace_bin,
-};
+use copyhold_e2e::{ChildGuard, FleetLock, KubeletGuard, TestNamespace, eventually, install_crds};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -50,17 +46,8 @@ impl Scene {
             )],
             &ns.name,
         )?;
-        let controller = ChildGuard(
-            Command::new(workspace_bin("copyhold", "copyhold")?)
-                .args(["controller", "--metrics-addr", "127.0.0.1:0"])
-                .args(["--leader-election=false", "--resync-seconds", "2"])
-                .args(["--budget-selector", "copyhold-test=none"])
-                .args(["--watch-namespace", &ns.name])
-                .env("KUBECONFIG", kubeconfig()?)
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .spawn()?,
-        );
+        let controller =
+            copyhold_e2e::start_controller(&ns.name, &["--budget-selector", "copyhold-test=none"])?;
         Ok(Scene {
             ns,
             client,

@@ -4,15 +4,11 @@
 //! serve` on the Pod's own loopback address → the Pod turns Ready → the
 //! ModelDeployment reports Ready → a chat completion to the Pod answers.
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use copyhold::resources::ModelDeployment;
-use copyhold_e2e::{
-    ChildGuard, FleetLock, TestNamespace, eventually, fixtures, install_crds, kubeconfig,
-    workspace_bin,
-};
+use copyhold_e2e::{FleetLock, TestNamespace, eventually, fixtures, install_crds, workspace_bin};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 
@@ -22,9 +18,7 @@ async fn a_model_deployment_of_a_fixture_model_really_serves() -> Result<()> {
     install_crds().await?;
     let client = copyhold_e2e::client().await?;
     let ns = TestNamespace::create("serve")?;
-    let kc = kubeconfig()?;
     let node_bin = workspace_bin("copyhold-node", "copyhold-node")?;
-    let controller_bin = workspace_bin("copyhold", "copyhold")?;
     let model_dir =
         std::fs::canonicalize(fixtures().join("tiny-llama")).context("fixtures/tiny-llama")?;
 
@@ -35,29 +29,16 @@ async fn a_model_deployment_of_a_fixture_model_really_serves() -> Result<()> {
         &node_bin,
         "e2e",
     )?;
-    let _controller = ChildGuard(
-        Command::new(controller_bin)
-            .args([
-                "controller",
-                "--metrics-addr",
-                "127.0.0.1:0",
-                "--leader-election=false",
-                // No EnergyBudget is this test's: act on none.
-                "--budget-selector",
-                "copyhold-test=none",
-            ])
-            .args([
-                "--node-device",
-                "cpu",
-                "--resync-seconds",
-                "2",
-                "--watch-namespace",
-                &ns.name,
-            ])
-            .env("KUBECONFIG", &kc)
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
+    // No EnergyBudget is this test's: act on none.
+    let _controller = copyhold_e2e::start_controller(
+        &ns.name,
+        &[
+            "--budget-selector",
+            "copyhold-test=none",
+            "--node-device",
+            "cpu",
+        ],
+    )?;
 
     let manifest = format!(
         r#"apiVersion: copyhold.dev/v1alpha1

@@ -563,7 +563,7 @@ async fn read_supply(
             "Stale",
             format!("the last reading was taken at {at}, longer than maxAge ago"),
         )),
-        (Ok(_), _) if estimate.stale => Some(("Stale", "the last reading is too old".to_string())),
+        // An Ok reading always leaves a last good one.
         (Ok(_), _) => None,
     };
     let allowance = budget::allowance(spec.ceiling_watts, estimate.watts, spec.margin_percent);
