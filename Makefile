@@ -68,7 +68,7 @@ images-cuda:
 ## the gateway's /healthz and the node's /health (the fixture model).
 images-check:
 	@e2e/cluster.sh up
-	@eval "$$(e2e/cluster.sh env)"; COPYHOLD_FIXTURE_MODEL=$${COPYHOLD_FIXTURE_MODEL:-$(CURDIR)/tests/fixtures/tiny-llama} images/build.sh check
+	@eval "$$(e2e/cluster.sh env)"; kubectl apply -f crds/ >/dev/null; COPYHOLD_FIXTURE_MODEL=$${COPYHOLD_FIXTURE_MODEL:-$(CURDIR)/tests/fixtures/tiny-llama} images/build.sh check
 
 ## A real node (kubelet, containerd, runc, kube-proxy) joined to the local
 ## control plane, with the built images loaded (needs root). See e2e/node.sh.
