@@ -11,8 +11,7 @@ use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
     HostPathVolumeSource, KeyToPath, LocalObjectReference, PersistentVolumeClaimVolumeSource,
     PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
-    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Toleration, Volume,
-    VolumeMount,
+    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -640,12 +639,8 @@ fn pod_spec(
             ..Default::default()
         }),
         affinity: Some(placement.affinity.clone()),
-        tolerations: Some(vec![Toleration {
-            key: Some("nvidia.com/gpu".into()),
-            operator: Some("Exists".into()),
-            effect: Some("NoSchedule".into()),
-            ..Default::default()
-        }]),
+        // Placement leaves out nodes with taints these do not tolerate.
+        tolerations: Some(super::placement::engine_tolerations()),
         containers: vec![container],
         volumes: Some(volumes),
         ..Default::default()
