@@ -4,8 +4,10 @@
 //!
 //! The rule (also in `docs/placement.md`):
 //!
-//! 1. A replica needs `ModelNeeds::bytes_per_replica()` bytes. A GPU offers
-//!    `floor(memory × gpuMemoryUtilization)` usable bytes. A replica may split
+//! 1. A replica over `N` GPUs needs `ModelNeeds::bytes_on_gpus(N)` bytes
+//!    (the fixed overhead on each GPU). A GPU offers
+//!    `floor(memory × gpuMemoryUtilization)` usable bytes, where a
+//!    time-sliced card's memory is shared by its slices. A replica may split
 //!    its layers across `N` GPUs **of one node** (never across nodes), with
 //!    `1 ≤ N ≤ min(maxGpusPerReplica, layers)`.
 //! 2. A node is *eligible* for `N` when it has at least `N` allocatable GPUs,
@@ -13,7 +15,8 @@
 //!    `placement.minComputeCapability`), its product is allowed
 //!    (`placement.gpuProducts`, empty allows all), it carries every label of
 //!    `placement.nodeSelector`, and `N × usable ≥ need`. It has room for
-//!    `free / N` replicas.
+//!    `free / N` replicas. Nodes cordoned, not Ready, or with a taint the
+//!    serving Pods do not tolerate are not in the fleet at all.
 //! 3. `N` is the smallest count for which eligible nodes have room for all
 //!    replicas: a model is split only when no single card that fits is free.
 //! 4. Classes (products) eligible for that `N` are ranked by estimated
