@@ -196,7 +196,11 @@ async fn a_node_with_a_taint_the_pods_do_not_tolerate_is_no_placement_target() -
     s.model("welcome", 1, "1Gi", "gpu-tainted").await?;
     let off = s.placed("kept-off").await?;
     let (status, reason, message) = placed(&off).unwrap_or_default();
-    assert_eq!(status, "False", "{reason}: {message}; nodes {:?}", off.nodes);
+    assert_eq!(
+        status, "False",
+        "{reason}: {message}; nodes {:?}",
+        off.nodes
+    );
     assert!(!off.nodes.contains(&tainted), "{:?}", off.nodes);
     let on = s.placed("welcome").await?;
     let (status, reason, message) = placed(&on).unwrap_or_default();
@@ -224,7 +228,11 @@ async fn two_replicas_on_the_slices_of_one_card_must_fit_its_memory_together() -
     s.model("big-pair", 2, "9Gi", "sliced").await?;
     let big = s.placed("big-pair").await?;
     let (status, reason, message) = placed(&big).unwrap_or_default();
-    assert_eq!(status, "False", "{reason}: {message}; nodes {:?}", big.nodes);
+    assert_eq!(
+        status, "False",
+        "{reason}: {message}; nodes {:?}",
+        big.nodes
+    );
     // 3 GiB of weights: about 3.65 GiB a replica; two fit together.
     s.model("small-pair", 2, "3Gi", "sliced").await?;
     let small = s.placed("small-pair").await?;
