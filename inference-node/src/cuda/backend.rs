@@ -466,11 +466,8 @@ impl CudaBackend {
             // free for others.
             None => {
                 let per_block = kv_per_block_layer * cfg.num_layers as u64;
-                let cap = opts
-                    .kv_bytes
-                    .map_or(usize::MAX, |b| (b / per_block.max(1)) as usize);
                 plan::kv_pool_blocks(
-                    fit.min(cap),
+                    fit.min(plan::kv_cap_blocks(opts.kv_bytes, per_block)),
                     opts.max_running,
                     opts.max_context.unwrap_or(cfg.max_position_embeddings),
                     opts.block_size,
