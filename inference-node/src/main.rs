@@ -139,7 +139,8 @@ struct ServeArgs {
     #[arg(long, env = "COPYHOLD_SERVED_MODEL_NAME")]
     served_model_name: Option<String>,
     /// Memory for the paged KV cache, in MiB (default: enough for
-    /// `--max-running` sequences of `--max-model-len` tokens).
+    /// `--max-running` sequences of `--max-model-len` tokens; on the CPU
+    /// without `--max-model-len`, 512).
     #[arg(long, env = "COPYHOLD_KV_CACHE_MIB")]
     kv_cache_mib: Option<usize>,
     /// Longest prompt + completion, in tokens (default: the model's
@@ -587,6 +588,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// The CPU pool's size when neither `--kv-cache-mib` nor `--max-model-len`
+/// says: 512 MiB, not `--max-running` sequences at the model's whole
+/// context (64 × 128 K tokens of a Llama 3.1 would be terabytes). On CUDA
+/// the GPU's memory bounds the pool instead.
+fn cpu_default_kv_mib(device: Device, max_model_len: Option<usize>) -> Option<usize> {
+    (matches!(device, Device::Cpu) && max_model_len.is_none()).then_some(512)
+}
+
 fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let device = a.cuda.device(a.device, false);
     if let EngineDevice::Cuda(_) = device {
@@ -654,7 +663,10 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         let server = tokio::spawn(copyhold_node::api::server::serve(listener, state.clone()));
         tracing::info!(sensor = sensor.name(), "power sensor");
         let opts = EngineOptions {
-            kv_bytes: a.kv_cache_mib.map(|m| m << 20),
+            kv_bytes: a
+                .kv_cache_mib
+                .or(cpu_default_kv_mib(a.device, a.max_model_len))
+                .map(|m| m << 20),
             block_size: a.block_size.max(1),
             max_batch_tokens: a.max_batch_tokens,
             max_running: a.max_running,
