@@ -80,7 +80,7 @@ pub fn load_cpu_engine(
         num_blocks,
         kv_mib = (num_blocks * per_block) >> 20,
         sized_by = if opts.kv_bytes.is_some() {
-            "--kv-cache-mib"
+            "budget (--kv-cache-mib, or 512 MiB without --max-model-len)"
         } else {
             "context x max running"
         },
