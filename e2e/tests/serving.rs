@@ -2,7 +2,8 @@
 //! fixture model → the controller's Deployment → the real scheduler binds the
 //! Pod to a simulated GPU node → the kubelet stand-in runs `copyhold-node
 //! serve` on the Pod's own loopback address → the Pod turns Ready → the
-//! ModelDeployment reports Ready → a chat completion to the Pod answers.
+//! ModelDeployment reports Ready → a chat completion to the Pod answers, and
+//! the node serves the context and KV pool the spec sized.
 
 use std::time::Duration;
 
@@ -48,7 +49,7 @@ spec:
   model:
     source: {{hostPath: {{path: {}}}}}
     servedName: tiny-llama
-  serving: {{contextLength: 256, maxConcurrentSequences: 2}}
+  serving: {{contextLength: 64, maxConcurrentSequences: 2}}
   replicas: 1
 "#,
         model_dir.display()
@@ -110,6 +111,38 @@ spec:
         body["choices"][0]["message"]["content"].is_string(),
         "{body}"
     );
+
+    // The engine serves what placement sized (issue 19, item 9): the
+    // context of the spec, a KV pool of 2 sequences × 64 tokens (16 per
+    // block), and a longer prompt refused.
+    let models: serde_json::Value = http
+        .get(format!("http://{ip}:8000/v1/models"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(models["data"][0]["max_model_len"], 64, "{models}");
+    let metrics = http
+        .get(format!("http://{ip}:8000/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "copyhold_node_kv_blocks_total 8"),
+        "{metrics}"
+    );
+    let long: Vec<u32> = (1..=80).collect();
+    let resp = http
+        .post(format!("http://{ip}:8000/v1/completions"))
+        .json(&serde_json::json!({"model": "tiny-llama", "prompt": long, "max_tokens": 1}))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 400);
+    let body: serde_json::Value = resp.json().await?;
+    assert_eq!(body["error"]["code"], "context_length_exceeded", "{body}");
 
     // Scaling to zero stops the process: the address stops answering.
     copyhold_e2e::kubectl_ok(&["scale", "-n", &ns.name, "md/tiny", "--replicas=0"])?;

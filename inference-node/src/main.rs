@@ -138,9 +138,16 @@ struct ServeArgs {
     /// Name clients use in `model` (default: the directory name).
     #[arg(long, env = "COPYHOLD_SERVED_MODEL_NAME")]
     served_model_name: Option<String>,
-    /// Memory for the paged KV cache, in MiB.
-    #[arg(long, env = "COPYHOLD_KV_CACHE_MIB", default_value_t = 512)]
-    kv_cache_mib: usize,
+    /// Memory for the paged KV cache, in MiB (default: enough for
+    /// `--max-running` sequences of `--max-model-len` tokens; on the CPU
+    /// without `--max-model-len`, 512).
+    #[arg(long, env = "COPYHOLD_KV_CACHE_MIB")]
+    kv_cache_mib: Option<usize>,
+    /// Longest prompt + completion, in tokens (default: the model's
+    /// `max_position_embeddings`, never more). Longer requests get
+    /// `context_length_exceeded`.
+    #[arg(long, env = "COPYHOLD_MAX_MODEL_LEN")]
+    max_model_len: Option<usize>,
     /// Tokens per KV block.
     #[arg(long, env = "COPYHOLD_BLOCK_SIZE", default_value_t = 16)]
     block_size: usize,
@@ -581,6 +588,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// The CPU pool's size when neither `--kv-cache-mib` nor `--max-model-len`
+/// says: 512 MiB, not `--max-running` sequences at the model's whole
+/// context (64 × 128 K tokens of a Llama 3.1 would be terabytes). On CUDA
+/// the GPU's memory bounds the pool instead.
+fn cpu_default_kv_mib(device: Device, max_model_len: Option<usize>) -> Option<usize> {
+    (matches!(device, Device::Cpu) && max_model_len.is_none()).then_some(512)
+}
+
 fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let device = a.cuda.device(a.device, false);
     if let EngineDevice::Cuda(_) = device {
@@ -648,11 +663,15 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         let server = tokio::spawn(copyhold_node::api::server::serve(listener, state.clone()));
         tracing::info!(sensor = sensor.name(), "power sensor");
         let opts = EngineOptions {
-            kv_bytes: a.kv_cache_mib << 20,
+            kv_bytes: a
+                .kv_cache_mib
+                .or(cpu_default_kv_mib(a.device, a.max_model_len))
+                .map(|m| m << 20),
             block_size: a.block_size.max(1),
             max_batch_tokens: a.max_batch_tokens,
             max_running: a.max_running,
             kv_f16: matches!(a.cuda.kv_cache_dtype, Some(KvDtypeArg::F16)),
+            max_context: a.max_model_len,
         };
         let dir = a.model.clone();
         let m2 = metrics.clone();

@@ -27,11 +27,12 @@ fn model() -> PathBuf {
 
 fn engine(dir: &Path, kv_bytes: usize, metrics: Arc<Metrics>) -> Engine {
     let opts = EngineOptions {
-        kv_bytes,
+        kv_bytes: Some(kv_bytes),
         block_size: 4,
         max_batch_tokens: 16,
         max_running: 16,
         kv_f16: false,
+        max_context: None,
     };
     let sensor = Box::new(ModeledSensor(PowerModel {
         idle_w: 0.0,
@@ -394,11 +395,12 @@ fn with_f16_kv_a_batch_gives_each_sequence_its_solo_tokens() {
     let dir = model();
     let f16_engine = || {
         let opts = EngineOptions {
-            kv_bytes: 8 << 20,
+            kv_bytes: Some(8 << 20),
             block_size: 4,
             max_batch_tokens: 16,
             max_running: 16,
             kv_f16: true,
+            max_context: None,
         };
         let sensor = Box::new(ModeledSensor(PowerModel {
             idle_w: 0.0,

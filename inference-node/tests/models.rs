@@ -168,11 +168,12 @@ fn w_shape(w: &WeightStore, n: &str) -> Vec<usize> {
 /// (greedy), with tiny blocks and chunks so paging and chunking are exercised.
 fn engine_logits(dir: &Path, prompt: &[u32], n_gen: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
     let opts = EngineOptions {
-        kv_bytes: 4 << 20,
+        kv_bytes: Some(4 << 20),
         block_size: 4,
         max_batch_tokens: 7,
         max_running: 8,
         kv_f16: false,
+        max_context: None,
     };
     let sensor = Box::new(ModeledSensor(PowerModel {
         idle_w: 1.0,

@@ -49,12 +49,19 @@ async fn start(extra: &[&str]) -> Server {
 }
 
 async fn start_model(model: &std::path::Path, extra: &[&str]) -> Server {
+    let mut args = vec!["--kv-cache-mib", "16", "--block-size", "8"];
+    args.extend_from_slice(extra);
+    start_with(model, &args).await
+}
+
+/// The node on port 0 with exactly `args` after the model.
+async fn start_with(model: &std::path::Path, args: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_copyhold-node"))
         .arg("serve")
         .arg("--model")
         .arg(model)
-        .args(["--port", "0", "--kv-cache-mib", "16", "--block-size", "8"])
-        .args(extra)
+        .args(["--port", "0"])
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -413,6 +420,61 @@ async fn bad_requests_get_openai_shaped_400s_naming_the_param() {
     )
     .await;
     assert_eq!(st, 200);
+}
+
+/// What placement sized is what the node serves: a node started as the
+/// operator starts it (context 32 of the model's 160, 2 sequences, no
+/// `--kv-cache-mib`) holds 2 × 32 tokens of KV, says so in `/v1/models`,
+/// and refuses a longer prompt with `context_length_exceeded`.
+#[tokio::test]
+async fn a_node_started_with_a_small_context_sizes_its_pool_from_it_and_refuses_longer_prompts() {
+    let s = start_with(
+        &model_dir(),
+        &[
+            "--max-model-len",
+            "32",
+            "--max-running",
+            "2",
+            "--block-size",
+            "8",
+        ],
+    )
+    .await;
+    let m: Value = reqwest::get(format!("{}/v1/models", s.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(m["data"][0]["max_model_len"], 32, "{m}");
+    // 2 sequences × 32 tokens / 8 per block.
+    assert_eq!(metric(&s.base, "copyhold_node_kv_blocks_total").await, 8.0);
+    let long: Vec<u32> = (1..=40).collect();
+    let (st, e) = post(
+        &s.base,
+        "/v1/completions",
+        json!({"prompt": long, "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(st, 400, "{e}");
+    assert_eq!(e["error"]["code"], "context_length_exceeded", "{e}");
+    assert_eq!(e["error"]["param"], "prompt", "{e}");
+    let short: Vec<u32> = (1..=20).collect();
+    let (st, e) = post(
+        &s.base,
+        "/v1/completions",
+        json!({"prompt": short, "max_tokens": 20}),
+    )
+    .await;
+    assert_eq!(st, 400, "20 + 20 tokens exceed the context of 32: {e}");
+    assert_eq!(e["error"]["code"], "context_length_exceeded", "{e}");
+    let (st, r) = post(
+        &s.base,
+        "/v1/completions",
+        json!({"prompt": short, "max_tokens": 8}),
+    )
+    .await;
+    assert_eq!(st, 200, "{r}");
 }
 
 #[tokio::test]

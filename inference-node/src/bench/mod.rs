@@ -61,7 +61,8 @@ pub fn run(
 ) -> Result<BenchResult> {
     let t0 = Instant::now();
     let opts = EngineOptions {
-        kv_bytes: kv_mib << 20,
+        // The CUDA pool is sized from the GPU's memory, as before.
+        kv_bytes: matches!(device, Device::Cpu).then_some(kv_mib << 20),
         max_running: batch.max(1),
         max_batch_tokens: 512.max(batch),
         kv_f16,

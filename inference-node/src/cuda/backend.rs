@@ -63,6 +63,12 @@ pub struct CudaOptions {
     /// across "GPUs" that are one card.
     pub devices: Option<Vec<usize>>,
     pub max_layers_per_gpu: Option<usize>,
+    /// Longest sequence served (`--max-model-len`); `None`: the model's
+    /// `max_position_embeddings`. Sizes the KV pool and the attention
+    /// partials.
+    pub max_context: Option<usize>,
+    /// At most this many bytes of KV pool (`--kv-cache-mib`).
+    pub kv_bytes: Option<u64>,
 }
 
 impl Default for CudaOptions {
@@ -80,6 +86,8 @@ impl Default for CudaOptions {
             max_devices: None,
             devices: None,
             max_layers_per_gpu: None,
+            max_context: None,
+            kv_bytes: None,
         }
     }
 }
@@ -336,7 +344,10 @@ fn scratch_bytes(cfg: &ModelConfig, opts: &CudaOptions, part_size: usize) -> u64
     let qd = (cfg.num_heads * cfg.head_dim) as u64;
     let kvd = (cfg.num_kv_heads * cfg.head_dim) as u64;
     let rows = opts.max_running.max(1) as u64;
-    let parts = (cfg.max_position_embeddings / part_size.max(1) + 1) as u64;
+    let context = opts.max_context.map_or(cfg.max_position_embeddings, |c| {
+        c.min(cfg.max_position_embeddings)
+    });
+    let parts = (context / part_size.max(1) + 1) as u64;
     let acts = m * (3 * h + 2 * qd + 2 * kvd + h + 3 * i + cfg.head_dim as u64);
     let half_cast = m * h.max(i).max(qd) / 2;
     let logits = rows * (h + 2 * cfg.vocab_size as u64);
@@ -450,17 +461,23 @@ impl CudaBackend {
                 });
             }
             Some(n) => n,
-            // What the running sequences can use at full context, no more:
-            // the rest of the GPU stays free for others.
-            None => plan::kv_pool_blocks(
-                fit,
-                opts.max_running,
-                cfg.max_position_embeddings,
-                opts.block_size,
-            ),
+            // What the running sequences can use at the served context, no
+            // more (nor more than --kv-cache-mib): the rest of the GPU stays
+            // free for others.
+            None => {
+                let per_block = kv_per_block_layer * cfg.num_layers as u64;
+                plan::kv_pool_blocks(
+                    fit.min(plan::kv_cap_blocks(opts.kv_bytes, per_block)),
+                    opts.max_running,
+                    opts.max_context.unwrap_or(cfg.max_position_embeddings),
+                    opts.block_size,
+                )
+            }
         };
         tracing::info!(
             gpus = placements.len(),
+            context = opts.max_context.unwrap_or(cfg.max_position_embeddings),
+            max_running = opts.max_running,
             num_blocks,
             kv_mib = (num_blocks as u64 * kv_per_block_layer * cfg.num_layers as u64) >> 20,
             "CUDA placement"

@@ -241,6 +241,14 @@ pub fn kv_pool_blocks(fit: usize, max_running: usize, context: usize, block_size
     fit.min(useful).max(2)
 }
 
+/// Blocks `kv_bytes` (`--kv-cache-mib`) holds at `per_block` bytes a
+/// block, all layers; no cap without it.
+pub fn kv_cap_blocks(kv_bytes: Option<u64>, per_block: u64) -> usize {
+    kv_bytes.map_or(usize::MAX, |b| {
+        usize::try_from(b / per_block.max(1)).unwrap_or(usize::MAX)
+    })
+}
+
 /// Decode attention: positions per split-K partition, so the dynamic shared
 /// memory ((G·head_dim + G·part) floats) plus the kernel's static part stays
 /// within 48 KiB.
@@ -404,6 +412,20 @@ mod tests {
         );
         assert_eq!(device_dtype(DType::F16, ArchPath::Pascal, 1.0), DType::F16);
         assert_eq!(device_dtype(DType::F32, ArchPath::Pascal, 1.0), DType::F32);
+    }
+
+    #[test]
+    fn the_pool_is_what_the_running_sequences_use_at_the_served_context_within_the_caps() {
+        // 4 sequences of 1000 tokens in blocks of 16: 4 × 63 blocks, though
+        // memory would hold 10 000.
+        assert_eq!(kv_pool_blocks(10_000, 4, 1000, 16), 252);
+        // Memory holds fewer: what memory holds.
+        assert_eq!(kv_pool_blocks(100, 4, 1000, 16), 100);
+        // --kv-cache-mib 1 at 16 KiB a block caps it at 64.
+        let cap = kv_cap_blocks(Some(1 << 20), 16 << 10);
+        assert_eq!(cap, 64);
+        assert_eq!(kv_pool_blocks(10_000usize.min(cap), 4, 1000, 16), 64);
+        assert_eq!(kv_cap_blocks(None, 16 << 10), usize::MAX);
     }
 
     #[test]

@@ -840,24 +840,29 @@ fn serve_requests(
 /// Options for building an engine from a model directory.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
-    /// KV cache budget in bytes.
-    pub kv_bytes: usize,
+    /// KV cache budget in bytes; `None`: enough for `max_running`
+    /// sequences at the full context (`load::kv_pool_blocks`).
+    pub kv_bytes: Option<usize>,
     pub block_size: usize,
     pub max_batch_tokens: usize,
     pub max_running: usize,
     /// CPU backend: keep K/V in f16 (half the memory and attention
     /// traffic; values rounded once). The CUDA backend has its own option.
     pub kv_f16: bool,
+    /// Longest prompt + completion (`--max-model-len`, what placement
+    /// sized); `None` or more than the model's positions: the model's.
+    pub max_context: Option<usize>,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
-            kv_bytes: 256 << 20,
+            kv_bytes: Some(256 << 20),
             block_size: 16,
             max_batch_tokens: 512,
             max_running: 64,
             kv_f16: false,
+            max_context: None,
         }
     }
 }

@@ -4,8 +4,10 @@
 //!
 //! The rule (also in `docs/placement.md`):
 //!
-//! 1. A replica needs `ModelNeeds::bytes_per_replica()` bytes. A GPU offers
-//!    `floor(memory × gpuMemoryUtilization)` usable bytes. A replica may split
+//! 1. A replica over `N` GPUs needs `ModelNeeds::bytes_on_gpus(N)` bytes
+//!    (the fixed overhead on each GPU). A GPU offers
+//!    `floor(memory × gpuMemoryUtilization)` usable bytes, where a
+//!    time-sliced card's memory is shared by its slices. A replica may split
 //!    its layers across `N` GPUs **of one node** (never across nodes), with
 //!    `1 ≤ N ≤ min(maxGpusPerReplica, layers)`.
 //! 2. A node is *eligible* for `N` when it has at least `N` allocatable GPUs,
@@ -13,7 +15,8 @@
 //!    `placement.minComputeCapability`), its product is allowed
 //!    (`placement.gpuProducts`, empty allows all), it carries every label of
 //!    `placement.nodeSelector`, and `N × usable ≥ need`. It has room for
-//!    `free / N` replicas.
+//!    `free / N` replicas. Nodes cordoned, not Ready, or with a taint the
+//!    serving Pods do not tolerate are not in the fleet at all.
 //! 3. `N` is the smallest count for which eligible nodes have room for all
 //!    replicas: a model is split only when no single card that fits is free.
 //! 4. Classes (products) eligible for that `N` are ranked by estimated
@@ -42,7 +45,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{
     Affinity, Node, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
-    PodAffinityTerm, PodAntiAffinity, PreferredSchedulingTerm, WeightedPodAffinityTerm,
+    PodAffinityTerm, PodAntiAffinity, PreferredSchedulingTerm, Taint, Toleration,
+    WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::core::v1::{Container, Pod};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -63,6 +67,8 @@ pub const CC_MAJOR_LABEL: &str = "nvidia.com/gpu.compute.major";
 pub const CC_MINOR_LABEL: &str = "nvidia.com/gpu.compute.minor";
 /// Topology key replicas spread over.
 pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
+/// GFD label: how many allocatable GPUs time-slicing makes of each card.
+pub const REPLICAS_LABEL: &str = "nvidia.com/gpu.replicas";
 /// Highest weight of a class preference; the best class gets it.
 pub const MAX_CLASS_WEIGHT: i32 = 50;
 /// Weight of the preference to spread replicas over nodes: above any class
@@ -79,7 +85,9 @@ pub struct NodeGpus {
     /// `nvidia.com/gpu.product`, or `unknown` when GFD did not label it.
     pub product: String,
     /// Memory of one GPU (from the node's label, else the catalog; 0 if
-    /// neither knows: such a node never fits).
+    /// neither knows: such a node never fits). A time-sliced card's share:
+    /// its memory divided by the slices it is shared as, so the Pods on
+    /// its slices fit it together.
     pub memory_bytes_per_gpu: u64,
     /// From the node's labels, else the catalog; (0, 0) if neither knows.
     pub compute_capability: (u8, u8),
@@ -269,7 +277,8 @@ pub fn place(req: &PlacementRequest<'_>, fleet: &[NodeGpus]) -> Result<Placement
     let min_cc = spec_cc.map_or(req.needs.min_compute_capability, |c| {
         c.max(req.needs.min_compute_capability)
     });
-    let need = req.needs.bytes_per_replica();
+    // Split over k GPUs, a replica pays the fixed overhead on each.
+    let need = |k: u32| req.needs.bytes_on_gpus(k);
     let max_n = max_gpus.min(req.needs.num_layers);
     let gpu_nodes: Vec<&NodeGpus> = fleet.iter().filter(|n| n.allocatable_gpus > 0).collect();
     let compatible = |n: &NodeGpus| {
@@ -281,7 +290,7 @@ pub fn place(req: &PlacementRequest<'_>, fleet: &[NodeGpus]) -> Result<Placement
         gpu_nodes
             .iter()
             .copied()
-            .filter(|n| n.allocatable_gpus >= k && compatible(n) && fits(n, k, util, need))
+            .filter(|n| n.allocatable_gpus >= k && compatible(n) && fits(n, k, util, need(k)))
             .collect()
     };
 
@@ -289,7 +298,7 @@ pub fn place(req: &PlacementRequest<'_>, fleet: &[NodeGpus]) -> Result<Placement
         let nodes = eligible(k);
         let room: u32 = nodes.iter().map(|n| n.free_gpus() / k).sum();
         if !nodes.is_empty() && room >= req.replicas {
-            return Ok(assign(req, k, need, &nodes));
+            return Ok(assign(req, k, need(k), &nodes));
         }
     }
 
@@ -301,7 +310,10 @@ pub fn place(req: &PlacementRequest<'_>, fleet: &[NodeGpus]) -> Result<Placement
     let big_enough: Vec<&NodeGpus> = gpu_nodes
         .iter()
         .copied()
-        .filter(|n| offer(n).0 >= need)
+        .filter(|n| {
+            let (bytes, g) = offer(n);
+            bytes >= need(g)
+        })
         .collect();
     if big_enough.is_empty() {
         let best = gpu_nodes.iter().max_by_key(|n| {
@@ -312,12 +324,13 @@ pub fn place(req: &PlacementRequest<'_>, fleet: &[NodeGpus]) -> Result<Placement
             )
         });
         let (largest_bytes, gpus) = best.map_or((0, 0), |n| offer(n));
+        let needed_bytes = need(gpus);
         return Err(PlacementError::InsufficientVram {
             largest_card: best
                 .map_or_else(|| "none (no node has GPUs)".into(), |n| n.product.clone()),
             largest_bytes,
-            needed_bytes: need,
-            missing_bytes: need.saturating_sub(largest_bytes),
+            needed_bytes,
+            missing_bytes: needed_bytes.saturating_sub(largest_bytes),
             gpus,
             limited_by_layers: req.needs.num_layers < max_gpus
                 && best.is_some_and(|n| n.allocatable_gpus > req.needs.num_layers),
@@ -591,6 +604,58 @@ fn ready(n: &Node) -> bool {
         .is_none_or(|c| c.status == "True")
 }
 
+/// Slices each card of a node is shared as: the device plugin's
+/// time-slicing makes every card `nvidia.com/gpu.replicas` allocatable
+/// GPUs (GFD's label), which share its memory. 1 without the label.
+fn slices_per_card(labels: &BTreeMap<String, String>) -> u32 {
+    labels
+        .get(REPLICAS_LABEL)
+        .and_then(|r| r.trim().parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// What the engine's Pods tolerate (the Pod template carries exactly
+/// these): the `nvidia.com/gpu` NoSchedule taint GPU nodes often have.
+pub fn engine_tolerations() -> Vec<Toleration> {
+    vec![Toleration {
+        key: Some(GPU_RESOURCE.into()),
+        operator: Some("Exists".into()),
+        effect: Some("NoSchedule".into()),
+        ..Default::default()
+    }]
+}
+
+/// Whether `t` tolerates `taint`, as the scheduler decides it: the same
+/// effect (or none named), the same key (or none named with `Exists`),
+/// and with `Equal` (the default) the same value.
+fn tolerates(t: &Toleration, taint: &Taint) -> bool {
+    let effect = t
+        .effect
+        .as_deref()
+        .is_none_or(|e| e.is_empty() || e == taint.effect);
+    let exists = t.operator.as_deref() == Some("Exists");
+    let key = match t.key.as_deref() {
+        None | Some("") => exists,
+        Some(k) => k == taint.key,
+    };
+    let value = exists || t.value.as_deref().unwrap_or("") == taint.value.as_deref().unwrap_or("");
+    effect && key && value
+}
+
+/// False when the node has a NoSchedule or NoExecute taint that none of
+/// `tolerations` tolerates: the scheduler would never bind the Pod there.
+/// PreferNoSchedule is only a preference.
+fn tolerated(n: &Node, tolerations: &[Toleration]) -> bool {
+    n.spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|taint| taint.effect == "NoSchedule" || taint.effect == "NoExecute")
+        .all(|taint| tolerations.iter().any(|t| tolerates(t, taint)))
+}
+
 /// The fleet as placement sees it: schedulable, ready nodes with GPUs, and the GPUs
 /// non-terminated pods bound to them hold. Pods for which `exclude` is true
 /// (the replicas of the deployment being re-placed) count as free, so a
@@ -616,7 +681,10 @@ pub fn fleet_from<'a>(
         let Some(name) = n.metadata.name.as_deref() else {
             continue;
         };
-        if n.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) || !ready(n) {
+        if n.spec.as_ref().and_then(|s| s.unschedulable) == Some(true)
+            || !ready(n)
+            || !tolerated(n, &engine_tolerations())
+        {
             continue;
         }
         let allocatable = gpu_count(
@@ -634,12 +702,13 @@ pub fn fleet_from<'a>(
             .cloned()
             .unwrap_or_else(|| "unknown".into());
         let known = gpu_catalog::lookup(&product);
-        let memory = labels
+        let card_memory = labels
             .get(MEMORY_LABEL)
             .and_then(|m| m.trim().parse::<u64>().ok())
             .map(|mib| mib.saturating_mul(MIB))
             .or(known.map(|g| g.memory_bytes))
             .unwrap_or(0);
+        let memory = card_memory / u64::from(slices_per_card(&labels));
         let label_cc = labels
             .get(CC_MAJOR_LABEL)
             .and_then(|m| m.trim().parse::<u8>().ok())
@@ -800,6 +869,7 @@ mod tests {
             kv_cache_bytes: total - OVERHEAD_FIXED_BYTES,
             num_layers: layers,
             min_compute_capability: cc,
+            tied_head_bytes: 0,
         }
     }
 
@@ -1092,7 +1162,7 @@ mod tests {
                         "{}: the T4 never hosts a model it cannot hold: {p:?}",
                         c.name
                     );
-                    assert_eq!(p.required_memory_bytes, c.need, "{}", c.name);
+                    assert_eq!(p.required_memory_bytes, n.bytes_on_gpus(*k), "{}", c.name);
                     assert!(p.replicas.iter().all(|r| r.gpus == *k));
                 }
                 (
@@ -1103,12 +1173,13 @@ mod tests {
                             largest_bytes,
                             needed_bytes,
                             missing_bytes,
+                            gpus,
                             ..
                         },
                     ),
                 ) => {
                     assert_eq!(largest_card, card, "{}: {e}", c.name);
-                    assert_eq!(*needed_bytes, c.need, "{}", c.name);
+                    assert_eq!(*needed_bytes, n.bytes_on_gpus(*gpus), "{}", c.name);
                     assert_eq!(*missing_bytes, needed_bytes - largest_bytes, "{}", c.name);
                     assert_eq!(e.reason(), "InsufficientVRAM");
                     assert!(e.to_string().contains(card), "{}: {e}", c.name);
@@ -1194,13 +1265,15 @@ mod tests {
         };
         let e = place(&req, &e2e([0, 0, 0, 0])).unwrap_err();
         let offer = 4 * ((32510 * MIB) as f64 * 0.9).floor() as u64;
+        // Over four GPUs: the fixed overhead on each.
+        let needed = 200 * GIB + 3 * OVERHEAD_FIXED_BYTES;
         assert_eq!(
             e,
             PlacementError::InsufficientVram {
                 largest_card: "Tesla-V100-SXM2-32GB".into(),
                 largest_bytes: offer,
-                needed_bytes: 200 * GIB,
-                missing_bytes: 200 * GIB - offer,
+                needed_bytes: needed,
+                missing_bytes: needed - offer,
                 gpus: 4,
                 limited_by_layers: false,
             }
@@ -1384,6 +1457,109 @@ mod tests {
             1,
             "init container's 1 counts"
         );
+    }
+
+    #[test]
+    fn a_replica_split_over_two_gpus_needs_room_for_the_overhead_on_each() {
+        // Two 16 GiB V100s at 0.9 of their memory.
+        let fleet = vec![node("v", "Tesla-V100-SXM2-16GB", 16384, (7, 0), 2, 0)];
+        let two = 2 * usable(&fleet[0], 0.9);
+        let spec = PlacementSpec::default();
+        let place_total = |total: u64| {
+            let n = needs(total, (6, 0), 32);
+            let req = PlacementRequest {
+                needs: &n,
+                replicas: 1,
+                spec: &spec,
+                gpu_memory_utilization: 0.9,
+            };
+            place(&req, &fleet)
+        };
+        // Counted with one GPU's overhead it would just fit; the second
+        // GPU's CUDA context and workspace do not.
+        let e = place_total(two).unwrap_err();
+        assert!(
+            matches!(e, PlacementError::InsufficientVram { needed_bytes, .. } if needed_bytes == two + OVERHEAD_FIXED_BYTES),
+            "{e:?}"
+        );
+        let p = place_total(two - OVERHEAD_FIXED_BYTES).unwrap();
+        assert_eq!(p.gpus_per_replica, 2);
+        assert_eq!(p.required_memory_bytes, two);
+    }
+
+    #[test]
+    fn the_slices_of_a_time_sliced_card_share_its_memory() {
+        // The T4 (15360 MiB) shared by time-slicing as 2 `nvidia.com/gpu`.
+        let mut nodes = e2e_nodes();
+        let t4 = nodes
+            .iter_mut()
+            .find(|n| n.metadata.name.as_deref() == Some("gpu-t4"))
+            .unwrap();
+        t4.metadata
+            .labels
+            .get_or_insert_default()
+            .insert(REPLICAS_LABEL.into(), "2".into());
+        let status = t4.status.get_or_insert_default();
+        for q in [status.allocatable.as_mut(), status.capacity.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            q.insert(GPU_RESOURCE.into(), Quantity("2".into()));
+        }
+        let fleet = fleet_from(&nodes, &[], |_| false);
+        let t4 = fleet.iter().find(|n| n.name == "gpu-t4").unwrap();
+        assert_eq!(t4.allocatable_gpus, 2);
+        assert_eq!(t4.memory_bytes_per_gpu, 15360 * MIB / 2);
+        let spec = PlacementSpec {
+            gpu_products: vec!["Tesla-T4".into()],
+            ..PlacementSpec::default()
+        };
+        let place_two = |total: u64| {
+            let n = needs(total, (6, 0), 32);
+            let req = PlacementRequest {
+                needs: &n,
+                replicas: 2,
+                spec: &spec,
+                gpu_memory_utilization: 0.9,
+            };
+            place(&req, &fleet)
+        };
+        // Two replicas of 6 GiB fit the card together (12 of 13.5 GiB)...
+        let p = place_two(6 * GIB).unwrap();
+        assert_eq!(p.replicas.len(), 2);
+        assert!(p.replicas.iter().all(|r| r.node == "gpu-t4" && r.gpus == 1));
+        // ...two of 10 GiB do not, though each fits the card alone.
+        assert!(place_two(10 * GIB).is_err());
+    }
+
+    #[test]
+    fn nodes_with_a_taint_the_engine_does_not_tolerate_are_no_placement_target() {
+        let mut nodes = e2e_nodes();
+        let taint = |key: &str, effect: &str| k8s_openapi::api::core::v1::Taint {
+            key: key.into(),
+            value: Some("x".into()),
+            effect: effect.into(),
+            time_added: None,
+        };
+        let mut set = |name: &str, t: k8s_openapi::api::core::v1::Taint| {
+            let n = nodes
+                .iter_mut()
+                .find(|n| n.metadata.name.as_deref() == Some(name))
+                .unwrap();
+            n.spec.get_or_insert_default().taints = Some(vec![t]);
+        };
+        set("gpu-t4", taint("dedicated", "NoSchedule"));
+        set("gpu-p100", taint("dedicated", "NoExecute"));
+        // Tolerated by the engine's Pods, or only a preference.
+        set("gpu-v100", taint("nvidia.com/gpu", "NoSchedule"));
+        set("gpu-p40", taint("dedicated", "PreferNoSchedule"));
+        let fleet = fleet_from(&nodes, &[], |_| false);
+        let names: Vec<&str> = fleet.iter().map(|n| n.name.as_str()).collect();
+        assert!(!names.contains(&"gpu-t4"), "{names:?}");
+        assert!(!names.contains(&"gpu-p100"), "{names:?}");
+        assert!(names.contains(&"gpu-v100"), "{names:?}");
+        assert!(names.contains(&"gpu-p40"), "{names:?}");
+        assert!(names.contains(&"gpu-p4"), "{names:?}");
     }
 
     #[test]

@@ -13,7 +13,15 @@
 //!   per token, times the tokens the user asked for
 //!   (`contextLength × maxConcurrentSequences`, or `kvCacheMemory`),
 //! - a runtime overhead for activations, CUDA context and allocator slack:
-//!   5 % of the weights plus 512 MiB (see [`ModelNeeds::overhead_bytes`]).
+//!   5 % of the weights plus 512 MiB (see [`ModelNeeds::overhead_bytes`]),
+//! - split over `N` GPUs ([`ModelNeeds::bytes_on_gpus`]): the 512 MiB on
+//!   every GPU, and a tied LM head's copy of the embedding.
+//!
+//! bf16 weights on cards older than sm_80 cost what they cost on newer
+//! ones: `copyhold-node` converts them element by element to f16 (2 bytes,
+//! as stored). Only a tensor holding values beyond f16's range (±65504)
+//! is kept in f32 there, which no header shows; the node then fails at
+//! load with an error naming the bytes rather than serving wrong output.
 
 use std::collections::BTreeMap;
 
@@ -313,6 +321,29 @@ impl SafetensorsHeader {
     }
 }
 
+/// Bytes of the embedding a tied LM head uses: the embedding tensor's own
+/// bytes from the headers, else `vocab × hidden` in the weights' dtype; 0
+/// when the config does not tie them or the files carry an `lm_head`.
+fn tied_head_bytes(
+    config: &HfConfig,
+    headers: &[SafetensorsHeader],
+    dtype: Dtype,
+) -> Result<u64, SizingError> {
+    let tensors = || headers.iter().flat_map(|h| h.tensors.iter());
+    if !config.tie_word_embeddings || tensors().any(|(k, _)| k.ends_with("lm_head.weight")) {
+        return Ok(0);
+    }
+    if let Some((_, t)) = tensors().find(|(k, _)| k.ends_with("embed_tokens.weight")) {
+        return Ok(t.data_offsets[1] - t.data_offsets[0]);
+    }
+    config
+        .vocab_size
+        .unwrap_or(0)
+        .checked_mul(config.hidden_size)
+        .and_then(|e| e.checked_mul(dtype_bytes(dtype)))
+        .ok_or(SizingError::Overflow("embedding bytes"))
+}
+
 /// What the user asked each replica to hold and how it will run.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SizingInput<'a> {
@@ -340,6 +371,10 @@ pub struct ModelNeeds {
     pub num_layers: u32,
     /// Lowest compute capability a replica may run on.
     pub min_compute_capability: (u8, u8),
+    /// Bytes of the embedding a tied LM head shares with it: a replica
+    /// split over GPUs holds a second copy on the last one (as
+    /// `copyhold-node` does). 0 when the head is untied or not known.
+    pub tied_head_bytes: u64,
 }
 
 impl ModelNeeds {
@@ -390,13 +425,15 @@ impl ModelNeeds {
             .and_then(|x| x.checked_mul(u64::from(config.num_hidden_layers)))
             .and_then(|x| x.checked_mul(2 * dtype_bytes(weights_dtype)))
             .ok_or(SizingError::Overflow("KV bytes per token"))?;
-        Self::assemble(
+        let mut needs = Self::assemble(
             weight_bytes,
             weights_dtype,
             kv_per_token,
             config.num_hidden_layers,
             input,
-        )
+        )?;
+        needs.tied_head_bytes = tied_head_bytes(config, headers, weights_dtype)?;
+        Ok(needs)
     }
 
     /// Sizes a model from the numbers the user gave in `model.sizing`, for
@@ -499,6 +536,7 @@ impl ModelNeeds {
             kv_cache_bytes,
             num_layers,
             min_compute_capability: min_compute_capability(bf16, input.placement_min_cc),
+            tied_head_bytes: 0,
         })
     }
 
@@ -510,6 +548,18 @@ impl ModelNeeds {
         (self.weight_bytes / 100)
             .saturating_mul(OVERHEAD_WEIGHT_PERCENT)
             .saturating_add(OVERHEAD_FIXED_BYTES)
+    }
+
+    /// GPU memory one replica needs when split over `gpus` GPUs: every GPU
+    /// holds its own CUDA context, workspaces and scratch (the fixed
+    /// overhead), and a tied LM head gets its own copy of the embedding on
+    /// a GPU other than the embedding's. One GPU: [`Self::bytes_per_replica`].
+    pub fn bytes_on_gpus(&self, gpus: u32) -> u64 {
+        let extra = u64::from(gpus.max(1) - 1);
+        let head = if gpus > 1 { self.tied_head_bytes } else { 0 };
+        self.bytes_per_replica()
+            .saturating_add(extra.saturating_mul(OVERHEAD_FIXED_BYTES))
+            .saturating_add(head)
     }
 
     /// GPU memory one replica needs in all: weights + KV cache + overhead.
@@ -719,6 +769,49 @@ mod tests {
             n.bytes_per_replica(),
             w + 2000 * 131_072 + w / 100 * 5 + 512 * 1024 * 1024
         );
+    }
+
+    #[test]
+    fn a_replica_split_over_gpus_pays_the_fixed_overhead_on_every_gpu() {
+        let s = ServingSpec::default();
+        let n =
+            ModelNeeds::from_model(&mistral_7b(), &[], &input(&s, EngineKind::Copyhold)).unwrap();
+        assert_eq!(n.bytes_on_gpus(1), n.bytes_per_replica());
+        assert_eq!(
+            n.bytes_on_gpus(3),
+            n.bytes_per_replica() + 2 * OVERHEAD_FIXED_BYTES,
+            "untied: no head copy"
+        );
+    }
+
+    #[test]
+    fn a_split_model_with_tied_embeddings_counts_the_heads_copy_on_another_gpu() {
+        let s = ServingSpec::default();
+        let n =
+            ModelNeeds::from_model(&qwen2_5_0_5b(), &[], &input(&s, EngineKind::Copyhold)).unwrap();
+        assert_eq!(n.tied_head_bytes, 151_936 * 896 * 2);
+        assert_eq!(n.bytes_on_gpus(1), n.bytes_per_replica());
+        assert_eq!(
+            n.bytes_on_gpus(2),
+            n.bytes_per_replica() + OVERHEAD_FIXED_BYTES + 151_936 * 896 * 2
+        );
+        // With headers: the embedding tensor's own bytes (here stored f32).
+        let e = 151_936u64 * 896 * 4;
+        let h = SafetensorsHeader::parse(
+            format!(
+                r#"{{"model.embed_tokens.weight":{{"dtype":"F32","shape":[151936,896],"data_offsets":[0,{e}]}}}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let n = ModelNeeds::from_model(&qwen2_5_0_5b(), &[h], &input(&s, EngineKind::Copyhold))
+            .unwrap();
+        assert_eq!(n.tied_head_bytes, e);
+        // Untied models carry their own head: nothing is copied.
+        let (cfg, h) = read_fixture("tiny-llama-bf16");
+        assert!(!cfg.tie_word_embeddings);
+        let n = ModelNeeds::from_model(&cfg, &[h], &input(&s, EngineKind::Copyhold)).unwrap();
+        assert_eq!(n.tied_head_bytes, 0);
     }
 
     #[test]

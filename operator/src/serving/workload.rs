@@ -11,8 +11,7 @@ use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
     HostPathVolumeSource, KeyToPath, LocalObjectReference, PersistentVolumeClaimVolumeSource,
     PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
-    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Toleration, Volume,
-    VolumeMount,
+    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -21,6 +20,8 @@ use kube::Resource;
 use kube::ResourceExt;
 
 use super::model_cache;
+use crate::resources::model_deployment::ServingSpec;
+use crate::resources::quantity;
 use crate::resources::{EngineKind, ModelDeployment};
 
 /// Port the engine listens on inside the Pod (OpenAI API, /health, /metrics).
@@ -446,19 +447,23 @@ fn engine_command(
         EngineKind::Copyhold => (
             image(&defaults.copyhold_image),
             strings(&["copyhold-node"]),
-            strings(&[
-                "serve",
-                "--model",
-                model_dir,
-                "--host",
-                "0.0.0.0",
-                "--port",
-                &port,
-                "--served-model-name",
-                &served,
-                "--device",
-                &defaults.node_device,
-            ]),
+            [
+                strings(&[
+                    "serve",
+                    "--model",
+                    model_dir,
+                    "--host",
+                    "0.0.0.0",
+                    "--port",
+                    &port,
+                    "--served-model-name",
+                    &served,
+                    "--device",
+                    &defaults.node_device,
+                ]),
+                node_sizing_args(serving),
+            ]
+            .concat(),
         ),
         EngineKind::Vllm => (
             image(&defaults.vllm_image),
@@ -484,6 +489,31 @@ fn engine_command(
             ]),
         ),
     }
+}
+
+/// What placement sized, for `copyhold-node`: the context, the sequences
+/// it runs at once and the share of each GPU it may use, so its KV pool
+/// holds `contextLength × maxConcurrentSequences` tokens; with
+/// `kvCacheMemory`, that budget in MiB instead.
+fn node_sizing_args(serving: &ServingSpec) -> Vec<String> {
+    let mut args = vec![
+        "--max-model-len".to_string(),
+        serving.context_length.to_string(),
+        "--max-running".to_string(),
+        serving.max_concurrent_sequences.to_string(),
+        "--gpu-memory-utilization".to_string(),
+        serving.gpu_memory_utilization.to_string(),
+    ];
+    // A malformed quantity never gets here: sizing refuses it first.
+    if let Some(bytes) = serving
+        .kv_cache_memory
+        .as_ref()
+        .and_then(|q| quantity::bytes(&q.0).ok())
+    {
+        args.push("--kv-cache-mib".into());
+        args.push((bytes >> 20).max(1).to_string());
+    }
+    args
 }
 
 /// The user's requests and limits, with the GPUs placement gave.
@@ -609,12 +639,8 @@ fn pod_spec(
             ..Default::default()
         }),
         affinity: Some(placement.affinity.clone()),
-        tolerations: Some(vec![Toleration {
-            key: Some("nvidia.com/gpu".into()),
-            operator: Some("Exists".into()),
-            effect: Some("NoSchedule".into()),
-            ..Default::default()
-        }]),
+        // Placement leaves out nodes with taints these do not tolerate.
+        tolerations: Some(super::placement::engine_tolerations()),
         containers: vec![container],
         volumes: Some(volumes),
         ..Default::default()
@@ -835,6 +861,41 @@ spec:
             serde_json::to_string(&a).ok(),
             serde_json::to_string(&b).ok()
         );
+    }
+
+    /// The engine's argument after `flag`.
+    fn arg_after(d: &Deployment, flag: &str) -> Option<String> {
+        let args = d
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|p| p.containers[0].args.clone())
+            .unwrap_or_default();
+        let at = args.iter().position(|a| a == flag)?;
+        args.get(at + 1).cloned()
+    }
+
+    #[test]
+    fn the_node_gets_the_context_sequences_and_memory_share_placement_sized() {
+        let m = md(&BASIC.replace(
+            "replicas: 2",
+            "replicas: 2\n  serving: {contextLength: 2048, maxConcurrentSequences: 3, gpuMemoryUtilization: 0.8}",
+        ));
+        let d = deployment(&m, &placed(1), &EngineDefaults::default()).expect("builds");
+        assert_eq!(arg_after(&d, "--max-model-len").as_deref(), Some("2048"));
+        assert_eq!(arg_after(&d, "--max-running").as_deref(), Some("3"));
+        assert_eq!(
+            arg_after(&d, "--gpu-memory-utilization").as_deref(),
+            Some("0.8")
+        );
+        assert_eq!(arg_after(&d, "--kv-cache-mib"), None, "sized by the node");
+        let m = md(&BASIC.replace(
+            "replicas: 2",
+            "replicas: 2\n  serving: {kvCacheMemory: 1536Mi}",
+        ));
+        let d = deployment(&m, &placed(1), &EngineDefaults::default()).expect("builds");
+        assert_eq!(arg_after(&d, "--kv-cache-mib").as_deref(), Some("1536"));
+        assert_eq!(arg_after(&d, "--max-model-len").as_deref(), Some("4096"));
     }
 
     #[test]
