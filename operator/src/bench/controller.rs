@@ -72,6 +72,8 @@ async fn scrape_requests(port: u16) -> Result<u64> {
 
 /// Run the benchmark.
 pub async fn controller(client: Client, bench: ControllerBench) -> Result<ControllerFigures> {
+    // Plainly, before making anything: a cluster without the CRDs.
+    crate::crd_check::require_installed(&client, None).await?;
     let tag = format!(
         "{}",
         std::time::SystemTime::now()
