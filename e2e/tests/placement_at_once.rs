@@ -499,3 +499,125 @@ async fn a_cluster_without_the_crds_is_told_they_are_missing_and_how_to_install_
     ensure!(!text.contains("page not found"), "{text}");
     Ok(())
 }
+
+/// Publish `in_flight` requests for `model` in a demand Lease of `ns`, as
+/// a gateway replica does, rewriting it every second (the controller
+/// counts only Leases that move) until the task is dropped.
+fn publish_demand(client: &kube::Client, ns: &str, model: &str, in_flight: i64) -> AbortOnDrop {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
+    let demand = json!({model: {"inFlight": in_flight, "held": 0}}).to_string();
+    AbortOnDrop(tokio::spawn(async move {
+        for beat in 0u64.. {
+            let lease = json!({
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": "gateway-test",
+                    "labels": {copyhold::serving::autoscale::DEMAND_LABEL: "test"},
+                    "annotations": {copyhold::serving::autoscale::DEMAND_ANNOTATION: demand,
+                                    "copyhold-e2e/beat": beat.to_string()}},
+            });
+            let _ = leases
+                .patch(
+                    "gateway-test",
+                    &PatchParams::apply("copyhold-e2e").force(),
+                    &Patch::Apply(&lease),
+                )
+                .await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }))
+}
+
+/// A task aborted when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_autoscaler_scale_up_places_the_replicas_that_fit_and_says_insufficient_gpus_for_the_rest()
+-> Result<()> {
+    let s = Scene::new("auto-up").await?;
+    let md = json!({
+        "apiVersion": "copyhold.dev/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": "auto", "namespace": s.ns.name},
+        "spec": {
+            "model": {"source": {"hostPath": {"path": "/models/none"}},
+                      "sizing": {"weightBytes": "1Mi", "kvBytesPerToken": 1024}},
+            "engine": {"image": "copyhold-standin:test"},
+            "replicas": 1,
+            "autoscaling": {"minReplicas": 1, "maxReplicas": 4, "targetInFlightPerReplica": 1},
+            "placement": {"nodeSelector": {"kubernetes.io/hostname": "gpu-v100"}},
+            "serving": {"contextLength": 256},
+        }
+    });
+    s.mds()
+        .patch(
+            "auto",
+            &PatchParams::apply("copyhold-e2e").force(),
+            &Patch::Apply(&md),
+        )
+        .await?;
+    let running = eventually(Duration::from_secs(30), || async {
+        let pods = s.model_pods("auto").await?;
+        let bound: Vec<String> = pods
+            .iter()
+            .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some("gpu-v100"))
+            .filter_map(|p| p.metadata.uid.clone())
+            .collect();
+        ensure!(bound.len() == 1, "{} of 1 bound", bound.len());
+        Ok(bound)
+    })
+    .await?;
+
+    // Two of the V100's three free GPUs go elsewhere; four requests in
+    // flight ask for four replicas (one each).
+    let other = TestNamespace::create("auto-up-blocker")?;
+    bind_blocker(
+        &s.client,
+        &other.name,
+        "blocker",
+        "gpu-v100",
+        json!({"nvidia.com/gpu": "2"}),
+    )
+    .await?;
+    let _demand = publish_demand(&s.client, &s.ns.name, "auto", 4);
+    let started = Instant::now();
+    let st = s
+        .status_until("auto", Duration::from_secs(30), "2 of 4 placed", |st| {
+            st.replicas == 2
+                && placed(st)
+                    .is_some_and(|(_, r, m)| r == "InsufficientGPUs" && m.contains("2 of 4"))
+        })
+        .await?;
+    let (status, reason, message) = placed(&st).context("no Placed")?;
+    println!(
+        "after {:.1} s (desired {:?}): Placed={status} {reason}: {message}",
+        started.elapsed().as_secs_f64(),
+        st.desired_replicas
+    );
+    ensure!(status == "True", "{status}");
+    eventually(Duration::from_secs(15), || async {
+        let pods = s.model_pods("auto").await?;
+        let uids: Vec<String> = pods.iter().filter_map(|p| p.metadata.uid.clone()).collect();
+        ensure!(
+            uids.contains(&running[0]),
+            "the running Pod was replaced: {uids:?}"
+        );
+        let bound = pods
+            .iter()
+            .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some("gpu-v100"))
+            .count();
+        ensure!(
+            pods.len() == 2 && bound == 2,
+            "{bound} of {} bound",
+            pods.len()
+        );
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
