@@ -406,10 +406,22 @@ impl Drop for ChildGuard {
 /// test's own flags (its budget selector, the node device, a model cache).
 /// Stopped when the guard drops.
 pub fn start_controller(ns: &str, extra: &[&str]) -> Result<ChildGuard> {
+    start_controller_resync(ns, 2, extra)
+}
+
+/// [`start_controller`] with its resync every `resync_seconds`: a test that
+/// shows what a watch triggers runs with the default 300 s, so the resync
+/// cannot do the watch's work.
+pub fn start_controller_resync(
+    ns: &str,
+    resync_seconds: u64,
+    extra: &[&str],
+) -> Result<ChildGuard> {
     Ok(ChildGuard(
         Command::new(workspace_bin("copyhold", "copyhold")?)
             .args(["controller", "--metrics-addr", "127.0.0.1:0"])
-            .args(["--leader-election=false", "--resync-seconds", "2"])
+            .args(["--leader-election=false", "--resync-seconds"])
+            .arg(resync_seconds.to_string())
             .args(["--watch-namespace", ns])
             .args(extra)
             .env("KUBECONFIG", kubeconfig()?)

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod commons;
 pub mod conditions;
 pub mod controller;
+pub mod crd_check;
 pub mod crdgen;
 pub mod energy;
 pub mod error;

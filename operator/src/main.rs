@@ -264,9 +264,14 @@ enum BenchCommand {
     /// Time until N ModelDeployments are Placed, the controller's peak RSS
     /// and API requests per object, against the cluster KUBECONFIG names.
     Controller {
-        /// ModelDeployments to create.
+        /// ModelDeployments to create (one GPU each).
         #[arg(long, default_value_t = 500)]
         objects: usize,
+        /// GPUs of the simulated fleet, when fewer than the objects: so
+        /// many are Placed, the rest refused with InsufficientGPUs (e.g.
+        /// `--objects 50 --room 40`). One per object when absent.
+        #[arg(long)]
+        room: Option<usize>,
         /// GPUs on each simulated bench node.
         #[arg(long, default_value_t = 8)]
         gpus_per_node: u32,
@@ -312,6 +317,7 @@ fn run_bench(cmd: BenchCommand) -> anyhow::Result<()> {
             }
             BenchCommand::Controller {
                 objects,
+                room,
                 gpus_per_node,
                 concurrency,
                 json,
@@ -319,6 +325,7 @@ fn run_bench(cmd: BenchCommand) -> anyhow::Result<()> {
                 let client = kube::Client::try_default().await?;
                 let bench = copyhold::bench::controller::ControllerBench {
                     objects,
+                    room,
                     gpus_per_node,
                     concurrency,
                     json,
@@ -330,10 +337,27 @@ fn run_bench(cmd: BenchCommand) -> anyhow::Result<()> {
                     println!("copyhold bench controller");
                     println!("  objects                     {}", f.objects);
                     println!("  simulated nodes             {}", f.nodes);
+                    println!("  GPUs in the fleet           {}", f.gpus);
                     println!(
-                        "  time until all Placed       {:.2} s   (goal <= 10 s)",
-                        f.seconds_until_all_placed
+                        "  time until all decided      {:.2} s   (goal <= 10 s)",
+                        f.seconds_until_all_decided
                     );
+                    println!(
+                        "  Placed                      {}   (expected {})",
+                        f.placed,
+                        f.objects.min(f.gpus)
+                    );
+                    println!(
+                        "  InsufficientGPUs            {}   (expected {})",
+                        f.insufficient_gpus,
+                        f.objects.saturating_sub(f.gpus)
+                    );
+                    println!("  Pods                        {}", f.pods);
+                    println!(
+                        "  longest a Pod waited unbound {:.2} s  (goal <= 10 s)",
+                        f.longest_unbound_seconds
+                    );
+                    println!("  Pods still unbound          {}", f.pods_unbound);
                     println!(
                         "  controller peak RSS         {:.1} MB  (goal <= 100 MB)",
                         f.controller_peak_rss_mb

@@ -5,10 +5,16 @@
 //! It runs against the cluster `KUBECONFIG` names (the local control plane of
 //! `e2e/cluster.sh`), adds its own simulated GPU nodes (labelled so only its
 //! objects land there), starts the controller as a child process, creates the
-//! objects, waits until every one is `Placed`, and removes all it made.
+//! objects, waits until every one is decided (`Placed`, or refused with
+//! `InsufficientGPUs` when the fleet has less room than objects:
+//! `--room`), and removes all it made. It watches the objects' Pods and
+//! reports how long the longest waited to be bound: no kubelet runs, so a
+//! bound Pod stays `Pending` with its node set, and an unbound one is one
+//! whose GPUs went to another model.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
@@ -24,6 +30,9 @@ use crate::resources::ModelDeployment;
 #[derive(Clone, Debug)]
 pub struct ControllerBench {
     pub objects: usize,
+    /// GPUs in the simulated fleet, each object asking for one; as many as
+    /// objects when `None`.
+    pub room: Option<usize>,
     pub gpus_per_node: u32,
     pub concurrency: usize,
     pub json: bool,
@@ -34,7 +43,19 @@ pub struct ControllerBench {
 pub struct ControllerFigures {
     pub objects: usize,
     pub nodes: usize,
-    pub seconds_until_all_placed: f64,
+    /// GPUs of the simulated fleet.
+    pub gpus: usize,
+    /// Until every object was `Placed` or refused for want of GPUs.
+    pub seconds_until_all_decided: f64,
+    pub placed: usize,
+    pub insufficient_gpus: usize,
+    /// The objects' Pods seen.
+    pub pods: usize,
+    /// The longest any Pod waited to be bound (until the end of the run
+    /// for one never bound).
+    pub longest_unbound_seconds: f64,
+    /// Pods not bound when the run ended.
+    pub pods_unbound: usize,
     pub controller_peak_rss_mb: f64,
     pub api_requests: u64,
     pub api_requests_per_object: f64,
@@ -72,6 +93,8 @@ async fn scrape_requests(port: u16) -> Result<u64> {
 
 /// Run the benchmark.
 pub async fn controller(client: Client, bench: ControllerBench) -> Result<ControllerFigures> {
+    // Plainly, before making anything: a cluster without the CRDs.
+    crate::crd_check::require_installed(&client, None).await?;
     let tag = format!(
         "{}",
         std::time::SystemTime::now()
@@ -79,7 +102,8 @@ pub async fn controller(client: Client, bench: ControllerBench) -> Result<Contro
             .as_secs()
     );
     let ns_name = format!("copyhold-bench-{tag}");
-    let nodes_needed = bench.objects.div_ceil(bench.gpus_per_node.max(1) as usize);
+    let fleet = fleet_gpus(bench.room.unwrap_or(bench.objects), bench.gpus_per_node);
+    let nodes_needed = fleet.len();
     let nodes: Api<Node> = Api::all(client.clone());
     let namespaces: Api<Namespace> = Api::all(client.clone());
     namespaces
@@ -91,7 +115,8 @@ pub async fn controller(client: Client, bench: ControllerBench) -> Result<Contro
     let node_names: Vec<String> = (0..nodes_needed)
         .map(|i| format!("bench-{tag}-{i}"))
         .collect();
-    for name in &node_names {
+    for (name, gpus) in node_names.iter().zip(&fleet) {
+        let gpus = gpus.to_string();
         let node: Node = serde_json::from_value(json!({
             "metadata": {"name": name, "labels": {
                 "copyhold.dev/bench": tag,
@@ -99,15 +124,15 @@ pub async fn controller(client: Client, bench: ControllerBench) -> Result<Contro
                 "nvidia.com/gpu.present": "true",
                 "nvidia.com/gpu.product": "Tesla-T4",
                 "nvidia.com/gpu.memory": "15360",
-                "nvidia.com/gpu.count": bench.gpus_per_node.to_string(),
+                "nvidia.com/gpu.count": gpus,
                 "nvidia.com/gpu.compute.major": "7",
                 "nvidia.com/gpu.compute.minor": "5",
             }},
         }))?;
         nodes.create(&PostParams::default(), &node).await?;
         let status = json!({"status": {
-            "capacity": {"cpu": "64", "memory": "256Gi", "pods": "250", "nvidia.com/gpu": bench.gpus_per_node.to_string()},
-            "allocatable": {"cpu": "64", "memory": "256Gi", "pods": "250", "nvidia.com/gpu": bench.gpus_per_node.to_string()},
+            "capacity": {"cpu": "64", "memory": "256Gi", "pods": "250", "nvidia.com/gpu": gpus},
+            "allocatable": {"cpu": "64", "memory": "256Gi", "pods": "250", "nvidia.com/gpu": gpus},
             "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "copyhold bench"}],
         }});
         nodes
@@ -122,7 +147,7 @@ pub async fn controller(client: Client, bench: ControllerBench) -> Result<Contro
             .await?;
     }
 
-    let result = run_measured(&client, &bench, &ns_name, &tag, nodes_needed).await;
+    let result = run_measured(&client, &bench, &ns_name, &tag, &fleet).await;
 
     // Clean up whatever happened: without a kubelet, Pods must be removed by force.
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns_name);
@@ -157,12 +182,80 @@ pub async fn controller(client: Client, bench: ControllerBench) -> Result<Contro
     result
 }
 
+/// GPUs per simulated node: `room` in all, `per_node` on each but the last.
+fn fleet_gpus(room: usize, per_node: u32) -> Vec<usize> {
+    let per_node = per_node.max(1) as usize;
+    (0..room.div_ceil(per_node))
+        .map(|i| per_node.min(room - i * per_node))
+        .collect()
+}
+
+/// When each Pod was first seen and first seen bound, by uid.
+type PodTimes = Arc<Mutex<HashMap<String, (Instant, Option<Instant>)>>>;
+
+/// Watch the Pods of `ns` into `times` until aborted.
+fn watch_pods(client: &Client, ns: &str, times: PodTimes) -> tokio::task::JoinHandle<()> {
+    use kube::runtime::{WatchStreamExt, watcher};
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(
+            watcher(pods, watcher::Config::default())
+                .default_backoff()
+                .applied_objects()
+        );
+        while let Some(Ok(p)) = stream.next().await {
+            let now = Instant::now();
+            let bound = p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
+            let mut t = times.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = t
+                .entry(p.metadata.uid.clone().unwrap_or_default())
+                .or_insert((now, None));
+            if bound && entry.1.is_none() {
+                entry.1 = Some(now);
+            }
+        }
+    })
+}
+
+/// Pods seen, the longest wait to be bound (until `end` for those never
+/// bound), and how many are unbound.
+fn pod_waits(times: &PodTimes, end: Instant) -> (usize, f64, usize) {
+    let t = times.lock().unwrap_or_else(|e| e.into_inner());
+    let longest = t
+        .values()
+        .map(|(seen, bound)| bound.unwrap_or(end).duration_since(*seen).as_secs_f64())
+        .fold(0.0, f64::max);
+    let unbound = t.values().filter(|(_, b)| b.is_none()).count();
+    (t.len(), longest, unbound)
+}
+
+/// Objects `Placed`, and refused with `InsufficientGPUs`.
+fn decided(list: &[ModelDeployment]) -> (usize, usize) {
+    let placed_condition = |m: &ModelDeployment| {
+        m.status
+            .as_ref()
+            .and_then(|s| crate::conditions::get(&s.conditions, "Placed"))
+            .map(|c| (c.status.clone(), c.reason.clone()))
+    };
+    let placed = list
+        .iter()
+        .filter(|m| placed_condition(m).is_some_and(|(s, _)| s == "True"))
+        .count();
+    let short = list
+        .iter()
+        .filter(|m| {
+            placed_condition(m).is_some_and(|(s, r)| s == "False" && r == "InsufficientGPUs")
+        })
+        .count();
+    (placed, short)
+}
+
 async fn run_measured(
     client: &Client,
     bench: &ControllerBench,
     ns: &str,
     tag: &str,
-    nodes: usize,
+    fleet: &[usize],
 ) -> Result<ControllerFigures> {
     let port = free_port()?;
     let exe = std::env::current_exe()?;
@@ -198,6 +291,8 @@ async fn run_measured(
     let before = scrape_requests(port).await?;
 
     let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), ns);
+    let times: PodTimes = Arc::default();
+    let pod_watch = watch_pods(client, ns, times.clone());
     let started = Instant::now();
     futures::stream::iter(0..bench.objects)
         .map(|i| {
@@ -224,32 +319,42 @@ async fn run_measured(
         .await?;
 
     let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
+    let (placed, short) = loop {
         let list = mds.list(&ListParams::default()).await?;
-        let placed = list
-            .items
-            .iter()
-            .filter(|m| {
-                m.status
-                    .as_ref()
-                    .is_some_and(|s| crate::conditions::is_true(&s.conditions, "Placed"))
-            })
-            .count();
-        if placed >= bench.objects {
-            break;
+        let (placed, short) = decided(&list.items);
+        if placed + short >= bench.objects {
+            break (placed, short);
         }
         if Instant::now() > deadline {
-            bail!("only {placed}/{} placed after 10 minutes", bench.objects);
+            bail!(
+                "only {placed}/{} placed and {short} refused after 10 minutes",
+                bench.objects
+            );
         }
         if !bench.json {
-            eprint!("\r  placed {placed}/{}", bench.objects);
+            eprint!(
+                "\r  placed {placed}/{}, {short} InsufficientGPUs",
+                bench.objects
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    };
     let seconds = started.elapsed().as_secs_f64();
     if !bench.json {
         eprintln!();
     }
+    // The Pods of the placed objects: until each is bound, or 15 s (past
+    // the 10 s goal) for any that is not.
+    let pods_deadline = Instant::now() + Duration::from_secs(15);
+    let pods_end = loop {
+        let (seen, _, unbound) = pod_waits(&times, Instant::now());
+        if (seen >= placed && unbound == 0) || Instant::now() > pods_deadline {
+            break Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    pod_watch.abort();
+    let (pods, longest_unbound_seconds, pods_unbound) = pod_waits(&times, pods_end);
     let after = scrape_requests(port).await?;
     let rss = peak_rss_mb(pid).unwrap_or(f64::NAN);
     let _ = child.kill().await;
@@ -266,10 +371,29 @@ async fn run_measured(
     }
     Ok(ControllerFigures {
         objects: bench.objects,
-        nodes,
-        seconds_until_all_placed: seconds,
+        nodes: fleet.len(),
+        gpus: fleet.iter().sum(),
+        seconds_until_all_decided: seconds,
+        placed,
+        insufficient_gpus: short,
+        pods,
+        longest_unbound_seconds,
+        pods_unbound,
         controller_peak_rss_mb: rss,
         api_requests: requests,
         api_requests_per_object: requests as f64 / bench.objects as f64,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fleet_gpus;
+
+    #[test]
+    fn the_fleet_holds_exactly_the_room_asked_for() {
+        assert_eq!(fleet_gpus(40, 8), [8, 8, 8, 8, 8]);
+        assert_eq!(fleet_gpus(42, 8), [8, 8, 8, 8, 8, 2]);
+        assert_eq!(fleet_gpus(3, 8), [3]);
+        assert!(fleet_gpus(0, 8).is_empty());
+    }
 }

@@ -27,6 +27,11 @@ pub const PLACED_GENERATION: &str = "copyhold.dev/placed-generation";
 /// Annotation on the Deployment: the ModelDeployment's
 /// [`REPLACE_ANNOTATION`] value it was placed for (empty when none).
 pub const PLACED_REPLACE: &str = "copyhold.dev/placed-replace";
+/// Annotation on the Deployment: a hash of the ModelDeployment's spec it
+/// was placed for, its replicas left out: a scale (spec.replicas raised or
+/// lowered) is no new spec for placement, and the running replicas stay
+/// where they run.
+pub const PLACED_SPEC: &str = "copyhold.dev/placed-spec";
 
 /// Field manager of a scale of a kept Deployment. Not the controller's own
 /// (`copyhold`): an apply of `spec.replicas` alone under that manager would
@@ -41,28 +46,50 @@ fn replace_of(md: &ModelDeployment) -> String {
         .unwrap_or_default()
 }
 
+/// A hash of `md`'s spec without its replicas (FNV-1a over its JSON:
+/// stable across processes and releases). `None` only if the spec cannot
+/// be written as JSON.
+pub fn spec_hash(md: &ModelDeployment) -> Option<String> {
+    let mut spec = md.spec.clone();
+    spec.replicas = 0;
+    let bytes = serde_json::to_vec(&spec).ok()?;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    Some(format!("{h:016x}"))
+}
+
 /// Record on `dep` (about to be applied) what placement decided it for.
 pub fn mark(md: &ModelDeployment, dep: &mut Deployment, replicas: i32) {
+    let spec = spec_hash(md);
     let ann = dep.annotations_mut();
     ann.insert(PLACED_REPLICAS.into(), replicas.to_string());
     if let Some(g) = md.metadata.generation {
         ann.insert(PLACED_GENERATION.into(), g.to_string());
     }
+    if let Some(spec) = spec {
+        ann.insert(PLACED_SPEC.into(), spec);
+    }
     ann.insert(PLACED_REPLACE.into(), replace_of(md));
 }
 
 /// Where `md`'s running Deployment keeps it: its classes and GPUs per
-/// replica, unless the spec changed since it was placed (a generation other
-/// than the one recorded) or its owner asked for a new placement (a
-/// `copyhold.dev/replace` value other than the one recorded). A Deployment
-/// without a recorded generation (made by an older controller) is kept:
-/// moving every model on an upgrade is the churn this avoids.
+/// replica, unless the spec changed since it was placed (other than in its
+/// replicas: a hash other than the one recorded; a generation other than
+/// the one recorded where no hash was) or its owner asked for a new
+/// placement (a `copyhold.dev/replace` value other than the one recorded).
+/// A Deployment without a recorded generation (made by an older
+/// controller) is kept: moving every model on an upgrade is the churn this
+/// avoids.
 pub fn current(md: &ModelDeployment, dep: Option<&Deployment>) -> Option<placement::Current> {
     let dep = dep.filter(|d| d.metadata.deletion_timestamp.is_none())?;
     let ann = dep.annotations();
     let generation = ann.get(PLACED_GENERATION);
-    let same_spec = match (generation, md.metadata.generation) {
-        (Some(recorded), Some(now)) => recorded.parse::<i64>().ok() == Some(now),
+    let same_spec = match (ann.get(PLACED_SPEC), generation, md.metadata.generation) {
+        (Some(recorded), _, _) => Some(recorded) == spec_hash(md).as_ref(),
+        (None, Some(recorded), Some(now)) => recorded.parse::<i64>().ok() == Some(now),
         _ => true,
     };
     let recorded_replace = ann.get(PLACED_REPLACE).cloned().unwrap_or_default();
@@ -159,9 +186,29 @@ mod tests {
         let mut d = on_p40(1);
         mark(&md(3, Some("a")), &mut d, 1);
         assert_eq!(current(&md(3, Some("a")), Some(&d)), p40());
+        let mut new_spec = md(4, Some("a"));
+        new_spec.spec.serving.context_length = 1234;
+        assert_eq!(current(&new_spec, Some(&d)), None);
+        // Recorded by a controller that kept no spec hash: the generation.
+        d.annotations_mut().remove(PLACED_SPEC);
         assert_eq!(current(&md(4, Some("a")), Some(&d)), None);
         assert_eq!(current(&md(3, Some("b")), Some(&d)), None);
         assert_eq!(current(&md(3, None), Some(&d)), None);
+    }
+
+    #[test]
+    fn a_scale_is_no_new_spec_for_placement() {
+        let mut d = on_p40(2);
+        let placed = md(3, None);
+        mark(&placed, &mut d, 2);
+        // spec.replicas raised: a new generation, the same spec otherwise.
+        let mut scaled = md(4, None);
+        scaled.spec.replicas = 5;
+        assert_eq!(current(&scaled, Some(&d)), p40());
+        // Anything else changed: placed afresh.
+        let mut changed = md(4, None);
+        changed.spec.serving.context_length = 1234;
+        assert_eq!(current(&changed, Some(&d)), None);
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod autoscaler;
 pub mod download;
 pub mod energy_budget;
 pub mod kept;
+pub mod ledger;
 pub mod model_deployment;
 pub mod models_in_use;
 
@@ -68,6 +69,9 @@ pub struct Indexes {
     pub services: Store<Service>,
     /// The gateways' demand Leases (label `copyhold.dev/gateway-demand`).
     pub leases: Store<Lease>,
+    /// The ModelDeployments themselves: a deleted one's planned GPUs are
+    /// dropped from the ledger.
+    pub models: Store<ModelDeployment>,
 }
 
 /// What every reconciliation gets.
@@ -84,6 +88,9 @@ pub struct Context {
     pub sources: crate::serving::model_source::SourceCache,
     /// Demand read from the gateways, and each model's recommendations.
     pub autoscaler: autoscaler::Autoscaler,
+    /// GPUs planned and not yet held by bound Pods: placements are decided
+    /// one at a time against it.
+    pub ledger: ledger::Ledger,
     /// Consecutive failures per object, for exponential backoff.
     failures: std::sync::Mutex<HashMap<ObjectRef<ModelDeployment>, u32>>,
 }
@@ -125,6 +132,7 @@ impl Context {
             resync,
             http,
             sources: crate::serving::model_source::SourceCache::new(Duration::from_secs(600)),
+            ledger: ledger::Ledger::default(),
             failures: Default::default(),
         }
     }
@@ -230,6 +238,14 @@ pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()>
     let energy = Arc::new(EnergyMetrics::register(&mut registry));
     let registry = Arc::new(registry);
     let client = counted_client(config, &metrics)?;
+    // Without the CRDs every watch would fail with a bare 404, forever:
+    // stop and say so. Any other failure of the check is left to the
+    // watches, which retry.
+    match crate::crd_check::require_installed(&client, settings.watch_namespace.as_deref()).await {
+        Err(e @ crate::crd_check::CrdError::Missing { .. }) => return Err(e.into()),
+        Err(e) => tracing::warn!(error = %e, "could not check the CRDs"),
+        Ok(()) => {}
+    }
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     tokio::spawn(serve_health(
         settings.metrics_addr,
@@ -302,12 +318,17 @@ async fn lead(
     )
     .default_backoff()
     .touched_objects();
+    let controller = Controller::new(
+        scoped::<ModelDeployment>(&client, ns),
+        watcher::Config::default(),
+    );
     let indexes = Indexes {
         nodes,
         pods,
         deployments,
         services,
         leases,
+        models: controller.store(),
     };
     let ctx = Arc::new(Context::new(
         client.clone(),
@@ -316,10 +337,15 @@ async fn lead(
         indexes,
         settings.resync,
     ));
-    let controller = Controller::new(
-        scoped::<ModelDeployment>(&client, ns),
-        watcher::Config::default(),
-    );
+    // A model's Pods trigger it: one left Pending (its GPUs went
+    // elsewhere) is placed again at once, not at the resync. Metadata
+    // only: the event is what matters, the fleet index has the rest.
+    let pod_stream = watcher(
+        scoped::<kube::core::PartialObjectMeta<Pod>>(&client, ns),
+        watcher::Config::default().labels(crate::serving::workload::MD_LABEL),
+    )
+    .default_backoff()
+    .touched_objects();
     tokio::spawn(count_states(controller.store(), metrics.clone()));
     let energy_controller = energy_controller(&client, settings, &ctx, energy, controller.store());
     // The fetchers evict only with a cache bound, and only models the
@@ -338,6 +364,7 @@ async fn lead(
         .owns_stream(dep_stream)
         .owns_stream(svc_stream)
         .watches_stream(lease_stream, demanded_models)
+        .watches_stream(pod_stream, model_of_pod)
         .graceful_shutdown_on(shutdown_signal())
         .run(model_deployment::reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -494,6 +521,14 @@ fn demanded_models(lease: Lease) -> Vec<ObjectRef<ModelDeployment>> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The ModelDeployment a serving Pod belongs to (its model label).
+fn model_of_pod(pod: kube::core::PartialObjectMeta<Pod>) -> Option<ObjectRef<ModelDeployment>> {
+    use kube::ResourceExt as _;
+    let ns = pod.namespace()?;
+    let name = pod.labels().get(crate::serving::workload::MD_LABEL)?;
+    Some(ObjectRef::new(name).within(&ns))
 }
 
 /// Keep in the index only what placement reads of a Node: a real node's

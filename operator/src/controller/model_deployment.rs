@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::metrics::{ControllerMetrics, ReasonLabels};
 use crate::resources::{ModelDeployment, ModelDeploymentStatus};
 use crate::serving::workload::{self, PlacementForWorkload};
-use crate::serving::{model_cache, model_source, placement};
+use crate::serving::{model_cache, placement};
 use crate::validation;
 
 /// Why a ModelDeployment is not (re)placed: a condition reason and a message
@@ -41,24 +41,28 @@ pub struct Refusal {
 /// What placement decided, for the status and the Deployment.
 #[derive(Debug, Clone)]
 pub struct Decision {
+    /// Its `replicas` are those placed: all wanted, or the most that fit.
     pub workload: PlacementForWorkload,
     pub classes: Vec<String>,
     /// The class of the first replica's planned node.
     pub gpu_class: Option<String>,
     pub required_memory_bytes: u64,
     pub summary: String,
+    /// Why some wanted replicas were not placed (too few free GPUs); the
+    /// `Placed` condition then says `InsufficientGPUs` with the counts.
+    pub shortage: Option<String>,
 }
 
-/// Check, size and place `md` on the fleet the indexes hold now; where it
-/// runs (`current`) it stays while that still fits ([`kept::current`]).
+/// Check, size and place `md` on the fleet the indexes hold now, less what
+/// other placements planned and the cache does not show yet (the
+/// [`super::ledger`]); where it runs (`current`) it stays while that still
+/// fits ([`kept::current`]). When only some of `replicas` fit, the most
+/// that fit are placed.
 pub async fn decide(
     md: &ModelDeployment,
     replicas: i32,
     current: Option<&placement::Current>,
-    nodes: &[Arc<Node>],
-    pods: &[Arc<Pod>],
-    http: &reqwest::Client,
-    sources: &model_source::SourceCache,
+    ctx: &Context,
 ) -> Result<Decision, Refusal> {
     let errors = validation::model_deployment(&md.spec);
     if !errors.is_empty() {
@@ -67,40 +71,57 @@ pub async fn decide(
             message: errors.join("; "),
         });
     }
-    let needs = sources.model_needs(http, &md.spec).await.map_err(|e| {
-        let hub = md.spec.model.source.hugging_face.as_ref();
-        match hub.and_then(|hf| super::download::hub_refusal(hf, &e)) {
-            Some((reason, message)) => Refusal { reason, message },
-            None => Refusal {
-                reason: e.reason(),
-                message: e.to_string(),
-            },
-        }
-    })?;
-    let name = md.name_any();
-    let namespace = md.namespace().unwrap_or_default();
-    let own = workload::selector_labels(&name);
-    // Our own pods' GPUs count as free: re-placing must not be blocked by itself.
-    let fleet = placement::fleet_from(
-        nodes.iter().map(|n| n.as_ref()),
-        pods.iter().map(|p| p.as_ref()),
-        |p: &Pod| {
-            p.metadata.namespace.as_deref() == Some(namespace.as_str())
-                && own
-                    .iter()
-                    .all(|(k, v)| p.metadata.labels.as_ref().and_then(|l| l.get(k)) == Some(v))
-        },
-    );
+    let needs = ctx
+        .sources
+        .model_needs(&ctx.http, &md.spec)
+        .await
+        .map_err(|e| {
+            let hub = md.spec.model.source.hugging_face.as_ref();
+            match hub.and_then(|hf| super::download::hub_refusal(hf, &e)) {
+                Some((reason, message)) => Refusal { reason, message },
+                None => Refusal {
+                    reason: e.reason(),
+                    message: e.to_string(),
+                },
+            }
+        })?;
     let request = placement::PlacementRequest {
         needs: &needs,
         replicas: u32::try_from(replicas).unwrap_or(0),
         spec: &md.spec.placement,
         gpu_memory_utilization: md.spec.serving.gpu_memory_utilization,
     };
-    let placed = placement::place_keeping(&request, &fleet, current).map_err(|e| Refusal {
-        reason: e.reason(),
-        message: e.to_string(),
-    })?;
+    let caches = super::ledger::Caches {
+        nodes: &ctx.indexes.nodes,
+        pods: &ctx.indexes.pods,
+        models: &ctx.indexes.models,
+    };
+    // Our own pods' GPUs count as free: re-placing must not be blocked by
+    // itself.
+    ctx.ledger
+        .place(&ObjectRef::from_obj(md), &caches, |fleet| {
+            let fitted =
+                placement::place_what_fits(&request, fleet, current).map_err(|e| Refusal {
+                    reason: e.reason(),
+                    message: e.to_string(),
+                })?;
+            let planned = fitted.placement.replicas.clone();
+            Ok((decision(md, &request, fitted, fleet, current), planned))
+        })
+}
+
+/// The [`Decision`] of a placement that found room for `fitted`: the
+/// Deployment runs the replicas placed, on the classes they use.
+fn decision(
+    md: &ModelDeployment,
+    request: &placement::PlacementRequest<'_>,
+    fitted: placement::Fitted,
+    fleet: &[placement::NodeGpus],
+    current: Option<&placement::Current>,
+) -> Decision {
+    let own = workload::selector_labels(&md.name_any());
+    let replicas = i32::try_from(fitted.placed()).unwrap_or(i32::MAX);
+    let placed = &fitted.placement;
     // An autoscaled model's Pods may go where its maxReplicas would (when
     // they fit): the Pod template, and so the running replicas, stay the
     // same as it scales; the preferences still fill the best GPUs first.
@@ -113,19 +134,28 @@ pub async fn decide(
         .and_then(|max| {
             let at_max = placement::PlacementRequest {
                 replicas: u32::try_from(max).unwrap_or(0),
-                ..request
+                ..*request
             };
-            placement::place_keeping(&at_max, &fleet, current).ok()
+            placement::place_keeping(&at_max, fleet, current).ok()
         });
-    let affinity = widest.as_ref().unwrap_or(&placed).node_affinity(&own);
+    let affinity = widest.as_ref().unwrap_or(placed).node_affinity(&own);
+    let counted = match &fitted.shortage {
+        Some(_) => format!("{replicas} of {} replica(s) placed", fitted.wanted),
+        None => format!("{replicas} replica(s)"),
+    };
     let summary = format!(
-        "{} replica(s) of {} GPU(s) each on {}; needs {:.1} GiB per replica",
-        replicas,
+        "{counted} of {} GPU(s) each on {}; needs {:.1} GiB per replica",
         placed.gpus_per_replica,
         placed.planned_classes().join(" and "),
         placed.required_memory_bytes as f64 / (1u64 << 30) as f64
     );
-    Ok(Decision {
+    let shortage = fitted.shortage.as_ref().map(|e| {
+        format!(
+            "the other {} wait for GPUs: {e}",
+            fitted.wanted.saturating_sub(fitted.placed())
+        )
+    });
+    Decision {
         workload: PlacementForWorkload {
             replicas,
             gpus_per_replica: placed.gpus_per_replica,
@@ -135,7 +165,8 @@ pub async fn decide(
         gpu_class: placed.gpu_class().map(str::to_owned),
         required_memory_bytes: placed.required_memory_bytes,
         summary,
-    })
+        shortage,
+    }
 }
 
 fn state_of(status: &ModelDeploymentStatus) -> &'static str {
@@ -206,10 +237,18 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
     // owns, and the Deployment runs fewer.
     let scaled = autoscale_step(md, &ns, &name, ctx);
     let (run_replicas, shedding, wanted) = replicas_to_run(md, scaled.as_ref());
-    let planned = plan(md, &nodes, &pods, ctx, run_replicas).await;
+    let planned = plan(md, ctx, run_replicas).await;
     let deployment = match planned {
-        Ok(p) => Some(apply_placed(md, &ns, p, &old, &mut status, &now, &mut events, ctx).await?),
+        Ok(p) => {
+            let applied = apply_placed(md, &ns, p, &old, &mut status, &now, &mut events, ctx).await;
+            // A plan not applied holds no GPUs.
+            if applied.is_err() {
+                ctx.ledger.release(&ObjectRef::from_obj(md));
+            }
+            Some(applied?)
+        }
         Err(refusal) => {
+            ctx.ledger.release(&ObjectRef::from_obj(md));
             keep_running(
                 &ns,
                 &name,
@@ -266,8 +305,12 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
     }))
 }
 
-/// When to look again. Unplaceable objects look again soon: GPUs are freed
-/// without touching them. While a fetched (huggingFace or http) model is
+/// The `Placed` reason of a model placed in part: some of its replicas
+/// wait for GPUs (as the refusal's reason when none fit).
+pub const SHORT_OF_GPUS: &str = "InsufficientGPUs";
+
+/// When to look again. Unplaceable objects, and those placed in part, look
+/// again soon: GPUs are freed without touching them. While a fetched (huggingFace or http) model is
 /// not ready, look every 2 s: the Pods' download progress does not trigger
 /// a reconcile by itself.
 fn next_look(md: &ModelDeployment, status: &ModelDeploymentStatus, ctx: &Context) -> Duration {
@@ -279,9 +322,11 @@ fn next_look(md: &ModelDeployment, status: &ModelDeploymentStatus, ctx: &Context
         || (model_cache::Cached::of(&md.spec.model.source).is_some()
             && placed
             && !conditions::is_true(&status.conditions, "Ready"));
+    let in_part =
+        conditions::get(&status.conditions, "Placed").is_some_and(|c| c.reason == SHORT_OF_GPUS);
     if fetching {
         Duration::from_secs(2)
-    } else if placed {
+    } else if placed && !in_part {
         ctx.resync
     } else {
         Duration::from_secs(30)
@@ -389,29 +434,14 @@ fn initial_status(md: &ModelDeployment, old: &ModelDeploymentStatus) -> ModelDep
 
 /// Decide: check, size and place `md`, then build its Deployment (with
 /// `run_replicas`) and Service. A refusal says why nothing new is applied.
-async fn plan(
-    md: &ModelDeployment,
-    nodes: &[Arc<Node>],
-    pods: &[Arc<Pod>],
-    ctx: &Context,
-    run_replicas: i32,
-) -> Result<Planned, Refusal> {
+async fn plan(md: &ModelDeployment, ctx: &Context, run_replicas: i32) -> Result<Planned, Refusal> {
     let ns = md.namespace().unwrap_or_default();
     let live = ctx
         .indexes
         .deployments
         .get(&ObjectRef::new(&md.name_any()).within(&ns));
     let current = kept::current(md, live.as_deref());
-    let d = decide(
-        md,
-        run_replicas,
-        current.as_ref(),
-        nodes,
-        pods,
-        &ctx.http,
-        &ctx.sources,
-    )
-    .await?;
+    let d = decide(md, run_replicas, current.as_ref(), ctx).await?;
     let dep = workload::deployment(md, &d.workload, &ctx.defaults);
     let svc = workload::service(md);
     match (dep, svc) {
@@ -450,16 +480,41 @@ async fn apply_placed(
     apply_if_changed(&services, &name, svc, live_svc, ctx).await?;
     let changed_placement = old.gpus_per_replica != Some(d.workload.gpus_per_replica as i32)
         || old.required_memory_bytes != Some(d.required_memory_bytes as i64);
+    let previous = conditions::get(&status.conditions, "Placed")
+        .map(|c| (c.reason.clone(), c.message.clone()));
+    let (reason, message) = match &d.shortage {
+        Some(rest) => (SHORT_OF_GPUS, format!("{}; {rest}", d.summary)),
+        None => ("Placed", d.summary.clone()),
+    };
     let flipped = conditions::set(
         &mut status.conditions,
         "Placed",
         true,
-        "Placed",
-        &d.summary,
+        reason,
+        &message,
         md.metadata.generation,
         now.clone(),
     );
-    if flipped || changed_placement {
+    let changed = previous.as_ref().map(|(r, m)| (r.as_str(), m.as_str()))
+        != Some((reason, message.as_str()));
+    if d.shortage.is_some() && changed {
+        // Some replicas wait for GPUs: a refusal for them, once per change.
+        ctx.metrics
+            .placement_failures
+            .get_or_create(&ReasonLabels {
+                reason: SHORT_OF_GPUS.into(),
+            })
+            .inc();
+        events.push(Event {
+            type_: EventType::Warning,
+            reason: SHORT_OF_GPUS.into(),
+            note: Some(message.chars().take(1000).collect()),
+            action: "Place".into(),
+            secondary: None,
+        });
+    } else if d.shortage.is_none()
+        && (flipped || changed_placement || previous.is_some_and(|(r, _)| r != reason))
+    {
         events.push(Event {
             type_: EventType::Normal,
             reason: "Placed".into(),

@@ -13,5 +13,6 @@ pub mod gpu_catalog;
 pub mod model_cache;
 pub mod model_source;
 pub mod placement;
+pub mod reservation;
 pub mod sizing;
 pub mod workload;

@@ -587,7 +587,8 @@ pub fn pod_gpus(pod: &Pod) -> u32 {
     app.max(init)
 }
 
-fn terminated(pod: &Pod) -> bool {
+/// Whether the Pod has finished (Succeeded or Failed): it holds nothing.
+pub fn terminated(pod: &Pod) -> bool {
     matches!(
         pod.status.as_ref().and_then(|s| s.phase.as_deref()),
         Some("Succeeded" | "Failed")
@@ -799,6 +800,60 @@ pub fn place_keeping(
         return Ok(fresh);
     };
     Ok(keep(req, fleet, current).unwrap_or(fresh))
+}
+
+/// What [`place_what_fits`] found room for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fitted {
+    /// The replicas placed: all of them, or the most that fit.
+    pub placement: Placement,
+    /// The replicas asked for.
+    pub wanted: u32,
+    /// Why the rest wait, when not all fit: the shortage for all of them.
+    pub shortage: Option<PlacementError>,
+}
+
+impl Fitted {
+    /// Replicas placed.
+    pub fn placed(&self) -> u32 {
+        u32::try_from(self.placement.replicas.len()).unwrap_or(u32::MAX)
+    }
+}
+
+/// [`place_keeping`] for all of `req.replicas`, or, when too few GPUs are
+/// free for all of them, for the most that fit: a scale-up adds the
+/// replicas there is room for instead of none, and the running ones stay
+/// where they run as [`place_keeping`] keeps them. `shortage` then says why
+/// the rest wait. An error when not one replica fits, or for any reason
+/// other than too few free GPUs.
+pub fn place_what_fits(
+    req: &PlacementRequest<'_>,
+    fleet: &[NodeGpus],
+    current: Option<&Current>,
+) -> Result<Fitted, PlacementError> {
+    match place_keeping(req, fleet, current) {
+        Ok(placement) => Ok(Fitted {
+            placement,
+            wanted: req.replicas,
+            shortage: None,
+        }),
+        Err(shortage @ PlacementError::InsufficientGpus { .. }) => (1..req.replicas)
+            .rev()
+            .find_map(|n| {
+                let fewer = PlacementRequest {
+                    replicas: n,
+                    ..*req
+                };
+                place_keeping(&fewer, fleet, current).ok()
+            })
+            .map(|placement| Fitted {
+                placement,
+                wanted: req.replicas,
+                shortage: Some(shortage.clone()),
+            })
+            .ok_or(shortage),
+        Err(e) => Err(e),
+    }
 }
 
 /// The placement on `current`'s classes alone, when they hold every
@@ -1703,6 +1758,40 @@ mod tests {
         // Nothing fits at all: the error of the rule, not a kept placement.
         let none = place_keeping(&request(&n, &spec, 1), &e2e([2, 1, 4, 0]), Some(&current));
         assert!(matches!(none, Err(PlacementError::InsufficientGpus { .. })));
+    }
+
+    #[test]
+    fn a_scale_up_places_the_replicas_that_fit_on_the_cards_it_runs_on_and_names_the_shortage() {
+        let n = needs(20 * GIB, (6, 0), 32);
+        let spec = products(&["Tesla-V100-SXM2-32GB"]);
+        let current = Current {
+            classes: vec!["Tesla-V100-SXM2-32GB".into()],
+            gpus_per_replica: 1,
+        };
+        // Two run (their GPUs count as free); one of the other two is taken.
+        let fleet = e2e([0, 0, 1, 0]);
+        let fitted = place_what_fits(&request(&n, &spec, 4), &fleet, Some(&current)).unwrap();
+        assert_eq!((fitted.placed(), fitted.wanted), (3, 4));
+        assert_eq!(fitted.placement.planned_classes(), ["Tesla-V100-SXM2-32GB"]);
+        assert_eq!(
+            fitted.shortage,
+            Some(PlacementError::InsufficientGpus {
+                needed: 4,
+                free: 3,
+                replicas: 4,
+                gpus_per_replica: 1,
+                room: 3
+            })
+        );
+        // All fit: no shortage.
+        let all = place_what_fits(&request(&n, &spec, 3), &fleet, Some(&current)).unwrap();
+        assert_eq!((all.placed(), all.shortage), (3, None));
+        // Not one fits: the error, as before.
+        let none = place_what_fits(&request(&n, &spec, 2), &e2e([0, 0, 4, 0]), None);
+        assert!(matches!(none, Err(PlacementError::InsufficientGpus { .. })));
+        // Any other refusal is not a shortage.
+        let small = place_what_fits(&request(&n, &products(&["Tesla-T4"]), 2), &fleet, None);
+        assert!(matches!(small, Err(PlacementError::NoCompatibleGpu { .. })));
     }
 
     #[test]
