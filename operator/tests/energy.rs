@@ -28,7 +28,7 @@ use anyhow::{Context as _, Result, bail};
 use copyhold::resources::{EnergyBudget, ModelDeployment};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
-use kube::Api;
+use kube::{Api, ResourceExt as _};
 use support::{
     ChildGuard, FleetLock, KubeletGuard, TestNamespace, create_secret, eventually, install_crds,
     kubectl_ok,
@@ -1267,4 +1267,146 @@ async fn a_supply_reading_with_an_old_timestamp_is_stale_though_just_fetched() -
         supply_of(&ebs, name, 800.0, "False", "Fresh").await?;
     }
     Ok(())
+}
+
+/// An EnergyBudget `name` over gpu-p100, selected by the scene's
+/// controller, shedding deferrable models when `supply` watts fall short.
+fn overlapping_budget(name: &str, selector: &str, supply: u32) -> String {
+    format!(
+        r#"apiVersion: copyhold.dev/v1alpha1
+kind: EnergyBudget
+metadata: {{name: {name}, labels: {{copyhold-test: {selector}}}}}
+spec:
+  nodeSelector: {{kubernetes.io/hostname: gpu-p100}}
+  ceilingWatts: 10000
+  marginPercent: 0
+  supply:
+    static: {{watts: {supply}}}
+    floorWatts: 100
+  policy:
+    powerCap: {{enabled: false}}
+    shed: [deferrable]
+    defer: false
+    hysteresisPercent: 10
+    dwell: 3s
+  evaluationInterval: 1s
+"#
+    )
+}
+
+/// Two budgets over the same nodes and model: one of them governs it (the
+/// stricter; between equals the first by name), with no `shed-by`
+/// ping-pong between them; both name the overlap in a condition; and when
+/// the governing budget lets go while the other still sheds, it hands the
+/// model over: the Deployment is never scaled back up in between.
+#[tokio::test]
+async fn two_budgets_over_one_model_agree_on_one_governor_name_the_overlap_and_hand_over_without_a_gap()
+-> Result<()> {
+    use copyhold::serving::workload::SHED_BY_ANNOTATION;
+    let fleet = Fleet {
+        ip: 105,
+        admin_token: false,
+    };
+    let scene = Scene::start("overlap", Some(fleet)).await?;
+    let (client, ns, selector) = (&scene.client, &scene.ns, scene.budget.clone());
+    let (first, second) = (format!("{selector}-a"), format!("{selector}-b"));
+    let _guards = (BudgetGuard(first.clone()), BudgetGuard(second.clone()));
+    scene.apply_model(
+        "batch",
+        "  priority: deferrable\n  replicas: 2\n  autoscaling: {minReplicas: 1, maxReplicas: 2}\n",
+    )?;
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let ebs: Api<EnergyBudget> = Api::all(client.clone());
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let key = format!("{}/batch", ns.name);
+    scene.wait_ready("batch", 2).await?;
+    // Both supplies are short of even the shed draw: both budgets shed
+    // the model, for as long as the test runs.
+    apply(&overlapping_budget(&second, &selector, 50))?;
+    apply(&overlapping_budget(&first, &selector, 50))?;
+
+    let shed_by = || async {
+        let md = mds.get("batch").await?;
+        Ok::<_, anyhow::Error>(md.annotations().get(SHED_BY_ANNOTATION).cloned())
+    };
+    eventually(Duration::from_secs(60), || async {
+        let dep = deployment_replicas(&deps.get("batch").await?);
+        let by = shed_by().await?;
+        if dep == 1 && by.as_deref() == Some(first.as_str()) {
+            Ok(())
+        } else {
+            bail!("deployment replicas {dep}, shed by {by:?}")
+        }
+    })
+    .await?;
+    // Ten seconds, ten evaluations of each: the governor stays put. A
+    // watch sees every write, however brief.
+    let holders = shed_by_seen(&mds, "batch", Duration::from_secs(10)).await?;
+    assert_eq!(
+        holders.into_iter().collect::<Vec<_>>(),
+        vec![Some(first.clone())],
+        "shed-by changed hands"
+    );
+    for (me, other) in [(&first, &second), (&second, &first)] {
+        let eb = ebs.get(me).await?;
+        let (value, _) = condition(&eb, "Overlapping").context("no Overlapping condition")?;
+        assert_eq!(value, "True", "{me}");
+        let c = eb
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default();
+        let msg = c
+            .iter()
+            .find(|c| c.type_ == "Overlapping")
+            .map(|c| c.message.clone());
+        let msg = msg.unwrap_or_default();
+        assert!(
+            msg.contains(other.as_str()) && msg.contains(&key),
+            "{me}: {msg}"
+        );
+    }
+
+    // The governor's supply comes back; the other still sheds: the model
+    // passes to it, and is not scaled up in between.
+    apply(&overlapping_budget(&first, &selector, 1000))?;
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut handed_over = false;
+    while Instant::now() < until && !handed_over {
+        let dep = deployment_replicas(&deps.get("batch").await?);
+        assert_eq!(dep, 1, "scaled up between the two budgets");
+        handed_over = shed_by().await?.as_deref() == Some(second.as_str());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(handed_over, "the model never passed to {second}");
+    for _ in 0..20 {
+        assert_eq!(deployment_replicas(&deps.get("batch").await?), 1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    scene.delete_model("batch").await?;
+    Ok(())
+}
+
+/// Every `shed-by` value the ModelDeployment `name` carried during `window`,
+/// as a watch delivers each of its versions.
+async fn shed_by_seen(
+    mds: &Api<ModelDeployment>,
+    name: &str,
+    window: Duration,
+) -> Result<std::collections::BTreeSet<Option<String>>> {
+    use futures::StreamExt as _;
+    use kube::runtime::{WatchStreamExt as _, watcher};
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut seen = std::collections::BTreeSet::new();
+    let stream = watcher(mds.clone(), config).applied_objects();
+    let mut stream = std::pin::pin!(stream);
+    let until = tokio::time::Instant::now() + window;
+    while let Ok(Some(md)) = tokio::time::timeout_at(until, stream.next()).await {
+        let md = md?;
+        let by = md
+            .annotations()
+            .get(copyhold::serving::workload::SHED_BY_ANNOTATION);
+        seen.insert(by.cloned());
+    }
+    Ok(seen)
 }

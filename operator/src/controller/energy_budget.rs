@@ -33,6 +33,7 @@ use crate::energy::budget::{
     cap_factor, draw_factor,
 };
 use crate::energy::draw::{self, EnginePod};
+use crate::energy::overlap::{self, ShedWrite, Wish};
 use crate::energy::supply;
 use crate::energy::supply_schedule::Schedule;
 use crate::error::{Error, Result};
@@ -64,6 +65,9 @@ pub struct EnergyContext {
     pub nodes: Store<Node>,
     pub pods: Store<Pod>,
     pub model_deployments: Store<ModelDeployment>,
+    /// Every budget this controller evaluates: who else covers a model,
+    /// and what they shed (see `energy::overlap`). Empty until set.
+    budgets: Option<Store<EnergyBudget>>,
     /// Only ModelDeployments of this namespace are shed (a namespaced
     /// install); all when `None`.
     pub watch_namespace: Option<String>,
@@ -102,6 +106,7 @@ impl EnergyContext {
             nodes,
             pods,
             model_deployments,
+            budgets: None,
             watch_namespace,
             capped: Default::default(),
             node_admin_token_secret: None,
@@ -116,6 +121,79 @@ impl EnergyContext {
         self.node_admin_token_secret = name.filter(|n| !n.is_empty());
         self
     }
+
+    /// The budgets' store, for overlaps between them.
+    pub fn with_budgets(mut self, budgets: Store<EnergyBudget>) -> Self {
+        self.budgets = Some(budgets);
+        self
+    }
+
+    /// The other budgets (not being deleted) whose last status sheds the
+    /// model `key`: their wishes, at the target every budget sheds it to.
+    fn other_wishes(&self, me: &str, key: &str, target: i32) -> Vec<(String, i32)> {
+        let Some(store) = &self.budgets else {
+            return Vec::new();
+        };
+        store
+            .state()
+            .iter()
+            .filter(|b| b.name_any() != me && b.metadata.deletion_timestamp.is_none())
+            .filter(|b| {
+                b.status
+                    .as_ref()
+                    .is_some_and(|s| s.shed.iter().any(|k| k == key))
+            })
+            .map(|b| (b.name_any(), target))
+            .collect()
+    }
+
+    /// Those of `nodes` another budget covers while it caps power (power
+    /// cap enabled, its ladder at the power-cap rung or deeper).
+    fn capped_by_others(&self, me: &str, nodes: &BTreeSet<String>) -> BTreeSet<String> {
+        let Some(store) = &self.budgets else {
+            return BTreeSet::new();
+        };
+        let all = self.nodes.state();
+        let mut out = BTreeSet::new();
+        for b in store.state().iter().filter(|b| b.name_any() != me) {
+            let capping =
+                b.spec.policy.power_cap.enabled && b.status.as_ref().is_some_and(|s| s.step >= 1);
+            if !capping {
+                continue;
+            }
+            out.extend(
+                all.iter()
+                    .filter(|n| nodes.contains(&n.name_any()))
+                    .filter(|n| draw::covers(&b.spec.node_selector, n))
+                    .map(|n| n.name_any()),
+            );
+        }
+        out
+    }
+
+    /// The models (`namespace/name`) with Pods on each budget's nodes, by
+    /// budget name; `me` always appears, with `mine`.
+    fn models_by_budget(
+        &self,
+        me: &str,
+        mine: BTreeSet<String>,
+        pods: &[Arc<Pod>],
+    ) -> BTreeMap<String, BTreeSet<String>> {
+        let mut out = BTreeMap::from([(me.to_string(), mine)]);
+        let Some(store) = &self.budgets else {
+            return out;
+        };
+        let nodes = self.nodes.state();
+        for b in store.state().iter().filter(|b| b.name_any() != me) {
+            let names: BTreeSet<String> = nodes
+                .iter()
+                .filter(|n| draw::covers(&b.spec.node_selector, n))
+                .map(|n| n.name_any())
+                .collect();
+            out.insert(b.name_any(), models_on_nodes(pods, &names));
+        }
+        out
+    }
 }
 
 /// What a budget's power caps have done, per engine Pod (`namespace/name`).
@@ -127,6 +205,9 @@ struct CapMemory {
     /// last reported: refusals are retried every evaluation but reported
     /// once per Pod and change.
     reported: HashMap<String, Option<f64>>,
+    /// The limit (W) this budget itself set on each Pod (not another
+    /// budget over the same node): what it may change or clear there.
+    mine: HashMap<String, f64>,
 }
 
 /// Limit changes smaller than this fraction of a Pod's rated power are not
@@ -231,25 +312,33 @@ impl Covered {
             fallback
         }
     }
-    /// The most replicas the model may run: `spec.replicas`, or with
-    /// autoscaling up to `maxReplicas`. A shedding rung caps an autoscaled
-    /// model at its minimum even while it runs no more than that: else
-    /// demand could scale it up again in the middle of a shortage.
     fn ceiling(&self) -> i32 {
-        let spec = &self.md.spec;
-        spec.autoscaling
-            .as_ref()
-            .map_or(spec.replicas, |a| a.max_replicas.max(spec.replicas))
+        ceiling_of(&self.md)
     }
 
     fn min_replicas(&self) -> i32 {
-        self.md
-            .spec
-            .autoscaling
-            .as_ref()
-            .map_or(0, |a| a.min_replicas)
-            .max(0)
+        min_replicas_of(&self.md)
     }
+}
+
+/// The most replicas the model may run: `spec.replicas`, or with
+/// autoscaling up to `maxReplicas`. A shedding rung caps an autoscaled
+/// model at its minimum even while it runs no more than that: else demand
+/// could scale it up again in the middle of a shortage.
+fn ceiling_of(md: &ModelDeployment) -> i32 {
+    let spec = &md.spec;
+    spec.autoscaling
+        .as_ref()
+        .map_or(spec.replicas, |a| a.max_replicas.max(spec.replicas))
+}
+
+/// `autoscaling.minReplicas`, 0 without autoscaling.
+fn min_replicas_of(md: &ModelDeployment) -> i32 {
+    md.spec
+        .autoscaling
+        .as_ref()
+        .map_or(0, |a| a.min_replicas)
+        .max(0)
 }
 
 /// The covered part of the cluster as read this evaluation.
@@ -266,6 +355,10 @@ struct Observed {
     covered: Vec<Covered>,
     /// The covered nodes' draw.
     measured: draw::Draw,
+    /// The models this budget shares with each other budget, by its name.
+    shared: BTreeMap<String, Vec<String>>,
+    /// Covered nodes that another budget covers and caps now.
+    capped_by_others: BTreeSet<String>,
 }
 
 impl Observed {
@@ -374,6 +467,17 @@ async fn reconcile_inner(eb: &EnergyBudget, ctx: &EnergyContext) -> Result<Actio
         generation,
         &now_time,
     );
+    let (value, reason, message) = overlap::overlapping_condition(&seen.shared);
+    set_condition(
+        &mut status,
+        &mut events,
+        "Overlapping",
+        value,
+        reason,
+        message,
+        generation,
+        &now_time,
+    );
     record_metrics(ctx, &eb.name_any(), &supply, decided.draw_w, step, joules);
     write_status(eb, ctx, &status).await?;
     publish(ctx, eb, events).await;
@@ -462,7 +566,13 @@ async fn observe(eb: &EnergyBudget, ctx: &EnergyContext) -> Observed {
     let engine_nodes: BTreeSet<String> = engine_pods.iter().map(|p| p.node.clone()).collect();
     let measured = draw::total(&node_refs, &readings, &engine_nodes, &spec.draw);
     let covered = covered_deployments(eb, ctx, &pods, &node_names, &engine_pods, &pod_watts);
+    let name = eb.name_any();
+    let by_budget = ctx.models_by_budget(&name, models_on_nodes(&pods, &node_names), &pods);
+    let shared = overlap::shared_models(&name, &by_budget);
+    let capped_by_others = ctx.capped_by_others(&name, &node_names);
     Observed {
+        shared,
+        capped_by_others,
         nodes,
         engine_pods,
         pod_watts,
@@ -470,6 +580,22 @@ async fn observe(eb: &EnergyBudget, ctx: &EnergyContext) -> Observed {
         covered,
         measured,
     }
+}
+
+/// The models (`namespace/name`) with a Pod on one of `nodes`.
+fn models_on_nodes(pods: &[Arc<Pod>], nodes: &BTreeSet<String>) -> BTreeSet<String> {
+    pods.iter()
+        .filter(|p| {
+            p.spec
+                .as_ref()
+                .and_then(|s| s.node_name.as_ref())
+                .is_some_and(|n| nodes.contains(n))
+        })
+        .filter_map(|p| {
+            let md = p.labels().get(crate::serving::workload::MD_LABEL)?;
+            Some(format!("{}/{md}", p.namespace().unwrap_or_default()))
+        })
+        .collect()
 }
 
 /// The engine Pods' draw summed per node.
@@ -779,7 +905,9 @@ async fn carry_out(
             .collect();
     for c in &seen.covered {
         let want = plan.get(&c.key).copied();
-        if let Err(e) = set_shed_annotation(ctx, &c.md, &name, want).await {
+        let target = budget::shed_target(c.min_replicas(), c.ceiling());
+        let others = ctx.other_wishes(&name, &c.key, target);
+        if let Err(e) = govern_shed(ctx, &c.md, &name, want, &others).await {
             events.push(warning(
                 "ShedFailed",
                 format!("annotating {}: {e}", c.key),
@@ -803,6 +931,7 @@ async fn carry_out(
         &seen.node_refs(),
         pod_limits,
         decided.outcome.cap,
+        &seen.capped_by_others,
     )
     .await;
     events.extend(power_events);
@@ -1146,39 +1275,58 @@ async fn publish(ctx: &EnergyContext, eb: &EnergyBudget, events: Vec<Event>) {
     }
 }
 
-/// Apply (or clear) this budget's shed annotations on `md`, only when they
-/// differ from what it carries.
-async fn set_shed_annotation(
+/// Write what `energy::overlap` decides for budget `me` on `md`'s shed
+/// annotations: its own wish, a hand-over to another budget that still
+/// sheds it, a clearing, or nothing (another budget governs, or nothing
+/// changed).
+async fn govern_shed(
     ctx: &EnergyContext,
     md: &ModelDeployment,
-    budget: &str,
-    replicas: Option<i32>,
+    me: &str,
+    want: Option<i32>,
+    others: &[(String, i32)],
 ) -> Result<()> {
     let ann = md.annotations();
-    let current_by = ann.get(SHED_BY_ANNOTATION);
-    let current_to = ann.get(SHED_TO_ANNOTATION);
-    let desired_to = replicas.map(|r| r.to_string());
-    match &desired_to {
-        Some(to) if current_by.map(String::as_str) == Some(budget) && current_to == Some(to) => {
-            return Ok(());
-        }
-        // Another budget sheds it, or nobody: nothing of ours to clear.
-        None if current_by.map(String::as_str) != Some(budget) => return Ok(()),
-        _ => {}
+    let held_to = ann
+        .get(SHED_TO_ANNOTATION)
+        .and_then(|t| t.parse::<i32>().ok());
+    let held = match (ann.get(SHED_BY_ANNOTATION), held_to) {
+        (Some(by), Some(to)) => Some(Wish {
+            budget: by.as_str(),
+            replicas: to,
+        }),
+        // A shed-by without a readable shed-to: held by that budget at
+        // no replicas, so a budget's own garbled annotation is rewritten.
+        (Some(by), None) => Some(Wish {
+            budget: by.as_str(),
+            replicas: i32::MIN,
+        }),
+        (None, _) => None,
+    };
+    let others: Vec<Wish<'_>> = others
+        .iter()
+        .map(|(b, r)| Wish {
+            budget: b.as_str(),
+            replicas: *r,
+        })
+        .collect();
+    let write = overlap::shed_write(me, want, held, &others);
+    if write == ShedWrite::Keep {
+        return Ok(());
     }
     let ns = md
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let api: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), &ns);
-    match &desired_to {
-        Some(to) => {
+    match write {
+        ShedWrite::Set { by, to } => {
             let patch = serde_json::json!({
                 "apiVersion": "copyhold.dev/v1alpha1",
                 "kind": "ModelDeployment",
                 "metadata": {
                     "name": md.name_any(),
                     "namespace": ns,
-                    "annotations": {SHED_TO_ANNOTATION: to, SHED_BY_ANNOTATION: budget},
+                    "annotations": {SHED_TO_ANNOTATION: to.to_string(), SHED_BY_ANNOTATION: by},
                 },
             });
             api.patch(
@@ -1188,7 +1336,7 @@ async fn set_shed_annotation(
             )
             .await?;
         }
-        None => {
+        ShedWrite::Clear | ShedWrite::Keep => {
             let merge = serde_json::json!({"metadata": {"annotations": {SHED_TO_ANNOTATION: null, SHED_BY_ANNOTATION: null}}});
             api.patch(
                 &md.name_any(),
@@ -1219,6 +1367,7 @@ async fn power_caps(
     nodes: &[&Node],
     reported: &HashMap<String, Option<f64>>,
     limit: Option<f64>,
+    capped_by_others: &BTreeSet<String>,
 ) -> Vec<Event> {
     let name = eb.name_any();
     let policy = &eb.spec.policy.power_cap;
@@ -1237,6 +1386,7 @@ async fn power_caps(
             };
         }
         entry.set.retain(|k, _| pods.iter().any(|p| &p.key == k));
+        entry.mine.retain(|k, _| pods.iter().any(|p| &p.key == k));
         entry.clone()
     };
     let mut work: Vec<(&EnginePod, Option<f64>)> = Vec::new();
@@ -1247,13 +1397,18 @@ async fn power_caps(
                 continue;
             }
             let w = (rated * limit).round();
+            if yields(&memory, p, Some(w), capped_by_others) {
+                continue;
+            }
             if power_limit_needs_update(memory.set.get(&p.key).copied(), w, rated) {
                 work.push((p, Some(w)));
             }
         }
     } else {
         for p in pods.iter().filter(|p| memory.set.contains_key(&p.key)) {
-            work.push((p, None));
+            if !yields(&memory, p, None, capped_by_others) {
+                work.push((p, None));
+            }
         }
     }
     let mut events = Vec::new();
@@ -1280,8 +1435,14 @@ async fn power_caps(
     let entry = all.entry(name).or_default();
     for (key, w) in accepted {
         match w {
-            Some(w) => entry.set.insert(key.clone(), w),
-            None => entry.set.remove(&key),
+            Some(w) => {
+                entry.mine.insert(key.clone(), w);
+                entry.set.insert(key.clone(), w)
+            }
+            None => {
+                entry.mine.remove(&key);
+                entry.set.remove(&key)
+            }
         };
         entry.reported.remove(&key);
     }
@@ -1300,6 +1461,22 @@ async fn power_caps(
         }
     }
     events
+}
+
+/// Whether this budget leaves Pod `p`'s limit to another budget that caps
+/// its node too (see `overlap::cap_yields`).
+fn yields(
+    memory: &CapMemory,
+    p: &EnginePod,
+    want: Option<f64>,
+    capped_by_others: &BTreeSet<String>,
+) -> bool {
+    overlap::cap_yields(
+        want,
+        memory.set.get(&p.key).copied(),
+        memory.mine.get(&p.key).copied(),
+        capped_by_others.contains(&p.node),
+    )
 }
 
 /// Admin tokens, read once per Secret (namespace, name, key) per pass.
@@ -1425,7 +1602,10 @@ async fn cleanup(eb: &EnergyBudget, ctx: &EnergyContext) -> Result<Action> {
         .iter()
         .filter(|md| md.annotations().get(SHED_BY_ANNOTATION) == Some(&name))
     {
-        set_shed_annotation(ctx, md, &name, None).await?;
+        let key = format!("{}/{}", md.namespace().unwrap_or_default(), md.name_any());
+        let target = budget::shed_target(min_replicas_of(md), ceiling_of(md));
+        let others = ctx.other_wishes(&name, &key, target);
+        govern_shed(ctx, md, &name, None, &others).await?;
     }
 
     // Power limits.

@@ -464,6 +464,7 @@ fn energy_controller(
     energy: Arc<EnergyMetrics>,
     model_deployments: Store<ModelDeployment>,
 ) -> impl std::future::Future<Output = ()> + use<> {
+    let (budgets, budget_writer) = reflector::store::<EnergyBudget>();
     let energy_ctx = Arc::new(
         energy_budget::EnergyContext::new(
             client.clone(),
@@ -475,9 +476,9 @@ fn energy_controller(
             model_deployments,
             settings.watch_namespace.clone(),
         )
-        .with_node_admin_token_secret(settings.defaults.admin_token_secret.clone()),
+        .with_node_admin_token_secret(settings.defaults.admin_token_secret.clone())
+        .with_budgets(budgets.clone()),
     );
-    let (budgets, budget_writer) = reflector::store::<EnergyBudget>();
     let selected = match &settings.budget_selector {
         Some(selector) => watcher::Config::default().labels(selector),
         None => watcher::Config::default(),

@@ -556,10 +556,16 @@ pub fn shed_plan(ladder: &Ladder, step: u8, mds: &[Sheddable]) -> Vec<(String, i
             Priority::Standard => ladder.in_force(step, Rung::ShedStandard),
         })
         .filter_map(|m| {
-            let target = m.min_replicas.max(0).min(m.replicas);
+            let target = shed_target(m.min_replicas, m.replicas);
             (target < m.replicas).then(|| (m.key.clone(), target))
         })
         .collect()
+}
+
+/// The replicas a shedding rung leaves a model: its minimum, never more
+/// than it may run. Every budget sheds a model to this same target.
+pub fn shed_target(min_replicas: i32, ceiling: i32) -> i32 {
+    min_replicas.max(0).min(ceiling)
 }
 
 /// Energy counted "today" in a time zone: what the status shows.
