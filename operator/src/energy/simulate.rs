@@ -16,6 +16,14 @@
 //!
 //! Baselines: `no_ladder` draws the demand; `static_cap` draws the demand
 //! capped at the day's mean supply.
+//!
+//! The floor: what the deepest step draws at the lowest power limit
+//! (essential models at full, the others at their minReplicas, deferring in
+//! force, the cap at `minPercent`). When the floor exceeds the allowance (a
+//! winter night on a nearly empty battery) no ladder can stay within it, so
+//! the report also gives the share of time the floor allowed it, the share
+//! within the allowance during that time, and the energy over the allowance
+//! beyond what the floor itself draws over it.
 
 use std::path::Path;
 use std::time::Duration;
@@ -203,6 +211,12 @@ pub struct Figures {
     pub renewable_used_wh: f64,
     pub renewable_available_wh: f64,
     pub over_allowance_wh: f64,
+    /// Share of the steps whose floor was within the allowance during which
+    /// the draw was too; `None` when the floor never was.
+    pub within_allowance_when_feasible_pct: Option<f64>,
+    /// Energy over the allowance beyond what the floor draws over it:
+    /// ∫ (draw − max(allowance, floor))⁺, the part a ladder could avoid.
+    pub over_allowance_beyond_floor_wh: f64,
     pub requests_deferred: u64,
     pub transitions: u64,
     pub reversals_within_dwell: u64,
@@ -229,45 +243,87 @@ pub struct Report {
     pub baselines: Baselines,
     pub budget: String,
     pub steps: usize,
+    /// Share of the time the floor was within the allowance: when staying
+    /// within it was possible at all.
+    pub feasible_pct: f64,
+    /// The floor's own energy over the allowance: ∫ (floor − allowance)⁺,
+    /// what any strategy that keeps the floor draws over it.
+    pub floor_over_allowance_wh: f64,
     pub step_seconds: f64,
     pub static_cap_watts: f64,
     pub static_cap_with_margin_watts: f64,
     pub plant: Plant,
 }
 
+/// One evaluation interval as every strategy sees it.
+struct Interval {
+    supply: f64,
+    allowance: f64,
+    /// What the deepest step draws at the lowest power limit.
+    floor: f64,
+    hours: f64,
+}
+
+impl Interval {
+    /// Whether staying within the allowance was possible at all.
+    fn feasible(&self) -> bool {
+        self.floor <= self.allowance + 1e-6
+    }
+}
+
 #[derive(Default)]
 struct Acc {
     within: usize,
     n: usize,
+    feasible: usize,
+    within_feasible: usize,
     used_wh: f64,
     avail_wh: f64,
     over_wh: f64,
+    beyond_floor_wh: f64,
+    floor_over_wh: f64,
     deferred_j: f64,
 }
 
+/// `part` of `whole` in percent, to two decimals.
+fn pct(part: usize, whole: usize) -> f64 {
+    (part as f64 * 100.0 / whole as f64 * 100.0).round() / 100.0
+}
+
 impl Acc {
-    fn add(&mut self, draw: f64, supply: f64, allowance: f64, deferred_w: f64, hours: f64) {
+    fn add(&mut self, draw: f64, deferred_w: f64, i: &Interval) {
         self.n += 1;
-        if draw <= allowance + 1e-6 {
+        let within = draw <= i.allowance + 1e-6;
+        if within {
             self.within += 1;
         }
-        self.used_wh += draw.min(supply) * hours;
-        self.avail_wh += supply * hours;
-        self.over_wh += (draw - allowance).max(0.0) * hours;
-        self.deferred_j += deferred_w * hours * 3600.0;
+        if i.feasible() {
+            self.feasible += 1;
+            if within {
+                self.within_feasible += 1;
+            }
+        }
+        self.used_wh += draw.min(i.supply) * i.hours;
+        self.avail_wh += i.supply * i.hours;
+        self.over_wh += (draw - i.allowance).max(0.0) * i.hours;
+        self.beyond_floor_wh += (draw - i.allowance.max(i.floor)).max(0.0) * i.hours;
+        self.floor_over_wh += (i.floor - i.allowance).max(0.0) * i.hours;
+        self.deferred_j += deferred_w * i.hours * 3600.0;
     }
 
     fn figures(&self, plant: &Plant) -> Figures {
-        let r1 = |x: f64| (x * 10.0).round() / 10.0;
         Figures {
             within_allowance_pct: if self.n == 0 {
                 100.0
             } else {
-                (self.within as f64 * 100.0 / self.n as f64 * 100.0).round() / 100.0
+                pct(self.within, self.n)
             },
             renewable_used_wh: r1(self.used_wh),
             renewable_available_wh: r1(self.avail_wh),
             over_allowance_wh: r1(self.over_wh),
+            within_allowance_when_feasible_pct: (self.feasible > 0)
+                .then(|| pct(self.within_feasible, self.feasible)),
+            over_allowance_beyond_floor_wh: r1(self.beyond_floor_wh),
             requests_deferred: (self.deferred_j / plant.joules_per_request.max(1e-9)).round()
                 as u64,
             transitions: 0,
@@ -275,6 +331,11 @@ impl Acc {
             power_limit_changes: 0,
         }
     }
+}
+
+/// Rounded to a tenth.
+fn r1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
 }
 
 /// Run the ladder and the baselines over the overlap of the two traces.
@@ -303,6 +364,7 @@ pub fn simulate(
     }
     let ladder = Ladder::from_policy(&spec.policy).map_err(SimError::Input)?;
     let min_cap = draw_factor(ladder.min_cap);
+    let deepest = ladder.rungs.last().map_or(0, |r| r.step());
     let dt = SignedDuration::try_from(step).map_err(|e| SimError::Input(e.to_string()))?;
     let hours = step.as_secs_f64() / 3600.0;
     let mut times = Vec::new();
@@ -329,6 +391,12 @@ pub fn simulate(
         let s = at(supply, now);
         let d = at(demand, now);
         let allowance = budget::allowance(spec.ceiling_watts, s, spec.margin_percent);
+        let interval = Interval {
+            supply: s,
+            allowance,
+            floor: plant.draw(&ladder, min_cap, deepest, d).0,
+            hours,
+        };
         // The draw the controller would read under the step in force.
         let current = ladder.top(state.step).map_or(0, Rung::step);
         let in_force = draw_factor(limit.unwrap_or(ladder.min_cap));
@@ -381,12 +449,12 @@ pub fn simulate(
         state = out.state;
         let (draw, deferred) =
             plant.draw(&ladder, draw_factor(limit.unwrap_or(1.0)), state.step, d);
-        lad.add(draw, s, allowance, deferred, hours);
-        none.add(d, s, allowance, 0.0, hours);
+        lad.add(draw, deferred, &interval);
+        none.add(d, 0.0, &interval);
         let c = d.min(static_cap);
-        capped.add(c, s, allowance, d - c, hours);
+        capped.add(c, d - c, &interval);
         let c = d.min(static_margin);
-        capped_margin.add(c, s, allowance, d - c, hours);
+        capped_margin.add(c, d - c, &interval);
     }
     let mut ladder_figures = lad.figures(&plant);
     ladder_figures.transitions = transitions;
@@ -401,6 +469,8 @@ pub fn simulate(
         },
         budget: eb.metadata.name.clone().unwrap_or_default(),
         steps: times.len(),
+        feasible_pct: pct(lad.feasible, lad.n),
+        floor_over_allowance_wh: r1(lad.floor_over_wh),
         step_seconds: step.as_secs_f64(),
         static_cap_watts: (static_cap * 10.0).round() / 10.0,
         static_cap_with_margin_watts: (static_margin * 10.0).round() / 10.0,
@@ -411,9 +481,13 @@ pub fn simulate(
 /// The side-by-side table.
 pub fn table(r: &Report) -> String {
     type Row = (&'static str, fn(&Figures) -> String);
-    let rows: [Row; 8] = [
+    let rows: [Row; 10] = [
         ("time within allowance (%)", |f| {
             format!("{:.2}", f.within_allowance_pct)
+        }),
+        ("… within allowance when the floor allowed (%)", |f| {
+            f.within_allowance_when_feasible_pct
+                .map_or("n/a".into(), |p| format!("{p:.2}"))
         }),
         ("renewable energy used (Wh)", |f| {
             format!("{:.0}", f.renewable_used_wh)
@@ -423,6 +497,9 @@ pub fn table(r: &Report) -> String {
         }),
         ("energy over allowance (Wh)", |f| {
             format!("{:.0}", f.over_allowance_wh)
+        }),
+        ("energy over allowance beyond the floor's (Wh)", |f| {
+            format!("{:.0}", f.over_allowance_beyond_floor_wh)
         }),
         ("requests deferred", |f| f.requests_deferred.to_string()),
         ("step transitions", |f| f.transitions.to_string()),
@@ -438,12 +515,16 @@ pub fn table(r: &Report) -> String {
         r.budget, r.steps, r.step_seconds, r.static_cap_watts, r.static_cap_with_margin_watts
     );
     out += &format!(
-        "{:<34} {:>12} {:>12} {:>12} {:>14}\n",
+        "time the floor allowed staying within (%): {:.2}; floor's energy over allowance (Wh): {:.0}\n",
+        r.feasible_pct, r.floor_over_allowance_wh
+    );
+    out += &format!(
+        "{:<46} {:>12} {:>12} {:>12} {:>14}\n",
         "", "ladder", "no ladder", "static cap", "cap w/ margin"
     );
     for (name, f) in rows {
         out += &format!(
-            "{:<34} {:>12} {:>12} {:>12} {:>14}\n",
+            "{:<46} {:>12} {:>12} {:>12} {:>14}\n",
             name,
             f(&r.ladder),
             f(&r.baselines.no_ladder),
@@ -482,6 +563,123 @@ mod tests {
         )
         .expect_err("negative");
         assert!(e.to_string().starts_with("s.csv:2:"), "{e}");
+    }
+
+    /// A budget like the example's: margin 20 %, power cap to 60 %, shed
+    /// deferrable then standard, defer.
+    fn example_budget() -> EnergyBudget {
+        serde_saphyr::from_str(
+            "apiVersion: copyhold.dev/v1alpha1
+kind: EnergyBudget
+metadata: {name: hard-night}
+spec:
+  ceilingWatts: 3000
+  marginPercent: 20
+  supply: {schedule: {timeZone: UTC, points: [{time: \"00:00\", watts: 400}]}}
+  policy:
+    powerCap: {enabled: true, minPercent: 60}
+    shed: [deferrable, standard]
+    defer: true
+    hysteresisPercent: 10
+    dwell: 5m
+",
+        )
+        .expect("a valid EnergyBudget")
+    }
+
+    fn trace(points: &[(&str, f64)]) -> Vec<Sample> {
+        points
+            .iter()
+            .map(|(t, w)| Sample {
+                time: t.parse().expect("ts"),
+                watts: *w,
+            })
+            .collect()
+    }
+
+    /// 800 W of demand for two hours. The first hour the supply is 200 W
+    /// (allowance 160 W), below the floor: essential 200 W, standard and
+    /// deferrable at minReplicas 70 + 80 W, deferring halves the latter to
+    /// 40 W, and the deepest cap (60 %) leaves 0.8 of it: 248 W. The second
+    /// hour the supply is 3000 W (allowance 2400 W). Only the second hour
+    /// could be within the allowance; the ladder's share is judged there.
+    #[test]
+    fn time_when_the_floor_exceeds_the_allowance_is_not_counted_against_the_ladder() {
+        let supply = trace(&[
+            ("2025-12-21T00:00:00Z", 200.0),
+            ("2025-12-21T00:59:00Z", 200.0),
+            ("2025-12-21T01:00:00Z", 3000.0),
+            ("2025-12-21T02:00:00Z", 3000.0),
+        ]);
+        let demand = trace(&[
+            ("2025-12-21T00:00:00Z", 800.0),
+            ("2025-12-21T02:00:00Z", 800.0),
+        ]);
+        let r = simulate(
+            &example_budget(),
+            &supply,
+            &demand,
+            Duration::from_secs(60),
+            Plant::default(),
+        )
+        .expect("simulates");
+        assert_eq!(r.steps, 120);
+        assert_eq!(r.feasible_pct, 50.0, "{r:?}");
+        // (248 − 160) W for an hour.
+        assert_eq!(r.floor_over_allowance_wh, 88.0, "{r:?}");
+        // Over the whole day the ladder was over for the infeasible hour...
+        assert!(r.ladder.within_allowance_pct <= 50.0, "{r:?}");
+        // ...but during the feasible hour it stayed within.
+        assert_eq!(
+            r.ladder.within_allowance_when_feasible_pct,
+            Some(100.0),
+            "{r:?}"
+        );
+        assert_eq!(
+            r.baselines.no_ladder.within_allowance_when_feasible_pct,
+            Some(100.0)
+        );
+        // No strategy that keeps the floor can be over by less than it.
+        assert!(
+            r.ladder.over_allowance_wh >= r.floor_over_allowance_wh,
+            "{r:?}"
+        );
+        // What it drew over beyond the floor's is never negative.
+        assert!(r.ladder.over_allowance_beyond_floor_wh >= 0.0, "{r:?}");
+        // No ladder: 800 W against max(160, 248) W for an hour.
+        assert_eq!(r.baselines.no_ladder.over_allowance_beyond_floor_wh, 552.0);
+        let table = table(&r);
+        for row in [
+            "time the floor allowed staying within (%)",
+            "… within allowance when the floor allowed (%)",
+            "floor's energy over allowance (Wh)",
+            "energy over allowance beyond the floor's (Wh)",
+        ] {
+            assert!(table.contains(row), "{row} missing:\n{table}");
+        }
+    }
+
+    #[test]
+    fn a_day_the_floor_never_allows_has_no_feasible_share() {
+        let supply = trace(&[
+            ("2025-12-21T00:00:00Z", 100.0),
+            ("2025-12-21T01:00:00Z", 100.0),
+        ]);
+        let demand = trace(&[
+            ("2025-12-21T00:00:00Z", 800.0),
+            ("2025-12-21T01:00:00Z", 800.0),
+        ]);
+        let r = simulate(
+            &example_budget(),
+            &supply,
+            &demand,
+            Duration::from_secs(60),
+            Plant::default(),
+        )
+        .expect("simulates");
+        assert_eq!(r.feasible_pct, 0.0);
+        assert_eq!(r.ladder.within_allowance_when_feasible_pct, None);
+        assert!(table(&r).contains("n/a"), "{}", table(&r));
     }
 
     #[test]
