@@ -161,6 +161,11 @@ impl Scene {
     }
 
     async fn gateway(&mut self) -> Result<usize> {
+        self.gateway_with(&[]).await
+    }
+
+    /// A gateway started with more flags (limits under test).
+    async fn gateway_with(&mut self, extra: &[&str]) -> Result<usize> {
         let bin = workspace_bin("copyhold", "copyhold")?;
         let mut c = Command::new(bin);
         c.args([
@@ -173,6 +178,7 @@ impl Scene {
             "30",
         ])
         .args(["--identity", &format!("gw{}", self.gateways.len())])
+        .args(extra)
         .env("KUBECONFIG", copyhold_e2e::kubeconfig()?)
         .env(
             "RUST_LOG",
@@ -1451,6 +1457,204 @@ async fn a_quota_with_inconsistent_sanctions_gets_a_condition_and_an_event() -> 
             .iter()
             .any(|(r, m)| r == "InvalidSpec" && m.contains("spec.sanctions.warnAt")),
         "{warnings:?}"
+    );
+    Ok(())
+}
+
+/// Waits until the gateway serves `ana` a chat (not a 503 for want of a
+/// replica yet) and returns the status and body of that answer.
+async fn first_answer(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    body: Value,
+) -> Result<(u16, Value)> {
+    eventually(Duration::from_secs(20), || async {
+        let (st, _, v) = call(http, base, Some(key), body.clone()).await?;
+        ensure!(st != 503, "no replica yet: {v}");
+        Ok((st, v))
+    })
+    .await
+}
+
+/// Issue 18, front door: a non-streamed answer larger than
+/// `--max-response-bytes` is not buffered; the client gets an OpenAI-shaped
+/// 502, and the member is charged the reservation (the engine did work we
+/// cannot measure), as for an answer that broke off: never zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_non_streamed_answer_over_the_response_bound_is_a_502_charged_the_reservation()
+-> Result<()> {
+    let mut s = Scene::new(
+        "gw-big-answer",
+        json!({"members": [{"name": "ana"}], "period": {"type": "calendar", "unit": "day"}}),
+        &[],
+    )
+    .await?;
+    // 50 tokens of "tN " in one JSON answer: several hundred bytes.
+    let up = standin(&["--tokens", "50"])?;
+    s.serving_pod("up-0", &up.addr).await?;
+    let g = s.gateway_with(&["--max-response-bytes", "256"]).await?;
+    let base = s.url(g);
+    let http = reqwest::Client::new();
+    let ana = s.keys["ana"].clone();
+    let (st, v) = first_answer(&http, &base, &ana, chat("abc", 50)).await?;
+    assert_eq!(st, 502, "{v}");
+    assert_eq!(v["error"]["type"], "upstream_error", "{v}");
+    assert_eq!(v["error"]["code"], "upstream_response_too_large", "{v}");
+    let line = line_after(&s, "ana", 1).await?;
+    // The reservation: "user" + "abc" = 7 bytes, + 64 + 8, + 50 completion.
+    assert_eq!(line.tokens, 7 + 64 + 8 + 50, "{line:?}");
+    // Within the bound, the same answer is served.
+    let mut s2 = Scene::new(
+        "gw-big-ok",
+        json!({"members": [{"name": "bo"}], "period": {"type": "calendar", "unit": "day"}}),
+        &[],
+    )
+    .await?;
+    s2.serving_pod("up-0", &up.addr).await?;
+    let g2 = s2.gateway_with(&["--max-response-bytes", "65536"]).await?;
+    let bo = s2.keys["bo"].clone();
+    let (st, v) = first_answer(&http, &s2.url(g2), &bo, chat("abc", 50)).await?;
+    assert_eq!(st, 200, "{v}");
+    Ok(())
+}
+
+/// Issue 18, front door: a client that sends its headers and then stalls
+/// its body gets an OpenAI-shaped 408 after `--body-timeout`, and nothing
+/// is charged to its member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_stalls_its_body_gets_a_408_and_is_charged_nothing() -> Result<()> {
+    let mut s = Scene::new(
+        "gw-slow-body",
+        json!({"members": [{"name": "ana"}], "period": {"type": "calendar", "unit": "day"}}),
+        &[],
+    )
+    .await?;
+    let up = standin(&["--tokens", "3"])?;
+    s.serving_pod("up-0", &up.addr).await?;
+    let g = s.gateway_with(&["--body-timeout", "1"]).await?;
+    let base = s.url(g);
+    let http = reqwest::Client::new();
+    let ana = s.keys["ana"].clone();
+    let (st, v) = first_answer(&http, &base, &ana, chat("hi", 2)).await?;
+    assert_eq!(st, 200, "{v}");
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ana}\r\n\
+         content-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"model\": \"ti"
+    );
+    let t0 = std::time::Instant::now();
+    let answer = raw(&s.gateways[g].addr, head.as_bytes(), Duration::from_secs(6)).await?;
+    let took = t0.elapsed();
+    assert!(
+        answer.starts_with("HTTP/1.1 408") && answer.contains("\"request_timeout\""),
+        "a stalled body is refused: {answer:?} after {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(4),
+        "after the body timeout: {took:?}"
+    );
+    // Give a wrong charge time to land, then check only the warm-up counts.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let line = line_after(&s, "ana", 1).await?;
+    assert_eq!(line.requests, 1, "only the warm-up was charged: {line:?}");
+    Ok(())
+}
+
+/// Opens a connection and sends `bytes`, then holds it open.
+async fn stall(addr: &str, bytes: &[u8]) -> Result<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut c = tokio::net::TcpStream::connect(addr).await?;
+    c.write_all(bytes).await?;
+    Ok(c)
+}
+
+/// Reads until the peer closes the connection or `wait` passes; true when
+/// it closed.
+async fn closed_within(c: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    let read = async {
+        loop {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(wait, read).await.is_ok()
+}
+
+/// Issue 18, front door: a client that sends part of its request line and
+/// headers and then stalls is disconnected after `--header-timeout`
+/// (default 10 s), so it cannot hold a connection open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_stalls_its_headers_is_disconnected_after_the_header_timeout() -> Result<()> {
+    let mut s = Scene::new(
+        "gw-slow-head",
+        json!({"members": [{"name": "ana"}], "period": {"type": "calendar", "unit": "day"}}),
+        &[],
+    )
+    .await?;
+    // The default applies: no flag.
+    let g = s.gateway().await?;
+    let addr = s.gateways[g].addr.clone();
+    let t0 = std::time::Instant::now();
+    let mut c = stall(
+        &addr,
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthoriz",
+    )
+    .await?;
+    let closed = closed_within(&mut c, Duration::from_secs(14)).await;
+    let took = t0.elapsed();
+    assert!(closed, "still open after {took:?}");
+    assert!(
+        took >= Duration::from_secs(9),
+        "not before the timeout: {took:?}"
+    );
+    // The gateway still serves.
+    let r = reqwest::get(format!("http://{addr}/healthz")).await?;
+    assert_eq!(r.status().as_u16(), 200);
+    Ok(())
+}
+
+/// Issue 18, front door: with `--max-connections N`, N stalled connections
+/// keep an (N+1)th waiting (it is accepted only when a slot frees: no
+/// request on it is served before), and the slot is free again after one
+/// of them closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_beyond_the_cap_wait_until_one_closes() -> Result<()> {
+    let mut s = Scene::new(
+        "gw-conn-cap",
+        json!({"members": [{"name": "ana"}], "period": {"type": "calendar", "unit": "day"}}),
+        &[],
+    )
+    .await?;
+    let g = s
+        .gateway_with(&["--max-connections", "2", "--header-timeout", "30"])
+        .await?;
+    let addr = s.gateways[g].addr.clone();
+    let partial = b"GET /healthz HTTP/1.1\r\nhost: x\r\n";
+    let first = stall(&addr, partial).await?;
+    let _second = stall(&addr, partial).await?;
+    let ask = b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+    // The third waits: nothing comes back while two slots are held.
+    let waiting = tokio::spawn({
+        let addr = addr.clone();
+        async move { raw(&addr, ask, Duration::from_secs(10)).await }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!waiting.is_finished(), "served beyond the cap");
+    drop(first);
+    let answer = waiting.await??;
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "served once a slot freed: {answer:?}"
+    );
+    // The third's slot is given back when it closes: a fourth is served.
+    let answer = raw(&addr, ask, Duration::from_secs(5)).await?;
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "the cap frees again: {answer:?}"
     );
     Ok(())
 }

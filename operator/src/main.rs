@@ -120,6 +120,20 @@ struct GatewayArgs {
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     body_limit: usize,
+    /// Seconds a client has to send a request's line and headers (also the
+    /// longest a kept-alive connection may sit idle).
+    #[arg(long, default_value_t = 10)]
+    header_timeout: u64,
+    /// Seconds a client has to send a whole request body; then a 408.
+    #[arg(long, default_value_t = 60)]
+    body_timeout: u64,
+    /// Client connections served at once; more wait to be accepted.
+    #[arg(long, default_value_t = 4096)]
+    max_connections: usize,
+    /// Largest non-streamed engine answer buffered, in bytes; larger is a
+    /// 502 (streamed answers are passed on and not bounded).
+    #[arg(long, default_value_t = 64 << 20)]
+    max_response_bytes: usize,
     /// Seconds to wait for an engine's response headers.
     #[arg(long, default_value_t = 300)]
     first_byte_timeout: u64,
@@ -536,6 +550,10 @@ fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
             watch_namespace: args.watch_namespace,
             identity: format!("{base}-{suffix:08x}"),
             body_limit: args.body_limit,
+            header_timeout: std::time::Duration::from_secs(args.header_timeout.max(1)),
+            body_timeout: std::time::Duration::from_secs(args.body_timeout.max(1)),
+            max_connections: args.max_connections.max(1),
+            max_response_bytes: args.max_response_bytes,
             first_byte_timeout: std::time::Duration::from_secs(args.first_byte_timeout.max(1)),
             idle_timeout: std::time::Duration::from_secs(args.idle_timeout.max(1)),
             eject_for: std::time::Duration::from_secs(args.eject_seconds),

@@ -23,13 +23,23 @@ pub const DRAIN_TIME: Duration = Duration::from_secs(10);
 pub enum BodyError {
     #[error("the request body is larger than {limit} bytes")]
     TooLarge { limit: usize },
+    #[error("the request body did not arrive within {after:?}")]
+    TimedOut { after: Duration },
     #[error("the request body could not be read: {0}")]
     Broken(String),
 }
 
-/// Read the body whole if it is within `limit` bytes; otherwise drain the
-/// rest (within [`DRAIN_LIMIT`] and [`DRAIN_TIME`]) and refuse it.
-pub async fn read_within(body: Body, limit: usize) -> Result<Bytes, BodyError> {
+/// Read the body whole if it is within `limit` bytes and arrives within
+/// `timeout` (a client that trickles or stalls its body cannot hold the
+/// request open); otherwise drain the rest of an oversized body (within
+/// [`DRAIN_LIMIT`] and [`DRAIN_TIME`]) and refuse it.
+pub async fn read_within(body: Body, limit: usize, timeout: Duration) -> Result<Bytes, BodyError> {
+    tokio::time::timeout(timeout, read_capped(body, limit))
+        .await
+        .unwrap_or(Err(BodyError::TimedOut { after: timeout }))
+}
+
+async fn read_capped(body: Body, limit: usize) -> Result<Bytes, BodyError> {
     let mut stream = body.into_data_stream();
     let mut out: Vec<u8> = Vec::new();
     while let Some(chunk) = stream.next().await {
@@ -74,16 +84,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_body_that_stalls_is_refused_after_the_timeout() {
+        let stalled = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"{"))])
+            .chain(futures::stream::pending());
+        let t = Duration::from_millis(200);
+        let b = read_within(Body::from_stream(stalled), 4000, t).await;
+        assert_eq!(b, Err(BodyError::TimedOut { after: t }));
+    }
+
+    #[tokio::test]
     async fn a_body_within_the_limit_is_read_whole() {
         let read = Arc::new(AtomicUsize::new(0));
-        let b = read_within(counted(4, 1000, read.clone()), 4000).await;
+        let b = read_within(
+            counted(4, 1000, read.clone()),
+            4000,
+            Duration::from_secs(60),
+        )
+        .await;
         assert_eq!(b.map(|b| b.len()), Ok(4000));
     }
 
     #[tokio::test]
     async fn an_oversized_body_is_refused_and_its_rest_read_so_the_client_reads_the_refusal() {
         let read = Arc::new(AtomicUsize::new(0));
-        let b = read_within(counted(50, 1000, read.clone()), 4000).await;
+        let b = read_within(
+            counted(50, 1000, read.clone()),
+            4000,
+            Duration::from_secs(60),
+        )
+        .await;
         assert_eq!(b, Err(BodyError::TooLarge { limit: 4000 }));
         assert_eq!(
             read.load(Ordering::SeqCst),
@@ -97,7 +126,12 @@ mod tests {
         let read = Arc::new(AtomicUsize::new(0));
         let chunk = 1 << 20;
         let n = DRAIN_LIMIT / chunk + 20;
-        let b = read_within(counted(n, chunk, read.clone()), 4000).await;
+        let b = read_within(
+            counted(n, chunk, read.clone()),
+            4000,
+            Duration::from_secs(60),
+        )
+        .await;
         assert_eq!(b, Err(BodyError::TooLarge { limit: 4000 }));
         assert!(read.load(Ordering::SeqCst) < n, "stopped before the end");
     }

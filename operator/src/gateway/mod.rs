@@ -11,6 +11,7 @@ pub mod hold;
 pub mod keys;
 pub mod ledger_sync;
 pub mod limits;
+pub mod listener;
 pub mod metrics;
 pub mod openai;
 pub mod quota_checks;
@@ -58,6 +59,14 @@ pub struct Settings {
     pub identity: String,
     /// Largest request body accepted.
     pub body_limit: usize,
+    /// Longest wait for a request's line and headers on a connection.
+    pub header_timeout: Duration,
+    /// Longest wait for a whole request body once its headers arrived.
+    pub body_timeout: Duration,
+    /// Client connections served at once; more wait to be accepted.
+    pub max_connections: usize,
+    /// Largest non-streamed upstream answer buffered; larger is a 502.
+    pub max_response_bytes: usize,
     pub connect_timeout: Duration,
     /// Longest wait for an upstream's response headers.
     pub first_byte_timeout: Duration,
@@ -79,6 +88,10 @@ impl Default for Settings {
             watch_namespace: None,
             identity: "gateway".into(),
             body_limit: 4 << 20,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(60),
+            max_connections: 4096,
+            max_response_bytes: 64 << 20,
             connect_timeout: Duration::from_secs(2),
             first_byte_timeout: Duration::from_secs(300),
             idle_timeout: Duration::from_secs(120),
@@ -166,11 +179,11 @@ pub async fn run(client: kube::Client, settings: Settings) -> anyhow::Result<()>
         settings.identity
     );
     tracing::info!(%addr, identity = %settings.identity, "gateway listening");
-    // The peer address decides `cluster` registers' visibility.
-    let app = app.into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    let limits = listener::ConnLimits {
+        header_timeout: settings.header_timeout,
+        max_connections: settings.max_connections,
+    };
+    listener::serve(listener, app, limits, shutdown_signal()).await;
     tracing::info!("draining done; returning slices");
     state.ledgers.leave_all().await;
     state.demand.withdraw(&client).await;
@@ -427,7 +440,7 @@ async fn read_request(
 ) -> Result<Asked, Fail> {
     // The key first: a stranger's body is never read.
     let owner = authenticate(s, headers).map_err(|e| fail(e, "unknown", "unknown"))?;
-    let bytes = self::body::read_within(body, s.settings.body_limit)
+    let bytes = self::body::read_within(body, s.settings.body_limit, s.settings.body_timeout)
         .await
         .map_err(|e| fail(body_error(e), "unknown", &owner.member))?;
     let member = owner.member.clone();
@@ -468,6 +481,7 @@ async fn read_request(
 fn body_error(e: self::body::BodyError) -> ApiError {
     match e {
         self::body::BodyError::TooLarge { limit } => ApiError::too_large(limit),
+        self::body::BodyError::TimedOut { after } => ApiError::body_timeout(after),
         e @ self::body::BodyError::Broken(_) => ApiError::invalid(None, e.to_string()),
     }
 }
@@ -678,7 +692,7 @@ async fn relay_refusal(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(String::from);
-    let text = read_limited(resp, s.settings.idle_timeout)
+    let text = read_limited(resp, s.settings.idle_timeout, s.settings.max_response_bytes)
         .await
         .unwrap_or_default();
     if status.is_server_error() {
@@ -718,18 +732,20 @@ async fn relay_whole(
     a: &Asked,
     extra: HeaderMap,
 ) -> Result<Response, Fail> {
-    let body = match read_limited(resp, s.settings.idle_timeout).await {
+    let max = s.settings.max_response_bytes;
+    let body = match read_limited(resp, s.settings.idle_timeout, max).await {
         Ok(b) => b,
         Err(kind) => {
             count_upstream_error(s, &a.model, kind);
             // The engine did work we cannot measure: the bound is charged.
             meter.code = 502;
             drop(meter);
-            return Err(metered_fail(
-                ApiError::bad_gateway("the model server's response broke off"),
-                &a.model,
-                &a.member,
-            ));
+            let err = if kind == "too_large" {
+                ApiError::response_too_large(max)
+            } else {
+                ApiError::bad_gateway("the model server's response broke off")
+            };
+            return Err(metered_fail(err, &a.model, &a.member));
         }
     };
     let usage = serde_json::from_slice::<Value>(&body)
@@ -827,17 +843,22 @@ fn count_upstream_error(s: &AppState, model: &str, kind: &str) {
         .inc();
 }
 
-/// Read a whole (non-streamed) upstream body, with a silence limit.
-async fn read_limited(resp: reqwest::Response, idle: Duration) -> Result<Vec<u8>, &'static str> {
+/// Read a whole (non-streamed) upstream body, with a silence limit and a
+/// size bound (`--max-response-bytes`): past it, `too_large`.
+async fn read_limited(
+    resp: reqwest::Response,
+    idle: Duration,
+    max: usize,
+) -> Result<Vec<u8>, &'static str> {
     let mut out = Vec::new();
     let mut st = resp.bytes_stream();
     loop {
         match tokio::time::timeout(idle, st.next()).await {
             Ok(Some(Ok(b))) => {
-                out.extend_from_slice(&b);
-                if out.len() > 256 << 20 {
-                    return Err("body");
+                if out.len() + b.len() > max {
+                    return Err("too_large");
                 }
+                out.extend_from_slice(&b);
             }
             Ok(Some(Err(_))) => return Err("body"),
             Ok(None) => return Ok(out),

@@ -168,6 +168,29 @@ impl ApiError {
         )
     }
 
+    /// A request body that did not arrive within `--body-timeout`.
+    pub fn body_timeout(after: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} s",
+                after.as_secs_f64()
+            ),
+        )
+    }
+
+    /// A non-streamed upstream answer larger than `--max-response-bytes`.
+    pub fn response_too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            "upstream_response_too_large",
+            format!("the model server's answer is larger than {limit} bytes; ask for a stream"),
+        )
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
