@@ -304,10 +304,13 @@ async fn lead(
     .default_backoff()
     .touched_objects();
     let (services, svc_writer) = reflector::store::<Service>();
-    let svc_stream =
-        reflector::reflector(svc_writer, watcher(scoped::<Service>(&client, ns), owned))
-            .default_backoff()
-            .touched_objects();
+    let svc_stream = reflector::reflector(
+        svc_writer,
+        watcher(scoped::<Service>(&client, ns), owned)
+            .modify(|s: &mut Service| s.metadata.managed_fields = None),
+    )
+    .default_backoff()
+    .touched_objects();
     let (leases, lease_writer) = reflector::store::<Lease>();
     let lease_stream = reflector::reflector(
         lease_writer,
@@ -318,10 +321,21 @@ async fn lead(
     )
     .default_backoff()
     .touched_objects();
-    let controller = Controller::new(
-        scoped::<ModelDeployment>(&client, ns),
-        watcher::Config::default(),
-    );
+    // The models' own index, without managedFields: every writer of a
+    // model (its author, this status, the budgets' annotations) adds an
+    // entry nobody here reads, a large part of each cached object.
+    let (models, model_writer) = reflector::store::<ModelDeployment>();
+    let model_stream = reflector::reflector(
+        model_writer,
+        watcher(
+            scoped::<ModelDeployment>(&client, ns),
+            watcher::Config::default(),
+        )
+        .modify(|m: &mut ModelDeployment| m.metadata.managed_fields = None),
+    )
+    .default_backoff()
+    .applied_objects();
+    let controller = Controller::for_stream(model_stream, models);
     let indexes = Indexes {
         nodes,
         pods,
