@@ -39,5 +39,7 @@ rc=0
 for f in tiny-llama tiny-llama-bf16; do
   echo "check-golden --device cuda $f:"
   ./copyhold-node check-golden "fixtures/$f" --device cuda || rc=1
+  echo "check-golden --device cuda --cuda-graphs $f:"
+  ./copyhold-node check-golden "fixtures/$f" --device cuda --cuda-graphs || rc=1
 done
 exit $rc

@@ -65,6 +65,11 @@ struct CudaArgs {
     /// Use at most this many GPUs (default: all visible).
     #[arg(long, env = "COPYHOLD_MAX_GPUS")]
     max_gpus: Option<usize>,
+    /// Replay decode steps of up to 8 sequences from CUDA graphs, captured
+    /// per batch-size bucket (model on one GPU). Off by default until the
+    /// GPU tests have run it (docs/cuda.md).
+    #[arg(long, env = "COPYHOLD_CUDA_GRAPHS")]
+    cuda_graphs: bool,
 }
 
 impl CudaArgs {
@@ -90,6 +95,7 @@ impl CudaArgs {
             kv_dtype: kv,
             gemm,
             max_devices: self.max_gpus,
+            cuda_graphs: self.cuda_graphs,
             ..Default::default()
         }
     }

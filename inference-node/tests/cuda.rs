@@ -8,7 +8,8 @@
 //! shapes, odd sizes and long contexts; `check-golden --device cuda` on the
 //! fixtures; a served model under 32 concurrent streamed clients equal to
 //! the CPU's greedy outputs; a model split over two GPU contexts; out of
-//! memory at load. Run them with
+//! memory at load; decode replayed from CUDA graphs equal to eager decode,
+//! bit for bit. Run them with
 //! `cargo nextest run -p copyhold-node --run-ignored only -E 'binary(cuda)'`
 //! (or the archived binaries: docs/cuda.md). NVRTC and the CUDA headers must
 //! be findable (`LD_LIBRARY_PATH`, `COPYHOLD_CUDA_INCLUDE`).
@@ -27,6 +28,7 @@ use copyhold_node::cuda::backend::{CudaBackend, CudaOptions, probe};
 use copyhold_node::cuda::kernels::Kernels;
 use copyhold_node::cuda::nvrtc::{Nvrtc, build_all, include_dirs};
 use copyhold_node::cuda::plan::{self, GemmMode, KvDtype};
+use copyhold_node::engine::backend::{Backend, Batch, BatchToken};
 use copyhold_node::engine::sampling::{Rng, SamplingParams, argmax, sample};
 use copyhold_node::golden::check_on;
 use copyhold_node::load::Device;
@@ -892,6 +894,125 @@ async fn a_served_model_under_32_concurrent_streamed_clients_equals_the_cpu_gree
                 "model": "tiny-llama",
                 "messages": [{"role": "user", "content": format!("request {i}: tell me about {}", i * 7)}],
                 "max_tokens": 24, "temperature": 0, "stream": true, "ignore_eos": true,
+            })
+        })
+        .collect();
+    let run = |base: String| {
+        let bodies = bodies.clone();
+        async move {
+            futures::future::join_all(bodies.into_iter().map(|b| {
+                let base = base.clone();
+                async move { stream_chat(&base, b).await }
+            }))
+            .await
+        }
+    };
+    let want = run(cpu.base.clone()).await;
+    let got = run(cuda.base.clone()).await;
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "request {i}");
+    }
+}
+
+/// Prompts of the given lengths prefilled, then `steps` decode steps of all
+/// of them together; the logits of every decode step.
+fn decode_logits(b: &mut CudaBackend, prompts: &[usize], steps: usize) -> Vec<Vec<Vec<f32>>> {
+    let bs = 16;
+    let tables: Vec<Vec<u32>> = (0..prompts.len())
+        .map(|s| (0..8).map(|i| (s * 8 + i) as u32).collect())
+        .collect();
+    let token = |s: usize, p: usize| ((s * 131 + p * 17) % 200 + 3) as u32;
+    for (s, &n) in prompts.iter().enumerate() {
+        let batch = Batch {
+            tokens: (0..n)
+                .map(|p| BatchToken {
+                    token: token(s, p),
+                    pos: p,
+                    seq: s,
+                    wide: false,
+                })
+                .collect(),
+            block_tables: tables.clone(),
+            logits_for: vec![n - 1],
+        };
+        b.forward(&batch).unwrap();
+    }
+    let mut out = Vec::new();
+    for step in 0..steps {
+        let batch = Batch {
+            tokens: prompts
+                .iter()
+                .enumerate()
+                .map(|(s, &n)| BatchToken {
+                    token: token(s, n + step),
+                    pos: n + step,
+                    seq: s,
+                    wide: false,
+                })
+                .collect(),
+            block_tables: tables.clone(),
+            logits_for: (0..prompts.len()).collect(),
+        };
+        assert!(prompts.iter().all(|&n| n + step < 8 * bs));
+        out.push(b.forward(&batch).unwrap());
+    }
+    out
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo nextest run -p copyhold-node --run-ignored only"]
+fn decode_replayed_from_cuda_graphs_equals_eager_decode_bit_for_bit() {
+    let model = copyhold_node::model::load(&support::fixtures().join("tiny-llama")).unwrap();
+    // 1, 3 and 5 sequences: buckets 1, 4 and 8 with padding rows; contexts
+    // that cross split-K partitions as they grow.
+    for prompts in [vec![5usize], vec![3, 40, 17], vec![1, 2, 60, 33, 9]] {
+        let opts = CudaOptions {
+            num_blocks: Some(64),
+            max_context: Some(128),
+            ..CudaOptions::default()
+        };
+        let mut eager = CudaBackend::new(&model, opts.clone()).unwrap();
+        let mut graphs = CudaBackend::new(
+            &model,
+            CudaOptions {
+                cuda_graphs: true,
+                ..opts
+            },
+        )
+        .unwrap();
+        let want = decode_logits(&mut eager, &prompts, 40);
+        let got = decode_logits(&mut graphs, &prompts, 40);
+        for (step, (g, w)) in got.iter().zip(&want).enumerate() {
+            for (row, (gr, wr)) in g.iter().zip(w).enumerate() {
+                let gb: Vec<u32> = gr.iter().map(|v| v.to_bits()).collect();
+                let wb: Vec<u32> = wr.iter().map(|v| v.to_bits()).collect();
+                assert!(gb == wb, "{prompts:?}: step {step} row {row} differs");
+            }
+        }
+        eprintln!("graphs: {prompts:?} × 40 decode steps bit-identical");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs an NVIDIA GPU: cargo nextest run -p copyhold-node --run-ignored only"]
+async fn a_served_model_with_cuda_graphs_under_6_streamed_clients_equals_the_cpu_greedy_outputs() {
+    let model = support::fixtures().join("tiny-llama");
+    let cpu = start(&model, &["--device", "cpu"]).await;
+    let args = [
+        "--device",
+        "cuda",
+        "--cuda-gemm",
+        "exact",
+        "--kv-cache-dtype",
+        "f32",
+    ];
+    let cuda = start(&model, &[&args[..], &["--cuda-graphs"]].concat()).await;
+    let bodies: Vec<Value> = (0..6)
+        .map(|i| {
+            json!({
+                "model": "tiny-llama",
+                "messages": [{"role": "user", "content": format!("graph {i}: count to {}", i * 3)}],
+                "max_tokens": 32, "temperature": 0, "stream": true, "ignore_eos": true,
             })
         })
         .collect();

@@ -1296,3 +1296,179 @@ fn fused_gemv_matches_three_separate_cpu_projections() {
         }
     }
 }
+
+// ---- CUDA graphs: a padded decode step ---------------------------------------------
+
+/// K/V of the step's rows written, then decode attention (with its
+/// reduction when split), over one step's device metadata: what a decode
+/// step launches for attention, eagerly or replayed from a graph.
+struct DecodeRun<'a> {
+    ids_rows: usize,
+    pos: &'a [i32],
+    slots: &'a [i32],
+    tok_table: &'a [i32],
+    tables: &'a [i32],
+    decode: &'a [i32],
+    nparts: usize,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_decode_step(
+    s: &Sim,
+    r: &DecodeRun,
+    kc: &mut [f32],
+    vc: &mut [f32],
+    k: &[f32],
+    v: &[f32],
+    q: &[f32],
+    (nkv, group, hd, bs, part): (usize, usize, usize, usize, usize),
+    seed: u64,
+) -> Vec<f32> {
+    let heads = nkv * group;
+    let row = nkv * hd;
+    let m = r.ids_rows;
+    let cfg = Cfg {
+        seed,
+        ..Cfg::d1(m * row, 256)
+    };
+    launch!(s, "kv_write_f32", cfg; k.as_ptr() => *const f32, v.as_ptr() => *const f32, kc.as_mut_ptr() => *mut f32, vc.as_mut_ptr() => *mut f32, r.slots.as_ptr() => *const i32, m as i32 => i32, row as i32 => i32).unwrap();
+    let nd = r.decode.len();
+    let mut out = vec![f32::NAN; m * heads * hd];
+    let n = nd * heads * r.nparts;
+    let (mut po, mut pm, mut ps) = (vec![f32::NAN; n * hd], vec![f32::NAN; n], vec![f32::NAN; n]);
+    let (pop, pmp, psp) = if r.nparts > 1 {
+        (po.as_mut_ptr(), pm.as_mut_ptr(), ps.as_mut_ptr())
+    } else {
+        (
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        )
+    };
+    let cfg = Cfg {
+        seed,
+        ..Cfg::new(
+            (nd as u32, nkv as u32, r.nparts as u32),
+            128,
+            plan::decode_smem(group, hd, part),
+        )
+    };
+    let scale = 1.0f32 / (hd as f32).sqrt();
+    launch!(s, "attention_decode_f32", cfg; q.as_ptr() => *const f32, kc.as_ptr() as *const u8 => *const u8, vc.as_ptr() as *const u8 => *const u8, out.as_mut_ptr() => *mut f32, r.decode.as_ptr() => *const i32, r.pos.as_ptr() => *const i32, r.tok_table.as_ptr() => *const i32, r.tables.as_ptr() => *const i32, heads as i32 => i32, nkv as i32 => i32, hd as i32 => i32, bs as i32 => i32, 0i32 => i32, part as i32 => i32, scale => f32, pop => *mut f32, pmp => *mut f32, psp => *mut f32).unwrap();
+    if r.nparts > 1 {
+        let cfg = Cfg {
+            seed,
+            ..Cfg::new((nd as u32, heads as u32, 1), 128, 0)
+        };
+        launch!(s, "attention_reduce", cfg; po.as_ptr() => *const f32, pm.as_ptr() => *const f32, ps.as_ptr() => *const f32, out.as_mut_ptr() => *mut f32, r.decode.as_ptr() => *const i32, heads as i32 => i32, hd as i32 => i32, r.nparts as i32 => i32).unwrap();
+    }
+    out
+}
+
+#[test]
+fn a_decode_step_padded_to_its_graph_bucket_gives_the_real_rows_the_same_bits() {
+    use copyhold_node::cuda::graph_plan::{GraphLimits, PaddedDecode, key_for};
+    let s = sim(800);
+    let (nkv, group, hd, bs, part) = (2usize, 4usize, 64usize, 16usize, 32usize);
+    let heads = nkv * group;
+    let row = nkv * hd;
+    // Contexts of 1..=150 positions: one to five partitions of 32, padded
+    // to 1/2/4/8 rows and to 1/2/4/8 partitions.
+    for ctx in [vec![0usize], vec![40, 3, 150], vec![31, 32, 33, 64, 95]] {
+        let seqs: Vec<(usize, usize)> = ctx.iter().map(|&c| (c, 1)).collect();
+        let (tables, used_blocks) = tables_with_holes(&seqs, bs);
+        let pad_block = used_blocks as u32;
+        let num_blocks = used_blocks + 1;
+        let mut batch = Batch {
+            block_tables: tables.clone(),
+            ..Default::default()
+        };
+        for (si, &c) in ctx.iter().enumerate() {
+            batch.tokens.push(BatchToken {
+                token: 1,
+                pos: c,
+                seq: si,
+                wide: false,
+            });
+            batch.logits_for.push(si);
+        }
+        let m = ctx.len();
+        let layout = StepLayout::new(&batch, bs, 8).unwrap();
+        let lim = GraphLimits::new(256, bs, part, pad_block);
+        let key = key_for(&batch, &layout, &lim).expect("a decode step takes a graph");
+        let padded = PaddedDecode::new(&batch, &layout, key, &lim).unwrap();
+        // The cached context, in both caches alike.
+        let cache_len = num_blocks * bs * row;
+        let (kc0, vc0) = (values(cache_len, 5, 1.0), values(cache_len, 6, 1.0));
+        // Padding rows all compute token 0 at position 0: the same K/V,
+        // written to the same slot of the pad block.
+        let same_pad = |mut x: Vec<f32>, w: usize| {
+            let first = x[m * w..(m + 1).min(key.rows) * w].to_vec();
+            for r in m..key.rows {
+                x[r * w..(r + 1) * w].copy_from_slice(&first);
+            }
+            x
+        };
+        let k = same_pad(values(key.rows * row, 11, 1.0), row);
+        let v = same_pad(values(key.rows * row, 12, 1.0), row);
+        let q = same_pad(values(key.rows * heads * hd, 13, 1.0), heads * hd);
+        let shape = (nkv, group, hd, bs, part);
+        let eager = DecodeRun {
+            ids_rows: m,
+            pos: &layout.pos,
+            slots: &layout.slots,
+            tok_table: &layout.tok_table,
+            tables: &layout.tables,
+            decode: &layout.decode,
+            nparts: layout.decode_parts(0, part),
+        };
+        let graph = DecodeRun {
+            ids_rows: key.rows,
+            pos: &padded.pos,
+            slots: &padded.slots,
+            tok_table: &padded.tok_table,
+            tables: &padded.tables,
+            decode: &padded.decode,
+            nparts: key.parts,
+        };
+        let (mut kc_e, mut vc_e) = (kc0.clone(), vc0.clone());
+        let want = run_decode_step(s, &eager, &mut kc_e, &mut vc_e, &k, &v, &q, shape, 1);
+        let got = twice("padded decode", |seed| {
+            let (mut kc_g, mut vc_g) = (kc0.clone(), vc0.clone());
+            let out = run_decode_step(s, &graph, &mut kc_g, &mut vc_g, &k, &v, &q, shape, seed);
+            (bits(&out), bits(&kc_g), bits(&vc_g))
+        });
+        let label = format!(
+            "ctx {ctx:?}: {m} rows as {}, {} partitions as {}",
+            key.rows, eager.nparts, key.parts
+        );
+        // The real rows: the same bits.
+        let n = m * heads * hd;
+        assert_eq!(&got.0[..n], &bits(&want)[..n], "{label}: attention differs");
+        // The caches: the same bits outside the pad block.
+        let pad_at = pad_block as usize * bs * row;
+        assert_eq!(&got.1[..pad_at], &bits(&kc_e)[..pad_at], "{label}: K cache");
+        assert_eq!(&got.2[..pad_at], &bits(&vc_e)[..pad_at], "{label}: V cache");
+        pass("attention_decode_f32", 800, &format!("graph {label}"), 0.0);
+    }
+    // The GEMV is batch-invariant: rows computed in a padded launch carry
+    // the bits of the unpadded one.
+    let (k, n) = (264usize, 17usize);
+    let w = values(n * k, 21, 0.5);
+    let bias = values(n, 22, 0.1);
+    for (m, rows) in [(1usize, 1usize), (3, 4), (5, 8)] {
+        let x = values(rows * k, 23, 1.0);
+        let gemv = |mm: usize| {
+            let mut y = vec![f32::NAN; mm * n];
+            let cfg = Cfg::new(((n as u32).div_ceil(8), 1, 1), 256, 0);
+            launch!(s, "gemv_f32", cfg; x.as_ptr() => *const f32, w.as_ptr() => *const f32, bias.as_ptr() => *const f32, y.as_mut_ptr() => *mut f32, mm as i32 => i32, n as i32 => i32, k as i32 => i32).unwrap();
+            bits(&y)
+        };
+        assert_eq!(
+            &gemv(rows)[..m * n],
+            &gemv(m)[..],
+            "gemv {m} rows padded to {rows}"
+        );
+        pass("gemv_f32", 800, &format!("graph {m} rows as {rows}"), 0.0);
+    }
+}

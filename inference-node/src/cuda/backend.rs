@@ -16,6 +16,8 @@
 //! signatures, written next to each launch) and raw cuBLAS calls.
 #![allow(unsafe_code)]
 
+mod graph;
+
 use std::ffi::c_void;
 use std::ops::Range;
 use std::path::PathBuf;
@@ -29,6 +31,7 @@ use cudarc::driver::{
 
 use super::CudaError;
 use super::convert::{self, HostBits};
+use super::graph_plan::{self, GraphLimits};
 use super::kernels::Kernels;
 use super::nvrtc::{self, Nvrtc, Source};
 use super::plan::{self, ArchPath, GEMV_MAX_ROWS, GemmMode, KvDtype, Placement, Sizes, StepLayout};
@@ -69,6 +72,10 @@ pub struct CudaOptions {
     pub max_context: Option<usize>,
     /// At most this many bytes of KV pool (`--kv-cache-mib`).
     pub kv_bytes: Option<u64>,
+    /// Replay decode steps of up to 8 rows from CUDA graphs captured per
+    /// row bucket (`--cuda-graphs`; see `graph_plan`). Needs the model on
+    /// one GPU; costs one KV block (the padding rows' own).
+    pub cuda_graphs: bool,
 }
 
 impl Default for CudaOptions {
@@ -88,6 +95,7 @@ impl Default for CudaOptions {
             max_layers_per_gpu: None,
             max_context: None,
             kv_bytes: None,
+            cuda_graphs: false,
         }
     }
 }
@@ -241,6 +249,8 @@ pub struct CudaBackend {
     num_blocks: usize,
     part_size: usize,
     tile: (usize, usize),
+    /// Captured decode graphs (`--cuda-graphs`, one GPU).
+    graphs: Option<graph::Graphs>,
 }
 
 fn drv(what: &str) -> impl Fn(cudarc::driver::DriverError) -> CudaError + '_ {
@@ -452,6 +462,10 @@ impl CudaBackend {
             }
         }
         let fit = plan::kv_blocks(&placements, &budgets, kv_per_block_layer)?;
+        // Graphs' padding rows write into a block of their own, after the
+        // engine's.
+        let pad_blocks = usize::from(opts.cuda_graphs);
+        let fit = fit.saturating_sub(pad_blocks);
         let num_blocks = match opts.num_blocks {
             Some(n) if n > fit => {
                 return Err(CudaError::OutOfMemory {
@@ -494,13 +508,14 @@ impl CudaBackend {
                 ctx,
                 *sm,
                 path,
-                num_blocks,
+                num_blocks + pad_blocks,
                 &nvrtc,
                 &includes,
                 cache.as_deref(),
                 &inv_freq,
             )?);
         }
+        let graphs = graph::Graphs::for_backend(&opts, &cfg, shards.len(), num_blocks, part_size);
         Ok(CudaBackend {
             cfg,
             opts,
@@ -508,6 +523,7 @@ impl CudaBackend {
             num_blocks,
             part_size,
             tile,
+            graphs,
         })
     }
 
@@ -539,7 +555,7 @@ impl CudaBackend {
         );
         let kernels = Kernels::load(ctx, cubins.into_iter().map(|c| c.0).collect())?;
         check_static_smem(&kernels)?;
-        let stream = ctx.default_stream();
+        let stream = shard_stream(ctx, opts.cuda_graphs)?;
         let blas =
             if std::panic::catch_unwind(|| unsafe { bsys::is_culib_present() }).unwrap_or(false) {
                 match CudaBlas::new(stream.clone()) {
@@ -712,7 +728,15 @@ impl CudaBackend {
                 self.opts.max_batch_tokens
             )));
         }
+        if let Some(key) = self
+            .graphs
+            .as_ref()
+            .and_then(|g| graph_plan::key_for(batch, &layout, &g.limits))
+        {
+            return self.run_graph(batch, &layout, key, wants);
+        }
         let h = self.cfg.hidden_size;
+        let shape = StepShape::of(&layout);
         let mut x_host: Option<Vec<f32>> = None;
         let nshards = self.shards.len();
         for si in 0..nshards {
@@ -722,22 +746,30 @@ impl CudaBackend {
                 .map_err(drv("binding the context"))?;
             let st = &sh.stream;
             let dev = DevStep::upload(st, &layout)?;
-            let mut x: CudaSlice<f32> = match (&sh.embed, x_host.take()) {
-                (Some(e), _) => embedding(sh, e, &dev, m, h)?,
-                (None, Some(host)) => st.clone_htod(&host).map_err(drv("moving activations"))?,
+            let mut x = alloc(st, m * h, "activations")?;
+            match (&sh.embed, x_host.take()) {
+                (Some(e), _) => embedding(sh, e, &dev, m, h, &mut x)?,
+                (None, Some(host)) => st
+                    .memcpy_htod(&host, &mut x)
+                    .map_err(drv("moving activations"))?,
                 (None, None) => {
                     return Err(CudaError::Unsupported("a shard without input".into()));
                 }
             };
-            let mut pending = forward_layers(self, si, &mut x, &dev, &layout)?;
+            let mut acts = Acts::alloc(st, &self.cfg, m)?;
+            let pending = forward_layers(self, si, &mut x, &mut acts, None, &dev, &shape)?;
             if si + 1 < nshards {
-                if let Some(d) = pending.take() {
-                    launch_add(sh, &mut x, &d, m * h)?;
+                if pending {
+                    launch_add(sh, &mut x, &acts.d, m * h)?;
                 }
-                x_host = Some(st.clone_dtoh(&x).map_err(drv("moving activations"))?);
+                x_host = Some(
+                    st.clone_dtoh(&x.slice(0..m * h))
+                        .map_err(drv("moving activations"))?,
+                );
                 continue;
             }
-            let out = finish(self, si, &mut x, pending.as_ref(), &dev, &layout, wants);
+            let pending = pending.then_some(&acts.d);
+            let out = finish(self, si, &mut x, pending, &dev, &layout, wants);
             // Every step ends here, with logits rows or without: an
             // asynchronous fault surfaces in the step that caused it and
             // fails only its sequences, never the next step's.
@@ -751,6 +783,21 @@ impl CudaBackend {
         }
         Err(CudaError::Unsupported("no GPU holds the LM head".into()))
     }
+}
+
+/// The stream a shard's work runs on: the context's default stream, or,
+/// for CUDA graphs (which cannot capture the legacy default stream), a
+/// stream of its own. Each step ends with the stream synchronized and a
+/// shard uses one stream only, so cudarc's per-buffer events (kept for
+/// work spread over streams) are turned off there: recorded inside a
+/// capture they would tie the graph to events outside it.
+fn shard_stream(ctx: &Arc<CudaContext>, graphs: bool) -> Result<Arc<CudaStream>, CudaError> {
+    if !graphs {
+        return Ok(ctx.default_stream());
+    }
+    // SAFETY: every buffer of this context is used on this one stream.
+    unsafe { ctx.disable_event_tracking() };
+    ctx.new_stream().map_err(drv("creating a stream"))
 }
 
 /// The attention launches size their dynamic shared memory against the
@@ -837,14 +884,15 @@ fn launch_err(kernel: &'static str) -> impl Fn(cudarc::driver::DriverError) -> C
     move |e| CudaError::driver(format!("launching {kernel}"), e)
 }
 
+/// Gathers the step's token rows of the embedding into `x`.
 fn embedding(
     sh: &Shard,
     e: &DevLinear,
     dev: &DevStep,
     m: usize,
     h: usize,
-) -> Result<CudaSlice<f32>, CudaError> {
-    let mut x = alloc(&sh.stream, m * h, "activations")?;
+    x: &mut CudaSlice<f32>,
+) -> Result<(), CudaError> {
     let (name, vocab) = match &e.w {
         DevW::F32(_) => ("embedding_f32", e.n),
         DevW::F16(_) => ("embedding_f16", e.n),
@@ -858,9 +906,9 @@ fn embedding(
         DevW::F16(w) | DevW::BF16(w) => b.arg(w),
     };
     // embedding_*(const W* table, const unsigned* ids, float* out, int m, int hidden, int vocab)
-    b.arg(&dev.ids).arg(&mut x).arg(&mi).arg(&hi).arg(&vi);
+    b.arg(&dev.ids).arg(x).arg(&mi).arg(&hi).arg(&vi);
     unsafe { b.launch(cfg1d(m * h, 256)) }.map_err(launch_err("embedding"))?;
-    Ok(x)
+    Ok(())
 }
 
 fn launch_add(
@@ -1161,120 +1209,250 @@ fn gemv(
     Ok(())
 }
 
-/// Runs this shard's layers over `x`; returns the last MLP output, whose
-/// residual add is fused into the next RMSNorm.
+/// What a step's launches need of its layout besides the device copy:
+/// sizes. A captured graph's launches see its bucket's sizes.
+#[derive(Debug, Clone, Copy)]
+struct StepShape {
+    /// Rows (tokens) of the step.
+    m: usize,
+    /// Decode rows and prefill tiles.
+    decode: usize,
+    tiles: usize,
+    /// The longest decode context (`pos + 1`).
+    longest: usize,
+    /// Split-K partitions fixed by a graph (`None`: what each layer's
+    /// window needs).
+    parts: Option<usize>,
+}
+
+impl StepShape {
+    fn of(layout: &StepLayout) -> StepShape {
+        StepShape {
+            m: layout.ids.len(),
+            decode: layout.decode.len(),
+            tiles: layout.tiles.len() / 2,
+            longest: layout
+                .decode
+                .iter()
+                .map(|&t| layout.pos[t as usize] as usize + 1)
+                .max()
+                .unwrap_or(1),
+            parts: None,
+        }
+    }
+
+    /// Split-K partitions of `part` positions under `window` (0 = none):
+    /// `StepLayout::decode_parts`, from the longest context alone.
+    fn decode_parts(&self, window: usize, part: usize) -> usize {
+        self.parts.unwrap_or_else(|| {
+            let len = if window > 0 {
+                self.longest.min(window)
+            } else {
+                self.longest
+            };
+            len.div_ceil(part.max(1)).max(1)
+        })
+    }
+}
+
+/// One step's activations on one GPU, reused by every layer (and, in a
+/// captured graph, by every replay).
+struct Acts {
+    cos: CudaSlice<f32>,
+    sin: CudaSlice<f32>,
+    hn: CudaSlice<f32>,
+    q: CudaSlice<f32>,
+    k: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    attn: CudaSlice<f32>,
+    o: CudaSlice<f32>,
+    g: CudaSlice<f32>,
+    u: CudaSlice<f32>,
+    /// The last MLP output, added to the residual by the next RMSNorm.
+    d: CudaSlice<f32>,
+}
+
+impl Acts {
+    fn alloc(st: &Arc<CudaStream>, cfg: &ModelConfig, m: usize) -> Result<Acts, CudaError> {
+        let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+        let (qd, kvd) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+        Ok(Acts {
+            cos: alloc(st, m * hd / 2, "RoPE")?,
+            sin: alloc(st, m * hd / 2, "RoPE")?,
+            hn: alloc(st, m * h, "activations")?,
+            q: alloc(st, m * qd, "queries")?,
+            k: alloc(st, m * kvd, "keys")?,
+            v: alloc(st, m * kvd, "values")?,
+            attn: alloc(st, m * qd, "attention output")?,
+            o: alloc(st, m * h, "activations")?,
+            g: alloc(st, m * inter, "MLP")?,
+            u: alloc(st, m * inter, "MLP")?,
+            d: alloc(st, m * h, "activations")?,
+        })
+    }
+}
+
+/// Split-K attention partials of fixed size (a graph's); eager steps use
+/// the shard's [`StepScratch`].
+struct Partials {
+    out: CudaSlice<f32>,
+    max: CudaSlice<f32>,
+    sum: CudaSlice<f32>,
+}
+
+impl Partials {
+    fn alloc(st: &Arc<CudaStream>, n: usize, head_dim: usize) -> Result<Partials, CudaError> {
+        let what = "attention partials";
+        Ok(Partials {
+            out: alloc(st, n * head_dim, what)?,
+            max: alloc(st, n, what)?,
+            sum: alloc(st, n, what)?,
+        })
+    }
+}
+
+/// The RoPE table for this step's positions.
+fn rope_table(
+    sh: &Shard,
+    dev: &DevStep,
+    acts: &mut Acts,
+    m: usize,
+    half: usize,
+) -> Result<(), CudaError> {
+    let f = sh.kernels.get("rope_table")?;
+    let (mi, hi) = (m as i32, half as i32);
+    // rope_table(const int* pos, const double* inv_freq, float* cos, float* sin, int m, int half)
+    unsafe {
+        sh.stream
+            .launch_builder(f)
+            .arg(&dev.pos)
+            .arg(&sh.inv_freq)
+            .arg(&mut acts.cos)
+            .arg(&mut acts.sin)
+            .arg(&mi)
+            .arg(&hi)
+            .launch(cfg1d(m * half, 256))
+    }
+    .map_err(launch_err("rope_table"))?;
+    Ok(())
+}
+
+/// Rotates `heads` heads of every row of `buf`.
+fn rope_apply(
+    sh: &Shard,
+    buf: &mut CudaSlice<f32>,
+    acts_cs: (&CudaSlice<f32>, &CudaSlice<f32>),
+    m: usize,
+    heads: usize,
+    hd: usize,
+) -> Result<(), CudaError> {
+    let f = sh.kernels.get("rope_apply")?;
+    let (mi, hh, hdi, inter_flag) = (m as i32, heads as i32, hd as i32, 0i32);
+    // rope_apply(float* x, const float* cos, const float* sin, int m, int heads, int head_dim, int interleaved)
+    unsafe {
+        sh.stream
+            .launch_builder(f)
+            .arg(buf)
+            .arg(acts_cs.0)
+            .arg(acts_cs.1)
+            .arg(&mi)
+            .arg(&hh)
+            .arg(&hdi)
+            .arg(&inter_flag)
+            .launch(cfg1d(m * heads * (hd / 2), 256))
+    }
+    .map_err(launch_err("rope_apply"))?;
+    Ok(())
+}
+
+/// `g = silu(g) * u` over `n` elements.
+fn silu_mul(
+    sh: &Shard,
+    g: &mut CudaSlice<f32>,
+    u: &CudaSlice<f32>,
+    n: usize,
+) -> Result<(), CudaError> {
+    let f = sh.kernels.get("silu_mul")?;
+    let nn = n as u64;
+    // silu_mul(float* g, const float* u, size_t n)
+    unsafe {
+        sh.stream
+            .launch_builder(f)
+            .arg(g)
+            .arg(u)
+            .arg(&nn)
+            .launch(cfg1d(n, 256))
+    }
+    .map_err(launch_err("silu_mul"))?;
+    Ok(())
+}
+
+/// Runs this shard's layers over `x`, in `acts`; true when the last MLP
+/// output is left in `acts.d`, its residual add fused into the next RMSNorm.
+/// Copies nothing to or from the host, and with `partials` given
+/// allocates nothing, so a graph can capture it.
 fn forward_layers(
     be: &CudaBackend,
     si: usize,
     x: &mut CudaSlice<f32>,
+    acts: &mut Acts,
+    partials: Option<&Partials>,
     dev: &DevStep,
-    layout: &StepLayout,
-) -> Result<Option<CudaSlice<f32>>, CudaError> {
+    shape: &StepShape,
+) -> Result<bool, CudaError> {
     let sh = &be.shards[si];
     let cfg = &be.cfg;
-    let st = &sh.stream;
-    let m = layout.ids.len();
+    let m = shape.m;
     let (h, hd, nh, nkv) = (
         cfg.hidden_size,
         cfg.head_dim,
         cfg.num_heads,
         cfg.num_kv_heads,
     );
-    let inter = cfg.intermediate_size;
     let eps = cfg.rms_norm_eps as f32;
-    let half = hd / 2;
-    // RoPE table for this step's positions.
-    let mut cos = alloc(st, m * half, "RoPE")?;
-    let mut sin = alloc(st, m * half, "RoPE")?;
-    {
-        let f = sh.kernels.get("rope_table")?;
-        let (mi, hi) = (m as i32, half as i32);
-        // rope_table(const int* pos, const double* inv_freq, float* cos, float* sin, int m, int half)
-        unsafe {
-            st.launch_builder(f)
-                .arg(&dev.pos)
-                .arg(&sh.inv_freq)
-                .arg(&mut cos)
-                .arg(&mut sin)
-                .arg(&mi)
-                .arg(&hi)
-                .launch(cfg1d(m * half, 256))
-        }
-        .map_err(launch_err("rope_table"))?;
-    }
-    let mut hn = alloc(st, m * h, "activations")?;
-    let mut q = alloc(st, m * nh * hd, "queries")?;
-    let mut k = alloc(st, m * nkv * hd, "keys")?;
-    let mut v = alloc(st, m * nkv * hd, "values")?;
-    let mut attn = alloc(st, m * nh * hd, "attention output")?;
-    let mut o = alloc(st, m * h, "activations")?;
-    let mut g = alloc(st, m * inter, "MLP")?;
-    let mut u = alloc(st, m * inter, "MLP")?;
-    let mut pending: Option<CudaSlice<f32>> = None;
+    rope_table(sh, dev, acts, m, hd / 2)?;
+    let mut pending = false;
     for (li, layer) in sh.dev_layers.iter().enumerate() {
-        add_rmsnorm(
-            sh,
-            x,
-            pending.as_ref(),
-            &layer.input_norm,
-            &mut hn,
-            m,
-            h,
-            eps,
-        )?;
+        let a = &mut *acts;
+        let delta = pending.then_some(&a.d);
+        add_rmsnorm(sh, x, delta, &layer.input_norm, &mut a.hn, m, h, eps)?;
         linear_many(
             be,
             sh,
-            &mut [(&layer.q, &mut q), (&layer.k, &mut k), (&layer.v, &mut v)],
-            &hn,
+            &mut [
+                (&layer.q, &mut a.q),
+                (&layer.k, &mut a.k),
+                (&layer.v, &mut a.v),
+            ],
+            &a.hn,
             m,
         )?;
-        for (buf, heads) in [(&mut q, nh), (&mut k, nkv)] {
-            let f = sh.kernels.get("rope_apply")?;
-            let (mi, hh, hdi, inter_flag) = (m as i32, heads as i32, hd as i32, 0i32);
-            // rope_apply(float* x, const float* cos, const float* sin, int m, int heads, int head_dim, int interleaved)
-            unsafe {
-                st.launch_builder(f)
-                    .arg(buf)
-                    .arg(&cos)
-                    .arg(&sin)
-                    .arg(&mi)
-                    .arg(&hh)
-                    .arg(&hdi)
-                    .arg(&inter_flag)
-                    .launch(cfg1d(m * heads * half, 256))
-            }
-            .map_err(launch_err("rope_apply"))?;
-        }
-        attention(be, sh, li, &q, &k, &v, &mut attn, dev, layout, layer.window)?;
-        linear(be, sh, &layer.o, &attn, &mut o, m)?;
-        add_rmsnorm(sh, x, Some(&o), &layer.post_norm, &mut hn, m, h, eps)?;
+        rope_apply(sh, &mut a.q, (&a.cos, &a.sin), m, nh, hd)?;
+        rope_apply(sh, &mut a.k, (&a.cos, &a.sin), m, nkv, hd)?;
+        let qkv = (&a.q, &a.k, &a.v);
+        attention(
+            be,
+            sh,
+            li,
+            qkv,
+            &mut a.attn,
+            partials,
+            dev,
+            shape,
+            layer.window,
+        )?;
+        linear(be, sh, &layer.o, &a.attn, &mut a.o, m)?;
+        add_rmsnorm(sh, x, Some(&a.o), &layer.post_norm, &mut a.hn, m, h, eps)?;
         linear_many(
             be,
             sh,
-            &mut [(&layer.gate, &mut g), (&layer.up, &mut u)],
-            &hn,
+            &mut [(&layer.gate, &mut a.g), (&layer.up, &mut a.u)],
+            &a.hn,
             m,
         )?;
-        {
-            let f = sh.kernels.get("silu_mul")?;
-            let nn = (m * inter) as u64;
-            // silu_mul(float* g, const float* u, size_t n)
-            unsafe {
-                st.launch_builder(f)
-                    .arg(&mut g)
-                    .arg(&u)
-                    .arg(&nn)
-                    .launch(cfg1d(m * inter, 256))
-            }
-            .map_err(launch_err("silu_mul"))?;
-        }
-        let mut d = match pending.take() {
-            Some(d) => d,
-            None => alloc(st, m * h, "activations")?,
-        };
-        linear(be, sh, &layer.down, &g, &mut d, m)?;
-        pending = Some(d);
+        silu_mul(sh, &mut a.g, &a.u, m * cfg.intermediate_size)?;
+        linear(be, sh, &layer.down, &a.g, &mut a.d, m)?;
+        pending = true;
     }
     Ok(pending)
 }
@@ -1284,17 +1462,16 @@ fn attention(
     be: &CudaBackend,
     sh: &Shard,
     li: usize,
-    q: &CudaSlice<f32>,
-    k: &CudaSlice<f32>,
-    v: &CudaSlice<f32>,
+    (q, k, v): (&CudaSlice<f32>, &CudaSlice<f32>, &CudaSlice<f32>),
     out: &mut CudaSlice<f32>,
+    fixed: Option<&Partials>,
     dev: &DevStep,
-    layout: &StepLayout,
+    shape: &StepShape,
     window: usize,
 ) -> Result<(), CudaError> {
     let cfg = &be.cfg;
     let st = &sh.stream;
-    let m = layout.ids.len();
+    let m = shape.m;
     let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
     let row = nkv * hd;
     let sfx16 = matches!(sh.k_cache[li], KvBuf::F16(_));
@@ -1326,9 +1503,9 @@ fn attention(
     );
     let group = nh / nkv;
     if let Some(decode) = &dev.decode {
-        let nd = layout.decode.len();
+        let nd = shape.decode;
         let part = be.part_size;
-        let nparts = layout.decode_parts(window, part);
+        let nparts = shape.decode_parts(window, part);
         let mut scratch = sh.scratch()?;
         let StepScratch {
             part_out,
@@ -1336,16 +1513,18 @@ fn attention(
             part_sum,
             ..
         } = &mut *scratch;
-        let parts = if nparts > 1 {
-            let n = nd * nh * nparts;
-            let what = |c| alloc(st, c, "attention partials");
-            Some((
-                &*part_out.get(n * hd, what)?,
-                &*part_max.get(n, what)?,
-                &*part_sum.get(n, what)?,
-            ))
-        } else {
-            None
+        let parts = match (nparts > 1, fixed) {
+            (false, _) => None,
+            (true, Some(p)) => Some((&p.out, &p.max, &p.sum)),
+            (true, None) => {
+                let n = nd * nh * nparts;
+                let what = |c| alloc(st, c, "attention partials");
+                Some((
+                    &*part_out.get(n * hd, what)?,
+                    &*part_max.get(n, what)?,
+                    &*part_sum.get(n, what)?,
+                ))
+            }
         };
         let f = sh.kernels.get(if sfx16 {
             "attention_decode_f16"
@@ -1409,7 +1588,7 @@ fn attention(
         }
     }
     if let Some(tiles) = &dev.tiles {
-        let nt = layout.tiles.len() / 2;
+        let nt = shape.tiles;
         let (tq, tk) = be.tile;
         let f = sh.kernels.get(if sfx16 {
             "attention_prefill_f16"
@@ -1449,6 +1628,29 @@ fn attention(
     Ok(())
 }
 
+/// The final norm's and the LM head's buffers: `m` rows of activations,
+/// `n` rows of logits.
+struct HeadBufs {
+    hn: CudaSlice<f32>,
+    sel: CudaSlice<f32>,
+    logits: CudaSlice<f32>,
+}
+
+impl HeadBufs {
+    fn alloc(
+        st: &Arc<CudaStream>,
+        cfg: &ModelConfig,
+        m: usize,
+        n: usize,
+    ) -> Result<HeadBufs, CudaError> {
+        Ok(HeadBufs {
+            hn: alloc(st, m * cfg.hidden_size, "activations")?,
+            sel: alloc(st, n * cfg.hidden_size, "logits rows")?,
+            logits: alloc(st, n * cfg.vocab_size, "logits")?,
+        })
+    }
+}
+
 /// Final norm, LM head and the rows' results, on the last shard.
 fn finish(
     be: &CudaBackend,
@@ -1460,32 +1662,53 @@ fn finish(
     wants: &[RowWant],
 ) -> Result<Vec<RowOut>, CudaError> {
     let sh = &be.shards[si];
+    let (m, n) = (layout.ids.len(), layout.logits_rows.len());
+    if sh.norm.is_none() || sh.head.is_none() || dev.logits_rows.is_none() {
+        return Ok(Vec::new());
+    }
+    let mut bufs = HeadBufs::alloc(&sh.stream, &be.cfg, m, n)?;
+    head_logits(be, sh, x, pending, dev, m, n, &mut bufs)?;
+    pick_rows(sh, &bufs.logits, n, be.cfg.vocab_size, wants)
+}
+
+/// Final norm of `m` rows, the `n` logits rows gathered, the LM head into
+/// `bufs.logits`. Launches only: a graph can capture it.
+#[allow(clippy::too_many_arguments)]
+fn head_logits(
+    be: &CudaBackend,
+    sh: &Shard,
+    x: &mut CudaSlice<f32>,
+    pending: Option<&CudaSlice<f32>>,
+    dev: &DevStep,
+    m: usize,
+    n: usize,
+    bufs: &mut HeadBufs,
+) -> Result<(), CudaError> {
     let st = &sh.stream;
     let cfg = &be.cfg;
-    let (m, h, vocab) = (layout.ids.len(), cfg.hidden_size, cfg.vocab_size);
-    let n = layout.logits_rows.len();
+    let h = cfg.hidden_size;
     let (Some(norm), Some(head), Some(rows)) = (&sh.norm, &sh.head, &dev.logits_rows) else {
-        return Ok(Vec::new());
+        return Err(CudaError::Unsupported(
+            "the LM head is on another GPU".into(),
+        ));
     };
-    let mut hn = alloc(st, m * h, "activations")?;
-    add_rmsnorm(sh, x, pending, norm, &mut hn, m, h, cfg.rms_norm_eps as f32)?;
-    let mut sel = alloc(st, n * h, "logits rows")?;
+    let eps = cfg.rms_norm_eps as f32;
+    add_rmsnorm(sh, x, pending, norm, &mut bufs.hn, m, h, eps)?;
     {
         let f = sh.kernels.get("gather_rows")?;
         let (ni, hi) = (n as i32, h as i32);
         // gather_rows(const float* src, const int* rows, float* dst, int nrows, int d)
         unsafe {
             st.launch_builder(f)
-                .arg(&hn)
+                .arg(&bufs.hn)
                 .arg(rows)
-                .arg(&mut sel)
+                .arg(&mut bufs.sel)
                 .arg(&ni)
                 .arg(&hi)
                 .launch(cfg1d(n * h, 256))
         }
         .map_err(launch_err("gather_rows"))?;
     }
-    let mut logits = alloc(st, n * vocab, "logits")?;
     let head_lin = match head {
         Head::Own(l) => l,
         Head::Embedding => sh
@@ -1493,7 +1716,19 @@ fn finish(
             .as_ref()
             .ok_or_else(|| CudaError::Unsupported("tied head without embedding".into()))?,
     };
-    linear(be, sh, head_lin, &sel, &mut logits, n)?;
+    linear(be, sh, head_lin, &bufs.sel, &mut bufs.logits, n)
+}
+
+/// Each of the first `n` logits rows as its want says: a token chosen on
+/// the device (greedy or sampled), or the logits copied to the host.
+fn pick_rows(
+    sh: &Shard,
+    logits: &CudaSlice<f32>,
+    n: usize,
+    vocab: usize,
+    wants: &[RowWant],
+) -> Result<Vec<RowOut>, CudaError> {
+    let st = &sh.stream;
     let mut out: Vec<Option<RowOut>> = vec![None; n];
     let any = |f: fn(&RowWant) -> bool| wants.iter().any(f);
     let vi = vocab as i32;
@@ -1508,7 +1743,7 @@ fn finish(
         // argmax_rows(const float* logits, int vocab, int* out)
         unsafe {
             st.launch_builder(f)
-                .arg(&logits)
+                .arg(logits)
                 .arg(&vi)
                 .arg(&mut ids)
                 .launch(row_cfg)
@@ -1555,7 +1790,7 @@ fn finish(
         // sample_rows(logits, vocab, temperature, top_k, top_p, min_p, uniform, out)
         unsafe {
             st.launch_builder(f)
-                .arg(&logits)
+                .arg(logits)
                 .arg(&vi)
                 .arg(&t)
                 .arg(&kk)
@@ -1574,7 +1809,9 @@ fn finish(
         }
     }
     if out.iter().any(Option::is_none) {
-        let host = st.clone_dtoh(&logits).map_err(drv("reading logits"))?;
+        let host = st
+            .clone_dtoh(&logits.slice(0..n * vocab))
+            .map_err(drv("reading logits"))?;
         for (i, o) in out.iter_mut().enumerate() {
             if o.is_none() {
                 *o = Some(RowOut::Logits(host[i * vocab..(i + 1) * vocab].to_vec()));
@@ -1614,5 +1851,46 @@ impl Backend for CudaBackend {
             fatal: e.is_fatal(),
             message: e.to_string(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::backend::BatchToken;
+
+    #[test]
+    fn a_steps_shape_needs_the_partitions_its_layout_needs_under_every_window() {
+        let mut rng = crate::engine::sampling::Rng::new(7);
+        for _ in 0..200 {
+            let n = 1 + (rng.next_f64() * 6.0) as usize;
+            let mut b = Batch::default();
+            for seq in 0..n {
+                let pos = (rng.next_f64() * 500.0) as usize;
+                b.block_tables.push((0..=(pos / 16) as u32).collect());
+                b.tokens.push(BatchToken {
+                    token: 1,
+                    pos,
+                    seq,
+                    wide: false,
+                });
+            }
+            let l = StepLayout::new(&b, 16, 8).unwrap();
+            let shape = StepShape::of(&l);
+            for window in [0, 1, 37, 64, 256, 1000] {
+                for part in [1, 32, 64, 100] {
+                    assert_eq!(
+                        shape.decode_parts(window, part),
+                        l.decode_parts(window, part),
+                        "window {window} part {part}"
+                    );
+                }
+            }
+            let fixed = StepShape {
+                parts: Some(8),
+                ..shape
+            };
+            assert_eq!(fixed.decode_parts(37, 32), 8);
+        }
     }
 }

@@ -11,6 +11,8 @@
 //! - [`plan`]: pure decisions: per-architecture paths, layer split across
 //!   GPUs, KV pool size.
 //! - [`scratch`]: per-step buffers kept between steps.
+//! - [`graph_plan`]: which decode steps replay a captured CUDA graph, and
+//!   their padded layout.
 //! - [`backend`]: the forward pass on the GPU.
 //!
 //! See `docs/cuda.md`.
@@ -18,6 +20,7 @@
 pub mod backend;
 pub mod check;
 pub mod convert;
+pub mod graph_plan;
 pub mod kernels;
 pub mod libs;
 pub mod nvrtc;
