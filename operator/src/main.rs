@@ -464,6 +464,11 @@ struct ControllerArgs {
     /// Seconds between resyncs of a healthy object.
     #[arg(long, env = "COPYHOLD_RESYNC_SECONDS", default_value_t = 300)]
     resync_seconds: u64,
+    /// Reconciles run at once, per kind. Each in flight holds its objects,
+    /// request and response bodies: unbounded, 500 new models meant 500 at
+    /// once and the memory of all of them.
+    #[arg(long, env = "COPYHOLD_MAX_CONCURRENT_RECONCILES", default_value_t = 16)]
+    max_concurrent_reconciles: u16,
 }
 
 fn init_tracing() {
@@ -530,6 +535,7 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
             watch_namespace: args.watch_namespace,
             budget_selector: args.budget_selector,
             resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
+            concurrency: args.max_concurrent_reconciles.max(1),
         };
         copyhold::controller::run(config, settings).await
     })

@@ -22,7 +22,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -56,6 +56,9 @@ pub struct Settings {
     pub budget_selector: Option<String>,
     /// Requeue period of a healthy object (drift is also caught by watches).
     pub resync: Duration,
+    /// Reconciles in flight at once, per controller
+    /// (`--max-concurrent-reconciles`).
+    pub concurrency: u16,
 }
 
 /// Watch-fed indexes the reconciler reads instead of asking the API server.
@@ -335,7 +338,8 @@ async fn lead(
     )
     .default_backoff()
     .applied_objects();
-    let controller = Controller::for_stream(model_stream, models);
+    let controller = Controller::for_stream(model_stream, models)
+        .with_config(controller::Config::default().concurrency(settings.concurrency));
     let indexes = Indexes {
         nodes,
         pods,
@@ -508,6 +512,7 @@ fn energy_controller(
         kube::runtime::utils::PredicateConfig::default(),
     );
     Controller::for_stream(budget_stream, budgets)
+        .with_config(controller::Config::default().concurrency(settings.concurrency))
         .graceful_shutdown_on(shutdown_signal())
         .run(
             energy_budget::reconcile,
