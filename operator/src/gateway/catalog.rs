@@ -21,6 +21,10 @@ use crate::resources::stint_quota::StintQuota;
 use crate::serving::autoscale::Bounds;
 use crate::serving::workload::{ENGINE_PORT, MD_LABEL};
 
+/// The label a Secret needs for the gateway to read it as a member's API
+/// key (`copyhold.dev/api-key: "true"`); it watches no other Secret.
+pub const KEY_LABEL: &str = "copyhold.dev/api-key";
+
 /// Where a request goes.
 #[derive(Clone, Debug)]
 pub struct Target {
