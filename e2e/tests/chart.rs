@@ -226,7 +226,7 @@ fn the_chart_renders_for_several_value_sets() -> Result<()> {
                 (o["kind"] == "Role" || o["kind"] == "ClusterRole")
                     && o["metadata"]["name"]
                         .as_str()
-                        .is_some_and(|n| n.ends_with("-gateway"))
+                        .is_some_and(|n| n.ends_with("-gateway") || n.ends_with("-gateway-keys"))
             })
             .flat_map(|r| r["rules"].as_array().unwrap().iter())
             .collect();
@@ -250,6 +250,8 @@ fn the_chart_renders_for_several_value_sets() -> Result<()> {
             "stintquotas",
             "modeldeployments",
             "pods",
+            "replicasets",
+            "deployments",
             "secrets",
             "energybudgets",
         ] {
@@ -806,6 +808,8 @@ async fn the_chart_installs_upgrades_and_uninstalls_keeping_the_registers() -> R
         format!("deployment.apps/{full}-gateway"),
         format!("service/{full}-gateway"),
         format!("service/{full}-controller-metrics"),
+        format!("service/{full}-gateway-metrics"),
+        format!("role.rbac.authorization.k8s.io/{full}-gateway-keys"),
         format!("serviceaccount/{full}-gateway"),
         format!("serviceaccount/{full}-controller"),
         format!("networkpolicy.networking.k8s.io/{full}-gateway"),
@@ -876,8 +880,9 @@ async fn the_chart_installs_upgrades_and_uninstalls_keeping_the_registers() -> R
     // Least privilege, as the authorizer sees it.
     let gw = format!("system:serviceaccount:{ns}:{full}-gateway");
     for (verb, resource) in [
-        ("list", "secrets"),
         ("watch", "pods"),
+        ("watch", "replicasets.apps"),
+        ("list", "deployments.apps"),
         ("list", "stintquotas.copyhold.dev"),
         ("watch", "modeldeployments.copyhold.dev"),
         ("update", "stintquotas.copyhold.dev/status"),
@@ -888,6 +893,12 @@ async fn the_chart_installs_upgrades_and_uninstalls_keeping_the_registers() -> R
         );
     }
     assert!(can_i(&gw, "list", "energybudgets.copyhold.dev", None)?);
+    // Members' keys: only in the namespace it serves (here the release's).
+    assert!(can_i(&gw, "watch", "secrets", Some(ns))?);
+    assert!(
+        !can_i(&gw, "list", "secrets", None)?,
+        "the gateway may read Secrets cluster-wide"
+    );
     for (verb, resource) in [
         ("create", "secrets"),
         ("delete", "pods"),
