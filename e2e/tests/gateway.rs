@@ -1827,10 +1827,21 @@ async fn a_ready_pod_with_the_models_label_but_not_owned_through_its_deployment_
         &[],
     )
     .await?;
-    // The stray answers like a model server: only ownership tells it apart.
+    // The strays answer like a model server: only ownership tells them
+    // apart. A bare Pod, and a Pod of a ReplicaSet of a Deployment that
+    // carries the label but that the ModelDeployment does not own.
     let stray = standin(&["--tokens", "3"])?;
     s.stray_pod("stray-0", &stray.addr).await?;
-    // Its first lists are in once the gateway serves.
+    copyhold::bench::stand_in::pod_of_deployment(
+        &s.client,
+        &s.ns.name,
+        "m",
+        None,
+        "impostor",
+        &stray.addr,
+    )
+    .await?;
+    // Their first lists are in once the gateway serves.
     let g = s.gateway().await?;
     let base = s.url(g);
     let http = reqwest::Client::new();

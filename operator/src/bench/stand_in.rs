@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, Resource as _, ResourceExt as _};
 use serde_json::json;
@@ -30,18 +31,33 @@ pub async fn serving_pod(
     name: &str,
     addr: &str,
 ) -> Result<String> {
-    let (ip, port) = addr.rsplit_once(':').context("address without a port")?;
-    let port: i32 = port.parse().context("port")?;
     let owner = Api::<ModelDeployment>::namespaced(client.clone(), ns)
         .get(md)
         .await
         .with_context(|| format!("ModelDeployment {ns}/{md}"))?
         .controller_owner_ref(&())
         .context("ModelDeployment without a uid")?;
+    pod_of_deployment(client, ns, md, Some(owner), name, addr).await
+}
+
+/// A Ready Pod labelled as ModelDeployment `md`'s, at `addr`, made through
+/// a Deployment `name` whose controller is `owner` (none: a Deployment
+/// anyone allowed to create one could make). Returns the Pod's name.
+pub async fn pod_of_deployment(
+    client: &Client,
+    ns: &str,
+    md: &str,
+    owner: Option<OwnerReference>,
+    name: &str,
+    addr: &str,
+) -> Result<String> {
+    let (ip, port) = addr.rsplit_once(':').context("address without a port")?;
+    let port: i32 = port.parse().context("port")?;
+    let owners: Vec<OwnerReference> = owner.into_iter().collect();
     let labels = json!({MD_LABEL: md, STAND_IN_LABEL: name});
     let d: Deployment = serde_json::from_value(json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": name, "labels": labels, "ownerReferences": [owner]},
+        "metadata": {"name": name, "labels": labels, "ownerReferences": owners},
         "spec": {
             "replicas": 1,
             "selector": {"matchLabels": {STAND_IN_LABEL: name}},
