@@ -238,5 +238,6 @@ echo "  the gateway: curl $GW/v1/models -H 'authorization: Bearer example-school
 echo "  (or the openai client with base_url=$GW/v1 and a member's key)"
 echo "  kubectl get md,sq,eb,pods -n $NS -o wide"
 echo "  helm status copyhold -n $SYS   (helm: $HELM)"
-echo "  gateway metrics: curl $GW/metrics"
+gw_pod_ip=$(kubectl get pods -n $SYS -l app.kubernetes.io/component=gateway -o jsonpath='{.items[0].status.podIP}')
+echo "  gateway metrics (a port of their own, never the API's): curl http://$gw_pod_ip:9090/metrics"
 echo "Stop everything with: make demo-down"

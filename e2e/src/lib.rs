@@ -127,10 +127,41 @@ fn kubectl_command(args: &[&str]) -> Result<Command> {
     Ok(cmd)
 }
 
-/// `kubectl create secret generic NAME -n NS --from-literal=KEY=VALUE`.
+/// `kubectl create secret generic NAME -n NS --from-literal=KEY=VALUE`,
+/// labelled as a member's API key (`copyhold.dev/api-key=true`): the
+/// gateway reads no other Secret.
 pub fn create_secret(ns: &str, name: &str, key: &str, value: &str) -> Result<()> {
+    create_unlabelled_secret(ns, name, key, value)?;
+    let label = format!("{}=true", copyhold::gateway::catalog::KEY_LABEL);
+    kubectl_ok(&["label", "secret", name, "-n", ns, &label]).map(drop)
+}
+
+/// A Secret without the API-key label (the gateway never reads it).
+pub fn create_unlabelled_secret(ns: &str, name: &str, key: &str, value: &str) -> Result<()> {
     let literal = format!("--from-literal={key}={value}");
     kubectl_ok(&["create", "secret", "generic", name, "-n", ns, &literal]).map(drop)
+}
+
+/// The metrics address in a gateway's first line (`copyhold gateway
+/// listening on ADDR (metrics on MADDR) as ID`).
+pub fn gateway_metrics_addr(line: &str) -> Result<String> {
+    line.split_once("(metrics on ")
+        .and_then(|(_, rest)| rest.split_once(')'))
+        .map(|(addr, _)| addr.to_string())
+        .with_context(|| format!("no metrics address in {line:?}"))
+}
+
+/// A Ready serving Pod of ModelDeployment `md` at `addr`, owned through a
+/// Deployment `name` the way the controller's Pods are (see
+/// `copyhold::bench::stand_in`). Returns the Pod's name.
+pub async fn serving_pod(
+    client: &Client,
+    ns: &str,
+    md: &str,
+    name: &str,
+    addr: &str,
+) -> Result<String> {
+    copyhold::bench::stand_in::serving_pod(client, ns, md, name, addr).await
 }
 
 /// Run kubectl and return stdout, failing with stderr when it fails.

@@ -32,13 +32,15 @@ struct Scene {
     client: kube::Client,
     key: String,
     gateway: String,
+    /// The gateway's metrics port (never the public one).
+    metrics: String,
     http: reqwest::Client,
     _processes: (KubeletGuard, ChildGuard, ChildGuard),
     _fleet: FleetLock,
 }
 
 /// Start a process that prints `... listening on ADDR ...`; its address.
-fn listening(mut cmd: Command) -> Result<(ChildGuard, String)> {
+fn listening(mut cmd: Command) -> Result<(ChildGuard, String, String)> {
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -60,7 +62,7 @@ fn listening(mut cmd: Command) -> Result<(ChildGuard, String)> {
             sink.clear();
         }
     });
-    Ok((guard, addr))
+    Ok((guard, addr, line))
 }
 
 /// The label that puts an EnergyBudget under one scene's controller.
@@ -107,15 +109,18 @@ impl Scene {
         let bin = workspace_bin("copyhold", "copyhold")?;
         let mut gw = Command::new(&bin);
         gw.args(["gateway", "--listen", "127.0.0.1:0"])
+            .args(["--metrics-addr", "127.0.0.1:0"])
             .args(["--watch-namespace", &ns.name, "--identity", "gw0"])
             .env("KUBECONFIG", kubeconfig()?)
             .env("RUST_LOG", "warn");
-        let (gateway, addr) = listening(gw)?;
+        let (gateway, addr, line) = listening(gw)?;
+        let metrics = format!("http://{}", copyhold_e2e::gateway_metrics_addr(&line)?);
         Ok(Scene {
             ns,
             client,
             key,
             gateway: format!("http://{addr}"),
+            metrics,
             http: reqwest::Client::new(),
             _processes: (kubelet, controller, gateway),
             _fleet: fleet,
@@ -242,7 +247,7 @@ impl Scene {
 async fn gateway_metric(s: &Scene, series: &str) -> Result<f64> {
     let text = s
         .http
-        .get(format!("{}/metrics", s.gateway))
+        .get(format!("{}/metrics", s.metrics))
         .send()
         .await?
         .text()
@@ -413,7 +418,7 @@ async fn a_model_at_zero_answers_its_first_request_once_a_replica_starts() -> Re
     ensure!(reasons.iter().any(|r| r == "ScaledUp"), "{reasons:?}");
     let metrics = s
         .http
-        .get(format!("{}/metrics", s.gateway))
+        .get(format!("{}/metrics", s.metrics))
         .send()
         .await?
         .text()

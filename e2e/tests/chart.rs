@@ -226,7 +226,7 @@ fn the_chart_renders_for_several_value_sets() -> Result<()> {
                 (o["kind"] == "Role" || o["kind"] == "ClusterRole")
                     && o["metadata"]["name"]
                         .as_str()
-                        .is_some_and(|n| n.ends_with("-gateway"))
+                        .is_some_and(|n| n.ends_with("-gateway") || n.ends_with("-gateway-keys"))
             })
             .flat_map(|r| r["rules"].as_array().unwrap().iter())
             .collect();
@@ -250,6 +250,8 @@ fn the_chart_renders_for_several_value_sets() -> Result<()> {
             "stintquotas",
             "modeldeployments",
             "pods",
+            "replicasets",
+            "deployments",
             "secrets",
             "energybudgets",
         ] {
@@ -598,6 +600,105 @@ fn can_i(sa: &str, verb: &str, resource: &str, ns: Option<&str>) -> Result<bool>
     Ok(String::from_utf8_lossy(&out.stdout).trim() == "yes")
 }
 
+/// Rules of the gateway's Roles or ClusterRoles (by kind) on `resource`.
+fn gateway_rules_on<'a>(objects: &'a [Value], kind: &str, resource: &str) -> Vec<&'a Value> {
+    objects
+        .iter()
+        .filter(|o| o["kind"] == kind)
+        .filter(|o| {
+            o["metadata"]["name"]
+                .as_str()
+                .is_some_and(|n| n.ends_with("-gateway") || n.ends_with("-gateway-keys"))
+        })
+        .filter(|o| {
+            o["rules"].as_array().is_some_and(|rs| {
+                rs.iter().any(|r| {
+                    r["resources"]
+                        .as_array()
+                        .is_some_and(|x| x.iter().any(|x| x == resource))
+                })
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn the_gateway_reads_secrets_only_through_roles_in_the_namespaces_it_serves() -> Result<()> {
+    // Default values: a Role in the release namespace, no ClusterRole rule.
+    let objects = render(&[])?;
+    assert!(
+        gateway_rules_on(&objects, "ClusterRole", "secrets").is_empty(),
+        "a ClusterRole reads Secrets by default"
+    );
+    let roles = gateway_rules_on(&objects, "Role", "secrets");
+    let namespaces: Vec<&Value> = roles.iter().map(|r| &r["metadata"]["namespace"]).collect();
+    assert_eq!(namespaces, ["copyhold-system"], "{roles:?}");
+    // The namespaces the gateway serves: a Role (and RoleBinding) in each,
+    // and the gateway told to read keys only there.
+    let objects = render(&["--set", "gateway.keyNamespaces={town,city}"])?;
+    assert!(gateway_rules_on(&objects, "ClusterRole", "secrets").is_empty());
+    let mut namespaces: Vec<&str> = gateway_rules_on(&objects, "Role", "secrets")
+        .iter()
+        .filter_map(|r| r["metadata"]["namespace"].as_str())
+        .collect();
+    namespaces.sort();
+    assert_eq!(namespaces, ["city", "town"]);
+    let mut bound: Vec<&str> = of_kind(&objects, "RoleBinding")
+        .into_iter()
+        .filter(|b| {
+            b["roleRef"]["name"]
+                .as_str()
+                .is_some_and(|n| n.ends_with("-gateway-keys"))
+        })
+        .filter_map(|b| b["metadata"]["namespace"].as_str())
+        .collect();
+    bound.sort();
+    assert_eq!(bound, ["city", "town"]);
+    let gateway = named(&objects, "Deployment", "-gateway").context("gateway")?;
+    let args = &gateway["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert!(
+        args.as_array()
+            .is_some_and(|a| a.iter().any(|a| a == "--key-namespaces=town,city")),
+        "{args}"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_gateway_serves_metrics_on_a_port_of_its_own_behind_a_service_of_its_own() -> Result<()> {
+    let objects = render(&["--set", "serviceMonitor.enabled=true"])?;
+    let gateway = named(&objects, "Deployment", "-gateway").context("gateway")?;
+    let c = &gateway["spec"]["template"]["spec"]["containers"][0];
+    assert!(
+        c["args"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|a| a == "--metrics-addr=0.0.0.0:9090")),
+        "{c}"
+    );
+    let ports: Vec<(&str, i64)> = c["ports"]
+        .as_array()
+        .context("ports")?
+        .iter()
+        .filter_map(|p| Some((p["name"].as_str()?, p["containerPort"].as_i64()?)))
+        .collect();
+    assert_eq!(ports, [("http", 8080), ("metrics", 9090)]);
+    // The public Service carries the API only.
+    let public = named(&objects, "Service", "-gateway").context("gateway Service")?;
+    let names: Vec<&Value> = public["spec"]["ports"]
+        .as_array()
+        .context("ports")?
+        .iter()
+        .map(|p| &p["targetPort"])
+        .collect();
+    assert_eq!(names, ["http"]);
+    let metrics = named(&objects, "Service", "-gateway-metrics").context("metrics Service")?;
+    assert_eq!(metrics["spec"]["type"], Value::Null, "ClusterIP by default");
+    assert_eq!(metrics["spec"]["ports"][0]["targetPort"], "metrics");
+    let monitor = named(&objects, "ServiceMonitor", "-gateway").context("ServiceMonitor")?;
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics");
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_chart_installs_upgrades_and_uninstalls_keeping_the_registers() -> Result<()> {
     install_crds().await?;
@@ -707,6 +808,8 @@ async fn the_chart_installs_upgrades_and_uninstalls_keeping_the_registers() -> R
         format!("deployment.apps/{full}-gateway"),
         format!("service/{full}-gateway"),
         format!("service/{full}-controller-metrics"),
+        format!("service/{full}-gateway-metrics"),
+        format!("role.rbac.authorization.k8s.io/{full}-gateway-keys"),
         format!("serviceaccount/{full}-gateway"),
         format!("serviceaccount/{full}-controller"),
         format!("networkpolicy.networking.k8s.io/{full}-gateway"),
@@ -777,8 +880,9 @@ async fn the_chart_installs_upgrades_and_uninstalls_keeping_the_registers() -> R
     // Least privilege, as the authorizer sees it.
     let gw = format!("system:serviceaccount:{ns}:{full}-gateway");
     for (verb, resource) in [
-        ("list", "secrets"),
         ("watch", "pods"),
+        ("watch", "replicasets.apps"),
+        ("list", "deployments.apps"),
         ("list", "stintquotas.copyhold.dev"),
         ("watch", "modeldeployments.copyhold.dev"),
         ("update", "stintquotas.copyhold.dev/status"),
@@ -789,6 +893,12 @@ async fn the_chart_installs_upgrades_and_uninstalls_keeping_the_registers() -> R
         );
     }
     assert!(can_i(&gw, "list", "energybudgets.copyhold.dev", None)?);
+    // Members' keys: only in the namespace it serves (here the release's).
+    assert!(can_i(&gw, "watch", "secrets", Some(ns))?);
+    assert!(
+        !can_i(&gw, "list", "secrets", None)?,
+        "the gateway may read Secrets cluster-wide"
+    );
     for (verb, resource) in [
         ("create", "secrets"),
         ("delete", "pods"),

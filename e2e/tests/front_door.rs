@@ -19,8 +19,7 @@ use axum::extract::ConnectInfo;
 use axum::http::{Method, Request};
 use copyhold::resources::stint_quota::StintQuota;
 use copyhold_e2e::{ChildGuard, TestNamespace, client, create_secret, eventually, install_crds};
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, PostParams};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde_json::{Value, json};
@@ -254,7 +253,9 @@ fn a_hundred_thousand_random_requests_get_2xx_or_4xx_and_only_served_ones_are_ch
     copyhold_e2e::kubectl_ok(&["apply", "-f", &path.to_string_lossy()])?;
     let _ = std::fs::remove_file(&path);
     let (_up, addr) = standin()?;
-    rt.block_on(serving_pod(&client, &ns.name, &addr))?;
+    rt.block_on(copyhold_e2e::serving_pod(
+        &client, &ns.name, "m", "up-0", &addr,
+    ))?;
 
     let settings = copyhold::gateway::Settings {
         watch_namespace: Some(ns.name.clone()),
@@ -370,34 +371,4 @@ async fn send(
     let status = resp.status().as_u16();
     let body = axum::body::to_bytes(resp.into_body(), 64 << 20).await?;
     Ok((status, body.to_vec()))
-}
-
-/// A Ready serving Pod of `m` at `addr`.
-async fn serving_pod(client: &kube::Client, ns: &str, addr: &str) -> Result<()> {
-    let (ip, port) = addr.rsplit_once(':').context("addr")?;
-    let port: i32 = port.parse()?;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let pod: Pod = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "up-0", "labels": {"copyhold.dev/model-deployment": "m"}},
-        "spec": {"schedulerName": "copyhold-test-none",
-                 "containers": [{"name": "engine", "image": "stand-in",
-                                 "ports": [{"name": "http", "containerPort": port}]}]}
-    }))?;
-    eventually(Duration::from_secs(30), || async {
-        pods.create(&PostParams::default(), &pod).await?;
-        Ok(())
-    })
-    .await?;
-    let now = jiff::Timestamp::now().to_string();
-    pods.patch_status(
-        "up-0",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": {
-            "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
-            "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}]
-        }})),
-    )
-    .await?;
-    Ok(())
 }

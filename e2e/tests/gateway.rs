@@ -55,6 +55,22 @@ fn spawn_listening(mut cmd: Command) -> Result<Listening> {
     Ok(Listening { guard, addr, line })
 }
 
+/// `copyhold gateway` on loopback (API and metrics on ports of their own)
+/// with `args`.
+fn spawn_gateway(args: &[&str]) -> Result<Listening> {
+    let mut c = Command::new(workspace_bin("copyhold", "copyhold")?);
+    c.args(["gateway", "--listen", "127.0.0.1:0"])
+        .args(["--metrics-addr", "127.0.0.1:0", "--eject-seconds", "30"])
+        .args(args)
+        .env("KUBECONFIG", copyhold_e2e::kubeconfig()?)
+        .env(
+            "RUST_LOG",
+            std::env::var("COPYHOLD_TEST_GATEWAY_LOG")
+                .unwrap_or_else(|_| "warn,copyhold=info".into()),
+        );
+    spawn_listening(c)
+}
+
 fn standin(args: &[&str]) -> Result<Listening> {
     let mut c = Command::new(env!("CARGO_BIN_EXE_copyhold-upstream-standin"));
     c.args(args);
@@ -125,23 +141,40 @@ impl Scene {
         })
     }
 
-    /// A Ready serving Pod of `m` whose endpoint is `addr` (`127.0.0.1:port`).
+    /// A Ready serving Pod of `m` whose endpoint is `addr` (`127.0.0.1:port`),
+    /// owned through a Deployment `name` as the controller's Pods are.
     async fn serving_pod(&self, name: &str, addr: &str) -> Result<()> {
+        copyhold_e2e::serving_pod(&self.client, &self.ns.name, "m", name, addr).await?;
+        Ok(())
+    }
+
+    async fn gateway(&mut self) -> Result<usize> {
+        self.gateway_with(&[]).await
+    }
+
+    /// A gateway started with more flags (limits under test).
+    async fn gateway_with(&mut self, extra: &[&str]) -> Result<usize> {
+        let identity = format!("gw{}", self.gateways.len());
+        let mut args = vec!["--watch-namespace", &self.ns.name, "--identity", &identity];
+        args.extend_from_slice(extra);
+        self.gateways.push(spawn_gateway(&args)?);
+        Ok(self.gateways.len() - 1)
+    }
+
+    /// A Ready Pod labelled as `m`'s but owned by no Deployment of `m`
+    /// (made by hand, as anyone allowed to create Pods could).
+    async fn stray_pod(&self, name: &str, addr: &str) -> Result<()> {
         let (ip, port) = addr.rsplit_once(':').context("addr")?;
         let port: i32 = port.parse()?;
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns.name);
         let pod: Pod = serde_json::from_value(json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "labels": {"copyhold.dev/model-deployment": "m"}},
-            "spec": {
-                // No scheduler picks this name: the test plays the kubelet.
-                "schedulerName": "copyhold-test-none",
-                "containers": [{"name": "engine", "image": "stand-in",
-                                "ports": [{"name": "http", "containerPort": port}]}]
-            }
+            "spec": {"schedulerName": "copyhold-test-none",
+                     "containers": [{"name": "engine", "image": "stand-in",
+                                     "ports": [{"name": "http", "containerPort": port}]}]}
         }))?;
-        // The namespace's default ServiceAccount token comes a moment after
-        // the namespace; Pods are refused until then.
+        // The namespace's default ServiceAccount comes a moment after it.
         eventually(Duration::from_secs(30), || async {
             pods.create(&PostParams::default(), &pod).await?;
             Ok(())
@@ -160,33 +193,12 @@ impl Scene {
         Ok(())
     }
 
-    async fn gateway(&mut self) -> Result<usize> {
-        self.gateway_with(&[]).await
-    }
-
-    /// A gateway started with more flags (limits under test).
-    async fn gateway_with(&mut self, extra: &[&str]) -> Result<usize> {
-        let bin = workspace_bin("copyhold", "copyhold")?;
-        let mut c = Command::new(bin);
-        c.args([
-            "gateway",
-            "--listen",
-            "127.0.0.1:0",
-            "--watch-namespace",
-            &self.ns.name,
-            "--eject-seconds",
-            "30",
-        ])
-        .args(["--identity", &format!("gw{}", self.gateways.len())])
-        .args(extra)
-        .env("KUBECONFIG", copyhold_e2e::kubeconfig()?)
-        .env(
-            "RUST_LOG",
-            std::env::var("COPYHOLD_TEST_GATEWAY_LOG")
-                .unwrap_or_else(|_| "warn,copyhold=info".into()),
-        );
-        self.gateways.push(spawn_listening(c)?);
-        Ok(self.gateways.len() - 1)
+    /// The gateway's metrics port, as a base URL.
+    fn metrics_url(&self, g: usize) -> Result<String> {
+        Ok(format!(
+            "http://{}",
+            copyhold_e2e::gateway_metrics_addr(&self.gateways[g].line)?
+        ))
     }
 
     /// Start `n` gateways and wait until each serves m1 (one "warm up"
@@ -557,7 +569,7 @@ async fn bad_requests_get_openai_errors_and_never_reach_an_upstream() -> Result<
         assert_eq!(st, 200, "request {i} met the dead replica: {v}");
         i += 1;
         let metrics = http
-            .get(format!("{base}/metrics"))
+            .get(format!("{}/metrics", s.metrics_url(g)?))
             .send()
             .await?
             .text()
@@ -596,7 +608,7 @@ async fn bad_requests_get_openai_errors_and_never_reach_an_upstream() -> Result<
         "{v}"
     );
     // No replica at all: 503.
-    Api::<Pod>::namespaced(s2.client.clone(), &s2.ns.name)
+    Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(s2.client.clone(), &s2.ns.name)
         .delete("up-500", &Default::default())
         .await?;
     let (st, h, _) = eventually(Duration::from_secs(20), || async {
@@ -1337,7 +1349,19 @@ fn put_key(s: &Scene, member: &str, key: &str) -> Result<()> {
     ])?;
     let p = std::env::temp_dir().join(format!("{}-{member}-key.yaml", s.ns.name));
     std::fs::write(&p, y)?;
-    kubectl_ok(&["apply", "-f", &p.to_string_lossy()]).map(drop)
+    kubectl_ok(&["apply", "-f", &p.to_string_lossy()])?;
+    let label = format!("{}=true", copyhold::gateway::catalog::KEY_LABEL);
+    let name = format!("key-{member}");
+    kubectl_ok(&[
+        "-n",
+        &s.ns.name,
+        "label",
+        "--overwrite",
+        "secret",
+        &name,
+        &label,
+    ])
+    .map(drop)
 }
 
 /// The quota's `Valid` condition once it has `status` and `reason`.
@@ -1656,5 +1680,186 @@ async fn connections_beyond_the_cap_wait_until_one_closes() -> Result<()> {
         answer.starts_with("HTTP/1.1 200"),
         "the cap frees again: {answer:?}"
     );
+    Ok(())
+}
+
+/// `GET url`: status and body.
+async fn get_text(http: &reqwest::Client, url: &str) -> Result<(u16, String)> {
+    let r = http.get(url).send().await?;
+    Ok((r.status().as_u16(), r.text().await?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn per_member_metrics_are_served_on_their_own_port_and_never_on_the_public_one() -> Result<()>
+{
+    let mut s = Scene::new(
+        "gw-metrics-port",
+        json!({"members": [{"name": "ana"}], "period": {"type": "calendar", "unit": "day"}}),
+        &[],
+    )
+    .await?;
+    let up = standin(&["--tokens", "3"])?;
+    s.serving_pod("up-0", &up.addr).await?;
+    let g = s.gateway().await?;
+    let base = s.url(g);
+    let http = reqwest::Client::new();
+    let ana = s.keys["ana"].clone();
+    eventually(Duration::from_secs(20), || async {
+        let (st, _, v) = call(&http, &base, Some(&ana), chat("hi", 2)).await?;
+        ensure!(st == 200, "{st} {v}");
+        Ok(())
+    })
+    .await?;
+    // The public port: an OpenAI-shaped 404, no metric in it.
+    let (st, body) = get_text(&http, &format!("{base}/metrics")).await?;
+    assert_eq!(st, 404, "{body}");
+    let v: Value = serde_json::from_str(&body).context("a JSON body")?;
+    assert_eq!(v["error"]["code"], "not_found", "{v}");
+    assert!(!body.contains("copyhold_"), "{body}");
+    // The metrics port: the member's series, named by namespace and quota.
+    let metrics = s.metrics_url(g)?;
+    let (st, body) = get_text(&http, &format!("{metrics}/metrics")).await?;
+    assert_eq!(st, 200, "{body}");
+    let ns = &s.ns.name;
+    let want = format!(
+        r#"copyhold_gateway_requests_total{{namespace="{ns}",quota="commons",member="ana",model="tiny",code="200"}} 1"#
+    );
+    assert!(body.contains(&want), "{want} missing from\n{body}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn same_named_members_of_two_tenants_are_two_series_on_the_metrics_port() -> Result<()> {
+    let spec =
+        || json!({"members": [{"name": "ana"}], "period": {"type": "calendar", "unit": "day"}});
+    let a = Scene::new("gw-tenant-a", spec(), &[]).await?;
+    let b = Scene::new("gw-tenant-b", spec(), &[]).await?;
+    let up = standin(&["--tokens", "3"])?;
+    a.serving_pod("up-0", &up.addr).await?;
+    b.serving_pod("up-0", &up.addr).await?;
+    // One gateway for both tenants: every namespace's quotas and models,
+    // the keys of these two.
+    let served = format!("{},{}", a.ns.name, b.ns.name);
+    let gw = spawn_gateway(&["--key-namespaces", &served, "--identity", "gw-two"])?;
+    let base = format!("http://{}", gw.addr);
+    let metrics = format!("http://{}", copyhold_e2e::gateway_metrics_addr(&gw.line)?);
+    let http = reqwest::Client::new();
+    for (scene, n) in [(&a, 2), (&b, 1)] {
+        let key = scene.keys["ana"].clone();
+        eventually(Duration::from_secs(20), || async {
+            let (st, _, v) = call(&http, &base, Some(&key), chat("hi", 2)).await?;
+            ensure!(st == 200, "{st} {v}");
+            Ok(())
+        })
+        .await?;
+        for _ in 1..n {
+            let (st, _, v) = call(&http, &base, Some(&key), chat("hi", 2)).await?;
+            assert_eq!(st, 200, "{v}");
+        }
+    }
+    let (st, body) = get_text(&http, &format!("{metrics}/metrics")).await?;
+    assert_eq!(st, 200, "{body}");
+    for (scene, n) in [(&a, 2), (&b, 1)] {
+        let ns = &scene.ns.name;
+        for want in [
+            format!(
+                r#"copyhold_gateway_requests_total{{namespace="{ns}",quota="commons",member="ana",model="tiny",code="200"}} {n}"#
+            ),
+            format!(
+                r#"copyhold_gateway_tokens_total{{namespace="{ns}",quota="commons",member="ana",kind="completion"}} "#
+            ),
+        ] {
+            assert!(body.contains(&want), "{want} missing from\n{body}");
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_in_a_secret_without_the_api_key_label_is_refused_and_a_labelled_one_works()
+-> Result<()> {
+    let mut s = Scene::new(
+        "gw-key-label",
+        json!({"members": [{"name": "ana"}, {"name": "bo"}],
+               "period": {"type": "calendar", "unit": "day"}}),
+        &[],
+    )
+    .await?;
+    // bo's Secret loses the label before the gateway starts.
+    let unlabel = format!("{}-", copyhold::gateway::catalog::KEY_LABEL);
+    kubectl_ok(&["-n", &s.ns.name, "label", "secret", "key-bo", &unlabel])?;
+    let up = standin(&["--tokens", "3"])?;
+    s.serving_pod("up-0", &up.addr).await?;
+    let g = s.gateway().await?;
+    let base = s.url(g);
+    let http = reqwest::Client::new();
+    let (ana, bo) = (s.keys["ana"].clone(), s.keys["bo"].clone());
+    eventually(Duration::from_secs(20), || async {
+        let (st, _, v) = call(&http, &base, Some(&ana), chat("hi", 2)).await?;
+        ensure!(st == 200, "{st} {v}");
+        Ok(())
+    })
+    .await?;
+    let (st, _, v) = call(&http, &base, Some(&bo), chat("hi", 2)).await?;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (401, Some("invalid_api_key")),
+        "{v}"
+    );
+    // Labelled, the same Secret opens within seconds.
+    let label = format!("{}=true", copyhold::gateway::catalog::KEY_LABEL);
+    kubectl_ok(&["-n", &s.ns.name, "label", "secret", "key-bo", &label])?;
+    eventually(Duration::from_secs(20), || async {
+        let (st, _, v) = call(&http, &base, Some(&bo), chat("hi", 2)).await?;
+        ensure!(st == 200, "{st} {v}");
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_ready_pod_with_the_models_label_but_not_owned_through_its_deployment_gets_no_traffic()
+-> Result<()> {
+    let mut s = Scene::new(
+        "gw-stray",
+        json!({"members": [{"name": "ana"}], "period": {"type": "calendar", "unit": "day"}}),
+        &[],
+    )
+    .await?;
+    // The strays answer like a model server: only ownership tells them
+    // apart. A bare Pod, and a Pod of a ReplicaSet of a Deployment that
+    // carries the label but that the ModelDeployment does not own.
+    let stray = standin(&["--tokens", "3"])?;
+    s.stray_pod("stray-0", &stray.addr).await?;
+    copyhold::bench::stand_in::pod_of_deployment(
+        &s.client,
+        &s.ns.name,
+        "m",
+        None,
+        "impostor",
+        &stray.addr,
+    )
+    .await?;
+    // Their first lists are in once the gateway serves.
+    let g = s.gateway().await?;
+    let base = s.url(g);
+    let http = reqwest::Client::new();
+    let ana = s.keys["ana"].clone();
+    let (st, _, v) = call(&http, &base, Some(&ana), chat("hi", 2)).await?;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (503, Some("model_not_ready")),
+        "the stray Pod was served: {v}"
+    );
+    // A Pod of a Deployment that the ModelDeployment owns is served.
+    let up = standin(&["--tokens", "3"])?;
+    s.serving_pod("up-0", &up.addr).await?;
+    eventually(Duration::from_secs(30), || async {
+        let (st, _, v) = call(&http, &base, Some(&ana), chat("hi", 2)).await?;
+        ensure!(st == 200, "{st} {v}");
+        Ok(())
+    })
+    .await?;
     Ok(())
 }

@@ -16,7 +16,6 @@ use copyhold_e2e::{
     ChildGuard, TestNamespace, client, create_secret, eventually, install_crds, kubectl_ok,
     workspace_bin, workspace_root,
 };
-use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
@@ -59,7 +58,13 @@ fn spawn_listening(mut cmd: Command) -> Result<Listening> {
 /// arguments.
 fn gateway(namespace: Option<&str>, extra: &[&str]) -> Result<Listening> {
     let mut c = Command::new(workspace_bin("copyhold", "copyhold")?);
-    c.args(["gateway", "--listen", "127.0.0.1:0"]);
+    c.args([
+        "gateway",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ]);
     if let Some(ns) = namespace {
         c.args(["--watch-namespace", ns]);
     }
@@ -138,34 +143,7 @@ impl Tenant {
         std::fs::write(&path, serde_json::to_vec(&md)?)?;
         kubectl_ok(&["apply", "-f", &path.to_string_lossy()])?;
         let _ = std::fs::remove_file(&path);
-        let (ip, port) = addr.rsplit_once(':').context("addr")?;
-        let port: i32 = port.parse()?;
-        let pods: Api<Pod> = Api::namespaced(client().await?, &self.ns.name);
-        let pod: Pod = serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "node-0", "labels": {"copyhold.dev/model-deployment": "m"}},
-            "spec": {
-                "schedulerName": "copyhold-test-none",
-                "containers": [{"name": "engine", "image": "stand-in",
-                                "ports": [{"name": "http", "containerPort": port}]}]
-            }
-        }))?;
-        // The namespace's default ServiceAccount comes a moment after it.
-        eventually(Duration::from_secs(30), || async {
-            pods.create(&PostParams::default(), &pod).await?;
-            Ok(())
-        })
-        .await?;
-        let now = jiff::Timestamp::now().to_string();
-        pods.patch_status(
-            "node-0",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {
-                "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
-                "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}]
-            }})),
-        )
-        .await?;
+        copyhold_e2e::serving_pod(&client().await?, &self.ns.name, "m", "node-0", addr).await?;
         Ok(())
     }
 }

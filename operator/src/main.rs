@@ -108,12 +108,25 @@ fn run_models(cmd: ModelsCommand) -> anyhow::Result<()> {
 
 #[derive(clap::Args)]
 struct GatewayArgs {
-    /// Address to serve the API (and /metrics, /healthz, /readyz) on.
+    /// Address to serve the API (and /healthz, /readyz) on.
     #[arg(long, default_value = "0.0.0.0:8080", env = "COPYHOLD_GATEWAY_LISTEN")]
     listen: std::net::SocketAddr,
+    /// Address to serve /metrics on: a port of its own, never the API's
+    /// (per-member series name tenants and members).
+    #[arg(
+        long,
+        default_value = "0.0.0.0:9090",
+        env = "COPYHOLD_GATEWAY_METRICS_ADDR"
+    )]
+    metrics_addr: std::net::SocketAddr,
     /// Watch only this namespace's quotas, keys and models.
     #[arg(long, env = "COPYHOLD_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
+    /// Comma-separated namespaces whose members' key Secrets (labelled
+    /// `copyhold.dev/api-key=true`) are read; default: where the rest is
+    /// watched. Secrets without the label are never read.
+    #[arg(long, env = "COPYHOLD_KEY_NAMESPACES", value_delimiter = ',')]
+    key_namespaces: Vec<String>,
     /// Name of this replica in the register; a per-process suffix is added.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -553,7 +566,9 @@ fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
         let suffix: u32 = rand::random();
         let settings = copyhold::gateway::Settings {
             listen: args.listen,
+            metrics_listen: args.metrics_addr,
             watch_namespace: args.watch_namespace,
+            key_namespaces: args.key_namespaces,
             identity: format!("{base}-{suffix:08x}"),
             body_limit: args.body_limit,
             header_timeout: std::time::Duration::from_secs(args.header_timeout.max(1)),

@@ -74,9 +74,15 @@ seccompProfile:
 - apiGroups: ["copyhold.dev"]
   resources: ["stintquotas/status"]
   verbs: ["get", "update"]
-# Members' API keys (only their SHA-256 digests are kept) and the serving Pods.
+# The serving Pods (members' key Secrets are read only through the
+# `-gateway-keys` Roles, in gateway.keyNamespaces).
 - apiGroups: [""]
-  resources: ["secrets", "pods"]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+# Owners of the serving Pods (metadata only): a Pod is an upstream only if
+# its ReplicaSet's Deployment is the ModelDeployment's.
+- apiGroups: ["apps"]
+  resources: ["replicasets", "deployments"]
   verbs: ["get", "list", "watch"]
 # A quota's Valid condition (inconsistent sanctions, a key under two
 # members) is written with the register, and announced as an Event.
@@ -88,4 +94,19 @@ seccompProfile:
 - apiGroups: ["coordination.k8s.io"]
   resources: ["leases"]
   verbs: ["get", "create", "patch", "delete"]
+{{- end -}}
+
+
+{{/*
+Namespaces whose key Secrets the gateway reads: gateway.keyNamespaces, else
+gateway.watchNamespace, else the release namespace.
+*/}}
+{{- define "copyhold.gatewayKeyNamespaces" -}}
+{{- if .Values.gateway.keyNamespaces -}}
+{{- join "," .Values.gateway.keyNamespaces -}}
+{{- else if .Values.gateway.watchNamespace -}}
+{{- .Values.gateway.watchNamespace -}}
+{{- else -}}
+{{- .Release.Namespace -}}
+{{- end -}}
 {{- end -}}

@@ -15,9 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::Client;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
 
 /// What to run.
@@ -224,9 +224,9 @@ async fn setup(client: &Client, ns: &str, upstream: &str) -> Result<String> {
     secrets
         .create(
             &PostParams::default(),
-            &serde_json::from_value(
-                json!({"metadata": {"name": "bench-key"}, "stringData": {"api-key": key}}),
-            )?,
+            &serde_json::from_value(json!({"metadata": {"name": "bench-key",
+                               "labels": {crate::gateway::catalog::KEY_LABEL: "true"}},
+                  "stringData": {"api-key": key}}))?,
         )
         .await?;
     let sq: crate::resources::StintQuota = serde_json::from_value(json!({
@@ -251,31 +251,9 @@ async fn setup(client: &Client, ns: &str, upstream: &str) -> Result<String> {
     Api::<crate::resources::ModelDeployment>::namespaced(client.clone(), ns)
         .create(&PostParams::default(), &md)
         .await?;
-    let (ip, port) = upstream.rsplit_once(':').context("upstream address")?;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     // A new namespace's default ServiceAccount (and token) comes a moment
-    // later; Pods are refused until then.
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "tiny-0", "labels": {crate::serving::workload::MD_LABEL: "tiny"}},
-        "spec": {"schedulerName": "copyhold-bench-none",
-                 "containers": [{"name": "engine", "image": "stand-in",
-                                 "ports": [{"name": "http", "containerPort": port.parse::<i32>()?}]}]}
-    }))?;
-    let mut tries = 0;
-    while let Err(e) = pods.create(&PostParams::default(), &pod).await {
-        tries += 1;
-        if tries > 60 {
-            return Err(e.into());
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    pods.patch_status(
-        "tiny-0",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
-            "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": jiff::Timestamp::now().to_string()}]}})),
-    )
-    .await?;
+    // later; the stand-in's Pod waits for it.
+    super::stand_in::serving_pod(client, ns, "tiny", "tiny-0", upstream).await?;
     Ok(key)
 }
 
@@ -297,6 +275,8 @@ pub async fn run(client: Client, b: GatewayBench) -> Result<Vec<Figures>> {
         c.args([
             "gateway",
             "--listen",
+            "127.0.0.1:0",
+            "--metrics-addr",
             "127.0.0.1:0",
             "--watch-namespace",
             ns,

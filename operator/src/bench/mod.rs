@@ -4,3 +4,4 @@
 
 pub mod controller;
 pub mod gateway;
+pub mod stand_in;

@@ -1,12 +1,21 @@
 //! What the gateway watches: StintQuotas and their Secrets (the key table),
 //! ModelDeployments and their Pods (where to send a model's requests), and
 //! EnergyBudgets (whether a model's deferrable members must wait).
+//!
+//! Secrets: only those labelled `copyhold.dev/api-key=true`, only in the
+//! namespaces the gateway serves keys for. Upstreams: only Pods whose
+//! controller chain (Pod → ReplicaSet → Deployment) ends at the
+//! ModelDeployment, matched by uid; ReplicaSets and Deployments are watched
+//! as metadata only.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
@@ -20,6 +29,10 @@ use crate::resources::model_deployment::ModelDeployment;
 use crate::resources::stint_quota::StintQuota;
 use crate::serving::autoscale::Bounds;
 use crate::serving::workload::{ENGINE_PORT, MD_LABEL};
+
+/// The label a Secret needs for the gateway to read it as a member's API
+/// key (`copyhold.dev/api-key: "true"`); it watches no other Secret.
+pub const KEY_LABEL: &str = "copyhold.dev/api-key";
 
 /// Where a request goes.
 #[derive(Clone, Debug)]
@@ -41,9 +54,13 @@ pub struct Target {
 /// The watched state.
 pub struct Catalog {
     quotas: Store<StintQuota>,
-    secrets: Store<Secret>,
+    /// One store per namespace the keys are read in (one for all when the
+    /// gateway serves every namespace).
+    secrets: Vec<Store<Secret>>,
     models: Store<ModelDeployment>,
     pods: Store<Pod>,
+    replicasets: Store<PartialObjectMeta<ReplicaSet>>,
+    deployments: Store<PartialObjectMeta<Deployment>>,
     budgets: Store<EnergyBudget>,
     keys: RwLock<Arc<KeyTable>>,
     changed: Arc<Notify>,
@@ -90,23 +107,65 @@ where
     reader
 }
 
+/// The namespaces whose key Secrets are read: those named, else the
+/// watched namespace, else every namespace (`None`).
+fn key_scopes(namespace: Option<&str>, key_namespaces: &[String]) -> Vec<Option<String>> {
+    if !key_namespaces.is_empty() {
+        key_namespaces.iter().cloned().map(Some).collect()
+    } else {
+        vec![namespace.map(String::from)]
+    }
+}
+
+/// The controller owner reference of `meta`, if it is of `kind`.
+fn controller_of<'a>(meta: &'a ObjectMeta, kind: &str) -> Option<&'a OwnerReference> {
+    meta.owner_references
+        .as_ref()?
+        .iter()
+        .find(|o| o.controller == Some(true) && o.kind == kind)
+}
+
 impl Catalog {
-    /// Start the watches (in `namespace`, or everywhere).
-    pub fn start(client: &Client, namespace: Option<&str>) -> Arc<Catalog> {
+    /// Start the watches (in `namespace`, or everywhere); key Secrets in
+    /// `key_namespaces` (when empty, where the rest is watched).
+    pub fn start(
+        client: &Client,
+        namespace: Option<&str>,
+        key_namespaces: &[String],
+    ) -> Arc<Catalog> {
         let changed = Arc::new(Notify::new());
+        let key_label = format!("{KEY_LABEL}=true");
+        let secrets = key_scopes(namespace, key_namespaces)
+            .into_iter()
+            .map(|ns| {
+                reflect(
+                    api(client, ns.as_deref()),
+                    watcher::Config::default().labels(&key_label),
+                    Some(changed.clone()),
+                )
+            })
+            .collect();
         let cat = Arc::new(Catalog {
             quotas: reflect(
                 api(client, namespace),
                 watcher::Config::default(),
                 Some(changed.clone()),
             ),
-            secrets: reflect(
-                api(client, namespace),
-                watcher::Config::default(),
-                Some(changed.clone()),
-            ),
+            secrets,
             models: reflect(api(client, namespace), watcher::Config::default(), None),
             pods: reflect(
+                api(client, namespace),
+                watcher::Config::default().labels(MD_LABEL),
+                None,
+            ),
+            // Metadata only (owner references, uids): `Api` of
+            // `PartialObjectMeta` asks the API server for nothing more.
+            replicasets: reflect(
+                api(client, namespace),
+                watcher::Config::default().labels(MD_LABEL),
+                None,
+            ),
+            deployments: reflect(
                 api(client, namespace),
                 watcher::Config::default().labels(MD_LABEL),
                 None,
@@ -131,9 +190,13 @@ impl Catalog {
     pub async fn ready(&self, timeout: Duration) -> bool {
         let all = async {
             let _ = self.quotas.wait_until_ready().await;
-            let _ = self.secrets.wait_until_ready().await;
+            for s in &self.secrets {
+                let _ = s.wait_until_ready().await;
+            }
             let _ = self.models.wait_until_ready().await;
             let _ = self.pods.wait_until_ready().await;
+            let _ = self.replicasets.wait_until_ready().await;
+            let _ = self.deployments.wait_until_ready().await;
         };
         let ok = tokio::time::timeout(timeout, all).await.is_ok();
         if ok {
@@ -145,13 +208,18 @@ impl Catalog {
     fn rebuild_keys(&self) {
         let quotas = self.quotas.state();
         let t = KeyTable::build(quotas.iter().map(|q| q.as_ref()), |ns, name| {
+            let at = reflector::ObjectRef::new(name).within(ns);
             self.secrets
-                .get(&reflector::ObjectRef::new(name).within(ns))
+                .iter()
+                .find_map(|s| s.get(&at))
                 .and_then(|s| s.data.clone())
                 .map(|d| d.into_iter().map(|(k, v)| (k, v.0)).collect())
         });
         if !t.missing.is_empty() {
-            tracing::info!(members = ?t.missing, "members without a readable API key Secret");
+            tracing::warn!(
+                members = ?t.missing,
+                "members without a readable API key Secret (missing, without the label {KEY_LABEL}=true, or in a namespace whose keys this gateway does not read): their requests get 401"
+            );
         }
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(t);
     }
@@ -266,8 +334,41 @@ impl Catalog {
         (c.status == "False").then(|| (c.reason.clone(), c.message.clone()))
     }
 
-    /// Ready serving Pods of a ModelDeployment.
+    /// Whether `pod`'s controller is a ReplicaSet whose controller is a
+    /// Deployment whose controller is the ModelDeployment with `md_uid`,
+    /// each link matched by uid: a Pod that merely carries the label, or
+    /// one owned by anything else, is not the model's.
+    fn owned_by_model(&self, pod: &Pod, ns: &str, md_uid: &str) -> bool {
+        let chain = || -> Option<bool> {
+            let rs_ref = controller_of(&pod.metadata, "ReplicaSet")?;
+            let rs = self
+                .replicasets
+                .get(&reflector::ObjectRef::new(&rs_ref.name).within(ns))?;
+            if rs.metadata.uid.as_deref() != Some(rs_ref.uid.as_str()) {
+                return None;
+            }
+            let d_ref = controller_of(&rs.metadata, "Deployment")?;
+            let d = self
+                .deployments
+                .get(&reflector::ObjectRef::new(&d_ref.name).within(ns))?;
+            if d.metadata.uid.as_deref() != Some(d_ref.uid.as_str()) {
+                return None;
+            }
+            Some(controller_of(&d.metadata, "ModelDeployment")?.uid == md_uid)
+        };
+        chain().unwrap_or(false)
+    }
+
+    /// Ready serving Pods of a ModelDeployment: only those it owns through
+    /// its Deployment (see `owned_by_model`).
     pub fn replicas(&self, ns: &str, md: &str) -> Vec<Replica> {
+        let Some(md_uid) = self
+            .models
+            .get(&reflector::ObjectRef::new(md).within(ns))
+            .and_then(|m| m.metadata.uid.clone())
+        else {
+            return Vec::new();
+        };
         let mut v: Vec<Replica> = self
             .pods
             .state()
@@ -275,6 +376,7 @@ impl Catalog {
             .filter(|p| p.namespace().as_deref() == Some(ns))
             .filter(|p| p.labels().get(MD_LABEL).map(String::as_str) == Some(md))
             .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter(|p| self.owned_by_model(p, ns, &md_uid))
             .filter_map(|p| {
                 let st = p.status.as_ref()?;
                 let ready = st

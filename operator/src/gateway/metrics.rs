@@ -10,24 +10,76 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use super::keys::Owner;
 use crate::resources::stint_quota::{MemberState, StintQuotaStatus};
+
+/// A member as metrics name it: its StintQuota's namespace and name with
+/// the member's name, so same-named members of two tenants stay apart.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MemberLabels {
+    pub namespace: String,
+    pub quota: String,
+    pub member: String,
+}
+
+impl MemberLabels {
+    /// The key's owner.
+    pub fn of(owner: &Owner) -> Self {
+        Self {
+            namespace: owner.namespace.clone(),
+            quota: owner.quota.clone(),
+            member: owner.member.clone(),
+        }
+    }
+
+    /// A request whose key opened no member.
+    pub fn unknown() -> Self {
+        Self {
+            namespace: String::new(),
+            quota: String::new(),
+            member: "unknown".into(),
+        }
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub model: String,
+    pub namespace: String,
+    pub quota: String,
     pub member: String,
+    pub model: String,
     pub code: String,
+}
+
+impl RequestLabels {
+    pub fn new(who: &MemberLabels, model: &str, code: u16) -> Self {
+        Self {
+            namespace: who.namespace.clone(),
+            quota: who.quota.clone(),
+            member: who.member.clone(),
+            model: model.into(),
+            code: code.to_string(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
+    pub namespace: String,
+    pub quota: String,
     pub member: String,
     pub kind: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct MemberLabels {
-    pub member: String,
+impl TokenLabels {
+    pub fn new(who: &MemberLabels, kind: &str) -> Self {
+        Self {
+            namespace: who.namespace.clone(),
+            quota: who.quota.clone(),
+            member: who.member.clone(),
+            kind: kind.into(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -138,17 +190,17 @@ impl GatewayMetrics {
         };
         sub.register(
             "requests",
-            "Requests by model, member and HTTP status code",
+            "Requests by member (namespace, quota, member), model and HTTP status code",
             m.requests.clone(),
         );
         sub.register(
             "tokens",
-            "Tokens settled by member and kind (prompt, completion)",
+            "Tokens settled by member (namespace, quota, member) and kind (prompt, completion)",
             m.tokens.clone(),
         );
         sub.register(
             "energy_joules",
-            "Energy settled by member",
+            "Energy settled by member (namespace, quota, member)",
             m.energy_joules.clone(),
         );
         sub.register(
@@ -277,22 +329,18 @@ mod tests {
         let mut r = Registry::default();
         let m = GatewayMetrics::register(&mut r);
         // Families appear once they have a series.
+        let a = MemberLabels {
+            namespace: "ns".into(),
+            quota: "q".into(),
+            member: "a".into(),
+        };
         m.requests
-            .get_or_create(&RequestLabels {
-                model: "m".into(),
-                member: "a".into(),
-                code: "200".into(),
-            })
+            .get_or_create(&RequestLabels::new(&a, "m", 200))
             .inc();
         m.tokens
-            .get_or_create(&TokenLabels {
-                member: "a".into(),
-                kind: "prompt".into(),
-            })
+            .get_or_create(&TokenLabels::new(&a, "prompt"))
             .inc();
-        m.energy_joules
-            .get_or_create(&MemberLabels { member: "a".into() })
-            .inc();
+        m.energy_joules.get_or_create(&a).inc();
         m.request_duration
             .get_or_create(&ModelLabels { model: "m".into() })
             .observe(0.1);
@@ -334,6 +382,9 @@ mod tests {
         }
         assert!(out.contains(
             r#"copyhold_gateway_member_state{namespace="ns",quota="q",member="a",state="warned"} 1"#
+        ));
+        assert!(out.contains(
+            r#"copyhold_gateway_requests_total{namespace="ns",quota="q",member="a",model="m",code="200"} 1"#
         ));
     }
 }

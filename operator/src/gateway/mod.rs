@@ -53,8 +53,15 @@ use sse::{SseFilter, UpstreamUsage};
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub listen: SocketAddr,
+    /// Where `/metrics` is served: a port of its own, never the public API
+    /// port (per-member series name tenants and their members).
+    pub metrics_listen: SocketAddr,
     /// Watch only this namespace (quotas, keys, models); all when absent.
     pub watch_namespace: Option<String>,
+    /// Namespaces whose key Secrets (labelled `copyhold.dev/api-key=true`)
+    /// are read; empty: where the rest is watched. Name them when the
+    /// gateway may read Secrets only there (namespaced RBAC).
+    pub key_namespaces: Vec<String>,
     /// This replica's name in the register: unique per process.
     pub identity: String,
     /// Largest request body accepted.
@@ -85,7 +92,9 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            metrics_listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
             watch_namespace: None,
+            key_namespaces: Vec::new(),
             identity: "gateway".into(),
             body_limit: 4 << 20,
             header_timeout: Duration::from_secs(10),
@@ -126,7 +135,11 @@ struct AppState {
 async fn start(client: kube::Client, settings: &Settings) -> anyhow::Result<Arc<AppState>> {
     let mut registry = Registry::default();
     let metrics = Arc::new(GatewayMetrics::register(&mut registry));
-    let catalog = Catalog::start(&client, settings.watch_namespace.as_deref());
+    let catalog = Catalog::start(
+        &client,
+        settings.watch_namespace.as_deref(),
+        &settings.key_namespaces,
+    );
     let http = reqwest::Client::builder()
         .connect_timeout(settings.connect_timeout)
         .pool_idle_timeout(Duration::from_secs(90))
@@ -171,14 +184,17 @@ pub async fn app(client: kube::Client, settings: &Settings) -> anyhow::Result<Ro
 pub async fn run(client: kube::Client, settings: Settings) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
     let addr = listener.local_addr()?;
+    let metrics_listener = tokio::net::TcpListener::bind(settings.metrics_listen).await?;
+    let metrics_addr = metrics_listener.local_addr()?;
     let state = start(client.clone(), &settings).await?;
     let app = router(state.clone());
+    tokio::spawn(serve_metrics(metrics_listener, state.clone()));
     // Tests and scripts wait for this line.
     println!(
-        "copyhold gateway listening on {addr} as {}",
+        "copyhold gateway listening on {addr} (metrics on {metrics_addr}) as {}",
         settings.identity
     );
-    tracing::info!(%addr, identity = %settings.identity, "gateway listening");
+    tracing::info!(%addr, %metrics_addr, identity = %settings.identity, "gateway listening");
     let limits = listener::ConnLimits {
         header_timeout: settings.header_timeout,
         max_connections: settings.max_connections,
@@ -208,12 +224,26 @@ async fn shutdown_signal() {
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
 
+/// The metrics port: `/metrics` (and the probes), for Prometheus only.
+async fn serve_metrics(listener: tokio::net::TcpListener, state: Arc<AppState>) {
+    let app = Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { ApiError::no_such_endpoint() })
+        .with_state(state);
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "the metrics listener failed");
+    }
+}
+
+/// The public API. `/metrics` is not here: it answers the OpenAI-shaped 404
+/// of any unknown path.
 fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
-        .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .merge(register::routes())
@@ -292,25 +322,25 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: B
 struct Fail {
     err: Box<ApiError>,
     model: String,
-    member: String,
+    who: MemberLabels,
     /// Already counted by the request's meter.
     counted: bool,
 }
 
-fn fail(err: ApiError, model: &str, member: &str) -> Fail {
+fn fail(err: ApiError, model: &str, who: &MemberLabels) -> Fail {
     Fail {
         err: Box::new(err),
         model: model.into(),
-        member: member.into(),
+        who: who.clone(),
         counted: false,
     }
 }
 
 /// A failure after metering began: the meter has counted it.
-fn metered_fail(err: ApiError, model: &str, member: &str) -> Fail {
+fn metered_fail(err: ApiError, model: &str, who: &MemberLabels) -> Fail {
     Fail {
         counted: true,
-        ..fail(err, model, member)
+        ..fail(err, model, who)
     }
 }
 
@@ -324,11 +354,7 @@ async fn handle(s: Arc<AppState>, ep: Endpoint, headers: HeaderMap, body: Body) 
             }
             s.metrics
                 .requests
-                .get_or_create(&RequestLabels {
-                    model: f.model,
-                    member: f.member,
-                    code: f.err.status.as_u16().to_string(),
-                })
+                .get_or_create(&RequestLabels::new(&f.who, &f.model, f.err.status.as_u16()))
                 .inc();
             f.err.into_response()
         }
@@ -361,6 +387,8 @@ fn member_limits(
 struct Asked {
     owner: Owner,
     member: String,
+    /// The owner as metrics label it.
+    who: MemberLabels,
     /// The served name clients use (what metrics are labelled with).
     model: String,
     body: Value,
@@ -395,13 +423,13 @@ async fn serve(
     let mut meter = Meter::start(s, &asked, admitted, reservation, max_tokens, started);
     if let Err(e) = wait_for_replica(s, &mut asked.target, &mut meter).await {
         meter.nothing(e.status.as_u16());
-        return Err(metered_fail(e, &asked.model, &asked.member));
+        return Err(metered_fail(e, &asked.model, &asked.who));
     }
     let upstream_body = match upstream_body(&mut asked.body, &asked.checked, max_tokens) {
         Ok(b) => b,
         Err(e) => {
             meter.nothing(500);
-            return Err(metered_fail(e, &asked.model, &asked.member));
+            return Err(metered_fail(e, &asked.model, &asked.who));
         }
     };
     let resp = match forward(
@@ -417,7 +445,7 @@ async fn serve(
         Ok(r) => r,
         Err(e) => {
             meter.nothing(e.status.as_u16());
-            return Err(metered_fail(e, &asked.model, &asked.member));
+            return Err(metered_fail(e, &asked.model, &asked.who));
         }
     };
     let status = resp.status();
@@ -439,16 +467,18 @@ async fn read_request(
     body: Body,
 ) -> Result<Asked, Fail> {
     // The key first: a stranger's body is never read.
-    let owner = authenticate(s, headers).map_err(|e| fail(e, "unknown", "unknown"))?;
+    let owner =
+        authenticate(s, headers).map_err(|e| fail(e, "unknown", &MemberLabels::unknown()))?;
+    let who = MemberLabels::of(&owner);
     let bytes = self::body::read_within(body, s.settings.body_limit, s.settings.body_timeout)
         .await
-        .map_err(|e| fail(body_error(e), "unknown", &owner.member))?;
+        .map_err(|e| fail(body_error(e), "unknown", &who))?;
     let member = owner.member.clone();
     let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
         fail(
             ApiError::invalid(None, format!("the request body is not valid JSON: {e}")),
             "unknown",
-            &member,
+            &who,
         )
     })?;
     let model = match v.get("model").and_then(Value::as_str) {
@@ -457,19 +487,20 @@ async fn read_request(
             let e = openai::check(ep, &v, None)
                 .err()
                 .unwrap_or_else(|| ApiError::invalid(Some("model"), "missing model"));
-            return Err(fail(e, "unknown", &member));
+            return Err(fail(e, "unknown", &who));
         }
     };
     let target = s
         .catalog
         .resolve(&owner, &model)
-        .ok_or_else(|| fail(ApiError::model_not_found(&model), "unknown", &member))?;
+        .ok_or_else(|| fail(ApiError::model_not_found(&model), "unknown", &who))?;
     let model = target.served_name.clone();
     let checked =
-        openai::check(ep, &v, Some(target.context_length)).map_err(|e| fail(e, &model, &member))?;
+        openai::check(ep, &v, Some(target.context_length)).map_err(|e| fail(e, &model, &who))?;
     Ok(Asked {
         owner,
         member,
+        who,
         model,
         body: v,
         target,
@@ -496,7 +527,7 @@ fn refuse_deferred(a: &Asked) -> Result<(), Fail> {
                 Some(retry),
             ),
             &a.model,
-            &a.member,
+            &a.who,
         )),
         _ => Ok(()),
     }
@@ -510,7 +541,7 @@ fn admit(s: &AppState, a: &Asked) -> Result<Admitted, Fail> {
         .catalog
         .quota(&a.owner)
         .map(|q| q.spec.clone())
-        .ok_or_else(|| fail(ApiError::unauthorized(), model, member))?;
+        .ok_or_else(|| fail(ApiError::unauthorized(), model, &a.who))?;
     let ledger = s.ledgers.get(&a.owner.namespace, &a.owner.quota);
     let standing = ledger.standing(member);
     if standing.state == MemberState::Suspended {
@@ -520,7 +551,7 @@ fn admit(s: &AppState, a: &Asked) -> Result<Admitted, Fail> {
                 standing.seconds_to_reset,
             ),
             model,
-            member,
+            &a.who,
         ));
     }
     let (rpm, concurrent, only_idle) =
@@ -529,14 +560,14 @@ fn admit(s: &AppState, a: &Asked) -> Result<Admitted, Fail> {
         return Err(fail(
             ApiError::rate_limited("throttled: served only while the model is idle", 1),
             model,
-            member,
+            &a.who,
         ));
     }
     let limiter_key = format!("{}/{}/{}", a.owner.namespace, a.owner.quota, member);
     let permit = s
         .limiter
         .acquire(&limiter_key, rpm, concurrent, Instant::now())
-        .map_err(|l| fail(limited_error(l, member), model, member))?;
+        .map_err(|l| fail(limited_error(l, member), model, &a.who))?;
     if a.target.replicas.is_empty() && a.target.hold_for.is_none() {
         return Err(fail(
             ApiError::unavailable(
@@ -545,7 +576,7 @@ fn admit(s: &AppState, a: &Asked) -> Result<Admitted, Fail> {
                 Some(5),
             ),
             model,
-            member,
+            &a.who,
         ));
     }
     Ok(Admitted {
@@ -625,7 +656,7 @@ async fn reserve(
                 retry_after,
             ),
             model,
-            member,
+            &a.who,
         )),
         Err(e) => {
             tracing::error!(error = %e, quota = %a.owner.quota, "ledger unavailable; refusing rather than serving unmetered");
@@ -636,7 +667,7 @@ async fn reserve(
                     Some(2),
                 ),
                 model,
-                member,
+                &a.who,
             ))
         }
     }
@@ -710,7 +741,7 @@ async fn relay_refusal(
         return Err(metered_fail(
             ApiError::bad_gateway(format!("the model server answered {status}: {msg}")),
             &a.model,
-            &a.member,
+            &a.who,
         ));
     }
     meter.nothing(status.as_u16());
@@ -745,7 +776,7 @@ async fn relay_whole(
             } else {
                 ApiError::bad_gateway("the model server's response broke off")
             };
-            return Err(metered_fail(err, &a.model, &a.member));
+            return Err(metered_fail(err, &a.model, &a.who));
         }
     };
     let usage = serde_json::from_slice::<Value>(&body)
@@ -945,6 +976,8 @@ struct Meter {
     ledger: Arc<QuotaLedger>,
     spec: StintQuotaSpec,
     member: String,
+    /// The member as metrics label it.
+    who: MemberLabels,
     model: String,
     target_key: String,
     reservation: Reservation,
@@ -988,6 +1021,7 @@ impl Meter {
             ledger: admitted.ledger,
             spec: admitted.spec,
             member: a.member.clone(),
+            who: a.who.clone(),
             model: a.model.clone(),
             target_key: a.target.key.clone(),
             reservation,
@@ -1078,24 +1112,15 @@ impl Meter {
                 ("completion", u.completion_tokens),
             ] {
                 m.tokens
-                    .get_or_create(&TokenLabels {
-                        member: self.member.clone(),
-                        kind: kind.into(),
-                    })
+                    .get_or_create(&TokenLabels::new(&self.who, kind))
                     .inc_by(n.max(0) as u64);
             }
             m.energy_joules
-                .get_or_create(&MemberLabels {
-                    member: self.member.clone(),
-                })
+                .get_or_create(&self.who)
                 .inc_by(u.energy_wh * 3600.0);
         }
         m.requests
-            .get_or_create(&RequestLabels {
-                model: self.model.clone(),
-                member: self.member.clone(),
-                code: self.code.to_string(),
-            })
+            .get_or_create(&RequestLabels::new(&self.who, &self.model, self.code))
             .inc();
         m.request_duration
             .get_or_create(&ModelLabels {
