@@ -502,7 +502,8 @@ impl SourceCache {
     }
 }
 
-/// The cache key of a source: its URL or path, with the format.
+/// The cache key of a source: its URL or path (and a hub source's files),
+/// with the format.
 fn cache_key(source: &ModelSource, format: ModelFormat) -> Option<String> {
     let place = source
         .http
@@ -512,7 +513,9 @@ fn cache_key(source: &ModelSource, format: ModelFormat) -> Option<String> {
             source
                 .hugging_face
                 .as_ref()
-                .map(|h| format!("hf:{}", h.resolve_url()))
+                // `files` picks the file of a GGUF repository (several
+                // quantizations side by side).
+                .map(|h| format!("hf:{} {:?}", h.resolve_url(), h.files))
         })
         .or_else(|| {
             source
@@ -1085,6 +1088,36 @@ mod tests {
         assert_eq!(n.weight_bytes, 429_312);
         let log = log.lock().unwrap().clone();
         assert_eq!(log[0].0, "/town/llama-gguf/resolve/main/model.gguf");
+    }
+
+    #[tokio::test]
+    async fn the_cache_tells_two_gguf_files_of_one_repository_apart() {
+        use crate::resources::model_deployment::HuggingFaceSource;
+        use crate::serving::gguf_header::synth;
+        let mut files = gguf_files(std::fs::read(fixture(TINY_GGUF)).unwrap());
+        files.insert("big.gguf".into(), synth::llama_8b(true, 0));
+        let (url, _) = serve(files, true).await;
+        let base = url.trim_end_matches("/models/tiny/");
+        let hf = |file: &str| {
+            gguf_spec(ModelSource {
+                hugging_face: Some(HuggingFaceSource {
+                    repo: "town/two".into(),
+                    revision: "main".into(),
+                    files: vec![file.into()],
+                    token_secret: None,
+                    endpoint: Some(base.into()),
+                }),
+                ..ModelSource::default()
+            })
+        };
+        let cache = SourceCache::new(Duration::from_secs(600));
+        let small = cache
+            .model_needs(&client(), &hf("model.gguf"))
+            .await
+            .unwrap();
+        let big = cache.model_needs(&client(), &hf("big.gguf")).await.unwrap();
+        assert_eq!(small.weight_bytes, 429_312);
+        assert_eq!(big.num_layers, 32);
     }
 
     #[tokio::test]

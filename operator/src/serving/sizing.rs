@@ -654,6 +654,25 @@ impl ModelNeeds {
             .saturating_add(head)
     }
 
+    /// The terms of [`Self::bytes_per_replica`] for the `Placed`
+    /// condition: `weights 4.6 GiB (GGUF …) + KV cache 2.0 GiB for 16384
+    /// tokens + overhead 0.7 GiB`.
+    pub fn breakdown(&self) -> String {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let note = self
+            .weights_note
+            .as_deref()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default();
+        format!(
+            "weights {:.1} GiB{note} + KV cache {:.1} GiB for {} tokens + overhead {:.1} GiB",
+            gib(self.weight_bytes),
+            gib(self.kv_cache_bytes),
+            self.context_tokens,
+            gib(self.overhead_bytes())
+        )
+    }
+
     /// GPU memory one replica needs in all: weights + KV cache + overhead.
     pub fn bytes_per_replica(&self) -> u64 {
         self.weight_bytes
