@@ -6,6 +6,9 @@
 //!   target.
 //! - Two replicas on the slices of one time-sliced card must fit its memory
 //!   together.
+//! - GGUF 8B models on a local hub (issue 22 item 4) are sized from their
+//!   header, read with range requests, and placed where what the engine
+//!   holds on the GPU fits; a malformed header is a condition and an Event.
 
 use std::time::Duration;
 
@@ -13,7 +16,7 @@ use anyhow::{Result, bail};
 use copyhold::resources::{ModelDeployment, ModelDeploymentStatus};
 use copyhold_e2e::{ChildGuard, FleetLock, TestNamespace, eventually, install_crds};
 use copyhold_hub::server::{HubOptions, spawn_local};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Event, Node};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
@@ -414,6 +417,10 @@ async fn gguf_8b_models_are_sized_from_their_header_on_the_hub_and_placed_on_wha
     std::fs::create_dir_all(&repo)?;
     std::fs::write(repo.join("llama-8b-Q4_K_M.gguf"), gguf::llama_8b(true))?;
     std::fs::write(repo.join("llama-8b-F16.gguf"), gguf::llama_8b(false))?;
+    // A header of a version no one writes.
+    let mut broken = gguf::llama_8b(true);
+    broken[4] = 9;
+    std::fs::write(repo.join("broken.gguf"), broken)?;
     let (hub, hub_state) = spawn_local(&work, HubOptions::default()).await?;
 
     let api: Api<ModelDeployment> = Api::namespaced(s.client.clone(), &ns);
@@ -486,6 +493,48 @@ async fn gguf_8b_models_are_sized_from_their_header_on_the_hub_and_placed_on_wha
         "{message}"
     );
     assert!(message.contains("compute capability 7.0"), "{message}");
+
+    // A malformed header: a condition and an Event naming the file.
+    apply(gguf_model(
+        &ns,
+        "broken",
+        &hub,
+        "broken.gguf",
+        "p40",
+        "copyhold",
+    ))
+    .await?;
+    let st = s.placed("broken").await?;
+    let (status, reason, message) = placed(&st).unwrap_or_default();
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "ModelUnreadable"),
+        "{message}"
+    );
+    assert!(
+        message.contains("broken.gguf") && message.contains("GGUF version 9"),
+        "{message}"
+    );
+    let events: Api<Event> = Api::namespaced(s.client.clone(), &ns);
+    let warned = eventually(Duration::from_secs(30), || async {
+        let notes: Vec<String> = events
+            .list(&Default::default())
+            .await?
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("ModelUnreadable"))
+            .filter_map(|e| e.message)
+            .collect();
+        match notes.is_empty() {
+            false => Ok(notes),
+            true => bail!("no ModelUnreadable Event yet"),
+        }
+    })
+    .await?;
+    assert!(
+        warned.iter().any(|m| m.contains("GGUF version 9")),
+        "{warned:?}"
+    );
 
     // Only the headers were read, in ranges, through the LFS redirect.
     let log = hub_state.access_log();
