@@ -1059,6 +1059,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_gguf_header_over_100_mb_is_refused_after_one_request() {
+        let mut b = b"GGUF\x03\0\0\0".to_vec();
+        b.extend(0u64.to_le_bytes());
+        b.extend(1u64.to_le_bytes());
+        b.extend(3u64.to_le_bytes());
+        b.extend(b"tok");
+        b.extend(9u32.to_le_bytes());
+        b.extend(8u32.to_le_bytes());
+        // 20 million strings: at least 160 MB.
+        b.extend(20_000_000u64.to_le_bytes());
+        let (url, log) = serve(gguf_files(b), true).await;
+        let e = gguf_source::read_http(&client(), &format!("{url}model.gguf"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, SourceError::GgufHeaderTooLarge { bytes, .. } if bytes > 160_000_000),
+            "{e}"
+        );
+        assert_eq!(log.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
     async fn a_gguf_hub_source_must_name_its_file_and_is_read_from_resolve() {
         use crate::resources::model_deployment::HuggingFaceSource;
         let hf = |endpoint: &str, files: &[&str]| {
