@@ -144,10 +144,12 @@ fn decision(
         None => format!("{replicas} replica(s)"),
     };
     let summary = format!(
-        "{counted} of {} GPU(s) each on {}; needs {:.1} GiB per replica",
+        "{counted} of {} GPU(s) each on {}; needs {:.1} GiB per replica: {}{}",
         placed.gpus_per_replica,
         placed.planned_classes().join(" and "),
-        placed.required_memory_bytes as f64 / (1u64 << 30) as f64
+        placed.required_memory_bytes as f64 / (1u64 << 30) as f64,
+        request.needs.breakdown(),
+        first_card(placed, fleet, request.gpu_memory_utilization),
     );
     let shortage = fitted.shortage.as_ref().map(|e| {
         format!(
@@ -167,6 +169,24 @@ fn decision(
         summary,
         shortage,
     }
+}
+
+/// `; of 6.8 GiB usable on node-a's Tesla-P4`: what the first replica's
+/// GPUs offer at `serving.gpuMemoryUtilization`, and where they are.
+fn first_card(placed: &placement::Placement, fleet: &[placement::NodeGpus], util: f64) -> String {
+    let Some(r) = placed.replicas.first() else {
+        return String::new();
+    };
+    let Some(node) = fleet.iter().find(|n| n.name == r.node) else {
+        return String::new();
+    };
+    let usable = (node.memory_bytes_per_gpu as f64 * util).floor() * f64::from(r.gpus);
+    format!(
+        "; of {:.1} GiB usable on {}'s {}",
+        usable / (1u64 << 30) as f64,
+        r.node,
+        r.product
+    )
 }
 
 fn state_of(status: &ModelDeploymentStatus) -> &'static str {

@@ -9,6 +9,8 @@
 //! here imports the controllers, the gateway, `energy` or `commons`.
 
 pub mod autoscale;
+pub mod gguf_header;
+pub mod gguf_source;
 pub mod gpu_catalog;
 pub mod model_cache;
 pub mod model_source;

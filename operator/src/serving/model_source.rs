@@ -9,8 +9,10 @@
 //!   as far as needed, then the connection is dropped.
 //! - `hostPath`: the same files from the controller's own filesystem when the
 //!   path exists there (a shared mount); otherwise sizing must be inline.
-//! - `pvc`, `oci`, and GGUF files: the controller does not read them; sizing
-//!   must be given inline (`model.sizing`).
+//! - GGUF files (`format: gguf`): their header only, in growing range
+//!   requests or from the local file ([`crate::serving::gguf_source`]).
+//! - `pvc` and `oci`: the controller does not read them; sizing must be
+//!   given inline (`model.sizing`).
 //!
 //! Headers over 100 MB are refused: real ones are well under 1 MB, and the
 //! length prefix comes from outside.
@@ -25,6 +27,8 @@ use reqwest::header::{CONTENT_RANGE, RANGE};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::resources::model_deployment::{ModelDeploymentSpec, ModelFormat, ModelSource};
+use crate::serving::gguf_header::GgufError;
+use crate::serving::gguf_source::{self, GgufSource, MAX_GGUF_HEADER_BYTES};
 use crate::serving::sizing::{
     HfConfig, ModelNeeds, SafetensorsHeader, SizingError, SizingInput, parse_compute_capability,
 };
@@ -63,6 +67,16 @@ pub enum SourceError {
     NeedsInlineSizing { what: String },
     #[error("spec.model.sizing or serving: {0}")]
     InvalidSizing(SizingError),
+    #[error("{url}: {source}")]
+    Gguf { url: String, source: GgufError },
+    #[error(
+        "{url}: the GGUF header needs at least {bytes} bytes, over the {MAX_GGUF_HEADER_BYTES}-byte limit"
+    )]
+    GgufHeaderTooLarge { url: String, bytes: u64 },
+    #[error(
+        "spec.model.source.huggingFace.files must name the model's one .gguf file, without wildcards (e.g. `files: [model-Q4_K_M.gguf]`); it is {files:?}"
+    )]
+    NeedsGgufFile { files: Vec<String> },
 }
 
 impl SourceError {
@@ -83,6 +97,13 @@ pub struct ModelFiles {
     pub weight_files: Vec<String>,
     /// Their headers, in the same order.
     pub headers: Vec<SafetensorsHeader>,
+}
+
+/// What was read from a source: what sizing needs of each format.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceModel {
+    Safetensors(ModelFiles),
+    Gguf(GgufSource),
 }
 
 /// Where the files are.
@@ -377,17 +398,28 @@ pub async fn read_dir(dir: &Path) -> Result<ModelFiles, SourceError> {
     read_files(&Location::Dir(dir.to_path_buf())).await
 }
 
-/// Reads config and headers from the spec's source, if the controller can.
+/// Reads what sizing needs from the spec's source, if the controller can:
+/// config and safetensors headers, or the GGUF header.
 pub async fn read_source(
     client: &reqwest::Client,
     source: &ModelSource,
     format: ModelFormat,
-) -> Result<ModelFiles, SourceError> {
-    if format == ModelFormat::Gguf {
-        return Err(SourceError::NeedsInlineSizing {
-            what: "the controller does not read GGUF files".into(),
-        });
+) -> Result<SourceModel, SourceError> {
+    match format {
+        ModelFormat::Gguf => gguf_source::read_source(client, source)
+            .await
+            .map(SourceModel::Gguf),
+        ModelFormat::Safetensors => read_safetensors(client, source)
+            .await
+            .map(SourceModel::Safetensors),
     }
+}
+
+/// Reads config and safetensors headers from the spec's source.
+async fn read_safetensors(
+    client: &reqwest::Client,
+    source: &ModelSource,
+) -> Result<ModelFiles, SourceError> {
     if let Some(h) = &source.http {
         return read_http(client, &h.url).await;
     }
@@ -433,7 +465,7 @@ pub async fn model_needs(
 #[derive(Debug)]
 pub struct SourceCache {
     ttl: Duration,
-    entries: Mutex<HashMap<String, (Instant, ModelFiles)>>,
+    entries: Mutex<HashMap<String, (Instant, SourceModel)>>,
 }
 
 impl SourceCache {
@@ -454,7 +486,7 @@ impl SourceCache {
         needs(client, spec, Some(self)).await
     }
 
-    fn get(&self, key: &str) -> Option<ModelFiles> {
+    fn get(&self, key: &str) -> Option<SourceModel> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries
             .get(key)
@@ -462,7 +494,7 @@ impl SourceCache {
             .map(|(_, f)| f.clone())
     }
 
-    fn put(&self, key: String, files: ModelFiles) {
+    fn put(&self, key: String, files: SourceModel) {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let ttl = self.ttl;
         entries.retain(|_, (at, _)| at.elapsed() < ttl);
@@ -470,7 +502,8 @@ impl SourceCache {
     }
 }
 
-/// The cache key of a source: its URL or path, with the format.
+/// The cache key of a source: its URL or path (and a hub source's files),
+/// with the format.
 fn cache_key(source: &ModelSource, format: ModelFormat) -> Option<String> {
     let place = source
         .http
@@ -480,7 +513,9 @@ fn cache_key(source: &ModelSource, format: ModelFormat) -> Option<String> {
             source
                 .hugging_face
                 .as_ref()
-                .map(|h| format!("hf:{}", h.resolve_url()))
+                // `files` picks the file of a GGUF repository (several
+                // quantizations side by side).
+                .map(|h| format!("hf:{} {:?}", h.resolve_url(), h.files))
         })
         .or_else(|| {
             source
@@ -523,8 +558,16 @@ async fn needs(
             f
         }
     };
-    ModelNeeds::from_model(&files.config, &files.headers, &input)
-        .map_err(SourceError::InvalidSizing)
+    match files {
+        SourceModel::Safetensors(f) => ModelNeeds::from_model(&f.config, &f.headers, &input)
+            .map_err(SourceError::InvalidSizing),
+        SourceModel::Gguf(g) => {
+            ModelNeeds::from_gguf(&g.model, &input).map_err(|source| SourceError::Sizing {
+                url: g.file.clone(),
+                source,
+            })
+        }
+    }
 }
 
 #[cfg(test)]
@@ -886,6 +929,217 @@ mod tests {
             requests + 8,
             "read again each time"
         );
+    }
+
+    /// The tiny fixture converted by `copyhold-node gguf --type q8_0`:
+    /// its tensors as gguf-py reads them hold 260 592 bytes, and 429 312
+    /// once copyhold-node's CUDA backend widens the Q8_0 blocks to f16.
+    const TINY_GGUF: &str = "tiny-llama-gguf/model-q8_0.gguf";
+
+    fn gguf_spec(source: ModelSource) -> ModelDeploymentSpec {
+        let mut s = spec(source, None);
+        s.model.format = ModelFormat::Gguf;
+        s
+    }
+
+    #[tokio::test]
+    async fn a_gguf_host_path_is_sized_from_its_header() {
+        let file = fixture(TINY_GGUF);
+        for path in [file.clone(), file.parent().unwrap().to_path_buf()] {
+            let s = gguf_spec(ModelSource {
+                host_path: Some(HostPathSource {
+                    path: path.display().to_string(),
+                }),
+                ..ModelSource::default()
+            });
+            let n = model_needs(&client(), &s).await.unwrap();
+            assert_eq!(n.weight_bytes, 429_312, "{path:?}");
+            assert_eq!(n.num_layers, 3);
+            // 3 layers × 2 KV heads × 16 × K and V × f16.
+            assert_eq!(n.kv_bytes_per_token, 3 * 2 * 16 * 2 * 2);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_gguf_on_a_mirror_is_sized_from_range_requests_for_its_header_only() {
+        let data = std::fs::read(fixture(TINY_GGUF)).unwrap();
+        let sums = format!("{}  model-q8_0.gguf\n", "0".repeat(64));
+        let files = BTreeMap::from([
+            ("model-q8_0.gguf".to_string(), data.clone()),
+            ("SHA256SUMS".to_string(), sums.into_bytes()),
+        ]);
+        for honour_range in [true, false] {
+            let (url, log) = serve(files.clone(), honour_range).await;
+            let s = gguf_spec(ModelSource {
+                http: Some(HttpSource { url }),
+                ..ModelSource::default()
+            });
+            let n = model_needs(&client(), &s).await.unwrap();
+            assert_eq!(n.weight_bytes, 429_312);
+            assert_eq!(n.kv_bytes_per_token, 384);
+            let log = log.lock().unwrap().clone();
+            let ranges: Vec<_> = log.iter().filter_map(|(_, r)| r.clone()).collect();
+            assert!(ranges.iter().all(|r| r.starts_with("bytes=")), "{log:?}");
+            assert!(!ranges.is_empty(), "{log:?}");
+        }
+    }
+
+    /// A hub-style GGUF source on the test server: `model.gguf` holding
+    /// `data`, named by the directory's manifest.
+    fn gguf_files(data: Vec<u8>) -> BTreeMap<String, Vec<u8>> {
+        BTreeMap::from([
+            ("model.gguf".to_string(), data),
+            (
+                "SHA256SUMS".to_string(),
+                format!("{}  model.gguf\n", "0".repeat(64)).into_bytes(),
+            ),
+        ])
+    }
+
+    #[tokio::test]
+    async fn an_8b_gguf_header_is_read_in_ranges_that_grow_to_its_end() {
+        use crate::serving::gguf_header::synth;
+        let header = synth::llama_8b(true, 0);
+        let len = header.len();
+        assert!(len > 1 << 20 && len < 2 << 20, "{len}");
+        let (url, log) = serve(gguf_files(header), true).await;
+        let got = gguf_source::read_http(&client(), &format!("{url}model.gguf"))
+            .await
+            .unwrap();
+        assert_eq!(got.model.stored_bytes(), 4_912_898_048);
+        let ranges: Vec<_> = log.lock().unwrap().iter().map(|l| l.1.clone()).collect();
+        assert_eq!(
+            ranges,
+            vec![
+                Some("bytes=0-1048575".to_string()),
+                Some("bytes=1048576-2097151".to_string()),
+            ]
+        );
+
+        // A server ignoring Range: one response, read as far as needed.
+        let (url, log) = serve(gguf_files(synth::llama_8b(true, 0)), false).await;
+        let again = gguf_source::read_http(&client(), &format!("{url}model.gguf"))
+            .await
+            .unwrap();
+        assert_eq!(
+            again,
+            GgufSource {
+                file: format!("{url}model.gguf"),
+                ..got
+            }
+        );
+        assert_eq!(log.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_malformed_or_cut_gguf_header_is_unreadable_naming_the_file() {
+        let mut bad = std::fs::read(fixture(TINY_GGUF)).unwrap();
+        bad[4] = 7;
+        let (url, _) = serve(gguf_files(bad), true).await;
+        let s = gguf_spec(ModelSource {
+            http: Some(HttpSource { url: url.clone() }),
+            ..ModelSource::default()
+        });
+        let e = model_needs(&client(), &s).await.unwrap_err();
+        assert_eq!(e.reason(), "ModelUnreadable");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!("{url}model.gguf")) && msg.contains("GGUF version 7"),
+            "{msg}"
+        );
+
+        let cut = std::fs::read(fixture(TINY_GGUF)).unwrap()[..5000].to_vec();
+        let (url, _) = serve(gguf_files(cut), true).await;
+        let s = gguf_spec(ModelSource {
+            http: Some(HttpSource { url }),
+            ..ModelSource::default()
+        });
+        let e = model_needs(&client(), &s).await.unwrap_err();
+        assert!(e.to_string().contains("ends after 5000 bytes"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_gguf_header_over_100_mb_is_refused_after_one_request() {
+        let mut b = b"GGUF\x03\0\0\0".to_vec();
+        b.extend(0u64.to_le_bytes());
+        b.extend(1u64.to_le_bytes());
+        b.extend(3u64.to_le_bytes());
+        b.extend(b"tok");
+        b.extend(9u32.to_le_bytes());
+        b.extend(8u32.to_le_bytes());
+        // 20 million strings: at least 160 MB.
+        b.extend(20_000_000u64.to_le_bytes());
+        let (url, log) = serve(gguf_files(b), true).await;
+        let e = gguf_source::read_http(&client(), &format!("{url}model.gguf"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, SourceError::GgufHeaderTooLarge { bytes, .. } if bytes > 160_000_000),
+            "{e}"
+        );
+        assert_eq!(log.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_gguf_hub_source_must_name_its_file_and_is_read_from_resolve() {
+        use crate::resources::model_deployment::HuggingFaceSource;
+        let hf = |endpoint: &str, files: &[&str]| {
+            gguf_spec(ModelSource {
+                hugging_face: Some(HuggingFaceSource {
+                    repo: "town/llama-gguf".into(),
+                    revision: "main".into(),
+                    files: files.iter().map(|f| f.to_string()).collect(),
+                    token_secret: None,
+                    endpoint: Some(endpoint.into()),
+                }),
+                ..ModelSource::default()
+            })
+        };
+        let e = model_needs(&client(), &hf("http://127.0.0.1:9", &["*.gguf"]))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, SourceError::NeedsGgufFile { .. }), "{e}");
+        assert!(e.to_string().contains("files: [model-Q4_K_M.gguf]"), "{e}");
+
+        let data = std::fs::read(fixture(TINY_GGUF)).unwrap();
+        let (url, log) = serve(gguf_files(data), true).await;
+        let base = url.trim_end_matches("/models/tiny/");
+        let n = model_needs(&client(), &hf(base, &["model.gguf", "README.md"]))
+            .await
+            .unwrap();
+        assert_eq!(n.weight_bytes, 429_312);
+        let log = log.lock().unwrap().clone();
+        assert_eq!(log[0].0, "/town/llama-gguf/resolve/main/model.gguf");
+    }
+
+    #[tokio::test]
+    async fn the_cache_tells_two_gguf_files_of_one_repository_apart() {
+        use crate::resources::model_deployment::HuggingFaceSource;
+        use crate::serving::gguf_header::synth;
+        let mut files = gguf_files(std::fs::read(fixture(TINY_GGUF)).unwrap());
+        files.insert("big.gguf".into(), synth::llama_8b(true, 0));
+        let (url, _) = serve(files, true).await;
+        let base = url.trim_end_matches("/models/tiny/");
+        let hf = |file: &str| {
+            gguf_spec(ModelSource {
+                hugging_face: Some(HuggingFaceSource {
+                    repo: "town/two".into(),
+                    revision: "main".into(),
+                    files: vec![file.into()],
+                    token_secret: None,
+                    endpoint: Some(base.into()),
+                }),
+                ..ModelSource::default()
+            })
+        };
+        let cache = SourceCache::new(Duration::from_secs(600));
+        let small = cache
+            .model_needs(&client(), &hf("model.gguf"))
+            .await
+            .unwrap();
+        let big = cache.model_needs(&client(), &hf("big.gguf")).await.unwrap();
+        assert_eq!(small.weight_bytes, 429_312);
+        assert_eq!(big.num_layers, 32);
     }
 
     #[tokio::test]

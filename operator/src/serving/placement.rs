@@ -925,6 +925,7 @@ mod tests {
             num_layers: layers,
             min_compute_capability: cc,
             tied_head_bytes: 0,
+            weights_note: None,
         }
     }
 

@@ -29,6 +29,7 @@ use serde::Deserialize;
 
 use crate::resources::model_deployment::{Dtype, EngineKind, InlineSizing, ServingSpec};
 use crate::resources::quantity;
+use crate::serving::gguf_header::GgufModel;
 
 /// Compute capability our own kernels need (Pascal, sm_60).
 pub const COPYHOLD_MIN_CC: (u8, u8) = (6, 0);
@@ -59,7 +60,19 @@ pub enum SizingError {
     BadComputeCapability(String),
     #[error("the model's numbers overflow 64 bits: {0}")]
     Overflow(&'static str),
+    #[error(
+        "the GGUF file holds {ty} tensors, which copyhold-node does not load (it loads {}); use a file quantized to those, or engine vllm",
+        COPYHOLD_GGUF_TYPES.join(", ")
+    )]
+    GgufTypeUnsupported { ty: String },
 }
+
+/// The ggml types `copyhold-node` loads from GGUF files
+/// (`inference-node/src/model/gguf.rs`, `dtype_of`).
+pub const COPYHOLD_GGUF_TYPES: &[&str] =
+    &["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K"];
+/// Compute capability vLLM's kernels for GGUF block formats need (Volta).
+pub const VLLM_GGUF_MIN_CC: (u8, u8) = (7, 0);
 
 /// Bytes one element of a dtype takes.
 pub fn dtype_bytes(d: Dtype) -> u64 {
@@ -344,6 +357,22 @@ fn tied_head_bytes(
         .ok_or(SizingError::Overflow("embedding bytes"))
 }
 
+/// `GGUF Q4_K+Q6_K, 4.58 GiB in the file, widened to f16 on the GPU`.
+fn gguf_note(model: &GgufModel, formats: &[&str], widened: bool) -> String {
+    let kinds = if formats.is_empty() {
+        model.by_type.keys().copied().collect::<Vec<_>>().join("+")
+    } else {
+        formats.join("+")
+    };
+    let gib = model.stored_bytes() as f64 / (1u64 << 30) as f64;
+    let on_gpu = if widened {
+        "widened to f16 on the GPU"
+    } else {
+        "held as stored"
+    };
+    format!("GGUF {kinds}, {gib:.2} GiB in the file, {on_gpu}")
+}
+
 /// What the user asked each replica to hold and how it will run.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SizingInput<'a> {
@@ -375,6 +404,9 @@ pub struct ModelNeeds {
     /// split over GPUs holds a second copy on the last one (as
     /// `copyhold-node` does). 0 when the head is untied or not known.
     pub tied_head_bytes: u64,
+    /// How the weights were counted when the GPU does not hold them as
+    /// stored (GGUF block formats): for the `Placed` condition.
+    pub weights_note: Option<String>,
 }
 
 impl ModelNeeds {
@@ -433,6 +465,65 @@ impl ModelNeeds {
             input,
         )?;
         needs.tied_head_bytes = tied_head_bytes(config, headers, weights_dtype)?;
+        Ok(needs)
+    }
+
+    /// Sizes a GGUF model from its header, counting the weights as the
+    /// engine holds them on the GPU:
+    ///
+    /// - `copyhold`: block formats (Q8_0, Q4_K, …) are widened to f16 when
+    ///   uploaded (`inference-node/src/cuda/plan.rs`, `device_dtype`; no
+    ///   quantized CUDA kernels yet), so they cost 2 bytes an element, as
+    ///   an f16 model does; F32, F16 and BF16 tensors cost what they
+    ///   store. Types the node does not load are refused here.
+    /// - `vllm`: the blocks stay as stored; its kernels for them need
+    ///   compute capability 7.0.
+    ///
+    /// The KV cache is f16 (f32 for an all-f32 file), as for safetensors.
+    pub fn from_gguf(model: &GgufModel, input: &SizingInput<'_>) -> Result<Self, SizingError> {
+        let copyhold = input.engine == EngineKind::Copyhold;
+        let mut device = 0u64;
+        let mut widened = false;
+        for (name, t) in &model.by_type {
+            if copyhold && !COPYHOLD_GGUF_TYPES.contains(name) {
+                return Err(SizingError::GgufTypeUnsupported {
+                    ty: (*name).to_string(),
+                });
+            }
+            let bytes = if copyhold && t.ty.is_block_format() {
+                widened = true;
+                t.elements.checked_mul(2)
+            } else {
+                Some(t.bytes)
+            };
+            device = bytes
+                .and_then(|b| device.checked_add(b))
+                .ok_or(SizingError::Overflow("weight bytes"))?;
+        }
+        let all_f32 = model.by_type.keys().all(|n| *n == "F32");
+        let dtype = if all_f32 { Dtype::F32 } else { Dtype::F16 };
+        let kv_per_token = model
+            .key_length
+            .checked_add(model.value_length)
+            .and_then(|x| x.checked_mul(model.kv_heads))
+            .and_then(|x| x.checked_mul(u64::from(model.layers)))
+            .and_then(|x| x.checked_mul(dtype_bytes(dtype)))
+            .ok_or(SizingError::Overflow("KV bytes per token"))?;
+        let mut needs = Self::assemble(device, dtype, kv_per_token, model.layers, input)?;
+        let formats = model.block_formats();
+        if !copyhold && !formats.is_empty() {
+            needs.min_compute_capability = needs.min_compute_capability.max(VLLM_GGUF_MIN_CC);
+        }
+        if model.tied_head {
+            needs.tied_head_bytes = model.embedding.map_or(0, |(ty, elements)| {
+                if copyhold && ty.is_block_format() {
+                    elements.saturating_mul(2)
+                } else {
+                    elements / ty.block_elems * ty.block_bytes
+                }
+            });
+        }
+        needs.weights_note = Some(gguf_note(model, &formats, widened));
         Ok(needs)
     }
 
@@ -537,6 +628,7 @@ impl ModelNeeds {
             num_layers,
             min_compute_capability: min_compute_capability(bf16, input.placement_min_cc),
             tied_head_bytes: 0,
+            weights_note: None,
         })
     }
 
@@ -560,6 +652,25 @@ impl ModelNeeds {
         self.bytes_per_replica()
             .saturating_add(extra.saturating_mul(OVERHEAD_FIXED_BYTES))
             .saturating_add(head)
+    }
+
+    /// The terms of [`Self::bytes_per_replica`] for the `Placed`
+    /// condition: `weights 4.6 GiB (GGUF …) + KV cache 2.0 GiB for 16384
+    /// tokens + overhead 0.7 GiB`.
+    pub fn breakdown(&self) -> String {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let note = self
+            .weights_note
+            .as_deref()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default();
+        format!(
+            "weights {:.1} GiB{note} + KV cache {:.1} GiB for {} tokens + overhead {:.1} GiB",
+            gib(self.weight_bytes),
+            gib(self.kv_cache_bytes),
+            self.context_tokens,
+            gib(self.overhead_bytes())
+        )
     }
 
     /// GPU memory one replica needs in all: weights + KV cache + overhead.
@@ -635,6 +746,56 @@ mod tests {
             "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": false,
             "torch_dtype": "bfloat16"
         }))
+    }
+
+    fn gguf_8b(q4_k_m: bool, weights: u32) -> GgufModel {
+        use crate::serving::gguf_header::{Parsed, parse, synth};
+        let Ok(Parsed::Header(h)) = parse(&synth::llama_8b(q4_k_m, weights)) else {
+            panic!("the synthesized header parses");
+        };
+        GgufModel::from_header(&h).unwrap()
+    }
+
+    #[test]
+    fn a_q4_k_m_8b_gguf_costs_f16_on_copyhold_s_gpu_and_its_blocks_under_vllm() {
+        let s = ServingSpec::default();
+        let q4 = gguf_8b(true, 0);
+        let own = ModelNeeds::from_gguf(&q4, &input(&s, EngineKind::Copyhold)).unwrap();
+        // Q4_K/Q6_K elements × 2 (widened to f16) + the norms' f32 bytes.
+        let f32_elems = 65 * 4096;
+        assert_eq!(
+            own.weight_bytes,
+            (8_030_261_248 - f32_elems) * 2 + f32_elems * 4
+        );
+        assert_eq!(own.kv_bytes_per_token, 131_072, "as the HF config gives");
+        assert_eq!(own.num_layers, 32);
+        assert_eq!(own.min_compute_capability, (6, 0));
+        assert_eq!(
+            own.weights_note.as_deref(),
+            Some("GGUF Q4_K+Q6_K, 4.58 GiB in the file, widened to f16 on the GPU")
+        );
+
+        let vllm = ModelNeeds::from_gguf(&q4, &input(&s, EngineKind::Vllm)).unwrap();
+        assert_eq!(vllm.weight_bytes, 4_912_898_048);
+        assert_eq!(vllm.min_compute_capability, VLLM_GGUF_MIN_CC);
+
+        // An f16 file is what it stores on both.
+        let f16 = gguf_8b(false, crate::serving::gguf_header::synth::F16);
+        let n = ModelNeeds::from_gguf(&f16, &input(&s, EngineKind::Copyhold)).unwrap();
+        assert_eq!(
+            n.weight_bytes,
+            (8_030_261_248 - f32_elems) * 2 + f32_elems * 4
+        );
+        assert_eq!(n.weights_dtype, Dtype::F16);
+    }
+
+    #[test]
+    fn a_gguf_type_copyhold_node_does_not_load_is_refused_by_name() {
+        let s = ServingSpec::default();
+        let iq2 = gguf_8b(false, 17);
+        let e = ModelNeeds::from_gguf(&iq2, &input(&s, EngineKind::Copyhold)).unwrap_err();
+        assert!(e.to_string().contains("holds IQ2_XS tensors"), "{e}");
+        assert!(ModelNeeds::from_gguf(&iq2, &input(&s, EngineKind::Vllm)).is_ok());
     }
 
     #[test]
