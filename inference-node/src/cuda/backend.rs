@@ -1457,6 +1457,9 @@ fn forward_layers(
     Ok(pending)
 }
 
+/// K/V of this step written to the cache, then paged attention: the
+/// decode kernel (split-K) for rows alone of their sequence, the tiled
+/// prefill kernel for runs of prompt tokens.
 #[allow(clippy::too_many_arguments)]
 fn attention(
     be: &CudaBackend,
@@ -1469,162 +1472,243 @@ fn attention(
     shape: &StepShape,
     window: usize,
 ) -> Result<(), CudaError> {
-    let cfg = &be.cfg;
-    let st = &sh.stream;
-    let m = shape.m;
-    let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
-    let row = nkv * hd;
-    let sfx16 = matches!(sh.k_cache[li], KvBuf::F16(_));
-    let (mi, rowi) = (m as i32, row as i32);
-    {
-        let f = sh.kernels.get(if sfx16 {
-            "kv_write_f16"
-        } else {
-            "kv_write_f32"
-        })?;
-        let mut b = st.launch_builder(f);
-        b.arg(k).arg(v);
-        // kv_write_*(const float* k, const float* v, KV* kc, KV* vc, const int* slots, int m, int row)
-        match (&sh.k_cache[li], &sh.v_cache[li]) {
+    kv_write(be, sh, li, (k, v), dev, shape.m)?;
+    let scale = 1.0f32 / (be.cfg.head_dim as f32).sqrt();
+    if let Some(decode) = &dev.decode {
+        let a = AttnLaunch {
+            be,
+            sh,
+            li,
+            q,
+            dev,
+            window,
+            scale,
+        };
+        decode_attention(&a, decode, out, fixed, shape)?;
+    }
+    if let Some(tiles) = &dev.tiles {
+        let a = AttnLaunch {
+            be,
+            sh,
+            li,
+            q,
+            dev,
+            window,
+            scale,
+        };
+        prefill_attention(&a, tiles, out, shape)?;
+    }
+    Ok(())
+}
+
+/// What both attention kernels take besides their own buffers.
+struct AttnLaunch<'a> {
+    be: &'a CudaBackend,
+    sh: &'a Shard,
+    li: usize,
+    q: &'a CudaSlice<f32>,
+    dev: &'a DevStep,
+    window: usize,
+    scale: f32,
+}
+
+impl AttnLaunch<'_> {
+    /// The kernel for an f16 or an f32 KV cache, as the layer's is.
+    fn kernel(
+        &self,
+        f16: &'static str,
+        f32: &'static str,
+    ) -> Result<&cudarc::driver::CudaFunction, CudaError> {
+        let half = matches!(self.sh.k_cache[self.li], KvBuf::F16(_));
+        self.sh.kernels.get(if half { f16 } else { f32 })
+    }
+
+    /// Pushes the layer's K and V caches.
+    fn push_kv<'b>(&'b self, b: &mut cudarc::driver::LaunchArgs<'b>) -> Result<(), CudaError> {
+        match (&self.sh.k_cache[self.li], &self.sh.v_cache[self.li]) {
             (KvBuf::F32(kc), KvBuf::F32(vc)) => b.arg(kc).arg(vc),
             (KvBuf::F16(kc), KvBuf::F16(vc)) => b.arg(kc).arg(vc),
             _ => return Err(CudaError::Unsupported("mixed KV dtypes".into())),
         };
-        b.arg(&dev.slots).arg(&mi).arg(&rowi);
-        unsafe { b.launch(cfg1d(m * row, 256)) }.map_err(launch_err("kv_write"))?;
+        Ok(())
     }
-    let scale = 1.0f32 / (hd as f32).sqrt();
+}
+
+/// This step's K/V rows into their cache slots.
+fn kv_write(
+    be: &CudaBackend,
+    sh: &Shard,
+    li: usize,
+    (k, v): (&CudaSlice<f32>, &CudaSlice<f32>),
+    dev: &DevStep,
+    m: usize,
+) -> Result<(), CudaError> {
+    let row = be.cfg.num_kv_heads * be.cfg.head_dim;
+    let f16 = matches!(sh.k_cache[li], KvBuf::F16(_));
+    let f = sh
+        .kernels
+        .get(if f16 { "kv_write_f16" } else { "kv_write_f32" })?;
+    let (mi, rowi) = (m as i32, row as i32);
+    let mut b = sh.stream.launch_builder(f);
+    b.arg(k).arg(v);
+    // kv_write_*(const float* k, const float* v, KV* kc, KV* vc, const int* slots, int m, int row)
+    match (&sh.k_cache[li], &sh.v_cache[li]) {
+        (KvBuf::F32(kc), KvBuf::F32(vc)) => b.arg(kc).arg(vc),
+        (KvBuf::F16(kc), KvBuf::F16(vc)) => b.arg(kc).arg(vc),
+        _ => return Err(CudaError::Unsupported("mixed KV dtypes".into())),
+    };
+    b.arg(&dev.slots).arg(&mi).arg(&rowi);
+    unsafe { b.launch(cfg1d(m * row, 256)) }.map_err(launch_err("kv_write"))?;
+    Ok(())
+}
+
+/// Decode rows: split-K over the context (`fixed` partials in a graph, the
+/// shard's reused ones otherwise), reduced when split.
+fn decode_attention(
+    a: &AttnLaunch,
+    decode: &CudaSlice<i32>,
+    out: &mut CudaSlice<f32>,
+    fixed: Option<&Partials>,
+    shape: &StepShape,
+) -> Result<(), CudaError> {
+    let (be, sh, dev, q) = (a.be, a.sh, a.dev, a.q);
+    let cfg = &be.cfg;
+    let st = &sh.stream;
+    let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
+    let group = nh / nkv;
     let (nhi, nkvi, hdi, bsi, wi) = (
         nh as i32,
         nkv as i32,
         hd as i32,
         be.opts.block_size as i32,
-        window as i32,
+        a.window as i32,
     );
-    let group = nh / nkv;
-    if let Some(decode) = &dev.decode {
-        let nd = shape.decode;
-        let part = be.part_size;
-        let nparts = shape.decode_parts(window, part);
-        let mut scratch = sh.scratch()?;
-        let StepScratch {
-            part_out,
-            part_max,
-            part_sum,
-            ..
-        } = &mut *scratch;
-        let parts = match (nparts > 1, fixed) {
-            (false, _) => None,
-            (true, Some(p)) => Some((&p.out, &p.max, &p.sum)),
-            (true, None) => {
-                let n = nd * nh * nparts;
-                let what = |c| alloc(st, c, "attention partials");
-                Some((
-                    &*part_out.get(n * hd, what)?,
-                    &*part_max.get(n, what)?,
-                    &*part_sum.get(n, what)?,
-                ))
-            }
-        };
-        let f = sh.kernels.get(if sfx16 {
-            "attention_decode_f16"
-        } else {
-            "attention_decode_f32"
-        })?;
-        let parti = part as i32;
-        let mut b = st.launch_builder(f);
-        b.arg(q);
-        match (&sh.k_cache[li], &sh.v_cache[li]) {
-            (KvBuf::F32(kc), KvBuf::F32(vc)) => b.arg(kc).arg(vc),
-            (KvBuf::F16(kc), KvBuf::F16(vc)) => b.arg(kc).arg(vc),
-            _ => return Err(CudaError::Unsupported("mixed KV dtypes".into())),
-        };
-        // attention_decode_*(q, kc, vc, out, tokens, tok_pos, tok_table, tables, heads, kv_heads,
-        //   head_dim, block_size, window, part_size, scale, part_out, part_max, part_sum)
-        b.arg(&mut *out)
-            .arg(decode)
-            .arg(&dev.pos)
-            .arg(&dev.tok_table)
-            .arg(&dev.tables)
-            .arg(&nhi)
-            .arg(&nkvi)
-            .arg(&hdi)
-            .arg(&bsi)
-            .arg(&wi)
-            .arg(&parti)
-            .arg(&scale);
-        match parts {
-            Some((po, pm, ps)) => b.arg(po).arg(pm).arg(ps),
-            None => b.arg(&NULL).arg(&NULL).arg(&NULL),
-        };
-        let cfg = LaunchConfig {
-            grid_dim: (nd as u32, nkv as u32, nparts as u32),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: plan::decode_smem(group, hd, part) as u32,
-        };
-        unsafe { b.launch(cfg) }.map_err(launch_err("attention_decode"))?;
-        if let Some((po, pm, ps)) = parts {
-            let f = sh.kernels.get("attention_reduce")?;
-            let npi = nparts as i32;
-            // attention_reduce(part_out, part_max, part_sum, out, tokens, heads, head_dim, nparts)
-            let cfg = LaunchConfig {
-                grid_dim: (nd as u32, nh as u32, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            unsafe {
-                st.launch_builder(f)
-                    .arg(po)
-                    .arg(pm)
-                    .arg(ps)
-                    .arg(&mut *out)
-                    .arg(decode)
-                    .arg(&nhi)
-                    .arg(&hdi)
-                    .arg(&npi)
-                    .launch(cfg)
-            }
-            .map_err(launch_err("attention_reduce"))?;
+    let scale = a.scale;
+    let nd = shape.decode;
+    let part = be.part_size;
+    let nparts = shape.decode_parts(a.window, part);
+    let mut scratch = sh.scratch()?;
+    let StepScratch {
+        part_out,
+        part_max,
+        part_sum,
+        ..
+    } = &mut *scratch;
+    let parts = match (nparts > 1, fixed) {
+        (false, _) => None,
+        (true, Some(p)) => Some((&p.out, &p.max, &p.sum)),
+        (true, None) => {
+            let n = nd * nh * nparts;
+            let what = |c| alloc(st, c, "attention partials");
+            Some((
+                &*part_out.get(n * hd, what)?,
+                &*part_max.get(n, what)?,
+                &*part_sum.get(n, what)?,
+            ))
         }
-    }
-    if let Some(tiles) = &dev.tiles {
-        let nt = shape.tiles;
-        let (tq, tk) = be.tile;
-        let f = sh.kernels.get(if sfx16 {
-            "attention_prefill_f16"
-        } else {
-            "attention_prefill_f32"
-        })?;
-        let (tqi, tki) = (tq as i32, tk as i32);
-        let mut b = st.launch_builder(f);
-        b.arg(q);
-        match (&sh.k_cache[li], &sh.v_cache[li]) {
-            (KvBuf::F32(kc), KvBuf::F32(vc)) => b.arg(kc).arg(vc),
-            (KvBuf::F16(kc), KvBuf::F16(vc)) => b.arg(kc).arg(vc),
-            _ => return Err(CudaError::Unsupported("mixed KV dtypes".into())),
-        };
-        // attention_prefill_*(q, kc, vc, out, tiles, tok_pos, tok_table, tables, heads, kv_heads,
-        //   head_dim, block_size, window, tq, tk, scale)
-        b.arg(&mut *out)
-            .arg(tiles)
-            .arg(&dev.pos)
-            .arg(&dev.tok_table)
-            .arg(&dev.tables)
-            .arg(&nhi)
-            .arg(&nkvi)
-            .arg(&hdi)
-            .arg(&bsi)
-            .arg(&wi)
-            .arg(&tqi)
-            .arg(&tki)
-            .arg(&scale);
+    };
+    let f = a.kernel("attention_decode_f16", "attention_decode_f32")?;
+    let parti = part as i32;
+    let mut b = st.launch_builder(f);
+    b.arg(q);
+    a.push_kv(&mut b)?;
+    // attention_decode_*(q, kc, vc, out, tokens, tok_pos, tok_table, tables, heads, kv_heads,
+    //   head_dim, block_size, window, part_size, scale, part_out, part_max, part_sum)
+    b.arg(&mut *out)
+        .arg(decode)
+        .arg(&dev.pos)
+        .arg(&dev.tok_table)
+        .arg(&dev.tables)
+        .arg(&nhi)
+        .arg(&nkvi)
+        .arg(&hdi)
+        .arg(&bsi)
+        .arg(&wi)
+        .arg(&parti)
+        .arg(&scale);
+    match parts {
+        Some((po, pm, ps)) => b.arg(po).arg(pm).arg(ps),
+        None => b.arg(&NULL).arg(&NULL).arg(&NULL),
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (nd as u32, nkv as u32, nparts as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: plan::decode_smem(group, hd, part) as u32,
+    };
+    unsafe { b.launch(cfg) }.map_err(launch_err("attention_decode"))?;
+    if let Some((po, pm, ps)) = parts {
+        let f = sh.kernels.get("attention_reduce")?;
+        let npi = nparts as i32;
+        // attention_reduce(part_out, part_max, part_sum, out, tokens, heads, head_dim, nparts)
         let cfg = LaunchConfig {
-            grid_dim: (nt as u32, nh as u32, 1),
+            grid_dim: (nd as u32, nh as u32, 1),
             block_dim: (128, 1, 1),
-            shared_mem_bytes: plan::prefill_smem(hd, tq, tk) as u32,
+            shared_mem_bytes: 0,
         };
-        unsafe { b.launch(cfg) }.map_err(launch_err("attention_prefill"))?;
+        unsafe {
+            st.launch_builder(f)
+                .arg(po)
+                .arg(pm)
+                .arg(ps)
+                .arg(&mut *out)
+                .arg(decode)
+                .arg(&nhi)
+                .arg(&hdi)
+                .arg(&npi)
+                .launch(cfg)
+        }
+        .map_err(launch_err("attention_reduce"))?;
     }
+    Ok(())
+}
+
+/// Prefill tiles: runs of one sequence's prompt tokens, online softmax.
+fn prefill_attention(
+    a: &AttnLaunch,
+    tiles: &CudaSlice<i32>,
+    out: &mut CudaSlice<f32>,
+    shape: &StepShape,
+) -> Result<(), CudaError> {
+    let (be, sh, dev, q) = (a.be, a.sh, a.dev, a.q);
+    let cfg = &be.cfg;
+    let st = &sh.stream;
+    let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
+    let (nhi, nkvi, hdi, bsi, wi) = (
+        nh as i32,
+        nkv as i32,
+        hd as i32,
+        be.opts.block_size as i32,
+        a.window as i32,
+    );
+    let scale = a.scale;
+    let nt = shape.tiles;
+    let (tq, tk) = be.tile;
+    let f = a.kernel("attention_prefill_f16", "attention_prefill_f32")?;
+    let (tqi, tki) = (tq as i32, tk as i32);
+    let mut b = st.launch_builder(f);
+    b.arg(q);
+    a.push_kv(&mut b)?;
+    // attention_prefill_*(q, kc, vc, out, tiles, tok_pos, tok_table, tables, heads, kv_heads,
+    //   head_dim, block_size, window, tq, tk, scale)
+    b.arg(&mut *out)
+        .arg(tiles)
+        .arg(&dev.pos)
+        .arg(&dev.tok_table)
+        .arg(&dev.tables)
+        .arg(&nhi)
+        .arg(&nkvi)
+        .arg(&hdi)
+        .arg(&bsi)
+        .arg(&wi)
+        .arg(&tqi)
+        .arg(&tki)
+        .arg(&scale);
+    let cfg = LaunchConfig {
+        grid_dim: (nt as u32, nh as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: plan::prefill_smem(hd, tq, tk) as u32,
+    };
+    unsafe { b.launch(cfg) }.map_err(launch_err("attention_prefill"))?;
     Ok(())
 }
 
