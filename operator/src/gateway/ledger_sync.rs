@@ -95,8 +95,6 @@ struct OwnLease {
     /// Its resourceVersion; None before the first write or after a reader
     /// deleted it.
     version: Option<String>,
-    /// When settlements were last written to the status.
-    folded_at: Option<std::time::Instant>,
 }
 
 /// The register's `Ready` condition while gateways meter it.
@@ -124,6 +122,9 @@ pub struct QuotaLedger {
     /// Other replicas' heartbeats as this one saw them move.
     heartbeats: Mutex<Heartbeats>,
     write: tokio::sync::Mutex<OwnLease>,
+    /// When settlements were last written to the status (read without
+    /// waiting for a write in progress).
+    folded_at: Mutex<Option<std::time::Instant>>,
     view: Mutex<View>,
     wake: Notify,
     metrics: Arc<GatewayMetrics>,
@@ -153,6 +154,14 @@ impl QuotaLedger {
 
     fn lock_view(&self) -> std::sync::MutexGuard<'_, View> {
         self.view.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether settlements are due in the status of a quota of `members`.
+    fn fold_due(&self, members: usize) -> bool {
+        self.folded_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none_or(|t| t.elapsed() >= fold_every(members))
     }
 
     fn slice_config(&self) -> (i64, f64) {
@@ -258,7 +267,7 @@ impl QuotaLedger {
         self.lock_view().spec.clone()
     }
 
-    fn due(&self, own: &OwnLease) -> bool {
+    fn due(&self) -> bool {
         let (st, sw) = self.slice_config();
         let (heartbeat, members) = {
             let v = self.lock_view();
@@ -277,7 +286,7 @@ impl QuotaLedger {
         };
         let b = self.lock_book();
         heartbeat
-            || (!b.pending().is_empty() && fold_due(own, members))
+            || (!b.pending().is_empty() && self.fold_due(members))
             || !b.surplus(st, sw, Timestamp::now(), IDLE).is_empty()
     }
 
@@ -315,7 +324,7 @@ impl QuotaLedger {
             })?;
             let read = obj.status.take().unwrap_or_default();
             let (pending, returns) =
-                self.take_from_book(&spec, now, fold_due(&own, spec.members.len()));
+                self.take_from_book(&spec, now, self.fold_due(spec.members.len()));
             let mine = ReplicaSlices {
                 replica: self.replica.clone(),
                 beats: own.beats + 1,
@@ -375,7 +384,8 @@ impl QuotaLedger {
                     }
                 }
                 if !pending.is_empty() {
-                    own.folded_at = Some(std::time::Instant::now());
+                    *self.folded_at.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(std::time::Instant::now());
                 }
             }
             let granted = self
@@ -620,7 +630,7 @@ impl QuotaLedger {
                 _ = self.wake.notified() => tokio::time::sleep(FLUSH_EVERY).await,
                 _ = tokio::time::sleep(backoff) => {}
             }
-            if !self.due(&*self.write.lock().await) {
+            if !self.due() {
                 continue;
             }
             match self.sync(None).await {
@@ -670,6 +680,7 @@ impl Ledgers {
                     book: Mutex::new(Book::default()),
                     heartbeats: Mutex::new(Heartbeats::default()),
                     write: tokio::sync::Mutex::new(OwnLease::default()),
+                    folded_at: Mutex::new(None),
                     view: Mutex::new(View::default()),
                     wake: Notify::new(),
                     metrics: self.metrics.clone(),
@@ -695,10 +706,4 @@ impl Ledgers {
             }
         }
     }
-}
-
-/// Whether settlements are due in the status of a quota of `members`.
-fn fold_due(own: &OwnLease, members: usize) -> bool {
-    own.folded_at
-        .is_none_or(|t| t.elapsed() >= fold_every(members))
 }
