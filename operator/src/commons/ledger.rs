@@ -551,6 +551,9 @@ pub struct Local {
     pub pending: Usage,
     /// Last reservation or settlement, for returning idle slices.
     pub last_active: Option<Timestamp>,
+    /// Requests waiting for a lease for this member: its slice is not
+    /// returned meanwhile, or a grant could go back before they use it.
+    pub waiting: u32,
 }
 
 impl Local {
@@ -702,6 +705,7 @@ impl Book {
     ) -> Vec<(String, i64, f64)> {
         self.members
             .iter()
+            .filter(|(_, l)| l.waiting == 0)
             .filter_map(|(m, l)| {
                 let idle_now = l.in_flight == 0 && l.last_active.is_none_or(|t| t + idle <= now);
                 let keep_t = if idle_now { 0 } else { slice_tokens };

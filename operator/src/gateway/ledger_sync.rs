@@ -181,6 +181,7 @@ impl QuotaLedger {
         member: &str,
         r: Reservation,
     ) -> Result<Admission, LedgerError> {
+        let _waiting = Waiting::new(self, member);
         for _ in 0..4 {
             let (st, sw) = self.slice_config();
             let need = {
@@ -640,6 +641,38 @@ impl QuotaLedger {
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
+        }
+    }
+}
+
+/// A request waiting in [`QuotaLedger::reserve`]: while it waits, its
+/// member's slice is not returned (a fresh grant would go back before the
+/// request used it). Released however the wait ends, also when the client
+/// leaves.
+struct Waiting<'a> {
+    ledger: &'a QuotaLedger,
+    member: String,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(ledger: &'a QuotaLedger, member: &str) -> Self {
+        ledger
+            .lock_book()
+            .members
+            .entry(member.into())
+            .or_default()
+            .waiting += 1;
+        Self {
+            ledger,
+            member: member.into(),
+        }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(l) = self.ledger.lock_book().members.get_mut(&self.member) {
+            l.waiting = l.waiting.saturating_sub(1);
         }
     }
 }
