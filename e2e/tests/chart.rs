@@ -258,10 +258,11 @@ fn the_chart_renders_for_several_value_sets() -> Result<()> {
             assert_eq!(verbs_on(r), ["get", "list", "watch"], "{set:?}: {r}");
         }
         assert_eq!(verbs_on("stintquotas/status"), ["get", "update"]);
-        // Its demand Leases, which the autoscaler reads.
+        // Its demand Leases, which the autoscaler reads, and its slice
+        // Leases (the register's per-replica part).
         assert_eq!(
             verbs_on("leases"),
-            ["create", "delete", "get", "patch"],
+            ["create", "delete", "get", "list", "patch", "update"],
             "{set:?}"
         );
         if has("gateway.watchNamespace=town") {

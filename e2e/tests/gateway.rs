@@ -225,11 +225,13 @@ impl Scene {
         format!("http://{}", self.gateways[g].addr)
     }
 
+    /// The register with every replica's slices and heartbeat (from
+    /// their slice Leases).
     async fn register(&self) -> Result<StintQuotaStatus> {
-        let sq = Api::<StintQuota>::namespaced(self.client.clone(), &self.ns.name)
-            .get("commons")
-            .await?;
-        Ok(sq.status.unwrap_or_default())
+        Ok(
+            copyhold::gateway::slice_leases::register(&self.client, &self.ns.name, "commons")
+                .await?,
+        )
     }
 }
 

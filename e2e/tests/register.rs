@@ -119,6 +119,10 @@ impl Tenant {
             .get(&self.quota)
             .await?
             .status
+            .map(|mut s| {
+                s.hydrate_history();
+                s
+            })
             .unwrap_or_default())
     }
 

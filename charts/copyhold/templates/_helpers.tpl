@@ -90,10 +90,12 @@ seccompProfile:
   resources: ["events"]
   verbs: ["create", "patch"]
 # The autoscaler's input: one Lease per replica and namespace carrying the
-# requests in flight and held per model.
+# requests in flight and held per model. And the register's slices: one
+# Lease per replica and StintQuota (its own written with update; those of
+# replicas found dead listed, charged and deleted).
 - apiGroups: ["coordination.k8s.io"]
   resources: ["leases"]
-  verbs: ["get", "create", "patch", "delete"]
+  verbs: ["get", "list", "create", "update", "patch", "delete"]
 {{- end -}}
 
 

@@ -21,7 +21,8 @@ use jiff::{SignedDuration, Timestamp};
 
 use crate::commons::stint::{self, MemberStint, PeriodWindow};
 use crate::resources::stint_quota::{
-    GatewayReplica, MemberState, MemberUsage, PeriodUsage, Slice, StintQuotaSpec, StintQuotaStatus,
+    GatewayReplica, MemberState, MemberUsage, PeriodBounds, PeriodUsage, Slice, StintQuotaSpec,
+    StintQuotaStatus,
 };
 use crate::resources::time::time;
 
@@ -139,6 +140,7 @@ pub fn refresh(
     heartbeats: &mut Heartbeats,
 ) -> Refreshed {
     let mut out = Refreshed::default();
+    status.hydrate_history();
 
     // Members: keep usage of those still listed and add new ones; lines of
     // members no longer listed stay as history (a member re-added within
@@ -218,6 +220,10 @@ fn roll(
             let prev_end = status.resets_at.as_ref().map(|t| t.0);
             let consecutive = prev_start.as_ref().is_some_and(|s| s.0 < start.0)
                 && status.resets_at.as_ref() == Some(&start);
+            status.periods.push(PeriodBounds {
+                start: time(prev),
+                end: time(prev_end.unwrap_or(period.start)),
+            });
             for u in &mut status.members {
                 record_period(u, prev, prev_end.unwrap_or(period.start), keep);
                 if consecutive {
@@ -238,6 +244,8 @@ fn roll(
         status.period_start = Some(start);
     }
     status.resets_at = Some(end);
+    let extra = status.periods.len().saturating_sub(keep);
+    status.periods.drain(..extra);
     for u in &mut status.members {
         bound_history(u, keep);
     }
@@ -543,6 +551,9 @@ pub struct Local {
     pub pending: Usage,
     /// Last reservation or settlement, for returning idle slices.
     pub last_active: Option<Timestamp>,
+    /// Requests waiting for a lease for this member: its slice is not
+    /// returned meanwhile, or a grant could go back before they use it.
+    pub waiting: u32,
 }
 
 impl Local {
@@ -644,6 +655,45 @@ impl Book {
         }
     }
 
+    /// What this replica holds, member by member, for its slice Lease.
+    pub fn leased(&self) -> BTreeMap<String, (i64, f64)> {
+        self.members
+            .iter()
+            .filter(|(_, l)| l.leased_tokens > 0 || l.leased_wh > 1e-12)
+            .map(|(m, l)| (m.clone(), (l.leased_tokens, l.leased_wh)))
+            .collect()
+    }
+
+    /// After the status took `written` (and before the slice Lease shrinks
+    /// by it): the usage leaves the pending part and the slice together,
+    /// as [`settle`] does in the register, so what is available stays the
+    /// same.
+    pub fn folded(&mut self, written: &[(String, Usage)]) {
+        for (m, u) in written {
+            if let Some(l) = self.members.get_mut(m) {
+                l.pending.sub(u);
+                l.leased_tokens = (l.leased_tokens - u.tokens).max(0);
+                l.leased_wh = (l.leased_wh - u.energy_wh).max(0.0);
+            }
+        }
+    }
+
+    /// A grant is in this replica's Lease: it may be reserved against.
+    pub fn granted(&mut self, member: &str, tokens: i64, wh: f64) {
+        let l = self.members.entry(member.into()).or_default();
+        l.leased_tokens += tokens;
+        l.leased_wh += wh;
+    }
+
+    /// A reader found this replica dead and charged its slices: it holds
+    /// nothing any more.
+    pub fn lost_slices(&mut self) {
+        for l in self.members.values_mut() {
+            l.leased_tokens = 0;
+            l.leased_wh = 0.0;
+        }
+    }
+
     /// Parts of slices to give back: everything above one slice, or all
     /// that is unused once a member has been idle for `idle`.
     pub fn surplus(
@@ -655,6 +705,7 @@ impl Book {
     ) -> Vec<(String, i64, f64)> {
         self.members
             .iter()
+            .filter(|(_, l)| l.waiting == 0)
             .filter_map(|(m, l)| {
                 let idle_now = l.in_flight == 0 && l.last_active.is_none_or(|t| t + idle <= now);
                 let keep_t = if idle_now { 0 } else { slice_tokens };

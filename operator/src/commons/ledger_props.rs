@@ -59,6 +59,10 @@ enum Op {
     Flush { replica: usize },
     /// SIGKILL, and a new incarnation in its place.
     Kill { replica: usize },
+    /// SIGKILL between a write's two halves (`gateway::ledger_sync`): the
+    /// status took the batch, the replica's slice Lease still holds what
+    /// it held before (with a grant of that write, if any).
+    KillMidWrite { replica: usize },
     /// Time passes, live replicas heartbeating (rollovers happen on a
     /// write).
     Tick { millis: i64 },
@@ -73,6 +77,7 @@ fn op() -> impl Strategy<Value = Op> {
         }),
         2 => (0..3usize).prop_map(|replica| Op::Flush { replica }),
         1 => (0..3usize).prop_map(|replica| Op::Kill { replica }),
+        1 => (0..3usize).prop_map(|replica| Op::KillMidWrite { replica }),
         1 => (1..15_000i64).prop_map(|millis| Op::Tick { millis }),
     ]
 }
@@ -219,6 +224,33 @@ impl World {
         self.served[member_index(&m)] += used;
     }
 
+    /// A write whose status half lands and whose Lease half does not: the
+    /// replica's slices in the register are what its Lease held, never
+    /// less (the grant is written first), then it dies.
+    fn kill_mid_write(&mut self, ri: usize) {
+        let name = self.replicas[ri].name.clone();
+        let lease_before: Vec<_> = self
+            .st
+            .slices
+            .iter()
+            .filter(|s| s.replica == name)
+            .cloned()
+            .collect();
+        self.write(ri, None);
+        for before in lease_before {
+            let now = self
+                .st
+                .slices
+                .iter_mut()
+                .find(|s| s.replica == name && s.member == before.member);
+            match now {
+                Some(s) => s.tokens = s.tokens.max(before.tokens),
+                None => self.st.slices.push(before),
+            }
+        }
+        self.kill(ri);
+    }
+
     fn kill(&mut self, ri: usize) {
         let rep = &self.replicas[ri];
         for (m, r) in &rep.in_flight {
@@ -247,6 +279,7 @@ impl World {
                 self.write(replica, None);
             }
             Op::Kill { replica } => self.kill(replica),
+            Op::KillMidWrite { replica } => self.kill_mid_write(replica),
             Op::Tick { millis } => self.pass(millis),
         }
     }

@@ -6,11 +6,15 @@
 //! May import `resources` only.
 
 pub mod ledger;
+pub mod ledger_leases;
+pub mod maxima;
 pub mod stint;
 
 #[cfg(test)]
 mod ledger_faults;
 #[cfg(test)]
 mod ledger_props;
+#[cfg(test)]
+mod ledger_size;
 #[cfg(test)]
 mod ledger_skew;

@@ -1,20 +1,26 @@
-//! The ledger's I/O: one writer per StintQuota in each replica, writing
-//! the register with optimistic concurrency (a replace of the status that
-//! carries the resourceVersion it read; a 409 means read again and redo).
-//! Reservations that fit the local slice need no write; settlements are
-//! batched into the next write, which also renews this replica's heartbeat,
-//! charges dead replicas' slices and returns unused slices.
+//! The ledger's I/O: one writer per StintQuota in each replica. The
+//! register is two kinds of object (`commons::ledger_leases`): the
+//! StintQuota's status (member lines, written with optimistic concurrency:
+//! a replace carrying the resourceVersion it read; a 409 means read again
+//! and redo) and one slice Lease per replica (`slice_leases`), written only
+//! by its replica. Reservations that fit the local slice need no write;
+//! settlements are batched into the status at most every [`fold_every`]
+//! (coarser for larger quotas), the Lease is rewritten with every write,
+//! which is also this replica's heartbeat; dead replicas' slices are
+//! charged and unused slices returned.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use kube::api::PostParams;
 use tokio::sync::Notify;
 
 use crate::commons::ledger::{self, Ask, Book, Fit, Heartbeats, Reservation, Usage};
+use crate::commons::ledger_leases::{self, HeldLease, ReplicaSlices};
 use crate::commons::stint::{self, MemberStint, PeriodWindow};
 use crate::conditions;
 use crate::resources::stint_quota::{
@@ -22,6 +28,7 @@ use crate::resources::stint_quota::{
 };
 
 use super::metrics::GatewayMetrics;
+use super::slice_leases::{self, SliceLeaseError, Wrote};
 
 /// Why the ledger could not answer.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +43,8 @@ pub enum LedgerError {
     Contended(u32),
     #[error("the register's writer task failed: {0}")]
     Writer(#[from] tokio::task::JoinError),
+    #[error("{0}")]
+    Slices(#[from] SliceLeaseError),
 }
 
 /// A refusal by the ledger.
@@ -76,6 +85,16 @@ struct Written<'a> {
     granted: (i64, f64),
     refreshed: &'a ledger::Refreshed,
     period: PeriodWindow,
+    spec: StintQuotaSpec,
+}
+
+/// This replica's slice Lease, as it wrote it last.
+#[derive(Debug, Default)]
+struct OwnLease {
+    beats: i64,
+    /// Its resourceVersion; None before the first write or after a reader
+    /// deleted it.
+    version: Option<String>,
 }
 
 /// The register's `Ready` condition while gateways meter it.
@@ -95,13 +114,17 @@ fn mark_metering(st: &mut StintQuotaStatus, generation: Option<i64>) {
 /// One StintQuota's ledger in this replica.
 pub struct QuotaLedger {
     api: Api<StintQuota>,
+    leases: Api<Lease>,
     pub namespace: String,
     pub name: String,
     replica: String,
     book: Mutex<Book>,
     /// Other replicas' heartbeats as this one saw them move.
     heartbeats: Mutex<Heartbeats>,
-    write: tokio::sync::Mutex<()>,
+    write: tokio::sync::Mutex<OwnLease>,
+    /// When settlements were last written to the status (read without
+    /// waiting for a write in progress).
+    folded_at: Mutex<Option<std::time::Instant>>,
     view: Mutex<View>,
     wake: Notify,
     metrics: Arc<GatewayMetrics>,
@@ -110,8 +133,19 @@ pub struct QuotaLedger {
 const MAX_ATTEMPTS: u32 = 50;
 /// How long a member may be idle before this replica returns its slice.
 const IDLE: SignedDuration = SignedDuration::from_secs(10);
-/// Settlements wait at most this long before being written.
+/// Settlements wait at least this long before being written (a quota of
+/// few members); see [`fold_every`].
 pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
+
+/// How often settlements are written into the status of a quota of
+/// `members` members: 200 ms plus 2 ms per member (2.2 s at the schema's
+/// 1000), so that each replica rewrites a large register at most about
+/// once every two seconds. Settled usage waiting here is inside the
+/// replica's slice (charged in full if it dies), so waiting longer costs
+/// no accuracy, only freshness of the register.
+pub fn fold_every(members: usize) -> Duration {
+    FLUSH_EVERY + Duration::from_millis(2 * members as u64)
+}
 
 impl QuotaLedger {
     fn lock_book(&self) -> std::sync::MutexGuard<'_, Book> {
@@ -120,6 +154,14 @@ impl QuotaLedger {
 
     fn lock_view(&self) -> std::sync::MutexGuard<'_, View> {
         self.view.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether settlements are due in the status of a quota of `members`.
+    fn fold_due(&self, members: usize) -> bool {
+        self.folded_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none_or(|t| t.elapsed() >= fold_every(members))
     }
 
     fn slice_config(&self) -> (i64, f64) {
@@ -139,6 +181,7 @@ impl QuotaLedger {
         member: &str,
         r: Reservation,
     ) -> Result<Admission, LedgerError> {
+        let _waiting = Waiting::new(self, member);
         for _ in 0..4 {
             let (st, sw) = self.slice_config();
             let need = {
@@ -227,7 +270,7 @@ impl QuotaLedger {
 
     fn due(&self) -> bool {
         let (st, sw) = self.slice_config();
-        let ttl = {
+        let (heartbeat, members) = {
             let v = self.lock_view();
             let ttl = v
                 .spec
@@ -236,10 +279,16 @@ impl QuotaLedger {
                 .unwrap_or(30)
                 .max(2) as u64;
             let heartbeat = Duration::from_millis(ttl * 1000 / 4);
-            v.written_at.is_none_or(|t| t.elapsed() >= heartbeat)
+            let members = v.spec.as_ref().map(|s| s.members.len()).unwrap_or(0);
+            (
+                v.written_at.is_none_or(|t| t.elapsed() >= heartbeat),
+                members,
+            )
         };
         let b = self.lock_book();
-        ttl || !b.pending().is_empty() || !b.surplus(st, sw, Timestamp::now(), IDLE).is_empty()
+        heartbeat
+            || (!b.pending().is_empty() && self.fold_due(members))
+            || !b.surplus(st, sw, Timestamp::now(), IDLE).is_empty()
     }
 
     /// A lease write in a task of its own, awaited here. A request whose
@@ -258,11 +307,15 @@ impl QuotaLedger {
         tokio::spawn(async move { me.sync(Some((&member, ask))).await }).await?
     }
 
-    /// One write of the register: refresh, heartbeat, settlements, returns
-    /// and an optional lease. Returns what was granted.
+    /// One write of the register: refresh, heartbeat, settlements (when
+    /// due), returns and an optional lease. Returns what was granted.
     pub async fn sync(&self, lease: Option<(&str, Ask)>) -> Result<(i64, f64), LedgerError> {
-        let _w = self.write.lock().await;
+        let mut own = self.write.lock().await;
         for attempt in 1..=MAX_ATTEMPTS {
+            // The Leases before the status: a settlement folded between the
+            // two reads is then seen twice (in the status and the slice),
+            // never missed.
+            let leases = slice_leases::list(&self.leases, &self.name).await?;
             let mut obj = self.api.get_status(&self.name).await?;
             self.metrics.ledger_op("read");
             let spec = obj.spec.clone();
@@ -270,73 +323,202 @@ impl QuotaLedger {
             let period = stint::current_period(&spec, now).map_err(|e| {
                 LedgerError::Invalid(format!("{}/{}", self.namespace, self.name), e.to_string())
             })?;
-            let mut st = obj.status.take().unwrap_or_default();
-            let refreshed = ledger::refresh(
-                &spec,
-                &mut st,
-                period,
-                now,
-                spec.ledger.replica_ttl_seconds,
-                &self.replica,
-                &mut self.heartbeats.lock().unwrap_or_else(|e| e.into_inner()),
-            );
-            ledger::renew(&mut st, &self.replica, now);
-            let (pending, returns) = self.take_from_book(&spec, now);
+            let read = obj.status.take().unwrap_or_default();
+            let (pending, returns) =
+                self.take_from_book(&spec, now, self.fold_due(spec.members.len()));
+            let mine = ReplicaSlices {
+                replica: self.replica.clone(),
+                beats: own.beats + 1,
+                slices: self.lock_book().leased(),
+            };
+            let mut st = read.clone();
+            let (refreshed, dead) = self.refresh(&spec, &mut st, period, now, &leases, &mine);
             for (m, u) in &pending {
                 ledger::settle(&mut st, period, &self.replica, m, u);
             }
             // What follows counts in the register's period, which is ahead
             // of this replica's when its clock is behind.
             let period = refreshed.period.unwrap_or(period);
-            for (m, t, w) in &returns {
-                ledger::release(&mut st, &self.replica, m, *t, *w);
-            }
             let granted = match lease {
                 Some((m, ask)) => ledger::grant(&spec, &mut st, period, now, &self.replica, m, ask),
                 None => (0, 0.0),
             };
             ledger::prune(&mut st);
             mark_metering(&mut st, obj.metadata.generation);
-            obj.status = Some(st);
-            match self
-                .api
-                .replace_status(&self.name, &PostParams::default(), &obj)
-                .await
-            {
-                Ok(new) => {
-                    let written = Written {
-                        attempt,
-                        pending: &pending,
-                        returned: returns.len(),
-                        granted,
-                        refreshed: &refreshed,
-                        period,
-                    };
-                    self.after_write(new, written);
-                    return Ok(granted);
-                }
-                Err(kube::Error::Api(ae)) if ae.code == 409 => {
-                    self.metrics.ledger_conflicts.inc();
-                    // Returns go back into the book: the next try recomputes them.
-                    self.move_leases(&returns, true);
-                    if attempt > 3 {
-                        tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt.min(20))))
+            let store = !ledger_leases::same_stored(&read, &st);
+            if store && granted != (0, 0.0) {
+                // The grant is in the Lease before anything is admitted
+                // against it; until the status is written the Lease holds
+                // the settled usage too (an over-count if killed now).
+                let mut upper = mine.clone();
+                let e = upper
+                    .slices
+                    .entry(lease.map(|l| l.0.to_string()).unwrap_or_default())
+                    .or_default();
+                e.0 += granted.0;
+                e.1 += granted.1;
+                self.write_own(&mut own, &obj, upper).await?;
+            }
+            if store {
+                obj.status = Some(st.clone());
+                match self
+                    .api
+                    .replace_status(&self.name, &PostParams::default(), &obj)
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(ae)) if ae.code == 409 => {
+                        self.metrics.ledger_conflicts.inc();
+                        // Returns go back into the book: the next try recomputes them.
+                        self.move_leases(&returns, true);
+                        if attempt > 3 {
+                            tokio::time::sleep(Duration::from_millis(
+                                5 * u64::from(attempt.min(20)),
+                            ))
                             .await;
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        self.move_leases(&returns, true);
+                        return Err(e.into());
                     }
                 }
-                Err(e) => return Err(e.into()),
+                if !pending.is_empty() {
+                    *self.folded_at.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(std::time::Instant::now());
+                }
             }
+            let granted = self
+                .commit_own(&mut own, &obj, &pending, lease.map(|l| l.0), granted)
+                .await?;
+            for d in &dead {
+                slice_leases::delete(&self.leases, &d.name, &d.resource_version).await;
+            }
+            let written = Written {
+                attempt,
+                pending: &pending,
+                returned: returns.len(),
+                granted,
+                refreshed: &refreshed,
+                period,
+                spec,
+            };
+            self.after_write(st, written);
+            return Ok(granted);
         }
         Err(LedgerError::Contended(MAX_ATTEMPTS))
     }
 
-    /// Settlements and returns, taken from the book pessimistically:
-    /// returned amounts leave the local slice before the write.
+    /// The register brought up to now, with the slices and heartbeats of
+    /// every replica's Lease: period rollover, dead replicas' slices charged
+    /// (and their Leases marked). Returns what changed and the dead Leases.
+    fn refresh(
+        &self,
+        spec: &StintQuotaSpec,
+        st: &mut StintQuotaStatus,
+        period: PeriodWindow,
+        now: Timestamp,
+        leases: &[HeldLease],
+        mine: &ReplicaSlices,
+    ) -> (
+        ledger::Refreshed,
+        Vec<crate::resources::stint_quota::ReclaimedLease>,
+    ) {
+        ledger_leases::assemble(st, leases, mine, now);
+        let refreshed = ledger::refresh(
+            spec,
+            st,
+            period,
+            now,
+            spec.ledger.replica_ttl_seconds,
+            &self.replica,
+            &mut self.heartbeats.lock().unwrap_or_else(|e| e.into_inner()),
+        );
+        let dead = ledger_leases::mark_dead(st, leases);
+        (refreshed, dead)
+    }
+
+    /// After the status took `pending` (or nothing needed writing): the
+    /// book and this replica's Lease follow, the grant included. Returns
+    /// what was granted (nothing when a reader had found this replica dead
+    /// and charged its slices).
+    async fn commit_own(
+        &self,
+        own: &mut OwnLease,
+        obj: &StintQuota,
+        pending: &[(String, Usage)],
+        member: Option<&str>,
+        granted: (i64, f64),
+    ) -> Result<(i64, f64), LedgerError> {
+        let mut held = {
+            let mut b = self.lock_book();
+            b.folded(pending);
+            b.leased()
+        };
+        if let Some(m) = member.filter(|_| granted != (0, 0.0)) {
+            let e = held.entry(m.to_string()).or_default();
+            e.0 += granted.0;
+            e.1 += granted.1;
+        }
+        let mine = ReplicaSlices {
+            replica: self.replica.clone(),
+            beats: own.beats + 1,
+            slices: held,
+        };
+        if !self.write_own(own, obj, mine).await? {
+            return Ok((0, 0.0));
+        }
+        // Only now, with the grant in the Lease, may requests use it.
+        if let Some(m) = member {
+            self.lock_book().granted(m, granted.0, granted.1);
+        }
+        Ok(granted)
+    }
+
+    /// Write this replica's Lease. False when it was gone: a reader found
+    /// this replica dead and charged its slices, so the book holds nothing
+    /// now and a new, empty Lease is written.
+    async fn write_own(
+        &self,
+        own: &mut OwnLease,
+        obj: &StintQuota,
+        mine: ReplicaSlices,
+    ) -> Result<bool, LedgerError> {
+        own.beats = mine.beats;
+        match slice_leases::write(&self.leases, obj, &mine, own.version.as_deref()).await? {
+            Wrote::Ok(rv) => {
+                own.version = Some(rv);
+                Ok(true)
+            }
+            Wrote::Reclaimed => {
+                tracing::warn!(quota = %self.name, replica = %self.replica,
+                    "this replica's slices were charged as a dead replica's; starting afresh");
+                self.lock_book().lost_slices();
+                own.beats += 1;
+                let empty = ReplicaSlices {
+                    replica: self.replica.clone(),
+                    beats: own.beats,
+                    slices: Default::default(),
+                };
+                own.version = match slice_leases::write(&self.leases, obj, &empty, None).await? {
+                    Wrote::Ok(rv) => Some(rv),
+                    Wrote::Reclaimed => None,
+                };
+                Ok(false)
+            }
+        }
+    }
+
+    /// Settlements (when `fold`) and returns, taken from the book
+    /// pessimistically: returned amounts leave the local slice before the
+    /// write.
     #[allow(clippy::type_complexity)]
     fn take_from_book(
         &self,
         spec: &StintQuotaSpec,
         now: Timestamp,
+        fold: bool,
     ) -> (Vec<(String, Usage)>, Vec<(String, i64, f64)>) {
         let (pending, returns) = {
             let b = self.lock_book();
@@ -346,7 +528,7 @@ impl QuotaLedger {
                 now,
                 IDLE,
             );
-            (b.pending(), returns)
+            (if fold { b.pending() } else { Vec::new() }, returns)
         };
         self.move_leases(&returns, false);
         (pending, returns)
@@ -370,8 +552,8 @@ impl QuotaLedger {
     }
 
     /// After a write: count it, log reclaimed slices, and take the new
-    /// register into the book and the view.
-    fn after_write(&self, new: StintQuota, w: Written<'_>) {
+    /// register (every replica's slices filled in) into the view.
+    fn after_write(&self, status: StintQuotaStatus, w: Written<'_>) {
         self.metrics.ledger_op("write");
         if w.returned > 0 {
             self.metrics.ledger_op("return");
@@ -379,7 +561,6 @@ impl QuotaLedger {
         if w.granted.0 > 0 || w.granted.1 > 0.0 {
             self.metrics.ledger_op("lease");
         }
-        let status = new.status.clone().unwrap_or_default();
         tracing::debug!(
             quota = %self.name, attempt = w.attempt, settled = w.pending.len(), returned = w.returned,
             granted = ?w.granted, gateways = status.gateways.len(),
@@ -393,19 +574,19 @@ impl QuotaLedger {
                 "gateway replica stopped heartbeating; its slice is charged to the member"
             );
         }
-        self.lock_book().written(w.pending, &status, &self.replica);
         self.metrics
             .observe_register(&self.namespace, &self.name, &status);
         let mut v = self.lock_view();
-        v.spec = Some(new.spec.clone());
+        v.spec = Some(w.spec);
         v.status = status;
         v.period = Some(w.period);
         v.written_at = Some(std::time::Instant::now());
     }
 
-    /// Clean shutdown: write what is pending and give every slice back.
+    /// Clean shutdown: write what is pending into the status, then delete
+    /// this replica's Lease (every slice goes back).
     pub async fn leave(&self) -> Result<(), LedgerError> {
-        let _w = self.write.lock().await;
+        let mut own = self.write.lock().await;
         for _ in 0..MAX_ATTEMPTS {
             let mut obj = self.api.get_status(&self.name).await?;
             let period = stint::current_period(&obj.spec, Timestamp::now()).map_err(|e| {
@@ -413,27 +594,31 @@ impl QuotaLedger {
             })?;
             let mut st = obj.status.take().unwrap_or_default();
             let pending = self.lock_book().pending();
-            for (m, u) in &pending {
-                ledger::settle(&mut st, period, &self.replica, m, u);
-            }
-            ledger::leave(&mut st, &self.replica);
-            obj.status = Some(st);
-            match self
-                .api
-                .replace_status(&self.name, &PostParams::default(), &obj)
-                .await
-            {
-                Ok(new) => {
-                    self.lock_book().written(
-                        &pending,
-                        &new.status.unwrap_or_default(),
-                        &self.replica,
-                    );
-                    return Ok(());
+            if !pending.is_empty() {
+                for (m, u) in &pending {
+                    ledger::settle(&mut st, period, &self.replica, m, u);
                 }
-                Err(kube::Error::Api(ae)) if ae.code == 409 => continue,
-                Err(e) => return Err(e.into()),
+                obj.status = Some(st);
+                match self
+                    .api
+                    .replace_status(&self.name, &PostParams::default(), &obj)
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(ae)) if ae.code == 409 => continue,
+                    Err(e) => return Err(e.into()),
+                }
             }
+            {
+                let mut b = self.lock_book();
+                b.folded(&pending);
+                b.lost_slices();
+            }
+            if let Some(rv) = own.version.take() {
+                let name = slice_leases::lease_name(&self.name, &self.replica);
+                slice_leases::delete(&self.leases, &name, &rv).await;
+            }
+            return Ok(());
         }
         Err(LedgerError::Contended(MAX_ATTEMPTS))
     }
@@ -456,6 +641,38 @@ impl QuotaLedger {
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
+        }
+    }
+}
+
+/// A request waiting in [`QuotaLedger::reserve`]: while it waits, its
+/// member's slice is not returned (a fresh grant would go back before the
+/// request used it). Released however the wait ends, also when the client
+/// leaves.
+struct Waiting<'a> {
+    ledger: &'a QuotaLedger,
+    member: String,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(ledger: &'a QuotaLedger, member: &str) -> Self {
+        ledger
+            .lock_book()
+            .members
+            .entry(member.into())
+            .or_default()
+            .waiting += 1;
+        Self {
+            ledger,
+            member: member.into(),
+        }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(l) = self.ledger.lock_book().members.get_mut(&self.member) {
+            l.waiting = l.waiting.saturating_sub(1);
         }
     }
 }
@@ -489,12 +706,14 @@ impl Ledgers {
             .or_insert_with(|| {
                 let q = Arc::new(QuotaLedger {
                     api: Api::namespaced(self.client.clone(), namespace),
+                    leases: Api::namespaced(self.client.clone(), namespace),
                     namespace: namespace.into(),
                     name: name.into(),
                     replica: self.replica.clone(),
                     book: Mutex::new(Book::default()),
                     heartbeats: Mutex::new(Heartbeats::default()),
-                    write: tokio::sync::Mutex::new(()),
+                    write: tokio::sync::Mutex::new(OwnLease::default()),
+                    folded_at: Mutex::new(None),
                     view: Mutex::new(View::default()),
                     wake: Notify::new(),
                     metrics: self.metrics.clone(),

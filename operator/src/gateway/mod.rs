@@ -17,6 +17,7 @@ pub mod openai;
 pub mod quota_checks;
 pub mod register;
 pub mod router;
+pub mod slice_leases;
 pub mod sse;
 
 use std::collections::HashMap;

@@ -381,8 +381,8 @@ fn default_replica_ttl() -> i64 {
     30
 }
 
-/// The register, written by the gateway (settlements) and the controller
-/// (resets, sanctions, dead replicas' slices).
+/// The register, written by the gateway replicas: settlements, resets,
+/// standings and dead replicas' slices.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StintQuotaStatus {
@@ -410,12 +410,39 @@ pub struct StintQuotaStatus {
     /// What each member used this period.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<MemberUsage>,
-    /// Remaining stint leased by gateway replicas, not yet settled.
+    /// The past periods of the members' `history`, oldest first: a
+    /// member's history lines are its last periods, the end of this list.
+    /// Kept here once rather than in every line, so that a register of 1000
+    /// members stays well under etcd's object size.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub periods: Vec<PeriodBounds>,
+    /// Dead gateway replicas' slice Leases already charged to their
+    /// members, until the Lease is gone: a reader skips them, so a slice is
+    /// charged exactly once even when its Lease outlives the write.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reclaimed: Vec<ReclaimedLease>,
+    /// Remaining stint leased by gateway replicas, not yet settled. Not
+    /// stored here: each replica keeps its own in a Lease per quota
+    /// (`gateway::slice_leases`), so the register's size does not grow with
+    /// the number of replicas; the ledger fills this in from them.
+    #[serde(skip)]
+    #[schemars(skip)]
     pub slices: Vec<Slice>,
-    /// Gateway replicas holding slices, with their last heartbeat.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Gateway replicas holding slices, with their heartbeat: read from
+    /// their Leases, like `slices`.
+    #[serde(skip)]
+    #[schemars(skip)]
     pub gateways: Vec<GatewayReplica>,
+}
+
+/// A slice Lease whose slices the register already charged.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReclaimedLease {
+    /// The Lease's name.
+    pub name: String,
+    /// The Lease's resourceVersion whose slices were charged.
+    pub resource_version: String,
 }
 
 /// A gateway replica's heartbeat in the register.
@@ -481,13 +508,27 @@ pub struct MemberUsage {
     pub history: Vec<PeriodUsage>,
 }
 
+/// One past period's bounds.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PeriodBounds {
+    /// Start of the period.
+    pub start: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+    /// Its end (its reset).
+    pub end: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+}
+
 /// What a member used in one past period.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PeriodUsage {
-    /// Start of the period.
+    /// Start of the period. Stored once in `status.periods` (read by
+    /// [`StintQuotaStatus::hydrate_history`]); registers written before
+    /// that carry it here.
+    #[serde(default = "epoch", skip_serializing)]
     pub start: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
-    /// Its end (its reset).
+    /// Its end (its reset), stored like `start`.
+    #[serde(default = "epoch", skip_serializing)]
     pub end: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
     /// Weighted tokens settled in it.
     #[serde(default)]
@@ -498,6 +539,40 @@ pub struct PeriodUsage {
     /// Requests settled in it.
     #[serde(default)]
     pub requests: i64,
+}
+
+fn epoch() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
+    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH)
+}
+
+impl StintQuotaStatus {
+    /// Give every history line its period's bounds from `periods` (the
+    /// stored lines carry none). A register written before `periods`
+    /// existed has them in its lines: `periods` is then rebuilt from the
+    /// longest history.
+    pub fn hydrate_history(&mut self) {
+        let longest = self.members.iter().map(|u| u.history.len()).max();
+        let longest = longest.unwrap_or(0);
+        let oldest_first = self.members.iter().find(|u| u.history.len() == longest);
+        if let Some(u) = oldest_first.filter(|_| self.periods.len() < longest) {
+            self.periods = u
+                .history
+                .iter()
+                .map(|h| PeriodBounds {
+                    start: h.start.clone(),
+                    end: h.end.clone(),
+                })
+                .collect();
+        }
+        let p = &self.periods;
+        for u in &mut self.members {
+            let skip = p.len().saturating_sub(u.history.len());
+            for (h, b) in u.history.iter_mut().zip(&p[skip..]) {
+                h.start = b.start.clone();
+                h.end = b.end.clone();
+            }
+        }
+    }
 }
 
 fn is_zero(v: &i64) -> bool {

@@ -114,6 +114,7 @@ fn percent(used: f64, stint: Option<f64>) -> Option<f64> {
 pub fn register(quota: &StintQuota, budgets: &[&EnergyBudget], now: Timestamp) -> Register {
     let spec = &quota.spec;
     let mut status = quota.status.clone().unwrap_or_default();
+    status.hydrate_history();
     let period = stint::current_period(spec, now).ok();
     let previous_weight = period.map_or(0.0, |p| p.previous_weight(now));
     if let Some(p) = period {
