@@ -27,6 +27,7 @@ test: lint cuda-check
 	e2e/cluster.sh up; \
 	trap 'if [ $$started = 1 ]; then e2e/cluster.sh down; fi' EXIT; \
 	e2e/chromium-install.sh; \
+	e2e/faketime-install.sh; \
 	e2e/openai-check.sh; \
 	if $(CARGO) nextest --version >/dev/null 2>&1; then \
 	  $(CARGO) nextest run --workspace --no-fail-fast; \

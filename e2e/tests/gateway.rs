@@ -5,13 +5,13 @@
 //! kubelet is involved; the gateway finds them by watching, as in a cluster.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
 use copyhold::resources::stint_quota::{StintQuota, StintQuotaStatus};
+use copyhold_e2e::processes::{Listening, spawn_listening};
 use copyhold_e2e::{
     ChildGuard, TestNamespace, client, create_secret, eventually, fixtures, install_crds,
     kubectl_ok, workspace_bin,
@@ -20,40 +20,6 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-
-/// A process that prints `... listening on ADDR ...` once it serves.
-struct Listening {
-    guard: ChildGuard,
-    addr: String,
-    line: String,
-}
-
-fn spawn_listening(mut cmd: Command) -> Result<Listening> {
-    let mut child: Child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("starting {cmd:?}"))?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let mut reader = BufReader::new(stdout);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let guard = ChildGuard(child);
-    let addr = line
-        .split_whitespace()
-        .skip_while(|w| *w != "on")
-        .nth(1)
-        .with_context(|| format!("no address in {line:?}"))?
-        .to_string();
-    // Keep draining so the child never blocks on a full pipe.
-    std::thread::spawn(move || {
-        let mut sink = String::new();
-        while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-            sink.clear();
-        }
-    });
-    Ok(Listening { guard, addr, line })
-}
 
 /// `copyhold gateway` on loopback (API and metrics on ports of their own)
 /// with `args`.
