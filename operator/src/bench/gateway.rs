@@ -233,8 +233,7 @@ async fn setup(client: &Client, ns: &str, upstream: &str) -> Result<String> {
         "apiVersion": "copyhold.dev/v1alpha1", "kind": "StintQuota",
         "metadata": {"name": "bench", "namespace": ns},
         "spec": {"members": [{"name": "bench", "apiKeySecret": {"name": "bench-key"}}],
-                 "period": {"type": "calendar", "unit": "day"},
-                 "ledger": {"sliceTokens": 1000000}}
+                 "period": {"type": "calendar", "unit": "day"}}
     }))?;
     Api::<crate::resources::StintQuota>::namespaced(client.clone(), ns)
         .create(&PostParams::default(), &sq)
