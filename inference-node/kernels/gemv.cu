@@ -135,3 +135,90 @@ extern "C" __global__ void gemv_q8(const int* __restrict__ xq, float xscale, con
   for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
   if (lane == 0) y[row] = (float)acc * xscale * wscale[row];
 }
+
+// ---- GGUF Q8_0 blocks --------------------------------------------------------
+// A Q8_0 weight row of k values is k/32 blocks of 34 bytes: an f16 scale,
+// then 32 int8. The product is llama.cpp's (and the CPU backend's,
+// src/cpu/matmul/qdot.rs): the activations are quantized per 32 values to
+// int8 with an f16-rounded scale, each block contributes an exact integer
+// dot product times (weight scale · activation scale), and the f32 sum over
+// blocks is the only rounding that differs from the CPU (its order).
+
+// llama.cpp's quantize_row_q8_0 on nblocks blocks of 32 activations (m rows
+// of k, k % 32 == 0, are m·k/32 blocks): d = amax / 127, q = round(x / d)
+// with the unrounded reciprocal; the scale is stored rounded to f16 (as an
+// f32). One warp per block, lane j quantizes value j.
+extern "C" __global__ void quantize_q8_0(const float* __restrict__ x, signed char* __restrict__ q,
+                                         float* __restrict__ d, int nblocks) {
+  int blk = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
+  int lane = threadIdx.x & 31;
+  if (blk >= nblocks) return;
+  float v = x[(size_t)blk * 32 + lane];
+  float dd = warp_max(fabsf(v)) / 127.0f;
+  float id = dd != 0.0f ? 1.0f / dd : 0.0f;
+  q[(size_t)blk * 32 + lane] = (signed char)roundf(v * id);
+  if (lane == 0) d[blk] = __half2float(__float2half_rn(dd));
+}
+
+// Four int8 of a Q8_0 block as one int for dot4_i8. Blocks are 34 bytes,
+// so their quants are only 2-byte aligned: two 16-bit loads.
+__device__ __forceinline__ int ld_q8x4(const unsigned char* p) {
+  const unsigned short* s = reinterpret_cast<const unsigned short*>(p);
+  return (int)((unsigned int)s[0] | ((unsigned int)s[1] << 16));
+}
+
+// y[r][j] = sum over blocks b of dot(W[j] block b, xq[r] block b) ·
+// (wd · xd[r][b]) (+ bias[j]) for m <= GEMV_MAX_ROWS rows, k % 32 == 0;
+// xq/xd from quantize_q8_0. One warp per output row as gemv_f16; lane l
+// takes blocks l, l + 32, …; the integer dot product is dot4_i8 (__dp4a on
+// sm_61 and newer, unpacked bytes on sm_60).
+extern "C" __global__ void gemv_q8_0(const signed char* __restrict__ xq, const float* __restrict__ xd,
+                                     const unsigned char* __restrict__ w,
+                                     const float* __restrict__ bias, float* __restrict__ y, int m,
+                                     int n, int k) {
+  int row = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
+  int lane = threadIdx.x & 31;
+  if (row >= n) return;
+  int nb = k >> 5;
+  const unsigned char* wr = w + (size_t)row * nb * 34;
+  float acc[GEMV_MAX_ROWS];
+#pragma unroll
+  for (int r = 0; r < GEMV_MAX_ROWS; ++r) acc[r] = 0.0f;
+  for (int b = lane; b < nb; b += 32) {
+    const unsigned char* blk = wr + (size_t)b * 34;
+    float wd = __half2float(__ushort_as_half(*reinterpret_cast<const unsigned short*>(blk)));
+    int wv[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) wv[j] = ld_q8x4(blk + 2 + 4 * j);
+#pragma unroll
+    for (int r = 0; r < GEMV_MAX_ROWS; ++r) {
+      if (r < m) {
+        const int* xr = reinterpret_cast<const int*>(xq + ((size_t)r * nb + b) * 32);
+        int s = 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) s = dot4_i8(xr[j], wv[j], s);
+        acc[r] += (float)s * (wd * xd[(size_t)r * nb + b]);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < GEMV_MAX_ROWS; ++r) acc[r] = warp_sum(acc[r]);
+  if (lane == 0) {
+    float bv = bias ? bias[row] : 0.0f;
+#pragma unroll
+    for (int r = 0; r < GEMV_MAX_ROWS; ++r)
+      if (r < m) y[(size_t)r * n + row] = acc[r] + bv;
+  }
+}
+
+// Q8_0 blocks to f16 for the prefill GEMMs (cuBLAS): element i of n is
+// f16(scale · q), the CPU's dequantized f32 value rounded once. One thread
+// per element.
+extern "C" __global__ void dequant_q8_0_f16(const unsigned char* __restrict__ w, h16* __restrict__ y,
+                                            size_t n) {
+  size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const unsigned char* blk = w + (i >> 5) * 34;
+  float d = __half2float(__ushort_as_half(*reinterpret_cast<const unsigned short*>(blk)));
+  st1(y, i, d * (float)(signed char)blk[2 + (i & 31)]);
+}

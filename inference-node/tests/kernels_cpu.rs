@@ -23,11 +23,13 @@ use std::sync::{Mutex, OnceLock};
 use copyhold_node::cpu::attention::{KvStore, paged_attention};
 use copyhold_node::cpu::layers::{apply_rope, rope_rows};
 use copyhold_node::cpu::matmul::matmul_wt;
+use copyhold_node::cpu::matmul::qdot::quantize_q8_0;
 use copyhold_node::cuda::plan::{self, StepLayout};
 use copyhold_node::engine::backend::{Batch, BatchToken};
 use copyhold_node::engine::sampling::{Rng, SamplingParams, argmax, sample};
 use copyhold_node::model::layers::RmsNorm;
-use copyhold_node::model::weights::{Tensor, WeightStore};
+use copyhold_node::model::quant::QType;
+use copyhold_node::model::weights::{DType, Tensor, WeightStore};
 use half::{bf16, f16};
 
 // ---- the simulator library ---------------------------------------------------------
@@ -601,6 +603,104 @@ fn gemv_matches_the_cpu_matmul_for_every_weight_dtype_and_tail_shape() {
             });
             let e = assert_close("gemv_q8", &unbits(&got), &want, 0.0);
             pass("gemv_q8", arch, &format!("n {n} k {k}"), e);
+        }
+    }
+}
+
+// ---- GGUF Q8_0 blocks ------------------------------------------------------------------
+
+/// `w` (`n × k`) quantized to GGUF Q8_0 blocks by the loader's own
+/// quantizer, as a tensor the CPU backend computes on.
+fn q8_0_tensor(n: usize, k: usize, w: &[f32]) -> Tensor {
+    let mut bytes = Vec::new();
+    QType::Q8_0.quantize(w, &mut bytes);
+    let len = bytes.len();
+    Tensor::new(
+        "w".into(),
+        DType::Q(QType::Q8_0),
+        vec![n, k],
+        std::sync::Arc::new(bytes),
+        0,
+        len,
+    )
+}
+
+#[test]
+fn q8_0_gemv_matches_the_cpu_backends_q8_0_matmul_for_tail_shapes() {
+    for arch in ARCHS {
+        let s = sim(arch);
+        // n not a multiple of the 8 rows per block; m from 1 to 8; k from
+        // one block to more blocks than a warp has lanes.
+        for (m, n, k) in [
+            (1usize, 13usize, 32usize),
+            (3, 9, 96),
+            (8, 17, 1088),
+            (5, 1, 64),
+            (2, 33, 2048),
+        ] {
+            let x = values(m * k, 51, 1.0);
+            let w = values(n * k, 52, 0.5);
+            let bias = values(n, 53, 0.1);
+            let t = q8_0_tensor(n, k, &w);
+            let mut want = matmul_wt(&x, m, &t);
+            for (i, v) in want.iter_mut().enumerate() {
+                *v += bias[i % n];
+            }
+            let nb = m * k / 32;
+            let got = twice("quantize_q8_0+gemv_q8_0", |seed| {
+                let mut xq = vec![0i8; m * k];
+                let mut xd = vec![f32::NAN; nb];
+                let cfg = Cfg {
+                    seed,
+                    ..Cfg::new(((nb as u32).div_ceil(8), 1, 1), 256, 0)
+                };
+                launch!(s, "quantize_q8_0", cfg; x.as_ptr() => *const f32, xq.as_mut_ptr() => *mut i8, xd.as_mut_ptr() => *mut f32, nb as i32 => i32).unwrap();
+                // The activations quantize to the CPU backend's bits.
+                let a: Vec<_> = x.chunks_exact(k).map(quantize_q8_0).collect();
+                assert_eq!(xq, a.iter().flat_map(|a| a.q.clone()).collect::<Vec<_>>());
+                assert_eq!(
+                    bits(&xd),
+                    bits(&a.iter().flat_map(|a| a.d.clone()).collect::<Vec<_>>())
+                );
+                let mut y = vec![f32::NAN; m * n];
+                let cfg = Cfg {
+                    seed,
+                    ..Cfg::new(((n as u32).div_ceil(8), 1, 1), 256, 0)
+                };
+                launch!(s, "gemv_q8_0", cfg; xq.as_ptr() => *const i8, xd.as_ptr() => *const f32, t.bytes().as_ptr() => *const u8, bias.as_ptr() => *const f32, y.as_mut_ptr() => *mut f32, m as i32 => i32, n as i32 => i32, k as i32 => i32).unwrap();
+                bits(&y)
+            });
+            // Same integer sums and per-block products; only the order of
+            // the f32 sum over blocks differs (lanes, then the warp).
+            let e = assert_close("gemv_q8_0", &unbits(&got), &want, 1e-5);
+            pass("gemv_q8_0", arch, &format!("m {m} n {n} k {k}"), e);
+        }
+    }
+}
+
+#[test]
+fn q8_0_dequantization_to_f16_matches_the_cpu_dequantization_bit_for_bit() {
+    for arch in ARCHS {
+        let s = sim(arch);
+        for (n, k) in [(1usize, 32usize), (7, 96), (13, 1056)] {
+            let w = values(n * k, 61, 3.0);
+            let t = q8_0_tensor(n, k, &w);
+            let want: Vec<u16> = t
+                .to_f32()
+                .iter()
+                .map(|v| f16::from_f32(*v).to_bits())
+                .collect();
+            let got = twice("dequant_q8_0_f16", |seed| {
+                let mut y = vec![0xffffu16; n * k];
+                let cfg = Cfg {
+                    seed,
+                    ..Cfg::d1(n * k, 256)
+                };
+                launch!(s, "dequant_q8_0_f16", cfg; t.bytes().as_ptr() => *const u8, y.as_mut_ptr() => *mut u16, n * k => usize).unwrap();
+                y
+            });
+            assert_eq!(got, want, "dequant_q8_0_f16 n {n} k {k}");
+            pass("dequant_q8_0_f16", arch, &format!("n {n} k {k}"), 0.0);
         }
     }
 }

@@ -50,6 +50,9 @@ GEMV3_LAUNCHER(f32, float)
 GEMV3_LAUNCHER(f16, h16)
 GEMV3_LAUNCHER(bf16, b16)
 CUSIM_KERNEL(gemv_q8, (const int* xq, float xscale, const int* wq, const float* wscale, float* y, int n, int k), (xq, xscale, wq, wscale, y, n, k))
+CUSIM_KERNEL(quantize_q8_0, (const float* x, signed char* q, float* d, int nblocks), (x, q, d, nblocks))
+CUSIM_KERNEL(gemv_q8_0, (const signed char* xq, const float* xd, const unsigned char* w, const float* bias, float* y, int m, int n, int k), (xq, xd, w, bias, y, m, n, k))
+CUSIM_KERNEL(dequant_q8_0_f16, (const unsigned char* w, h16* y, size_t n), (w, y, n))
 
 #define ATTN_LAUNCHERS(SFX, KV)                                                                           \
   CUSIM_KERNEL(kv_write_##SFX, (const float* k, const float* v, KV* kc, KV* vc, const int* slots, int m, int row), \
