@@ -135,3 +135,120 @@ extern "C" __global__ void gemv_q8(const int* __restrict__ xq, float xscale, con
   for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
   if (lane == 0) y[row] = (float)acc * xscale * wscale[row];
 }
+
+// ---- GGUF Q8_0 blocks --------------------------------------------------------
+// A Q8_0 weight row of k values is k/32 blocks of 34 bytes: an f16 scale,
+// then 32 int8. The product is llama.cpp's (and the CPU backend's,
+// src/cpu/matmul/qdot.rs): the activations are quantized per 32 values to
+// int8 with an f16-rounded scale, each block contributes an exact integer
+// dot product times (weight scale · activation scale), and the f32 sum over
+// blocks is the only rounding that differs from the CPU (its order). The
+// activations are quantized by the lane that uses them, so the kernel has
+// gemv_f16's signature and needs no scratch buffer (a decode graph captures
+// it as it is).
+
+// llama.cpp's quantize_row_q8_0 on one block of 32 activations: d = amax /
+// 127, q = round(x / d) with the unrounded reciprocal, four int8 per int;
+// returns the scale rounded to f16 (as an f32), as the CPU stores it.
+__device__ __forceinline__ float quant_block_q8_0(const float* __restrict__ x, int* q) {
+  float v[32];
+#pragma unroll
+  for (int j = 0; j < 32; j += 8) ld8(x + j, v + j);
+  float amax = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 32; ++j) amax = fmaxf(amax, fabsf(v[j]));
+  float d = amax / 127.0f;
+  float id = d != 0.0f ? 1.0f / d : 0.0f;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    unsigned int w = 0;
+#pragma unroll
+    for (int b = 0; b < 4; ++b)
+      w |= (unsigned int)(unsigned char)(signed char)roundf(v[4 * j + b] * id) << (8 * b);
+    q[j] = (int)w;
+  }
+  return __half2float(__float2half_rn(d));
+}
+
+// Four int8 of a Q8_0 block as one int for dot4_i8. Blocks are 34 bytes,
+// so their quants are only 2-byte aligned: two 16-bit loads.
+__device__ __forceinline__ int ld_q8x4(const unsigned char* p) {
+  const unsigned short* s = reinterpret_cast<const unsigned short*>(p);
+  return (int)((unsigned int)s[0] | ((unsigned int)s[1] << 16));
+}
+
+// One warp's output row of y = x·Wᵀ (+ bias) for Q8_0 weights, m <=
+// GEMV_MAX_ROWS rows, k % 32 == 0. Lane l takes blocks l, l + 32, …: it
+// quantizes each activation row's block and sums dot4_i8 (__dp4a on sm_61
+// and newer, unpacked bytes on sm_60) times the two scales.
+__device__ void gemv_row_q8_0(const float* __restrict__ x, const unsigned char* __restrict__ w,
+                              const float* __restrict__ bias, float* __restrict__ y, int m, int n,
+                              int k, int row) {
+  int lane = threadIdx.x & 31;
+  int nb = k >> 5;
+  const unsigned char* wr = w + (size_t)row * nb * 34;
+  float acc[GEMV_MAX_ROWS];
+#pragma unroll
+  for (int r = 0; r < GEMV_MAX_ROWS; ++r) acc[r] = 0.0f;
+  for (int b = lane; b < nb; b += 32) {
+    const unsigned char* blk = wr + (size_t)b * 34;
+    float wd = __half2float(__ushort_as_half(*reinterpret_cast<const unsigned short*>(blk)));
+    int wv[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) wv[j] = ld_q8x4(blk + 2 + 4 * j);
+#pragma unroll
+    for (int r = 0; r < GEMV_MAX_ROWS; ++r) {
+      if (r < m) {
+        int xv[8];
+        float xd = quant_block_q8_0(x + (size_t)r * k + (size_t)b * 32, xv);
+        int s = 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) s = dot4_i8(xv[j], wv[j], s);
+        acc[r] += (float)s * (wd * xd);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < GEMV_MAX_ROWS; ++r) acc[r] = warp_sum(acc[r]);
+  if (lane == 0) {
+    float bv = bias ? bias[row] : 0.0f;
+#pragma unroll
+    for (int r = 0; r < GEMV_MAX_ROWS; ++r)
+      if (r < m) y[(size_t)r * n + row] = acc[r] + bv;
+  }
+}
+
+extern "C" __global__ void gemv_q8_0(const float* __restrict__ x, const unsigned char* __restrict__ w,
+                                     const float* __restrict__ bias, float* __restrict__ y, int m,
+                                     int n, int k) {
+  int row = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
+  if (row >= n) return;
+  gemv_row_q8_0(x, w, bias, y, m, n, k, row);
+}
+
+// gemv3 for Q8_0 weights (decode's q/k/v, gate/up), each row as gemv_q8_0.
+extern "C" __global__ void gemv3_q8_0(const float* x, const unsigned char* w0, const float* b0,
+                                      float* y0, int n0, const unsigned char* w1, const float* b1,
+                                      float* y1, int n1, const unsigned char* w2, const float* b2,
+                                      float* y2, int n2, int m, int k) {
+  int row = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
+  if (row < n0) {
+    gemv_row_q8_0(x, w0, b0, y0, m, n0, k, row);
+  } else if (row - n0 < n1) {
+    gemv_row_q8_0(x, w1, b1, y1, m, n1, k, row - n0);
+  } else if (row - n0 - n1 < n2) {
+    gemv_row_q8_0(x, w2, b2, y2, m, n2, k, row - n0 - n1);
+  }
+}
+
+// Q8_0 blocks to f16 for the prefill GEMMs (cuBLAS): element i of n is
+// f16(scale · q), the CPU's dequantized f32 value rounded once. One thread
+// per element.
+extern "C" __global__ void dequant_q8_0_f16(const unsigned char* __restrict__ w, h16* __restrict__ y,
+                                            size_t n) {
+  size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const unsigned char* blk = w + (i >> 5) * 34;
+  float d = __half2float(__ushort_as_half(*reinterpret_cast<const unsigned short*>(blk)));
+  st1(y, i, d * (float)(signed char)blk[2 + (i & 31)]);
+}

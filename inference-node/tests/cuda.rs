@@ -1032,3 +1032,82 @@ async fn a_served_model_with_cuda_graphs_under_6_streamed_clients_equals_the_cpu
         assert_eq!(g, w, "request {i}");
     }
 }
+
+/// The tiny-llama fixture written as a GGUF Q8_0 file by the node's own
+/// converter: q/k/v/o/gate/up (rows of 64) are Q8_0 blocks, down (rows of
+/// 176, not whole blocks) stays f16, so both kinds run in one model.
+fn q8_0_fixture() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("copyhold-cuda-q8_0-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let g = d.join("model.gguf");
+    copyhold_node::model::gguf_write::convert(
+        &support::fixtures().join("tiny-llama"),
+        &g,
+        copyhold_node::model::gguf_write::Scheme::Q8_0,
+    )
+    .unwrap();
+    g
+}
+
+/// max |Δ| over all logits, relative to the range of the CPU's.
+fn rel_to_range(got: &[Vec<f32>], want: &[Vec<f32>]) -> f32 {
+    let all = want.iter().flatten();
+    let (lo, hi) = all.fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+    let d = got
+        .iter()
+        .flatten()
+        .zip(want.iter().flatten())
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    d / (hi - lo).max(f32::MIN_POSITIVE)
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo nextest run -p copyhold-node --run-ignored only"]
+fn q8_0_gguf_logits_on_cuda_match_the_cpu_backend_for_prefill_and_decode() {
+    use copyhold_node::cpu::attention::KvStore;
+    use copyhold_node::model::quant::QType;
+    use copyhold_node::model::weights::DType;
+    let path = q8_0_fixture();
+    let (model, _) = copyhold_node::model::open(&path).unwrap();
+    assert_eq!(model.layers[0].q.w.dtype, DType::Q(QType::Q8_0));
+    let bs = 16;
+    let tables = vec![vec![0u32, 1]];
+    // 24 prompt tokens (a prefill over 8 rows: cuBLAS on dequantized f16
+    // in the fast mode, gemv_q8_0 in chunks of 8 in the exact one), then
+    // two decode steps (gemv_q8_0 and the fused gemv3_q8_0).
+    let tokens: Vec<u32> = (0..26).map(|i| ((i * 37) % 500 + 3) as u32).collect();
+    let step = |range: std::ops::Range<usize>| Batch {
+        tokens: range
+            .clone()
+            .map(|pos| BatchToken {
+                token: tokens[pos],
+                pos,
+                seq: 0,
+                wide: false,
+            })
+            .collect(),
+        block_tables: tables.clone(),
+        logits_for: (0..range.len()).collect(),
+    };
+    let steps = [step(0..24), step(24..25), step(25..26)];
+    let mut kv = KvStore::new(&model.cfg, 2, bs, false);
+    let want: Vec<Vec<Vec<f32>>> = steps.iter().map(|b| model.forward(b, &mut kv)).collect();
+    // Exact mode: the CPU's 8-bit activations and integer sums; only the
+    // order of f32 sums differs. Fast mode: f16 activations into cuBLAS
+    // for the prefill, so looser there.
+    for (opts, prefill_tol, decode_tol) in
+        [(exact(), 1e-4, 1e-4), (CudaOptions::default(), 2e-2, 2e-2)]
+    {
+        let mut b = CudaBackend::new(&model, opts.clone()).unwrap();
+        for (i, batch) in steps.iter().enumerate() {
+            let got = b.forward(batch).unwrap();
+            let e = rel_to_range(&got, &want[i]);
+            let tol = if i == 0 { prefill_tol } else { decode_tol };
+            eprintln!(
+                "q8_0 step {i} gemm {:?}: max |Δ| / range {e:.2e}",
+                opts.gemm
+            );
+            assert!(e <= tol, "step {i} gemm {:?}: {e} > {tol}", opts.gemm);
+        }
+    }
+}

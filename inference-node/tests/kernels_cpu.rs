@@ -27,7 +27,8 @@ use copyhold_node::cuda::plan::{self, StepLayout};
 use copyhold_node::engine::backend::{Batch, BatchToken};
 use copyhold_node::engine::sampling::{Rng, SamplingParams, argmax, sample};
 use copyhold_node::model::layers::RmsNorm;
-use copyhold_node::model::weights::{Tensor, WeightStore};
+use copyhold_node::model::quant::QType;
+use copyhold_node::model::weights::{DType, Tensor, WeightStore};
 use half::{bf16, f16};
 
 // ---- the simulator library ---------------------------------------------------------
@@ -601,6 +602,148 @@ fn gemv_matches_the_cpu_matmul_for_every_weight_dtype_and_tail_shape() {
             });
             let e = assert_close("gemv_q8", &unbits(&got), &want, 0.0);
             pass("gemv_q8", arch, &format!("n {n} k {k}"), e);
+        }
+    }
+}
+
+// ---- GGUF Q8_0 blocks ------------------------------------------------------------------
+
+/// `w` (`n × k`) quantized to GGUF Q8_0 blocks by the loader's own
+/// quantizer, as a tensor the CPU backend computes on.
+fn q8_0_tensor(n: usize, k: usize, w: &[f32]) -> Tensor {
+    let mut bytes = Vec::new();
+    QType::Q8_0.quantize(w, &mut bytes);
+    let len = bytes.len();
+    Tensor::new(
+        "w".into(),
+        DType::Q(QType::Q8_0),
+        vec![n, k],
+        std::sync::Arc::new(bytes),
+        0,
+        len,
+    )
+}
+
+#[test]
+fn q8_0_gemv_matches_the_cpu_backends_q8_0_matmul_for_tail_shapes() {
+    for arch in ARCHS {
+        let s = sim(arch);
+        // n not a multiple of the 8 rows per block; m from 1 to 8; k from
+        // one block to more blocks than a warp has lanes; with and without
+        // a bias.
+        for (m, n, k, with_bias) in [
+            (1usize, 13usize, 32usize, true),
+            (3, 9, 96, true),
+            (8, 17, 1088, true),
+            (5, 1, 64, false),
+            (2, 33, 2048, true),
+        ] {
+            let x = values(m * k, 51, 1.0);
+            let w = values(n * k, 52, 0.5);
+            let bias = values(n, 53, 0.1);
+            let t = q8_0_tensor(n, k, &w);
+            let mut want = matmul_wt(&x, m, &t);
+            if with_bias {
+                for (i, v) in want.iter_mut().enumerate() {
+                    *v += bias[i % n];
+                }
+            }
+            let bias_ptr = if with_bias {
+                bias.as_ptr()
+            } else {
+                std::ptr::null()
+            };
+            let got = twice("gemv_q8_0", |seed| {
+                let mut y = vec![f32::NAN; m * n];
+                let cfg = Cfg {
+                    seed,
+                    ..Cfg::new(((n as u32).div_ceil(8), 1, 1), 256, 0)
+                };
+                launch!(s, "gemv_q8_0", cfg; x.as_ptr() => *const f32, t.bytes().as_ptr() => *const u8, bias_ptr => *const f32, y.as_mut_ptr() => *mut f32, m as i32 => i32, n as i32 => i32, k as i32 => i32).unwrap();
+                bits(&y)
+            });
+            // The same 8-bit activations, integer sums and per-block
+            // products as the CPU; only the order of the f32 sum over
+            // blocks differs (lanes, then the warp).
+            let e = assert_close("gemv_q8_0", &unbits(&got), &want, 1e-5);
+            pass(
+                "gemv_q8_0",
+                arch,
+                &format!("m {m} n {n} k {k} bias {with_bias}"),
+                e,
+            );
+        }
+    }
+}
+
+#[test]
+fn fused_q8_0_gemv_matches_three_separate_cpu_q8_0_projections() {
+    for arch in ARCHS {
+        let s = sim(arch);
+        for (m, k, ns) in [(1usize, 64usize, [13usize, 5, 7]), (6, 1056, [9, 17, 0])] {
+            let x = values(m * k, 71, 1.0);
+            let ws: Vec<Tensor> = ns
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| q8_0_tensor(n, k, &values(n * k, 72 + i as u64, 0.5)))
+                .collect();
+            let biases: Vec<Vec<f32>> = ns
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| values(n, 75 + i as u64, 0.1))
+                .collect();
+            let rows: usize = ns.iter().sum();
+            let got = twice("gemv3_q8_0", |seed| {
+                let mut ys: Vec<Vec<f32>> = ns.iter().map(|&n| vec![f32::NAN; m * n]).collect();
+                let cfg = Cfg {
+                    seed,
+                    ..Cfg::new(((rows as u32).div_ceil(8), 1, 1), 256, 0)
+                };
+                let (y0, rest) = ys.split_at_mut(1);
+                let (y1, y2) = rest.split_at_mut(1);
+                launch!(s, "gemv3_q8_0", cfg;
+                    x.as_ptr() => *const f32,
+                    ws[0].bytes().as_ptr() => *const u8, biases[0].as_ptr() => *const f32, y0[0].as_mut_ptr() => *mut f32, ns[0] as i32 => i32,
+                    ws[1].bytes().as_ptr() => *const u8, biases[1].as_ptr() => *const f32, y1[0].as_mut_ptr() => *mut f32, ns[1] as i32 => i32,
+                    ws[2].bytes().as_ptr() => *const u8, biases[2].as_ptr() => *const f32, y2[0].as_mut_ptr() => *mut f32, ns[2] as i32 => i32,
+                    m as i32 => i32, k as i32 => i32).unwrap();
+                ys.iter().map(|y| bits(y)).collect::<Vec<_>>()
+            });
+            for (i, &n) in ns.iter().enumerate() {
+                let mut want = matmul_wt(&x, m, &ws[i]);
+                for (j, v) in want.iter_mut().enumerate() {
+                    *v += biases[i][j % n.max(1)];
+                }
+                let e = assert_close("gemv3_q8_0", &unbits(&got[i]), &want, 1e-5);
+                pass("gemv3_q8_0", arch, &format!("m {m} k {k} n{i} {n}"), e);
+            }
+        }
+    }
+}
+
+#[test]
+fn q8_0_dequantization_to_f16_matches_the_cpu_dequantization_bit_for_bit() {
+    for arch in ARCHS {
+        let s = sim(arch);
+        for (n, k) in [(1usize, 32usize), (7, 96), (13, 1056)] {
+            let w = values(n * k, 61, 3.0);
+            let t = q8_0_tensor(n, k, &w);
+            let want: Vec<u16> = t
+                .to_f32()
+                .iter()
+                .map(|v| f16::from_f32(*v).to_bits())
+                .collect();
+            let got = twice("dequant_q8_0_f16", |seed| {
+                let mut y = vec![0xffffu16; n * k];
+                let cfg = Cfg {
+                    seed,
+                    ..Cfg::d1(n * k, 256)
+                };
+                launch!(s, "dequant_q8_0_f16", cfg; t.bytes().as_ptr() => *const u8, y.as_mut_ptr() => *mut u16, n * k => usize).unwrap();
+                y
+            });
+            assert_eq!(got, want, "dequant_q8_0_f16 n {n} k {k}");
+            pass("dequant_q8_0_f16", arch, &format!("n {n} k {k}"), 0.0);
         }
     }
 }

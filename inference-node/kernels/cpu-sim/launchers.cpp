@@ -50,6 +50,12 @@ GEMV3_LAUNCHER(f32, float)
 GEMV3_LAUNCHER(f16, h16)
 GEMV3_LAUNCHER(bf16, b16)
 CUSIM_KERNEL(gemv_q8, (const int* xq, float xscale, const int* wq, const float* wscale, float* y, int n, int k), (xq, xscale, wq, wscale, y, n, k))
+CUSIM_KERNEL(gemv_q8_0, (const float* x, const unsigned char* w, const float* bias, float* y, int m, int n, int k), (x, w, bias, y, m, n, k))
+CUSIM_KERNEL(gemv3_q8_0,
+             (const float* x, const unsigned char* w0, const float* b0, float* y0, int n0, const unsigned char* w1,
+              const float* b1, float* y1, int n1, const unsigned char* w2, const float* b2, float* y2, int n2, int m, int k),
+             (x, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, m, k))
+CUSIM_KERNEL(dequant_q8_0_f16, (const unsigned char* w, h16* y, size_t n), (w, y, n))
 
 #define ATTN_LAUNCHERS(SFX, KV)                                                                           \
   CUSIM_KERNEL(kv_write_##SFX, (const float* k, const float* v, KV* kc, KV* vc, const int* slots, int m, int row), \

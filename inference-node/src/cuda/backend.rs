@@ -40,6 +40,7 @@ use crate::engine::backend::{Backend, BackendError, Batch, RowOut, RowWant};
 use crate::model::Decoder;
 use crate::model::config::ModelConfig;
 use crate::model::layers::Linear;
+use crate::model::quant::QType;
 use crate::model::weights::{DType, Tensor};
 
 /// Options of `--device cuda`.
@@ -165,6 +166,10 @@ enum DevW {
     F16(CudaSlice<u16>),
     /// bf16 bits (sm_80+ only).
     BF16(CudaSlice<u16>),
+    /// GGUF Q8_0 blocks as stored in the file (34 bytes per 32 values):
+    /// `gemv_q8_0` for decode, `dequant_q8_0_f16` into a scratch buffer
+    /// before cuBLAS for prefill.
+    Q8_0(CudaSlice<u8>),
 }
 
 struct DevLinear {
@@ -228,6 +233,8 @@ struct Shard {
 #[derive(Default)]
 struct StepScratch {
     cast: Reuse<CudaSlice<u16>>,
+    /// f16 copy of one Q8_0 weight for a prefill GEMM.
+    dequant: Reuse<CudaSlice<u16>>,
     part_out: Reuse<CudaSlice<f32>>,
     part_max: Reuse<CudaSlice<f32>>,
     part_sum: Reuse<CudaSlice<f32>>,
@@ -258,7 +265,7 @@ fn drv(what: &str) -> impl Fn(cudarc::driver::DriverError) -> CudaError + '_ {
 }
 
 fn bytes_of(t: &Tensor, d: DType) -> u64 {
-    (t.numel() * d.size()) as u64
+    plan::device_bytes(&t.shape, d)
 }
 
 fn linear_bytes(l: &Linear, path: ArchPath) -> u64 {
@@ -266,8 +273,18 @@ fn linear_bytes(l: &Linear, path: ArchPath) -> u64 {
         + l.bias.as_ref().map_or(0, |b| 4 * b.len() as u64)
 }
 
-/// Upload-time conversion of a stored tensor to the device dtype.
-fn upload_w(stream: &Arc<CudaStream>, t: &Tensor, path: ArchPath) -> Result<DevW, CudaError> {
+/// How a weight's device dtype is chosen: [`plan::device_dtype`] for
+/// linears, [`plan::embedding_dtype`] for the embedding table.
+type DtypeRule = fn(DType, ArchPath, f32) -> DType;
+
+/// Upload-time conversion of a stored tensor to the device dtype `rule`
+/// gives it.
+fn upload_w(
+    stream: &Arc<CudaStream>,
+    t: &Tensor,
+    path: ArchPath,
+    rule: DtypeRule,
+) -> Result<DevW, CudaError> {
     let what = format!("uploading {}", t.name);
     let oom = |e: cudarc::driver::DriverError| {
         if format!("{e:?}").contains("OUT_OF_MEMORY") {
@@ -282,10 +299,14 @@ fn upload_w(stream: &Arc<CudaStream>, t: &Tensor, path: ArchPath) -> Result<DevW
         }
     };
     if let DType::Q(_) = t.dtype {
-        // Quantized blocks: dequantized once on the host to the device's
-        // dtype (no quantized kernels on the GPU yet).
+        // Q8_0 blocks go up as the file stores them; other block formats
+        // (and the embedding table) are dequantized once on the host.
+        let device = rule(t.dtype, path, 0.0);
+        if device == DType::Q(QType::Q8_0) {
+            return Ok(DevW::Q8_0(stream.clone_htod(t.bytes()).map_err(oom)?));
+        }
         let wide = t.to_f32();
-        return Ok(match plan::device_dtype(t.dtype, path, 0.0) {
+        return Ok(match device {
             DType::F32 => DevW::F32(stream.clone_htod(&wide).map_err(oom)?),
             _ => {
                 let bits: Vec<u16> = wide
@@ -303,7 +324,7 @@ fn upload_w(stream: &Arc<CudaStream>, t: &Tensor, path: ArchPath) -> Result<DevW
     } else {
         0.0
     };
-    let device = plan::device_dtype(t.dtype, path, max_abs);
+    let device = rule(t.dtype, path, max_abs);
     Ok(match (device, convert::device_bits(raw, t.dtype, device)) {
         (_, HostBits::F32(v)) => DevW::F32(stream.clone_htod(&v[..]).map_err(oom)?),
         (DType::BF16, HostBits::Half(h)) => DevW::BF16(stream.clone_htod(&h[..]).map_err(oom)?),
@@ -327,7 +348,7 @@ fn upload_linear(
 ) -> Result<DevLinear, CudaError> {
     *slots += 1;
     Ok(DevLinear {
-        w: upload_w(stream, &l.w, path)?,
+        w: upload_w(stream, &l.w, path, plan::device_dtype)?,
         bias: match &l.bias {
             Some(b) => Some(upload_f32(stream, b, &l.w.name)?),
             None => None,
@@ -345,6 +366,22 @@ fn cfg1d(n: usize, threads: u32) -> LaunchConfig {
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// Bytes of the f16 buffer a prefill GEMM dequantizes Q8_0 weights into:
+/// the largest Q8_0 linear of the model at the capacity [`Reuse`] rounds
+/// it up to (0 without Q8_0 linears).
+fn dequant_bytes(model: &Decoder) -> u64 {
+    let layers = model
+        .layers
+        .iter()
+        .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]);
+    layers
+        .chain(model.lm_head.as_ref())
+        .filter(|l| l.w.dtype == DType::Q(QType::Q8_0))
+        .map(|l| 2 * super::scratch::capacity_for(l.w.numel()) as u64)
+        .max()
+        .unwrap_or(0)
 }
 
 /// Bytes of per-step buffers at the largest step.
@@ -426,7 +463,7 @@ impl CudaBackend {
             .collect();
         let embed_bytes = bytes_of(
             &model.embed,
-            plan::device_dtype(model.embed.dtype, path, 0.0),
+            plan::embedding_dtype(model.embed.dtype, path, 0.0),
         );
         let head_bytes = 4 * cfg.hidden_size as u64
             + match &model.lm_head {
@@ -442,7 +479,7 @@ impl CudaBackend {
                 .num_blocks
                 .unwrap_or(opts.max_batch_tokens.div_ceil(opts.block_size) + 2)
                 as u64,
-            scratch: scratch_bytes(&cfg, &opts, part_size),
+            scratch: scratch_bytes(&cfg, &opts, part_size) + dequant_bytes(model),
             max_layers_per_gpu: opts.max_layers_per_gpu,
         };
         let budgets: Vec<u64> = devs.iter().map(|d| d.3).collect();
@@ -590,7 +627,7 @@ impl CudaBackend {
             |stream: &Arc<CudaStream>, slots: &mut usize| -> Result<DevLinear, CudaError> {
                 *slots += 1;
                 Ok(DevLinear {
-                    w: upload_w(stream, &model.embed, path)?,
+                    w: upload_w(stream, &model.embed, path, plan::embedding_dtype)?,
                     bias: None,
                     n: cfg.vocab_size,
                     k: cfg.hidden_size,
@@ -897,6 +934,11 @@ fn embedding(
         DevW::F32(_) => ("embedding_f32", e.n),
         DevW::F16(_) => ("embedding_f16", e.n),
         DevW::BF16(_) => ("embedding_bf16", e.n),
+        DevW::Q8_0(_) => {
+            return Err(CudaError::Unsupported(
+                "an embedding table in Q8_0 blocks (it is uploaded as f16)".into(),
+            ));
+        }
     };
     let f = sh.kernels.get(name)?;
     let (mi, hi, vi) = (m as i32, h as i32, vocab as i32);
@@ -904,6 +946,7 @@ fn embedding(
     match &e.w {
         DevW::F32(w) => b.arg(w),
         DevW::F16(w) | DevW::BF16(w) => b.arg(w),
+        DevW::Q8_0(w) => b.arg(w),
     };
     // embedding_*(const W* table, const unsigned* ids, float* out, int m, int hidden, int vocab)
     b.arg(&dev.ids).arg(x).arg(&mi).arg(&hi).arg(&vi);
@@ -1029,13 +1072,15 @@ fn linear(
             }
             .map_err(cublas_err)?;
         }
-        DevW::F16(w) | DevW::BF16(w) => {
-            let (cast, ty) = if matches!(lin.w, DevW::F16(_)) {
+        DevW::F16(_) | DevW::BF16(_) | DevW::Q8_0(_) => {
+            let f16_acts = !matches!(lin.w, DevW::BF16(_));
+            let (cast, ty) = if f16_acts {
                 ("cast_f32_f16", bsys::cudaDataType::CUDA_R_16F)
             } else {
                 ("cast_f32_bf16", bsys::cudaDataType::CUDA_R_16BF)
             };
-            let mut scratch = sh.scratch()?;
+            let mut guard = sh.scratch()?;
+            let scratch = &mut *guard;
             let xh = scratch.cast.get(m * k, |c| {
                 // Every element read is written by the cast first.
                 unsafe { st.alloc::<u16>(c) }.map_err(drv("allocating the cast buffer"))
@@ -1047,10 +1092,11 @@ fn linear(
             // cast_f32_f16(const float* x, h16* y, size_t n, int* overflow)
             // cast_f32_bf16(const float* x, b16* y, size_t n)
             b.arg(x).arg(&mut *xh).arg(&nn);
-            if matches!(lin.w, DevW::F16(_)) {
+            if f16_acts {
                 b.arg(&flag);
             }
             unsafe { b.launch(cfg1d(m * k, 256)) }.map_err(launch_err("cast"))?;
+            let w = half_weights(sh, &lin.w, &mut scratch.dequant, n * k)?;
             let (wp, _gw) = w.device_ptr(st);
             let (xp, _gx) = xh.device_ptr(st);
             unsafe {
@@ -1097,6 +1143,43 @@ fn linear(
     Ok(())
 }
 
+/// The 16-bit weights a half-precision GEMM reads: the uploaded f16/bf16
+/// bits, or a Q8_0 weight dequantized to f16 into `dequant` (one buffer
+/// reused by every projection; the stream orders its uses).
+fn half_weights<'a>(
+    sh: &Shard,
+    w: &'a DevW,
+    dequant: &'a mut Reuse<CudaSlice<u16>>,
+    elems: usize,
+) -> Result<&'a CudaSlice<u16>, CudaError> {
+    let q = match w {
+        DevW::F16(h) | DevW::BF16(h) => return Ok(h),
+        DevW::Q8_0(q) => q,
+        DevW::F32(_) => {
+            return Err(CudaError::Unsupported(
+                "an f32 weight has no 16-bit copy".into(),
+            ));
+        }
+    };
+    let st = &sh.stream;
+    let wh = dequant.get(elems, |c| {
+        // Every element the GEMM reads is written by the dequantization.
+        unsafe { st.alloc::<u16>(c) }.map_err(drv("allocating the dequantization buffer"))
+    })?;
+    let f = sh.kernels.get("dequant_q8_0_f16")?;
+    let nn = elems as u64;
+    // dequant_q8_0_f16(const unsigned char* w, h16* y, size_t n)
+    unsafe {
+        st.launch_builder(f)
+            .arg(q)
+            .arg(&mut *wh)
+            .arg(&nn)
+            .launch(cfg1d(elems, 256))
+    }
+    .map_err(launch_err("dequant_q8_0_f16"))?;
+    Ok(wh)
+}
+
 /// Up to three projections of the same input (q/k/v, gate/up): one fused
 /// GEMV launch (`gemv3_*`) when every one takes the GEMV path (at most 8
 /// rows) with the same weight dtype and width; else one [`linear`] each.
@@ -1126,6 +1209,7 @@ fn linear_many(
         DevW::F32(_) => "gemv3_f32",
         DevW::F16(_) => "gemv3_f16",
         DevW::BF16(_) => "gemv3_bf16",
+        DevW::Q8_0(_) => "gemv3_q8_0",
     };
     let f = sh.kernels.get(name)?;
     let mut ns = [0i32; 3];
@@ -1149,6 +1233,7 @@ fn linear_many(
         match &l.w {
             DevW::F32(w) => b.arg(w),
             DevW::F16(w) | DevW::BF16(w) => b.arg(w),
+            DevW::Q8_0(w) => b.arg(w),
         };
         match &l.bias {
             Some(bias) => b.arg(bias),
@@ -1177,6 +1262,7 @@ fn gemv(
         DevW::F32(_) => "gemv_f32",
         DevW::F16(_) => "gemv_f16",
         DevW::BF16(_) => "gemv_bf16",
+        DevW::Q8_0(_) => "gemv_q8_0",
     };
     let f = sh.kernels.get(name)?;
     let cfg = LaunchConfig {
@@ -1196,6 +1282,7 @@ fn gemv(
         match &lin.w {
             DevW::F32(w) => b.arg(w),
             DevW::F16(w) | DevW::BF16(w) => b.arg(w),
+            DevW::Q8_0(w) => b.arg(w),
         };
         match &lin.bias {
             Some(bias) => b.arg(bias),

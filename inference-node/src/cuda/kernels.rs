@@ -61,6 +61,9 @@ pub const PROGRAMS: &[Program] = &[
             "gemv3_f16",
             "gemv3_bf16",
             "gemv_q8",
+            "gemv_q8_0",
+            "gemv3_q8_0",
+            "dequant_q8_0_f16",
         ],
     },
     Program {

@@ -6,6 +6,7 @@
 use std::ops::Range;
 
 use crate::engine::backend::Batch;
+use crate::model::quant::QType;
 use crate::model::weights::DType;
 
 use super::CudaError;
@@ -56,11 +57,31 @@ pub fn device_dtype(stored: DType, path: ArchPath, max_abs: f32) -> DType {
                 DType::F32
             }
         }
-        // Block formats are dequantized to f16 on upload (no quantized
-        // CUDA kernels yet).
+        // Q8_0 stays in its blocks (gemv_q8_0; dequant_q8_0_f16 before
+        // cuBLAS). Other block formats are dequantized to f16 on upload
+        // until they get kernels.
+        DType::Q(QType::Q8_0) => stored,
         DType::Q(_) => DType::F16,
         other => other,
     }
+}
+
+/// The dtype of the embedding table on the device: as [`device_dtype`],
+/// except that every block format becomes f16 (the row gather has no
+/// block kernel; a tied LM head then runs on those f16 rows).
+pub fn embedding_dtype(stored: DType, path: ArchPath, max_abs: f32) -> DType {
+    match stored {
+        DType::Q(_) => DType::F16,
+        other => device_dtype(other, path, max_abs),
+    }
+}
+
+/// Device bytes of a tensor of `shape` (rows of its last dimension) kept
+/// as `d`: block formats count whole blocks (Q8_0: 34 bytes per 32 values).
+pub fn device_bytes(shape: &[usize], d: DType) -> u64 {
+    let k = shape.last().copied().unwrap_or(1);
+    let rows: usize = shape[..shape.len().saturating_sub(1)].iter().product();
+    rows as u64 * d.row_bytes(k) as u64
 }
 
 /// KV cache element type.
@@ -412,6 +433,33 @@ mod tests {
         );
         assert_eq!(device_dtype(DType::F16, ArchPath::Pascal, 1.0), DType::F16);
         assert_eq!(device_dtype(DType::F32, ArchPath::Pascal, 1.0), DType::F32);
+    }
+
+    #[test]
+    fn q8_0_linears_stay_blocks_on_every_path_and_other_block_formats_become_f16() {
+        for path in [ArchPath::Pascal, ArchPath::VoltaTuring, ArchPath::Ampere] {
+            let q8 = DType::Q(QType::Q8_0);
+            assert_eq!(device_dtype(q8, path, 0.0), q8);
+            // The embedding gather has no block kernel: f16 rows.
+            assert_eq!(embedding_dtype(q8, path, 0.0), DType::F16);
+            for q in [QType::Q4_0, QType::Q4K, QType::Q5K, QType::Q6K] {
+                assert_eq!(device_dtype(DType::Q(q), path, 0.0), DType::F16);
+                assert_eq!(embedding_dtype(DType::Q(q), path, 0.0), DType::F16);
+            }
+            assert_eq!(embedding_dtype(DType::F32, path, 0.0), DType::F32);
+        }
+    }
+
+    #[test]
+    fn device_bytes_count_q8_0_as_34_bytes_per_32_values() {
+        // 4096 × 4096: 524 288 blocks of 34 bytes.
+        assert_eq!(
+            device_bytes(&[4096, 4096], DType::Q(QType::Q8_0)),
+            4096 * 4096 / 32 * 34
+        );
+        assert_eq!(device_bytes(&[4096, 4096], DType::F16), 4096 * 4096 * 2);
+        assert_eq!(device_bytes(&[7, 3], DType::F32), 84);
+        assert_eq!(device_bytes(&[5], DType::F16), 10);
     }
 
     #[test]

@@ -358,19 +358,32 @@ fn tied_head_bytes(
 }
 
 /// `GGUF Q4_K+Q6_K, 4.58 GiB in the file, widened to f16 on the GPU`.
-fn gguf_note(model: &GgufModel, formats: &[&str], widened: bool) -> String {
+fn gguf_note(model: &GgufModel, formats: &[&str], on_gpu: &str) -> String {
     let kinds = if formats.is_empty() {
         model.by_type.keys().copied().collect::<Vec<_>>().join("+")
     } else {
         formats.join("+")
     };
     let gib = model.stored_bytes() as f64 / (1u64 << 30) as f64;
-    let on_gpu = if widened {
-        "widened to f16 on the GPU"
-    } else {
-        "held as stored"
-    };
     format!("GGUF {kinds}, {gib:.2} GiB in the file, {on_gpu}")
+}
+
+/// Bytes `copyhold-node` adds on the GPU to a GGUF file's Q8_0 blocks: a
+/// Q8_0 embedding table widened to f16 (its blocks were counted as
+/// stored), and the f16 buffer its prefill GEMMs dequantize the largest
+/// Q8_0 matrix into, taken as vocab × hidden (the embedding's elements).
+fn copyhold_q8_0_extra(model: &GgufModel) -> u64 {
+    let Some((ty, elements)) = model.embedding else {
+        return 0;
+    };
+    let widened_embedding = if ty.name == "Q8_0" {
+        elements
+            .saturating_mul(2)
+            .saturating_sub(elements / ty.block_elems * ty.block_bytes)
+    } else {
+        0
+    };
+    widened_embedding.saturating_add(elements.saturating_mul(2))
 }
 
 /// What the user asked each replica to hold and how it will run.
@@ -471,11 +484,17 @@ impl ModelNeeds {
     /// Sizes a GGUF model from its header, counting the weights as the
     /// engine holds them on the GPU:
     ///
-    /// - `copyhold`: block formats (Q8_0, Q4_K, …) are widened to f16 when
-    ///   uploaded (`inference-node/src/cuda/plan.rs`, `device_dtype`; no
-    ///   quantized CUDA kernels yet), so they cost 2 bytes an element, as
-    ///   an f16 model does; F32, F16 and BF16 tensors cost what they
-    ///   store. Types the node does not load are refused here.
+    /// - `copyhold`: Q8_0 stays in its blocks on the GPU (the node's
+    ///   `gemv_q8_0`), except the embedding table, which is widened to f16
+    ///   (`inference-node/src/cuda/plan.rs`, `device_dtype` and
+    ///   `embedding_dtype`); a file with Q8_0 also costs one f16 copy of
+    ///   its largest Q8_0 matrix, the buffer prefill GEMMs dequantize into
+    ///   (counted as the embedding's vocab × hidden, the largest matrix of
+    ///   the llama, qwen2 and mistral shapes). The other block formats
+    ///   (Q4_0, Q4_K, …) are widened to f16 when uploaded (no kernels for
+    ///   them yet), so they cost 2 bytes an element, as an f16 model does;
+    ///   F32, F16 and BF16 tensors cost what they store. Types the node
+    ///   does not load are refused here.
     /// - `vllm`: the blocks stay as stored; its kernels for them need
     ///   compute capability 7.0.
     ///
@@ -490,7 +509,7 @@ impl ModelNeeds {
                     ty: (*name).to_string(),
                 });
             }
-            let bytes = if copyhold && t.ty.is_block_format() {
+            let bytes = if copyhold && t.ty.is_block_format() && *name != "Q8_0" {
                 widened = true;
                 t.elements.checked_mul(2)
             } else {
@@ -498,6 +517,12 @@ impl ModelNeeds {
             };
             device = bytes
                 .and_then(|b| device.checked_add(b))
+                .ok_or(SizingError::Overflow("weight bytes"))?;
+        }
+        let q8_0 = copyhold && model.by_type.contains_key("Q8_0");
+        if q8_0 {
+            device = device
+                .checked_add(copyhold_q8_0_extra(model))
                 .ok_or(SizingError::Overflow("weight bytes"))?;
         }
         let all_f32 = model.by_type.keys().all(|n| *n == "F32");
@@ -523,7 +548,20 @@ impl ModelNeeds {
                 }
             });
         }
-        needs.weights_note = Some(gguf_note(model, &formats, widened));
+        let on_gpu = match (widened, q8_0) {
+            (false, false) => "held as stored",
+            (true, false) => "widened to f16 on the GPU",
+            (false, true) => {
+                "Q8_0 held as stored on the GPU (the embedding widened to f16, \
+                 plus an f16 copy of the largest Q8_0 matrix for prefill)"
+            }
+            (true, true) => {
+                "Q8_0 held as stored on the GPU, the other block formats widened \
+                 to f16 (the embedding in f16, plus an f16 copy of the largest \
+                 Q8_0 matrix for prefill)"
+            }
+        };
+        needs.weights_note = Some(gguf_note(model, &formats, on_gpu));
         Ok(needs)
     }
 
@@ -787,6 +825,34 @@ mod tests {
             (8_030_261_248 - f32_elems) * 2 + f32_elems * 4
         );
         assert_eq!(n.weights_dtype, Dtype::F16);
+    }
+
+    #[test]
+    fn a_q8_0_8b_gguf_costs_its_blocks_on_copyhold_s_gpu_with_an_f16_embedding_and_prefill_copy() {
+        let s = ServingSpec::default();
+        let q8 = gguf_8b(false, 8);
+        let own = ModelNeeds::from_gguf(&q8, &input(&s, EngineKind::Copyhold)).unwrap();
+        let f32_elems = 65 * 4096;
+        let embed = 4096 * 128_256;
+        let blocks = 8_030_261_248 - f32_elems - embed;
+        // Projections and head as stored (34 bytes per 32 values); the
+        // embedding table widened to f16, as the node uploads it; one f16
+        // copy of the largest Q8_0 matrix (the head, vocab × hidden) for
+        // prefill GEMMs; the norms in f32.
+        assert_eq!(
+            own.weight_bytes,
+            blocks / 32 * 34 + embed * 2 + embed * 2 + f32_elems * 4
+        );
+        assert!(own.weight_bytes < 12_000_000_000, "{}", own.weight_bytes);
+        assert_eq!(own.min_compute_capability, (6, 0));
+        assert_eq!(
+            own.weights_note.as_deref(),
+            Some(
+                "GGUF Q8_0, 7.95 GiB in the file, Q8_0 held as stored on the GPU \
+                 (the embedding widened to f16, plus an f16 copy of the largest \
+                 Q8_0 matrix for prefill)"
+            )
+        );
     }
 
     #[test]
