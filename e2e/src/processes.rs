@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use kube::Config;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
-use crate::{ChildGuard, cache_dir, kubeconfig};
+use super::{ChildGuard, cache_dir, kubeconfig};
 
 /// A process that printed `... listening on ADDR ...` once it served.
 pub struct Listening {
