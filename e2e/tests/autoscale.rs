@@ -7,8 +7,7 @@
 //! new Pods to simulated GPU nodes, and the stand-in kubelet runs them.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -40,29 +39,9 @@ struct Scene {
 }
 
 /// Start a process that prints `... listening on ADDR ...`; its address.
-fn listening(mut cmd: Command) -> Result<(ChildGuard, String, String)> {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("starting {cmd:?}"))?;
-    let mut reader = BufReader::new(child.stdout.take().context("stdout")?);
-    let guard = ChildGuard(child);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let addr = line
-        .split_whitespace()
-        .skip_while(|w| *w != "on")
-        .nth(1)
-        .with_context(|| format!("no address in {line:?}"))?
-        .to_string();
-    std::thread::spawn(move || {
-        let mut sink = String::new();
-        while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-            sink.clear();
-        }
-    });
-    Ok((guard, addr, line))
+fn listening(cmd: Command) -> Result<(ChildGuard, String, String)> {
+    let l = copyhold_e2e::processes::spawn_listening(cmd)?;
+    Ok((l.guard, l.addr, l.line))
 }
 
 /// The label that puts an EnergyBudget under one scene's controller.

@@ -4,55 +4,20 @@
 //! the browser built is checked, not the text the gateway sent.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use copyhold::resources::EnergyBudget;
 use copyhold::resources::stint_quota::{StintQuota, StintQuotaStatus};
+use copyhold_e2e::processes::{Listening, spawn_listening};
 use copyhold_e2e::{
-    ChildGuard, TestNamespace, client, create_secret, eventually, install_crds, kubectl_ok,
-    workspace_bin, workspace_root,
+    TestNamespace, client, create_secret, eventually, install_crds, kubectl_ok, workspace_bin,
+    workspace_root,
 };
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-
-/// A process that prints `... listening on ADDR ...` once it serves.
-struct Listening {
-    _guard: ChildGuard,
-    addr: String,
-}
-
-fn spawn_listening(mut cmd: Command) -> Result<Listening> {
-    let mut child: Child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("starting {cmd:?}"))?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let mut reader = BufReader::new(stdout);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let guard = ChildGuard(child);
-    let addr = line
-        .split_whitespace()
-        .skip_while(|w| *w != "on")
-        .nth(1)
-        .with_context(|| format!("no address in {line:?}"))?
-        .to_string();
-    std::thread::spawn(move || {
-        let mut sink = String::new();
-        while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-            sink.clear();
-        }
-    });
-    Ok(Listening {
-        _guard: guard,
-        addr,
-    })
-}
 
 /// A gateway on loopback, watching `namespace` (or everything), with extra
 /// arguments.

@@ -797,7 +797,7 @@ impl CudaBackend {
             let pending = forward_layers(self, si, &mut x, &mut acts, None, &dev, &shape)?;
             if si + 1 < nshards {
                 if pending {
-                    launch_add(sh, &mut x, &acts.d, m * h)?;
+                    launch_pair(sh, "add_inplace", &mut x, &acts.d, m * h)?;
                 }
                 x_host = Some(
                     st.clone_dtoh(&x.slice(0..m * h))
@@ -954,24 +954,26 @@ fn embedding(
     Ok(())
 }
 
-fn launch_add(
+/// An elementwise kernel `name(float* a, const float* b, size_t n)`:
+/// `add_inplace` (a += b), `silu_mul` (a = silu(a) · b).
+fn launch_pair(
     sh: &Shard,
-    x: &mut CudaSlice<f32>,
-    d: &CudaSlice<f32>,
+    name: &'static str,
+    a: &mut CudaSlice<f32>,
+    b: &CudaSlice<f32>,
     n: usize,
 ) -> Result<(), CudaError> {
-    let f = sh.kernels.get("add_inplace")?;
+    let f = sh.kernels.get(name)?;
     let nn = n as u64;
-    // add_inplace(float* x, const float* d, size_t n)
     unsafe {
         sh.stream
             .launch_builder(f)
-            .arg(x)
-            .arg(d)
+            .arg(a)
+            .arg(b)
             .arg(&nn)
             .launch(cfg1d(n, 256))
     }
-    .map_err(launch_err("add_inplace"))?;
+    .map_err(launch_err(name))?;
     Ok(())
 }
 
@@ -1452,28 +1454,6 @@ fn rope_apply(
     Ok(())
 }
 
-/// `g = silu(g) * u` over `n` elements.
-fn silu_mul(
-    sh: &Shard,
-    g: &mut CudaSlice<f32>,
-    u: &CudaSlice<f32>,
-    n: usize,
-) -> Result<(), CudaError> {
-    let f = sh.kernels.get("silu_mul")?;
-    let nn = n as u64;
-    // silu_mul(float* g, const float* u, size_t n)
-    unsafe {
-        sh.stream
-            .launch_builder(f)
-            .arg(g)
-            .arg(u)
-            .arg(&nn)
-            .launch(cfg1d(n, 256))
-    }
-    .map_err(launch_err("silu_mul"))?;
-    Ok(())
-}
-
 /// Runs this shard's layers over `x`, in `acts`; true when the last MLP
 /// output is left in `acts.d`, its residual add fused into the next RMSNorm.
 /// Copies nothing to or from the host, and with `partials` given
@@ -1537,7 +1517,7 @@ fn forward_layers(
             &a.hn,
             m,
         )?;
-        silu_mul(sh, &mut a.g, &a.u, m * cfg.intermediate_size)?;
+        launch_pair(sh, "silu_mul", &mut a.g, &a.u, m * cfg.intermediate_size)?;
         linear(be, sh, &layer.down, &a.g, &mut a.d, m)?;
         pending = true;
     }
@@ -1609,16 +1589,20 @@ impl AttnLaunch<'_> {
         let half = matches!(self.sh.k_cache[self.li], KvBuf::F16(_));
         self.sh.kernels.get(if half { f16 } else { f32 })
     }
+}
 
-    /// Pushes the layer's K and V caches.
-    fn push_kv<'b>(&'b self, b: &mut cudarc::driver::LaunchArgs<'b>) -> Result<(), CudaError> {
-        match (&self.sh.k_cache[self.li], &self.sh.v_cache[self.li]) {
-            (KvBuf::F32(kc), KvBuf::F32(vc)) => b.arg(kc).arg(vc),
-            (KvBuf::F16(kc), KvBuf::F16(vc)) => b.arg(kc).arg(vc),
-            _ => return Err(CudaError::Unsupported("mixed KV dtypes".into())),
-        };
-        Ok(())
-    }
+/// Pushes layer `li`'s K and V caches as kernel arguments.
+fn push_kv<'b>(
+    b: &mut cudarc::driver::LaunchArgs<'b>,
+    sh: &'b Shard,
+    li: usize,
+) -> Result<(), CudaError> {
+    match (&sh.k_cache[li], &sh.v_cache[li]) {
+        (KvBuf::F32(kc), KvBuf::F32(vc)) => b.arg(kc).arg(vc),
+        (KvBuf::F16(kc), KvBuf::F16(vc)) => b.arg(kc).arg(vc),
+        _ => return Err(CudaError::Unsupported("mixed KV dtypes".into())),
+    };
+    Ok(())
 }
 
 /// This step's K/V rows into their cache slots.
@@ -1639,11 +1623,7 @@ fn kv_write(
     let mut b = sh.stream.launch_builder(f);
     b.arg(k).arg(v);
     // kv_write_*(const float* k, const float* v, KV* kc, KV* vc, const int* slots, int m, int row)
-    match (&sh.k_cache[li], &sh.v_cache[li]) {
-        (KvBuf::F32(kc), KvBuf::F32(vc)) => b.arg(kc).arg(vc),
-        (KvBuf::F16(kc), KvBuf::F16(vc)) => b.arg(kc).arg(vc),
-        _ => return Err(CudaError::Unsupported("mixed KV dtypes".into())),
-    };
+    push_kv(&mut b, sh, li)?;
     b.arg(&dev.slots).arg(&mi).arg(&rowi);
     unsafe { b.launch(cfg1d(m * row, 256)) }.map_err(launch_err("kv_write"))?;
     Ok(())
@@ -1698,7 +1678,7 @@ fn decode_attention(
     let parti = part as i32;
     let mut b = st.launch_builder(f);
     b.arg(q);
-    a.push_kv(&mut b)?;
+    push_kv(&mut b, a.sh, a.li)?;
     // attention_decode_*(q, kc, vc, out, tokens, tok_pos, tok_table, tables, heads, kv_heads,
     //   head_dim, block_size, window, part_size, scale, part_out, part_max, part_sum)
     b.arg(&mut *out)
@@ -1774,7 +1754,7 @@ fn prefill_attention(
     let (tqi, tki) = (tq as i32, tk as i32);
     let mut b = st.launch_builder(f);
     b.arg(q);
-    a.push_kv(&mut b)?;
+    push_kv(&mut b, a.sh, a.li)?;
     // attention_prefill_*(q, kc, vc, out, tiles, tok_pos, tok_table, tables, heads, kv_heads,
     //   head_dim, block_size, window, tq, tk, scale)
     b.arg(&mut *out)
