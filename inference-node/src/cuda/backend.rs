@@ -414,34 +414,7 @@ impl CudaBackend {
         let nvrtc = Nvrtc::open()?;
         let includes = nvrtc::include_dirs(&opts.include_dirs)?;
         let cache = opts.kernel_cache.clone().or_else(nvrtc::default_cache_dir);
-        let ndev = opts
-            .max_devices
-            .map_or(info.devices, |m| m.clamp(1, info.devices));
-        // Contexts, architectures and budgets of every GPU.
-        let ordinals = opts.devices.clone().unwrap_or_else(|| (0..ndev).collect());
-        if let Some(&bad) = ordinals.iter().find(|&&o| o >= info.devices) {
-            return Err(CudaError::Unsupported(format!(
-                "GPU {bad} does not exist ({} visible)",
-                info.devices
-            )));
-        }
-        let mut devs = Vec::new();
-        for &d in &ordinals {
-            let ctx = CudaContext::new(d).map_err(drv("creating a context"))?;
-            let (major, minor) = ctx
-                .compute_capability()
-                .map_err(drv("reading the compute capability"))?;
-            let path = ArchPath::of(major, minor)?;
-            let (free, total) = ctx.mem_get_info().map_err(drv("reading free memory"))?;
-            let name = ctx.name().unwrap_or_default();
-            tracing::info!(gpu = d, %name, sm = format!("{major}{minor}"), ?path, free_mib = free >> 20, total_mib = total >> 20, "CUDA device");
-            devs.push((
-                ctx,
-                (major * 10 + minor) as u32,
-                path,
-                plan::budget(free as u64, total as u64, opts.gpu_memory_utilization),
-            ));
-        }
+        let devs = open_devices(&opts, &info)?;
         // One path for the whole model (the oldest GPU decides dtypes).
         let path = devs
             .iter()
@@ -820,6 +793,43 @@ impl CudaBackend {
         }
         Err(CudaError::Unsupported("no GPU holds the LM head".into()))
     }
+}
+
+/// A GPU as the backend uses it: its context, `sm` (e.g. 61), the path
+/// its architecture takes, and the bytes this process may use on it.
+type OpenDevice = (Arc<CudaContext>, u32, ArchPath, u64);
+
+/// Contexts, architectures and memory budgets of the GPUs `opts` names.
+fn open_devices(opts: &CudaOptions, info: &DriverInfo) -> Result<Vec<OpenDevice>, CudaError> {
+    let ndev = opts
+        .max_devices
+        .map_or(info.devices, |m| m.clamp(1, info.devices));
+    // Contexts, architectures and budgets of every GPU.
+    let ordinals = opts.devices.clone().unwrap_or_else(|| (0..ndev).collect());
+    if let Some(&bad) = ordinals.iter().find(|&&o| o >= info.devices) {
+        return Err(CudaError::Unsupported(format!(
+            "GPU {bad} does not exist ({} visible)",
+            info.devices
+        )));
+    }
+    let mut devs = Vec::new();
+    for &d in &ordinals {
+        let ctx = CudaContext::new(d).map_err(drv("creating a context"))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(drv("reading the compute capability"))?;
+        let path = ArchPath::of(major, minor)?;
+        let (free, total) = ctx.mem_get_info().map_err(drv("reading free memory"))?;
+        let name = ctx.name().unwrap_or_default();
+        tracing::info!(gpu = d, %name, sm = format!("{major}{minor}"), ?path, free_mib = free >> 20, total_mib = total >> 20, "CUDA device");
+        devs.push((
+            ctx,
+            (major * 10 + minor) as u32,
+            path,
+            plan::budget(free as u64, total as u64, opts.gpu_memory_utilization),
+        ));
+    }
+    Ok(devs)
 }
 
 /// The stream a shard's work runs on: the context's default stream, or,
