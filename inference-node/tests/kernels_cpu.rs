@@ -748,6 +748,264 @@ fn q8_0_dequantization_to_f16_matches_the_cpu_dequantization_bit_for_bit() {
     }
 }
 
+// ---- GGUF Q4_0 and K-quant blocks ------------------------------------------------------
+
+/// The block formats Q4_K_M and Q5_K_M files mix, besides Q8_0, with the
+/// suffix of their kernels.
+const BLOCK_FORMATS: [(QType, &str); 4] = [
+    (QType::Q4_0, "q4_0"),
+    (QType::Q4K, "q4_k"),
+    (QType::Q5K, "q5_k"),
+    (QType::Q6K, "q6_k"),
+];
+
+/// `w` (`n × k`) quantized to `q` blocks by the loader's own quantizer, as
+/// a tensor the CPU backend computes on.
+fn block_tensor(q: QType, n: usize, k: usize, w: &[f32]) -> Tensor {
+    let mut bytes = Vec::new();
+    q.quantize(w, &mut bytes);
+    let len = bytes.len();
+    Tensor::new(
+        "w".into(),
+        DType::Q(q),
+        vec![n, k],
+        std::sync::Arc::new(bytes),
+        0,
+        len,
+    )
+}
+
+/// Launches `sim_<name>` with `gemv_f16`'s signature over block weights.
+#[allow(clippy::too_many_arguments)]
+fn launch_block_gemv(
+    s: &Sim,
+    name: &str,
+    cfg: Cfg,
+    x: &[f32],
+    w: &[u8],
+    bias: *const f32,
+    y: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+) -> Result<Launched, String> {
+    type F = unsafe extern "C" fn(
+        *const Cfg,
+        *const f32,
+        *const u8,
+        *const f32,
+        *mut f32,
+        i32,
+        i32,
+        i32,
+    ) -> i32;
+    // SAFETY: the launcher's C signature is gemv_q8_0's (gemv_blocks.cu).
+    let rc = unsafe {
+        let f: libloading::Symbol<F> = s.lib.get(format!("sim_{name}\0").as_bytes()).unwrap();
+        f(
+            &cfg,
+            x.as_ptr(),
+            w.as_ptr(),
+            bias,
+            y.as_mut_ptr(),
+            m as i32,
+            n as i32,
+            k as i32,
+        )
+    };
+    s.result(name, rc)
+}
+
+/// Activations with the cases the 8-bit quantization branches on: a block
+/// of zeros (scale 0), and a block whose largest magnitude occurs twice
+/// with both signs (llama.cpp keeps the first).
+fn block_activations(m: usize, k: usize, seed: u64) -> Vec<f32> {
+    let mut x = values(m * k, seed, 1.0);
+    x[..32].fill(0.0);
+    if k >= 512 {
+        x[256..512].fill(0.0);
+        x[300] = 2.0;
+        x[301] = -2.0;
+    }
+    x
+}
+
+#[test]
+fn block_gemv_matches_the_cpu_backends_quantized_matmul_bit_for_bit_for_q4_0_and_k_quants() {
+    for arch in ARCHS {
+        let s = sim(arch);
+        for (q, sfx) in BLOCK_FORMATS {
+            let name = format!("gemv_{sfx}");
+            let kb = q.block_elems();
+            // k from one block to more blocks than a warp takes at once;
+            // m from 1 to 8; n not a multiple of the 8 rows per block.
+            for (m, n, k, with_bias) in [
+                (1usize, 9usize, kb, true),
+                (3, 5, 8 * kb + kb, false),
+                (8, 11, 4 * 256, true),
+            ] {
+                let x = block_activations(m, k, 81);
+                let t = block_tensor(q, n, k, &values(n * k, 82, 0.5));
+                let bias = values(n, 83, 0.1);
+                let mut want = matmul_wt(&x, m, &t);
+                if with_bias {
+                    for (i, v) in want.iter_mut().enumerate() {
+                        *v += bias[i % n];
+                    }
+                }
+                let bias_ptr = if with_bias {
+                    bias.as_ptr()
+                } else {
+                    std::ptr::null()
+                };
+                let got = twice(&name, |seed| {
+                    let mut y = vec![f32::NAN; m * n];
+                    let cfg = Cfg {
+                        seed,
+                        ..Cfg::new(((n as u32).div_ceil(8), 1, 1), 256, 0)
+                    };
+                    launch_block_gemv(s, &name, cfg, &x, t.bytes(), bias_ptr, &mut y, (m, n, k))
+                        .unwrap();
+                    bits(&y)
+                });
+                // The CPU's 8-bit activations, exact integer sums, per-block
+                // float products (no FMA contraction: __fmul_rn) and the
+                // f32 sum over blocks in the CPU's order: the same bits.
+                let e = assert_close(&name, &unbits(&got), &want, 0.0);
+                assert_eq!(got, bits(&want), "{name} m {m} n {n} k {k}");
+                // Batch invariance: row 0 alone gives the bits it gave in
+                // the batch.
+                let mut one = vec![f32::NAN; n];
+                let cfg = Cfg::new(((n as u32).div_ceil(8), 1, 1), 256, 0);
+                launch_block_gemv(s, &name, cfg, &x[..k], t.bytes(), bias_ptr, &mut one, (1, n, k))
+                    .unwrap();
+                assert_eq!(bits(&one), got[..n].to_vec(), "{name}: row 0 alone");
+                pass(&name, arch, &format!("m {m} n {n} k {k} bias {with_bias}"), e);
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_block_gemv_matches_three_separate_cpu_projections_for_q4_0_and_k_quants() {
+    type F = unsafe extern "C" fn(
+        *const Cfg,
+        *const f32,
+        *const u8,
+        *const f32,
+        *mut f32,
+        i32,
+        *const u8,
+        *const f32,
+        *mut f32,
+        i32,
+        *const u8,
+        *const f32,
+        *mut f32,
+        i32,
+        i32,
+        i32,
+    ) -> i32;
+    for arch in ARCHS {
+        let s = sim(arch);
+        for (q, sfx) in BLOCK_FORMATS {
+            let name = format!("gemv3_{sfx}");
+            for (m, k, ns) in [(1usize, 256usize, [13usize, 5, 7]), (6, 512, [9, 3, 0])] {
+                let x = block_activations(m, k, 91);
+                let ws: Vec<Tensor> = ns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &n)| block_tensor(q, n, k, &values(n * k, 92 + i as u64, 0.5)))
+                    .collect();
+                let bs: Vec<Vec<f32>> = ns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &n)| values(n, 95 + i as u64, 0.1))
+                    .collect();
+                let rows: usize = ns.iter().sum();
+                let got = twice(&name, |seed| {
+                    let mut ys: Vec<Vec<f32>> =
+                        ns.iter().map(|&n| vec![f32::NAN; m * n]).collect();
+                    let cfg = Cfg {
+                        seed,
+                        ..Cfg::new(((rows as u32).div_ceil(8), 1, 1), 256, 0)
+                    };
+                    let [y0, y1, y2] = &mut ys[..] else {
+                        unreachable!()
+                    };
+                    // SAFETY: the launcher's C signature is gemv3_q8_0's.
+                    let rc = unsafe {
+                        let f: libloading::Symbol<F> =
+                            s.lib.get(format!("sim_{name}\0").as_bytes()).unwrap();
+                        f(
+                            &cfg,
+                            x.as_ptr(),
+                            ws[0].bytes().as_ptr(),
+                            bs[0].as_ptr(),
+                            y0.as_mut_ptr(),
+                            ns[0] as i32,
+                            ws[1].bytes().as_ptr(),
+                            bs[1].as_ptr(),
+                            y1.as_mut_ptr(),
+                            ns[1] as i32,
+                            ws[2].bytes().as_ptr(),
+                            bs[2].as_ptr(),
+                            y2.as_mut_ptr(),
+                            ns[2] as i32,
+                            m as i32,
+                            k as i32,
+                        )
+                    };
+                    s.result(&name, rc).unwrap();
+                    ys.iter().map(|y| bits(y)).collect::<Vec<_>>()
+                });
+                for (i, &n) in ns.iter().enumerate() {
+                    let mut want = matmul_wt(&x, m, &ws[i]);
+                    for (j, v) in want.iter_mut().enumerate() {
+                        *v += bs[i][j % n.max(1)];
+                    }
+                    assert_eq!(got[i], bits(&want), "{name} m {m} k {k} n{i} {n}");
+                    pass(&name, arch, &format!("m {m} k {k} n{i} {n}"), 0.0);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn block_dequantization_to_f16_matches_the_cpu_dequantization_bit_for_bit() {
+    type F = unsafe extern "C" fn(*const Cfg, *const u8, *mut u16, usize) -> i32;
+    for arch in ARCHS {
+        let s = sim(arch);
+        for (q, sfx) in BLOCK_FORMATS {
+            let name = format!("dequant_{sfx}_f16");
+            for (n, k) in [(1usize, 256usize), (5, 768)] {
+                let t = block_tensor(q, n, k, &values(n * k, 101, 3.0));
+                let want: Vec<u16> = t
+                    .to_f32()
+                    .iter()
+                    .map(|v| f16::from_f32(*v).to_bits())
+                    .collect();
+                let got = twice(&name, |seed| {
+                    let mut y = vec![0xffffu16; n * k];
+                    let cfg = Cfg {
+                        seed,
+                        ..Cfg::d1(n * k, 256)
+                    };
+                    // SAFETY: the launcher's C signature is dequant_q8_0_f16's.
+                    let rc = unsafe {
+                        let f: libloading::Symbol<F> =
+                            s.lib.get(format!("sim_{name}\0").as_bytes()).unwrap();
+                        f(&cfg, t.bytes().as_ptr(), y.as_mut_ptr(), n * k)
+                    };
+                    s.result(&name, rc).unwrap();
+                    y
+                });
+                assert_eq!(got, want, "{name} n {n} k {k}");
+                pass(&name, arch, &format!("n {n} k {k}"), 0.0);
+            }
+        }
+    }
+}
+
 // ---- attention -------------------------------------------------------------------------
 
 /// One attention case: sequences with a cached context and this step's
