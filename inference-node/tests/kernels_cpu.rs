@@ -875,10 +875,24 @@ fn block_gemv_matches_the_cpu_backends_quantized_matmul_bit_for_bit_for_q4_0_and
                 // the batch.
                 let mut one = vec![f32::NAN; n];
                 let cfg = Cfg::new(((n as u32).div_ceil(8), 1, 1), 256, 0);
-                launch_block_gemv(s, &name, cfg, &x[..k], t.bytes(), bias_ptr, &mut one, (1, n, k))
-                    .unwrap();
+                launch_block_gemv(
+                    s,
+                    &name,
+                    cfg,
+                    &x[..k],
+                    t.bytes(),
+                    bias_ptr,
+                    &mut one,
+                    (1, n, k),
+                )
+                .unwrap();
                 assert_eq!(bits(&one), got[..n].to_vec(), "{name}: row 0 alone");
-                pass(&name, arch, &format!("m {m} n {n} k {k} bias {with_bias}"), e);
+                pass(
+                    &name,
+                    arch,
+                    &format!("m {m} n {n} k {k} bias {with_bias}"),
+                    e,
+                );
             }
         }
     }
@@ -922,8 +936,7 @@ fn fused_block_gemv_matches_three_separate_cpu_projections_for_q4_0_and_k_quants
                     .collect();
                 let rows: usize = ns.iter().sum();
                 let got = twice(&name, |seed| {
-                    let mut ys: Vec<Vec<f32>> =
-                        ns.iter().map(|&n| vec![f32::NAN; m * n]).collect();
+                    let mut ys: Vec<Vec<f32>> = ns.iter().map(|&n| vec![f32::NAN; m * n]).collect();
                     let cfg = Cfg {
                         seed,
                         ..Cfg::new(((rows as u32).div_ceil(8), 1, 1), 256, 0)

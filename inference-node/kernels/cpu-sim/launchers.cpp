@@ -9,6 +9,7 @@
 #include "../rope.cu"
 #include "../elementwise.cu"
 #include "../gemv.cu"
+#include "../gemv_blocks.cu"
 #include "../attention.cu"
 #include "../sampling.cu"
 
@@ -56,6 +57,19 @@ CUSIM_KERNEL(gemv3_q8_0,
               const float* b1, float* y1, int n1, const unsigned char* w2, const float* b2, float* y2, int n2, int m, int k),
              (x, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, m, k))
 CUSIM_KERNEL(dequant_q8_0_f16, (const unsigned char* w, h16* y, size_t n), (w, y, n))
+#define BLOCK_LAUNCHERS(SFX)                                                                              \
+  CUSIM_KERNEL(gemv_##SFX, (const float* x, const unsigned char* w, const float* bias, float* y, int m, int n, int k), \
+               (x, w, bias, y, m, n, k))                                                                 \
+  CUSIM_KERNEL(gemv3_##SFX,                                                                              \
+               (const float* x, const unsigned char* w0, const float* b0, float* y0, int n0,            \
+                const unsigned char* w1, const float* b1, float* y1, int n1, const unsigned char* w2,    \
+                const float* b2, float* y2, int n2, int m, int k),                                       \
+               (x, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, m, k))                                \
+  CUSIM_KERNEL(dequant_##SFX##_f16, (const unsigned char* w, h16* y, size_t n), (w, y, n))
+BLOCK_LAUNCHERS(q4_0)
+BLOCK_LAUNCHERS(q4_k)
+BLOCK_LAUNCHERS(q5_k)
+BLOCK_LAUNCHERS(q6_k)
 
 #define ATTN_LAUNCHERS(SFX, KV)                                                                           \
   CUSIM_KERNEL(kv_write_##SFX, (const float* k, const float* v, KV* kc, KV* vc, const int* slots, int m, int row), \

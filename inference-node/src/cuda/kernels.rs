@@ -67,6 +67,24 @@ pub const PROGRAMS: &[Program] = &[
         ],
     },
     Program {
+        name: "gemv_blocks",
+        source: include_str!("../../kernels/gemv_blocks.cu"),
+        entries: &[
+            "gemv_q4_0",
+            "gemv3_q4_0",
+            "dequant_q4_0_f16",
+            "gemv_q4_k",
+            "gemv3_q4_k",
+            "dequant_q4_k_f16",
+            "gemv_q5_k",
+            "gemv3_q5_k",
+            "dequant_q5_k_f16",
+            "gemv_q6_k",
+            "gemv3_q6_k",
+            "dequant_q6_k_f16",
+        ],
+    },
+    Program {
         name: "attention",
         source: include_str!("../../kernels/attention.cu"),
         entries: &[
