@@ -325,26 +325,45 @@ __device__ __forceinline__ float dq_q6_k(const unsigned char* w, size_t i) {
   return __fmul_rn(__fmul_rn(ld_f16_at(blk + 208), (float)s), (float)((lo | (hi << 4)) - 32));
 }
 
-#define BLOCK_ENTRIES(SFX, L, DQ)                                                                \
-  extern "C" __global__ void gemv_##SFX(const float* __restrict__ x,                            \
-                                        const unsigned char* __restrict__ w,                    \
-                                        const float* __restrict__ bias, float* __restrict__ y,  \
-                                        int m, int n, int k) {                                  \
-    gemv_blocks<L>(x, w, bias, y, m, n, k);                                                     \
-  }                                                                                              \
-  extern "C" __global__ void gemv3_##SFX(const float* x, const unsigned char* w0, const float* b0, \
-                                         float* y0, int n0, const unsigned char* w1,            \
-                                         const float* b1, float* y1, int n1,                    \
-                                         const unsigned char* w2, const float* b2, float* y2,   \
-                                         int n2, int m, int k) {                                \
-    gemv3_blocks<L>(x, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, m, k);                   \
-  }                                                                                              \
-  extern "C" __global__ void dequant_##SFX##_f16(const unsigned char* __restrict__ w,           \
-                                                 h16* __restrict__ y, size_t n) {               \
-    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;                                   \
-    if (i < n) st1(y, i, DQ(w, i));                                                             \
-  }
-BLOCK_ENTRIES(q4_0, LaneQ4_0, dq_q4_0)
-BLOCK_ENTRIES(q4_k, LaneQ45K<false>, dq_q45_k<false>)
-BLOCK_ENTRIES(q5_k, LaneQ45K<true>, dq_q45_k<true>)
-BLOCK_ENTRIES(q6_k, LaneQ6K, dq_q6_k)
+// The entry points: gemv_<fmt>, gemv3_<fmt> and dequant_<fmt>_f16 per format.
+#define QB_GEMV3_PARAMS                                                                   \
+  const float *x, const unsigned char *w0, const float *b0, float *y0, int n0,          \
+      const unsigned char *w1, const float *b1, float *y1, int n1, const unsigned char *w2, \
+      const float *b2, float *y2, int n2, int m, int k
+#define QB_GEMV3_ARGS x, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, m, k
+extern "C" __global__ void gemv_q4_0(const float* x, const unsigned char* w, const float* bias,
+                                     float* y, int m, int n, int k) {
+  gemv_blocks<LaneQ4_0>(x, w, bias, y, m, n, k);
+}
+extern "C" __global__ void gemv3_q4_0(QB_GEMV3_PARAMS) { gemv3_blocks<LaneQ4_0>(QB_GEMV3_ARGS); }
+extern "C" __global__ void dequant_q4_0_f16(const unsigned char* w, h16* y, size_t n) {
+  size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+  if (i < n) st1(y, i, dq_q4_0(w, i));
+}
+extern "C" __global__ void gemv_q4_k(const float* x, const unsigned char* w, const float* bias,
+                                     float* y, int m, int n, int k) {
+  gemv_blocks<LaneQ45K<false>>(x, w, bias, y, m, n, k);
+}
+extern "C" __global__ void gemv3_q4_k(QB_GEMV3_PARAMS) { gemv3_blocks<LaneQ45K<false>>(QB_GEMV3_ARGS); }
+extern "C" __global__ void dequant_q4_k_f16(const unsigned char* w, h16* y, size_t n) {
+  size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+  if (i < n) st1(y, i, dq_q45_k<false>(w, i));
+}
+extern "C" __global__ void gemv_q5_k(const float* x, const unsigned char* w, const float* bias,
+                                     float* y, int m, int n, int k) {
+  gemv_blocks<LaneQ45K<true>>(x, w, bias, y, m, n, k);
+}
+extern "C" __global__ void gemv3_q5_k(QB_GEMV3_PARAMS) { gemv3_blocks<LaneQ45K<true>>(QB_GEMV3_ARGS); }
+extern "C" __global__ void dequant_q5_k_f16(const unsigned char* w, h16* y, size_t n) {
+  size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+  if (i < n) st1(y, i, dq_q45_k<true>(w, i));
+}
+extern "C" __global__ void gemv_q6_k(const float* x, const unsigned char* w, const float* bias,
+                                     float* y, int m, int n, int k) {
+  gemv_blocks<LaneQ6K>(x, w, bias, y, m, n, k);
+}
+extern "C" __global__ void gemv3_q6_k(QB_GEMV3_PARAMS) { gemv3_blocks<LaneQ6K>(QB_GEMV3_ARGS); }
+extern "C" __global__ void dequant_q6_k_f16(const unsigned char* w, h16* y, size_t n) {
+  size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+  if (i < n) st1(y, i, dq_q6_k(w, i));
+}

@@ -17,6 +17,7 @@
 #![allow(unsafe_code)]
 
 mod graph;
+mod quant;
 
 use std::ffi::c_void;
 use std::ops::Range;
@@ -166,10 +167,11 @@ enum DevW {
     F16(CudaSlice<u16>),
     /// bf16 bits (sm_80+ only).
     BF16(CudaSlice<u16>),
-    /// GGUF Q8_0 blocks as stored in the file (34 bytes per 32 values):
-    /// `gemv_q8_0` for decode, `dequant_q8_0_f16` into a scratch buffer
-    /// before cuBLAS for prefill.
-    Q8_0(CudaSlice<u8>),
+    /// GGUF blocks as stored in the file (Q8_0: 34 bytes per 32 values;
+    /// Q4_0, Q4_K, Q5_K, Q6_K): `gemv_<fmt>` for decode,
+    /// `dequant_<fmt>_f16` into a scratch buffer before cuBLAS for prefill
+    /// (backend/quant.rs).
+    Q(QType, CudaSlice<u8>),
 }
 
 struct DevLinear {
@@ -233,7 +235,7 @@ struct Shard {
 #[derive(Default)]
 struct StepScratch {
     cast: Reuse<CudaSlice<u16>>,
-    /// f16 copy of one Q8_0 weight for a prefill GEMM.
+    /// f16 copy of one block weight (any GGUF format) for a prefill GEMM.
     dequant: Reuse<CudaSlice<u16>>,
     part_out: Reuse<CudaSlice<f32>>,
     part_max: Reuse<CudaSlice<f32>>,
@@ -299,11 +301,11 @@ fn upload_w(
         }
     };
     if let DType::Q(_) = t.dtype {
-        // Q8_0 blocks go up as the file stores them; other block formats
-        // (and the embedding table) are dequantized once on the host.
+        // Linears go up in the blocks the file stores; the embedding table
+        // is dequantized once on the host (its gather has no block kernel).
         let device = rule(t.dtype, path, 0.0);
-        if device == DType::Q(QType::Q8_0) {
-            return Ok(DevW::Q8_0(stream.clone_htod(t.bytes()).map_err(oom)?));
+        if let DType::Q(q) = device {
+            return Ok(DevW::Q(q, stream.clone_htod(t.bytes()).map_err(oom)?));
         }
         let wide = t.to_f32();
         return Ok(match device {
@@ -366,22 +368,6 @@ fn cfg1d(n: usize, threads: u32) -> LaunchConfig {
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     }
-}
-
-/// Bytes of the f16 buffer a prefill GEMM dequantizes Q8_0 weights into:
-/// the largest Q8_0 linear of the model at the capacity [`Reuse`] rounds
-/// it up to (0 without Q8_0 linears).
-fn dequant_bytes(model: &Decoder) -> u64 {
-    let layers = model
-        .layers
-        .iter()
-        .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]);
-    layers
-        .chain(model.lm_head.as_ref())
-        .filter(|l| l.w.dtype == DType::Q(QType::Q8_0))
-        .map(|l| 2 * super::scratch::capacity_for(l.w.numel()) as u64)
-        .max()
-        .unwrap_or(0)
 }
 
 /// Bytes of per-step buffers at the largest step.
@@ -452,7 +438,7 @@ impl CudaBackend {
                 .num_blocks
                 .unwrap_or(opts.max_batch_tokens.div_ceil(opts.block_size) + 2)
                 as u64,
-            scratch: scratch_bytes(&cfg, &opts, part_size) + dequant_bytes(model),
+            scratch: scratch_bytes(&cfg, &opts, part_size) + quant::dequant_bytes(model),
             max_layers_per_gpu: opts.max_layers_per_gpu,
         };
         let budgets: Vec<u64> = devs.iter().map(|d| d.3).collect();
@@ -944,9 +930,9 @@ fn embedding(
         DevW::F32(_) => ("embedding_f32", e.n),
         DevW::F16(_) => ("embedding_f16", e.n),
         DevW::BF16(_) => ("embedding_bf16", e.n),
-        DevW::Q8_0(_) => {
+        DevW::Q(..) => {
             return Err(CudaError::Unsupported(
-                "an embedding table in Q8_0 blocks (it is uploaded as f16)".into(),
+                "an embedding table in GGUF blocks (it is uploaded as f16)".into(),
             ));
         }
     };
@@ -956,7 +942,7 @@ fn embedding(
     match &e.w {
         DevW::F32(w) => b.arg(w),
         DevW::F16(w) | DevW::BF16(w) => b.arg(w),
-        DevW::Q8_0(w) => b.arg(w),
+        DevW::Q(_, w) => b.arg(w),
     };
     // embedding_*(const W* table, const unsigned* ids, float* out, int m, int hidden, int vocab)
     b.arg(&dev.ids).arg(x).arg(&mi).arg(&hi).arg(&vi);
@@ -1084,7 +1070,7 @@ fn linear(
             }
             .map_err(cublas_err)?;
         }
-        DevW::F16(_) | DevW::BF16(_) | DevW::Q8_0(_) => {
+        DevW::F16(_) | DevW::BF16(_) | DevW::Q(..) => {
             let f16_acts = !matches!(lin.w, DevW::BF16(_));
             let (cast, ty) = if f16_acts {
                 ("cast_f32_f16", bsys::cudaDataType::CUDA_R_16F)
@@ -1156,7 +1142,7 @@ fn linear(
 }
 
 /// The 16-bit weights a half-precision GEMM reads: the uploaded f16/bf16
-/// bits, or a Q8_0 weight dequantized to f16 into `dequant` (one buffer
+/// bits, or a block weight dequantized to f16 into `dequant` (one buffer
 /// reused by every projection; the stream orders its uses).
 fn half_weights<'a>(
     sh: &Shard,
@@ -1164,9 +1150,9 @@ fn half_weights<'a>(
     dequant: &'a mut Reuse<CudaSlice<u16>>,
     elems: usize,
 ) -> Result<&'a CudaSlice<u16>, CudaError> {
-    let q = match w {
+    let (qt, q) = match w {
         DevW::F16(h) | DevW::BF16(h) => return Ok(h),
-        DevW::Q8_0(q) => q,
+        DevW::Q(qt, q) => (*qt, q),
         DevW::F32(_) => {
             return Err(CudaError::Unsupported(
                 "an f32 weight has no 16-bit copy".into(),
@@ -1178,9 +1164,10 @@ fn half_weights<'a>(
         // Every element the GEMM reads is written by the dequantization.
         unsafe { st.alloc::<u16>(c) }.map_err(drv("allocating the dequantization buffer"))
     })?;
-    let f = sh.kernels.get("dequant_q8_0_f16")?;
+    let name = quant::block_kernels(qt).dequant;
+    let f = sh.kernels.get(name)?;
     let nn = elems as u64;
-    // dequant_q8_0_f16(const unsigned char* w, h16* y, size_t n)
+    // dequant_<fmt>_f16(const unsigned char* w, h16* y, size_t n)
     unsafe {
         st.launch_builder(f)
             .arg(q)
@@ -1188,7 +1175,7 @@ fn half_weights<'a>(
             .arg(&nn)
             .launch(cfg1d(elems, 256))
     }
-    .map_err(launch_err("dequant_q8_0_f16"))?;
+    .map_err(launch_err(name))?;
     Ok(wh)
 }
 
@@ -1208,9 +1195,9 @@ fn linear_many(
     };
     let fusable = m <= GEMV_MAX_ROWS
         && outs.len() <= 3
-        && outs.iter().all(|(l, _)| {
-            l.k == first.k && std::mem::discriminant(&l.w) == std::mem::discriminant(&first.w)
-        });
+        && outs
+            .iter()
+            .all(|(l, _)| l.k == first.k && same_kind(&l.w, &first.w));
     if !fusable {
         for (l, y) in outs.iter_mut() {
             linear(be, sh, l, x, y, m)?;
@@ -1221,7 +1208,7 @@ fn linear_many(
         DevW::F32(_) => "gemv3_f32",
         DevW::F16(_) => "gemv3_f16",
         DevW::BF16(_) => "gemv3_bf16",
-        DevW::Q8_0(_) => "gemv3_q8_0",
+        DevW::Q(q, _) => quant::block_kernels(q).gemv3,
     };
     let f = sh.kernels.get(name)?;
     let mut ns = [0i32; 3];
@@ -1245,7 +1232,7 @@ fn linear_many(
         match &l.w {
             DevW::F32(w) => b.arg(w),
             DevW::F16(w) | DevW::BF16(w) => b.arg(w),
-            DevW::Q8_0(w) => b.arg(w),
+            DevW::Q(_, w) => b.arg(w),
         };
         match &l.bias {
             Some(bias) => b.arg(bias),
@@ -1261,6 +1248,14 @@ fn linear_many(
     Ok(())
 }
 
+/// Whether two weights take the same GEMV kernel (dtype, and block format).
+fn same_kind(a: &DevW, b: &DevW) -> bool {
+    match (a, b) {
+        (DevW::Q(qa, _), DevW::Q(qb, _)) => qa == qb,
+        _ => std::mem::discriminant(a) == std::mem::discriminant(b),
+    }
+}
+
 /// The GEMV kernel over chunks of up to 8 rows.
 fn gemv(
     sh: &Shard,
@@ -1274,7 +1269,7 @@ fn gemv(
         DevW::F32(_) => "gemv_f32",
         DevW::F16(_) => "gemv_f16",
         DevW::BF16(_) => "gemv_bf16",
-        DevW::Q8_0(_) => "gemv_q8_0",
+        DevW::Q(q, _) => quant::block_kernels(q).gemv,
     };
     let f = sh.kernels.get(name)?;
     let cfg = LaunchConfig {
@@ -1294,7 +1289,7 @@ fn gemv(
         match &lin.w {
             DevW::F32(w) => b.arg(w),
             DevW::F16(w) | DevW::BF16(w) => b.arg(w),
-            DevW::Q8_0(w) => b.arg(w),
+            DevW::Q(_, w) => b.arg(w),
         };
         match &lin.bias {
             Some(bias) => b.arg(bias),

@@ -6,7 +6,6 @@
 use std::ops::Range;
 
 use crate::engine::backend::Batch;
-use crate::model::quant::QType;
 use crate::model::weights::DType;
 
 use super::CudaError;
@@ -57,11 +56,10 @@ pub fn device_dtype(stored: DType, path: ArchPath, max_abs: f32) -> DType {
                 DType::F32
             }
         }
-        // Q8_0 stays in its blocks (gemv_q8_0; dequant_q8_0_f16 before
-        // cuBLAS). Other block formats are dequantized to f16 on upload
-        // until they get kernels.
-        DType::Q(QType::Q8_0) => stored,
-        DType::Q(_) => DType::F16,
+        // Every GGUF block format stays in its blocks: gemv_<fmt> for
+        // decode (kernels/gemv.cu, gemv_blocks.cu), dequant_<fmt>_f16 into
+        // one scratch buffer before cuBLAS for prefill.
+        DType::Q(_) => stored,
         other => other,
     }
 }
@@ -410,6 +408,7 @@ impl StepLayout {
 mod tests {
     use super::*;
     use crate::engine::backend::BatchToken;
+    use crate::model::quant::QType;
 
     #[test]
     fn compute_capabilities_map_to_the_three_paths() {
@@ -436,14 +435,11 @@ mod tests {
     }
 
     #[test]
-    fn q8_0_linears_stay_blocks_on_every_path_and_other_block_formats_become_f16() {
+    fn every_block_format_linear_stays_in_its_blocks_on_every_path_and_the_embedding_becomes_f16() {
         for path in [ArchPath::Pascal, ArchPath::VoltaTuring, ArchPath::Ampere] {
-            let q8 = DType::Q(QType::Q8_0);
-            assert_eq!(device_dtype(q8, path, 0.0), q8);
-            // The embedding gather has no block kernel: f16 rows.
-            assert_eq!(embedding_dtype(q8, path, 0.0), DType::F16);
-            for q in [QType::Q4_0, QType::Q4K, QType::Q5K, QType::Q6K] {
-                assert_eq!(device_dtype(DType::Q(q), path, 0.0), DType::F16);
+            for q in [QType::Q8_0, QType::Q4_0, QType::Q4K, QType::Q5K, QType::Q6K] {
+                assert_eq!(device_dtype(DType::Q(q), path, 0.0), DType::Q(q), "{q:?}");
+                // The embedding gather has no block kernel: f16 rows.
                 assert_eq!(embedding_dtype(DType::Q(q), path, 0.0), DType::F16);
             }
             assert_eq!(embedding_dtype(DType::F32, path, 0.0), DType::F32);
