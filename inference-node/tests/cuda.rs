@@ -1111,3 +1111,94 @@ fn q8_0_gguf_logits_on_cuda_match_the_cpu_backend_for_prefill_and_decode() {
         }
     }
 }
+
+/// A synthesized Llama (hidden 256, FFN 512: rows that whole K-quant
+/// blocks divide; the tiny-llama fixture's rows of 64 would fall back to
+/// Q8_0) written as GGUF `scheme` by the node's own converter
+/// (`copyhold-node gguf --type <scheme>`).
+fn block_fixture(scheme: &str) -> PathBuf {
+    use copyhold_node::model::config::Arch;
+    use copyhold_node::model::gguf_write::{Scheme, convert};
+    use copyhold_node::synth::{SynthSpec, synth};
+    let d = std::env::temp_dir().join(format!("copyhold-cuda-{scheme}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    let spec = SynthSpec {
+        hidden: 256,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        intermediate: 512,
+        vocab: 320,
+        dtype: copyhold_node::model::weights::DType::F32,
+        seed: 22,
+        max_position_embeddings: 1024,
+        ..SynthSpec::tiny(Arch::Llama)
+    };
+    synth(&spec, &d.join("hf")).unwrap();
+    let g = d.join("model.gguf");
+    convert(&d.join("hf"), &g, Scheme::parse(scheme).unwrap()).unwrap();
+    g
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo nextest run -p copyhold-node --run-ignored only"]
+fn q4_k_m_q5_k_m_and_q4_0_gguf_logits_on_cuda_match_the_cpu_backend_for_prefill_and_decode() {
+    use copyhold_node::cpu::attention::KvStore;
+    use copyhold_node::model::quant::QType;
+    use copyhold_node::model::weights::DType;
+    // Each scheme's blocks, as llama.cpp's quantize mixes them: q (Q4_K,
+    // Q5_K or Q4_0) and v/down (Q6_K in the K-quant mixes).
+    for (scheme, q_type, v_type) in [
+        ("q4_k_m", QType::Q4K, QType::Q6K),
+        ("q5_k_m", QType::Q5K, QType::Q6K),
+        ("q4_0", QType::Q4_0, QType::Q4_0),
+    ] {
+        let (model, _) = copyhold_node::model::open(&block_fixture(scheme)).unwrap();
+        assert_eq!(model.layers[0].q.w.dtype, DType::Q(q_type), "{scheme}");
+        assert_eq!(model.layers[0].v.w.dtype, DType::Q(v_type), "{scheme}");
+        assert_eq!(model.layers[0].down.w.dtype, DType::Q(v_type), "{scheme}");
+        let tables = vec![vec![0u32, 1]];
+        // 24 prompt tokens (cuBLAS on dequant_<fmt>_f16 in the fast mode,
+        // gemv_<fmt> in chunks of 8 in the exact one), then two decode
+        // steps (gemv_<fmt>, and gemv3_<fmt> for gate/up).
+        let tokens: Vec<u32> = (0..26).map(|i| ((i * 37) % 300 + 3) as u32).collect();
+        let step = |range: std::ops::Range<usize>| Batch {
+            tokens: range
+                .clone()
+                .map(|pos| BatchToken {
+                    token: tokens[pos],
+                    pos,
+                    seq: 0,
+                    wide: false,
+                })
+                .collect(),
+            block_tables: tables.clone(),
+            logits_for: (0..range.len()).collect(),
+        };
+        let steps = [step(0..24), step(24..25), step(25..26)];
+        let mut kv = KvStore::new(&model.cfg, 2, 16, false);
+        let want: Vec<Vec<Vec<f32>>> = steps.iter().map(|b| model.forward(b, &mut kv)).collect();
+        // Exact mode: every block GEMV has the CPU's bits (kernels_cpu.rs);
+        // attention and norms differ by f32 rounding. Fast mode: f16
+        // activations into cuBLAS for the prefill, so looser there.
+        for (opts, prefill_tol, decode_tol) in
+            [(exact(), 1e-4, 1e-4), (CudaOptions::default(), 2e-2, 2e-2)]
+        {
+            let mut b = CudaBackend::new(&model, opts.clone()).unwrap();
+            for (i, batch) in steps.iter().enumerate() {
+                let got = b.forward(batch).unwrap();
+                let e = rel_to_range(&got, &want[i]);
+                let tol = if i == 0 { prefill_tol } else { decode_tol };
+                eprintln!(
+                    "{scheme} step {i} gemm {:?}: max |Δ| / range {e:.2e}",
+                    opts.gemm
+                );
+                assert!(
+                    e <= tol,
+                    "{scheme} step {i} gemm {:?}: {e} > {tol}",
+                    opts.gemm
+                );
+            }
+        }
+    }
+}
