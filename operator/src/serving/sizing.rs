@@ -827,6 +827,76 @@ mod tests {
         assert_eq!(n.weights_dtype, Dtype::F16);
     }
 
+    /// A Tesla P4 as GPU feature discovery labels it (7680 MiB).
+    fn p4_node() -> crate::serving::placement::NodeGpus {
+        crate::serving::placement::NodeGpus {
+            name: "node-p4".into(),
+            labels: BTreeMap::from([(
+                crate::serving::placement::HOSTNAME_LABEL.to_string(),
+                "node-p4".to_string(),
+            )]),
+            product: "Tesla-P4".into(),
+            memory_bytes_per_gpu: 7680 << 20,
+            compute_capability: (6, 1),
+            allocatable_gpus: 1,
+            allocated_gpus: 0,
+        }
+    }
+
+    fn place_on_p4(
+        needs: &ModelNeeds,
+        util: f64,
+    ) -> Result<crate::serving::placement::Placement, crate::serving::placement::PlacementError>
+    {
+        let spec = crate::resources::model_deployment::PlacementSpec::default();
+        let req = crate::serving::placement::PlacementRequest {
+            needs,
+            replicas: 1,
+            spec: &spec,
+            gpu_memory_utilization: util,
+        };
+        crate::serving::placement::place(&req, &[p4_node()])
+    }
+
+    #[test]
+    fn a_q4_k_m_8b_gguf_keeps_its_blocks_on_copyhold_s_gpu_and_is_placed_on_a_p4_at_4096_tokens() {
+        // One sequence of 4096 tokens: the default 4 × 4096 tokens of f16
+        // KV cache (2 GiB) would not fit beside the weights on 8 GB.
+        let s = ServingSpec {
+            context_length: 4096,
+            max_concurrent_sequences: 1,
+            ..ServingSpec::default()
+        };
+        let q4 = gguf_8b(true, 0);
+        let own = ModelNeeds::from_gguf(&q4, &input(&s, EngineKind::Copyhold)).unwrap();
+        // The blocks as stored; the Q4_K embedding table widened to f16,
+        // as the node uploads it; the node's f16 buffer that prefill GEMMs
+        // dequantize into (at most 64 Mi elements: larger matrices, the
+        // head, are dequantized in chunks of rows).
+        let embed = 4096 * 128_256u64;
+        assert_eq!(
+            own.weight_bytes,
+            4_912_898_048 + (embed * 2 - embed / 256 * 144) + (2 << 26)
+        );
+        assert_eq!(own.min_compute_capability, (6, 0));
+        assert_eq!(
+            own.breakdown(),
+            "weights 5.4 GiB (GGUF Q4_K+Q6_K, 4.58 GiB in the file, held as stored on \
+             the GPU, the embedding widened to f16, plus a 0.1 GiB f16 buffer for \
+             prefill) + KV cache 0.5 GiB for 4096 tokens + overhead 0.8 GiB"
+        );
+        // 6.67 GiB of the P4's 6.75 usable at gpuMemoryUtilization 0.9.
+        assert_eq!(own.bytes_per_replica(), 7_166_143_283);
+        let placed = place_on_p4(&own, 0.9).unwrap();
+        assert_eq!(placed.gpu_class(), Some("Tesla-P4"));
+        assert_eq!(placed.nodes(), vec!["node-p4".to_string()]);
+        // The default four sequences do not fit.
+        let four =
+            ModelNeeds::from_gguf(&q4, &input(&ServingSpec::default(), EngineKind::Copyhold))
+                .unwrap();
+        assert!(place_on_p4(&four, 0.9).is_err());
+    }
+
     #[test]
     fn a_q8_0_8b_gguf_costs_its_blocks_on_copyhold_s_gpu_with_an_f16_embedding_and_prefill_copy() {
         let s = ServingSpec::default();
