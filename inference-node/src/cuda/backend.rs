@@ -1094,33 +1094,43 @@ fn linear(
                 b.arg(&flag);
             }
             unsafe { b.launch(cfg1d(m * k, 256)) }.map_err(launch_err("cast"))?;
-            let w = half_weights(sh, &lin.w, &mut scratch.dequant, n * k)?;
-            let (wp, _gw) = w.device_ptr(st);
-            let (xp, _gx) = xh.device_ptr(st);
-            unsafe {
-                bres::gemm_ex(
-                    *blas.handle(),
-                    op_t,
-                    op_n,
-                    n as i32,
-                    m as i32,
-                    k as i32,
-                    &alpha as *const f32 as *const c_void,
-                    wp as *const c_void,
-                    ty,
-                    k as i32,
-                    xp as *const c_void,
-                    ty,
-                    k as i32,
-                    &beta as *const f32 as *const c_void,
-                    yp as *mut c_void,
-                    r32,
-                    n as i32,
-                    compute,
-                    algo,
-                )
+            // Block weights go through the f16 buffer a chunk of rows at a
+            // time (backend/quant.rs); each chunk fills columns r0.. of y.
+            let chunk = match &lin.w {
+                DevW::Q(..) => quant::chunk_rows(n, k),
+                _ => n,
+            };
+            for r0 in (0..n).step_by(chunk.max(1)) {
+                let rows = chunk.min(n - r0);
+                let w = half_weights(sh, &lin.w, &mut scratch.dequant, r0..r0 + rows, k)?;
+                let (wp, _gw) = w.device_ptr(st);
+                let (xp, _gx) = xh.device_ptr(st);
+                let yc = yp + (r0 * std::mem::size_of::<f32>()) as u64;
+                unsafe {
+                    bres::gemm_ex(
+                        *blas.handle(),
+                        op_t,
+                        op_n,
+                        rows as i32,
+                        m as i32,
+                        k as i32,
+                        &alpha as *const f32 as *const c_void,
+                        wp as *const c_void,
+                        ty,
+                        k as i32,
+                        xp as *const c_void,
+                        ty,
+                        k as i32,
+                        &beta as *const f32 as *const c_void,
+                        yc as *mut c_void,
+                        r32,
+                        n as i32,
+                        compute,
+                        algo,
+                    )
+                }
+                .map_err(cublas_err)?;
             }
-            .map_err(cublas_err)?;
         }
     }
     drop(_gy);
@@ -1141,14 +1151,16 @@ fn linear(
     Ok(())
 }
 
-/// The 16-bit weights a half-precision GEMM reads: the uploaded f16/bf16
-/// bits, or a block weight dequantized to f16 into `dequant` (one buffer
-/// reused by every projection; the stream orders its uses).
+/// The 16-bit weights of rows `rows` (of `k` values) a half-precision GEMM
+/// reads: the uploaded f16/bf16 bits (all rows), or those rows of a block
+/// weight dequantized to f16 into `dequant` (one buffer reused by every
+/// projection; the stream orders its uses).
 fn half_weights<'a>(
     sh: &Shard,
     w: &'a DevW,
     dequant: &'a mut Reuse<CudaSlice<u16>>,
-    elems: usize,
+    rows: Range<usize>,
+    k: usize,
 ) -> Result<&'a CudaSlice<u16>, CudaError> {
     let (qt, q) = match w {
         DevW::F16(h) | DevW::BF16(h) => return Ok(h),
@@ -1160,17 +1172,20 @@ fn half_weights<'a>(
         }
     };
     let st = &sh.stream;
+    let elems = rows.len() * k;
     let wh = dequant.get(elems, |c| {
         // Every element the GEMM reads is written by the dequantization.
         unsafe { st.alloc::<u16>(c) }.map_err(drv("allocating the dequantization buffer"))
     })?;
     let name = quant::block_kernels(qt).dequant;
     let f = sh.kernels.get(name)?;
+    let rb = qt.row_bytes(k);
+    let blocks = q.slice(rows.start * rb..rows.end * rb);
     let nn = elems as u64;
     // dequant_<fmt>_f16(const unsigned char* w, h16* y, size_t n)
     unsafe {
         st.launch_builder(f)
-            .arg(q)
+            .arg(&blocks)
             .arg(&mut *wh)
             .arg(&nn)
             .launch(cfg1d(elems, 256))

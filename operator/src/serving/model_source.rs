@@ -933,9 +933,11 @@ mod tests {
 
     /// The tiny fixture converted by `copyhold-node gguf --type q8_0`:
     /// its tensors as gguf-py reads them hold 260 592 bytes; copyhold-node's
-    /// CUDA backend holds 371 512: the Q8_0 blocks as stored (191 216), the
-    /// Q8_0 embedding widened to f16 (+35 400), an f16 copy of the largest
-    /// Q8_0 matrix for prefill (75 520) and the f16/f32 tensors (69 376).
+    /// CUDA backend holds 427 064: the Q8_0 blocks as stored (191 216), the
+    /// Q8_0 embedding widened to f16 (+35 400), the f16 buffer prefill
+    /// dequantizes into (the largest matrix's 37 760 values at the
+    /// power-of-two capacity the node allocates, 65 536: 131 072 bytes) and
+    /// the f16/f32 tensors (69 376).
     const TINY_GGUF: &str = "tiny-llama-gguf/model-q8_0.gguf";
 
     fn gguf_spec(source: ModelSource) -> ModelDeploymentSpec {
@@ -955,7 +957,7 @@ mod tests {
                 ..ModelSource::default()
             });
             let n = model_needs(&client(), &s).await.unwrap();
-            assert_eq!(n.weight_bytes, 371_512, "{path:?}");
+            assert_eq!(n.weight_bytes, 427_064, "{path:?}");
             assert_eq!(n.num_layers, 3);
             // 3 layers × 2 KV heads × 16 × K and V × f16.
             assert_eq!(n.kv_bytes_per_token, 3 * 2 * 16 * 2 * 2);
@@ -977,7 +979,7 @@ mod tests {
                 ..ModelSource::default()
             });
             let n = model_needs(&client(), &s).await.unwrap();
-            assert_eq!(n.weight_bytes, 371_512);
+            assert_eq!(n.weight_bytes, 427_064);
             assert_eq!(n.kv_bytes_per_token, 384);
             let log = log.lock().unwrap().clone();
             let ranges: Vec<_> = log.iter().filter_map(|(_, r)| r.clone()).collect();
@@ -1109,7 +1111,7 @@ mod tests {
         let n = model_needs(&client(), &hf(base, &["model.gguf", "README.md"]))
             .await
             .unwrap();
-        assert_eq!(n.weight_bytes, 371_512);
+        assert_eq!(n.weight_bytes, 427_064);
         let log = log.lock().unwrap().clone();
         assert_eq!(log[0].0, "/town/llama-gguf/resolve/main/model.gguf");
     }
@@ -1140,7 +1142,7 @@ mod tests {
             .await
             .unwrap();
         let big = cache.model_needs(&client(), &hf("big.gguf")).await.unwrap();
-        assert_eq!(small.weight_bytes, 371_512);
+        assert_eq!(small.weight_bytes, 427_064);
         assert_eq!(big.num_layers, 32);
     }
 

@@ -368,22 +368,66 @@ fn gguf_note(model: &GgufModel, formats: &[&str], on_gpu: &str) -> String {
     format!("GGUF {kinds}, {gib:.2} GiB in the file, {on_gpu}")
 }
 
-/// Bytes `copyhold-node` adds on the GPU to a GGUF file's Q8_0 blocks: a
-/// Q8_0 embedding table widened to f16 (its blocks were counted as
-/// stored), and the f16 buffer its prefill GEMMs dequantize the largest
-/// Q8_0 matrix into, taken as vocab × hidden (the embedding's elements).
-fn copyhold_q8_0_extra(model: &GgufModel) -> u64 {
+/// Most values `copyhold-node` dequantizes to f16 at once for a prefill
+/// GEMM on block weights (`DEQUANT_CHUNK_ELEMS` in
+/// `inference-node/src/cuda/backend/quant.rs`): larger matrices go a chunk
+/// of rows at a time.
+pub const COPYHOLD_DEQUANT_CHUNK_ELEMS: u64 = 1 << 26;
+
+/// Bytes `copyhold-node` adds on the GPU to a GGUF file's blocks: a
+/// block-format embedding table widened to f16 (its blocks were counted as
+/// stored; the row gather has no block kernel), and the f16 buffer its
+/// prefill GEMMs dequantize block weights into: whole rows of the largest
+/// matrix, taken as vocab × hidden (the embedding's elements), up to
+/// [`COPYHOLD_DEQUANT_CHUNK_ELEMS`], at the power-of-two capacity the node
+/// allocates.
+fn copyhold_block_extra(model: &GgufModel) -> BlockExtra {
     let Some((ty, elements)) = model.embedding else {
-        return 0;
+        return BlockExtra::default();
     };
-    let widened_embedding = if ty.name == "Q8_0" {
+    let widened_embedding = if ty.is_block_format() {
         elements
             .saturating_mul(2)
             .saturating_sub(elements / ty.block_elems * ty.block_bytes)
     } else {
         0
     };
-    widened_embedding.saturating_add(elements.saturating_mul(2))
+    let hidden = model.hidden.max(1);
+    let chunk_rows = (COPYHOLD_DEQUANT_CHUNK_ELEMS / hidden).max(1);
+    let chunk = elements.min(chunk_rows.saturating_mul(hidden));
+    let capacity = chunk
+        .max(256)
+        .checked_next_power_of_two()
+        .unwrap_or(u64::MAX);
+    BlockExtra {
+        widened_embedding,
+        prefill_buffer: capacity.saturating_mul(2),
+    }
+}
+
+/// What [`copyhold_block_extra`] adds, in its two parts.
+#[derive(Debug, Clone, Copy, Default)]
+struct BlockExtra {
+    widened_embedding: u64,
+    prefill_buffer: u64,
+}
+
+impl BlockExtra {
+    fn total(self) -> u64 {
+        self.widened_embedding.saturating_add(self.prefill_buffer)
+    }
+
+    /// `held as stored on the GPU, the embedding widened to f16, plus a
+    /// 0.1 GiB f16 buffer for prefill`.
+    fn note(self) -> String {
+        let embedding = if self.widened_embedding > 0 {
+            ", the embedding widened to f16"
+        } else {
+            ""
+        };
+        let gib = self.prefill_buffer as f64 / (1u64 << 30) as f64;
+        format!("held as stored on the GPU{embedding}, plus a {gib:.1} GiB f16 buffer for prefill")
+    }
 }
 
 /// What the user asked each replica to hold and how it will run.
@@ -484,17 +528,14 @@ impl ModelNeeds {
     /// Sizes a GGUF model from its header, counting the weights as the
     /// engine holds them on the GPU:
     ///
-    /// - `copyhold`: Q8_0 stays in its blocks on the GPU (the node's
-    ///   `gemv_q8_0`), except the embedding table, which is widened to f16
+    /// - `copyhold`: every block format (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K)
+    ///   stays in its blocks on the GPU (the node's `gemv_<fmt>` kernels),
+    ///   except the embedding table, which is widened to f16
     ///   (`inference-node/src/cuda/plan.rs`, `device_dtype` and
-    ///   `embedding_dtype`); a file with Q8_0 also costs one f16 copy of
-    ///   its largest Q8_0 matrix, the buffer prefill GEMMs dequantize into
-    ///   (counted as the embedding's vocab × hidden, the largest matrix of
-    ///   the llama, qwen2 and mistral shapes). The other block formats
-    ///   (Q4_0, Q4_K, …) are widened to f16 when uploaded (no kernels for
-    ///   them yet), so they cost 2 bytes an element, as an f16 model does;
-    ///   F32, F16 and BF16 tensors cost what they store. Types the node
-    ///   does not load are refused here.
+    ///   `embedding_dtype`); a file with blocks also costs the f16 buffer
+    ///   prefill GEMMs dequantize into ([`copyhold_block_extra`]). F32,
+    ///   F16 and BF16 tensors cost what they store. Types the node does not
+    ///   load are refused here.
     /// - `vllm`: the blocks stay as stored; its kernels for them need
     ///   compute capability 7.0.
     ///
@@ -502,29 +543,24 @@ impl ModelNeeds {
     pub fn from_gguf(model: &GgufModel, input: &SizingInput<'_>) -> Result<Self, SizingError> {
         let copyhold = input.engine == EngineKind::Copyhold;
         let mut device = 0u64;
-        let mut widened = false;
         for (name, t) in &model.by_type {
             if copyhold && !COPYHOLD_GGUF_TYPES.contains(name) {
                 return Err(SizingError::GgufTypeUnsupported {
                     ty: (*name).to_string(),
                 });
             }
-            let bytes = if copyhold && t.ty.is_block_format() && *name != "Q8_0" {
-                widened = true;
-                t.elements.checked_mul(2)
-            } else {
-                Some(t.bytes)
-            };
-            device = bytes
-                .and_then(|b| device.checked_add(b))
-                .ok_or(SizingError::Overflow("weight bytes"))?;
-        }
-        let q8_0 = copyhold && model.by_type.contains_key("Q8_0");
-        if q8_0 {
             device = device
-                .checked_add(copyhold_q8_0_extra(model))
+                .checked_add(t.bytes)
                 .ok_or(SizingError::Overflow("weight bytes"))?;
         }
+        let extra = if copyhold && !model.block_formats().is_empty() {
+            Some(copyhold_block_extra(model))
+        } else {
+            None
+        };
+        device = device
+            .checked_add(extra.map_or(0, BlockExtra::total))
+            .ok_or(SizingError::Overflow("weight bytes"))?;
         let all_f32 = model.by_type.keys().all(|n| *n == "F32");
         let dtype = if all_f32 { Dtype::F32 } else { Dtype::F16 };
         let kv_per_token = model
@@ -548,20 +584,8 @@ impl ModelNeeds {
                 }
             });
         }
-        let on_gpu = match (widened, q8_0) {
-            (false, false) => "held as stored",
-            (true, false) => "widened to f16 on the GPU",
-            (false, true) => {
-                "Q8_0 held as stored on the GPU (the embedding widened to f16, \
-                 plus an f16 copy of the largest Q8_0 matrix for prefill)"
-            }
-            (true, true) => {
-                "Q8_0 held as stored on the GPU, the other block formats widened \
-                 to f16 (the embedding in f16, plus an f16 copy of the largest \
-                 Q8_0 matrix for prefill)"
-            }
-        };
-        needs.weights_note = Some(gguf_note(model, &formats, on_gpu));
+        let on_gpu = extra.map_or_else(|| "held as stored".to_string(), BlockExtra::note);
+        needs.weights_note = Some(gguf_note(model, &formats, &on_gpu));
         Ok(needs)
     }
 
@@ -795,22 +819,26 @@ mod tests {
     }
 
     #[test]
-    fn a_q4_k_m_8b_gguf_costs_f16_on_copyhold_s_gpu_and_its_blocks_under_vllm() {
+    fn a_q4_k_m_8b_gguf_costs_its_blocks_on_copyhold_s_gpu_and_under_vllm() {
         let s = ServingSpec::default();
         let q4 = gguf_8b(true, 0);
         let own = ModelNeeds::from_gguf(&q4, &input(&s, EngineKind::Copyhold)).unwrap();
-        // Q4_K/Q6_K elements × 2 (widened to f16) + the norms' f32 bytes.
-        let f32_elems = 65 * 4096;
+        // The blocks as stored + the Q4_K embedding widened to f16 + the
+        // node's 128 MiB f16 prefill buffer.
+        let embed = 4096 * 128_256u64;
         assert_eq!(
             own.weight_bytes,
-            (8_030_261_248 - f32_elems) * 2 + f32_elems * 4
+            4_912_898_048 + (embed * 2 - embed / 256 * 144) + (2 << 26)
         );
         assert_eq!(own.kv_bytes_per_token, 131_072, "as the HF config gives");
         assert_eq!(own.num_layers, 32);
         assert_eq!(own.min_compute_capability, (6, 0));
         assert_eq!(
             own.weights_note.as_deref(),
-            Some("GGUF Q4_K+Q6_K, 4.58 GiB in the file, widened to f16 on the GPU")
+            Some(
+                "GGUF Q4_K+Q6_K, 4.58 GiB in the file, held as stored on the GPU, \
+                 the embedding widened to f16, plus a 0.1 GiB f16 buffer for prefill"
+            )
         );
 
         let vllm = ModelNeeds::from_gguf(&q4, &input(&s, EngineKind::Vllm)).unwrap();
@@ -818,6 +846,7 @@ mod tests {
         assert_eq!(vllm.min_compute_capability, VLLM_GGUF_MIN_CC);
 
         // An f16 file is what it stores on both.
+        let f32_elems = 65 * 4096;
         let f16 = gguf_8b(false, crate::serving::gguf_header::synth::F16);
         let n = ModelNeeds::from_gguf(&f16, &input(&s, EngineKind::Copyhold)).unwrap();
         assert_eq!(
@@ -825,6 +854,10 @@ mod tests {
             (8_030_261_248 - f32_elems) * 2 + f32_elems * 4
         );
         assert_eq!(n.weights_dtype, Dtype::F16);
+        assert_eq!(
+            n.weights_note.as_deref(),
+            Some("GGUF F16+F32, 14.96 GiB in the file, held as stored")
+        );
     }
 
     /// A Tesla P4 as GPU feature discovery labels it (7680 MiB).
@@ -898,7 +931,8 @@ mod tests {
     }
 
     #[test]
-    fn a_q8_0_8b_gguf_costs_its_blocks_on_copyhold_s_gpu_with_an_f16_embedding_and_prefill_copy() {
+    fn a_q8_0_8b_gguf_costs_its_blocks_on_copyhold_s_gpu_with_an_f16_embedding_and_prefill_buffer()
+    {
         let s = ServingSpec::default();
         let q8 = gguf_8b(false, 8);
         let own = ModelNeeds::from_gguf(&q8, &input(&s, EngineKind::Copyhold)).unwrap();
@@ -906,21 +940,20 @@ mod tests {
         let embed = 4096 * 128_256;
         let blocks = 8_030_261_248 - f32_elems - embed;
         // Projections and head as stored (34 bytes per 32 values); the
-        // embedding table widened to f16, as the node uploads it; one f16
-        // copy of the largest Q8_0 matrix (the head, vocab × hidden) for
-        // prefill GEMMs; the norms in f32.
+        // embedding table widened to f16, as the node uploads it; the f16
+        // buffer prefill GEMMs dequantize into, a chunk of at most 64 Mi
+        // values (128 MiB); the norms in f32.
         assert_eq!(
             own.weight_bytes,
-            blocks / 32 * 34 + embed * 2 + embed * 2 + f32_elems * 4
+            blocks / 32 * 34 + embed * 2 + (2 << 26) + f32_elems * 4
         );
-        assert!(own.weight_bytes < 12_000_000_000, "{}", own.weight_bytes);
+        assert!(own.weight_bytes < 11_000_000_000, "{}", own.weight_bytes);
         assert_eq!(own.min_compute_capability, (6, 0));
         assert_eq!(
             own.weights_note.as_deref(),
             Some(
-                "GGUF Q8_0, 7.95 GiB in the file, Q8_0 held as stored on the GPU \
-                 (the embedding widened to f16, plus an f16 copy of the largest \
-                 Q8_0 matrix for prefill)"
+                "GGUF Q8_0, 7.95 GiB in the file, held as stored on the GPU, the \
+                 embedding widened to f16, plus a 0.1 GiB f16 buffer for prefill"
             )
         );
     }
