@@ -357,7 +357,7 @@ fn tied_head_bytes(
         .ok_or(SizingError::Overflow("embedding bytes"))
 }
 
-/// `GGUF Q4_K+Q6_K, 4.58 GiB in the file, widened to f16 on the GPU`.
+/// `GGUF Q4_K+Q6_K, 4.58 GiB in the file, held as stored`.
 fn gguf_note(model: &GgufModel, formats: &[&str], on_gpu: &str) -> String {
     let kinds = if formats.is_empty() {
         model.by_type.keys().copied().collect::<Vec<_>>().join("+")
