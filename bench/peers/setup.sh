@@ -40,8 +40,19 @@ if [ ! -x llama.cpp/build/bin/llama-bench ] || [ ! -x llama.cpp/build/bin/llama-
     SRC=$(ls -d llamacpp/llama_cpp_python-*/vendor/llama.cpp | tail -1)
   fi
   ln -sfn "$P/$SRC" llama.cpp
+  # On a CPU with AMX-INT8, ggml's AMX path segfaults in
+  # ggml_backend_amx_mul_mat on Q4_K/Q8_0 files (ggml-org/llama.cpp#20824,
+  # seen here with every thread count): build for the CPU's other x86
+  # features, so the AVX-512 VNNI kernels and repacking still run.
+  X86=(-DGGML_NATIVE=ON)
+  if grep -qw amx_int8 /proc/cpuinfo; then
+    X86=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+      -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON
+      -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
+      -DGGML_AMX_BF16=OFF)
+  fi
   (cd "$SRC" &&
-    "$CMAKE" -B build -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DCMAKE_BUILD_TYPE=Release \
+    "$CMAKE" -B build -DLLAMA_CURL=OFF "${X86[@]}" -DCMAKE_BUILD_TYPE=Release \
       -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF \
       -DLLAMA_BUILD_EXAMPLES=OFF &&
     nice "$CMAKE" --build build -j2 --target llama-bench llama-batched-bench)
