@@ -73,7 +73,7 @@ for shape in $SHAPES; do
         --llama-bench "$LB" --gguf "$f" >"$log" 2>"$log.err"
       if [ "${LOOPS:-0}" = 1 ]; then
         COPYHOLD_QDOT=loops "$NODE" bench --model "$f" --batch 1 --prompt "$prompt" --gen 128 \
-          --threads "$THREADS" | grep '^{' | sed 's/"device"/"loops":true,"device"/' >>"$log"
+          --threads "$THREADS" 2>>"$log.err" | grep '^{' | sed 's/"device"/"loops":true,"device"/' >>"$log"
       fi
     done
   done

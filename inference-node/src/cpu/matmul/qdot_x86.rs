@@ -192,8 +192,8 @@ unsafe fn q4_k_lanes<const W: usize, const R: usize>(
                 let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
                 let s1 = _mm256_set1_epi16(sc[2 * j] as i16);
                 let s2 = _mm256_set1_epi16(sc[2 * j + 1] as i16);
-                for r in 0..R {
-                    let av = unsafe { a[r].q.as_ptr().add(QK_K * b + 64 * j) };
+                for (r, ar) in a.iter().enumerate() {
+                    let av = unsafe { ar.q.as_ptr().add(QK_K * b + 64 * j) };
                     let pl = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, unsafe { load(av) }), s1);
                     let ph = _mm256_madd_epi16(
                         _mm256_maddubs_epi16(hi, unsafe { load(av.add(32)) }),
@@ -272,9 +272,8 @@ unsafe fn q6_k_lanes<const W: usize, const R: usize>(
                     let s = 8 * n + 2 * part;
                     let (g0, g1) = unsafe { (*sc.add(s) as i16, *sc.add(s + 1) as i16) };
                     let scale = _mm256_set_m128i(_mm_set1_epi16(g1), _mm_set1_epi16(g0));
-                    for r in 0..R {
-                        let av =
-                            unsafe { load(a[r].q.as_ptr().add(QK_K * b + 128 * n + 32 * part)) };
+                    for (r, ar) in a.iter().enumerate() {
+                        let av = unsafe { load(ar.q.as_ptr().add(QK_K * b + 128 * n + 32 * part)) };
                         let p = _mm256_sub_epi16(
                             _mm256_maddubs_epi16(v, av),
                             _mm256_maddubs_epi16(m32, av),
