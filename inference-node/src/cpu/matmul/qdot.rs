@@ -75,10 +75,7 @@ pub fn quantize_q8_k(x: &[f32]) -> QActs {
         }
         let iscale = -127.0 / max;
         let start = a.q.len();
-        a.q.extend(
-            blk.iter()
-                .map(|v| round_away(iscale * v).min(127) as i8),
-        );
+        a.q.extend(blk.iter().map(|v| round_away(iscale * v).min(127) as i8));
         for g in a.q[start..].chunks_exact(16) {
             a.bsums.push(g.iter().map(|&v| v as i32).sum());
         }
@@ -379,7 +376,11 @@ mod tests {
         let mut xs: Vec<f32> = (-1300..=1300).map(|i| i as f32 * 0.1).collect();
         for h in -128..128 {
             let x = h as f32 + 0.5;
-            xs.extend([x, f32::from_bits(x.to_bits() - 1), f32::from_bits(x.to_bits() + 1)]);
+            xs.extend([
+                x,
+                f32::from_bits(x.to_bits() - 1),
+                f32::from_bits(x.to_bits() + 1),
+            ]);
         }
         xs.extend([0.0, -0.0, 127.0, -127.0, 0.49999997, -0.49999997]);
         for x in xs {
