@@ -339,13 +339,51 @@ unsafe fn bcast512(p: *const i8) -> __m512i {
     unsafe { _mm512_broadcast_i64x4(load(p)) }
 }
 
-/// The lanes of the two weight rows (low and high halves of `acc`).
+/// The sums of the eight `i32` lanes of each of eight vectors, in order.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn hsum8(v: &[__m256i; 8]) -> __m256i {
+    let c0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    let c1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    _mm256_add_epi32(
+        _mm256_permute2x128_si256::<0x20>(c0, c1),
+        _mm256_permute2x128_si256::<0x31>(c0, c1),
+    )
+}
+
+/// The eight outputs of two row pairs' accumulators (`acc[r]`: row 0 with
+/// activation row r in the low half, row 1 in the high one), row 0's four
+/// first.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
-unsafe fn split4(acc: &[__m512i; LANES]) -> (__m128i, __m128i) {
-    let lo: [__m256i; LANES] = std::array::from_fn(|r| _mm512_castsi512_si256(acc[r]));
-    let hi: [__m256i; LANES] = std::array::from_fn(|r| _mm512_extracti64x4_epi64::<1>(acc[r]));
-    unsafe { (hsum4(&lo), hsum4(&hi)) }
+unsafe fn split8(acc: &[__m512i; LANES]) -> __m256i {
+    let v: [__m256i; 8] = std::array::from_fn(|i| {
+        if i < LANES {
+            _mm512_castsi512_si256(acc[i])
+        } else {
+            _mm512_extracti64x4_epi64::<1>(acc[i - LANES])
+        }
+    });
+    unsafe { hsum8(&v) }
+}
+
+/// Lane factors of two weight rows × four activation rows (row 0's four
+/// first): `d_w * a.d[b]`, one multiplication per lane as in
+/// [`lane_scales`].
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn lane_scales8(dw: [f32; 2], da: __m128) -> __m256 {
+    _mm256_mul_ps(
+        _mm256_set_m128(_mm_set1_ps(dw[1]), _mm_set1_ps(dw[0])),
+        _mm256_set_m128(da, da),
+    )
+}
+
+/// The two rows' halves of `v`.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn halves(v: __m256) -> [__m128; 2] {
+    [_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v)]
 }
 
 /// Q4_K, two weight rows against four activation rows with 512-bit
@@ -361,7 +399,7 @@ unsafe fn q4_k_2x4(w: [*const u8; 2], a: [&QActs; LANES], nb: usize) -> [__m128;
     let pick: [__m512i; 8] = std::array::from_fn(|t| unsafe {
         pair512(_mm256_set1_epi16(t as i16), _mm256_set1_epi16(8 + t as i16))
     });
-    let mut sums = [_mm_setzero_ps(); 2];
+    let mut sums = _mm256_setzero_ps();
     for b in 0..nb {
         let mut acc = [_mm512_setzero_si512(); LANES];
         let mut pairs = [_mm256_setzero_si256(); LANES];
@@ -406,24 +444,18 @@ unsafe fn q4_k_2x4(w: [*const u8; 2], a: [&QActs; LANES], nb: usize) -> [__m128;
                 acc[r] = _mm512_add_epi32(acc[r], _mm512_add_epi32(pl, ph));
             }
         }
-        let (si0, si1) = unsafe { split4(&acc) };
-        let da: [f32; LANES] = std::array::from_fn(|r| a[r].d[b]);
-        for (h, sumi) in [si0, si1].into_iter().enumerate() {
-            let summ = _mm_cvtepi32_ps(unsafe { hsum4(&accm[h]) });
-            let sumi = _mm_cvtepi32_ps(sumi);
-            let (fd, fm) = unsafe {
-                (
-                    lane_scales::<1, 4>([d[h]], da),
-                    lane_scales::<1, 4>([dmin[h]], da),
-                )
-            };
-            sums[h] = _mm_add_ps(
-                sums[h],
-                _mm_sub_ps(_mm_mul_ps(fd, sumi), _mm_mul_ps(fm, summ)),
-            );
-        }
+        let sumi = _mm256_cvtepi32_ps(unsafe { split8(&acc) });
+        let mv: [__m256i; 8] = std::array::from_fn(|i| accm[i / LANES][i % LANES]);
+        let summ = _mm256_cvtepi32_ps(unsafe { hsum8(&mv) });
+        let da = _mm_setr_ps(a[0].d[b], a[1].d[b], a[2].d[b], a[3].d[b]);
+        let (fd, fm) = unsafe { (lane_scales8(d, da), lane_scales8(dmin, da)) };
+        // Portable, per lane: `sum += (d * a.d[b]) * sumi as f32 - (dmin * a.d[b]) * summ as f32`.
+        sums = _mm256_add_ps(
+            sums,
+            _mm256_sub_ps(_mm256_mul_ps(fd, sumi), _mm256_mul_ps(fm, summ)),
+        );
     }
-    sums
+    unsafe { halves(sums) }
 }
 
 /// Q6_K, two weight rows against four activation rows with 512-bit
@@ -436,7 +468,7 @@ unsafe fn q6_k_2x4(w: [*const u8; 2], a: [&QActs; LANES], nb: usize) -> [__m128;
     let m2 = _mm512_set1_epi8(3);
     let m32 = _mm512_set1_epi8(32);
     let hb = |v: __m512i| _mm512_slli_epi16::<4>(_mm512_and_si512(v, m2));
-    let mut sums = [_mm_setzero_ps(); 2];
+    let mut sums = _mm256_setzero_ps();
     for b in 0..nb {
         let mut acc = [_mm512_setzero_si512(); LANES];
         // SAFETY: the caller checked `nb` blocks of every row.
@@ -476,14 +508,12 @@ unsafe fn q6_k_2x4(w: [*const u8; 2], a: [&QActs; LANES], nb: usize) -> [__m128;
                 }
             }
         }
-        let (si0, si1) = unsafe { split4(&acc) };
-        let da: [f32; LANES] = std::array::from_fn(|r| a[r].d[b]);
-        for (h, sumi) in [si0, si1].into_iter().enumerate() {
-            let f = unsafe { lane_scales::<1, 4>([d[h]], da) };
-            sums[h] = _mm_add_ps(sums[h], _mm_mul_ps(f, _mm_cvtepi32_ps(sumi)));
-        }
+        let sumi = _mm256_cvtepi32_ps(unsafe { split8(&acc) });
+        let da = _mm_setr_ps(a[0].d[b], a[1].d[b], a[2].d[b], a[3].d[b]);
+        // Portable, per lane: `sum += (d * a.d[b]) * sumi as f32`.
+        sums = _mm256_add_ps(sums, _mm256_mul_ps(unsafe { lane_scales8(d, da) }, sumi));
     }
-    sums
+    unsafe { halves(sums) }
 }
 
 /// Four activation rows against the weight rows of a tile, two weight rows
