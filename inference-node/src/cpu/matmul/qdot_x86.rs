@@ -3,6 +3,8 @@
 //! at a time: one weight row against four activation rows (prompt rows: a
 //! weight block is unpacked once for all four) or four weight rows against
 //! one activation row (decode: an activation block is loaded for all four).
+//! On AVX-512, Q4_K and Q6_K prompt rows go eight at a time: two weight rows
+//! per 512-bit vector against four activation rows.
 //!
 //! Every block's integer sums are exact, so they equal the portable loops'
 //! whatever the order of the additions. The float step per block is the
