@@ -2,7 +2,8 @@
 # Installs the peers `copyhold-node bench` compares with, under
 # ${COPYHOLD_PEERS:-~/.cache/copyhold/peers} (never inside the repository):
 #   llama.cpp/build/bin/{llama-bench,llama-batched-bench}  (from the PyPI
-#       source package llama-cpp-python, which vendors llama.cpp; ~15 min
+#       source package llama-cpp-python, which vendors llama.cpp, extracted
+#       under llamacpp/; llama.cpp links to its vendor/llama.cpp; ~15 min
 #       on 2 cores)
 #   hfvenv/  torch (CPU use) + transformers + safetensors + gguf + numpy
 # and writes the benchmark model (llama shape hidden 1024, 24 layers, 16
@@ -16,17 +17,45 @@ NODE=${COPYHOLD_NODE:-${CARGO_TARGET_DIR:-$HERE/../../target}/release/copyhold-n
 mkdir -p "$P"
 cd "$P"
 
-if [ ! -x llama.cpp/build/bin/llama-batched-bench ]; then
-  [ -d llvenv ] || python3 -m venv llvenv
-  llvenv/bin/pip install -q cmake
-  mkdir -p src
-  ls src/llama_cpp_python-*.tar.gz >/dev/null 2>&1 ||
-    llvenv/bin/pip download --no-deps --no-binary llama-cpp-python llama-cpp-python -d src
-  tar -C src -xzf src/llama_cpp_python-*.tar.gz
-  rm -rf llama.cpp && cp -r src/llama_cpp_python-*/vendor/llama.cpp llama.cpp
-  (cd llama.cpp && PATH="$P/llvenv/bin:$PATH" &&
-    cmake -B build -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DCMAKE_BUILD_TYPE=Release &&
-    nice cmake --build build -j2 --target llama-bench llama-batched-bench)
+# llama.cpp: the source package is extracted under llamacpp/ and built in
+# place (build/; tools on: a configure that turned them off gets them back);
+# llama.cpp is a link to that source tree, so the binaries are at
+# llama.cpp/build/bin/. Other builds of the same tree (bench/peers AVX2
+# variants) sit next to build/.
+if [ ! -x llama.cpp/build/bin/llama-bench ] || [ ! -x llama.cpp/build/bin/llama-batched-bench ]; then
+  CMAKE=$(command -v cmake || true)
+  if [ -z "$CMAKE" ]; then
+    [ -d llvenv ] || python3 -m venv llvenv
+    llvenv/bin/pip install -q cmake
+    CMAKE=$P/llvenv/bin/cmake
+  fi
+  mkdir -p llamacpp
+  if ! ls llamacpp/llama_cpp_python-*.tar.gz >/dev/null 2>&1; then
+    [ -d llvenv ] || python3 -m venv llvenv
+    llvenv/bin/pip download -q --no-deps --no-binary llama-cpp-python llama-cpp-python -d llamacpp
+  fi
+  SRC=$(ls -d llamacpp/llama_cpp_python-*/vendor/llama.cpp 2>/dev/null | tail -1)
+  if [ -z "$SRC" ]; then
+    tar -C llamacpp -xzf "$(ls llamacpp/llama_cpp_python-*.tar.gz | tail -1)"
+    SRC=$(ls -d llamacpp/llama_cpp_python-*/vendor/llama.cpp | tail -1)
+  fi
+  ln -sfn "$P/$SRC" llama.cpp
+  # On a CPU with AMX-INT8, ggml's AMX path segfaults in
+  # ggml_backend_amx_mul_mat on Q4_K/Q8_0 files (ggml-org/llama.cpp#20824,
+  # seen here with every thread count): build for the CPU's other x86
+  # features, so the AVX-512 VNNI kernels and repacking still run.
+  X86=(-DGGML_NATIVE=ON)
+  if grep -qw amx_int8 /proc/cpuinfo; then
+    X86=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+      -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON
+      -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
+      -DGGML_AMX_BF16=OFF)
+  fi
+  (cd "$SRC" &&
+    "$CMAKE" -B build -DLLAMA_CURL=OFF "${X86[@]}" -DCMAKE_BUILD_TYPE=Release \
+      -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF \
+      -DLLAMA_BUILD_EXAMPLES=OFF &&
+    nice "$CMAKE" --build build -j2 --target llama-bench llama-batched-bench)
 fi
 
 if [ ! -x hfvenv/bin/python ] || ! hfvenv/bin/python -c 'import torch, transformers, gguf' 2>/dev/null; then

@@ -250,3 +250,37 @@ fn quantized_logits_are_the_same_bits_alone_or_batched() {
         assert_eq!(a, b, "position {i}");
     }
 }
+
+/// A model whose embedding has more rows than its tokenizer has tokens
+/// (the synthesized benchmark shapes: vocab 32000, ~1000 tokens) converts
+/// with the token list padded to the embedding, as llama.cpp's converter
+/// does: llama.cpp refuses a file whose vocabulary and `token_embd` differ.
+#[test]
+fn conversion_pads_the_token_list_to_the_embedding_rows() {
+    let d = scratch("pad");
+    let spec = SynthSpec {
+        vocab: 1200,
+        ..SynthSpec::tiny(Arch::Llama)
+    };
+    synth(&spec, &d.join("hf")).unwrap();
+    let g = d.join("model.gguf");
+    convert(&d.join("hf"), &g, Scheme::parse("q8_0").unwrap()).unwrap();
+    let f = GgufFile::open(&g).unwrap();
+    let tokens = f.header.meta["tokenizer.ggml.tokens"].as_array().unwrap();
+    let types = f.header.meta["tokenizer.ggml.token_type"]
+        .as_array()
+        .unwrap();
+    let embd = f
+        .header
+        .tensors
+        .iter()
+        .find(|t| t.name == "token_embd.weight")
+        .unwrap();
+    assert_eq!(tokens.len() as u64, embd.dims[1]);
+    assert_eq!(types.len(), tokens.len());
+    assert_eq!(tokens[1199].as_str(), Some("[PAD1199]"));
+    assert_eq!(types[1199].as_u64(), Some(5), "UNUSED");
+    // The padded file still loads and runs.
+    let (model, _) = copyhold_node::model::open(&g).unwrap();
+    assert_eq!(model.cfg.vocab_size, 1200);
+}

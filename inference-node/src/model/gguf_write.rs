@@ -204,6 +204,13 @@ fn tokenizer_meta(dir: &Path, cfg: &ModelConfig, kv: &mut Vec<(String, W)>) -> R
             };
         }
     }
+    // The embedding may have more rows than the tokenizer has tokens
+    // (padded vocabularies, the synthesized benchmark shapes). llama.cpp
+    // wants one token per row; its converter pads with unused tokens.
+    for i in tokens.len()..cfg.vocab_size {
+        tokens.push(format!("[PAD{i}]"));
+        types.push(5);
+    }
     let merges: Vec<String> = model["merges"]
         .as_array()
         .into_iter()

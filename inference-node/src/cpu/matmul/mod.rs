@@ -15,6 +15,8 @@
 pub mod amx;
 pub mod kernel;
 pub mod qdot;
+#[cfg(target_arch = "x86_64")]
+mod qdot_x86;
 
 use std::cell::RefCell;
 

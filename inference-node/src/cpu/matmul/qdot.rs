@@ -28,6 +28,16 @@ pub struct QActs {
     pub bsums: Vec<i32>,
 }
 
+/// `x.round() as i32` (halves away from zero) for `|x| < 2³¹`, without
+/// libm's `roundf` call per value: `x − trunc(x)` is exact, so comparing
+/// it with ±0.5 rounds exactly as `round` does, and the loop vectorizes.
+#[inline(always)]
+fn round_away(x: f32) -> i32 {
+    let t = x as i32;
+    let d = x - t as f32;
+    t + (d >= 0.5) as i32 - (d <= -0.5) as i32
+}
+
 /// llama.cpp's `quantize_row_q8_0`: `d = amax / 127` per 32 values.
 pub fn quantize_q8_0(x: &[f32]) -> QActs {
     let mut a = QActs {
@@ -40,7 +50,7 @@ pub fn quantize_q8_0(x: &[f32]) -> QActs {
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         a.d.push(half::f16::from_f32(d).to_f32());
-        a.q.extend(blk.iter().map(|v| (v * id).round() as i8));
+        a.q.extend(blk.iter().map(|v| round_away(v * id) as i8));
     }
     a
 }
@@ -65,10 +75,7 @@ pub fn quantize_q8_k(x: &[f32]) -> QActs {
         }
         let iscale = -127.0 / max;
         let start = a.q.len();
-        a.q.extend(
-            blk.iter()
-                .map(|v| ((iscale * v).round() as i32).min(127) as i8),
-        );
+        a.q.extend(blk.iter().map(|v| round_away(iscale * v).min(127) as i8));
         for g in a.q[start..].chunks_exact(16) {
             a.bsums.push(g.iter().map(|&v| v as i32).sum());
         }
@@ -213,7 +220,12 @@ fn wide_isa() -> Isa {
     static I: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *I.get_or_init(|| match isa() {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if std::is_x86_feature_detected!("avx512bw") => Isa::Avx512,
+        Isa::Avx512
+            if std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vl") =>
+        {
+            Isa::Avx512
+        }
         Isa::Avx512 | Isa::Avx2 => Isa::Avx2,
         Isa::Portable => Isa::Portable,
     })
@@ -230,6 +242,36 @@ pub fn dots(q: QType, w: &[u8], rb: usize, a: &QActs, out: &mut [f32], with: Isa
         // SAFETY: as above.
         Isa::Avx2 => unsafe { tile_dots_avx2(q, w, rb, a, out) },
         _ => tile_dots(q, w, rb, a, out),
+    }
+}
+
+/// Whether `COPYHOLD_QDOT=loops` asks for the auto-vectorized loops alone
+/// (the path before the intrinsic kernels, to measure one against the
+/// other in the same build; results are the same). Decided once.
+fn loops_only() -> bool {
+    static L: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *L.get_or_init(|| std::env::var("COPYHOLD_QDOT").is_ok_and(|v| v == "loops"))
+}
+
+/// `out[i·rows + j] = W row j · acts[i]` for the weight rows of one tile
+/// (`w`, rows of `rb` bytes) on `with`: the intrinsic kernels of
+/// [`super::qdot_x86`] (each weight block unpacked once for several
+/// activation rows) where they cover the type, the loops above otherwise.
+/// Both give the same bits.
+pub fn tile(q: QType, w: &[u8], rb: usize, acts: &[&QActs], out: &mut [f32], with: Isa) {
+    #[cfg(target_arch = "x86_64")]
+    if super::qdot_x86::covers(q) && !loops_only() {
+        match with {
+            // SAFETY: `wide_isa` chose it after detecting the features.
+            Isa::Avx512 => return unsafe { super::qdot_x86::tile_avx512(q, w, rb, acts, out) },
+            // SAFETY: as above.
+            Isa::Avx2 => return unsafe { super::qdot_x86::tile_avx2(q, w, rb, acts, out) },
+            Isa::Portable => {}
+        }
+    }
+    let rows = w.len() / rb;
+    for (a, o) in acts.iter().zip(out.chunks_exact_mut(rows)) {
+        dots(q, w, rb, a, o, with);
     }
 }
 
@@ -303,9 +345,8 @@ pub fn matmul_q_into(x: &[f32], m: usize, ws: &[&Tensor], outs: &mut [&mut [f32]
             let rb = q.row_bytes(k);
             let w = &bytes[r0 * rb..(r0 + rows) * rb];
             let mut out = vec![0.0f32; m * rows];
-            for (i, o) in out.chunks_exact_mut(rows).enumerate() {
-                dots(q, w, rb, acts.row(q, i), o, with);
-            }
+            let rows_of: Vec<&QActs> = (0..m).map(|i| acts.row(q, i)).collect();
+            tile(q, w, rb, &rows_of, &mut out, with);
             out
         })
         .collect();
@@ -326,6 +367,65 @@ mod tests {
         (0..n)
             .map(|i| ((i as f32 * 0.37 + seed).sin() + (i as f32 * 0.013).cos() * 0.5) * 0.2)
             .collect()
+    }
+
+    /// `round_away` is `round` on every value the quantizers can meet,
+    /// halves (both signs) and their neighbours included.
+    #[test]
+    fn round_away_rounds_halves_away_from_zero_like_round() {
+        let mut xs: Vec<f32> = (-1300..=1300).map(|i| i as f32 * 0.1).collect();
+        for h in -128..128 {
+            let x = h as f32 + 0.5;
+            xs.extend([
+                x,
+                f32::from_bits(x.to_bits() - 1),
+                f32::from_bits(x.to_bits() + 1),
+            ]);
+        }
+        xs.extend([0.0, -0.0, 127.0, -127.0, 0.49999997, -0.49999997]);
+        for x in xs {
+            assert_eq!(round_away(x), x.round() as i32, "{x}");
+        }
+    }
+
+    /// The intrinsic kernels, which unpack a weight block once for several
+    /// activation rows, give the portable loops' bits for every row of a
+    /// tile, and a row gives the same bits alone as in a group.
+    #[test]
+    fn tile_kernels_match_the_portable_loops_bit_for_bit_alone_and_in_groups() {
+        let (k, rows, m) = (768, 5, 7);
+        for q in [QType::Q8_0, QType::Q4_0, QType::Q4K, QType::Q5K, QType::Q6K] {
+            let mut b = Vec::new();
+            q.quantize(&signal(rows * k, 3.0), &mut b);
+            let x = signal(m * k, 0.7);
+            let quant = if q.uses_q8k() {
+                quantize_q8_k
+            } else {
+                quantize_q8_0
+            };
+            let acts: Vec<QActs> = x.chunks(k).map(quant).collect();
+            let refs: Vec<&QActs> = acts.iter().collect();
+            let rb = q.row_bytes(k);
+            let mut portable = vec![0.0; m * rows];
+            tile(q, &b, rb, &refs, &mut portable, Isa::Portable);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            // On an AVX-512 machine the AVX2 build runs too.
+            let mut isas = vec![wide_isa()];
+            if wide_isa() == Isa::Avx512 {
+                isas.push(Isa::Avx2);
+            }
+            for with in isas {
+                let mut wide = vec![0.0; m * rows];
+                tile(q, &b, rb, &refs, &mut wide, with);
+                assert_eq!(bits(&portable), bits(&wide), "{q:?} {with:?}");
+                for (i, a) in refs.iter().enumerate() {
+                    let mut alone = vec![0.0; rows];
+                    tile(q, &b, rb, &[*a], &mut alone, with);
+                    let want = &portable[i * rows..(i + 1) * rows];
+                    assert_eq!(bits(&alone), bits(want), "{q:?} {with:?} row {i}");
+                }
+            }
+        }
     }
 
     /// The quantized dot product is close to the f32 dot product of the
