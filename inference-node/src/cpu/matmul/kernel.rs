@@ -1362,19 +1362,10 @@ mod x86 {
                 let xi = x.add(i * k);
                 let mut j = 0;
                 while j < n {
-                    // One AVX2 row (decode) streams 8 weight rows at once:
-                    // more loads in flight, and 8 independent chains.
-                    let c = if width == K256 && r == 1 && n - j >= 8 {
-                        8
-                    } else if n - j >= NR {
-                        NR
-                    } else {
-                        1
-                    };
+                    let c = if n - j >= NR { NR } else { 1 };
                     let wj = w.add(j * ldw * es);
                     let o = out.add(i * ldo + j);
                     match (r, c) {
-                        (1, 8) => blk!(1, 8, xi, wj, o),
                         (6, 4) => blk!(6, 4, xi, wj, o),
                         (5, 4) => blk!(5, 4, xi, wj, o),
                         (4, 4) => blk!(4, 4, xi, wj, o),
