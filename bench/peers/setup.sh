@@ -5,6 +5,7 @@
 #       source package llama-cpp-python, which vendors llama.cpp, extracted
 #       under llamacpp/; llama.cpp links to its vendor/llama.cpp; ~15 min
 #       on 2 cores)
+#   llama.cpp/build-avx2/bin/llama-bench  (the same, AVX2 only)
 #   hfvenv/  torch (CPU use) + transformers + safetensors + gguf + numpy
 # and writes the benchmark model (llama shape hidden 1024, 24 layers, 16
 # heads, 8 KV heads, FFN 2816, vocab 32000, f16) and its GGUF f16 copy under
@@ -56,6 +57,18 @@ if [ ! -x llama.cpp/build/bin/llama-bench ] || [ ! -x llama.cpp/build/bin/llama-
       -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF \
       -DLLAMA_BUILD_EXAMPLES=OFF &&
     nice "$CMAKE" --build build -j2 --target llama-bench llama-batched-bench)
+fi
+
+# The same llama.cpp built for AVX2 only (no AVX-512, AVX-VNNI or AMX), to
+# compare with copyhold-node's AVX2 kernels (COPYHOLD_KERNELS=avx2) on an
+# AVX-512 machine: bench/results/inference-node-avx2.md.
+if [ ! -x llama.cpp/build-avx2/bin/llama-bench ]; then
+  (cd llama.cpp && PATH="$P/llvenv/bin:$PATH" &&
+    cmake -B build-avx2 -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON \
+      -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF \
+      -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX_VNNI=OFF -DGGML_AMX_TILE=OFF \
+      -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DCMAKE_BUILD_TYPE=Release &&
+    nice cmake --build build-avx2 -j2 --target llama-bench)
 fi
 
 if [ ! -x hfvenv/bin/python ] || ! hfvenv/bin/python -c 'import torch, transformers, gguf' 2>/dev/null; then

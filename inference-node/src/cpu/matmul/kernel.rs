@@ -272,13 +272,21 @@ fn key_scores_on(
 }
 
 /// `row = softmax(row · scale)`, in place. Vectorized (with a polynomial
-/// `exp`) where AVX-512 is present, scalar otherwise; either way a row's
+/// `exp`) where AVX-512 or AVX2 is present, scalar otherwise; either way a row's
 /// result depends only on the row.
 pub fn softmax(row: &mut [f32], scale: f32) {
-    match isa() {
+    softmax_on(isa(), row, scale)
+}
+
+fn softmax_on(isa: Isa, row: &mut [f32], scale: f32) {
+    let isa = if supported(isa) { isa } else { Isa::Portable };
+    match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: avx512f detected; the kernel touches only `row`.
         Isa::Avx512 => unsafe { x86::softmax512(row, scale) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: avx2 + fma + f16c detected; the kernel touches only `row`.
+        Isa::Avx2 => unsafe { x86::softmax256(row, scale) },
         _ => {
             let mut max = f32::NEG_INFINITY;
             for v in row.iter_mut() {
@@ -299,11 +307,19 @@ pub fn softmax(row: &mut [f32], scale: f32) {
 
 /// `g = silu(g) · u`, elementwise (the gated MLP).
 pub fn silu_mul(g: &mut [f32], u: &[f32]) {
+    silu_mul_on(isa(), g, u)
+}
+
+fn silu_mul_on(isa: Isa, g: &mut [f32], u: &[f32]) {
     assert_eq!(g.len(), u.len(), "gate and up differ in length");
-    match isa() {
+    let isa = if supported(isa) { isa } else { Isa::Portable };
+    match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: avx512f detected; the lengths are equal.
         Isa::Avx512 => unsafe { x86::silu_mul512(g, u) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: avx2 + fma + f16c detected; the lengths are equal.
+        Isa::Avx2 => unsafe { x86::silu_mul256(g, u) },
         _ => {
             for (gv, uv) in g.iter_mut().zip(u) {
                 *gv = *gv / (1.0 + (-*gv).exp()) * uv;
@@ -695,8 +711,158 @@ mod x86 {
         out: &mut [f32],
         ldo: usize,
     ) {
+        let (wp, es) = raw(w);
+        let (xp, op) = (x.as_ptr(), out.as_mut_ptr());
         // SAFETY: forwarded contract.
-        unsafe { grid_of(x, m, k, w, n, ldw, out, ldo, K256) }
+        unsafe {
+            match w {
+                WRows::F16(_) if m >= PACK_MIN_ROWS => {
+                    packed256::<F16>(xp, m, k, wp, es, n, ldw, op, ldo)
+                }
+                WRows::BF16(_) if m >= PACK_MIN_ROWS => {
+                    packed256::<BF16>(xp, m, k, wp, es, n, ldw, op, ldo)
+                }
+                _ => grid_of(x, m, k, w, n, ldw, out, ldo, K256),
+            }
+        }
+    }
+
+    /// Activation rows from which [`packed256`] widens the weights once per
+    /// panel instead of in every block: below this the conversion is not
+    /// shared by enough rows to pay for the extra pass.
+    const PACK_MIN_ROWS: usize = 4;
+
+    /// Bytes of one widened weight panel in [`packed256`]: the panel stays
+    /// in L2 while each block of 4 activation rows (in L1) sweeps it.
+    fn panel_bytes() -> usize {
+        static B: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        *B.get_or_init(|| {
+            std::env::var("COPYHOLD_AVX2_PANEL_KIB")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(128)
+                << 10
+        })
+    }
+
+    thread_local! {
+        static PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// `k` elements of type `DT` at `src` widened to f32 at `dst` (exact:
+    /// f16 and bf16 values are all f32 values).
+    ///
+    /// SAFETY (callers): `k` readable elements at `src`, `k` writable f32
+    /// at `dst`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn widen256<const DT: u8>(src: *const u8, k: usize, dst: *mut f32) {
+        let kv = k / 8 * 8;
+        // SAFETY: every index is below `k`.
+        unsafe {
+            let mut t = 0;
+            while t < kv {
+                _mm256_storeu_ps(dst.add(t), load8::<DT>(src.add(t * 2)));
+                t += 8;
+            }
+            for t in kv..k {
+                *dst.add(t) = scalar::<DT>(src.add(t * 2));
+            }
+        }
+    }
+
+    /// The AVX2 product for f16/bf16 weights and several activation rows:
+    /// the weights are widened to f32 a panel of rows at a time (each
+    /// element once, not once per block of activation rows), and the panel
+    /// is multiplied with 4 × 3 blocks of f32 fused multiply-adds, which
+    /// use 12 of AVX2's 16 registers for accumulators. Widening is exact
+    /// and the blocks are [`block256`]'s, so every element is the same
+    /// dot product, in the same order, as in [`grid`].
+    ///
+    /// SAFETY (callers): the ranges of [`grid`]; avx2 + fma + f16c.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn packed256<const DT: u8>(
+        x: *const f32,
+        m: usize,
+        k: usize,
+        w: *const u8,
+        es: usize,
+        n: usize,
+        ldw: usize,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        let np = (panel_bytes() / (4 * k).max(1)).max(3) / 3 * 3;
+        PANEL.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            if buf.len() < np * k {
+                buf.resize(np * k, 0.0);
+            }
+            let bp = buf.as_mut_ptr();
+            let mut j0 = 0;
+            // SAFETY: rows j0..j0+rows < n of `w` are read, `rows <= np`
+            // rows of the panel written and read, and output columns
+            // j0..j0+rows < n written.
+            unsafe {
+                while j0 < n {
+                    let rows = np.min(n - j0);
+                    for r in 0..rows {
+                        widen256::<DT>(w.add((j0 + r) * ldw * es), k, bp.add(r * k));
+                    }
+                    grid43(x, m, k, bp, rows, out.add(j0), ldo);
+                    j0 += rows;
+                }
+            }
+        });
+    }
+
+    /// `m × n` outputs from f32 weight rows packed at stride `k`, in 4 × 3
+    /// blocks (edges with smaller ones).
+    ///
+    /// SAFETY (callers): `x` has `m` rows of `k` f32, `w` has `n` rows of
+    /// `k` f32, `out` has `m` rows of stride `ldo` with `n` writable
+    /// elements; avx2 + fma + f16c.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn grid43(
+        x: *const f32,
+        m: usize,
+        k: usize,
+        w: *const f32,
+        n: usize,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        macro_rules! blk {
+            ($r:literal, $c:literal, $xi:expr, $wj:expr, $o:expr) => {
+                block256::<$r, $c, F32>($xi, k, $wj as *const u8, 4, k, $o, ldo)
+            };
+        }
+        // SAFETY: blocks stay inside rows i..i+r <= m and j..j+c <= n.
+        unsafe {
+            let mut i = 0;
+            while i < m {
+                let r = (m - i).min(4);
+                let xi = x.add(i * k);
+                let mut j = 0;
+                while j < n {
+                    let c = if n - j >= 3 { 3 } else { 1 };
+                    let (wj, o) = (w.add(j * k), out.add(i * ldo + j));
+                    match (r, c) {
+                        (4, 3) => blk!(4, 3, xi, wj, o),
+                        (3, 3) => blk!(3, 3, xi, wj, o),
+                        (2, 3) => blk!(2, 3, xi, wj, o),
+                        (1, 3) => blk!(1, 3, xi, wj, o),
+                        (4, _) => blk!(4, 1, xi, wj, o),
+                        (3, _) => blk!(3, 1, xi, wj, o),
+                        (2, _) => blk!(2, 1, xi, wj, o),
+                        _ => blk!(1, 1, xi, wj, o),
+                    }
+                    j += c;
+                }
+                i += r;
+            }
+        }
     }
 
     // ------------------------------------------------------- key scores
@@ -974,6 +1140,122 @@ mod x86 {
         }
     }
 
+    /// [`exp512`] for 8 lanes. AVX2 has no `scalef`: `2ⁿ` is built in the
+    /// exponent bits, so the upper clamp is Cephes' `ln(2¹²⁸) - ½ln 2`,
+    /// which keeps `n ≤ 127`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn exp256(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(-87.336_55)),
+            _mm256_set1_ps(88.376_26),
+        );
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let y = _mm256_add_ps(
+            _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
+            _mm256_set1_ps(1.0),
+        );
+        let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        )));
+        _mm256_mul_ps(y, pow2)
+    }
+
+    /// Lanes of a slice of `len` from `i` on, as a load/store mask (fewer
+    /// than 8 at the end).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn tail_mask256(len: usize, i: usize) -> __m256i {
+        let left = (len - i).min(8) as i32;
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(left),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
+    }
+
+    /// SAFETY (callers): avx2 + fma + f16c. Reads and writes only `row`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn softmax256(row: &mut [f32], scale: f32) {
+        let (p, len) = (row.as_mut_ptr(), row.len());
+        // SAFETY: every access is masked to lanes below `len`; masked-off
+        // lanes are neither read nor written.
+        unsafe {
+            let sc = _mm256_set1_ps(scale);
+            let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+            let mut vmax = ninf;
+            let mut i = 0;
+            while i < len {
+                let k = tail_mask256(len, i);
+                let v = _mm256_mul_ps(_mm256_maskload_ps(p.add(i), k), sc);
+                _mm256_maskstore_ps(p.add(i), k, v);
+                vmax = _mm256_max_ps(vmax, _mm256_blendv_ps(ninf, v, _mm256_castsi256_ps(k)));
+                i += 8;
+            }
+            let m4 = _mm_max_ps(
+                _mm256_castps256_ps128(vmax),
+                _mm256_extractf128_ps::<1>(vmax),
+            );
+            let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let m1 = _mm_max_ss(m2, _mm_shuffle_ps::<0b01>(m2, m2));
+            let max = _mm256_set1_ps(_mm_cvtss_f32(m1));
+            let mut vsum = _mm256_setzero_ps();
+            i = 0;
+            while i < len {
+                let k = tail_mask256(len, i);
+                let e = exp256(_mm256_sub_ps(_mm256_maskload_ps(p.add(i), k), max));
+                let e = _mm256_and_ps(e, _mm256_castsi256_ps(k));
+                _mm256_maskstore_ps(p.add(i), k, e);
+                vsum = _mm256_add_ps(vsum, e);
+                i += 8;
+            }
+            let sum = _mm256_set1_ps(hsum8(vsum));
+            i = 0;
+            while i < len {
+                let k = tail_mask256(len, i);
+                let v = _mm256_div_ps(_mm256_maskload_ps(p.add(i), k), sum);
+                _mm256_maskstore_ps(p.add(i), k, v);
+                i += 8;
+            }
+        }
+    }
+
+    /// SAFETY (callers): avx2 + fma + f16c; `g.len() == u.len()`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn silu_mul256(g: &mut [f32], u: &[f32]) {
+        let (gp, up, len) = (g.as_mut_ptr(), u.as_ptr(), g.len());
+        // SAFETY: every access is masked to lanes below `len`.
+        unsafe {
+            let one = _mm256_set1_ps(1.0);
+            let mut i = 0;
+            while i < len {
+                let k = tail_mask256(len, i);
+                let x = _mm256_maskload_ps(gp.add(i), k);
+                let e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), x));
+                let y = _mm256_mul_ps(
+                    _mm256_div_ps(x, _mm256_add_ps(one, e)),
+                    _mm256_maskload_ps(up.add(i), k),
+                );
+                _mm256_maskstore_ps(gp.add(i), k, y);
+                i += 8;
+            }
+        }
+    }
+
     // ---------------------------------------------------------------- common
 
     /// The largest register block in `sizes` (descending) that fits in the
@@ -1207,6 +1489,82 @@ mod tests {
 }
 
 #[cfg(test)]
+mod avx2_tests {
+    use super::*;
+
+    /// The AVX2 arithmetic of one output element written out in scalar
+    /// code: eight lanes of fused multiply-adds over `k` in order, the
+    /// lanes summed as `hsum8` does, then the tail unfused in order.
+    fn lane_model(x: &[f32], w: &[f32]) -> f32 {
+        let k = x.len();
+        let kv = k / 8 * 8;
+        let mut acc = [0.0f32; 8];
+        for k0 in (0..kv).step_by(8) {
+            for (l, a) in acc.iter_mut().enumerate() {
+                *a = x[k0 + l].mul_add(w[k0 + l], *a);
+            }
+        }
+        let h: [f32; 4] = std::array::from_fn(|l| acc[l] + acc[l + 4]);
+        let mut s = (h[0] + h[2]) + (h[1] + h[3]);
+        for t in kv..k {
+            s += x[t] * w[t];
+        }
+        s
+    }
+
+    #[test]
+    fn the_avx2_kernels_give_every_element_the_bits_of_the_lane_model_for_any_row_count() {
+        if !supported(Isa::Avx2) {
+            return;
+        }
+        // k = 1003: a tail of 3, and 30-row widened panels, so n = 70
+        // crosses two panel edges and ends in a partial 3-column block.
+        let (n, k) = (70, 1003);
+        let (x, w16) = data(13, n, k);
+        let wf: Vec<f32> = w16
+            .iter()
+            .map(|&b| half::f16::from_bits(b).to_f32())
+            .collect();
+        let wb: Vec<u16> = wf
+            .iter()
+            .map(|&v| half::bf16::from_f32(v * 3.0).to_bits())
+            .collect();
+        let wbf: Vec<f32> = wb
+            .iter()
+            .map(|&b| half::bf16::from_bits(b).to_f32())
+            .collect();
+        for (w, wref) in [
+            (WRows::F16(&w16), &wf),
+            (WRows::BF16(&wb), &wbf),
+            (WRows::F32(&wf), &wf),
+        ] {
+            for m in [1, 2, 3, 4, 5, 9, 13] {
+                let mut out = vec![0.0; m * n];
+                dot_block_on(Isa::Avx2, &x, m, k, w, n, k, &mut out, n);
+                for i in 0..m {
+                    for j in 0..n {
+                        let want = lane_model(&x[i * k..(i + 1) * k], &wref[j * k..(j + 1) * k]);
+                        assert_eq!(
+                            out[i * n + j].to_bits(),
+                            want.to_bits(),
+                            "m {m} row {i} col {j}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn data(m: usize, n: usize, k: usize) -> (Vec<f32>, Vec<u16>) {
+        let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w: Vec<u16> = (0..n * k)
+            .map(|i| half::f16::from_f32((i as f32 * 0.11).cos() * 0.5).to_bits())
+            .collect();
+        (x, w)
+    }
+}
+
+#[cfg(test)]
 mod weighted_tests {
     use super::*;
 
@@ -1296,8 +1654,18 @@ mod elementwise_tests {
     use super::*;
 
     #[test]
-    fn softmax_and_silu_match_the_libm_formulas() {
-        for len in [1usize, 5, 16, 17, 100, 513] {
+    fn softmax_and_silu_match_the_libm_formulas_on_every_isa() {
+        for isa in [Isa::Avx512, Isa::Avx2, Isa::Portable] {
+            if supported(isa) {
+                softmax_and_silu_match(isa);
+            }
+        }
+    }
+
+    fn softmax_and_silu_match(isa: Isa) {
+        let softmax = |r: &mut [f32], s| softmax_on(isa, r, s);
+        let silu_mul = |g: &mut [f32], u: &[f32]| silu_mul_on(isa, g, u);
+        for len in [1usize, 5, 8, 16, 17, 100, 513] {
             let row: Vec<f32> = (0..len)
                 .map(|i| ((i * 37) as f32 * 0.01).sin() * 30.0)
                 .collect();
@@ -1315,7 +1683,7 @@ mod elementwise_tests {
             for (g, w) in got.iter().zip(&e) {
                 assert!(
                     (*g as f64 - w / sum).abs() < 1e-6,
-                    "softmax {len}: {g} vs {}",
+                    "{isa:?} softmax {len}: {g} vs {}",
                     w / sum
                 );
             }
@@ -1326,14 +1694,24 @@ mod elementwise_tests {
                 let want = (*x as f64) / (1.0 + (-*x as f64).exp()) * *uv as f64;
                 assert!(
                     (*gv as f64 - want).abs() < 1e-5 * want.abs().max(1.0),
-                    "silu {x}: {gv} vs {want}"
+                    "{isa:?} silu {x}: {gv} vs {want}"
                 );
             }
         }
     }
 
     #[test]
-    fn extreme_inputs_stay_finite() {
+    fn extreme_inputs_stay_finite_on_every_isa() {
+        for isa in [Isa::Avx512, Isa::Avx2, Isa::Portable] {
+            if supported(isa) {
+                extremes(isa);
+            }
+        }
+    }
+
+    fn extremes(isa: Isa) {
+        let softmax = |r: &mut [f32], s| softmax_on(isa, r, s);
+        let silu_mul = |g: &mut [f32], u: &[f32]| silu_mul_on(isa, g, u);
         let mut g = vec![-200.0f32, -90.0, 0.0, 90.0, 200.0];
         silu_mul(&mut g, &[1.0; 5]);
         assert!(g.iter().all(|v| v.is_finite()), "{g:?}");
