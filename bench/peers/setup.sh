@@ -23,13 +23,14 @@ cd "$P"
 # llama.cpp is a link to that source tree, so the binaries are at
 # llama.cpp/build/bin/. Other builds of the same tree (bench/peers AVX2
 # variants) sit next to build/.
+# cmake: the system's, else one from PyPI in llvenv/.
+cmake_bin() {
+  if command -v cmake >/dev/null; then command -v cmake; return; fi
+  [ -x "$P/llvenv/bin/cmake" ] || { [ -d llvenv ] || python3 -m venv llvenv; llvenv/bin/pip install -q cmake; }
+  echo "$P/llvenv/bin/cmake"
+}
 if [ ! -x llama.cpp/build/bin/llama-bench ] || [ ! -x llama.cpp/build/bin/llama-batched-bench ]; then
-  CMAKE=$(command -v cmake || true)
-  if [ -z "$CMAKE" ]; then
-    [ -d llvenv ] || python3 -m venv llvenv
-    llvenv/bin/pip install -q cmake
-    CMAKE=$P/llvenv/bin/cmake
-  fi
+  CMAKE=$(cmake_bin)
   mkdir -p llamacpp
   if ! ls llamacpp/llama_cpp_python-*.tar.gz >/dev/null 2>&1; then
     [ -d llvenv ] || python3 -m venv llvenv
@@ -63,12 +64,13 @@ fi
 # compare with copyhold-node's AVX2 kernels (COPYHOLD_KERNELS=avx2) on an
 # AVX-512 machine: bench/results/inference-node-avx2.md.
 if [ ! -x llama.cpp/build-avx2/bin/llama-bench ]; then
-  (cd llama.cpp && PATH="$P/llvenv/bin:$PATH" &&
-    cmake -B build-avx2 -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON \
+  CMAKE=$(cmake_bin)
+  (cd llama.cpp &&
+    "$CMAKE" -B build-avx2 -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON \
       -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF \
       -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX_VNNI=OFF -DGGML_AMX_TILE=OFF \
       -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DCMAKE_BUILD_TYPE=Release &&
-    nice cmake --build build-avx2 -j2 --target llama-bench)
+    nice "$CMAKE" --build build-avx2 -j2 --target llama-bench)
 fi
 
 if [ ! -x hfvenv/bin/python ] || ! hfvenv/bin/python -c 'import torch, transformers, gguf' 2>/dev/null; then
