@@ -873,3 +873,148 @@ subjects:
     );
     Ok(())
 }
+
+/// Every version of the ModelDeployments of `ns` the API server shows,
+/// from the moment this returns until the task is aborted: one per write
+/// (only the controller writes them here).
+async fn record_versions(
+    client: &Client,
+    ns: &str,
+) -> Result<(
+    std::sync::Arc<std::sync::Mutex<Vec<ModelDeployment>>>,
+    tokio::task::JoinHandle<()>,
+)> {
+    use futures::StreamExt;
+    use kube::runtime::watcher::{self, Event};
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), ns);
+    let into = seen.clone();
+    let (listed, is_listed) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut listed = Some(listed);
+        let mut stream = std::pin::pin!(watcher::watcher(api, watcher::Config::default()));
+        while let Some(Ok(event)) = stream.next().await {
+            let md = match event {
+                Event::InitDone => {
+                    if let Some(tx) = listed.take() {
+                        let _ = tx.send(());
+                    }
+                    continue;
+                }
+                Event::Apply(md) | Event::InitApply(md) => md,
+                _ => continue,
+            };
+            let mut seen = into.lock().unwrap_or_else(|e| e.into_inner());
+            // A relist repeats a version already seen.
+            if !seen
+                .iter()
+                .any(|m: &ModelDeployment| m.resource_version() == md.resource_version())
+            {
+                seen.push(md);
+            }
+        }
+    });
+    is_listed.await.context("the ModelDeployment watch ended")?;
+    Ok((seen, task))
+}
+
+/// `copyhold bench controller` (issue 19): the API server, not the
+/// controller, sets the pace, so placing models asks of it only what
+/// changes something. Six ModelDeployments created at once, each placed,
+/// its Pod bound, then left a few resyncs: each has its status written
+/// twice at most, once placed and once its Pod is bound to a node. A write
+/// that changes nothing is a request, and on this Kubernetes also a new
+/// resourceVersion, so another reconcile.
+#[tokio::test]
+async fn models_placed_at_once_have_their_status_written_at_most_twice_each() -> Result<()> {
+    const MODELS: usize = 6;
+    let scene = Scene::with_controller("writes").await?;
+    let (client, ns) = (&scene.client, &scene.ns);
+    let (versions, recorder) = record_versions(client, &ns.name).await?;
+    let names: Vec<String> = (0..MODELS).map(|i| format!("counted-{i}")).collect();
+    let manifests: Vec<String> = names.iter().map(|n| model(n, 4, 1, "")).collect();
+    apply(&ns.name, &manifests.join("---\n"))?;
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    for name in &names {
+        wait_condition(&mds, name, "Placed", "True").await?;
+        eventually(Duration::from_secs(60), || async {
+            let st = mds.get(name).await?.status.unwrap_or_default();
+            if st.nodes.is_empty() {
+                bail!("{name}: nodes not yet in status")
+            } else {
+                Ok(())
+            }
+        })
+        .await?;
+    }
+    // Several resyncs (every 2 s).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    recorder.abort();
+    let versions = versions.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut report = Vec::new();
+    let mut too_many = Vec::new();
+    for name in &names {
+        let mine: Vec<&ModelDeployment> =
+            versions.iter().filter(|m| m.name_any() == *name).collect();
+        assert!(
+            mine.first().is_some_and(|m| m.status.is_none()),
+            "the first version of {name} seen is not the created one"
+        );
+        let writes: Vec<String> = mine
+            .windows(2)
+            .map(|w| {
+                format!(
+                    "  {} -> {}: {}",
+                    w[0].resource_version().unwrap_or_default(),
+                    w[1].resource_version().unwrap_or_default(),
+                    status_difference(w[0].status.as_ref(), w[1].status.as_ref())
+                )
+            })
+            .collect();
+        if writes.len() > 2 {
+            too_many.push(format!("{name}: {}", writes.len()));
+        }
+        report.push(format!("{name}:\n{}", writes.join("\n")));
+    }
+    println!("status writes after the create:\n{}", report.join("\n"));
+    assert!(
+        too_many.is_empty(),
+        "more than 2 status writes: {too_many:?}\n{}",
+        report.join("\n")
+    );
+    Ok(())
+}
+
+/// The top-level status fields that differ between `a` and `b`, or
+/// `nothing`.
+fn status_difference(
+    a: Option<&copyhold::resources::ModelDeploymentStatus>,
+    b: Option<&copyhold::resources::ModelDeploymentStatus>,
+) -> String {
+    let json = |s: Option<&copyhold::resources::ModelDeploymentStatus>| {
+        serde_json::to_value(s).unwrap_or_default()
+    };
+    let (a, b) = (json(a), json(b));
+    let empty = serde_json::Map::new();
+    let (a, b) = (
+        a.as_object().unwrap_or(&empty),
+        b.as_object().unwrap_or(&empty),
+    );
+    let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let changed: Vec<String> = keys
+        .into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            format!(
+                "{k}: {} => {}",
+                a.get(k).unwrap_or(&serde_json::Value::Null),
+                b.get(k).unwrap_or(&serde_json::Value::Null)
+            )
+        })
+        .collect();
+    if changed.is_empty() {
+        "nothing".into()
+    } else {
+        changed.join("; ")
+    }
+}

@@ -59,6 +59,8 @@ pub struct ControllerFigures {
     pub controller_peak_rss_mb: f64,
     pub api_requests: u64,
     pub api_requests_per_object: f64,
+    /// The API requests by `VERB resource` (`PATCH modeldeployments/status`).
+    pub api_requests_by_kind: BTreeMap<String, u64>,
 }
 
 fn free_port() -> Result<u16> {
@@ -75,20 +77,54 @@ fn peak_rss_mb(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-async fn scrape_requests(port: u16) -> Result<u64> {
+/// The controller's API requests so far, by `VERB resource`, from its
+/// `copyhold_controller_api_requests_total`.
+async fn scrape_requests(port: u16) -> Result<BTreeMap<String, u64>> {
     let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
         .await?
         .text()
         .await?;
-    let mut total = 0.0;
-    for line in body.lines() {
-        if line.starts_with("copyhold_controller_api_requests_total")
-            && let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok())
-        {
-            total += v;
-        }
+    Ok(requests_by_kind(&body))
+}
+
+/// `copyhold_controller_api_requests_total{verb="PATCH",resource="services"} 3`
+/// lines of a metrics text, summed by `PATCH services`.
+fn requests_by_kind(metrics: &str) -> BTreeMap<String, u64> {
+    let mut by_kind = BTreeMap::new();
+    for line in metrics.lines() {
+        let Some(labels) = line.strip_prefix("copyhold_controller_api_requests_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = labels.rsplit_once("} ") else {
+            continue;
+        };
+        let Ok(value) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        let label = |name: &str| {
+            labels
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=\"")))
+                .map(|v| v.trim_end_matches('"').to_owned())
+                .unwrap_or_default()
+        };
+        *by_kind
+            .entry(format!("{} {}", label("verb"), label("resource")))
+            .or_insert(0) += value as u64;
     }
-    Ok(total as u64)
+    by_kind
+}
+
+/// What was sent between two scrapes, by kind, leaving out kinds with none.
+fn requests_between(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .map(|(k, n)| (k.clone(), n.saturating_sub(*before.get(k).unwrap_or(&0))))
+        .filter(|(_, n)| *n > 0)
+        .collect()
 }
 
 /// Run the benchmark.
@@ -358,7 +394,8 @@ async fn run_measured(
     let after = scrape_requests(port).await?;
     let rss = peak_rss_mb(pid).unwrap_or(f64::NAN);
     let _ = child.kill().await;
-    let requests = after.saturating_sub(before);
+    let by_kind = requests_between(&before, &after);
+    let requests: u64 = by_kind.values().sum();
     let names: Vec<String> = mds
         .list(&ListParams::default())
         .await?
@@ -382,12 +419,13 @@ async fn run_measured(
         controller_peak_rss_mb: rss,
         api_requests: requests,
         api_requests_per_object: requests as f64 / bench.objects as f64,
+        api_requests_by_kind: by_kind,
     })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::fleet_gpus;
+    use super::{fleet_gpus, requests_between, requests_by_kind};
 
     #[test]
     fn the_fleet_holds_exactly_the_room_asked_for() {
@@ -395,5 +433,23 @@ mod tests {
         assert_eq!(fleet_gpus(42, 8), [8, 8, 8, 8, 8, 2]);
         assert_eq!(fleet_gpus(3, 8), [3]);
         assert!(fleet_gpus(0, 8).is_empty());
+    }
+
+    #[test]
+    fn the_requests_are_told_apart_by_verb_and_resource() {
+        let before = requests_by_kind(
+            "# TYPE copyhold_controller_api_requests_total counter\n\
+             copyhold_controller_api_requests_total{verb=\"GET\",resource=\"pods\"} 4\n",
+        );
+        let after = requests_by_kind(
+            "copyhold_controller_api_requests_total{verb=\"GET\",resource=\"pods\"} 4\n\
+             copyhold_controller_api_requests_total{verb=\"PATCH\",resource=\"modeldeployments/status\"} 7\n\
+             copyhold_controller_api_requests_created{verb=\"GET\",resource=\"pods\"} 1.7e9\n",
+        );
+        let between = requests_between(&before, &after);
+        assert_eq!(
+            between.into_iter().collect::<Vec<_>>(),
+            [("PATCH modeldeployments/status".to_string(), 7)]
+        );
     }
 }
