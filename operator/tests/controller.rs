@@ -920,19 +920,41 @@ async fn record_versions(
 
 /// `copyhold bench controller` (issue 19): the API server, not the
 /// controller, sets the pace, so placing models asks of it only what
-/// changes something. Six ModelDeployments created at once, each placed,
-/// its Pod bound, then left a few resyncs: each has its status written
-/// twice at most, once placed and once its Pod is bound to a node. A write
-/// that changes nothing is a request, and on this Kubernetes also a new
-/// resourceVersion, so another reconcile.
+/// changes something. 24 ModelDeployments created at once on six
+/// simulated nodes of four T4s each (as in the bench: identical nodes, so
+/// which node a replica is expected on is the planner's choice, and the
+/// scheduler may bind it elsewhere), each placed, its Pod bound, then left
+/// a few resyncs: each has its status written twice at most, once placed
+/// and once its Pod is bound to a node. A write that changes nothing is a
+/// request, and on this Kubernetes also a new resourceVersion, so another
+/// reconcile.
 #[tokio::test]
 async fn models_placed_at_once_have_their_status_written_at_most_twice_each() -> Result<()> {
-    const MODELS: usize = 6;
     let scene = Scene::with_controller("writes").await?;
+    let tag = scene.ns.name.clone();
+    let nodes = copyhold::bench::controller::simulated_nodes(&scene.client, &tag, &[4; 6]).await?;
+    let result = status_writes_of_models_placed_at_once(&scene, &tag, 24).await;
+    copyhold::bench::controller::remove_nodes(&scene.client, &nodes).await;
+    result
+}
+
+/// Create `count` models at once on the simulated nodes labelled `tag`,
+/// wait until each is placed and its node in the status, then a few
+/// resyncs; fail when any had its status written more than twice.
+async fn status_writes_of_models_placed_at_once(
+    scene: &Scene,
+    tag: &str,
+    count: usize,
+) -> Result<()> {
     let (client, ns) = (&scene.client, &scene.ns);
     let (versions, recorder) = record_versions(client, &ns.name).await?;
-    let names: Vec<String> = (0..MODELS).map(|i| format!("counted-{i}")).collect();
-    let manifests: Vec<String> = names.iter().map(|n| model(n, 4, 1, "")).collect();
+    let names: Vec<String> = (0..count).map(|i| format!("counted-{i}")).collect();
+    let on_the_simulated_nodes =
+        format!("  placement: {{nodeSelector: {{copyhold.dev/bench: \"{tag}\"}}}}\n");
+    let manifests: Vec<String> = names
+        .iter()
+        .map(|n| model(n, 4, 1, &on_the_simulated_nodes))
+        .collect();
     apply(&ns.name, &manifests.join("---\n"))?;
     let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
     for name in &names {
@@ -985,33 +1007,56 @@ async fn models_placed_at_once_have_their_status_written_at_most_twice_each() ->
     Ok(())
 }
 
-/// The top-level status fields that differ between `a` and `b`, or
-/// `nothing`.
+/// What differs between two statuses: the fields, and each condition's
+/// fields by type (`Placed.message: … => …`), or `nothing`.
 fn status_difference(
     a: Option<&copyhold::resources::ModelDeploymentStatus>,
     b: Option<&copyhold::resources::ModelDeploymentStatus>,
 ) -> String {
-    let json = |s: Option<&copyhold::resources::ModelDeploymentStatus>| {
-        serde_json::to_value(s).unwrap_or_default()
+    use serde_json::{Map, Value};
+    fn object(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        }
+    }
+    fn differences(prefix: &str, a: &Map<String, Value>, b: &Map<String, Value>) -> Vec<String> {
+        let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        keys.into_iter()
+            .filter(|k| a.get(*k) != b.get(*k))
+            .map(|k| {
+                let show = |m: &Map<String, Value>| m.get(k).unwrap_or(&Value::Null).to_string();
+                format!("{prefix}{k}: {} => {}", show(a), show(b))
+            })
+            .collect()
+    }
+    let by_type = |s: Option<&copyhold::resources::ModelDeploymentStatus>| {
+        s.into_iter()
+            .flat_map(|s| s.conditions.iter())
+            .map(|c| {
+                (
+                    c.type_.clone(),
+                    object(serde_json::to_value(c).unwrap_or_default()),
+                )
+            })
+            .collect::<std::collections::BTreeMap<_, _>>()
     };
-    let (a, b) = (json(a), json(b));
-    let empty = serde_json::Map::new();
-    let (a, b) = (
-        a.as_object().unwrap_or(&empty),
-        b.as_object().unwrap_or(&empty),
-    );
-    let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-    let changed: Vec<String> = keys
-        .into_iter()
-        .filter(|k| a.get(*k) != b.get(*k))
-        .map(|k| {
-            format!(
-                "{k}: {} => {}",
-                a.get(k).unwrap_or(&serde_json::Value::Null),
-                b.get(k).unwrap_or(&serde_json::Value::Null)
-            )
-        })
-        .collect();
+    let json = |s: Option<&copyhold::resources::ModelDeploymentStatus>| {
+        let mut m = object(serde_json::to_value(s).unwrap_or_default());
+        m.remove("conditions");
+        m
+    };
+    let mut changed = differences("", &json(a), &json(b));
+    let (ca, cb) = (by_type(a), by_type(b));
+    let types: BTreeSet<&String> = ca.keys().chain(cb.keys()).collect();
+    let none = Map::new();
+    for t in types {
+        changed.extend(differences(
+            &format!("{t}."),
+            ca.get(t).unwrap_or(&none),
+            cb.get(t).unwrap_or(&none),
+        ));
+    }
     if changed.is_empty() {
         "nothing".into()
     } else {

@@ -139,8 +139,6 @@ pub async fn controller(client: Client, bench: ControllerBench) -> Result<Contro
     );
     let ns_name = format!("copyhold-bench-{tag}");
     let fleet = fleet_gpus(bench.room.unwrap_or(bench.objects), bench.gpus_per_node);
-    let nodes_needed = fleet.len();
-    let nodes: Api<Node> = Api::all(client.clone());
     let namespaces: Api<Namespace> = Api::all(client.clone());
     namespaces
         .create(
@@ -148,40 +146,7 @@ pub async fn controller(client: Client, bench: ControllerBench) -> Result<Contro
             &serde_json::from_value(json!({"metadata": {"name": ns_name}}))?,
         )
         .await?;
-    let node_names: Vec<String> = (0..nodes_needed)
-        .map(|i| format!("bench-{tag}-{i}"))
-        .collect();
-    for (name, gpus) in node_names.iter().zip(&fleet) {
-        let gpus = gpus.to_string();
-        let node: Node = serde_json::from_value(json!({
-            "metadata": {"name": name, "labels": {
-                "copyhold.dev/bench": tag,
-                "kubernetes.io/hostname": name,
-                "nvidia.com/gpu.present": "true",
-                "nvidia.com/gpu.product": "Tesla-T4",
-                "nvidia.com/gpu.memory": "15360",
-                "nvidia.com/gpu.count": gpus,
-                "nvidia.com/gpu.compute.major": "7",
-                "nvidia.com/gpu.compute.minor": "5",
-            }},
-        }))?;
-        nodes.create(&PostParams::default(), &node).await?;
-        let status = json!({"status": {
-            "capacity": {"cpu": "64", "memory": "256Gi", "pods": "250", "nvidia.com/gpu": gpus},
-            "allocatable": {"cpu": "64", "memory": "256Gi", "pods": "250", "nvidia.com/gpu": gpus},
-            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "copyhold bench"}],
-        }});
-        nodes
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-            .await?;
-        nodes
-            .patch(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"spec": {"taints": null}})),
-            )
-            .await?;
-    }
+    let node_names = simulated_nodes(&client, &tag, &fleet).await?;
 
     let result = run_measured(&client, &bench, &ns_name, &tag, &fleet).await;
 
@@ -212,10 +177,59 @@ pub async fn controller(client: Client, bench: ControllerBench) -> Result<Contro
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let _ = namespaces.delete(&ns_name, &DeleteParams::default()).await;
-    for name in &node_names {
+    remove_nodes(&client, &node_names).await;
+    result
+}
+
+/// Add simulated GPU nodes `bench-<tag>-<i>`, Ready and untainted, with
+/// `fleet[i]` Tesla T4s each and the label `copyhold.dev/bench: <tag>`
+/// (select them with it). No kubelet runs on them: the scheduler binds
+/// Pods to them, which then stay `Pending`. Returns their names.
+pub async fn simulated_nodes(client: &Client, tag: &str, fleet: &[usize]) -> Result<Vec<String>> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node_names: Vec<String> = (0..fleet.len())
+        .map(|i| format!("bench-{tag}-{i}"))
+        .collect();
+    for (name, gpus) in node_names.iter().zip(fleet) {
+        let gpus = gpus.to_string();
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {
+                "copyhold.dev/bench": tag,
+                "kubernetes.io/hostname": name,
+                "nvidia.com/gpu.present": "true",
+                "nvidia.com/gpu.product": "Tesla-T4",
+                "nvidia.com/gpu.memory": "15360",
+                "nvidia.com/gpu.count": gpus,
+                "nvidia.com/gpu.compute.major": "7",
+                "nvidia.com/gpu.compute.minor": "5",
+            }},
+        }))?;
+        nodes.create(&PostParams::default(), &node).await?;
+        let status = json!({"status": {
+            "capacity": {"cpu": "64", "memory": "256Gi", "pods": "250", "nvidia.com/gpu": gpus},
+            "allocatable": {"cpu": "64", "memory": "256Gi", "pods": "250", "nvidia.com/gpu": gpus},
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "copyhold bench"}],
+        }});
+        nodes
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+            .await?;
+        nodes
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"taints": null}})),
+            )
+            .await?;
+    }
+    Ok(node_names)
+}
+
+/// Remove the nodes [`simulated_nodes`] added.
+pub async fn remove_nodes(client: &Client, names: &[String]) {
+    let nodes: Api<Node> = Api::all(client.clone());
+    for name in names {
         let _ = nodes.delete(name, &DeleteParams::default()).await;
     }
-    result
 }
 
 /// GPUs per simulated node: `room` in all, `per_node` on each but the last.

@@ -8,6 +8,7 @@ pub mod kept;
 pub mod ledger;
 pub mod model_deployment;
 pub mod models_in_use;
+pub mod written;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -94,6 +95,9 @@ pub struct Context {
     /// GPUs planned and not yet held by bound Pods: placements are decided
     /// one at a time against it.
     pub ledger: ledger::Ledger,
+    /// Statuses written and not yet in the cache: a reconcile on an older
+    /// version starts from them, and does not write them again.
+    pub statuses: written::Statuses,
     /// Consecutive failures per object, for exponential backoff.
     failures: std::sync::Mutex<HashMap<ObjectRef<ModelDeployment>, u32>>,
 }
@@ -136,6 +140,7 @@ impl Context {
             http,
             sources: crate::serving::model_source::SourceCache::new(Duration::from_secs(600)),
             ledger: ledger::Ledger::default(),
+            statuses: written::Statuses::default(),
             failures: Default::default(),
         }
     }
