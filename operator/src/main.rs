@@ -394,6 +394,12 @@ fn run_bench(cmd: BenchCommand) -> anyhow::Result<()> {
                         "  API requests per object     {:.2}",
                         f.api_requests_per_object
                     );
+                    for (kind, n) in &f.api_requests_by_kind {
+                        println!(
+                            "    {kind:<38} {n:>6}  {:>6.2} per object",
+                            *n as f64 / f.objects.max(1) as f64
+                        );
+                    }
                 }
                 Ok(())
             }

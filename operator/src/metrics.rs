@@ -30,6 +30,9 @@ pub struct StateLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VerbLabels {
     pub verb: String,
+    /// The resource (plural, `/subresource` appended), or `other` for a
+    /// path that names none (discovery).
+    pub resource: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -124,7 +127,7 @@ impl ControllerMetrics {
         );
         sub.register(
             "api_requests",
-            "Requests sent to the API server, by HTTP method",
+            "Requests sent to the API server, by HTTP method and resource",
             m.api_requests.clone(),
         );
         sub.register(
@@ -298,7 +301,10 @@ mod tests {
             .get_or_create(&ControllerMetrics::kind("x"))
             .inc();
         m.api_requests
-            .get_or_create(&VerbLabels { verb: "GET".into() })
+            .get_or_create(&VerbLabels {
+                verb: "GET".into(),
+                resource: "pods".into(),
+            })
             .inc();
         let md = ModelKeyLabels {
             namespace: "n".into(),

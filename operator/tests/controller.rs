@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 use copyhold::resources::ModelDeployment;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -872,4 +872,195 @@ subjects:
         "the standby took the lease of a leader whose caches were warming"
     );
     Ok(())
+}
+
+/// Every version of the ModelDeployments of `ns` the API server shows,
+/// from the moment this returns until the task is aborted: one per write
+/// (only the controller writes them here).
+async fn record_versions(
+    client: &Client,
+    ns: &str,
+) -> Result<(
+    std::sync::Arc<std::sync::Mutex<Vec<ModelDeployment>>>,
+    tokio::task::JoinHandle<()>,
+)> {
+    use futures::StreamExt;
+    use kube::runtime::watcher::{self, Event};
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), ns);
+    let into = seen.clone();
+    let (listed, is_listed) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut listed = Some(listed);
+        let mut stream = std::pin::pin!(watcher::watcher(api, watcher::Config::default()));
+        while let Some(Ok(event)) = stream.next().await {
+            let md = match event {
+                Event::InitDone => {
+                    if let Some(tx) = listed.take() {
+                        let _ = tx.send(());
+                    }
+                    continue;
+                }
+                Event::Apply(md) | Event::InitApply(md) => md,
+                _ => continue,
+            };
+            let mut seen = into.lock().unwrap_or_else(|e| e.into_inner());
+            // A relist repeats a version already seen.
+            if !seen
+                .iter()
+                .any(|m: &ModelDeployment| m.resource_version() == md.resource_version())
+            {
+                seen.push(md);
+            }
+        }
+    });
+    is_listed.await.context("the ModelDeployment watch ended")?;
+    Ok((seen, task))
+}
+
+/// `copyhold bench controller` (issue 19): the API server, not the
+/// controller, sets the pace, so placing models asks of it only what
+/// changes something. 24 ModelDeployments created at once on six
+/// simulated nodes of four T4s each (as in the bench: identical nodes, so
+/// which node a replica is expected on is the planner's choice, and the
+/// scheduler may bind it elsewhere), each placed, its Pod bound, then left
+/// a few resyncs: each has its status written twice at most, once placed
+/// and once its Pod is bound to a node. A write that changes nothing is a
+/// request, and on this Kubernetes also a new resourceVersion, so another
+/// reconcile.
+#[tokio::test]
+async fn models_placed_at_once_have_their_status_written_at_most_twice_each() -> Result<()> {
+    let scene = Scene::with_controller("writes").await?;
+    let tag = scene.ns.name.clone();
+    let nodes = copyhold::bench::controller::simulated_nodes(&scene.client, &tag, &[4; 6]).await?;
+    let result = status_writes_of_models_placed_at_once(&scene, &tag, 24).await;
+    copyhold::bench::controller::remove_nodes(&scene.client, &nodes).await;
+    result
+}
+
+/// Create `count` models at once on the simulated nodes labelled `tag`,
+/// wait until each is placed and its node in the status, then a few
+/// resyncs; fail when any had its status written more than twice.
+async fn status_writes_of_models_placed_at_once(
+    scene: &Scene,
+    tag: &str,
+    count: usize,
+) -> Result<()> {
+    let (client, ns) = (&scene.client, &scene.ns);
+    let (versions, recorder) = record_versions(client, &ns.name).await?;
+    let names: Vec<String> = (0..count).map(|i| format!("counted-{i}")).collect();
+    let on_the_simulated_nodes =
+        format!("  placement: {{nodeSelector: {{copyhold.dev/bench: \"{tag}\"}}}}\n");
+    let manifests: Vec<String> = names
+        .iter()
+        .map(|n| model(n, 4, 1, &on_the_simulated_nodes))
+        .collect();
+    apply(&ns.name, &manifests.join("---\n"))?;
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    for name in &names {
+        wait_condition(&mds, name, "Placed", "True").await?;
+        eventually(Duration::from_secs(60), || async {
+            let st = mds.get(name).await?.status.unwrap_or_default();
+            if st.nodes.is_empty() {
+                bail!("{name}: nodes not yet in status")
+            } else {
+                Ok(())
+            }
+        })
+        .await?;
+    }
+    // Several resyncs (every 2 s).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    recorder.abort();
+    let versions = versions.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut report = Vec::new();
+    let mut too_many = Vec::new();
+    for name in &names {
+        let mine: Vec<&ModelDeployment> =
+            versions.iter().filter(|m| m.name_any() == *name).collect();
+        ensure!(
+            mine.first().is_some_and(|m| m.status.is_none()),
+            "the first version of {name} seen is not the created one"
+        );
+        let writes: Vec<String> = mine
+            .windows(2)
+            .map(|w| {
+                format!(
+                    "  {} -> {}: {}",
+                    w[0].resource_version().unwrap_or_default(),
+                    w[1].resource_version().unwrap_or_default(),
+                    status_difference(w[0].status.as_ref(), w[1].status.as_ref())
+                )
+            })
+            .collect();
+        if writes.len() > 2 {
+            too_many.push(format!("{name}: {}", writes.len()));
+        }
+        report.push(format!("{name}:\n{}", writes.join("\n")));
+    }
+    println!("status writes after the create:\n{}", report.join("\n"));
+    // An error, not a panic: the caller removes the simulated nodes.
+    ensure!(
+        too_many.is_empty(),
+        "more than 2 status writes: {too_many:?}\n{}",
+        report.join("\n")
+    );
+    Ok(())
+}
+
+/// What differs between two statuses: the fields, and each condition's
+/// fields by type (`Placed.message: … => …`), or `nothing`.
+fn status_difference(
+    a: Option<&copyhold::resources::ModelDeploymentStatus>,
+    b: Option<&copyhold::resources::ModelDeploymentStatus>,
+) -> String {
+    use serde_json::{Map, Value};
+    fn object(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        }
+    }
+    fn differences(prefix: &str, a: &Map<String, Value>, b: &Map<String, Value>) -> Vec<String> {
+        let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        keys.into_iter()
+            .filter(|k| a.get(*k) != b.get(*k))
+            .map(|k| {
+                let show = |m: &Map<String, Value>| m.get(k).unwrap_or(&Value::Null).to_string();
+                format!("{prefix}{k}: {} => {}", show(a), show(b))
+            })
+            .collect()
+    }
+    let by_type = |s: Option<&copyhold::resources::ModelDeploymentStatus>| {
+        s.into_iter()
+            .flat_map(|s| s.conditions.iter())
+            .map(|c| {
+                (
+                    c.type_.clone(),
+                    object(serde_json::to_value(c).unwrap_or_default()),
+                )
+            })
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let json = |s: Option<&copyhold::resources::ModelDeploymentStatus>| {
+        let mut m = object(serde_json::to_value(s).unwrap_or_default());
+        m.remove("conditions");
+        m
+    };
+    let mut changed = differences("", &json(a), &json(b));
+    let (ca, cb) = (by_type(a), by_type(b));
+    let types: BTreeSet<&String> = ca.keys().chain(cb.keys()).collect();
+    let none = Map::new();
+    for t in types {
+        changed.extend(differences(
+            &format!("{t}."),
+            ca.get(t).unwrap_or(&none),
+            cb.get(t).unwrap_or(&none),
+        ));
+    }
+    if changed.is_empty() {
+        "nothing".into()
+    } else {
+        changed.join("; ")
+    }
 }

@@ -59,6 +59,8 @@ pub struct ControllerFigures {
     pub controller_peak_rss_mb: f64,
     pub api_requests: u64,
     pub api_requests_per_object: f64,
+    /// The API requests by `VERB resource` (`PATCH modeldeployments/status`).
+    pub api_requests_by_kind: BTreeMap<String, u64>,
 }
 
 fn free_port() -> Result<u16> {
@@ -75,20 +77,54 @@ fn peak_rss_mb(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-async fn scrape_requests(port: u16) -> Result<u64> {
+/// The controller's API requests so far, by `VERB resource`, from its
+/// `copyhold_controller_api_requests_total`.
+async fn scrape_requests(port: u16) -> Result<BTreeMap<String, u64>> {
     let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
         .await?
         .text()
         .await?;
-    let mut total = 0.0;
-    for line in body.lines() {
-        if line.starts_with("copyhold_controller_api_requests_total")
-            && let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok())
-        {
-            total += v;
-        }
+    Ok(requests_by_kind(&body))
+}
+
+/// `copyhold_controller_api_requests_total{verb="PATCH",resource="services"} 3`
+/// lines of a metrics text, summed by `PATCH services`.
+fn requests_by_kind(metrics: &str) -> BTreeMap<String, u64> {
+    let mut by_kind = BTreeMap::new();
+    for line in metrics.lines() {
+        let Some(labels) = line.strip_prefix("copyhold_controller_api_requests_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = labels.rsplit_once("} ") else {
+            continue;
+        };
+        let Ok(value) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        let label = |name: &str| {
+            labels
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=\"")))
+                .map(|v| v.trim_end_matches('"').to_owned())
+                .unwrap_or_default()
+        };
+        *by_kind
+            .entry(format!("{} {}", label("verb"), label("resource")))
+            .or_insert(0) += value as u64;
     }
-    Ok(total as u64)
+    by_kind
+}
+
+/// What was sent between two scrapes, by kind, leaving out kinds with none.
+fn requests_between(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .map(|(k, n)| (k.clone(), n.saturating_sub(*before.get(k).unwrap_or(&0))))
+        .filter(|(_, n)| *n > 0)
+        .collect()
 }
 
 /// Run the benchmark.
@@ -103,8 +139,6 @@ pub async fn controller(client: Client, bench: ControllerBench) -> Result<Contro
     );
     let ns_name = format!("copyhold-bench-{tag}");
     let fleet = fleet_gpus(bench.room.unwrap_or(bench.objects), bench.gpus_per_node);
-    let nodes_needed = fleet.len();
-    let nodes: Api<Node> = Api::all(client.clone());
     let namespaces: Api<Namespace> = Api::all(client.clone());
     namespaces
         .create(
@@ -112,40 +146,7 @@ pub async fn controller(client: Client, bench: ControllerBench) -> Result<Contro
             &serde_json::from_value(json!({"metadata": {"name": ns_name}}))?,
         )
         .await?;
-    let node_names: Vec<String> = (0..nodes_needed)
-        .map(|i| format!("bench-{tag}-{i}"))
-        .collect();
-    for (name, gpus) in node_names.iter().zip(&fleet) {
-        let gpus = gpus.to_string();
-        let node: Node = serde_json::from_value(json!({
-            "metadata": {"name": name, "labels": {
-                "copyhold.dev/bench": tag,
-                "kubernetes.io/hostname": name,
-                "nvidia.com/gpu.present": "true",
-                "nvidia.com/gpu.product": "Tesla-T4",
-                "nvidia.com/gpu.memory": "15360",
-                "nvidia.com/gpu.count": gpus,
-                "nvidia.com/gpu.compute.major": "7",
-                "nvidia.com/gpu.compute.minor": "5",
-            }},
-        }))?;
-        nodes.create(&PostParams::default(), &node).await?;
-        let status = json!({"status": {
-            "capacity": {"cpu": "64", "memory": "256Gi", "pods": "250", "nvidia.com/gpu": gpus},
-            "allocatable": {"cpu": "64", "memory": "256Gi", "pods": "250", "nvidia.com/gpu": gpus},
-            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "copyhold bench"}],
-        }});
-        nodes
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-            .await?;
-        nodes
-            .patch(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"spec": {"taints": null}})),
-            )
-            .await?;
-    }
+    let node_names = simulated_nodes(&client, &tag, &fleet).await?;
 
     let result = run_measured(&client, &bench, &ns_name, &tag, &fleet).await;
 
@@ -176,10 +177,59 @@ pub async fn controller(client: Client, bench: ControllerBench) -> Result<Contro
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let _ = namespaces.delete(&ns_name, &DeleteParams::default()).await;
-    for name in &node_names {
+    remove_nodes(&client, &node_names).await;
+    result
+}
+
+/// Add simulated GPU nodes `bench-<tag>-<i>`, Ready and untainted, with
+/// `fleet[i]` Tesla T4s each and the label `copyhold.dev/bench: <tag>`
+/// (select them with it). No kubelet runs on them: the scheduler binds
+/// Pods to them, which then stay `Pending`. Returns their names.
+pub async fn simulated_nodes(client: &Client, tag: &str, fleet: &[usize]) -> Result<Vec<String>> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node_names: Vec<String> = (0..fleet.len())
+        .map(|i| format!("bench-{tag}-{i}"))
+        .collect();
+    for (name, gpus) in node_names.iter().zip(fleet) {
+        let gpus = gpus.to_string();
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {
+                "copyhold.dev/bench": tag,
+                "kubernetes.io/hostname": name,
+                "nvidia.com/gpu.present": "true",
+                "nvidia.com/gpu.product": "Tesla-T4",
+                "nvidia.com/gpu.memory": "15360",
+                "nvidia.com/gpu.count": gpus,
+                "nvidia.com/gpu.compute.major": "7",
+                "nvidia.com/gpu.compute.minor": "5",
+            }},
+        }))?;
+        nodes.create(&PostParams::default(), &node).await?;
+        let status = json!({"status": {
+            "capacity": {"cpu": "64", "memory": "256Gi", "pods": "250", "nvidia.com/gpu": gpus},
+            "allocatable": {"cpu": "64", "memory": "256Gi", "pods": "250", "nvidia.com/gpu": gpus},
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "copyhold bench"}],
+        }});
+        nodes
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+            .await?;
+        nodes
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"taints": null}})),
+            )
+            .await?;
+    }
+    Ok(node_names)
+}
+
+/// Remove the nodes [`simulated_nodes`] added.
+pub async fn remove_nodes(client: &Client, names: &[String]) {
+    let nodes: Api<Node> = Api::all(client.clone());
+    for name in names {
         let _ = nodes.delete(name, &DeleteParams::default()).await;
     }
-    result
 }
 
 /// GPUs per simulated node: `room` in all, `per_node` on each but the last.
@@ -358,7 +408,8 @@ async fn run_measured(
     let after = scrape_requests(port).await?;
     let rss = peak_rss_mb(pid).unwrap_or(f64::NAN);
     let _ = child.kill().await;
-    let requests = after.saturating_sub(before);
+    let by_kind = requests_between(&before, &after);
+    let requests: u64 = by_kind.values().sum();
     let names: Vec<String> = mds
         .list(&ListParams::default())
         .await?
@@ -382,12 +433,13 @@ async fn run_measured(
         controller_peak_rss_mb: rss,
         api_requests: requests,
         api_requests_per_object: requests as f64 / bench.objects as f64,
+        api_requests_by_kind: by_kind,
     })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::fleet_gpus;
+    use super::{fleet_gpus, requests_between, requests_by_kind};
 
     #[test]
     fn the_fleet_holds_exactly_the_room_asked_for() {
@@ -395,5 +447,23 @@ mod tests {
         assert_eq!(fleet_gpus(42, 8), [8, 8, 8, 8, 8, 2]);
         assert_eq!(fleet_gpus(3, 8), [3]);
         assert!(fleet_gpus(0, 8).is_empty());
+    }
+
+    #[test]
+    fn the_requests_are_told_apart_by_verb_and_resource() {
+        let before = requests_by_kind(
+            "# TYPE copyhold_controller_api_requests_total counter\n\
+             copyhold_controller_api_requests_total{verb=\"GET\",resource=\"pods\"} 4\n",
+        );
+        let after = requests_by_kind(
+            "copyhold_controller_api_requests_total{verb=\"GET\",resource=\"pods\"} 4\n\
+             copyhold_controller_api_requests_total{verb=\"PATCH\",resource=\"modeldeployments/status\"} 7\n\
+             copyhold_controller_api_requests_created{verb=\"GET\",resource=\"pods\"} 1.7e9\n",
+        );
+        let between = requests_between(&before, &after);
+        assert_eq!(
+            between.into_iter().collect::<Vec<_>>(),
+            [("PATCH modeldeployments/status".to_string(), 7)]
+        );
     }
 }

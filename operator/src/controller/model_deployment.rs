@@ -91,6 +91,7 @@ pub async fn decide(
         spec: &md.spec.placement,
         gpu_memory_utilization: md.spec.serving.gpu_memory_utilization,
     };
+    let runs_on = bound_nodes(md, &ctx.indexes.pods.state());
     let caches = super::ledger::Caches {
         nodes: &ctx.indexes.nodes,
         pods: &ctx.indexes.pods,
@@ -106,7 +107,10 @@ pub async fn decide(
                     message: e.to_string(),
                 })?;
             let planned = fitted.placement.replicas.clone();
-            Ok((decision(md, &request, fitted, fleet, current), planned))
+            Ok((
+                decision(md, &request, fitted, fleet, current, &runs_on),
+                planned,
+            ))
         })
 }
 
@@ -118,6 +122,7 @@ fn decision(
     fitted: placement::Fitted,
     fleet: &[placement::NodeGpus],
     current: Option<&placement::Current>,
+    runs_on: &BTreeSet<String>,
 ) -> Decision {
     let own = workload::selector_labels(&md.name_any());
     let replicas = i32::try_from(fitted.placed()).unwrap_or(i32::MAX);
@@ -149,7 +154,7 @@ fn decision(
         placed.planned_classes().join(" and "),
         placed.required_memory_bytes as f64 / (1u64 << 30) as f64,
         request.needs.breakdown(),
-        first_card(placed, fleet, request.gpu_memory_utilization),
+        first_card(placed, fleet, request.gpu_memory_utilization, runs_on),
     );
     let shortage = fitted.shortage.as_ref().map(|e| {
         format!(
@@ -171,22 +176,56 @@ fn decision(
     }
 }
 
-/// `; of 6.8 GiB usable on node-a's Tesla-P4`: what the first replica's
-/// GPUs offer at `serving.gpuMemoryUtilization`, and where they are.
-fn first_card(placed: &placement::Placement, fleet: &[placement::NodeGpus], util: f64) -> String {
+/// `; of 6.8 GiB usable on node-a's Tesla-P4`: what one replica's GPUs
+/// offer at `serving.gpuMemoryUtilization`, on the first node (by name)
+/// a Pod of the model is bound to; `; of 6.8 GiB usable on a Tesla-P4`
+/// (the first planned replica's card) while none is bound. Not the node
+/// the plan expects: the scheduler binds within the classes, not to the
+/// planned node, and the plan moves as other models' Pods are bound, so
+/// naming it would rewrite the status at every such move.
+fn first_card(
+    placed: &placement::Placement,
+    fleet: &[placement::NodeGpus],
+    util: f64,
+    runs_on: &BTreeSet<String>,
+) -> String {
+    let usable = |node: &placement::NodeGpus| {
+        (node.memory_bytes_per_gpu as f64 * util).floor() * f64::from(placed.gpus_per_replica)
+            / (1u64 << 30) as f64
+    };
+    if let Some(node) = runs_on
+        .iter()
+        .find_map(|name| fleet.iter().find(|n| n.name == *name))
+    {
+        return format!(
+            "; of {:.1} GiB usable on {}'s {}",
+            usable(node),
+            node.name,
+            node.product
+        );
+    }
     let Some(r) = placed.replicas.first() else {
         return String::new();
     };
     let Some(node) = fleet.iter().find(|n| n.name == r.node) else {
         return String::new();
     };
-    let usable = (node.memory_bytes_per_gpu as f64 * util).floor() * f64::from(r.gpus);
-    format!(
-        "; of {:.1} GiB usable on {}'s {}",
-        usable / (1u64 << 30) as f64,
-        r.node,
-        r.product
-    )
+    format!("; of {:.1} GiB usable on a {}", usable(node), r.product)
+}
+
+/// The nodes `md`'s Pods (not terminating, not terminated) are bound to.
+fn bound_nodes(md: &ModelDeployment, pods: &[Arc<Pod>]) -> BTreeSet<String> {
+    let ns = md.namespace();
+    let selector = workload::selector_labels(&md.name_any());
+    pods.iter()
+        .filter(|p| {
+            p.metadata.namespace == ns
+                && selector.iter().all(|(k, v)| p.labels().get(k) == Some(v))
+                && p.metadata.deletion_timestamp.is_none()
+                && !placement::terminated(p)
+        })
+        .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+        .collect()
 }
 
 fn state_of(status: &ModelDeploymentStatus) -> &'static str {
@@ -246,7 +285,10 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let name = md.name_any();
     let now = conditions::now();
-    let old = md.status.clone().unwrap_or_default();
+    // The newest status known: the cache may not show this controller's
+    // last write yet.
+    let newest = ctx.statuses.newest(md);
+    let old = newest.clone().unwrap_or_default();
     let mut status = initial_status(md, &old);
     let mut events: Vec<Event> = Vec::new();
 
@@ -313,7 +355,7 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
         super::autoscaler::report(md, sc, &old, &mut status, &mut events, ctx);
     }
     status.state = Some(state_of(&status).to_string());
-    write_status(md, &ns, &name, &status, ctx).await?;
+    write_status(md, &ns, &name, &status, newest.as_ref(), ctx).await?;
     publish(md, events, ctx).await;
     // Autoscaled objects look again soon too: windows and Leases' liveness
     // run on time.
@@ -701,15 +743,18 @@ fn ready_condition(
     }
 }
 
-/// Write the status when it differs from what the object carries.
+/// Write the status when it differs from the newest one known (`newest`:
+/// what the object carries, or this controller's last write when the
+/// cache does not show it yet).
 async fn write_status(
     md: &ModelDeployment,
     ns: &str,
     name: &str,
     status: &ModelDeploymentStatus,
+    newest: Option<&ModelDeploymentStatus>,
     ctx: &Context,
 ) -> Result<()> {
-    if Some(status) == md.status.as_ref() {
+    if Some(status) == newest {
         return Ok(());
     }
     let api: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), ns);
@@ -721,6 +766,7 @@ async fn write_status(
     let apply = PatchParams::apply(FIELD_MANAGER).force();
     api.patch_status(name, &apply, &Patch::Apply(&patch))
         .await?;
+    ctx.statuses.wrote(md, status);
     ctx.metrics
         .api_writes
         .get_or_create(&ControllerMetrics::kind("ModelDeploymentStatus"))
