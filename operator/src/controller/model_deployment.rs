@@ -711,7 +711,10 @@ pub fn readiness(deployed: bool, desired: i32, ready: i32) -> (bool, &'static st
     }
 }
 
-/// Set `Ready` from the reported replicas; a flip is an Event.
+/// Set `Ready` from the reported replicas; a flip is an Event. The first
+/// `Ready=False` of a model (its replicas still starting after placement)
+/// is not: it is what every new model goes through, and a Warning for it
+/// was noise and one more API write per model.
 fn ready_condition(
     status: &mut ModelDeploymentStatus,
     deployed: bool,
@@ -720,7 +723,8 @@ fn ready_condition(
     events: &mut Vec<Event>,
 ) {
     let (is_ready, reason, message) = readiness(deployed, status.replicas, status.ready_replicas);
-    if conditions::set(
+    let first = !status.conditions.iter().any(|c| c.type_ == "Ready");
+    let changed = conditions::set(
         &mut status.conditions,
         "Ready",
         is_ready,
@@ -728,7 +732,8 @@ fn ready_condition(
         message.clone(),
         generation,
         now.clone(),
-    ) {
+    );
+    if changed && (is_ready || !first) {
         events.push(Event {
             type_: if is_ready {
                 EventType::Normal
@@ -1118,5 +1123,50 @@ mod tests {
         let want = json!({"spec": {"replicas": 1}});
         assert!(!is_subset(&want, &json!({"spec": {"replicas": 5}})));
         assert!(!is_subset(&json!({"a": [1, 2]}), &json!({"a": [1]})));
+    }
+}
+
+#[cfg(test)]
+mod ready_event_tests {
+    use super::ready_condition;
+    use crate::resources::ModelDeploymentStatus;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use kube::runtime::events::EventType;
+
+    fn now() -> Time {
+        Time(jiff::Timestamp::UNIX_EPOCH)
+    }
+
+    fn step(
+        status: &mut ModelDeploymentStatus,
+        desired: i32,
+        ready: i32,
+    ) -> Vec<(EventType, String)> {
+        status.replicas = desired;
+        status.ready_replicas = ready;
+        let mut events = Vec::new();
+        ready_condition(status, true, Some(1), &now(), &mut events);
+        events.into_iter().map(|e| (e.type_, e.reason)).collect()
+    }
+
+    /// A model that was just placed has replicas starting: that is no
+    /// warning (it cost every new model an Event write); becoming ready,
+    /// and losing readiness later, are Events.
+    #[test]
+    fn replicas_still_starting_after_placement_are_no_warning_but_ready_and_lost_readiness_are_events()
+     {
+        let mut status = ModelDeploymentStatus::default();
+        assert_eq!(step(&mut status, 2, 0), vec![]);
+        assert_eq!(step(&mut status, 2, 1), vec![]);
+        assert_eq!(
+            step(&mut status, 2, 2),
+            vec![(EventType::Normal, "ReplicasReady".to_string())]
+        );
+        assert_eq!(
+            step(&mut status, 2, 1),
+            vec![(EventType::Warning, "ReplicasNotReady".to_string())]
+        );
+        let cond = status.conditions.iter().find(|c| c.type_ == "Ready");
+        assert_eq!(cond.map(|c| c.status.as_str()), Some("False"));
     }
 }
