@@ -279,24 +279,46 @@ fn pod_waits(times: &PodTimes, end: Instant) -> (usize, f64, usize) {
     (t.len(), longest, unbound)
 }
 
+/// Each object's decision so far: `Some(true)` Placed, `Some(false)`
+/// refused with `InsufficientGPUs`, `None` not decided yet.
+type Decisions = Arc<Mutex<HashMap<String, Option<bool>>>>;
+
+/// The decision an object's `Placed` condition records.
+fn decision(m: &ModelDeployment) -> Option<bool> {
+    let c = m
+        .status
+        .as_ref()
+        .and_then(|s| crate::conditions::get(&s.conditions, "Placed"))?;
+    match (c.status.as_str(), c.reason.as_str()) {
+        ("True", _) => Some(true),
+        ("False", "InsufficientGPUs") => Some(false),
+        _ => None,
+    }
+}
+
+/// Watch the ModelDeployments of `mds` into `decisions` until aborted. A
+/// watch, not a list of every object every 200 ms: at 500 objects those
+/// lists were load on the API server the controller is measured against.
+fn watch_decisions(mds: Api<ModelDeployment>, decisions: Decisions) -> tokio::task::JoinHandle<()> {
+    use kube::runtime::{WatchStreamExt, watcher};
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(
+            watcher(mds, watcher::Config::default())
+                .default_backoff()
+                .applied_objects()
+        );
+        while let Some(Ok(m)) = stream.next().await {
+            let mut d = decisions.lock().unwrap_or_else(|e| e.into_inner());
+            d.insert(m.name_any(), decision(&m));
+        }
+    })
+}
+
 /// Objects `Placed`, and refused with `InsufficientGPUs`.
-fn decided(list: &[ModelDeployment]) -> (usize, usize) {
-    let placed_condition = |m: &ModelDeployment| {
-        m.status
-            .as_ref()
-            .and_then(|s| crate::conditions::get(&s.conditions, "Placed"))
-            .map(|c| (c.status.clone(), c.reason.clone()))
-    };
-    let placed = list
-        .iter()
-        .filter(|m| placed_condition(m).is_some_and(|(s, _)| s == "True"))
-        .count();
-    let short = list
-        .iter()
-        .filter(|m| {
-            placed_condition(m).is_some_and(|(s, r)| s == "False" && r == "InsufficientGPUs")
-        })
-        .count();
+fn decided(decisions: &Decisions) -> (usize, usize) {
+    let d = decisions.lock().unwrap_or_else(|e| e.into_inner());
+    let placed = d.values().filter(|v| **v == Some(true)).count();
+    let short = d.values().filter(|v| **v == Some(false)).count();
     (placed, short)
 }
 
@@ -343,6 +365,8 @@ async fn run_measured(
     let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), ns);
     let times: PodTimes = Arc::default();
     let pod_watch = watch_pods(client, ns, times.clone());
+    let decisions: Decisions = Arc::default();
+    let md_watch = watch_decisions(mds.clone(), decisions.clone());
     let started = Instant::now();
     futures::stream::iter(0..bench.objects)
         .map(|i| {
@@ -370,8 +394,7 @@ async fn run_measured(
 
     let deadline = Instant::now() + Duration::from_secs(600);
     let (placed, short) = loop {
-        let list = mds.list(&ListParams::default()).await?;
-        let (placed, short) = decided(&list.items);
+        let (placed, short) = decided(&decisions);
         if placed + short >= bench.objects {
             break (placed, short);
         }
@@ -387,9 +410,10 @@ async fn run_measured(
                 bench.objects
             );
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let seconds = started.elapsed().as_secs_f64();
+    md_watch.abort();
     if !bench.json {
         eprintln!();
     }
