@@ -1,0 +1,323 @@
+//! The prompt kernels on [`super::repack`]'s eight-row layout: up to four
+//! activation rows against a group of eight weight rows, one 256-bit
+//! accumulator per activation row whose eight `i32` lanes are the eight
+//! weight rows. Four activation bytes, broadcast, meet four bytes of each
+//! weight row: `vpdpbusd` where the CPU has AVX-512 VNNI (with VL), else
+//! `vpmaddubsw` + `vpmaddwd` (weights are unsigned, at most 63, so no
+//! `i16` pair saturates).
+//!
+//! Each sub-block's exact sum is scaled (`vpmulld`) and added; the mins
+//! (Q4_K) and Q6_K's `−32` offset go through the activations' sums of 16
+//! with `vpmaddwd`. The float step per block is the portable expression
+//! per lane, in the same order, without fused multiply-adds.
+
+#![allow(unsafe_code)]
+
+use std::arch::x86_64::*;
+
+use super::qdot::QActs;
+use super::repack::{Packed, ROWS, q4k, q6k};
+use crate::model::quant::{QK_K, QType};
+
+/// 32 bytes at `p` (unaligned).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load(p: *const u8) -> __m256i {
+    unsafe { _mm256_loadu_si256(p.cast()) }
+}
+
+/// The four activation bytes at `p` in every lane.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn bcast4(p: *const i8) -> __m256i {
+    _mm256_set1_epi32(unsafe { p.cast::<i32>().read_unaligned() })
+}
+
+/// Two `i16` sums of 16 as one broadcast `i32` (the `vpmaddwd` partner of
+/// a pair of scales or mins).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pair16(lo: i32, hi: i32) -> __m256i {
+    _mm256_set1_epi32(((lo as u16 as u32) | ((hi as u16 as u32) << 16)) as i32)
+}
+
+/// `acc + Σ` of four `w·a` per lane (`w` unsigned), with VNNI.
+#[inline]
+#[target_feature(enable = "avx512vnni,avx512vl,avx2,fma,f16c")]
+unsafe fn dp_vnni(acc: __m256i, w: __m256i, a: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(acc, w, a)
+}
+
+/// As [`dp_vnni`], with `vpmaddubsw` + `vpmaddwd`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dp_avx2(acc: __m256i, w: __m256i, a: __m256i) -> __m256i {
+    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1));
+    _mm256_add_epi32(acc, p)
+}
+
+#[inline(always)]
+unsafe fn dp<const VNNI: bool>(acc: __m256i, w: __m256i, a: __m256i) -> __m256i {
+    // SAFETY: the entry points enable the features of the variant they use.
+    unsafe {
+        if VNNI {
+            dp_vnni(acc, w, a)
+        } else {
+            dp_avx2(acc, w, a)
+        }
+    }
+}
+
+/// Eight bytes at `p` widened to `i32` lanes (unsigned or signed).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn widen8(p: *const u8, signed: bool) -> __m256i {
+    let v = unsafe { _mm_loadl_epi64(p.cast()) };
+    if signed {
+        _mm256_cvtepi8_epi32(v)
+    } else {
+        _mm256_cvtepu8_epi32(v)
+    }
+}
+
+/// Eight f32 at `p`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load_ps(p: *const u8) -> __m256 {
+    unsafe { _mm256_loadu_ps(p.cast()) }
+}
+
+/// One Q4_K group (`p`, `nb` blocks) against `R` activation rows: lane `i`
+/// of result `r` is weight row `i` · `a[r]`.
+#[inline(always)]
+unsafe fn q4k_group<const R: usize, const VNNI: bool>(
+    p: *const u8,
+    nb: usize,
+    a: [&QActs; R],
+) -> [__m256; R] {
+    // SAFETY: called from the entry points with their features; `tile`
+    // checked the group's and the activations' lengths.
+    unsafe {
+        let m4 = _mm256_set1_epi8(0xF);
+        let mut sums = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            // SAFETY (whole loop): `tile` checked the group's and the
+            // activations' lengths.
+            let blk = p.add(b * q4k::STRIDE);
+            let mut sumi = [_mm256_setzero_si256(); R];
+            for s in 0..8 {
+                let (j, high) = (s / 2, s % 2 == 1);
+                let mut sub = [_mm256_setzero_si256(); R];
+                for c in 0..8 {
+                    let q = load(blk.add(q4k::QS + 32 * (8 * j + c)));
+                    let w = if high {
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4)
+                    } else {
+                        _mm256_and_si256(q, m4)
+                    };
+                    for r in 0..R {
+                        let av = bcast4(a[r].q.as_ptr().add(QK_K * b + 32 * s + 4 * c));
+                        sub[r] = dp::<VNNI>(sub[r], w, av);
+                    }
+                }
+                let sc = widen8(blk.add(q4k::SC + 8 * s), false);
+                for r in 0..R {
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_mullo_epi32(sub[r], sc));
+                }
+            }
+            let mut summ = [_mm256_setzero_si256(); R];
+            for t in 0..4 {
+                let mn = load(blk.add(q4k::MN + 32 * t));
+                for r in 0..R {
+                    let bs = &a[r].bsums[16 * b + 4 * t..16 * b + 4 * t + 4];
+                    let pair = pair16(bs[0] + bs[1], bs[2] + bs[3]);
+                    summ[r] = _mm256_add_epi32(summ[r], _mm256_madd_epi16(mn, pair));
+                }
+            }
+            let (d, dmin) = (load_ps(blk.add(q4k::D)), load_ps(blk.add(q4k::DMIN)));
+            for r in 0..R {
+                let da = _mm256_set1_ps(a[r].d[b]);
+                let (fd, fm) = (_mm256_mul_ps(d, da), _mm256_mul_ps(dmin, da));
+                // Portable: `sum += (d * a.d[b]) * sumi as f32 - (dmin * a.d[b]) * summ as f32`.
+                let t = _mm256_sub_ps(
+                    _mm256_mul_ps(fd, _mm256_cvtepi32_ps(sumi[r])),
+                    _mm256_mul_ps(fm, _mm256_cvtepi32_ps(summ[r])),
+                );
+                sums[r] = _mm256_add_ps(sums[r], t);
+            }
+        }
+        sums
+    }
+}
+
+/// Q6_K's part `part` (0–3) of one chunk: `ql` bits and two `qh` bits.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_part(chunk: *const u8, part: usize) -> __m256i {
+    let (m4, m2) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(3));
+    let l = unsafe { load(chunk.add(32 * (part % 2))) };
+    let h = unsafe { load(chunk.add(64)) };
+    let (lo, hi) = match part {
+        0 => (l, h),
+        1 => (l, _mm256_srli_epi16::<2>(h)),
+        2 => (_mm256_srli_epi16::<4>(l), _mm256_srli_epi16::<4>(h)),
+        _ => (_mm256_srli_epi16::<4>(l), _mm256_srli_epi16::<6>(h)),
+    };
+    _mm256_or_si256(
+        _mm256_and_si256(lo, m4),
+        _mm256_slli_epi16::<4>(_mm256_and_si256(hi, m2)),
+    )
+}
+
+/// One Q6_K group against `R` activation rows, as [`q4k_group`]. The
+/// values are stored `+ 32`: each group of 16 sums `Σ (v+32)·a`, and
+/// `32 · Σ sc·(Σ a)` comes off once per block.
+#[inline(always)]
+unsafe fn q6k_group<const R: usize, const VNNI: bool>(
+    p: *const u8,
+    nb: usize,
+    a: [&QActs; R],
+) -> [__m256; R] {
+    // SAFETY: called from the entry points with their features; `tile`
+    // checked the group's and the activations' lengths.
+    unsafe {
+        let mut sums = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            // SAFETY (whole loop): as in `q4k_group`.
+            let blk = p.add(b * q6k::STRIDE);
+            let mut sumi = [_mm256_setzero_si256(); R];
+            for g in 0..16 {
+                let (n, part, half) = (g / 8, (g % 8) / 2, g % 2);
+                let mut sub = [_mm256_setzero_si256(); R];
+                for c in 4 * half..4 * half + 4 {
+                    let w = q6_part(blk.add(q6k::Q + 96 * (8 * n + c)), part);
+                    for r in 0..R {
+                        let at = QK_K * b + 128 * n + 32 * part + 4 * c;
+                        sub[r] = dp::<VNNI>(sub[r], w, bcast4(a[r].q.as_ptr().add(at)));
+                    }
+                }
+                let sc = widen8(blk.add(q6k::SC + 8 * g), true);
+                for r in 0..R {
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_mullo_epi32(sub[r], sc));
+                }
+            }
+            for r in 0..R {
+                let mut corr = _mm256_setzero_si256();
+                for t in 0..8 {
+                    let s16 = load(blk.add(q6k::SC16 + 32 * t));
+                    let bs = &a[r].bsums[16 * b + 2 * t..16 * b + 2 * t + 2];
+                    corr = _mm256_add_epi32(corr, _mm256_madd_epi16(s16, pair16(bs[0], bs[1])));
+                }
+                sumi[r] = _mm256_sub_epi32(sumi[r], _mm256_slli_epi32::<5>(corr));
+            }
+            let d = load_ps(blk.add(q6k::D));
+            for r in 0..R {
+                let da = _mm256_set1_ps(a[r].d[b]);
+                // Portable: `sum += (d * a.d[b]) * sumi as f32`.
+                let t = _mm256_mul_ps(_mm256_mul_ps(d, da), _mm256_cvtepi32_ps(sumi[r]));
+                sums[r] = _mm256_add_ps(sums[r], t);
+            }
+        }
+        sums
+    }
+}
+
+/// Group `p` against `R` activation rows, stored to `out[r·rows + j]` for
+/// the group's `valid` rows from `j0`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn group<const R: usize, const VNNI: bool>(
+    pk: &Packed,
+    p: *const u8,
+    a: [&QActs; R],
+    out: &mut [f32],
+    rows: usize,
+    i0: usize,
+    j0: usize,
+    valid: usize,
+) {
+    let v = unsafe {
+        match pk.q {
+            QType::Q4K => q4k_group::<R, VNNI>(p, pk.nb, a),
+            _ => q6k_group::<R, VNNI>(p, pk.nb, a),
+        }
+    };
+    for (r, v) in v.into_iter().enumerate() {
+        let mut o = [0.0f32; ROWS];
+        unsafe { _mm256_storeu_ps(o.as_mut_ptr(), v) };
+        let at = (i0 + r) * rows + j0;
+        out[at..at + valid].copy_from_slice(&o[..valid]);
+    }
+}
+
+#[inline(always)]
+unsafe fn tile_body<const VNNI: bool>(
+    p: &Packed,
+    r0: usize,
+    rows: usize,
+    acts: &[&QActs],
+    out: &mut [f32],
+) {
+    let gb = p.group_bytes();
+    for j0 in (0..rows).step_by(ROWS) {
+        let g = (r0 + j0) / ROWS;
+        let base = p.bytes[g * gb..(g + 1) * gb].as_ptr();
+        let valid = ROWS.min(rows - j0);
+        let mut i = 0;
+        while i < acts.len() {
+            let a = &acts[i..];
+            // SAFETY: `base` is a whole group; `tile` checked the rest.
+            unsafe {
+                match a.len() {
+                    1 => group::<1, VNNI>(p, base, [a[0]], out, rows, i, j0, valid),
+                    2 => group::<2, VNNI>(p, base, [a[0], a[1]], out, rows, i, j0, valid),
+                    3 => group::<3, VNNI>(p, base, [a[0], a[1], a[2]], out, rows, i, j0, valid),
+                    _ => {
+                        group::<4, VNNI>(p, base, [a[0], a[1], a[2], a[3]], out, rows, i, j0, valid)
+                    }
+                }
+            }
+            i += 4;
+        }
+    }
+}
+
+#[target_feature(enable = "avx512vnni,avx512vl,avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn tile_vnni(p: &Packed, r0: usize, rows: usize, acts: &[&QActs], out: &mut [f32]) {
+    unsafe { tile_body::<true>(p, r0, rows, acts, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_avx2(p: &Packed, r0: usize, rows: usize, acts: &[&QActs], out: &mut [f32]) {
+    unsafe { tile_body::<false>(p, r0, rows, acts, out) }
+}
+
+/// Whether the CPU has AVX-512 VNNI with VL (decided once).
+fn vnni() -> bool {
+    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::is_x86_feature_detected!("avx512vnni")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx512bw")
+    })
+}
+
+/// [`super::repack::tile`] on this CPU (the caller checked the lengths
+/// and that AVX2, FMA and F16C are present).
+pub fn tile(p: &Packed, r0: usize, rows: usize, acts: &[&QActs], out: &mut [f32]) {
+    // SAFETY: features detected (`repack::covers`, `vnni`).
+    unsafe {
+        if vnni() {
+            tile_vnni(p, r0, rows, acts, out)
+        } else {
+            tile_avx2(p, r0, rows, acts, out)
+        }
+    }
+}
+
+/// Both builds, for the tests on a VNNI machine.
+#[cfg(test)]
+pub fn tile_without_vnni(p: &Packed, r0: usize, rows: usize, acts: &[&QActs], out: &mut [f32]) {
+    // SAFETY: the tests run where `repack::covers` is true.
+    unsafe { tile_avx2(p, r0, rows, acts, out) }
+}
