@@ -320,6 +320,15 @@ fn tile_rows(n: usize, rb: usize, threads: usize) -> usize {
     by_bytes.min(by_jobs)
 }
 
+/// Each weight's repacked rows ([`super::repack`]) where a prompt of `m`
+/// rows takes that path, made on first use.
+fn repacked<'a>(m: usize, ws: &[&'a Tensor]) -> Vec<Option<&'a super::repack::Packed>> {
+    let on = m >= super::repack::MIN_ROWS && !super::repack::turned_off();
+    ws.iter()
+        .map(|w| if on { super::repack::packed(w) } else { None })
+        .collect()
+}
+
 /// [`crate::cpu::matmul::matmul_wt_into`] for block-quantized weights
 /// (`ws` all quantized, sharing `k`).
 pub fn matmul_q_into(x: &[f32], m: usize, ws: &[&Tensor], outs: &mut [&mut [f32]]) {
@@ -327,11 +336,15 @@ pub fn matmul_q_into(x: &[f32], m: usize, ws: &[&Tensor], outs: &mut [&mut [f32]
     let acts = Acts::new(x, m, k, ws);
     let threads = rayon::current_num_threads().max(1);
     let with = wide_isa();
+    let packed = repacked(m, ws);
     let mut jobs = Vec::new();
     for (wi, w) in ws.iter().enumerate() {
         let Some((q, _)) = w.qrows() else { continue };
         let n = w.shape[0];
-        let t = tile_rows(n, q.row_bytes(k), threads);
+        let mut t = tile_rows(n, q.row_bytes(k), threads);
+        if packed[wi].is_some() {
+            t = t.next_multiple_of(super::repack::ROWS);
+        }
         for r0 in (0..n).step_by(t) {
             jobs.push((wi, r0, t.min(n - r0)));
         }
@@ -346,7 +359,10 @@ pub fn matmul_q_into(x: &[f32], m: usize, ws: &[&Tensor], outs: &mut [&mut [f32]
             let w = &bytes[r0 * rb..(r0 + rows) * rb];
             let mut out = vec![0.0f32; m * rows];
             let rows_of: Vec<&QActs> = (0..m).map(|i| acts.row(q, i)).collect();
-            tile(q, w, rb, &rows_of, &mut out, with);
+            match packed[wi] {
+                Some(p) => super::repack::tile(p, r0, rows, &rows_of, &mut out),
+                None => tile(q, w, rb, &rows_of, &mut out, with),
+            }
             out
         })
         .collect();

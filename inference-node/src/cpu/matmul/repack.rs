@@ -180,7 +180,7 @@ fn put_i16(o: &mut [u8], at: usize, v: i16) {
 /// `out[i·rows + j] = W row (r0 + j) · acts[i]` for `rows` rows from `r0`
 /// (`r0` a multiple of [`ROWS`]) on the repacked weights.
 pub fn tile(p: &Packed, r0: usize, rows: usize, acts: &[&QActs], out: &mut [f32]) {
-    assert!(r0 % ROWS == 0 && r0 + rows <= p.n && out.len() >= acts.len() * rows);
+    assert!(r0.is_multiple_of(ROWS) && r0 + rows <= p.n && out.len() >= acts.len() * rows);
     for a in acts {
         assert!(a.q.len() >= p.nb * 256 && a.d.len() >= p.nb && a.bsums.len() >= p.nb * 16);
     }
