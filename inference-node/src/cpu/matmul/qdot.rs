@@ -64,9 +64,7 @@ pub fn quantize_q8_k(x: &[f32]) -> QActs {
         bsums: Vec::with_capacity(x.len() / 16),
     };
     for blk in x.chunks_exact(QK_K) {
-        let max = blk
-            .iter()
-            .fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        let max = largest_magnitude(blk);
         if max == 0.0 {
             a.d.push(0.0);
             a.q.extend(std::iter::repeat_n(0, QK_K));
@@ -82,6 +80,23 @@ pub fn quantize_q8_k(x: &[f32]) -> QActs {
         a.d.push(1.0 / iscale);
     }
     a
+}
+
+/// The first value of largest magnitude (0 if all are zero): what
+/// `fold(0, |m, v| if |v| > |m| { v } else { m })` returns, found by a
+/// maximum over sixteen lanes (which vectorizes) and one scan for it.
+fn largest_magnitude(blk: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    for c in blk.chunks_exact(16) {
+        for (m, v) in lanes.iter_mut().zip(c) {
+            *m = m.max(v.abs());
+        }
+    }
+    let amax = lanes.iter().fold(0.0f32, |m, &v| m.max(v));
+    if amax == 0.0 {
+        return 0.0;
+    }
+    blk.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0)
 }
 
 #[inline(always)]
@@ -401,6 +416,27 @@ mod tests {
         xs.extend([0.0, -0.0, 127.0, -127.0, 0.49999997, -0.49999997]);
         for x in xs {
             assert_eq!(round_away(x), x.round() as i32, "{x}");
+        }
+    }
+
+    /// The vectorized search finds the value the scalar fold finds: the
+    /// first of largest magnitude, either sign, ties and zeros included.
+    #[test]
+    fn largest_magnitude_is_the_first_value_of_largest_magnitude() {
+        let fold = |b: &[f32]| {
+            b.iter()
+                .fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m })
+        };
+        let mut cases = vec![vec![0.0f32; 256], vec![-0.0f32; 256], signal(256, 1.0)];
+        let mut tie = signal(256, 2.0);
+        tie[17] = 3.0;
+        tie[200] = -3.0;
+        let mut neg = tie.clone();
+        neg[17] = -3.0;
+        neg[200] = 3.0;
+        cases.extend([tie, neg]);
+        for b in cases {
+            assert_eq!(largest_magnitude(&b).to_bits(), fold(&b).to_bits());
         }
     }
 
