@@ -15,7 +15,7 @@
 //!
 //! Memory: the repacked copy is made on the first prompt (m ≥
 //! [`MIN_ROWS`]) that meets the tensor and kept beside the mapped file;
-//! Q4_K takes 1280 bytes per 8 rows × 256 values (the file: 1152), Q6_K
+//! Q4_K takes 1344 bytes per 8 rows × 256 values (the file: 1152), Q6_K
 //! 1952 (the file: 1680). Decode still reads the mapped blocks, so both
 //! copies stay resident once a prompt has run.
 
@@ -34,16 +34,19 @@ pub const ROWS: usize = 8;
 pub const MIN_ROWS: usize = 4;
 
 /// Q4_K group-block layout: `d` and `dmin` as f32 per row, the eight
-/// 6-bit scales as bytes (sub-block `s`, row `i` at `8s + i`), the mins as
-/// i16 pairs (`vpmaddwd` operands: pair `t`, row `i` at `16t + 2i + 0/1`),
-/// then the quant bytes: pair `j`, chunk `c` (bytes `32j + 4c ..+4` of each
-/// row's `qs`) at `32(8j + c) + 4i`.
+/// 6-bit scales as bytes, each twice (sub-block `s`, row `i` at
+/// `16s + 2i + 0/1`: one per 32-bit lane of a row's pair of lanes), the
+/// mins as i16 pairs (`vpmaddwd` operands: pair `t`, row `i` at
+/// `16t + 2i + 0/1`), then the quant bytes eight at a time: pair `j`, chunk
+/// `c` (bytes `32j + 8c ..+8` of each row's `qs`) at `64(4j + c) + 8i`, so
+/// a row's eight bytes fill two 32-bit lanes and one broadcast of eight
+/// activation bytes meets all eight rows.
 pub(crate) mod q4k {
     pub const D: usize = 0;
     pub const DMIN: usize = 32;
     pub const SC: usize = 64;
-    pub const MN: usize = 128;
-    pub const QS: usize = 256;
+    pub const MN: usize = 192;
+    pub const QS: usize = 320;
     pub const STRIDE: usize = QS + 1024;
 }
 
@@ -135,13 +138,14 @@ fn pack_q4k(blk: &[u8], i: usize, o: &mut [u8]) {
     put_f32(o, q4k::DMIN + 4 * i, f16_at(blk, 2));
     for s in 0..8 {
         let (sc, m) = scale_min_k4(s, &blk[4..16]);
-        o[q4k::SC + 8 * s + i] = sc;
+        o[q4k::SC + 16 * s + 2 * i] = sc;
+        o[q4k::SC + 16 * s + 2 * i + 1] = sc;
         put_i16(o, q4k::MN + 2 * (16 * (s / 2) + 2 * i + s % 2), m as i16);
     }
     for j in 0..4 {
-        for c in 0..8 {
-            let at = q4k::QS + 32 * (8 * j + c) + 4 * i;
-            o[at..at + 4].copy_from_slice(&blk[16 + 32 * j + 4 * c..][..4]);
+        for c in 0..4 {
+            let at = q4k::QS + 64 * (4 * j + c) + 8 * i;
+            o[at..at + 8].copy_from_slice(&blk[16 + 32 * j + 8 * c..][..8]);
         }
     }
 }

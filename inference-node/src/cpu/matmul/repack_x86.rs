@@ -87,6 +87,85 @@ unsafe fn load_ps(p: *const u8) -> __m256 {
     unsafe { _mm256_loadu_ps(p.cast()) }
 }
 
+/// Q4_K block `b`'s `Σ sc·(Σ q·a)` of the eight rows (lanes) against `R`
+/// activation rows, with 512-bit `vpdpbusd`: lanes `2i`, `2i + 1` hold row
+/// `i`'s halves until the end of the block. A lane's sum over one
+/// sub-block (16 values, `|Σ| ≤ 16·15·127`) fits in `i16`, so `vpmaddwd`
+/// against the scale (high half 0) applies it.
+#[inline(always)]
+unsafe fn q4k_sumi_512<const R: usize>(blk: *const u8, a: [&QActs; R], b: usize) -> [__m256i; R] {
+    // SAFETY: the VNNI entry point's features; `tile` checked the lengths.
+    unsafe {
+        let m4 = _mm512_set1_epi8(0xF);
+        let mut acc = [_mm512_setzero_si512(); R];
+        for s in 0..8 {
+            let (j, high) = (s / 2, s % 2 == 1);
+            let mut sub = [_mm512_setzero_si512(); R];
+            for c in 0..4 {
+                let q = _mm512_loadu_si512(blk.add(q4k::QS + 64 * (4 * j + c)).cast());
+                let w = if high {
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4)
+                } else {
+                    _mm512_and_si512(q, m4)
+                };
+                for r in 0..R {
+                    let at = a[r].q.as_ptr().add(QK_K * b + 32 * s + 8 * c);
+                    let av = _mm512_set1_epi64(at.cast::<i64>().read_unaligned());
+                    sub[r] = _mm512_dpbusd_epi32(sub[r], w, av);
+                }
+            }
+            let sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(q4k::SC + 16 * s).cast()));
+            for r in 0..R {
+                acc[r] = _mm512_add_epi32(acc[r], _mm512_madd_epi16(sub[r], sc));
+            }
+        }
+        std::array::from_fn(|r| {
+            _mm512_cvtepi64_epi32(_mm512_add_epi32(acc[r], _mm512_srli_epi64::<32>(acc[r])))
+        })
+    }
+}
+
+/// [`q4k_sumi_512`] with 256-bit `vpmaddubsw` + `vpmaddwd`: rows 0–3 in
+/// one vector, rows 4–7 in the other.
+#[inline(always)]
+unsafe fn q4k_sumi_256<const R: usize>(blk: *const u8, a: [&QActs; R], b: usize) -> [__m256i; R] {
+    // SAFETY: AVX2 (every entry point); `tile` checked the lengths.
+    unsafe {
+        let m4 = _mm256_set1_epi8(0xF);
+        let mut acc = [[_mm256_setzero_si256(); 2]; R];
+        for s in 0..8 {
+            let (j, high) = (s / 2, s % 2 == 1);
+            let mut sub = [[_mm256_setzero_si256(); 2]; R];
+            for c in 0..4 {
+                for h in 0..2 {
+                    let q = load(blk.add(q4k::QS + 64 * (4 * j + c) + 32 * h));
+                    let w = if high {
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4)
+                    } else {
+                        _mm256_and_si256(q, m4)
+                    };
+                    for r in 0..R {
+                        let at = a[r].q.as_ptr().add(QK_K * b + 32 * s + 8 * c);
+                        let av = _mm256_set1_epi64x(at.cast::<i64>().read_unaligned());
+                        sub[r][h] = dp_avx2(sub[r][h], w, av);
+                    }
+                }
+            }
+            for h in 0..2 {
+                let sc = widen8(blk.add(q4k::SC + 16 * s + 8 * h), false);
+                for r in 0..R {
+                    acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(sub[r][h], sc));
+                }
+            }
+        }
+        // `hadd` leaves rows 0, 1, 4, 5, 2, 3, 6, 7.
+        let order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+        std::array::from_fn(|r| {
+            _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(acc[r][0], acc[r][1]), order)
+        })
+    }
+}
+
 /// One Q4_K group (`p`, `nb` blocks) against `R` activation rows: lane `i`
 /// of result `r` is weight row `i` · `a[r]`.
 #[inline(always)]
@@ -98,33 +177,14 @@ unsafe fn q4k_group<const R: usize, const VNNI: bool>(
     // SAFETY: called from the entry points with their features; `tile`
     // checked the group's and the activations' lengths.
     unsafe {
-        let m4 = _mm256_set1_epi8(0xF);
         let mut sums = [_mm256_setzero_ps(); R];
         for b in 0..nb {
-            // SAFETY (whole loop): `tile` checked the group's and the
-            // activations' lengths.
             let blk = p.add(b * q4k::STRIDE);
-            let mut sumi = [_mm256_setzero_si256(); R];
-            for s in 0..8 {
-                let (j, high) = (s / 2, s % 2 == 1);
-                let mut sub = [_mm256_setzero_si256(); R];
-                for c in 0..8 {
-                    let q = load(blk.add(q4k::QS + 32 * (8 * j + c)));
-                    let w = if high {
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4)
-                    } else {
-                        _mm256_and_si256(q, m4)
-                    };
-                    for r in 0..R {
-                        let av = bcast4(a[r].q.as_ptr().add(QK_K * b + 32 * s + 4 * c));
-                        sub[r] = dp::<VNNI>(sub[r], w, av);
-                    }
-                }
-                let sc = widen8(blk.add(q4k::SC + 8 * s), false);
-                for r in 0..R {
-                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_mullo_epi32(sub[r], sc));
-                }
-            }
+            let sumi = if VNNI {
+                q4k_sumi_512(blk, a, b)
+            } else {
+                q4k_sumi_256(blk, a, b)
+            };
             let mut summ = [_mm256_setzero_si256(); R];
             for t in 0..4 {
                 let mn = load(blk.add(q4k::MN + 32 * t));
