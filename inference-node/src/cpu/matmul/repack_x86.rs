@@ -128,6 +128,7 @@ unsafe fn q4k_sumi_512<const R: usize>(blk: *const u8, a: [&QActs; R], b: usize)
 /// [`q4k_sumi_512`] with 256-bit `vpmaddubsw` + `vpmaddwd`: rows 0–3 in
 /// one vector, rows 4–7 in the other.
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // `h` picks the half of `sub` and of the bytes
 unsafe fn q4k_sumi_256<const R: usize>(blk: *const u8, a: [&QActs; R], b: usize) -> [__m256i; R] {
     // SAFETY: AVX2 (every entry point); `tile` checked the lengths.
     unsafe {
@@ -151,10 +152,10 @@ unsafe fn q4k_sumi_256<const R: usize>(blk: *const u8, a: [&QActs; R], b: usize)
                     }
                 }
             }
-            for h in 0..2 {
-                let sc = widen8(blk.add(q4k::SC + 16 * s + 8 * h), false);
-                for r in 0..R {
-                    acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(sub[r][h], sc));
+            let sc = [0, 1].map(|h| widen8(blk.add(q4k::SC + 16 * s + 8 * h), false));
+            for (acc, sub) in acc.iter_mut().zip(&sub) {
+                for h in 0..2 {
+                    acc[h] = _mm256_add_epi32(acc[h], _mm256_madd_epi16(sub[h], sc[h]));
                 }
             }
         }
