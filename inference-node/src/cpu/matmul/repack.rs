@@ -53,14 +53,14 @@ pub(crate) mod q4k {
 /// Q6_K group-block layout: `d` as f32 per row, the sixteen i8 scales
 /// (group `g`, row `i` at `8g + i`), the scales again as i16 pairs (pair
 /// `t`, row `i` at `16t + 2i + 0/1`), then per half `n` and chunk `c` three
-/// 32-byte vectors: `ql[64n + 4c ..]`, `ql[64n + 32 + 4c ..]` and
-/// `qh[32n + 4c ..]` of the eight rows, four bytes each.
+/// 64-byte vectors: `ql[64n + 8c ..]`, `ql[64n + 32 + 8c ..]` and
+/// `qh[32n + 8c ..]` of the eight rows, eight bytes each.
 pub(crate) mod q6k {
     pub const D: usize = 0;
     pub const SC: usize = 32;
     pub const SC16: usize = 160;
     pub const Q: usize = 416;
-    pub const STRIDE: usize = Q + 2 * 8 * 96;
+    pub const STRIDE: usize = Q + 2 * 4 * 192;
 }
 
 /// A tensor's rows in the eight-row layout.
@@ -163,11 +163,11 @@ fn pack_q6k(blk: &[u8], i: usize, o: &mut [u8]) {
         );
     }
     for n in 0..2 {
-        for c in 0..8 {
-            let src = [64 * n + 4 * c, 64 * n + 32 + 4 * c, 128 + 32 * n + 4 * c];
+        for c in 0..4 {
+            let src = [64 * n + 8 * c, 64 * n + 32 + 8 * c, 128 + 32 * n + 8 * c];
             for (v, s) in src.into_iter().enumerate() {
-                let at = q6k::Q + 96 * (8 * n + c) + 32 * v + 4 * i;
-                o[at..at + 4].copy_from_slice(&blk[s..s + 4]);
+                let at = q6k::Q + 192 * (4 * n + c) + 64 * v + 8 * i;
+                o[at..at + 8].copy_from_slice(&blk[s..s + 8]);
             }
         }
     }

@@ -1,15 +1,18 @@
 //! The prompt kernels on [`super::repack`]'s eight-row layout: up to four
-//! activation rows against a group of eight weight rows, one 256-bit
-//! accumulator per activation row whose eight `i32` lanes are the eight
-//! weight rows. Four activation bytes, broadcast, meet four bytes of each
-//! weight row: `vpdpbusd` where the CPU has AVX-512 VNNI (with VL), else
-//! `vpmaddubsw` + `vpmaddwd` (weights are unsigned, at most 63, so no
-//! `i16` pair saturates).
+//! activation rows against a group of eight weight rows. A 512-bit vector
+//! holds eight bytes of each weight row; eight activation bytes,
+//! broadcast, meet them, so each pair of `i32` lanes accumulates one
+//! (weight row, activation row) output, and one add per block folds the
+//! pair into the eight lanes of a 256-bit result: no horizontal sums.
 //!
-//! Each sub-block's exact sum is scaled (`vpmulld`) and added; the mins
-//! (Q4_K) and Q6_K's `−32` offset go through the activations' sums of 16
-//! with `vpmaddwd`. The float step per block is the portable expression
-//! per lane, in the same order, without fused multiply-adds.
+//! Q4_K: `vpdpbusd` (AVX-512 VNNI) per eight bytes, the 6-bit scale by
+//! `vpmaddwd` on each lane's sum of 16 values (which fits in `i16`).
+//! Q6_K: `vpmaddubsw` (values `+ 32` ≤ 63, no saturation) then `vpmaddwd`
+//! against the scales. Without AVX-512 VNNI the same layout runs as two
+//! 256-bit halves with `vpmaddubsw` + `vpmaddwd`. The mins (Q4_K) and
+//! Q6_K's `−32` offset go through the activations' sums of 16 with
+//! `vpmaddwd`. The float step per block is the portable expression per
+//! lane, in the same order, without fused multiply-adds.
 
 #![allow(unsafe_code)]
 
@@ -26,13 +29,6 @@ unsafe fn load(p: *const u8) -> __m256i {
     unsafe { _mm256_loadu_si256(p.cast()) }
 }
 
-/// The four activation bytes at `p` in every lane.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn bcast4(p: *const i8) -> __m256i {
-    _mm256_set1_epi32(unsafe { p.cast::<i32>().read_unaligned() })
-}
-
 /// Two `i16` sums of 16 as one broadcast `i32` (the `vpmaddwd` partner of
 /// a pair of scales or mins).
 #[inline]
@@ -41,31 +37,13 @@ unsafe fn pair16(lo: i32, hi: i32) -> __m256i {
     _mm256_set1_epi32(((lo as u16 as u32) | ((hi as u16 as u32) << 16)) as i32)
 }
 
-/// `acc + Σ` of four `w·a` per lane (`w` unsigned), with VNNI.
-#[inline]
-#[target_feature(enable = "avx512vnni,avx512vl,avx2,fma,f16c")]
-unsafe fn dp_vnni(acc: __m256i, w: __m256i, a: __m256i) -> __m256i {
-    _mm256_dpbusd_epi32(acc, w, a)
-}
-
-/// As [`dp_vnni`], with `vpmaddubsw` + `vpmaddwd`.
+/// `acc + Σ` of four `w·a` per lane (`w` unsigned ≤ 15), with
+/// `vpmaddubsw` + `vpmaddwd`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dp_avx2(acc: __m256i, w: __m256i, a: __m256i) -> __m256i {
     let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1));
     _mm256_add_epi32(acc, p)
-}
-
-#[inline(always)]
-unsafe fn dp<const VNNI: bool>(acc: __m256i, w: __m256i, a: __m256i) -> __m256i {
-    // SAFETY: the entry points enable the features of the variant they use.
-    unsafe {
-        if VNNI {
-            dp_vnni(acc, w, a)
-        } else {
-            dp_avx2(acc, w, a)
-        }
-    }
 }
 
 /// Eight bytes at `p` widened to `i32` lanes (unsigned or signed).
@@ -211,13 +189,14 @@ unsafe fn q4k_group<const R: usize, const VNNI: bool>(
     }
 }
 
-/// Q6_K's part `part` (0–3) of one chunk: `ql` bits and two `qh` bits.
+/// Q6_K's part `part` (0–3) of one 32-byte half chunk (rows 0–3 or 4–7):
+/// `ql` bits and two `qh` bits.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q6_part(chunk: *const u8, part: usize) -> __m256i {
     let (m4, m2) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(3));
-    let l = unsafe { load(chunk.add(32 * (part % 2))) };
-    let h = unsafe { load(chunk.add(64)) };
+    let l = unsafe { load(chunk.add(64 * (part % 2))) };
+    let h = unsafe { load(chunk.add(128)) };
     let (lo, hi) = match part {
         0 => (l, h),
         1 => (l, _mm256_srli_epi16::<2>(h)),
@@ -228,6 +207,99 @@ unsafe fn q6_part(chunk: *const u8, part: usize) -> __m256i {
         _mm256_and_si256(lo, m4),
         _mm256_slli_epi16::<4>(_mm256_and_si256(hi, m2)),
     )
+}
+
+/// Q6_K group `g`'s i8 scales of the eight rows, each four times (the
+/// four `i16` lanes of a row's eight bytes), rows 0–3 in the low 128 bits.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_scales(blk: *const u8, g: usize) -> __m256i {
+    let v = _mm256_set1_epi64x(unsafe { blk.add(q6k::SC + 8 * g).cast::<i64>().read_unaligned() });
+    let idx = _mm256_setr_epi8(
+        0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7,
+        7, 7,
+    );
+    _mm256_shuffle_epi8(v, idx)
+}
+
+/// 512-bit [`q6_part`] (all eight rows).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn q6_part512(chunk: *const u8, part: usize) -> __m512i {
+    let (m4, m2) = (_mm512_set1_epi8(0xF), _mm512_set1_epi8(3));
+    let l = unsafe { _mm512_loadu_si512(chunk.add(64 * (part % 2)).cast()) };
+    let h = unsafe { _mm512_loadu_si512(chunk.add(128).cast()) };
+    let (lo, hi) = match part {
+        0 => (l, h),
+        1 => (l, _mm512_srli_epi16::<2>(h)),
+        2 => (_mm512_srli_epi16::<4>(l), _mm512_srli_epi16::<4>(h)),
+        _ => (_mm512_srli_epi16::<4>(l), _mm512_srli_epi16::<6>(h)),
+    };
+    _mm512_or_si512(
+        _mm512_and_si512(lo, m4),
+        _mm512_slli_epi16::<4>(_mm512_and_si512(hi, m2)),
+    )
+}
+
+/// Q6_K block `b`'s `Σ sc·(Σ (v+32)·a)` of the eight rows against `R`
+/// activation rows, 512 bits wide: `vpmaddubsw` (`≤ 2·63·127`, no
+/// saturation) then `vpmaddwd` against the scales; lanes `2i`, `2i + 1`
+/// hold row `i`'s halves until the end of the block.
+#[inline(always)]
+unsafe fn q6k_sumi_512<const R: usize>(blk: *const u8, a: [&QActs; R], b: usize) -> [__m256i; R] {
+    // SAFETY: the VNNI entry point's features; `tile` checked the lengths.
+    unsafe {
+        let mut acc = [_mm512_setzero_si512(); R];
+        for g in 0..16 {
+            let (n, part, half) = (g / 8, (g % 8) / 2, g % 2);
+            let sc = _mm512_cvtepi8_epi16(q6_scales(blk, g));
+            for c in 2 * half..2 * half + 2 {
+                let w = q6_part512(blk.add(q6k::Q + 192 * (4 * n + c)), part);
+                for r in 0..R {
+                    let at = a[r].q.as_ptr().add(QK_K * b + 128 * n + 32 * part + 8 * c);
+                    let av = _mm512_set1_epi64(at.cast::<i64>().read_unaligned());
+                    let p = _mm512_madd_epi16(_mm512_maddubs_epi16(w, av), sc);
+                    acc[r] = _mm512_add_epi32(acc[r], p);
+                }
+            }
+        }
+        std::array::from_fn(|r| {
+            _mm512_cvtepi64_epi32(_mm512_add_epi32(acc[r], _mm512_srli_epi64::<32>(acc[r])))
+        })
+    }
+}
+
+/// [`q6k_sumi_512`] with 256-bit vectors: rows 0–3 in one, 4–7 in the other.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // `h` picks the half of `acc` and of the bytes
+unsafe fn q6k_sumi_256<const R: usize>(blk: *const u8, a: [&QActs; R], b: usize) -> [__m256i; R] {
+    // SAFETY: AVX2 (every entry point); `tile` checked the lengths.
+    unsafe {
+        let mut acc = [[_mm256_setzero_si256(); 2]; R];
+        for g in 0..16 {
+            let (n, part, half) = (g / 8, (g % 8) / 2, g % 2);
+            let s = q6_scales(blk, g);
+            let sc = [
+                _mm256_cvtepi8_epi16(_mm256_castsi256_si128(s)),
+                _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(s)),
+            ];
+            for c in 2 * half..2 * half + 2 {
+                for h in 0..2 {
+                    let w = q6_part(blk.add(q6k::Q + 192 * (4 * n + c) + 32 * h), part);
+                    for r in 0..R {
+                        let at = a[r].q.as_ptr().add(QK_K * b + 128 * n + 32 * part + 8 * c);
+                        let av = _mm256_set1_epi64x(at.cast::<i64>().read_unaligned());
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, av), sc[h]);
+                        acc[r][h] = _mm256_add_epi32(acc[r][h], p);
+                    }
+                }
+            }
+        }
+        let order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+        std::array::from_fn(|r| {
+            _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(acc[r][0], acc[r][1]), order)
+        })
+    }
 }
 
 /// One Q6_K group against `R` activation rows, as [`q4k_group`]. The
@@ -246,22 +318,11 @@ unsafe fn q6k_group<const R: usize, const VNNI: bool>(
         for b in 0..nb {
             // SAFETY (whole loop): as in `q4k_group`.
             let blk = p.add(b * q6k::STRIDE);
-            let mut sumi = [_mm256_setzero_si256(); R];
-            for g in 0..16 {
-                let (n, part, half) = (g / 8, (g % 8) / 2, g % 2);
-                let mut sub = [_mm256_setzero_si256(); R];
-                for c in 4 * half..4 * half + 4 {
-                    let w = q6_part(blk.add(q6k::Q + 96 * (8 * n + c)), part);
-                    for r in 0..R {
-                        let at = QK_K * b + 128 * n + 32 * part + 4 * c;
-                        sub[r] = dp::<VNNI>(sub[r], w, bcast4(a[r].q.as_ptr().add(at)));
-                    }
-                }
-                let sc = widen8(blk.add(q6k::SC + 8 * g), true);
-                for r in 0..R {
-                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_mullo_epi32(sub[r], sc));
-                }
-            }
+            let mut sumi = if VNNI {
+                q6k_sumi_512(blk, a, b)
+            } else {
+                q6k_sumi_256(blk, a, b)
+            };
             for r in 0..R {
                 let mut corr = _mm256_setzero_si256();
                 for t in 0..8 {
