@@ -335,6 +335,36 @@ fn tile_rows(n: usize, rb: usize, threads: usize) -> usize {
     by_bytes.min(by_jobs)
 }
 
+thread_local! {
+    /// Each worker's tile of outputs, kept between calls: a fresh
+    /// allocation per tile (over the allocator's mmap threshold at prompt
+    /// sizes) cost page faults on every call.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The output matrices, written by the jobs in parallel: the job of weight
+/// `wi` and rows `r0..r0 + rows` writes only those columns of each row of
+/// output `wi`, which no other job writes.
+struct Outs(Vec<(*mut f32, usize)>);
+
+// SAFETY: the jobs write disjoint elements (see `Outs`), and the borrows
+// the pointers come from outlive the parallel loop.
+unsafe impl Sync for Outs {}
+
+impl Outs {
+    /// Copies a job's tile (`m` rows of `rows`) into columns `r0..` of
+    /// output `wi` (`n` columns).
+    fn put(&self, wi: usize, n: usize, r0: usize, rows: usize, tile: &[f32]) {
+        let (ptr, len) = self.0[wi];
+        for (i, src) in tile.chunks_exact(rows).enumerate() {
+            assert!(i * n + r0 + rows <= len);
+            // SAFETY: in bounds (checked), and no other job writes these
+            // elements while this one runs.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), ptr.add(i * n + r0), rows) };
+        }
+    }
+}
+
 /// Each weight's repacked rows ([`super::repack`]) where a prompt of `m`
 /// rows takes that path, made on first use.
 fn repacked<'a>(m: usize, ws: &[&'a Tensor]) -> Vec<Option<&'a super::repack::Packed>> {
@@ -364,30 +394,27 @@ pub fn matmul_q_into(x: &[f32], m: usize, ws: &[&Tensor], outs: &mut [&mut [f32]
             jobs.push((wi, r0, t.min(n - r0)));
         }
     }
-    let tiles: Vec<Vec<f32>> = jobs
-        .par_iter()
-        .map(|&(wi, r0, rows)| {
-            let Some((q, bytes)) = ws[wi].qrows() else {
-                return Vec::new();
-            };
-            let rb = q.row_bytes(k);
-            let w = &bytes[r0 * rb..(r0 + rows) * rb];
-            let mut out = vec![0.0f32; m * rows];
-            let rows_of: Vec<&QActs> = (0..m).map(|i| acts.row(q, i)).collect();
-            match packed[wi] {
-                Some(p) => super::repack::tile(p, r0, rows, &rows_of, &mut out),
-                None => tile(q, w, rb, &rows_of, &mut out, with),
+    let dst = Outs(outs.iter_mut().map(|o| (o.as_mut_ptr(), o.len())).collect());
+    jobs.par_iter().for_each(|&(wi, r0, rows)| {
+        let Some((q, bytes)) = ws[wi].qrows() else {
+            return;
+        };
+        let rb = q.row_bytes(k);
+        let w = &bytes[r0 * rb..(r0 + rows) * rb];
+        let rows_of: Vec<&QActs> = (0..m).map(|i| acts.row(q, i)).collect();
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < m * rows {
+                s.resize(m * rows, 0.0);
             }
-            out
-        })
-        .collect();
-    for (&(wi, r0, rows), out) in jobs.iter().zip(tiles) {
-        let n = ws[wi].shape[0];
-        let y = &mut outs[wi];
-        for i in 0..m {
-            y[i * n + r0..i * n + r0 + rows].copy_from_slice(&out[i * rows..(i + 1) * rows]);
-        }
-    }
+            let out = &mut s[..m * rows];
+            match packed[wi] {
+                Some(p) => super::repack::tile(p, r0, rows, &rows_of, out),
+                None => tile(q, w, rb, &rows_of, out, with),
+            }
+            dst.put(wi, ws[wi].shape[0], r0, rows, out);
+        });
+    });
 }
 
 #[cfg(test)]
