@@ -368,7 +368,7 @@ impl Outs {
 /// Each weight's repacked rows ([`super::repack`]) where a prompt of `m`
 /// rows takes that path, made on first use.
 fn repacked<'a>(m: usize, ws: &[&'a Tensor]) -> Vec<Option<&'a super::repack::Packed>> {
-    let on = m >= super::repack::MIN_ROWS && !super::repack::turned_off();
+    let on = m >= super::repack::min_rows() && !super::repack::turned_off();
     ws.iter()
         .map(|w| if on { super::repack::packed(w) } else { None })
         .collect()

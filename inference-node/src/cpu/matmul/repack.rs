@@ -30,8 +30,21 @@ use crate::model::weights::Tensor;
 /// Weight rows per group.
 pub const ROWS: usize = 8;
 
-/// Activation rows from which a product takes the repacked path.
+/// Activation rows from which a product takes the repacked path, unless
+/// `COPYHOLD_REPACK_MIN_ROWS` says otherwise (to measure decode, one row,
+/// on either path).
 pub const MIN_ROWS: usize = 4;
+
+/// [`MIN_ROWS`] or the environment's figure (decided once).
+pub fn min_rows() -> usize {
+    static M: OnceLock<usize> = OnceLock::new();
+    *M.get_or_init(|| {
+        std::env::var("COPYHOLD_REPACK_MIN_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(MIN_ROWS)
+    })
+}
 
 /// Q4_K group-block layout: `d` and `dmin` as f32 per row, the eight
 /// 6-bit scales as bytes, each twice (sub-block `s`, row `i` at
