@@ -24,7 +24,8 @@ pub struct QActs {
     pub q: Vec<i8>,
     /// Per block: the scale (Q8_0's rounded to f16, as llama.cpp stores it).
     pub d: Vec<f32>,
-    /// Q8_K only: sums of each 16 values.
+    /// Sums of each 16 values (Q8_K) or of each block of 32 (Q8_0, for
+    /// the repacked kernels' offset weights).
     pub bsums: Vec<i32>,
 }
 
@@ -43,14 +44,16 @@ pub fn quantize_q8_0(x: &[f32]) -> QActs {
     let mut a = QActs {
         q: Vec::with_capacity(x.len()),
         d: Vec::with_capacity(x.len() / 32),
-        bsums: Vec::new(),
+        bsums: Vec::with_capacity(x.len() / 32),
     };
     for blk in x.chunks_exact(32) {
         let amax = blk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         a.d.push(half::f16::from_f32(d).to_f32());
+        let start = a.q.len();
         a.q.extend(blk.iter().map(|v| round_away(v * id) as i8));
+        a.bsums.push(a.q[start..].iter().map(|&v| v as i32).sum());
     }
     a
 }

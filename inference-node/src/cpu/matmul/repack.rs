@@ -79,6 +79,15 @@ pub(crate) mod q6k {
     pub const STRIDE: usize = Q + 2 * 4 * 192;
 }
 
+/// Q8_0 group-block layout: `d` as f32 per row, then the 32 quants of the
+/// eight rows `+ 128` (unsigned, for `vpdpbusd`), eight at a time: chunk
+/// `c` (values `8c ..+8`) at `64c + 8i`.
+pub(crate) mod q8 {
+    pub const D: usize = 0;
+    pub const QS: usize = 32;
+    pub const STRIDE: usize = QS + 256;
+}
+
 /// A tensor's rows in the eight-row layout.
 #[derive(Debug)]
 pub struct Packed {
@@ -100,13 +109,14 @@ impl Packed {
 fn stride(q: QType) -> usize {
     match q {
         QType::Q4K => q4k::STRIDE,
+        QType::Q8_0 => q8::STRIDE,
         _ => q6k::STRIDE,
     }
 }
 
 /// Whether the repacked kernels exist for `q` on this machine.
 pub fn covers(q: QType) -> bool {
-    matches!(q, QType::Q4K | QType::Q6K) && kernels_available()
+    matches!(q, QType::Q4K | QType::Q6K | QType::Q8_0) && kernels_available()
 }
 
 /// `w`'s repacked rows, made on first call; `None` where not covered.
@@ -140,6 +150,7 @@ pub fn pack(q: QType, bytes: &[u8], n: usize, k: usize) -> Packed {
                 let o = &mut out[b * stride(q)..(b + 1) * stride(q)];
                 match q {
                     QType::Q4K => pack_q4k(blk, i, o),
+                    QType::Q8_0 => pack_q8_0(blk, i, o),
                     _ => pack_q6k(blk, i, o),
                 }
             }
@@ -189,6 +200,16 @@ fn pack_q6k(blk: &[u8], i: usize, o: &mut [u8]) {
     }
 }
 
+/// Row `i`'s Q8_0 block `blk` into group-block `o`.
+fn pack_q8_0(blk: &[u8], i: usize, o: &mut [u8]) {
+    put_f32(o, q8::D + 4 * i, f16_at(blk, 0));
+    for c in 0..4 {
+        for l in 0..8 {
+            o[q8::QS + 64 * c + 8 * i + l] = blk[2 + 8 * c + l] ^ 0x80;
+        }
+    }
+}
+
 fn put_f32(o: &mut [u8], at: usize, v: f32) {
     o[at..at + 4].copy_from_slice(&v.to_le_bytes());
 }
@@ -201,8 +222,14 @@ fn put_i16(o: &mut [u8], at: usize, v: i16) {
 /// (`r0` a multiple of [`ROWS`]) on the repacked weights.
 pub fn tile(p: &Packed, r0: usize, rows: usize, acts: &[&QActs], out: &mut [f32]) {
     assert!(r0.is_multiple_of(ROWS) && r0 + rows <= p.n && out.len() >= acts.len() * rows);
+    let (per_block, sums) = if p.q == QType::Q8_0 {
+        (32, 1)
+    } else {
+        (256, 16)
+    };
     for a in acts {
-        assert!(a.q.len() >= p.nb * 256 && a.d.len() >= p.nb && a.bsums.len() >= p.nb * 16);
+        assert!(a.q.len() >= p.nb * per_block && a.d.len() >= p.nb);
+        assert!(a.bsums.len() >= p.nb * sums);
     }
     #[cfg(target_arch = "x86_64")]
     super::repack_x86::tile(p, r0, rows, acts, out);
@@ -234,7 +261,7 @@ fn kernels_available() -> bool {
 mod tests {
     use super::*;
     use crate::cpu::matmul::kernel::Isa;
-    use crate::cpu::matmul::qdot::{quantize_q8_k, tile as qtile};
+    use crate::cpu::matmul::qdot::{quantize_q8_0, quantize_q8_k, tile as qtile};
 
     fn signal(n: usize, seed: f32) -> Vec<f32> {
         (0..n)
@@ -257,7 +284,7 @@ mod tests {
             return;
         }
         let (k, n) = (768, 19);
-        for q in [QType::Q4K, QType::Q6K] {
+        for q in [QType::Q4K, QType::Q6K, QType::Q8_0] {
             let mut b = Vec::new();
             q.quantize(&signal(n * k, 3.0), &mut b);
             let p = pack(q, &b, n, k);
@@ -265,7 +292,11 @@ mod tests {
             for m in 1..=7 {
                 let acts: Vec<QActs> = signal(m * k, 0.7 + m as f32)
                     .chunks(k)
-                    .map(quantize_q8_k)
+                    .map(if q == QType::Q8_0 {
+                        quantize_q8_0
+                    } else {
+                        quantize_q8_k
+                    })
                     .collect();
                 let refs: Vec<&QActs> = acts.iter().collect();
                 for (r0, rows) in [(0, n), (8, n - 8), (0, 8)] {

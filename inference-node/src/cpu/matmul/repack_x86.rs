@@ -19,7 +19,7 @@
 use std::arch::x86_64::*;
 
 use super::qdot::QActs;
-use super::repack::{Packed, ROWS, q4k, q6k};
+use super::repack::{Packed, ROWS, q4k, q6k, q8};
 use crate::model::quant::{QK_K, QType};
 
 /// 32 bytes at `p` (unaligned).
@@ -344,6 +344,86 @@ unsafe fn q6k_group<const R: usize, const VNNI: bool>(
     }
 }
 
+/// Q8_0 block `b`'s `Σ q·a` of the eight rows against `R` activation rows:
+/// with VNNI, `vpdpbusd` on the stored `q + 128` less `128·Σ a` (the
+/// activations' block sums); without, `vpmaddubsw` on `|q|` and `a` signed
+/// by `q` (`≤ 2·128·127`, no saturation), two 256-bit halves.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // `r` and `h` pick rows and halves of several arrays
+unsafe fn q8_0_sumi<const R: usize, const VNNI: bool>(
+    blk: *const u8,
+    a: [&QActs; R],
+    b: usize,
+) -> [__m256i; R] {
+    // SAFETY: the entry point's features; `tile` checked the lengths.
+    unsafe {
+        let av = |r: usize, c: usize| {
+            a[r].q
+                .as_ptr()
+                .add(32 * b + 8 * c)
+                .cast::<i64>()
+                .read_unaligned()
+        };
+        if VNNI {
+            let mut acc = [_mm512_setzero_si512(); R];
+            for c in 0..4 {
+                let w = _mm512_loadu_si512(blk.add(q8::QS + 64 * c).cast());
+                for r in 0..R {
+                    acc[r] = _mm512_dpbusd_epi32(acc[r], w, _mm512_set1_epi64(av(r, c)));
+                }
+            }
+            return std::array::from_fn(|r| {
+                let s = _mm512_cvtepi64_epi32(_mm512_add_epi32(
+                    acc[r],
+                    _mm512_srli_epi64::<32>(acc[r]),
+                ));
+                _mm256_sub_epi32(s, _mm256_set1_epi32(128 * a[r].bsums[b]))
+            });
+        }
+        let (flip, ones) = (_mm256_set1_epi8(-128), _mm256_set1_epi16(1));
+        let mut acc = [[_mm256_setzero_si256(); 2]; R];
+        for c in 0..4 {
+            for h in 0..2 {
+                let q = _mm256_xor_si256(load(blk.add(q8::QS + 64 * c + 32 * h)), flip);
+                let aq = _mm256_sign_epi8(q, q);
+                for r in 0..R {
+                    let x = _mm256_sign_epi8(_mm256_set1_epi64x(av(r, c)), q);
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, x), ones);
+                    acc[r][h] = _mm256_add_epi32(acc[r][h], p);
+                }
+            }
+        }
+        let order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+        std::array::from_fn(|r| {
+            _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(acc[r][0], acc[r][1]), order)
+        })
+    }
+}
+
+/// One Q8_0 group against `R` activation rows, as [`q4k_group`].
+#[inline(always)]
+unsafe fn q8_0_group<const R: usize, const VNNI: bool>(
+    p: *const u8,
+    nb: usize,
+    a: [&QActs; R],
+) -> [__m256; R] {
+    // SAFETY: as `q4k_group`.
+    unsafe {
+        let mut sums = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let blk = p.add(b * q8::STRIDE);
+            let sumi = q8_0_sumi::<R, VNNI>(blk, a, b);
+            let d = load_ps(blk.add(q8::D));
+            for r in 0..R {
+                // Portable: `sum += s as f32 * (d_w * a.d[b])`.
+                let f = _mm256_mul_ps(d, _mm256_set1_ps(a[r].d[b]));
+                sums[r] = _mm256_add_ps(sums[r], _mm256_mul_ps(_mm256_cvtepi32_ps(sumi[r]), f));
+            }
+        }
+        sums
+    }
+}
+
 /// Group `p` against `R` activation rows, stored to `out[r·rows + j]` for
 /// the group's `valid` rows from `j0`.
 #[inline(always)]
@@ -361,6 +441,7 @@ unsafe fn group<const R: usize, const VNNI: bool>(
     let v = unsafe {
         match pk.q {
             QType::Q4K => q4k_group::<R, VNNI>(p, pk.nb, a),
+            QType::Q8_0 => q8_0_group::<R, VNNI>(p, pk.nb, a),
             _ => q6k_group::<R, VNNI>(p, pk.nb, a),
         }
     };
