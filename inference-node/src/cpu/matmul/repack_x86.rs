@@ -372,13 +372,15 @@ unsafe fn q8_0_sumi<const R: usize, const VNNI: bool>(
                     acc[r] = _mm512_dpbusd_epi32(acc[r], w, _mm512_set1_epi64(av(r, c)));
                 }
             }
-            return std::array::from_fn(|r| {
-                let s = _mm512_cvtepi64_epi32(_mm512_add_epi32(
-                    acc[r],
-                    _mm512_srli_epi64::<32>(acc[r]),
-                ));
-                _mm256_sub_epi32(s, _mm256_set1_epi32(128 * a[r].bsums[b]))
-            });
+            // Loops, not `array::from_fn`: intrinsics in a closure are not
+            // inlined here (the closure lacks the target features).
+            let mut out = [_mm256_setzero_si256(); R];
+            for r in 0..R {
+                let pair = _mm512_add_epi32(acc[r], _mm512_srli_epi64::<32>(acc[r]));
+                let s = _mm512_cvtepi64_epi32(pair);
+                out[r] = _mm256_sub_epi32(s, _mm256_set1_epi32(128 * a[r].bsums[b]));
+            }
+            return out;
         }
         let (flip, ones) = (_mm256_set1_epi8(-128), _mm256_set1_epi16(1));
         let mut acc = [[_mm256_setzero_si256(); 2]; R];
@@ -394,9 +396,11 @@ unsafe fn q8_0_sumi<const R: usize, const VNNI: bool>(
             }
         }
         let order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
-        std::array::from_fn(|r| {
-            _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(acc[r][0], acc[r][1]), order)
-        })
+        let mut out = [_mm256_setzero_si256(); R];
+        for r in 0..R {
+            out[r] = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(acc[r][0], acc[r][1]), order);
+        }
+        out
     }
 }
 
