@@ -1,4 +1,4 @@
-//! Q4_K and Q6_K weights repacked eight rows at a time for the prompt
+//! Q4_K, Q6_K and Q8_0 weights repacked eight rows at a time for the prompt
 //! kernels of [`super::repack_x86`] (llama.cpp's `block_q4_Kx8` idea, in
 //! our own layout): per group of eight weight rows and per 256-value
 //! block, the eight rows' scales side by side and their quant bytes

@@ -8,7 +8,8 @@
 //! Q4_K: `vpdpbusd` (AVX-512 VNNI) per eight bytes, the 6-bit scale by
 //! `vpmaddwd` on each lane's sum of 16 values (which fits in `i16`).
 //! Q6_K: `vpmaddubsw` (values `+ 32` ≤ 63, no saturation) then `vpmaddwd`
-//! against the scales. Without AVX-512 VNNI the same layout runs as two
+//! against the scales. Q8_0: `vpdpbusd` on the stored `q + 128`, less
+//! `128·Σ a` per block. Without AVX-512 VNNI the same layout runs as two
 //! 256-bit halves with `vpmaddubsw` + `vpmaddwd`. The mins (Q4_K) and
 //! Q6_K's `−32` offset go through the activations' sums of 16 with
 //! `vpmaddwd`. The float step per block is the portable expression per
