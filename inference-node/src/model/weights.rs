@@ -81,6 +81,10 @@ pub struct Tensor {
     map: Bytes,
     start: usize,
     len: usize,
+    /// Q4_K/Q6_K rows repacked eight at a time for the prompt kernels,
+    /// made on first use and shared by the clones
+    /// ([`crate::cpu::matmul::repack`]).
+    pub(crate) repacked: Arc<std::sync::OnceLock<crate::cpu::matmul::repack::Packed>>,
 }
 
 impl std::fmt::Debug for Tensor {
@@ -110,6 +114,7 @@ impl Tensor {
             map,
             start,
             len,
+            repacked: Arc::default(),
         }
     }
 
@@ -332,6 +337,7 @@ fn map_file(path: &Path) -> Result<Vec<Tensor>> {
             map: map.clone() as Bytes,
             start: data_start + a,
             len: b - a,
+            repacked: Arc::default(),
         });
     }
     Ok(out)

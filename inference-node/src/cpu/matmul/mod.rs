@@ -17,6 +17,9 @@ pub mod kernel;
 pub mod qdot;
 #[cfg(target_arch = "x86_64")]
 mod qdot_x86;
+pub mod repack;
+#[cfg(target_arch = "x86_64")]
+mod repack_x86;
 
 use std::cell::RefCell;
 

@@ -24,7 +24,8 @@ pub struct QActs {
     pub q: Vec<i8>,
     /// Per block: the scale (Q8_0's rounded to f16, as llama.cpp stores it).
     pub d: Vec<f32>,
-    /// Q8_K only: sums of each 16 values.
+    /// Sums of each 16 values (Q8_K) or of each block of 32 (Q8_0, for
+    /// the repacked kernels' offset weights).
     pub bsums: Vec<i32>,
 }
 
@@ -43,14 +44,16 @@ pub fn quantize_q8_0(x: &[f32]) -> QActs {
     let mut a = QActs {
         q: Vec::with_capacity(x.len()),
         d: Vec::with_capacity(x.len() / 32),
-        bsums: Vec::new(),
+        bsums: Vec::with_capacity(x.len() / 32),
     };
     for blk in x.chunks_exact(32) {
         let amax = blk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         a.d.push(half::f16::from_f32(d).to_f32());
+        let start = a.q.len();
         a.q.extend(blk.iter().map(|v| round_away(v * id) as i8));
+        a.bsums.push(a.q[start..].iter().map(|&v| v as i32).sum());
     }
     a
 }
@@ -64,9 +67,7 @@ pub fn quantize_q8_k(x: &[f32]) -> QActs {
         bsums: Vec::with_capacity(x.len() / 16),
     };
     for blk in x.chunks_exact(QK_K) {
-        let max = blk
-            .iter()
-            .fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        let max = largest_magnitude(blk);
         if max == 0.0 {
             a.d.push(0.0);
             a.q.extend(std::iter::repeat_n(0, QK_K));
@@ -82,6 +83,23 @@ pub fn quantize_q8_k(x: &[f32]) -> QActs {
         a.d.push(1.0 / iscale);
     }
     a
+}
+
+/// The first value of largest magnitude (0 if all are zero): what
+/// `fold(0, |m, v| if |v| > |m| { v } else { m })` returns, found by a
+/// maximum over sixteen lanes (which vectorizes) and one scan for it.
+fn largest_magnitude(blk: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    for c in blk.chunks_exact(16) {
+        for (m, v) in lanes.iter_mut().zip(c) {
+            *m = m.max(v.abs());
+        }
+    }
+    let amax = lanes.iter().fold(0.0f32, |m, &v| m.max(v));
+    if amax == 0.0 {
+        return 0.0;
+    }
+    blk.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0)
 }
 
 #[inline(always)]
@@ -320,6 +338,45 @@ fn tile_rows(n: usize, rb: usize, threads: usize) -> usize {
     by_bytes.min(by_jobs)
 }
 
+thread_local! {
+    /// Each worker's tile of outputs, kept between calls: a fresh
+    /// allocation per tile (over the allocator's mmap threshold at prompt
+    /// sizes) cost page faults on every call.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The output matrices, written by the jobs in parallel: the job of weight
+/// `wi` and rows `r0..r0 + rows` writes only those columns of each row of
+/// output `wi`, which no other job writes.
+struct Outs(Vec<(*mut f32, usize)>);
+
+// SAFETY: the jobs write disjoint elements (see `Outs`), and the borrows
+// the pointers come from outlive the parallel loop.
+unsafe impl Sync for Outs {}
+
+impl Outs {
+    /// Copies a job's tile (`m` rows of `rows`) into columns `r0..` of
+    /// output `wi` (`n` columns).
+    fn put(&self, wi: usize, n: usize, r0: usize, rows: usize, tile: &[f32]) {
+        let (ptr, len) = self.0[wi];
+        for (i, src) in tile.chunks_exact(rows).enumerate() {
+            assert!(i * n + r0 + rows <= len);
+            // SAFETY: in bounds (checked), and no other job writes these
+            // elements while this one runs.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), ptr.add(i * n + r0), rows) };
+        }
+    }
+}
+
+/// Each weight's repacked rows ([`super::repack`]) where a prompt of `m`
+/// rows takes that path, made on first use.
+fn repacked<'a>(m: usize, ws: &[&'a Tensor]) -> Vec<Option<&'a super::repack::Packed>> {
+    let on = m >= super::repack::min_rows() && !super::repack::turned_off();
+    ws.iter()
+        .map(|w| if on { super::repack::packed(w) } else { None })
+        .collect()
+}
+
 /// [`crate::cpu::matmul::matmul_wt_into`] for block-quantized weights
 /// (`ws` all quantized, sharing `k`).
 pub fn matmul_q_into(x: &[f32], m: usize, ws: &[&Tensor], outs: &mut [&mut [f32]]) {
@@ -327,36 +384,40 @@ pub fn matmul_q_into(x: &[f32], m: usize, ws: &[&Tensor], outs: &mut [&mut [f32]
     let acts = Acts::new(x, m, k, ws);
     let threads = rayon::current_num_threads().max(1);
     let with = wide_isa();
+    let packed = repacked(m, ws);
     let mut jobs = Vec::new();
     for (wi, w) in ws.iter().enumerate() {
         let Some((q, _)) = w.qrows() else { continue };
         let n = w.shape[0];
-        let t = tile_rows(n, q.row_bytes(k), threads);
+        let mut t = tile_rows(n, q.row_bytes(k), threads);
+        if packed[wi].is_some() {
+            t = t.next_multiple_of(super::repack::ROWS);
+        }
         for r0 in (0..n).step_by(t) {
             jobs.push((wi, r0, t.min(n - r0)));
         }
     }
-    let tiles: Vec<Vec<f32>> = jobs
-        .par_iter()
-        .map(|&(wi, r0, rows)| {
-            let Some((q, bytes)) = ws[wi].qrows() else {
-                return Vec::new();
-            };
-            let rb = q.row_bytes(k);
-            let w = &bytes[r0 * rb..(r0 + rows) * rb];
-            let mut out = vec![0.0f32; m * rows];
-            let rows_of: Vec<&QActs> = (0..m).map(|i| acts.row(q, i)).collect();
-            tile(q, w, rb, &rows_of, &mut out, with);
-            out
-        })
-        .collect();
-    for (&(wi, r0, rows), out) in jobs.iter().zip(tiles) {
-        let n = ws[wi].shape[0];
-        let y = &mut outs[wi];
-        for i in 0..m {
-            y[i * n + r0..i * n + r0 + rows].copy_from_slice(&out[i * rows..(i + 1) * rows]);
-        }
-    }
+    let dst = Outs(outs.iter_mut().map(|o| (o.as_mut_ptr(), o.len())).collect());
+    jobs.par_iter().for_each(|&(wi, r0, rows)| {
+        let Some((q, bytes)) = ws[wi].qrows() else {
+            return;
+        };
+        let rb = q.row_bytes(k);
+        let w = &bytes[r0 * rb..(r0 + rows) * rb];
+        let rows_of: Vec<&QActs> = (0..m).map(|i| acts.row(q, i)).collect();
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < m * rows {
+                s.resize(m * rows, 0.0);
+            }
+            let out = &mut s[..m * rows];
+            match packed[wi] {
+                Some(p) => super::repack::tile(p, r0, rows, &rows_of, out),
+                None => tile(q, w, rb, &rows_of, out, with),
+            }
+            dst.put(wi, ws[wi].shape[0], r0, rows, out);
+        });
+    });
 }
 
 #[cfg(test)]
@@ -385,6 +446,27 @@ mod tests {
         xs.extend([0.0, -0.0, 127.0, -127.0, 0.49999997, -0.49999997]);
         for x in xs {
             assert_eq!(round_away(x), x.round() as i32, "{x}");
+        }
+    }
+
+    /// The vectorized search finds the value the scalar fold finds: the
+    /// first of largest magnitude, either sign, ties and zeros included.
+    #[test]
+    fn largest_magnitude_is_the_first_value_of_largest_magnitude() {
+        let fold = |b: &[f32]| {
+            b.iter()
+                .fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m })
+        };
+        let mut cases = vec![vec![0.0f32; 256], vec![-0.0f32; 256], signal(256, 1.0)];
+        let mut tie = signal(256, 2.0);
+        tie[17] = 3.0;
+        tie[200] = -3.0;
+        let mut neg = tie.clone();
+        neg[17] = -3.0;
+        neg[200] = 3.0;
+        cases.extend([tie, neg]);
+        for b in cases {
+            assert_eq!(largest_magnitude(&b).to_bits(), fold(&b).to_bits());
         }
     }
 

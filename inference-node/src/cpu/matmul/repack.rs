@@ -1,0 +1,336 @@
+//! Q4_K, Q6_K and Q8_0 weights repacked eight rows at a time for the prompt
+//! kernels of [`super::repack_x86`] (llama.cpp's `block_q4_Kx8` idea, in
+//! our own layout): per group of eight weight rows and per 256-value
+//! block, the eight rows' scales side by side and their quant bytes
+//! interleaved four at a time, so one 256-bit vector holds four bytes of
+//! each of the eight rows. A broadcast of four activation bytes against it
+//! gives, in each 32-bit lane, one (weight row, activation row) pair's
+//! partial sum: no horizontal sums, and `vpdpbusd` (VNNI) or
+//! `vpmaddubsw` + `vpmaddwd` does the multiply-adds.
+//!
+//! The integer sums are exact and the float step per block is the
+//! portable code's expression per output, in the same block order, so the
+//! results have the portable loops' bits, alone or in any batch (the tests
+//! below check it).
+//!
+//! Memory: the repacked copy is made on the first product that meets the
+//! tensor (the bench's warm-up, a server's first request) and kept beside
+//! the mapped file; Q4_K takes 1344 bytes per 8 rows × 256 values (the
+//! file: 1152), Q6_K 1952 (the file: 1680). Every product then reads the
+//! copy, but the file pages read while repacking stay counted in RSS
+//! until the kernel reclaims them (they are clean, so it can): peak RSS
+//! on the 284 M Q4_K_M file rose from 274 to 503 MiB (`--prompt 16`).
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use super::qdot::QActs;
+use crate::model::quant::{QType, f16_at, scale_min_k4};
+use crate::model::weights::Tensor;
+
+/// Weight rows per group.
+pub const ROWS: usize = 8;
+
+/// Activation rows from which a product takes the repacked path, unless
+/// `COPYHOLD_REPACK_MIN_ROWS` says otherwise: every product, decode too
+/// (one row: 54 against 44 tok/s on the 284 M Q4_K_M file with the
+/// mapped-block kernels, bench/results/inference-node-gguf.md).
+pub const MIN_ROWS: usize = 1;
+
+/// [`MIN_ROWS`] or the environment's figure (decided once).
+pub fn min_rows() -> usize {
+    static M: OnceLock<usize> = OnceLock::new();
+    *M.get_or_init(|| {
+        std::env::var("COPYHOLD_REPACK_MIN_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(MIN_ROWS)
+    })
+}
+
+/// Q4_K group-block layout: `d` and `dmin` as f32 per row, the eight
+/// 6-bit scales as bytes, each twice (sub-block `s`, row `i` at
+/// `16s + 2i + 0/1`: one per 32-bit lane of a row's pair of lanes), the
+/// mins as i16 pairs (`vpmaddwd` operands: pair `t`, row `i` at
+/// `16t + 2i + 0/1`), then the quant bytes eight at a time: pair `j`, chunk
+/// `c` (bytes `32j + 8c ..+8` of each row's `qs`) at `64(4j + c) + 8i`, so
+/// a row's eight bytes fill two 32-bit lanes and one broadcast of eight
+/// activation bytes meets all eight rows.
+pub(crate) mod q4k {
+    pub const D: usize = 0;
+    pub const DMIN: usize = 32;
+    pub const SC: usize = 64;
+    pub const MN: usize = 192;
+    pub const QS: usize = 320;
+    pub const STRIDE: usize = QS + 1024;
+}
+
+/// Q6_K group-block layout: `d` as f32 per row, the sixteen i8 scales
+/// (group `g`, row `i` at `8g + i`), the scales again as i16 pairs (pair
+/// `t`, row `i` at `16t + 2i + 0/1`), then per half `n` and chunk `c` three
+/// 64-byte vectors: `ql[64n + 8c ..]`, `ql[64n + 32 + 8c ..]` and
+/// `qh[32n + 8c ..]` of the eight rows, eight bytes each.
+pub(crate) mod q6k {
+    pub const D: usize = 0;
+    pub const SC: usize = 32;
+    pub const SC16: usize = 160;
+    pub const Q: usize = 416;
+    pub const STRIDE: usize = Q + 2 * 4 * 192;
+}
+
+/// Q8_0 group-block layout: `d` as f32 per row, then the 32 quants of the
+/// eight rows `+ 128` (unsigned, for `vpdpbusd`), eight at a time: chunk
+/// `c` (values `8c ..+8`) at `64c + 8i`.
+pub(crate) mod q8 {
+    pub const D: usize = 0;
+    pub const QS: usize = 32;
+    pub const STRIDE: usize = QS + 256;
+}
+
+/// A tensor's rows in the eight-row layout.
+#[derive(Debug)]
+pub struct Packed {
+    pub q: QType,
+    /// Weight rows (the last group is padded with zero blocks).
+    pub n: usize,
+    /// Blocks per row.
+    pub nb: usize,
+    pub bytes: Vec<u8>,
+}
+
+impl Packed {
+    /// Bytes of one group's blocks.
+    pub fn group_bytes(&self) -> usize {
+        self.nb * stride(self.q)
+    }
+}
+
+fn stride(q: QType) -> usize {
+    match q {
+        QType::Q4K => q4k::STRIDE,
+        QType::Q8_0 => q8::STRIDE,
+        _ => q6k::STRIDE,
+    }
+}
+
+/// Whether the repacked kernels exist for `q` on this machine.
+pub fn covers(q: QType) -> bool {
+    matches!(q, QType::Q4K | QType::Q6K | QType::Q8_0) && kernels_available()
+}
+
+/// `w`'s repacked rows, made on first call; `None` where not covered.
+pub fn packed(w: &Tensor) -> Option<&Packed> {
+    let (q, bytes) = w.qrows()?;
+    if !covers(q) || w.shape.len() != 2 {
+        return None;
+    }
+    Some(
+        w.repacked
+            .get_or_init(|| pack(q, bytes, w.shape[0], w.shape[1])),
+    )
+}
+
+/// Repacks `n` rows of `k` values (`bytes`, the file's blocks).
+pub fn pack(q: QType, bytes: &[u8], n: usize, k: usize) -> Packed {
+    let (rb, bb) = (q.row_bytes(k), q.block_bytes());
+    let nb = rb / bb;
+    let mut p = Packed {
+        q,
+        n,
+        nb,
+        bytes: Vec::new(),
+    };
+    let gb = p.group_bytes();
+    p.bytes = vec![0u8; n.div_ceil(ROWS) * gb];
+    p.bytes.par_chunks_mut(gb).enumerate().for_each(|(g, out)| {
+        for i in 0..ROWS.min(n - g * ROWS) {
+            let row = &bytes[(g * ROWS + i) * rb..(g * ROWS + i + 1) * rb];
+            for (b, blk) in row.chunks_exact(bb).enumerate() {
+                let o = &mut out[b * stride(q)..(b + 1) * stride(q)];
+                match q {
+                    QType::Q4K => pack_q4k(blk, i, o),
+                    QType::Q8_0 => pack_q8_0(blk, i, o),
+                    _ => pack_q6k(blk, i, o),
+                }
+            }
+        }
+    });
+    p
+}
+
+/// Row `i`'s Q4_K block `blk` into group-block `o`.
+fn pack_q4k(blk: &[u8], i: usize, o: &mut [u8]) {
+    put_f32(o, q4k::D + 4 * i, f16_at(blk, 0));
+    put_f32(o, q4k::DMIN + 4 * i, f16_at(blk, 2));
+    for s in 0..8 {
+        let (sc, m) = scale_min_k4(s, &blk[4..16]);
+        o[q4k::SC + 16 * s + 2 * i] = sc;
+        o[q4k::SC + 16 * s + 2 * i + 1] = sc;
+        put_i16(o, q4k::MN + 2 * (16 * (s / 2) + 2 * i + s % 2), m as i16);
+    }
+    for j in 0..4 {
+        for c in 0..4 {
+            let at = q4k::QS + 64 * (4 * j + c) + 8 * i;
+            o[at..at + 8].copy_from_slice(&blk[16 + 32 * j + 8 * c..][..8]);
+        }
+    }
+}
+
+/// Row `i`'s Q6_K block `blk` into group-block `o`.
+fn pack_q6k(blk: &[u8], i: usize, o: &mut [u8]) {
+    put_f32(o, q6k::D + 4 * i, f16_at(blk, 208));
+    for g in 0..16 {
+        let sc = blk[192 + g];
+        o[q6k::SC + 8 * g + i] = sc;
+        put_i16(
+            o,
+            q6k::SC16 + 2 * (16 * (g / 2) + 2 * i + g % 2),
+            sc as i8 as i16,
+        );
+    }
+    for n in 0..2 {
+        for c in 0..4 {
+            let src = [64 * n + 8 * c, 64 * n + 32 + 8 * c, 128 + 32 * n + 8 * c];
+            for (v, s) in src.into_iter().enumerate() {
+                let at = q6k::Q + 192 * (4 * n + c) + 64 * v + 8 * i;
+                o[at..at + 8].copy_from_slice(&blk[s..s + 8]);
+            }
+        }
+    }
+}
+
+/// Row `i`'s Q8_0 block `blk` into group-block `o`.
+fn pack_q8_0(blk: &[u8], i: usize, o: &mut [u8]) {
+    put_f32(o, q8::D + 4 * i, f16_at(blk, 0));
+    for c in 0..4 {
+        for l in 0..8 {
+            o[q8::QS + 64 * c + 8 * i + l] = blk[2 + 8 * c + l] ^ 0x80;
+        }
+    }
+}
+
+fn put_f32(o: &mut [u8], at: usize, v: f32) {
+    o[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+fn put_i16(o: &mut [u8], at: usize, v: i16) {
+    o[at..at + 2].copy_from_slice(&v.to_le_bytes());
+}
+
+/// `out[i·rows + j] = W row (r0 + j) · acts[i]` for `rows` rows from `r0`
+/// (`r0` a multiple of [`ROWS`]) on the repacked weights.
+pub fn tile(p: &Packed, r0: usize, rows: usize, acts: &[&QActs], out: &mut [f32]) {
+    assert!(r0.is_multiple_of(ROWS) && r0 + rows <= p.n && out.len() >= acts.len() * rows);
+    let (per_block, sums) = if p.q == QType::Q8_0 {
+        (32, 1)
+    } else {
+        (256, 16)
+    };
+    for a in acts {
+        assert!(a.q.len() >= p.nb * per_block && a.d.len() >= p.nb);
+        assert!(a.bsums.len() >= p.nb * sums);
+    }
+    #[cfg(target_arch = "x86_64")]
+    super::repack_x86::tile(p, r0, rows, acts, out);
+}
+
+/// Whether `COPYHOLD_QDOT` (`norepack` or `loops`) turns the repacked
+/// path off, to measure it against the kernels on the mapped blocks.
+/// Decided once.
+pub fn turned_off() -> bool {
+    static OFF: OnceLock<bool> = OnceLock::new();
+    *OFF.get_or_init(|| {
+        std::env::var("COPYHOLD_QDOT").is_ok_and(|v| v == "norepack" || v == "loops")
+    })
+}
+
+/// Whether this CPU runs [`super::repack_x86`] (AVX2, FMA, F16C).
+fn kernels_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::matmul::kernel::Isa;
+    use crate::cpu::matmul::qdot::{quantize_q8_0, quantize_q8_k, tile as qtile};
+
+    fn signal(n: usize, seed: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as f32 * 0.37 + seed).sin() + (i as f32 * 0.013).cos() * 0.5) * 0.2)
+            .collect()
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|f| f.to_bits()).collect()
+    }
+
+    /// Rows 0..19 (two groups and a tail of three) against 1..=7 prompt
+    /// rows (groups of four and tails), from group 0 and from group 1: the
+    /// repacked kernels give the portable loops' bits, and each prompt row
+    /// alone gives the bits it gives in the group.
+    #[test]
+    fn repacked_kernels_match_the_portable_loops_bit_for_bit_alone_and_in_groups() {
+        if !covers(QType::Q4K) {
+            eprintln!("no repacked kernels on this machine");
+            return;
+        }
+        let (k, n) = (768, 19);
+        for q in [QType::Q4K, QType::Q6K, QType::Q8_0] {
+            let mut b = Vec::new();
+            q.quantize(&signal(n * k, 3.0), &mut b);
+            let p = pack(q, &b, n, k);
+            let rb = q.row_bytes(k);
+            for m in 1..=7 {
+                let acts: Vec<QActs> = signal(m * k, 0.7 + m as f32)
+                    .chunks(k)
+                    .map(if q == QType::Q8_0 {
+                        quantize_q8_0
+                    } else {
+                        quantize_q8_k
+                    })
+                    .collect();
+                let refs: Vec<&QActs> = acts.iter().collect();
+                for (r0, rows) in [(0, n), (8, n - 8), (0, 8)] {
+                    let mut want = vec![0.0; m * rows];
+                    qtile(
+                        q,
+                        &b[r0 * rb..(r0 + rows) * rb],
+                        rb,
+                        &refs,
+                        &mut want,
+                        Isa::Portable,
+                    );
+                    let mut got = vec![0.0; m * rows];
+                    tile(&p, r0, rows, &refs, &mut got);
+                    assert_eq!(bits(&want), bits(&got), "{q:?} m {m} rows {r0}+{rows}");
+                    #[cfg(target_arch = "x86_64")]
+                    {
+                        let mut plain = vec![0.0; m * rows];
+                        super::super::repack_x86::tile_without_vnni(
+                            &p, r0, rows, &refs, &mut plain,
+                        );
+                        assert_eq!(bits(&want), bits(&plain), "{q:?} m {m} without VNNI");
+                    }
+                    for (i, a) in refs.iter().enumerate() {
+                        let mut alone = vec![0.0; rows];
+                        tile(&p, r0, rows, &[*a], &mut alone);
+                        assert_eq!(
+                            bits(&alone),
+                            bits(&want[i * rows..(i + 1) * rows]),
+                            "{q:?} alone {i}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,531 @@
+//! The prompt kernels on [`super::repack`]'s eight-row layout: up to four
+//! activation rows against a group of eight weight rows. A 512-bit vector
+//! holds eight bytes of each weight row; eight activation bytes,
+//! broadcast, meet them, so each pair of `i32` lanes accumulates one
+//! (weight row, activation row) output, and one add per block folds the
+//! pair into the eight lanes of a 256-bit result: no horizontal sums.
+//!
+//! Q4_K: `vpdpbusd` (AVX-512 VNNI) per eight bytes, the 6-bit scale by
+//! `vpmaddwd` on each lane's sum of 16 values (which fits in `i16`).
+//! Q6_K: `vpmaddubsw` (values `+ 32` ≤ 63, no saturation) then `vpmaddwd`
+//! against the scales. Q8_0: `vpdpbusd` on the stored `q + 128`, less
+//! `128·Σ a` per block. Without AVX-512 VNNI the same layout runs as two
+//! 256-bit halves with `vpmaddubsw` + `vpmaddwd`. The mins (Q4_K) and
+//! Q6_K's `−32` offset go through the activations' sums of 16 with
+//! `vpmaddwd`. The float step per block is the portable expression per
+//! lane, in the same order, without fused multiply-adds.
+
+#![allow(unsafe_code)]
+
+use std::arch::x86_64::*;
+
+use super::qdot::QActs;
+use super::repack::{Packed, ROWS, q4k, q6k, q8};
+use crate::model::quant::{QK_K, QType};
+
+/// 32 bytes at `p` (unaligned).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load(p: *const u8) -> __m256i {
+    unsafe { _mm256_loadu_si256(p.cast()) }
+}
+
+/// Two `i16` sums of 16 as one broadcast `i32` (the `vpmaddwd` partner of
+/// a pair of scales or mins).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pair16(lo: i32, hi: i32) -> __m256i {
+    _mm256_set1_epi32(((lo as u16 as u32) | ((hi as u16 as u32) << 16)) as i32)
+}
+
+/// `acc + Σ` of four `w·a` per lane (`w` unsigned ≤ 15), with
+/// `vpmaddubsw` + `vpmaddwd`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dp_avx2(acc: __m256i, w: __m256i, a: __m256i) -> __m256i {
+    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1));
+    _mm256_add_epi32(acc, p)
+}
+
+/// Eight bytes at `p` widened to `i32` lanes (unsigned or signed).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn widen8(p: *const u8, signed: bool) -> __m256i {
+    let v = unsafe { _mm_loadl_epi64(p.cast()) };
+    if signed {
+        _mm256_cvtepi8_epi32(v)
+    } else {
+        _mm256_cvtepu8_epi32(v)
+    }
+}
+
+/// Eight f32 at `p`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load_ps(p: *const u8) -> __m256 {
+    unsafe { _mm256_loadu_ps(p.cast()) }
+}
+
+/// Q4_K block `b`'s `Σ sc·(Σ q·a)` of the eight rows (lanes) against `R`
+/// activation rows, with 512-bit `vpdpbusd`: lanes `2i`, `2i + 1` hold row
+/// `i`'s halves until the end of the block. A lane's sum over one
+/// sub-block (16 values, `|Σ| ≤ 16·15·127`) fits in `i16`, so `vpmaddwd`
+/// against the scale (high half 0) applies it.
+#[inline(always)]
+unsafe fn q4k_sumi_512<const R: usize>(blk: *const u8, a: [&QActs; R], b: usize) -> [__m256i; R] {
+    // SAFETY: the VNNI entry point's features; `tile` checked the lengths.
+    unsafe {
+        let m4 = _mm512_set1_epi8(0xF);
+        let mut acc = [_mm512_setzero_si512(); R];
+        for s in 0..8 {
+            let (j, high) = (s / 2, s % 2 == 1);
+            let mut sub = [_mm512_setzero_si512(); R];
+            for c in 0..4 {
+                let q = _mm512_loadu_si512(blk.add(q4k::QS + 64 * (4 * j + c)).cast());
+                let w = if high {
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4)
+                } else {
+                    _mm512_and_si512(q, m4)
+                };
+                for r in 0..R {
+                    let at = a[r].q.as_ptr().add(QK_K * b + 32 * s + 8 * c);
+                    let av = _mm512_set1_epi64(at.cast::<i64>().read_unaligned());
+                    sub[r] = _mm512_dpbusd_epi32(sub[r], w, av);
+                }
+            }
+            let sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(q4k::SC + 16 * s).cast()));
+            for r in 0..R {
+                acc[r] = _mm512_add_epi32(acc[r], _mm512_madd_epi16(sub[r], sc));
+            }
+        }
+        std::array::from_fn(|r| {
+            _mm512_cvtepi64_epi32(_mm512_add_epi32(acc[r], _mm512_srli_epi64::<32>(acc[r])))
+        })
+    }
+}
+
+/// [`q4k_sumi_512`] with 256-bit `vpmaddubsw` + `vpmaddwd`: rows 0–3 in
+/// one vector, rows 4–7 in the other.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // `h` picks the half of `sub` and of the bytes
+unsafe fn q4k_sumi_256<const R: usize>(blk: *const u8, a: [&QActs; R], b: usize) -> [__m256i; R] {
+    // SAFETY: AVX2 (every entry point); `tile` checked the lengths.
+    unsafe {
+        let m4 = _mm256_set1_epi8(0xF);
+        let mut acc = [[_mm256_setzero_si256(); 2]; R];
+        for s in 0..8 {
+            let (j, high) = (s / 2, s % 2 == 1);
+            let mut sub = [[_mm256_setzero_si256(); 2]; R];
+            for c in 0..4 {
+                for h in 0..2 {
+                    let q = load(blk.add(q4k::QS + 64 * (4 * j + c) + 32 * h));
+                    let w = if high {
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4)
+                    } else {
+                        _mm256_and_si256(q, m4)
+                    };
+                    for r in 0..R {
+                        let at = a[r].q.as_ptr().add(QK_K * b + 32 * s + 8 * c);
+                        let av = _mm256_set1_epi64x(at.cast::<i64>().read_unaligned());
+                        sub[r][h] = dp_avx2(sub[r][h], w, av);
+                    }
+                }
+            }
+            let sc = [0, 1].map(|h| widen8(blk.add(q4k::SC + 16 * s + 8 * h), false));
+            for (acc, sub) in acc.iter_mut().zip(&sub) {
+                for h in 0..2 {
+                    acc[h] = _mm256_add_epi32(acc[h], _mm256_madd_epi16(sub[h], sc[h]));
+                }
+            }
+        }
+        // `hadd` leaves rows 0, 1, 4, 5, 2, 3, 6, 7.
+        let order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+        std::array::from_fn(|r| {
+            _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(acc[r][0], acc[r][1]), order)
+        })
+    }
+}
+
+/// One Q4_K group (`p`, `nb` blocks) against `R` activation rows: lane `i`
+/// of result `r` is weight row `i` · `a[r]`.
+#[inline(always)]
+unsafe fn q4k_group<const R: usize, const VNNI: bool>(
+    p: *const u8,
+    nb: usize,
+    a: [&QActs; R],
+) -> [__m256; R] {
+    // SAFETY: called from the entry points with their features; `tile`
+    // checked the group's and the activations' lengths.
+    unsafe {
+        let mut sums = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let blk = p.add(b * q4k::STRIDE);
+            let sumi = if VNNI {
+                q4k_sumi_512(blk, a, b)
+            } else {
+                q4k_sumi_256(blk, a, b)
+            };
+            let mut summ = [_mm256_setzero_si256(); R];
+            for t in 0..4 {
+                let mn = load(blk.add(q4k::MN + 32 * t));
+                for r in 0..R {
+                    let bs = &a[r].bsums[16 * b + 4 * t..16 * b + 4 * t + 4];
+                    let pair = pair16(bs[0] + bs[1], bs[2] + bs[3]);
+                    summ[r] = _mm256_add_epi32(summ[r], _mm256_madd_epi16(mn, pair));
+                }
+            }
+            let (d, dmin) = (load_ps(blk.add(q4k::D)), load_ps(blk.add(q4k::DMIN)));
+            for r in 0..R {
+                let da = _mm256_set1_ps(a[r].d[b]);
+                let (fd, fm) = (_mm256_mul_ps(d, da), _mm256_mul_ps(dmin, da));
+                // Portable: `sum += (d * a.d[b]) * sumi as f32 - (dmin * a.d[b]) * summ as f32`.
+                let t = _mm256_sub_ps(
+                    _mm256_mul_ps(fd, _mm256_cvtepi32_ps(sumi[r])),
+                    _mm256_mul_ps(fm, _mm256_cvtepi32_ps(summ[r])),
+                );
+                sums[r] = _mm256_add_ps(sums[r], t);
+            }
+        }
+        sums
+    }
+}
+
+/// Q6_K's part `part` (0–3) of one 32-byte half chunk (rows 0–3 or 4–7):
+/// `ql` bits and two `qh` bits.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_part(chunk: *const u8, part: usize) -> __m256i {
+    let (m4, m2) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(3));
+    let l = unsafe { load(chunk.add(64 * (part % 2))) };
+    let h = unsafe { load(chunk.add(128)) };
+    let (lo, hi) = match part {
+        0 => (l, h),
+        1 => (l, _mm256_srli_epi16::<2>(h)),
+        2 => (_mm256_srli_epi16::<4>(l), _mm256_srli_epi16::<4>(h)),
+        _ => (_mm256_srli_epi16::<4>(l), _mm256_srli_epi16::<6>(h)),
+    };
+    _mm256_or_si256(
+        _mm256_and_si256(lo, m4),
+        _mm256_slli_epi16::<4>(_mm256_and_si256(hi, m2)),
+    )
+}
+
+/// Q6_K group `g`'s i8 scales of the eight rows, each four times (the
+/// four `i16` lanes of a row's eight bytes), rows 0–3 in the low 128 bits.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_scales(blk: *const u8, g: usize) -> __m256i {
+    let v = _mm256_set1_epi64x(unsafe { blk.add(q6k::SC + 8 * g).cast::<i64>().read_unaligned() });
+    let idx = _mm256_setr_epi8(
+        0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7,
+        7, 7,
+    );
+    _mm256_shuffle_epi8(v, idx)
+}
+
+/// 512-bit [`q6_part`] (all eight rows).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn q6_part512(chunk: *const u8, part: usize) -> __m512i {
+    let (m4, m2) = (_mm512_set1_epi8(0xF), _mm512_set1_epi8(3));
+    let l = unsafe { _mm512_loadu_si512(chunk.add(64 * (part % 2)).cast()) };
+    let h = unsafe { _mm512_loadu_si512(chunk.add(128).cast()) };
+    let (lo, hi) = match part {
+        0 => (l, h),
+        1 => (l, _mm512_srli_epi16::<2>(h)),
+        2 => (_mm512_srli_epi16::<4>(l), _mm512_srli_epi16::<4>(h)),
+        _ => (_mm512_srli_epi16::<4>(l), _mm512_srli_epi16::<6>(h)),
+    };
+    _mm512_or_si512(
+        _mm512_and_si512(lo, m4),
+        _mm512_slli_epi16::<4>(_mm512_and_si512(hi, m2)),
+    )
+}
+
+/// Q6_K block `b`'s `Σ sc·(Σ (v+32)·a)` of the eight rows against `R`
+/// activation rows, 512 bits wide: `vpmaddubsw` (`≤ 2·63·127`, no
+/// saturation) then `vpmaddwd` against the scales; lanes `2i`, `2i + 1`
+/// hold row `i`'s halves until the end of the block.
+#[inline(always)]
+unsafe fn q6k_sumi_512<const R: usize>(blk: *const u8, a: [&QActs; R], b: usize) -> [__m256i; R] {
+    // SAFETY: the VNNI entry point's features; `tile` checked the lengths.
+    unsafe {
+        let mut acc = [_mm512_setzero_si512(); R];
+        for g in 0..16 {
+            let (n, part, half) = (g / 8, (g % 8) / 2, g % 2);
+            let sc = _mm512_cvtepi8_epi16(q6_scales(blk, g));
+            for c in 2 * half..2 * half + 2 {
+                let w = q6_part512(blk.add(q6k::Q + 192 * (4 * n + c)), part);
+                for r in 0..R {
+                    let at = a[r].q.as_ptr().add(QK_K * b + 128 * n + 32 * part + 8 * c);
+                    let av = _mm512_set1_epi64(at.cast::<i64>().read_unaligned());
+                    let p = _mm512_madd_epi16(_mm512_maddubs_epi16(w, av), sc);
+                    acc[r] = _mm512_add_epi32(acc[r], p);
+                }
+            }
+        }
+        std::array::from_fn(|r| {
+            _mm512_cvtepi64_epi32(_mm512_add_epi32(acc[r], _mm512_srli_epi64::<32>(acc[r])))
+        })
+    }
+}
+
+/// [`q6k_sumi_512`] with 256-bit vectors: rows 0–3 in one, 4–7 in the other.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // `h` picks the half of `acc` and of the bytes
+unsafe fn q6k_sumi_256<const R: usize>(blk: *const u8, a: [&QActs; R], b: usize) -> [__m256i; R] {
+    // SAFETY: AVX2 (every entry point); `tile` checked the lengths.
+    unsafe {
+        let mut acc = [[_mm256_setzero_si256(); 2]; R];
+        for g in 0..16 {
+            let (n, part, half) = (g / 8, (g % 8) / 2, g % 2);
+            let s = q6_scales(blk, g);
+            let sc = [
+                _mm256_cvtepi8_epi16(_mm256_castsi256_si128(s)),
+                _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(s)),
+            ];
+            for c in 2 * half..2 * half + 2 {
+                for h in 0..2 {
+                    let w = q6_part(blk.add(q6k::Q + 192 * (4 * n + c) + 32 * h), part);
+                    for r in 0..R {
+                        let at = a[r].q.as_ptr().add(QK_K * b + 128 * n + 32 * part + 8 * c);
+                        let av = _mm256_set1_epi64x(at.cast::<i64>().read_unaligned());
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, av), sc[h]);
+                        acc[r][h] = _mm256_add_epi32(acc[r][h], p);
+                    }
+                }
+            }
+        }
+        let order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+        std::array::from_fn(|r| {
+            _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(acc[r][0], acc[r][1]), order)
+        })
+    }
+}
+
+/// One Q6_K group against `R` activation rows, as [`q4k_group`]. The
+/// values are stored `+ 32`: each group of 16 sums `Σ (v+32)·a`, and
+/// `32 · Σ sc·(Σ a)` comes off once per block.
+#[inline(always)]
+unsafe fn q6k_group<const R: usize, const VNNI: bool>(
+    p: *const u8,
+    nb: usize,
+    a: [&QActs; R],
+) -> [__m256; R] {
+    // SAFETY: called from the entry points with their features; `tile`
+    // checked the group's and the activations' lengths.
+    unsafe {
+        let mut sums = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            // SAFETY (whole loop): as in `q4k_group`.
+            let blk = p.add(b * q6k::STRIDE);
+            let mut sumi = if VNNI {
+                q6k_sumi_512(blk, a, b)
+            } else {
+                q6k_sumi_256(blk, a, b)
+            };
+            for r in 0..R {
+                let mut corr = _mm256_setzero_si256();
+                for t in 0..8 {
+                    let s16 = load(blk.add(q6k::SC16 + 32 * t));
+                    let bs = &a[r].bsums[16 * b + 2 * t..16 * b + 2 * t + 2];
+                    corr = _mm256_add_epi32(corr, _mm256_madd_epi16(s16, pair16(bs[0], bs[1])));
+                }
+                sumi[r] = _mm256_sub_epi32(sumi[r], _mm256_slli_epi32::<5>(corr));
+            }
+            let d = load_ps(blk.add(q6k::D));
+            for r in 0..R {
+                let da = _mm256_set1_ps(a[r].d[b]);
+                // Portable: `sum += (d * a.d[b]) * sumi as f32`.
+                let t = _mm256_mul_ps(_mm256_mul_ps(d, da), _mm256_cvtepi32_ps(sumi[r]));
+                sums[r] = _mm256_add_ps(sums[r], t);
+            }
+        }
+        sums
+    }
+}
+
+/// Q8_0 block `b`'s `Σ q·a` of the eight rows against `R` activation rows:
+/// with VNNI, `vpdpbusd` on the stored `q + 128` less `128·Σ a` (the
+/// activations' block sums); without, `vpmaddubsw` on `|q|` and `a` signed
+/// by `q` (`≤ 2·128·127`, no saturation), two 256-bit halves.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // `r` and `h` pick rows and halves of several arrays
+unsafe fn q8_0_sumi<const R: usize, const VNNI: bool>(
+    blk: *const u8,
+    a: [&QActs; R],
+    b: usize,
+) -> [__m256i; R] {
+    // SAFETY: the entry point's features; `tile` checked the lengths.
+    unsafe {
+        let av = |r: usize, c: usize| {
+            a[r].q
+                .as_ptr()
+                .add(32 * b + 8 * c)
+                .cast::<i64>()
+                .read_unaligned()
+        };
+        if VNNI {
+            let mut acc = [_mm512_setzero_si512(); R];
+            for c in 0..4 {
+                let w = _mm512_loadu_si512(blk.add(q8::QS + 64 * c).cast());
+                for r in 0..R {
+                    acc[r] = _mm512_dpbusd_epi32(acc[r], w, _mm512_set1_epi64(av(r, c)));
+                }
+            }
+            // Loops, not `array::from_fn`: intrinsics in a closure are not
+            // inlined here (the closure lacks the target features).
+            let mut out = [_mm256_setzero_si256(); R];
+            for r in 0..R {
+                let pair = _mm512_add_epi32(acc[r], _mm512_srli_epi64::<32>(acc[r]));
+                let s = _mm512_cvtepi64_epi32(pair);
+                out[r] = _mm256_sub_epi32(s, _mm256_set1_epi32(128 * a[r].bsums[b]));
+            }
+            return out;
+        }
+        let (flip, ones) = (_mm256_set1_epi8(-128), _mm256_set1_epi16(1));
+        let mut acc = [[_mm256_setzero_si256(); 2]; R];
+        for c in 0..4 {
+            for h in 0..2 {
+                let q = _mm256_xor_si256(load(blk.add(q8::QS + 64 * c + 32 * h)), flip);
+                let aq = _mm256_sign_epi8(q, q);
+                for r in 0..R {
+                    let x = _mm256_sign_epi8(_mm256_set1_epi64x(av(r, c)), q);
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, x), ones);
+                    acc[r][h] = _mm256_add_epi32(acc[r][h], p);
+                }
+            }
+        }
+        let order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+        let mut out = [_mm256_setzero_si256(); R];
+        for r in 0..R {
+            out[r] = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(acc[r][0], acc[r][1]), order);
+        }
+        out
+    }
+}
+
+/// One Q8_0 group against `R` activation rows, as [`q4k_group`].
+#[inline(always)]
+unsafe fn q8_0_group<const R: usize, const VNNI: bool>(
+    p: *const u8,
+    nb: usize,
+    a: [&QActs; R],
+) -> [__m256; R] {
+    // SAFETY: as `q4k_group`.
+    unsafe {
+        let mut sums = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let blk = p.add(b * q8::STRIDE);
+            let sumi = q8_0_sumi::<R, VNNI>(blk, a, b);
+            let d = load_ps(blk.add(q8::D));
+            for r in 0..R {
+                // Portable: `sum += s as f32 * (d_w * a.d[b])`.
+                let f = _mm256_mul_ps(d, _mm256_set1_ps(a[r].d[b]));
+                sums[r] = _mm256_add_ps(sums[r], _mm256_mul_ps(_mm256_cvtepi32_ps(sumi[r]), f));
+            }
+        }
+        sums
+    }
+}
+
+/// Group `p` against `R` activation rows, stored to `out[r·rows + j]` for
+/// the group's `valid` rows from `j0`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn group<const R: usize, const VNNI: bool>(
+    pk: &Packed,
+    p: *const u8,
+    a: [&QActs; R],
+    out: &mut [f32],
+    rows: usize,
+    i0: usize,
+    j0: usize,
+    valid: usize,
+) {
+    let v = unsafe {
+        match pk.q {
+            QType::Q4K => q4k_group::<R, VNNI>(p, pk.nb, a),
+            QType::Q8_0 => q8_0_group::<R, VNNI>(p, pk.nb, a),
+            _ => q6k_group::<R, VNNI>(p, pk.nb, a),
+        }
+    };
+    for (r, v) in v.into_iter().enumerate() {
+        let mut o = [0.0f32; ROWS];
+        unsafe { _mm256_storeu_ps(o.as_mut_ptr(), v) };
+        let at = (i0 + r) * rows + j0;
+        out[at..at + valid].copy_from_slice(&o[..valid]);
+    }
+}
+
+#[inline(always)]
+unsafe fn tile_body<const VNNI: bool>(
+    p: &Packed,
+    r0: usize,
+    rows: usize,
+    acts: &[&QActs],
+    out: &mut [f32],
+) {
+    let gb = p.group_bytes();
+    for j0 in (0..rows).step_by(ROWS) {
+        let g = (r0 + j0) / ROWS;
+        let base = p.bytes[g * gb..(g + 1) * gb].as_ptr();
+        let valid = ROWS.min(rows - j0);
+        let mut i = 0;
+        while i < acts.len() {
+            let a = &acts[i..];
+            // SAFETY: `base` is a whole group; `tile` checked the rest.
+            unsafe {
+                match a.len() {
+                    1 => group::<1, VNNI>(p, base, [a[0]], out, rows, i, j0, valid),
+                    2 => group::<2, VNNI>(p, base, [a[0], a[1]], out, rows, i, j0, valid),
+                    3 => group::<3, VNNI>(p, base, [a[0], a[1], a[2]], out, rows, i, j0, valid),
+                    _ => {
+                        group::<4, VNNI>(p, base, [a[0], a[1], a[2], a[3]], out, rows, i, j0, valid)
+                    }
+                }
+            }
+            i += 4;
+        }
+    }
+}
+
+#[target_feature(enable = "avx512vnni,avx512vl,avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn tile_vnni(p: &Packed, r0: usize, rows: usize, acts: &[&QActs], out: &mut [f32]) {
+    unsafe { tile_body::<true>(p, r0, rows, acts, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_avx2(p: &Packed, r0: usize, rows: usize, acts: &[&QActs], out: &mut [f32]) {
+    unsafe { tile_body::<false>(p, r0, rows, acts, out) }
+}
+
+/// Whether the CPU has AVX-512 VNNI with VL (decided once).
+fn vnni() -> bool {
+    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::is_x86_feature_detected!("avx512vnni")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx512bw")
+    })
+}
+
+/// [`super::repack::tile`] on this CPU (the caller checked the lengths
+/// and that AVX2, FMA and F16C are present).
+pub fn tile(p: &Packed, r0: usize, rows: usize, acts: &[&QActs], out: &mut [f32]) {
+    // SAFETY: features detected (`repack::covers`, `vnni`).
+    unsafe {
+        if vnni() {
+            tile_vnni(p, r0, rows, acts, out)
+        } else {
+            tile_avx2(p, r0, rows, acts, out)
+        }
+    }
+}
+
+/// Both builds, for the tests on a VNNI machine.
+#[cfg(test)]
+pub fn tile_without_vnni(p: &Packed, r0: usize, rows: usize, acts: &[&QActs], out: &mut [f32]) {
+    // SAFETY: the tests run where `repack::covers` is true.
+    unsafe { tile_avx2(p, r0, rows, acts, out) }
+}
