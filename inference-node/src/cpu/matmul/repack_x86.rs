@@ -98,9 +98,14 @@ unsafe fn q4k_sumi_512<const R: usize>(blk: *const u8, a: [&QActs; R], b: usize)
                 acc[r] = _mm512_add_epi32(acc[r], _mm512_madd_epi16(sub[r], sc));
             }
         }
-        std::array::from_fn(|r| {
-            _mm512_cvtepi64_epi32(_mm512_add_epi32(acc[r], _mm512_srli_epi64::<32>(acc[r])))
-        })
+        // Loops, not `array::from_fn`: a closure lacks the target features,
+        // so its intrinsics would not be inlined.
+        let mut out = [_mm256_setzero_si256(); R];
+        for r in 0..R {
+            out[r] =
+                _mm512_cvtepi64_epi32(_mm512_add_epi32(acc[r], _mm512_srli_epi64::<32>(acc[r])));
+        }
+        out
     }
 }
 
@@ -140,9 +145,12 @@ unsafe fn q4k_sumi_256<const R: usize>(blk: *const u8, a: [&QActs; R], b: usize)
         }
         // `hadd` leaves rows 0, 1, 4, 5, 2, 3, 6, 7.
         let order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
-        std::array::from_fn(|r| {
-            _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(acc[r][0], acc[r][1]), order)
-        })
+        // Loops, not `array::from_fn` (see `q4k_sumi_512`).
+        let mut out = [_mm256_setzero_si256(); R];
+        for r in 0..R {
+            out[r] = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(acc[r][0], acc[r][1]), order);
+        }
+        out
     }
 }
 
@@ -264,9 +272,14 @@ unsafe fn q6k_sumi_512<const R: usize>(blk: *const u8, a: [&QActs; R], b: usize)
                 }
             }
         }
-        std::array::from_fn(|r| {
-            _mm512_cvtepi64_epi32(_mm512_add_epi32(acc[r], _mm512_srli_epi64::<32>(acc[r])))
-        })
+        // Loops, not `array::from_fn`: a closure lacks the target features,
+        // so its intrinsics would not be inlined.
+        let mut out = [_mm256_setzero_si256(); R];
+        for r in 0..R {
+            out[r] =
+                _mm512_cvtepi64_epi32(_mm512_add_epi32(acc[r], _mm512_srli_epi64::<32>(acc[r])));
+        }
+        out
     }
 }
 
@@ -297,9 +310,12 @@ unsafe fn q6k_sumi_256<const R: usize>(blk: *const u8, a: [&QActs; R], b: usize)
             }
         }
         let order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
-        std::array::from_fn(|r| {
-            _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(acc[r][0], acc[r][1]), order)
-        })
+        // Loops, not `array::from_fn` (see `q4k_sumi_512`).
+        let mut out = [_mm256_setzero_si256(); R];
+        for r in 0..R {
+            out[r] = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(acc[r][0], acc[r][1]), order);
+        }
+        out
     }
 }
 
