@@ -429,14 +429,7 @@ impl GgufFile {
                 format!("{}: data runs past the end of the file", info.name),
             ));
         }
-        Ok(Tensor::new(
-            name,
-            dtype,
-            shape,
-            self.map.clone(),
-            start,
-            len,
-        ))
+        Ok(Tensor::new(name, dtype, shape, self.map.clone(), start, len).from_file())
     }
 
     /// The dominant stored format of the 2-D weights (for /v1/models).

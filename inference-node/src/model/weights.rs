@@ -85,6 +85,9 @@ pub struct Tensor {
     /// made on first use and shared by the clones
     /// ([`crate::cpu::matmul::repack`]).
     pub(crate) repacked: Arc<std::sync::OnceLock<crate::cpu::matmul::repack::Packed>>,
+    /// Whether `map` is a read-only file mapping (whose pages can be given
+    /// back once repacked), not an owned buffer.
+    file_backed: bool,
 }
 
 impl std::fmt::Debug for Tensor {
@@ -115,6 +118,38 @@ impl Tensor {
             start,
             len,
             repacked: Arc::default(),
+            file_backed: false,
+        }
+    }
+
+    /// Marks the bytes as a read-only file mapping (see
+    /// [`Tensor::release_file_pages`]).
+    pub fn from_file(mut self) -> Tensor {
+        self.file_backed = true;
+        self
+    }
+
+    /// Gives the mapped pages of a file-backed tensor back to the kernel
+    /// (`MADV_DONTNEED` on the whole pages inside it): once repacked, the
+    /// file's copy is not read again on this path, and keeping it counted
+    /// the weights twice in RSS. A later read faults the same bytes back in
+    /// from the file. Does nothing for owned buffers, where it would zero
+    /// the data.
+    #[allow(unsafe_code)]
+    pub fn release_file_pages(&self) {
+        if !self.file_backed || self.len == 0 {
+            return;
+        }
+        // SAFETY: `bytes()` is inside the live mapping; the advice only
+        // drops clean pages of a read-only file mapping (nothing in the
+        // process writes it), so later reads see the file's bytes again.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
+        let b = self.bytes();
+        let (lo, hi) = (b.as_ptr() as usize, b.as_ptr() as usize + b.len());
+        let (start, end) = (lo.next_multiple_of(page), hi / page * page);
+        if end > start {
+            // SAFETY: as above; the range is whole pages within `b`.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
         }
     }
 
@@ -338,6 +373,7 @@ fn map_file(path: &Path) -> Result<Vec<Tensor>> {
             start: data_start + a,
             len: b - a,
             repacked: Arc::default(),
+            file_backed: true,
         });
     }
     Ok(out)

@@ -125,10 +125,11 @@ pub fn packed(w: &Tensor) -> Option<&Packed> {
     if !covers(q) || w.shape.len() != 2 {
         return None;
     }
-    Some(
-        w.repacked
-            .get_or_init(|| pack(q, bytes, w.shape[0], w.shape[1])),
-    )
+    Some(w.repacked.get_or_init(|| {
+        let p = pack(q, bytes, w.shape[0], w.shape[1]);
+        w.release_file_pages();
+        p
+    }))
 }
 
 /// Repacks `n` rows of `k` values (`bytes`, the file's blocks).
