@@ -171,7 +171,9 @@ impl Scene {
         let api: Api<ModelDeployment> = Api::namespaced(self.client.clone(), &self.ns.name);
         eventually(Duration::from_secs(60), || async {
             let st = api.get(name).await?.status.unwrap_or_default();
-            if placed(&st).is_some() {
+            // A placed model names its node once a Pod of it is bound.
+            let bound = !st.nodes.is_empty();
+            if placed(&st).is_some_and(|(status, _, _)| status != "True" || bound) {
                 Ok(st)
             } else {
                 bail!("waiting for the Placed condition of {name}: {st:?}")
