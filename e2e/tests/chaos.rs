@@ -340,7 +340,7 @@ impl Chaos {
                 p.guard.0.kill()?;
                 let _ = p.guard.0.wait();
                 let identity = p.line.split_whitespace().last().unwrap_or_default();
-                for (m, t) in held_by(&self.kube, &self.ns.name, identity).await? {
+                for (m, t) in settled_held_by(&self.kube, &self.ns.name, identity).await? {
                     *f.held.entry(m).or_default() += t;
                 }
             }
@@ -399,8 +399,32 @@ impl Drop for Chaos {
     }
 }
 
-/// What `replica` held per member in its slice Lease (read right after
-/// it was killed: nothing else writes that Lease, the reclaim deletes it).
+/// What a killed `replica` held per member, once its slice Lease stops
+/// changing: a write the replica sent just before the SIGKILL can still
+/// land on a loaded API server after a first read (seen: the ledger then
+/// reclaimed 3,616 tokens more than that read showed). Two reads 0.5 s
+/// apart must agree, all within 4 s (the reclaim deletes the Lease after
+/// its 6 s TTL; a Lease already gone leaves the last read).
+async fn settled_held_by(
+    kube: &kube::Client,
+    ns: &str,
+    replica: &str,
+) -> Result<BTreeMap<String, i64>> {
+    let mut last = held_by(kube, ns, replica).await?;
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = held_by(kube, ns, replica).await?;
+        // Equal, or already reclaimed and deleted: the last read stands.
+        if now == last || now.is_empty() {
+            break;
+        }
+        last = now;
+    }
+    Ok(last)
+}
+
+/// What `replica` held per member in its slice Lease (nothing else writes
+/// that Lease; the reclaim deletes it).
 async fn held_by(kube: &kube::Client, ns: &str, replica: &str) -> Result<BTreeMap<String, i64>> {
     let leases: Api<Lease> = Api::namespaced(kube.clone(), ns);
     let selector = format!("{SLICES_LABEL}={}", quota_label("commons"));
