@@ -1076,20 +1076,7 @@ fn q8_0_gguf_logits_on_cuda_match_the_cpu_backend_for_prefill_and_decode() {
     // in the fast mode, gemv_q8_0 in chunks of 8 in the exact one), then
     // two decode steps (gemv_q8_0 and the fused gemv3_q8_0).
     let tokens: Vec<u32> = (0..26).map(|i| ((i * 37) % 500 + 3) as u32).collect();
-    let step = |range: std::ops::Range<usize>| Batch {
-        tokens: range
-            .clone()
-            .map(|pos| BatchToken {
-                token: tokens[pos],
-                pos,
-                seq: 0,
-                wide: false,
-            })
-            .collect(),
-        block_tables: tables.clone(),
-        logits_for: (0..range.len()).collect(),
-    };
-    let steps = [step(0..24), step(24..25), step(25..26)];
+    let steps = prefill_then_two_decodes(&tokens, &tables);
     let mut kv = KvStore::new(&model.cfg, 2, bs, false);
     let want: Vec<Vec<Vec<f32>>> = steps.iter().map(|b| model.forward(b, &mut kv)).collect();
     // Exact mode: the CPU's 8-bit activations and integer sums; only the
@@ -1162,20 +1149,7 @@ fn q4_k_m_q5_k_m_and_q4_0_gguf_logits_on_cuda_match_the_cpu_backend_for_prefill_
         // gemv_<fmt> in chunks of 8 in the exact one), then two decode
         // steps (gemv_<fmt>, and gemv3_<fmt> for gate/up).
         let tokens: Vec<u32> = (0..26).map(|i| ((i * 37) % 300 + 3) as u32).collect();
-        let step = |range: std::ops::Range<usize>| Batch {
-            tokens: range
-                .clone()
-                .map(|pos| BatchToken {
-                    token: tokens[pos],
-                    pos,
-                    seq: 0,
-                    wide: false,
-                })
-                .collect(),
-            block_tables: tables.clone(),
-            logits_for: (0..range.len()).collect(),
-        };
-        let steps = [step(0..24), step(24..25), step(25..26)];
+        let steps = prefill_then_two_decodes(&tokens, &tables);
         let mut kv = KvStore::new(&model.cfg, 2, 16, false);
         let want: Vec<Vec<Vec<f32>>> = steps.iter().map(|b| model.forward(b, &mut kv)).collect();
         // Exact mode: every block GEMV has the CPU's bits (kernels_cpu.rs);
@@ -1201,4 +1175,23 @@ fn q4_k_m_q5_k_m_and_q4_0_gguf_logits_on_cuda_match_the_cpu_backend_for_prefill_
             }
         }
     }
+}
+
+/// One sequence's 26 `tokens` as a 24-token prefill and two decode steps,
+/// every position's logits asked for.
+fn prefill_then_two_decodes(tokens: &[u32], tables: &[Vec<u32>]) -> [Batch; 3] {
+    let step = |range: std::ops::Range<usize>| Batch {
+        tokens: range
+            .clone()
+            .map(|pos| BatchToken {
+                token: tokens[pos],
+                pos,
+                seq: 0,
+                wide: false,
+            })
+            .collect(),
+        block_tables: tables.to_vec(),
+        logits_for: (0..range.len()).collect(),
+    };
+    [step(0..24), step(24..25), step(25..26)]
 }
