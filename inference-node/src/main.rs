@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use copyhold_node::api::openai::Limits;
-use copyhold_node::api::server::{AppState, Ready};
+use copyhold_node::api::server::{AppState, Ready, Shutdown};
 use copyhold_node::engine::{EngineOptions, spawn};
 use copyhold_node::load::{Device as EngineDevice, load_engine};
 use copyhold_node::metrics::Metrics;
@@ -659,14 +659,20 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(async move {
+    let served = rt.block_on(async move {
         let addr: SocketAddr = format!("{}:{}", a.host, a.port).parse()?;
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let local = listener.local_addr()?;
-        // One machine-readable line so scripts and tests can find the port.
+        let shutdown = Shutdown::install()?;
+        // One machine-readable line so scripts and tests can find the port;
+        // from here on a SIGTERM is caught.
         println!("{}", serde_json::json!({"listening": local.to_string()}));
         tracing::info!(%local, model = %a.model.display(), "listening; loading model");
-        let server = tokio::spawn(copyhold_node::api::server::serve(listener, state.clone()));
+        let server = tokio::spawn(copyhold_node::api::server::serve(
+            listener,
+            state.clone(),
+            shutdown.clone(),
+        ));
         tracing::info!(sensor = sensor.name(), "power sensor");
         let opts = EngineOptions {
             kv_bytes: a
@@ -681,9 +687,17 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         };
         let dir = a.model.clone();
         let m2 = metrics.clone();
-        let (mut engine, text) =
-            tokio::task::spawn_blocking(move || load_engine(&dir, &opts, &device, m2, sensor))
-                .await??;
+        let loading =
+            tokio::task::spawn_blocking(move || load_engine(&dir, &opts, &device, m2, sensor));
+        // A stop asked for while the weights still load (minutes for a large
+        // model on slow storage) is honoured at once, not after the load.
+        let (mut engine, text) = tokio::select! {
+            loaded = loading => loaded??,
+            _ = shutdown.requested() => {
+                tracing::info!("stopped while the model was loading");
+                return Ok(());
+            }
+        };
         engine.set_pacing_model(a.power_model);
         let limits = Limits {
             max_context: engine.config().max_context,
@@ -720,5 +734,9 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
                 }
             }
         }
-    })
+    });
+    // A load cut short by a stop still runs on a blocking thread, which
+    // dropping the runtime would wait for.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    served
 }

@@ -456,7 +456,11 @@ async fn after_an_engine_panic_health_fails_within_a_second_and_requests_say_why
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(copyhold_node::api::server::serve(listener, state));
+    tokio::spawn(copyhold_node::api::server::serve(
+        listener,
+        state,
+        copyhold_node::api::server::Shutdown::install().unwrap(),
+    ));
     let got = post(
         &base,
         "/v1/completions",

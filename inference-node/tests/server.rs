@@ -648,7 +648,11 @@ async fn health_is_503_and_requests_are_503_until_the_model_is_loaded() {
     ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(copyhold_node::api::server::serve(listener, state));
+    tokio::spawn(copyhold_node::api::server::serve(
+        listener,
+        state,
+        copyhold_node::api::server::Shutdown::install().unwrap(),
+    ));
     assert_eq!(
         reqwest::get(format!("{base}/health"))
             .await

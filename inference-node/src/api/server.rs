@@ -132,31 +132,49 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Serves `router` on `listener` until SIGTERM or Ctrl-C; running requests
-/// and streams finish first. The handler matters in a container: there the
-/// node is PID 1, which the kernel gives no default action for SIGTERM, so
-/// without it the kubelet would wait out the grace period and then kill.
-pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) -> std::io::Result<()> {
+/// Serves `router` on `listener` until `shutdown` is requested; running
+/// requests and streams finish first.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: Shutdown,
+) -> std::io::Result<()> {
     axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(shutdown.requested())
         .await
 }
 
-/// SIGTERM (what the kubelet and container runtimes send) or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    tracing::info!("shutting down: finishing running requests");
+/// SIGTERM (what the kubelet and container runtimes send) or SIGINT,
+/// caught from the moment [`Shutdown::install`] returns.
+///
+/// Why the handlers are installed up front and not when the server is
+/// first polled: in a container the node is PID 1, which the kernel gives
+/// no default action for SIGTERM. A SIGTERM that came after the node said
+/// it listens but before a worker thread polled the server (a loaded
+/// machine) was dropped, and the kubelet waited out the grace period.
+#[derive(Clone)]
+pub struct Shutdown(tokio::sync::watch::Receiver<bool>);
+
+impl Shutdown {
+    /// Installs the handlers now; call it inside the runtime, before
+    /// telling anyone the node is up.
+    pub fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            tracing::info!("shutting down: finishing running requests");
+            let _ = tx.send(true);
+        });
+        Ok(Self(rx))
+    }
+
+    /// Resolves once a signal came (or the runtime is going away).
+    pub async fn requested(mut self) {
+        let _ = self.0.wait_for(|asked| *asked).await;
+    }
 }
 
 /// 200 while the engine serves; 503 while loading and, for good, once
