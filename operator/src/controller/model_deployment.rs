@@ -62,6 +62,7 @@ pub async fn decide(
     md: &ModelDeployment,
     replicas: i32,
     current: Option<&placement::Current>,
+    pods: &[Arc<Pod>],
     ctx: &Context,
 ) -> Result<Decision, Refusal> {
     let errors = validation::model_deployment(&md.spec);
@@ -91,7 +92,9 @@ pub async fn decide(
         spec: &md.spec.placement,
         gpu_memory_utilization: md.spec.serving.gpu_memory_utilization,
     };
-    let runs_on = bound_nodes(md, &ctx.indexes.pods.state());
+    // The same Pods as the status reports: a Pod bound between two reads
+    // of the cache named its node in `Placed` one write before `nodes`.
+    let runs_on = bound_nodes(md, pods);
     let caches = super::ledger::Caches {
         nodes: &ctx.indexes.nodes,
         pods: &ctx.indexes.pods,
@@ -299,7 +302,7 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
     // owns, and the Deployment runs fewer.
     let scaled = autoscale_step(md, &ns, &name, ctx);
     let (run_replicas, shedding, wanted) = replicas_to_run(md, scaled.as_ref());
-    let planned = plan(md, ctx, run_replicas).await;
+    let planned = plan(md, ctx, run_replicas, &pods).await;
     let deployment = match planned {
         Ok(p) => {
             let applied = apply_placed(md, &ns, p, &old, &mut status, &now, &mut events, ctx).await;
@@ -496,14 +499,19 @@ fn initial_status(md: &ModelDeployment, old: &ModelDeploymentStatus) -> ModelDep
 
 /// Decide: check, size and place `md`, then build its Deployment (with
 /// `run_replicas`) and Service. A refusal says why nothing new is applied.
-async fn plan(md: &ModelDeployment, ctx: &Context, run_replicas: i32) -> Result<Planned, Refusal> {
+async fn plan(
+    md: &ModelDeployment,
+    ctx: &Context,
+    run_replicas: i32,
+    pods: &[Arc<Pod>],
+) -> Result<Planned, Refusal> {
     let ns = md.namespace().unwrap_or_default();
     let live = ctx
         .indexes
         .deployments
         .get(&ObjectRef::new(&md.name_any()).within(&ns));
     let current = kept::current(md, live.as_deref());
-    let d = decide(md, run_replicas, current.as_ref(), ctx).await?;
+    let d = decide(md, run_replicas, current.as_ref(), pods, ctx).await?;
     let dep = workload::deployment(md, &d.workload, &ctx.defaults);
     let svc = workload::service(md);
     match (dep, svc) {
@@ -769,9 +777,11 @@ async fn write_status(
         "status": status,
     });
     let apply = PatchParams::apply(FIELD_MANAGER).force();
-    api.patch_status(name, &apply, &Patch::Apply(&patch))
+    let written = api
+        .patch_status(name, &apply, &Patch::Apply(&patch))
         .await?;
-    ctx.statuses.wrote(md, status);
+    ctx.statuses
+        .wrote(md, status, written.metadata.resource_version);
     ctx.metrics
         .api_writes
         .get_or_create(&ControllerMetrics::kind("ModelDeploymentStatus"))
