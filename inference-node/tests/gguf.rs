@@ -1,6 +1,8 @@
 //! GGUF files: block formats against the `gguf` Python package, and GGUF
 //! models converted from synthesized ones running end to end.
 
+mod support;
+
 use std::path::PathBuf;
 
 use copyhold_node::model::gguf::GgufFile;
@@ -150,6 +152,10 @@ fn argmax(v: &[f32]) -> u32 {
 struct Fidelity {
     max_rel: f32,
     top1: f32,
+    agree: usize,
+    /// How many of llama.cpp's greedy tokens its own batched pass over the
+    /// whole sequence puts first too (the golden's `batched_top1`).
+    llamacpp_batched: usize,
 }
 
 /// copyhold's logits against llama.cpp's on the same GGUF file.
@@ -204,12 +210,15 @@ fn compare_with_llamacpp(scheme: &str) -> Fidelity {
     let f = Fidelity {
         max_rel,
         top1: agree as f32 / generated.len() as f32,
+        agree,
+        llamacpp_batched: golden["batched_top1"].as_u64().unwrap() as usize,
     };
     eprintln!(
-        "{scheme}: max |Δ| / range {:.5}, top-1 {}/{}",
+        "{scheme}: max |Δ| / range {:.5}, top-1 {}/{} (llama.cpp's batched pass: {})",
         f.max_rel,
         agree,
-        generated.len()
+        generated.len(),
+        f.llamacpp_batched
     );
     f
 }
@@ -217,21 +226,100 @@ fn compare_with_llamacpp(scheme: &str) -> Fidelity {
 /// Q8_0: logits within 1 % of their range of llama.cpp's, and every one
 /// of 256 greedy tokens the same.
 #[test]
-#[ignore = "not met yet: 250/256 greedy tokens equal (near-ties from position 81 on); logits within 2e-7 of the range over the first 48 positions"]
+#[ignore = "not met: 250/256 greedy tokens; llama.cpp's own batched pass puts 249/256 of its greedy tokens first (an activation rounded the other way from position 70 on; see below)"]
 fn q8_0_logits_and_greedy_tokens_match_llamacpp() {
     let f = compare_with_llamacpp("q8_0");
     assert!(f.max_rel < 0.01, "max |Δ| / range {}", f.max_rel);
     assert_eq!(f.top1, 1.0, "greedy continuation differs from llama.cpp's");
 }
 
+/// The fixtures' prompts (the cases and the chat of tiny-llama's
+/// golden.json, a model HF transformers made) on its Q8_0 GGUF: every
+/// greedy token llama.cpp chose is ours too, and the last prompt
+/// position's logits are within 1 % of their range. Teacher-forced on
+/// llama.cpp's tokens: the same choice at every step is the same greedy
+/// continuation. (The logits differ by some 1e-3 of the range, not 1e-7 as
+/// on the synthesized model: this file's ffn_down is F16, its 176 columns
+/// being no multiple of a block, and llama.cpp rounds the activations to
+/// f16 for an F16 weight where copyhold keeps them f32.)
+#[test]
+fn q8_0_greedy_continuations_of_the_fixtures_prompts_equal_llamacpps() {
+    let text = std::fs::read_to_string(fixture("llamacpp-fixture-q8_0.json")).unwrap();
+    let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let path = support::fixtures().join("tiny-llama-gguf/model-q8_0.gguf");
+    let bytes = std::fs::read(&path).unwrap();
+    assert_eq!(
+        fnv1a(&bytes),
+        golden["gguf_fnv1a"].as_str().unwrap(),
+        "GGUF bytes"
+    );
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let cases = golden["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 5, "four prompts and the chat");
+    for (c, case) in cases.iter().enumerate() {
+        let (prompt, theirs) = (ids(&case["prompt"]), ids(&case["tokens"]));
+        let mut seq = prompt.clone();
+        seq.extend(&theirs[..theirs.len() - 1]);
+        let ours = teacher_forced(&path, &seq);
+        let p = prompt.len() - 1;
+        let mine: Vec<u32> = (0..theirs.len()).map(|g| argmax(&ours[p + g])).collect();
+        assert_eq!(mine, theirs, "case {c}: greedy continuation");
+        let last: Vec<f32> = case["last_logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let range = last.iter().fold(f32::MIN, |m, v| m.max(*v))
+            - last.iter().fold(f32::MAX, |m, v| m.min(*v));
+        let d = ours[p]
+            .iter()
+            .zip(&last)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        eprintln!("case {c}: max |Δ| / range {:.2e}", d / range);
+        assert!(d / range < 1e-2, "case {c}: max |Δ| / range {}", d / range);
+    }
+}
+
 /// Q4_K_M (Q4_K with Q6_K for attn_v, ffn_down, output): logits close and
 /// top-1 agreement of at least 99 % over 256 tokens.
 #[test]
-#[ignore = "not met yet: top-1 249/256 (97.3 %); logits within 2e-7 of the range over the first 48 positions"]
+#[ignore = "not met: top-1 249/256 (97.3 %), as llama.cpp's own batched pass against its greedy decode (249/256)"]
 fn q4_k_m_logits_match_llamacpp_with_top1_agreement_of_99_percent() {
     let f = compare_with_llamacpp("q4_k_m");
     assert!(f.max_rel < 0.02, "max |Δ| / range {}", f.max_rel);
     assert!(f.top1 >= 0.99, "top-1 agreement {}", f.top1);
+}
+
+/// On the synthesized model (random weights, whose top two logits are
+/// within 0.2 % of the range at one position in twenty), llama.cpp does
+/// not agree with itself: its pass over the whole sequence in one batch
+/// puts 249 of its 256 greedy tokens first. Until some position its logits
+/// and ours agree to 2e-7 of the range; then one activation's 8-bit
+/// quantization rounds the other way (its value lay on a rounding edge, and
+/// float sums in another order move it by an ulp), the logits move by
+/// some 5e-3 of the range from there on, and near-ties flip. Ours agree
+/// with llama.cpp's greedy decode at least as often as its own batched pass
+/// does, and the logits the golden keeps (the first 48 positions) are
+/// within 2 % of the range (they are within 2e-7).
+#[test]
+fn quantized_top1_agreement_with_llamacpp_is_at_least_llamacpps_own_batched_pass() {
+    for scheme in ["q8_0", "q4_k_m"] {
+        let f = compare_with_llamacpp(scheme);
+        assert!(f.max_rel < 0.02, "{scheme}: max |Δ| / range {}", f.max_rel);
+        assert!(
+            f.agree >= f.llamacpp_batched,
+            "{scheme}: top-1 {} < llama.cpp's batched pass {}",
+            f.agree,
+            f.llamacpp_batched
+        );
+    }
 }
 
 /// A position's logits are the same bits whether its prompt runs alone or

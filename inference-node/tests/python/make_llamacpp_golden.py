@@ -42,6 +42,20 @@ def build(llama: Path, out: Path):
     subprocess.run(cmd, check=True)
 
 
+def batched_top1(exe: Path, gguf: Path, golden) -> int:
+    """How many of llama.cpp's own greedy tokens its batched pass over the
+    whole sequence (prompt and generated tokens in one batch) also puts
+    first: llama.cpp agrees with itself only this often on this model,
+    whose top two logits are often within 0.2 % of the range."""
+    seq = golden["prompt"] + golden["tokens"][:-1]
+    res = subprocess.run([str(exe), str(gguf), "1", str(len(seq)), *map(str, seq)],
+                         check=True, capture_output=True, text=True)
+    rows = json.loads(res.stdout)["logits"]
+    p = len(golden["prompt"]) - 1
+    return sum(1 for k, t in enumerate(golden["tokens"])
+               if max(range(len(rows[p + k])), key=rows[p + k].__getitem__) == t)
+
+
 def main():
     llama = Path(os.environ["LLAMA"])
     node = os.environ.get("NODE", "target/debug/copyhold-node")
@@ -58,12 +72,38 @@ def main():
             res = subprocess.run([str(exe), str(g), str(GEN), str(KEEP),
                                   *map(str, PROMPT)], check=True, capture_output=True, text=True)
             golden = json.loads(res.stdout)
+            golden["batched_top1"] = batched_top1(exe, g, golden)
             golden["gguf_size"] = g.stat().st_size
             golden["gguf_fnv1a"] = fnv1a(g)
             golden["synth"] = SYNTH
             golden["llama_cpp"] = "llama-cpp-python 0.3.36 sdist, vendor/llama.cpp, CPU, 2 threads"
             (FIX / f"llamacpp-{qtype}.json").write_text(json.dumps(golden) + "\n")
             print(qtype, "tokens:", golden["tokens"][:16], "...")
+
+        fixture_prompts(exe)
+
+
+def fixture_prompts(exe: Path):
+    """llama.cpp's greedy continuations of the fixtures' prompts (the cases
+    and the chat of tests/fixtures/tiny-llama/golden.json, as many tokens as
+    transformers generated there) on the Q8_0 GGUF of that fixture model."""
+    root = HERE.parents[2] / "tests" / "fixtures"
+    gguf = root / "tiny-llama-gguf" / "model-q8_0.gguf"
+    ref = json.loads((root / "tiny-llama" / "golden.json").read_text())
+    prompts = [c["token_ids"] for c in ref["cases"]] + [ref["chat"]["token_ids"]]
+    counts = [len(c["greedy_continuation_ids"]) for c in ref["cases"]]
+    counts.append(len(ref["chat"]["greedy_continuation_ids"]))
+    cases = []
+    for ids, n in zip(prompts, counts):
+        res = subprocess.run([str(exe), str(gguf), str(n), str(len(ids)), *map(str, ids)],
+                             check=True, capture_output=True, text=True)
+        out = json.loads(res.stdout)
+        cases.append({"prompt": ids, "tokens": out["tokens"], "last_logits": out["logits"][-1]})
+    golden = {"gguf": "tests/fixtures/tiny-llama-gguf/model-q8_0.gguf",
+              "gguf_fnv1a": fnv1a(gguf), "cases": cases,
+              "llama_cpp": "llama-cpp-python 0.3.36 sdist, vendor/llama.cpp, CPU, 2 threads"}
+    (FIX / "llamacpp-fixture-q8_0.json").write_text(json.dumps(golden) + "\n")
+    print("fixture q8_0:", [c["tokens"][:4] for c in cases])
 
 
 if __name__ == "__main__":
