@@ -646,11 +646,14 @@ unsafe fn tile_avx2(p: &Packed, r0: usize, rows: usize, acts: &[&QActs], out: &m
     unsafe { tile_body::<false>(p, r0, rows, acts, out) }
 }
 
-/// Whether the CPU has AVX-512 VNNI with VL (decided once).
+/// Whether the CPU has AVX-512 VNNI with VL and the process runs the
+/// AVX-512 kernels (`COPYHOLD_KERNELS=avx2` asks for the AVX2 build, to
+/// measure what CPUs without AVX-512 get); decided once.
 fn vnni() -> bool {
     static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *V.get_or_init(|| {
-        std::is_x86_feature_detected!("avx512vnni")
+        super::kernel::isa() == super::kernel::Isa::Avx512
+            && std::is_x86_feature_detected!("avx512vnni")
             && std::is_x86_feature_detected!("avx512vl")
             && std::is_x86_feature_detected!("avx512bw")
     })
