@@ -83,7 +83,7 @@ unsafe fn q45k_sumi_512<const R: usize, const FIVE: bool>(
 ) -> [__m256i; R] {
     // SAFETY: the VNNI entry point's features; `tile` checked the lengths.
     unsafe {
-        let (m4, one) = (_mm512_set1_epi8(0xF), _mm512_set1_epi8(1));
+        let (m4, sixteen) = (_mm512_set1_epi8(0xF), _mm512_set1_epi8(16));
         let qs = if FIVE { q5k::QS } else { q4k::QS };
         let mut acc = [_mm512_setzero_si512(); R];
         for s in 0..8 {
@@ -97,12 +97,12 @@ unsafe fn q45k_sumi_512<const R: usize, const FIVE: bool>(
                     _mm512_and_si512(q, m4)
                 };
                 if FIVE {
-                    // Bit `s` of each `qh` byte (a 16-bit shift, then the
-                    // byte's bit 0), as the value's bit 4.
+                    // `+ 16` where bit `s` of the `qh` byte is set: a
+                    // mask test and a masked add, off the port that
+                    // `vpdpbusd` and the shifts share.
                     let h = _mm512_loadu_si512(blk.add(q5k::QH + 64 * c).cast());
-                    let bit =
-                        _mm512_and_si512(_mm512_srl_epi16(h, _mm_cvtsi32_si128(s as i32)), one);
-                    w = _mm512_or_si512(w, _mm512_slli_epi16::<4>(bit));
+                    let k = _mm512_test_epi8_mask(h, _mm512_set1_epi8(1 << s));
+                    w = _mm512_mask_add_epi8(w, k, w, sixteen);
                 }
                 for r in 0..R {
                     let at = a[r].q.as_ptr().add(QK_K * b + 32 * s + 8 * c);
@@ -142,7 +142,7 @@ unsafe fn q45k_sumi_256<const R: usize, const FIVE: bool>(
 ) -> [__m256i; R] {
     // SAFETY: AVX2 (every entry point); `tile` checked the lengths.
     unsafe {
-        let (m4, one) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(1));
+        let (m4, sixteen) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(16));
         let qs = if FIVE { q5k::QS } else { q4k::QS };
         let mut acc = [[_mm256_setzero_si256(); 2]; R];
         for s in 0..8 {
@@ -157,11 +157,11 @@ unsafe fn q45k_sumi_256<const R: usize, const FIVE: bool>(
                         _mm256_and_si256(q, m4)
                     };
                     if FIVE {
-                        // As in `q45k_sumi_512`.
+                        // `| 16` where bit `s` of the `qh` byte is set.
                         let hb = load(blk.add(q5k::QH + 64 * c + 32 * h));
-                        let sh = _mm_cvtsi32_si128(s as i32);
-                        let bit = _mm256_and_si256(_mm256_srl_epi16(hb, sh), one);
-                        w = _mm256_or_si256(w, _mm256_slli_epi16::<4>(bit));
+                        let bit = _mm256_set1_epi8(1 << s);
+                        let set = _mm256_cmpeq_epi8(_mm256_and_si256(hb, bit), bit);
+                        w = _mm256_or_si256(w, _mm256_and_si256(set, sixteen));
                     }
                     for r in 0..R {
                         let at = a[r].q.as_ptr().add(QK_K * b + 32 * s + 8 * c);
