@@ -486,8 +486,11 @@ unsafe fn q8_0_group<const R: usize, const VNNI: bool>(
 
 /// Q4_0 block `b`'s `Σ q·a` of the eight rows against `R` activation rows:
 /// the nibbles (`q + 8`, unsigned) by `vpdpbusd` (with VNNI) or
-/// `vpmaddubsw` + `vpmaddwd` (two 256-bit halves), less `8·Σ a` (the
-/// activations' block sums).
+/// `vpmaddubsw` (two 256-bit halves, the four products of a block summed
+/// in `i16`: `≤ 4·2·15·127`) and one `vpmaddwd`, less `8·Σ a` (the
+/// activations' block sums). Without VNNI the rows come in `hadd` order
+/// (0, 1, 4, 5, 2, 3, 6, 7; [`hadd_order`] puts them back), which
+/// [`q4_0_group`] keeps until the group's end.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // `r` and `h` pick rows and halves of several arrays
 unsafe fn q4_0_sumi<const R: usize, const VNNI: bool>(
@@ -523,7 +526,7 @@ unsafe fn q4_0_sumi<const R: usize, const VNNI: bool>(
                 out[r] = _mm512_cvtepi64_epi32(pair);
             }
         } else {
-            let m4 = _mm256_set1_epi8(0xF);
+            let (m4, ones) = (_mm256_set1_epi8(0xF), _mm256_set1_epi16(1));
             let mut acc = [[_mm256_setzero_si256(); 2]; R];
             for c in 0..2 {
                 for h in 0..2 {
@@ -531,15 +534,18 @@ unsafe fn q4_0_sumi<const R: usize, const VNNI: bool>(
                     let lo = _mm256_and_si256(q, m4);
                     let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
                     for r in 0..R {
-                        let x = dp_avx2(acc[r][h], lo, _mm256_set1_epi64x(av(r, 8 * c)));
-                        acc[r][h] = dp_avx2(x, hi, _mm256_set1_epi64x(av(r, 16 + 8 * c)));
+                        let x = _mm256_maddubs_epi16(lo, _mm256_set1_epi64x(av(r, 8 * c)));
+                        let y = _mm256_maddubs_epi16(hi, _mm256_set1_epi64x(av(r, 16 + 8 * c)));
+                        acc[r][h] = _mm256_add_epi16(acc[r][h], _mm256_add_epi16(x, y));
                     }
                 }
             }
-            let order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
             for r in 0..R {
-                out[r] =
-                    _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(acc[r][0], acc[r][1]), order);
+                let (l, h) = (
+                    _mm256_madd_epi16(acc[r][0], ones),
+                    _mm256_madd_epi16(acc[r][1], ones),
+                );
+                out[r] = _mm256_hadd_epi32(l, h);
             }
         }
         for r in 0..R {
@@ -547,6 +553,15 @@ unsafe fn q4_0_sumi<const R: usize, const VNNI: bool>(
         }
         out
     }
+}
+
+/// The lane order `vphaddd` leaves two halves' rows in (0, 1, 4, 5, 2, 3,
+/// 6, 7), which is its own inverse: a `vpermd` by it puts either order
+/// into the other.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hadd_order() -> __m256i {
+    _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7)
 }
 
 /// One Q4_0 group against `R` activation rows, as [`q45k_group`].
@@ -562,11 +577,20 @@ unsafe fn q4_0_group<const R: usize, const VNNI: bool>(
         for b in 0..nb {
             let blk = p.add(b * q40::STRIDE);
             let sumi = q4_0_sumi::<R, VNNI>(blk, a, b);
-            let d = load_ps(blk.add(q40::D));
+            let mut d = load_ps(blk.add(q40::D));
+            if !VNNI {
+                d = _mm256_permutevar8x32_ps(d, hadd_order());
+            }
             for r in 0..R {
-                // Portable: `sum += s as f32 * (f16_at(blk, 0) * a.d[b])`.
+                // Portable: `sum += s as f32 * (f16_at(blk, 0) * a.d[b])`
+                // (lane by lane, so the lanes' order does not matter).
                 let f = _mm256_mul_ps(d, _mm256_set1_ps(a[r].d[b]));
                 sums[r] = _mm256_add_ps(sums[r], _mm256_mul_ps(_mm256_cvtepi32_ps(sumi[r]), f));
+            }
+        }
+        if !VNNI {
+            for s in &mut sums {
+                *s = _mm256_permutevar8x32_ps(*s, hadd_order());
             }
         }
         sums
