@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # copyhold-node against llama-bench on the same GGUF files, 2 threads, in
-# one run: Q4_K_M and Q8_0 of the 284 M synthesized shape and of a 1B shape
-# (TinyLlama-1.1B's), all written by our converter (`copyhold-node gguf`).
+# one run: Q4_K_M, Q8_0, Q4_0 and Q5_K_M of the 284 M synthesized shape and
+# of a 1B shape (TinyLlama-1.1B's), all written by our converter
+# (`copyhold-node gguf`).
 # See bench/results/inference-node-gguf.md.
 #
 #   bench/gguf.sh                 # the whole table
-#   SHAPES=284m TYPES=q8_0 bench/gguf.sh
+#   SHAPES=284m TYPES="q4_0 q5_k_m" bench/gguf.sh
 #   LOOPS=1 bench/gguf.sh         # also ours with COPYHOLD_QDOT=loops (the
 #                                 # path before the intrinsic kernels)
+#   BASE=path/to/copyhold-node bench/gguf.sh  # also that build of ours
+#                                 # (before a change), in the same run
 #
 # Per file: `copyhold-node bench --prompt 512 --gen 128` with llama-bench
 # (prefill against pp512, decode at positions 512–640 against tg128 -d 512),
@@ -25,7 +28,8 @@ NODE=${COPYHOLD_NODE:-$T/release-image/copyhold-node}
 LB=${LLAMA_BENCH:-$P/llama.cpp/build/bin/llama-bench}
 THREADS=${THREADS:-2}
 SHAPES=${SHAPES:-284m 1b}
-TYPES=${TYPES:-q4_k_m q8_0}
+TYPES=${TYPES:-q4_k_m q8_0 q4_0 q5_k_m}
+BASE=${BASE:-}
 OUT=${OUT:-/tmp/copyhold-gguf-bench}
 mkdir -p "$P/models" "$OUT"
 [ -x "$NODE" ] || { echo "no copyhold-node at $NODE (COPYHOLD_NODE=...)" >&2; exit 2; }
@@ -71,6 +75,10 @@ for shape in $SHAPES; do
       echo "## $shape $type prompt $prompt: $NODE bench --model $f --batch 1 --prompt $prompt --gen 128 --threads $THREADS --llama-bench $LB --gguf $f" >&2
       "$NODE" bench --model "$f" --batch 1 --prompt "$prompt" --gen 128 --threads "$THREADS" \
         --llama-bench "$LB" --gguf "$f" >"$log" 2>"$log.err"
+      if [ -n "$BASE" ]; then
+        "$BASE" bench --model "$f" --batch 1 --prompt "$prompt" --gen 128 \
+          --threads "$THREADS" 2>>"$log.err" | grep '^{' | sed 's/"device"/"base":true,"device"/' >>"$log"
+      fi
       if [ "${LOOPS:-0}" = 1 ]; then
         COPYHOLD_QDOT=loops "$NODE" bench --model "$f" --batch 1 --prompt "$prompt" --gen 128 \
           --threads "$THREADS" 2>>"$log.err" | grep '^{' | sed 's/"device"/"loops":true,"device"/' >>"$log"
@@ -84,7 +92,7 @@ out = sys.argv[1]
 rest = sys.argv[2:]
 shapes, types = rest[:rest.index('--')], rest[rest.index('--') + 1:]
 def rows(path):
-    ours, loops, ll = None, None, {}
+    ours, loops, base, ll = None, None, None, {}
     for line in open(path):
         if not line.startswith('{'):
             continue
@@ -92,29 +100,33 @@ def rows(path):
         if 'device' in v:
             if v.get('loops'):
                 loops = v
+            elif v.get('base'):
+                base = v
             else:
                 ours = v
         elif v.get('engine', '').startswith('llama.cpp'):
             ll['pp' if 'empty' in v['note'] else 'tgd'] = v
-    return ours, loops, ll
-print('| model | type | ours prefill tok/s (pp512) | llama.cpp pp512 | ratio | ours decode @512–640 | llama.cpp tg128 -d 512 | ratio | ours decode @16–144 | llama.cpp tg128 -d 16 | ratio | loops prefill / decode@512 / decode@16 |')
-print('| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |')
+    return ours, loops, base, ll
+print('| model | type | ours prefill tok/s (pp512) | llama.cpp pp512 | ratio | ours decode @512–640 | llama.cpp tg128 -d 512 | ratio | ours decode @16–144 | llama.cpp tg128 -d 16 | ratio | loops prefill / decode@512 / decode@16 | base prefill / decode@512 / decode@16 |')
+print('| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |')
 for s in shapes:
     for t in types:
         p5 = os.path.join(out, f'{s}-{t}-p512.log')
         p16 = os.path.join(out, f'{s}-{t}-p16.log')
         if not (os.path.exists(p5) and os.path.exists(p16)):
             continue
-        o5, l5, ll5 = rows(p5)
-        o16, l16, ll16 = rows(p16)
+        o5, l5, b5, ll5 = rows(p5)
+        o16, l16, b16, ll16 = rows(p16)
         def r(a, b):
             return f'{a / b:.2f}×' if a and b else '–'
         pp, tgd = ll5['pp']['prefill_tokens_per_s'], ll5['tgd']['decode_tokens_per_s']
         tg16 = ll16['tgd']['decode_tokens_per_s']
-        loops = '–'
-        if l5 and l16:
-            loops = f"{l5['prefill_tokens_per_s']:.1f} / {l5['decode_tokens_per_s']:.2f} / {l16['decode_tokens_per_s']:.2f}"
+        def three(a5, a16):
+            if not (a5 and a16):
+                return '–'
+            return f"{a5['prefill_tokens_per_s']:.1f} / {a5['decode_tokens_per_s']:.2f} / {a16['decode_tokens_per_s']:.2f}"
+        loops, base = three(l5, l16), three(b5, b16)
         print(f"| {s} | {t} | {o5['prefill_tokens_per_s']:.1f} | {pp:.1f} | {r(o5['prefill_tokens_per_s'], pp)} "
               f"| {o5['decode_tokens_per_s']:.2f} | {tgd:.2f} | {r(o5['decode_tokens_per_s'], tgd)} "
-              f"| {o16['decode_tokens_per_s']:.2f} | {tg16:.2f} | {r(o16['decode_tokens_per_s'], tg16)} | {loops} |")
+              f"| {o16['decode_tokens_per_s']:.2f} | {tg16:.2f} | {r(o16['decode_tokens_per_s'], tg16)} | {loops} | {base} |")
 EOF

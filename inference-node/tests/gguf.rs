@@ -329,13 +329,32 @@ fn quantized_logits_are_the_same_bits_alone_or_batched() {
     let text = std::fs::read_to_string(fixture("llamacpp-q4_k_m.json")).unwrap();
     let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
     let path = fidelity_model("q4_k_m", &golden);
+    assert_same_bits_alone_or_batched(&path, "q4_k_m");
+}
+
+/// The same for Q4_0 and Q5_K_M files (Q4_0 and Q5_K blocks, which the
+/// repacked eight-row kernels run too).
+#[test]
+fn q4_0_and_q5_k_m_logits_are_the_same_bits_alone_or_batched() {
+    for scheme in ["q4_0", "q5_k_m"] {
+        let d = scratch(scheme);
+        synth(&fidelity_spec(), &d.join("hf")).unwrap();
+        let g = d.join("model.gguf");
+        convert(&d.join("hf"), &g, Scheme::parse(scheme).unwrap()).unwrap();
+        assert_same_bits_alone_or_batched(&g, scheme);
+    }
+}
+
+/// The logits of a 7-token prompt run alone are the bits of its first 7
+/// positions in a 40-token prompt.
+fn assert_same_bits_alone_or_batched(path: &std::path::Path, what: &str) {
     let seq: Vec<u32> = (0..40u32).map(|i| (i * 37 + 11) % 300 + 5).collect();
-    let long = teacher_forced(&path, &seq);
-    let short = teacher_forced(&path, &seq[..7]);
+    let long = teacher_forced(path, &seq);
+    let short = teacher_forced(path, &seq[..7]);
     for (i, row) in short.iter().enumerate() {
         let a: Vec<u32> = row.iter().map(|v| v.to_bits()).collect();
         let b: Vec<u32> = long[i].iter().map(|v| v.to_bits()).collect();
-        assert_eq!(a, b, "position {i}");
+        assert_eq!(a, b, "{what} position {i}");
     }
 }
 

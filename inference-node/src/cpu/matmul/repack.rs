@@ -1,5 +1,5 @@
-//! Q4_K, Q6_K and Q8_0 weights repacked eight rows at a time for the prompt
-//! kernels of [`super::repack_x86`] (llama.cpp's `block_q4_Kx8` idea, in
+//! Q4_0, Q4_K, Q5_K, Q6_K and Q8_0 weights repacked eight rows at a time
+//! for the prompt kernels of [`super::repack_x86`] (llama.cpp's `block_q4_Kx8` idea, in
 //! our own layout): per group of eight weight rows and per 256-value
 //! block, the eight rows' scales side by side and their quant bytes
 //! interleaved four at a time, so one 256-bit vector holds four bytes of
@@ -16,7 +16,8 @@
 //! Memory: the repacked copy is made on the first product that meets the
 //! tensor (the bench's warm-up, a server's first request) and kept beside
 //! the mapped file; Q4_K takes 1344 bytes per 8 rows × 256 values (the
-//! file: 1152), Q6_K 1952 (the file: 1680). Every product then reads the
+//! file: 1152), Q5_K 1600 (1408), Q6_K 1952 (1680); Q4_0 160 per 8 rows
+//! × 32 values (144), Q8_0 288 (272). Every product then reads the
 //! copy, but the file pages read while repacking stay counted in RSS
 //! until the kernel reclaims them (they are clean, so it can): peak RSS
 //! on the 284 M Q4_K_M file rose from 274 to 503 MiB (`--prompt 16`).
@@ -66,6 +67,17 @@ pub(crate) mod q4k {
     pub const STRIDE: usize = QS + 1024;
 }
 
+/// Q5_K group-block layout: Q4_K's `d`, `dmin`, scales and mins at the
+/// same offsets, then the high bits `qh` eight bytes at a time (chunk `c`,
+/// bytes `8c ..+8` of each row's `qh`, at `64c + 8i`: value `l` of
+/// sub-block `s` has its fifth bit at bit `s` of `qh[l]`), then the low
+/// nibbles as Q4_K's.
+pub(crate) mod q5k {
+    pub const QH: usize = super::q4k::QS;
+    pub const QS: usize = QH + 256;
+    pub const STRIDE: usize = QS + 1024;
+}
+
 /// Q6_K group-block layout: `d` as f32 per row, the sixteen i8 scales
 /// (group `g`, row `i` at `8g + i`), the scales again as i16 pairs (pair
 /// `t`, row `i` at `16t + 2i + 0/1`), then per half `n` and chunk `c` three
@@ -86,6 +98,16 @@ pub(crate) mod q8 {
     pub const D: usize = 0;
     pub const QS: usize = 32;
     pub const STRIDE: usize = QS + 256;
+}
+
+/// Q4_0 group-block layout: `d` as f32 per row, then the 16 quant bytes of
+/// the eight rows, eight at a time: chunk `c` (bytes `8c ..+8`, values
+/// `8c ..+8` in the low nibbles and `16 + 8c ..+8` in the high ones) at
+/// `64c + 8i`.
+pub(crate) mod q40 {
+    pub const D: usize = 0;
+    pub const QS: usize = 32;
+    pub const STRIDE: usize = QS + 128;
 }
 
 /// A tensor's rows in the eight-row layout.
@@ -109,20 +131,23 @@ impl Packed {
 fn stride(q: QType) -> usize {
     match q {
         QType::Q4K => q4k::STRIDE,
+        QType::Q5K => q5k::STRIDE,
+        QType::Q6K => q6k::STRIDE,
         QType::Q8_0 => q8::STRIDE,
-        _ => q6k::STRIDE,
+        QType::Q4_0 => q40::STRIDE,
     }
 }
 
-/// Whether the repacked kernels exist for `q` on this machine.
-pub fn covers(q: QType) -> bool {
-    matches!(q, QType::Q4K | QType::Q6K | QType::Q8_0) && kernels_available()
+/// Whether the repacked kernels exist on this machine (for every block
+/// format).
+pub fn covers() -> bool {
+    kernels_available()
 }
 
 /// `w`'s repacked rows, made on first call; `None` where not covered.
 pub fn packed(w: &Tensor) -> Option<&Packed> {
     let (q, bytes) = w.qrows()?;
-    if !covers(q) || w.shape.len() != 2 {
+    if !covers() || w.shape.len() != 2 {
         return None;
     }
     Some(w.repacked.get_or_init(|| {
@@ -151,8 +176,10 @@ pub fn pack(q: QType, bytes: &[u8], n: usize, k: usize) -> Packed {
                 let o = &mut out[b * stride(q)..(b + 1) * stride(q)];
                 match q {
                     QType::Q4K => pack_q4k(blk, i, o),
+                    QType::Q5K => pack_q5k(blk, i, o),
+                    QType::Q6K => pack_q6k(blk, i, o),
                     QType::Q8_0 => pack_q8_0(blk, i, o),
-                    _ => pack_q6k(blk, i, o),
+                    QType::Q4_0 => pack_q4_0(blk, i, o),
                 }
             }
         }
@@ -162,6 +189,23 @@ pub fn pack(q: QType, bytes: &[u8], n: usize, k: usize) -> Packed {
 
 /// Row `i`'s Q4_K block `blk` into group-block `o`.
 fn pack_q4k(blk: &[u8], i: usize, o: &mut [u8]) {
+    pack_k_scales(blk, i, o);
+    pack_nibbles_k(&blk[16..144], i, &mut o[q4k::QS..]);
+}
+
+/// Row `i`'s Q5_K block `blk` into group-block `o`.
+fn pack_q5k(blk: &[u8], i: usize, o: &mut [u8]) {
+    pack_k_scales(blk, i, o);
+    for c in 0..4 {
+        let at = q5k::QH + 64 * c + 8 * i;
+        o[at..at + 8].copy_from_slice(&blk[16 + 8 * c..][..8]);
+    }
+    pack_nibbles_k(&blk[48..176], i, &mut o[q5k::QS..]);
+}
+
+/// Row `i`'s `d`, `dmin`, scales and mins of a Q4_K or Q5_K block (the
+/// same bytes in both) into group-block `o`.
+fn pack_k_scales(blk: &[u8], i: usize, o: &mut [u8]) {
     put_f32(o, q4k::D + 4 * i, f16_at(blk, 0));
     put_f32(o, q4k::DMIN + 4 * i, f16_at(blk, 2));
     for s in 0..8 {
@@ -170,10 +214,15 @@ fn pack_q4k(blk: &[u8], i: usize, o: &mut [u8]) {
         o[q4k::SC + 16 * s + 2 * i + 1] = sc;
         put_i16(o, q4k::MN + 2 * (16 * (s / 2) + 2 * i + s % 2), m as i16);
     }
+}
+
+/// Row `i`'s 128 nibble bytes `qs` (Q4_K, Q5_K) into `o`, pair `j`, chunk
+/// `c` at `64(4j + c) + 8i`.
+fn pack_nibbles_k(qs: &[u8], i: usize, o: &mut [u8]) {
     for j in 0..4 {
         for c in 0..4 {
-            let at = q4k::QS + 64 * (4 * j + c) + 8 * i;
-            o[at..at + 8].copy_from_slice(&blk[16 + 32 * j + 8 * c..][..8]);
+            let at = 64 * (4 * j + c) + 8 * i;
+            o[at..at + 8].copy_from_slice(&qs[32 * j + 8 * c..][..8]);
         }
     }
 }
@@ -211,6 +260,15 @@ fn pack_q8_0(blk: &[u8], i: usize, o: &mut [u8]) {
     }
 }
 
+/// Row `i`'s Q4_0 block `blk` into group-block `o`.
+fn pack_q4_0(blk: &[u8], i: usize, o: &mut [u8]) {
+    put_f32(o, q40::D + 4 * i, f16_at(blk, 0));
+    for c in 0..2 {
+        let at = q40::QS + 64 * c + 8 * i;
+        o[at..at + 8].copy_from_slice(&blk[2 + 8 * c..][..8]);
+    }
+}
+
 fn put_f32(o: &mut [u8], at: usize, v: f32) {
     o[at..at + 4].copy_from_slice(&v.to_le_bytes());
 }
@@ -223,11 +281,7 @@ fn put_i16(o: &mut [u8], at: usize, v: i16) {
 /// (`r0` a multiple of [`ROWS`]) on the repacked weights.
 pub fn tile(p: &Packed, r0: usize, rows: usize, acts: &[&QActs], out: &mut [f32]) {
     assert!(r0.is_multiple_of(ROWS) && r0 + rows <= p.n && out.len() >= acts.len() * rows);
-    let (per_block, sums) = if p.q == QType::Q8_0 {
-        (32, 1)
-    } else {
-        (256, 16)
-    };
+    let (per_block, sums) = if p.q.uses_q8k() { (256, 16) } else { (32, 1) };
     for a in acts {
         assert!(a.q.len() >= p.nb * per_block && a.d.len() >= p.nb);
         assert!(a.bsums.len() >= p.nb * sums);
@@ -246,8 +300,14 @@ pub fn turned_off() -> bool {
     })
 }
 
-/// Whether this CPU runs [`super::repack_x86`] (AVX2, FMA, F16C).
+/// Whether this CPU runs [`super::repack_x86`] and the process has not
+/// asked for the portable kernels (`COPYHOLD_PORTABLE_KERNELS`).
 fn kernels_available() -> bool {
+    super::kernel::isa() != super::kernel::Isa::Portable && cpu_runs_kernels()
+}
+
+/// Whether this CPU has what [`super::repack_x86`] needs (AVX2, FMA, F16C).
+fn cpu_runs_kernels() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx2")
@@ -280,12 +340,12 @@ mod tests {
     /// alone gives the bits it gives in the group.
     #[test]
     fn repacked_kernels_match_the_portable_loops_bit_for_bit_alone_and_in_groups() {
-        if !covers(QType::Q4K) {
+        if !cpu_runs_kernels() {
             eprintln!("no repacked kernels on this machine");
             return;
         }
         let (k, n) = (768, 19);
-        for q in [QType::Q4K, QType::Q6K, QType::Q8_0] {
+        for q in [QType::Q4K, QType::Q6K, QType::Q8_0, QType::Q4_0, QType::Q5K] {
             let mut b = Vec::new();
             q.quantize(&signal(n * k, 3.0), &mut b);
             let p = pack(q, &b, n, k);
@@ -293,10 +353,10 @@ mod tests {
             for m in 1..=7 {
                 let acts: Vec<QActs> = signal(m * k, 0.7 + m as f32)
                     .chunks(k)
-                    .map(if q == QType::Q8_0 {
-                        quantize_q8_0
-                    } else {
+                    .map(if q.uses_q8k() {
                         quantize_q8_k
+                    } else {
+                        quantize_q8_0
                     })
                     .collect();
                 let refs: Vec<&QActs> = acts.iter().collect();

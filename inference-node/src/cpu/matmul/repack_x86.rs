@@ -7,7 +7,10 @@
 //!
 //! Q4_K: `vpdpbusd` (AVX-512 VNNI) per eight bytes, the 6-bit scale by
 //! `vpmaddwd` on each lane's sum of 16 values (which fits in `i16`).
-//! Q6_K: `vpmaddubsw` (values `+ 32` ≤ 63, no saturation) then `vpmaddwd`
+//! Q5_K: the same with each nibble's fifth bit or-ed in from `qh`; a
+//! lane's sum of 16 (`≤ 16·31·127`) no longer fits in `i16`, so the scale
+//! goes on with `vpmulld`. Q4_0: `vpdpbusd` on the nibbles (`q + 8`), less
+//! `8·Σ a` per block. Q6_K: `vpmaddubsw` (values `+ 32` ≤ 63, no saturation) then `vpmaddwd`
 //! against the scales. Q8_0: `vpdpbusd` on the stored `q + 128`, less
 //! `128·Σ a` per block. Without AVX-512 VNNI the same layout runs as two
 //! 256-bit halves with `vpmaddubsw` + `vpmaddwd`. The mins (Q4_K) and
@@ -20,7 +23,7 @@
 use std::arch::x86_64::*;
 
 use super::qdot::QActs;
-use super::repack::{Packed, ROWS, q4k, q6k, q8};
+use super::repack::{Packed, ROWS, q4k, q5k, q6k, q8, q40};
 use crate::model::quant::{QK_K, QType};
 
 /// 32 bytes at `p` (unaligned).
@@ -66,27 +69,41 @@ unsafe fn load_ps(p: *const u8) -> __m256 {
     unsafe { _mm256_loadu_ps(p.cast()) }
 }
 
-/// Q4_K block `b`'s `Σ sc·(Σ q·a)` of the eight rows (lanes) against `R`
-/// activation rows, with 512-bit `vpdpbusd`: lanes `2i`, `2i + 1` hold row
-/// `i`'s halves until the end of the block. A lane's sum over one
-/// sub-block (16 values, `|Σ| ≤ 16·15·127`) fits in `i16`, so `vpmaddwd`
-/// against the scale (high half 0) applies it.
+/// Q4_K (Q5_K if `FIVE`) block `b`'s `Σ sc·(Σ q·a)` of the eight rows
+/// (lanes) against `R` activation rows, with 512-bit `vpdpbusd`: lanes
+/// `2i`, `2i + 1` hold row `i`'s halves until the end of the block. A
+/// Q4_K lane's sum over one sub-block (16 values, `|Σ| ≤ 16·15·127`) fits
+/// in `i16`, so `vpmaddwd` against the scale (high half 0) applies it;
+/// Q5_K's (`≤ 16·31·127`) takes `vpmulld`.
 #[inline(always)]
-unsafe fn q4k_sumi_512<const R: usize>(blk: *const u8, a: [&QActs; R], b: usize) -> [__m256i; R] {
+unsafe fn q45k_sumi_512<const R: usize, const FIVE: bool>(
+    blk: *const u8,
+    a: [&QActs; R],
+    b: usize,
+) -> [__m256i; R] {
     // SAFETY: the VNNI entry point's features; `tile` checked the lengths.
     unsafe {
-        let m4 = _mm512_set1_epi8(0xF);
+        let (m4, sixteen) = (_mm512_set1_epi8(0xF), _mm512_set1_epi8(16));
+        let qs = if FIVE { q5k::QS } else { q4k::QS };
         let mut acc = [_mm512_setzero_si512(); R];
         for s in 0..8 {
             let (j, high) = (s / 2, s % 2 == 1);
             let mut sub = [_mm512_setzero_si512(); R];
             for c in 0..4 {
-                let q = _mm512_loadu_si512(blk.add(q4k::QS + 64 * (4 * j + c)).cast());
-                let w = if high {
+                let q = _mm512_loadu_si512(blk.add(qs + 64 * (4 * j + c)).cast());
+                let mut w = if high {
                     _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4)
                 } else {
                     _mm512_and_si512(q, m4)
                 };
+                if FIVE {
+                    // `+ 16` where bit `s` of the `qh` byte is set: a
+                    // mask test and a masked add, off the port that
+                    // `vpdpbusd` and the shifts share.
+                    let h = _mm512_loadu_si512(blk.add(q5k::QH + 64 * c).cast());
+                    let k = _mm512_test_epi8_mask(h, _mm512_set1_epi8(1 << s));
+                    w = _mm512_mask_add_epi8(w, k, w, sixteen);
+                }
                 for r in 0..R {
                     let at = a[r].q.as_ptr().add(QK_K * b + 32 * s + 8 * c);
                     let av = _mm512_set1_epi64(at.cast::<i64>().read_unaligned());
@@ -95,7 +112,12 @@ unsafe fn q4k_sumi_512<const R: usize>(blk: *const u8, a: [&QActs; R], b: usize)
             }
             let sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(q4k::SC + 16 * s).cast()));
             for r in 0..R {
-                acc[r] = _mm512_add_epi32(acc[r], _mm512_madd_epi16(sub[r], sc));
+                let scaled = if FIVE {
+                    _mm512_mullo_epi32(sub[r], sc)
+                } else {
+                    _mm512_madd_epi16(sub[r], sc)
+                };
+                acc[r] = _mm512_add_epi32(acc[r], scaled);
             }
         }
         // Loops, not `array::from_fn`: a closure lacks the target features,
@@ -109,26 +131,38 @@ unsafe fn q4k_sumi_512<const R: usize>(blk: *const u8, a: [&QActs; R], b: usize)
     }
 }
 
-/// [`q4k_sumi_512`] with 256-bit `vpmaddubsw` + `vpmaddwd`: rows 0–3 in
+/// [`q45k_sumi_512`] with 256-bit `vpmaddubsw` + `vpmaddwd`: rows 0–3 in
 /// one vector, rows 4–7 in the other.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // `h` picks the half of `sub` and of the bytes
-unsafe fn q4k_sumi_256<const R: usize>(blk: *const u8, a: [&QActs; R], b: usize) -> [__m256i; R] {
+unsafe fn q45k_sumi_256<const R: usize, const FIVE: bool>(
+    blk: *const u8,
+    a: [&QActs; R],
+    b: usize,
+) -> [__m256i; R] {
     // SAFETY: AVX2 (every entry point); `tile` checked the lengths.
     unsafe {
-        let m4 = _mm256_set1_epi8(0xF);
+        let (m4, sixteen) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(16));
+        let qs = if FIVE { q5k::QS } else { q4k::QS };
         let mut acc = [[_mm256_setzero_si256(); 2]; R];
         for s in 0..8 {
             let (j, high) = (s / 2, s % 2 == 1);
             let mut sub = [[_mm256_setzero_si256(); 2]; R];
             for c in 0..4 {
                 for h in 0..2 {
-                    let q = load(blk.add(q4k::QS + 64 * (4 * j + c) + 32 * h));
-                    let w = if high {
+                    let q = load(blk.add(qs + 64 * (4 * j + c) + 32 * h));
+                    let mut w = if high {
                         _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4)
                     } else {
                         _mm256_and_si256(q, m4)
                     };
+                    if FIVE {
+                        // `| 16` where bit `s` of the `qh` byte is set.
+                        let hb = load(blk.add(q5k::QH + 64 * c + 32 * h));
+                        let bit = _mm256_set1_epi8(1 << s);
+                        let set = _mm256_cmpeq_epi8(_mm256_and_si256(hb, bit), bit);
+                        w = _mm256_or_si256(w, _mm256_and_si256(set, sixteen));
+                    }
                     for r in 0..R {
                         let at = a[r].q.as_ptr().add(QK_K * b + 32 * s + 8 * c);
                         let av = _mm256_set1_epi64x(at.cast::<i64>().read_unaligned());
@@ -139,13 +173,18 @@ unsafe fn q4k_sumi_256<const R: usize>(blk: *const u8, a: [&QActs; R], b: usize)
             let sc = [0, 1].map(|h| widen8(blk.add(q4k::SC + 16 * s + 8 * h), false));
             for (acc, sub) in acc.iter_mut().zip(&sub) {
                 for h in 0..2 {
-                    acc[h] = _mm256_add_epi32(acc[h], _mm256_madd_epi16(sub[h], sc[h]));
+                    let scaled = if FIVE {
+                        _mm256_mullo_epi32(sub[h], sc[h])
+                    } else {
+                        _mm256_madd_epi16(sub[h], sc[h])
+                    };
+                    acc[h] = _mm256_add_epi32(acc[h], scaled);
                 }
             }
         }
         // `hadd` leaves rows 0, 1, 4, 5, 2, 3, 6, 7.
         let order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
-        // Loops, not `array::from_fn` (see `q4k_sumi_512`).
+        // Loops, not `array::from_fn` (see `q45k_sumi_512`).
         let mut out = [_mm256_setzero_si256(); R];
         for r in 0..R {
             out[r] = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(acc[r][0], acc[r][1]), order);
@@ -154,10 +193,10 @@ unsafe fn q4k_sumi_256<const R: usize>(blk: *const u8, a: [&QActs; R], b: usize)
     }
 }
 
-/// One Q4_K group (`p`, `nb` blocks) against `R` activation rows: lane `i`
-/// of result `r` is weight row `i` · `a[r]`.
+/// One Q4_K (Q5_K if `FIVE`) group (`p`, `nb` blocks) against `R`
+/// activation rows: lane `i` of result `r` is weight row `i` · `a[r]`.
 #[inline(always)]
-unsafe fn q4k_group<const R: usize, const VNNI: bool>(
+unsafe fn q45k_group<const R: usize, const VNNI: bool, const FIVE: bool>(
     p: *const u8,
     nb: usize,
     a: [&QActs; R],
@@ -167,11 +206,11 @@ unsafe fn q4k_group<const R: usize, const VNNI: bool>(
     unsafe {
         let mut sums = [_mm256_setzero_ps(); R];
         for b in 0..nb {
-            let blk = p.add(b * q4k::STRIDE);
+            let blk = p.add(b * if FIVE { q5k::STRIDE } else { q4k::STRIDE });
             let sumi = if VNNI {
-                q4k_sumi_512(blk, a, b)
+                q45k_sumi_512::<R, FIVE>(blk, a, b)
             } else {
-                q4k_sumi_256(blk, a, b)
+                q45k_sumi_256::<R, FIVE>(blk, a, b)
             };
             let mut summ = [_mm256_setzero_si256(); R];
             for t in 0..4 {
@@ -310,7 +349,7 @@ unsafe fn q6k_sumi_256<const R: usize>(blk: *const u8, a: [&QActs; R], b: usize)
             }
         }
         let order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
-        // Loops, not `array::from_fn` (see `q4k_sumi_512`).
+        // Loops, not `array::from_fn` (see `q45k_sumi_512`).
         let mut out = [_mm256_setzero_si256(); R];
         for r in 0..R {
             out[r] = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(acc[r][0], acc[r][1]), order);
@@ -319,7 +358,7 @@ unsafe fn q6k_sumi_256<const R: usize>(blk: *const u8, a: [&QActs; R], b: usize)
     }
 }
 
-/// One Q6_K group against `R` activation rows, as [`q4k_group`]. The
+/// One Q6_K group against `R` activation rows, as [`q45k_group`]. The
 /// values are stored `+ 32`: each group of 16 sums `Σ (v+32)·a`, and
 /// `32 · Σ sc·(Σ a)` comes off once per block.
 #[inline(always)]
@@ -333,7 +372,7 @@ unsafe fn q6k_group<const R: usize, const VNNI: bool>(
     unsafe {
         let mut sums = [_mm256_setzero_ps(); R];
         for b in 0..nb {
-            // SAFETY (whole loop): as in `q4k_group`.
+            // SAFETY (whole loop): as in `q45k_group`.
             let blk = p.add(b * q6k::STRIDE);
             let mut sumi = if VNNI {
                 q6k_sumi_512(blk, a, b)
@@ -421,14 +460,14 @@ unsafe fn q8_0_sumi<const R: usize, const VNNI: bool>(
     }
 }
 
-/// One Q8_0 group against `R` activation rows, as [`q4k_group`].
+/// One Q8_0 group against `R` activation rows, as [`q45k_group`].
 #[inline(always)]
 unsafe fn q8_0_group<const R: usize, const VNNI: bool>(
     p: *const u8,
     nb: usize,
     a: [&QActs; R],
 ) -> [__m256; R] {
-    // SAFETY: as `q4k_group`.
+    // SAFETY: as `q45k_group`.
     unsafe {
         let mut sums = [_mm256_setzero_ps(); R];
         for b in 0..nb {
@@ -439,6 +478,119 @@ unsafe fn q8_0_group<const R: usize, const VNNI: bool>(
                 // Portable: `sum += s as f32 * (d_w * a.d[b])`.
                 let f = _mm256_mul_ps(d, _mm256_set1_ps(a[r].d[b]));
                 sums[r] = _mm256_add_ps(sums[r], _mm256_mul_ps(_mm256_cvtepi32_ps(sumi[r]), f));
+            }
+        }
+        sums
+    }
+}
+
+/// Q4_0 block `b`'s `Σ q·a` of the eight rows against `R` activation rows:
+/// the nibbles (`q + 8`, unsigned) by `vpdpbusd` (with VNNI) or
+/// `vpmaddubsw` (two 256-bit halves, the four products of a block summed
+/// in `i16`: `≤ 4·2·15·127`) and one `vpmaddwd`, less `8·Σ a` (the
+/// activations' block sums). Without VNNI the rows come in `hadd` order
+/// (0, 1, 4, 5, 2, 3, 6, 7; [`hadd_order`] puts them back), which
+/// [`q4_0_group`] keeps until the group's end.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // `r` and `h` pick rows and halves of several arrays
+unsafe fn q4_0_sumi<const R: usize, const VNNI: bool>(
+    blk: *const u8,
+    a: [&QActs; R],
+    b: usize,
+) -> [__m256i; R] {
+    // SAFETY: the entry point's features; `tile` checked the lengths.
+    unsafe {
+        let av = |r: usize, at: usize| {
+            a[r].q
+                .as_ptr()
+                .add(32 * b + at)
+                .cast::<i64>()
+                .read_unaligned()
+        };
+        let mut out = [_mm256_setzero_si256(); R];
+        if VNNI {
+            let m4 = _mm512_set1_epi8(0xF);
+            let mut acc = [_mm512_setzero_si512(); R];
+            for c in 0..2 {
+                let q = _mm512_loadu_si512(blk.add(q40::QS + 64 * c).cast());
+                let lo = _mm512_and_si512(q, m4);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4);
+                for r in 0..R {
+                    acc[r] = _mm512_dpbusd_epi32(acc[r], lo, _mm512_set1_epi64(av(r, 8 * c)));
+                    acc[r] = _mm512_dpbusd_epi32(acc[r], hi, _mm512_set1_epi64(av(r, 16 + 8 * c)));
+                }
+            }
+            // Loops, not `array::from_fn` (see `q45k_sumi_512`).
+            for r in 0..R {
+                let pair = _mm512_add_epi32(acc[r], _mm512_srli_epi64::<32>(acc[r]));
+                out[r] = _mm512_cvtepi64_epi32(pair);
+            }
+        } else {
+            let (m4, ones) = (_mm256_set1_epi8(0xF), _mm256_set1_epi16(1));
+            let mut acc = [[_mm256_setzero_si256(); 2]; R];
+            for c in 0..2 {
+                for h in 0..2 {
+                    let q = load(blk.add(q40::QS + 64 * c + 32 * h));
+                    let lo = _mm256_and_si256(q, m4);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+                    for r in 0..R {
+                        let x = _mm256_maddubs_epi16(lo, _mm256_set1_epi64x(av(r, 8 * c)));
+                        let y = _mm256_maddubs_epi16(hi, _mm256_set1_epi64x(av(r, 16 + 8 * c)));
+                        acc[r][h] = _mm256_add_epi16(acc[r][h], _mm256_add_epi16(x, y));
+                    }
+                }
+            }
+            for r in 0..R {
+                let (l, h) = (
+                    _mm256_madd_epi16(acc[r][0], ones),
+                    _mm256_madd_epi16(acc[r][1], ones),
+                );
+                out[r] = _mm256_hadd_epi32(l, h);
+            }
+        }
+        for r in 0..R {
+            out[r] = _mm256_sub_epi32(out[r], _mm256_set1_epi32(8 * a[r].bsums[b]));
+        }
+        out
+    }
+}
+
+/// The lane order `vphaddd` leaves two halves' rows in (0, 1, 4, 5, 2, 3,
+/// 6, 7), which is its own inverse: a `vpermd` by it puts either order
+/// into the other.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hadd_order() -> __m256i {
+    _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7)
+}
+
+/// One Q4_0 group against `R` activation rows, as [`q45k_group`].
+#[inline(always)]
+unsafe fn q4_0_group<const R: usize, const VNNI: bool>(
+    p: *const u8,
+    nb: usize,
+    a: [&QActs; R],
+) -> [__m256; R] {
+    // SAFETY: as `q45k_group`.
+    unsafe {
+        let mut sums = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let blk = p.add(b * q40::STRIDE);
+            let sumi = q4_0_sumi::<R, VNNI>(blk, a, b);
+            let mut d = load_ps(blk.add(q40::D));
+            if !VNNI {
+                d = _mm256_permutevar8x32_ps(d, hadd_order());
+            }
+            for r in 0..R {
+                // Portable: `sum += s as f32 * (f16_at(blk, 0) * a.d[b])`
+                // (lane by lane, so the lanes' order does not matter).
+                let f = _mm256_mul_ps(d, _mm256_set1_ps(a[r].d[b]));
+                sums[r] = _mm256_add_ps(sums[r], _mm256_mul_ps(_mm256_cvtepi32_ps(sumi[r]), f));
+            }
+        }
+        if !VNNI {
+            for s in &mut sums {
+                *s = _mm256_permutevar8x32_ps(*s, hadd_order());
             }
         }
         sums
@@ -461,9 +613,11 @@ unsafe fn group<const R: usize, const VNNI: bool>(
 ) {
     let v = unsafe {
         match pk.q {
-            QType::Q4K => q4k_group::<R, VNNI>(p, pk.nb, a),
+            QType::Q4K => q45k_group::<R, VNNI, false>(p, pk.nb, a),
+            QType::Q5K => q45k_group::<R, VNNI, true>(p, pk.nb, a),
+            QType::Q6K => q6k_group::<R, VNNI>(p, pk.nb, a),
             QType::Q8_0 => q8_0_group::<R, VNNI>(p, pk.nb, a),
-            _ => q6k_group::<R, VNNI>(p, pk.nb, a),
+            QType::Q4_0 => q4_0_group::<R, VNNI>(p, pk.nb, a),
         }
     };
     for (r, v) in v.into_iter().enumerate() {
@@ -516,11 +670,14 @@ unsafe fn tile_avx2(p: &Packed, r0: usize, rows: usize, acts: &[&QActs], out: &m
     unsafe { tile_body::<false>(p, r0, rows, acts, out) }
 }
 
-/// Whether the CPU has AVX-512 VNNI with VL (decided once).
+/// Whether the CPU has AVX-512 VNNI with VL and the process runs the
+/// AVX-512 kernels (`COPYHOLD_KERNELS=avx2` asks for the AVX2 build, to
+/// measure what CPUs without AVX-512 get); decided once.
 fn vnni() -> bool {
     static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *V.get_or_init(|| {
-        std::is_x86_feature_detected!("avx512vnni")
+        super::kernel::isa() == super::kernel::Isa::Avx512
+            && std::is_x86_feature_detected!("avx512vnni")
             && std::is_x86_feature_detected!("avx512vl")
             && std::is_x86_feature_detected!("avx512bw")
     })
