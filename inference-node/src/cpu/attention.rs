@@ -157,13 +157,25 @@ pub fn paged_attention(
         heads,
         window,
     };
-    let outs: Vec<Vec<f32>> = (0..tiles.len() * nkv)
-        .into_par_iter()
-        .map(|idx| {
-            let (i0, i1) = tiles[idx / nkv];
-            tile(&call, i0..i1, idx % nkv)
-        })
-        .collect();
+    let part = |idx: usize| {
+        let (i0, i1) = tiles[idx / nkv];
+        tile(&call, i0..i1, idx % nkv)
+    };
+    let outs: Vec<Vec<f32>> = if toks.len() < crate::cpu::team::MAX_ROWS {
+        // Decode-sized: on the spinning team, like the projections around it.
+        let slots: Vec<std::sync::OnceLock<Vec<f32>>> = (0..tiles.len() * nkv)
+            .map(|_| std::sync::OnceLock::new())
+            .collect();
+        crate::cpu::team::Team::global().run(slots.len(), &|idx| {
+            let _ = slots[idx].set(part(idx));
+        });
+        slots
+            .into_iter()
+            .map(|s| s.into_inner().unwrap_or_default())
+            .collect()
+    } else {
+        (0..tiles.len() * nkv).into_par_iter().map(part).collect()
+    };
     assert_eq!(attn.len(), toks.len() * heads * hd, "attention output size");
     for (idx, out) in outs.iter().enumerate() {
         let ((i0, i1), g) = (tiles[idx / nkv], idx % nkv);

@@ -1,11 +1,12 @@
 //! The CPU backend: the oracle the other backends are tested against, and
 //! a server in its own right. `layers` runs the model's layers,
 //! `attention` holds paged K/V in host memory, `matmul` the SIMD and AMX
-//! products.
+//! products, `team` the spinning threads of decode's parallel regions.
 
 pub mod attention;
 pub mod layers;
 pub mod matmul;
+pub mod team;
 
 use crate::cpu::attention::KvStore;
 use crate::cpu::layers::{Scratch, rope_rows};

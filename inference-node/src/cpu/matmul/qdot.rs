@@ -382,7 +382,11 @@ fn repacked<'a>(m: usize, ws: &[&'a Tensor]) -> Vec<Option<&'a super::repack::Pa
 pub fn matmul_q_into(x: &[f32], m: usize, ws: &[&Tensor], outs: &mut [&mut [f32]]) {
     let k = ws[0].shape[1];
     let acts = Acts::new(x, m, k, ws);
-    let threads = rayon::current_num_threads().max(1);
+    let threads = if m < crate::cpu::team::MAX_ROWS {
+        crate::cpu::team::Team::global().threads()
+    } else {
+        rayon::current_num_threads().max(1)
+    };
     let with = wide_isa();
     let packed = repacked(m, ws);
     let mut jobs = Vec::new();
@@ -398,7 +402,7 @@ pub fn matmul_q_into(x: &[f32], m: usize, ws: &[&Tensor], outs: &mut [&mut [f32]
         }
     }
     let dst = Outs(outs.iter_mut().map(|o| (o.as_mut_ptr(), o.len())).collect());
-    jobs.par_iter().for_each(|&(wi, r0, rows)| {
+    let job = |&(wi, r0, rows): &(usize, usize, usize)| {
         let Some((q, bytes)) = ws[wi].qrows() else {
             return;
         };
@@ -417,7 +421,12 @@ pub fn matmul_q_into(x: &[f32], m: usize, ws: &[&Tensor], outs: &mut [&mut [f32]
             }
             dst.put(wi, ws[wi].shape[0], r0, rows, out);
         });
-    });
+    };
+    if m < crate::cpu::team::MAX_ROWS {
+        crate::cpu::team::Team::global().run(jobs.len(), &|i| job(&jobs[i]));
+    } else {
+        jobs.par_iter().for_each(job);
+    }
 }
 
 #[cfg(test)]

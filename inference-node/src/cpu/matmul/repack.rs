@@ -15,9 +15,9 @@
 //!
 //! Memory: the repacked copy is made on the first product that meets the
 //! tensor (the bench's warm-up, a server's first request) and kept beside
-//! the mapped file; Q4_K takes 1344 bytes per 8 rows × 256 values (the
-//! file: 1152), Q5_K 1600 (1408), Q6_K 1952 (1680); Q4_0 160 per 8 rows
-//! × 32 values (144), Q8_0 288 (272). Every product then reads the
+//! the mapped file; Q4_K takes 1184 bytes per 8 rows × 256 values (the
+//! file: 1152), Q5_K 1440 (1408), Q6_K and Q8_0 the file's 1680 and 272,
+//! Q4_0 the file's 144 per 8 rows × 32 values. Every product then reads the
 //! copy, but the file pages read while repacking stay counted in RSS
 //! until the kernel reclaims them (they are clean, so it can): peak RSS
 //! on the 284 M Q4_K_M file rose from 274 to 503 MiB (`--prompt 16`).
@@ -27,7 +27,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use super::qdot::QActs;
-use crate::model::quant::{QType, f16_at, scale_min_k4};
+use crate::model::quant::{QType, scale_min_k4};
 use crate::model::weights::Tensor;
 
 /// Weight rows per group.
@@ -50,20 +50,21 @@ pub fn min_rows() -> usize {
     })
 }
 
-/// Q4_K group-block layout: `d` and `dmin` as f32 per row, the eight
-/// 6-bit scales as bytes, each twice (sub-block `s`, row `i` at
-/// `16s + 2i + 0/1`: one per 32-bit lane of a row's pair of lanes), the
-/// mins as i16 pairs (`vpmaddwd` operands: pair `t`, row `i` at
-/// `16t + 2i + 0/1`), then the quant bytes eight at a time: pair `j`, chunk
-/// `c` (bytes `32j + 8c ..+8` of each row's `qs`) at `64(4j + c) + 8i`, so
-/// a row's eight bytes fill two 32-bit lanes and one broadcast of eight
-/// activation bytes meets all eight rows.
+/// Q4_K group-block layout, as many bytes as the file's blocks plus 32
+/// (decode streams every byte once per token, so the layout is kept
+/// tight): `d` and `dmin` as the file's f16 per row, the eight 6-bit
+/// scales as bytes (sub-block `s`, row `i` at `8s + i`), the mins as byte
+/// pairs (pair `t`, row `i` at `16t + 2i + 0/1`: widened to `i16`, the
+/// `vpmaddwd` operands), then the quant bytes eight at a time: pair `j`,
+/// chunk `c` (bytes `32j + 8c ..+8` of each row's `qs`) at
+/// `64(4j + c) + 8i`, so a row's eight bytes fill two 32-bit lanes and one
+/// broadcast of eight activation bytes meets all eight rows.
 pub(crate) mod q4k {
     pub const D: usize = 0;
-    pub const DMIN: usize = 32;
-    pub const SC: usize = 64;
-    pub const MN: usize = 192;
-    pub const QS: usize = 320;
+    pub const DMIN: usize = 16;
+    pub const SC: usize = 32;
+    pub const MN: usize = 96;
+    pub const QS: usize = 160;
     pub const STRIDE: usize = QS + 1024;
 }
 
@@ -78,35 +79,36 @@ pub(crate) mod q5k {
     pub const STRIDE: usize = QS + 1024;
 }
 
-/// Q6_K group-block layout: `d` as f32 per row, the sixteen i8 scales
-/// (group `g`, row `i` at `8g + i`), the scales again as i16 pairs (pair
-/// `t`, row `i` at `16t + 2i + 0/1`), then per half `n` and chunk `c` three
-/// 64-byte vectors: `ql[64n + 8c ..]`, `ql[64n + 32 + 8c ..]` and
+/// Q6_K group-block layout, the file's size: `d` as the file's f16 per
+/// row, the sixteen i8 scales as pairs (pair `t`, row `i` at
+/// `16t + 2i + 0/1`: widened to `i16`, the `vpmaddwd` operands of the
+/// `−32` correction), then per half `n` and chunk `c` three 64-byte
+/// vectors: `ql[64n + 8c ..]`, `ql[64n + 32 + 8c ..]` and
 /// `qh[32n + 8c ..]` of the eight rows, eight bytes each.
 pub(crate) mod q6k {
     pub const D: usize = 0;
-    pub const SC: usize = 32;
-    pub const SC16: usize = 160;
-    pub const Q: usize = 416;
+    pub const SC: usize = 16;
+    pub const Q: usize = 144;
     pub const STRIDE: usize = Q + 2 * 4 * 192;
 }
 
-/// Q8_0 group-block layout: `d` as f32 per row, then the 32 quants of the
-/// eight rows `+ 128` (unsigned, for `vpdpbusd`), eight at a time: chunk
-/// `c` (values `8c ..+8`) at `64c + 8i`.
+/// Q8_0 group-block layout, the file's size: `d` as the file's f16 per
+/// row, then the 32 quants of the eight rows `+ 128` (unsigned, for
+/// `vpdpbusd`), eight at a time: chunk `c` (values `8c ..+8`) at `64c + 8i`.
 pub(crate) mod q8 {
     pub const D: usize = 0;
-    pub const QS: usize = 32;
+    pub const QS: usize = 16;
     pub const STRIDE: usize = QS + 256;
 }
 
-/// Q4_0 group-block layout: `d` as f32 per row, then the 16 quant bytes of
+/// Q4_0 group-block layout, the file's size: `d` as the file's f16 per
+/// row, then the 16 quant bytes of
 /// the eight rows, eight at a time: chunk `c` (bytes `8c ..+8`, values
 /// `8c ..+8` in the low nibbles and `16 + 8c ..+8` in the high ones) at
 /// `64c + 8i`.
 pub(crate) mod q40 {
     pub const D: usize = 0;
-    pub const QS: usize = 32;
+    pub const QS: usize = 16;
     pub const STRIDE: usize = QS + 128;
 }
 
@@ -206,13 +208,12 @@ fn pack_q5k(blk: &[u8], i: usize, o: &mut [u8]) {
 /// Row `i`'s `d`, `dmin`, scales and mins of a Q4_K or Q5_K block (the
 /// same bytes in both) into group-block `o`.
 fn pack_k_scales(blk: &[u8], i: usize, o: &mut [u8]) {
-    put_f32(o, q4k::D + 4 * i, f16_at(blk, 0));
-    put_f32(o, q4k::DMIN + 4 * i, f16_at(blk, 2));
+    put_f16(o, q4k::D + 2 * i, &blk[0..2]);
+    put_f16(o, q4k::DMIN + 2 * i, &blk[2..4]);
     for s in 0..8 {
         let (sc, m) = scale_min_k4(s, &blk[4..16]);
-        o[q4k::SC + 16 * s + 2 * i] = sc;
-        o[q4k::SC + 16 * s + 2 * i + 1] = sc;
-        put_i16(o, q4k::MN + 2 * (16 * (s / 2) + 2 * i + s % 2), m as i16);
+        o[q4k::SC + 8 * s + i] = sc;
+        o[q4k::MN + 16 * (s / 2) + 2 * i + s % 2] = m;
     }
 }
 
@@ -229,15 +230,9 @@ fn pack_nibbles_k(qs: &[u8], i: usize, o: &mut [u8]) {
 
 /// Row `i`'s Q6_K block `blk` into group-block `o`.
 fn pack_q6k(blk: &[u8], i: usize, o: &mut [u8]) {
-    put_f32(o, q6k::D + 4 * i, f16_at(blk, 208));
+    put_f16(o, q6k::D + 2 * i, &blk[208..210]);
     for g in 0..16 {
-        let sc = blk[192 + g];
-        o[q6k::SC + 8 * g + i] = sc;
-        put_i16(
-            o,
-            q6k::SC16 + 2 * (16 * (g / 2) + 2 * i + g % 2),
-            sc as i8 as i16,
-        );
+        o[q6k::SC + 16 * (g / 2) + 2 * i + g % 2] = blk[192 + g];
     }
     for n in 0..2 {
         for c in 0..4 {
@@ -252,7 +247,7 @@ fn pack_q6k(blk: &[u8], i: usize, o: &mut [u8]) {
 
 /// Row `i`'s Q8_0 block `blk` into group-block `o`.
 fn pack_q8_0(blk: &[u8], i: usize, o: &mut [u8]) {
-    put_f32(o, q8::D + 4 * i, f16_at(blk, 0));
+    put_f16(o, q8::D + 2 * i, &blk[0..2]);
     for c in 0..4 {
         for l in 0..8 {
             o[q8::QS + 64 * c + 8 * i + l] = blk[2 + 8 * c + l] ^ 0x80;
@@ -262,19 +257,17 @@ fn pack_q8_0(blk: &[u8], i: usize, o: &mut [u8]) {
 
 /// Row `i`'s Q4_0 block `blk` into group-block `o`.
 fn pack_q4_0(blk: &[u8], i: usize, o: &mut [u8]) {
-    put_f32(o, q40::D + 4 * i, f16_at(blk, 0));
+    put_f16(o, q40::D + 2 * i, &blk[0..2]);
     for c in 0..2 {
         let at = q40::QS + 64 * c + 8 * i;
         o[at..at + 8].copy_from_slice(&blk[2 + 8 * c..][..8]);
     }
 }
 
-fn put_f32(o: &mut [u8], at: usize, v: f32) {
-    o[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
-
-fn put_i16(o: &mut [u8], at: usize, v: i16) {
-    o[at..at + 2].copy_from_slice(&v.to_le_bytes());
+/// The file's f16 bits as they are (the kernels widen them with
+/// `vcvtph2ps`, exactly as the portable code's `f16_at`).
+fn put_f16(o: &mut [u8], at: usize, h: &[u8]) {
+    o[at..at + 2].copy_from_slice(h);
 }
 
 /// `out[i·rows + j] = W row (r0 + j) · acts[i]` for `rows` rows from `r0`

@@ -50,23 +50,23 @@ unsafe fn dp_avx2(acc: __m256i, w: __m256i, a: __m256i) -> __m256i {
     _mm256_add_epi32(acc, p)
 }
 
-/// Eight bytes at `p` widened to `i32` lanes (unsigned or signed).
+/// Eight f16 at `p`, widened to f32 (exactly, as `f16_at` does).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn widen8(p: *const u8, signed: bool) -> __m256i {
-    let v = unsafe { _mm_loadl_epi64(p.cast()) };
-    if signed {
-        _mm256_cvtepi8_epi32(v)
-    } else {
-        _mm256_cvtepu8_epi32(v)
-    }
+unsafe fn load_ph(p: *const u8) -> __m256 {
+    _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p.cast()) })
 }
 
-/// Eight f32 at `p`.
+/// Q4_K sub-block `s`'s scales of the eight rows, each byte twice (the
+/// two 32-bit lanes of a row).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load_ps(p: *const u8) -> __m256 {
-    unsafe { _mm256_loadu_ps(p.cast()) }
+unsafe fn q4k_scales(blk: *const u8, s: usize) -> __m128i {
+    let v = unsafe { _mm_loadl_epi64(blk.add(q4k::SC + 8 * s).cast()) };
+    _mm_shuffle_epi8(
+        v,
+        _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
+    )
 }
 
 /// Q4_K (Q5_K if `FIVE`) block `b`'s `Σ sc·(Σ q·a)` of the eight rows
@@ -110,7 +110,7 @@ unsafe fn q45k_sumi_512<const R: usize, const FIVE: bool>(
                     sub[r] = _mm512_dpbusd_epi32(sub[r], w, av);
                 }
             }
-            let sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(q4k::SC + 16 * s).cast()));
+            let sc = _mm512_cvtepu8_epi32(q4k_scales(blk, s));
             for r in 0..R {
                 let scaled = if FIVE {
                     _mm512_mullo_epi32(sub[r], sc)
@@ -170,7 +170,11 @@ unsafe fn q45k_sumi_256<const R: usize, const FIVE: bool>(
                     }
                 }
             }
-            let sc = [0, 1].map(|h| widen8(blk.add(q4k::SC + 16 * s + 8 * h), false));
+            let s8 = q4k_scales(blk, s);
+            let sc = [
+                _mm256_cvtepu8_epi32(s8),
+                _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(s8)),
+            ];
             for (acc, sub) in acc.iter_mut().zip(&sub) {
                 for h in 0..2 {
                     let scaled = if FIVE {
@@ -214,14 +218,14 @@ unsafe fn q45k_group<const R: usize, const VNNI: bool, const FIVE: bool>(
             };
             let mut summ = [_mm256_setzero_si256(); R];
             for t in 0..4 {
-                let mn = load(blk.add(q4k::MN + 32 * t));
+                let mn = _mm256_cvtepu8_epi16(_mm_loadu_si128(blk.add(q4k::MN + 16 * t).cast()));
                 for r in 0..R {
                     let bs = &a[r].bsums[16 * b + 4 * t..16 * b + 4 * t + 4];
                     let pair = pair16(bs[0] + bs[1], bs[2] + bs[3]);
                     summ[r] = _mm256_add_epi32(summ[r], _mm256_madd_epi16(mn, pair));
                 }
             }
-            let (d, dmin) = (load_ps(blk.add(q4k::D)), load_ps(blk.add(q4k::DMIN)));
+            let (d, dmin) = (load_ph(blk.add(q4k::D)), load_ph(blk.add(q4k::DMIN)));
             for r in 0..R {
                 let da = _mm256_set1_ps(a[r].d[b]);
                 let (fd, fm) = (_mm256_mul_ps(d, da), _mm256_mul_ps(dmin, da));
@@ -262,12 +266,14 @@ unsafe fn q6_part(chunk: *const u8, part: usize) -> __m256i {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q6_scales(blk: *const u8, g: usize) -> __m256i {
-    let v = _mm256_set1_epi64x(unsafe { blk.add(q6k::SC + 8 * g).cast::<i64>().read_unaligned() });
+    // Pair `g / 2` holds row `i`'s scale at byte `2i + g % 2`.
+    let v = unsafe { _mm_loadu_si128(blk.add(q6k::SC + 16 * (g / 2)).cast()) };
     let idx = _mm256_setr_epi8(
-        0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7,
-        7, 7,
+        0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6, 8, 8, 8, 8, 10, 10, 10, 10, 12, 12, 12, 12,
+        14, 14, 14, 14,
     );
-    _mm256_shuffle_epi8(v, idx)
+    let idx = _mm256_add_epi8(idx, _mm256_set1_epi8((g % 2) as i8));
+    _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(v), idx)
 }
 
 /// 512-bit [`q6_part`] (all eight rows).
@@ -382,13 +388,14 @@ unsafe fn q6k_group<const R: usize, const VNNI: bool>(
             for r in 0..R {
                 let mut corr = _mm256_setzero_si256();
                 for t in 0..8 {
-                    let s16 = load(blk.add(q6k::SC16 + 32 * t));
+                    let s16 =
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(q6k::SC + 16 * t).cast()));
                     let bs = &a[r].bsums[16 * b + 2 * t..16 * b + 2 * t + 2];
                     corr = _mm256_add_epi32(corr, _mm256_madd_epi16(s16, pair16(bs[0], bs[1])));
                 }
                 sumi[r] = _mm256_sub_epi32(sumi[r], _mm256_slli_epi32::<5>(corr));
             }
-            let d = load_ps(blk.add(q6k::D));
+            let d = load_ph(blk.add(q6k::D));
             for r in 0..R {
                 let da = _mm256_set1_ps(a[r].d[b]);
                 // Portable: `sum += (d * a.d[b]) * sumi as f32`.
@@ -473,7 +480,7 @@ unsafe fn q8_0_group<const R: usize, const VNNI: bool>(
         for b in 0..nb {
             let blk = p.add(b * q8::STRIDE);
             let sumi = q8_0_sumi::<R, VNNI>(blk, a, b);
-            let d = load_ps(blk.add(q8::D));
+            let d = load_ph(blk.add(q8::D));
             for r in 0..R {
                 // Portable: `sum += s as f32 * (d_w * a.d[b])`.
                 let f = _mm256_mul_ps(d, _mm256_set1_ps(a[r].d[b]));
@@ -577,7 +584,7 @@ unsafe fn q4_0_group<const R: usize, const VNNI: bool>(
         for b in 0..nb {
             let blk = p.add(b * q40::STRIDE);
             let sumi = q4_0_sumi::<R, VNNI>(blk, a, b);
-            let mut d = load_ps(blk.add(q40::D));
+            let mut d = load_ph(blk.add(q40::D));
             if !VNNI {
                 d = _mm256_permutevar8x32_ps(d, hadd_order());
             }
