@@ -4,6 +4,7 @@
 //! products.
 
 pub mod attention;
+pub mod awake;
 pub mod layers;
 pub mod matmul;
 
@@ -81,8 +82,9 @@ impl Backend for CpuBackend {
         // Run the pass on a pool thread: its parallel regions are then
         // joined by the thread that runs the pass, instead of the engine's
         // thread sleeping and being woken once per region (over a hundred
-        // times per decode step).
+        // times per decode step); the other threads spin for work until
+        // the pass ends (`awake`).
         let (model, kv) = (&self.model, &mut self.kv);
-        Ok(rayon::scope(|_| model.forward(batch, kv)))
+        Ok(crate::cpu::awake::run_awake(|| model.forward(batch, kv)))
     }
 }
