@@ -516,14 +516,24 @@ unsafe fn tile_avx2(p: &Packed, r0: usize, rows: usize, acts: &[&QActs], out: &m
     unsafe { tile_body::<false>(p, r0, rows, acts, out) }
 }
 
-/// Whether the CPU has AVX-512 VNNI with VL (decided once).
+/// Whether the repacked kernels use AVX-512 VNNI (decided once).
 fn vnni() -> bool {
     static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *V.get_or_init(|| {
-        std::is_x86_feature_detected!("avx512vnni")
-            && std::is_x86_feature_detected!("avx512vl")
-            && std::is_x86_feature_detected!("avx512bw")
+        use_vnni(
+            super::kernel::isa(),
+            std::is_x86_feature_detected!("avx512vnni")
+                && std::is_x86_feature_detected!("avx512vl")
+                && std::is_x86_feature_detected!("avx512bw"),
+        )
     })
+}
+
+/// VNNI where the CPU has it (with VL and BW) and the process runs the
+/// AVX-512 kernels: `COPYHOLD_KERNELS=avx2` must leave an AVX-512 machine
+/// running what an AVX2-only one runs, here as in `kernel` and `qdot`.
+fn use_vnni(isa: super::kernel::Isa, cpu_has_vnni: bool) -> bool {
+    isa == super::kernel::Isa::Avx512 && cpu_has_vnni
 }
 
 /// [`super::repack::tile`] on this CPU (the caller checked the lengths
@@ -544,4 +554,21 @@ pub fn tile(p: &Packed, r0: usize, rows: usize, acts: &[&QActs], out: &mut [f32]
 pub fn tile_without_vnni(p: &Packed, r0: usize, rows: usize, acts: &[&QActs], out: &mut [f32]) {
     // SAFETY: the tests run where `repack::covers` is true.
     unsafe { tile_avx2(p, r0, rows, acts, out) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::matmul::kernel::Isa;
+
+    /// `COPYHOLD_KERNELS=avx2` (which makes `kernel::isa()` AVX2) is how an
+    /// AVX-512 machine measures what an AVX2-only one runs: the repacked
+    /// kernels must then leave VNNI off too.
+    #[test]
+    fn the_repacked_kernels_use_vnni_only_where_the_process_runs_the_avx512_kernels() {
+        assert!(use_vnni(Isa::Avx512, true));
+        assert!(!use_vnni(Isa::Avx512, false));
+        assert!(!use_vnni(Isa::Avx2, true));
+        assert!(!use_vnni(Isa::Portable, true));
+    }
 }
