@@ -38,15 +38,6 @@ unsafe fn pair16(lo: i32, hi: i32) -> __m256i {
     _mm256_set1_epi32(((lo as u16 as u32) | ((hi as u16 as u32) << 16)) as i32)
 }
 
-/// `acc + Σ` of four `w·a` per lane (`w` unsigned ≤ 15), with
-/// `vpmaddubsw` + `vpmaddwd`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dp_avx2(acc: __m256i, w: __m256i, a: __m256i) -> __m256i {
-    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1));
-    _mm256_add_epi32(acc, p)
-}
-
 /// Eight bytes at `p` widened to `i32` lanes (unsigned or signed).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -120,6 +111,10 @@ unsafe fn q4k_sumi_256<const R: usize>(blk: *const u8, a: [&QActs; R], b: usize)
         let mut acc = [[_mm256_setzero_si256(); 2]; R];
         for s in 0..8 {
             let (j, high) = (s / 2, s % 2 == 1);
+            // `i16` lanes: each the sum of eight `w·a` (`≤ 8·15·128`), so
+            // the sub-block needs no `vpmaddwd` per chunk; the one against
+            // the scale (in both halves of a lane) adds a lane's two
+            // halves, which gives the same `i32` as summing in `i32`.
             let mut sub = [[_mm256_setzero_si256(); 2]; R];
             for c in 0..4 {
                 for h in 0..2 {
@@ -132,11 +127,18 @@ unsafe fn q4k_sumi_256<const R: usize>(blk: *const u8, a: [&QActs; R], b: usize)
                     for r in 0..R {
                         let at = a[r].q.as_ptr().add(QK_K * b + 32 * s + 8 * c);
                         let av = _mm256_set1_epi64x(at.cast::<i64>().read_unaligned());
-                        sub[r][h] = dp_avx2(sub[r][h], w, av);
+                        sub[r][h] = _mm256_add_epi16(sub[r][h], _mm256_maddubs_epi16(w, av));
                     }
                 }
             }
-            let sc = [0, 1].map(|h| widen8(blk.add(q4k::SC + 16 * s + 8 * h), false));
+            let (s0, s1) = (
+                widen8(blk.add(q4k::SC + 16 * s), false),
+                widen8(blk.add(q4k::SC + 16 * s + 8), false),
+            );
+            let sc = [
+                _mm256_or_si256(s0, _mm256_slli_epi32::<16>(s0)),
+                _mm256_or_si256(s1, _mm256_slli_epi32::<16>(s1)),
+            ];
             for (acc, sub) in acc.iter_mut().zip(&sub) {
                 for h in 0..2 {
                     acc[h] = _mm256_add_epi32(acc[h], _mm256_madd_epi16(sub[h], sc[h]));
@@ -297,15 +299,21 @@ unsafe fn q6k_sumi_256<const R: usize>(blk: *const u8, a: [&QActs; R], b: usize)
                 _mm256_cvtepi8_epi16(_mm256_castsi256_si128(s)),
                 _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(s)),
             ];
-            for c in 2 * half..2 * half + 2 {
-                for h in 0..2 {
+            // The group's two chunks summed in `i16` lanes first (each
+            // `≤ 2·2·63·127`, no overflow): one `vpmaddwd` against the
+            // scales per group instead of one per chunk, the same `i32`.
+            for h in 0..2 {
+                let mut t = [_mm256_setzero_si256(); R];
+                for c in 2 * half..2 * half + 2 {
                     let w = q6_part(blk.add(q6k::Q + 192 * (4 * n + c) + 32 * h), part);
                     for r in 0..R {
                         let at = a[r].q.as_ptr().add(QK_K * b + 128 * n + 32 * part + 8 * c);
                         let av = _mm256_set1_epi64x(at.cast::<i64>().read_unaligned());
-                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, av), sc[h]);
-                        acc[r][h] = _mm256_add_epi32(acc[r][h], p);
+                        t[r] = _mm256_add_epi16(t[r], _mm256_maddubs_epi16(w, av));
                     }
+                }
+                for r in 0..R {
+                    acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(t[r], sc[h]));
                 }
             }
         }
