@@ -82,7 +82,8 @@ impl Backend for CpuBackend {
         // Run the pass on a pool thread: its parallel regions are then
         // joined by the thread that runs the pass, instead of the engine's
         // thread sleeping and being woken once per region (over a hundred
-        // times per decode step).
+        // times per decode step). Decode's regions run on the spinning
+        // `team` instead.
         let (model, kv) = (&self.model, &mut self.kv);
         Ok(rayon::scope(|_| model.forward(batch, kv)))
     }

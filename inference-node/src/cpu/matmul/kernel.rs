@@ -722,7 +722,114 @@ mod x86 {
                 WRows::BF16(_) if m >= PACK_MIN_ROWS => {
                     packed256::<BF16>(xp, m, k, wp, es, n, ldw, op, ldo)
                 }
+                WRows::F16(_) if m == 1 => row256::<F16>(xp, k, wp, es, n, ldw, op),
+                WRows::BF16(_) if m == 1 => row256::<BF16>(xp, k, wp, es, n, ldw, op),
+                WRows::F32(_) if m == 1 => row256::<F32>(xp, k, wp, es, n, ldw, op),
                 _ => grid_of(x, m, k, w, n, ldw, out, ldo, K256),
+            }
+        }
+    }
+
+    /// Bytes ahead of the current position at which [`row_block256`]
+    /// prefetches each weight row (0: no prefetch).
+    fn prefetch_bytes() -> usize {
+        static B: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        *B.get_or_init(|| {
+            std::env::var("COPYHOLD_AVX2_PREFETCH")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(1024)
+        })
+    }
+
+    /// One activation row against `n` weight rows (decode): [`grid`]'s
+    /// 1 × 4 and 1 × 1 blocks, with the weight rows prefetched ahead.
+    ///
+    /// SAFETY (callers): `x` has `k` f32, `w` has `n` rows of `k` elements
+    /// of `DT` at stride `ldw`, `out` has `n` writable f32; avx2 + fma +
+    /// f16c.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn row256<const DT: u8>(
+        x: *const f32,
+        k: usize,
+        w: *const u8,
+        es: usize,
+        n: usize,
+        ldw: usize,
+        out: *mut f32,
+    ) {
+        let pf = prefetch_bytes();
+        let mut j = 0;
+        // SAFETY: blocks read rows j..j+4 <= n (or j < n) and write
+        // out[j..j+4] (or out[j]).
+        unsafe {
+            while j + NR <= n {
+                row_block256::<NR, DT>(x, k, w.add(j * ldw * es), es, ldw, out.add(j), pf);
+                j += NR;
+            }
+            while j < n {
+                block256::<1, 1, DT>(x, k, w.add(j * ldw * es), es, ldw, out.add(j), 1);
+                j += 1;
+            }
+        }
+    }
+
+    /// [`block256`] with one activation row and `C` weight rows, which
+    /// also prefetches each weight row `pf` bytes ahead, once per 64-byte
+    /// line (past a row's end, the same row of the next block of `C`).
+    /// Decode streams every weight once from memory; the prefetches keep
+    /// more lines in flight than the hardware prefetcher alone does for
+    /// `C` interleaved streams. The arithmetic is [`block256`]'s: the same
+    /// bits.
+    ///
+    /// SAFETY (callers): as [`block256`] with `R` = 1; the prefetched
+    /// addresses need not be valid (a prefetch never faults).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn row_block256<const C: usize, const DT: u8>(
+        x: *const f32,
+        k: usize,
+        w: *const u8,
+        es: usize,
+        ldw: usize,
+        out: *mut f32,
+        pf: usize,
+    ) {
+        let kv = k / 8 * 8;
+        // Elements per 64-byte line of weights.
+        let line = 64 / es;
+        let row_bytes = k * es;
+        let mut acc = [_mm256_setzero_ps(); C];
+        let mut kk = 0;
+        // SAFETY: reads as in `block256`; prefetch addresses are computed
+        // with wrapping arithmetic and never dereferenced.
+        unsafe {
+            while kk < kv {
+                if pf > 0 && kk % line == 0 {
+                    let ahead = kk * es + pf;
+                    let (row_off, at) = if ahead < row_bytes {
+                        (0, ahead)
+                    } else {
+                        (C * ldw * es, ahead - row_bytes)
+                    };
+                    for j in 0..C {
+                        let p = w.wrapping_add(j * ldw * es + row_off + at);
+                        _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+                    }
+                }
+                let xv = _mm256_loadu_ps(x.add(kk));
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let wv = load8::<DT>(w.add((j * ldw + kk) * es));
+                    *a = _mm256_fmadd_ps(xv, wv, *a);
+                }
+                kk += 8;
+            }
+            for (j, a) in acc.iter().enumerate() {
+                let mut s = hsum8(*a);
+                for t in kv..k {
+                    s += *x.add(t) * scalar::<DT>(w.add((j * ldw + t) * es));
+                }
+                *out.add(j) = s;
             }
         }
     }

@@ -137,14 +137,24 @@ pub fn matmul_wt_into(x: &[f32], m: usize, ws: &[&Tensor], outs: &mut [&mut [f32
             jobs.push((wi, t * tile, tile.min(n - t * tile)));
         }
     }
-    let tiles: Vec<Vec<f32>> = jobs
-        .par_iter()
-        .map(|&(wi, r0, rows)| {
-            let mut out = vec![0.0f32; m * rows];
-            tile_product(x, m, ws[wi], r0, rows, &mut out, rows);
-            out
-        })
-        .collect();
+    let product = |&(wi, r0, rows): &(usize, usize, usize)| {
+        let mut out = vec![0.0f32; m * rows];
+        tile_product(x, m, ws[wi], r0, rows, &mut out, rows);
+        out
+    };
+    let tiles: Vec<Vec<f32>> = if m < crate::cpu::team::MAX_ROWS {
+        // Decode: on the spinning team, as the quantized products.
+        let done: Vec<std::sync::OnceLock<Vec<f32>>> =
+            jobs.iter().map(|_| std::sync::OnceLock::new()).collect();
+        crate::cpu::team::Team::global().run(jobs.len(), &|i| {
+            let _ = done[i].set(product(&jobs[i]));
+        });
+        done.into_iter()
+            .map(|t| t.into_inner().expect("Team::run runs every part"))
+            .collect()
+    } else {
+        jobs.par_iter().map(product).collect()
+    };
     for (&(wi, r0, rows), out) in jobs.iter().zip(tiles) {
         let n = ws[wi].shape[0];
         let y = &mut outs[wi];
