@@ -430,10 +430,11 @@ pub fn matmul_q_into(x: &[f32], m: usize, ws: &[&Tensor], outs: &mut [&mut [f32]
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn signal(n: usize, seed: f32) -> Vec<f32> {
+    /// A smooth test signal of `n` values (shared with `repack`'s tests).
+    pub(crate) fn signal(n: usize, seed: f32) -> Vec<f32> {
         (0..n)
             .map(|i| ((i as f32 * 0.37 + seed).sin() + (i as f32 * 0.013).cos() * 0.5) * 0.2)
             .collect()

@@ -315,13 +315,8 @@ fn cpu_runs_kernels() -> bool {
 mod tests {
     use super::*;
     use crate::cpu::matmul::kernel::Isa;
+    use crate::cpu::matmul::qdot::tests::signal;
     use crate::cpu::matmul::qdot::{quantize_q8_0, quantize_q8_k, tile as qtile};
-
-    fn signal(n: usize, seed: f32) -> Vec<f32> {
-        (0..n)
-            .map(|i| ((i as f32 * 0.37 + seed).sin() + (i as f32 * 0.013).cos() * 0.5) * 0.2)
-            .collect()
-    }
 
     fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|f| f.to_bits()).collect()

@@ -220,14 +220,7 @@ unsafe fn q45k_sumi_256<const R: usize, const FIVE: bool>(
                 }
             }
         }
-        // `hadd` leaves rows 0, 1, 4, 5, 2, 3, 6, 7.
-        let order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
-        // Loops, not `array::from_fn` (see `q45k_sumi_512`).
-        let mut out = [_mm256_setzero_si256(); R];
-        for r in 0..R {
-            out[r] = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(acc[r][0], acc[r][1]), order);
-        }
-        out
+        rows_in_order(&acc)
     }
 }
 
@@ -396,13 +389,7 @@ unsafe fn q6k_sumi_256<const R: usize>(blk: *const u8, a: [&QActs; R], b: usize)
                 }
             }
         }
-        let order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
-        // Loops, not `array::from_fn` (see `q45k_sumi_512`).
-        let mut out = [_mm256_setzero_si256(); R];
-        for r in 0..R {
-            out[r] = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(acc[r][0], acc[r][1]), order);
-        }
-        out
+        rows_in_order(&acc)
     }
 }
 
@@ -501,12 +488,7 @@ unsafe fn q8_0_sumi<const R: usize, const VNNI: bool>(
                 }
             }
         }
-        let order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
-        let mut out = [_mm256_setzero_si256(); R];
-        for r in 0..R {
-            out[r] = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(acc[r][0], acc[r][1]), order);
-        }
-        out
+        rows_in_order(&acc)
     }
 }
 
@@ -613,6 +595,23 @@ unsafe fn q4_0_sumi<const R: usize, const VNNI: bool>(
 #[target_feature(enable = "avx2,fma,f16c")]
 fn hadd_order() -> __m256i {
     _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7)
+}
+
+/// Per activation row, the sums of rows 0–3 (`acc[r][0]`) and 4–7
+/// (`acc[r][1]`), each lane a pair of partial sums, added pairwise by
+/// `vphaddd` and put back in row order.
+#[inline(always)]
+unsafe fn rows_in_order<const R: usize>(acc: &[[__m256i; 2]; R]) -> [__m256i; R] {
+    // SAFETY: AVX2, as every caller.
+    unsafe {
+        // Loops, not `array::from_fn` (see `q45k_sumi_512`).
+        let mut out = [_mm256_setzero_si256(); R];
+        for r in 0..R {
+            out[r] =
+                _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(acc[r][0], acc[r][1]), hadd_order());
+        }
+        out
+    }
 }
 
 /// One Q4_0 group against `R` activation rows, as [`q45k_group`].
