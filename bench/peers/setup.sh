@@ -36,7 +36,7 @@ if [ ! -x llama.cpp/build/bin/llama-bench ] || [ ! -x llama.cpp/build/bin/llama-
     [ -d llvenv ] || python3 -m venv llvenv
     llvenv/bin/pip download -q --no-deps --no-binary llama-cpp-python llama-cpp-python -d llamacpp
   fi
-  SRC=$(ls -d llamacpp/llama_cpp_python-*/vendor/llama.cpp 2>/dev/null | tail -1)
+  SRC=$(ls -d llamacpp/llama_cpp_python-*/vendor/llama.cpp 2>/dev/null | tail -1 || true)
   if [ -z "$SRC" ]; then
     tar -C llamacpp -xzf "$(ls llamacpp/llama_cpp_python-*.tar.gz | tail -1)"
     SRC=$(ls -d llamacpp/llama_cpp_python-*/vendor/llama.cpp | tail -1)
