@@ -27,6 +27,40 @@ pub struct QActs {
     /// Sums of each 16 values (Q8_K) or of each block of 32 (Q8_0, for
     /// the repacked kernels' offset weights).
     pub bsums: Vec<i32>,
+    /// Q8_K only, [`PAIRS`] per block: the sums of 32 (for the K-quants'
+    /// mins) two to an `i32`, then the sums of 16 (Q6_K's `−32`) two to
+    /// an `i32`, as `i16` halves: the `vpmaddwd` operands of the repacked
+    /// kernels, which would otherwise pack them again for every group of
+    /// eight weight rows.
+    pub pairs: Vec<i32>,
+}
+
+/// Words of [`QActs::pairs`] per Q8_K block: four pairs of sums of 32,
+/// then eight pairs of sums of 16.
+pub const PAIRS: usize = 12;
+
+impl QActs {
+    /// Bytes the kernels read of this row.
+    pub fn bytes(&self) -> usize {
+        self.q.len() + 4 * (self.d.len() + self.bsums.len() + self.pairs.len())
+    }
+}
+
+/// Two sums (each `|Σ| ≤ 32·128`, so they fit in `i16`) as the low and
+/// high halves of one `i32`.
+fn pack_pair(lo: i32, hi: i32) -> i32 {
+    ((lo as u16 as u32) | ((hi as u16 as u32) << 16)) as i32
+}
+
+/// [`QActs::pairs`] of one Q8_K block from its sixteen sums of 16.
+fn push_pairs(bs: &[i32], pairs: &mut Vec<i32>) {
+    for t in 0..4 {
+        let at = 4 * t;
+        pairs.push(pack_pair(bs[at] + bs[at + 1], bs[at + 2] + bs[at + 3]));
+    }
+    for t in 0..8 {
+        pairs.push(pack_pair(bs[2 * t], bs[2 * t + 1]));
+    }
 }
 
 /// `x.round() as i32` (halves away from zero) for `|x| < 2³¹`, without
@@ -45,6 +79,7 @@ pub fn quantize_q8_0(x: &[f32]) -> QActs {
         q: Vec::with_capacity(x.len()),
         d: Vec::with_capacity(x.len() / 32),
         bsums: Vec::with_capacity(x.len() / 32),
+        pairs: Vec::new(),
     };
     for blk in x.chunks_exact(32) {
         let amax = blk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -52,7 +87,10 @@ pub fn quantize_q8_0(x: &[f32]) -> QActs {
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         a.d.push(half::f16::from_f32(d).to_f32());
         let start = a.q.len();
-        a.q.extend(blk.iter().map(|v| round_away(v * id) as i8));
+        a.q.resize(start + 32, 0);
+        for (q, v) in a.q[start..].iter_mut().zip(blk) {
+            *q = round_away(v * id) as i8;
+        }
         a.bsums.push(a.q[start..].iter().map(|&v| v as i32).sum());
     }
     a
@@ -65,6 +103,7 @@ pub fn quantize_q8_k(x: &[f32]) -> QActs {
         q: Vec::with_capacity(x.len()),
         d: Vec::with_capacity(x.len() / QK_K),
         bsums: Vec::with_capacity(x.len() / 16),
+        pairs: Vec::with_capacity(x.len() / QK_K * PAIRS),
     };
     for blk in x.chunks_exact(QK_K) {
         let max = largest_magnitude(blk);
@@ -72,14 +111,20 @@ pub fn quantize_q8_k(x: &[f32]) -> QActs {
             a.d.push(0.0);
             a.q.extend(std::iter::repeat_n(0, QK_K));
             a.bsums.extend(std::iter::repeat_n(0, QK_K / 16));
+            a.pairs.extend(std::iter::repeat_n(0, PAIRS));
             continue;
         }
         let iscale = -127.0 / max;
         let start = a.q.len();
-        a.q.extend(blk.iter().map(|v| round_away(iscale * v).min(127) as i8));
+        // Written in place, not `extend`ed: the loop then vectorizes.
+        a.q.resize(start + QK_K, 0);
+        for (q, v) in a.q[start..].iter_mut().zip(blk) {
+            *q = round_away(iscale * v).min(127) as i8;
+        }
         for g in a.q[start..].chunks_exact(16) {
             a.bsums.push(g.iter().map(|&v| v as i32).sum());
         }
+        push_pairs(&a.bsums[a.bsums.len() - QK_K / 16..], &mut a.pairs);
         a.d.push(1.0 / iscale);
     }
     a
@@ -355,6 +400,18 @@ struct Outs(Vec<(*mut f32, usize)>);
 unsafe impl Sync for Outs {}
 
 impl Outs {
+    /// Columns `r0..r0 + rows` of the `m` rows of output `wi` (`n`
+    /// columns), for a job to write in place.
+    fn columns(&self, wi: usize, n: usize, m: usize, r0: usize, rows: usize) -> super::repack::Dst {
+        let (ptr, len) = self.0[wi];
+        assert!(m == 0 || (m - 1) * n + r0 + rows <= len);
+        super::repack::Dst {
+            // SAFETY: `r0 < n ≤ len` (checked), inside the allocation.
+            ptr: unsafe { ptr.add(r0) },
+            ldo: n,
+        }
+    }
+
     /// Copies a job's tile (`m` rows of `rows`) into columns `r0..` of
     /// output `wi` (`n` columns).
     fn put(&self, wi: usize, n: usize, r0: usize, rows: usize, tile: &[f32]) {
@@ -409,16 +466,20 @@ pub fn matmul_q_into(x: &[f32], m: usize, ws: &[&Tensor], outs: &mut [&mut [f32]
         let rb = q.row_bytes(k);
         let w = &bytes[r0 * rb..(r0 + rows) * rb];
         let rows_of: Vec<&QActs> = (0..m).map(|i| acts.row(q, i)).collect();
+        if let Some(p) = packed[wi] {
+            let dst = dst.columns(wi, ws[wi].shape[0], m, r0, rows);
+            // SAFETY: `columns` checked the bounds; this job alone
+            // writes these columns (see `Outs`).
+            unsafe { super::repack::tile_into(p, r0, rows, &rows_of, dst) };
+            return;
+        }
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
             if s.len() < m * rows {
                 s.resize(m * rows, 0.0);
             }
             let out = &mut s[..m * rows];
-            match packed[wi] {
-                Some(p) => super::repack::tile(p, r0, rows, &rows_of, out),
-                None => tile(q, w, rb, &rows_of, out, with),
-            }
+            tile(q, w, rb, &rows_of, out, with);
             dst.put(wi, ws[wi].shape[0], r0, rows, out);
         });
     };

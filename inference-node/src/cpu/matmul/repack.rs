@@ -22,6 +22,10 @@
 //! until the kernel reclaims them (they are clean, so it can): peak RSS
 //! on the 284 M Q4_K_M file rose from 274 to 503 MiB (`--prompt 16`).
 
+// `tile_into` hands the kernels an output pointer and a row stride: the
+// prompt's jobs write their own columns of one output in place.
+#![allow(unsafe_code)]
+
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
@@ -270,17 +274,50 @@ fn put_f16(o: &mut [u8], at: usize, h: &[u8]) {
     o[at..at + 2].copy_from_slice(h);
 }
 
+/// Where a tile's products go: activation row `i`'s, for weight rows
+/// `r0..r0 + rows`, at `ptr + i·ldo ..+ rows`.
+#[derive(Clone, Copy, Debug)]
+pub struct Dst {
+    pub ptr: *mut f32,
+    pub ldo: usize,
+}
+
 /// `out[i·rows + j] = W row (r0 + j) · acts[i]` for `rows` rows from `r0`
 /// (`r0` a multiple of [`ROWS`]) on the repacked weights.
 pub fn tile(p: &Packed, r0: usize, rows: usize, acts: &[&QActs], out: &mut [f32]) {
-    assert!(r0.is_multiple_of(ROWS) && r0 + rows <= p.n && out.len() >= acts.len() * rows);
-    let (per_block, sums) = if p.q.uses_q8k() { (256, 16) } else { (32, 1) };
+    assert!(out.len() >= acts.len() * rows);
+    let dst = Dst {
+        ptr: out.as_mut_ptr(),
+        ldo: rows,
+    };
+    // SAFETY: `out` holds the `acts.len()` rows of `rows` (checked), and
+    // its mutable borrow keeps everything else off them.
+    unsafe { tile_into(p, r0, rows, acts, dst) }
+}
+
+/// [`tile`] straight into a wider output (the prompt's products, each
+/// job its own columns), without a copy through a scratch tile.
+///
+/// # Safety
+/// `dst.ptr + i·dst.ldo + j` must be valid for writes for every
+/// `i < acts.len()` and `j < rows`, and nothing else may read or write
+/// those elements until this returns.
+pub unsafe fn tile_into(p: &Packed, r0: usize, rows: usize, acts: &[&QActs], dst: Dst) {
+    assert!(r0.is_multiple_of(ROWS) && r0 + rows <= p.n && (acts.len() < 2 || dst.ldo >= rows));
+    let (per_block, sums, pairs) = if p.q.uses_q8k() {
+        (256, 16, super::qdot::PAIRS)
+    } else {
+        (32, 1, 0)
+    };
     for a in acts {
         assert!(a.q.len() >= p.nb * per_block && a.d.len() >= p.nb);
-        assert!(a.bsums.len() >= p.nb * sums);
+        assert!(a.bsums.len() >= p.nb * sums && a.pairs.len() >= p.nb * pairs);
     }
     #[cfg(target_arch = "x86_64")]
-    super::repack_x86::tile(p, r0, rows, acts, out);
+    // SAFETY: the caller's promise about `dst`; the lengths checked above.
+    unsafe {
+        super::repack_x86::tile(p, r0, rows, acts, dst)
+    };
 }
 
 /// Whether `COPYHOLD_QDOT` (`norepack` or `loops`) turns the repacked
@@ -322,8 +359,9 @@ mod tests {
         v.iter().map(|f| f.to_bits()).collect()
     }
 
-    /// Rows 0..19 (two groups and a tail of three) against 1..=7 prompt
-    /// rows (groups of four and tails), from group 0 and from group 1: the
+    /// Rows 0..19 (two groups and a tail of three) against 1..=9 and 17
+    /// prompt rows (passes of four or eight and tails), from group 0 and
+    /// from group 1: the
     /// repacked kernels give the portable loops' bits, and each prompt row
     /// alone gives the bits it gives in the group.
     #[test]
@@ -338,7 +376,7 @@ mod tests {
             q.quantize(&signal(n * k, 3.0), &mut b);
             let p = pack(q, &b, n, k);
             let rb = q.row_bytes(k);
-            for m in 1..=7 {
+            for m in (1..=9).chain([17]) {
                 let acts: Vec<QActs> = signal(m * k, 0.7 + m as f32)
                     .chunks(k)
                     .map(if q.uses_q8k() {
@@ -363,11 +401,32 @@ mod tests {
                     assert_eq!(bits(&want), bits(&got), "{q:?} m {m} rows {r0}+{rows}");
                     #[cfg(target_arch = "x86_64")]
                     {
-                        let mut plain = vec![0.0; m * rows];
-                        super::super::repack_x86::tile_without_vnni(
-                            &p, r0, rows, &refs, &mut plain,
-                        );
-                        assert_eq!(bits(&want), bits(&plain), "{q:?} m {m} without VNNI");
+                        use super::super::repack_x86::{cpu_has_vnni, tile_in_chunks};
+                        // Both builds, with the rows in chunks of one pass
+                        // (any byte count under a row's) and of three rows.
+                        let row = refs[0].bytes();
+                        for vnni in [false, cpu_has_vnni()] {
+                            for chunk in [1, 3 * row, usize::MAX] {
+                                // Into every other row of a wider output.
+                                let ldo = 2 * rows + 1;
+                                let mut wide = vec![f32::NAN; m * ldo];
+                                let dst = Dst {
+                                    ptr: wide.as_mut_ptr(),
+                                    ldo,
+                                };
+                                // SAFETY: `wide` holds `m` rows of `ldo`; VNNI only
+                                // where `cpu_has_vnni`.
+                                unsafe { tile_in_chunks(&p, r0, rows, &refs, dst, chunk, vnni) };
+                                let other: Vec<f32> =
+                                    wide.chunks(ldo).flat_map(|r| &r[..rows]).copied().collect();
+                                assert!(
+                                    wide.chunks(ldo)
+                                        .all(|r| r[rows..].iter().all(|v| v.is_nan()))
+                                );
+                                let how = format!("VNNI {vnni}, chunk {chunk}");
+                                assert_eq!(bits(&want), bits(&other), "{q:?} m {m} {how}");
+                            }
+                        }
                     }
                     for (i, a) in refs.iter().enumerate() {
                         let mut alone = vec![0.0; rows];

@@ -1,5 +1,6 @@
-//! The prompt kernels on [`super::repack`]'s eight-row layout: up to four
-//! activation rows against a group of eight weight rows. A 512-bit vector
+//! The prompt kernels on [`super::repack`]'s eight-row layout: up to eight
+//! activation rows with VNNI (four without) against a group of eight
+//! weight rows, the rows in chunks that stay in L2. A 512-bit vector
 //! holds eight bytes of each weight row; eight activation bytes,
 //! broadcast, meet them, so each pair of `i32` lanes accumulates one
 //! (weight row, activation row) output, and one add per block folds the
@@ -15,15 +16,17 @@
 //! `128·Σ a` per block. Without AVX-512 VNNI the same layout runs as two
 //! 256-bit halves with `vpmaddubsw` + `vpmaddwd`. The mins (Q4_K) and
 //! Q6_K's `−32` offset go through the activations' sums of 16 with
-//! `vpmaddwd`. The float step per block is the portable expression per
-//! lane, in the same order, without fused multiply-adds.
+//! `vpmaddwd`, from pairs of them that [`QActs::pairs`] packs once per
+//! row. The float step per block is the portable expression per lane, in
+//! the same order, without fused multiply-adds. The products go straight
+//! into the caller's output (a [`Dst`]), each job its own columns.
 
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::*;
 
-use super::qdot::QActs;
-use super::repack::{Packed, ROWS, q4k, q5k, q6k, q8, q40};
+use super::qdot::{PAIRS, QActs};
+use super::repack::{Dst, Packed, ROWS, q4k, q5k, q6k, q8, q40};
 use crate::model::quant::{QK_K, QType};
 
 /// 32 bytes at `p` (unaligned).
@@ -31,14 +34,6 @@ use crate::model::quant::{QK_K, QType};
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn load(p: *const u8) -> __m256i {
     unsafe { _mm256_loadu_si256(p.cast()) }
-}
-
-/// Two `i16` sums of 16 as one broadcast `i32` (the `vpmaddwd` partner of
-/// a pair of scales or mins).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn pair16(lo: i32, hi: i32) -> __m256i {
-    _mm256_set1_epi32(((lo as u16 as u32) | ((hi as u16 as u32) << 16)) as i32)
 }
 
 /// Bytes ahead of the current block from which [`prefetch_block`]
@@ -249,8 +244,7 @@ unsafe fn q45k_group<const R: usize, const VNNI: bool, const FIVE: bool>(
             for t in 0..4 {
                 let mn = _mm256_cvtepu8_epi16(_mm_loadu_si128(blk.add(q4k::MN + 16 * t).cast()));
                 for r in 0..R {
-                    let bs = &a[r].bsums[16 * b + 4 * t..16 * b + 4 * t + 4];
-                    let pair = pair16(bs[0] + bs[1], bs[2] + bs[3]);
+                    let pair = _mm256_set1_epi32(a[r].pairs[PAIRS * b + t]);
                     summ[r] = _mm256_add_epi32(summ[r], _mm256_madd_epi16(mn, pair));
                 }
             }
@@ -415,15 +409,16 @@ unsafe fn q6k_group<const R: usize, const VNNI: bool>(
             } else {
                 q6k_sumi_256(blk, a, b)
             };
-            for r in 0..R {
-                let mut corr = _mm256_setzero_si256();
-                for t in 0..8 {
-                    let s16 =
-                        _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(q6k::SC + 16 * t).cast()));
-                    let bs = &a[r].bsums[16 * b + 2 * t..16 * b + 2 * t + 2];
-                    corr = _mm256_add_epi32(corr, _mm256_madd_epi16(s16, pair16(bs[0], bs[1])));
+            let mut corr = [_mm256_setzero_si256(); R];
+            for t in 0..8 {
+                let s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(q6k::SC + 16 * t).cast()));
+                for r in 0..R {
+                    let pair = _mm256_set1_epi32(a[r].pairs[PAIRS * b + 4 + t]);
+                    corr[r] = _mm256_add_epi32(corr[r], _mm256_madd_epi16(s16, pair));
                 }
-                sumi[r] = _mm256_sub_epi32(sumi[r], _mm256_slli_epi32::<5>(corr));
+            }
+            for r in 0..R {
+                sumi[r] = _mm256_sub_epi32(sumi[r], _mm256_slli_epi32::<5>(corr[r]));
             }
             let d = load_ph(blk.add(q6k::D));
             for r in 0..R {
@@ -655,8 +650,7 @@ unsafe fn group<const R: usize, const VNNI: bool>(
     pk: &Packed,
     p: *const u8,
     a: [&QActs; R],
-    out: &mut [f32],
-    rows: usize,
+    out: Dst,
     i0: usize,
     j0: usize,
     valid: usize,
@@ -672,52 +666,107 @@ unsafe fn group<const R: usize, const VNNI: bool>(
     };
     for (r, v) in v.into_iter().enumerate() {
         let mut o = [0.0f32; ROWS];
-        unsafe { _mm256_storeu_ps(o.as_mut_ptr(), v) };
-        let at = (i0 + r) * rows + j0;
-        out[at..at + valid].copy_from_slice(&o[..valid]);
-    }
-}
-
-#[inline(always)]
-unsafe fn tile_body<const VNNI: bool>(
-    p: &Packed,
-    r0: usize,
-    rows: usize,
-    acts: &[&QActs],
-    out: &mut [f32],
-) {
-    let gb = p.group_bytes();
-    for j0 in (0..rows).step_by(ROWS) {
-        let g = (r0 + j0) / ROWS;
-        let base = p.bytes[g * gb..(g + 1) * gb].as_ptr();
-        let valid = ROWS.min(rows - j0);
-        let mut i = 0;
-        while i < acts.len() {
-            let a = &acts[i..];
-            // SAFETY: `base` is a whole group; `tile` checked the rest.
-            unsafe {
-                match a.len() {
-                    1 => group::<1, VNNI>(p, base, [a[0]], out, rows, i, j0, valid),
-                    2 => group::<2, VNNI>(p, base, [a[0], a[1]], out, rows, i, j0, valid),
-                    3 => group::<3, VNNI>(p, base, [a[0], a[1], a[2]], out, rows, i, j0, valid),
-                    _ => {
-                        group::<4, VNNI>(p, base, [a[0], a[1], a[2], a[3]], out, rows, i, j0, valid)
-                    }
-                }
-            }
-            i += 4;
+        // SAFETY: `tile`'s caller promised `out` for these elements.
+        unsafe {
+            _mm256_storeu_ps(o.as_mut_ptr(), v);
+            let at = out.ptr.add((i0 + r) * out.ldo + j0);
+            std::ptr::copy_nonoverlapping(o.as_ptr(), at, valid);
         }
     }
 }
 
+/// The first `R` of `acts` as an array (the kernels' activation rows).
+#[inline(always)]
+fn first<'a, const R: usize>(acts: &[&'a QActs]) -> [&'a QActs; R] {
+    std::array::from_fn(|r| acts[r])
+}
+
+/// Every group of the tile against the activation rows, `MAXR` at a
+/// time (the rest in one smaller pass). The rows go in chunks of about
+/// `chunk` bytes: each group of the tile (64 KiB in all, `qdot`'s
+/// `tile_rows`) meets a chunk that stays in L2, where a long prompt's
+/// rows (512 of a 1B model's 5632-wide FFN: 3 MiB) would otherwise come
+/// from L3 once per group.
+#[inline(always)]
+unsafe fn tile_body<const VNNI: bool, const MAXR: usize>(
+    p: &Packed,
+    r0: usize,
+    rows: usize,
+    acts: &[&QActs],
+    out: Dst,
+    chunk: usize,
+) {
+    let gb = p.group_bytes();
+    let row_bytes = acts.first().map_or(1, |a| a.bytes()).max(1);
+    let chunk = (chunk / row_bytes).max(MAXR) / MAXR * MAXR;
+    for c0 in (0..acts.len()).step_by(chunk) {
+        let c1 = acts.len().min(c0 + chunk);
+        for j0 in (0..rows).step_by(ROWS) {
+            let g = (r0 + j0) / ROWS;
+            let base = p.bytes[g * gb..(g + 1) * gb].as_ptr();
+            let valid = ROWS.min(rows - j0);
+            let mut i = c0;
+            while i < c1 {
+                let a = &acts[i..c1];
+                let n = a.len().min(MAXR);
+                // SAFETY: `base` is a whole group; `tile` checked the rest.
+                unsafe {
+                    match n {
+                        1 => group::<1, VNNI>(p, base, first(a), out, i, j0, valid),
+                        2 => group::<2, VNNI>(p, base, first(a), out, i, j0, valid),
+                        3 => group::<3, VNNI>(p, base, first(a), out, i, j0, valid),
+                        4 => group::<4, VNNI>(p, base, first(a), out, i, j0, valid),
+                        5 => group::<5, VNNI>(p, base, first(a), out, i, j0, valid),
+                        6 => group::<6, VNNI>(p, base, first(a), out, i, j0, valid),
+                        7 => group::<7, VNNI>(p, base, first(a), out, i, j0, valid),
+                        _ => group::<8, VNNI>(p, base, first(a), out, i, j0, valid),
+                    }
+                }
+                i += n;
+            }
+        }
+    }
+}
+
+/// Bytes of activation rows per chunk of [`tile_body`]
+/// (`COPYHOLD_REPACK_CHUNK_KB`, for measuring; default 512 KiB, a quarter
+/// of a 2 MiB L2).
+fn chunk_bytes() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("COPYHOLD_REPACK_CHUNK_KB")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(512 << 10, |kb| kb << 10)
+    })
+}
+
+/// Activation rows per weight load with VNNI: 8, or 4 where
+/// `COPYHOLD_REPACK_ROWS=4` (for measuring). Thirty-two `zmm` registers
+/// hold eight rows' sub-block sums and accumulators.
+fn vnni_rows() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| match std::env::var("COPYHOLD_REPACK_ROWS").as_deref() {
+        Ok("4") => 4,
+        _ => 8,
+    })
+}
+
 #[target_feature(enable = "avx512vnni,avx512vl,avx512f,avx512bw,avx2,fma,f16c")]
-unsafe fn tile_vnni(p: &Packed, r0: usize, rows: usize, acts: &[&QActs], out: &mut [f32]) {
-    unsafe { tile_body::<true>(p, r0, rows, acts, out) }
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_vnni(p: &Packed, r0: usize, rows: usize, acts: &[&QActs], out: Dst, chunk: usize) {
+    unsafe {
+        if vnni_rows() == 4 {
+            tile_body::<true, 4>(p, r0, rows, acts, out, chunk)
+        } else {
+            tile_body::<true, 8>(p, r0, rows, acts, out, chunk)
+        }
+    }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_avx2(p: &Packed, r0: usize, rows: usize, acts: &[&QActs], out: &mut [f32]) {
-    unsafe { tile_body::<false>(p, r0, rows, acts, out) }
+unsafe fn tile_avx2(p: &Packed, r0: usize, rows: usize, acts: &[&QActs], out: Dst, chunk: usize) {
+    unsafe { tile_body::<false, 4>(p, r0, rows, acts, out, chunk) }
 }
 
 /// Whether the repacked kernels use AVX-512 VNNI (decided once).
@@ -742,22 +791,47 @@ fn use_vnni(isa: super::kernel::Isa, cpu_has_vnni: bool) -> bool {
 
 /// [`super::repack::tile`] on this CPU (the caller checked the lengths
 /// and that AVX2, FMA and F16C are present).
-pub fn tile(p: &Packed, r0: usize, rows: usize, acts: &[&QActs], out: &mut [f32]) {
-    // SAFETY: features detected (`repack::covers`, `vnni`).
+///
+/// # Safety
+/// As [`super::repack::tile_into`].
+pub unsafe fn tile(p: &Packed, r0: usize, rows: usize, acts: &[&QActs], out: Dst) {
+    // SAFETY: the caller's promise about `out`.
+    unsafe { tile_in_chunks(p, r0, rows, acts, out, chunk_bytes(), vnni()) }
+}
+
+/// [`tile`] with activation chunks of `chunk` bytes, with or without
+/// VNNI.
+///
+/// # Safety
+/// As [`tile`], and the CPU has VNNI where `with_vnni` says so.
+pub unsafe fn tile_in_chunks(
+    p: &Packed,
+    r0: usize,
+    rows: usize,
+    acts: &[&QActs],
+    out: Dst,
+    chunk: usize,
+    with_vnni: bool,
+) {
+    // SAFETY: features detected (`repack::covers`, `vnni`), and the
+    // caller's promise about `out`.
     unsafe {
-        if vnni() {
-            tile_vnni(p, r0, rows, acts, out)
+        if with_vnni {
+            tile_vnni(p, r0, rows, acts, out, chunk)
         } else {
-            tile_avx2(p, r0, rows, acts, out)
+            tile_avx2(p, r0, rows, acts, out, chunk)
         }
     }
 }
 
-/// Both builds, for the tests on a VNNI machine.
+/// Whether this CPU has AVX-512 VNNI (for the tests, which run both builds).
 #[cfg(test)]
-pub fn tile_without_vnni(p: &Packed, r0: usize, rows: usize, acts: &[&QActs], out: &mut [f32]) {
-    // SAFETY: the tests run where `repack::covers` is true.
-    unsafe { tile_avx2(p, r0, rows, acts, out) }
+pub fn cpu_has_vnni() -> bool {
+    use_vnni(
+        super::kernel::Isa::Avx512,
+        std::is_x86_feature_detected!("avx512vnni"),
+    ) && std::is_x86_feature_detected!("avx512vl")
+        && std::is_x86_feature_detected!("avx512bw")
 }
 
 #[cfg(test)]
