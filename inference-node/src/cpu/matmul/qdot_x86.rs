@@ -321,6 +321,42 @@ unsafe fn lanes<const W: usize, const R: usize>(
     out
 }
 
+/// `qdot::round_into` eight lanes at a time: `cvttps2dq` truncates, the
+/// exact remainder `x − trunc(x)` against ±0.5 rounds halves away from
+/// zero, then `min(top)` and each lane's low byte, as the scalar loop's
+/// `as i8`. Values the quantizers scale are within ±127.5, where the
+/// truncation is exact; a NaN (a non-finite activation) gives 0 in both.
+///
+/// # Safety
+/// The CPU has AVX2; `x` and `q` are as long, a multiple of 8.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn round_into(x: &[f32], s: f32, top: i32, q: &mut [i8]) {
+    assert!(x.len() == q.len() && x.len().is_multiple_of(8));
+    let (sv, half, neg_half) = (_mm256_set1_ps(s), _mm256_set1_ps(0.5), _mm256_set1_ps(-0.5));
+    let top = _mm256_set1_epi32(top);
+    // Byte 0 of each `i32` lane, four per 128-bit half.
+    let low = _mm256_setr_epi8(
+        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1, -1, -1, -1,
+        -1, -1, -1, -1, -1, -1, -1, -1,
+    );
+    for (q, x) in q.chunks_exact_mut(8).zip(x.chunks_exact(8)) {
+        // SAFETY: eight values each side (the chunks).
+        unsafe {
+            let v = _mm256_mul_ps(sv, _mm256_loadu_ps(x.as_ptr()));
+            let t = _mm256_cvttps_epi32(v);
+            let d = _mm256_sub_ps(v, _mm256_cvtepi32_ps(t));
+            // The comparisons give -1 where true: `t - up + down`.
+            let up = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(d, half));
+            let down = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LE_OQ>(d, neg_half));
+            let r = _mm256_min_epi32(_mm256_add_epi32(_mm256_sub_epi32(t, up), down), top);
+            let b = _mm256_shuffle_epi8(r, low);
+            let eight =
+                _mm_unpacklo_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256::<1>(b));
+            _mm_storel_epi64(q.as_mut_ptr().cast(), eight);
+        }
+    }
+}
+
 /// Whether [`tile_avx2`] and [`tile_avx512`] compute type `q`.
 pub fn covers(q: QType) -> bool {
     !matches!(q, QType::Q5K)
