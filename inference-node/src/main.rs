@@ -1,13 +1,14 @@
 //! `copyhold-node`: parses arguments and runs a subcommand.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use copyhold_node::api::openai::Limits;
 use copyhold_node::api::server::{AppState, Ready, Shutdown};
+use copyhold_node::bench::peers::{self, Row};
 use copyhold_node::engine::{EngineOptions, spawn};
 use copyhold_node::load::{Device as EngineDevice, load_engine};
 use copyhold_node::metrics::Metrics;
@@ -281,35 +282,39 @@ enum Cmd {
         resources: bool,
     },
     /// Measure prefill/decode throughput, time to first token and peak memory.
-    Bench {
-        #[arg(long, env = "COPYHOLD_MODEL")]
-        model: PathBuf,
-        /// Batch sizes, comma-separated.
-        #[arg(
-            long,
-            env = "COPYHOLD_BENCH_BATCH",
-            value_delimiter = ',',
-            default_value = "1"
-        )]
-        batch: Vec<usize>,
-        #[arg(long, env = "COPYHOLD_BENCH_PROMPT", default_value_t = 512)]
-        prompt: usize,
-        #[arg(long = "gen", env = "COPYHOLD_BENCH_GEN", default_value_t = 128)]
-        generate: usize,
-        #[arg(long, env = "COPYHOLD_KV_CACHE_MIB", default_value_t = 2048)]
-        kv_cache_mib: usize,
-        #[arg(long, env = "COPYHOLD_THREADS")]
-        threads: Option<usize>,
-        #[arg(long, env = "COPYHOLD_DEVICE", value_enum, default_value = "cpu")]
-        device: Device,
-        #[command(flatten)]
-        cuda: CudaArgs,
-        /// Run every measurement this many times and keep the best of each metric.
-        #[arg(long, env = "COPYHOLD_BENCH_REPEAT", default_value_t = 1)]
-        repeat: usize,
-        #[command(flatten)]
-        peers: Box<PeerArgs>,
-    },
+    Bench(Box<BenchArgs>),
+}
+
+/// `bench`'s flags (boxed in `Cmd`: they are the largest variant).
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[arg(long, env = "COPYHOLD_MODEL")]
+    model: PathBuf,
+    /// Batch sizes, comma-separated.
+    #[arg(
+        long,
+        env = "COPYHOLD_BENCH_BATCH",
+        value_delimiter = ',',
+        default_value = "1"
+    )]
+    batch: Vec<usize>,
+    #[arg(long, env = "COPYHOLD_BENCH_PROMPT", default_value_t = 512)]
+    prompt: usize,
+    #[arg(long = "gen", env = "COPYHOLD_BENCH_GEN", default_value_t = 128)]
+    generate: usize,
+    #[arg(long, env = "COPYHOLD_KV_CACHE_MIB", default_value_t = 2048)]
+    kv_cache_mib: usize,
+    #[arg(long, env = "COPYHOLD_THREADS")]
+    threads: Option<usize>,
+    #[arg(long, env = "COPYHOLD_DEVICE", value_enum, default_value = "cpu")]
+    device: Device,
+    #[command(flatten)]
+    cuda: CudaArgs,
+    /// Run every measurement this many times and keep the best of each metric.
+    #[arg(long, env = "COPYHOLD_BENCH_REPEAT", default_value_t = 1)]
+    repeat: usize,
+    #[command(flatten)]
+    peers: Box<PeerArgs>,
 }
 
 /// Peers measured in the same run (each skipped, with a printed line,
@@ -341,6 +346,27 @@ struct PeerArgs {
 }
 
 fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    prepare_cuda_libs();
+    match cli.cmd {
+        Cmd::CheckGolden { dir, device, cuda } => check_golden(&dir, &cuda.device(device, true)),
+        Cmd::Gguf { from, out, scheme } => gguf(&from, &out, &scheme),
+        Cmd::Synth(a) => synth_command(*a),
+        Cmd::Bench(a) => bench(*a),
+        Cmd::CudaCheck {
+            arch,
+            cuda_include,
+            resources,
+        } => cuda_check(&arch, &cuda_include, resources),
+        Cmd::Fetch(a) => exit_code(copyhold_node::fetch::run(&a)),
+        Cmd::Serve(a) => exit_code(serve(*a)),
+    }
+}
+
+/// Logs go to stderr (stdout carries the commands' machine-readable
+/// lines), at `info` unless `RUST_LOG` says otherwise.
+fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -348,250 +374,278 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    // CUDA 13 (or off-path CUDA 12) libraries: linked and re-executed once.
+}
+
+/// CUDA 13 (or off-path CUDA 12) libraries: linked and re-executed once,
+/// before any command opens the driver.
+fn prepare_cuda_libs() {
     if copyhold_node::cuda::libs::wants_cuda(std::env::args())
         && let Some(cache) = copyhold_node::cuda::nvrtc::default_cache_dir()
     {
         copyhold_node::cuda::libs::prepare_process(&cache);
     }
-    match cli.cmd {
-        Cmd::CheckGolden { dir, device, cuda } => {
-            match copyhold_node::golden::check_on(&dir, &cuda.device(device, true)) {
-                Ok(report) => {
-                    println!("{}", serde_json::to_string(&report).unwrap_or_default());
-                    if report.ok {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::FAILURE
-                    }
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(2)
-                }
-            }
+}
+
+/// The exit of commands that print nothing on success themselves: 0, or
+/// `error: ...` on stderr and 2.
+fn exit_code<E: std::fmt::Display>(r: Result<(), E>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
         }
-        Cmd::Gguf { from, out, scheme } => {
-            use copyhold_node::model::gguf_write::{Scheme, convert};
-            let Some(scheme) = Scheme::parse(&scheme) else {
-                eprintln!("error: --type {scheme:?} (one of f32, f16, q8_0, q4_0, q4_k_m, q5_k_m)");
-                return ExitCode::from(2);
-            };
-            match convert(&from, &out, scheme) {
-                Ok(()) => {
-                    println!("{}", out.display());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(2)
-                }
-            }
-        }
-        Cmd::Synth(a) => {
-            let spec = SynthSpec {
-                arch: match a.arch {
-                    ArchArg::Llama => Arch::Llama,
-                    ArchArg::Qwen2 => Arch::Qwen2,
-                    ArchArg::Mistral => Arch::Mistral,
-                },
-                hidden: a.hidden,
-                layers: a.layers,
-                heads: a.heads,
-                kv_heads: a.kv_heads,
-                intermediate: a.intermediate,
-                vocab: a.vocab,
-                dtype: match a.dtype {
-                    DtypeArg::F32 => DType::F32,
-                    DtypeArg::F16 => DType::F16,
-                    DtypeArg::Bf16 => DType::BF16,
-                },
-                head_dim: a.head_dim,
-                tie_word_embeddings: a.tie_word_embeddings,
-                shards: a.shards,
-                max_position_embeddings: a.max_position_embeddings,
-                sliding_window: a.sliding_window,
-                seed: a.seed,
-            };
-            match synth(&spec, &a.out) {
-                Ok(files) => {
-                    for f in files {
-                        println!("{}", f.display());
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(2)
-                }
-            }
-        }
-        Cmd::Bench {
-            model,
-            batch,
-            prompt,
-            generate,
-            kv_cache_mib,
-            threads,
-            device,
-            cuda,
-            repeat,
-            peers,
-        } => {
-            let kv_f16 = matches!(cuda.kv_cache_dtype, Some(KvDtypeArg::F16));
-            let device = cuda.device(device, false);
-            if let Some(t) = threads
-                && let Err(e) = rayon::ThreadPoolBuilder::new()
-                    .num_threads(t)
-                    .build_global()
-            {
-                eprintln!("error: {e}");
-                return ExitCode::from(2);
-            }
-            use copyhold_node::bench::peers::{self, Row};
-            let threads = threads.unwrap_or_else(rayon::current_num_threads);
-            let repeat = repeat.max(1);
-            let mut rows: Vec<Row> = Vec::new();
-            for &b in &batch {
-                let mut best: Option<Row> = None;
-                for _ in 0..repeat {
-                    match copyhold_node::bench::run(
-                        &model,
-                        b,
-                        prompt,
-                        generate,
-                        kv_cache_mib,
-                        kv_f16,
-                        &device,
-                    ) {
-                        Ok(r) => {
-                            println!("{}", serde_json::to_string(&r).unwrap_or_default());
-                            let row = Row::from_ours(&r);
-                            best = Some(match best {
-                                Some(x) => x.best(row),
-                                None => row,
-                            });
-                        }
-                        Err(e) => {
-                            eprintln!("error: {e}");
-                            return ExitCode::from(2);
-                        }
-                    }
-                }
-                rows.extend(best);
-            }
-            let peer_batch = if peers.peer_batch.is_empty() {
-                batch.clone()
+    }
+}
+
+/// `check-golden`: one JSON line; exit 1 on a mismatch so CI fails, 2 when
+/// the check could not run at all.
+fn check_golden(dir: &Path, device: &EngineDevice) -> ExitCode {
+    match copyhold_node::golden::check_on(dir, device) {
+        Ok(report) => {
+            println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            if report.ok {
+                ExitCode::SUCCESS
             } else {
-                peers.peer_batch.clone()
-            };
-            // Runs a peer measurement `repeat` times; a failure is printed
-            // and leaves the peer out of the table.
-            let mut measure = |name: &str, f: &mut dyn FnMut() -> Result<Vec<Row>, String>| {
-                let mut best: Option<Vec<Row>> = None;
-                for _ in 0..repeat {
-                    match f() {
-                        Ok(r) => {
-                            for row in &r {
-                                println!("{}", serde_json::to_string(row).unwrap_or_default());
-                            }
-                            best = Some(match best {
-                                Some(x) => x.into_iter().zip(r).map(|(a, b)| a.best(b)).collect(),
-                                None => r,
-                            });
-                        }
-                        Err(e) => {
-                            println!("# {name}: failed: {e}");
-                            return;
-                        }
-                    }
-                }
-                rows.extend(best.unwrap_or_default());
-            };
-            match (&peers.llama_bench, &peers.gguf) {
-                (Some(bin), Some(gguf)) => measure("llama-bench", &mut || {
-                    peers::llama_bench(bin, gguf, prompt, generate, threads, 1)
-                }),
-                (Some(_), None) => println!("# llama-bench: skipped (no --gguf)"),
-                _ => println!("# llama-bench: skipped (no --llama-bench)"),
+                ExitCode::FAILURE
             }
-            match (&peers.llama_batched_bench, &peers.gguf) {
-                (Some(bin), Some(gguf)) => {
-                    for &b in &peer_batch {
-                        measure("llama-batched-bench", &mut || {
-                            peers::llama_batched(bin, gguf, b, prompt, generate, threads)
-                                .map(|r| vec![r])
-                        })
-                    }
-                }
-                (Some(_), None) => println!("# llama-batched-bench: skipped (no --gguf)"),
-                _ => println!("# llama-batched-bench: skipped (no --llama-batched-bench)"),
-            }
-            match &peers.python {
-                Some(py) => {
-                    let script = peers
-                        .hf_script
-                        .clone()
-                        .unwrap_or_else(peers::default_hf_script);
-                    let hf_batch = if peers.hf_batch.is_empty() {
-                        &peer_batch
-                    } else {
-                        &peers.hf_batch
-                    };
-                    for &b in hf_batch {
-                        measure("transformers", &mut || {
-                            peers::transformers(py, &script, &model, b, prompt, generate, threads)
-                                .map(|r| vec![r])
-                        })
-                    }
-                }
-                None => println!("# transformers: skipped (no --python)"),
-            }
-            println!(
-                "\n# prompt {prompt}, gen {generate}, {threads} threads, best of {repeat}\n\n{}",
-                peers::table(&rows)
-            );
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `gguf`: checks `--type` before reading any weights, then prints the
+/// written file's path for scripts to pick up.
+fn gguf(from: &Path, out: &Path, scheme: &str) -> ExitCode {
+    use copyhold_node::model::gguf_write::{Scheme, convert};
+    let Some(scheme) = Scheme::parse(scheme) else {
+        eprintln!("error: --type {scheme:?} (one of f32, f16, q8_0, q4_0, q4_k_m, q5_k_m)");
+        return ExitCode::from(2);
+    };
+    match convert(from, out, scheme) {
+        Ok(()) => {
+            println!("{}", out.display());
             ExitCode::SUCCESS
         }
-        Cmd::CudaCheck {
-            arch,
-            cuda_include,
-            resources,
-        } => match copyhold_node::cuda::check::run(&arch, &cuda_include) {
-            Ok(report) => {
-                println!("NVRTC {}", report.nvrtc);
-                print!("{}", report.table());
-                if resources {
-                    print!("{}", report.resources());
-                }
-                if report.ok() {
-                    ExitCode::SUCCESS
-                } else {
-                    eprint!("{}", report.failures());
-                    ExitCode::FAILURE
-                }
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-        },
-        Cmd::Fetch(a) => match copyhold_node::fetch::run(&a) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-        },
-        Cmd::Serve(a) => match serve(*a) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-        },
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
     }
+}
+
+/// `synth`'s flags as the library's spec (the CLI's enums stay out of the
+/// library).
+fn synth_spec(a: &SynthArgs) -> SynthSpec {
+    SynthSpec {
+        arch: match a.arch {
+            ArchArg::Llama => Arch::Llama,
+            ArchArg::Qwen2 => Arch::Qwen2,
+            ArchArg::Mistral => Arch::Mistral,
+        },
+        hidden: a.hidden,
+        layers: a.layers,
+        heads: a.heads,
+        kv_heads: a.kv_heads,
+        intermediate: a.intermediate,
+        vocab: a.vocab,
+        dtype: match a.dtype {
+            DtypeArg::F32 => DType::F32,
+            DtypeArg::F16 => DType::F16,
+            DtypeArg::Bf16 => DType::BF16,
+        },
+        head_dim: a.head_dim,
+        tie_word_embeddings: a.tie_word_embeddings,
+        shards: a.shards,
+        max_position_embeddings: a.max_position_embeddings,
+        sliding_window: a.sliding_window,
+        seed: a.seed,
+    }
+}
+
+/// `synth`: writes the model and prints each written file, one a line.
+fn synth_command(a: SynthArgs) -> ExitCode {
+    match synth(&synth_spec(&a), &a.out) {
+        Ok(files) => {
+            for f in files {
+                println!("{}", f.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `cuda-check`: the kernel × architecture table on stdout, failures on
+/// stderr; exit 1 if a cell fails, 2 if NVRTC or the headers are missing.
+fn cuda_check(arch: &[u32], cuda_include: &[PathBuf], resources: bool) -> ExitCode {
+    match copyhold_node::cuda::check::run(arch, cuda_include) {
+        Ok(report) => {
+            println!("NVRTC {}", report.nvrtc);
+            print!("{}", report.table());
+            if resources {
+                print!("{}", report.resources());
+            }
+            if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                eprint!("{}", report.failures());
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `bench`: ours first (an error there ends the run with exit 2), then the
+/// peers (a failure there only leaves the peer out), then one table of the
+/// best of each.
+fn bench(a: BenchArgs) -> ExitCode {
+    let kv_f16 = matches!(a.cuda.kv_cache_dtype, Some(KvDtypeArg::F16));
+    let device = a.cuda.device(a.device, false);
+    if let Some(t) = a.threads
+        && let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global()
+    {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    let threads = a.threads.unwrap_or_else(rayon::current_num_threads);
+    let repeat = a.repeat.max(1);
+    let mut rows = match bench_ours(&a, &device, kv_f16, repeat) {
+        Ok(rows) => rows,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    bench_peers(&a, threads, repeat, &mut rows);
+    println!(
+        "\n# prompt {}, gen {}, {threads} threads, best of {repeat}\n\n{}",
+        a.prompt,
+        a.generate,
+        peers::table(&rows)
+    );
+    ExitCode::SUCCESS
+}
+
+/// Measures our engine at each `--batch` size, `repeat` times each,
+/// printing every run's JSON line and keeping the best row per size.
+fn bench_ours(
+    a: &BenchArgs,
+    device: &EngineDevice,
+    kv_f16: bool,
+    repeat: usize,
+) -> copyhold_node::error::Result<Vec<Row>> {
+    let mut rows: Vec<Row> = Vec::new();
+    for &b in &a.batch {
+        let mut best: Option<Row> = None;
+        for _ in 0..repeat {
+            let r = copyhold_node::bench::run(
+                &a.model,
+                b,
+                a.prompt,
+                a.generate,
+                a.kv_cache_mib,
+                kv_f16,
+                device,
+            )?;
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            let row = Row::from_ours(&r);
+            best = Some(match best {
+                Some(x) => x.best(row),
+                None => row,
+            });
+        }
+        rows.extend(best);
+    }
+    Ok(rows)
+}
+
+/// Measures the peers that were given (llama-bench, llama-batched-bench,
+/// transformers, in that order) into `rows`; each one missing prints a
+/// `# ...: skipped` line saying which flag would enable it.
+fn bench_peers(a: &BenchArgs, threads: usize, repeat: usize, rows: &mut Vec<Row>) {
+    let (p, prompt, generate) = (&a.peers, a.prompt, a.generate);
+    let peer_batch = if p.peer_batch.is_empty() {
+        &a.batch
+    } else {
+        &p.peer_batch
+    };
+    match (&p.llama_bench, &p.gguf) {
+        (Some(bin), Some(gguf)) => measure_peer("llama-bench", repeat, rows, &mut || {
+            peers::llama_bench(bin, gguf, prompt, generate, threads, 1)
+        }),
+        (Some(_), None) => println!("# llama-bench: skipped (no --gguf)"),
+        _ => println!("# llama-bench: skipped (no --llama-bench)"),
+    }
+    match (&p.llama_batched_bench, &p.gguf) {
+        (Some(bin), Some(gguf)) => {
+            for &b in peer_batch {
+                measure_peer("llama-batched-bench", repeat, rows, &mut || {
+                    peers::llama_batched(bin, gguf, b, prompt, generate, threads).map(|r| vec![r])
+                })
+            }
+        }
+        (Some(_), None) => println!("# llama-batched-bench: skipped (no --gguf)"),
+        _ => println!("# llama-batched-bench: skipped (no --llama-batched-bench)"),
+    }
+    let Some(py) = &p.python else {
+        println!("# transformers: skipped (no --python)");
+        return;
+    };
+    let script = p.hf_script.clone().unwrap_or_else(peers::default_hf_script);
+    let hf_batch = if p.hf_batch.is_empty() {
+        peer_batch
+    } else {
+        &p.hf_batch
+    };
+    for &b in hf_batch {
+        measure_peer("transformers", repeat, rows, &mut || {
+            peers::transformers(py, &script, &a.model, b, prompt, generate, threads)
+                .map(|r| vec![r])
+        })
+    }
+}
+
+/// Runs a peer measurement `repeat` times, printing each run's rows and
+/// adding the best of each to `rows`; a failure is printed as a `#` line
+/// and leaves the peer out of the table (a peer is not ours to fix).
+fn measure_peer(
+    name: &str,
+    repeat: usize,
+    rows: &mut Vec<Row>,
+    f: &mut dyn FnMut() -> Result<Vec<Row>, String>,
+) {
+    let mut best: Option<Vec<Row>> = None;
+    for _ in 0..repeat {
+        match f() {
+            Ok(r) => {
+                for row in &r {
+                    println!("{}", serde_json::to_string(row).unwrap_or_default());
+                }
+                best = Some(match best {
+                    Some(x) => x.into_iter().zip(r).map(|(a, b)| a.best(b)).collect(),
+                    None => r,
+                });
+            }
+            Err(e) => {
+                println!("# {name}: failed: {e}");
+                return;
+            }
+        }
+    }
+    rows.extend(best.unwrap_or_default());
 }
 
 /// The CPU pool's size when neither `--kv-cache-mib` nor `--max-model-len`
