@@ -420,8 +420,8 @@ impl Outs {
         let (ptr, len) = self.0[wi];
         assert!(m == 0 || (m - 1) * n + r0 + rows <= len);
         super::repack::Dst {
-            // SAFETY: `r0 < n ≤ len` (checked), inside the allocation.
-            ptr: unsafe { ptr.add(r0) },
+            // Only dereferenced for the `m` rows checked above.
+            ptr: ptr.wrapping_add(r0),
             ldo: n,
         }
     }
@@ -515,8 +515,6 @@ pub(crate) mod tests {
             .collect()
     }
 
-    /// `round_away` is `round` on every value the quantizers can meet,
-    /// halves (both signs) and their neighbours included.
     /// The AVX2 rounding loop gives the scalar loop's bytes: halves and
     /// their neighbours, both signs, the `min(top)` cap, and NaN.
     #[test]
@@ -557,6 +555,8 @@ pub(crate) mod tests {
         }
     }
 
+    /// `round_away` is `round` on every value the quantizers can meet,
+    /// halves (both signs) and their neighbours included.
     #[test]
     fn round_away_rounds_halves_away_from_zero_like_round() {
         let mut xs: Vec<f32> = (-1300..=1300).map(|i| i as f32 * 0.1).collect();

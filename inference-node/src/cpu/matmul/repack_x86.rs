@@ -759,7 +759,6 @@ fn vnni_rows(q: QType) -> usize {
 }
 
 #[target_feature(enable = "avx512vnni,avx512vl,avx512f,avx512bw,avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn tile_vnni(p: &Packed, r0: usize, rows: usize, acts: &[&QActs], out: Dst, chunk: usize) {
     unsafe {
         if vnni_rows(p.q) == 4 {
