@@ -515,19 +515,27 @@ pub(crate) mod tests {
             .collect()
     }
 
+    /// Every `h + 0.5` the quantizers can meet (both signs) and the floats
+    /// either side of it: where rounding can go either way.
+    fn halves_and_neighbours() -> Vec<f32> {
+        (-128..128)
+            .map(|h| h as f32 + 0.5)
+            .flat_map(|x| {
+                [
+                    x,
+                    f32::from_bits(x.to_bits() - 1),
+                    f32::from_bits(x.to_bits() + 1),
+                ]
+            })
+            .collect()
+    }
+
     /// The AVX2 rounding loop gives the scalar loop's bytes: halves and
     /// their neighbours, both signs, the `min(top)` cap, and NaN.
     #[test]
     fn round_into_gives_the_scalar_loops_bytes() {
         let mut xs: Vec<f32> = (-1280..=1280).map(|i| i as f32 * 0.1).collect();
-        for h in -128..128 {
-            let x = h as f32 + 0.5;
-            xs.extend([
-                x,
-                f32::from_bits(x.to_bits() - 1),
-                f32::from_bits(x.to_bits() + 1),
-            ]);
-        }
+        xs.extend(halves_and_neighbours());
         xs.extend([
             0.0,
             -0.0,
@@ -560,14 +568,7 @@ pub(crate) mod tests {
     #[test]
     fn round_away_rounds_halves_away_from_zero_like_round() {
         let mut xs: Vec<f32> = (-1300..=1300).map(|i| i as f32 * 0.1).collect();
-        for h in -128..128 {
-            let x = h as f32 + 0.5;
-            xs.extend([
-                x,
-                f32::from_bits(x.to_bits() - 1),
-                f32::from_bits(x.to_bits() + 1),
-            ]);
-        }
+        xs.extend(halves_and_neighbours());
         xs.extend([0.0, -0.0, 127.0, -127.0, 0.49999997, -0.49999997]);
         for x in xs {
             assert_eq!(round_away(x), x.round() as i32, "{x}");
